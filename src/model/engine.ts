@@ -1,0 +1,703 @@
+// The model runtime: host-side batching, positions, masks, interventions and the KV cache around
+// the jit'd layer functions in transformer.ts. Public methods take and return host data
+// (number[], Float32Array); jax-js arrays never leave this file and transformer.ts.
+import "../core/polyfills.js";
+import { numpy as np, tree, valueAndGrad, type Array as JArray } from "@jax-js/jax";
+import { NumericalError, UsageError } from "../core/errors.js";
+import { Rng } from "../core/rng.js";
+import { parseHook, type HookName } from "../hooks/names.js";
+import type { Intervention, Plan, PosSpec } from "../hooks/plan.js";
+import type { ModelConfig } from "./config.js";
+import type { HostModel, HostTensor } from "./load.js";
+import { ropeTables } from "./rope.js";
+import { LayerFns, embedStage, head, splitOps, type BlockParams, type DeviceParams, type LayerKey, type OpKind, type Rot, type SiteOps, type Weight } from "./transformer.js";
+
+/** One row of a batch: token ids, plus the text they encode when markers must be resolved. */
+export interface Row {
+  ids: number[];
+  /** Text the ids were made from (needed by { marker } positions). */
+  text?: string;
+}
+
+/** Turns the text before a marker into its token count (the caller's tokenizer, same special-token handling). */
+export type PrefixCounter = (textBefore: string) => number;
+
+/** Activations read during a run: per hook, per row, row-major [positions, ...feature]. */
+export class ActivationCache {
+  readonly entries = new Map<HookName, { featShape: number[]; rows: Float32Array[] }>();
+  get(name: HookName, row = 0): { data: Float32Array; shape: number[] } {
+    const e = this.entries.get(name);
+    if (!e) throw new UsageError(`activation ${name} was not read in this run; add { op: "read", at: "${name}" } to the plan`);
+    const data = e.rows[row];
+    if (!data) throw new UsageError(`activation ${name}: no row ${row}`);
+    const f = e.featShape.reduce((a, b) => a * b, 1);
+    return { data, shape: [data.length / f, ...e.featShape] };
+  }
+  append(name: HookName, featShape: number[], row: number, data: Float32Array): void {
+    let e = this.entries.get(name);
+    if (!e) {
+      e = { featShape, rows: [] };
+      this.entries.set(name, e);
+    }
+    const prev = e.rows[row];
+    if (!prev) e.rows[row] = data;
+    else {
+      const cat = new Float32Array(prev.length + data.length);
+      cat.set(prev);
+      cat.set(data, prev.length);
+      e.rows[row] = cat;
+    }
+  }
+}
+
+export interface ForwardOptions {
+  plan?: Plan;
+  /** Which logits to return: every position (default), the last only, or none. */
+  logits?: "all" | "last" | "none";
+  /** For { marker } positions. */
+  countPrefix?: PrefixCounter;
+}
+
+export interface ForwardResult {
+  /** Per row: [positions, dVocab] ("all") or [dVocab] ("last"). */
+  logits: Float32Array[];
+  cache: ActivationCache;
+}
+
+export interface SampleOptions {
+  /** 0 = greedy (default). */
+  temperature?: number;
+  topK?: number;
+  topP?: number;
+  /** One seed, or one per row (a row's sample then does not depend on its batch mates). */
+  seed?: number | number[];
+}
+
+export interface GenerateOptions extends SampleOptions {
+  maxTokens: number;
+  plan?: Plan;
+  /** Stop tokens; default: the model's EOS ids. Pass [] to never stop early. */
+  stop?: number[];
+  countPrefix?: PrefixCounter;
+}
+
+export interface GenerateResult {
+  /** Generated ids per row (a stop token, when hit, is the last id). */
+  tokens: number[][];
+  stopReason: ("stop" | "length")[];
+  cache: ActivationCache;
+}
+
+/** Per-row position scope after resolution: [from, to) in absolute positions, or null (row untouched). */
+type Scope = { from: number; to: number } | null;
+
+interface Resolved {
+  iv: Intervention;
+  layer: number | null;
+  site: string;
+  featShape: number[];
+  scopes: Scope[];
+  /** Precomputed payload (scaled vector / unit direction / mean). */
+  vec?: Float32Array;
+}
+
+/** Positions of one forward call: B rows × T slots, absolute position per slot (-1 = padding). */
+interface CallCtx {
+  B: number;
+  T: number;
+  pos: Int32Array;
+}
+
+export interface EngineOptions {
+  /** Largest single device buffer; larger weights are split into row chunks. */
+  maxBindingBytes?: number;
+  /** Trace-compile the layer halves (default true). */
+  jit?: boolean;
+}
+
+const CAPACITY_BUCKET = 64;
+
+export class Engine {
+  readonly config: ModelConfig;
+  private params: DeviceParams;
+  private embed: HostTensor;
+  private posEmbed: HostTensor | undefined;
+  private fns: LayerFns;
+  private disposed = false;
+
+  constructor(host: HostModel, opts: EngineOptions = {}) {
+    this.config = host.config;
+    const c = host.config;
+    const max = opts.maxBindingBytes ?? Infinity;
+    const w = (name: string) => {
+      const t = host.weights.get(name);
+      if (!t) throw new UsageError(`internal: weight ${name} missing after load`);
+      return t;
+    };
+    const vec = (name: string) => np.array(w(name).data);
+    const mat = (name: string): Weight => toDevice(w(name), max);
+    const normP = (p: string) => ({ weight: vec(`${p}.weight`), ...(host.weights.has(`${p}.bias`) ? { bias: vec(`${p}.bias`) } : {}) });
+    const lin = (p: string) => ({ weight: mat(`${p}.weight`), ...(host.weights.has(`${p}.bias`) ? { bias: vec(`${p}.bias`) } : {}) });
+    const blocks: BlockParams[] = [];
+    for (let i = 0; i < c.nLayers; i++) {
+      const b = `blocks.${i}`;
+      blocks.push({
+        ln1: normP(`${b}.ln1`),
+        attn: { q: lin(`${b}.attn.q`), k: lin(`${b}.attn.k`), v: lin(`${b}.attn.v`), o: lin(`${b}.attn.o`) },
+        ln2: normP(`${b}.ln2`),
+        mlp: { ...(c.mlp.kind === "gated" ? { gate: lin(`${b}.mlp.gate`) } : {}), up: lin(`${b}.mlp.up`), down: lin(`${b}.mlp.down`) },
+      });
+    }
+    this.embed = w("embed.weight");
+    this.posEmbed = host.weights.get("posEmbed.weight");
+    this.params = {
+      blocks,
+      lnFinal: normP("lnFinal"),
+      unembed: toDevice(c.tieEmbeddings ? this.embed : w("unembed.weight"), max),
+    };
+    this.fns = new LayerFns(c, opts.jit ?? true);
+  }
+
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    tree.dispose(this.params as never);
+    this.fns.dispose();
+  }
+
+  // ------------------------------------------------------------ public entry points
+
+  /** Full forward pass (no KV cache) over a left-padded batch. */
+  async forward(rows: (Row | number[])[], opts: ForwardOptions = {}): Promise<ForwardResult> {
+    this.live();
+    const rs = rows.map(asRow);
+    const { B, T, pad } = padShape(rs);
+    const promptLen = rs.map((r) => r.ids.length);
+    const resolved = this.resolve(opts.plan ?? [], rs, promptLen, opts.countPrefix);
+    const ctx = fullCtx(B, T, pad);
+    const cache = new ActivationCache();
+    const x = this.runLayers(rs, ctx, pad, promptLen, resolved, null, cache, null);
+    const mode = opts.logits ?? "all";
+    if (mode === "none") {
+      x.dispose();
+      await this.flushReads();
+      return { logits: [], cache };
+    }
+    const last = mode === "last";
+    const xs = last ? x.slice([], [-1]).reshape([B, 1, this.config.dModel]) : x;
+    const lg = await this.headToHost(xs, last ? lastCtx(B, T, pad) : ctx, promptLen, resolved, cache);
+    const logits = rs.map((_, b) => (last ? lg.subarray(b * this.config.dVocab, (b + 1) * this.config.dVocab) : sliceRow(lg, b, T, pad[b]!, this.config.dVocab)));
+    return { logits: logits.map((l) => l.slice()), cache };
+  }
+
+  /** Generate with a KV cache; rows may have different lengths and different interventions. */
+  async generate(rows: (Row | number[])[], opts: GenerateOptions): Promise<GenerateResult> {
+    this.live();
+    const c = this.config;
+    const rs = rows.map(asRow);
+    if (rs.some((r) => r.ids.length === 0)) throw new UsageError("generate: every row needs at least one token (start from BOS)");
+    const { B, T, pad } = padShape(rs);
+    const promptLen = rs.map((r) => r.ids.length);
+    const resolved = this.resolve(opts.plan ?? [], rs, promptLen, opts.countPrefix);
+    if (resolved.some((r) => r.site === "attn.hook_pattern")) throw new UsageError("attn.hook_pattern can be read with forward(), not during generate()");
+    const cap = Math.ceil((T + opts.maxTokens) / CAPACITY_BUCKET) * CAPACITY_BUCKET;
+    const stop = new Set(opts.stop ?? c.eosTokenIds);
+    const seed = opts.seed ?? 0;
+    const seeds = Array.isArray(seed) ? seed : rs.map((_, b) => seed + b);
+    if (seeds.length !== B) throw new UsageError(`generate: ${seeds.length} seeds for ${B} rows`);
+    const samplers = seeds.map((s) => new Sampler(opts, s));
+    const cache = new ActivationCache();
+    const tokens: number[][] = rs.map(() => []);
+    const done = rs.map(() => false);
+    const stopReason: ("stop" | "length")[] = rs.map(() => "length");
+    if (opts.maxTokens <= 0) return { tokens, stopReason, cache };
+
+    const kv: { k: JArray; v: JArray }[] = [];
+    // Prefill: all prompt slots, KV padded to capacity.
+    const x = this.runLayers(rs, fullCtx(B, T, pad), pad, promptLen, resolved, { cap, out: kv }, cache, null);
+    const xl = x.slice([], [-1]).reshape([B, 1, c.dModel]);
+    let logits = await this.headToHost(xl, lastCtx(B, T, pad), promptLen, resolved, cache);
+    try {
+      for (let step = 0; ; step++) {
+        const next = rs.map((_, b) => (done[b] ? 0 : samplers[b]!.sample(logits.subarray(b * c.dVocab, (b + 1) * c.dVocab))));
+        next.forEach((t, b) => {
+          if (done[b]) return;
+          tokens[b]!.push(t);
+          if (stop.has(t)) {
+            done[b] = true;
+            stopReason[b] = "stop";
+          } else if (tokens[b]!.length >= opts.maxTokens) done[b] = true;
+        });
+        if (done.every(Boolean)) break;
+        // Decode one slot for every row (finished rows run along; their output is ignored).
+        const slot = T + step;
+        const pos = new Int32Array(B);
+        for (let b = 0; b < B; b++) pos[b] = slot - pad[b]!;
+        const ctx: CallCtx = { B, T: 1, pos };
+        const stepRows = next.map((t) => ({ ids: [t] }));
+        const xs = this.runLayers(stepRows, ctx, pad, promptLen, resolved, { cap, out: kv, slot }, cache, null);
+        logits = await this.headToHost(xs, ctx, promptLen, resolved, cache);
+      }
+    } finally {
+      tree.dispose(kv as never);
+    }
+    return { tokens, stopReason, cache };
+  }
+
+  /**
+   * Loss and gradient with respect to a vector added at one hook (the trained-bias and adapter
+   * experiments). Loss = mean cross-entropy of `targets` (per row, per position; -1 = ignore).
+   */
+  async lossAndGrad(rows: (Row | number[])[], targets: number[][], train: { at: HookName; pos?: PosSpec; value: Float32Array }): Promise<{ loss: number; grad: Float32Array }> {
+    this.live();
+    const c = this.config;
+    const rs = rows.map(asRow);
+    const { B, T, pad } = padShape(rs);
+    const promptLen = rs.map((r) => r.ids.length);
+    const { layer, site } = parseHook(train.at, c.nLayers);
+    const feat = this.featShape(site);
+    if (feat.length !== 1 || train.value.length !== feat[0]) throw new UsageError(`lossAndGrad: ${train.at} takes a vector of length ${feat.join("x")}`);
+    const probe: Intervention = { op: "add", at: train.at, vector: train.value, ...(train.pos ? { pos: train.pos } : {}) };
+    const [r] = this.resolve([probe], rs, promptLen, undefined);
+    const ctx = fullCtx(B, T, pad);
+    // Target weights folded with 1/n on the host: loss = -sum(w * logsoftmax(logits)).
+    let n = 0;
+    targets.forEach((ts, b) => ts.forEach((t, i) => { if (t >= 0) { n++; if (i >= rs[b]!.ids.length) throw new UsageError("lossAndGrad: more targets than tokens"); } }));
+    if (n === 0) throw new UsageError("lossAndGrad: no targets");
+    const wt = new Float32Array(B * T * c.dVocab);
+    targets.forEach((ts, b) => ts.forEach((t, i) => { if (t >= 0) wt[(b * T + pad[b]! + i) * c.dVocab + t] = 1 / n; }));
+    const mask = scopeMask(r!, ctx, promptLen, [1]);
+    const f = (v: JArray): JArray => {
+      const trainOp = { layer, site, op: { kind: "add" as OpKind, v: v.reshape([1, 1, feat[0]!]), m: np.array(mask).reshape([B, T, 1]) } };
+      const x = this.runLayers(rs, ctx, pad, promptLen, [], null, null, trainOp);
+      const [chunks] = head(c, new Set(), tree.ref(this.params.lnFinal as never) as never, refWeight(this.params.unembed), x, {});
+      const logits = chunks.length === 1 ? chunks[0]! : np.concatenate(chunks, -1);
+      const lsm = logits.sub(logsumexp(logits.ref));
+      return lsm.mul(np.array(wt).reshape([B, T, c.dVocab])).sum().neg();
+    };
+    const [loss, grad] = valueAndGrad(f)(np.array(train.value));
+    const lossV = (await loss.data())[0]!;
+    const g = new Float32Array(await grad.data());
+    return { loss: lossV, grad: g };
+  }
+
+  // ------------------------------------------------------------ internals
+
+  private live(): void {
+    if (this.disposed) throw new UsageError("this model was disposed");
+  }
+
+  featShape(site: string): number[] {
+    const c = this.config;
+    switch (site) {
+      case "attn.hook_q":
+      case "attn.hook_z":
+        return [c.nHeads, c.dHead];
+      case "attn.hook_k":
+      case "attn.hook_v":
+        return [c.nKvHeads, c.dHead];
+      case "mlp.hook_pre":
+      case "mlp.hook_post":
+        return [c.dMlp];
+      case "attn.hook_pattern":
+        return [c.nHeads];
+      default:
+        return [c.dModel];
+    }
+  }
+
+  private resolve(plan: Plan, rows: Row[], promptLen: number[], countPrefix: PrefixCounter | undefined): Resolved[] {
+    return plan.map((iv) => {
+      const { layer, site } = parseHook(iv.at, this.config.nLayers);
+      if (site === "hook_pos_embed" && this.config.pos.kind !== "learned") throw new UsageError(`${iv.at}: this model has no learned position embedding`);
+      const featShape = this.featShape(site);
+      const F = featShape.reduce((a, b) => a * b, 1);
+      if (site === "attn.hook_pattern" && iv.op !== "read") throw new UsageError("attn.hook_pattern is read-only");
+      const rowsSet = iv.rows ? new Set(iv.rows) : null;
+      if (iv.rows?.some((r) => r < 0 || r >= rows.length)) throw new UsageError(`${iv.op} at ${iv.at}: rows ${iv.rows} out of range for a batch of ${rows.length}`);
+      const scopes = rows.map((row, b) => (rowsSet && !rowsSet.has(b) ? null : scopeOf(iv.pos ?? "all", row, promptLen[b]!, countPrefix, iv.at)));
+      const r: Resolved = { iv, layer, site, featShape, scopes };
+      const need = (v: Float32Array, what: string) => {
+        if (v.length !== F) throw new UsageError(`${iv.op} at ${iv.at}: ${what} has length ${v.length}, expected ${featShape.join("x")} = ${F}`);
+        if (!v.every(Number.isFinite)) throw new NumericalError(`${iv.op} at ${iv.at}: ${what} contains NaN or Inf`);
+      };
+      if (iv.op === "add") {
+        need(iv.vector, "vector");
+        const s = iv.scale ?? 1;
+        r.vec = iv.vector.map((x) => x * s);
+      } else if (iv.op === "project") {
+        if (featShape.length !== 1) throw new UsageError(`project at ${iv.at}: only single-vector sites (resid, attn_out, mlp_out, mlp pre/post) take a direction`);
+        need(iv.direction, "direction");
+        let nrm = 0;
+        for (const x of iv.direction) nrm += x * x;
+        if (nrm === 0) throw new UsageError(`project at ${iv.at}: direction is zero`);
+        r.vec = iv.direction.map((x) => x / Math.sqrt(nrm));
+      } else if (iv.op === "ablate") {
+        if (iv.mode === "mean") {
+          if (!iv.mean) throw new UsageError(`ablate mean at ${iv.at}: pass mean (the activation's mean, length ${F})`);
+          need(iv.mean, "mean");
+          r.vec = iv.mean;
+        } else r.vec = new Float32Array(F);
+        if (iv.heads) {
+          if (featShape.length !== 2) throw new UsageError(`ablate at ${iv.at}: heads apply to attn.hook_q|k|v|z only`);
+          if (iv.heads.some((h) => h < 0 || h >= featShape[0]!)) throw new UsageError(`ablate at ${iv.at}: heads ${iv.heads} out of range 0..${featShape[0]! - 1}`);
+        }
+      } else if (iv.op === "patch") {
+        if (iv.source.length % F !== 0) throw new UsageError(`patch at ${iv.at}: source length ${iv.source.length} is not a multiple of ${F}`);
+        if (rows.length > 1 && !iv.rows) throw new UsageError(`patch at ${iv.at}: in a batch, say which rows the source is for (rows: [b])`);
+      }
+      return r;
+    });
+  }
+
+  /** Compile the resolved plan into per-layer site ops for one call. Arrays are fresh (consumed downstream). */
+  private compile(resolved: Resolved[], ctx: CallCtx, promptLen: number[], group: number | null | "final"): { ops: SiteOps; reads: string[] } {
+    const ops: SiteOps = {};
+    const reads = new Set<string>();
+    for (const r of resolved) {
+      const inGroup = group === "final" ? r.site === "ln_final.hook_normalized" : group === null ? r.layer === null && r.site !== "ln_final.hook_normalized" : r.layer === group;
+      if (!inGroup) continue;
+      const iv = r.iv;
+      if (iv.op === "read") {
+        reads.add(r.site);
+        continue;
+      }
+      const headMask = iv.op === "ablate" && iv.heads ? iv.heads : null;
+      const maskShape = r.featShape.length === 2 ? [r.featShape[0]!, 1] : [1];
+      const maskF = scopeMask(r, ctx, promptLen, maskShape, headMask);
+      const { B, T } = ctx;
+      let op: { kind: OpKind; v: JArray; m: JArray };
+      if (iv.op === "add" || iv.op === "project") {
+        // Per-row payload [B,1,...feat]: rows outside the scope get zeros (masked anyway).
+        const F = r.vec!.length;
+        const v = new Float32Array(B * F);
+        r.scopes.forEach((s, b) => { if (s) v.set(r.vec!, b * F); });
+        op = { kind: iv.op, v: np.array(v).reshape([B, 1, ...r.featShape]), m: np.array(maskF).reshape([B, T, ...maskShape]) };
+      } else if (iv.op === "ablate") {
+        op = { kind: "replace", v: np.array(r.vec!).reshape([1, 1, ...r.featShape]), m: boolArr(maskF, [B, T, ...maskShape]) };
+      } else {
+        const F = r.vec?.length ?? r.featShape.reduce((a, b) => a * b, 1);
+        const src = iv.source;
+        const v = new Float32Array(B * T * F);
+        for (let b = 0; b < B; b++)
+          for (let t = 0; t < T; t++) {
+            const p = ctx.pos[b * T + t]!;
+            if (p >= 0 && (p + 1) * F <= src.length) v.set(src.subarray(p * F, (p + 1) * F), (b * T + t) * F);
+            else maskF[b * T + t] = 0; // beyond the stored activation: keep the live value
+          }
+        op = { kind: "replace", v: np.array(v).reshape([B, T, ...r.featShape]), m: boolArr(maskF, [B, T, ...maskShape]) };
+      }
+      (ops[r.site] ??= []).push(op);
+    }
+    return { ops, reads: [...reads].sort() };
+  }
+
+  /** Store reads (device arrays [B,T,...]) into the cache, dropping padding. */
+  private async collect(reads: Record<string, JArray>, layer: number | null, ctx: CallCtx, cache: ActivationCache | null): Promise<void> {
+    for (const [s, a] of Object.entries(reads)) {
+      const name = (layer === null ? s : `blocks.${layer}.${s}`) as HookName;
+      const shape = a.shape;
+      const data = await a.data();
+      if (!cache) continue;
+      const { B, T } = ctx;
+      if (s === "attn.hook_pattern") {
+        // [B,H,T,T] (full calls only) -> per row [T_b, H, T_b] without padding slots.
+        const [, H] = shape as [number, number];
+        for (let b = 0; b < B; b++) {
+          const first = T - (T - ctx.pos.subarray(b * T, (b + 1) * T).filter((p) => p >= 0).length);
+          const n = T - first;
+          const out = new Float32Array(n * H * n);
+          for (let t = 0; t < n; t++)
+            for (let h = 0; h < H; h++)
+              out.set(data.subarray(((b * H + h) * T + first + t) * T + first, ((b * H + h) * T + first + t) * T + T), (t * H + h) * n);
+          cache.append(name, [H, n], b, out);
+        }
+        continue;
+      }
+      const F = shape.slice(2).reduce((x, y) => x * y, 1);
+      for (let b = 0; b < B; b++) {
+        const keep: number[] = [];
+        for (let t = 0; t < T; t++) if (ctx.pos[b * T + t]! >= 0) keep.push(t);
+        const out = new Float32Array(keep.length * F);
+        keep.forEach((t, i) => out.set(data.subarray((b * T + t) * F, (b * T + t + 1) * F), i * F));
+        cache.append(name, shape.slice(2) as number[], b, out);
+      }
+    }
+  }
+
+  // Reads are issued while later layers are dispatched and awaited before results are returned.
+  private pendingReads: Promise<void>[] = [];
+  private async flushReads(): Promise<void> {
+    const p = this.pendingReads;
+    this.pendingReads = [];
+    await Promise.all(p);
+  }
+
+  /**
+   * Embedding + all blocks for one call. With `kvc`, either fills the cache (prefill: `out`
+   * empty) or decodes one slot at `kvc.slot`. Returns the residual stream [B,T,D].
+   */
+  private runLayers(
+    rows: Row[],
+    ctx: CallCtx,
+    pad: number[],
+    promptLen: number[],
+    resolved: Resolved[],
+    kvc: { cap: number; out: { k: JArray; v: JArray }[]; slot?: number } | null,
+    cache: ActivationCache | null,
+    trainOp: { layer: number | null; site: string; op: { kind: OpKind; v: JArray; m: JArray } } | null,
+  ): JArray {
+    const c = this.config;
+    const { B, T } = ctx;
+    const D = c.dModel;
+    // Embedding lookup on the host: the table never needs a device copy (unless tied).
+    const tok = new Float32Array(B * T * D);
+    const posE = this.posEmbed ? new Float32Array(B * T * D) : null;
+    for (let b = 0; b < B; b++)
+      for (let t = 0; t < T; t++) {
+        const p = ctx.pos[b * T + t]!;
+        if (p < 0) continue;
+        const id = T === 1 ? rows[b]!.ids[0]! : rows[b]!.ids[p]!;
+        if (!(id >= 0 && id < c.dVocab)) throw new UsageError(`token id ${id} is outside the vocabulary (0..${c.dVocab - 1})`);
+        const e = this.embed.data.subarray(id * D, (id + 1) * D);
+        const o = (b * T + t) * D;
+        if (c.embedScale === 1) tok.set(e, o);
+        else for (let i = 0; i < D; i++) tok[o + i] = e[i]! * c.embedScale;
+        if (posE) {
+          if (p >= c.nCtx) throw new UsageError(`position ${p} exceeds the model's context of ${c.nCtx}`);
+          posE.set(this.posEmbed!.data.subarray(p * D, (p + 1) * D), o);
+        }
+      }
+    const emb = this.compile(resolved, ctx, promptLen, null);
+    this.addTrain(emb.ops, trainOp, null);
+    const [x0, er] = embedStage(new Set(emb.reads), np.array(tok).reshape([B, T, D]), posE ? np.array(posE).reshape([B, T, D]) : null, emb.ops);
+    this.pendingReads.push(this.collect(er, null, ctx, cache));
+    let x = x0;
+
+    const rot: Rot = {};
+    if (c.pos.kind === "rope") {
+      const { cos, sin } = ropeTables(c, ctx.pos, B, T);
+      rot.cos = np.array(cos).reshape([B, T, 1, c.dHead]);
+      rot.sin = np.array(sin).reshape([B, T, 1, c.dHead]);
+    }
+    const S = kvc?.slot !== undefined ? kvc.cap : T;
+    const mask = attnMask(ctx, pad, S, kvc?.slot);
+    let wm: JArray | null = null;
+    if (kvc?.slot !== undefined) {
+      const w = new Int32Array(kvc.cap);
+      w[kvc.slot] = 1;
+      wm = np.array(w, { dtype: np.bool }).reshape([1, kvc.cap, 1, 1]);
+    }
+    for (let l = 0; l < c.nLayers; l++) {
+      const { ops, reads } = this.compile(resolved, ctx, promptLen, l);
+      this.addTrain(ops, trainOp, l);
+      const key: LayerKey = { ops: Object.entries(ops).map(([site, list]) => [site, list!.map((o) => o.kind)]), reads };
+      const fns = this.fns.get(key);
+      const [opsA, opsM] = splitOps(ops);
+      const p = this.params.blocks[l]!;
+      const pa = tree.ref({ ln1: p.ln1, attn: { q: p.attn.q, k: p.attn.k, v: p.attn.v } } as never) as never;
+      const pm = tree.ref({ o: p.attn.o, ln2: p.ln2, mlp: p.mlp } as never) as never;
+      const rotRef = tree.ref(rot as never) as unknown as Rot;
+      let z: JArray, kvOut: { k: JArray; v: JArray }, ra: Record<string, JArray>;
+      if (kvc?.slot !== undefined) {
+        [x, z, kvOut, ra] = fns.step(pa, x, rotRef, mask.ref, opsA, kvc.out[l]!, wm!.ref);
+        kvc.out[l] = kvOut;
+      } else {
+        [x, z, kvOut, ra] = fns.full(pa, x, rotRef, mask.ref, opsA);
+        if (kvc) kvc.out[l] = { k: padTo(kvOut.k, kvc.cap), v: padTo(kvOut.v, kvc.cap) };
+        else tree.dispose(kvOut as never);
+      }
+      let rm: Record<string, JArray>;
+      [x, rm] = fns.mlp(pm, x, z, opsM);
+      this.pendingReads.push(this.collect({ ...ra, ...rm }, l, ctx, cache));
+    }
+    tree.dispose(rot as never);
+    mask.dispose();
+    wm?.dispose();
+    return x;
+  }
+
+  private addTrain(ops: SiteOps, trainOp: { layer: number | null; site: string; op: { kind: OpKind; v: JArray; m: JArray } } | null, layer: number | null): void {
+    if (trainOp && trainOp.layer === layer && trainOp.site !== "ln_final.hook_normalized") (ops[trainOp.site] ??= []).push(trainOp.op);
+  }
+
+  /** ln_final + unembedding for a call; returns logits [B*T*V] on the host. */
+  private async headToHost(x: JArray, ctx: CallCtx, promptLen: number[], resolved: Resolved[], cache: ActivationCache): Promise<Float32Array> {
+    const c = this.config;
+    const { ops, reads: readList } = this.compile(resolved, ctx, promptLen, "final");
+    const [chunks, reads] = head(c, new Set(readList), tree.ref(this.params.lnFinal as never) as never, refWeight(this.params.unembed), x, ops);
+    await this.collect(reads, null, ctx, cache);
+    await this.flushReads();
+    const rowsN = ctx.B * ctx.T;
+    const out = new Float32Array(rowsN * c.dVocab);
+    let off = 0;
+    for (const ch of chunks) {
+      const w = ch.shape.at(-1)!;
+      const d = await ch.data();
+      for (let r = 0; r < rowsN; r++) out.set(d.subarray(r * w, (r + 1) * w), r * c.dVocab + off);
+      off += w;
+    }
+    for (let i = 0; i < out.length; i++) {
+      if (!Number.isFinite(out[i]!)) {
+        throw new NumericalError(`logits contain ${out[i]} (row ${Math.floor(i / c.dVocab / ctx.T)}): the forward pass produced non-finite values; check the weights and any intervention scale`);
+      }
+    }
+    return out;
+  }
+}
+
+// ---------------------------------------------------------------- host helpers
+
+function asRow(r: Row | number[]): Row {
+  return Array.isArray(r) ? { ids: r } : r;
+}
+
+function padShape(rows: Row[]): { B: number; T: number; pad: number[] } {
+  if (rows.length === 0) throw new UsageError("empty batch");
+  const T = Math.max(...rows.map((r) => r.ids.length));
+  if (T === 0) throw new UsageError("every row is empty");
+  return { B: rows.length, T, pad: rows.map((r) => T - r.ids.length) };
+}
+
+function fullCtx(B: number, T: number, pad: number[]): CallCtx {
+  const pos = new Int32Array(B * T);
+  for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) pos[b * T + t] = t - pad[b]!;
+  return { B, T, pos };
+}
+
+function lastCtx(B: number, T: number, pad: number[]): CallCtx {
+  const pos = new Int32Array(B);
+  for (let b = 0; b < B; b++) pos[b] = T - 1 - pad[b]!;
+  return { B, T: 1, pos };
+}
+
+function sliceRow(lg: Float32Array, b: number, T: number, pad: number, V: number): Float32Array {
+  return lg.subarray((b * T + pad) * V, (b + 1) * T * V);
+}
+
+/**
+ * mask[b, t, s]: key slot s visible to query slot t. Causal, never a padding key — except a
+ * padding query sees itself, so no softmax row is all -inf (which would give NaN).
+ */
+function attnMask(ctx: CallCtx, pad: number[], S: number, slot: number | undefined): JArray {
+  const { B, T } = ctx;
+  const m = new Int32Array(B * T * S);
+  for (let b = 0; b < B; b++)
+    for (let t = 0; t < T; t++) {
+      const qSlot = slot ?? t;
+      for (let s = 0; s <= qSlot; s++) if (s >= pad[b]! || s === qSlot) m[(b * T + t) * S + s] = 1;
+    }
+  return np.array(m, { dtype: np.bool }).reshape([B, T, S]);
+}
+
+function padTo(a: JArray, cap: number): JArray {
+  const T = a.shape[1]!;
+  return T === cap ? a : np.pad(a, { 1: [0, cap - T] });
+}
+
+function toDevice(t: HostTensor, maxBytes: number): Weight {
+  const bytes = t.data.byteLength;
+  if (bytes <= maxBytes || t.shape.length !== 2) return np.array(t.data).reshape(t.shape);
+  const [rows, cols] = t.shape as [number, number];
+  const per = Math.max(1, Math.floor(maxBytes / (cols * 4)));
+  const chunks: JArray[] = [];
+  for (let r = 0; r < rows; r += per) {
+    const n = Math.min(per, rows - r);
+    chunks.push(np.array(t.data.slice(r * cols, (r + n) * cols)).reshape([n, cols]));
+  }
+  return chunks;
+}
+
+function refWeight(w: Weight): Weight {
+  return Array.isArray(w) ? w.map((c) => c.ref) : w.ref;
+}
+
+function boolArr(m: Float32Array, shape: number[]): JArray {
+  return np.array(Int32Array.from(m, (x) => (x ? 1 : 0)), { dtype: np.bool }).reshape(shape);
+}
+
+function logsumexp(x: JArray): JArray {
+  const mx = x.ref.max(-1, { keepdims: true });
+  return np.log(np.exp(x.sub(mx.ref)).sum(-1, { keepdims: true })).add(mx);
+}
+
+function scopeOf(spec: PosSpec, row: Row, promptLen: number, countPrefix: PrefixCounter | undefined, at: string): Scope {
+  if (spec === "all") return { from: 0, to: Infinity };
+  if (spec === "prompt") return { from: 0, to: promptLen };
+  if (spec === "generated") return { from: promptLen, to: Infinity };
+  if ("marker" in spec) {
+    if (row.text === undefined || !countPrefix) throw new UsageError(`${at}: a { marker } position needs the row's text and a tokenizer`);
+    const i = row.text.indexOf(spec.marker);
+    if (i < 0) throw new UsageError(`${at}: marker ${JSON.stringify(spec.marker)} not found in the prompt text`);
+    const from = countPrefix(row.text.slice(0, i)) + (spec.offset ?? 0);
+    if (from < 0) throw new UsageError(`${at}: marker ${JSON.stringify(spec.marker)} with offset ${spec.offset} resolves before the first token`);
+    return { from, to: spec.to ?? Infinity };
+  }
+  if (!(spec.from >= 0)) throw new UsageError(`${at}: position from=${spec.from} must be >= 0`);
+  return { from: spec.from, to: spec.to ?? Infinity };
+}
+
+/** Float 0/1 mask [B*T*(heads)] for an intervention in a call. */
+function scopeMask(r: Resolved, ctx: CallCtx, _promptLen: number[], maskShape: number[], heads: number[] | null = null): Float32Array {
+  const { B, T } = ctx;
+  const N = maskShape.length === 2 ? maskShape[0]! : 1;
+  const m = new Float32Array(B * T * N);
+  for (let b = 0; b < B; b++) {
+    const s = r.scopes[b];
+    if (!s) continue;
+    for (let t = 0; t < T; t++) {
+      const p = ctx.pos[b * T + t]!;
+      if (p < 0 || p < s.from || p >= s.to) continue;
+      for (let h = 0; h < N; h++) if (!heads || heads.includes(h)) m[(b * T + t) * N + h] = 1;
+    }
+  }
+  return m;
+}
+
+// ---------------------------------------------------------------- sampling
+
+/** Greedy / temperature / top-k / top-p sampling with a per-row seeded generator. */
+export class Sampler {
+  private rng: Rng;
+  constructor(
+    private o: SampleOptions,
+    seed: number,
+  ) {
+    this.rng = new Rng(seed);
+  }
+  sample(logits: Float32Array): number {
+    const temp = this.o.temperature ?? 0;
+    if (temp <= 0) return argmax(logits);
+    const V = logits.length;
+    let idx = [...Array(V).keys()];
+    idx.sort((a, b) => logits[b]! - logits[a]! || a - b);
+    if (this.o.topK && this.o.topK > 0) idx = idx.slice(0, this.o.topK);
+    const mx = logits[idx[0]!]!;
+    let p = idx.map((i) => Math.exp((logits[i]! - mx) / temp));
+    let z = p.reduce((a, b) => a + b, 0);
+    p = p.map((x) => x / z);
+    const topP = this.o.topP ?? 1;
+    if (topP < 1) {
+      let cum = 0;
+      let keep = 0;
+      while (keep < p.length && cum < topP) cum += p[keep++]!;
+      idx = idx.slice(0, keep);
+      p = p.slice(0, keep);
+      z = p.reduce((a, b) => a + b, 0);
+      p = p.map((x) => x / z);
+    }
+    let u = this.rng.next();
+    for (let i = 0; i < p.length; i++) {
+      u -= p[i]!;
+      if (u < 0) return idx[i]!;
+    }
+    return idx[p.length - 1]!;
+  }
+}
+
+export function argmax(x: Float32Array): number {
+  let bi = 0;
+  for (let i = 1; i < x.length; i++) if (x[i]! > x[bi]!) bi = i;
+  return bi;
+}
+

@@ -1,0 +1,90 @@
+// Llama 1/2/3 (and GGUF "llama"). Pre-norm RMSNorm, rotate-half RoPE, GQA, SwiGLU.
+import { ggufGet, ggufOpt, type GgufFile, type GgufValue } from "../../io/gguf.js";
+import type { ModelConfig, RopeScaling } from "../config.js";
+import { LLAMA_GGUF, LLAMA_SAFETENSORS, defineFamily, eosList, num, type HfConfig } from "../family.js";
+
+function ropeScaling(s: unknown): RopeScaling {
+  const r = (s ?? {}) as Record<string, unknown>;
+  const type = r.rope_type ?? r.type;
+  if (type === "llama3") {
+    return {
+      kind: "llama3",
+      factor: Number(r.factor),
+      lowFreqFactor: Number(r.low_freq_factor),
+      highFreqFactor: Number(r.high_freq_factor),
+      originalMaxPositionEmbeddings: Number(r.original_max_position_embeddings),
+    };
+  }
+  if (type === "linear") return { kind: "linear", factor: Number(r.factor) };
+  return { kind: "none" };
+}
+
+export function llamaFromHf(hf: HfConfig): ModelConfig {
+  const dModel = num(hf, "hidden_size");
+  const nHeads = num(hf, "num_attention_heads");
+  return {
+    family: "llama",
+    dModel,
+    nLayers: num(hf, "num_hidden_layers"),
+    nHeads,
+    nKvHeads: num(hf, "num_key_value_heads", nHeads),
+    dHead: num(hf, "head_dim", dModel / nHeads),
+    dMlp: num(hf, "intermediate_size"),
+    dVocab: num(hf, "vocab_size"),
+    nCtx: num(hf, "max_position_embeddings", 2048),
+    norm: { kind: "rms", eps: num(hf, "rms_norm_eps", 1e-6), weightOffset: 0 },
+    mlp: { kind: "gated", act: "silu" },
+    pos: { kind: "rope", theta: num(hf, "rope_theta", 10000), scaling: ropeScaling(hf.rope_scaling) },
+    bias: hf.attention_bias === true ? "qkv" : "none",
+    tieEmbeddings: hf.tie_word_embeddings === true,
+    embedScale: 1,
+    attnScale: 1 / Math.sqrt(num(hf, "head_dim", dModel / nHeads)),
+    ...(typeof hf.bos_token_id === "number" ? { bosTokenId: hf.bos_token_id } : {}),
+    eosTokenIds: eosList(hf.eos_token_id),
+  };
+}
+
+export function llamaFromGguf(g: GgufFile): ModelConfig {
+  const a = ggufGet<string>(g, "general.architecture", "string");
+  const k = (key: string) => ggufGet<number>(g, `${a}.${key}`, "number");
+  const dModel = k("embedding_length");
+  const nHeads = k("attention.head_count");
+  const dHead = ggufOpt<number>(g, `${a}.attention.key_length`) ?? dModel / nHeads;
+  const vocab = g.tensors.get("token_embd.weight")?.ne[1] ?? (ggufOpt<GgufValue[]>(g, "tokenizer.ggml.tokens")?.length ?? 0);
+  const eos = ggufOpt<number>(g, "tokenizer.ggml.eos_token_id");
+  const eot = ggufOpt<number>(g, "tokenizer.ggml.eot_token_id");
+  const bos = ggufOpt<number>(g, "tokenizer.ggml.bos_token_id");
+  return {
+    family: "llama",
+    dModel,
+    nLayers: k("block_count"),
+    nHeads,
+    nKvHeads: ggufOpt<number>(g, `${a}.attention.head_count_kv`) ?? nHeads,
+    dHead,
+    dMlp: k("feed_forward_length"),
+    dVocab: vocab,
+    nCtx: k("context_length"),
+    norm: { kind: "rms", eps: k("attention.layer_norm_rms_epsilon"), weightOffset: 0 },
+    mlp: { kind: "gated", act: "silu" },
+    pos: { kind: "rope", theta: ggufOpt<number>(g, `${a}.rope.freq_base`) ?? 10000, scaling: { kind: "none" } },
+    bias: g.tensors.has("blk.0.attn_q.bias") ? "qkv" : "none",
+    tieEmbeddings: !g.tensors.has("output.weight"),
+    embedScale: 1,
+    attnScale: 1 / Math.sqrt(dHead),
+    ...(bos !== undefined ? { bosTokenId: bos } : {}),
+    eosTokenIds: [eos, eot].filter((x): x is number => typeof x === "number"),
+  };
+}
+
+export default defineFamily({
+  id: "llama",
+  matches: { hf: ["LlamaForCausalLM"], gguf: ["llama"] },
+  fromHf: llamaFromHf,
+  fromGguf: llamaFromGguf,
+  safetensors: LLAMA_SAFETENSORS,
+  gguf: {
+    ...LLAMA_GGUF,
+    "blocks.{i}.attn.q.weight": { name: "blk.{i}.attn_q.weight", unpermuteRope: "q" },
+    "blocks.{i}.attn.k.weight": { name: "blk.{i}.attn_k.weight", unpermuteRope: "k" },
+  },
+});

@@ -1,0 +1,228 @@
+// Load a checkpoint named by a path into host (Float32Array) weights under canonical names,
+// checking every expected tensor exists with the expected shape and rejecting unexpected ones.
+import fs from "node:fs";
+import path from "node:path";
+import { ModelFileError, UnsupportedArchitectureError, WeightShapeError } from "../core/errors.js";
+import { readGguf, readGgufTensor, ggufOpt, type GgufFile } from "../io/gguf.js";
+import { openSafetensors, readStTensor, type SafetensorsSet } from "../io/safetensors.js";
+import { expectedParams, type ModelConfig } from "./config.js";
+import type { Family, HfConfig, WeightSource, WeightTable } from "./family.js";
+import { FAMILIES } from "./families/index.js";
+
+export interface HostTensor {
+  data: Float32Array;
+  shape: number[];
+}
+
+export interface ModelFiles {
+  /** What the user named. */
+  path: string;
+  format: "gguf" | "safetensors";
+  /** The weight file (GGUF, single safetensors, or shard index). */
+  weights: string;
+  /** HF folder files, when present. */
+  configJson?: string;
+  generationConfig?: string;
+  tokenizerJson?: string;
+  tokenizerConfig?: string;
+}
+
+export interface HostModel {
+  family: Family;
+  config: ModelConfig;
+  weights: Map<string, HostTensor>;
+  files: ModelFiles;
+  gguf?: GgufFile;
+  /** Source dtype summary, e.g. "F32" or "F16+F32". */
+  sourceDtype: string;
+}
+
+/** Work out which files make up the model at `p` (a folder, a .gguf, or a .safetensors). */
+export function resolveModelFiles(p: string): ModelFiles {
+  if (!fs.existsSync(p)) throw new ModelFileError(p, "no such file or folder", "pass a .gguf file or a Hugging Face model folder");
+  const stat = fs.statSync(p);
+  const side = (dir: string): Omit<ModelFiles, "path" | "format" | "weights"> => {
+    const f = (n: string) => (fs.existsSync(path.join(dir, n)) ? path.join(dir, n) : undefined);
+    const out: Omit<ModelFiles, "path" | "format" | "weights"> = {};
+    const c = f("config.json"), g = f("generation_config.json"), t = f("tokenizer.json"), tc = f("tokenizer_config.json");
+    if (c) out.configJson = c;
+    if (g) out.generationConfig = g;
+    if (t) out.tokenizerJson = t;
+    if (tc) out.tokenizerConfig = tc;
+    return out;
+  };
+  if (stat.isDirectory()) {
+    const idx = path.join(p, "model.safetensors.index.json");
+    const single = path.join(p, "model.safetensors");
+    const weights = fs.existsSync(idx) ? idx : fs.existsSync(single) ? single : undefined;
+    if (weights) {
+      const s = side(p);
+      if (!s.configJson) throw new ModelFileError(p, "folder has safetensors weights but no config.json", "download config.json with the weights");
+      return { path: p, format: "safetensors", weights, ...s };
+    }
+    const ggufs = fs.readdirSync(p).filter((n) => n.endsWith(".gguf"));
+    if (ggufs.length === 1) return { path: p, format: "gguf", weights: path.join(p, ggufs[0]!) };
+    throw new ModelFileError(p, "folder has no model.safetensors(.index.json) and not exactly one .gguf", "pass the weight file itself");
+  }
+  if (p.endsWith(".gguf")) return { path: p, format: "gguf", weights: p };
+  if (p.endsWith(".safetensors") || p.endsWith(".index.json")) {
+    const s = side(path.dirname(p));
+    if (!s.configJson) throw new ModelFileError(p, "no config.json beside the safetensors file", "put the model's config.json in the same folder");
+    return { path: p, format: "safetensors", weights: p, ...s };
+  }
+  // Sniff the magic for extension-less files.
+  const head = Buffer.alloc(4);
+  const fd = fs.openSync(p, "r");
+  fs.readSync(fd, head, 0, 4, 0);
+  fs.closeSync(fd);
+  if (head.toString("ascii") === "GGUF") return { path: p, format: "gguf", weights: p };
+  throw new ModelFileError(p, "not a GGUF, safetensors file or model folder", "pass a .gguf file or a Hugging Face model folder");
+}
+
+export function readJson(file: string): HfConfig {
+  let v: unknown;
+  try {
+    v = JSON.parse(fs.readFileSync(file, "utf8"));
+  } catch (e) {
+    throw new ModelFileError(file, `not valid JSON (${(e as Error).message})`, "re-download the file");
+  }
+  if (typeof v !== "object" || v === null || Array.isArray(v)) throw new ModelFileError(file, "expected a JSON object");
+  return v as HfConfig;
+}
+
+function pickFamily(kind: "hf" | "gguf", arch: string, file: string): Family {
+  const f = FAMILIES.find((fam) => fam.matches[kind].includes(arch));
+  if (!f) {
+    const known = FAMILIES.flatMap((fam) => fam.matches[kind]).join(", ");
+    throw new UnsupportedArchitectureError(file, `architecture "${arch}" is not supported`, `supported: ${known}`);
+  }
+  return f;
+}
+
+/** Load config and host weights. */
+export function loadHostModel(p: string): HostModel {
+  const files = resolveModelFiles(p);
+  if (files.format === "gguf") {
+    const g = readGguf(files.weights);
+    const arch = g.metadata.get("general.architecture");
+    if (typeof arch !== "string") throw new ModelFileError(files.weights, "missing general.architecture");
+    const family = pickFamily("gguf", arch, files.weights);
+    if (!family.fromGguf || !family.gguf) throw new UnsupportedArchitectureError(files.weights, `family ${family.id} has no GGUF mapping`);
+    const config = withConfigErrors(files.weights, () => family.fromGguf!(g));
+    const dtypes = new Set([...g.tensors.values()].map((t) => String(t.type)));
+    const weights = mapWeights(config, family.gguf, [""], undefined, new Set(g.tensors.keys()), files.weights, (n) => readGgufTensor(g, n));
+    const typeNames = [...dtypes].map((t) => ({ "0": "F32", "1": "F16", "30": "BF16" })[t] ?? `ggml${t}`);
+    void ggufOpt;
+    return { family, config, weights, files, gguf: g, sourceDtype: typeNames.join("+") };
+  }
+  const hf = readJson(files.configJson!);
+  const archs = hf.architectures;
+  const arch = Array.isArray(archs) && typeof archs[0] === "string" ? archs[0] : String(hf.model_type ?? "unknown");
+  const family = pickFamily("hf", arch, files.configJson!);
+  if (!family.fromHf || !family.safetensors) throw new UnsupportedArchitectureError(files.configJson!, `family ${family.id} has no safetensors mapping`);
+  const config = withConfigErrors(files.configJson!, () => family.fromHf!(hf));
+  if (files.generationConfig) {
+    const gen = readJson(files.generationConfig);
+    const eos = gen.eos_token_id;
+    const list = typeof eos === "number" ? [eos] : Array.isArray(eos) ? eos.filter((x): x is number => typeof x === "number") : [];
+    config.eosTokenIds = [...new Set([...list, ...config.eosTokenIds])];
+  }
+  const st: SafetensorsSet = openSafetensors(files.weights);
+  const dtypes = [...new Set([...st.tensors.values()].map((t) => t.dtype))];
+  const weights = mapWeights(config, family.safetensors, family.safetensorsPrefixes ?? [""], family.safetensorsIgnore, new Set(st.tensors.keys()), files.weights, (n) => readStTensor(st, n));
+  return { family, config, weights, files, sourceDtype: dtypes.join("+") };
+}
+
+function withConfigErrors(file: string, f: () => ModelConfig): ModelConfig {
+  let c: ModelConfig;
+  try {
+    c = f();
+  } catch (e) {
+    throw new ModelFileError(file, (e as Error).message, "check the model's configuration");
+  }
+  for (const k of ["dModel", "nLayers", "nHeads", "nKvHeads", "dHead", "dMlp", "dVocab"] as const) {
+    if (!Number.isInteger(c[k]) || c[k] <= 0) throw new ModelFileError(file, `configuration gives ${k} = ${c[k]}`, "check the model's configuration");
+  }
+  if (c.nHeads % c.nKvHeads !== 0) throw new ModelFileError(file, `nHeads ${c.nHeads} is not a multiple of nKvHeads ${c.nKvHeads}`);
+  return c;
+}
+
+function mapWeights(
+  config: ModelConfig,
+  table: WeightTable,
+  prefixes: string[],
+  ignore: RegExp | undefined,
+  available: Set<string>,
+  file: string,
+  read: (name: string) => HostTensor,
+): Map<string, HostTensor> {
+  const expected = expectedParams(config);
+  const out = new Map<string, HostTensor>();
+  const used = new Set<string>();
+  const cache = new Map<string, HostTensor>(); // fused tensors are read once for their parts
+  for (const [canon, shape] of expected) {
+    const tmpl = canon.replace(/^blocks\.\d+\./, "blocks.{i}.");
+    const layer = /^blocks\.(\d+)\./.exec(canon)?.[1];
+    const src = table[tmpl];
+    if (!src) throw new UnsupportedArchitectureError(file, `no source declared for ${canon}`, "this is a bug in the family file");
+    const base = layer === undefined ? src.name : src.name.replaceAll("{i}", layer);
+    const name = prefixes.map((p) => p + base).find((n) => available.has(n));
+    if (!name) throw new WeightShapeError(file, `missing tensor ${prefixes[0]}${base} (for ${canon})`, `this checkpoint does not match its config (${config.family}, ${config.nLayers} layers)`);
+    used.add(name);
+    let t = cache.get(name);
+    if (!t) {
+      t = read(name);
+      cache.set(name, t);
+    }
+    const w = transform(t, src, config, file, name);
+    if (w.shape.length !== shape.length || w.shape.some((d, i) => d !== shape[i])) {
+      throw new WeightShapeError(file, `tensor ${name} has shape [${w.shape}] but the config implies [${shape}] for ${canon}`, "the weights do not match the config");
+    }
+    out.set(canon, w);
+  }
+  if (config.tieEmbeddings) {
+    const lm = table["unembed.weight"];
+    if (lm) for (const p of prefixes) used.add(p + lm.name); // a tied copy may be stored; it is the embedding
+  }
+  const unexpected = [...available].filter((n) => !used.has(n) && !(ignore && ignore.test(n)));
+  if (unexpected.length > 0) {
+    throw new WeightShapeError(file, `unexpected tensor${unexpected.length > 1 ? "s" : ""} ${unexpected.slice(0, 5).join(", ")}${unexpected.length > 5 ? ", …" : ""}`, `this does not look like a ${config.family} checkpoint with ${config.nLayers} layers`);
+  }
+  return out;
+}
+
+function transform(t: HostTensor, src: WeightSource, c: ModelConfig, file: string, name: string): HostTensor {
+  let { data, shape } = t;
+  if (src.transpose) {
+    if (shape.length !== 2) throw new WeightShapeError(file, `tensor ${name} should be 2-D, has shape [${shape}]`);
+    const [r, k] = shape as [number, number];
+    const o = new Float32Array(data.length);
+    for (let i = 0; i < r; i++) for (let j = 0; j < k; j++) o[j * r + i] = data[i * k + j]!;
+    data = o;
+    shape = [k, r];
+  }
+  if (src.split) {
+    const rows = shape[0]!;
+    if (rows % src.split.parts !== 0) throw new WeightShapeError(file, `tensor ${name} with ${rows} rows cannot be split in ${src.split.parts}`);
+    const n = rows / src.split.parts;
+    const rowLen = data.length / rows;
+    data = data.slice(src.split.index * n * rowLen, (src.split.index + 1) * n * rowLen);
+    shape = [n, ...shape.slice(1)];
+  }
+  if (src.unpermuteRope) {
+    const nh = src.unpermuteRope === "q" ? c.nHeads : c.nKvHeads;
+    data = unpermuteRows(data, nh, c.dHead, shape[1] ?? 1);
+  }
+  return { data, shape };
+}
+
+/** llama.cpp interleaved-pair rows -> rotate-half rows (inverse of HF->GGUF `permute`). */
+export function unpermuteRows(data: Float32Array, nHeads: number, dHead: number, rowLen: number): Float32Array {
+  const out = new Float32Array(data.length);
+  for (let h = 0; h < nHeads; h++)
+    for (let j = 0; j < dHead; j++) {
+      const src = h * dHead + (j < dHead / 2 ? 2 * j : 2 * (j - dHead / 2) + 1);
+      out.set(data.subarray(src * rowLen, (src + 1) * rowLen), (h * dHead + j) * rowLen);
+    }
+  return out;
+}
