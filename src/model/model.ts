@@ -1,0 +1,145 @@
+// The public model object: weights on a device, plus the tokenizer and chat template that came
+// with the checkpoint. Everything takes and returns host data; jax-js stays inside the engine.
+import { createHash } from "node:crypto";
+import fs from "node:fs";
+import { UsageError } from "../core/errors.js";
+import { renderChat, chatTemplateFromTokenizerConfig, type ChatMessage } from "../io/chat-template.js";
+import { loadTokenizerJson, tokenizerFromGguf, type Tokenizer } from "../io/tokenizer.js";
+import { initDevice, type DeviceInfo, type DeviceName } from "../runtime/device.js";
+import type { ModelConfig } from "./config.js";
+import { Engine, type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type Row } from "./engine.js";
+import { loadHostModel, type HostModel, type ModelFiles } from "./load.js";
+
+export interface LoadOptions {
+  device?: DeviceName;
+  /** Force a smaller per-buffer limit (tests exercise weight splitting on any device). */
+  maxBindingBytes?: number;
+}
+
+/** A prompt: raw text (BOS added per the tokenizer), chat messages (rendered with the template), or ids. */
+export type Prompt = string | { messages: ChatMessage[]; addGenerationPrompt?: boolean; prefill?: string } | { ids: number[] };
+
+export class Model {
+  private constructor(
+    readonly engine: Engine,
+    readonly config: ModelConfig,
+    readonly files: ModelFiles,
+    readonly tokenizer: Tokenizer | undefined,
+    readonly chatTemplate: string | undefined,
+    readonly device: DeviceInfo,
+    readonly sourceDtype: string,
+  ) {}
+
+  static async load(path: string, opts: LoadOptions = {}): Promise<Model> {
+    const device = await initDevice(opts.device ?? "wasm");
+    const host = loadHostModel(path);
+    const { tokenizer, chatTemplate } = tokenizerOf(host);
+    const max = Math.min(opts.maxBindingBytes ?? Infinity, device.maxBindingBytes);
+    const engine = new Engine(host, { maxBindingBytes: max });
+    return new Model(engine, host.config, host.files, tokenizer, chatTemplate, device, host.sourceDtype);
+  }
+
+  get family(): string {
+    return this.config.family;
+  }
+
+  dispose(): void {
+    this.engine.dispose();
+  }
+
+  /** A stable identity for run logs: sha256 of the weight file's size, header and tail (fast on huge files). */
+  weightsHash(): string {
+    const f = this.files.weights;
+    const h = createHash("sha256");
+    const size = fs.statSync(f).size;
+    h.update(String(size));
+    const fd = fs.openSync(f, "r");
+    try {
+      const n = Math.min(size, 1 << 20);
+      const buf = Buffer.alloc(n);
+      fs.readSync(fd, buf, 0, n, 0);
+      h.update(buf);
+      fs.readSync(fd, buf, 0, n, size - n);
+      h.update(buf);
+    } finally {
+      fs.closeSync(fd);
+    }
+    return h.digest("hex").slice(0, 16);
+  }
+
+  /** Default stop tokens: the config's EOS ids plus the tokenizer's end-of-turn ids. */
+  stopTokens(): number[] {
+    return [...new Set([...this.config.eosTokenIds, ...(this.tokenizer?.eosIds ?? [])])];
+  }
+
+  private tok(): Tokenizer {
+    if (!this.tokenizer) throw new UsageError(`${this.files.path} has no tokenizer; pass token ids instead of text`);
+    return this.tokenizer;
+  }
+
+  /** Render a prompt to text (chat template applied) and ids. */
+  encode(p: Prompt): Row & { addSpecial: boolean } {
+    if (typeof p === "object" && "ids" in p) return { ids: p.ids, addSpecial: false };
+    const t = this.tok();
+    if (typeof p === "string") return { ids: t.encode(p, { addSpecial: true }), text: p, addSpecial: true };
+    if (!this.chatTemplate) throw new UsageError(`${this.files.path} has no chat template (tokenizer_config.json chat_template or GGUF tokenizer.chat_template)`);
+    let text = renderChat(this.chatTemplate, p.messages, {
+      addGenerationPrompt: p.addGenerationPrompt ?? true,
+      ...(this.specialText("bos") ? { bosToken: this.specialText("bos")! } : {}),
+      ...(this.specialText("eos") ? { eosToken: this.specialText("eos")! } : {}),
+    });
+    if (p.prefill) text += p.prefill;
+    // The rendered template already holds the special tokens (as HF apply_chat_template).
+    return { ids: t.encode(text, { addSpecial: false }), text, addSpecial: false };
+  }
+
+  private specialText(which: "bos" | "eos"): string | undefined {
+    const t = this.tokenizer;
+    const id = which === "bos" ? t?.bos : t?.eos;
+    return id === undefined ? undefined : t?.idToToken(id);
+  }
+
+  /** Token count of a text prefix with the same special-token handling as its row (for { marker } positions). */
+  private counter(addSpecial: boolean) {
+    const t = this.tokenizer;
+    return t ? (s: string) => t.encode(s, { addSpecial }).length : undefined;
+  }
+
+  async forward(prompts: Prompt[], opts: Omit<ForwardOptions, "countPrefix"> = {}): Promise<ForwardResult & { rows: Row[] }> {
+    const rows = prompts.map((p) => this.encode(p));
+    const cp = this.counter(rows.every((r) => r.addSpecial));
+    const res = await this.engine.forward(rows, { ...opts, ...(cp ? { countPrefix: cp } : {}) });
+    return { ...res, rows };
+  }
+
+  async generate(prompts: Prompt[], opts: Omit<GenerateOptions, "countPrefix">): Promise<GenerateResult & { texts: string[]; rows: Row[] }> {
+    const rows = prompts.map((p) => this.encode(p));
+    if (rows.some((r) => r.ids.length === 0)) {
+      const bos = this.config.bosTokenId ?? this.tokenizer?.bos;
+      if (bos === undefined) throw new UsageError("empty prompt and the model declares no BOS token");
+      rows.forEach((r) => { if (r.ids.length === 0) r.ids = [bos]; });
+    }
+    const cp = this.counter(rows.every((r) => r.addSpecial));
+    const stopIds = opts.stop ?? this.stopTokens();
+    const res = await this.engine.generate(rows, { ...opts, stop: stopIds, ...(cp ? { countPrefix: cp } : {}) });
+    const stop = new Set(stopIds);
+    const texts = res.tokens.map((ts) => (this.tokenizer ? this.tokenizer.decode(ts.filter((t) => !stop.has(t)), { skipSpecial: true }) : ""));
+    return { ...res, texts, rows };
+  }
+}
+
+function tokenizerOf(host: HostModel): { tokenizer?: Tokenizer; chatTemplate?: string } {
+  const out: { tokenizer?: Tokenizer; chatTemplate?: string } = {};
+  if (host.gguf) {
+    if (host.gguf.metadata.has("tokenizer.ggml.model")) out.tokenizer = tokenizerFromGguf(host.gguf);
+    const tpl = host.gguf.metadata.get("tokenizer.chat_template");
+    if (typeof tpl === "string") out.chatTemplate = tpl;
+    return out;
+  }
+  if (host.files.tokenizerJson) out.tokenizer = loadTokenizerJson(host.files.tokenizerJson, host.files.tokenizerConfig ?? null);
+  if (host.files.tokenizerConfig) {
+    const tpl = chatTemplateFromTokenizerConfig(host.files.tokenizerConfig);
+    if (tpl) out.chatTemplate = tpl;
+  }
+  return out;
+}
