@@ -332,7 +332,7 @@ export function f32ToF16Bytes(x: Float32Array): Uint8Array {
     const e = (b >>> 23) & 0xff;
     let m = b & 0x7fffff;
     if (e === 0xff) { out[i] = sign | 0x7c00 | (m ? 0x200 : 0); continue; }
-    let ne = e - 127 + 15;
+    const ne = e - 127 + 15;
     if (ne >= 31) { out[i] = sign | 0x7c00; continue; }
     if (ne <= 0) {
       if (ne < -10) { out[i] = sign; continue; }
@@ -349,7 +349,6 @@ export function f32ToF16Bytes(x: Float32Array): Uint8Array {
     const rem = m & 0x1fff;
     if (rem > 0x1000 || (rem === 0x1000 && h & 1)) h++;
     out[i] = sign | h;
-    void ne;
   }
   return new Uint8Array(out.buffer);
 }

@@ -10,7 +10,7 @@ import type { Intervention, Plan, PosSpec } from "../hooks/plan.js";
 import type { ModelConfig } from "./config.js";
 import type { HostModel, HostTensor } from "./load.js";
 import { ropeTables } from "./rope.js";
-import { LayerFns, embedStage, head, splitOps, type BlockParams, type DeviceParams, type LayerKey, type OpKind, type Rot, type SiteOps, type Weight } from "./transformer.js";
+import { LayerFns, embedStage, head, splitOps, type BlockParams, type DeviceParams, type LayerKey, type OpKind, type Rot, type SiteOp, type SiteOps, type Weight } from "./transformer.js";
 
 /** One row of a batch: token ids, plus the text they encode when markers must be resolved. */
 export interface Row {
@@ -86,6 +86,13 @@ export interface GenerateResult {
   tokens: number[][];
   stopReason: ("stop" | "length")[];
   cache: ActivationCache;
+}
+
+/** A trainable vector added at one site: `op.v` is a traced array inside valueAndGrad. */
+interface TrainOp {
+  layer: number | null;
+  site: string;
+  op: SiteOp;
 }
 
 /** Per-row position scope after resolution: [from, to) in absolute positions, or null (row untouched). */
@@ -268,9 +275,9 @@ export class Engine {
     targets.forEach((ts, b) => ts.forEach((t, i) => { if (t >= 0) wt[(b * T + pad[b]! + i) * c.dVocab + t] = 1 / n; }));
     const mask = scopeMask(r!, ctx, promptLen, [1]);
     const f = (v: JArray): JArray => {
-      const trainOp = { layer, site, op: { kind: "add" as OpKind, v: v.reshape([1, 1, feat[0]!]), m: np.array(mask).reshape([B, T, 1]) } };
+      const trainOp: TrainOp = { layer, site, op: { v: v.reshape([1, 1, feat[0]!]), m: np.array(mask).reshape([B, T, 1]) } };
       const x = this.runLayers(rs, ctx, pad, promptLen, [], null, null, trainOp);
-      const [chunks] = head(c, new Set(), tree.ref(this.params.lnFinal as never) as never, refWeight(this.params.unembed), x, {});
+      const [chunks] = head(c, { readSet: new Set(), kinds: new Map() }, tree.ref(this.params.lnFinal as never) as never, refWeight(this.params.unembed), x, {});
       const logits = chunks.length === 1 ? chunks[0]! : np.concatenate(chunks, -1);
       const lsm = logits.sub(logsumexp(logits.ref));
       return lsm.mul(np.array(wt).reshape([B, T, c.dVocab])).sum().neg();
@@ -351,8 +358,9 @@ export class Engine {
   }
 
   /** Compile the resolved plan into per-layer site ops for one call. Arrays are fresh (consumed downstream). */
-  private compile(resolved: Resolved[], ctx: CallCtx, promptLen: number[], group: number | null | "final"): { ops: SiteOps; reads: string[] } {
+  private compile(resolved: Resolved[], ctx: CallCtx, promptLen: number[], group: number | null | "final"): { ops: SiteOps; kinds: Map<string, OpKind[]>; reads: string[] } {
     const ops: SiteOps = {};
+    const kinds = new Map<string, OpKind[]>();
     const reads = new Set<string>();
     for (const r of resolved) {
       const inGroup = group === "final" ? r.site === "ln_final.hook_normalized" : group === null ? r.layer === null && r.site !== "ln_final.hook_normalized" : r.layer === group;
@@ -366,15 +374,18 @@ export class Engine {
       const maskShape = r.featShape.length === 2 ? [r.featShape[0]!, 1] : [1];
       const maskF = scopeMask(r, ctx, promptLen, maskShape, headMask);
       const { B, T } = ctx;
-      let op: { kind: OpKind; v: JArray; m: JArray };
+      let op: SiteOp;
+      let kind: OpKind;
       if (iv.op === "add" || iv.op === "project") {
         // Per-row payload [B,1,...feat]: rows outside the scope get zeros (masked anyway).
         const F = r.vec!.length;
         const v = new Float32Array(B * F);
         r.scopes.forEach((s, b) => { if (s) v.set(r.vec!, b * F); });
-        op = { kind: iv.op, v: np.array(v).reshape([B, 1, ...r.featShape]), m: np.array(maskF).reshape([B, T, ...maskShape]) };
+        kind = iv.op;
+        op = { v: np.array(v).reshape([B, 1, ...r.featShape]), m: np.array(maskF).reshape([B, T, ...maskShape]) };
       } else if (iv.op === "ablate") {
-        op = { kind: "replace", v: np.array(r.vec!).reshape([1, 1, ...r.featShape]), m: boolArr(maskF, [B, T, ...maskShape]) };
+        kind = "replace";
+        op = { v: np.array(r.vec!).reshape([1, 1, ...r.featShape]), m: boolArr(maskF, [B, T, ...maskShape]) };
       } else {
         const F = r.vec?.length ?? r.featShape.reduce((a, b) => a * b, 1);
         const src = iv.source;
@@ -385,11 +396,13 @@ export class Engine {
             if (p >= 0 && (p + 1) * F <= src.length) v.set(src.subarray(p * F, (p + 1) * F), (b * T + t) * F);
             else maskF[b * T + t] = 0; // beyond the stored activation: keep the live value
           }
-        op = { kind: "replace", v: np.array(v).reshape([B, T, ...r.featShape]), m: boolArr(maskF, [B, T, ...maskShape]) };
+        kind = "replace";
+        op = { v: np.array(v).reshape([B, T, ...r.featShape]), m: boolArr(maskF, [B, T, ...maskShape]) };
       }
       (ops[r.site] ??= []).push(op);
+      kinds.set(r.site, [...(kinds.get(r.site) ?? []), kind]);
     }
-    return { ops, reads: [...reads].sort() };
+    return { ops, kinds, reads: [...reads].sort() };
   }
 
   /** Store reads (device arrays [B,T,...]) into the cache, dropping padding. */
@@ -445,7 +458,7 @@ export class Engine {
     resolved: Resolved[],
     kvc: { cap: number; out: { k: JArray; v: JArray }[]; slot?: number } | null,
     cache: ActivationCache | null,
-    trainOp: { layer: number | null; site: string; op: { kind: OpKind; v: JArray; m: JArray } } | null,
+    trainOp: TrainOp | null,
   ): JArray {
     const c = this.config;
     const { B, T } = ctx;
@@ -469,8 +482,8 @@ export class Engine {
         }
       }
     const emb = this.compile(resolved, ctx, promptLen, null);
-    this.addTrain(emb.ops, trainOp, null);
-    const [x0, er] = embedStage(new Set(emb.reads), np.array(tok).reshape([B, T, D]), posE ? np.array(posE).reshape([B, T, D]) : null, emb.ops);
+    this.addTrain(emb, trainOp, null);
+    const [x0, er] = embedStage({ readSet: new Set(emb.reads), kinds: emb.kinds }, np.array(tok).reshape([B, T, D]), posE ? np.array(posE).reshape([B, T, D]) : null, emb.ops);
     this.pendingReads.push(this.collect(er, null, ctx, cache));
     let x = x0;
 
@@ -489,9 +502,10 @@ export class Engine {
       wm = np.array(w, { dtype: np.bool }).reshape([1, kvc.cap, 1, 1]);
     }
     for (let l = 0; l < c.nLayers; l++) {
-      const { ops, reads } = this.compile(resolved, ctx, promptLen, l);
-      this.addTrain(ops, trainOp, l);
-      const key: LayerKey = { ops: Object.entries(ops).map(([site, list]) => [site, list!.map((o) => o.kind)]), reads };
+      const compiled = this.compile(resolved, ctx, promptLen, l);
+      this.addTrain(compiled, trainOp, l);
+      const { ops, kinds, reads } = compiled;
+      const key: LayerKey = { ops: [...kinds.entries()], reads };
       const fns = this.fns.get(key);
       const [opsA, opsM] = splitOps(ops);
       const p = this.params.blocks[l]!;
@@ -517,15 +531,18 @@ export class Engine {
     return x;
   }
 
-  private addTrain(ops: SiteOps, trainOp: { layer: number | null; site: string; op: { kind: OpKind; v: JArray; m: JArray } } | null, layer: number | null): void {
-    if (trainOp && trainOp.layer === layer && trainOp.site !== "ln_final.hook_normalized") (ops[trainOp.site] ??= []).push(trainOp.op);
+  /** Append the trainable add (its vector is a traced array) to a layer's compiled ops. */
+  private addTrain(c: { ops: SiteOps; kinds: Map<string, OpKind[]> }, trainOp: TrainOp | null, layer: number | null): void {
+    if (!trainOp || trainOp.layer !== layer || trainOp.site === "ln_final.hook_normalized") return;
+    (c.ops[trainOp.site] ??= []).push(trainOp.op);
+    c.kinds.set(trainOp.site, [...(c.kinds.get(trainOp.site) ?? []), "add"]);
   }
 
   /** ln_final + unembedding for a call; returns logits [B*T*V] on the host. */
   private async headToHost(x: JArray, ctx: CallCtx, promptLen: number[], resolved: Resolved[], cache: ActivationCache): Promise<Float32Array> {
     const c = this.config;
-    const { ops, reads: readList } = this.compile(resolved, ctx, promptLen, "final");
-    const [chunks, reads] = head(c, new Set(readList), tree.ref(this.params.lnFinal as never) as never, refWeight(this.params.unembed), x, ops);
+    const { ops, kinds, reads: readList } = this.compile(resolved, ctx, promptLen, "final");
+    const [chunks, reads] = head(c, { readSet: new Set(readList), kinds }, tree.ref(this.params.lnFinal as never) as never, refWeight(this.params.unembed), x, ops);
     await this.collect(reads, null, ctx, cache);
     await this.flushReads();
     const rowsN = ctx.B * ctx.T;

@@ -34,14 +34,16 @@ export interface DeviceParams {
 
 /** One compiled intervention at a site. Arrays are consumed by the layer function. */
 export type OpKind = "add" | "project" | "replace";
+/** Only arrays may be jit arguments, so an op's kind lives in the static LayerKey, not here. */
 export interface SiteOp {
-  kind: OpKind;
   /** add: vector [B,1|T,...feat] (scale folded in); project: unit [B,1,...feat]; replace: values. */
   v: JArray;
   /** add/project: float 0/1 [B,T,(heads,)1]; replace: bool, same shape. */
   m: JArray;
 }
 export type SiteOps = Partial<Record<string, SiteOp[]>>;
+/** Static op kinds per site, in the same order as the SiteOps arrays. */
+export type SiteKinds = ReadonlyMap<string, OpKind[]>;
 
 /** The static (trace-time) description of a layer call: which ops at which sites, what to read. */
 export interface LayerKey {
@@ -88,15 +90,22 @@ function rope(x: JArray, cos: JArray, sin: JArray): JArray {
 }
 
 /** Apply the interventions compiled for `site`, then record a read if asked. */
-function site(x: JArray, name: string, ops: SiteOps, reads: Record<string, JArray>, readSet: ReadonlySet<string>): JArray {
-  for (const op of ops[name] ?? []) {
-    if (op.kind === "add") x = x.add(op.m.mul(op.v));
-    else if (op.kind === "project") {
+export interface Static {
+  readSet: ReadonlySet<string>;
+  kinds: SiteKinds;
+}
+
+function site(x: JArray, name: string, ops: SiteOps, reads: Record<string, JArray>, st: Static): JArray {
+  const kinds = st.kinds.get(name) ?? [];
+  (ops[name] ?? []).forEach((op, i) => {
+    const kind = kinds[i];
+    if (kind === "add") x = x.add(op.m.mul(op.v));
+    else if (kind === "project") {
       const coef = x.ref.mul(op.v.ref).sum(-1, { keepdims: true });
       x = x.sub(op.m.mul(coef).mul(op.v));
     } else x = np.where(op.m, op.v, x);
-  }
-  if (readSet.has(name)) reads[name] = x.ref;
+  });
+  if (st.readSet.has(name)) reads[name] = x.ref;
   return x;
 }
 
@@ -110,7 +119,7 @@ type AttnIn = [p: AttnParams, x: JArray, rot: Rot, mask: JArray, ops: SiteOps];
 
 function attnHalf(
   c: ModelConfig,
-  readSet: ReadonlySet<string>,
+  st: Static,
   [p, x, rot, mask, ops]: AttnIn,
   kvIn: { k: JArray; v: JArray } | null,
   writeMask: JArray | null,
@@ -118,11 +127,11 @@ function attnHalf(
   const [B, T] = x.shape as [number, number];
   const { nHeads: H, nKvHeads: K, dHead: hd } = c;
   const reads: Record<string, JArray> = {};
-  x = site(x, "hook_resid_pre", ops, reads, readSet);
+  x = site(x, "hook_resid_pre", ops, reads, st);
   const h = norm(x.ref, p.ln1, c.norm);
-  let q = site(linear(h.ref, p.attn.q).reshape([B, T, H, hd]), "attn.hook_q", ops, reads, readSet);
-  let k = site(linear(h.ref, p.attn.k).reshape([B, T, K, hd]), "attn.hook_k", ops, reads, readSet);
-  const v = site(linear(h, p.attn.v).reshape([B, T, K, hd]), "attn.hook_v", ops, reads, readSet);
+  let q = site(linear(h.ref, p.attn.q).reshape([B, T, H, hd]), "attn.hook_q", ops, reads, st);
+  let k = site(linear(h.ref, p.attn.k).reshape([B, T, K, hd]), "attn.hook_k", ops, reads, st);
+  const v = site(linear(h, p.attn.v).reshape([B, T, K, hd]), "attn.hook_v", ops, reads, st);
   if (rot.cos && rot.sin) {
     q = rope(q, rot.cos.ref, rot.sin.ref);
     k = rope(k, rot.cos, rot.sin);
@@ -145,7 +154,7 @@ function attnHalf(
   let s = np.einsum("btkgh,bskh->bkgts", qg, kAll).mul(c.attnScale);
   s = np.where(mask.reshape([B, 1, 1, T, S]), s, -Infinity);
   const pr = nn.softmax(s, -1);
-  if (readSet.has("attn.hook_pattern")) {
+  if (st.readSet.has("attn.hook_pattern")) {
     reads["attn.hook_pattern"] = pr.ref.reshape([B, H, T, S]);
   }
   const z = np.einsum("bkgts,bskh->btkgh", pr, vAll).reshape([B, T, H, hd]);
@@ -154,7 +163,7 @@ function attnHalf(
 
 function mlpHalf(
   c: ModelConfig,
-  readSet: ReadonlySet<string>,
+  st: Static,
   p: MlpParams,
   x: JArray,
   z: JArray,
@@ -162,20 +171,20 @@ function mlpHalf(
 ): [JArray, Record<string, JArray>] {
   const [B, T] = x.shape as [number, number];
   const reads: Record<string, JArray> = {};
-  z = site(z, "attn.hook_z", ops, reads, readSet);
-  const attnOut = site(linear(z.reshape([B, T, c.nHeads * c.dHead]), p.o), "hook_attn_out", ops, reads, readSet);
-  x = site(x.add(attnOut), "hook_resid_mid", ops, reads, readSet);
+  z = site(z, "attn.hook_z", ops, reads, st);
+  const attnOut = site(linear(z.reshape([B, T, c.nHeads * c.dHead]), p.o), "hook_attn_out", ops, reads, st);
+  x = site(x.add(attnOut), "hook_resid_mid", ops, reads, st);
   const h = norm(x.ref, p.ln2, c.norm);
   let hidden: JArray;
   if (c.mlp.kind === "gated") {
-    const gate = site(linear(h.ref, p.mlp.gate!), "mlp.hook_pre", ops, reads, readSet);
+    const gate = site(linear(h.ref, p.mlp.gate!), "mlp.hook_pre", ops, reads, st);
     hidden = act(gate, c.mlp.act).mul(linear(h, p.mlp.up));
   } else {
-    hidden = act(site(linear(h, p.mlp.up), "mlp.hook_pre", ops, reads, readSet), c.mlp.act);
+    hidden = act(site(linear(h, p.mlp.up), "mlp.hook_pre", ops, reads, st), c.mlp.act);
   }
-  hidden = site(hidden, "mlp.hook_post", ops, reads, readSet);
-  const mlpOut = site(linear(hidden, p.mlp.down), "hook_mlp_out", ops, reads, readSet);
-  x = site(x.add(mlpOut), "hook_resid_post", ops, reads, readSet);
+  hidden = site(hidden, "mlp.hook_post", ops, reads, st);
+  const mlpOut = site(linear(hidden, p.mlp.down), "hook_mlp_out", ops, reads, st);
+  x = site(x.add(mlpOut), "hook_resid_post", ops, reads, st);
   return [x, reads];
 }
 
@@ -207,14 +216,14 @@ export class LayerFns {
     let fns = this.cache.get(id);
     if (!fns) {
       const c = this.c;
-      const readSet = new Set(key.reads);
+      const st: Static = { readSet: new Set(key.reads), kinds: new Map(key.ops) };
       const J = <F extends (...a: never[]) => unknown>(f: F) => (this.useJit ? (jit(f as never) as unknown as LayerFn) : (f as unknown as LayerFn));
       fns = {
-        full: J((p: AttnIn[0], x: JArray, rot: Rot, mask: JArray, ops: SiteOps) => attnHalf(c, readSet, [p, x, rot, mask, ops], null, null)),
+        full: J((p: AttnIn[0], x: JArray, rot: Rot, mask: JArray, ops: SiteOps) => attnHalf(c, st, [p, x, rot, mask, ops], null, null)),
         step: J((p: AttnIn[0], x: JArray, rot: Rot, mask: JArray, ops: SiteOps, kv: { k: JArray; v: JArray }, wm: JArray) =>
-          attnHalf(c, readSet, [p, x, rot, mask, ops], kv, wm),
+          attnHalf(c, st, [p, x, rot, mask, ops], kv, wm),
         ),
-        mlp: J((p: MlpParams, x: JArray, z: JArray, ops: SiteOps) => mlpHalf(c, readSet, p, x, z, ops)),
+        mlp: J((p: MlpParams, x: JArray, z: JArray, ops: SiteOps) => mlpHalf(c, st, p, x, z, ops)),
       };
       this.cache.set(id, fns);
     }
@@ -232,18 +241,18 @@ export class LayerFns {
 }
 
 /** Final norm + unembedding, with ln_final.hook_normalized ops/reads. Returns logits per vocab chunk. */
-export function head(c: ModelConfig, readSet: ReadonlySet<string>, lnFinal: NormParams, unembed: Weight, x: JArray, ops: SiteOps): [JArray[], Record<string, JArray>] {
+export function head(c: ModelConfig, st: Static, lnFinal: NormParams, unembed: Weight, x: JArray, ops: SiteOps): [JArray[], Record<string, JArray>] {
   const reads: Record<string, JArray> = {};
-  const h = site(norm(x, lnFinal, c.norm), "ln_final.hook_normalized", ops, reads, readSet);
+  const h = site(norm(x, lnFinal, c.norm), "ln_final.hook_normalized", ops, reads, st);
   const chunks = Array.isArray(unembed) ? unembed : [unembed];
   const out = chunks.map((w, i) => np.dot(i < chunks.length - 1 ? h.ref : h, w.transpose()));
   return [out, reads];
 }
 
 /** Embedding-stage sites (hook_embed, hook_pos_embed): resid_pre of block 0 = embed + pos. */
-export function embedStage(readSet: ReadonlySet<string>, tok: JArray, pos: JArray | null, ops: SiteOps): [JArray, Record<string, JArray>] {
+export function embedStage(st: Static, tok: JArray, pos: JArray | null, ops: SiteOps): [JArray, Record<string, JArray>] {
   const reads: Record<string, JArray> = {};
-  let x = site(tok, "hook_embed", ops, reads, readSet);
-  if (pos) x = x.add(site(pos, "hook_pos_embed", ops, reads, readSet));
+  let x = site(tok, "hook_embed", ops, reads, st);
+  if (pos) x = x.add(site(pos, "hook_pos_embed", ops, reads, st));
   return [x, reads];
 }
