@@ -144,14 +144,17 @@ export class Engine {
     const vec = (name: string) => np.array(w(name).data);
     const mat = (name: string): Weight => toDevice(w(name), max);
     const normP = (p: string) => ({ weight: vec(`${p}.weight`), ...(host.weights.has(`${p}.bias`) ? { bias: vec(`${p}.bias`) } : {}) });
+    const optNorm = <K extends string>(key: K, p: string) => (host.weights.has(`${p}.weight`) ? ({ [key]: normP(p) } as Record<K, ReturnType<typeof normP>>) : {});
     const lin = (p: string) => ({ weight: mat(`${p}.weight`), ...(host.weights.has(`${p}.bias`) ? { bias: vec(`${p}.bias`) } : {}) });
     const blocks: BlockParams[] = [];
     for (let i = 0; i < c.nLayers; i++) {
       const b = `blocks.${i}`;
       blocks.push({
-        ln1: normP(`${b}.ln1`),
-        attn: { q: lin(`${b}.attn.q`), k: lin(`${b}.attn.k`), v: lin(`${b}.attn.v`), o: lin(`${b}.attn.o`) },
-        ln2: normP(`${b}.ln2`),
+        ...optNorm("ln1", `${b}.ln1`),
+        ...optNorm("ln1Post", `${b}.ln1Post`),
+        attn: { q: lin(`${b}.attn.q`), k: lin(`${b}.attn.k`), v: lin(`${b}.attn.v`), o: lin(`${b}.attn.o`), ...optNorm("qNorm", `${b}.attn.qNorm`), ...optNorm("kNorm", `${b}.attn.kNorm`) },
+        ...optNorm("ln2", `${b}.ln2`),
+        ...optNorm("ln2Post", `${b}.ln2Post`),
         mlp: { ...(c.mlp.kind === "gated" ? { gate: lin(`${b}.mlp.gate`) } : {}), up: lin(`${b}.mlp.up`), down: lin(`${b}.mlp.down`) },
       });
     }
@@ -487,14 +490,21 @@ export class Engine {
     this.pendingReads.push(this.collect(er, null, ctx, cache));
     let x = x0;
 
-    const rot: Rot = {};
-    if (c.pos.kind === "rope") {
-      const { cos, sin } = ropeTables(c, ctx.pos, B, T);
-      rot.cos = np.array(cos).reshape([B, T, 1, c.dHead]);
-      rot.sin = np.array(sin).reshape([B, T, 1, c.dHead]);
-    }
+    // RoPE tables and masks per layer type (sliding layers: own window, maybe their own theta).
+    const types = [...new Set(c.layerTypes)];
+    const rots = new Map<string, Rot>();
+    const masks = new Map<string, JArray>();
     const S = kvc?.slot !== undefined ? kvc.cap : T;
-    const mask = attnMask(ctx, pad, S, kvc?.slot);
+    for (const ty of types) {
+      const rot: Rot = {};
+      if (c.pos.kind === "rope") {
+        const { cos, sin } = ropeTables(c, ctx.pos, B, T, ty === "sliding");
+        rot.cos = np.array(cos).reshape([B, T, 1, c.dHead]);
+        rot.sin = np.array(sin).reshape([B, T, 1, c.dHead]);
+      }
+      rots.set(ty, rot);
+      masks.set(ty, attnMask(ctx, pad, S, kvc?.slot, ty === "sliding" ? c.slidingWindow : undefined));
+    }
     let wm: JArray | null = null;
     if (kvc?.slot !== undefined) {
       const w = new Int32Array(kvc.cap);
@@ -509,9 +519,12 @@ export class Engine {
       const fns = this.fns.get(key);
       const [opsA, opsM] = splitOps(ops);
       const p = this.params.blocks[l]!;
-      const pa = tree.ref({ ln1: p.ln1, attn: { q: p.attn.q, k: p.attn.k, v: p.attn.v } } as never) as never;
-      const pm = tree.ref({ o: p.attn.o, ln2: p.ln2, mlp: p.mlp } as never) as never;
-      const rotRef = tree.ref(rot as never) as unknown as Rot;
+      const { o, ...attnRest } = p.attn;
+      const pa = tree.ref({ ...(p.ln1 ? { ln1: p.ln1 } : {}), attn: attnRest } as never) as never;
+      const pm = tree.ref({ o, ...(p.ln1Post ? { ln1Post: p.ln1Post } : {}), ...(p.ln2 ? { ln2: p.ln2 } : {}), ...(p.ln2Post ? { ln2Post: p.ln2Post } : {}), mlp: p.mlp } as never) as never;
+      const ty = c.layerTypes[l]!;
+      const rotRef = tree.ref(rots.get(ty)! as never) as unknown as Rot;
+      const mask = masks.get(ty)!;
       let z: JArray, kvOut: { k: JArray; v: JArray }, ra: Record<string, JArray>;
       if (kvc?.slot !== undefined) {
         [x, z, kvOut, ra] = fns.step(pa, x, rotRef, mask.ref, opsA, kvc.out[l]!, wm!.ref);
@@ -525,8 +538,8 @@ export class Engine {
       [x, rm] = fns.mlp(pm, x, z, opsM);
       this.pendingReads.push(this.collect({ ...ra, ...rm }, l, ctx, cache));
     }
-    tree.dispose(rot as never);
-    mask.dispose();
+    tree.dispose([...rots.values()] as never);
+    for (const m of masks.values()) m.dispose();
     wm?.dispose();
     return x;
   }
@@ -596,13 +609,15 @@ function sliceRow(lg: Float32Array, b: number, T: number, pad: number, V: number
  * mask[b, t, s]: key slot s visible to query slot t. Causal, never a padding key — except a
  * padding query sees itself, so no softmax row is all -inf (which would give NaN).
  */
-function attnMask(ctx: CallCtx, pad: number[], S: number, slot: number | undefined): JArray {
+function attnMask(ctx: CallCtx, pad: number[], S: number, slot: number | undefined, window: number | undefined): JArray {
   const { B, T } = ctx;
   const m = new Int32Array(B * T * S);
+  const w = window ?? Infinity;
   for (let b = 0; b < B; b++)
     for (let t = 0; t < T; t++) {
       const qSlot = slot ?? t;
-      for (let s = 0; s <= qSlot; s++) if (s >= pad[b]! || s === qSlot) m[(b * T + t) * S + s] = 1;
+      // Slots and positions differ by the row's padding only, so slot distance = position distance.
+      for (let s = Math.max(0, qSlot - w + 1); s <= qSlot; s++) if (s >= pad[b]! || s === qSlot) m[(b * T + t) * S + s] = 1;
     }
   return np.array(m, { dtype: np.bool }).reshape([B, T, S]);
 }

@@ -2,12 +2,15 @@
 // frequencies carry no f32 error; only cos/sin values are uploaded.
 import type { ModelConfig } from "./config.js";
 
-export function ropeInvFreq(c: ModelConfig): Float64Array {
+export function ropeInvFreq(c: ModelConfig, local = false): Float64Array {
   if (c.pos.kind !== "rope") throw new Error("ropeInvFreq: model has no RoPE");
-  const dim = c.pos.rotaryDim ?? c.dHead;
+  const dim = c.dHead;
   const half = dim / 2;
   const f = new Float64Array(half);
-  for (let i = 0; i < half; i++) f[i] = 1 / Math.pow(c.pos.theta, (2 * i) / dim);
+  const theta = local && c.pos.localTheta !== undefined ? c.pos.localTheta : c.pos.theta;
+  for (let i = 0; i < half; i++) f[i] = 1 / Math.pow(theta, (2 * i) / dim);
+  if (local && c.pos.localTheta !== undefined) return f; // local layers are never scaled
+  if (c.pos.freqFactors) for (let i = 0; i < half; i++) f[i]! /= c.pos.freqFactors[i] ?? 1;
   const s = c.pos.scaling;
   if (s.kind === "linear") for (let i = 0; i < half; i++) f[i]! /= s.factor;
   if (s.kind === "llama3") {
@@ -27,8 +30,8 @@ export function ropeInvFreq(c: ModelConfig): Float64Array {
 }
 
 /** cos/sin [B,T,dHead] (rotate-half layout: both halves repeat the same angles). Padding slots get angle 0. */
-export function ropeTables(c: ModelConfig, pos: Int32Array, B: number, T: number): { cos: Float32Array; sin: Float32Array } {
-  const inv = ropeInvFreq(c);
+export function ropeTables(c: ModelConfig, pos: Int32Array, B: number, T: number, local = false): { cos: Float32Array; sin: Float32Array } {
+  const inv = ropeInvFreq(c, local);
   const hd = c.dHead;
   const half = inv.length;
   const cos = new Float32Array(B * T * hd);

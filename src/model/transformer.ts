@@ -21,9 +21,12 @@ export interface LinearParams {
   bias?: JArray;
 }
 export interface BlockParams {
-  ln1: NormParams;
-  attn: { q: LinearParams; k: LinearParams; v: LinearParams; o: LinearParams };
-  ln2: NormParams;
+  /** Pre-norms (absent for OLMo 2's post-norm blocks) and post-norms (sandwich/post blocks). */
+  ln1?: NormParams;
+  ln1Post?: NormParams;
+  attn: { q: LinearParams; k: LinearParams; v: LinearParams; o: LinearParams; qNorm?: NormParams; kNorm?: NormParams };
+  ln2?: NormParams;
+  ln2Post?: NormParams;
   mlp: { gate?: LinearParams; up: LinearParams; down: LinearParams };
 }
 export interface DeviceParams {
@@ -83,6 +86,18 @@ function act(x: JArray, a: ModelConfig["mlp"]["act"]): JArray {
   return nn.gelu(x, { approximate: false });
 }
 
+/** cap · tanh(x / cap) (Gemma 2 soft-capping). */
+function softcap(x: JArray, cap: number): JArray {
+  return np.tanh(x.div(cap)).mul(cap);
+}
+
+/** Optional qk-norm: per head (norm over dHead) or over the whole projection; returns [B,T,N,dHead]. */
+function qkNormed(y: JArray, w: NormParams | undefined, c: ModelConfig, shape: number[]): JArray {
+  if (!w || c.qkNorm.kind === "none") return y.reshape(shape);
+  if (c.qkNorm.kind === "full") return norm(y, w, c.norm).reshape(shape);
+  return norm(y.reshape(shape), w, c.norm);
+}
+
 /** rotate-half RoPE. x [B,T,N,hd]; cos, sin [B,T,1,hd]. */
 function rope(x: JArray, cos: JArray, sin: JArray): JArray {
   const [x1, x2] = np.split(x.ref, 2, -1) as [JArray, JArray];
@@ -113,8 +128,8 @@ function site(x: JArray, name: string, ops: SiteOps, reads: Record<string, JArra
 
 /** RoPE tables [B,T,1,dHead]; empty for learned-position models (an empty object is a valid JsTree). */
 export type Rot = { cos?: JArray; sin?: JArray };
-export type AttnParams = { ln1: NormParams; attn: { q: LinearParams; k: LinearParams; v: LinearParams } };
-export type MlpParams = { o: LinearParams; ln2: NormParams; mlp: BlockParams["mlp"] };
+export type AttnParams = Pick<BlockParams, "ln1"> & { attn: Omit<BlockParams["attn"], "o"> };
+export type MlpParams = Pick<BlockParams, "ln1Post" | "ln2" | "ln2Post" | "mlp"> & { o: LinearParams };
 type AttnIn = [p: AttnParams, x: JArray, rot: Rot, mask: JArray, ops: SiteOps];
 
 function attnHalf(
@@ -128,9 +143,11 @@ function attnHalf(
   const { nHeads: H, nKvHeads: K, dHead: hd } = c;
   const reads: Record<string, JArray> = {};
   x = site(x, "hook_resid_pre", ops, reads, st);
-  const h = norm(x.ref, p.ln1, c.norm);
-  let q = site(linear(h.ref, p.attn.q).reshape([B, T, H, hd]), "attn.hook_q", ops, reads, st);
-  let k = site(linear(h.ref, p.attn.k).reshape([B, T, K, hd]), "attn.hook_k", ops, reads, st);
+  const h = p.ln1 ? norm(x.ref, p.ln1, c.norm) : x.ref;
+  let q = qkNormed(linear(h.ref, p.attn.q), p.attn.qNorm, c, [B, T, H, hd]);
+  let k = qkNormed(linear(h.ref, p.attn.k), p.attn.kNorm, c, [B, T, K, hd]);
+  q = site(q, "attn.hook_q", ops, reads, st);
+  k = site(k, "attn.hook_k", ops, reads, st);
   const v = site(linear(h, p.attn.v).reshape([B, T, K, hd]), "attn.hook_v", ops, reads, st);
   if (rot.cos && rot.sin) {
     q = rope(q, rot.cos.ref, rot.sin.ref);
@@ -152,6 +169,7 @@ function attnHalf(
   const G = H / K;
   const qg = q.reshape([B, T, K, G, hd]);
   let s = np.einsum("btkgh,bskh->bkgts", qg, kAll).mul(c.attnScale);
+  if (c.attnSoftcap) s = softcap(s, c.attnSoftcap);
   s = np.where(mask.reshape([B, 1, 1, T, S]), s, -Infinity);
   const pr = nn.softmax(s, -1);
   if (st.readSet.has("attn.hook_pattern")) {
@@ -172,9 +190,11 @@ function mlpHalf(
   const [B, T] = x.shape as [number, number];
   const reads: Record<string, JArray> = {};
   z = site(z, "attn.hook_z", ops, reads, st);
-  const attnOut = site(linear(z.reshape([B, T, c.nHeads * c.dHead]), p.o), "hook_attn_out", ops, reads, st);
+  let attnOut = linear(z.reshape([B, T, c.nHeads * c.dHead]), p.o);
+  if (p.ln1Post) attnOut = norm(attnOut, p.ln1Post, c.norm);
+  attnOut = site(attnOut, "hook_attn_out", ops, reads, st);
   x = site(x.add(attnOut), "hook_resid_mid", ops, reads, st);
-  const h = norm(x.ref, p.ln2, c.norm);
+  const h = p.ln2 ? norm(x.ref, p.ln2, c.norm) : x.ref;
   let hidden: JArray;
   if (c.mlp.kind === "gated") {
     const gate = site(linear(h.ref, p.mlp.gate!), "mlp.hook_pre", ops, reads, st);
@@ -183,7 +203,9 @@ function mlpHalf(
     hidden = act(site(linear(h, p.mlp.up), "mlp.hook_pre", ops, reads, st), c.mlp.act);
   }
   hidden = site(hidden, "mlp.hook_post", ops, reads, st);
-  const mlpOut = site(linear(hidden, p.mlp.down), "hook_mlp_out", ops, reads, st);
+  let mlpOut = linear(hidden, p.mlp.down);
+  if (p.ln2Post) mlpOut = norm(mlpOut, p.ln2Post, c.norm);
+  mlpOut = site(mlpOut, "hook_mlp_out", ops, reads, st);
   x = site(x.add(mlpOut), "hook_resid_post", ops, reads, st);
   return [x, reads];
 }
@@ -245,7 +267,10 @@ export function head(c: ModelConfig, st: Static, lnFinal: NormParams, unembed: W
   const reads: Record<string, JArray> = {};
   const h = site(norm(x, lnFinal, c.norm), "ln_final.hook_normalized", ops, reads, st);
   const chunks = Array.isArray(unembed) ? unembed : [unembed];
-  const out = chunks.map((w, i) => np.dot(i < chunks.length - 1 ? h.ref : h, w.transpose()));
+  const out = chunks.map((w, i) => {
+    const l = np.dot(i < chunks.length - 1 ? h.ref : h, w.transpose());
+    return c.finalSoftcap ? softcap(l, c.finalSoftcap) : l;
+  });
   return [out, reads];
 }
 

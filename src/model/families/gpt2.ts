@@ -1,7 +1,7 @@
 // GPT-2: pre-norm LayerNorm, learned positions, fused qkv (Conv1D, [in, out]), GELU-tanh MLP,
 // biases everywhere, tied unembedding.
 import { ggufGet, type GgufFile } from "../../io/gguf.js";
-import type { ModelConfig } from "../config.js";
+import { PLAIN, type LayerType, type ModelConfig } from "../config.js";
 import { defineFamily, eosList, num, type HfConfig, type WeightTable } from "../family.js";
 
 const conv = (name: string, extra: Partial<{ split: { index: number; parts: number } }> = {}) => ({ name, transpose: true, ...extra });
@@ -72,6 +72,8 @@ function common(c: { dModel: number; nLayers: number; nHeads: number; dMlp: numb
     bias: "all",
     tieEmbeddings: c.tie,
     embedScale: 1,
+    ...PLAIN,
+    layerTypes: Array<LayerType>(c.nLayers).fill("full"),
     attnScale: 1 / Math.sqrt(c.dModel / c.nHeads),
     ...(c.bos !== undefined ? { bosTokenId: c.bos } : {}),
     eosTokenIds: c.eos,

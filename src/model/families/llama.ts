@@ -1,6 +1,6 @@
 // Llama 1/2/3 (and GGUF "llama"). Pre-norm RMSNorm, rotate-half RoPE, GQA, SwiGLU.
 import { ggufGet, ggufOpt, type GgufFile, type GgufValue } from "../../io/gguf.js";
-import type { ModelConfig, RopeScaling } from "../config.js";
+import { PLAIN, type LayerType, type ModelConfig, type RopeScaling } from "../config.js";
 import { LLAMA_GGUF, LLAMA_SAFETENSORS, defineFamily, eosList, num, type HfConfig } from "../family.js";
 
 function ropeScaling(s: unknown): RopeScaling {
@@ -22,10 +22,12 @@ function ropeScaling(s: unknown): RopeScaling {
 export function llamaFromHf(hf: HfConfig): ModelConfig {
   const dModel = num(hf, "hidden_size");
   const nHeads = num(hf, "num_attention_heads");
+  const nLayers = num(hf, "num_hidden_layers");
+  const window = typeof hf.sliding_window === "number" && hf.use_sliding_window !== false ? hf.sliding_window : undefined;
   return {
     family: "llama",
     dModel,
-    nLayers: num(hf, "num_hidden_layers"),
+    nLayers,
     nHeads,
     nKvHeads: num(hf, "num_key_value_heads", nHeads),
     dHead: num(hf, "head_dim", dModel / nHeads),
@@ -38,6 +40,8 @@ export function llamaFromHf(hf: HfConfig): ModelConfig {
     bias: hf.attention_bias === true ? "qkv" : "none",
     tieEmbeddings: hf.tie_word_embeddings === true,
     embedScale: 1,
+    ...PLAIN,
+    layerTypes: Array<LayerType>(nLayers).fill("full"),
     attnScale: 1 / Math.sqrt(num(hf, "head_dim", dModel / nHeads)),
     ...(typeof hf.bos_token_id === "number" ? { bosTokenId: hf.bos_token_id } : {}),
     eosTokenIds: eosList(hf.eos_token_id),
@@ -51,13 +55,14 @@ export function llamaFromGguf(g: GgufFile): ModelConfig {
   const nHeads = k("attention.head_count");
   const dHead = ggufOpt<number>(g, `${a}.attention.key_length`) ?? dModel / nHeads;
   const vocab = g.tensors.get("token_embd.weight")?.ne[1] ?? (ggufOpt<GgufValue[]>(g, "tokenizer.ggml.tokens")?.length ?? 0);
+  const nLayers = k("block_count");
   const eos = ggufOpt<number>(g, "tokenizer.ggml.eos_token_id");
   const eot = ggufOpt<number>(g, "tokenizer.ggml.eot_token_id");
   const bos = ggufOpt<number>(g, "tokenizer.ggml.bos_token_id");
   return {
     family: "llama",
     dModel,
-    nLayers: k("block_count"),
+    nLayers,
     nHeads,
     nKvHeads: ggufOpt<number>(g, `${a}.attention.head_count_kv`) ?? nHeads,
     dHead,
@@ -70,6 +75,8 @@ export function llamaFromGguf(g: GgufFile): ModelConfig {
     bias: g.tensors.has("blk.0.attn_q.bias") ? "qkv" : "none",
     tieEmbeddings: !g.tensors.has("output.weight"),
     embedScale: 1,
+    ...PLAIN,
+    layerTypes: Array<LayerType>(nLayers).fill("full"),
     attnScale: 1 / Math.sqrt(dHead),
     ...(bos !== undefined ? { bosTokenId: bos } : {}),
     eosTokenIds: [eos, eot].filter((x): x is number => typeof x === "number"),
