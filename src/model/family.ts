@@ -25,12 +25,14 @@ export interface Family {
   fromGguf?: (g: GgufFile) => ModelConfig;
   /** canonical path template -> safetensors source */
   safetensors?: WeightTable;
-  /** Prefixes a safetensors checkpoint may put before the names above (tried in order). */
-  safetensorsPrefixes?: string[];
+  /** Other spellings of a safetensors name (wrapper prefixes), tried after the name itself. */
+  safetensorsAliases?: ((name: string) => string)[];
   /** Source names that hold buffers, not parameters (ignored rather than rejected). */
   safetensorsIgnore?: RegExp;
   /** canonical path template -> GGUF source */
   gguf?: WeightTable;
+  /** GGUF tensors read by fromGguf rather than mapped (e.g. rope_freqs.weight). */
+  ggufIgnore?: RegExp;
 }
 
 export function defineFamily(f: Family): Family {
@@ -86,4 +88,14 @@ export const LLAMA_GGUF: WeightTable = {
   "blocks.{i}.mlp.down.weight": { name: "blk.{i}.ffn_down.weight" },
   "lnFinal.weight": { name: "output_norm.weight" },
   "unembed.weight": { name: "output.weight" },
+};
+
+export const QK_NORM_SAFETENSORS: WeightTable = {
+  "blocks.{i}.attn.qNorm.weight": { name: "model.layers.{i}.self_attn.q_norm.weight" },
+  "blocks.{i}.attn.kNorm.weight": { name: "model.layers.{i}.self_attn.k_norm.weight" },
+};
+
+export const QK_NORM_GGUF: WeightTable = {
+  "blocks.{i}.attn.qNorm.weight": { name: "blk.{i}.attn_q_norm.weight" },
+  "blocks.{i}.attn.kNorm.weight": { name: "blk.{i}.attn_k_norm.weight" },
 };

@@ -110,7 +110,7 @@ export function loadHostModel(p: string): HostModel {
     if (!family.fromGguf || !family.gguf) throw new UnsupportedArchitectureError(files.weights, `family ${family.id} has no GGUF mapping`);
     const config = withConfigErrors(files.weights, () => family.fromGguf!(g));
     const dtypes = new Set([...g.tensors.values()].map((t) => String(t.type)));
-    const weights = mapWeights(config, family.gguf, [""], undefined, new Set(g.tensors.keys()), files.weights, (n) => readGgufTensor(g, n));
+    const weights = mapWeights(config, family.gguf, [], family.ggufIgnore, new Set(g.tensors.keys()), files.weights, (n) => readGgufTensor(g, n));
     const typeNames = [...dtypes].map((t) => ({ "0": "F32", "1": "F16", "30": "BF16" })[t] ?? `ggml${t}`);
     void ggufOpt;
     return { family, config, weights, files, gguf: g, sourceDtype: typeNames.join("+") };
@@ -129,7 +129,7 @@ export function loadHostModel(p: string): HostModel {
   }
   const st: SafetensorsSet = openSafetensors(files.weights);
   const dtypes = [...new Set([...st.tensors.values()].map((t) => t.dtype))];
-  const weights = mapWeights(config, family.safetensors, family.safetensorsPrefixes ?? [""], family.safetensorsIgnore, new Set(st.tensors.keys()), files.weights, (n) => readStTensor(st, n));
+  const weights = mapWeights(config, family.safetensors, family.safetensorsAliases ?? [], family.safetensorsIgnore, new Set(st.tensors.keys()), files.weights, (n) => readStTensor(st, n));
   return { family, config, weights, files, sourceDtype: dtypes.join("+") };
 }
 
@@ -150,7 +150,7 @@ function withConfigErrors(file: string, f: () => ModelConfig): ModelConfig {
 function mapWeights(
   config: ModelConfig,
   table: WeightTable,
-  prefixes: string[],
+  aliases: ((name: string) => string)[],
   ignore: RegExp | undefined,
   available: Set<string>,
   file: string,
@@ -166,8 +166,8 @@ function mapWeights(
     const src = table[tmpl];
     if (!src) throw new UnsupportedArchitectureError(file, `no source declared for ${canon}`, "this is a bug in the family file");
     const base = layer === undefined ? src.name : src.name.replaceAll("{i}", layer);
-    const name = prefixes.map((p) => p + base).find((n) => available.has(n));
-    if (!name) throw new WeightShapeError(file, `missing tensor ${prefixes[0]}${base} (for ${canon})`, `this checkpoint does not match its config (${config.family}, ${config.nLayers} layers)`);
+    const name = [base, ...aliases.map((f) => f(base))].find((n) => available.has(n));
+    if (!name) throw new WeightShapeError(file, `missing tensor ${base} (for ${canon})`, `this checkpoint does not match its config (${config.family}, ${config.nLayers} layers)`);
     used.add(name);
     let t = cache.get(name);
     if (!t) {
@@ -182,7 +182,7 @@ function mapWeights(
   }
   if (config.tieEmbeddings) {
     const lm = table["unembed.weight"];
-    if (lm) for (const p of prefixes) used.add(p + lm.name); // a tied copy may be stored; it is the embedding
+    if (lm) for (const n of [lm.name, ...aliases.map((f) => f(lm.name))]) used.add(n); // a stored tied copy is the embedding
   }
   const unexpected = [...available].filter((n) => !used.has(n) && !(ignore && ignore.test(n)));
   if (unexpected.length > 0) {

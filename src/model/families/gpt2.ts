@@ -113,7 +113,7 @@ export default defineFamily({
     });
   },
   safetensors: SAFETENSORS,
-  safetensorsPrefixes: ["transformer.", ""],
+  safetensorsAliases: [(n) => `transformer.${n}`],
   safetensorsIgnore: /^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$/,
   gguf: GGUF,
 });

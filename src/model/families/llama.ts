@@ -1,5 +1,6 @@
 // Llama 1/2/3 (and GGUF "llama"). Pre-norm RMSNorm, rotate-half RoPE, GQA, SwiGLU.
-import { ggufGet, ggufOpt, type GgufFile, type GgufValue } from "../../io/gguf.js";
+// The HF/GGUF readers here are the base that Mistral, Qwen, Gemma and OLMo extend.
+import { ggufGet, ggufOpt, readGgufTensor, type GgufFile, type GgufValue } from "../../io/gguf.js";
 import { PLAIN, type LayerType, type ModelConfig, type RopeScaling } from "../config.js";
 import { LLAMA_GGUF, LLAMA_SAFETENSORS, defineFamily, eosList, num, type HfConfig } from "../family.js";
 
@@ -16,21 +17,24 @@ function ropeScaling(s: unknown): RopeScaling {
     };
   }
   if (type === "linear") return { kind: "linear", factor: Number(r.factor) };
-  return { kind: "none" };
+  if (type === undefined || type === "default") return { kind: "none" };
+  throw new Error(`rope_scaling type "${String(type)}" is not supported`);
 }
 
-export function llamaFromHf(hf: HfConfig): ModelConfig {
+export function llamaFromHf(hf: HfConfig, family = "llama"): ModelConfig {
   const dModel = num(hf, "hidden_size");
   const nHeads = num(hf, "num_attention_heads");
   const nLayers = num(hf, "num_hidden_layers");
+  const dHead = num(hf, "head_dim", dModel / nHeads);
+  // Mistral v0.1 declares a sliding window on every layer; Qwen2 only with use_sliding_window.
   const window = typeof hf.sliding_window === "number" && hf.use_sliding_window !== false ? hf.sliding_window : undefined;
   return {
-    family: "llama",
+    family,
     dModel,
     nLayers,
     nHeads,
     nKvHeads: num(hf, "num_key_value_heads", nHeads),
-    dHead: num(hf, "head_dim", dModel / nHeads),
+    dHead,
     dMlp: num(hf, "intermediate_size"),
     dVocab: num(hf, "vocab_size"),
     nCtx: num(hf, "max_position_embeddings", 2048),
@@ -40,27 +44,33 @@ export function llamaFromHf(hf: HfConfig): ModelConfig {
     bias: hf.attention_bias === true ? "qkv" : "none",
     tieEmbeddings: hf.tie_word_embeddings === true,
     embedScale: 1,
+    attnScale: 1 / Math.sqrt(dHead),
     ...PLAIN,
-    layerTypes: Array<LayerType>(nLayers).fill("full"),
-    attnScale: 1 / Math.sqrt(num(hf, "head_dim", dModel / nHeads)),
+    layerTypes: Array<LayerType>(nLayers).fill(window ? "sliding" : "full"),
+    ...(window ? { slidingWindow: window } : {}),
     ...(typeof hf.bos_token_id === "number" ? { bosTokenId: hf.bos_token_id } : {}),
     eosTokenIds: eosList(hf.eos_token_id),
   };
 }
 
-export function llamaFromGguf(g: GgufFile): ModelConfig {
+export function llamaFromGguf(g: GgufFile, family = "llama"): ModelConfig {
   const a = ggufGet<string>(g, "general.architecture", "string");
   const k = (key: string) => ggufGet<number>(g, `${a}.${key}`, "number");
   const dModel = k("embedding_length");
   const nHeads = k("attention.head_count");
-  const dHead = ggufOpt<number>(g, `${a}.attention.key_length`) ?? dModel / nHeads;
-  const vocab = g.tensors.get("token_embd.weight")?.ne[1] ?? (ggufOpt<GgufValue[]>(g, "tokenizer.ggml.tokens")?.length ?? 0);
   const nLayers = k("block_count");
+  const dHead = ggufOpt<number>(g, `${a}.attention.key_length`) ?? dModel / nHeads;
+  const vocab = g.tensors.get("token_embd.weight")?.ne[1] ?? ggufOpt<GgufValue[]>(g, "tokenizer.ggml.tokens")?.length ?? 0;
+  const window = ggufOpt<number>(g, `${a}.attention.sliding_window`);
   const eos = ggufOpt<number>(g, "tokenizer.ggml.eos_token_id");
   const eot = ggufOpt<number>(g, "tokenizer.ggml.eot_token_id");
   const bos = ggufOpt<number>(g, "tokenizer.ggml.bos_token_id");
+  const scalingType = ggufOpt<string>(g, `${a}.rope.scaling.type`);
+  const scaling: RopeScaling = scalingType === "linear" ? { kind: "linear", factor: k("rope.scaling.factor") } : { kind: "none" };
+  // llama.cpp stores Llama 3 rope scaling as explicit per-frequency divisors.
+  const freqFactors = g.tensors.has("rope_freqs.weight") ? [...readGgufTensor(g, "rope_freqs.weight").data] : undefined;
   return {
-    family: "llama",
+    family,
     dModel,
     nLayers,
     nHeads,
@@ -71,13 +81,14 @@ export function llamaFromGguf(g: GgufFile): ModelConfig {
     nCtx: k("context_length"),
     norm: { kind: "rms", eps: k("attention.layer_norm_rms_epsilon"), weightOffset: 0 },
     mlp: { kind: "gated", act: "silu" },
-    pos: { kind: "rope", theta: ggufOpt<number>(g, `${a}.rope.freq_base`) ?? 10000, scaling: { kind: "none" } },
+    pos: { kind: "rope", theta: ggufOpt<number>(g, `${a}.rope.freq_base`) ?? 10000, scaling, ...(freqFactors ? { freqFactors } : {}) },
     bias: g.tensors.has("blk.0.attn_q.bias") ? "qkv" : "none",
     tieEmbeddings: !g.tensors.has("output.weight"),
     embedScale: 1,
-    ...PLAIN,
-    layerTypes: Array<LayerType>(nLayers).fill("full"),
     attnScale: 1 / Math.sqrt(dHead),
+    ...PLAIN,
+    layerTypes: Array<LayerType>(nLayers).fill(window ? "sliding" : "full"),
+    ...(window ? { slidingWindow: window } : {}),
     ...(bos !== undefined ? { bosTokenId: bos } : {}),
     eosTokenIds: [eos, eot].filter((x): x is number => typeof x === "number"),
   };
@@ -86,12 +97,14 @@ export function llamaFromGguf(g: GgufFile): ModelConfig {
 export default defineFamily({
   id: "llama",
   matches: { hf: ["LlamaForCausalLM"], gguf: ["llama"] },
-  fromHf: llamaFromHf,
-  fromGguf: llamaFromGguf,
+  fromHf: (hf) => llamaFromHf(hf),
+  fromGguf: (g) => llamaFromGguf(g),
   safetensors: LLAMA_SAFETENSORS,
   gguf: {
     ...LLAMA_GGUF,
+    // llama.cpp's llama arch keeps q/k rows interleaved for its adjacent-pair RoPE.
     "blocks.{i}.attn.q.weight": { name: "blk.{i}.attn_q.weight", unpermuteRope: "q" },
     "blocks.{i}.attn.k.weight": { name: "blk.{i}.attn_k.weight", unpermuteRope: "k" },
   },
+  ggufIgnore: /^rope_freqs\.weight$/,
 });
