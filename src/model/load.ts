@@ -3,7 +3,8 @@
 import fs from "node:fs";
 import path from "node:path";
 import { ModelFileError, UnsupportedArchitectureError, WeightShapeError } from "../core/errors.js";
-import { readGguf, readGgufTensor, ggufOpt, type GgufFile } from "../io/gguf.js";
+import { readGguf, readGgufTensor, type GgufFile } from "../io/gguf.js";
+import { resolveModelPath } from "../io/hub-cache.js";
 import { openSafetensors, readStTensor, type SafetensorsSet } from "../io/safetensors.js";
 import { expectedParams, type ModelConfig } from "./config.js";
 import type { Family, HfConfig, WeightSource, WeightTable } from "./family.js";
@@ -99,9 +100,9 @@ function pickFamily(kind: "hf" | "gguf", arch: string, file: string): Family {
   return f;
 }
 
-/** Load config and host weights. */
-export function loadHostModel(p: string): HostModel {
-  const files = resolveModelFiles(p);
+/** Load config and host weights. `check` runs on the config before any weight is read. */
+export function loadHostModel(p: string, check?: (c: ModelConfig, source: string) => void): HostModel {
+  const files = resolveModelFiles(resolveModelPath(p));
   if (files.format === "gguf") {
     const g = readGguf(files.weights);
     const arch = g.metadata.get("general.architecture");
@@ -109,10 +110,10 @@ export function loadHostModel(p: string): HostModel {
     const family = pickFamily("gguf", arch, files.weights);
     if (!family.fromGguf || !family.gguf) throw new UnsupportedArchitectureError(files.weights, `family ${family.id} has no GGUF mapping`);
     const config = withConfigErrors(files.weights, () => family.fromGguf!(g));
+    check?.(config, files.weights);
     const dtypes = new Set([...g.tensors.values()].map((t) => String(t.type)));
     const weights = mapWeights(config, family.gguf, [], family.ggufIgnore, new Set(g.tensors.keys()), files.weights, (n) => readGgufTensor(g, n));
     const typeNames = [...dtypes].map((t) => ({ "0": "F32", "1": "F16", "30": "BF16" })[t] ?? `ggml${t}`);
-    void ggufOpt;
     return { family, config, weights, files, gguf: g, sourceDtype: typeNames.join("+") };
   }
   const hf = readJson(files.configJson!);
@@ -121,6 +122,7 @@ export function loadHostModel(p: string): HostModel {
   const family = pickFamily("hf", arch, files.configJson!);
   if (!family.fromHf || !family.safetensors) throw new UnsupportedArchitectureError(files.configJson!, `family ${family.id} has no safetensors mapping`);
   const config = withConfigErrors(files.configJson!, () => family.fromHf!(hf));
+  check?.(config, files.path);
   if (files.generationConfig) {
     const gen = readJson(files.generationConfig);
     const eos = gen.eos_token_id;

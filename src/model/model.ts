@@ -9,6 +9,7 @@ import { initDevice, type DeviceInfo, type DeviceName } from "../runtime/device.
 import type { ModelConfig } from "./config.js";
 import { Engine, type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type Row } from "./engine.js";
 import { loadHostModel, type HostModel, type ModelFiles } from "./load.js";
+import { checkFits } from "./memory.js";
 
 export interface LoadOptions {
   device?: DeviceName;
@@ -32,7 +33,7 @@ export class Model {
 
   static async load(path: string, opts: LoadOptions = {}): Promise<Model> {
     const device = await initDevice(opts.device ?? "wasm");
-    const host = loadHostModel(path);
+    const host = loadHostModel(path, (c, source) => checkFits(c, device.name, source));
     const { tokenizer, chatTemplate } = tokenizerOf(host);
     const max = Math.min(opts.maxBindingBytes ?? Infinity, device.maxBindingBytes);
     const engine = new Engine(host, { maxBindingBytes: max });

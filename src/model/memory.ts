@@ -1,0 +1,46 @@
+// Memory needed to run a model, estimated from its config before any weight is read, so a model
+// that cannot fit is refused with a clear message instead of crashing mid-load.
+import { SelfscopeError } from "../core/errors.js";
+import type { DeviceName } from "../runtime/device.js";
+import { expectedParams, type ModelConfig } from "./config.js";
+
+/** jax-js' Wasm backend keeps every array in one wasm32 memory: 4 GiB, minus headroom for activations. */
+export const WASM_HEAP_BYTES = 4 * 1024 ** 3;
+const WASM_USABLE = 3.5 * 1024 ** 3;
+
+export interface MemoryEstimate {
+  params: number;
+  /** Device bytes for weights (f32; the token embedding stays on the host unless tied). */
+  weightBytes: number;
+  /** KV cache bytes for one row at full context `nCtxUsed`. */
+  kvBytesPerRow: (nCtxUsed: number) => number;
+  hostBytes: number;
+}
+
+export function estimateMemory(c: ModelConfig): MemoryEstimate {
+  let params = 0;
+  let device = 0;
+  for (const [name, shape] of expectedParams(c)) {
+    const n = shape.reduce((a, b) => a * b, 1);
+    params += n;
+    if (name !== "embed.weight" && name !== "posEmbed.weight") device += n * 4;
+  }
+  if (c.tieEmbeddings) device += c.dVocab * c.dModel * 4;
+  const host = (c.dVocab * c.dModel + (c.pos.kind === "learned" ? c.nCtx * c.dModel : 0)) * 4;
+  return { params, weightBytes: device, hostBytes: host, kvBytesPerRow: (t) => 2 * c.nLayers * t * c.nKvHeads * c.dHead * 4 };
+}
+
+const gib = (b: number) => `${(b / 1024 ** 3).toFixed(2)} GiB`;
+
+/** Throw before loading when the weights cannot fit the device. */
+export function checkFits(c: ModelConfig, device: DeviceName, source: string): MemoryEstimate {
+  const e = estimateMemory(c);
+  if (device === "wasm" && e.weightBytes > WASM_USABLE) {
+    throw new SelfscopeError(
+      `${source}: ${(e.params / 1e9).toFixed(2)}B parameters need ${gib(e.weightBytes)} as f32 on the wasm backend, ` +
+        `whose arrays share one 4 GiB wasm32 memory (about ${gib(WASM_USABLE)} usable for weights). ` +
+        `Run it with --device webgpu, or pick a model under ~0.8B parameters for CPU.`,
+    );
+  }
+  return e;
+}
