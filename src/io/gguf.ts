@@ -4,6 +4,7 @@
 import fs from "node:fs";
 import { ModelFileError } from "../core/errors.js";
 import { ByteReader, bf16BytesToF32, f16BytesToF32, f32BytesToF32 } from "./binary.js";
+import { canDequantize, dequantize } from "./gguf-quants.js";
 
 export enum GgufValueType {
   UINT8 = 0,
@@ -245,6 +246,7 @@ export function readGgufTensor(f: GgufFile, name: string): { data: Float32Array;
     case GgmlType.BF16:
       return { data: bf16BytesToF32(bytes), shape };
     default:
+      if (canDequantize(t.type)) return { data: dequantize(t.type, bytes, t.ne.reduce((a, b) => a * b, 1), f.path), shape };
       throw new ModelFileError(f.path, `tensor ${name} is ${GgmlType[t.type]}, which this build cannot dequantize`, "convert the model to F32/F16");
   }
 }

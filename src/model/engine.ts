@@ -24,28 +24,29 @@ export type PrefixCounter = (textBefore: string) => number;
 
 /** Activations read during a run: per hook, per row, row-major [positions, ...feature]. */
 export class ActivationCache {
-  readonly entries = new Map<HookName, { featShape: number[]; rows: Float32Array[] }>();
+  /** Feature shapes are per row: attention patterns are [nHeads, T_b] for a ragged batch. */
+  readonly entries = new Map<HookName, { data: Float32Array; featShape: number[] }[]>();
   get(name: HookName, row = 0): { data: Float32Array; shape: number[] } {
     const e = this.entries.get(name);
     if (!e) throw new UsageError(`activation ${name} was not read in this run; add { op: "read", at: "${name}" } to the plan`);
-    const data = e.rows[row];
-    if (!data) throw new UsageError(`activation ${name}: no row ${row}`);
-    const f = e.featShape.reduce((a, b) => a * b, 1);
-    return { data, shape: [data.length / f, ...e.featShape] };
+    const r = e[row];
+    if (!r) throw new UsageError(`activation ${name}: no row ${row}`);
+    const f = r.featShape.reduce((a, b) => a * b, 1);
+    return { data: r.data, shape: [r.data.length / f, ...r.featShape] };
   }
   append(name: HookName, featShape: number[], row: number, data: Float32Array): void {
     let e = this.entries.get(name);
     if (!e) {
-      e = { featShape, rows: [] };
+      e = [];
       this.entries.set(name, e);
     }
-    const prev = e.rows[row];
-    if (!prev) e.rows[row] = data;
+    const prev = e[row];
+    if (!prev) e[row] = { data, featShape };
     else {
-      const cat = new Float32Array(prev.length + data.length);
-      cat.set(prev);
-      cat.set(data, prev.length);
-      e.rows[row] = cat;
+      const cat = new Float32Array(prev.data.length + data.length);
+      cat.set(prev.data);
+      cat.set(data, prev.data.length);
+      e[row] = { data: cat, featShape };
     }
   }
 }
@@ -420,8 +421,8 @@ export class Engine {
         // [B,H,T,T] (full calls only) -> per row [T_b, H, T_b] without padding slots.
         const [, H] = shape as [number, number];
         for (let b = 0; b < B; b++) {
-          const first = T - (T - ctx.pos.subarray(b * T, (b + 1) * T).filter((p) => p >= 0).length);
-          const n = T - first;
+          const n = ctx.pos.subarray(b * T, (b + 1) * T).filter((p) => p >= 0).length;
+          const first = T - n;
           const out = new Float32Array(n * H * n);
           for (let t = 0; t < n; t++)
             for (let h = 0; h < H; h++)

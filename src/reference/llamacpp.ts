@@ -1,10 +1,16 @@
-// llama.cpp as a parity oracle (through node-llama-cpp's prebuilt CPU binaries): raw logits after
-// every position, and greedy continuations. Backs the tests and `selfscope check --model X.gguf`.
+// llama.cpp as a parity oracle (through node-llama-cpp's prebuilt CPU binaries): next-token
+// logits after every position, and greedy continuations. Backs the tests and
+// `selfscope check --model X.gguf`.
 //
 // node-llama-cpp is an optional dependency, imported only when a function here is called, so the
 // package works without it. Settings that matter for parity (engine-study "llama.cpp parity"):
 // F32 KV cache (the default F16 cache alone is off by ~2e-2), no flash attention, CPU only, and
 // never build or download anything.
+//
+// Raw logits need node-llama-cpp >= 3.22 (`generateNext.logits`). Older 3.x only exposes
+// probabilities, softmax'ed in float32; from those this returns log-probabilities, renormalised in
+// float64 (which cancels the float32 sum's rounding), good to ~1e-6. They equal the raw logits up
+// to one constant per position (its logsumexp), so compare log-softmax rows in that case.
 import os from "node:os";
 import { UsageError } from "../core/errors.js";
 
@@ -25,12 +31,20 @@ export interface LlamaCppOptions {
 }
 
 export interface LlamaCppLogits {
-  /** Row-major [T, vocab]: row t holds the next-token logits after ids[0..t]. */
+  /**
+   * Row-major [T, vocab]: row t scores the token after ids[0..t]. Raw logits when kind is
+   * "logits"; log-probabilities (logits minus the row's logsumexp) when kind is "logprobs", where
+   * a probability that underflowed float32 (logit ~100 below the row max) is -Infinity.
+   */
   logits: Float32Array;
   vocab: number;
-  /** llama.cpp release, build and settings, for reports. */
+  kind: "logits" | "logprobs";
+  /** node-llama-cpp and llama.cpp versions and the settings used, for reports. */
   info: string;
 }
+
+/** The first node-llama-cpp version whose controlledEvaluate returns raw logits. */
+const RAW_LOGITS_SINCE = [3, 22, 0] as const;
 
 async function importNodeLlamaCpp(): Promise<NodeLlamaCpp> {
   try {
@@ -45,19 +59,36 @@ async function importNodeLlamaCpp(): Promise<NodeLlamaCpp> {
   }
 }
 
+function versionAtLeast(version: string, min: readonly number[]): boolean {
+  const v = version.split(/[.+-]/).slice(0, min.length).map(Number);
+  for (let i = 0; i < min.length; i++) {
+    const a = v[i] ?? 0;
+    if (Number.isNaN(a)) return false;
+    if (a !== min[i]) return a > min[i]!;
+  }
+  return true;
+}
+
+interface Session {
+  lib: NodeLlamaCpp;
+  version: string;
+  model: LlamaModel;
+  context: LlamaContext;
+  info: string;
+}
+
 /** Loads llama.cpp (CPU prebuilt only) and the model, runs fn, and disposes everything. */
-async function withModel<R>(
-  modelPath: string,
-  contextSize: number,
-  opts: LlamaCppOptions,
-  fn: (m: { lib: NodeLlamaCpp; llama: Llama; model: LlamaModel; context: LlamaContext; info: string }) => Promise<R>,
-): Promise<R> {
+async function withModel<R>(modelPath: string, contextSize: number, opts: LlamaCppOptions, fn: (s: Session) => Promise<R>): Promise<R> {
   const threads = opts.threads ?? os.availableParallelism();
   if (!Number.isInteger(threads) || threads < 1) throw new UsageError(`llama.cpp threads = ${threads} is not a positive integer`);
   const lib = await importNodeLlamaCpp();
-  const quiet = (level: import("node-llama-cpp").LlamaLogLevel, message: string): void => {
-    // Only problems, and on stderr: stdout may carry a command's machine-readable output.
-    if (level === lib.LlamaLogLevel.error || level === lib.LlamaLogLevel.fatal || level === lib.LlamaLogLevel.warn) {
+  const version = await lib.getModuleVersion();
+  // llama.cpp logs to stderr only, and only errors unless SELFSCOPE_DEBUG is set: stdout may carry
+  // a command's machine-readable output, and warnings such as "bad special token" are noise here.
+  const verbose = !!process.env.SELFSCOPE_DEBUG;
+  const logLevel = verbose ? lib.LlamaLogLevel.warn : lib.LlamaLogLevel.error;
+  const logger = (level: import("node-llama-cpp").LlamaLogLevel, message: string): void => {
+    if (level === lib.LlamaLogLevel.error || level === lib.LlamaLogLevel.fatal || (verbose && level === lib.LlamaLogLevel.warn)) {
       process.stderr.write(`[llama.cpp ${level}] ${message.endsWith("\n") ? message : message + "\n"}`);
     }
   };
@@ -69,13 +100,13 @@ async function withModel<R>(
       usePrebuiltBinaries: true,
       skipDownload: true,
       progressLogs: false,
-      logLevel: lib.LlamaLogLevel.warn,
-      logger: quiet,
+      logLevel,
+      logger,
       maxThreads: threads,
     });
   } catch (e) {
     throw new UsageError(
-      `node-llama-cpp could not load its prebuilt CPU binary (${e instanceof Error ? e.message : String(e)}); ` +
+      `node-llama-cpp ${version} could not load its prebuilt CPU binary (${e instanceof Error ? e.message : String(e)}); ` +
         "selfscope never builds or downloads llama.cpp: reinstall node-llama-cpp so that its platform package (e.g. @node-llama-cpp/linux-x64) is present",
       { cause: e },
     );
@@ -88,16 +119,16 @@ async function withModel<R>(
       contextSize,
       batchSize: contextSize,
       sequences: 1,
+      threads,
       flashAttention: false,
       experimentalKvCacheKeyType: "F32",
       experimentalKvCacheValueType: "F32",
-      threads,
     });
     const rel = llama.llamaCppRelease;
     const info =
-      `llama.cpp ${rel.release} (${llama.buildType} ${rel.repo}), cpu, ${context.currentThreads} threads, ` +
+      `node-llama-cpp ${version}, llama.cpp ${rel.release} (${llama.buildType} ${rel.repo}), cpu, ${context.currentThreads} threads, ` +
       `KV cache F32, flash attention off, context ${context.contextSize}, batch ${context.batchSize}`;
-    return await fn({ lib, llama, model, context, info });
+    return await fn({ lib, version, model, context, info });
   } finally {
     await context?.dispose();
     await model?.dispose();
@@ -112,58 +143,76 @@ function checkIds(ids: readonly number[], what: string): void {
   }
 }
 
-/** The vocabulary size llama.cpp reports through the GGUF metadata (undefined if the file has no vocab). */
+/** The vocabulary size in the GGUF metadata (undefined if the file has none). */
 function metadataVocab(model: LlamaModel): number | undefined {
   const n = (model.fileInfo.metadata as { tokenizer?: { ggml?: { tokens?: readonly unknown[] } } }).tokenizer?.ggml?.tokens?.length;
   return typeof n === "number" ? n : undefined;
 }
 
+/** What controlledEvaluate returns per position, in either node-llama-cpp version. */
+interface NextOut {
+  next?: { logits?: Map<number, number>; probabilities?: Map<number, number>; token?: number | null };
+}
+
 /**
- * Raw next-token logits from llama.cpp after every position of `ids` (one sequence, one batch).
- * node-llama-cpp returns each position as a Map token -> logit (sorted by logit); this checks that
+ * Next-token scores from llama.cpp after every position of `ids` (one sequence, one batch).
+ * node-llama-cpp returns each position as a Map token -> value (sorted by value); this checks that
  * every map holds exactly the tokens 0..vocab-1 and packs them densely.
  */
 export async function llamaCppLogits(modelPath: string, ids: number[], opts: LlamaCppOptions = {}): Promise<LlamaCppLogits> {
   checkIds(ids, "llamaCppLogits");
   const T = ids.length;
-  return withModel(modelPath, T, opts, async ({ model, context, info }) => {
+  return withModel(modelPath, T, opts, async ({ version, model, context, info }) => {
+    const raw = versionAtLeast(version, RAW_LOGITS_SINCE);
+    const kind = raw ? "logits" : "logprobs";
     const seq = context.getSequence();
     try {
-      // temperature 0 (the default) puts only llama.cpp's greedy sampler in the chain, which does
-      // not alter the candidates, so the returned logits are llama_get_logits_ith() verbatim.
-      const input: EvalItem[] = ids.map((t) => [t as Token, { generateNext: { logits: true, options: { temperature: 0 } } }]);
-      const res = await seq.controlledEvaluate(input);
-      const first = res[0]?.next.logits;
-      if (!first) throw new Error("llama.cpp returned no logits for position 0");
-      const vocab = first.size;
+      // temperature 0 (the default) puts only llama.cpp's greedy sampler in the chain; it picks a
+      // token without altering the candidates, which are llama_get_logits_ith() for the full vocab.
+      const generateNext = raw ? { logits: true, options: { temperature: 0 } } : { probabilities: true, options: { temperature: 0 } };
+      const input = ids.map((t) => [t as Token, { generateNext }] as unknown as EvalItem);
+      const res = (await seq.controlledEvaluate(input)) as (NextOut | undefined)[];
+      const maps = res.map((r) => (raw ? r?.next?.logits : r?.next?.probabilities));
+      const what = raw ? "logits" : "probabilities";
+      const vocab = maps[0]?.size ?? 0;
+      if (vocab === 0) throw new Error(`llama.cpp returned no ${what} for position 0 (node-llama-cpp ${version})`);
       const meta = metadataVocab(model);
       if (meta !== undefined && meta !== vocab) {
-        throw new Error(`llama.cpp returned ${vocab} logits per position but the GGUF vocabulary has ${meta} tokens`);
+        throw new Error(`llama.cpp returned ${vocab} ${what} per position but the GGUF vocabulary has ${meta} tokens`);
       }
       const out = new Float32Array(T * vocab).fill(NaN);
       for (let t = 0; t < T; t++) {
-        const m = res[t]?.next.logits;
-        if (!m) throw new Error(`llama.cpp returned no logits for position ${t}`);
-        if (m.size !== vocab) throw new Error(`llama.cpp returned ${m.size} logits at position ${t}, expected ${vocab}`);
-        const row = out.subarray(t * vocab, (t + 1) * vocab);
+        const m = maps[t];
+        if (!m) throw new Error(`llama.cpp returned no ${what} for position ${t}`);
+        if (m.size !== vocab) throw new Error(`llama.cpp returned ${m.size} ${what} at position ${t}, expected ${vocab}`);
+        const row = new Float64Array(vocab).fill(NaN);
         for (const [tok, v] of m) {
-          if (!Number.isInteger(tok) || tok < 0 || tok >= vocab) throw new Error(`llama.cpp returned a logit for token ${tok} outside [0, ${vocab}) at position ${t}`);
+          if (!Number.isInteger(tok) || tok < 0 || tok >= vocab) throw new Error(`llama.cpp returned a value for token ${tok} outside [0, ${vocab}) at position ${t}`);
           if (!Number.isNaN(row[tok]!)) throw new Error(`llama.cpp returned token ${tok} twice at position ${t}`);
           if (Number.isNaN(v)) throw new Error(`llama.cpp returned NaN for token ${tok} at position ${t}`);
           row[tok] = v;
         }
+        // size === vocab and the keys are distinct and in range, so every slot is set; check anyway.
+        const hole = row.findIndex((v) => Number.isNaN(v));
+        if (hole >= 0) throw new Error(`llama.cpp ${what} incomplete: position ${t}, token ${hole} missing`);
+        if (!raw) {
+          // p = fl(fl(exp(l - max)) / fl(sum)): dividing by the float64 sum of the p's removes the
+          // float32 sum's rounding, leaving ~1 ulp per entry.
+          let s = 0;
+          for (let i = 0; i < vocab; i++) s += row[i]!;
+          const logS = Math.log(s);
+          for (let i = 0; i < vocab; i++) row[i] = Math.log(row[i]!) - logS;
+        }
+        out.set(row, t * vocab);
       }
-      // size === vocab, all keys distinct and in range, so every slot was written; check anyway.
-      const hole = out.findIndex((v) => Number.isNaN(v));
-      if (hole >= 0) throw new Error(`llama.cpp logits incomplete: position ${Math.floor(hole / vocab)}, token ${hole % vocab} missing`);
-      return { logits: out, vocab, info };
+      return { logits: out, vocab, kind, info };
     } finally {
       seq.dispose();
     }
   });
 }
 
-/** n greedy (argmax) tokens after `ids`, chosen by llama.cpp's own greedy sampler with its KV cache. */
+/** n greedy (argmax) tokens after `ids`, chosen by llama.cpp's own greedy sampler, with its KV cache. */
 export async function llamaCppGreedy(modelPath: string, ids: number[], n: number, opts: LlamaCppOptions = {}): Promise<number[]> {
   checkIds(ids, "llamaCppGreedy");
   if (!Number.isInteger(n) || n < 0) throw new UsageError(`llamaCppGreedy: n = ${n} is not a non-negative integer`);

@@ -1,0 +1,61 @@
+// The sweep plan: a pure function of the config, so a resumed run re-derives exactly the same
+// trials and skips the ones whose ids are already in the log.
+import { createHash } from "node:crypto";
+import type { InjectConfig, TrialKind } from "../log/schema.js";
+import { readData } from "./protocol.js";
+
+export interface PlannedTrial {
+  id: string;
+  kind: TrialKind;
+  concept: string | null;
+  layer: number;
+  strength: number;
+  variant: string;
+  trialNumber: number;
+  sample: number;
+  question?: string;
+  /** Per-trial sampling seed (independent of batch composition). */
+  seed: number;
+}
+
+export function yesBiasQuestions(): string[] {
+  return readData<{ exp1_injected_thoughts: { bias_control_questions_answer_no: string[] } }>("protocol/lindsey_2025.json").exp1_injected_thoughts.bias_control_questions_answer_no;
+}
+
+function seedOf(runSeed: number, id: string): number {
+  return createHash("sha256").update(`${runSeed}|${id}`).digest().readUInt32LE(0);
+}
+
+/**
+ * Order: per variant and layer (so consecutive batches share one jit trace), injection, forced and
+ * yes-bias trials per concept, then controls. Controls carry the config's layer/strength for
+ * bookkeeping only: they run without any hook.
+ */
+export function planTrials(c: InjectConfig): PlannedTrial[] {
+  const out: PlannedTrial[] = [];
+  const questions = c.yesBiasPerConcept > 0 ? yesBiasQuestions() : [];
+  const add = (t: Omit<PlannedTrial, "id" | "seed">) => {
+    const id = [t.kind, t.variant, `L${t.layer}`, `s${t.strength}`, t.concept ?? "-", `n${t.trialNumber}`, `#${t.sample}`].join("|");
+    out.push({ ...t, id, seed: seedOf(c.seed, id) });
+  };
+  for (const variant of c.variants)
+    for (const layer of c.layers)
+      for (const strength of c.strengths) {
+        for (const concept of c.concepts) {
+          for (let i = 0; i < c.trialsPerConcept; i++) {
+            const n = (i % c.maxTrialNumber) + 1;
+            const sample = Math.floor(i / c.maxTrialNumber);
+            add({ kind: "injection", concept, layer, strength, variant, trialNumber: n, sample });
+            if (c.forced) add({ kind: "forced", concept, layer, strength, variant, trialNumber: n, sample });
+          }
+          for (let i = 0; i < c.yesBiasPerConcept; i++) {
+            const q = questions[i % questions.length]!;
+            add({ kind: "yesbias", concept, layer, strength, variant, trialNumber: (i % c.maxTrialNumber) + 1, sample: i, question: q });
+          }
+        }
+        for (let i = 0; i < c.controlsPerConfig; i++) {
+          add({ kind: "control", concept: null, layer, strength, variant, trialNumber: (i % c.maxTrialNumber) + 1, sample: Math.floor(i / c.maxTrialNumber) });
+        }
+      }
+  return out;
+}

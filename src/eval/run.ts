@@ -1,0 +1,189 @@
+// The sweep runner: generates every planned trial in batches whose rows carry different
+// interventions, appends one record per trial, judges each batch, and on resume completes exactly
+// the trials the log lacks (each planned trial is recorded once).
+import { UsageError } from "../core/errors.js";
+import { hookName } from "../hooks/names.js";
+import type { Intervention } from "../hooks/plan.js";
+import type { Judge, JudgeRequest } from "../judge/judge.js";
+import type { RunData } from "../log/read.js";
+import type { Criterion, InjectConfig, JudgmentRecord, TrialRecord } from "../log/schema.js";
+import type { RunLogWriter } from "../log/write.js";
+import type { Model } from "../model/model.js";
+import { conceptVectors } from "../vectors/extract.js";
+import { planTrials, type PlannedTrial } from "./plan.js";
+import { FORCED_PREFILL, firstResponse, getVariant, renderTrial } from "./protocol.js";
+
+export interface RunOptions {
+  judges: Judge[];
+  /** Concept-vector cache directory (null = do not cache). */
+  vectorCache?: string | null;
+  progress?: (done: number, total: number, phase: string) => void;
+}
+
+/** Degenerate outputs are flagged in the log instead of being judged as if they were answers. */
+export function degenerateFlags(text: string, tokens: number[]): string[] {
+  const flags: string[] = [];
+  if (text.trim() === "") flags.push("empty");
+  if (tokens.length >= 8) {
+    let run = 1;
+    let best = 1;
+    for (let i = 1; i < tokens.length; i++) {
+      run = tokens[i] === tokens[i - 1] ? run + 1 : 1;
+      best = Math.max(best, run);
+    }
+    const counts = new Map<number, number>();
+    for (const t of tokens) counts.set(t, (counts.get(t) ?? 0) + 1);
+    const top = Math.max(...counts.values());
+    if (best >= 8 || top / tokens.length > 0.6) flags.push("repeated-token");
+  }
+  return flags;
+}
+
+/** Which judgments a trial needs, given the detection verdict (identification only after YES). */
+function criteriaFor(t: TrialRecord, detection: "YES" | "NO" | null | undefined): Criterion[] {
+  switch (t.kind) {
+    case "injection":
+      return detection === "YES" ? ["detection", "identification"] : ["detection"];
+    case "control":
+      return ["detection"];
+    case "forced":
+      return ["forced_identification"];
+    case "yesbias":
+      return ["yes_answer"];
+  }
+}
+
+/** Run (or finish) a sweep into `log`. `prior` holds what an earlier run already recorded. */
+export async function runSweep(model: Model, config: InjectConfig, log: RunLogWriter, prior: RunData | null, opts: RunOptions): Promise<{ generated: number; judged: number }> {
+  const plan = planTrials(config);
+  const done = new Set(prior?.trials.map((t) => t.id) ?? []);
+  const todo = plan.filter((t) => !done.has(t.id));
+  for (const v of config.variants) getVariant(v);
+  for (const l of config.layers) if (l < 0 || l >= model.config.nLayers) throw new UsageError(`layer ${l} is outside 0..${model.config.nLayers - 1}`);
+
+  const needVectors = todo.some((t) => t.kind !== "control");
+  const vectors = needVectors
+    ? (await conceptVectors(model, { concepts: config.concepts, baselineWords: config.baselineWords, layers: config.layers, recipe: config.vectorRecipe, cacheDir: opts.vectorCache ?? undefined, batchSize: config.batchSize })).vectors
+    : new Map<number, Map<string, Float32Array>>();
+
+  const trials: TrialRecord[] = [...(prior?.trials ?? [])];
+  let judged = 0;
+  // First judge what an interrupted run generated but did not judge.
+  judged += await judgeTrials(trials, prior?.judgments ?? [], log, opts.judges);
+
+  const total = plan.length;
+  let completed = total - todo.length;
+  opts.progress?.(completed, total, "generate");
+  for (let i = 0; i < todo.length; i += config.batchSize) {
+    const batch = todo.slice(i, i + config.batchSize);
+    const t0 = performance.now();
+    const rows = batch.map((t) => trialPrompt(model, t));
+    const plan_: Intervention[] = [];
+    batch.forEach((t, b) => {
+      if (t.kind === "control") return;
+      const vector = vectors.get(t.layer)?.get(t.concept!);
+      if (!vector) throw new UsageError(`no concept vector for ${t.concept} at layer ${t.layer}`);
+      plan_.push({ op: "add", at: hookName(t.layer, "hook_resid_post"), vector, scale: t.strength, pos: { from: rows[b]!.injectFrom }, rows: [b] });
+    });
+    const g = config.generation;
+    const res = await model.generate(
+      rows.map((r) => ({ ids: r.ids })),
+      {
+        maxTokens: g.maxTokens,
+        temperature: g.temperature,
+        ...(g.topK !== undefined ? { topK: g.topK } : {}),
+        ...(g.topP !== undefined ? { topP: g.topP } : {}),
+        seed: batch.map((t) => t.seed),
+        plan: plan_,
+      },
+    );
+    const ms = (performance.now() - t0) / batch.length;
+    const records: TrialRecord[] = batch.map((t, b) => {
+      const r = rows[b]!;
+      const variant = getVariant(t.variant);
+      let out = res.texts[b] ?? "";
+      if (variant.format === "raw" || !model.chatTemplate) out = firstResponse(out);
+      out = out.replace(/^model\n/, "").trim();
+      return {
+        type: "trial",
+        id: t.id,
+        kind: t.kind,
+        concept: t.concept,
+        layer: t.layer,
+        strength: t.strength,
+        variant: t.variant,
+        trialNumber: t.trialNumber,
+        sample: t.sample,
+        ...(t.question ? { question: t.question } : {}),
+        injected: t.kind === "control" ? null : { from: r.injectFrom, to: null, promptTokens: r.ids.length },
+        prompt: r.text,
+        judgePrompt: r.question,
+        prefill: t.kind === "forced" ? FORCED_PREFILL : null,
+        output: out,
+        outputTokens: res.tokens[b]!.length,
+        stopReason: res.stopReason[b]!,
+        flags: degenerateFlags(out, res.tokens[b]!),
+        seed: t.seed,
+        ms: Math.round(ms),
+      };
+    });
+    for (const rec of records) log.append(rec);
+    log.sync();
+    trials.push(...records);
+    completed += batch.length;
+    opts.progress?.(completed, total, "generate");
+    judged += await judgeTrials(records, [], log, opts.judges);
+  }
+  return { generated: todo.length, judged };
+}
+
+function trialPrompt(model: Model, t: PlannedTrial) {
+  const v = getVariant(t.variant);
+  return renderTrial(model, v, t.trialNumber, { ...(t.question ? { question: t.question } : {}), prefill: t.kind === "forced" ? FORCED_PREFILL : null, concept: t.concept });
+}
+
+/**
+ * Judge trials for every judge and criterion still missing; appends one record per judgment.
+ * Identification is asked only after a YES detection (protocol §3.2).
+ */
+export async function judgeTrials(trials: TrialRecord[], existing: JudgmentRecord[], log: RunLogWriter, judges: Judge[]): Promise<number> {
+  let n = 0;
+  const have = new Map<string, JudgmentRecord>();
+  for (const j of existing) have.set(`${j.trialId}|${j.judge}|${j.criterion}`, j);
+  for (const judge of judges) {
+    // Two rounds: detection (and the kinds judged once), then identification after YES.
+    for (let round = 0; round < 2; round++) {
+      const reqs: { t: TrialRecord; req: JudgeRequest }[] = [];
+      for (const t of trials) {
+        const det = have.get(`${t.id}|${judge.name}|detection`)?.verdict;
+        for (const c of criteriaFor(t, det)) {
+          if ((round === 0) !== (c !== "identification")) continue;
+          if (have.has(`${t.id}|${judge.name}|${c}`)) continue;
+          reqs.push({ t, req: { criterion: c, question: t.judgePrompt, response: t.output, word: t.concept } });
+        }
+      }
+      if (reqs.length === 0) continue;
+      const results = await judge.judge(reqs.map((r) => r.req));
+      reqs.forEach(({ t, req }, i) => {
+        const r = results[i]!;
+        const rec: JudgmentRecord = {
+          type: "judgment",
+          trialId: t.id,
+          judge: judge.name,
+          criterion: req.criterion,
+          verdict: r.verdict,
+          raw: r.raw,
+          error: r.error,
+          approximate: r.approximate,
+          attempts: r.attempts,
+          ms: Math.round(r.ms),
+        };
+        log.append(rec);
+        have.set(`${t.id}|${judge.name}|${req.criterion}`, rec);
+        n++;
+      });
+      log.sync();
+    }
+  }
+  return n;
+}

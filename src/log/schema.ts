@@ -1,0 +1,130 @@
+// The run log: the single contract between the sweep runner, judges, metrics, reports and the
+// viewer. A run directory holds `log.jsonl`: one header line, then appended records (trials and
+// judgments), each one JSON object per line. Append-only, so a crash loses at most the record
+// being written; a torn last line is detected and discarded on read. See docs/log-format.md.
+//
+// Bump LOG_VERSION when a field changes meaning, and keep a reader test on an old fixture log.
+
+export const LOG_SCHEMA = "selfscope.run";
+export const LOG_VERSION = 1;
+
+export type TrialKind =
+  /** concept vector injected, model asked whether it detects a thought */
+  | "injection"
+  /** same prompt, no injection */
+  | "control"
+  /** injected, with the assistant turn prefilled "Yes, I detect an injected thought. The thought is about" */
+  | "forced"
+  /** injected, asked an unrelated yes/no question whose true answer is no (Lindsey's yes-bias control) */
+  | "yesbias";
+
+/** Everything needed to redo a run, recorded verbatim in the header. */
+export interface InjectConfig {
+  preset: string | null;
+  /** Resolved absolute layers (0-based; the injected hook is blocks.{L}.hook_resid_post). */
+  layers: number[];
+  strengths: number[];
+  concepts: string[];
+  baselineWords: string[];
+  /** Prompt-framing / persona variants by name ("original" is the protocol's main prompt). */
+  variants: string[];
+  /** Trial numbers n in "Trial n: ..." cycle through 1..maxTrialNumber (protocol: 10). */
+  maxTrialNumber: number;
+  /** Injection trials per (concept, layer, strength, variant); trial i asks "Trial (i mod max)+1". Protocol: 100. */
+  trialsPerConcept: number;
+  /** Control trials per (layer, strength, variant) — global, not per concept. Protocol: 500. */
+  controlsPerConfig: number;
+  /** Also run forced-identification trials (same count as injection trials). */
+  forced: boolean;
+  /** Yes-bias control questions per (concept, layer, strength, variant). 0 = off. */
+  yesBiasPerConcept: number;
+  generation: { maxTokens: number; temperature: number; topK?: number; topP?: number };
+  seed: number;
+  batchSize: number;
+  /** Judge specs, e.g. "rule", "openai:gpt-4.1-mini", "anthropic:claude-sonnet-4", "local:PATH". */
+  judges: string[];
+  vectorRecipe: VectorRecipe;
+}
+
+export interface VectorRecipe {
+  method: "baseline-mean" | "simple" | "raw";
+  /** "chat": the template as a user message through the chat template (protocol); "raw": plain text (Lindsey). */
+  format: "chat" | "raw";
+  userTemplate: string;
+  /** Token index within the rendered prompt (-1 = last). */
+  tokenIndex: number;
+}
+
+export interface RunHeader {
+  type: "header";
+  schema: typeof LOG_SCHEMA;
+  version: number;
+  createdAt: string;
+  tool: { name: "selfscope"; version: string };
+  model: { path: string; hash: string; family: string; nLayers: number; dModel: number; dtype: string; chatTemplate: boolean };
+  backend: { device: string; adapter: string };
+  config: InjectConfig;
+  /** Number of planned trials (the plan itself is a pure function of config). */
+  plannedTrials: number;
+  command: string[];
+}
+
+export interface TrialRecord {
+  type: "trial";
+  /** Deterministic key of the planned trial; resume uses it to skip completed trials. */
+  id: string;
+  kind: TrialKind;
+  concept: string | null;
+  layer: number | null;
+  strength: number | null;
+  variant: string;
+  trialNumber: number;
+  sample: number;
+  /** The yes/no question of a yesbias trial. */
+  question?: string;
+  /** Absolute token positions that received the vector: [from, to) with to = null meaning "through generation". */
+  injected: { from: number; to: number | null; promptTokens: number } | null;
+  /** Rendered prompt text (after the chat template), including any prefill. */
+  prompt: string;
+  /** What judges see as {prompt}: the trial question (02) or the whole prompt (persona/framing variants). */
+  judgePrompt: string;
+  prefill: string | null;
+  /** The model's continuation (after the prefill), decoded with special tokens removed. */
+  output: string;
+  outputTokens: number;
+  stopReason: "stop" | "length";
+  /** Degenerate outputs flagged rather than silently judged (empty, repeated token, non-finite). */
+  flags: string[];
+  seed: number;
+  ms: number;
+}
+
+export type Criterion = "detection" | "identification" | "forced_identification" | "yes_answer";
+
+export interface JudgmentRecord {
+  type: "judgment";
+  trialId: string;
+  judge: string;
+  criterion: Criterion;
+  /** null = unjudged (the judge failed or gave no verdict): never counted as NO. */
+  verdict: "YES" | "NO" | null;
+  /** The judge's own words (kept for audit), and why a verdict is missing. */
+  raw: string | null;
+  error: string | null;
+  /** Rule-based judges are approximate and say so. */
+  approximate: boolean;
+  attempts: number;
+  ms: number;
+}
+
+export type LogRecord = RunHeader | TrialRecord | JudgmentRecord;
+
+/** A proportion with its interval: what every metric in results.json looks like. */
+export interface Rate {
+  estimate: number | null;
+  lo: number | null;
+  hi: number | null;
+  n: number;
+  /** Trials whose needed judgment is missing (excluded from n). */
+  unjudged?: number;
+}

@@ -1,0 +1,164 @@
+// Interval estimates and tests for binomial rates (protocol §4.1): Wilson score intervals, a
+// percentile bootstrap that resamples whole concepts (trials of one concept are not independent),
+// and Fisher's exact one-sided test that the injection YES rate exceeds the control YES rate.
+import { Rng } from "../core/rng.js";
+import { UsageError } from "../core/errors.js";
+import type { Rate } from "../log/schema.js";
+
+function checkCounts(k: number, n: number, what: string): void {
+  if (!Number.isInteger(k) || !Number.isInteger(n) || n < 0 || k < 0 || k > n) {
+    throw new UsageError(`${what}: need integers 0 <= k <= n, got k=${k}, n=${n}`);
+  }
+}
+
+/**
+ * Wilson score interval for k successes in n trials (protocol §4.1):
+ * centre = (p + z²/2n)/(1 + z²/n), half-width = z·sqrt(p(1−p)/n + z²/4n²)/(1 + z²/n).
+ * n = 0 gives estimate/lo/hi null (no data is not a rate of 0).
+ */
+export function wilson(k: number, n: number, z = 1.96): Rate {
+  checkCounts(k, n, "wilson");
+  if (n === 0) return { estimate: null, lo: null, hi: null, n: 0 };
+  const p = k / n;
+  const z2 = z * z;
+  const denom = 1 + z2 / n;
+  const centre = (p + z2 / (2 * n)) / denom;
+  const half = (z * Math.sqrt((p * (1 - p)) / n + z2 / (4 * n * n))) / denom;
+  // The bounds are exactly 0 / 1 at k = 0 / k = n; clamp away rounding residue.
+  const lo = k === 0 ? 0 : Math.max(0, centre - half);
+  const hi = k === n ? 1 : Math.min(1, centre + half);
+  return { estimate: p, lo, hi, n };
+}
+
+export interface BinomialUnit {
+  k: number;
+  n: number;
+}
+
+/** Pooled rate Σk / Σn (null when Σn = 0): the default statistic of the clustered bootstrap. */
+export function pooledRate(units: readonly BinomialUnit[]): number | null {
+  let k = 0;
+  let n = 0;
+  for (const u of units) {
+    k += u.k;
+    n += u.n;
+  }
+  return n === 0 ? null : k / n;
+}
+
+export interface BootstrapOptions {
+  /** Number of resamples (e.g. 2000). */
+  resamples: number;
+  seed: number;
+  /** Two-sided coverage of the percentile interval (default 0.95). */
+  level?: number;
+}
+
+export interface BootstrapResult {
+  /** The statistic on the original units. */
+  estimate: number | null;
+  lo: number | null;
+  hi: number | null;
+  /** Resamples whose statistic was defined (a resample of all-empty units gives null and is dropped). */
+  resamples: number;
+}
+
+/** Uniform integer in [0, m) without modulo bias. */
+function randInt(rng: Rng, m: number): number {
+  const limit = Math.floor(4294967296 / m) * m;
+  for (;;) {
+    const r = rng.nextU32();
+    if (r < limit) return r % m;
+  }
+}
+
+/** Quantile of sorted values with linear interpolation between order statistics (type 7). */
+export function quantileSorted(sorted: readonly number[], q: number): number {
+  if (sorted.length === 0) throw new UsageError("quantile of an empty sample");
+  const h = (sorted.length - 1) * q;
+  const i = Math.floor(h);
+  const a = sorted[i]!;
+  const b = sorted[Math.min(i + 1, sorted.length - 1)]!;
+  return a + (h - i) * (b - a);
+}
+
+/**
+ * Percentile bootstrap clustered by unit (one unit per concept): each resample draws
+ * `units.length` units with replacement and recomputes `stat` (default: pooled Σk/Σn).
+ * Deterministic for a given seed. Fewer than two units cannot express between-concept
+ * variability, so the interval is null then.
+ */
+export function clusteredBootstrap(
+  units: readonly BinomialUnit[],
+  stat: (units: readonly BinomialUnit[]) => number | null = pooledRate,
+  opts: BootstrapOptions,
+): BootstrapResult {
+  const { resamples, seed } = opts;
+  const level = opts.level ?? 0.95;
+  if (!Number.isInteger(resamples) || resamples < 1) throw new UsageError(`clusteredBootstrap: resamples must be a positive integer, got ${resamples}`);
+  if (!(level > 0 && level < 1)) throw new UsageError(`clusteredBootstrap: level must be in (0, 1), got ${level}`);
+  for (const u of units) checkCounts(u.k, u.n, "clusteredBootstrap unit");
+  const estimate = stat(units);
+  const m = units.length;
+  if (m < 2 || estimate === null) return { estimate, lo: null, hi: null, resamples: 0 };
+  const rng = new Rng(seed);
+  const sample: BinomialUnit[] = new Array<BinomialUnit>(m);
+  const values: number[] = [];
+  for (let b = 0; b < resamples; b++) {
+    for (let i = 0; i < m; i++) sample[i] = units[randInt(rng, m)]!;
+    const v = stat(sample);
+    if (v !== null && Number.isFinite(v)) values.push(v);
+  }
+  if (values.length === 0) return { estimate, lo: null, hi: null, resamples: 0 };
+  values.sort((x, y) => x - y);
+  const alpha = (1 - level) / 2;
+  return { estimate, lo: quantileSorted(values, alpha), hi: quantileSorted(values, 1 - alpha), resamples: values.length };
+}
+
+// ---- Fisher's exact test -------------------------------------------------------------------------
+
+const logFactCache: number[] = [0];
+
+/** ln(n!) from a cumulative table of ln(i) (exact to rounding for any n that fits in memory). */
+function logFactorial(n: number): number {
+  for (let i = logFactCache.length; i <= n; i++) logFactCache.push(logFactCache[i - 1]! + Math.log(i));
+  return logFactCache[n]!;
+}
+
+function logChoose(n: number, k: number): number {
+  return logFactorial(n) - logFactorial(k) - logFactorial(n - k);
+}
+
+/**
+ * Natural log of the one-sided Fisher exact p-value for H1: rate1 > rate2, from the 2×2 table
+ * (k1 YES of n1; k2 YES of n2). Under H0 with the margins fixed, the YES count of group 1 is
+ * hypergeometric; the p-value is P(X ≥ k1). Summed in log space, so it stays finite (as a log)
+ * when the p-value itself underflows a double (n in the thousands with a large effect).
+ */
+export function fisherOneSidedLog(k1: number, n1: number, k2: number, n2: number): number {
+  checkCounts(k1, n1, "fisher group 1");
+  checkCounts(k2, n2, "fisher group 2");
+  const N = n1 + n2;
+  const K = k1 + k2;
+  const hi = Math.min(K, n1);
+  const logTotal = logChoose(N, n1);
+  // log P(X = x) = ln C(K,x) + ln C(N−K, n1−x) − ln C(N, n1); x ranges over [max(0, n1−(N−K)), min(K, n1)].
+  const terms: number[] = [];
+  for (let x = k1; x <= hi; x++) terms.push(logChoose(K, x) + logChoose(N - K, n1 - x) - logTotal);
+  let max = -Infinity;
+  for (const t of terms) if (t > max) max = t;
+  if (max === -Infinity) return -Infinity;
+  let s = 0;
+  for (const t of terms) s += Math.exp(t - max);
+  return Math.min(0, max + Math.log(s));
+}
+
+/**
+ * One-sided Fisher exact test that the YES rate of group 1 (injection: k1 of n1) exceeds that of
+ * group 2 (control: k2 of n2); returns the p-value P(X ≥ k1). Throws if either group is empty
+ * (callers report null instead). Very small p-values underflow to 0: use fisherOneSidedLog.
+ */
+export function fisherOneSided(k1: number, n1: number, k2: number, n2: number): number {
+  if (n1 === 0 || n2 === 0) throw new UsageError(`fisherOneSided: both groups need trials (n1=${n1}, n2=${n2})`);
+  return Math.exp(fisherOneSidedLog(k1, n1, k2, n2));
+}

@@ -1,0 +1,119 @@
+// Concept vectors (protocol §1.1): the residual stream after block L at the last token of the
+// chat-formatted "Tell me about {word}", minus the mean of the same over baseline words.
+// Vectors are cached on disk with their recipe and the model's hash, and reused across runs.
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { createHash } from "node:crypto";
+import { UsageError } from "../core/errors.js";
+import { hookName } from "../hooks/names.js";
+import type { Plan } from "../hooks/plan.js";
+import type { VectorRecipe } from "../log/schema.js";
+import type { Model, Prompt } from "../model/model.js";
+
+/** The protocol's default recipe. */
+export const PROTOCOL_RECIPE: VectorRecipe = { method: "baseline-mean", format: "chat", userTemplate: "Tell me about {word}", tokenIndex: -1 };
+
+/** The concept prompt: chat-formatted when the model has a template, else the protocol's fallback. */
+export function conceptPrompt(model: Model, recipe: VectorRecipe, word: string): Prompt {
+  const user = recipe.userTemplate.replaceAll("{word}", word);
+  if (recipe.format === "raw") return user;
+  if (model.chatTemplate) return { messages: [{ role: "user", content: user }], addGenerationPrompt: true };
+  return `User: ${user}\n\nAssistant:`;
+}
+
+/** Activations at blocks.L.hook_resid_post, token `recipe.tokenIndex`, for each word and layer. */
+export async function activations(model: Model, words: string[], layers: number[], recipe: VectorRecipe, batchSize = 16): Promise<Map<number, Float32Array[]>> {
+  const D = model.config.dModel;
+  const out = new Map<number, Float32Array[]>(layers.map((l) => [l, []]));
+  const plan: Plan = layers.map((l) => ({ op: "read" as const, at: hookName(l, "hook_resid_post") }));
+  for (let i = 0; i < words.length; i += batchSize) {
+    const batch = words.slice(i, i + batchSize);
+    const { cache } = await model.forward(batch.map((w) => conceptPrompt(model, recipe, w)), { plan, logits: "none" });
+    batch.forEach((_, b) => {
+      for (const l of layers) {
+        const { data, shape } = cache.get(hookName(l, "hook_resid_post"), b);
+        const T = shape[0]!;
+        const t = recipe.tokenIndex < 0 ? T + recipe.tokenIndex : recipe.tokenIndex;
+        if (t < 0 || t >= T) throw new UsageError(`token index ${recipe.tokenIndex} is outside a ${T}-token concept prompt`);
+        out.get(l)!.push(data.slice(t * D, (t + 1) * D));
+      }
+    });
+  }
+  return out;
+}
+
+export interface VectorSet {
+  /** layer -> concept -> vector [dModel] */
+  vectors: Map<number, Map<string, Float32Array>>;
+  /** Where they were cached (null when caching is off). */
+  dir: string | null;
+  reused: number;
+  computed: number;
+}
+
+export function defaultVectorCache(): string {
+  return process.env.SELFSCOPE_CACHE ? path.join(process.env.SELFSCOPE_CACHE, "vectors") : path.join(os.homedir(), ".cache", "selfscope", "vectors");
+}
+
+/**
+ * Concept vectors for every (layer, concept), from the cache when present. The baseline mean is
+ * computed in float64 (summing many f32 activations in f32 loses precision).
+ */
+export async function conceptVectors(
+  model: Model,
+  opts: { concepts: string[]; baselineWords: string[]; layers: number[]; recipe?: VectorRecipe; cacheDir?: string | null; batchSize?: number },
+): Promise<VectorSet> {
+  const recipe = opts.recipe ?? PROTOCOL_RECIPE;
+  const D = model.config.dModel;
+  const key = createHash("sha256").update(JSON.stringify({ recipe, baseline: opts.baselineWords })).digest("hex").slice(0, 12);
+  const dir = opts.cacheDir === null ? null : path.join(opts.cacheDir ?? defaultVectorCache(), model.weightsHash(), key);
+  const vectors = new Map<number, Map<string, Float32Array>>(opts.layers.map((l) => [l, new Map()]));
+  const file = (l: number, c: string) => path.join(dir!, `L${l}`, `${encodeURIComponent(c)}.f32`);
+  const missing = new Set<string>();
+  let reused = 0;
+  for (const l of opts.layers)
+    for (const c of opts.concepts) {
+      const f = dir ? file(l, c) : "";
+      if (dir && fs.existsSync(f)) {
+        const b = fs.readFileSync(f);
+        if (b.byteLength === D * 4) {
+          vectors.get(l)!.set(c, new Float32Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength)));
+          reused++;
+          continue;
+        }
+      }
+      missing.add(c);
+    }
+  if (missing.size > 0) {
+    const words = [...missing];
+    const conceptActs = await activations(model, words, opts.layers, recipe, opts.batchSize);
+    let base: Map<number, Float64Array> | null = null;
+    if (recipe.method === "baseline-mean") {
+      const acts = await activations(model, opts.baselineWords, opts.layers, recipe, opts.batchSize);
+      base = new Map();
+      for (const l of opts.layers) {
+        const m = new Float64Array(D);
+        for (const a of acts.get(l)!) for (let i = 0; i < D; i++) m[i]! += a[i]!;
+        for (let i = 0; i < D; i++) m[i]! /= opts.baselineWords.length;
+        base.set(l, m);
+      }
+    } else if (recipe.method === "simple") {
+      const acts = await activations(model, ["The"], opts.layers, recipe, 1);
+      base = new Map(opts.layers.map((l) => [l, Float64Array.from(acts.get(l)![0]!)]));
+    }
+    for (const l of opts.layers)
+      words.forEach((c, j) => {
+        const h = conceptActs.get(l)![j]!;
+        const b = base?.get(l);
+        const v = b ? Float32Array.from(h, (x, i) => x - b[i]!) : h;
+        vectors.get(l)!.set(c, v);
+        if (dir) {
+          fs.mkdirSync(path.dirname(file(l, c)), { recursive: true });
+          fs.writeFileSync(file(l, c), new Uint8Array(v.buffer, v.byteOffset, v.byteLength));
+        }
+      });
+    if (dir) fs.writeFileSync(path.join(dir, "recipe.json"), JSON.stringify({ recipe, baselineWords: opts.baselineWords, model: model.files.path, modelHash: model.weightsHash() }, null, 1));
+  }
+  return { vectors, dir, reused, computed: missing.size * opts.layers.length };
+}
