@@ -4,7 +4,15 @@
 import fs from "node:fs";
 import { parseArgs } from "node:util";
 import { SelfscopeError } from "../core/errors.js";
+import path from "node:path";
+import { DEMO_NOTE, demoArgs } from "../eval/demo.js";
+import { finishRun, inject, resume, summaryTable, type InjectArgs } from "../eval/inject.js";
+import { computeResults, type Results } from "../eval/metrics.js";
+import { judgeAgreement } from "../judge/agreement.js";
+import { readRunLog } from "../log/read.js";
 import { Model } from "../model/model.js";
+import { exportCsv, exportParquet } from "../report/export.js";
+import { defaultVectorCache } from "../vectors/extract.js";
 import type { DeviceName } from "../runtime/device.js";
 
 const USAGE = `selfscope — measure what language models can report about their own internal states
@@ -14,12 +22,25 @@ Usage:
                      [--temperature T] [--top-k K] [--top-p P] [--seed S] [--device wasm|webgpu] [--json]
   selfscope logits   --model PATH --ids 1,2,3 --out FILE [--device wasm|webgpu]
   selfscope info     --model PATH
+  selfscope check    --model PATH.gguf [--reference llama.cpp] [--prompt TEXT | --ids 1,2,3] [--json]
+
+  selfscope demo     [--out DIR]            small sweep on the bundled model, rule judge, report
+  selfscope inject   --model PATH [--preset macar2026|lindsey2025] [--layers 37|0.6|20,30] [--strengths 1,2,4]
+                     [--concepts FILE|N] [--trials N] [--controls N] [--forced] [--yes-bias N]
+                     [--variant original,skeptical,...] [--judge rule|openai:MODEL|anthropic:MODEL|local:PATH]
+                     [--max-tokens N] [--temperature T] [--seed S] [--batch-size B] [--out DIR]
+  selfscope resume   RUN_DIR                 finish a killed run (every planned trial exactly once)
+  selfscope report   RUN_DIR                 recompute results.json and report.html
+  selfscope export   RUN_DIR [--format csv|parquet] [--out FILE]
+  selfscope judge-agreement RUN_DIR [--judge A --judge B | --human FILE]   Cohen's kappa
 
 PATH is a .gguf file, a .safetensors file with config.json beside it, or a Hugging Face model folder.`;
 
-type Flags = Record<string, string | boolean | undefined>;
+type Flags = Record<string, string | boolean | string[] | undefined>;
 
-function parse(argv: string[]): { cmd: string | undefined; flags: Flags } {
+let positional: string[] = [];
+
+function parse(argv: string[]): { cmd: string | undefined; flags: Flags; positionals: string[] } {
   const { values, positionals } = parseArgs({
     args: argv,
     allowPositionals: true,
@@ -37,10 +58,26 @@ function parse(argv: string[]): { cmd: string | undefined; flags: Flags } {
       device: { type: "string" },
       json: { type: "boolean" },
       out: { type: "string" },
+      reference: { type: "string" },
+      preset: { type: "string" },
+      layers: { type: "string" },
+      strengths: { type: "string" },
+      concepts: { type: "string" },
+      trials: { type: "string" },
+      controls: { type: "string" },
+      forced: { type: "boolean" },
+      "yes-bias": { type: "string" },
+      variant: { type: "string" },
+      judge: { type: "string", multiple: true },
+      "batch-size": { type: "string" },
+      "vector-cache": { type: "string" },
+      format: { type: "string" },
+      human: { type: "string" },
+      quiet: { type: "boolean" },
       help: { type: "boolean", short: "h" },
     },
   });
-  return { cmd: positionals[0], flags: values };
+  return { cmd: positionals[0], flags: values, positionals: positionals.slice(1) };
 }
 
 class CliError extends SelfscopeError {}
@@ -125,7 +162,160 @@ async function cmdInfo(f: Flags): Promise<void> {
   model.dispose();
 }
 
-const COMMANDS: Record<string, (f: Flags) => Promise<void>> = { generate: cmdGenerate, logits: cmdLogits, info: cmdInfo };
+/** Logits parity against llama.cpp on a fixed prompt (GGUF models). */
+async function cmdCheck(f: Flags): Promise<void> {
+  const ref = str(f, "reference") ?? "llama.cpp";
+  if (ref !== "llama.cpp") throw new CliError(`--reference must be llama.cpp (the only reference implemented), got "${ref}"`);
+  const model = await Model.load(str(f, "model", true)!, { device: device(f) });
+  if (model.files.format !== "gguf") throw new CliError("check compares against llama.cpp, which reads GGUF files: pass a .gguf model");
+  const text = str(f, "prompt") ?? "The quick brown fox jumps over the lazy dog. Once upon a time, there was";
+  const ids = str(f, "ids") !== undefined ? idsFlag(str(f, "ids")!) : model.encode(text).ids;
+  const { llamaCppLogits } = await import("../reference/llamacpp.js");
+  const theirs = await llamaCppLogits(model.files.weights, ids);
+  const ours = (await model.forward([{ ids }])).logits[0]!;
+  const r = compareLogits(ours, theirs.logits, ids.length, model.config.dVocab, theirs.kind === "logprobs");
+  const lines = [
+    `model          ${model.files.weights}`,
+    `reference      ${theirs.info}`,
+    `positions      ${ids.length} (compared as ${theirs.kind === "logprobs" ? "log-softmax: this node-llama-cpp returns probabilities" : "raw logits"})`,
+    `max |Δ|        ${r.maxAbs.toExponential(2)} (at position ${r.at})`,
+    `top-1 agree    ${r.top1}/${ids.length}`,
+  ];
+  process.stdout.write(lines.join("\n") + "\n");
+  if (f.json) process.stdout.write(JSON.stringify({ maxAbsDiff: r.maxAbs, top1Agreement: r.top1 / ids.length, positions: ids.length, kind: theirs.kind }) + "\n");
+  model.dispose();
+}
+
+function compareLogits(a: Float32Array, b: Float32Array, T: number, V: number, logSoftmax: boolean): { maxAbs: number; at: number; top1: number } {
+  const lsm = (x: Float32Array, t: number) => {
+    const row = x.subarray(t * V, (t + 1) * V);
+    if (!logSoftmax) return Float64Array.from(row);
+    let m = -Infinity;
+    for (const v of row) m = Math.max(m, v);
+    let z = 0;
+    for (const v of row) z += Math.exp(v - m);
+    const lz = m + Math.log(z);
+    return Float64Array.from(row, (v) => v - lz);
+  };
+  let maxAbs = 0, at = 0, top1 = 0;
+  for (let t = 0; t < T; t++) {
+    const x = lsm(a, t), y = lsm(b, t);
+    let ax = 0, ay = 0;
+    for (let i = 0; i < V; i++) {
+      if (x[i]! > x[ax]!) ax = i;
+      if (y[i]! > y[ay]!) ay = i;
+      // Probabilities that underflow in the reference (-Inf) carry no information.
+      if (Number.isFinite(y[i]!) && Math.abs(x[i]! - y[i]!) > maxAbs) { maxAbs = Math.abs(x[i]! - y[i]!); at = t; }
+    }
+    if (ax === ay) top1++;
+  }
+  return { maxAbs, at, top1 };
+}
+
+function intFlag(f: Flags, k: string): number | undefined {
+  const n = numFlag(f, k);
+  if (n !== undefined && (!Number.isInteger(n) || n < 0)) throw new CliError(`--${k} must be a non-negative integer`);
+  return n;
+}
+
+function injectArgs(f: Flags): InjectArgs {
+  const opt = <K extends keyof InjectArgs>(k: K, v: InjectArgs[K] | undefined): Partial<InjectArgs> => (v === undefined ? {} : { [k]: v });
+  const judge = f.judge;
+  return {
+    model: str(f, "model", true)!,
+    ...opt("preset", str(f, "preset")),
+    ...opt("layers", str(f, "layers")),
+    ...opt("strengths", str(f, "strengths")),
+    ...opt("concepts", str(f, "concepts")),
+    ...opt("trials", intFlag(f, "trials")),
+    ...opt("controls", intFlag(f, "controls")),
+    ...opt("forced", f.forced === true ? true : undefined),
+    ...opt("yesBias", intFlag(f, "yes-bias")),
+    ...opt("variants", str(f, "variant")),
+    ...opt("judges", Array.isArray(judge) ? judge.flatMap((j) => j.split(",")) : undefined),
+    ...opt("maxTokens", intFlag(f, "max-tokens")),
+    ...opt("temperature", numFlag(f, "temperature")),
+    ...opt("topK", intFlag(f, "top-k")),
+    ...opt("topP", numFlag(f, "top-p")),
+    ...opt("seed", intFlag(f, "seed")),
+    ...opt("batchSize", intFlag(f, "batch-size")),
+    ...opt("out", str(f, "out")),
+    device: device(f),
+    vectorCache: str(f, "vector-cache") ?? defaultVectorCache(),
+    quiet: f.quiet === true,
+    command: process.argv.slice(2),
+  };
+}
+
+function printRun(runDir: string, results: Results): void {
+  process.stdout.write(`${summaryTable(results)}\n  run: ${runDir} (report.html, results.json, log.jsonl)\n`);
+}
+
+async function cmdInject(f: Flags): Promise<void> {
+  const { runDir, results } = await inject(injectArgs(f));
+  printRun(runDir, results);
+}
+
+async function cmdResume(f: Flags): Promise<void> {
+  const dir = positional[0];
+  if (!dir) throw new CliError("usage: selfscope resume RUN_DIR");
+  const r = await resume(dir, { ...(str(f, "device") ? { device: device(f) } : {}), quiet: f.quiet === true, vectorCache: str(f, "vector-cache") ?? defaultVectorCache() });
+  if (r.discardedBytes > 0) process.stderr.write(`discarded a half-written last record (${r.discardedBytes} bytes)\n`);
+  process.stderr.write(`resumed: ${r.generated} trials generated\n`);
+  printRun(dir, r.results);
+}
+
+async function cmdReport(_f: Flags): Promise<void> {
+  const dir = positional[0];
+  if (!dir) throw new CliError("usage: selfscope report RUN_DIR");
+  const { results } = await finishRun(dir);
+  printRun(dir, results);
+}
+
+async function cmdExport(f: Flags): Promise<void> {
+  const dir = positional[0];
+  if (!dir) throw new CliError("usage: selfscope export RUN_DIR [--format csv|parquet] [--out FILE]");
+  const fmt = str(f, "format") ?? "csv";
+  if (fmt !== "csv" && fmt !== "parquet") throw new CliError(`--format must be csv or parquet`);
+  const run = readRunLog(dir);
+  const results = computeResults(run);
+  const out = str(f, "out") ?? path.join(dir, `trials.${fmt}`);
+  if (fmt === "csv") exportCsv(run, results, out);
+  else await exportParquet(run, results, out);
+  process.stdout.write(`wrote ${out}\n`);
+}
+
+async function cmdJudgeAgreement(f: Flags): Promise<void> {
+  const dir = positional[0];
+  if (!dir) throw new CliError("usage: selfscope judge-agreement RUN_DIR [--judge A --judge B | --human FILE]");
+  const run = readRunLog(dir);
+  const judges = Array.isArray(f.judge) ? f.judge : [];
+  const human = str(f, "human");
+  const rep = judgeAgreement(run, { judges, ...(human ? { human } : {}) });
+  process.stdout.write(rep + "\n");
+}
+
+async function cmdDemo(f: Flags): Promise<void> {
+  const out = str(f, "out") ?? path.join("runs", `demo-${new Date().toISOString().replace(/[:.]/g, "-")}`);
+  process.stderr.write(DEMO_NOTE + "\n");
+  const t0 = performance.now();
+  const { runDir, results } = await inject({ ...demoArgs(), out, device: device(f), quiet: f.quiet === true, command: process.argv.slice(2) });
+  printRun(runDir, results);
+  process.stdout.write(`  took ${((performance.now() - t0) / 1000).toFixed(1)} s\n`);
+}
+
+const COMMANDS: Record<string, (f: Flags) => Promise<void>> = {
+  generate: cmdGenerate,
+  logits: cmdLogits,
+  info: cmdInfo,
+  check: cmdCheck,
+  inject: cmdInject,
+  resume: cmdResume,
+  report: cmdReport,
+  export: cmdExport,
+  "judge-agreement": cmdJudgeAgreement,
+  demo: cmdDemo,
+};
 
 async function main(): Promise<number> {
   let parsed;
@@ -136,6 +326,7 @@ async function main(): Promise<number> {
     return 2;
   }
   const { cmd, flags } = parsed;
+  positional = parsed.positionals;
   if (!cmd || flags.help || cmd === "help") {
     process.stdout.write(USAGE + "\n");
     return cmd || flags.help ? 0 : 2;

@@ -12,8 +12,8 @@ export interface Preset {
   config: Omit<InjectConfig, "layers" | "preset" | "judges" | "seed" | "batchSize">;
 }
 
-const concepts50 = () => readData<string[]>("protocol/concepts_original_50.json");
-const baseline = () => readData<string[]>("protocol/baseline_words.json");
+const concepts50 = () => readData<{ concepts: string[] }>("protocol/concepts_original_50.json").concepts;
+const baseline = () => readData<{ words: string[] }>("protocol/baseline_words.json").words;
 
 export function presets(): Record<string, Preset> {
   // Lindsey's transcript uses lower-cased words, for concepts and baseline alike.

@@ -2,7 +2,7 @@
 // the jit'd layer functions in transformer.ts. Public methods take and return host data
 // (number[], Float32Array); jax-js arrays never leave this file and transformer.ts.
 import "../core/polyfills.js";
-import { numpy as np, tree, valueAndGrad, type Array as JArray } from "@jax-js/jax";
+import { blockUntilReady, numpy as np, tree, valueAndGrad, type Array as JArray } from "@jax-js/jax";
 import { NumericalError, UsageError } from "../core/errors.js";
 import { Rng } from "../core/rng.js";
 import { parseHook, type HookName } from "../hooks/names.js";
@@ -89,6 +89,16 @@ export interface GenerateResult {
   cache: ActivationCache;
 }
 
+/** An op compiled on the host, before its arrays are made (so same-kind ops can merge). */
+interface HostOp {
+  kind: OpKind;
+  v: Float32Array;
+  vShape: number[];
+  m: Float32Array;
+  mShape: number[];
+  rows: Set<number>;
+}
+
 /** A trainable vector added at one site: `op.v` is a traced array inside valueAndGrad. */
 interface TrainOp {
   layer: number | null;
@@ -114,6 +124,8 @@ interface CallCtx {
   B: number;
   T: number;
   pos: Int32Array;
+  /** Token id per slot (padding slots hold 0; they are masked). */
+  ids: Int32Array;
 }
 
 export interface EngineOptions {
@@ -124,6 +136,8 @@ export interface EngineOptions {
 }
 
 const CAPACITY_BUCKET = 64;
+/** Elements of one prefill attention-score tensor (B·heads·chunk·cap) we allow at once. */
+const PREFILL_BUDGET = 4 << 20;
 
 export class Engine {
   readonly config: ModelConfig;
@@ -185,9 +199,9 @@ export class Engine {
     const { B, T, pad } = padShape(rs);
     const promptLen = rs.map((r) => r.ids.length);
     const resolved = this.resolve(opts.plan ?? [], rs, promptLen, opts.countPrefix);
-    const ctx = fullCtx(B, T, pad);
+    const ctx = fullCtx(rs, B, T, pad);
     const cache = new ActivationCache();
-    const x = this.runLayers(rs, ctx, pad, promptLen, resolved, null, cache, null);
+    const x = this.runLayers(ctx, pad, promptLen, resolved, null, cache, null);
     const mode = opts.logits ?? "all";
     if (mode === "none") {
       x.dispose();
@@ -223,11 +237,24 @@ export class Engine {
     const stopReason: ("stop" | "length")[] = rs.map(() => "length");
     if (opts.maxTokens <= 0) return { tokens, stopReason, cache };
 
-    const kv: { k: JArray; v: JArray }[] = [];
-    // Prefill: all prompt slots, KV padded to capacity.
-    const x = this.runLayers(rs, fullCtx(B, T, pad), pad, promptLen, resolved, { cap, out: kv }, cache, null);
-    const xl = x.slice([], [-1]).reshape([B, 1, c.dModel]);
-    let logits = await this.headToHost(xl, lastCtx(B, T, pad), promptLen, resolved, cache);
+    // Prefill in chunks through the cache path: attention memory is B·heads·chunk·cap, not B·heads·T².
+    const kv: { k: JArray; v: JArray }[] = this.emptyCache(B, cap);
+    const chunk = Math.max(16, Math.floor(PREFILL_BUDGET / (B * c.nHeads * cap)));
+    let logits: Float32Array = new Float32Array(0);
+    for (let start = 0; start < T; start += chunk) {
+      const n = Math.min(chunk, T - start);
+      const ctx = sliceCtx(rs, pad, start, n);
+      const x = this.runLayers(ctx, pad, promptLen, resolved, { cap, out: kv, slot0: start }, cache, null);
+      if (start + n < T) {
+        // jax-js dispatches lazily: without a sync point every chunk's intermediates would be
+        // alive at once when the logits are finally read.
+        await blockUntilReady([x, ...kv] as never);
+        x.dispose();
+        continue;
+      }
+      const xl = x.slice([], [-1]).reshape([B, 1, c.dModel]);
+      logits = await this.headToHost(xl, lastCtx(B, T, pad), promptLen, resolved, cache);
+    }
     try {
       for (let step = 0; ; step++) {
         const next = rs.map((_, b) => (done[b] ? 0 : samplers[b]!.sample(logits.subarray(b * c.dVocab, (b + 1) * c.dVocab))));
@@ -244,9 +271,8 @@ export class Engine {
         const slot = T + step;
         const pos = new Int32Array(B);
         for (let b = 0; b < B; b++) pos[b] = slot - pad[b]!;
-        const ctx: CallCtx = { B, T: 1, pos };
-        const stepRows = next.map((t) => ({ ids: [t] }));
-        const xs = this.runLayers(stepRows, ctx, pad, promptLen, resolved, { cap, out: kv, slot }, cache, null);
+        const ctx: CallCtx = { B, T: 1, pos, ids: Int32Array.from(next) };
+        const xs = this.runLayers(ctx, pad, promptLen, resolved, { cap, out: kv, slot0: slot }, cache, null);
         logits = await this.headToHost(xs, ctx, promptLen, resolved, cache);
       }
     } finally {
@@ -270,7 +296,7 @@ export class Engine {
     if (feat.length !== 1 || train.value.length !== feat[0]) throw new UsageError(`lossAndGrad: ${train.at} takes a vector of length ${feat.join("x")}`);
     const probe: Intervention = { op: "add", at: train.at, vector: train.value, ...(train.pos ? { pos: train.pos } : {}) };
     const [r] = this.resolve([probe], rs, promptLen, undefined);
-    const ctx = fullCtx(B, T, pad);
+    const ctx = fullCtx(rs, B, T, pad);
     // Target weights folded with 1/n on the host: loss = -sum(w * logsoftmax(logits)).
     let n = 0;
     targets.forEach((ts, b) => ts.forEach((t, i) => { if (t >= 0) { n++; if (i >= rs[b]!.ids.length) throw new UsageError("lossAndGrad: more targets than tokens"); } }));
@@ -280,7 +306,7 @@ export class Engine {
     const mask = scopeMask(r!, ctx, promptLen, [1]);
     const f = (v: JArray): JArray => {
       const trainOp: TrainOp = { layer, site, op: { v: v.reshape([1, 1, feat[0]!]), m: np.array(mask).reshape([B, T, 1]) } };
-      const x = this.runLayers(rs, ctx, pad, promptLen, [], null, null, trainOp);
+      const x = this.runLayers(ctx, pad, promptLen, [], null, null, trainOp);
       const [chunks] = head(c, { readSet: new Set(), kinds: new Map() }, tree.ref(this.params.lnFinal as never) as never, refWeight(this.params.unembed), x, {});
       const logits = chunks.length === 1 ? chunks[0]! : np.concatenate(chunks, -1);
       const lsm = logits.sub(logsumexp(logits.ref));
@@ -363,9 +389,9 @@ export class Engine {
 
   /** Compile the resolved plan into per-layer site ops for one call. Arrays are fresh (consumed downstream). */
   private compile(resolved: Resolved[], ctx: CallCtx, promptLen: number[], group: number | null | "final"): { ops: SiteOps; kinds: Map<string, OpKind[]>; reads: string[] } {
-    const ops: SiteOps = {};
-    const kinds = new Map<string, OpKind[]>();
+    const host = new Map<string, HostOp[]>();
     const reads = new Set<string>();
+    const { B, T } = ctx;
     for (const r of resolved) {
       const inGroup = group === "final" ? r.site === "ln_final.hook_normalized" : group === null ? r.layer === null && r.site !== "ln_final.hook_normalized" : r.layer === group;
       if (!inGroup) continue;
@@ -375,36 +401,48 @@ export class Engine {
         continue;
       }
       const headMask = iv.op === "ablate" && iv.heads ? iv.heads : null;
-      const maskShape = r.featShape.length === 2 ? [r.featShape[0]!, 1] : [1];
-      const maskF = scopeMask(r, ctx, promptLen, maskShape, headMask);
-      const { B, T } = ctx;
-      let op: SiteOp;
-      let kind: OpKind;
+      const maskShape = [B, T, ...(r.featShape.length === 2 ? [r.featShape[0]!, 1] : [1])];
+      const m = scopeMask(r, ctx, promptLen, maskShape.slice(2), headMask);
+      const rows = new Set(r.scopes.flatMap((s, b) => (s ? [b] : [])));
+      const list = host.get(r.site) ?? [];
+      host.set(r.site, list);
       if (iv.op === "add" || iv.op === "project") {
         // Per-row payload [B,1,...feat]: rows outside the scope get zeros (masked anyway).
         const F = r.vec!.length;
         const v = new Float32Array(B * F);
-        r.scopes.forEach((s, b) => { if (s) v.set(r.vec!, b * F); });
-        kind = iv.op;
-        op = { v: np.array(v).reshape([B, 1, ...r.featShape]), m: np.array(maskF).reshape([B, T, ...maskShape]) };
+        for (const b of rows) v.set(r.vec!, b * F);
+        // A sweep puts one intervention per row: ops of one kind on disjoint rows merge into a
+        // single op (sum of payloads and masks), so a batch of 32 steered rows costs one add.
+        const last = list.at(-1);
+        if (last && last.kind === iv.op && ![...rows].some((b) => last.rows.has(b))) {
+          for (let i = 0; i < v.length; i++) last.v[i]! += v[i]!;
+          for (let i = 0; i < m.length; i++) last.m[i]! += m[i]!;
+          for (const b of rows) last.rows.add(b);
+        } else list.push({ kind: iv.op, v, vShape: [B, 1, ...r.featShape], m, mShape: maskShape, rows });
       } else if (iv.op === "ablate") {
-        kind = "replace";
-        op = { v: np.array(r.vec!).reshape([1, 1, ...r.featShape]), m: boolArr(maskF, [B, T, ...maskShape]) };
+        list.push({ kind: "replace", v: r.vec!, vShape: [1, 1, ...r.featShape], m, mShape: maskShape, rows });
       } else {
-        const F = r.vec?.length ?? r.featShape.reduce((a, b) => a * b, 1);
+        const F = r.featShape.reduce((a, b) => a * b, 1);
         const src = iv.source;
         const v = new Float32Array(B * T * F);
         for (let b = 0; b < B; b++)
           for (let t = 0; t < T; t++) {
             const p = ctx.pos[b * T + t]!;
             if (p >= 0 && (p + 1) * F <= src.length) v.set(src.subarray(p * F, (p + 1) * F), (b * T + t) * F);
-            else maskF[b * T + t] = 0; // beyond the stored activation: keep the live value
+            else m.fill(0, (b * T + t) * (m.length / (B * T)), (b * T + t + 1) * (m.length / (B * T))); // beyond the stored activation: keep the live value
           }
-        kind = "replace";
-        op = { v: np.array(v).reshape([B, T, ...r.featShape]), m: boolArr(maskF, [B, T, ...maskShape]) };
+        list.push({ kind: "replace", v, vShape: [B, T, ...r.featShape], m, mShape: maskShape, rows });
       }
-      (ops[r.site] ??= []).push(op);
-      kinds.set(r.site, [...(kinds.get(r.site) ?? []), kind]);
+    }
+    const ops: SiteOps = {};
+    const kinds = new Map<string, OpKind[]>();
+    for (const [site, list] of host) {
+      if (list.length === 0) continue;
+      ops[site] = list.map((o) => ({
+        v: np.array(o.v).reshape(o.vShape),
+        m: o.kind === "replace" ? boolArr(o.m, o.mShape) : np.array(o.m).reshape(o.mShape),
+      }));
+      kinds.set(site, list.map((o) => o.kind));
     }
     return { ops, kinds, reads: [...reads].sort() };
   }
@@ -451,16 +489,16 @@ export class Engine {
   }
 
   /**
-   * Embedding + all blocks for one call. With `kvc`, either fills the cache (prefill: `out`
-   * empty) or decodes one slot at `kvc.slot`. Returns the residual stream [B,T,D].
+   * Embedding + all blocks for one call. With `kvc`, the call's T slots start at cache slot
+   * `kvc.slot0` (a prefill chunk or one decode step) and their k/v are written into the cache.
+   * Returns the residual stream [B,T,D].
    */
   private runLayers(
-    rows: Row[],
     ctx: CallCtx,
     pad: number[],
     promptLen: number[],
     resolved: Resolved[],
-    kvc: { cap: number; out: { k: JArray; v: JArray }[]; slot?: number } | null,
+    kvc: { cap: number; out: { k: JArray; v: JArray }[]; slot0: number } | null,
     cache: ActivationCache | null,
     trainOp: TrainOp | null,
   ): JArray {
@@ -474,7 +512,7 @@ export class Engine {
       for (let t = 0; t < T; t++) {
         const p = ctx.pos[b * T + t]!;
         if (p < 0) continue;
-        const id = T === 1 ? rows[b]!.ids[0]! : rows[b]!.ids[p]!;
+        const id = ctx.ids[b * T + t]!;
         if (!(id >= 0 && id < c.dVocab)) throw new UsageError(`token id ${id} is outside the vocabulary (0..${c.dVocab - 1})`);
         const e = this.embed.data.subarray(id * D, (id + 1) * D);
         const o = (b * T + t) * D;
@@ -495,7 +533,7 @@ export class Engine {
     const types = [...new Set(c.layerTypes)];
     const rots = new Map<string, Rot>();
     const masks = new Map<string, JArray>();
-    const S = kvc?.slot !== undefined ? kvc.cap : T;
+    const S = kvc ? kvc.cap : T;
     for (const ty of types) {
       const rot: Rot = {};
       if (c.pos.kind === "rope") {
@@ -504,13 +542,19 @@ export class Engine {
         rot.sin = np.array(sin).reshape([B, T, 1, c.dHead]);
       }
       rots.set(ty, rot);
-      masks.set(ty, attnMask(ctx, pad, S, kvc?.slot, ty === "sliding" ? c.slidingWindow : undefined));
+      masks.set(ty, attnMask(ctx, pad, S, kvc?.slot0 ?? 0, ty === "sliding" ? c.slidingWindow : undefined));
     }
+    // Cache writes: slots slot0..slot0+T-1. One slot broadcasts through `where`; a chunk is first
+    // placed into capacity-sized arrays by a one-hot [cap, T] matrix (exact: 1·x + 0).
     let wm: JArray | null = null;
-    if (kvc?.slot !== undefined) {
+    let place: JArray | null = null;
+    if (kvc) {
       const w = new Int32Array(kvc.cap);
-      w[kvc.slot] = 1;
+      w.fill(1, kvc.slot0, kvc.slot0 + T);
       wm = np.array(w, { dtype: np.bool }).reshape([1, kvc.cap, 1, 1]);
+      const P = new Float32Array(kvc.cap * T);
+      for (let t = 0; t < T; t++) P[(kvc.slot0 + t) * T + t] = 1;
+      place = np.array(P).reshape([kvc.cap, T]);
     }
     for (let l = 0; l < c.nLayers; l++) {
       const compiled = this.compile(resolved, ctx, promptLen, l);
@@ -527,13 +571,12 @@ export class Engine {
       const rotRef = tree.ref(rots.get(ty)! as never) as unknown as Rot;
       const mask = masks.get(ty)!;
       let z: JArray, kvOut: { k: JArray; v: JArray }, ra: Record<string, JArray>;
-      if (kvc?.slot !== undefined) {
-        [x, z, kvOut, ra] = fns.step(pa, x, rotRef, mask.ref, opsA, kvc.out[l]!, wm!.ref);
+      if (kvc) {
+        [x, z, kvOut, ra] = fns.step(pa, x, rotRef, mask.ref, opsA, kvc.out[l]!, { wm: wm!.ref, place: place!.ref });
         kvc.out[l] = kvOut;
       } else {
         [x, z, kvOut, ra] = fns.full(pa, x, rotRef, mask.ref, opsA);
-        if (kvc) kvc.out[l] = { k: padTo(kvOut.k, kvc.cap), v: padTo(kvOut.v, kvc.cap) };
-        else tree.dispose(kvOut as never);
+        tree.dispose(kvOut as never);
       }
       let rm: Record<string, JArray>;
       [x, rm] = fns.mlp(pm, x, z, opsM);
@@ -542,10 +585,17 @@ export class Engine {
     tree.dispose([...rots.values()] as never);
     for (const m of masks.values()) m.dispose();
     wm?.dispose();
+    place?.dispose();
     return x;
   }
 
   /** Append the trainable add (its vector is a traced array) to a layer's compiled ops. */
+  /** A zeroed KV cache [B, cap, nKvHeads, dHead] per layer. */
+  private emptyCache(B: number, cap: number): { k: JArray; v: JArray }[] {
+    const c = this.config;
+    return Array.from({ length: c.nLayers }, () => ({ k: np.zeros([B, cap, c.nKvHeads, c.dHead]), v: np.zeros([B, cap, c.nKvHeads, c.dHead]) }));
+  }
+
   private addTrain(c: { ops: SiteOps; kinds: Map<string, OpKind[]> }, trainOp: TrainOp | null, layer: number | null): void {
     if (!trainOp || trainOp.layer !== layer || trainOp.site === "ln_final.hook_normalized") return;
     (c.ops[trainOp.site] ??= []).push(trainOp.op);
@@ -590,16 +640,27 @@ function padShape(rows: Row[]): { B: number; T: number; pad: number[] } {
   return { B: rows.length, T, pad: rows.map((r) => T - r.ids.length) };
 }
 
-function fullCtx(B: number, T: number, pad: number[]): CallCtx {
-  const pos = new Int32Array(B * T);
-  for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) pos[b * T + t] = t - pad[b]!;
-  return { B, T, pos };
+function fullCtx(rows: Row[], B: number, T: number, pad: number[]): CallCtx {
+  return sliceCtx(rows, pad, 0, T, B);
+}
+
+/** Slots start..start+n-1 of a left-padded batch. */
+function sliceCtx(rows: Row[], pad: number[], start: number, n: number, B = rows.length): CallCtx {
+  const pos = new Int32Array(B * n);
+  const ids = new Int32Array(B * n);
+  for (let b = 0; b < B; b++)
+    for (let t = 0; t < n; t++) {
+      const p = start + t - pad[b]!;
+      pos[b * n + t] = p;
+      if (p >= 0) ids[b * n + t] = rows[b]!.ids[p]!;
+    }
+  return { B, T: n, pos, ids };
 }
 
 function lastCtx(B: number, T: number, pad: number[]): CallCtx {
   const pos = new Int32Array(B);
   for (let b = 0; b < B; b++) pos[b] = T - 1 - pad[b]!;
-  return { B, T: 1, pos };
+  return { B, T: 1, pos, ids: new Int32Array(B) };
 }
 
 function sliceRow(lg: Float32Array, b: number, T: number, pad: number, V: number): Float32Array {
@@ -610,23 +671,19 @@ function sliceRow(lg: Float32Array, b: number, T: number, pad: number, V: number
  * mask[b, t, s]: key slot s visible to query slot t. Causal, never a padding key — except a
  * padding query sees itself, so no softmax row is all -inf (which would give NaN).
  */
-function attnMask(ctx: CallCtx, pad: number[], S: number, slot: number | undefined, window: number | undefined): JArray {
+function attnMask(ctx: CallCtx, pad: number[], S: number, slot0: number, window: number | undefined): JArray {
   const { B, T } = ctx;
   const m = new Int32Array(B * T * S);
   const w = window ?? Infinity;
   for (let b = 0; b < B; b++)
     for (let t = 0; t < T; t++) {
-      const qSlot = slot ?? t;
+      const qSlot = slot0 + t;
       // Slots and positions differ by the row's padding only, so slot distance = position distance.
       for (let s = Math.max(0, qSlot - w + 1); s <= qSlot; s++) if (s >= pad[b]! || s === qSlot) m[(b * T + t) * S + s] = 1;
     }
   return np.array(m, { dtype: np.bool }).reshape([B, T, S]);
 }
 
-function padTo(a: JArray, cap: number): JArray {
-  const T = a.shape[1]!;
-  return T === cap ? a : np.pad(a, { 1: [0, cap - T] });
-}
 
 function toDevice(t: HostTensor, maxBytes: number): Weight {
   const bytes = t.data.byteLength;

@@ -137,7 +137,7 @@ function attnHalf(
   st: Static,
   [p, x, rot, mask, ops]: AttnIn,
   kvIn: { k: JArray; v: JArray } | null,
-  writeMask: JArray | null,
+  write: { wm: JArray; place: JArray } | null,
 ): [JArray, JArray, { k: JArray; v: JArray }, Record<string, JArray>] {
   const [B, T] = x.shape as [number, number];
   const { nHeads: H, nKvHeads: K, dHead: hd } = c;
@@ -154,14 +154,23 @@ function attnHalf(
     k = rope(k, rot.cos, rot.sin);
   }
   let kAll: JArray, vAll: JArray, kvOut: { k: JArray; v: JArray };
-  if (kvIn === null || writeMask === null) {
+  if (kvIn === null || write === null) {
     kAll = k.ref;
     vAll = v.ref;
     kvOut = { k, v };
   } else {
-    // No dynamic_update_slice in jax-js: write the new slot with `where` over the capacity.
-    kAll = np.where(writeMask.ref, k, kvIn.k);
-    vAll = np.where(writeMask, v, kvIn.v);
+    // No dynamic_update_slice in jax-js: write new slots with `where` over the capacity. A single
+    // slot broadcasts; a chunk is first placed at its slots by the one-hot [cap, T] matrix.
+    if (T > 1) {
+      k = np.einsum("st,btkh->bskh", write.place.ref, k);
+      const vp = np.einsum("st,btkh->bskh", write.place, v);
+      kAll = np.where(write.wm.ref, k, kvIn.k);
+      vAll = np.where(write.wm, vp, kvIn.v);
+    } else {
+      write.place.dispose();
+      kAll = np.where(write.wm.ref, k, kvIn.k);
+      vAll = np.where(write.wm, v, kvIn.v);
+    }
     kvOut = { k: kAll.ref, v: vAll.ref };
   }
   // Grouped-query attention without materialising repeated K/V heads.
@@ -242,8 +251,8 @@ export class LayerFns {
       const J = <F extends (...a: never[]) => unknown>(f: F) => (this.useJit ? (jit(f as never) as unknown as LayerFn) : (f as unknown as LayerFn));
       fns = {
         full: J((p: AttnIn[0], x: JArray, rot: Rot, mask: JArray, ops: SiteOps) => attnHalf(c, st, [p, x, rot, mask, ops], null, null)),
-        step: J((p: AttnIn[0], x: JArray, rot: Rot, mask: JArray, ops: SiteOps, kv: { k: JArray; v: JArray }, wm: JArray) =>
-          attnHalf(c, st, [p, x, rot, mask, ops], kv, wm),
+        step: J((p: AttnIn[0], x: JArray, rot: Rot, mask: JArray, ops: SiteOps, kv: { k: JArray; v: JArray }, write: { wm: JArray; place: JArray }) =>
+          attnHalf(c, st, [p, x, rot, mask, ops], kv, write),
         ),
         mlp: J((p: MlpParams, x: JArray, z: JArray, ops: SiteOps) => mlpHalf(c, st, p, x, z, ops)),
       };
@@ -251,7 +260,7 @@ export class LayerFns {
     }
     return fns as unknown as {
       full: (...a: [AttnIn[0], JArray, Rot, JArray, SiteOps]) => [JArray, JArray, { k: JArray; v: JArray }, Record<string, JArray>];
-      step: (...a: [AttnIn[0], JArray, Rot, JArray, SiteOps, { k: JArray; v: JArray }, JArray]) => [JArray, JArray, { k: JArray; v: JArray }, Record<string, JArray>];
+      step: (...a: [AttnIn[0], JArray, Rot, JArray, SiteOps, { k: JArray; v: JArray }, { wm: JArray; place: JArray }]) => [JArray, JArray, { k: JArray; v: JArray }, Record<string, JArray>];
       mlp: (...a: [MlpParams, JArray, JArray, SiteOps]) => [JArray, Record<string, JArray>];
     };
   }

@@ -48,13 +48,23 @@ function textConfig(hf: HfConfig): HfConfig {
   return typeof hf.text_config === "object" && hf.text_config !== null ? { ...(hf.text_config as HfConfig), eos_token_id: hf.eos_token_id } : hf;
 }
 
+/** A soft-cap from config.json: absent = the config class default, null = off. */
+function cap(hf: HfConfig, key: string, dflt?: number): number | undefined {
+  const v = hf[key] === undefined ? dflt : hf[key];
+  return typeof v === "number" && v > 0 ? v : undefined;
+}
+
+function softcaps(attn: number | undefined, final: number | undefined): Pick<ModelConfig, "attnSoftcap" | "finalSoftcap"> {
+  return { ...(attn ? { attnSoftcap: attn } : {}), ...(final ? { finalSoftcap: final } : {}) };
+}
+
 function gemma2FromHf(hf: HfConfig): ModelConfig {
   const base = { ...llamaFromHf({ ...hf, sliding_window: undefined }, "gemma2") };
   return {
     ...gemmaCommon(base, "gemma2", 1, hfLayerTypes(hf, 2), num(hf, "sliding_window")),
     attnScale: 1 / Math.sqrt(num(hf, "query_pre_attn_scalar", base.dHead)),
-    ...(typeof hf.attn_logit_softcapping === "number" ? { attnSoftcap: hf.attn_logit_softcapping } : {}),
-    ...(typeof hf.final_logit_softcapping === "number" ? { finalSoftcap: hf.final_logit_softcapping } : {}),
+    // Gemma2Config defaults: attention 50, final 30.
+    ...softcaps(cap(hf, "attn_logit_softcapping", 50), cap(hf, "final_logit_softcapping", 30)),
   };
 }
 
@@ -67,21 +77,37 @@ function gemma3FromHf(raw: HfConfig): ModelConfig {
     qkNorm: { kind: "head" },
     attnScale: 1 / Math.sqrt(num(hf, "query_pre_attn_scalar", base.dHead)),
     pos: { ...(c.pos as Extract<ModelConfig["pos"], { kind: "rope" }>), localTheta: num(hf, "rope_local_base_freq", 10000) },
+    ...softcaps(undefined, cap(hf, "final_logit_softcapping")),
   };
 }
 
+// As llama.cpp reads these GGUFs (src/models/gemma2.cpp, gemma3.cpp, load_arch_hparams): the
+// layer pattern is `{arch}.attention.sliding_window_pattern` (default 2 / 6); Gemma 2 always
+// slides (window default 4096) and always soft-caps (defaults 50 / 30); Gemma 3 slides only when
+// a window is stored, its local layers use `gemma3.rope.freq_base_swa` (default 10000), unscaled.
 function gemmaFromGguf(g: GgufFile, family: "gemma2" | "gemma3"): ModelConfig {
   const base = llamaFromGguf(g, family);
-  const window = ggufOpt<number>(g, `${family}.attention.sliding_window`);
-  const c = gemmaCommon(base, family, 0, pattern(base.nLayers, family === "gemma2" ? 2 : 6), window);
-  // llama.cpp derives the query scale from the model size rather than storing it.
+  const every = ggufOpt<number>(g, `${family}.attention.sliding_window_pattern`) ?? (family === "gemma2" ? 2 : 6);
+  const stored = ggufOpt<number>(g, `${family}.attention.sliding_window`);
+  const window = family === "gemma2" ? (stored ?? 4096) : stored ? stored : undefined;
+  const layers = window ? pattern(base.nLayers, every) : Array<LayerType>(base.nLayers).fill("full");
+  const c = gemmaCommon(base, family, 0, layers, window);
+  // llama.cpp derives the query scale from the model size rather than storing it
+  // (query_pre_attn_scalar is not converted): 1/sqrt(dModel/nHeads) for the 27B models, else 1/sqrt(dHead).
   const attnScale = base.nLayers === (family === "gemma2" ? 46 : 62) ? 1 / Math.sqrt(base.dModel / base.nHeads) : 1 / Math.sqrt(base.dHead);
+  const f = ggufOpt<number>(g, `${family}.final_logit_softcapping`);
   if (family === "gemma2") {
     const a = ggufOpt<number>(g, "gemma2.attn_logit_softcapping");
-    const f = ggufOpt<number>(g, "gemma2.final_logit_softcapping");
-    return { ...c, attnScale, ...(a ? { attnSoftcap: a } : {}), ...(f ? { finalSoftcap: f } : {}) };
+    return { ...c, attnScale, ...softcaps(a ?? 50, f ?? 30) };
   }
-  return { ...c, attnScale, qkNorm: { kind: "head" }, pos: { ...(c.pos as Extract<ModelConfig["pos"], { kind: "rope" }>), localTheta: 10000 } };
+  const rope = c.pos as Extract<ModelConfig["pos"], { kind: "rope" }>;
+  return {
+    ...c,
+    attnScale,
+    qkNorm: { kind: "head" },
+    pos: window ? { ...rope, localTheta: ggufOpt<number>(g, "gemma3.rope.freq_base_swa") ?? 10000 } : rope,
+    ...softcaps(undefined, f),
+  };
 }
 
 export const gemma2 = defineFamily({

@@ -109,6 +109,7 @@ export default defineFamily({
       nCtx: k("context_length"),
       eps: k("attention.layer_norm_epsilon"),
       tie: !g.tensors.has("output.weight"),
+      ...(typeof g.metadata.get("tokenizer.ggml.bos_token_id") === "number" ? { bos: g.metadata.get("tokenizer.ggml.bos_token_id") as number } : {}),
       eos: [g.metadata.get("tokenizer.ggml.eos_token_id")].filter((x): x is number => typeof x === "number"),
     });
   },

@@ -26,8 +26,10 @@ export function llamaFromHf(hf: HfConfig, family = "llama"): ModelConfig {
   const nHeads = num(hf, "num_attention_heads");
   const nLayers = num(hf, "num_hidden_layers");
   const dHead = num(hf, "head_dim", dModel / nHeads);
-  // Mistral v0.1 declares a sliding window on every layer; Qwen2 only with use_sliding_window.
+  // Mistral v0.1 declares a sliding window on every layer; Qwen2 only with use_sliding_window;
+  // newer configs (OLMo 3) list the attention type per layer.
   const window = typeof hf.sliding_window === "number" && hf.use_sliding_window !== false ? hf.sliding_window : undefined;
+  const perLayer = Array.isArray(hf.layer_types) && hf.layer_types.length === nLayers ? hf.layer_types : undefined;
   return {
     family,
     dModel,
@@ -46,14 +48,15 @@ export function llamaFromHf(hf: HfConfig, family = "llama"): ModelConfig {
     embedScale: 1,
     attnScale: 1 / Math.sqrt(dHead),
     ...PLAIN,
-    layerTypes: Array<LayerType>(nLayers).fill(window ? "sliding" : "full"),
+    layerTypes: window && perLayer ? perLayer.map((t): LayerType => (t === "sliding_attention" ? "sliding" : "full")) : Array<LayerType>(nLayers).fill(window ? "sliding" : "full"),
     ...(window ? { slidingWindow: window } : {}),
     ...(typeof hf.bos_token_id === "number" ? { bosTokenId: hf.bos_token_id } : {}),
     eosTokenIds: eosList(hf.eos_token_id),
   };
 }
 
-export function llamaFromGguf(g: GgufFile, family = "llama"): ModelConfig {
+/** `swaPeriod`: the architecture's default sliding-window pattern in llama.cpp (OLMo 2/3: 4). */
+export function llamaFromGguf(g: GgufFile, family = "llama", swaPeriod?: number): ModelConfig {
   const a = ggufGet<string>(g, "general.architecture", "string");
   const k = (key: string) => ggufGet<number>(g, `${a}.${key}`, "number");
   const dModel = k("embedding_length");
@@ -61,12 +64,20 @@ export function llamaFromGguf(g: GgufFile, family = "llama"): ModelConfig {
   const nLayers = k("block_count");
   const dHead = ggufOpt<number>(g, `${a}.attention.key_length`) ?? dModel / nHeads;
   const vocab = g.tensors.get("token_embd.weight")?.ne[1] ?? ggufOpt<GgufValue[]>(g, "tokenizer.ggml.tokens")?.length ?? 0;
-  const window = ggufOpt<number>(g, `${a}.attention.sliding_window`);
+  const window = ggufOpt<number>(g, `${a}.attention.sliding_window`) || undefined;
+  // llama.cpp: `{arch}.attention.sliding_window_pattern` is a period n (layer i slides unless
+  // i % n == n - 1) or one boolean per layer (OLMo 3); without it, the architecture's default
+  // period, else every layer slides.
+  const pat = ggufOpt<GgufValue>(g, `${a}.attention.sliding_window_pattern`) ?? swaPeriod;
+  const slides = (i: number) => (Array.isArray(pat) ? pat[i] === true : typeof pat === "number" ? i % pat < pat - 1 : true);
   const eos = ggufOpt<number>(g, "tokenizer.ggml.eos_token_id");
   const eot = ggufOpt<number>(g, "tokenizer.ggml.eot_token_id");
   const bos = ggufOpt<number>(g, "tokenizer.ggml.bos_token_id");
   const scalingType = ggufOpt<string>(g, `${a}.rope.scaling.type`);
-  const scaling: RopeScaling = scalingType === "linear" ? { kind: "linear", factor: k("rope.scaling.factor") } : { kind: "none" };
+  // llama.cpp's default type is "linear" with no factor (= none); YaRN and LongRoPE are not implemented.
+  if (scalingType !== undefined && scalingType !== "none" && scalingType !== "linear") throw new Error(`rope scaling type "${scalingType}" is not supported`);
+  const factor = ggufOpt<number>(g, `${a}.rope.scaling.factor`) ?? ggufOpt<number>(g, `${a}.rope.scale_linear`);
+  const scaling: RopeScaling = scalingType !== "none" && factor && factor !== 1 ? { kind: "linear", factor } : { kind: "none" };
   // llama.cpp stores Llama 3 rope scaling as explicit per-frequency divisors.
   const freqFactors = g.tensors.has("rope_freqs.weight") ? [...readGgufTensor(g, "rope_freqs.weight").data] : undefined;
   return {
@@ -87,7 +98,7 @@ export function llamaFromGguf(g: GgufFile, family = "llama"): ModelConfig {
     embedScale: 1,
     attnScale: 1 / Math.sqrt(dHead),
     ...PLAIN,
-    layerTypes: Array<LayerType>(nLayers).fill(window ? "sliding" : "full"),
+    layerTypes: Array.from({ length: nLayers }, (_, i): LayerType => (window && slides(i) ? "sliding" : "full")),
     ...(window ? { slidingWindow: window } : {}),
     ...(bos !== undefined ? { bosTokenId: bos } : {}),
     eosTokenIds: [eos, eot].filter((x): x is number => typeof x === "number"),
@@ -102,9 +113,12 @@ export default defineFamily({
   safetensors: LLAMA_SAFETENSORS,
   gguf: {
     ...LLAMA_GGUF,
-    // llama.cpp's llama arch keeps q/k rows interleaved for its adjacent-pair RoPE.
+    // llama.cpp's llama arch keeps q/k rows interleaved for its adjacent-pair RoPE
+    // (convert_hf_to_gguf LlamaModel.permute, applied to q/k_proj weights and biases).
     "blocks.{i}.attn.q.weight": { name: "blk.{i}.attn_q.weight", unpermuteRope: "q" },
     "blocks.{i}.attn.k.weight": { name: "blk.{i}.attn_k.weight", unpermuteRope: "k" },
+    "blocks.{i}.attn.q.bias": { name: "blk.{i}.attn_q.bias", unpermuteRope: "q" },
+    "blocks.{i}.attn.k.bias": { name: "blk.{i}.attn_k.bias", unpermuteRope: "k" },
   },
   ggufIgnore: /^rope_freqs\.weight$/,
 });

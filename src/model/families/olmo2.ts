@@ -8,7 +8,8 @@ export default defineFamily({
   id: "olmo2",
   matches: { hf: ["Olmo2ForCausalLM", "Olmo3ForCausalLM"], gguf: ["olmo2"] },
   fromHf: (hf) => ({ ...llamaFromHf(hf, "olmo2"), ...quirks }),
-  fromGguf: (g) => ({ ...llamaFromGguf(g, "olmo2"), ...quirks }),
+  // llama.cpp's olmo2 arch (OLMo 3 sliding layers): default pattern period 4.
+  fromGguf: (g) => ({ ...llamaFromGguf(g, "olmo2", 4), ...quirks }),
   safetensors: {
     ...LLAMA_SAFETENSORS,
     ...QK_NORM_SAFETENSORS,

@@ -1,0 +1,211 @@
+// `selfscope inject` / `resume` / `demo`: build the config, create (or reopen) the run directory,
+// run the sweep, then write results.json and report.html.
+import fs from "node:fs";
+import path from "node:path";
+import { UsageError } from "../core/errors.js";
+import { makeJudge, type Judge } from "../judge/judge.js";
+import { readRunLog, type RunData } from "../log/read.js";
+import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type RunHeader } from "../log/schema.js";
+import { RunLogWriter } from "../log/write.js";
+import { Model } from "../model/model.js";
+import { renderReport } from "../report/html.js";
+import type { DeviceName } from "../runtime/device.js";
+import { PROTOCOL_RECIPE } from "../vectors/extract.js";
+import { computeResults, type Results } from "./metrics.js";
+import { planTrials } from "./plan.js";
+import { parseLayers, presets } from "./presets.js";
+import { readData } from "./protocol.js";
+import { runSweep } from "./run.js";
+
+export const VERSION: string = (JSON.parse(fs.readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string }).version;
+
+export interface InjectArgs {
+  model: string;
+  preset?: string;
+  layers?: string;
+  strengths?: string;
+  /** A JSON/text file of concepts, or a number N (the first N of the 50 original concepts). */
+  concepts?: string;
+  trials?: number;
+  controls?: number;
+  forced?: boolean;
+  yesBias?: number;
+  variants?: string;
+  judges?: string[];
+  maxTokens?: number;
+  temperature?: number;
+  topK?: number;
+  topP?: number;
+  seed?: number;
+  batchSize?: number;
+  out?: string;
+  device?: DeviceName;
+  vectorCache?: string | null;
+  quiet?: boolean;
+  command?: string[];
+}
+
+function readConcepts(spec: string): string[] {
+  if (/^\d+$/.test(spec)) {
+    const all = readData<{ concepts: string[] }>("protocol/concepts_original_50.json").concepts;
+    const n = Number(spec);
+    if (n < 1 || n > all.length) throw new UsageError(`--concepts ${n}: choose 1..${all.length} of the original concepts, or pass a file`);
+    return all.slice(0, n);
+  }
+  if (!fs.existsSync(spec)) throw new UsageError(`--concepts ${spec}: no such file (pass a number, a JSON array file, or a text file with one concept per line)`);
+  const text = fs.readFileSync(spec, "utf8");
+  let list: unknown;
+  try {
+    list = JSON.parse(text);
+  } catch {
+    list = text.split("\n").map((s) => s.trim()).filter(Boolean);
+  }
+  if (!Array.isArray(list) || !list.every((x) => typeof x === "string") || list.length === 0) throw new UsageError(`${spec}: expected a non-empty list of concept strings`);
+  return list as string[];
+}
+
+const nums = (s: string, what: string) =>
+  s.split(",").map((x) => {
+    const n = Number(x.trim());
+    if (!Number.isFinite(n)) throw new UsageError(`${what}: "${x}" is not a number`);
+    return n;
+  });
+
+/** The protocol's judge when a key is configured, else the rule judge (approximate, and labelled so). */
+export function defaultJudges(env: NodeJS.ProcessEnv = process.env): string[] {
+  return env.OPENAI_API_KEY ? ["openai:gpt-4.1-mini"] : ["rule"];
+}
+
+export function buildConfig(a: InjectArgs, nLayers: number): InjectConfig {
+  const p = a.preset ? presets()[a.preset] : undefined;
+  if (a.preset && !p) throw new UsageError(`unknown preset "${a.preset}"; known: ${Object.keys(presets()).join(", ")}`);
+  const base = p?.config ?? presets().macar2026!.config;
+  const fractions = p?.layerFractions ?? [0.6];
+  const layers = a.layers ? parseLayers(a.layers, nLayers) : fractions.map((f) => Math.min(nLayers - 1, Math.round(nLayers * f)));
+  const cfg: InjectConfig = {
+    ...base,
+    preset: a.preset ?? null,
+    layers,
+    strengths: a.strengths ? nums(a.strengths, "--strengths") : base.strengths,
+    concepts: a.concepts ? readConcepts(a.concepts) : base.concepts,
+    variants: a.variants ? a.variants.split(",").map((s) => s.trim()) : base.variants,
+    trialsPerConcept: a.trials ?? base.trialsPerConcept,
+    controlsPerConfig: a.controls ?? base.controlsPerConfig,
+    forced: a.forced ?? base.forced,
+    yesBiasPerConcept: a.yesBias ?? base.yesBiasPerConcept,
+    generation: {
+      maxTokens: a.maxTokens ?? base.generation.maxTokens,
+      temperature: a.temperature ?? base.generation.temperature,
+      ...(a.topK !== undefined ? { topK: a.topK } : {}),
+      ...(a.topP !== undefined ? { topP: a.topP } : {}),
+    },
+    seed: a.seed ?? 0,
+    batchSize: a.batchSize ?? 16,
+    judges: a.judges && a.judges.length > 0 ? a.judges : defaultJudges(),
+    vectorRecipe: base.vectorRecipe ?? PROTOCOL_RECIPE,
+  };
+  if (cfg.trialsPerConcept < 0 || cfg.controlsPerConfig < 0) throw new UsageError("--trials and --controls must be >= 0");
+  if (cfg.batchSize < 1) throw new UsageError("--batch-size must be >= 1");
+  return cfg;
+}
+
+/** A progress line with rate and ETA on stderr (redrawn in place on a terminal). */
+export function progressPrinter(quiet = false): (done: number, total: number, phase: string) => void {
+  const t0 = performance.now();
+  let startDone = -1;
+  let lastPrint = 0;
+  return (done, total, phase) => {
+    if (quiet) return;
+    if (startDone < 0) startDone = done;
+    const now = performance.now();
+    if (done < total && now - lastPrint < 500) return;
+    lastPrint = now;
+    const rate = (done - startDone) / ((now - t0) / 1000);
+    const eta = rate > 0 ? (total - done) / rate : NaN;
+    const w = 24;
+    const bar = "#".repeat(Math.round((w * done) / Math.max(1, total))).padEnd(w, ".");
+    const line = `[${bar}] ${done}/${total} trials (${phase}) ${rate > 0 ? rate.toFixed(2) : "-"} trials/s  ETA ${Number.isFinite(eta) ? `${Math.ceil(eta)}s` : "-"}`;
+    if (process.stderr.isTTY) process.stderr.write(`\r${line}${done >= total ? "\n" : ""}`);
+    else process.stderr.write(line + "\n");
+  };
+}
+
+function judgesFor(cfg: InjectConfig, runDir: string): Judge[] {
+  return cfg.judges.map((spec) => makeJudge(spec, { cacheDir: path.join(runDir, "judge-cache") }));
+}
+
+/** Compute results and write results.json + report.html into the run directory. */
+export async function finishRun(runDir: string): Promise<{ run: RunData; results: Results }> {
+  const run = readRunLog(runDir);
+  const results = computeResults(run);
+  fs.writeFileSync(path.join(runDir, "results.json"), JSON.stringify(results, null, 1) + "\n");
+  fs.writeFileSync(path.join(runDir, "report.html"), await renderReport(run, results));
+  return { run, results };
+}
+
+export async function inject(a: InjectArgs): Promise<{ runDir: string; results: Results }> {
+  const model = await Model.load(a.model, { device: a.device ?? "wasm" });
+  try {
+    const cfg = buildConfig(a, model.config.nLayers);
+    const runDir = a.out ?? path.join("runs", `${new Date().toISOString().replace(/[:.]/g, "-")}_${cfg.preset ?? "inject"}`);
+    const header: RunHeader = {
+      type: "header",
+      schema: LOG_SCHEMA,
+      version: LOG_VERSION,
+      createdAt: new Date().toISOString(),
+      tool: { name: "selfscope", version: VERSION },
+      model: { path: a.model, hash: model.weightsHash(), family: model.family, nLayers: model.config.nLayers, dModel: model.config.dModel, dtype: model.sourceDtype, chatTemplate: model.chatTemplate !== undefined },
+      backend: { device: model.device.name, adapter: model.device.adapter },
+      config: cfg,
+      plannedTrials: planTrials(cfg).length,
+      command: a.command ?? [],
+    };
+    const judges = judgesFor(cfg, runDir);
+    const log = RunLogWriter.create(runDir, header);
+    try {
+      await runSweep(model, cfg, log, null, { judges, vectorCache: a.vectorCache ?? null, progress: progressPrinter(a.quiet) });
+    } finally {
+      log.close();
+    }
+    return { runDir, ...(await finishRun(runDir)) };
+  } finally {
+    model.dispose();
+  }
+}
+
+/** Continue a killed run: every planned trial ends up in the log exactly once. */
+export async function resume(runDir: string, opts: { device?: DeviceName; quiet?: boolean; vectorCache?: string | null } = {}): Promise<{ results: Results; generated: number; discardedBytes: number }> {
+  const prior = readRunLog(runDir, { repair: true });
+  const h = prior.header;
+  const model = await Model.load(h.model.path, { device: opts.device ?? (h.backend.device as DeviceName) });
+  try {
+    if (model.weightsHash() !== h.model.hash) {
+      throw new UsageError(`${runDir}: the model at ${h.model.path} has changed since the run started (hash ${model.weightsHash()} ≠ ${h.model.hash}); resume needs the same weights`);
+    }
+    const log = RunLogWriter.reopen(runDir);
+    let generated = 0;
+    try {
+      ({ generated } = await runSweep(model, h.config, log, prior, { judges: judgesFor(h.config, runDir), vectorCache: opts.vectorCache ?? null, progress: progressPrinter(opts.quiet) }));
+    } finally {
+      log.close();
+    }
+    return { results: (await finishRun(runDir)).results, generated, discardedBytes: prior.discardedBytes };
+  } finally {
+    model.dispose();
+  }
+}
+
+/** The summary table printed after a run. */
+export function summaryTable(r: Results): string {
+  const fmt = (x: { estimate: number | null; lo: number | null; hi: number | null; n: number }) =>
+    x.estimate === null ? `n/a (n=${x.n})` : `${(100 * x.estimate).toFixed(1)}%  [${(100 * x.lo!).toFixed(1)}, ${(100 * x.hi!).toFixed(1)}]  n=${x.n}`;
+  const rows: [string, string][] = [
+    ["detection (TPR)", fmt(r.tpr)],
+    ["false positives (FPR)", fmt(r.fpr)],
+    ["introspection", fmt(r.introspection_rate)],
+    ["forced identification", fmt(r.forced_identification_rate)],
+    ["yes-bias (control Qs)", fmt(r.yes_bias_rate)],
+    ["TPR > FPR", r.discrimination_p_value === null ? "n/a" : `p = ${r.discrimination_p_value.toPrecision(3)}`],
+  ];
+  return rows.map(([k, v]) => `  ${k.padEnd(24)} ${v}`).join("\n") + `\n  ${r.discrimination_summary}\n  judge: ${r.judge}${r.judge_approximate ? " (approximate: rule-based)" : ""}`;
+}

@@ -1,0 +1,611 @@
+// The run report: one self-contained HTML file (no network access: plots are static SVG rendered
+// on the server by Vega, styles and the transcript browser are inline, the trial data is embedded
+// as JSON). Model output is untrusted text: it only ever reaches the page as escaped HTML or via
+// textContent, and a Content-Security-Policy that allows nothing but the report's own script
+// (pinned by hash) backs that up.
+import { createHash } from "node:crypto";
+import * as vega from "vega";
+import { compile, type TopLevelSpec } from "vega-lite";
+import {
+  CRITERIA,
+  formatP,
+  summarizeTrials,
+  trialVerdicts,
+  type ConfigResults,
+  type RateOut,
+  type Results,
+  type RunData,
+  type TrialVerdicts,
+} from "../eval/metrics.js";
+import type { Rate, TrialRecord } from "../log/schema.js";
+
+// ---- escaping ---------------------------------------------------------------------------------------
+
+/** Escape text for HTML element content and quoted attribute values. */
+export function escapeHtml(s: string): string {
+  return s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+/**
+ * JSON that is safe inside <script type="application/json">: `<`, `>` and `&` become \u escapes
+ * (so no "</script" or "<!--" can appear), as do U+2028/U+2029. JSON.parse restores them.
+ */
+export function jsonForScript(value: unknown): string {
+  return JSON.stringify(value).replace(/[<>&\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+}
+
+// ---- formatting --------------------------------------------------------------------------------------
+
+const pct = (x: number | null, digits = 1) => (x === null ? "—" : `${(100 * x).toFixed(digits)}%`);
+
+function rateCell(r: Rate | undefined): string {
+  if (!r || r.estimate === null) return `<td class="num nodata">no data</td>`;
+  const unj = r.unjudged ? ` <span class="unj" title="${r.unjudged} unjudged trial(s), excluded from n">+${r.unjudged}?</span>` : "";
+  const ci = (x: number | null) => (x === null ? "—" : (100 * x).toFixed(1));
+  return `<td class="num"><b>${pct(r.estimate)}</b> <span class="ci">[${ci(r.lo)}, ${ci(r.hi)}]</span> <span class="n">n=${r.n}</span>${unj}</td>`;
+}
+
+function pCell(p: number | null): string {
+  if (p === null) return `<td class="num nodata">—</td>`;
+  return `<td class="num${p < 0.05 ? " sig" : ""}">${escapeHtml(formatP(p).replace(/^= /, ""))}</td>`;
+}
+
+const fmtNum = (x: number | null) => (x === null ? "—" : String(x));
+
+// ---- plots ------------------------------------------------------------------------------------------------
+
+let plotCounter = 0;
+
+/** Compile a Vega-Lite spec and render it to a static SVG string (headless, no canvas needed). */
+async function renderSvg(spec: TopLevelSpec): Promise<string> {
+  const vgSpec = compile(spec).spec;
+  const view = new vega.View(vega.parse(vgSpec), { renderer: "none" });
+  try {
+    const svg = await view.toSVG();
+    // Vega numbers clip paths and gradients from module-wide counters; several SVGs inline in one
+    // document must not share ids, so give each plot its own prefix.
+    const pre = `ssp${++plotCounter}-`;
+    return svg
+      .replace(/ id="([^"]+)"/g, ` id="${pre}$1"`)
+      .replace(/="url\(#([^)"]+)\)"/g, `="url(#${pre}$1)"`)
+      .replace(/ (xlink:)?href="#([^"]+)"/g, ` $1href="#${pre}$2"`);
+  } finally {
+    view.finalize();
+  }
+}
+
+const noData = (what: string) => `<div class="nodata-box">no data: ${escapeHtml(what)}</div>`;
+
+interface MetricRow {
+  metric: string;
+  variant: string;
+  layer: number;
+  strength: number;
+  estimate: number;
+  lo: number;
+  hi: number;
+  n: number;
+}
+
+const SWEEP_METRICS: { key: "tpr" | "fpr" | "introspection_rate"; label: string }[] = [
+  { key: "tpr", label: "Detection (TPR)" },
+  { key: "fpr", label: "False positives (FPR)" },
+  { key: "introspection_rate", label: "Introspection (detect ∧ identify)" },
+];
+
+function sweepRows(configs: readonly ConfigResults[]): MetricRow[] {
+  const rows: MetricRow[] = [];
+  for (const c of configs) {
+    if (c.layer === null || c.strength === null) continue;
+    for (const m of SWEEP_METRICS) {
+      const r = c[m.key];
+      if (r.estimate === null || r.lo === null || r.hi === null) continue;
+      rows.push({ metric: m.label, variant: c.variant, layer: c.layer, strength: c.strength, estimate: r.estimate, lo: r.lo, hi: r.hi, n: r.n });
+    }
+  }
+  return rows;
+}
+
+const rateAxis = { title: "rate", format: ".0%", grid: true } as const;
+
+/** Rates against `x` (strength or layer), one line per `series`, Wilson bands, faceted by metric (and variant). */
+async function sweepPlot(rows: MetricRow[], x: "strength" | "layer", series: "layer" | "strength", title: string): Promise<string> {
+  const xs = new Set(rows.map((r) => r[x]));
+  const seriesCount = new Set(rows.map((r) => r[series])).size;
+  const variants = new Set(rows.map((r) => r.variant));
+  const color = {
+    field: series,
+    type: "ordinal" as const,
+    title: series,
+    scale: seriesCount <= 10 ? { scheme: "category10" } : { scheme: "viridis" },
+    // One legend for band + line: full-opacity line symbols (the faded band would wash them out).
+    legend: { symbolType: "stroke", symbolOpacity: 1, symbolStrokeWidth: 3 },
+  };
+  const xEnc = { field: x, type: "quantitative" as const, title: x, scale: { zero: false, nice: false, padding: 12 }, axis: { tickMinStep: 1 } };
+  const bandEnc = { x: xEnc, y: { field: "lo", type: "quantitative" as const, axis: rateAxis, scale: { domain: [0, 1] } }, y2: { field: "hi" }, color };
+  const band =
+    xs.size > 1
+      ? { mark: { type: "area" as const, opacity: 0.15 }, encoding: bandEnc }
+      : { mark: { type: "rule" as const, strokeWidth: 3, opacity: 0.45 }, encoding: bandEnc };
+  const spec: TopLevelSpec = {
+    $schema: "https://vega.github.io/schema/vega-lite/v6.json",
+    title: { text: title, anchor: "start", fontSize: 14 },
+    data: { values: rows },
+    facet: {
+      column: { field: "metric", type: "nominal", title: null, sort: SWEEP_METRICS.map((m) => m.label), header: { labelFontSize: 12, labelFontWeight: "bold" } },
+      ...(variants.size > 1 ? { row: { field: "variant", type: "nominal" as const, title: "variant" } } : {}),
+    },
+    spec: {
+      width: 260,
+      height: 180,
+      layer: [
+        band,
+        {
+          mark: { type: "line", point: { filled: true, size: 40 }, strokeWidth: 2 },
+          encoding: {
+            x: xEnc,
+            y: { field: "estimate", type: "quantitative", axis: rateAxis, scale: { domain: [0, 1] } },
+            color,
+          },
+        },
+      ],
+    },
+    config: { font: "Helvetica, Arial, sans-serif", view: { stroke: "#ddd" } },
+  };
+  return renderSvg(spec);
+}
+
+interface ConceptRow {
+  concept: string;
+  metric: string;
+  estimate: number;
+  lo: number;
+  hi: number;
+  rank: number;
+}
+
+const CONCEPT_CAP = 60;
+
+async function conceptPlot(results: Results): Promise<{ svg: string; note: string }> {
+  const metrics: { key: "tpr" | "introspection_rate" | "forced_identification_rate"; label: string }[] = [
+    { key: "tpr", label: "Detection (TPR)" },
+    { key: "introspection_rate", label: "Introspection" },
+    { key: "forced_identification_rate", label: "Forced identification" },
+  ];
+  const withData = results.by_concept.filter((c) => metrics.some((m) => c[m.key].estimate !== null));
+  if (withData.length === 0) return { svg: noData("no judged injection or forced trials per concept"), note: "" };
+  // Sort by TPR (then forced, then name); concepts without TPR go last.
+  const key = (c: (typeof withData)[number]) => c.tpr.estimate ?? -1;
+  const sorted = [...withData].sort((a, b) => key(b) - key(a) || (b.forced_identification_rate.estimate ?? -1) - (a.forced_identification_rate.estimate ?? -1) || a.concept.localeCompare(b.concept));
+  let shown = sorted;
+  let note = "";
+  if (sorted.length > CONCEPT_CAP) {
+    shown = [...sorted.slice(0, CONCEPT_CAP / 2), ...sorted.slice(-CONCEPT_CAP / 2)];
+    note = `Showing the ${CONCEPT_CAP / 2} highest and ${CONCEPT_CAP / 2} lowest of ${sorted.length} concepts by TPR; every concept is in the table below.`;
+  }
+  const rows: ConceptRow[] = [];
+  shown.forEach((c, rank) => {
+    for (const m of metrics) {
+      const r = c[m.key];
+      if (r.estimate === null || r.lo === null || r.hi === null) continue;
+      rows.push({ concept: c.concept, metric: m.label, estimate: r.estimate, lo: r.lo, hi: r.hi, rank });
+    }
+  });
+  const present = metrics.filter((m) => rows.some((r) => r.metric === m.label));
+  const y = { field: "concept", type: "nominal" as const, title: null, sort: { field: "rank", op: "min" as const, order: "ascending" as const } };
+  const spec: TopLevelSpec = {
+    $schema: "https://vega.github.io/schema/vega-lite/v6.json",
+    title: { text: "Per-concept rates (pooled over configs), sorted by TPR", anchor: "start", fontSize: 14 },
+    data: { values: rows },
+    facet: { column: { field: "metric", type: "nominal", title: null, sort: present.map((m) => m.label), header: { labelFontSize: 12, labelFontWeight: "bold" } } },
+    spec: {
+      width: 220,
+      height: { step: 16 },
+      layer: [
+        {
+          mark: { type: "bar", color: "#4c78a8" },
+          encoding: { y, x: { field: "estimate", type: "quantitative", title: "rate", axis: { format: ".0%", values: [0, 0.25, 0.5, 0.75, 1] }, scale: { domain: [0, 1] } } },
+        },
+        { mark: { type: "rule", color: "#333" }, encoding: { y, x: { field: "lo", type: "quantitative" }, x2: { field: "hi" } } },
+      ],
+    },
+    config: { font: "Helvetica, Arial, sans-serif", view: { stroke: "#ddd" } },
+  };
+  const missing = metrics.filter((m) => !present.includes(m)).map((m) => m.label);
+  if (missing.length > 0) note += `${note ? " " : ""}No data for: ${missing.join(", ")}.`;
+  return { svg: await renderSvg(spec), note };
+}
+
+async function yesBiasPlot(results: Results): Promise<string> {
+  const rows = results.by_config
+    .filter((c) => c.yes_bias_rate.estimate !== null)
+    .map((c) => ({
+      config: `L${fmtNum(c.layer)} · α${fmtNum(c.strength)}${results.pooled_over.variants.length > 1 ? ` · ${c.variant}` : ""}`,
+      estimate: c.yes_bias_rate.estimate,
+      lo: c.yes_bias_rate.lo,
+      hi: c.yes_bias_rate.hi,
+    }));
+  if (rows.length === 0) return noData("no judged yes-bias trials");
+  const y = { field: "config", type: "nominal" as const, title: null, sort: null };
+  const spec: TopLevelSpec = {
+    $schema: "https://vega.github.io/schema/vega-lite/v6.json",
+    title: { text: "Yes-bias: P(answers YES to a control question whose answer is no)", anchor: "start", fontSize: 14 },
+    data: { values: rows },
+    width: 320,
+    height: { step: 18 },
+    layer: [
+      { mark: { type: "bar", color: "#e45756" }, encoding: { y, x: { field: "estimate", type: "quantitative", title: "rate", axis: { format: ".0%", values: [0, 0.25, 0.5, 0.75, 1] }, scale: { domain: [0, 1] } } } },
+      { mark: { type: "rule", color: "#333" }, encoding: { y, x: { field: "lo", type: "quantitative" }, x2: { field: "hi" } } },
+    ],
+    config: { font: "Helvetica, Arial, sans-serif", view: { stroke: "#ddd" } },
+  };
+  return renderSvg(spec);
+}
+
+// ---- sections -------------------------------------------------------------------------------------------
+
+function headerBlock(run: RunData): string {
+  const h = run.header;
+  const c = h.config;
+  const list = (xs: readonly (string | number)[], max = 12) =>
+    escapeHtml(xs.length <= max ? xs.join(", ") : `${xs.slice(0, max).join(", ")}, … (${xs.length} in all)`);
+  const gen = c.generation;
+  const rows: [string, string][] = [
+    ["Model", `${escapeHtml(h.model.path)} <span class="muted">(${escapeHtml(h.model.family)}, ${h.model.nLayers} layers, d=${h.model.dModel}, ${escapeHtml(h.model.dtype)}${h.model.chatTemplate ? ", chat template" : ", no chat template"})</span>`],
+    ["Model hash", `<code>${escapeHtml(h.model.hash)}</code>`],
+    ["Device", `${escapeHtml(h.backend.device)} <span class="muted">${escapeHtml(h.backend.adapter)}</span>`],
+    ["Layers", list(c.layers, 30)],
+    ["Strengths", list(c.strengths)],
+    ["Variants", list(c.variants)],
+    ["Concepts", list(c.concepts)],
+    [
+      "Trials",
+      escapeHtml(
+        `${c.trialsPerConcept} injection trials per concept and config (trial numbers 1..${c.maxTrialNumber}); ${c.controlsPerConfig} controls per config; forced ${c.forced ? "on" : "off"}; yes-bias ${c.yesBiasPerConcept} per concept; ${h.plannedTrials} planned, ${run.trials.length} logged`,
+      ),
+    ],
+    ["Generation", escapeHtml(`max ${gen.maxTokens} tokens, T=${gen.temperature}${gen.topK !== undefined ? `, top-k ${gen.topK}` : ""}${gen.topP !== undefined ? `, top-p ${gen.topP}` : ""}; seed ${c.seed}; batch ${c.batchSize}`)],
+    ["Vectors", escapeHtml(`${c.vectorRecipe.method}, token index ${c.vectorRecipe.tokenIndex}${c.preset ? `; preset ${c.preset}` : ""}`)],
+    ["Judges", list(c.judges)],
+    ["Tool", escapeHtml(`${h.tool.name} ${h.tool.version}`)],
+    ["Created", escapeHtml(h.createdAt)],
+    ["Command", `<code>${escapeHtml(h.command.join(" "))}</code>`],
+  ];
+  return `<dl class="meta">${rows.map(([k, v]) => `<dt>${k}</dt><dd>${v}</dd>`).join("")}</dl>
+<details><summary>Full configuration (as recorded in the log header)</summary><pre class="config">${escapeHtml(JSON.stringify(c, null, 2))}</pre></details>`;
+}
+
+function notesBox(run: RunData, results: Results): string {
+  const items: string[] = [];
+  items.push(
+    `<li class="${results.discrimination_p_value === null || results.discrimination_p_value >= 0.05 ? "warn" : "ok"}">${escapeHtml(results.discrimination_summary)}</li>`,
+  );
+  items.push(
+    results.judge_approximate
+      ? `<li class="warn">Judge <code>${escapeHtml(results.judge)}</code> is <b>approximate</b> (rule-based or self-declared): treat every rate as a rough estimate.</li>`
+      : `<li>Judge: <code>${escapeHtml(results.judge)}</code>.</li>`,
+  );
+  const unj = CRITERIA.filter((c) => results.unjudged[c] > 0).map((c) => `${c} ${results.unjudged[c]}`);
+  items.push(
+    unj.length > 0
+      ? `<li class="warn">Unjudged trials (excluded from n, never counted as NO): ${escapeHtml(unj.join(", "))}.</li>`
+      : `<li>Every trial that needed a verdict has one.</li>`,
+  );
+  if (results.degenerate > 0) {
+    const byFlag = new Map<string, number>();
+    for (const t of run.trials) for (const f of t.flags) byFlag.set(f, (byFlag.get(f) ?? 0) + 1);
+    const flags = [...byFlag].map(([f, n]) => `${f} ${n}`).join(", ");
+    items.push(`<li class="warn">${results.degenerate} degenerate output${results.degenerate === 1 ? "" : "s"} flagged (${escapeHtml(flags)}); they are listed in the transcripts (filter “flagged only”).</li>`);
+  } else items.push(`<li>No degenerate outputs were flagged.</li>`);
+  const planned = run.header.plannedTrials;
+  if (planned !== run.trials.length) {
+    items.push(`<li class="warn">The log holds ${run.trials.length} of ${planned} planned trials: the run is incomplete (or was resumed with a different plan).</li>`);
+  }
+  const po = results.pooled_over;
+  items.push(
+    `<li>Headline rates pool every trial over layers [${escapeHtml(po.layers.join(", "))}], strengths [${escapeHtml(po.strengths.join(", "))}] and variants [${escapeHtml(po.variants.join(", "))}]; per-configuration numbers are in the table and plots below. Intervals are Wilson 95%; “boot” intervals resample concepts.</li>`,
+  );
+  return `<section class="notes"><h2>Honest notes</h2><ul>${items.join("")}</ul></section>`;
+}
+
+function headlineTable(results: Results): string {
+  const rows: [string, RateOut][] = [
+    ["Detection (TPR)", results.tpr],
+    ["False positives (FPR)", results.fpr],
+    ["Introspection (detect ∧ identify)", results.introspection_rate],
+    ["Forced identification", results.forced_identification_rate],
+    ["Yes-bias", results.yes_bias_rate],
+  ];
+  return `<table class="headline"><thead><tr><th>metric (pooled)</th><th>estimate [95% CI]</th></tr></thead><tbody>${rows
+    .map(([k, r]) => `<tr><th>${escapeHtml(k)}</th>${rateCell(r)}</tr>`)
+    .join("")}<tr><th>TPR &gt; FPR (one-sided Fisher)</th>${pCell(results.discrimination_p_value)}</tr></tbody></table>
+    <p class="muted small">Rates: estimate [Wilson 95% interval, in %], n = judged trials, +k? = k unjudged trials (excluded from n). Trials: ${results.n_trials.injection} injection, ${results.n_trials.control} control, ${results.n_trials.forced} forced, ${results.n_trials.yesbias} yes-bias.</p>`;
+}
+
+function configTable(results: Results): string {
+  if (results.by_config.length === 0) return noData("no (layer, strength) configurations in the log");
+  const boot = (b: { lo: number | null; hi: number | null } | null) => (b === null ? "—" : `[${pct(b.lo)}, ${pct(b.hi)}]`);
+  const body = results.by_config
+    .map(
+      (c) =>
+        `<tr><td>${fmtNum(c.layer)}</td><td>${fmtNum(c.strength)}</td><td>${escapeHtml(c.variant)}</td>${rateCell(c.tpr)}<td class="num ci">${boot(c.tpr_boot)}</td>${rateCell(c.fpr)}${rateCell(c.introspection_rate)}<td class="num ci">${boot(c.introspection_boot)}</td>${rateCell(c.forced_identification_rate)}${rateCell(c.yes_bias_rate)}${pCell(c.discrimination_p_value)}</tr>`,
+    )
+    .join("");
+  return `<div class="scroll"><table class="grid rates"><thead><tr><th>layer</th><th>α</th><th>variant</th><th>TPR</th><th>TPR boot</th><th>FPR</th><th>introspection</th><th>intr. boot</th><th>forced ID</th><th>yes-bias</th><th>p (TPR&gt;FPR)</th></tr></thead><tbody>${body}</tbody></table></div>`;
+}
+
+function variantTable(run: RunData, results: Results, verdicts: Map<string, TrialVerdicts>): string {
+  const variants = results.pooled_over.variants;
+  if (variants.length === 0) return noData("no trials");
+  const body = variants
+    .map((v) => {
+      const s = summarizeTrials(
+        run.trials.filter((t) => t.variant === v),
+        verdicts,
+      );
+      return `<tr><td>${escapeHtml(v)}</td>${rateCell(s.tpr)}${rateCell(s.fpr)}${rateCell(s.introspection_rate)}${rateCell(s.forced_identification_rate)}${pCell(s.discrimination_p_value)}</tr>`;
+    })
+    .join("");
+  return `<div class="scroll"><table class="grid rates"><thead><tr><th>variant</th><th>TPR</th><th>FPR</th><th>introspection</th><th>forced ID</th><th>p (TPR&gt;FPR)</th></tr></thead><tbody>${body}</tbody></table></div>`;
+}
+
+function conceptTable(results: Results): string {
+  if (results.by_concept.length === 0) return "";
+  const body = results.by_concept
+    .map((c) => `<tr><td>${escapeHtml(c.concept)}</td>${rateCell(c.tpr)}${rateCell(c.introspection_rate)}${rateCell(c.forced_identification_rate)}</tr>`)
+    .join("");
+  return `<details><summary>All ${results.by_concept.length} concepts (table)</summary><div class="scroll tall"><table class="grid"><thead><tr><th>concept</th><th>TPR</th><th>introspection</th><th>forced ID</th></tr></thead><tbody>${body}</tbody></table></div></details>`;
+}
+
+// ---- transcripts ------------------------------------------------------------------------------------------
+
+/** One trial as embedded for the transcript browser (short keys: the table can hold 10⁵ rows). */
+interface EmbeddedTrial {
+  id: string;
+  k: string;
+  c: string | null;
+  l: number | null;
+  s: number | null;
+  v: string;
+  t: number;
+  n: number;
+  q: string | null;
+  f: string[];
+  o: string;
+  /** verdicts: detection, identification, forced_identification, yes_answer */
+  j: (string | null)[];
+}
+
+function embeddedTrials(run: RunData, verdicts: Map<string, TrialVerdicts>): EmbeddedTrial[] {
+  return run.trials.map((t: TrialRecord) => {
+    const v = verdicts.get(t.id)!;
+    return {
+      id: t.id,
+      k: t.kind,
+      c: t.concept,
+      l: t.layer,
+      s: t.strength,
+      v: t.variant,
+      t: t.trialNumber,
+      n: t.sample,
+      q: t.question ?? null,
+      f: t.flags,
+      o: t.output,
+      j: CRITERIA.map((c) => v[c]),
+    };
+  });
+}
+
+const TRANSCRIPT_SCRIPT = String.raw`
+(function () {
+  "use strict";
+  var data = JSON.parse(document.getElementById("selfscope-data").textContent);
+  var trials = data.trials;
+  var CRIT = data.criteria;
+  var PAGE = 200;
+  var limit = PAGE;
+  function $(id) { return document.getElementById(id); }
+  var fConcept = $("f-concept"), fLayer = $("f-layer"), fStrength = $("f-strength"), fKind = $("f-kind"),
+      fVariant = $("f-variant"), fVerdict = $("f-verdict"), fFlagged = $("f-flagged"), fText = $("f-text"),
+      tbody = $("transcripts-body"), status = $("transcripts-status"), more = $("transcripts-more");
+  var NONE = "__selfscope_none__";
+  function key(x) { return x === null || x === undefined ? NONE : String(x); }
+  function label(x) { return x === null || x === undefined ? "(none)" : String(x); }
+  function fill(sel, values, numeric) {
+    var seen = {};
+    var list = [];
+    values.forEach(function (x) { var k = key(x); if (!seen[k]) { seen[k] = true; list.push(x); } });
+    list.sort(function (a, b) {
+      if (a === null) return 1; if (b === null) return -1;
+      return numeric ? a - b : String(a).localeCompare(String(b));
+    });
+    list.forEach(function (x) {
+      var o = document.createElement("option");
+      o.value = key(x); o.textContent = label(x); sel.appendChild(o);
+    });
+  }
+  fill(fConcept, trials.map(function (t) { return t.c; }), false);
+  fill(fLayer, trials.map(function (t) { return t.l; }), true);
+  fill(fStrength, trials.map(function (t) { return t.s; }), true);
+  fill(fKind, trials.map(function (t) { return t.k; }), false);
+  fill(fVariant, trials.map(function (t) { return t.v; }), false);
+  CRIT.forEach(function (c) {
+    ["YES", "NO", "unjudged"].forEach(function (v) {
+      var o = document.createElement("option");
+      o.value = c + ":" + v; o.textContent = c + " " + v; fVerdict.appendChild(o);
+    });
+  });
+  function matches(t) {
+    if (fConcept.value !== "" && key(t.c) !== fConcept.value) return false;
+    if (fLayer.value !== "" && key(t.l) !== fLayer.value) return false;
+    if (fStrength.value !== "" && key(t.s) !== fStrength.value) return false;
+    if (fKind.value !== "" && t.k !== fKind.value) return false;
+    if (fVariant.value !== "" && t.v !== fVariant.value) return false;
+    if (fVerdict.value !== "") {
+      var parts = fVerdict.value.split(":");
+      if (t.j[CRIT.indexOf(parts[0])] !== parts[1]) return false;
+    }
+    if (fFlagged.checked && t.f.length === 0) return false;
+    var q = fText.value.trim().toLowerCase();
+    if (q !== "" && t.o.toLowerCase().indexOf(q) < 0 && (t.q === null || t.q.toLowerCase().indexOf(q) < 0)) return false;
+    return true;
+  }
+  function cell(tr, text, cls) {
+    var td = document.createElement("td");
+    td.textContent = text;
+    if (cls) td.className = cls;
+    tr.appendChild(td);
+    return td;
+  }
+  function render() {
+    var rows = trials.filter(matches);
+    var shown = Math.min(rows.length, limit);
+    var frag = document.createDocumentFragment();
+    for (var i = 0; i < shown; i++) {
+      var t = rows[i];
+      var tr = document.createElement("tr");
+      tr.setAttribute("data-id", t.id);
+      cell(tr, t.k, "kind kind-" + t.k);
+      cell(tr, label(t.c));
+      cell(tr, label(t.l), "num");
+      cell(tr, label(t.s), "num");
+      cell(tr, t.v);
+      cell(tr, t.t + "." + t.n, "num");
+      for (var c = 0; c < CRIT.length; c++) {
+        var v = t.j[c];
+        cell(tr, v === null ? "\u2014" : v, v === null ? "na" : "v-" + v);
+      }
+      cell(tr, t.f.join(" "), t.f.length ? "flag" : "");
+      var out = cell(tr, "", "out");
+      if (t.q !== null) { var q = document.createElement("div"); q.className = "question"; q.textContent = "Q: " + t.q; out.appendChild(q); }
+      var pre = document.createElement("div"); pre.className = "text"; pre.textContent = t.o === "" ? "(empty output)" : t.o; out.appendChild(pre);
+      frag.appendChild(tr);
+    }
+    tbody.replaceChildren(frag);
+    status.textContent = rows.length + " of " + trials.length + " trials match" + (shown < rows.length ? "; showing the first " + shown : "");
+    more.hidden = shown >= rows.length;
+  }
+  [fConcept, fLayer, fStrength, fKind, fVariant, fVerdict, fFlagged].forEach(function (el) {
+    el.addEventListener("change", function () { limit = PAGE; render(); });
+  });
+  fText.addEventListener("input", function () { limit = PAGE; render(); });
+  more.addEventListener("click", function () { limit += PAGE; render(); });
+  $("f-reset").addEventListener("click", function () {
+    [fConcept, fLayer, fStrength, fKind, fVariant, fVerdict].forEach(function (el) { el.value = ""; });
+    fFlagged.checked = false; fText.value = ""; limit = PAGE; render();
+  });
+  render();
+})();
+`;
+
+function transcriptSection(): string {
+  const sel = (id: string, label: string) => `<label>${label} <select id="${id}"><option value="">all</option></select></label>`;
+  return `<section id="transcripts"><h2>Transcripts</h2>
+<div class="filters">
+${sel("f-concept", "concept")}${sel("f-layer", "layer")}${sel("f-strength", "strength")}${sel("f-kind", "kind")}${sel("f-variant", "variant")}${sel("f-verdict", "verdict")}
+<label><input type="checkbox" id="f-flagged"> flagged only</label>
+<label>text <input type="search" id="f-text" placeholder="search output"></label>
+<button type="button" id="f-reset">reset</button>
+</div>
+<p id="transcripts-status" class="muted" aria-live="polite"></p>
+<div class="scroll transcripts"><table class="grid" id="transcripts-table"><thead><tr><th>kind</th><th>concept</th><th>layer</th><th>α</th><th>variant</th><th>trial.sample</th><th>detection</th><th>identification</th><th>forced ID</th><th>yes answer</th><th>flags</th><th>output</th></tr></thead><tbody id="transcripts-body"></tbody></table></div>
+<button type="button" id="transcripts-more" hidden>show more</button>
+</section>`;
+}
+
+const CSS = `
+:root { --fg: #1d2329; --muted: #5f6b76; --line: #dde2e7; --bg: #fff; --accent: #4c78a8; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 Helvetica, Arial, sans-serif; color: var(--fg); background: #f5f7f9; }
+main { max-width: 1280px; margin: 0 auto; padding: 20px 28px 60px; background: var(--bg); }
+h1 { font-size: 22px; margin: 0 0 4px; }
+h2 { font-size: 17px; margin: 28px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+code { font: 12px/1.3 ui-monospace, Menlo, Consolas, monospace; background: #f0f2f4; padding: 1px 4px; border-radius: 3px; word-break: break-all; }
+.muted { color: var(--muted); } .small { font-size: 12px; }
+.top { display: grid; grid-template-columns: minmax(0, 1.2fr) minmax(0, 1fr); gap: 24px; align-items: start; }
+@media (max-width: 900px) { .top { grid-template-columns: 1fr; } }
+dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: 3px 14px; margin: 0; font-size: 13px; }
+dl.meta dt { color: var(--muted); } dl.meta dd { margin: 0; overflow-wrap: anywhere; }
+.notes { background: #fffbea; border: 1px solid #f0dc8c; border-radius: 6px; padding: 4px 16px 8px; }
+.notes h2 { border: none; margin-top: 10px; }
+.notes ul { padding-left: 18px; margin: 6px 0; } .notes li { margin: 4px 0; }
+.notes li.warn::marker { content: "⚠ "; color: #b7791f; } .notes li.ok::marker { content: "✓ "; color: #2f855a; }
+table { border-collapse: collapse; font-size: 13px; }
+table.headline th, table.headline td { padding: 4px 10px; border-bottom: 1px solid var(--line); text-align: left; }
+table.grid th, table.grid td { padding: 3px 8px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; white-space: nowrap; }
+table.grid thead th { position: sticky; top: 0; background: #eef1f4; z-index: 1; }
+td.num { font-variant-numeric: tabular-nums; }
+table.rates td.num { white-space: normal; min-width: 8.5em; } table.rates td.num.ci { white-space: nowrap; min-width: 0; } td.sig { color: #2f855a; font-weight: bold; }
+.ci, .n { color: var(--muted); font-size: 12px; } .unj { color: #b7791f; font-size: 12px; }
+.nodata, td.na { color: #9aa5b1; }
+.nodata-box { padding: 18px; border: 1px dashed #c5cdd5; border-radius: 6px; color: var(--muted); background: #fafbfc; margin: 8px 0; }
+.plot { margin: 10px 0 18px; overflow-x: auto; } .plot svg { max-width: none; display: block; }
+.scroll { overflow: auto; max-width: 100%; } .scroll.tall { max-height: 480px; }
+.filters { display: flex; flex-wrap: wrap; gap: 8px 14px; align-items: center; margin-bottom: 6px; font-size: 13px; }
+.filters select, .filters input[type=search] { font: inherit; padding: 2px 4px; max-width: 180px; }
+.scroll.transcripts { max-height: 640px; border: 1px solid var(--line); }
+#transcripts-table td.out { white-space: normal; min-width: 360px; max-width: 640px; }
+#transcripts-table .text { white-space: pre-wrap; font: 12px/1.35 ui-monospace, Menlo, Consolas, monospace; overflow-wrap: anywhere; }
+#transcripts-table .question { color: var(--muted); font-style: italic; margin-bottom: 2px; }
+td.v-YES { color: #2f855a; font-weight: bold; } td.v-NO { color: #a0aec0; } td.v-unjudged { color: #b7791f; font-style: italic; }
+td.flag { color: #c53030; } td.kind-injection { color: #2b6cb0; } td.kind-control { color: #4a5568; } td.kind-forced { color: #6b46c1; } td.kind-yesbias { color: #c05621; }
+pre.config { font: 12px/1.35 ui-monospace, Menlo, Consolas, monospace; background: #f6f8fa; padding: 8px; max-height: 320px; overflow: auto; }
+details summary { cursor: pointer; color: var(--accent); margin: 6px 0; }
+button { font: inherit; padding: 2px 10px; }
+footer { margin-top: 30px; font-size: 12px; color: var(--muted); }
+`;
+
+/**
+ * Render the report of a run as one self-contained HTML document (async: Vega renders plots
+ * asynchronously). `results` must come from computeResults on the same run.
+ */
+export async function renderReport(run: RunData, results: Results): Promise<string> {
+  const verdicts = trialVerdicts(run, results.judge);
+  const rows = sweepRows(results.by_config);
+  const strengthPlot =
+    rows.length === 0 ? noData("no judged injection or control trials") : await sweepPlot(rows, "strength", "layer", "Rates vs injection strength (one line per layer; bands: Wilson 95%)");
+  const layerPlot = rows.length === 0 ? noData("no judged injection or control trials") : await sweepPlot(rows, "layer", "strength", "Layer sweep: rates vs layer (one line per strength; bands: Wilson 95%)");
+  const missingSweep = SWEEP_METRICS.filter((m) => !rows.some((r) => r.metric === m.label)).map((m) => m.label);
+  const sweepNote = rows.length > 0 && missingSweep.length > 0 ? `<p class="muted small">No data for: ${escapeHtml(missingSweep.join(", "))}.</p>` : "";
+  const concept = await conceptPlot(results);
+  const yesBias = await yesBiasPlot(results);
+
+  const data = { criteria: CRITERIA, judge: results.judge, trials: embeddedTrials(run, verdicts) };
+  const script = TRANSCRIPT_SCRIPT;
+  const scriptHash = createHash("sha256").update(script, "utf8").digest("base64");
+  const csp = `default-src 'none'; script-src 'sha256-${scriptHash}'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'`;
+  const h = run.header;
+  const title = `selfscope report — ${h.model.path.split(/[\\/]/).filter(Boolean).pop() ?? h.model.path}`;
+
+  return `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="${escapeHtml(csp)}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>${escapeHtml(title)}</title>
+<style>${CSS}</style>
+</head>
+<body>
+<main>
+<h1>${escapeHtml(title)}</h1>
+<p class="muted">Concept-injection run · created ${escapeHtml(h.createdAt)} · ${escapeHtml(h.tool.name)} ${escapeHtml(h.tool.version)} · judge <code>${escapeHtml(results.judge)}</code></p>
+<div class="top">
+<section><h2>Run</h2>${headerBlock(run)}</section>
+<div>${notesBox(run, results)}<h2>Headline (pooled)</h2>${headlineTable(results)}</div>
+</div>
+<section><h2>Strength sweep</h2><div class="plot">${strengthPlot}</div>${sweepNote}</section>
+<section><h2>Layer sweep</h2><div class="plot">${layerPlot}</div>${sweepNote}</section>
+<section><h2>Per configuration</h2>${configTable(results)}</section>
+<section><h2>Variants</h2><p class="muted small">Each variant pooled over its layers and strengths.</p>${variantTable(run, results, verdicts)}</section>
+<section><h2>Per concept</h2><div class="plot">${concept.svg}</div>${concept.note ? `<p class="muted small">${escapeHtml(concept.note)}</p>` : ""}${conceptTable(results)}</section>
+<section><h2>Yes-bias control</h2><div class="plot">${yesBias}</div></section>
+${transcriptSection()}
+<footer>Generated by ${escapeHtml(h.tool.name)} ${escapeHtml(h.tool.version)}. Plots: Vega-Lite/Vega, rendered to static SVG. Self-contained: this file loads nothing from the network.</footer>
+</main>
+<script type="application/json" id="selfscope-data">${jsonForScript(data)}</script>
+<script>${script}</script>
+</body>
+</html>
+`;
+}
