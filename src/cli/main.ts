@@ -12,6 +12,7 @@ import { judgeAgreement } from "../judge/agreement.js";
 import { readRunLog } from "../log/read.js";
 import { Model } from "../model/model.js";
 import { exportCsv, exportParquet } from "../report/export.js";
+import { serveRun } from "../report/server.js";
 import { defaultVectorCache } from "../vectors/extract.js";
 import type { DeviceName } from "../runtime/device.js";
 
@@ -32,6 +33,7 @@ Usage:
   selfscope resume   RUN_DIR                 finish a killed run (every planned trial exactly once)
   selfscope report   RUN_DIR                 recompute results.json and report.html
   selfscope export   RUN_DIR [--format csv|parquet] [--out FILE]
+  selfscope view     RUN_DIR [--port N]      serve the report on http://127.0.0.1
   selfscope judge-agreement RUN_DIR [--judge A --judge B | --human FILE]   Cohen's kappa
 
 PATH is a .gguf file, a .safetensors file with config.json beside it, or a Hugging Face model folder.`;
@@ -74,6 +76,8 @@ function parse(argv: string[]): { cmd: string | undefined; flags: Flags; positio
       format: { type: "string" },
       human: { type: "string" },
       quiet: { type: "boolean" },
+      host: { type: "string" },
+      port: { type: "string" },
       help: { type: "boolean", short: "h" },
     },
   });
@@ -304,7 +308,18 @@ async function cmdDemo(f: Flags): Promise<void> {
   process.stdout.write(`  took ${((performance.now() - t0) / 1000).toFixed(1)} s\n`);
 }
 
+async function cmdView(f: Flags): Promise<void> {
+  const dir = positional[0];
+  if (!dir || !fs.existsSync(dir)) throw new CliError("usage: selfscope view RUN_DIR [--host 127.0.0.1] [--port N]");
+  const host = str(f, "host") ?? "127.0.0.1";
+  if (host !== "127.0.0.1" && host !== "localhost" && host !== "::1") process.stderr.write(`warning: serving on ${host} makes this run visible to your network\n`);
+  const { url } = await serveRun(dir, { host, port: numFlag(f, "port", 0)! });
+  process.stdout.write(`serving ${dir} at ${url} (Ctrl-C to stop)\n`);
+  await new Promise<never>(() => {}); // run until interrupted
+}
+
 const COMMANDS: Record<string, (f: Flags) => Promise<void>> = {
+  view: cmdView,
   generate: cmdGenerate,
   logits: cmdLogits,
   info: cmdInfo,

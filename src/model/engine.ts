@@ -89,6 +89,16 @@ export interface GenerateResult {
   cache: ActivationCache;
 }
 
+/** Internal: logits with NaN/Inf, caught by forward/generate and turned into a located NumericalError. */
+class NonFiniteLogits extends Error {
+  constructor(
+    readonly row: number,
+    readonly value: number,
+  ) {
+    super("non-finite logits");
+  }
+}
+
 /** An op compiled on the host, before its arrays are made (so same-kind ops can merge). */
 interface HostOp {
   kind: OpKind;
@@ -194,6 +204,15 @@ export class Engine {
 
   /** Full forward pass (no KV cache) over a left-padded batch. */
   async forward(rows: (Row | number[])[], opts: ForwardOptions = {}): Promise<ForwardResult> {
+    try {
+      return await this.forwardUnchecked(rows, opts);
+    } catch (e) {
+      if (e instanceof NonFiniteLogits) throw await this.diagnose(rows.map(asRow)[e.row]!, opts, e);
+      throw e;
+    }
+  }
+
+  private async forwardUnchecked(rows: (Row | number[])[], opts: ForwardOptions): Promise<ForwardResult> {
     this.live();
     const rs = rows.map(asRow);
     const { B, T, pad } = padShape(rs);
@@ -217,6 +236,49 @@ export class Engine {
 
   /** Generate with a KV cache; rows may have different lengths and different interventions. */
   async generate(rows: (Row | number[])[], opts: GenerateOptions): Promise<GenerateResult> {
+    try {
+      return await this.generateUnchecked(rows, opts);
+    } catch (e) {
+      if (e instanceof NonFiniteLogits) {
+        const r = rows.map(asRow)[e.row]!;
+        // Locate the first bad activation over the prompt (the row's own interventions apply).
+        const plan = (opts.plan ?? []).filter((iv) => !iv.rows || iv.rows.includes(e.row)).map((iv) => ({ ...iv, rows: [0] }));
+        throw await this.diagnose(r, { plan, ...(opts.countPrefix ? { countPrefix: opts.countPrefix } : {}) }, e);
+      }
+      throw e;
+    }
+  }
+
+  /**
+   * Re-run one row reading every block-boundary site and name the first that holds NaN/Inf
+   * (NaN in weights, or an intervention scale that overflowed), so the error says where.
+   */
+  private async diagnose(row: Row, opts: ForwardOptions, e: NonFiniteLogits): Promise<NumericalError> {
+    const c = this.config;
+    const sites: HookName[] = ["hook_embed"];
+    for (let l = 0; l < c.nLayers; l++) for (const s of ["hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post"] as const) sites.push(`blocks.${l}.${s}`);
+    const plan: Intervention[] = [...(opts.plan ?? []).map((iv) => ({ ...iv, rows: [0] })), ...sites.map((at) => ({ op: "read" as const, at }))];
+    let where = "the final norm or unembedding";
+    try {
+      const { cache } = await this.forwardUnchecked([row], { ...opts, plan, logits: "none" });
+      for (const at of sites) {
+        const { data, shape } = cache.get(at);
+        const i = data.findIndex((x) => !Number.isFinite(x));
+        if (i >= 0) {
+          where = `${at} (position ${Math.floor(i / (shape[1] ?? 1))}, value ${data[i]})`;
+          break;
+        }
+      }
+    } catch {
+      where = "(could not re-run to locate it)";
+    }
+    return new NumericalError(
+      `non-finite logits (${e.value}) in batch row ${e.row}: the first non-finite activation is at ${where}; ` +
+        `check the model file for NaN/Inf weights and any intervention vector or scale`,
+    );
+  }
+
+  private async generateUnchecked(rows: (Row | number[])[], opts: GenerateOptions): Promise<GenerateResult> {
     this.live();
     const c = this.config;
     const rs = rows.map(asRow);
@@ -362,6 +424,7 @@ export class Engine {
         need(iv.vector, "vector");
         const s = iv.scale ?? 1;
         r.vec = iv.vector.map((x) => x * s);
+        if (!r.vec.every(Number.isFinite)) throw new NumericalError(`add at ${iv.at}: vector × scale ${s} overflows float32`);
       } else if (iv.op === "project") {
         if (featShape.length !== 1) throw new UsageError(`project at ${iv.at}: only single-vector sites (resid, attn_out, mlp_out, mlp pre/post) take a direction`);
         need(iv.direction, "direction");
@@ -619,9 +682,7 @@ export class Engine {
       off += w;
     }
     for (let i = 0; i < out.length; i++) {
-      if (!Number.isFinite(out[i]!)) {
-        throw new NumericalError(`logits contain ${out[i]} (row ${Math.floor(i / c.dVocab / ctx.T)}): the forward pass produced non-finite values; check the weights and any intervention scale`);
-      }
+      if (!Number.isFinite(out[i]!)) throw new NonFiniteLogits(Math.floor(i / c.dVocab / ctx.T), out[i]!);
     }
     return out;
   }

@@ -3,6 +3,11 @@
 import fs from "node:fs";
 import path from "node:path";
 import { ModelFileError, UnsupportedArchitectureError, WeightShapeError } from "../core/errors.js";
+
+/** A weight file holding NaN or Inf. */
+export class NumericalWeightsError extends ModelFileError {
+  override name = "NumericalWeightsError";
+}
 import { readGguf, readGgufTensor, type GgufFile } from "../io/gguf.js";
 import { resolveModelPath } from "../io/hub-cache.js";
 import { openSafetensors, readStTensor, type SafetensorsSet } from "../io/safetensors.js";
@@ -174,6 +179,8 @@ function mapWeights(
     let t = cache.get(name);
     if (!t) {
       t = read(name);
+      const bad = t.data.findIndex((x) => !Number.isFinite(x));
+      if (bad >= 0) throw new NumericalWeightsError(file, `tensor ${name} holds ${t.data[bad]} at element ${bad} (for ${canon}, layer ${layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
       cache.set(name, t);
     }
     const w = transform(t, src, config, file, name);
