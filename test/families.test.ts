@@ -14,7 +14,7 @@
 // float64 reference to 1e-4, against llama.cpp to GELU_TOL, and that the float64 reference with
 // llama.cpp's table GELU lands much closer to llama.cpp (what is left is f16 rounding-boundary
 // flips from float32-vs-float64 differences upstream of the table).
-import { after, before, describe, test } from "node:test";
+import { after, before, describe, test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import os from "node:os";
@@ -33,8 +33,8 @@ const PROMPT = [5, 77, 123, 9, 250, 31, 64, 200, 17, 99, 140, 8, 260, 45, 12, 18
 const N_GEN = 32;
 const SAME_TOL = 1e-5; // HF folder vs GGUF logits (same float32 math, weights equal up to f32(1 + w))
 const REF_TOL = 1e-4; // vs llama.cpp (SiLU families) and vs the float64 reference (all families)
-const GELU_TOL = 5e-3; // vs llama.cpp for GELU families (observed 0.9e-3 .. 1.3e-3)
-const GELU_EMU_TOL = 5e-4; // float64 with llama.cpp's f16 GELU table vs llama.cpp (observed 1.4e-4 .. 2.3e-4)
+const GELU_TOL = 5e-3; // vs llama.cpp for GELU families (observed 0.9e-3 .. 1.0e-3)
+const GELU_EMU_TOL = 5e-4; // float64 with llama.cpp's f16 GELU table vs llama.cpp (observed 1.2e-4 .. 2.3e-4)
 const CHANGED = 1e-3; // switching a quirk off must move some logit by more than this
 const GELU_FAMILIES: ReadonlySet<FixtureFamily> = new Set(["gemma2", "gemma3", "gpt2"]);
 
@@ -154,13 +154,28 @@ const QUIRKS: Record<FixtureFamily, Quirk[]> = {
 let dir = "";
 let fixtures = new Map<FixtureFamily, FixturePaths>();
 let lc: LlamaCppLite | undefined;
+let noLlamaCpp = "";
 
 before(async () => {
   await initDevice("wasm");
   dir = fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-families-"));
   fixtures = new Map(makeFixtures(dir).map((p) => [p.family, p]));
-  lc = await LlamaCppLite.open();
+  try {
+    lc = await LlamaCppLite.open();
+  } catch (e) {
+    const msg = e instanceof Error ? e.message : String(e);
+    if (process.env.CI) throw new Error(`the llama.cpp reference must run in CI, but: ${msg}`, { cause: e });
+    noLlamaCpp = `no llama.cpp reference (node-llama-cpp): ${msg}`;
+  }
 });
+
+/** The llama.cpp run, or undefined after skipping the test (outside CI, when node-llama-cpp is unavailable). */
+function needRef(t: TestContext, ref: LiteRun | undefined): ref is LiteRun {
+  if (ref) return true;
+  if (process.env.CI) assert.fail("the llama.cpp reference failed to load (see the before hook)");
+  t.skip(noLlamaCpp);
+  return false;
+}
 
 after(async () => {
   await lc?.dispose();
@@ -172,14 +187,14 @@ for (const family of FIXTURE_FAMILIES) {
     let hf: HostModel;
     let gg: HostModel;
     let ours: Float32Array; // GGUF-loaded, [T * V]
-    let ref: LiteRun;
+    let ref: LiteRun | undefined;
 
     before(async () => {
       const p = fixtures.get(family)!;
       hf = loadHostModel(p.hf);
       gg = loadHostModel(p.gguf);
       ours = await logits(gg);
-      ref = await lc!.run(p.gguf, PROMPT, N_GEN);
+      ref = await lc?.run(p.gguf, PROMPT, N_GEN);
     });
 
     test("HF folder and GGUF load to the same weights, config and logits", async () => {
@@ -210,22 +225,27 @@ for (const family of FIXTURE_FAMILIES) {
       assert.ok(d <= SAME_TOL, `HF vs GGUF logits differ by ${d}`);
     });
 
-    test("logits match llama.cpp and a float64 reference", (t) => {
+    test("logits match a float64 reference", () => {
+      const V = gg.config.dVocab;
+      const d = rowsDiff(rows(ours, V).map(logSoftmax), familyRef64(hf, PROMPT).map(logSoftmax));
+      assert.ok(d <= REF_TOL, `vs float64 reference: max |Δ log p| ${d}`);
+    });
+
+    test("logits match llama.cpp", (t) => {
+      if (!needRef(t, ref)) return;
       const V = gg.config.dVocab;
       assert.equal(ref.logprobs[0]!.length, V, "llama.cpp vocabulary size");
       const mine = rows(ours, V).map(logSoftmax);
       const dLc = rowsDiff(mine, ref.logprobs);
-      const exact = familyRef64(hf, PROMPT).map(logSoftmax);
-      const dRef = rowsDiff(mine, exact);
-      assert.ok(dRef <= REF_TOL, `vs float64 reference: max |Δ log p| ${dRef}`);
-      mine.forEach((r, t) => assert.equal(argmax(r), argmax(ref.logprobs[t]!), `argmax at position ${t}`));
-      let line = `${family}: max |Δ log p| vs llama.cpp ${dLc.toExponential(2)}, vs float64 ${dRef.toExponential(2)}`;
+      const theirs = ref.logprobs;
+      mine.forEach((r, i) => assert.equal(argmax(r), argmax(theirs[i]!), `argmax at position ${i}`));
+      let line = `${family}: max |Δ log p| vs llama.cpp ${dLc.toExponential(2)}`;
       if (GELU_FAMILIES.has(family)) {
         assert.ok(dLc <= GELU_TOL, `vs llama.cpp: max |Δ log p| ${dLc} (GELU family, tolerance ${GELU_TOL})`);
         const emu = familyRef64(gg, PROMPT, { gelu: "ggml-f16" }).map(logSoftmax);
         const dEmu = rowsDiff(emu, ref.logprobs);
-        const dExact = rowsDiff(exact, ref.logprobs);
-        line += `; float64 with llama.cpp's f16 GELU vs llama.cpp ${dEmu.toExponential(2)} (exact GELU ${dExact.toExponential(2)})`;
+        const dExact = rowsDiff(familyRef64(gg, PROMPT).map(logSoftmax), ref.logprobs);
+        line += `; float64 with llama.cpp's f16 GELU table ${dEmu.toExponential(2)}, with exact GELU ${dExact.toExponential(2)}`;
         assert.ok(dEmu <= GELU_EMU_TOL && dEmu < dExact / 2, `float64 with ggml's f16 GELU table vs llama.cpp: ${dEmu} (exact GELU: ${dExact})`);
       } else {
         assert.ok(dLc <= REF_TOL, `vs llama.cpp: max |Δ log p| ${dLc}`);
@@ -233,7 +253,8 @@ for (const family of FIXTURE_FAMILIES) {
       t.diagnostic(`${line} [${ref.info}]`);
     });
 
-    test(`${N_GEN}-token greedy continuation equals llama.cpp's`, async () => {
+    test(`${N_GEN}-token greedy continuation equals llama.cpp's`, async (t) => {
+      if (!needRef(t, ref)) return;
       const e = new Engine(gg);
       try {
         const mine = (await e.generate([PROMPT], { maxTokens: N_GEN, stop: [] })).tokens[0]!;
