@@ -26,8 +26,11 @@ export type Intervention =
   | (Base & { op: "read" })
   /** x += scale * vector. */
   | (Base & { op: "add"; vector: Float32Array; scale?: number })
-  /** Remove the component along `direction` (normalized by the engine): x -= (x·u) u. */
-  | (Base & { op: "project"; direction: Float32Array })
+  /**
+   * Remove the component along `direction` (normalized by the engine): x -= scale · (x·u) u.
+   * scale 1 (default) removes it entirely; abliteration weights layers with 0 < scale <= 1.
+   */
+  | (Base & { op: "project"; direction: Float32Array; scale?: number })
   /**
    * Replace the activation with a stored one: `source` is row-major [positions, ...feature]
    * indexed by absolute position (e.g. a read from another run). Positions past its end are kept.

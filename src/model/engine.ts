@@ -431,6 +431,7 @@ export class Engine {
         let nrm = 0;
         for (const x of iv.direction) nrm += x * x;
         if (nrm === 0) throw new UsageError(`project at ${iv.at}: direction is zero`);
+        if (iv.scale !== undefined && !Number.isFinite(iv.scale)) throw new NumericalError(`project at ${iv.at}: scale ${iv.scale} is not finite`);
         r.vec = iv.direction.map((x) => x / Math.sqrt(nrm));
       } else if (iv.op === "ablate") {
         if (iv.mode === "mean") {
@@ -474,6 +475,8 @@ export class Engine {
         const F = r.vec!.length;
         const v = new Float32Array(B * F);
         for (const b of rows) v.set(r.vec!, b * F);
+        // A weighted projection is the unit projection with its mask scaled.
+        if (iv.op === "project" && iv.scale !== undefined) for (let i = 0; i < m.length; i++) m[i]! *= iv.scale;
         // A sweep puts one intervention per row: ops of one kind on disjoint rows merge into a
         // single op (sum of payloads and masks), so a batch of 32 steered rows costs one add.
         const last = list.at(-1);
