@@ -44,11 +44,15 @@ export function readSafetensorsHeader(file: string): SafetensorsSet {
   }
   const headerLen = Number(n);
   let header: unknown;
+  const text = new TextDecoder().decode(readRange(file, 8, headerLen));
   try {
-    header = JSON.parse(new TextDecoder().decode(readRange(file, 8, headerLen)));
+    header = JSON.parse(text);
   } catch (e) {
     throw new ModelFileError(file, `corrupt header JSON (${(e as Error).message})`);
   }
+  // JSON.parse keeps the last of duplicate keys silently; a header naming a tensor twice is corrupt.
+  const dup = duplicateTopLevelKey(text);
+  if (dup !== null) throw new ModelFileError(file, `corrupt header: tensor ${dup} is listed twice`);
   if (typeof header !== "object" || header === null || Array.isArray(header)) {
     throw new ModelFileError(file, "corrupt header: not a JSON object");
   }
@@ -142,4 +146,30 @@ export function writeSafetensors(file: string, tensors: Record<string, { data: F
   new DataView(len.buffer).setBigUint64(0, BigInt(hb.length), true);
   const parts: Uint8Array[] = [len, hb, ...Object.values(tensors).map((t) => new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength))];
   fs.writeFileSync(file, Buffer.concat(parts));
+}
+
+/** The first top-level key of a JSON object text that occurs twice, or null. */
+export function duplicateTopLevelKey(json: string): string | null {
+  const seen = new Set<string>();
+  let depth = 0;
+  let expectKey = false;
+  for (let i = 0; i < json.length; i++) {
+    const ch = json[i];
+    if (ch === '"') {
+      let j = i + 1;
+      while (j < json.length && json[j] !== '"') j += json[j] === "\\" ? 2 : 1;
+      if (depth === 1 && expectKey) {
+        const key = JSON.parse(json.slice(i, j + 1)) as string;
+        if (seen.has(key)) return key;
+        seen.add(key);
+        expectKey = false;
+      }
+      i = j;
+    } else if (ch === "{" || ch === "[") {
+      depth++;
+      if (depth === 1 && ch === "{") expectKey = true;
+    } else if (ch === "}" || ch === "]") depth--;
+    else if (ch === "," && depth === 1) expectKey = true;
+  }
+  return null;
 }
