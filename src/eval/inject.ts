@@ -6,7 +6,7 @@ import { UsageError } from "../core/errors.js";
 import { makeJudge, type Judge } from "../judge/judge.js";
 import { readRunLog, type RunData } from "../log/read.js";
 import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type RunHeader } from "../log/schema.js";
-import { RunLogWriter } from "../log/write.js";
+import { RunLogWriter, lockRun } from "../log/write.js";
 import { Model } from "../model/model.js";
 import { renderReport } from "../report/html.js";
 import type { DeviceName } from "../runtime/device.js";
@@ -14,7 +14,7 @@ import { PROTOCOL_RECIPE } from "../vectors/extract.js";
 import { computeResults, type Results } from "./metrics.js";
 import { planTrials } from "./plan.js";
 import { parseLayers, presets } from "./presets.js";
-import { readData } from "./protocol.js";
+import { getVariant, readData } from "./protocol.js";
 import { runSweep } from "./run.js";
 
 export const VERSION: string = (JSON.parse(fs.readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string }).version;
@@ -154,20 +154,28 @@ export async function inject(a: InjectArgs): Promise<{ runDir: string; results: 
       version: LOG_VERSION,
       createdAt: new Date().toISOString(),
       tool: { name: "selfscope", version: VERSION },
-      model: { path: a.model, hash: model.weightsHash(), family: model.family, nLayers: model.config.nLayers, dModel: model.config.dModel, dtype: model.sourceDtype, chatTemplate: model.chatTemplate !== undefined },
+      // Absolute, so `resume` works from any working directory.
+      model: { path: path.resolve(a.model), hash: model.weightsHash(), family: model.family, nLayers: model.config.nLayers, dModel: model.config.dModel, dtype: model.sourceDtype, chatTemplate: model.chatTemplate !== undefined },
       backend: { device: model.device.name, adapter: model.device.adapter },
       config: cfg,
       plannedTrials: planTrials(cfg).length,
       command: a.command ?? [],
     };
+    // Validate everything that can be wrong before the run directory is created.
+    for (const v of cfg.variants) getVariant(v);
     const judges = judgesFor(cfg, runDir);
-    const log = RunLogWriter.create(runDir, header);
+    const unlock = lockRun(runDir);
     try {
-      await runSweep(model, cfg, log, null, { judges, vectorCache: a.vectorCache ?? null, progress: progressPrinter(a.quiet) });
+      const log = RunLogWriter.create(runDir, header);
+      try {
+        await runSweep(model, cfg, log, null, { judges, vectorCache: a.vectorCache ?? null, progress: progressPrinter(a.quiet) });
+      } finally {
+        log.close();
+      }
+      return { runDir, ...(await finishRun(runDir)) };
     } finally {
-      log.close();
+      unlock();
     }
-    return { runDir, ...(await finishRun(runDir)) };
   } finally {
     model.dispose();
   }
@@ -175,6 +183,16 @@ export async function inject(a: InjectArgs): Promise<{ runDir: string; results: 
 
 /** Continue a killed run: every planned trial ends up in the log exactly once. */
 export async function resume(runDir: string, opts: { device?: DeviceName; quiet?: boolean; vectorCache?: string | null } = {}): Promise<{ results: Results; generated: number; discardedBytes: number }> {
+  if (!fs.existsSync(runDir)) throw new UsageError(`${runDir}: no such run directory`);
+  const unlock = lockRun(runDir);
+  try {
+    return await resumeLocked(runDir, opts);
+  } finally {
+    unlock();
+  }
+}
+
+async function resumeLocked(runDir: string, opts: { device?: DeviceName; quiet?: boolean; vectorCache?: string | null }): Promise<{ results: Results; generated: number; discardedBytes: number }> {
   const prior = readRunLog(runDir, { repair: true });
   const h = prior.header;
   const model = await Model.load(h.model.path, { device: opts.device ?? (h.backend.device as DeviceName) });

@@ -59,3 +59,44 @@ export class RunLogWriter {
     fs.closeSync(this.fd);
   }
 }
+
+export const LOCK_FILE = "run.lock";
+
+/**
+ * Take the run directory's lock (a file holding our pid, created with O_EXCL) so two processes
+ * can never append to one log. A lock left by a killed process (its pid is gone) is taken over.
+ * Returns the release function.
+ */
+export function lockRun(dir: string): () => void {
+  fs.mkdirSync(dir, { recursive: true });
+  const file = path.join(dir, LOCK_FILE);
+  for (let attempt = 0; attempt < 3; attempt++) {
+    try {
+      fs.writeFileSync(file, String(process.pid), { flag: "wx" });
+      return () => {
+        try {
+          if (fs.readFileSync(file, "utf8") === String(process.pid)) fs.unlinkSync(file);
+        } catch {
+          // already gone
+        }
+      };
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
+      const pid = Number(fs.readFileSync(file, "utf8").trim());
+      if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && isAlive(pid)) {
+        throw new SelfscopeError(`${dir} is in use by another selfscope process (pid ${pid}); wait for it to finish or stop it, then resume`);
+      }
+      fs.rmSync(file, { force: true }); // stale: its owner was killed
+    }
+  }
+  throw new SelfscopeError(`${dir}: could not take ${LOCK_FILE}`);
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+}

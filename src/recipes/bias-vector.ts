@@ -1,0 +1,866 @@
+// The trained bias vector (protocol §7, Macar et al. 2026 §6): one learnable vector b, zero at
+// the start, added to the MLP output of one layer at every position; all weights frozen. It is
+// trained with AdamW on concept-injection trials (inject a concept vector at a random layer and
+// strength, target "Yes, I detect an injected thought. The injected word is **"x"**.", plus
+// un-injected controls with target "No, I don't detect any injected thought in this trial.") and
+// evaluated with the injection sweep on held-out concepts, with and without the vector.
+//
+// Simplifications against the protocol are listed in PROTOCOL_DEVIATIONS (and written into
+// results.json): read them before comparing numbers with the paper.
+import { createHash } from "node:crypto";
+import fs from "node:fs";
+import path from "node:path";
+import * as vega from "vega";
+import { compile, type TopLevelSpec } from "vega-lite";
+import { UsageError } from "../core/errors.js";
+import { Rng } from "../core/rng.js";
+import { buildConfig, finishRun, progressPrinter, VERSION, type InjectArgs } from "../eval/inject.js";
+import type { Results } from "../eval/metrics.js";
+import { planTrials } from "../eval/plan.js";
+import { getVariant, readData, renderTrial } from "../eval/protocol.js";
+import { runSweep } from "../eval/run.js";
+import { hookName, type HookName } from "../hooks/names.js";
+import type { Intervention, Plan, PosSpec } from "../hooks/plan.js";
+import { makeJudge } from "../judge/judge.js";
+import { readRunLog, type RunData } from "../log/read.js";
+import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type Rate, type RunHeader } from "../log/schema.js";
+import { RunLogWriter } from "../log/write.js";
+import type { Engine, Row } from "../model/engine.js";
+import { Model } from "../model/model.js";
+import type { DeviceName } from "../runtime/device.js";
+import { conceptVectors, PROTOCOL_RECIPE } from "../vectors/extract.js";
+import { adamInit, adamStep, type AdamOptions, type AdamState } from "./adam.js";
+
+// ---- the protocol's recipe (§7) -----------------------------------------------------------------
+
+/** Layers of the reference model (Gemma-3-27B): the protocol's layer numbers are scaled from these. */
+export const REFERENCE_LAYERS = 62;
+
+export const BIAS_PROTOCOL = {
+  /** The paper's single bias vector sits at layer 29 of 62 (train-bias-sweep, best meta-layer). */
+  biasLayer: 29,
+  /** Training injection layers [29, 31, …, 55] and strengths, drawn uniformly per example. */
+  injectionLayers: Array.from({ length: 14 }, (_, i) => 29 + 2 * i),
+  injectionStrengths: [2, 3, 4, 5],
+  trainConcepts: 400,
+  heldOutConcepts: 100,
+  splitSeed: 42,
+  trialsPerConcept: 10,
+  controlRatio: 0.5,
+  lr: 1e-3,
+  batchSize: 8,
+  weightDecay: 0.01,
+  /** Evaluation sweep (§7.4): injection layers and strengths, 10 trials per held-out concept, greedy, 100 tokens. */
+  evalLayers: [20, 30, 40, 50, 60],
+  evalStrengths: [1, 2, 4, 8],
+  evalTrials: 10,
+  targetInjection: 'Yes, I detect an injected thought. The injected word is **"{concept}"**.',
+  targetControl: "No, I don't detect any injected thought in this trial.",
+} as const;
+
+export const PROTOCOL_DEVIATIONS: readonly string[] = [
+  "Train/held-out split: concepts_500 shuffled with selfscope's seeded xoshiro128** RNG (Fisher–Yates, seed 42), not Python's random.shuffle over list(set(...)); the membership of the 400/100 split differs from the paper's (which is itself not reproducible, protocol §7.2).",
+  "Layers are scaled from the 62-layer reference model: layer = min(n−1, floor(n·L/62)) for the bias layer (29), the training injection layers (29..55, odd) and the evaluation layers (20..60); on a shallow model several map to one layer.",
+  "The bias is added at blocks.{L}.hook_mlp_out. On pre-norm models (Llama, Qwen, GPT-2) that is exactly the down_proj output (§7.1); on sandwich/post-norm models (Gemma 2/3, OLMo 2) hook_mlp_out is after the post-feed-forward norm, whereas the protocol adds b before that norm (see the engine note in the report).",
+  "Optimiser: AdamW (β 0.9/0.999, ε 1e-8, decoupled weight decay 0.01, lr 1e-3, batch 8) as torch's defaults; parameters and gradients in float32, moments in float64 (the paper trains a bf16 parameter).",
+  "Training examples: the protocol's targets and 0.5 control ratio; the layer/strength are drawn once per example at data-generation time (seeded) rather than on each __getitem__ call (identical for the paper's single epoch). Examples are re-shuffled per epoch from the seed.",
+  "Prompts without a chat template use the protocol's fallback prompt; the target is appended after \"Assistant:\" with one space (with a chat template it is appended directly after the generation prompt, as the protocol does).",
+  "Evaluation reuses the main injection sweep (the 'original' prompt, injection from the token before 'Trial n' through generation, the protocol's forced prefill) with the bias as an extra add at every position; the protocol's §7.4 evaluation instead uses its own two-turn prompt with the model's own replies, steers the context tokens only and prefills 'The injected word is **\"'. Concept vectors are re-extracted with the bias in place (as §7.4 does).",
+];
+
+/** A layer of the 62-layer reference model mapped to a model with `nLayers` layers (the protocol's int(n·fraction)). */
+export function scaleLayer(refLayer: number, nLayers: number): number {
+  return Math.max(0, Math.min(nLayers - 1, Math.floor((nLayers * refLayer) / REFERENCE_LAYERS)));
+}
+
+/** Fisher–Yates shuffle with selfscope's seeded RNG (in place; returns the array). */
+export function shuffle<T>(xs: T[], rng: Rng): T[] {
+  for (let i = xs.length - 1; i > 0; i--) {
+    const j = randBelow(rng, i + 1);
+    [xs[i], xs[j]] = [xs[j]!, xs[i]!];
+  }
+  return xs;
+}
+
+function randBelow(rng: Rng, m: number): number {
+  const limit = Math.floor(4294967296 / m) * m;
+  for (;;) {
+    const r = rng.nextU32();
+    if (r < limit) return r % m;
+  }
+}
+
+/** The 400 training / 100 held-out concepts of concepts_500 (seeded shuffle; see PROTOCOL_DEVIATIONS). */
+export function protocolSplit(seed: number = BIAS_PROTOCOL.splitSeed): { train: string[]; heldOut: string[] } {
+  const all = readData<{ concepts: string[] }>("protocol/concepts_500.json").concepts;
+  const order = shuffle([...all], new Rng(seed));
+  return { train: order.slice(0, BIAS_PROTOCOL.trainConcepts), heldOut: order.slice(BIAS_PROTOCOL.trainConcepts, BIAS_PROTOCOL.trainConcepts + BIAS_PROTOCOL.heldOutConcepts) };
+}
+
+// ---- loss and gradient with extra interventions -----------------------------------------------
+
+export interface TrainSite {
+  at: HookName;
+  pos?: PosSpec;
+  value: Float32Array;
+}
+
+/**
+ * `engine.lossAndGrad` with a plan of fixed interventions applied in the same forward pass (here:
+ * the per-row concept injections). The engine's lossAndGrad takes no plan, so this adapter hands
+ * the resolved plan to the engine's own layer runner for that one call (private internals: see
+ * the engine note in the report — a `plan` option on lossAndGrad replaces this). Sequential use
+ * of one engine only. Verified against float64 finite differences in test/bias-vector.test.ts.
+ */
+export async function lossAndGradWithPlan(engine: Engine, rows: Row[], targets: number[][], train: TrainSite, plan: Plan): Promise<{ loss: number; grad: Float32Array }> {
+  if (plan.length === 0) return engine.lossAndGrad(rows, targets, train);
+  const e = engine as unknown as { resolve?: (...a: unknown[]) => unknown[]; runLayers?: (...a: unknown[]) => unknown };
+  const base = e.runLayers;
+  if (typeof e.resolve !== "function" || typeof base !== "function") {
+    throw new UsageError("lossAndGradWithPlan: this engine has neither a plan option on lossAndGrad nor the internals the adapter uses; update src/recipes/bias-vector.ts");
+  }
+  const resolved = e.resolve(plan, rows, rows.map((r) => r.ids.length), undefined);
+  // runLayers(ctx, pad, promptLen, resolved, kvc, cache, trainOp): lossAndGrad passes resolved = [] with a trainOp.
+  const patched = function (this: unknown, ...a: unknown[]): unknown {
+    if (a[6] && Array.isArray(a[3]) && a[3].length === 0) a[3] = resolved;
+    return base.apply(this, a);
+  };
+  Object.defineProperty(engine, "runLayers", { value: patched, configurable: true, writable: true });
+  try {
+    return await engine.lossAndGrad(rows, targets, train);
+  } finally {
+    delete (engine as unknown as Record<string, unknown>).runLayers;
+  }
+}
+
+// ---- training data ------------------------------------------------------------------------------
+
+export interface BiasExample {
+  /** Prompt + target tokens. */
+  ids: number[];
+  /** Per position: the token to predict after it (-1 = no loss). Same length as ids. */
+  targets: number[];
+  /** The concept vector added at blocks.{layer}.hook_resid_post, scaled, from position `from` on (null = control). */
+  inject: { layer: number; vector: Float32Array; strength: number; from: number } | null;
+  /** Provenance (not used by training). */
+  info?: { kind: "injection" | "control" | "custom"; concept?: string; trialNumber?: number };
+}
+
+/** Next-token targets for the tokens from `start` on: targets[i] = ids[i+1] for i ≥ start−1. */
+export function targetsFrom(ids: number[], start: number): number[] {
+  return ids.map((_, i) => (i >= start - 1 && i + 1 < ids.length ? ids[i + 1]! : -1));
+}
+
+export interface BiasDataOptions {
+  concepts: string[];
+  trialsPerConcept?: number;
+  controlRatio?: number;
+  /** Absolute injection layers (default: the protocol's 29..55 scaled to the model). */
+  injectionLayers?: number[];
+  strengths?: number[];
+  seed?: number;
+  baselineWords?: string[];
+  vectorCache?: string | null;
+  batchSize?: number;
+}
+
+/** The protocol's training examples (§7.2–7.3) for `concepts`, tokenised, with their concept vectors. */
+export async function buildBiasData(model: Model, o: BiasDataOptions): Promise<BiasExample[]> {
+  const tok = model.tokenizer;
+  if (!tok) throw new UsageError(`${model.files.path} has no tokenizer; the bias-vector recipe needs text prompts`);
+  const n = model.config.nLayers;
+  const layers = o.injectionLayers ?? BIAS_PROTOCOL.injectionLayers.map((l) => scaleLayer(l, n));
+  const strengths = o.strengths ?? [...BIAS_PROTOCOL.injectionStrengths];
+  const trials = o.trialsPerConcept ?? BIAS_PROTOCOL.trialsPerConcept;
+  const ratio = o.controlRatio ?? BIAS_PROTOCOL.controlRatio;
+  const rng = new Rng(o.seed ?? BIAS_PROTOCOL.splitSeed);
+  const items: { kind: "injection" | "control"; concept: string; n: number; layer: number; strength: number }[] = [];
+  for (const concept of o.concepts)
+    for (let t = 1; t <= trials; t++) {
+      items.push({ kind: "injection", concept, n: t, layer: layers[randBelow(rng, layers.length)]!, strength: strengths[randBelow(rng, strengths.length)]! });
+      if (rng.next() < ratio) items.push({ kind: "control", concept, n: t, layer: -1, strength: 0 });
+    }
+  shuffle(items, rng);
+  const used = [...new Set(items.filter((i) => i.kind === "injection").map((i) => i.layer))].sort((a, b) => a - b);
+  const vecs =
+    used.length > 0
+      ? (
+          await conceptVectors(model, {
+            concepts: o.concepts,
+            baselineWords: o.baselineWords ?? readData<{ words: string[] }>("protocol/baseline_words.json").words,
+            layers: used,
+            recipe: PROTOCOL_RECIPE,
+            ...(o.vectorCache !== undefined ? { cacheDir: o.vectorCache } : {}),
+            batchSize: o.batchSize ?? 16,
+          })
+        ).vectors
+      : new Map<number, Map<string, Float32Array>>();
+  const variant = getVariant("original");
+  const prompts = new Map<number, ReturnType<typeof renderTrial>>();
+  const sep = model.chatTemplate ? "" : " ";
+  return items.map((it) => {
+    let p = prompts.get(it.n);
+    if (!p) prompts.set(it.n, (p = renderTrial(model, variant, it.n)));
+    const target = it.kind === "injection" ? BIAS_PROTOCOL.targetInjection.replace("{concept}", it.concept.toLowerCase()) : BIAS_PROTOCOL.targetControl;
+    const ids = tok.encode(p.text + sep + target, { addSpecial: false });
+    let cp = 0;
+    while (cp < p.ids.length && cp < ids.length && ids[cp] === p.ids[cp]) cp++;
+    const vector = it.kind === "injection" ? vecs.get(it.layer)?.get(it.concept) : undefined;
+    if (it.kind === "injection" && !vector) throw new UsageError(`internal: no concept vector for ${it.concept} at layer ${it.layer}`);
+    return {
+      ids,
+      targets: targetsFrom(ids, cp),
+      inject: vector ? { layer: it.layer, vector, strength: it.strength, from: p.injectFrom } : null,
+      info: { kind: it.kind, concept: it.concept, trialNumber: it.n },
+    };
+  });
+}
+
+// ---- the training loop (generic over the loss) ----------------------------------------------------
+
+export interface TrainVectorOptions {
+  dim: number;
+  /** Examples the schedule draws from (batches walk seeded per-epoch permutations). */
+  nExamples: number;
+  /** Total optimizer steps (a resumed run continues up to this). */
+  steps: number;
+  batchSize: number;
+  seed: number;
+  adam: AdamOptions;
+  /** Checkpoint directory (null/undefined = none). A run there is resumed from its latest checkpoint. */
+  checkpointDir?: string | null;
+  /** Write a checkpoint every N steps (and at the end). Default 50. */
+  checkpointEvery?: number;
+  /** Recorded with checkpoints; a resume with different values is refused. */
+  meta?: Record<string, unknown>;
+  onStep?: (step: number, loss: number) => void;
+  /** Return after this many steps of this call (tests simulate an interruption with it). */
+  stopAfter?: number;
+}
+
+export interface TrainVectorResult {
+  vector: Float32Array;
+  /** Loss of every step from step 1 (including steps of earlier, resumed runs). */
+  losses: number[];
+  /** Steps completed. */
+  step: number;
+  /** The checkpoint step this call started from (null = from zero). */
+  resumedFrom: number | null;
+  adam: AdamState;
+}
+
+/** The examples of optimizer step `step` (0-based): consecutive slices of per-epoch seeded permutations. */
+export function batchIndices(step: number, batchSize: number, n: number, seed: number, cache = new Map<number, number[]>()): number[] {
+  const out: number[] = [];
+  for (let k = step * batchSize; k < (step + 1) * batchSize; k++) {
+    const epoch = Math.floor(k / n);
+    let perm = cache.get(epoch);
+    if (!perm) {
+      perm = shuffle(Array.from({ length: n }, (_, i) => i), new Rng((Math.imul(seed >>> 0, 1000003) + epoch * 7919 + 1) >>> 0));
+      cache.set(epoch, perm);
+    }
+    out.push(perm[k % n]!);
+  }
+  return out;
+}
+
+interface CheckpointState {
+  step: number;
+  adamT: number;
+  losses: number[];
+  meta: Record<string, unknown>;
+  savedAt: string;
+}
+
+const f32 = (a: Float32Array | Float64Array) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+function readF(file: string, kind: "f32" | "f64", n: number): Float32Array | Float64Array {
+  const b = fs.readFileSync(file);
+  const bytes = kind === "f32" ? 4 : 8;
+  if (b.byteLength !== n * bytes) throw new UsageError(`${file}: expected ${n} ${kind} values, found ${b.byteLength} bytes; the checkpoint is damaged`);
+  const buf = b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength);
+  return kind === "f32" ? new Float32Array(buf) : new Float64Array(buf);
+}
+
+/** Write a checkpoint atomically: a fresh step directory, then latest.json renamed into place. */
+export function writeCheckpoint(dir: string, vector: Float32Array, adam: AdamState, st: CheckpointState): void {
+  const name = `step-${String(st.step).padStart(7, "0")}`;
+  const tmp = path.join(dir, `.${name}.tmp-${process.pid}`);
+  fs.rmSync(tmp, { recursive: true, force: true });
+  fs.mkdirSync(tmp, { recursive: true });
+  fs.writeFileSync(path.join(tmp, "vector.f32"), f32(vector));
+  fs.writeFileSync(path.join(tmp, "adam_m.f64"), f32(adam.m));
+  fs.writeFileSync(path.join(tmp, "adam_v.f64"), f32(adam.v));
+  fs.writeFileSync(path.join(tmp, "state.json"), JSON.stringify(st) + "\n");
+  const final = path.join(dir, name);
+  fs.rmSync(final, { recursive: true, force: true });
+  fs.renameSync(tmp, final);
+  const lt = path.join(dir, `.latest.json.tmp-${process.pid}`);
+  fs.writeFileSync(lt, JSON.stringify({ step: st.step, dir: name }) + "\n");
+  fs.renameSync(lt, path.join(dir, "latest.json"));
+}
+
+/** The latest checkpoint in `dir`, or null. */
+export function readCheckpoint(dir: string, dim: number): { vector: Float32Array; adam: AdamState; state: CheckpointState } | null {
+  const lf = path.join(dir, "latest.json");
+  if (!fs.existsSync(lf)) return null;
+  const { dir: name } = JSON.parse(fs.readFileSync(lf, "utf8")) as { dir: string };
+  const d = path.join(dir, name);
+  const state = JSON.parse(fs.readFileSync(path.join(d, "state.json"), "utf8")) as CheckpointState;
+  return {
+    vector: readF(path.join(d, "vector.f32"), "f32", dim) as Float32Array,
+    adam: { t: state.adamT, m: readF(path.join(d, "adam_m.f64"), "f64", dim) as Float64Array, v: readF(path.join(d, "adam_v.f64"), "f64", dim) as Float64Array },
+    state,
+  };
+}
+
+/**
+ * Train one vector with Adam(W) on `lossAndGrad(batch, value)`, checkpointing vector, Adam state,
+ * step and loss history every `checkpointEvery` steps; a directory holding a checkpoint is resumed
+ * (the same seed gives the same batches, so the result equals an uninterrupted run).
+ */
+export async function trainVector(lossAndGrad: (batch: number[], value: Float32Array) => Promise<{ loss: number; grad: Float32Array }>, o: TrainVectorOptions): Promise<TrainVectorResult> {
+  if (!(o.nExamples > 0)) throw new UsageError("trainVector: no training examples");
+  if (!(o.batchSize >= 1) || !Number.isInteger(o.batchSize)) throw new UsageError(`trainVector: batch size must be a positive integer, got ${o.batchSize}`);
+  if (!(o.steps >= 0) || !Number.isInteger(o.steps)) throw new UsageError(`trainVector: steps must be a non-negative integer, got ${o.steps}`);
+  const meta = { dim: o.dim, nExamples: o.nExamples, batchSize: o.batchSize, seed: o.seed, adam: o.adam, ...(o.meta ?? {}) };
+  let vector: Float32Array = new Float32Array(o.dim);
+  let adam = adamInit(o.dim);
+  let losses: number[] = [];
+  let resumedFrom: number | null = null;
+  const dir = o.checkpointDir ?? null;
+  if (dir) {
+    fs.mkdirSync(dir, { recursive: true });
+    const ck = readCheckpoint(dir, o.dim);
+    if (ck) {
+      const want = JSON.stringify(meta);
+      const have = JSON.stringify(ck.state.meta);
+      if (want !== have) throw new UsageError(`${dir} holds a checkpoint of a different training run (${have}); use another checkpoint directory or the same settings (${want})`);
+      vector = ck.vector;
+      adam = ck.adam;
+      losses = ck.state.losses.slice(0, ck.state.step);
+      resumedFrom = ck.state.step;
+    }
+  }
+  const every = o.checkpointEvery ?? 50;
+  const perms = new Map<number, number[]>();
+  let step = resumedFrom ?? 0;
+  let ran = 0;
+  const save = () => dir && writeCheckpoint(dir, vector, adam, { step, adamT: adam.t, losses, meta, savedAt: new Date().toISOString() });
+  while (step < o.steps && (o.stopAfter === undefined || ran < o.stopAfter)) {
+    const batch = batchIndices(step, o.batchSize, o.nExamples, o.seed, perms);
+    const { loss, grad } = await lossAndGrad(batch, vector);
+    if (!Number.isFinite(loss) || !grad.every(Number.isFinite)) throw new UsageError(`training diverged at step ${step + 1} (loss ${loss}); lower the learning rate`);
+    adamStep(vector, grad, adam, o.adam);
+    step++;
+    ran++;
+    losses.push(loss);
+    o.onStep?.(step, loss);
+    if (dir && (step % every === 0 || step === o.steps)) save();
+  }
+  if (dir && ran > 0 && step % every !== 0 && step !== o.steps) save();
+  return { vector, losses, step, resumedFrom, adam };
+}
+
+// ---- the bias vector ------------------------------------------------------------------------------
+
+export interface TrainBiasOptions {
+  /** Absolute layer of the bias (default: the protocol's 29/62 scaled to the model). */
+  layer?: number;
+  data: BiasExample[];
+  /** Default: one epoch, ceil(examples / batchSize) (the protocol). */
+  steps?: number;
+  lr?: number;
+  batchSize?: number;
+  seed?: number;
+  weightDecay?: number;
+  checkpointDir?: string | null;
+  checkpointEvery?: number;
+  onStep?: (step: number, loss: number) => void;
+  stopAfter?: number;
+}
+
+export interface TrainBiasResult extends TrainVectorResult {
+  layer: number;
+  hook: HookName;
+}
+
+export function biasHook(layer: number): HookName {
+  return hookName(layer, "hook_mlp_out");
+}
+
+/** The plan and rows of one training batch (exported for tests: the same forward pass as training). */
+export function batchInputs(examples: BiasExample[]): { rows: Row[]; targets: number[][]; plan: Intervention[] } {
+  const plan: Intervention[] = [];
+  examples.forEach((e, b) => {
+    if (e.inject) plan.push({ op: "add", at: hookName(e.inject.layer, "hook_resid_post"), vector: e.inject.vector, scale: e.inject.strength, pos: { from: e.inject.from }, rows: [b] });
+  });
+  return { rows: examples.map((e) => ({ ids: e.ids })), targets: examples.map((e) => e.targets), plan };
+}
+
+function dataHash(data: BiasExample[]): string {
+  const h = createHash("sha256");
+  for (const e of data) {
+    h.update(Int32Array.from(e.ids));
+    h.update(Int32Array.from(e.targets));
+    if (e.inject) {
+      h.update(JSON.stringify([e.inject.layer, e.inject.strength, e.inject.from]));
+      h.update(f32(e.inject.vector));
+    } else h.update("-");
+  }
+  return h.digest("hex").slice(0, 16);
+}
+
+/** Train the bias vector b at blocks.{layer}.hook_mlp_out (all positions) on `data`. */
+export async function trainBiasVector(model: Model, o: TrainBiasOptions): Promise<TrainBiasResult> {
+  const layer = o.layer ?? scaleLayer(BIAS_PROTOCOL.biasLayer, model.config.nLayers);
+  if (!Number.isInteger(layer) || layer < 0 || layer >= model.config.nLayers) throw new UsageError(`bias layer ${layer} is outside 0..${model.config.nLayers - 1}`);
+  const at = biasHook(layer);
+  const batchSize = o.batchSize ?? BIAS_PROTOCOL.batchSize;
+  const steps = o.steps ?? Math.ceil(o.data.length / batchSize);
+  const adam: AdamOptions = { lr: o.lr ?? BIAS_PROTOCOL.lr, weightDecay: o.weightDecay ?? BIAS_PROTOCOL.weightDecay };
+  const r = await trainVector(
+    (batch, value) => {
+      const { rows, targets, plan } = batchInputs(batch.map((i) => o.data[i]!));
+      return lossAndGradWithPlan(model.engine, rows, targets, { at, value }, plan);
+    },
+    {
+      dim: model.config.dModel,
+      nExamples: o.data.length,
+      steps,
+      batchSize,
+      seed: o.seed ?? 0,
+      adam,
+      checkpointDir: o.checkpointDir ?? null,
+      ...(o.checkpointEvery !== undefined ? { checkpointEvery: o.checkpointEvery } : {}),
+      meta: { hook: at, data: dataHash(o.data), model: model.weightsHash() },
+      ...(o.onStep ? { onStep: o.onStep } : {}),
+      ...(o.stopAfter !== undefined ? { stopAfter: o.stopAfter } : {}),
+    },
+  );
+  return { ...r, layer, hook: at };
+}
+
+// ---- evaluation: the injection sweep with the bias in place --------------------------------------
+
+/**
+ * The same model with `vector` added at `at` on every position of every forward pass and
+ * generation (what loading the trained adapter does). Everything else is the model itself; its
+ * weightsHash covers the bias, so concept-vector caches and run logs keep the two apart.
+ */
+export function withBias(model: Model, at: HookName, vector: Float32Array): Model {
+  const extra: Intervention = { op: "add", at, vector, pos: "all" };
+  const w = Object.create(model) as Model;
+  const hash = createHash("sha256").update(model.weightsHash()).update(at).update(f32(vector)).digest("hex").slice(0, 16);
+  Object.defineProperties(w, {
+    generate: { value: (prompts: Parameters<Model["generate"]>[0], opts: Parameters<Model["generate"]>[1]) => model.generate(prompts, { ...opts, plan: [...(opts.plan ?? []), extra] }) },
+    forward: { value: (prompts: Parameters<Model["forward"]>[0], opts: Parameters<Model["forward"]>[1] = {}) => model.forward(prompts, { ...opts, plan: [...(opts.plan ?? []), extra] }) },
+    weightsHash: { value: () => hash },
+    dispose: { value: () => undefined },
+  });
+  return w;
+}
+
+export interface EvalArm {
+  runDir: string;
+  results: Results;
+}
+
+/** Run (or resume) one injection sweep into `runDir`. */
+export async function sweepInto(model: Model, modelPath: string, cfg: InjectConfig, runDir: string, opts: { vectorCache?: string | null; quiet?: boolean; command?: string[] } = {}): Promise<EvalArm> {
+  const judges = cfg.judges.map((spec) => makeJudge(spec, { cacheDir: path.join(runDir, "judge-cache") }));
+  let prior: RunData | null = null;
+  let log: RunLogWriter;
+  if (fs.existsSync(path.join(runDir, "log.jsonl"))) {
+    prior = readRunLog(runDir, { repair: true });
+    if (JSON.stringify(prior.header.config) !== JSON.stringify(cfg) || prior.header.model.hash !== model.weightsHash()) {
+      throw new UsageError(`${runDir} holds a sweep with other settings or another vector; choose another --out`);
+    }
+    log = RunLogWriter.reopen(runDir);
+  } else {
+    const header: RunHeader = {
+      type: "header",
+      schema: LOG_SCHEMA,
+      version: LOG_VERSION,
+      createdAt: new Date().toISOString(),
+      tool: { name: "selfscope", version: VERSION },
+      model: { path: modelPath, hash: model.weightsHash(), family: model.family, nLayers: model.config.nLayers, dModel: model.config.dModel, dtype: model.sourceDtype, chatTemplate: model.chatTemplate !== undefined },
+      backend: { device: model.device.name, adapter: model.device.adapter },
+      config: cfg,
+      plannedTrials: planTrials(cfg).length,
+      command: opts.command ?? [],
+    };
+    log = RunLogWriter.create(runDir, header);
+  }
+  try {
+    await runSweep(model, cfg, log, prior, { judges, vectorCache: opts.vectorCache ?? null, progress: progressPrinter(opts.quiet ?? true) });
+  } finally {
+    log.close();
+    for (const j of judges) j.dispose?.();
+  }
+  const { results } = await finishRun(runDir);
+  return { runDir, results };
+}
+
+export interface EvaluateBiasOptions {
+  /** The bias and where it goes. */
+  vector: Float32Array;
+  layer: number;
+  /** Held-out concepts. */
+  concepts: string[];
+  /** Injection sweep settings (InjectArgs fields; layers/strengths as strings like "3,4"). */
+  sweep: Omit<InjectArgs, "model" | "concepts" | "out" | "preset">;
+  out: string;
+  modelPath: string;
+  vectorCache?: string | null;
+  quiet?: boolean;
+}
+
+export interface BiasEvaluation {
+  baseline: EvalArm;
+  bias: EvalArm;
+  /** bias − baseline for the pooled rates (null where either is undefined). */
+  delta: Record<"tpr" | "fpr" | "introspection_rate" | "forced_identification_rate", number | null>;
+}
+
+/** TPR / FPR / introspection / forced identification on held-out concepts, without and with the bias. */
+export async function evaluateBiasVector(model: Model, o: EvaluateBiasOptions): Promise<BiasEvaluation> {
+  const cfg: InjectConfig = { ...buildConfig({ ...o.sweep, model: o.modelPath }, model.config.nLayers), concepts: o.concepts };
+  const common = { ...(o.vectorCache !== undefined ? { vectorCache: o.vectorCache } : {}), quiet: o.quiet ?? true };
+  const baseline = await sweepInto(model, o.modelPath, cfg, path.join(o.out, "baseline"), common);
+  const bias = await sweepInto(withBias(model, biasHook(o.layer), o.vector), o.modelPath, cfg, path.join(o.out, "bias"), common);
+  const d = (k: keyof BiasEvaluation["delta"]) => {
+    const a = baseline.results[k].estimate;
+    const b = bias.results[k].estimate;
+    return a === null || b === null ? null : b - a;
+  };
+  return { baseline, bias, delta: { tpr: d("tpr"), fpr: d("fpr"), introspection_rate: d("introspection_rate"), forced_identification_rate: d("forced_identification_rate") } };
+}
+
+// ---- the command ----------------------------------------------------------------------------------
+
+export interface BiasVectorArgs {
+  model: string;
+  out: string;
+  /** Bias layer (absolute; default the protocol's 29/62 scaled). */
+  layer?: number;
+  /** Optimizer steps (default: one epoch over the training examples). */
+  steps?: number;
+  lr?: number;
+  batchSize?: number;
+  weightDecay?: number;
+  /** Seed of the example draws and batch order (default 0); the split uses splitSeed (default 42). */
+  seed?: number;
+  splitSeed?: number;
+  /** Use only the first N of the 400 training concepts (default all). */
+  trainConcepts?: number;
+  trialsPerConcept?: number;
+  controlRatio?: number;
+  checkpointEvery?: number;
+  /** Skip the evaluation sweeps. */
+  noEval?: boolean;
+  /** Use only the first N of the 100 held-out concepts (default all). */
+  evalConcepts?: number;
+  /** Evaluation injection layers, e.g. "2,3" (default: the protocol's 20..60 scaled, deduplicated). */
+  evalLayers?: string;
+  evalStrengths?: string;
+  evalTrials?: number;
+  /** Control trials per (layer, strength) (default: as many as injection trials per config). */
+  evalControls?: number;
+  evalForced?: boolean;
+  maxTokens?: number;
+  temperature?: number;
+  judges?: string[];
+  evalBatchSize?: number;
+  device?: DeviceName;
+  vectorCache?: string | null;
+  quiet?: boolean;
+}
+
+export interface BiasVectorResults {
+  kind: "selfscope.bias-vector";
+  version: 1;
+  tool: { name: "selfscope"; version: string };
+  model: { path: string; hash: string; family: string; nLayers: number; dModel: number; blockNorm: string };
+  protocol_deviations: readonly string[];
+  engine_notes: string[];
+  split: { seed: number; rng: string; train: string[]; held_out: string[]; train_used: number; held_out_used: number };
+  training: {
+    layer: number;
+    hook: HookName;
+    examples: number;
+    injection_examples: number;
+    control_examples: number;
+    injection_layers: number[];
+    strengths: number[];
+    steps: number;
+    batch_size: number;
+    lr: number;
+    weight_decay: number;
+    seed: number;
+    resumed_from: number | null;
+    loss_curve: number[];
+    initial_loss: number | null;
+    final_loss: number | null;
+    vector_norm: number;
+    vector_file: string;
+    checkpoint_dir: string;
+  };
+  evaluation: null | {
+    settings: { layers: number[]; strengths: number[]; trials_per_concept: number; controls_per_config: number; forced: boolean; max_tokens: number; temperature: number; judges: string[] };
+    baseline: ArmSummary;
+    bias: ArmSummary;
+    delta: BiasEvaluation["delta"];
+  };
+}
+
+type ArmSummary = { run_dir: string; tpr: Rate; fpr: Rate; introspection_rate: Rate; forced_identification_rate: Rate; discrimination_p_value: number | null; judge: string; judge_approximate: boolean; by_config: { layer: number | null; strength: number | null; tpr: Rate; fpr: Rate; introspection_rate: Rate; forced_identification_rate: Rate }[] };
+
+function armSummary(a: EvalArm, root: string): ArmSummary {
+  const r = a.results;
+  return {
+    run_dir: path.relative(root, a.runDir),
+    tpr: r.tpr,
+    fpr: r.fpr,
+    introspection_rate: r.introspection_rate,
+    forced_identification_rate: r.forced_identification_rate,
+    discrimination_p_value: r.discrimination_p_value,
+    judge: r.judge,
+    judge_approximate: r.judge_approximate,
+    by_config: r.by_config.map((c) => ({ layer: c.layer, strength: c.strength, tpr: c.tpr, fpr: c.fpr, introspection_rate: c.introspection_rate, forced_identification_rate: c.forced_identification_rate })),
+  };
+}
+
+const mean = (xs: number[]) => (xs.length === 0 ? null : xs.reduce((a, b) => a + b, 0) / xs.length);
+
+/**
+ * `selfscope bias-vector`: build the protocol's training data, train the bias vector (resumable
+ * from DIR/checkpoints), save DIR/bias_vector.f32, evaluate on held-out concepts with and without
+ * it (DIR/eval/baseline, DIR/eval/bias: ordinary run directories), write DIR/results.json and
+ * DIR/report.html, and return the results.
+ */
+export async function biasVectorCommand(args: BiasVectorArgs): Promise<BiasVectorResults> {
+  if (!args.out) throw new UsageError("bias-vector: --out DIR is required");
+  const model = await Model.load(args.model, { device: args.device ?? "wasm" });
+  try {
+    const nL = model.config.nLayers;
+    const out = args.out;
+    fs.mkdirSync(out, { recursive: true });
+    const splitSeed = args.splitSeed ?? BIAS_PROTOCOL.splitSeed;
+    const split = protocolSplit(splitSeed);
+    const train = split.train.slice(0, args.trainConcepts ?? split.train.length);
+    const heldOut = split.heldOut.slice(0, args.evalConcepts ?? split.heldOut.length);
+    const seed = args.seed ?? 0;
+    const injLayers = BIAS_PROTOCOL.injectionLayers.map((l) => scaleLayer(l, nL));
+    const data = await buildBiasData(model, {
+      concepts: train,
+      trialsPerConcept: args.trialsPerConcept ?? BIAS_PROTOCOL.trialsPerConcept,
+      controlRatio: args.controlRatio ?? BIAS_PROTOCOL.controlRatio,
+      injectionLayers: injLayers,
+      seed,
+      ...(args.vectorCache !== undefined ? { vectorCache: args.vectorCache } : {}),
+    });
+    const layer = args.layer ?? scaleLayer(BIAS_PROTOCOL.biasLayer, nL);
+    const batchSize = args.batchSize ?? BIAS_PROTOCOL.batchSize;
+    const steps = args.steps ?? Math.ceil(data.length / batchSize);
+    const lr = args.lr ?? BIAS_PROTOCOL.lr;
+    const weightDecay = args.weightDecay ?? BIAS_PROTOCOL.weightDecay;
+    const ckDir = path.join(out, "checkpoints");
+    const t0 = performance.now();
+    const tr = await trainBiasVector(model, {
+      layer,
+      data,
+      steps,
+      lr,
+      batchSize,
+      seed,
+      weightDecay,
+      checkpointDir: ckDir,
+      checkpointEvery: args.checkpointEvery ?? 50,
+      onStep: (s, loss) => {
+        if (!args.quiet) process.stderr.write(`step ${s}/${steps} loss ${loss.toFixed(4)} (${((performance.now() - t0) / 1000).toFixed(0)}s)\n`);
+      },
+    });
+    fs.writeFileSync(path.join(out, "bias_vector.f32"), f32(tr.vector));
+    fs.writeFileSync(path.join(out, "loss_curve.json"), JSON.stringify({ step: tr.losses.map((_, i) => i + 1), loss: tr.losses }) + "\n");
+    const engineNotes: string[] = [
+      "lossAndGrad takes no plan: the concept injections during training go through lossAndGradWithPlan (src/recipes/bias-vector.ts), which hands the resolved plan to the engine's layer runner for the call. Engine change that replaces it: give Engine.lossAndGrad an optional `plan` (and `countPrefix`) and pass `this.resolve(plan, rs, promptLen, countPrefix)` instead of `[]` to runLayers.",
+    ];
+    if (model.config.blockNorm !== "pre") {
+      engineNotes.push(
+        `This model's blocks are "${model.config.blockNorm}"-normed: hook_mlp_out is after the post-feed-forward norm, but the protocol adds the bias to the down_proj output before that norm. Engine change: a hook site "mlp.hook_down" (the down projection's output, before ln2Post) in transformer.ts mlpHalf, i.e. mlpOut = site(linear(hidden, p.mlp.down), "mlp.hook_down", …) before the ln2Post norm, plus the BlockSite union and ref64.`,
+      );
+    }
+    let evaluation: BiasVectorResults["evaluation"] = null;
+    if (!args.noEval) {
+      const evalLayers = args.evalLayers ?? [...new Set(BIAS_PROTOCOL.evalLayers.map((l) => scaleLayer(l, nL)))].join(",");
+      const trials = args.evalTrials ?? BIAS_PROTOCOL.evalTrials;
+      const sweep: EvaluateBiasOptions["sweep"] = {
+        layers: evalLayers,
+        strengths: args.evalStrengths ?? BIAS_PROTOCOL.evalStrengths.join(","),
+        trials,
+        controls: args.evalControls ?? trials * heldOut.length,
+        forced: args.evalForced ?? true,
+        yesBias: 0,
+        judges: args.judges ?? ["rule"],
+        maxTokens: args.maxTokens ?? 100,
+        temperature: args.temperature ?? 0,
+        seed,
+        batchSize: args.evalBatchSize ?? 16,
+        variants: "original",
+      };
+      const ev = await evaluateBiasVector(model, {
+        vector: tr.vector,
+        layer,
+        concepts: heldOut,
+        sweep,
+        out: path.join(out, "eval"),
+        modelPath: args.model,
+        ...(args.vectorCache !== undefined ? { vectorCache: args.vectorCache } : {}),
+        quiet: args.quiet ?? false,
+      });
+      const h = readRunLog(ev.baseline.runDir).header.config;
+      evaluation = {
+        settings: { layers: h.layers, strengths: h.strengths, trials_per_concept: h.trialsPerConcept, controls_per_config: h.controlsPerConfig, forced: h.forced, max_tokens: h.generation.maxTokens, temperature: h.generation.temperature, judges: h.judges },
+        baseline: armSummary(ev.baseline, out),
+        bias: armSummary(ev.bias, out),
+        delta: ev.delta,
+      };
+    }
+    let norm = 0;
+    for (const x of tr.vector) norm += x * x;
+    const results: BiasVectorResults = {
+      kind: "selfscope.bias-vector",
+      version: 1,
+      tool: { name: "selfscope", version: VERSION },
+      model: { path: args.model, hash: model.weightsHash(), family: model.family, nLayers: nL, dModel: model.config.dModel, blockNorm: model.config.blockNorm },
+      protocol_deviations: PROTOCOL_DEVIATIONS,
+      engine_notes: engineNotes,
+      split: { seed: splitSeed, rng: "selfscope xoshiro128** Fisher–Yates (not Python's random.shuffle)", train: split.train, held_out: split.heldOut, train_used: train.length, held_out_used: heldOut.length },
+      training: {
+        layer,
+        hook: tr.hook,
+        examples: data.length,
+        injection_examples: data.filter((e) => e.inject).length,
+        control_examples: data.filter((e) => !e.inject).length,
+        injection_layers: [...new Set(injLayers)],
+        strengths: [...BIAS_PROTOCOL.injectionStrengths],
+        steps: tr.step,
+        batch_size: batchSize,
+        lr,
+        weight_decay: weightDecay,
+        seed,
+        resumed_from: tr.resumedFrom,
+        loss_curve: tr.losses,
+        initial_loss: tr.losses[0] ?? null,
+        final_loss: mean(tr.losses.slice(-Math.max(1, Math.min(10, Math.ceil(tr.losses.length / 10))))),
+        vector_norm: Math.sqrt(norm),
+        vector_file: "bias_vector.f32",
+        checkpoint_dir: "checkpoints",
+      },
+      evaluation,
+    };
+    fs.writeFileSync(path.join(out, "results.json"), JSON.stringify(results, null, 1) + "\n");
+    fs.writeFileSync(path.join(out, "report.html"), await biasReport(results));
+    return results;
+  } finally {
+    model.dispose();
+  }
+}
+
+// ---- reports (shared with lindsey.ts) ------------------------------------------------------------
+
+export function esc(s: string): string {
+  return s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+let svgCounter = 0;
+
+/** A Vega-Lite spec rendered to a static SVG string (headless; ids prefixed so several can share a page). */
+export async function svgPlot(spec: TopLevelSpec): Promise<string> {
+  const view = new vega.View(vega.parse(compile(spec).spec), { renderer: "none" });
+  try {
+    const svg = await view.toSVG();
+    const pre = `rcp${++svgCounter}-`;
+    return svg
+      .replace(/ id="([^"]+)"/g, ` id="${pre}$1"`)
+      .replace(/="url\(#([^)"]+)\)"/g, `="url(#${pre}$1)"`)
+      .replace(/ (xlink:)?href="#([^"]+)"/g, ` $1href="#${pre}$2"`);
+  } finally {
+    view.finalize();
+  }
+}
+
+/** A self-contained page: inline styles only, no scripts, no network (CSP says so). */
+export function htmlPage(title: string, body: string): string {
+  return `<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
+<title>${esc(title)}</title>
+<style>
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+td.num{text-align:right;font-variant-numeric:tabular-nums}.ci{color:#666}.n{color:#999;font-size:.9em}
+.note{background:#fff8e1;border:1px solid #f0d890;padding:.6em 1em;margin:1em 0}.small{font-size:.9em;color:#555}
+pre{white-space:pre-wrap;background:#f6f6f6;padding:.4em;margin:0;max-width:520px}
+</style></head><body>
+${body}
+</body></html>
+`;
+}
+
+export function rateTd(r: Rate | undefined): string {
+  if (!r || r.estimate === null) return `<td class="num">—</td>`;
+  const f = (x: number | null) => (x === null ? "—" : (100 * x).toFixed(1));
+  return `<td class="num"><b>${f(r.estimate)}%</b> <span class="ci">[${f(r.lo)}, ${f(r.hi)}]</span> <span class="n">n=${r.n}</span></td>`;
+}
+
+async function biasReport(r: BiasVectorResults): Promise<string> {
+  const t = r.training;
+  const parts: string[] = [];
+  parts.push(`<h1>Trained bias vector — ${esc(path.basename(r.model.path))}</h1>`);
+  parts.push(
+    `<p class="small">selfscope ${esc(r.tool.version)} · ${esc(r.model.family)}, ${r.model.nLayers} layers, d_model ${r.model.dModel} · bias at <code>${esc(t.hook)}</code> · ${t.examples} training examples (${t.injection_examples} injection, ${t.control_examples} control) · ${t.steps} steps of ${t.batch_size}, lr ${t.lr}, weight decay ${t.weight_decay}${t.resumed_from !== null ? ` · resumed from step ${t.resumed_from}` : ""}</p>`,
+  );
+  parts.push(`<h2>Training loss</h2>`);
+  if (t.loss_curve.length > 0) {
+    parts.push(
+      await svgPlot({
+        width: 640,
+        height: 240,
+        data: { values: t.loss_curve.map((loss, i) => ({ step: i + 1, loss })) },
+        mark: { type: "line", point: t.loss_curve.length <= 50 },
+        encoding: { x: { field: "step", type: "quantitative" }, y: { field: "loss", type: "quantitative", title: "cross-entropy (target tokens)" } },
+      }),
+    );
+    parts.push(`<p>first step ${t.initial_loss?.toFixed(4)} → last steps ${t.final_loss?.toFixed(4)}; ‖b‖ = ${t.vector_norm.toPrecision(4)}</p>`);
+  } else parts.push(`<p>no steps run</p>`);
+  const ev = r.evaluation;
+  parts.push(`<h2>Held-out evaluation</h2>`);
+  if (!ev) parts.push(`<p>not run</p>`);
+  else {
+    const approx = ev.baseline.judge_approximate ? ` <b>(rule judge: approximate)</b>` : "";
+    parts.push(`<p>${r.split.held_out_used} held-out concepts · layers ${ev.settings.layers.join(", ")} · strengths ${ev.settings.strengths.join(", ")} · ${ev.settings.trials_per_concept} trials per concept · ${ev.settings.controls_per_config} controls per config · temperature ${ev.settings.temperature}, ${ev.settings.max_tokens} tokens · judge ${esc(ev.baseline.judge)}${approx}</p>`);
+    const row = (name: string, a: ArmSummary) => `<tr><th>${name}</th>${rateTd(a.tpr)}${rateTd(a.fpr)}${rateTd(a.introspection_rate)}${rateTd(a.forced_identification_rate)}<td class="small">${esc(a.run_dir)}</td></tr>`;
+    parts.push(`<table><tr><th></th><th>TPR (detection)</th><th>FPR</th><th>introspection</th><th>forced ID</th><th>run</th></tr>${row("without bias", ev.baseline)}${row("with bias", ev.bias)}</table>`);
+    const rows = [
+      ...ev.baseline.by_config.map((c) => ({ arm: "without bias", ...c })),
+      ...ev.bias.by_config.map((c) => ({ arm: "with bias", ...c })),
+    ];
+    parts.push(`<table><tr><th>arm</th><th>layer</th><th>strength</th><th>TPR</th><th>FPR</th><th>introspection</th><th>forced ID</th></tr>${rows.map((c) => `<tr><td>${c.arm}</td><td class="num">${c.layer}</td><td class="num">${c.strength}</td>${rateTd(c.tpr)}${rateTd(c.fpr)}${rateTd(c.introspection_rate)}${rateTd(c.forced_identification_rate)}</tr>`).join("")}</table>`);
+    const pts = rows.flatMap((c) => (["tpr", "introspection_rate"] as const).flatMap((m) => (c[m].estimate === null ? [] : [{ arm: c.arm, metric: m, layer: c.layer, strength: c.strength, value: c[m].estimate }])));
+    if (pts.length > 0) {
+      parts.push(
+        await svgPlot({
+          data: { values: pts },
+          facet: { column: { field: "metric", type: "nominal" } },
+          spec: { width: 260, height: 200, mark: { type: "line", point: true }, encoding: { x: { field: "strength", type: "quantitative" }, y: { field: "value", type: "quantitative", scale: { domain: [0, 1] } }, color: { field: "arm", type: "nominal" }, strokeDash: { field: "layer", type: "nominal" } } },
+        }),
+      );
+    }
+  }
+  parts.push(`<h2>Differences from the protocol</h2><ul>${r.protocol_deviations.map((d) => `<li>${esc(d)}</li>`).join("")}</ul>`);
+  parts.push(`<h2>Engine notes</h2><ul>${r.engine_notes.map((d) => `<li>${esc(d)}</li>`).join("")}</ul>`);
+  parts.push(`<p class="small">Split (seed ${r.split.seed}, ${esc(r.split.rng)}): first ${r.split.train_used} of 400 training concepts used; held out: ${esc(r.split.held_out.slice(0, r.split.held_out_used).join(", "))}</p>`);
+  return htmlPage("selfscope bias vector", parts.join("\n"));
+}
