@@ -87,7 +87,7 @@ describe("inject() end to end on stories260K (rule judge)", () => {
     resultsFile = JSON.parse(fs.readFileSync(path.join(out, "results.json"), "utf8")) as Record<string, unknown>;
   });
 
-  test("the run completes quickly and the log reads back clean", () => {
+  test("the log reads back clean: no torn tail, no duplicate trials", () => {
     console.log(`# inject(): ${run.trials.length} trials in ${(ms / 1000).toFixed(1)} s`);
     assert.equal(run.discardedBytes, 0);
     assert.deepEqual(run.duplicateTrials, []);
@@ -102,6 +102,7 @@ describe("inject() end to end on stories260K (rule judge)", () => {
     assert.match(h.tool.version, /^\d+\.\d+\.\d+/);
     assert.ok(!Number.isNaN(Date.parse(h.createdAt)));
     assert.equal(h.model.hash, model.weightsHash());
+    assert.equal(h.model.path, STORIES, "absolute model path (resume works from any directory)");
     assert.match(h.model.hash, /^[0-9a-f]{16}$/);
     assert.deepEqual(
       { family: h.model.family, nLayers: h.model.nLayers, dModel: h.model.dModel, chatTemplate: h.model.chatTemplate },
@@ -428,11 +429,11 @@ describe("prompt variants", () => {
     assert.doesNotMatch(r.stderr, /SELFSCOPE_DEBUG/, "a usage error prints no stack-trace hint");
   });
 
-  test("BUG: an invalid --variant must not leave a header-only run directory behind (src/eval/inject.ts:164 creates the log before runSweep validates variants)", { todo: "fix in src/eval/inject.ts: validate variants before RunLogWriter.create" }, async () => {
+  // Regression (found by this suite; fixed in acac7ef): the run directory used to be created before
+  // runSweep validated the variants, leaving a header-only log that blocked reusing --out.
+  test("an invalid variant leaves no run directory behind, so the same --out works once corrected", async () => {
     const out = path.join(tmpRoot, "bad-variant-leftover");
     await assert.rejects(inject({ model: STORIES, layers: "2", concepts: "1", trials: 1, controls: 1, variants: "nope", judges: ["rule"], maxTokens: 2, out, vectorCache: null, quiet: true }), UsageError);
-    // Today: out/log.jsonl holds a header, so rerunning with the corrected variant and the same --out
-    // fails ("already holds a run log"), and `resume` fails on the same unknown variant.
     assert.ok(!fs.existsSync(path.join(out, "log.jsonl")), `${out}/log.jsonl was left behind by a run that never started`);
   });
 });

@@ -88,3 +88,19 @@ gpu("interventions, ragged batches and split weights give the same results on we
     assert.deepEqual(r.tokens, cpu.tokens);
   }
 });
+
+gpu("f16 weights on WebGPU: half the memory, f32 residual stream; logits track the f32 reference to f16 rounding", async () => {
+  const ref = JSON.parse(fs.readFileSync(path.join(sharedDir(), "models/stories260K-gguf/reference/logits_16x512.json"), "utf8")) as { input_ids: number[]; argmax: number[] };
+  const want = f32(path.join(sharedDir(), "models/stories260K-gguf/reference/logits_16x512.f32"));
+  const m = await Model.load(STORIES, { device: "webgpu", weights: "f16", maxBindingBytes: 20000 });
+  const got = (await m.forward([{ ids: ref.input_ids }])).logits[0]!;
+  const d = maxAbsDiff(got, want);
+  // f16 keeps 11 significant bits: weights move by ~5e-4 relative, logits (|x| ~ 10) by ~1e-2.
+  assert.ok(d > 1e-5 && d < 5e-2, `f16 logits differ from the f32 reference by ${d}`);
+  for (let t = 0; t < 16; t++) {
+    const row = got.subarray(t * 512, (t + 1) * 512);
+    assert.equal(row.indexOf(Math.max(...row)), ref.argmax[t], `argmax at position ${t}`);
+  }
+  m.dispose();
+  await assert.rejects(Model.load(STORIES, { device: "wasm", weights: "f16" }), /f16 weights need the WebGPU backend/);
+});

@@ -20,7 +20,7 @@ const USAGE = `selfscope — measure what language models can report about their
 
 Usage:
   selfscope generate --model PATH [--prompt TEXT | --ids 1,2,3] [--chat] --max-tokens N
-                     [--temperature T] [--top-k K] [--top-p P] [--seed S] [--device wasm|webgpu] [--json]
+                     [--temperature T] [--top-k K] [--top-p P] [--seed S] [--device wasm|webgpu] [--weights f32|f16] [--json]
   selfscope logits   --model PATH --ids 1,2,3 --out FILE [--device wasm|webgpu]
   selfscope info     --model PATH
   selfscope check    --model PATH.gguf [--reference llama.cpp] [--prompt TEXT | --ids 1,2,3] [--json]
@@ -77,6 +77,7 @@ function parse(argv: string[]): { cmd: string | undefined; flags: Flags; positio
       human: { type: "string" },
       quiet: { type: "boolean" },
       host: { type: "string" },
+      weights: { type: "string" },
       port: { type: "string" },
       help: { type: "boolean", short: "h" },
     },
@@ -106,6 +107,13 @@ function idsFlag(s: string): number[] {
   return ids;
 }
 
+function weights(f: Flags): { weights?: "f32" | "f16" } {
+  const w = str(f, "weights");
+  if (w === undefined) return {};
+  if (w !== "f32" && w !== "f16") throw new CliError(`--weights must be f32 or f16, got "${w}"`);
+  return { weights: w };
+}
+
 function device(f: Flags): DeviceName {
   const d = str(f, "device") ?? "wasm";
   if (d !== "wasm" && d !== "webgpu") throw new CliError(`--device must be wasm or webgpu, got "${d}"`);
@@ -113,7 +121,7 @@ function device(f: Flags): DeviceName {
 }
 
 async function cmdGenerate(f: Flags): Promise<void> {
-  const model = await Model.load(str(f, "model", true)!, { device: device(f) });
+  const model = await Model.load(str(f, "model", true)!, { device: device(f), ...weights(f) });
   const maxTokens = numFlag(f, "max-tokens");
   if (maxTokens === undefined || !Number.isInteger(maxTokens) || maxTokens < 0) throw new CliError("--max-tokens N is required (a non-negative integer)");
   const prompt = str(f, "prompt");
@@ -136,7 +144,7 @@ async function cmdGenerate(f: Flags): Promise<void> {
 }
 
 async function cmdLogits(f: Flags): Promise<void> {
-  const model = await Model.load(str(f, "model", true)!, { device: device(f) });
+  const model = await Model.load(str(f, "model", true)!, { device: device(f), ...weights(f) });
   const ids = idsFlag(str(f, "ids", true)!);
   if (ids.length === 0) throw new CliError("--ids must name at least one token");
   const out = str(f, "out", true)!;

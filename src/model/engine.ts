@@ -141,6 +141,11 @@ interface CallCtx {
 export interface EngineOptions {
   /** Largest single device buffer; larger weights are split into row chunks. */
   maxBindingBytes?: number;
+  /**
+   * Storage of weight matrices. "f16" halves device memory on WebGPU (shader-f16); matmuls
+   * widen to f32 as they load, and the residual stream, norms, logits and vectors stay f32.
+   */
+  weightDtype?: "f32" | "f16";
   /** Trace-compile the layer halves (default true). */
   jit?: boolean;
 }
@@ -167,7 +172,8 @@ export class Engine {
       return t;
     };
     const vec = (name: string) => np.array(w(name).data);
-    const mat = (name: string): Weight => toDevice(w(name), max);
+    const wd = opts.weightDtype ?? "f32";
+    const mat = (name: string): Weight => toDevice(w(name), max, wd);
     const normP = (p: string) => ({ weight: vec(`${p}.weight`), ...(host.weights.has(`${p}.bias`) ? { bias: vec(`${p}.bias`) } : {}) });
     const optNorm = <K extends string>(key: K, p: string) => (host.weights.has(`${p}.weight`) ? ({ [key]: normP(p) } as Record<K, ReturnType<typeof normP>>) : {});
     const lin = (p: string) => ({ weight: mat(`${p}.weight`), ...(host.weights.has(`${p}.bias`) ? { bias: vec(`${p}.bias`) } : {}) });
@@ -188,7 +194,7 @@ export class Engine {
     this.params = {
       blocks,
       lnFinal: normP("lnFinal"),
-      unembed: toDevice(c.tieEmbeddings ? this.embed : w("unembed.weight"), max),
+      unembed: toDevice(c.tieEmbeddings ? this.embed : w("unembed.weight"), max, wd),
     };
     this.fns = new LayerFns(c, opts.jit ?? true);
   }
@@ -749,15 +755,20 @@ function attnMask(ctx: CallCtx, pad: number[], S: number, slot0: number, window:
 }
 
 
-function toDevice(t: HostTensor, maxBytes: number): Weight {
-  const bytes = t.data.byteLength;
-  if (bytes <= maxBytes || t.shape.length !== 2) return np.array(t.data).reshape(t.shape);
+/** Upload a matrix, as f16 if asked (converted on the device), in row chunks under the binding limit. */
+function toDevice(t: HostTensor, maxBytes: number, dtype: "f32" | "f16" = "f32"): Weight {
+  const elem = dtype === "f16" ? 2 : 4;
+  const up = (data: Float32Array, shape: number[]) => {
+    const a = np.array(data).reshape(shape);
+    return dtype === "f16" ? a.astype(np.float16) : a;
+  };
+  if (t.data.length * elem <= maxBytes || t.shape.length !== 2) return up(t.data, t.shape);
   const [rows, cols] = t.shape as [number, number];
-  const per = Math.max(1, Math.floor(maxBytes / (cols * 4)));
+  const per = Math.max(1, Math.floor(maxBytes / (cols * Math.max(elem, 4)))); // the f32 staging copy must fit too
   const chunks: JArray[] = [];
   for (let r = 0; r < rows; r += per) {
     const n = Math.min(per, rows - r);
-    chunks.push(np.array(t.data.slice(r * cols, (r + n) * cols)).reshape([n, cols]));
+    chunks.push(up(t.data.slice(r * cols, (r + n) * cols), [n, cols]));
   }
   return chunks;
 }

@@ -8,7 +8,7 @@ import { ModelFileError, UnsupportedArchitectureError, WeightShapeError } from "
 export class NumericalWeightsError extends ModelFileError {
   override name = "NumericalWeightsError";
 }
-import { readGguf, readGgufTensor, type GgufFile } from "../io/gguf.js";
+import { GgmlType, readGguf, readGgufTensor, type GgufFile } from "../io/gguf.js";
 import { resolveModelPath } from "../io/hub-cache.js";
 import { openSafetensors, readStTensor, type SafetensorsSet } from "../io/safetensors.js";
 import { expectedParams, type ModelConfig } from "./config.js";
@@ -118,7 +118,7 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
     check?.(config, files.weights);
     const dtypes = new Set([...g.tensors.values()].map((t) => String(t.type)));
     const weights = mapWeights(config, family.gguf, [], family.ggufIgnore, new Set(g.tensors.keys()), files.weights, (n) => readGgufTensor(g, n));
-    const typeNames = [...dtypes].map((t) => ({ "0": "F32", "1": "F16", "30": "BF16" })[t] ?? `ggml${t}`);
+    const typeNames = [...dtypes].map((t) => GgmlType[Number(t)] ?? `ggml type ${t}`);
     return { family, config, weights, files, gguf: g, sourceDtype: typeNames.join("+") };
   }
   const hf = readJson(files.configJson!);

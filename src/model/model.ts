@@ -15,6 +15,11 @@ export interface LoadOptions {
   device?: DeviceName;
   /** Force a smaller per-buffer limit (tests exercise weight splitting on any device). */
   maxBindingBytes?: number;
+  /**
+   * Weight storage: "f32" (default), or "f16" on WebGPU with shader-f16 (half the memory; the
+   * residual stream stays f32). Quantized GGUFs default to "f16" on WebGPU: their error dominates.
+   */
+  weights?: "f32" | "f16";
 }
 
 /** A prompt: raw text (BOS added per the tokenizer), chat messages (rendered with the template), or ids. */
@@ -36,7 +41,12 @@ export class Model {
     const host = loadHostModel(path, (c, source) => checkFits(c, device.name, source));
     const { tokenizer, chatTemplate } = tokenizerOf(host);
     const max = Math.min(opts.maxBindingBytes ?? Infinity, device.maxBindingBytes);
-    const engine = new Engine(host, { maxBindingBytes: max });
+    const quantized = /Q\d/.test(host.sourceDtype);
+    const weightDtype = opts.weights ?? (device.name === "webgpu" && device.shaderF16 && quantized ? "f16" : "f32");
+    if (weightDtype === "f16" && !(device.name === "webgpu" && device.shaderF16)) {
+      throw new UsageError(`f16 weights need the WebGPU backend with shader-f16 (the Wasm backend computes in f32 only); use --weights f32`);
+    }
+    const engine = new Engine(host, { maxBindingBytes: max, weightDtype });
     return new Model(engine, host.config, host.files, tokenizer, chatTemplate, device, host.sourceDtype);
   }
 

@@ -56,14 +56,19 @@ export interface LayerKey {
 
 // ---------------------------------------------------------------- primitives
 
+/** x @ wᵀ; f16-stored weights are widened inside the jit'd kernel (the activations stay f32). */
+function matT(x: JArray, w: JArray): JArray {
+  return np.dot(x, (w.dtype === np.float16 ? w.astype(np.float32) : w).transpose());
+}
+
 export function linear(x: JArray, p: LinearParams): JArray {
   const w = p.weight;
   let y: JArray;
   if (Array.isArray(w)) {
     // Row chunks: y = concat_c(x @ w_c^T). Each chunk stays under the binding limit.
-    const parts = w.map((c, i) => np.dot(i < w.length - 1 ? x.ref : x, c.transpose()));
+    const parts = w.map((c, i) => matT(i < w.length - 1 ? x.ref : x, c));
     y = np.concatenate(parts, -1);
-  } else y = np.dot(x, w.transpose());
+  } else y = matT(x, w);
   return p.bias ? y.add(p.bias) : y;
 }
 
@@ -277,7 +282,7 @@ export function head(c: ModelConfig, st: Static, lnFinal: NormParams, unembed: W
   const h = site(norm(x, lnFinal, c.norm), "ln_final.hook_normalized", ops, reads, st);
   const chunks = Array.isArray(unembed) ? unembed : [unembed];
   const out = chunks.map((w, i) => {
-    const l = np.dot(i < chunks.length - 1 ? h.ref : h, w.transpose());
+    const l = matT(i < chunks.length - 1 ? h.ref : h, w);
     return c.finalSoftcap ? softcap(l, c.finalSoftcap) : l;
   });
   return [out, reads];
