@@ -246,7 +246,7 @@ describe("convergence", () => {
     // −(log pA + log pB)/2 ≥ −log((pA + pB)/2) ≥ ln 2, reached only at pA = pB = 1/2.
     const ids = model.encode("Once upon a time there was a little").ids;
     const row = (tok: number): BiasExample => ({ ids, targets: ids.map((_, i) => (i === ids.length - 1 ? tok : -1)), inject: null });
-    const r = await trainBiasVector(model, { layer: 2, data: [row(400), row(280)], steps: 70, lr: 0.1, batchSize: 2, seed: 1, weightDecay: 0 });
+    const r = await trainBiasVector(model, { layer: 2, data: [row(400), row(280)], steps: 50, lr: 0.1, batchSize: 2, seed: 1, weightDecay: 0 });
     const last = r.losses.at(-1)!;
     t.diagnostic(`loss ${r.losses[0]!.toFixed(4)} → ${last.toFixed(4)} (floor ln 2 = ${Math.LN2.toFixed(4)}) in ${r.losses.length} steps`);
     assert.equal(r.hook, "blocks.2.hook_mlp_out");

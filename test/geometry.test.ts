@@ -26,7 +26,7 @@ import {
   type ConceptRate,
   type GeometryResults,
 } from "../src/recipes/geometry.js";
-import { cosine, dot, gram, ldaFit, nestedRidgeCv, norm, pca, principalAngleCosines, rowBasis, signTest, stratifiedKFold, symEig, unit } from "../src/recipes/linalg.js";
+import { cosine, dot, gram, ldaFit, nestedRidgeCv, norm, pca, principalAngleCosines, ridgePath, rowBasis, signTest, solveSpd, stratifiedKFold, symEig, unit } from "../src/recipes/linalg.js";
 import { conceptVectors, PROTOCOL_RECIPE } from "../src/vectors/extract.js";
 import { repoDir, sharedDir } from "./support/paths.js";
 
@@ -191,6 +191,31 @@ describe("LDA partition (§4.2) finds a planted threshold", () => {
 
 describe("ridge with nested CV recovers a planted linear relation", () => {
   const alphas = Array.from({ length: 25 }, (_, i) => 10 ** (-2 + (10 * i) / 24));
+  test("the dual solution equals the primal normal equations (d > n)", () => {
+    const g = gaussian(new Rng(20));
+    const n = 15;
+    const d = 30;
+    const X = Array.from({ length: n }, () => randVec(g, d));
+    const y = X.map(() => g());
+    const alpha = 0.7;
+    const path = ridgePath(X, y, [alpha]);
+    // Primal: (Xcᵀ Xc + αI) w = Xcᵀ yc with column-centred X and centred y.
+    const mx = Float64Array.from({ length: d }, (_, k) => X.reduce((a, r) => a + r[k]!, 0) / n);
+    const my = y.reduce((a, b) => a + b, 0) / n;
+    const M = new Float64Array(d * d);
+    const rhs = new Float64Array(d);
+    X.forEach((r, i) => {
+      for (let a = 0; a < d; a++) {
+        rhs[a]! += (r[a]! - mx[a]!) * (y[i]! - my);
+        for (let b = 0; b < d; b++) M[a * d + b]! += (r[a]! - mx[a]!) * (r[b]! - mx[b]!);
+      }
+    });
+    for (let a = 0; a < d; a++) M[a * d + a]! += alpha;
+    const w = solveSpd(M, d, rhs);
+    for (let k = 0; k < d; k++) assert.ok(Math.abs(path.coefs[0]![k]! - w[k]!) < 1e-9, `coef ${k}`);
+    assert.ok(Math.abs(path.intercepts[0]! - (my - dot(mx, w))) < 1e-9);
+  });
+
   test("noise-free: R² ≈ 1", () => {
     const g = gaussian(new Rng(21));
     const beta = randVec(g, 20);
@@ -290,27 +315,32 @@ describe("swap vectors and concept pairs", () => {
     };
     const meanS = (s[0]! + s[1]! + s[2]! + s[3]!) / 4;
     const meanF = (s[4]! + s[5]! + s[6]! + s[7]!) / 4;
+    // Expected vector before renormalisation, rescaled to the original norm.
+    const expect = (i: number, proj: number, delta: Float64Array) => {
+      const v = delta.map((x, k) => x + proj * w[k]!);
+      const f = norm(vectors[i]!) / norm(v);
+      return v.map((x) => x * f);
+    };
     for (const x of sv) {
       const i = concepts.indexOf(x.concept);
       assert.ok(Math.abs(norm(x.vector) - norm(vectors[i]!)) < 1e-4, "norm preserved");
-      const scale = norm(vectors[i]!) / norm(x.vector); // undo the renormalisation (exact up to f32)
-      if (x.condition === "proj_swap") {
-        const shift = labels[i] ? meanF - meanS : meanS - meanF;
-        const unscaled = norm(Float64Array.from(resid(vectors[i]!)).map((v, k) => v + (s[i]! + shift) * w[k]!));
-        assert.ok(Math.abs(dot(x.vector, w) * (unscaled / norm(vectors[i]!)) - (s[i]! + shift)) < 1e-4);
-        assert.ok(cosine(resid(x.vector), resid(vectors[i]!)) > 0.99999);
-      }
-      if (x.condition === "delta_swap_nearest" || x.condition === "delta_swap_random") {
+      let want: Float64Array;
+      if (x.condition === "original") want = vectors[i]!;
+      else if (x.condition === "proj_swap") want = expect(i, s[i]! + (labels[i] ? meanF - meanS : meanS - meanF), resid(vectors[i]!));
+      else {
         const j = concepts.indexOf(x.partner!);
         assert.notEqual(labels[j], labels[i], "partner from the other class");
-        assert.ok(cosine(resid(x.vector), resid(vectors[j]!)) > 0.99999);
+        want = expect(i, s[i]!, resid(vectors[j]!));
         if (x.condition === "delta_swap_nearest") {
           const best = concepts.map((_, k) => k).filter((k) => labels[k] !== labels[i]).sort((a, b) => cosine(vectors[i]!, vectors[b]!) - cosine(vectors[i]!, vectors[a]!))[0]!;
           assert.equal(j, best);
         }
       }
-      void scale;
+      for (let k = 0; k < 16; k++) assert.ok(Math.abs(x.vector[k]! - want[k]!) < 1e-4, `${x.condition} ${x.concept}[${k}]`);
     }
+    // Random partners are drawn per trial (12 draws for the success class are not all the same).
+    const partners = new Set(sv.filter((x) => labels[concepts.indexOf(x.concept)] === 1 && x.condition === "delta_swap_random").map((x) => x.partner));
+    assert.ok(partners.size > 1);
   });
 
   test("pairs: same class, |Δproj| < window, each concept once, sorted by |Δdetection|", () => {

@@ -1,5 +1,6 @@
 // Published settings as presets. Layers are given relative to depth so a preset runs on any
 // model; on the paper's model they resolve to the paper's layer.
+import { UsageError } from "../core/errors.js";
 import type { InjectConfig, VectorRecipe } from "../log/schema.js";
 import { PROTOCOL_RECIPE } from "../vectors/extract.js";
 import { readData } from "./protocol.js";
@@ -66,9 +67,9 @@ export function parseLayers(spec: string, nLayers: number): number[] {
   if (spec === "all") return Array.from({ length: nLayers }, (_, i) => i);
   return spec.split(",").map((s) => {
     const x = Number(s.trim());
-    if (!Number.isFinite(x) || x < 0) throw new Error(`bad layer "${s}"`);
+    if (!Number.isFinite(x) || x < 0) throw new UsageError(`--layers: bad layer "${s}" (use 37, 20,30,40, a fraction like 0.6, or all)`);
     const l = s.includes(".") ? Math.min(nLayers - 1, Math.floor(nLayers * x)) : x;
-    if (!Number.isInteger(l) || l >= nLayers) throw new Error(`layer ${s} is outside 0..${nLayers - 1}`);
+    if (!Number.isInteger(l) || l >= nLayers) throw new UsageError(`--layers: layer ${s} is outside 0..${nLayers - 1}`);
     return l;
   });
 }

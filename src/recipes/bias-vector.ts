@@ -830,7 +830,7 @@ async function biasReport(r: BiasVectorResults): Promise<string> {
         height: 240,
         data: { values: t.loss_curve.map((loss, i) => ({ step: i + 1, loss })) },
         mark: { type: "line", point: t.loss_curve.length <= 50 },
-        encoding: { x: { field: "step", type: "quantitative" }, y: { field: "loss", type: "quantitative", title: "cross-entropy (target tokens)" } },
+        encoding: { x: { field: "step", type: "quantitative", axis: { format: "d", tickMinStep: 1 } }, y: { field: "loss", type: "quantitative", title: "cross-entropy (target tokens)" } },
       }),
     );
     parts.push(`<p>first step ${t.initial_loss?.toFixed(4)} → last steps ${t.final_loss?.toFixed(4)}; ‖b‖ = ${t.vector_norm.toPrecision(4)}</p>`);
@@ -854,7 +854,7 @@ async function biasReport(r: BiasVectorResults): Promise<string> {
         await svgPlot({
           data: { values: pts },
           facet: { column: { field: "metric", type: "nominal" } },
-          spec: { width: 260, height: 200, mark: { type: "line", point: true }, encoding: { x: { field: "strength", type: "quantitative" }, y: { field: "value", type: "quantitative", scale: { domain: [0, 1] } }, color: { field: "arm", type: "nominal" }, strokeDash: { field: "layer", type: "nominal" } } },
+          spec: { width: 260, height: 200, mark: { type: "line", point: true }, encoding: { x: { field: "strength", type: "quantitative", axis: { format: "~g" } }, y: { field: "value", type: "quantitative", scale: { domain: [0, 1] } }, color: { field: "arm", type: "nominal" }, strokeDash: { field: "layer", type: "nominal" } } },
         }),
       );
     }

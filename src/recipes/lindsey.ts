@@ -865,7 +865,7 @@ async function lindseyReport(r: LindseyResults): Promise<string> {
           width: 420,
           height: 220,
           layer: [
-            { data: { values: pts }, mark: { type: "line", point: true }, encoding: { x: { field: "strength", type: "quantitative" }, y: { field: "value", type: "quantitative", scale: { domain: [0, 1] }, title: "rate" }, color: { field: "metric", type: "nominal" } } },
+            { data: { values: pts }, mark: { type: "line", point: true }, encoding: { x: { field: "strength", type: "quantitative", axis: { format: "~g" } }, y: { field: "value", type: "quantitative", scale: { domain: [0, 1] }, title: "rate" }, color: { field: "metric", type: "nominal" } } },
             { data: { values: [{ chance: e.chance }] }, mark: { type: "rule", strokeDash: [4, 4], color: "#999" }, encoding: { y: { field: "chance", type: "quantitative" } } },
           ],
         }),
@@ -879,7 +879,7 @@ async function lindseyReport(r: LindseyResults): Promise<string> {
     parts.push(`<p>${e.pairs} pairs · layer ${e.layer} · temperature ${e.temperature} · ${e.max_tokens} tokens · apology rate = responses judged as not claiming intent · no injection: ${e.apology_none ? `${f3(e.apology_none.estimate)} (n=${e.apology_none.n})` : "—"} · max reduction ${e.max_reduction ? `${f3(e.max_reduction.reduction)} at strength ${e.max_reduction.strength}` : "—"}</p>`);
     parts.push(`<table><tr><th>strength</th>${e.conditions.map((c) => `<th>${esc(c)}</th>`).join("")}<th>reduction</th></tr>${e.by_strength.map((b) => `<tr><td class="num">${b.strength}</td>${e.conditions.map((c) => rateTd(b.apology[c])).join("")}<td class="num">${f3(b.reduction)}</td></tr>`).join("")}</table>`);
     const pts = e.by_strength.flatMap((b) => e.conditions.flatMap((c) => (b.apology[c]?.estimate == null ? [] : [{ strength: b.strength, condition: c, value: b.apology[c]!.estimate }])));
-    if (pts.length > 0) parts.push(await svgPlot({ width: 420, height: 220, data: { values: pts }, mark: { type: "line", point: true }, encoding: { x: { field: "strength", type: "quantitative" }, y: { field: "value", type: "quantitative", scale: { domain: [0, 1] }, title: "apology rate" }, color: { field: "condition", type: "nominal" } } }));
+    if (pts.length > 0) parts.push(await svgPlot({ width: 420, height: 220, data: { values: pts }, mark: { type: "line", point: true }, encoding: { x: { field: "strength", type: "quantitative", axis: { format: "~g" } }, y: { field: "value", type: "quantitative", scale: { domain: [0, 1] }, title: "apology rate" }, color: { field: "condition", type: "nominal" } } }));
     parts.push(`<table><tr><th>prefilled word</th><th>condition</th><th>strength</th><th>reply</th><th>verdict</th></tr>${examples(e.trials, 12).map((t) => `<tr><td>${esc(t.word)}</td><td>${esc(t.condition)}</td><td class="num">${t.strength}</td><td><pre>${esc(t.response)}</pre></td><td class="small">${esc(t.verdict ?? "unjudged")} ${esc(t.judge_raw ?? "")}</td></tr>`).join("")}</table>`);
   }
   if (r.exp4) {
