@@ -26,7 +26,7 @@ import {
   type ConceptRate,
   type GeometryResults,
 } from "../src/recipes/geometry.js";
-import { cosine, dot, gram, ldaFit, nestedRidgeCv, norm, pca, principalAngleCosines, ridgePath, rowBasis, signTest, solveSpd, stratifiedKFold, symEig, unit } from "../src/recipes/linalg.js";
+import { cosine, dot, gram, ldaDualProject, ldaFit, ldaFitGram, nestedRidgeCv, norm, pca, principalAngleCosines, ridgePath, rowBasis, signTest, solveSpd, stratifiedKFold, symEig, unit } from "../src/recipes/linalg.js";
 import { conceptVectors, PROTOCOL_RECIPE } from "../src/vectors/extract.js";
 import { repoDir, sharedDir } from "./support/paths.js";
 
@@ -179,6 +179,18 @@ describe("LDA partition (§4.2) finds a planted threshold", () => {
     const a = cvLda(sub, lab, { seed: 7, ambientDim: d });
     const b = cvLda(rowBasis(sub).coords, lab, { seed: 7, ambientDim: d });
     assert.deepEqual(a, b);
+  });
+
+  test("the kernel-form LDA used by the search equals the primal fit (projections, threshold, shrinkage)", () => {
+    const labels = rates.map((r) => (r.detection_rate > tauStar ? 1 : 0));
+    const train = labels.map((_, i) => i).filter((i) => i % 4 !== 0);
+    const G = gram(vectors);
+    const dual = ldaFitGram(G, vectors.length, train, labels, { ambientDim: d });
+    const primal = ldaFit(train.map((i) => vectors[i]!), train.map((i) => labels[i]!), { ambientDim: d });
+    assert.ok(Math.abs(dual.shrinkage - primal.shrinkage) < 1e-10, `${dual.shrinkage} vs ${primal.shrinkage}`);
+    const scale = Math.max(...vectors.map((v) => Math.abs(dot(v, primal.w))));
+    vectors.forEach((v, j) => assert.ok(Math.abs(ldaDualProject(dual, G, vectors.length, j) - dot(v, primal.w)) < 1e-8 * scale, `row ${j}`));
+    assert.ok(Math.abs(dual.threshold - primal.threshold) < 1e-8 * scale);
   });
 
   test("too few concepts per class falls back to τ = 0.2 (protocol)", () => {

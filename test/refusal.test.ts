@@ -27,6 +27,7 @@ import {
   refusalCommand,
   refusalDirections,
   refusalSubspace,
+  withGlobalPlan,
   type RefusalResults,
 } from "../src/recipes/refusal.js";
 import { repoDir, sharedDir } from "./support/paths.js";
@@ -190,6 +191,22 @@ describe("ablation and orthogonalisation", () => {
       }
     }
     assert.equal(ablationPlan(r, { nLayers: 5 }).length, 15, "Arditi sites: resid_pre, attn_out, mlp_out × 5 layers");
+  });
+
+  test("withGlobalPlan: the wrapped model's generate() applies the extra plan; forward() is untouched", async () => {
+    const g = gaussian(new Rng(8));
+    const plan = ablationPlan(randUnit(g, 64), { nLayers: 5 });
+    const wrapped = withGlobalPlan(stories, plan);
+    const ps = [instructionPrompt(stories, B[1]!), instructionPrompt(stories, B[2]!)];
+    const a = await wrapped.generate(ps, { maxTokens: 12, temperature: 0 });
+    const b = await stories.generate(ps, { maxTokens: 12, temperature: 0, plan });
+    const c = await stories.generate(ps, { maxTokens: 12, temperature: 0 });
+    assert.deepEqual(a.tokens, b.tokens);
+    assert.notDeepEqual(a.tokens, c.tokens, "full ablation changes greedy output");
+    const f1 = await wrapped.forward(ps, { logits: "last" });
+    const f2 = await stories.forward(ps, { logits: "last" });
+    assert.equal(maxAbs(f1.logits, f2.logits), 0);
+    assert.equal(wrapped.config, stories.config);
   });
 
   for (const [name, file, D] of [

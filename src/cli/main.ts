@@ -13,6 +13,7 @@ import { readRunLog } from "../log/read.js";
 import { Model } from "../model/model.js";
 import { exportCsv, exportParquet } from "../report/export.js";
 import { serveRun } from "../report/server.js";
+import { RECIPES, recipeArgs } from "./recipes.js";
 import { defaultVectorCache } from "../vectors/extract.js";
 import type { DeviceName } from "../runtime/device.js";
 
@@ -35,6 +36,12 @@ Usage:
   selfscope export   RUN_DIR [--format csv|parquet] [--out FILE]
   selfscope view     RUN_DIR [--port N]      serve the report on http://127.0.0.1
   selfscope judge-agreement RUN_DIR [--judge A --judge B | --human FILE]   Cohen's kappa
+
+Research recipes (each writes DIR/results.json and DIR/report.html; --help for flags):
+  selfscope bias-vector --model PATH --out DIR    train a bias vector for introspection (protocol §7)
+  selfscope lindsey     --model PATH --out DIR    Lindsey (2025) experiments 2-4
+  selfscope refusal     --model PATH --out DIR    refusal direction, subspace and ablation
+  selfscope geometry    --model PATH --out DIR    concept-vector geometry
 
 PATH is a .gguf file, a .safetensors file with config.json beside it, or a Hugging Face model folder.`;
 
@@ -341,6 +348,8 @@ const COMMANDS: Record<string, (f: Flags) => Promise<void>> = {
 };
 
 async function main(): Promise<number> {
+  const first = process.argv[2];
+  if (first && RECIPES[first]) return runRecipe(first);
   let parsed;
   try {
     parsed = parse(process.argv.slice(2));
@@ -359,8 +368,13 @@ async function main(): Promise<number> {
     process.stderr.write(`selfscope: unknown command "${cmd}"\n${USAGE}\n`);
     return 2;
   }
+  return report(cmd, () => run(flags));
+}
+
+/** Run a command; errors print one line (no stack unless SELFSCOPE_DEBUG) and give exit code 1. */
+async function report(cmd: string, f: () => Promise<void>): Promise<number> {
   try {
-    await run(flags);
+    await f();
     return 0;
   } catch (e) {
     if (process.env.SELFSCOPE_DEBUG) console.error(e);
@@ -368,6 +382,20 @@ async function main(): Promise<number> {
     process.stderr.write(`selfscope ${cmd}: ${msg}${e instanceof SelfscopeError ? "" : " (set SELFSCOPE_DEBUG=1 for a stack trace)"}\n`);
     return 1;
   }
+}
+
+async function runRecipe(cmd: string): Promise<number> {
+  const recipe = RECIPES[cmd]!;
+  if (process.argv.includes("--help") || process.argv.includes("-h")) {
+    process.stdout.write(`usage: ${recipe.usage}\n`);
+    return 0;
+  }
+  return report(cmd, async () => {
+    const args = recipeArgs(cmd, process.argv.slice(3));
+    if (args.vectorCache === undefined) args.vectorCache = defaultVectorCache();
+    await recipe.run(args);
+    process.stdout.write(`wrote ${String(args.out)}/results.json and ${String(args.out)}/report.html\n`);
+  });
 }
 
 // Exit explicitly: the WebGPU device and wasm worker handles would otherwise keep Node alive.

@@ -353,7 +353,12 @@ export class Engine {
    * Loss and gradient with respect to a vector added at one hook (the trained-bias and adapter
    * experiments). Loss = mean cross-entropy of `targets` (per row, per position; -1 = ignore).
    */
-  async lossAndGrad(rows: (Row | number[])[], targets: number[][], train: { at: HookName; pos?: PosSpec; value: Float32Array }): Promise<{ loss: number; grad: Float32Array }> {
+  async lossAndGrad(
+    rows: (Row | number[])[],
+    targets: number[][],
+    train: { at: HookName; pos?: PosSpec; value: Float32Array },
+    opts: { plan?: Plan; countPrefix?: PrefixCounter } = {},
+  ): Promise<{ loss: number; grad: Float32Array }> {
     this.live();
     const c = this.config;
     const rs = rows.map(asRow);
@@ -363,7 +368,10 @@ export class Engine {
     const feat = this.featShape(site);
     if (feat.length !== 1 || train.value.length !== feat[0]) throw new UsageError(`lossAndGrad: ${train.at} takes a vector of length ${feat.join("x")}`);
     const probe: Intervention = { op: "add", at: train.at, vector: train.value, ...(train.pos ? { pos: train.pos } : {}) };
-    const [r] = this.resolve([probe], rs, promptLen, undefined);
+    const [r] = this.resolve([probe], rs, promptLen, opts.countPrefix);
+    // Other interventions (e.g. a concept injection during training) apply as constants.
+    const resolvedPlan = this.resolve(opts.plan ?? [], rs, promptLen, opts.countPrefix);
+    if (resolvedPlan.some((x) => x.iv.op === "read")) throw new UsageError("lossAndGrad: the plan cannot contain reads");
     const ctx = fullCtx(rs, B, T, pad);
     // Target weights folded with 1/n on the host: loss = -sum(w * logsoftmax(logits)).
     let n = 0;
@@ -374,7 +382,7 @@ export class Engine {
     const mask = scopeMask(r!, ctx, promptLen, [1]);
     const f = (v: JArray): JArray => {
       const trainOp: TrainOp = { layer, site, op: { v: v.reshape([1, 1, feat[0]!]), m: np.array(mask).reshape([B, T, 1]) } };
-      const x = this.runLayers(ctx, pad, promptLen, [], null, null, trainOp);
+      const x = this.runLayers(ctx, pad, promptLen, resolvedPlan, null, null, trainOp);
       const [chunks] = head(c, { readSet: new Set(), kinds: new Map() }, tree.ref(this.params.lnFinal as never) as never, refWeight(this.params.unembed), x, {});
       const logits = chunks.length === 1 ? chunks[0]! : np.concatenate(chunks, -1);
       const lsm = logits.sub(logsumexp(logits.ref));

@@ -21,10 +21,10 @@ import { getVariant, readData, renderTrial } from "../eval/protocol.js";
 import { runSweep } from "../eval/run.js";
 import { hookName, type HookName } from "../hooks/names.js";
 import type { Intervention, Plan, PosSpec } from "../hooks/plan.js";
-import { makeJudge } from "../judge/judge.js";
+import { makeJudge, type Judge } from "../judge/judge.js";
 import { readRunLog, type RunData } from "../log/read.js";
 import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type Rate, type RunHeader } from "../log/schema.js";
-import { RunLogWriter } from "../log/write.js";
+import { lockRun, RunLogWriter } from "../log/write.js";
 import type { Engine, Row } from "../model/engine.js";
 import { Model } from "../model/model.js";
 import type { DeviceName } from "../runtime/device.js";
@@ -61,7 +61,7 @@ export const BIAS_PROTOCOL = {
 export const PROTOCOL_DEVIATIONS: readonly string[] = [
   "Train/held-out split: concepts_500 shuffled with selfscope's seeded xoshiro128** RNG (Fisher–Yates, seed 42), not Python's random.shuffle over list(set(...)); the membership of the 400/100 split differs from the paper's (which is itself not reproducible, protocol §7.2).",
   "Layers are scaled from the 62-layer reference model: layer = min(n−1, floor(n·L/62)) for the bias layer (29), the training injection layers (29..55, odd) and the evaluation layers (20..60); on a shallow model several map to one layer.",
-  "The bias is added at blocks.{L}.hook_mlp_out. On pre-norm models (Llama, Qwen, GPT-2) that is exactly the down_proj output (§7.1); on sandwich/post-norm models (Gemma 2/3, OLMo 2) hook_mlp_out is after the post-feed-forward norm, whereas the protocol adds b before that norm (see the engine note in the report).",
+  "The bias is added at blocks.{L}.hook_mlp_out. On pre-norm models (Llama, Qwen, GPT-2) that is exactly the down_proj output (§7.1); on sandwich/post-norm models (Gemma 2/3, OLMo 2) hook_mlp_out is after the post-feed-forward norm, whereas the protocol adds b before that norm; such runs carry an engine note in results.json (a hook site before the post-norm is needed).",
   "Optimiser: AdamW (β 0.9/0.999, ε 1e-8, decoupled weight decay 0.01, lr 1e-3, batch 8) as torch's defaults; parameters and gradients in float32, moments in float64 (the paper trains a bf16 parameter).",
   "Training examples: the protocol's targets and 0.5 control ratio; the layer/strength are drawn once per example at data-generation time (seeded) rather than on each __getitem__ call (identical for the paper's single epoch). Examples are re-shuffled per epoch from the seed.",
   "Prompts without a chat template use the protocol's fallback prompt; the target is appended after \"Assistant:\" with one space (with a chat template it is appended directly after the generation prompt, as the protocol does).",
@@ -113,24 +113,7 @@ export interface TrainSite {
  * of one engine only. Verified against float64 finite differences in test/bias-vector.test.ts.
  */
 export async function lossAndGradWithPlan(engine: Engine, rows: Row[], targets: number[][], train: TrainSite, plan: Plan): Promise<{ loss: number; grad: Float32Array }> {
-  if (plan.length === 0) return engine.lossAndGrad(rows, targets, train);
-  const e = engine as unknown as { resolve?: (...a: unknown[]) => unknown[]; runLayers?: (...a: unknown[]) => unknown };
-  const base = e.runLayers;
-  if (typeof e.resolve !== "function" || typeof base !== "function") {
-    throw new UsageError("lossAndGradWithPlan: this engine has neither a plan option on lossAndGrad nor the internals the adapter uses; update src/recipes/bias-vector.ts");
-  }
-  const resolved = e.resolve(plan, rows, rows.map((r) => r.ids.length), undefined);
-  // runLayers(ctx, pad, promptLen, resolved, kvc, cache, trainOp): lossAndGrad passes resolved = [] with a trainOp.
-  const patched = function (this: unknown, ...a: unknown[]): unknown {
-    if (a[6] && Array.isArray(a[3]) && a[3].length === 0) a[3] = resolved;
-    return base.apply(this, a);
-  };
-  Object.defineProperty(engine, "runLayers", { value: patched, configurable: true, writable: true });
-  try {
-    return await engine.lossAndGrad(rows, targets, train);
-  } finally {
-    delete (engine as unknown as Record<string, unknown>).runLayers;
-  }
+  return engine.lossAndGrad(rows, targets, train, { plan });
 }
 
 // ---- training data ------------------------------------------------------------------------------
@@ -468,6 +451,16 @@ export interface EvalArm {
 /** Run (or resume) one injection sweep into `runDir`. */
 export async function sweepInto(model: Model, modelPath: string, cfg: InjectConfig, runDir: string, opts: { vectorCache?: string | null; quiet?: boolean; command?: string[] } = {}): Promise<EvalArm> {
   const judges = cfg.judges.map((spec) => makeJudge(spec, { cacheDir: path.join(runDir, "judge-cache") }));
+  const unlock = lockRun(runDir);
+  try {
+    return await sweepLocked(model, modelPath, cfg, runDir, judges, opts);
+  } finally {
+    unlock();
+    for (const j of judges) j.dispose?.();
+  }
+}
+
+async function sweepLocked(model: Model, modelPath: string, cfg: InjectConfig, runDir: string, judges: Judge[], opts: { vectorCache?: string | null; quiet?: boolean; command?: string[] }): Promise<EvalArm> {
   let prior: RunData | null = null;
   let log: RunLogWriter;
   if (fs.existsSync(path.join(runDir, "log.jsonl"))) {
@@ -483,7 +476,7 @@ export async function sweepInto(model: Model, modelPath: string, cfg: InjectConf
       version: LOG_VERSION,
       createdAt: new Date().toISOString(),
       tool: { name: "selfscope", version: VERSION },
-      model: { path: modelPath, hash: model.weightsHash(), family: model.family, nLayers: model.config.nLayers, dModel: model.config.dModel, dtype: model.sourceDtype, chatTemplate: model.chatTemplate !== undefined },
+      model: { path: path.resolve(modelPath), hash: model.weightsHash(), family: model.family, nLayers: model.config.nLayers, dModel: model.config.dModel, dtype: model.sourceDtype, chatTemplate: model.chatTemplate !== undefined },
       backend: { device: model.device.name, adapter: model.device.adapter },
       config: cfg,
       plannedTrials: planTrials(cfg).length,
@@ -495,7 +488,6 @@ export async function sweepInto(model: Model, modelPath: string, cfg: InjectConf
     await runSweep(model, cfg, log, prior, { judges, vectorCache: opts.vectorCache ?? null, progress: progressPrinter(opts.quiet ?? true) });
   } finally {
     log.close();
-    for (const j of judges) j.dispose?.();
   }
   const { results } = await finishRun(runDir);
   return { runDir, results };
@@ -640,6 +632,15 @@ const mean = (xs: number[]) => (xs.length === 0 ? null : xs.reduce((a, b) => a +
  */
 export async function biasVectorCommand(args: BiasVectorArgs): Promise<BiasVectorResults> {
   if (!args.out) throw new UsageError("bias-vector: --out DIR is required");
+  const unlock = lockRun(args.out);
+  try {
+    return await biasVectorLocked(args);
+  } finally {
+    unlock();
+  }
+}
+
+async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults> {
   const model = await Model.load(args.model, { device: args.device ?? "wasm" });
   try {
     const nL = model.config.nLayers;
@@ -732,7 +733,7 @@ export async function biasVectorCommand(args: BiasVectorArgs): Promise<BiasVecto
       kind: "selfscope.bias-vector",
       version: 1,
       tool: { name: "selfscope", version: VERSION },
-      model: { path: args.model, hash: model.weightsHash(), family: model.family, nLayers: nL, dModel: model.config.dModel, blockNorm: model.config.blockNorm },
+      model: { path: path.resolve(args.model), hash: model.weightsHash(), family: model.family, nLayers: nL, dModel: model.config.dModel, blockNorm: model.config.blockNorm },
       protocol_deviations: PROTOCOL_DEVIATIONS,
       engine_notes: engineNotes,
       split: { seed: splitSeed, rng: "selfscope xoshiro128** Fisher–Yates (not Python's random.shuffle)", train: split.train, held_out: split.heldOut, train_used: train.length, held_out_used: heldOut.length },

@@ -37,9 +37,12 @@ import {
   escapeHtml,
   fmtRate,
   fromBasis,
+  gram,
   htmlPage,
   htmlTable,
+  ldaDualProject,
   ldaFit,
+  ldaFitGram,
   ldaPredict,
   linspace,
   mean,
@@ -173,17 +176,22 @@ export interface PartitionOptions {
   metrics?: readonly SplitMetric[];
 }
 
-/** Cross-validated scores of one labelling: stratified k-fold, shrinkage LDA, midpoint rule. */
-export function cvLda(coords: readonly Vec[], labels: readonly number[], opts: { seed?: number; folds?: number; ambientDim?: number } = {}): ClassScores {
+/**
+ * Cross-validated scores of one labelling: stratified k-fold, shrinkage LDA (kernel form), midpoint
+ * rule. `gram` (the rows' Gram matrix) can be passed to avoid recomputing it for every labelling.
+ */
+export function cvLda(coords: readonly Vec[], labels: readonly number[], opts: { seed?: number; folds?: number; ambientDim?: number; gram?: Float64Array } = {}): ClassScores {
+  const n = coords.length;
+  const G = opts.gram ?? gram(coords);
+  const D = Math.max(coords[0]?.length ?? 0, opts.ambientDim ?? 0);
   const folds = stratifiedKFold(labels, opts.folds ?? 5, opts.seed ?? 42);
   const per: ClassScores[] = [];
   for (const test of folds) {
     if (test.length === 0) continue;
     const inTest = new Set(test);
-    const tr = coords.filter((_, i) => !inTest.has(i));
-    const ytr = labels.filter((_, i) => !inTest.has(i));
-    const m = ldaFit(tr, ytr, opts.ambientDim !== undefined ? { ambientDim: opts.ambientDim } : {});
-    const pred = ldaPredict(m, test.map((i) => coords[i]!));
+    const train = labels.map((_, i) => i).filter((i) => !inTest.has(i));
+    const m = ldaFitGram(G, n, train, labels, { ambientDim: D });
+    const pred = test.map((j) => (ldaDualProject(m, G, n, j) > m.threshold ? 1 : 0));
     per.push(classScores(test.map((i) => labels[i]!), pred));
   }
   return { accuracy: mean(per.map((s) => s.accuracy)), macroF1: mean(per.map((s) => s.macroF1)), balancedAccuracy: mean(per.map((s) => s.balancedAccuracy)) };
@@ -199,6 +207,7 @@ export function ldaPartition(coords: readonly Vec[], rates: readonly ConceptRate
   const folds = opts.folds ?? 5;
   const seed = opts.seed ?? 42;
   const memo = new Map<string, ClassScores>();
+  const G = gram(coords);
   const candidates: PartitionCandidate[] = [];
   let best: { c: PartitionCandidate; labels: number[]; cv: ClassScores } | null = null;
   for (const metric of metrics) {
@@ -212,7 +221,7 @@ export function ldaPartition(coords: readonly Vec[], rates: readonly ConceptRate
       let cv: ClassScores | null = null;
       if (eligible) {
         const key = labels.join("");
-        cv = memo.get(key) ?? cvLda(coords, labels, { seed, folds, ...(opts.ambientDim !== undefined ? { ambientDim: opts.ambientDim } : {}) });
+        cv = memo.get(key) ?? cvLda(coords, labels, { seed, folds, gram: G, ...(opts.ambientDim !== undefined ? { ambientDim: opts.ambientDim } : {}) });
         memo.set(key, cv);
       }
       const c: PartitionCandidate = { metric, tau, isMedian, nSuccess: nS, nFailure: nF, eligible, accuracy: cv?.accuracy ?? null, macroF1: cv?.macroF1 ?? null, balancedAccuracy: cv?.balancedAccuracy ?? null };

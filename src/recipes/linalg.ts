@@ -570,6 +570,86 @@ export function ldaPredict(m: LdaModel, rows: readonly Vec[]): number[] {
   return rows.map((r) => (dot(r, m.w) > m.threshold ? 1 : 0));
 }
 
+/** A shrinkage LDA fitted in kernel form: w = Σ_a coef[a] · x_{train[a]}. */
+export interface LdaDual {
+  train: number[];
+  coef: Float64Array;
+  threshold: number;
+  shrinkage: number;
+}
+
+/**
+ * The same model as `ldaFit`, computed from the Gram matrix G (n×n) of all rows for the rows in
+ * `train` (Woodbury: O(m³) for m training rows instead of O(m·p²)); `y` holds labels for all n.
+ * Used by the threshold search, which fits hundreds of folds.
+ */
+export function ldaFitGram(G: Float64Array, n: number, train: readonly number[], y: readonly number[], opts: { ambientDim: number; shrinkage?: number }): LdaDual {
+  const m = train.length;
+  const cls = train.map((i) => y[i]!);
+  const cnt = [0, 0];
+  for (const c of cls) cnt[c]!++;
+  if (cnt[0] === 0 || cnt[1] === 0) throw new UsageError("LDA needs both classes");
+  const GT = new Float64Array(m * m);
+  for (let a = 0; a < m; a++) for (let b = 0; b < m; b++) GT[a * m + b] = G[train[a]! * n + train[b]!]!;
+  // M[a][c] = mean over class c of GT[a][·]; Q[c][c'] = mean over both classes.
+  const M = new Float64Array(m * 2);
+  for (let a = 0; a < m; a++) for (let b = 0; b < m; b++) M[a * 2 + cls[b]!]! += GT[a * m + b]! / cnt[cls[b]!]!;
+  const Q = new Float64Array(4);
+  for (let a = 0; a < m; a++) for (let c = 0; c < 2; c++) Q[cls[a]! * 2 + c]! += M[a * 2 + c]! / cnt[cls[a]!]!;
+  const K = new Float64Array(m * m);
+  for (let a = 0; a < m; a++)
+    for (let b = 0; b < m; b++) K[a * m + b] = GT[a * m + b]! - M[a * 2 + cls[b]!]! - M[b * 2 + cls[a]!]! + Q[cls[a]! * 2 + cls[b]!]!;
+  // Ledoit-Wolf on the within-class-centred rows (as ledoitWolf, from K).
+  const D = opts.ambientDim;
+  let trS = 0;
+  let beta_ = 0;
+  let delta_ = 0;
+  for (let a = 0; a < m; a++) {
+    const q = K[a * m + a]!;
+    trS += q;
+    beta_ += q * q;
+  }
+  for (const k of K) delta_ += k * k;
+  trS /= m;
+  delta_ /= m * m;
+  const mu = trS / D;
+  let beta = (1 / (D * m)) * (beta_ / m - delta_);
+  let delta = (delta_ - 2 * mu * trS + D * mu * mu) / D;
+  beta = Math.min(beta, delta);
+  const lw = beta === 0 || delta === 0 ? 0 : Math.max(0, Math.min(1, beta / delta));
+  const gamma = opts.shrinkage ?? lw;
+  delta = 0;
+  const aCoef = (1 - gamma) / m;
+  let rho = gamma * mu;
+  if (!(rho > 0)) rho = 1e-10 * Math.max(1e-300, mu || 1);
+  // δ = μ1 − μ0 = Σ e_a x_a; Xc δ = g − classmean(g) with g = GT e.
+  const e = cls.map((c) => (c === 1 ? 1 / cnt[1]! : -1 / cnt[0]!));
+  const g = new Float64Array(m);
+  for (let a = 0; a < m; a++) for (let b = 0; b < m; b++) g[a]! += GT[a * m + b]! * e[b]!;
+  const gm = [0, 0];
+  for (let a = 0; a < m; a++) gm[cls[a]!]! += g[a]! / cnt[cls[a]!]!;
+  const xcd = Float64Array.from(g, (v, a) => v - gm[cls[a]!]!);
+  const A = Float64Array.from(K, (v) => aCoef * v);
+  for (let a = 0; a < m; a++) A[a * m + a]! += rho;
+  const alpha = solveSpd(A, m, xcd);
+  // Xcᵀ α = Σ x_a (α_a − S_c/n_c), S_c = Σ_{a∈c} α_a;  w = (δ − a·Xcᵀα)/ρ.
+  const S = [0, 0];
+  for (let a = 0; a < m; a++) S[cls[a]!]! += alpha[a]!;
+  const coef = Float64Array.from({ length: m }, (_, a) => (e[a]! - aCoef * (alpha[a]! - S[cls[a]!]! / cnt[cls[a]!]!)) / rho);
+  const model: LdaDual = { train: [...train], coef, threshold: 0, shrinkage: gamma };
+  const pm = [0, 0];
+  for (let a = 0; a < m; a++) pm[cls[a]!]! += ldaDualProject(model, G, n, train[a]!) / cnt[cls[a]!]!;
+  model.threshold = (pm[0]! + pm[1]!) / 2;
+  return model;
+}
+
+/** x_j · w for row j of the Gram matrix. */
+export function ldaDualProject(m: LdaDual, G: Float64Array, n: number, j: number): number {
+  let s = 0;
+  for (let a = 0; a < m.train.length; a++) s += m.coef[a]! * G[j * n + m.train[a]!]!;
+  return s;
+}
+
 // ---- ridge ------------------------------------------------------------------------------------------
 
 /** Ridge fits for several penalties at once (intercept fitted, as sklearn Ridge's default). */

@@ -24,6 +24,7 @@ import type { ChatMessage } from "../io/chat-template.js";
 import type { Intervention, Plan } from "../hooks/plan.js";
 import { findConcept, makeJudge, type Judge } from "../judge/judge.js";
 import type { Rate, VectorRecipe } from "../log/schema.js";
+import { lockRun } from "../log/write.js";
 import { Model } from "../model/model.js";
 import type { DeviceName } from "../runtime/device.js";
 import { quantileSorted, wilson } from "../stats/stats.js";
@@ -452,6 +453,7 @@ export async function prefillDetection(model: Model, o: Exp3Options = {}): Promi
   const temperature = o.temperature ?? 1;
   const maxTokens = o.maxTokens ?? d.max_tokens;
   const conditions = o.conditions ?? ["none", "word", "random"];
+  for (const c of conditions) if (!["none", "word", "random", "word_on_question"].includes(c)) throw new UsageError(`unknown exp3 condition "${c}"; known: none, word, random, word_on_question`);
   const seed = o.seed ?? 0;
   const { words, sentences } = pools(o);
   const rng = new Rng(seed + 1);
@@ -757,10 +759,21 @@ export async function lindseyCommand(args: LindseyArgs): Promise<LindseyResults>
   if (!args.out) throw new UsageError("lindsey: --out DIR is required");
   const exps = (Array.isArray(args.experiments) ? args.experiments : (args.experiments ?? "exp2,exp3,exp4").split(",")).map((s) => s.trim()).filter(Boolean);
   for (const e of exps) if (!["exp2", "exp3", "exp4"].includes(e)) throw new UsageError(`unknown experiment "${e}"; choose from exp2, exp3, exp4`);
-  const model = await Model.load(args.model, { device: args.device ?? "wasm" });
-  fs.mkdirSync(args.out, { recursive: true });
+  const unlock = lockRun(args.out);
+  try {
+    return await lindseyLocked(args, exps);
+  } finally {
+    unlock();
+  }
+}
+
+async function lindseyLocked(args: LindseyArgs, exps: string[]): Promise<LindseyResults> {
   const spec = args.judge ?? args.judges?.[0] ?? "rule";
   const grader = makeGrader(spec, { cacheDir: path.join(args.out, "judge-cache"), ...(args.judgeMaxTokens ? { maxTokens: args.judgeMaxTokens } : {}) });
+  const model = await Model.load(args.model, { device: args.device ?? "wasm" }).catch((e: unknown) => {
+    grader.dispose();
+    throw e;
+  });
   try {
     const nL = model.config.nLayers;
     const layer = args.layer ?? defaultLayer(nL);
@@ -816,7 +829,7 @@ export async function lindseyCommand(args: LindseyArgs): Promise<LindseyResults>
       kind: "selfscope.lindsey2025",
       version: 1,
       tool: { name: "selfscope", version: VERSION },
-      model: { path: args.model, hash: model.weightsHash(), family: model.family, nLayers: nL, dModel: model.config.dModel, chatTemplate: model.chatTemplate !== undefined },
+      model: { path: path.resolve(args.model), hash: model.weightsHash(), family: model.family, nLayers: nL, dModel: model.config.dModel, chatTemplate: model.chatTemplate !== undefined },
       settings: { experiments: exps, layer, seed: args.seed ?? 0, judge: grader.name, judge_approximate: grader.approximate },
       simplifications: SIMPLIFICATIONS,
       exp2,

@@ -1026,7 +1026,7 @@ function lineSpec(rows: Record<string, unknown>[], x: string, y: string, title: 
     mark: { type: "line", point: { filled: true, size: 40 } },
     encoding: {
       x: { field: x, type: "quantitative", title: x, axis: { tickMinStep: 1 } },
-      y: { field: y, type: "quantitative", title: opts.yTitle ?? y, ...(opts.yFormat ? { axis: { format: opts.yFormat } } : {}) },
+      y: { field: y, type: "quantitative", title: opts.yTitle ?? y, ...(opts.yFormat ? { axis: { format: opts.yFormat }, scale: { domain: [0, 1] } } : {}) },
       ...(opts.series ? { color: { field: opts.series, type: "nominal", title: null } } : {}),
     },
     config: FONT,

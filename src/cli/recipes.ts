@@ -1,0 +1,69 @@
+// CLI front ends of the research recipes. Each recipe declares its flags with a type; flags are
+// kebab-case on the command line and camelCase in the recipe's argument object.
+import { parseArgs } from "node:util";
+import { UsageError } from "../core/errors.js";
+import { biasVectorCommand } from "../recipes/bias-vector.js";
+import { lindseyCommand } from "../recipes/lindsey.js";
+
+type FlagType = "string" | "number" | "boolean" | "list";
+type Schema = Record<string, FlagType>;
+
+const COMMON: Schema = { model: "string", out: "string", device: "string", "vector-cache": "string", quiet: "boolean", seed: "number" };
+
+export interface Recipe {
+  usage: string;
+  flags: Schema;
+  run: (args: Record<string, unknown>) => Promise<unknown>;
+}
+
+export const RECIPES: Record<string, Recipe> = {
+  "bias-vector": {
+    usage:
+      "selfscope bias-vector --model PATH --out DIR [--layer L] [--steps N] [--lr X] [--batch-size B] [--train-concepts N] [--trials-per-concept N]\n" +
+      "                      [--eval-concepts N] [--eval-layers 0.6] [--eval-strengths 2,4] [--eval-trials N] [--no-eval] [--judge SPEC]",
+    flags: {
+      ...COMMON, layer: "number", steps: "number", lr: "number", "batch-size": "number", "weight-decay": "number", "split-seed": "number",
+      "train-concepts": "number", "trials-per-concept": "number", "control-ratio": "number", "checkpoint-every": "number", "no-eval": "boolean",
+      "eval-concepts": "number", "eval-layers": "string", "eval-strengths": "string", "eval-trials": "number", "eval-controls": "number",
+      "eval-forced": "boolean", "max-tokens": "number", temperature: "number", judge: "list", "eval-batch-size": "number",
+    },
+    run: (a) => biasVectorCommand(a as unknown as Parameters<typeof biasVectorCommand>[0]),
+  },
+  lindsey: {
+    usage:
+      "selfscope lindsey --model PATH --out DIR [--experiments exp2,exp3,exp4] [--layer L | --layers 0.6] [--strengths 2,4] [--pairs N] [--words N]\n" +
+      "                  [--sentences N] [--judge SPEC] [--max-tokens N] [--temperature T]",
+    flags: {
+      ...COMMON, experiments: "string", layer: "number", layers: "string", strengths: "string", pairs: "number", words: "number", sentences: "number",
+      conditions: "string", "exp3-conditions": "string", "control-words": "number", choices: "number", temperature: "number", "max-tokens": "number",
+      judge: "list", "judge-max-tokens": "number", "batch-size": "number", resamples: "number", permutations: "number",
+    },
+    run: (a) => lindseyCommand(a as unknown as Parameters<typeof lindseyCommand>[0]),
+  },
+};
+
+const camel = (s: string) => s.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
+
+/** Parse a recipe's flags into its argument object (types checked, judges as a list). */
+export function recipeArgs(name: string, argv: string[]): Record<string, unknown> {
+  const r = RECIPES[name]!;
+  const options = Object.fromEntries(Object.entries(r.flags).map(([k, t]) => [k, t === "boolean" ? { type: "boolean" as const } : { type: "string" as const, ...(t === "list" ? { multiple: true } : {}) }]));
+  let values: Record<string, unknown>;
+  try {
+    ({ values } = parseArgs({ args: argv, options, strict: true, allowPositionals: false }));
+  } catch (e) {
+    throw new UsageError(`${(e as Error).message}\nusage: ${r.usage}`);
+  }
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(values)) {
+    const t = r.flags[k]!;
+    if (t === "number") {
+      const n = Number(v);
+      if (!Number.isFinite(n)) throw new UsageError(`--${k} must be a number, got "${String(v)}"`);
+      out[camel(k)] = n;
+    } else if (t === "list") out[k === "judge" ? "judges" : camel(k)] = (v as string[]).flatMap((x) => x.split(","));
+    else out[camel(k)] = v;
+  }
+  for (const req of ["model", "out"]) if (out[req] === undefined) throw new UsageError(`--${req} is required\nusage: ${r.usage}`);
+  return out;
+}
