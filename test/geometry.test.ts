@@ -12,6 +12,7 @@ import path from "node:path";
 import { Rng } from "../src/core/rng.js";
 import { inject } from "../src/eval/inject.js";
 import { readData } from "../src/eval/protocol.js";
+import { openSafetensors, readStTensor } from "../src/io/safetensors.js";
 import { loadHostModel } from "../src/model/load.js";
 import { Model } from "../src/model/model.js";
 import {
@@ -20,6 +21,7 @@ import {
   cvLda,
   geometryCommand,
   ldaPartition,
+  loadLensWeights,
   logitLens,
   swapVectors,
   verbalizability,
@@ -42,6 +44,10 @@ function gaussian(rng: Rng): () => number {
   };
 }
 const randVec = (g: () => number, d: number) => Float64Array.from({ length: d }, g);
+function loadSafetensorsVectors(file: string): Map<string, Float32Array> {
+  const st = openSafetensors(file);
+  return new Map([...st.tensors.keys()].map((k) => [k, readStTensor(st, k).data]));
+}
 
 // ------------------------------------------------------------------------------------------------
 
@@ -283,6 +289,19 @@ describe("logit lens and verbalizability", () => {
     });
   }
 
+  test("loadLensWeights reads just the lens tensors, equal to the full loader's", () => {
+    for (const file of [STORIES, GPT2]) {
+      const full = loadHostModel(file);
+      const lens = loadLensWeights(file);
+      assert.deepEqual(lens.config, full.config);
+      assert.ok(lens.weights.size <= 3);
+      for (const [k, t] of lens.weights) {
+        assert.deepEqual(t.shape, full.weights.get(k)!.shape, k);
+        assert.ok(t.data.every((x, i) => x === full.weights.get(k)!.data[i]), k);
+      }
+    }
+  });
+
   test("verbalizability = max over single-token spellings of v · W_U[t]", async () => {
     const m = await Model.load(STORIES);
     try {
@@ -412,7 +431,7 @@ describe("geometryCommand end to end on stories260K (tiny inject run, synthetic 
     fs.writeFileSync(ratesFile, JSON.stringify({ rates }));
 
     const out = path.join(tmpRoot, "geometry");
-    res = await geometryCommand({ model: STORIES, out, run: runDir, rates: ratesFile, trials: 1, maxTokens: 4, lensK: 5, quiet: true, seed: 42 });
+    res = await geometryCommand({ model: STORIES, out, run: runDir, rates: ratesFile, trials: 1, maxTokens: 4, quiet: true, seed: 42 });
     console.log(`# geometryCommand: ${((performance.now() - t0) / 1000).toFixed(1)} s total; τ = ${res.partition.tau} on ${res.partition.metric}; CV BA ${res.partition.cv?.balancedAccuracy.toFixed(3)}; ridge R² ${res.ridge?.mean_r2.toFixed(3)}; timings ${JSON.stringify(res.timings_ms)}`);
     const onDisk = JSON.parse(fs.readFileSync(path.join(out, "results.json"), "utf8")) as GeometryResults;
     assert.equal(onDisk.recipe, "geometry");
@@ -421,6 +440,10 @@ describe("geometryCommand end to end on stories260K (tiny inject run, synthetic 
     assert.ok(html.startsWith("<!doctype html>"));
     assert.ok((html.match(/<svg/g) ?? []).length >= 5, "plots rendered");
     assert.ok(!/<script/i.test(html), "no scripts");
+    const dirs = loadSafetensorsVectors(path.join(out, "geometry_directions.safetensors"));
+    assert.ok(Math.abs(norm(dirs.get("mean_diff_unit")!) - 1) < 1e-5);
+    assert.ok(Math.abs(norm(dirs.get("mean_diff")!) - onDisk.mean_difference.norm) < 1e-5);
+    assert.ok(dirs.has("lda_axis") && dirs.has("ridge_axis"));
   });
 
   test("the partition splits the planted halves, and every analysis is filled in", () => {
@@ -437,7 +460,7 @@ describe("geometryCommand end to end on stories260K (tiny inject run, synthetic 
     assert.ok(Math.abs(res.pca.explained_variance_ratio.reduce((a, b) => a + b, 0) - 1) < 1e-9);
     assert.ok(res.ridge !== null && Number.isFinite(res.ridge.mean_r2));
     assert.equal(res.logit_lens.length, 3);
-    assert.equal(res.logit_lens[0]!.top.length, 5);
+    assert.equal(res.logit_lens[0]!.top.length, 200, "protocol: top and bottom 200");
     assert.ok(res.logit_lens[0]!.top.every((t) => typeof t.token === "string"));
     // Swap: 2 classes × 4 conditions; each concept has 1 trial per condition.
     assert.equal(res.swap!.rows.length, 8);

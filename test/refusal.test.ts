@@ -12,6 +12,7 @@ import path from "node:path";
 import { Rng } from "../src/core/rng.js";
 import { hookName } from "../src/hooks/names.js";
 import type { Intervention } from "../src/hooks/plan.js";
+import { openSafetensors, readStTensor } from "../src/io/safetensors.js";
 import { loadHostModel } from "../src/model/load.js";
 import { Model } from "../src/model/model.js";
 import { finalNorm } from "../src/recipes/geometry.js";
@@ -307,5 +308,13 @@ describe("refusalCommand end to end on stories260K", () => {
     assert.equal(res.injection!.ablated.n_trials.control, 2);
     assert.equal(res.injection!.baseline.judge, "rule");
     assert.ok(res.approximations.length >= 3);
+    const st = openSafetensors(path.join(out, "refusal_directions.safetensors"));
+    for (const l of res.directions.layers) {
+      const u = readStTensor(st, `direction.${l}`).data;
+      const d = readStTensor(st, `diff.${l}`).data;
+      assert.ok(Math.abs(norm(u) - 1) < 1e-5);
+      assert.ok(Math.abs(norm(d) - res.directions.diff_norm[res.directions.layers.indexOf(l)]!) < 1e-5);
+      assert.ok(cosine(u, d) > 0.99999);
+    }
   });
 });

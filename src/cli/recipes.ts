@@ -3,7 +3,9 @@
 import { parseArgs } from "node:util";
 import { UsageError } from "../core/errors.js";
 import { biasVectorCommand } from "../recipes/bias-vector.js";
+import { geometryCommand } from "../recipes/geometry.js";
 import { lindseyCommand } from "../recipes/lindsey.js";
+import { refusalCommand } from "../recipes/refusal.js";
 
 type FlagType = "string" | "number" | "boolean" | "list";
 type Schema = Record<string, FlagType>;
@@ -39,6 +41,31 @@ export const RECIPES: Record<string, Recipe> = {
       judge: "list", "judge-max-tokens": "number", "batch-size": "number", resamples: "number", permutations: "number",
     },
     run: (a) => lindseyCommand(a as unknown as Parameters<typeof lindseyCommand>[0]),
+  },
+  refusal: {
+    usage:
+      "selfscope refusal --model PATH --out DIR [--n-train N] [--n-val N] [--position=-2] [--layers ...] [--weights protocol|single|full]\n" +
+      "                  [--subspace-k 8] [--subspace-ablate-k K] [--export-checkpoint] [--no-injection] [--inject-concepts N] [--judge SPEC]",
+    flags: {
+      ...COMMON, prompts: "string", "n-instructions": "number", "n-train": "number", "n-val": "number", position: "number", layers: "string",
+      weights: "string", "no-select": "boolean", "candidate-layers": "string", "kl-max": "number", "subspace-k": "number",
+      "subspace-ablate-k": "number", "max-tokens": "number", temperature: "number", samples: "number", "batch-size": "number",
+      "validation-samples": "number", "validation-max-tokens": "number", "validation-temperature": "number", "export-checkpoint": "boolean",
+      "no-injection": "boolean", "inject-concepts": "number", "inject-trials": "number", "inject-controls": "number", "inject-layers": "string",
+      "inject-strength": "number", "inject-max-tokens": "number", "inject-temperature": "number", judge: "list",
+    },
+    run: (a) => refusalCommand(a as unknown as Parameters<typeof refusalCommand>[0]),
+  },
+  geometry: {
+    usage:
+      "selfscope geometry --model PATH --out DIR [--run INJECT_RUN_DIR | --rates FILE] [--layer L] [--strength S] [--split adaptive|fixed]\n" +
+      "                   [--trials N] [--no-swap] [--no-bidirectional] [--lens-k K] [--judge SPEC]",
+    flags: {
+      ...COMMON, run: "string", rates: "string", layer: "number", strength: "number", folds: "number", split: "string", trials: "number",
+      "no-swap": "boolean", "no-bidirectional": "boolean", "swap-direction": "string", "max-pairs": "number", "pair-window": "number",
+      "max-tokens": "number", temperature: "number", judge: "list", "lens-k": "number", "batch-size": "number",
+    },
+    run: (a) => geometryCommand(a as unknown as Parameters<typeof geometryCommand>[0]),
   },
 };
 

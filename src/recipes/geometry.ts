@@ -24,8 +24,13 @@ import type { Tokenizer } from "../io/tokenizer.js";
 import { makeJudge, type Judge, type JudgeRequest } from "../judge/judge.js";
 import { readRunLog } from "../log/read.js";
 import type { Rate, VectorRecipe } from "../log/schema.js";
+import { readGguf, readGgufTensor } from "../io/gguf.js";
+import { openSafetensors, readStTensor, writeSafetensors } from "../io/safetensors.js";
+import { resolveModelPath } from "../io/hub-cache.js";
 import type { ModelConfig } from "../model/config.js";
-import { loadHostModel, type HostTensor } from "../model/load.js";
+import type { Family, WeightTable } from "../model/family.js";
+import { FAMILIES } from "../model/families/index.js";
+import { loadHostModel, readJson, resolveModelFiles, type HostTensor } from "../model/load.js";
 import { Model } from "../model/model.js";
 import type { DeviceName } from "../runtime/device.js";
 import { wilson } from "../stats/stats.js";
@@ -481,6 +486,53 @@ function unembedding(h: LensWeights): HostTensor {
   return w;
 }
 
+/**
+ * Only the tensors the logit lens needs (final norm, unembedding — the embedding when tied), read
+ * directly from the checkpoint, so a large model is not loaded whole into host memory. Falls back
+ * to loadHostModel when a tensor needs a layout transform.
+ */
+export function loadLensWeights(p: string): LensWeights {
+  const files = resolveModelFiles(resolveModelPath(p));
+  let family: Family | undefined;
+  let config: ModelConfig;
+  let table: WeightTable | undefined;
+  let read: (name: string) => HostTensor;
+  let has: (name: string) => boolean;
+  let aliases: ((n: string) => string)[] = [];
+  if (files.format === "gguf") {
+    const g = readGguf(files.weights);
+    const arch = g.metadata.get("general.architecture");
+    family = FAMILIES.find((f) => typeof arch === "string" && f.matches.gguf.includes(arch));
+    if (!family?.fromGguf) return loadHostModel(p);
+    config = family.fromGguf(g);
+    table = family.gguf;
+    read = (n) => readGgufTensor(g, n);
+    has = (n) => g.tensors.has(n);
+  } else {
+    const hf = readJson(files.configJson!);
+    const archs = hf.architectures;
+    const arch = Array.isArray(archs) && typeof archs[0] === "string" ? archs[0] : String(hf.model_type ?? "");
+    family = FAMILIES.find((f) => f.matches.hf.includes(arch));
+    if (!family?.fromHf) return loadHostModel(p);
+    config = family.fromHf(hf);
+    table = family.safetensors;
+    aliases = family.safetensorsAliases ?? [];
+    const st = openSafetensors(files.weights);
+    read = (n) => readStTensor(st, n);
+    has = (n) => st.tensors.has(n);
+  }
+  const want = ["lnFinal.weight", ...(config.norm.kind === "layer" ? ["lnFinal.bias"] : []), config.tieEmbeddings ? "embed.weight" : "unembed.weight"];
+  const weights = new Map<string, HostTensor>();
+  for (const canon of want) {
+    const src = table?.[canon];
+    if (!src || src.transpose || src.split || src.unpermuteRope) return loadHostModel(p);
+    const name = [src.name, ...aliases.map((f) => f(src.name))].find(has);
+    if (!name) return loadHostModel(p); // let the full loader produce its precise error
+    weights.set(canon, read(name));
+  }
+  return { config, weights };
+}
+
 /** The final norm applied to a lone vector (RMSNorm or LayerNorm with the model's gain and bias). */
 export function finalNorm(h: LensWeights, x: Vec): Float64Array {
   const c = h.config;
@@ -605,8 +657,11 @@ export interface GeometryArgs {
   split?: "adaptive" | "fixed";
   /** Trials per (concept, condition) for the swap experiment and per direction for pairs; 0 skips both (protocol 100). */
   trials?: number;
+  /** Default true; `noSwap` / `noBidirectional` turn them off (for CLI flags). */
   swap?: boolean;
   bidirectional?: boolean;
+  noSwap?: boolean;
+  noBidirectional?: boolean;
   /** Unit direction for the swap decomposition: mean difference (paper §4.1, default) or the ridge axis (04d script). */
   swapDirection?: "meandiff" | "ridge";
   maxPairs?: number;
@@ -614,7 +669,7 @@ export interface GeometryArgs {
   maxTokens?: number;
   temperature?: number;
   judges?: string[];
-  /** Tokens listed each side by the logit lens (protocol 200). */
+  /** Tokens listed each side by the logit lens (default 200, as the protocol; the report shows the first 30). */
   lensK?: number;
   batchSize?: number;
   device?: DeviceName;
@@ -637,6 +692,8 @@ export interface GeometryResults {
   protocol: string;
   model: { path: string; family: string; nLayers: number; dModel: number };
   source: { run: string | null; rates: string | null; judge: string | null };
+  /** mean_diff, mean_diff_unit, centroids, lda_axis and ridge_axis (unit, sign-corrected; 04b's primary_axis) as F32 safetensors. */
+  directions_file: string;
   layer: number;
   strength: number;
   approximations: string[];
@@ -772,8 +829,8 @@ export async function geometryCommand(args: GeometryArgs): Promise<GeometryResul
 
     // Logit lens + verbalizability (host weights)
     t = performance.now();
-    const host = loadHostModel(args.model);
-    const k = args.lensK ?? 20;
+    const host = loadLensWeights(args.model);
+    const k = args.lensK ?? 200;
     const tok = model.tokenizer;
     const lens: GeometryResults["logit_lens"] = [];
     const lensOpts = { k, ...(tok ? { tokenizer: tok } : {}) };
@@ -800,7 +857,7 @@ export async function geometryCommand(args: GeometryArgs): Promise<GeometryResul
     let swap: GeometryResults["swap"] = null;
     let bidir: GeometryResults["bidirectional"] = null;
     try {
-      if (trials > 0 && (args.swap ?? true)) {
+      if (trials > 0 && (args.swap ?? true) && !args.noSwap) {
         t = performance.now();
         const dirName = args.swapDirection ?? "meandiff";
         const w = dirName === "ridge" && ridgeDir ? ridgeDir : md.unit;
@@ -814,7 +871,7 @@ export async function geometryCommand(args: GeometryArgs): Promise<GeometryResul
         swap = { direction: dirName === "ridge" && ridgeDir ? "ridge" : "meandiff", trials_per_condition: trials, rows: swapRows(sv, outcomes, concepts, labels) };
         lap("swap", t);
       }
-      if (trials > 0 && (args.bidirectional ?? true)) {
+      if (trials > 0 && (args.bidirectional ?? true) && !args.noBidirectional) {
         t = performance.now();
         const axis = ridgeDir ?? md.unit;
         const proj = vectors.map((v) => dot(v, axis));
@@ -848,11 +905,26 @@ export async function geometryCommand(args: GeometryArgs): Promise<GeometryResul
     }
 
     const ldaProj = vectors.map((v) => dot(v, ldaDir));
+    const dirFile = path.join(args.out, "geometry_directions.safetensors");
+    const vec = (v: Vec) => ({ data: toF32(v), shape: [D] });
+    writeSafetensors(
+      dirFile,
+      {
+        mean_diff: vec(md.diff),
+        mean_diff_unit: vec(md.unit),
+        centroid_success: vec(md.centroidSuccess),
+        centroid_failure: vec(md.centroidFailure),
+        lda_axis: vec(ldaDir),
+        ...(ridgeDir ? { ridge_axis: vec(ridgeDir) } : {}),
+      },
+      { layer: String(layer), model: args.model, split: `${part.metric} > ${part.tau}` },
+    );
     const results: GeometryResults = {
       recipe: "geometry",
       protocol: "docs/protocol.md §4.2 (LDA partition) and §8 (geometry analyses); issue 7.4",
       model: { path: args.model, family: model.family, nLayers: nL, dModel: D },
       source: { run: args.run ?? null, rates: args.rates ?? null, judge: judgeName },
+      directions_file: path.basename(dirFile),
       layer,
       strength,
       approximations: GEOMETRY_APPROXIMATIONS,
@@ -1044,7 +1116,7 @@ ${await plotOrNote(oof, () => scatterSpec(oof, "actual", "out-of-fold prediction
     });
   }
   const lensHtml = r.logit_lens
-    .map((l) => `<h3>${escapeHtml(l.direction)}</h3>${htmlTable(["rank", "top token", "logit", "bottom token", "logit"], l.top.map((t, i) => [i + 1, t.token ?? String(t.id), t.logit, l.bottom[i]?.token ?? String(l.bottom[i]?.id ?? ""), l.bottom[i]?.logit ?? null]))}`)
+    .map((l) => `<h3>${escapeHtml(l.direction)}</h3>${htmlTable(["rank", "top token", "logit", "bottom token", "logit"], l.top.slice(0, 30).map((t, i) => [i + 1, t.token ?? String(t.id), t.logit, l.bottom[i]?.token ?? String(l.bottom[i]?.id ?? ""), l.bottom[i]?.logit ?? null]))}`)
     .join("");
   sections.push({ title: "Logit lens (unit direction · W_U, no final norm unless stated)", html: lensHtml });
   const vr = r.concepts.filter((c) => c.verbalizability !== null).map((c) => ({ concept: c.concept, verbalizability: c.verbalizability!, "projection on d̂": c.meandiff_projection, class: c.label }));

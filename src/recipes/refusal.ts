@@ -31,7 +31,7 @@ import type { Intervention, Plan } from "../hooks/plan.js";
 import { writeSafetensors } from "../io/safetensors.js";
 import { makeJudge } from "../judge/judge.js";
 import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type Rate, type RunHeader } from "../log/schema.js";
-import { RunLogWriter } from "../log/write.js";
+import { RunLogWriter, lockRun } from "../log/write.js";
 import { expectedParams, type ModelConfig } from "../model/config.js";
 import { loadHostModel, type HostModel, type HostTensor } from "../model/load.js";
 import { Model, type Prompt } from "../model/model.js";
@@ -623,21 +623,27 @@ export async function injectionSweep(model: Model, modelPath: string, cfg: Injec
     version: LOG_VERSION,
     createdAt: new Date().toISOString(),
     tool: { name: "selfscope", version: VERSION },
-    model: { path: modelPath, hash: model.weightsHash(), family: model.family, nLayers: model.config.nLayers, dModel: model.config.dModel, dtype: model.sourceDtype, chatTemplate: model.chatTemplate !== undefined },
+    model: { path: path.resolve(modelPath), hash: model.weightsHash(), family: model.family, nLayers: model.config.nLayers, dModel: model.config.dModel, dtype: model.sourceDtype, chatTemplate: model.chatTemplate !== undefined },
     backend: { device: model.device.name, adapter: model.device.adapter },
     config: cfg,
     plannedTrials: planTrials(cfg).length,
     command: opts.command ?? [],
   };
   const judges = cfg.judges.map((s) => makeJudge(s, { cacheDir: path.join(runDir, "judge-cache") }));
-  const log = RunLogWriter.create(runDir, header);
+  const unlock = lockRun(runDir);
+  let results: Results;
   try {
-    await runSweep(extra && extra.length > 0 ? withGlobalPlan(model, extra) : model, cfg, log, null, { judges, vectorCache: opts.vectorCache ?? null });
+    const log = RunLogWriter.create(runDir, header);
+    try {
+      await runSweep(extra && extra.length > 0 ? withGlobalPlan(model, extra) : model, cfg, log, null, { judges, vectorCache: opts.vectorCache ?? null });
+    } finally {
+      log.close();
+      for (const j of judges) j.dispose?.();
+    }
+    ({ results } = await finishRun(runDir));
   } finally {
-    log.close();
-    for (const j of judges) j.dispose?.();
+    unlock();
   }
-  const { results } = await finishRun(runDir);
   return {
     runDir,
     tpr: results.tpr,
@@ -666,10 +672,11 @@ export interface RefusalArgs {
   position?: number;
   /** Layers for the directions ("all", "3,4", fractions); default all. */
   layers?: string;
-  /** Protocol ablation weights (default "protocol": the 20-region table). */
-  weights?: WeightSpec;
-  /** Single-direction selection (Arditi); default true. */
+  /** Protocol ablation weights (default "protocol": the 20-region table); CLI strings "0.5" or "0.1,0.2,…" are parsed. */
+  weights?: WeightSpec | string;
+  /** Single-direction selection (Arditi); default true (`noSelect` turns it off, for CLI flags). */
   select?: boolean;
+  noSelect?: boolean;
   candidateLayers?: string;
   klMax?: number;
   /** Subspace PCA dimensions (default 8) and how many to ablate in turn (default 8). */
@@ -686,8 +693,9 @@ export interface RefusalArgs {
   validationTemperature?: number;
   /** Write the orthogonalised checkpoint to OUT/orthogonalized and check it against runtime ablation. */
   exportCheckpoint?: boolean;
-  /** Injection sweep with and without the protocol ablation (default true). */
+  /** Injection sweep with and without the protocol ablation (default true; `noInjection` turns it off). */
   injection?: boolean;
+  noInjection?: boolean;
   injectConcepts?: number;
   injectTrials?: number;
   injectControls?: number;
@@ -727,6 +735,15 @@ export interface RefusalResults {
   injection: { layer: number[]; strength: number[]; baseline: SweepSummary; ablated: SweepSummary; note: string } | null;
   samples: { condition: string; prompt: string; text: string; refusal: boolean }[];
   timings_ms: Record<string, number>;
+}
+
+/** Weights from the API or a CLI string ("protocol", "single", "full", "0.5", "0.1,0.2,…"). */
+export function parseWeights(w: WeightSpec | string | undefined): WeightSpec {
+  if (w === undefined) return "protocol";
+  if (typeof w !== "string" || w === "protocol" || w === "single" || w === "full") return w as WeightSpec;
+  const xs = w.split(",").map((x) => Number(x.trim()));
+  if (xs.length === 0 || xs.some((x) => !Number.isFinite(x))) throw new UsageError(`--weights "${w}": use protocol, single, full, a number or a comma-separated list`);
+  return xs.length === 1 ? xs[0]! : xs;
 }
 
 function seededSample<T>(xs: readonly T[], n: number, seed: number): T[] {
@@ -793,7 +810,7 @@ export async function refusalCommand(args: RefusalArgs): Promise<RefusalResults>
 
     // 2. protocol ablation (every layer's own direction, region weights)
     t = performance.now();
-    const weights = layerWeights(nL, args.weights ?? "protocol");
+    const weights = layerWeights(nL, parseWeights(args.weights));
     const protoPlan = ablationPlan(dirs.directions, { nLayers: nL, weights, sites: "resid_post" });
     log("held-out refusal rates before / after the protocol ablation");
     const hBefore = await generateResponses(model, H.test, gen);
@@ -822,7 +839,8 @@ export async function refusalCommand(args: RefusalArgs): Promise<RefusalResults>
     let single: RefusalResults["single_direction_ablation"] = null;
     let chosen = layers.includes(Math.floor(0.6 * nL)) ? Math.floor(0.6 * nL) : layers[Math.floor(layers.length / 2)]!;
     let singleAfter: Response[] = [];
-    if (args.select ?? true) {
+    const doSelect = (args.select ?? true) && !args.noSelect;
+    if (doSelect) {
       t = performance.now();
       log("selecting a single direction");
       const cands = args.candidateLayers ? parseLayers(args.candidateLayers, nL) : layers.filter((l) => l < Math.max(1, Math.floor(0.8 * nL)));
@@ -885,7 +903,7 @@ export async function refusalCommand(args: RefusalArgs): Promise<RefusalResults>
 
     // 7. injection with and without the protocol ablation
     let injection: RefusalResults["injection"] = null;
-    if (args.injection ?? true) {
+    if ((args.injection ?? true) && !args.noInjection) {
       t = performance.now();
       log("injection sweeps without / with the protocol ablation");
       const cfg = buildConfig(
@@ -928,7 +946,7 @@ export async function refusalCommand(args: RefusalArgs): Promise<RefusalResults>
         layers,
         weights: typeof args.weights === "object" ? "explicit" : (args.weights ?? "protocol"),
         generation: gen,
-        select: args.select ?? true,
+        select: doSelect,
         klMax: args.klMax ?? 0.1,
         subspaceK: kMax,
         seed,
