@@ -1,0 +1,142 @@
+// Child process: the machine's memory bandwidth, at 1 thread and at N threads, measured in the
+// same run as the engines. Two kernels, the better of which is taken as the limit (a lower bound
+// of the true one):
+//  - read: a hand-assembled WebAssembly SIMD loop summing 256 MiB per thread with four 128-bit
+//    accumulators (what a decode step does with its weights: stream them once);
+//  - copy: TypedArray.prototype.set between two 256 MiB buffers (native memmove), counted as
+//    read + write bytes, as STREAM's "copy" does.
+// The compute limit (peak f32 GEMM) comes from llama.cpp's ggml in the llama.cpp child: see
+// bench/README.md for why that and not a JS kernel.
+//
+//   node dist/bench/machine.js --threads N --out FILE [--quick]
+import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads";
+import { fileURLToPath } from "node:url";
+import { cpuSeconds, log, parseChildArgs, round, writeJson } from "./common.js";
+
+const BYTES = 256 * 2 ** 20;
+
+/** (func (param ptr end) (result f32)): sums f32x4 lanes of [ptr, end) with 4 accumulators. */
+function sumModuleBytes(): Uint8Array<ArrayBuffer> {
+  const leb = (n: number): number[] => {
+    const out: number[] = [];
+    do {
+      let b = n & 0x7f;
+      n >>>= 7;
+      if (n) b |= 0x80;
+      out.push(b);
+    } while (n);
+    return out;
+  };
+  const section = (id: number, body: number[]) => [id, ...leb(body.length), ...body];
+  const str = (s: string) => [s.length, ...[...s].map((c) => c.charCodeAt(0))];
+  const F32X4_ADD = [0xfd, ...leb(228)];
+  const load = (offset: number) => [0xfd, 0x00, 0x04, ...leb(offset)];
+  const acc = (local: number, offset: number) => [0x20, local, 0x20, 0x00, ...load(offset), ...F32X4_ADD, 0x21, local];
+  const code = [
+    0x01, 0x04, 0x7b, // 4 locals of v128 (locals 2..5)
+    0x03, 0x40, // loop
+    ...acc(2, 0), ...acc(3, 16), ...acc(4, 32), ...acc(5, 48),
+    0x20, 0x00, 0x41, 0xc0, 0x00, 0x6a, 0x21, 0x00, // p += 64
+    0x20, 0x00, 0x20, 0x01, 0x49, 0x0d, 0x00, // br_if 0 (p < end)
+    0x0b, // end loop
+    0x20, 0x02, 0x20, 0x03, ...F32X4_ADD, 0x20, 0x04, ...F32X4_ADD, 0x20, 0x05, ...F32X4_ADD,
+    0xfd, 0x1f, 0x00, // f32x4.extract_lane 0
+    0x0b,
+  ];
+  return new Uint8Array([
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00,
+    ...section(1, [0x01, 0x60, 0x02, 0x7f, 0x7f, 0x01, 0x7d]),
+    ...section(2, [0x01, ...str("env"), ...str("memory"), 0x02, 0x03, ...leb(1), ...leb(65536)]),
+    ...section(3, [0x01, 0x00]),
+    ...section(7, [0x01, ...str("sum"), 0x00, 0x00]),
+    ...section(10, [0x01, ...leb(code.length), ...code]),
+  ]);
+}
+
+interface Job {
+  kind: "read" | "copy";
+  reps: number;
+  module?: WebAssembly.Module;
+  memory?: WebAssembly.Memory;
+  offset?: number;
+  src?: SharedArrayBuffer;
+  dst?: SharedArrayBuffer;
+}
+
+/** Runs one job `reps` times and returns the best time in ms. */
+function runJob(j: Job): number {
+  let best = Infinity;
+  if (j.kind === "read") {
+    const sum = new WebAssembly.Instance(j.module!, { env: { memory: j.memory! } }).exports.sum as (p: number, e: number) => number;
+    let sink = 0;
+    for (let r = 0; r < j.reps; r++) {
+      const t = performance.now();
+      sink += sum(j.offset!, j.offset! + BYTES);
+      best = Math.min(best, performance.now() - t);
+    }
+    if (Number.isNaN(sink)) throw new Error("unreachable");
+  } else {
+    const a = new Float64Array(j.src!);
+    const b = new Float64Array(j.dst!);
+    for (let r = 0; r < j.reps; r++) {
+      const t = performance.now();
+      b.set(a);
+      best = Math.min(best, performance.now() - t);
+    }
+  }
+  return best;
+}
+
+if (!isMainThread) {
+  parentPort!.on("message", (go: boolean) => {
+    if (go) parentPort!.postMessage(runJob(workerData as Job));
+  });
+  parentPort!.postMessage("ready");
+} else {
+  const args = parseChildArgs(process.argv.slice(2));
+  const N = args.threads;
+  const reps = args.quick ? 4 : 10;
+  const module = new WebAssembly.Module(sumModuleBytes());
+  const memory = new WebAssembly.Memory({ initial: (N * BYTES) / 65536 + 1, maximum: 65536, shared: true });
+  new Float32Array(memory.buffer).fill(1);
+  const bufs = Array.from({ length: N }, () => {
+    const src = new SharedArrayBuffer(BYTES);
+    new Float64Array(src).fill(1);
+    const dst = new SharedArrayBuffer(BYTES);
+    new Float64Array(dst).fill(0);
+    return { src, dst };
+  });
+  const self = fileURLToPath(import.meta.url);
+
+  /** `threads` workers run the job at once (started together); the slowest one's best time counts. */
+  async function parallel(kind: Job["kind"], threads: number): Promise<number> {
+    const workers = Array.from({ length: threads }, (_, i) => {
+      const job: Job = kind === "read" ? { kind, reps, module, memory, offset: 64 + i * BYTES } : { kind, reps, src: bufs[i]!.src, dst: bufs[i]!.dst };
+      return new Worker(self, { workerData: job });
+    });
+    await Promise.all(workers.map((w) => new Promise<void>((res) => w.once("message", () => res()))));
+    const times = await Promise.all(
+      workers.map(
+        (w) =>
+          new Promise<number>((res) => {
+            w.once("message", (ms: number) => res(ms));
+            w.postMessage(true);
+          }),
+      ),
+    );
+    await Promise.all(workers.map((w) => w.terminate()));
+    return Math.max(...times);
+  }
+
+  const out: Record<string, { ms: number; GBps: number }> = {};
+  for (const th of [...new Set([1, N])]) {
+    const r = await parallel("read", th);
+    out[`read_t${th}`] = { ms: round(r, 1), GBps: round((th * BYTES) / r / 1e6, 2) };
+    const c = await parallel("copy", th);
+    out[`copy_t${th}`] = { ms: round(c, 1), GBps: round((2 * th * BYTES) / c / 1e6, 2) };
+    log("machine", `memory at ${th} thread(s): wasm-SIMD read ${out[`read_t${th}`]!.GBps} GB/s, memmove copy ${out[`copy_t${th}`]!.GBps} GB/s (read+write)`);
+  }
+  const best = (th: number) => Math.max(out[`read_t${th}`]!.GBps, out[`copy_t${th}`]!.GBps);
+  writeJson(args.out, { threads: N, bytesPerThread: BYTES, kernels: out, bandwidthGBps: { t1: best(1), tN: best(N) }, cpuS: cpuSeconds() });
+  process.exit(0);
+}
