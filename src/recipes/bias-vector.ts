@@ -10,8 +10,6 @@
 import { createHash } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
-import * as vega from "vega";
-import { compile, type TopLevelSpec } from "vega-lite";
 import { UsageError } from "../core/errors.js";
 import { Rng } from "../core/rng.js";
 import { buildConfig, finishRun, progressPrinter, VERSION, type InjectArgs } from "../eval/inject.js";
@@ -29,6 +27,7 @@ import type { Engine, Row } from "../model/engine.js";
 import { Model } from "../model/model.js";
 import type { DeviceName } from "../runtime/device.js";
 import { conceptVectors, PROTOCOL_RECIPE } from "../vectors/extract.js";
+import { renderSvg } from "../report/html.js";
 import { adamInit, adamStep, type AdamOptions, type AdamState } from "./adam.js";
 
 // ---- the protocol's recipe (§7) -----------------------------------------------------------------
@@ -774,22 +773,8 @@ export function esc(s: string): string {
   return s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 }
 
-let svgCounter = 0;
-
-/** A Vega-Lite spec rendered to a static SVG string (headless; ids prefixed so several can share a page). */
-export async function svgPlot(spec: TopLevelSpec): Promise<string> {
-  const view = new vega.View(vega.parse(compile(spec).spec), { renderer: "none" });
-  try {
-    const svg = await view.toSVG();
-    const pre = `rcp${++svgCounter}-`;
-    return svg
-      .replace(/ id="([^"]+)"/g, ` id="${pre}$1"`)
-      .replace(/="url\(#([^)"]+)\)"/g, `="url(#${pre}$1)"`)
-      .replace(/ (xlink:)?href="#([^"]+)"/g, ` $1href="#${pre}$2"`);
-  } finally {
-    view.finalize();
-  }
-}
+/** A Vega-Lite spec rendered to a static SVG string (the report's renderer). */
+export const svgPlot = renderSvg;
 
 /** A self-contained page: inline styles only, no scripts, no network (CSP says so). */
 export function htmlPage(title: string, body: string): string {

@@ -12,8 +12,8 @@
 //
 // The end of the file holds the small report plumbing the recipes share (Vega-Lite → static SVG,
 // a self-contained HTML page), because src/report/html.ts does not export its renderer.
-import * as vega from "vega";
-import { compile, type TopLevelSpec } from "vega-lite";
+import type { TopLevelSpec } from "vega-lite";
+import { renderSvg } from "../report/html.js";
 import { Rng } from "../core/rng.js";
 import { UsageError } from "../core/errors.js";
 
@@ -806,26 +806,7 @@ export function escapeHtml(s: string): string {
   return s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 }
 
-let plotCounter = 0;
-
-/**
- * Compile a Vega-Lite spec and render it to a static SVG string (headless), the way
- * src/report/html.ts does; ids are prefixed so several SVGs can share one document.
- */
-export async function renderSvg(spec: TopLevelSpec): Promise<string> {
-  const vgSpec = compile(spec).spec;
-  const view = new vega.View(vega.parse(vgSpec), { renderer: "none" });
-  try {
-    const svg = await view.toSVG();
-    const pre = `rcp${++plotCounter}-`;
-    return svg
-      .replace(/ id="([^"]+)"/g, ` id="${pre}$1"`)
-      .replace(/="url\(#([^)"]+)\)"/g, `="url(#${pre}$1)"`)
-      .replace(/ (xlink:)?href="#([^"]+)"/g, ` $1href="#${pre}$2"`);
-  } finally {
-    view.finalize();
-  }
-}
+export { renderSvg };
 
 /** A plot, or a "no data" box when there is nothing to draw (never throws for empty data). */
 export async function plotOrNote(rows: readonly unknown[], spec: () => TopLevelSpec, what: string): Promise<string> {

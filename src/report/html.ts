@@ -57,7 +57,7 @@ const fmtNum = (x: number | null) => (x === null ? "—" : String(x));
 let plotCounter = 0;
 
 /** Compile a Vega-Lite spec and render it to a static SVG string (headless, no canvas needed). */
-async function renderSvg(spec: TopLevelSpec): Promise<string> {
+export async function renderSvg(spec: TopLevelSpec): Promise<string> {
   const vgSpec = compile(spec).spec;
   const view = new vega.View(vega.parse(vgSpec), { renderer: "none" });
   try {
