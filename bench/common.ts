@@ -164,10 +164,17 @@ export class RssSampler {
   sample(): void {
     this.peak = Math.max(this.peak, process.memoryUsage.rss());
   }
-  /** Peak since the last call, then reset to the current RSS. */
+  private lastMax = maxRssBytes();
+  /**
+   * Peak since the last call, then reset to the current RSS. The timer cannot fire during long
+   * synchronous work (loading, single-threaded kernels), so a rise of the process's maxRSS during
+   * the phase also counts as this phase's peak.
+   */
   takePeak(): number {
     this.sample();
-    const p = this.peak;
+    const m = maxRssBytes();
+    const p = m > this.lastMax ? Math.max(this.peak, m) : this.peak;
+    this.lastMax = m;
     this.peak = process.memoryUsage.rss();
     return p;
   }

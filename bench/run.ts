@@ -260,7 +260,9 @@ async function main(): Promise<void> {
   writeJson(path.join(RESULTS_DIR, "latest.json"), results);
   fs.rmSync(tmpDir, { recursive: true, force: true });
 
-  process.stdout.write(table(results, s, l, one, { selfscope: self, llamacpp: llama, machine }) + "\n");
+  const runs: Record<string, ChildRun<unknown> | null> = { selfscope: self, llamacpp: llama, machine };
+  if (one) Object.assign(runs, { "selfscope-t1": one.selfscope, "llamacpp-t1": one.llamacpp });
+  process.stdout.write(table(results, s, l, one, runs) + "\n");
   process.stdout.write(`results: ${path.relative(process.cwd(), path.join(RESULTS_DIR, `${stamp}.json`))} (and latest.json), ${results.wallS} s\n`);
   process.stdout.write(JSON.stringify(summary) + "\n");
   process.exit(s ? 0 : 1);
