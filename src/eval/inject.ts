@@ -143,24 +143,29 @@ export async function finishRun(runDir: string): Promise<{ run: RunData; results
   return { run, results };
 }
 
+/** The log header of a sweep: the full config plus the model and backend it ran on. */
+export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, command: string[]): RunHeader {
+  return {
+    type: "header",
+    schema: LOG_SCHEMA,
+    version: LOG_VERSION,
+    createdAt: new Date().toISOString(),
+    tool: { name: "selfscope", version: VERSION },
+    // Absolute, so `resume` works from any working directory.
+    model: { path: path.resolve(modelPath), hash: model.weightsHash(), family: model.family, nLayers: model.config.nLayers, dModel: model.config.dModel, dtype: model.sourceDtype, chatTemplate: model.chatTemplate !== undefined },
+    backend: { device: model.device.name, adapter: model.device.adapter },
+    config: cfg,
+    plannedTrials: planTrials(cfg).length,
+    command,
+  };
+}
+
 export async function inject(a: InjectArgs): Promise<{ runDir: string; results: Results }> {
   const model = await Model.load(a.model, { device: a.device ?? "wasm" });
   try {
     const cfg = buildConfig(a, model.config.nLayers);
     const runDir = a.out ?? path.join("runs", `${new Date().toISOString().replace(/[:.]/g, "-")}_${cfg.preset ?? "inject"}`);
-    const header: RunHeader = {
-      type: "header",
-      schema: LOG_SCHEMA,
-      version: LOG_VERSION,
-      createdAt: new Date().toISOString(),
-      tool: { name: "selfscope", version: VERSION },
-      // Absolute, so `resume` works from any working directory.
-      model: { path: path.resolve(a.model), hash: model.weightsHash(), family: model.family, nLayers: model.config.nLayers, dModel: model.config.dModel, dtype: model.sourceDtype, chatTemplate: model.chatTemplate !== undefined },
-      backend: { device: model.device.name, adapter: model.device.adapter },
-      config: cfg,
-      plannedTrials: planTrials(cfg).length,
-      command: a.command ?? [],
-    };
+    const header = runHeader(model, a.model, cfg, a.command ?? []);
     // Validate everything that can be wrong before the run directory is created.
     for (const v of cfg.variants) getVariant(v);
     const judges = judgesFor(cfg, runDir);

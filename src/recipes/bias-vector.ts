@@ -12,16 +12,15 @@ import fs from "node:fs";
 import path from "node:path";
 import { UsageError } from "../core/errors.js";
 import { Rng } from "../core/rng.js";
-import { buildConfig, finishRun, progressPrinter, VERSION, type InjectArgs } from "../eval/inject.js";
+import { buildConfig, finishRun, progressPrinter, runHeader, VERSION, type InjectArgs } from "../eval/inject.js";
 import type { Results } from "../eval/metrics.js";
-import { planTrials } from "../eval/plan.js";
 import { getVariant, readData, renderTrial } from "../eval/protocol.js";
 import { runSweep } from "../eval/run.js";
 import { hookName, type HookName } from "../hooks/names.js";
 import type { Intervention, Plan, PosSpec } from "../hooks/plan.js";
 import { makeJudge, type Judge } from "../judge/judge.js";
 import { readRunLog, type RunData } from "../log/read.js";
-import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type Rate, type RunHeader } from "../log/schema.js";
+import type { InjectConfig, Rate } from "../log/schema.js";
 import { lockRun, RunLogWriter } from "../log/write.js";
 import type { Engine, Row } from "../model/engine.js";
 import { Model } from "../model/model.js";
@@ -469,18 +468,7 @@ async function sweepLocked(model: Model, modelPath: string, cfg: InjectConfig, r
     }
     log = RunLogWriter.reopen(runDir);
   } else {
-    const header: RunHeader = {
-      type: "header",
-      schema: LOG_SCHEMA,
-      version: LOG_VERSION,
-      createdAt: new Date().toISOString(),
-      tool: { name: "selfscope", version: VERSION },
-      model: { path: path.resolve(modelPath), hash: model.weightsHash(), family: model.family, nLayers: model.config.nLayers, dModel: model.config.dModel, dtype: model.sourceDtype, chatTemplate: model.chatTemplate !== undefined },
-      backend: { device: model.device.name, adapter: model.device.adapter },
-      config: cfg,
-      plannedTrials: planTrials(cfg).length,
-      command: opts.command ?? [],
-    };
+    const header = runHeader(model, modelPath, cfg, opts.command ?? []);
     log = RunLogWriter.create(runDir, header);
   }
   try {

@@ -20,9 +20,8 @@ import path from "node:path";
 import type { TopLevelSpec } from "vega-lite";
 import { UsageError } from "../core/errors.js";
 import { Rng } from "../core/rng.js";
-import { buildConfig, defaultJudges, finishRun, VERSION } from "../eval/inject.js";
+import { buildConfig, defaultJudges, finishRun, runHeader } from "../eval/inject.js";
 import type { Results } from "../eval/metrics.js";
-import { planTrials } from "../eval/plan.js";
 import { parseLayers } from "../eval/presets.js";
 import { firstResponse, readData } from "../eval/protocol.js";
 import { runSweep } from "../eval/run.js";
@@ -30,7 +29,7 @@ import { hookName, type HookName } from "../hooks/names.js";
 import type { Intervention, Plan } from "../hooks/plan.js";
 import { writeSafetensors } from "../io/safetensors.js";
 import { makeJudge } from "../judge/judge.js";
-import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type Rate, type RunHeader } from "../log/schema.js";
+import type { InjectConfig, Rate } from "../log/schema.js";
 import { RunLogWriter, lockRun } from "../log/write.js";
 import { expectedParams, type ModelConfig } from "../model/config.js";
 import { loadHostModel, type HostModel, type HostTensor } from "../model/load.js";
@@ -617,18 +616,7 @@ export interface SweepSummary {
 
 /** One injection sweep into `runDir` through the harness's runSweep (extra plan = global ablation). */
 export async function injectionSweep(model: Model, modelPath: string, cfg: InjectConfig, runDir: string, extra: Plan | null, opts: { vectorCache?: string | null; command?: string[] } = {}): Promise<SweepSummary> {
-  const header: RunHeader = {
-    type: "header",
-    schema: LOG_SCHEMA,
-    version: LOG_VERSION,
-    createdAt: new Date().toISOString(),
-    tool: { name: "selfscope", version: VERSION },
-    model: { path: path.resolve(modelPath), hash: model.weightsHash(), family: model.family, nLayers: model.config.nLayers, dModel: model.config.dModel, dtype: model.sourceDtype, chatTemplate: model.chatTemplate !== undefined },
-    backend: { device: model.device.name, adapter: model.device.adapter },
-    config: cfg,
-    plannedTrials: planTrials(cfg).length,
-    command: opts.command ?? [],
-  };
+  const header = runHeader(model, modelPath, cfg, opts.command ?? []);
   const judges = cfg.judges.map((s) => makeJudge(s, { cacheDir: path.join(runDir, "judge-cache") }));
   const unlock = lockRun(runDir);
   let results: Results;
