@@ -4,138 +4,46 @@
 import "../core/polyfills.js";
 import { blockUntilReady, numpy as np, tree, valueAndGrad, type Array as JArray } from "@jax-js/jax";
 import { NumericalError, UsageError } from "../core/errors.js";
-import { Rng } from "../core/rng.js";
 import { parseHook, type HookName } from "../hooks/names.js";
 import type { Intervention, Plan, PosSpec } from "../hooks/plan.js";
+import {
+  ActivationCache,
+  CAPACITY_BUCKET,
+  NonFiniteLogits,
+  locateNonFinite,
+  Sampler,
+  asRow,
+  attnMaskHost,
+  compileHost,
+  featShapeOf,
+  fullCtx,
+  lastCtx,
+  padShape,
+  resolvePlan,
+  scopeMask,
+  sliceCtx,
+  sliceRow,
+  type CallCtx,
+  type ForwardOptions,
+  type ForwardResult,
+  type GenerateOptions,
+  type GenerateResult,
+  type PrefixCounter,
+  type Resolved,
+  type Row,
+} from "./batch.js";
+
+export { ActivationCache, Sampler, argmax, type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type PrefixCounter, type Row, type SampleOptions } from "./batch.js";
 import type { ModelConfig } from "./config.js";
 import type { HostModel, HostTensor } from "./load.js";
 import { ropeTables } from "./rope.js";
 import { LayerFns, embedStage, head, splitOps, type BlockParams, type DeviceParams, type LayerKey, type OpKind, type Rot, type SiteOp, type SiteOps, type Weight } from "./transformer.js";
-
-/** One row of a batch: token ids, plus the text they encode when markers must be resolved. */
-export interface Row {
-  ids: number[];
-  /** Text the ids were made from (needed by { marker } positions). */
-  text?: string;
-}
-
-/** Turns the text before a marker into its token count (the caller's tokenizer, same special-token handling). */
-export type PrefixCounter = (textBefore: string) => number;
-
-/** Activations read during a run: per hook, per row, row-major [positions, ...feature]. */
-export class ActivationCache {
-  /** Feature shapes are per row: attention patterns are [nHeads, T_b] for a ragged batch. */
-  readonly entries = new Map<HookName, { data: Float32Array; featShape: number[] }[]>();
-  get(name: HookName, row = 0): { data: Float32Array; shape: number[] } {
-    const e = this.entries.get(name);
-    if (!e) throw new UsageError(`activation ${name} was not read in this run; add { op: "read", at: "${name}" } to the plan`);
-    const r = e[row];
-    if (!r) throw new UsageError(`activation ${name}: no row ${row}`);
-    const f = r.featShape.reduce((a, b) => a * b, 1);
-    return { data: r.data, shape: [r.data.length / f, ...r.featShape] };
-  }
-  append(name: HookName, featShape: number[], row: number, data: Float32Array): void {
-    let e = this.entries.get(name);
-    if (!e) {
-      e = [];
-      this.entries.set(name, e);
-    }
-    const prev = e[row];
-    if (!prev) e[row] = { data, featShape };
-    else {
-      const cat = new Float32Array(prev.data.length + data.length);
-      cat.set(prev.data);
-      cat.set(data, prev.data.length);
-      e[row] = { data: cat, featShape };
-    }
-  }
-}
-
-export interface ForwardOptions {
-  plan?: Plan;
-  /** Which logits to return: every position (default), the last only, or none. */
-  logits?: "all" | "last" | "none";
-  /** For { marker } positions. */
-  countPrefix?: PrefixCounter;
-}
-
-export interface ForwardResult {
-  /** Per row: [positions, dVocab] ("all") or [dVocab] ("last"). */
-  logits: Float32Array[];
-  cache: ActivationCache;
-}
-
-export interface SampleOptions {
-  /** 0 = greedy (default). */
-  temperature?: number;
-  topK?: number;
-  topP?: number;
-  /** One seed, or one per row (a row's sample then does not depend on its batch mates). */
-  seed?: number | number[];
-}
-
-export interface GenerateOptions extends SampleOptions {
-  maxTokens: number;
-  plan?: Plan;
-  /** Stop tokens; default: the model's EOS ids. Pass [] to never stop early. */
-  stop?: number[];
-  countPrefix?: PrefixCounter;
-}
-
-export interface GenerateResult {
-  /** Generated ids per row (a stop token, when hit, is the last id). */
-  tokens: number[][];
-  stopReason: ("stop" | "length")[];
-  cache: ActivationCache;
-}
-
-/** Internal: logits with NaN/Inf, caught by forward/generate and turned into a located NumericalError. */
-class NonFiniteLogits extends Error {
-  constructor(
-    readonly row: number,
-    readonly value: number,
-  ) {
-    super("non-finite logits");
-  }
-}
-
-/** An op compiled on the host, before its arrays are made (so same-kind ops can merge). */
-interface HostOp {
-  kind: OpKind;
-  v: Float32Array;
-  vShape: number[];
-  m: Float32Array;
-  mShape: number[];
-  rows: Set<number>;
-}
 
 /** A trainable vector added at one site: `op.v` is a traced array inside valueAndGrad. */
 interface TrainOp {
   layer: number | null;
   site: string;
   op: SiteOp;
-}
-
-/** Per-row position scope after resolution: [from, to) in absolute positions, or null (row untouched). */
-type Scope = { from: number; to: number } | null;
-
-interface Resolved {
-  iv: Intervention;
-  layer: number | null;
-  site: string;
-  featShape: number[];
-  scopes: Scope[];
-  /** Precomputed payload (scaled vector / unit direction / mean). */
-  vec?: Float32Array;
-}
-
-/** Positions of one forward call: B rows × T slots, absolute position per slot (-1 = padding). */
-interface CallCtx {
-  B: number;
-  T: number;
-  pos: Int32Array;
-  /** Token id per slot (padding slots hold 0; they are masked). */
-  ids: Int32Array;
 }
 
 export interface EngineOptions {
@@ -150,7 +58,6 @@ export interface EngineOptions {
   jit?: boolean;
 }
 
-const CAPACITY_BUCKET = 64;
 /** Elements of one prefill attention-score tensor (B·heads·chunk·cap) we allow at once. */
 const PREFILL_BUDGET = 4 << 20;
 
@@ -223,7 +130,7 @@ export class Engine {
     const rs = rows.map(asRow);
     const { B, T, pad } = padShape(rs);
     const promptLen = rs.map((r) => r.ids.length);
-    const resolved = this.resolve(opts.plan ?? [], rs, promptLen, opts.countPrefix);
+    const resolved = resolvePlan(this.config, opts.plan ?? [], rs, promptLen, opts.countPrefix);
     const ctx = fullCtx(rs, B, T, pad);
     const cache = new ActivationCache();
     const x = this.runLayers(ctx, pad, promptLen, resolved, null, cache, null);
@@ -255,33 +162,8 @@ export class Engine {
     }
   }
 
-  /**
-   * Re-run one row reading every block-boundary site and name the first that holds NaN/Inf
-   * (NaN in weights, or an intervention scale that overflowed), so the error says where.
-   */
-  private async diagnose(row: Row, opts: ForwardOptions, e: NonFiniteLogits): Promise<NumericalError> {
-    const c = this.config;
-    const sites: HookName[] = ["hook_embed"];
-    for (let l = 0; l < c.nLayers; l++) for (const s of ["hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post"] as const) sites.push(`blocks.${l}.${s}`);
-    const plan: Intervention[] = [...(opts.plan ?? []).map((iv) => ({ ...iv, rows: [0] })), ...sites.map((at) => ({ op: "read" as const, at }))];
-    let where = "the final norm or unembedding";
-    try {
-      const { cache } = await this.forwardUnchecked([row], { ...opts, plan, logits: "none" });
-      for (const at of sites) {
-        const { data, shape } = cache.get(at);
-        const i = data.findIndex((x) => !Number.isFinite(x));
-        if (i >= 0) {
-          where = `${at} (position ${Math.floor(i / (shape[1] ?? 1))}, value ${data[i]})`;
-          break;
-        }
-      }
-    } catch {
-      where = "(could not re-run to locate it)";
-    }
-    return new NumericalError(
-      `non-finite logits (${e.value}) in batch row ${e.row}: the first non-finite activation is at ${where}; ` +
-        `check the model file for NaN/Inf weights and any intervention vector or scale`,
-    );
+  private diagnose(row: Row, opts: ForwardOptions, e: NonFiniteLogits): Promise<NumericalError> {
+    return locateNonFinite(this.config, (rows, o) => this.forwardUnchecked(rows, o), row, opts, e);
   }
 
   private async generateUnchecked(rows: (Row | number[])[], opts: GenerateOptions): Promise<GenerateResult> {
@@ -291,7 +173,7 @@ export class Engine {
     if (rs.some((r) => r.ids.length === 0)) throw new UsageError("generate: every row needs at least one token (start from BOS)");
     const { B, T, pad } = padShape(rs);
     const promptLen = rs.map((r) => r.ids.length);
-    const resolved = this.resolve(opts.plan ?? [], rs, promptLen, opts.countPrefix);
+    const resolved = resolvePlan(this.config, opts.plan ?? [], rs, promptLen, opts.countPrefix);
     if (resolved.some((r) => r.site === "attn.hook_pattern")) throw new UsageError("attn.hook_pattern can be read with forward(), not during generate()");
     const cap = Math.ceil((T + opts.maxTokens) / CAPACITY_BUCKET) * CAPACITY_BUCKET;
     const stop = new Set(opts.stop ?? c.eosTokenIds);
@@ -365,12 +247,12 @@ export class Engine {
     const { B, T, pad } = padShape(rs);
     const promptLen = rs.map((r) => r.ids.length);
     const { layer, site } = parseHook(train.at, c.nLayers);
-    const feat = this.featShape(site);
+    const feat = featShapeOf(c, site);
     if (feat.length !== 1 || train.value.length !== feat[0]) throw new UsageError(`lossAndGrad: ${train.at} takes a vector of length ${feat.join("x")}`);
     const probe: Intervention = { op: "add", at: train.at, vector: train.value, ...(train.pos ? { pos: train.pos } : {}) };
-    const [r] = this.resolve([probe], rs, promptLen, opts.countPrefix);
+    const [r] = resolvePlan(this.config, [probe], rs, promptLen, opts.countPrefix);
     // Other interventions (e.g. a concept injection during training) apply as constants.
-    const resolvedPlan = this.resolve(opts.plan ?? [], rs, promptLen, opts.countPrefix);
+    const resolvedPlan = resolvePlan(this.config, opts.plan ?? [], rs, promptLen, opts.countPrefix);
     if (resolvedPlan.some((x) => x.iv.op === "read")) throw new UsageError("lossAndGrad: the plan cannot contain reads");
     const ctx = fullCtx(rs, B, T, pad);
     // Target weights folded with 1/n on the host: loss = -sum(w * logsoftmax(logits)).
@@ -396,124 +278,17 @@ export class Engine {
 
   // ------------------------------------------------------------ internals
 
+  featShape(site: string): number[] {
+    return featShapeOf(this.config, site);
+  }
+
   private live(): void {
     if (this.disposed) throw new UsageError("this model was disposed");
   }
 
-  featShape(site: string): number[] {
-    const c = this.config;
-    switch (site) {
-      case "attn.hook_q":
-      case "attn.hook_z":
-        return [c.nHeads, c.dHead];
-      case "attn.hook_k":
-      case "attn.hook_v":
-        return [c.nKvHeads, c.dHead];
-      case "mlp.hook_pre":
-      case "mlp.hook_post":
-        return [c.dMlp];
-      case "attn.hook_pattern":
-        return [c.nHeads];
-      default:
-        return [c.dModel];
-    }
-  }
-
-  private resolve(plan: Plan, rows: Row[], promptLen: number[], countPrefix: PrefixCounter | undefined): Resolved[] {
-    return plan.map((iv) => {
-      const { layer, site } = parseHook(iv.at, this.config.nLayers);
-      if (site === "hook_pos_embed" && this.config.pos.kind !== "learned") throw new UsageError(`${iv.at}: this model has no learned position embedding`);
-      const featShape = this.featShape(site);
-      const F = featShape.reduce((a, b) => a * b, 1);
-      if (site === "attn.hook_pattern" && iv.op !== "read") throw new UsageError("attn.hook_pattern is read-only");
-      const rowsSet = iv.rows ? new Set(iv.rows) : null;
-      if (iv.rows?.some((r) => r < 0 || r >= rows.length)) throw new UsageError(`${iv.op} at ${iv.at}: rows ${iv.rows} out of range for a batch of ${rows.length}`);
-      const scopes = rows.map((row, b) => (rowsSet && !rowsSet.has(b) ? null : scopeOf(iv.pos ?? "all", row, promptLen[b]!, countPrefix, iv.at)));
-      const r: Resolved = { iv, layer, site, featShape, scopes };
-      const need = (v: Float32Array, what: string) => {
-        if (v.length !== F) throw new UsageError(`${iv.op} at ${iv.at}: ${what} has length ${v.length}, expected ${featShape.join("x")} = ${F}`);
-        if (!v.every(Number.isFinite)) throw new NumericalError(`${iv.op} at ${iv.at}: ${what} contains NaN or Inf`);
-      };
-      if (iv.op === "add") {
-        need(iv.vector, "vector");
-        const s = iv.scale ?? 1;
-        r.vec = iv.vector.map((x) => x * s);
-        if (!r.vec.every(Number.isFinite)) throw new NumericalError(`add at ${iv.at}: vector × scale ${s} overflows float32`);
-      } else if (iv.op === "project") {
-        if (featShape.length !== 1) throw new UsageError(`project at ${iv.at}: only single-vector sites (resid, attn_out, mlp_out, mlp pre/post) take a direction`);
-        need(iv.direction, "direction");
-        let nrm = 0;
-        for (const x of iv.direction) nrm += x * x;
-        if (nrm === 0) throw new UsageError(`project at ${iv.at}: direction is zero`);
-        if (iv.scale !== undefined && !Number.isFinite(iv.scale)) throw new NumericalError(`project at ${iv.at}: scale ${iv.scale} is not finite`);
-        r.vec = iv.direction.map((x) => x / Math.sqrt(nrm));
-      } else if (iv.op === "ablate") {
-        if (iv.mode === "mean") {
-          if (!iv.mean) throw new UsageError(`ablate mean at ${iv.at}: pass mean (the activation's mean, length ${F})`);
-          need(iv.mean, "mean");
-          r.vec = iv.mean;
-        } else r.vec = new Float32Array(F);
-        if (iv.heads) {
-          if (featShape.length !== 2) throw new UsageError(`ablate at ${iv.at}: heads apply to attn.hook_q|k|v|z only`);
-          if (iv.heads.some((h) => h < 0 || h >= featShape[0]!)) throw new UsageError(`ablate at ${iv.at}: heads ${iv.heads} out of range 0..${featShape[0]! - 1}`);
-        }
-      } else if (iv.op === "patch") {
-        if (iv.source.length % F !== 0) throw new UsageError(`patch at ${iv.at}: source length ${iv.source.length} is not a multiple of ${F}`);
-        if (rows.length > 1 && !iv.rows) throw new UsageError(`patch at ${iv.at}: in a batch, say which rows the source is for (rows: [b])`);
-      }
-      return r;
-    });
-  }
-
   /** Compile the resolved plan into per-layer site ops for one call. Arrays are fresh (consumed downstream). */
   private compile(resolved: Resolved[], ctx: CallCtx, promptLen: number[], group: number | null | "final"): { ops: SiteOps; kinds: Map<string, OpKind[]>; reads: string[] } {
-    const host = new Map<string, HostOp[]>();
-    const reads = new Set<string>();
-    const { B, T } = ctx;
-    for (const r of resolved) {
-      const inGroup = group === "final" ? r.site === "ln_final.hook_normalized" : group === null ? r.layer === null && r.site !== "ln_final.hook_normalized" : r.layer === group;
-      if (!inGroup) continue;
-      const iv = r.iv;
-      if (iv.op === "read") {
-        reads.add(r.site);
-        continue;
-      }
-      const headMask = iv.op === "ablate" && iv.heads ? iv.heads : null;
-      const maskShape = [B, T, ...(r.featShape.length === 2 ? [r.featShape[0]!, 1] : [1])];
-      const m = scopeMask(r, ctx, promptLen, maskShape.slice(2), headMask);
-      const rows = new Set(r.scopes.flatMap((s, b) => (s ? [b] : [])));
-      const list = host.get(r.site) ?? [];
-      host.set(r.site, list);
-      if (iv.op === "add" || iv.op === "project") {
-        // Per-row payload [B,1,...feat]: rows outside the scope get zeros (masked anyway).
-        const F = r.vec!.length;
-        const v = new Float32Array(B * F);
-        for (const b of rows) v.set(r.vec!, b * F);
-        // A weighted projection is the unit projection with its mask scaled.
-        if (iv.op === "project" && iv.scale !== undefined) for (let i = 0; i < m.length; i++) m[i]! *= iv.scale;
-        // A sweep puts one intervention per row: ops of one kind on disjoint rows merge into a
-        // single op (sum of payloads and masks), so a batch of 32 steered rows costs one add.
-        const last = list.at(-1);
-        if (last && last.kind === iv.op && ![...rows].some((b) => last.rows.has(b))) {
-          for (let i = 0; i < v.length; i++) last.v[i]! += v[i]!;
-          for (let i = 0; i < m.length; i++) last.m[i]! += m[i]!;
-          for (const b of rows) last.rows.add(b);
-        } else list.push({ kind: iv.op, v, vShape: [B, 1, ...r.featShape], m, mShape: maskShape, rows });
-      } else if (iv.op === "ablate") {
-        list.push({ kind: "replace", v: r.vec!, vShape: [1, 1, ...r.featShape], m, mShape: maskShape, rows });
-      } else {
-        const F = r.featShape.reduce((a, b) => a * b, 1);
-        const src = iv.source;
-        const v = new Float32Array(B * T * F);
-        for (let b = 0; b < B; b++)
-          for (let t = 0; t < T; t++) {
-            const p = ctx.pos[b * T + t]!;
-            if (p >= 0 && (p + 1) * F <= src.length) v.set(src.subarray(p * F, (p + 1) * F), (b * T + t) * F);
-            else m.fill(0, (b * T + t) * (m.length / (B * T)), (b * T + t + 1) * (m.length / (B * T))); // beyond the stored activation: keep the live value
-          }
-        list.push({ kind: "replace", v, vShape: [B, T, ...r.featShape], m, mShape: maskShape, rows });
-      }
-    }
+    const { host, reads } = compileHost(resolved, ctx, promptLen, group);
     const ops: SiteOps = {};
     const kinds = new Map<string, OpKind[]>();
     for (const [site, list] of host) {
@@ -524,8 +299,9 @@ export class Engine {
       }));
       kinds.set(site, list.map((o) => o.kind));
     }
-    return { ops, kinds, reads: [...reads].sort() };
+    return { ops, kinds, reads };
   }
+
 
   /** Store reads (device arrays [B,T,...]) into the cache, dropping padding. */
   private async collect(reads: Record<string, JArray>, layer: number | null, ctx: CallCtx, cache: ActivationCache | null): Promise<void> {
@@ -705,64 +481,6 @@ export class Engine {
   }
 }
 
-// ---------------------------------------------------------------- host helpers
-
-function asRow(r: Row | number[]): Row {
-  return Array.isArray(r) ? { ids: r } : r;
-}
-
-function padShape(rows: Row[]): { B: number; T: number; pad: number[] } {
-  if (rows.length === 0) throw new UsageError("empty batch");
-  const T = Math.max(...rows.map((r) => r.ids.length));
-  if (T === 0) throw new UsageError("every row is empty");
-  return { B: rows.length, T, pad: rows.map((r) => T - r.ids.length) };
-}
-
-function fullCtx(rows: Row[], B: number, T: number, pad: number[]): CallCtx {
-  return sliceCtx(rows, pad, 0, T, B);
-}
-
-/** Slots start..start+n-1 of a left-padded batch. */
-function sliceCtx(rows: Row[], pad: number[], start: number, n: number, B = rows.length): CallCtx {
-  const pos = new Int32Array(B * n);
-  const ids = new Int32Array(B * n);
-  for (let b = 0; b < B; b++)
-    for (let t = 0; t < n; t++) {
-      const p = start + t - pad[b]!;
-      pos[b * n + t] = p;
-      if (p >= 0) ids[b * n + t] = rows[b]!.ids[p]!;
-    }
-  return { B, T: n, pos, ids };
-}
-
-function lastCtx(B: number, T: number, pad: number[]): CallCtx {
-  const pos = new Int32Array(B);
-  for (let b = 0; b < B; b++) pos[b] = T - 1 - pad[b]!;
-  return { B, T: 1, pos, ids: new Int32Array(B) };
-}
-
-function sliceRow(lg: Float32Array, b: number, T: number, pad: number, V: number): Float32Array {
-  return lg.subarray((b * T + pad) * V, (b + 1) * T * V);
-}
-
-/**
- * mask[b, t, s]: key slot s visible to query slot t. Causal, never a padding key — except a
- * padding query sees itself, so no softmax row is all -inf (which would give NaN).
- */
-function attnMask(ctx: CallCtx, pad: number[], S: number, slot0: number, window: number | undefined): JArray {
-  const { B, T } = ctx;
-  const m = new Int32Array(B * T * S);
-  const w = window ?? Infinity;
-  for (let b = 0; b < B; b++)
-    for (let t = 0; t < T; t++) {
-      const qSlot = slot0 + t;
-      // Slots and positions differ by the row's padding only, so slot distance = position distance.
-      for (let s = Math.max(0, qSlot - w + 1); s <= qSlot; s++) if (s >= pad[b]! || s === qSlot) m[(b * T + t) * S + s] = 1;
-    }
-  return np.array(m, { dtype: np.bool }).reshape([B, T, S]);
-}
-
-
 /** Upload a matrix, as f16 if asked (converted on the device), in row chunks under the binding limit. */
 function toDevice(t: HostTensor, maxBytes: number, dtype: "f32" | "f16" = "f32"): Weight {
   const elem = dtype === "f16" ? 2 : 4;
@@ -794,83 +512,8 @@ function logsumexp(x: JArray): JArray {
   return np.log(np.exp(x.sub(mx.ref)).sum(-1, { keepdims: true })).add(mx);
 }
 
-function scopeOf(spec: PosSpec, row: Row, promptLen: number, countPrefix: PrefixCounter | undefined, at: string): Scope {
-  if (spec === "all") return { from: 0, to: Infinity };
-  if (spec === "prompt") return { from: 0, to: promptLen };
-  if (spec === "generated") return { from: promptLen, to: Infinity };
-  if ("marker" in spec) {
-    if (row.text === undefined || !countPrefix) throw new UsageError(`${at}: a { marker } position needs the row's text and a tokenizer`);
-    const i = row.text.indexOf(spec.marker);
-    if (i < 0) throw new UsageError(`${at}: marker ${JSON.stringify(spec.marker)} not found in the prompt text`);
-    const from = countPrefix(row.text.slice(0, i)) + (spec.offset ?? 0);
-    if (from < 0) throw new UsageError(`${at}: marker ${JSON.stringify(spec.marker)} with offset ${spec.offset} resolves before the first token`);
-    return { from, to: spec.to ?? Infinity };
-  }
-  if (!(spec.from >= 0)) throw new UsageError(`${at}: position from=${spec.from} must be >= 0`);
-  return { from: spec.from, to: spec.to ?? Infinity };
+
+
+function attnMask(ctx: CallCtx, pad: number[], S: number, slot0: number, window: number | undefined): JArray {
+  return np.array(attnMaskHost(ctx, pad, S, slot0, window), { dtype: np.bool }).reshape([ctx.B, ctx.T, S]);
 }
-
-/** Float 0/1 mask [B*T*(heads)] for an intervention in a call. */
-function scopeMask(r: Resolved, ctx: CallCtx, _promptLen: number[], maskShape: number[], heads: number[] | null = null): Float32Array {
-  const { B, T } = ctx;
-  const N = maskShape.length === 2 ? maskShape[0]! : 1;
-  const m = new Float32Array(B * T * N);
-  for (let b = 0; b < B; b++) {
-    const s = r.scopes[b];
-    if (!s) continue;
-    for (let t = 0; t < T; t++) {
-      const p = ctx.pos[b * T + t]!;
-      if (p < 0 || p < s.from || p >= s.to) continue;
-      for (let h = 0; h < N; h++) if (!heads || heads.includes(h)) m[(b * T + t) * N + h] = 1;
-    }
-  }
-  return m;
-}
-
-// ---------------------------------------------------------------- sampling
-
-/** Greedy / temperature / top-k / top-p sampling with a per-row seeded generator. */
-export class Sampler {
-  private rng: Rng;
-  constructor(
-    private o: SampleOptions,
-    seed: number,
-  ) {
-    this.rng = new Rng(seed);
-  }
-  sample(logits: Float32Array): number {
-    const temp = this.o.temperature ?? 0;
-    if (temp <= 0) return argmax(logits);
-    const V = logits.length;
-    let idx = [...Array(V).keys()];
-    idx.sort((a, b) => logits[b]! - logits[a]! || a - b);
-    if (this.o.topK && this.o.topK > 0) idx = idx.slice(0, this.o.topK);
-    const mx = logits[idx[0]!]!;
-    let p = idx.map((i) => Math.exp((logits[i]! - mx) / temp));
-    let z = p.reduce((a, b) => a + b, 0);
-    p = p.map((x) => x / z);
-    const topP = this.o.topP ?? 1;
-    if (topP < 1) {
-      let cum = 0;
-      let keep = 0;
-      while (keep < p.length && cum < topP) cum += p[keep++]!;
-      idx = idx.slice(0, keep);
-      p = p.slice(0, keep);
-      z = p.reduce((a, b) => a + b, 0);
-      p = p.map((x) => x / z);
-    }
-    let u = this.rng.next();
-    for (let i = 0; i < p.length; i++) {
-      u -= p[i]!;
-      if (u < 0) return idx[i]!;
-    }
-    return idx[p.length - 1]!;
-  }
-}
-
-export function argmax(x: Float32Array): number {
-  let bi = 0;
-  for (let i = 1; i < x.length; i++) if (x[i]! > x[bi]!) bi = i;
-  return bi;
-}
-

@@ -36,7 +36,8 @@ export interface DeviceParams {
 }
 
 /** One compiled intervention at a site. Arrays are consumed by the layer function. */
-export type OpKind = "add" | "project" | "replace";
+export type { OpKind } from "./batch.js";
+import type { OpKind } from "./batch.js";
 /** Only arrays may be jit arguments, so an op's kind lives in the static LayerKey, not here. */
 export interface SiteOp {
   /** add: vector [B,1|T,...feat] (scale folded in); project: unit [B,1,...feat]; replace: values. */

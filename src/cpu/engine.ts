@@ -1,0 +1,741 @@
+// selfscope's own CPU engine: the forward pass written out by hand over one WebAssembly memory,
+// with every matrix product in our Wasm SIMD kernels (kernels.ts) on a thread pool (runtime.ts)
+// and the light per-token work (norms, RoPE, softmax, activations, interventions) in plain
+// TypeScript. It computes exactly what the jax-js engine computes (same plan semantics, same
+// hook names, same left-padded batches) — the tests hold both to the same references — but
+// without jax-js's per-kernel dispatch: a decode step is ~6 kernel calls per block.
+//
+// Memory is stack-scoped: weights are allocated once; a call marks the stack, allocates its
+// activations (and, for generate, its KV cache), and releases them when it returns.
+import { UsageError } from "../core/errors.js";
+import type { HookName } from "../hooks/names.js";
+import {
+  ActivationCache,
+  CAPACITY_BUCKET,
+  NonFiniteLogits,
+  Sampler,
+  asRow,
+  compileHost,
+  featShapeOf,
+  fullCtx,
+  lastCtx,
+  locateNonFinite,
+  padShape,
+  planForRow,
+  resolvePlan,
+  sliceCtx,
+  type CallCtx,
+  type ForwardOptions,
+  type ForwardResult,
+  type GenerateOptions,
+  type GenerateResult,
+  type HostOp,
+  type Resolved,
+  type Row,
+} from "../model/batch.js";
+import type { Activation, ModelConfig, NormSpec } from "../model/config.js";
+import type { HostModel } from "../model/load.js";
+import { ropeInvFreq } from "../model/rope.js";
+
+/** One matrix product Y = X·Wᵀ (W stored [N, K]); offsets and strides in f32 elements. */
+export interface Gemm {
+  x: number;
+  ldx: number;
+  w: number;
+  ldw: number;
+  y: number;
+  ldy: number;
+  M: number;
+  N: number;
+  K: number;
+  accumulate?: boolean;
+}
+
+/** What the engine needs from the kernel runtime (runtime.ts). */
+export interface KernelRuntime {
+  readonly threads: number;
+  readonly f32: Float32Array;
+  alloc(nFloats: number): number;
+  mark(): number;
+  release(mark: number): void;
+  gemm(g: Gemm): void;
+  gemmBatch(list: Gemm[]): void;
+  dispose(): Promise<void>;
+}
+
+interface Norm {
+  weight: Float32Array;
+  bias?: Float32Array;
+}
+/** A weight matrix in Wasm memory, [rows, cols] row-major. */
+interface Mat {
+  off: number;
+  rows: number;
+  cols: number;
+}
+interface Block {
+  ln1?: Norm;
+  ln1Post?: Norm;
+  ln2?: Norm;
+  ln2Post?: Norm;
+  qNorm?: Norm;
+  kNorm?: Norm;
+  /** q, k and v stacked: [(H + 2K)·dHead, D]. */
+  qkv: Mat;
+  qkvBias?: Float32Array;
+  o: Mat;
+  oBias?: Float32Array;
+  /** Gated MLPs: gate and up stacked [2F, D]; plain MLPs: up [F, D]. */
+  up: Mat;
+  upBias?: Float32Array;
+  down: Mat;
+  downBias?: Float32Array;
+}
+
+/** Elements of one attention-score buffer (rows·heads·queries·keys) held at once. */
+const SCORE_BUDGET = 4 << 20;
+
+export class CpuEngine {
+  readonly config: ModelConfig;
+  private blocks: Block[] = [];
+  private embed: Mat;
+  private posEmbed: Mat | undefined;
+  private unembed: Mat;
+  private lnFinal: Norm;
+  /** RoPE cos/sin per position, [pos, dHead/2], grown on demand; one per theta (local layers). */
+  private rope = new Map<boolean, { cos: Float32Array; sin: Float32Array; n: number }>();
+  private disposed = false;
+
+  /** Copies the weights into the runtime's memory one tensor at a time (a lazy HostModel then never holds them all). */
+  constructor(
+    host: HostModel,
+    readonly rt: KernelRuntime,
+  ) {
+    const c = (this.config = host.config);
+    const get = (name: string) => {
+      const t = host.weights.get(name);
+      if (!t) throw new UsageError(`internal: weight ${name} missing after load`);
+      return t;
+    };
+    const opt = (name: string) => (host.weights.has(name) ? get(name).data : undefined);
+    const norm = (p: string): Norm | undefined => {
+      const w = opt(`${p}.weight`);
+      if (!w) return undefined;
+      const b = opt(`${p}.bias`);
+      return b ? { weight: w, bias: b } : { weight: w };
+    };
+    /** Stack matrices with the same column count into one [Σrows, cols] matrix. */
+    const mat = (...names: string[]): Mat => {
+      const cols = get(names[0]!).shape[1]!;
+      const rowsOf = names.map((n) => host.weights.get(n)!.shape[0]!);
+      const rows = rowsOf.reduce((a, b) => a + b, 0);
+      const off = rt.alloc(rows * cols);
+      let r = 0;
+      for (const n of names) {
+        const t = get(n);
+        rt.f32.set(t.data, off + r * cols);
+        r += t.shape[0]!;
+      }
+      return { off, rows, cols };
+    };
+    const bias = (...names: string[]): Float32Array | undefined => {
+      const parts = names.map(opt);
+      if (parts.every((p) => p === undefined)) return undefined;
+      const rows = names.map((n) => host.weights.get(n.replace(/\.bias$/, ".weight"))!.shape[0]!);
+      const out = new Float32Array(rows.reduce((a, b) => a + b, 0));
+      let o = 0;
+      parts.forEach((p, i) => {
+        if (p) out.set(p, o);
+        o += rows[i]!;
+      });
+      return out;
+    };
+    for (let i = 0; i < c.nLayers; i++) {
+      const b = `blocks.${i}`;
+      const qkvNames = ["q", "k", "v"].map((x) => `${b}.attn.${x}`);
+      const upNames = c.mlp.kind === "gated" ? [`${b}.mlp.gate`, `${b}.mlp.up`] : [`${b}.mlp.up`];
+      const blk: Block = {
+        qkv: mat(...qkvNames.map((n) => `${n}.weight`)),
+        o: mat(`${b}.attn.o.weight`),
+        up: mat(...upNames.map((n) => `${n}.weight`)),
+        down: mat(`${b}.mlp.down.weight`),
+      };
+      const set = <K extends keyof Block>(k: K, v: Block[K] | undefined) => {
+        if (v !== undefined) blk[k] = v;
+      };
+      set("ln1", norm(`${b}.ln1`));
+      set("ln1Post", norm(`${b}.ln1Post`));
+      set("ln2", norm(`${b}.ln2`));
+      set("ln2Post", norm(`${b}.ln2Post`));
+      set("qNorm", norm(`${b}.attn.qNorm`));
+      set("kNorm", norm(`${b}.attn.kNorm`));
+      set("qkvBias", bias(...qkvNames.map((n) => `${n}.bias`)));
+      set("oBias", bias(`${b}.attn.o.bias`));
+      set("upBias", bias(...upNames.map((n) => `${n}.bias`)));
+      set("downBias", bias(`${b}.mlp.down.bias`));
+      this.blocks.push(blk);
+    }
+    this.embed = mat("embed.weight");
+    if (host.weights.has("posEmbed.weight")) this.posEmbed = mat("posEmbed.weight");
+    this.unembed = c.tieEmbeddings ? this.embed : mat("unembed.weight");
+    this.lnFinal = norm("lnFinal")!;
+  }
+
+  async dispose(): Promise<void> {
+    if (this.disposed) return;
+    this.disposed = true;
+    await this.rt.dispose();
+  }
+
+  featShape(site: string): number[] {
+    return featShapeOf(this.config, site);
+  }
+
+  // ------------------------------------------------------------ public entry points
+
+  async forward(rows: (Row | number[])[], opts: ForwardOptions = {}): Promise<ForwardResult> {
+    try {
+      return this.forwardUnchecked(rows, opts);
+    } catch (e) {
+      if (e instanceof NonFiniteLogits) throw await locateNonFinite(this.config, async (r, o) => this.forwardUnchecked(r, o), rows.map(asRow)[e.row]!, opts, e);
+      throw e;
+    }
+  }
+
+  async generate(rows: (Row | number[])[], opts: GenerateOptions): Promise<GenerateResult> {
+    try {
+      return this.generateUnchecked(rows, opts);
+    } catch (e) {
+      if (e instanceof NonFiniteLogits) {
+        const plan = planForRow(opts.plan ?? [], e.row);
+        throw await locateNonFinite(this.config, async (r, o) => this.forwardUnchecked(r, o), rows.map(asRow)[e.row]!, { plan, ...(opts.countPrefix ? { countPrefix: opts.countPrefix } : {}) }, e);
+      }
+      throw e;
+    }
+  }
+
+  private live(): void {
+    if (this.disposed) throw new UsageError("this model was disposed");
+  }
+
+  private forwardUnchecked(rows: (Row | number[])[], opts: ForwardOptions): ForwardResult {
+    this.live();
+    const c = this.config;
+    const rs = rows.map(asRow);
+    const { B, T, pad } = padShape(rs);
+    const promptLen = rs.map((r) => r.ids.length);
+    const resolved = resolvePlan(c, opts.plan ?? [], rs, promptLen, opts.countPrefix);
+    const cache = new ActivationCache();
+    const mode = opts.logits ?? "all";
+    const mark = this.rt.mark();
+    try {
+      // A full pass is a prefill into a KV cache that lives for this call only.
+      const kv = this.allocCache(B, T);
+      const ctx = fullCtx(rs, B, T, pad);
+      const x = this.runLayers(ctx, pad, promptLen, resolved, kv, 0, cache);
+      if (mode === "none") return { logits: [], cache };
+      const V = c.dVocab;
+      if (mode === "last") {
+        const sel = Array.from({ length: B }, (_, b) => b * T + T - 1);
+        const lg = this.head(x, sel, lastCtx(B, T, pad), promptLen, resolved, cache);
+        return { logits: rs.map((_, b) => lg.slice(b * V, (b + 1) * V)), cache };
+      }
+      // Every slot (padding too, so ln_final ops see the call's own layout), then drop padding.
+      const lg = this.head(x, Array.from({ length: B * T }, (_, r) => r), ctx, promptLen, resolved, cache);
+      const out = rs.map((_, b) => lg.slice((b * T + pad[b]!) * V, (b + 1) * T * V));
+      return { logits: out, cache };
+    } finally {
+      this.rt.release(mark);
+    }
+  }
+
+  private generateUnchecked(rows: (Row | number[])[], opts: GenerateOptions): GenerateResult {
+    this.live();
+    const c = this.config;
+    const rs = rows.map(asRow);
+    if (rs.some((r) => r.ids.length === 0)) throw new UsageError("generate: every row needs at least one token (start from BOS)");
+    const { B, T, pad } = padShape(rs);
+    const promptLen = rs.map((r) => r.ids.length);
+    const resolved = resolvePlan(c, opts.plan ?? [], rs, promptLen, opts.countPrefix);
+    if (resolved.some((r) => r.site === "attn.hook_pattern")) throw new UsageError("attn.hook_pattern can be read with forward(), not during generate()");
+    const cap = Math.ceil((T + opts.maxTokens) / CAPACITY_BUCKET) * CAPACITY_BUCKET;
+    const stop = new Set(opts.stop ?? c.eosTokenIds);
+    const seed = opts.seed ?? 0;
+    const seeds = Array.isArray(seed) ? seed : rs.map((_, b) => seed + b);
+    if (seeds.length !== B) throw new UsageError(`generate: ${seeds.length} seeds for ${B} rows`);
+    const samplers = seeds.map((s) => new Sampler(opts, s));
+    const cache = new ActivationCache();
+    const tokens: number[][] = rs.map(() => []);
+    const done = rs.map(() => false);
+    const stopReason: ("stop" | "length")[] = rs.map(() => "length");
+    if (opts.maxTokens <= 0) return { tokens, stopReason, cache };
+    const V = c.dVocab;
+    const mark = this.rt.mark();
+    try {
+      const kv = this.allocCache(B, cap);
+      // Prefill in chunks: the score buffer is B·heads·chunk·keys, bounded whatever the prompt.
+      const chunk = Math.max(16, Math.floor(SCORE_BUDGET / (B * c.nHeads * T)));
+      let logits: Float32Array = new Float32Array(0);
+      for (let start = 0; start < T; start += chunk) {
+        const n = Math.min(chunk, T - start);
+        const m = this.rt.mark();
+        const ctx = sliceCtx(rs, pad, start, n);
+        const x = this.runLayers(ctx, pad, promptLen, resolved, kv, start, cache);
+        if (start + n >= T) logits = this.head(x, Array.from({ length: B }, (_, b) => b * n + n - 1), lastCtx(B, T, pad), promptLen, resolved, cache);
+        this.rt.release(m);
+      }
+      for (let step = 0; ; step++) {
+        const next = rs.map((_, b) => (done[b] ? 0 : samplers[b]!.sample(logits.subarray(b * V, (b + 1) * V))));
+        next.forEach((t, b) => {
+          if (done[b]) return;
+          tokens[b]!.push(t);
+          if (stop.has(t)) {
+            done[b] = true;
+            stopReason[b] = "stop";
+          } else if (tokens[b]!.length >= opts.maxTokens) done[b] = true;
+        });
+        if (done.every(Boolean)) break;
+        // One slot for every row (finished rows run along; their output is ignored).
+        const slot = T + step;
+        const pos = new Int32Array(B);
+        for (let b = 0; b < B; b++) pos[b] = slot - pad[b]!;
+        const ctx: CallCtx = { B, T: 1, pos, ids: Int32Array.from(next) };
+        const m = this.rt.mark();
+        const x = this.runLayers(ctx, pad, promptLen, resolved, kv, slot, cache);
+        logits = this.head(x, Array.from({ length: B }, (_, b) => b), ctx, promptLen, resolved, cache);
+        this.rt.release(m);
+      }
+    } finally {
+      this.rt.release(mark);
+    }
+    return { tokens, stopReason, cache };
+  }
+
+  // ------------------------------------------------------------ the forward pass
+
+  /** KV cache for B rows of `cap` slots, per layer: K as [B, nKv, cap, dHead], V transposed [B, nKv, dHead, cap]. */
+  private allocCache(B: number, cap: number): KvCache {
+    const c = this.config;
+    const n = B * c.nKvHeads * cap * c.dHead;
+    const layers = Array.from({ length: c.nLayers }, () => ({ k: this.rt.alloc(n), v: this.rt.alloc(n) }));
+    return { cap, layers };
+  }
+
+  /**
+   * Embedding and every block for one call whose T slots per row start at cache slot `slot0`.
+   * Writes their k/v into `kv`. Returns the offset of the residual stream [B·T, D].
+   */
+  private runLayers(ctx: CallCtx, pad: number[], promptLen: number[], resolved: Resolved[], kv: KvCache, slot0: number, cache: ActivationCache): number {
+    const c = this.config;
+    const rt = this.rt;
+    const { B, T } = ctx;
+    const R = B * T;
+    const { dModel: D, nHeads: H, nKvHeads: K, dHead: hd } = c;
+    const F = c.dMlp;
+    const S = slot0 + T; // keys visible to this call: every slot up to its last query
+    const qkvW = (H + 2 * K) * hd;
+    const upW = c.mlp.kind === "gated" ? 2 * F : F;
+    // Activations for the whole call (reused by every block).
+    const x = rt.alloc(R * D);
+    const h = rt.alloc(R * D);
+    const qkv = rt.alloc(R * qkvW);
+    const q = rt.alloc(R * H * hd);
+    const kb = rt.alloc(R * K * hd);
+    const vb = rt.alloc(R * K * hd);
+    const z = rt.alloc(R * H * hd);
+    const t1 = rt.alloc(R * D);
+    const up = rt.alloc(R * upW);
+    const hid = rt.alloc(R * F);
+    const pairs = Math.max(1, Math.min(B * H, Math.floor(SCORE_BUDGET / (T * S))));
+    const sc = rt.alloc(pairs * T * S);
+    const needPattern = resolved.some((r) => r.site === "attn.hook_pattern");
+    const pattern = needPattern ? new Float32Array(B * H * T * S) : null;
+    const rope = c.pos.kind === "rope" ? [...new Set(c.layerTypes)].map((ty) => [ty, this.ropeFor(ctx.pos, ty === "sliding")] as const) : [];
+    const f = () => rt.f32;
+
+    // Embedding (+ learned positions), with the hook_embed / hook_pos_embed sites.
+    {
+      const e = compileHost(resolved, ctx, promptLen, null);
+      const fx = f();
+      const emb = this.embed.off;
+      for (let r = 0; r < R; r++) {
+        const p = ctx.pos[r]!;
+        if (p < 0) continue;
+        const id = ctx.ids[r]!;
+        if (!(id >= 0 && id < c.dVocab)) throw new UsageError(`token id ${id} is outside the vocabulary (0..${c.dVocab - 1})`);
+        const src = emb + id * D;
+        if (c.embedScale === 1) fx.copyWithin(x + r * D, src, src + D);
+        else for (let i = 0; i < D; i++) fx[x + r * D + i] = fx[src + i]! * c.embedScale;
+      }
+      this.site("hook_embed", null, x, [D], e.host, e.reads, ctx, cache);
+      if (this.posEmbed) {
+        for (let r = 0; r < R; r++) {
+          const p = ctx.pos[r]!;
+          if (p < 0) continue;
+          if (p >= c.nCtx) throw new UsageError(`position ${p} exceeds the model's context of ${c.nCtx}`);
+          fx.copyWithin(t1 + r * D, this.posEmbed.off + p * D, this.posEmbed.off + (p + 1) * D);
+        }
+        this.site("hook_pos_embed", null, t1, [D], e.host, e.reads, ctx, cache);
+        addInto(f(), x, t1, R * D);
+      }
+    }
+
+    for (let l = 0; l < c.nLayers; l++) {
+      const p = this.blocks[l]!;
+      const { host: ops, reads } = compileHost(resolved, ctx, promptLen, l);
+      const at = (site: string, off: number, feat: number[]) => this.site(site, l, off, feat, ops, reads, ctx, cache);
+      const sliding = c.layerTypes[l] === "sliding";
+      at("hook_resid_pre", x, [D]);
+      // Attention.
+      const hin = p.ln1 ? (normRows(f(), x, h, R, D, p.ln1, c.norm), h) : x;
+      this.linear(hin, D, R, p.qkv, p.qkvBias, qkv);
+      const fx = f();
+      const L = kv.layers[l]!;
+      splitQkv(fx, qkv, q, R, H, K, hd);
+      // k and v go to their own rows first (hooks see [R, nKv, dHead]), then into the cache.
+      copyCols(fx, qkv, qkvW, H * hd, kb, K * hd, R);
+      copyCols(fx, qkv, qkvW, (H + K) * hd, vb, K * hd, R);
+      if (p.qNorm) qkNorm(fx, q, R, H, hd, p.qNorm, c);
+      if (p.kNorm) qkNorm(fx, kb, R, K, hd, p.kNorm, c);
+      at("attn.hook_q", q, [H, hd]);
+      at("attn.hook_k", kb, [K, hd]);
+      at("attn.hook_v", vb, [K, hd]);
+      const rot = rope.find(([ty]) => ty === c.layerTypes[l])?.[1];
+      if (rot) {
+        applyRope(f(), q, R, H, hd, rot);
+        applyRope(f(), kb, R, K, hd, rot);
+      }
+      writeCache(f(), kb, vb, L, kv.cap, B, T, K, hd, slot0);
+      this.attention(q, L, kv.cap, z, sc, pairs, ctx, pad, slot0, sliding, pattern);
+      if (pattern && reads.includes("attn.hook_pattern")) this.readPattern(pattern, l, ctx, S, cache);
+      at("attn.hook_z", z, [H, hd]);
+      this.linear(z, H * hd, R, p.o, p.oBias, t1);
+      if (p.ln1Post) normRows(f(), t1, t1, R, D, p.ln1Post, c.norm);
+      at("hook_attn_out", t1, [D]);
+      addInto(f(), x, t1, R * D);
+      at("hook_resid_mid", x, [D]);
+      // MLP.
+      const hin2 = p.ln2 ? (normRows(f(), x, h, R, D, p.ln2, c.norm), h) : x;
+      this.linear(hin2, D, R, p.up, p.upBias, up);
+      if (c.mlp.kind === "gated") {
+        copyCols(f(), up, 2 * F, 0, hid, F, R);
+        at("mlp.hook_pre", hid, [F]);
+        gatedAct(f(), hid, up, R, F, c.mlp.act);
+      } else {
+        copyCols(f(), up, F, 0, hid, F, R);
+        at("mlp.hook_pre", hid, [F]);
+        actInPlace(f(), hid, R * F, c.mlp.act);
+      }
+      at("mlp.hook_post", hid, [F]);
+      this.linear(hid, F, R, p.down, p.downBias, t1);
+      if (p.ln2Post) normRows(f(), t1, t1, R, D, p.ln2Post, c.norm);
+      at("hook_mlp_out", t1, [D]);
+      addInto(f(), x, t1, R * D);
+      at("hook_resid_post", x, [D]);
+    }
+    return x;
+  }
+
+  /** Y[R, N] = X[R, K]·Wᵀ (+ bias). */
+  private linear(x: number, ldx: number, R: number, w: Mat, bias: Float32Array | undefined, y: number): void {
+    this.rt.gemm({ x, ldx, w: w.off, ldw: w.cols, y, ldy: w.rows, M: R, N: w.rows, K: w.cols });
+    if (bias) {
+      const fx = this.rt.f32;
+      const N = w.rows;
+      for (let r = 0; r < R; r++) for (let n = 0; n < N; n++) fx[y + r * N + n] = fx[y + r * N + n]! + bias[n]!;
+    }
+  }
+
+  /** Grouped-query attention for every (row, head) pair, in groups that fit the score buffer. */
+  private attention(q: number, L: { k: number; v: number }, cap: number, z: number, sc: number, pairs: number, ctx: CallCtx, pad: number[], slot0: number, sliding: boolean, pattern: Float32Array | null): void {
+    const c = this.config;
+    const { B, T } = ctx;
+    const { nHeads: H, nKvHeads: K, dHead: hd } = c;
+    const G = H / K;
+    const S = slot0 + T;
+    const window = sliding && c.slidingWindow !== undefined ? c.slidingWindow : Infinity;
+    for (let p0 = 0; p0 < B * H; p0 += pairs) {
+      const p1 = Math.min(B * H, p0 + pairs);
+      const scores: Gemm[] = [];
+      const values: Gemm[] = [];
+      for (let pi = p0; pi < p1; pi++) {
+        const b = Math.floor(pi / H), hh = pi % H, kh = Math.floor(hh / G);
+        const s = sc + (pi - p0) * T * S;
+        scores.push({ x: q + (b * T * H + hh) * hd, ldx: H * hd, w: L.k + (b * K + kh) * cap * hd, ldw: hd, y: s, ldy: S, M: T, N: S, K: hd });
+        values.push({ x: s, ldx: S, w: L.v + (b * K + kh) * hd * cap, ldw: cap, y: z + (b * T * H + hh) * hd, ldy: H * hd, M: T, N: hd, K: S });
+      }
+      this.rt.gemmBatch(scores);
+      const fx = this.rt.f32;
+      for (let pi = p0; pi < p1; pi++) {
+        const b = Math.floor(pi / H);
+        const base = sc + (pi - p0) * T * S;
+        for (let t = 0; t < T; t++) {
+          const qSlot = slot0 + t;
+          const row = base + t * S;
+          // Visible keys: causal, within the window, never a padding key — but a padding query
+          // sees itself, so no row is empty.
+          const lo = Math.max(pad[b]!, qSlot - window + 1);
+          const from = lo <= qSlot ? lo : qSlot;
+          let mx = -Infinity;
+          for (let s = from; s <= qSlot; s++) {
+            let v = fx[row + s]! * c.attnScale;
+            if (c.attnSoftcap) v = Math.tanh(v / c.attnSoftcap) * c.attnSoftcap;
+            fx[row + s] = v;
+            if (v > mx) mx = v;
+          }
+          let sum = 0;
+          for (let s = from; s <= qSlot; s++) {
+            const e = Math.exp(fx[row + s]! - mx);
+            fx[row + s] = e;
+            sum += e;
+          }
+          const inv = 1 / sum;
+          for (let s = 0; s < S; s++) fx[row + s] = s >= from && s <= qSlot ? fx[row + s]! * inv : 0;
+          if (pattern) pattern.set(fx.subarray(row, row + S), ((b * H + (pi % H)) * T + t) * S);
+        }
+      }
+      this.rt.gemmBatch(values);
+    }
+  }
+
+  /**
+   * Final norm + unembedding for the selected rows of x; returns logits [sel, V] on the host.
+   * `ctx` describes the selected slots (B rows × ctx.T each, in order), for ln_final ops.
+   */
+  private head(x: number, sel: number[], ctx: CallCtx, promptLen: number[], resolved: Resolved[], cache: ActivationCache): Float32Array {
+    const c = this.config;
+    const rt = this.rt;
+    const D = c.dModel, V = c.dVocab;
+    const n = sel.length;
+    const h = rt.alloc(n * D);
+    const lg = rt.alloc(n * V);
+    let fx = rt.f32;
+    sel.forEach((r, i) => fx.copyWithin(h + i * D, x + r * D, x + (r + 1) * D));
+    normRows(fx, h, h, n, D, this.lnFinal, c.norm);
+    const fin = compileHost(resolved, ctx, promptLen, "final");
+    this.site("ln_final.hook_normalized", null, h, [D], fin.host, fin.reads, ctx, cache);
+    rt.gemm({ x: h, ldx: D, w: this.unembed.off, ldw: D, y: lg, ldy: V, M: n, N: V, K: D });
+    fx = rt.f32;
+    const out = fx.slice(lg, lg + n * V);
+    const cap = c.finalSoftcap;
+    if (cap) for (let i = 0; i < out.length; i++) out[i] = Math.tanh(out[i]! / cap) * cap;
+    for (let i = 0; i < out.length; i++) if (!Number.isFinite(out[i]!)) throw new NonFiniteLogits(Math.floor(i / V / ctx.T), out[i]!);
+    return out;
+  }
+
+  /**
+   * Apply the compiled ops for `site` to the activation at `off` ([B·T, ...feat]), then record a
+   * read of it (dropping padding slots) when the plan asks.
+   */
+  private site(site: string, layer: number | null, off: number, feat: number[], ops: Map<string, HostOp[]>, reads: string[], ctx: CallCtx, cache: ActivationCache): void {
+    const list = ops.get(site);
+    const Fall = feat.reduce((a, b) => a * b, 1);
+    const R = ctx.B * ctx.T;
+    if (list) {
+      const fx = this.rt.f32;
+      for (const op of list) applyOp(fx, off, R, ctx.T, Fall, op);
+    }
+    if (reads.includes(site)) {
+      const fx = this.rt.f32;
+      const name = (layer === null ? site : `blocks.${layer}.${site}`) as HookName;
+      const { B, T } = ctx;
+      for (let b = 0; b < B; b++) {
+        const keep: number[] = [];
+        for (let t = 0; t < T; t++) if (ctx.pos[b * T + t]! >= 0) keep.push(t);
+        const out = new Float32Array(keep.length * Fall);
+        keep.forEach((t, i) => out.set(fx.subarray(off + (b * T + t) * Fall, off + (b * T + t + 1) * Fall), i * Fall));
+        cache.append(name, feat, b, out);
+      }
+    }
+  }
+
+  /** attn.hook_pattern [B,H,T,S] of a full pass -> per row [n, H, n] without padding slots. */
+  private readPattern(pattern: Float32Array, layer: number, ctx: CallCtx, S: number, cache: ActivationCache): void {
+    const { B, T } = ctx;
+    const H = this.config.nHeads;
+    for (let b = 0; b < B; b++) {
+      let n = 0;
+      for (let t = 0; t < T; t++) if (ctx.pos[b * T + t]! >= 0) n++;
+      const first = T - n;
+      const out = new Float32Array(n * H * n);
+      for (let t = 0; t < n; t++)
+        for (let hh = 0; hh < H; hh++) out.set(pattern.subarray(((b * H + hh) * T + first + t) * S + first, ((b * H + hh) * T + first + t) * S + first + n), (t * H + hh) * n);
+      cache.append(`blocks.${layer}.attn.hook_pattern`, [H, n], b, out);
+    }
+  }
+
+  /** cos/sin rows for the call's positions: [B·T, dHead/2] each (padding slots use position 0). */
+  private ropeFor(pos: Int32Array, local: boolean): { cos: Float32Array; sin: Float32Array } {
+    const c = this.config;
+    const half = c.dHead / 2;
+    let max = 0;
+    for (const p of pos) if (p > max) max = p;
+    let tab = this.rope.get(local);
+    if (!tab || tab.n <= max) {
+      // Angles in float64, rounded once to f32 (as rope.ts does for the jax-js engine).
+      const inv = ropeInvFreq(c, local);
+      const n = Math.max(max + 1, 2 * (tab?.n ?? 0), 256);
+      const cos = new Float32Array(n * half), sin = new Float32Array(n * half);
+      for (let p = 0; p < n; p++)
+        for (let j = 0; j < half; j++) {
+          const a = p * inv[j]!;
+          cos[p * half + j] = Math.cos(a);
+          sin[p * half + j] = Math.sin(a);
+        }
+      tab = { cos, sin, n };
+      this.rope.set(local, tab);
+    }
+    const cos = new Float32Array(pos.length * half), sin = new Float32Array(pos.length * half);
+    for (let i = 0; i < pos.length; i++) {
+      const p = Math.max(0, pos[i]!);
+      cos.set(tab.cos.subarray(p * half, (p + 1) * half), i * half);
+      sin.set(tab.sin.subarray(p * half, (p + 1) * half), i * half);
+    }
+    return { cos, sin };
+  }
+}
+
+interface KvCache {
+  cap: number;
+  layers: { k: number; v: number }[];
+}
+
+// ---------------------------------------------------------------- elementwise kernels (host)
+
+function addInto(f: Float32Array, x: number, y: number, n: number): void {
+  for (let i = 0; i < n; i++) f[x + i] = f[x + i]! + f[y + i]!;
+}
+
+/** Normalize R rows of width D from `src` into `dst` (may alias). */
+function normRows(f: Float32Array, src: number, dst: number, R: number, D: number, p: Norm, spec: NormSpec): void {
+  const w = p.weight;
+  for (let r = 0; r < R; r++) {
+    const a = src + r * D, o = dst + r * D;
+    if (spec.kind === "rms") {
+      let ss = 0;
+      for (let i = 0; i < D; i++) ss += f[a + i]! * f[a + i]!;
+      const inv = 1 / Math.sqrt(ss / D + spec.eps);
+      if (spec.weightOffset) for (let i = 0; i < D; i++) f[o + i] = f[a + i]! * inv * (1 + w[i]!);
+      else for (let i = 0; i < D; i++) f[o + i] = f[a + i]! * inv * w[i]!;
+    } else {
+      let mu = 0;
+      for (let i = 0; i < D; i++) mu += f[a + i]!;
+      mu /= D;
+      let vr = 0;
+      for (let i = 0; i < D; i++) vr += (f[a + i]! - mu) ** 2;
+      const inv = 1 / Math.sqrt(vr / D + spec.eps);
+      const b = p.bias;
+      for (let i = 0; i < D; i++) f[o + i] = (f[a + i]! - mu) * inv * w[i]! + (b ? b[i]! : 0);
+    }
+  }
+}
+
+/** qk-norm: per head over dHead ("head"), or over the whole projection ("full"). */
+function qkNorm(f: Float32Array, off: number, R: number, N: number, hd: number, p: Norm, c: ModelConfig): void {
+  if (c.qkNorm.kind === "full") normRows(f, off, off, R, N * hd, p, c.norm);
+  else normRows(f, off, off, R * N, hd, p, c.norm);
+}
+
+/** Rows of the fused qkv output: q to its own buffer [R, H·dHead]. */
+function splitQkv(f: Float32Array, qkv: number, q: number, R: number, H: number, K: number, hd: number): void {
+  copyCols(f, qkv, (H + 2 * K) * hd, 0, q, H * hd, R);
+}
+
+/** dst[r, 0:n] = src[r, col0:col0+n] for R rows of width `ld`. */
+function copyCols(f: Float32Array, src: number, ld: number, col0: number, dst: number, n: number, R: number): void {
+  for (let r = 0; r < R; r++) f.copyWithin(dst + r * n, src + r * ld + col0, src + r * ld + col0 + n);
+}
+
+/** Rotate-half RoPE in place on [R, N, dHead]. */
+function applyRope(f: Float32Array, off: number, R: number, N: number, hd: number, rot: { cos: Float32Array; sin: Float32Array }): void {
+  const half = hd / 2;
+  for (let r = 0; r < R; r++)
+    for (let n = 0; n < N; n++) {
+      const a = off + (r * N + n) * hd;
+      for (let j = 0; j < half; j++) {
+        const cs = rot.cos[r * half + j]!, sn = rot.sin[r * half + j]!;
+        const x1 = f[a + j]!, x2 = f[a + j + half]!;
+        f[a + j] = Math.fround(x1 * cs) - Math.fround(x2 * sn);
+        f[a + j + half] = Math.fround(x2 * cs) + Math.fround(x1 * sn);
+      }
+    }
+}
+
+/** Write this call's k [R, nKv, dHead] and v into cache slots slot0.. (V transposed). */
+function writeCache(f: Float32Array, kb: number, vb: number, L: { k: number; v: number }, cap: number, B: number, T: number, K: number, hd: number, slot0: number): void {
+  for (let b = 0; b < B; b++)
+    for (let t = 0; t < T; t++) {
+      const s = slot0 + t;
+      const r = b * T + t;
+      for (let kh = 0; kh < K; kh++) {
+        const src = kb + (r * K + kh) * hd;
+        f.copyWithin(L.k + ((b * K + kh) * cap + s) * hd, src, src + hd);
+        const vsrc = vb + (r * K + kh) * hd;
+        const vdst = L.v + (b * K + kh) * hd * cap + s;
+        for (let i = 0; i < hd; i++) f[vdst + i * cap] = f[vsrc + i]!;
+      }
+    }
+}
+
+const SQRT_2_OVER_PI = Math.sqrt(2 / Math.PI);
+
+function act(v: number, a: Activation): number {
+  if (a === "silu") return v / (1 + Math.exp(-v));
+  if (a === "gelu_tanh") return 0.5 * v * (1 + Math.tanh(SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)));
+  return 0.5 * v * (1 + erf(v / Math.SQRT2));
+}
+
+function actInPlace(f: Float32Array, off: number, n: number, a: Activation): void {
+  for (let i = 0; i < n; i++) f[off + i] = act(f[off + i]!, a);
+}
+
+/** hid[r] = act(hid[r]) · up[r, F:2F] (hid holds the gate, after its hook). */
+function gatedAct(f: Float32Array, hid: number, up: number, R: number, F: number, a: Activation): void {
+  for (let r = 0; r < R; r++) {
+    const g = hid + r * F, u = up + r * 2 * F + F;
+    for (let i = 0; i < F; i++) f[g + i] = Math.fround(act(f[g + i]!, a)) * f[u + i]!;
+  }
+}
+
+/** erf to ~1e-7 relative (Numerical Recipes' erfc Chebyshev fit), enough for f32 GELU. */
+function erf(x: number): number {
+  const z = Math.abs(x);
+  const t = 1 / (1 + 0.5 * z);
+  const r =
+    t *
+    Math.exp(
+      -z * z - 1.26551223 +
+        t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))),
+    );
+  return x >= 0 ? 1 - r : r - 1;
+}
+
+/** One compiled site op on [R, ...feat] at `off` (the host form of transformer.ts's `site`). */
+function applyOp(f: Float32Array, off: number, R: number, T: number, Fall: number, op: HostOp): void {
+  const N = op.mShape.length === 4 ? op.mShape[2]! : 1;
+  const Fh = Fall / N;
+  const m = op.m, v = op.v;
+  const shared = op.vShape[0] === 1; // ablate: one vector for every row
+  const perSlot = op.vShape[1] !== 1; // patch: [B, T, feat]
+  for (let r = 0; r < R; r++) {
+    const b = Math.floor(r / T);
+    for (let hh = 0; hh < N; hh++) {
+      const mv = m[r * N + hh]!;
+      if (mv === 0) continue;
+      const base = off + r * Fall + hh * Fh;
+      if (op.kind === "add") {
+        const vo = b * Fall + hh * Fh;
+        for (let i = 0; i < Fh; i++) f[base + i] = f[base + i]! + Math.fround(mv * v[vo + i]!);
+      } else if (op.kind === "project") {
+        const vo = b * Fall;
+        let coef = 0;
+        for (let i = 0; i < Fh; i++) coef += f[base + i]! * v[vo + i]!;
+        const k = mv * coef;
+        for (let i = 0; i < Fh; i++) f[base + i] = f[base + i]! - k * v[vo + i]!;
+      } else {
+        const vo = shared ? hh * Fh : perSlot ? r * Fall + hh * Fh : b * Fall + hh * Fh;
+        for (let i = 0; i < Fh; i++) f[base + i] = v[vo + i]!;
+      }
+    }
+  }
+}
