@@ -3,7 +3,7 @@
 // demand, so multi-gigabyte files are never held in memory whole.
 import fs from "node:fs";
 import { ModelFileError } from "../core/errors.js";
-import { ByteReader, bf16BytesToF32, f16BytesToF32, f32BytesToF32 } from "./binary.js";
+import { ByteReader, bf16BytesToF32, f16BytesToF32 } from "./binary.js";
 import { canDequantize, dequantize } from "./gguf-quants.js";
 
 export enum GgufValueType {
@@ -79,8 +79,10 @@ export interface GgufFile {
 }
 
 const MAX_HEADER_BYTES = 1 << 30;
+/** The first header window. Most headers fit; a longer one is read on in growing steps. */
+const FIRST_HEADER_WINDOW = 1 << 20;
 
-/** Parse a GGUF file's header (metadata and tensor directory). */
+/** Parse a GGUF file's header (metadata and tensor directory). Reads a prefix of the file, never tensor data on purpose. */
 export function readGguf(path: string): GgufFile {
   let fileSize: number;
   try {
@@ -88,15 +90,18 @@ export function readGguf(path: string): GgufFile {
   } catch {
     throw new ModelFileError(path, "cannot read the file", "check the path");
   }
-  let window = Math.min(fileSize, 32 << 20);
+  let bytes = readRange(path, 0, Math.min(fileSize, FIRST_HEADER_WINDOW));
   for (;;) {
-    const bytes = readRange(path, 0, window);
     try {
       return parseHeader(bytes, path, fileSize);
     } catch (e) {
-      // The header may simply be longer than the window read so far: read more and retry.
+      // The header may simply be longer than the window read so far: read on and retry.
+      const window = bytes.byteLength;
       if (e instanceof ModelFileError && /truncated/.test(e.message) && window < fileSize && window < MAX_HEADER_BYTES) {
-        window = Math.min(fileSize, window * 4, MAX_HEADER_BYTES);
+        const grown = new Uint8Array(Math.min(fileSize, window * 4, MAX_HEADER_BYTES));
+        grown.set(bytes);
+        readRangeInto(path, window, grown.subarray(window));
+        bytes = grown;
         continue;
       }
       throw e;
@@ -204,16 +209,22 @@ function parseHeader(bytes: Uint8Array, path: string, fileSize: number): GgufFil
 }
 
 export function readRange(path: string, offset: number, length: number): Uint8Array {
+  const buf = new Uint8Array(length);
+  readRangeInto(path, offset, buf);
+  return buf;
+}
+
+/** Fill `dst` with the file's bytes from `offset` (positioned reads; throws if the file ends first). */
+export function readRangeInto(path: string, offset: number, dst: Uint8Array): void {
+  const length = dst.byteLength;
   const fd = fs.openSync(path, "r");
   try {
-    const buf = new Uint8Array(length);
     let done = 0;
     while (done < length) {
-      const n = fs.readSync(fd, buf, done, length - done, offset + done);
+      const n = fs.readSync(fd, dst, done, length - done, offset + done);
       if (n === 0) throw new ModelFileError(path, `truncated: expected ${length} bytes at offset ${offset}`);
       done += n;
     }
-    return buf;
   } finally {
     fs.closeSync(fd);
   }
@@ -232,22 +243,39 @@ export function ggufOpt<T extends GgufValue>(f: GgufFile, key: string): T | unde
   return f.metadata.get(key) as T | undefined;
 }
 
-/** Read one tensor and widen it to f32. Shape is returned in row-major order (ne reversed). */
-export function readGgufTensor(f: GgufFile, name: string): { data: Float32Array; shape: number[] } {
+/** Row-major shape of a tensor (ne reversed), from the header alone. */
+export function ggufTensorShape(t: GgufTensorInfo): number[] {
+  return [...t.ne].reverse();
+}
+
+/** Throw the error readGgufTensor would give for a tensor of a type this build cannot widen, without reading it. */
+export function checkGgufTensorReadable(f: GgufFile, name: string): GgufTensorInfo {
   const t = f.tensors.get(name);
   if (!t) throw new ModelFileError(f.path, `missing tensor ${name}`);
+  if (t.type !== GgmlType.F32 && t.type !== GgmlType.F16 && t.type !== GgmlType.BF16 && !canDequantize(t.type)) {
+    throw new ModelFileError(f.path, `tensor ${name} is ${GgmlType[t.type]}, which this build cannot dequantize`, "convert the model to F32/F16");
+  }
+  return t;
+}
+
+/** Read one tensor and widen it to f32. Shape is returned in row-major order (ne reversed). */
+export function readGgufTensor(f: GgufFile, name: string): { data: Float32Array; shape: number[] } {
+  const t = checkGgufTensorReadable(f, name);
+  const shape = ggufTensorShape(t);
+  if (t.type === GgmlType.F32) {
+    // Read straight into the result's buffer: no second copy.
+    const data = new Float32Array(t.byteLength / 4);
+    readRangeInto(f.path, t.offset, new Uint8Array(data.buffer));
+    return { data, shape };
+  }
   const bytes = readRange(f.path, t.offset, t.byteLength);
-  const shape = [...t.ne].reverse();
   switch (t.type) {
-    case GgmlType.F32:
-      return { data: f32BytesToF32(bytes), shape };
     case GgmlType.F16:
       return { data: f16BytesToF32(bytes), shape };
     case GgmlType.BF16:
       return { data: bf16BytesToF32(bytes), shape };
     default:
-      if (canDequantize(t.type)) return { data: dequantize(t.type, bytes, t.ne.reduce((a, b) => a * b, 1), f.path), shape };
-      throw new ModelFileError(f.path, `tensor ${name} is ${GgmlType[t.type]}, which this build cannot dequantize`, "convert the model to F32/F16");
+      return { data: dequantize(t.type, bytes, t.ne.reduce((a, b) => a * b, 1), f.path), shape };
   }
 }
 

@@ -4,8 +4,8 @@
 import fs from "node:fs";
 import path from "node:path";
 import { ModelFileError } from "../core/errors.js";
-import { bf16BytesToF32, f16BytesToF32, f32BytesToF32 } from "./binary.js";
-import { readRange } from "./gguf.js";
+import { bf16BytesToF32, f16BytesToF32 } from "./binary.js";
+import { readRange, readRangeInto } from "./gguf.js";
 
 export type StDtype = "F32" | "F16" | "BF16" | "F64" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2";
 
@@ -114,21 +114,27 @@ export function openSafetensors(fileOrIndex: string): SafetensorsSet {
   return { source: fileOrIndex, tensors, metadata: {} };
 }
 
-/** Read a tensor and widen it to f32. */
-export function readStTensor(set: SafetensorsSet, name: string): { data: Float32Array; shape: number[] } {
+/** Throw the error readStTensor would give for a dtype selfscope does not read, without reading the tensor. */
+export function checkStTensorReadable(set: SafetensorsSet, name: string): StTensorInfo {
   const t = set.tensors.get(name);
   if (!t) throw new ModelFileError(set.source, `missing tensor ${name}`);
-  const bytes = readRange(t.file, t.offset, t.byteLength);
-  switch (t.dtype) {
-    case "F32":
-      return { data: f32BytesToF32(bytes), shape: t.shape };
-    case "F16":
-      return { data: f16BytesToF32(bytes), shape: t.shape };
-    case "BF16":
-      return { data: bf16BytesToF32(bytes), shape: t.shape };
-    default:
-      throw new ModelFileError(t.file, `tensor ${name} has dtype ${t.dtype}; selfscope reads F32, F16 and BF16 weights`);
+  if (t.dtype !== "F32" && t.dtype !== "F16" && t.dtype !== "BF16") {
+    throw new ModelFileError(t.file, `tensor ${name} has dtype ${t.dtype}; selfscope reads F32, F16 and BF16 weights`);
   }
+  return t;
+}
+
+/** Read a tensor and widen it to f32 (positioned reads of its byte range only). */
+export function readStTensor(set: SafetensorsSet, name: string): { data: Float32Array; shape: number[] } {
+  const t = checkStTensorReadable(set, name);
+  if (t.dtype === "F32") {
+    // Read straight into the result's buffer: no second copy.
+    const data = new Float32Array(t.byteLength / 4);
+    readRangeInto(t.file, t.offset, new Uint8Array(data.buffer));
+    return { data, shape: t.shape };
+  }
+  const bytes = readRange(t.file, t.offset, t.byteLength);
+  return { data: t.dtype === "F16" ? f16BytesToF32(bytes) : bf16BytesToF32(bytes), shape: t.shape };
 }
 
 /** Write an F32 safetensors file (fixtures, exported checkpoints). */

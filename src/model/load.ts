@@ -8,9 +8,9 @@ import { ModelFileError, UnsupportedArchitectureError, WeightShapeError } from "
 export class NumericalWeightsError extends ModelFileError {
   override name = "NumericalWeightsError";
 }
-import { GgmlType, readGguf, readGgufTensor, type GgufFile } from "../io/gguf.js";
+import { checkGgufTensorReadable, GgmlType, ggufTensorShape, readGguf, readGgufTensor, type GgufFile } from "../io/gguf.js";
 import { resolveModelPath } from "../io/hub-cache.js";
-import { openSafetensors, readStTensor, type SafetensorsSet } from "../io/safetensors.js";
+import { checkStTensorReadable, openSafetensors, readStTensor, type SafetensorsSet } from "../io/safetensors.js";
 import { expectedParams, type ModelConfig } from "./config.js";
 import type { Family, HfConfig, WeightSource, WeightTable } from "./family.js";
 import { FAMILIES } from "./families/index.js";
@@ -105,8 +105,33 @@ function pickFamily(kind: "hf" | "gguf", arch: string, file: string): Family {
   return f;
 }
 
-/** Load config and host weights. `check` runs on the config before any weight is read. */
-export function loadHostModel(p: string, check?: (c: ModelConfig, source: string) => void): HostModel {
+export interface LoadOptions {
+  /**
+   * Read each weight from the file only when it is asked for (default false). Everything that can
+   * be checked from the headers (architecture, config, missing / unexpected tensors, shapes after
+   * transposes and splits, readable dtypes) is still checked at load; the NaN/Inf check moves to the
+   * read. `weights` is then a {@link LazyWeights}: `get` reads, and does not keep, the tensor.
+   */
+  lazy?: boolean;
+}
+
+/** Where the loader finds source tensors: header facts, and the data on demand. */
+interface TensorSource {
+  file: string;
+  names: Set<string>;
+  /** Row-major shape from the header. */
+  shape(name: string): number[];
+  /** Throw the read's dtype error now, without reading. */
+  checkReadable(name: string): void;
+  read(name: string): HostTensor;
+}
+
+/**
+ * Load config and host weights. `check` runs on the config before any weight is read.
+ * With `{ lazy: true }` no tensor data is read at load (see {@link LoadOptions}).
+ */
+export function loadHostModel(p: string, check?: (c: ModelConfig, source: string) => void, opts: LoadOptions = {}): HostModel {
+  const lazy = opts.lazy ?? false;
   const files = resolveModelFiles(resolveModelPath(p));
   if (files.format === "gguf") {
     const g = readGguf(files.weights);
@@ -117,7 +142,14 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
     const config = withConfigErrors(files.weights, () => family.fromGguf!(g));
     check?.(config, files.weights);
     const dtypes = new Set([...g.tensors.values()].map((t) => String(t.type)));
-    const weights = mapWeights(config, family.gguf, [], family.ggufIgnore, new Set(g.tensors.keys()), files.weights, (n) => readGgufTensor(g, n));
+    const source: TensorSource = {
+      file: files.weights,
+      names: new Set(g.tensors.keys()),
+      shape: (n) => ggufTensorShape(g.tensors.get(n)!),
+      checkReadable: (n) => void checkGgufTensorReadable(g, n),
+      read: (n) => readGgufTensor(g, n),
+    };
+    const weights = mapWeights(config, family.gguf, [], family.ggufIgnore, source, lazy);
     const typeNames = [...dtypes].map((t) => GgmlType[Number(t)] ?? `ggml type ${t}`);
     return { family, config, weights, files, gguf: g, sourceDtype: typeNames.join("+") };
   }
@@ -136,7 +168,14 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
   }
   const st: SafetensorsSet = openSafetensors(files.weights);
   const dtypes = [...new Set([...st.tensors.values()].map((t) => t.dtype))];
-  const weights = mapWeights(config, family.safetensors, family.safetensorsAliases ?? [], family.safetensorsIgnore, new Set(st.tensors.keys()), files.weights, (n) => readStTensor(st, n));
+  const source: TensorSource = {
+    file: files.weights,
+    names: new Set(st.tensors.keys()),
+    shape: (n) => [...st.tensors.get(n)!.shape],
+    checkReadable: (n) => void checkStTensorReadable(st, n),
+    read: (n) => readStTensor(st, n),
+  };
+  const weights = mapWeights(config, family.safetensors, family.safetensorsAliases ?? [], family.safetensorsIgnore, source, lazy);
   return { family, config, weights, files, sourceDtype: dtypes.join("+") };
 }
 
@@ -154,19 +193,29 @@ function withConfigErrors(file: string, f: () => ModelConfig): ModelConfig {
   return c;
 }
 
+/** One canonical weight's recipe: which source tensor, how to transform it, and its checked shape. */
+interface Planned {
+  canon: string;
+  name: string;
+  src: WeightSource;
+  layer: string | undefined;
+  shape: number[];
+}
+
 function mapWeights(
   config: ModelConfig,
   table: WeightTable,
   aliases: ((name: string) => string)[],
   ignore: RegExp | undefined,
-  available: Set<string>,
-  file: string,
-  read: (name: string) => HostTensor,
+  source: TensorSource,
+  lazy: boolean,
 ): Map<string, HostTensor> {
+  const { file, names: available } = source;
   const expected = expectedParams(config);
   const out = new Map<string, HostTensor>();
+  const plan: Planned[] = [];
   const used = new Set<string>();
-  const cache = new Map<string, HostTensor>(); // fused tensors are read once for their parts
+  const cache = new Map<string, HostTensor>(); // eager: fused tensors are read once for their parts
   for (const [canon, shape] of expected) {
     const tmpl = canon.replace(/^blocks\.\d+\./, "blocks.{i}.");
     const layer = /^blocks\.(\d+)\./.exec(canon)?.[1];
@@ -176,18 +225,22 @@ function mapWeights(
     const name = [base, ...aliases.map((f) => f(base))].find((n) => available.has(n));
     if (!name) throw new WeightShapeError(file, `missing tensor ${base} (for ${canon})`, `this checkpoint does not match its config (${config.family}, ${config.nLayers} layers)`);
     used.add(name);
-    let t = cache.get(name);
-    if (!t) {
-      t = read(name);
-      const bad = t.data.findIndex((x) => !Number.isFinite(x));
-      if (bad >= 0) throw new NumericalWeightsError(file, `tensor ${name} holds ${t.data[bad]} at element ${bad} (for ${canon}, layer ${layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
-      cache.set(name, t);
+    let t: HostTensor | undefined;
+    if (lazy) source.checkReadable(name);
+    else {
+      t = cache.get(name);
+      if (!t) {
+        t = source.read(name);
+        checkFinite(t, file, name, canon, layer);
+        cache.set(name, t);
+      }
     }
-    const w = transform(t, src, config, file, name);
-    if (w.shape.length !== shape.length || w.shape.some((d, i) => d !== shape[i])) {
-      throw new WeightShapeError(file, `tensor ${name} has shape [${w.shape}] but the config implies [${shape}] for ${canon}`, "the weights do not match the config");
+    const got = transformedShape(t?.shape ?? source.shape(name), src, file, name);
+    if (got.length !== shape.length || got.some((d, i) => d !== shape[i])) {
+      throw new WeightShapeError(file, `tensor ${name} has shape [${got}] but the config implies [${shape}] for ${canon}`, "the weights do not match the config");
     }
-    out.set(canon, w);
+    if (t) out.set(canon, transform(t, src, config));
+    else plan.push({ canon, name, src, layer, shape: got });
   }
   if (config.tieEmbeddings) {
     const lm = table["unembed.weight"];
@@ -197,32 +250,186 @@ function mapWeights(
   if (unexpected.length > 0) {
     throw new WeightShapeError(file, `unexpected tensor${unexpected.length > 1 ? "s" : ""} ${unexpected.slice(0, 5).join(", ")}${unexpected.length > 5 ? ", …" : ""}`, `this does not look like a ${config.family} checkpoint with ${config.nLayers} layers`);
   }
-  return out;
+  return lazy ? new LazyWeights(plan, config, source) : out;
 }
 
-function transform(t: HostTensor, src: WeightSource, c: ModelConfig, file: string, name: string): HostTensor {
-  let { data, shape } = t;
+function checkFinite(t: HostTensor, file: string, name: string, canon: string, layer: string | undefined): void {
+  const bad = t.data.findIndex((x) => !Number.isFinite(x));
+  if (bad >= 0) throw new NumericalWeightsError(file, `tensor ${name} holds ${t.data[bad]} at element ${bad} (for ${canon}, layer ${layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
+}
+
+/** The shape `transform` gives a source tensor of shape `shape`, with its errors, from the header alone. */
+function transformedShape(shape: number[], src: WeightSource, file: string, name: string): number[] {
   if (src.transpose) {
     if (shape.length !== 2) throw new WeightShapeError(file, `tensor ${name} should be 2-D, has shape [${shape}]`);
-    const [r, k] = shape as [number, number];
-    const o = new Float32Array(data.length);
-    for (let i = 0; i < r; i++) for (let j = 0; j < k; j++) o[j * r + i] = data[i * k + j]!;
-    data = o;
-    shape = [k, r];
+    shape = [shape[1]!, shape[0]!];
   }
   if (src.split) {
     const rows = shape[0]!;
     if (rows % src.split.parts !== 0) throw new WeightShapeError(file, `tensor ${name} with ${rows} rows cannot be split in ${src.split.parts}`);
-    const n = rows / src.split.parts;
-    const rowLen = data.length / rows;
-    data = data.slice(src.split.index * n * rowLen, (src.split.index + 1) * n * rowLen);
-    shape = [n, ...shape.slice(1)];
+    shape = [rows / src.split.parts, ...shape.slice(1)];
+  }
+  return shape;
+}
+
+/** Apply a source's transpose / split / RoPE unpermute (shapes already checked by transformedShape). */
+function transform(t: HostTensor, src: WeightSource, c: ModelConfig): HostTensor {
+  let { data, shape } = t;
+  if (src.transpose && src.split) {
+    // Rows [s*n, (s+1)*n) of the transpose, without building the whole transpose.
+    const [r, k] = shape as [number, number];
+    const n = k / src.split.parts;
+    const j0 = src.split.index * n;
+    const o = new Float32Array(n * r);
+    for (let j = 0; j < n; j++) for (let i = 0; i < r; i++) o[j * r + i] = data[i * k + j0 + j]!;
+    data = o;
+    shape = [n, r];
+  } else {
+    if (src.transpose) {
+      const [r, k] = shape as [number, number];
+      const o = new Float32Array(data.length);
+      for (let i = 0; i < r; i++) for (let j = 0; j < k; j++) o[j * r + i] = data[i * k + j]!;
+      data = o;
+      shape = [k, r];
+    }
+    if (src.split) {
+      const rows = shape[0]!;
+      const n = rows / src.split.parts;
+      const rowLen = data.length / rows;
+      data = data.slice(src.split.index * n * rowLen, (src.split.index + 1) * n * rowLen);
+      shape = [n, ...shape.slice(1)];
+    }
   }
   if (src.unpermuteRope) {
     const nh = src.unpermuteRope === "q" ? c.nHeads : c.nKvHeads;
     data = unpermuteRows(data, nh, c.dHead, shape[1] ?? 1);
   }
   return { data, shape };
+}
+
+type LazySlot = { kind: "file"; p: Planned } | { kind: "held"; t: HostTensor };
+
+/**
+ * `HostModel.weights` of a lazy load: a Map whose values are read from the checkpoint when asked
+ * for. `get` (and iteration, `values`, `entries`, `forEach`) reads the tensor, checks it for
+ * NaN/Inf (NumericalWeightsError), transforms it and hands it over without keeping it: every call
+ * reads afresh and returns arrays the caller owns, so a caller that consumes weights one at a time
+ * holds one at a time. A source tensor that feeds several weights (GPT-2's fused c_attn -> q, k, v)
+ * is kept only until each of those weights has been read once, then dropped. `set` stores a
+ * caller's tensor, which is kept. `delete` / `clear` drop entries (and any source kept for them).
+ */
+export class LazyWeights extends Map<string, HostTensor> {
+  readonly #slots = new Map<string, LazySlot>();
+  /** Source name -> weights fed by it that have not read it yet (only for sources feeding several). */
+  readonly #waiting = new Map<string, Set<string>>();
+  readonly #kept = new Map<string, HostTensor>();
+  readonly #config: ModelConfig;
+  readonly #source: TensorSource;
+
+  constructor(plan: Planned[], config: ModelConfig, source: TensorSource) {
+    super();
+    this.#config = config;
+    this.#source = source;
+    const feeds = new Map<string, Set<string>>();
+    for (const p of plan) {
+      this.#slots.set(p.canon, { kind: "file", p });
+      feeds.set(p.name, (feeds.get(p.name) ?? new Set<string>()).add(p.canon));
+    }
+    for (const [name, canons] of feeds) if (canons.size > 1) this.#waiting.set(name, canons);
+  }
+
+  /** How many source tensors are held for weights not yet read (0 once every fused part was read). */
+  get keptSources(): number {
+    return this.#kept.size;
+  }
+
+  /** The weight's shape, from the header (no read). */
+  shapeOf(key: string): number[] | undefined {
+    const s = this.#slots.get(key);
+    return s === undefined ? undefined : s.kind === "held" ? s.t.shape : [...s.p.shape];
+  }
+
+  override get size(): number {
+    return this.#slots.size;
+  }
+
+  override has(key: string): boolean {
+    return this.#slots.has(key);
+  }
+
+  override get(key: string): HostTensor | undefined {
+    const s = this.#slots.get(key);
+    if (s === undefined) return undefined;
+    return s.kind === "held" ? s.t : this.#read(s.p);
+  }
+
+  override set(key: string, value: HostTensor): this {
+    this.#forget(key);
+    this.#slots.set(key, { kind: "held", t: value });
+    return this;
+  }
+
+  override delete(key: string): boolean {
+    this.#forget(key);
+    return this.#slots.delete(key);
+  }
+
+  override clear(): void {
+    this.#slots.clear();
+    this.#waiting.clear();
+    this.#kept.clear();
+  }
+
+  override keys(): MapIterator<string> {
+    return this.#slots.keys();
+  }
+
+  override *values(): MapIterator<HostTensor> {
+    for (const k of this.#slots.keys()) yield this.get(k)!;
+  }
+
+  override *entries(): MapIterator<[string, HostTensor]> {
+    for (const k of this.#slots.keys()) yield [k, this.get(k)!];
+  }
+
+  override [Symbol.iterator](): MapIterator<[string, HostTensor]> {
+    return this.entries();
+  }
+
+  override forEach(fn: (value: HostTensor, key: string, map: Map<string, HostTensor>) => void, thisArg?: unknown): void {
+    for (const [k, v] of this.entries()) fn.call(thisArg, v, k, this);
+  }
+
+  #read(p: Planned): HostTensor {
+    const waiting = this.#waiting.get(p.name);
+    let t = this.#kept.get(p.name);
+    if (!t) {
+      t = this.#source.read(p.name);
+      checkFinite(t, this.#source.file, p.name, p.canon, p.layer);
+    }
+    const stillNeeded = waiting !== undefined && (waiting.delete(p.canon), waiting.size > 0);
+    if (stillNeeded) this.#kept.set(p.name, t);
+    else {
+      this.#kept.delete(p.name);
+      if (waiting) this.#waiting.delete(p.name);
+    }
+    const w = transform(t, p.src, this.#config);
+    // Never hand out the array that is still kept for another weight.
+    return stillNeeded && w.data === t.data ? { data: t.data.slice(), shape: w.shape } : w;
+  }
+
+  /** Stop waiting on `key`'s source for it; drop the kept source when nobody else waits. */
+  #forget(key: string): void {
+    const s = this.#slots.get(key);
+    if (s?.kind !== "file") return;
+    const waiting = this.#waiting.get(s.p.name);
+    if (!waiting) return;
+    waiting.delete(key);
+    if (waiting.size === 0) {
+      this.#waiting.delete(s.p.name);
+      this.#kept.delete(s.p.name);
+    }
+  }
 }
 
 /** llama.cpp interleaved-pair rows -> rotate-half rows (inverse of HF->GGUF `permute`). */
