@@ -36,10 +36,12 @@ interface Args {
   profile: boolean;
   llamacpp: boolean;
   oneThread: boolean;
+  /** Also run the jax-js engine (the previous engine), for reference. */
+  jax: boolean;
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { quick: false, threads: os.availableParallelism(), profile: true, llamacpp: true, oneThread: false };
+  const a: Args = { quick: false, threads: os.availableParallelism(), profile: true, llamacpp: true, oneThread: false, jax: false };
   let oneThread: boolean | undefined;
   for (let i = 0; i < argv.length; i++) {
     const x = argv[i]!;
@@ -50,8 +52,9 @@ function parseArgs(argv: string[]): Args {
     else if (x === "--no-llamacpp") a.llamacpp = false;
     else if (x === "--one-thread") oneThread = true;
     else if (x === "--no-one-thread") oneThread = false;
+    else if (x === "--jax") a.jax = true;
     else if (x === "--help" || x === "-h") {
-      process.stdout.write("npm run bench -- [--quick] [--threads N] [--no-profile] [--no-llamacpp] [--one-thread|--no-one-thread]\n");
+      process.stdout.write("npm run bench -- [--quick] [--threads N] [--no-profile] [--no-llamacpp] [--one-thread|--no-one-thread] [--jax]\n");
       process.exit(0);
     } else throw new Error(`unknown flag ${x} (see --help)`);
   }
@@ -175,7 +178,9 @@ async function main(): Promise<void> {
 
   const machine = await child<MachineResult>("machine", "machine.js", N, [], q);
   const llama = args.llamacpp ? await child<LlamaResult>(`llamacpp-t${N}`, "llamacpp.js", N, [], q) : null;
-  const self = await child<SelfscopeResult>(`selfscope-t${N}`, "selfscope.js", N, [], { ...q, shim: N > 1 });
+  const self = await child<SelfscopeResult>(`selfscope-t${N}`, "selfscope.js", N, [], q);
+  // The jax-js engine (device "wasm"), for reference: its kernels on N worker threads via the shim.
+  const jax = args.jax ? await child<SelfscopeResult>(`selfscope-jax-t${N}`, "selfscope.js", N, ["--jax"], { ...q, shim: N > 1 }) : null;
   let one: { selfscope: ChildRun<SelfscopeResult>; llamacpp: ChildRun<LlamaResult> | null } | null = null;
   if (args.oneThread) {
     one = {
@@ -183,7 +188,7 @@ async function main(): Promise<void> {
       selfscope: await child<SelfscopeResult>("selfscope-t1", "selfscope.js", 1, [], q),
     };
   }
-  const profile = args.profile ? await child<Record<string, unknown> & { cpuS: number }>("profile-t1", "selfscope.js", 1, ["--profile"], q) : null;
+  const profile = args.profile ? await child<Record<string, unknown> & { cpuS: number }>(`profile-t${N}`, "selfscope.js", N, ["--profile"], q) : null;
 
   const s = self.result;
   const l = llama?.result ?? null;
@@ -239,6 +244,7 @@ async function main(): Promise<void> {
       greedy_agreement: s && l ? `${leadingAgreement(s.greedy, l.greedy)}/${Math.min(s.greedy.length, l.greedy.length)}` : null,
     },
     selfscope: self,
+    selfscopeJax: jax,
     llamacpp: llama,
     machine,
     oneThread: one
@@ -260,9 +266,13 @@ async function main(): Promise<void> {
   writeJson(path.join(RESULTS_DIR, "latest.json"), results);
   fs.rmSync(tmpDir, { recursive: true, force: true });
 
-  const runs: Record<string, ChildRun<unknown> | null> = { selfscope: self, llamacpp: llama, machine };
+  const runs: Record<string, ChildRun<unknown> | null> = { selfscope: self, llamacpp: llama, machine, ...(jax ? { "selfscope-jax": jax } : {}) };
   if (one) Object.assign(runs, { "selfscope-t1": one.selfscope, "llamacpp-t1": one.llamacpp });
   process.stdout.write(table(results, s, l, one, runs) + "\n");
+  if (jax?.result) {
+    const j = jax.result;
+    process.stdout.write(`jax-js engine (--device wasm), same run: prefill ${j.prefill.tokPerS} tok/s, decode B=1 ${j.decode.b1.tokPerS} tok/s, B=8 ${j.decode.b8.tokPerS} tok/s, sweep ${j.sweep.trialsPerS} trials/s, peak RSS ${round(j.rss.peakBytes / WEIGHT_BYTES, 2)}× weights\n`);
+  }
   process.stdout.write(`results: ${path.relative(process.cwd(), path.join(RESULTS_DIR, `${stamp}.json`))} (and latest.json), ${results.wallS} s\n`);
   process.stdout.write(JSON.stringify(summary) + "\n");
   process.exit(s ? 0 : 1);

@@ -1,15 +1,23 @@
-// Child process: selfscope's engine (jax-js, Wasm backend) on the bench model. With --threads 1
-// kernels run on the main thread; with N > 1 the orchestrator starts this file with
-// `--import worker-shim.js` so jax-js dispatches every kernel to a pool of N worker threads.
+// Child process: selfscope on the bench model.
+//  - default: the cpu device, i.e. the engine the CLI and Model.load use (src/cpu: our Wasm SIMD
+//    kernels on N threads of its own);
+//  - --jax: the jax-js engine on its Wasm backend (the previous engine, for reference). With
+//    N > 1 the orchestrator starts it with `--import worker-shim.js` so jax-js runs kernels on a
+//    pool of N worker threads.
 //
-//   node [--import dist/bench/worker-shim.js] dist/bench/selfscope.js --threads N --out FILE [--quick] [--profile]
+//   node dist/bench/selfscope.js --threads N --out FILE [--quick] [--profile]
+//   node [--import dist/bench/worker-shim.js] dist/bench/selfscope.js --jax --threads N --out FILE [--quick] [--profile]
 //
-// --profile (single-threaded only) records jax-js's per-kernel trace for one prefill and a few
-// decode steps instead of the throughput runs: where the time goes.
+// --profile records where the time goes for one prefill and a few decode steps instead of the
+// throughput runs: with the cpu engine, matrix products vs the rest; with --jax, jax-js's
+// per-kernel trace (1 thread only).
 import fs from "node:fs";
 import os from "node:os";
 import { profiler } from "@jax-js/jax";
+import { CpuEngine } from "../src/cpu/engine.js";
+import { CpuRuntime } from "../src/cpu/runtime.js";
 import { Engine, type GenerateOptions } from "../src/model/engine.js";
+import type { InferenceEngine } from "../src/model/model.js";
 import { loadHostModel } from "../src/model/load.js";
 import { initDevice } from "../src/runtime/device.js";
 import type { Intervention, Plan } from "../src/hooks/plan.js";
@@ -38,43 +46,50 @@ const S = shapes(args.quick);
 const N = args.threads;
 const say = (m: string) => log(`selfscope t${N}`, m);
 
+const useJax = args.flags.has("--jax");
 const pool = typeof (globalThis as { Worker?: unknown }).Worker !== "undefined";
 const poolSize = (globalThis as { navigator?: { hardwareConcurrency?: number } }).navigator?.hardwareConcurrency;
-if (N > 1 && !(pool && poolSize === N)) throw new Error(`selfscope with ${N} threads needs the worker shim (node --import dist/bench/worker-shim.js, SELFSCOPE_WASM_THREADS=${N})`);
-if (N === 1 && pool) throw new Error("selfscope with 1 thread runs kernels on the main thread: start it without the worker shim");
+if (useJax && N > 1 && !(pool && poolSize === N)) throw new Error(`the jax-js engine with ${N} threads needs the worker shim (node --import dist/bench/worker-shim.js, SELFSCOPE_WASM_THREADS=${N})`);
+if (useJax && N === 1 && pool) throw new Error("the jax-js engine with 1 thread runs kernels on the main thread: start it without the worker shim");
 
 const loadBefore = loadInfo();
 const rss = new RssSampler();
 const t0 = performance.now();
-await initDevice("wasm");
-const host = loadHostModel(MODEL_PATH);
-const engine = new Engine(host);
-host.weights.clear(); // the engine keeps what it needs (the embedding table stays on the host)
+let engine: InferenceEngine;
+let runtime: CpuRuntime | null = null;
+if (useJax) {
+  await initDevice("wasm");
+  const host = loadHostModel(MODEL_PATH);
+  engine = new Engine(host);
+  host.weights.clear(); // the engine keeps what it needs (the embedding table stays on the host)
+} else {
+  // What Model.load does for the cpu device: lazy weights, copied one tensor at a time.
+  runtime = await CpuRuntime.create({ threads: N });
+  engine = new CpuEngine(loadHostModel(MODEL_PATH, undefined, { lazy: true }), runtime);
+}
 // One tiny call so that every weight upload has completed before anything is timed.
 await engine.forward([[300]], { logits: "last" });
 const loadMs = performance.now() - t0;
 const phases: Record<string, number> = { load: rss.takePeak() };
-say(`loaded in ${loadMs.toFixed(0)} ms (${pool ? `${poolSize} wasm worker threads` : "kernels on the main thread"})`);
+say(`loaded in ${loadMs.toFixed(0)} ms (${engineInfo()})`);
 
-// Per-step timestamps: the engine turns each step's logits into host data in headToHost (once for
-// the prefill, then once per decode step); wrapping that private method on this instance gives
-// the same per-token timing as llama.cpp's token stream, without touching src/.
-type HeadFn = (...a: unknown[]) => Promise<Float32Array>;
-const inner = engine as unknown as { headToHost?: HeadFn };
-const origHead = inner.headToHost;
-if (typeof origHead !== "function") throw new Error("bench: Engine.headToHost is gone; update bench/selfscope.ts's step timing");
+function engineInfo(): string {
+  if (runtime) return `selfscope cpu engine (src/cpu), ${runtime.simd}, ${runtime.threads} thread(s), f32, node ${process.version}`;
+  const jaxEntry = import.meta.resolve("@jax-js/jax");
+  const jaxVersion = (JSON.parse(fs.readFileSync(new URL("../package.json", jaxEntry), "utf8")) as { version: string }).version;
+  const jaxWhere = jaxEntry.includes("/node_modules/@jax-js/jax/") ? "" : ` from ${new URL("..", jaxEntry).pathname}`;
+  return `selfscope jax-js Engine on @jax-js/jax ${jaxVersion}${jaxWhere}, wasm backend, ${pool ? `${poolSize} worker threads (worker shim)` : "main thread"}, f32, node ${process.version}`;
+}
+
+// Per-step timestamps: generate() calls onStep when each step's logits reach the host (once for
+// the prompt, then once per token), the same per-token timing as llama.cpp's token stream.
 let stamps: number[] = [];
-inner.headToHost = async (...a: unknown[]) => {
-  const r = await origHead.apply(engine, a);
-  stamps.push(performance.now());
-  return r;
-};
 
 /** Runs generate and returns the per-decode-step times (ms) and the tokens. */
 async function timedGenerate(rows: number[][], opts: GenerateOptions): Promise<{ steps: number[]; tokens: number[][]; prefillMs: number; totalMs: number }> {
   stamps = [];
   const t = performance.now();
-  const res = await engine.generate(rows, { stop: [], ...opts });
+  const res = await engine.generate(rows, { stop: [], ...opts, onStep: () => void stamps.push(performance.now()) });
   const totalMs = performance.now() - t;
   const steps: number[] = [];
   for (let k = 1; k < stamps.length; k++) steps.push(stamps[k]! - stamps[k - 1]!);
@@ -106,7 +121,7 @@ const hookPlans = (fromPos: number): Record<string, Plan> => ({
 });
 
 if (args.flags.has("--profile")) {
-  await profile();
+  await (runtime ? profileCpu(runtime) : profile());
   process.exit(0);
 }
 
@@ -222,13 +237,10 @@ phases.hooks = rss.takePeak();
 for (const [n, h] of Object.entries(hooks)) say(`hooks ${n}: prefill ${h.prefillMs} ms (${(h.prefillOverhead * 100).toFixed(1)}%), decode ${h.decodeStepMs} ms/step (${(h.decodeOverhead * 100).toFixed(1)}%)`);
 
 rss.stop();
-const jaxEntry = import.meta.resolve("@jax-js/jax");
-const jaxVersion = (JSON.parse(fs.readFileSync(new URL("../package.json", jaxEntry), "utf8")) as { version: string }).version;
-const jaxWhere = jaxEntry.includes("/node_modules/@jax-js/jax/") ? "" : ` from ${new URL("..", jaxEntry).pathname}`;
 const result: EngineResult & { prefillCachePath: typeof prefillCache; hooks: typeof hooks; decodeGBps: number; cpuS: number } = {
   engine: "selfscope",
   threads: N,
-  info: `selfscope Engine on @jax-js/jax ${jaxVersion}${jaxWhere}, wasm backend, ${pool ? `${poolSize} worker threads (worker shim)` : "main thread"}, f32, node ${process.version}`,
+  info: engineInfo(),
   loadMs: round(loadMs, 0),
   prefill,
   prefillCachePath: prefillCache,
@@ -244,7 +256,53 @@ const result: EngineResult & { prefillCachePath: typeof prefillCache; hooks: typ
 writeJson(args.out, result);
 process.exit(0);
 
-// ---------------------------------------------------------------- profile (1 thread)
+// ---------------------------------------------------------------- profile, cpu engine
+/** Time inside the kernel runtime's matrix products vs everything else (host-side TypeScript). */
+async function profileCpu(rt: CpuRuntime): Promise<void> {
+  const acc = { gemm: 0, gemmN: 0, batch: 0, batchN: 0 };
+  const gemm = rt.gemm.bind(rt);
+  const gemmBatch = rt.gemmBatch.bind(rt);
+  rt.gemm = (g) => {
+    const t = performance.now();
+    gemm(g);
+    acc.gemm += performance.now() - t;
+    acc.gemmN++;
+  };
+  rt.gemmBatch = (l) => {
+    const t = performance.now();
+    gemmBatch(l);
+    acc.batch += performance.now() - t;
+    acc.batchN++;
+  };
+  const measure = async (f: () => Promise<number>) => {
+    Object.assign(acc, { gemm: 0, gemmN: 0, batch: 0, batchN: 0 });
+    const t = performance.now();
+    const steps = await f();
+    const wall = performance.now() - t;
+    return { wallMs: round(wall, 1), linearMs: round(acc.gemm, 1), attentionMs: round(acc.batch, 1), otherMs: round(wall - acc.gemm - acc.batch, 1), linearCalls: acc.gemmN, attentionCalls: acc.batchN, steps, perStepMs: round(wall / steps, 2) };
+  };
+  const prompt = promptIds(S.prefillTokens);
+  await engine.forward([prompt], { logits: "last" });
+  const prefill = await measure(async () => (await engine.forward([prompt], { logits: "last" }), 1));
+  say(`profile prefill: ${JSON.stringify(prefill)}`);
+  const decode: Record<string, unknown> = {};
+  for (const B of [1, 8, 64]) {
+    const rows = Array.from({ length: B }, () => promptIds(S.decodePrompt));
+    await timedGenerate(rows, { maxTokens: 9 });
+    // Decode steps only: from the first token's logits to the last.
+    let first = 0;
+    const r = await measure(async () => {
+      const g = await timedGenerate(rows, { maxTokens: 9 });
+      first = g.prefillMs;
+      return g.steps.length;
+    });
+    decode[`b${B}`] = { ...r, note: `includes the ${round(first, 1)} ms prompt` };
+    say(`profile decode B=${B}: ${JSON.stringify(decode[`b${B}`])}`);
+  }
+  writeJson(args.out, { engine: "selfscope", threads: rt.threads, prefill, decode, cpus: os.availableParallelism(), cpuS: cpuSeconds() });
+}
+
+// ---------------------------------------------------------------- profile, jax-js (1 thread)
 async function profile(): Promise<void> {
   if (pool) throw new Error("--profile needs kernels on the main thread (no worker shim): with the pool a trace only times the enqueue");
   const prompt = promptIds(S.prefillTokens);

@@ -108,7 +108,7 @@ describe("the loss and its gradient with concept injections in the same pass", (
     const { rows, targets, plan } = batchInputs(ex);
     const at = "blocks.1.hook_mlp_out" as const;
     const value = randVec(9, D, 0.5);
-    const { loss, grad } = await lossAndGradWithPlan(model.engine, rows, targets, { at, value }, plan);
+    const { loss, grad } = await lossAndGradWithPlan(await model.gradEngine(), rows, targets, { at, value }, plan);
     const lossAt = (v: Float64Array, withInjection = true): number => {
       let sum = 0;
       let n = 0;
@@ -143,8 +143,8 @@ describe("the loss and its gradient with concept injections in the same pass", (
     assert.ok(nf > 1e-12);
     assert.ok(rel < 1e-3, `gradient relative error ${rel}`);
     // The engine is left as it was: a plain lossAndGrad afterwards ignores the old plan.
-    const plain = await model.engine.lossAndGrad(rows, targets, { at, value });
-    const again = await lossAndGradWithPlan(model.engine, rows, targets, { at, value }, []);
+    const plain = await (await model.gradEngine()).lossAndGrad(rows, targets, { at, value });
+    const again = await lossAndGradWithPlan(await model.gradEngine(), rows, targets, { at, value }, []);
     assert.equal(plain.loss, again.loss);
     assert.ok(Math.abs(plain.loss - lossAt(v64, false)) < 1e-4);
   });

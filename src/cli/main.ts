@@ -21,8 +21,8 @@ const USAGE = `selfscope — measure what language models can report about their
 
 Usage:
   selfscope generate --model PATH [--prompt TEXT | --ids 1,2,3] [--chat] --max-tokens N
-                     [--temperature T] [--top-k K] [--top-p P] [--seed S] [--device wasm|webgpu] [--weights f32|f16] [--json]
-  selfscope logits   --model PATH --ids 1,2,3 --out FILE [--device wasm|webgpu]
+                     [--temperature T] [--top-k K] [--top-p P] [--seed S] [--device cpu|wasm|webgpu] [--weights f32|f16] [--json]
+  selfscope logits   --model PATH --ids 1,2,3 --out FILE [--device cpu|wasm|webgpu]
   selfscope info     --model PATH
   selfscope check    --model PATH.gguf [--reference llama.cpp] [--prompt TEXT | --ids 1,2,3] [--json]
 
@@ -122,8 +122,8 @@ function weights(f: Flags): { weights?: "f32" | "f16" } {
 }
 
 function device(f: Flags): DeviceName {
-  const d = str(f, "device") ?? "wasm";
-  if (d !== "wasm" && d !== "webgpu") throw new CliError(`--device must be wasm or webgpu, got "${d}"`);
+  const d = str(f, "device") ?? "cpu";
+  if (d !== "cpu" && d !== "wasm" && d !== "webgpu") throw new CliError(`--device must be cpu, wasm or webgpu, got "${d}"`);
   return d;
 }
 

@@ -34,7 +34,7 @@ import {
   type Row,
 } from "../model/batch.js";
 import type { Activation, ModelConfig, NormSpec } from "../model/config.js";
-import type { HostModel } from "../model/load.js";
+import { LazyWeights, type HostModel } from "../model/load.js";
 import { ropeInvFreq } from "../model/rope.js";
 
 /** One matrix product Y = X·Wᵀ (W stored [N, K]); offsets and strides in f32 elements. */
@@ -94,6 +94,8 @@ interface Block {
 
 /** Elements of one attention-score buffer (rows·heads·queries·keys) held at once. */
 const SCORE_BUDGET = 4 << 20;
+/** Rows (batch rows × slots) of one prefill chunk in generate(): enough for full-speed matmuls. */
+const ROW_BUDGET = 256;
 
 export class CpuEngine {
   readonly config: ModelConfig;
@@ -118,6 +120,9 @@ export class CpuEngine {
       return t;
     };
     const opt = (name: string) => (host.weights.has(name) ? get(name).data : undefined);
+    // Shapes from the header when the weights are lazy (a get() would read the tensor).
+    const lazy = host.weights instanceof LazyWeights ? host.weights : null;
+    const shapeOf = (name: string) => (lazy ? lazy.shapeOf(name) : host.weights.get(name)?.shape);
     const norm = (p: string): Norm | undefined => {
       const w = opt(`${p}.weight`);
       if (!w) return undefined;
@@ -126,22 +131,25 @@ export class CpuEngine {
     };
     /** Stack matrices with the same column count into one [Σrows, cols] matrix. */
     const mat = (...names: string[]): Mat => {
-      const cols = get(names[0]!).shape[1]!;
-      const rowsOf = names.map((n) => host.weights.get(n)!.shape[0]!);
+      const cols = shapeOf(names[0]!)![1]!;
+      const rowsOf = names.map((n) => shapeOf(n)![0]!);
       const rows = rowsOf.reduce((a, b) => a + b, 0);
       const off = rt.alloc(rows * cols);
       let r = 0;
       for (const n of names) {
-        const t = get(n);
-        rt.f32.set(t.data, off + r * cols);
-        r += t.shape[0]!;
+        const nr = rowsOf[names.indexOf(n)]!;
+        // A lazy F32 weight goes from the file straight into our memory (no host copy).
+        const dst = rt.f32.subarray(off + r * cols, off + (r + nr) * cols);
+        if (lazy) lazy.readInto(n, dst);
+        else dst.set(get(n).data);
+        r += nr;
       }
       return { off, rows, cols };
     };
     const bias = (...names: string[]): Float32Array | undefined => {
       const parts = names.map(opt);
       if (parts.every((p) => p === undefined)) return undefined;
-      const rows = names.map((n) => host.weights.get(n.replace(/\.bias$/, ".weight"))!.shape[0]!);
+      const rows = names.map((n) => shapeOf(n.replace(/\.bias$/, ".weight"))![0]!);
       const out = new Float32Array(rows.reduce((a, b) => a + b, 0));
       let o = 0;
       parts.forEach((p, i) => {
@@ -181,7 +189,13 @@ export class CpuEngine {
     this.lnFinal = norm("lnFinal")!;
   }
 
-  async dispose(): Promise<void> {
+  /** Frees the memory and stops the worker threads (they never keep the process alive). */
+  dispose(): void {
+    void this.close();
+  }
+
+  /** dispose(), awaiting the workers' exit. */
+  async close(): Promise<void> {
     if (this.disposed) return;
     this.disposed = true;
     await this.rt.dispose();
@@ -273,15 +287,20 @@ export class CpuEngine {
     const mark = this.rt.mark();
     try {
       const kv = this.allocCache(B, cap);
-      // Prefill in chunks: the score buffer is B·heads·chunk·keys, bounded whatever the prompt.
-      const chunk = Math.max(16, Math.floor(SCORE_BUDGET / (B * c.nHeads * T)));
-      let logits: Float32Array = new Float32Array(0);
+      // Prefill in chunks of slots: activations are B·chunk rows and the score buffer
+      // B·heads·chunk·keys, bounded whatever the batch and prompt (a 64-row sweep prefills 4 slots at a time).
+      const chunk = Math.max(1, Math.min(Math.floor(ROW_BUDGET / B), Math.floor(SCORE_BUDGET / (B * c.nHeads * T))));
+      let logits: Float32Array = new Float32Array(B * V);
+      const stepLogits = logits;
       for (let start = 0; start < T; start += chunk) {
         const n = Math.min(chunk, T - start);
         const m = this.rt.mark();
         const ctx = sliceCtx(rs, pad, start, n);
         const x = this.runLayers(ctx, pad, promptLen, resolved, kv, start, cache);
-        if (start + n >= T) logits = this.head(x, Array.from({ length: B }, (_, b) => b * n + n - 1), lastCtx(B, T, pad), promptLen, resolved, cache);
+        if (start + n >= T) {
+          logits = this.head(x, Array.from({ length: B }, (_, b) => b * n + n - 1), lastCtx(B, T, pad), promptLen, resolved, cache, stepLogits);
+          opts.onStep?.(0);
+        }
         this.rt.release(m);
       }
       for (let step = 0; ; step++) {
@@ -302,8 +321,9 @@ export class CpuEngine {
         const ctx: CallCtx = { B, T: 1, pos, ids: Int32Array.from(next) };
         const m = this.rt.mark();
         const x = this.runLayers(ctx, pad, promptLen, resolved, kv, slot, cache);
-        logits = this.head(x, Array.from({ length: B }, (_, b) => b), ctx, promptLen, resolved, cache);
+        logits = this.head(x, Array.from({ length: B }, (_, b) => b), ctx, promptLen, resolved, cache, stepLogits);
         this.rt.release(m);
+        opts.onStep?.(step + 1);
       }
     } finally {
       this.rt.release(mark);
@@ -502,7 +522,7 @@ export class CpuEngine {
    * Final norm + unembedding for the selected rows of x; returns logits [sel, V] on the host.
    * `ctx` describes the selected slots (B rows × ctx.T each, in order), for ln_final ops.
    */
-  private head(x: number, sel: number[], ctx: CallCtx, promptLen: number[], resolved: Resolved[], cache: ActivationCache): Float32Array {
+  private head(x: number, sel: number[], ctx: CallCtx, promptLen: number[], resolved: Resolved[], cache: ActivationCache, into?: Float32Array): Float32Array {
     const c = this.config;
     const rt = this.rt;
     const D = c.dModel, V = c.dVocab;
@@ -516,7 +536,9 @@ export class CpuEngine {
     this.site("ln_final.hook_normalized", null, h, [D], fin.host, fin.reads, ctx, cache);
     rt.gemm({ x: h, ldx: D, w: this.unembed.off, ldw: D, y: lg, ldy: V, M: n, N: V, K: D });
     fx = rt.f32;
-    const out = fx.slice(lg, lg + n * V);
+    // generate() passes one buffer for every step: no per-token garbage of B·V floats.
+    const out = into ?? new Float32Array(n * V);
+    out.set(fx.subarray(lg, lg + n * V));
     const cap = c.finalSoftcap;
     if (cap) for (let i = 0; i < out.length; i++) out[i] = Math.tanh(out[i]! / cap) * cap;
     for (let i = 0; i < out.length; i++) if (!Number.isFinite(out[i]!)) throw new NonFiniteLogits(Math.floor(i / V / ctx.T), out[i]!);

@@ -161,7 +161,7 @@ export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, co
 }
 
 export async function inject(a: InjectArgs): Promise<{ runDir: string; results: Results }> {
-  const model = await Model.load(a.model, { device: a.device ?? "wasm" });
+  const model = await Model.load(a.model, { device: a.device ?? "cpu" });
   try {
     const cfg = buildConfig(a, model.config.nLayers);
     const runDir = a.out ?? path.join("runs", `${new Date().toISOString().replace(/[:.]/g, "-")}_${cfg.preset ?? "inject"}`);

@@ -80,6 +80,8 @@ export interface GenerateOptions extends SampleOptions {
   /** Stop tokens; default: the model's EOS ids. Pass [] to never stop early. */
   stop?: number[];
   countPrefix?: PrefixCounter;
+  /** Called each time a step's logits reach the host: step 0 after the prompt, then once per token (progress, timing). */
+  onStep?: (step: number) => void;
 }
 
 export interface GenerateResult {

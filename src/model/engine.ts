@@ -204,6 +204,7 @@ export class Engine {
       }
       const xl = x.slice([], [-1]).reshape([B, 1, c.dModel]);
       logits = await this.headToHost(xl, lastCtx(B, T, pad), promptLen, resolved, cache);
+      opts.onStep?.(0);
     }
     try {
       for (let step = 0; ; step++) {
@@ -224,6 +225,7 @@ export class Engine {
         const ctx: CallCtx = { B, T: 1, pos, ids: Int32Array.from(next) };
         const xs = this.runLayers(ctx, pad, promptLen, resolved, { cap, out: kv, slot0: slot }, cache, null);
         logits = await this.headToHost(xs, ctx, promptLen, resolved, cache);
+        opts.onStep?.(step + 1);
       }
     } finally {
       tree.dispose(kv as never);

@@ -2,13 +2,13 @@
 // checking every expected tensor exists with the expected shape and rejecting unexpected ones.
 import fs from "node:fs";
 import path from "node:path";
-import { ModelFileError, UnsupportedArchitectureError, WeightShapeError } from "../core/errors.js";
+import { ModelFileError, UnsupportedArchitectureError, UsageError, WeightShapeError } from "../core/errors.js";
 
 /** A weight file holding NaN or Inf. */
 export class NumericalWeightsError extends ModelFileError {
   override name = "NumericalWeightsError";
 }
-import { checkGgufTensorReadable, GgmlType, ggufTensorShape, readGguf, readGgufTensor, type GgufFile } from "../io/gguf.js";
+import { checkGgufTensorReadable, GgmlType, ggufTensorShape, readGguf, readGgufTensor, readRangeInto, type GgufFile } from "../io/gguf.js";
 import { resolveModelPath } from "../io/hub-cache.js";
 import { checkStTensorReadable, openSafetensors, readStTensor, type SafetensorsSet } from "../io/safetensors.js";
 import { expectedParams, type ModelConfig } from "./config.js";
@@ -124,6 +124,8 @@ interface TensorSource {
   /** Throw the read's dtype error now, without reading. */
   checkReadable(name: string): void;
   read(name: string): HostTensor;
+  /** Where an F32 tensor's bytes are (a read straight into caller memory), or null for other dtypes. */
+  f32Range(name: string): { file: string; offset: number; byteLength: number } | null;
 }
 
 /**
@@ -148,6 +150,10 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
       shape: (n) => ggufTensorShape(g.tensors.get(n)!),
       checkReadable: (n) => void checkGgufTensorReadable(g, n),
       read: (n) => readGgufTensor(g, n),
+      f32Range: (n) => {
+        const t = g.tensors.get(n);
+        return t && t.type === GgmlType.F32 ? { file: g.path, offset: t.offset, byteLength: t.byteLength } : null;
+      },
     };
     const weights = mapWeights(config, family.gguf, [], family.ggufIgnore, source, lazy);
     const typeNames = [...dtypes].map((t) => GgmlType[Number(t)] ?? `ggml type ${t}`);
@@ -174,6 +180,10 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
     shape: (n) => [...st.tensors.get(n)!.shape],
     checkReadable: (n) => void checkStTensorReadable(st, n),
     read: (n) => readStTensor(st, n),
+    f32Range: (n) => {
+      const t = st.tensors.get(n);
+      return t && t.dtype === "F32" ? { file: t.file, offset: t.offset, byteLength: t.byteLength } : null;
+    },
   };
   const weights = mapWeights(config, family.safetensors, family.safetensorsAliases ?? [], family.safetensorsIgnore, source, lazy);
   return { family, config, weights, files, sourceDtype: dtypes.join("+") };
@@ -254,7 +264,13 @@ function mapWeights(
 }
 
 function checkFinite(t: HostTensor, file: string, name: string, canon: string, layer: string | undefined): void {
-  const bad = t.data.findIndex((x) => !Number.isFinite(x));
+  // x·0 is 0 for finite x and NaN for NaN/±Inf: one multiply-add per element, and only a
+  // tensor that fails pays for the search.
+  const d = t.data;
+  let acc = 0;
+  for (let i = 0; i < d.length; i++) acc += d[i]! * 0;
+  if (acc === 0) return;
+  const bad = d.findIndex((x) => !Number.isFinite(x));
   if (bad >= 0) throw new NumericalWeightsError(file, `tensor ${name} holds ${t.data[bad]} at element ${bad} (for ${canon}, layer ${layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
 }
 
@@ -351,6 +367,26 @@ export class LazyWeights extends Map<string, HostTensor> {
 
   override get size(): number {
     return this.#slots.size;
+  }
+
+  /**
+   * Read weight `key` into `dst` (its exact length), with the same checks as get(). An F32
+   * tensor used as stored goes from the file straight into `dst` (e.g. an engine's WebAssembly
+   * memory), so no host copy is ever made; anything else is read, transformed and copied.
+   */
+  readInto(key: string, dst: Float32Array): void {
+    const s = this.#slots.get(key);
+    if (s === undefined) throw new UsageError(`internal: no weight ${key}`);
+    const p = s.kind === "file" ? s.p : null;
+    const range = p && !p.src.transpose && !p.src.split && !p.src.unpermuteRope && !this.#waiting.has(p.name) ? this.#source.f32Range(p.name) : null;
+    if (p && range && range.byteLength === dst.byteLength) {
+      readRangeInto(range.file, range.offset, new Uint8Array(dst.buffer, dst.byteOffset, dst.byteLength));
+      checkFinite({ data: dst, shape: p.shape }, this.#source.file, p.name, p.canon, p.layer);
+      return;
+    }
+    const t = this.get(key)!;
+    if (t.data.length !== dst.length) throw new UsageError(`internal: weight ${key} has ${t.data.length} values, destination ${dst.length}`);
+    dst.set(t.data);
   }
 
   override has(key: string): boolean {

@@ -35,7 +35,7 @@ const gib = (b: number) => `${(b / 1024 ** 3).toFixed(2)} GiB`;
 /** Throw before loading when the weights cannot fit the device. */
 export function checkFits(c: ModelConfig, device: DeviceName, source: string): MemoryEstimate {
   const e = estimateMemory(c);
-  if (device === "wasm" && e.weightBytes > WASM_USABLE) {
+  if ((device === "wasm" || device === "cpu") && e.weightBytes > WASM_USABLE) {
     throw new SelfscopeError(
       `${source}: ${(e.params / 1e9).toFixed(2)}B parameters need ${gib(e.weightBytes)} as f32 on the wasm backend, ` +
         `whose arrays share one 4 GiB wasm32 memory (about ${gib(WASM_USABLE)} usable for weights). ` +

@@ -5,14 +5,28 @@ import fs from "node:fs";
 import { UsageError } from "../core/errors.js";
 import { renderChat, chatTemplateFromTokenizerConfig, type ChatMessage } from "../io/chat-template.js";
 import { loadTokenizerJson, tokenizerFromGguf, type Tokenizer } from "../io/tokenizer.js";
-import { initDevice, type DeviceInfo, type DeviceName } from "../runtime/device.js";
+import { getDeviceInfo, initDevice, type DeviceInfo, type DeviceName } from "../runtime/device.js";
 import type { ModelConfig } from "./config.js";
+import { CpuEngine } from "../cpu/engine.js";
+import { CpuRuntime } from "../cpu/runtime.js";
 import { Engine, type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type Row } from "./engine.js";
 import { loadHostModel, type HostModel, type ModelFiles } from "./load.js";
 import { checkFits } from "./memory.js";
 
+/** What Model needs from an engine: the jax-js Engine (wasm, webgpu) and the CpuEngine (cpu) both fit. */
+export interface InferenceEngine {
+  readonly config: ModelConfig;
+  forward(rows: (Row | number[])[], opts?: ForwardOptions): Promise<ForwardResult>;
+  generate(rows: (Row | number[])[], opts: GenerateOptions): Promise<GenerateResult>;
+  featShape(site: string): number[];
+  dispose(): void;
+}
+
 export interface LoadOptions {
+  /** Default "cpu": selfscope's own Wasm SIMD engine. "wasm"/"webgpu": the jax-js engine. */
   device?: DeviceName;
+  /** Threads of the cpu device (default: every core, os.availableParallelism()). */
+  threads?: number;
   /** Force a smaller per-buffer limit (tests exercise weight splitting on any device). */
   maxBindingBytes?: number;
   /**
@@ -26,8 +40,11 @@ export interface LoadOptions {
 export type Prompt = string | { messages: ChatMessage[]; addGenerationPrompt?: boolean; prefill?: string } | { ids: number[] };
 
 export class Model {
+  /** The jax-js engine used for gradients when the model runs on the cpu device (made on first use). */
+  private grad: Engine | undefined;
+
   private constructor(
-    readonly engine: Engine,
+    readonly engine: InferenceEngine,
     readonly config: ModelConfig,
     readonly files: ModelFiles,
     readonly tokenizer: Tokenizer | undefined,
@@ -37,16 +54,27 @@ export class Model {
   ) {}
 
   static async load(path: string, opts: LoadOptions = {}): Promise<Model> {
-    const device = await initDevice(opts.device ?? "wasm");
-    const host = loadHostModel(path, (c, source) => checkFits(c, device.name, source));
+    const device = await initDevice(opts.device ?? "cpu");
+    // The cpu engine copies one tensor at a time into its memory: read them lazily, so the
+    // host never holds every weight at once.
+    const host = loadHostModel(path, (c, source) => checkFits(c, device.name, source), { lazy: device.name === "cpu" });
     const { tokenizer, chatTemplate } = tokenizerOf(host);
     const max = Math.min(opts.maxBindingBytes ?? Infinity, device.maxBindingBytes);
     const quantized = /Q\d/.test(host.sourceDtype);
     const weightDtype = opts.weights ?? (device.name === "webgpu" && device.shaderF16 && quantized ? "f16" : "f32");
     if (weightDtype === "f16" && !(device.name === "webgpu" && device.shaderF16)) {
-      throw new UsageError(`f16 weights need the WebGPU backend with shader-f16 (the Wasm backend computes in f32 only); use --weights f32`);
+      throw new UsageError(`f16 weights need the WebGPU backend with shader-f16 (the cpu and wasm devices compute in f32 only); use --weights f32`);
     }
-    const engine = new Engine(host, { maxBindingBytes: max, weightDtype });
+    let engine: InferenceEngine;
+    if (device.name === "cpu") {
+      const rt = await CpuRuntime.create(opts.threads !== undefined ? { threads: opts.threads } : {});
+      try {
+        engine = new CpuEngine(host, rt);
+      } catch (e) {
+        await rt.dispose();
+        throw e;
+      }
+    } else engine = new Engine(host, { maxBindingBytes: max, weightDtype });
     return new Model(engine, host.config, host.files, tokenizer, chatTemplate, device, host.sourceDtype);
   }
 
@@ -56,6 +84,22 @@ export class Model {
 
   dispose(): void {
     this.engine.dispose();
+    this.grad?.dispose();
+  }
+
+  /**
+   * The engine for gradients (lossAndGrad): the jax-js engine itself on wasm/webgpu; on the cpu
+   * device, a jax-js wasm engine loaded from the same file on first use.
+   */
+  async gradEngine(): Promise<Engine> {
+    if (this.engine instanceof Engine) return this.engine;
+    if (!this.grad) {
+      const cur = getDeviceInfo();
+      await initDevice("wasm");
+      this.grad = new Engine(loadHostModel(this.files.path));
+      if (cur && cur.name !== "cpu" && cur.name !== "wasm") await initDevice(cur.name);
+    }
+    return this.grad;
   }
 
   /** A stable identity for run logs: sha256 of the weight file's size, header and tail (fast on huge files). */

@@ -400,9 +400,9 @@ export async function trainBiasVector(model: Model, o: TrainBiasOptions): Promis
   const steps = o.steps ?? Math.ceil(o.data.length / batchSize);
   const adam: AdamOptions = { lr: o.lr ?? BIAS_PROTOCOL.lr, weightDecay: o.weightDecay ?? BIAS_PROTOCOL.weightDecay };
   const r = await trainVector(
-    (batch, value) => {
+    async (batch, value) => {
       const { rows, targets, plan } = batchInputs(batch.map((i) => o.data[i]!));
-      return lossAndGradWithPlan(model.engine, rows, targets, { at, value }, plan);
+      return lossAndGradWithPlan(await model.gradEngine(), rows, targets, { at, value }, plan);
     },
     {
       dim: model.config.dModel,
@@ -628,7 +628,7 @@ export async function biasVectorCommand(args: BiasVectorArgs): Promise<BiasVecto
 }
 
 async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults> {
-  const model = await Model.load(args.model, { device: args.device ?? "wasm" });
+  const model = await Model.load(args.model, { device: args.device ?? "cpu" });
   try {
     const nL = model.config.nLayers;
     const out = args.out;

@@ -756,7 +756,7 @@ export async function geometryCommand(args: GeometryArgs): Promise<GeometryResul
   const concepts = rates.map((r) => r.concept);
   fs.mkdirSync(args.out, { recursive: true });
 
-  const model = await Model.load(args.model, { device: args.device ?? "wasm" });
+  const model = await Model.load(args.model, { device: args.device ?? "cpu" });
   try {
     const nL = model.config.nLayers;
     const layer = args.layer ?? runLayer ?? Math.min(nL - 1, Math.round(0.6 * nL));

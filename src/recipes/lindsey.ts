@@ -770,7 +770,7 @@ export async function lindseyCommand(args: LindseyArgs): Promise<LindseyResults>
 async function lindseyLocked(args: LindseyArgs, exps: string[]): Promise<LindseyResults> {
   const spec = args.judge ?? args.judges?.[0] ?? "rule";
   const grader = makeGrader(spec, { cacheDir: path.join(args.out, "judge-cache"), ...(args.judgeMaxTokens ? { maxTokens: args.judgeMaxTokens } : {}) });
-  const model = await Model.load(args.model, { device: args.device ?? "wasm" }).catch((e: unknown) => {
+  const model = await Model.load(args.model, { device: args.device ?? "cpu" }).catch((e: unknown) => {
     grader.dispose();
     throw e;
   });

@@ -777,7 +777,7 @@ export async function refusalCommand(args: RefusalArgs): Promise<RefusalResults>
   if (H.test.length === 0 || HL.test.length === 0) throw new UsageError(`refusal: ${nInst} instructions per class leave no held-out prompts after ${nTrain} train + ${nVal} validation`);
   fs.mkdirSync(args.out, { recursive: true });
   const gen: GenOptions = { maxTokens: args.maxTokens ?? 64, temperature: args.temperature ?? 0, samples: args.samples ?? 1, seed, batchSize: args.batchSize ?? 16 };
-  const model = await Model.load(args.model, { device: args.device ?? "wasm" });
+  const model = await Model.load(args.model, { device: args.device ?? "cpu" });
   try {
     const nL = model.config.nLayers;
     const layers = args.layers ? parseLayers(args.layers, nL) : Array.from({ length: nL }, (_, i) => i);
@@ -852,7 +852,7 @@ export async function refusalCommand(args: RefusalArgs): Promise<RefusalResults>
       log(`writing the orthogonalised checkpoint (layer ${chosen}'s direction) to ${dir}`);
       const host = loadHostModel(args.model);
       const o = orthogonalize(host, dirs.directions.get(chosen)!, dir);
-      const edited = await Model.load(dir, { device: args.device ?? "wasm" });
+      const edited = await Model.load(dir, { device: args.device ?? "cpu" });
       try {
         const probe = [...H.test, ...HL.test].slice(0, 4);
         const ids = probe.map((p) => ({ ids: model.encode(instructionPrompt(model, p)).ids }));

@@ -9,7 +9,11 @@ import "../core/polyfills.js"; // must run before jax-js is evaluated
 import { defaultDevice, getWebGPUDevice, init } from "@jax-js/jax";
 import { SelfscopeError, UsageError } from "../core/errors.js";
 
-export type DeviceName = "wasm" | "webgpu";
+/**
+ * "cpu": selfscope's own engine (src/cpu: Wasm SIMD kernels on a thread pool; forward and
+ * generate). "wasm" and "webgpu": the jax-js engine on those backends (also used for gradients).
+ */
+export type DeviceName = "cpu" | "wasm" | "webgpu";
 
 export interface DeviceInfo {
   readonly name: DeviceName;
@@ -36,8 +40,14 @@ let bindingOverride: number | undefined;
  * initialised backend alive, and arrays stay on the device they were created on.
  */
 export async function initDevice(name: DeviceName): Promise<DeviceInfo> {
-  if (name !== "wasm" && name !== "webgpu") {
-    throw new UsageError(`unknown device "${String(name)}"; expected "wasm" or "webgpu"`);
+  if (name !== "cpu" && name !== "wasm" && name !== "webgpu") {
+    throw new UsageError(`unknown device "${String(name)}"; expected "cpu", "wasm" or "webgpu"`);
+  }
+  if (name === "cpu") {
+    // Not a jax-js backend: the CPU engine owns its memory and threads (src/cpu/runtime.ts).
+    const info: DeviceInfo = { name: "cpu", adapter: "selfscope wasm-simd128 kernels", maxBindingBytes: Infinity, shaderF16: false };
+    detected.set("cpu", info);
+    return info;
   }
   let p = pending.get(name);
   if (!p) {

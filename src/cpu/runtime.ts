@@ -1,0 +1,418 @@
+// CpuRuntime: one WebAssembly.Memory (shared when threads > 1), a stack allocator on it, and a
+// GEMM (Y = X · Wᵀ, W stored [N, K] row-major) run by hand-written Wasm SIMD kernels
+// (kernels.ts) on the main thread plus a pool of worker_threads (worker.ts).
+//
+// Threading protocol (control words in a separate SharedArrayBuffer, indices in C):
+//  - A dispatch publishes a list of gemms (10 i32 each, in a reserved area of the memory) and
+//    a new generation number g: NEXT = g << IDX_BITS, then SEQ = g, then Atomics.notify if some
+//    worker sleeps. Every thread, the main thread included, then claims chunks of the list by
+//    compare-exchange on NEXT (which carries g, so a late worker can never claim from a newer
+//    generation with stale parameters) and adds the number of finished gemms to FIN.
+//  - The main thread runs its own claims, then waits (spin, then Atomics.wait) until
+//    FIN = count, and closes the generation (NEXT = -1) before writing the next list.
+//  - Workers spin on SEQ for `spinMicros` after each dispatch, then sleep in Atomics.wait. The
+//    main thread never waits for an idle worker to wake up: unclaimed work is simply done by
+//    whoever gets there first, so a sleeping worker costs at most its share of parallelism.
+//  - Workers are unref()'d: a forgotten dispose() does not keep the process alive.
+import os from "node:os";
+import { Worker } from "node:worker_threads";
+import { buildKernelModule, DEFAULT_KERNEL, GEMM_ARGS, type KernelOptions, MAX_PAGES, relaxedProbeBytes, scratchBytes } from "./kernels.js";
+
+export interface Gemm {
+  x: number;
+  ldx: number;
+  w: number;
+  ldw: number;
+  y: number;
+  ldy: number;
+  M: number;
+  N: number;
+  K: number;
+  accumulate?: boolean;
+}
+
+export interface CpuRuntimeOptions {
+  /** Threads including the main thread (default os.availableParallelism()). */
+  threads?: number;
+  /** Force (true) or forbid (false) f32x4.relaxed_madd; default: use it when the engine has it. */
+  relaxed?: boolean;
+  /** How long a worker spins after a dispatch before sleeping (default 100 µs). */
+  spinMicros?: number;
+  /** Kernel blocking parameters (for tuning; defaults are the fastest measured). */
+  kernel?: Partial<Omit<KernelOptions, "relaxed" | "shared">>;
+}
+
+/** Control-word indices in the control SharedArrayBuffer. */
+export const C = { SEQ: 0, NEXT: 1, FIN: 2, LIST: 3, COUNT: 4, CHUNK: 5, STOP: 6, SLEEPERS: 7, ERROR: 8, WORDS: 16 } as const;
+const IDX_BITS = 13; // list indices < 8192 (LIST_CAP <= 8191)
+const IDX_MASK = (1 << IDX_BITS) - 1;
+const GEN_MASK = (1 << (31 - IDX_BITS)) - 1;
+const LIST_CAP = 4096; // gemms per dispatch
+const LIST_BYTE = 64; // the list area starts here; then one scratch area per thread, then the heap
+const SCRATCH_BYTE = LIST_BYTE + LIST_CAP * GEMM_ARGS * 4;
+const PAGE = 65536;
+const MAX_BYTES = MAX_PAGES * PAGE;
+/** Below this many flops a gemm (or a batch) runs on the main thread alone. */
+const PARALLEL_FLOPS = 1 << 18;
+
+export interface WorkerInit {
+  module: WebAssembly.Module;
+  memory: WebAssembly.Memory;
+  ctrl: SharedArrayBuffer;
+  spinMicros: number;
+  /** Byte offset of this worker's kernel scratch area. */
+  scratch: number;
+}
+
+/**
+ * Claims chunks of generation `gen`'s list and runs them until none are left (or the
+ * generation is over). Shared by the main thread and the workers.
+ */
+export function claimAndRun(ctrl: Int32Array, gen: number, gemmList: GemmListFn, scratch: number): void {
+  const ptr = Atomics.load(ctrl, C.LIST);
+  const count = Atomics.load(ctrl, C.COUNT);
+  const chunk = Atomics.load(ctrl, C.CHUNK);
+  const base = gen << IDX_BITS;
+  for (;;) {
+    const v = Atomics.load(ctrl, C.NEXT);
+    if (v < 0 || v >>> IDX_BITS !== gen) return;
+    const i = v & IDX_MASK;
+    if (i >= count) return;
+    const e = Math.min(i + chunk, count);
+    if (Atomics.compareExchange(ctrl, C.NEXT, v, base | e) !== v) continue;
+    try {
+      gemmList(ptr + i * GEMM_ARGS * 4, e - i, scratch);
+    } catch (err) {
+      Atomics.store(ctrl, C.ERROR, 1);
+      if (typeof process !== "undefined") process.emitWarning(`CpuRuntime worker: ${String(err)}`);
+    }
+    if (Atomics.add(ctrl, C.FIN, e - i) + (e - i) === count) Atomics.notify(ctrl, C.FIN);
+  }
+}
+
+type GemmFn = (x: number, ldx: number, w: number, ldw: number, y: number, ldy: number, M: number, N: number, K: number, acc: number, scratch: number) => void;
+export type GemmListFn = (ptr: number, count: number, scratch: number) => void;
+
+let relaxedFlagSet = false;
+async function relaxedAvailable(): Promise<boolean> {
+  if (!relaxedFlagSet) {
+    relaxedFlagSet = true;
+    // Node 20 (V8 11.3) ships relaxed SIMD behind a flag; newer Node has it on by default.
+    try {
+      const v8 = await import("node:v8");
+      v8.setFlagsFromString("--experimental-wasm-relaxed-simd");
+    } catch {
+      // not Node, or flags are frozen: validate() below decides
+    }
+  }
+  return WebAssembly.validate(relaxedProbeBytes());
+}
+
+export class CpuRuntime {
+  readonly threads: number;
+  readonly simd: string;
+  private readonly memory: WebAssembly.Memory;
+  private readonly module: WebAssembly.Module;
+  private readonly gemmFn: GemmFn;
+  private readonly gemmListFn: GemmListFn;
+  private readonly scratch: number; // the main thread's scratch (bytes)
+  private readonly heapStart: number; // bytes
+  private readonly peakFn: (iters: number) => number;
+  private readonly ctrl: Int32Array;
+  private readonly workers: Worker[];
+  private view: Float32Array;
+  private iview: Int32Array;
+  private viewBuffer: ArrayBufferLike;
+  private top: number; // bytes
+  private hwm: number; // bytes ever handed out (above it the memory is still zero)
+  private gen = 0;
+  private disposed = false;
+
+  private constructor(threads: number, simd: string, memory: WebAssembly.Memory, module: WebAssembly.Module, instance: WebAssembly.Instance, ctrl: Int32Array, workers: Worker[], heapStart: number) {
+    this.threads = threads;
+    this.simd = simd;
+    this.memory = memory;
+    this.module = module;
+    const ex = instance.exports;
+    this.gemmFn = ex.gemm as GemmFn;
+    this.gemmListFn = ex.gemm_list as GemmListFn;
+    this.scratch = SCRATCH_BYTE;
+    this.heapStart = heapStart;
+    this.top = heapStart;
+    this.hwm = heapStart;
+    this.peakFn = ex.peak as (iters: number) => number;
+    this.ctrl = ctrl;
+    this.workers = workers;
+    this.viewBuffer = memory.buffer;
+    this.view = new Float32Array(this.viewBuffer);
+    this.iview = new Int32Array(this.viewBuffer);
+  }
+
+  static async create(opts: CpuRuntimeOptions = {}): Promise<CpuRuntime> {
+    const threads = opts.threads ?? os.availableParallelism();
+    if (!Number.isInteger(threads) || threads < 1) throw new Error(`CpuRuntime: threads must be a positive integer, got ${threads}`);
+    const spinMicros = opts.spinMicros ?? 100;
+    const hasRelaxed = await relaxedAvailable();
+    if (opts.relaxed === true && !hasRelaxed) throw new Error("CpuRuntime: relaxed SIMD requested but this engine does not support f32x4.relaxed_madd");
+    const relaxed = opts.relaxed ?? hasRelaxed;
+    const shared = threads > 1;
+    const kernel: KernelOptions = { ...DEFAULT_KERNEL, ...opts.kernel, relaxed, shared };
+    const module = await WebAssembly.compile(buildKernelModule(kernel));
+    const scratchSize = Math.ceil(scratchBytes(kernel) / 64) * 64;
+    const heapStart = SCRATCH_BYTE + threads * scratchSize;
+    if (heapStart > MAX_BYTES / 2) throw new Error(`CpuRuntime: ${threads} threads need too much scratch memory`);
+    const initialPages = Math.ceil((heapStart + (16 << 20)) / PAGE);
+    const memory = new WebAssembly.Memory({ initial: initialPages, maximum: MAX_PAGES, shared } as WebAssembly.MemoryDescriptor);
+    const instance = await WebAssembly.instantiate(module, { env: { memory } });
+    const ctrlBuf = new SharedArrayBuffer(C.WORDS * 4);
+    const ctrl = new Int32Array(ctrlBuf);
+    Atomics.store(ctrl, C.NEXT, -1);
+
+    const workers: Worker[] = [];
+    try {
+      for (let t = 1; t < threads; t++) {
+        const init: WorkerInit = { module, memory, ctrl: ctrlBuf, spinMicros, scratch: SCRATCH_BYTE + t * scratchSize };
+        // execArgv: [] — the parent's flags (e.g. --input-type, --import hooks) are not for the
+        // worker; V8 flags (relaxed SIMD) are process-wide anyway.
+        workers.push(new Worker(new URL("./worker.js", import.meta.url), { workerData: init, execArgv: [] }));
+      }
+      await Promise.all(
+        workers.map(
+          (w, t) =>
+            new Promise<void>((resolve, reject) => {
+              w.once("message", () => resolve());
+              w.once("error", (e) => reject(new Error(`CpuRuntime: worker ${t + 1} failed to start: ${String(e)}`)));
+              w.once("exit", (code) => reject(new Error(`CpuRuntime: worker ${t + 1} exited with code ${code} while starting`)));
+            }),
+        ),
+      );
+    } catch (e) {
+      Atomics.store(ctrl, C.STOP, 1);
+      await Promise.all(workers.map((w) => w.terminate()));
+      throw e;
+    }
+    for (const w of workers) {
+      w.removeAllListeners("error");
+      w.removeAllListeners("exit");
+      // A worker error after start-up is reported by claimAndRun through C.ERROR; keep the
+      // process from crashing on an 'error' event nobody listens to.
+      w.on("error", () => Atomics.store(ctrl, C.ERROR, 1));
+      w.unref();
+    }
+    const simd = relaxed ? "wasm-simd128+relaxed-madd" : "wasm-simd128";
+    const rt = new CpuRuntime(threads, simd, memory, module, instance, ctrl, workers, heapStart);
+    rt.warmUp();
+    return rt;
+  }
+
+  /** View of the whole memory (re-created after growth). */
+  get f32(): Float32Array {
+    if (this.memory.buffer !== this.viewBuffer) this.refreshViews();
+    return this.view;
+  }
+
+  private refreshViews(): void {
+    this.viewBuffer = this.memory.buffer;
+    this.view = new Float32Array(this.viewBuffer);
+    this.iview = new Int32Array(this.viewBuffer);
+  }
+
+  /** Floats of memory currently available (the memory grows on alloc). */
+  get sizeFloats(): number {
+    if (this.memory.buffer !== this.viewBuffer) this.refreshViews();
+    return this.view.length;
+  }
+
+  /** Allocates nFloats zero-filled floats; returns their element offset (64-byte aligned). */
+  alloc(nFloats: number): number {
+    if (!Number.isInteger(nFloats) || nFloats < 0) throw new Error(`CpuRuntime.alloc: nFloats must be a non-negative integer, got ${nFloats}`);
+    const start = Math.ceil(this.top / 64) * 64;
+    const end = start + nFloats * 4;
+    if (end > MAX_BYTES) {
+      throw new Error(`CpuRuntime.alloc: ${nFloats} floats (${(nFloats * 4 / 2 ** 20).toFixed(1)} MiB) at offset ${(start / 2 ** 20).toFixed(1)} MiB would exceed the 4 GiB limit of wasm32 memory`);
+    }
+    const have = this.memory.buffer.byteLength;
+    if (end > have) {
+      // Grow at least by half of the current size, to keep the number of grows small.
+      const want = Math.min(MAX_PAGES, Math.max(Math.ceil(end / PAGE), Math.ceil((have * 1.5) / PAGE)));
+      const delta = want - have / PAGE;
+      try {
+        this.memory.grow(delta);
+      } catch (e) {
+        // Retry with exactly what is needed before giving up.
+        const need = Math.ceil(end / PAGE) - have / PAGE;
+        try {
+          this.memory.grow(need);
+        } catch {
+          throw new Error(`CpuRuntime.alloc: cannot grow the memory to ${(end / 2 ** 20).toFixed(1)} MiB: ${String(e)}`);
+        }
+      }
+    }
+    if (start < this.hwm) this.f32.fill(0, start >>> 2, Math.min(end, this.hwm) >>> 2);
+    this.top = end;
+    if (end > this.hwm) this.hwm = end;
+    return start >>> 2;
+  }
+
+  /** The current allocation top, for release(). */
+  mark(): number {
+    return this.top;
+  }
+
+  /** Frees everything allocated after mark() returned m. */
+  release(m: number): void {
+    if (!Number.isInteger(m) || m < this.heapStart || m > this.top) throw new Error(`CpuRuntime.release: ${m} is not a mark below the current top ${this.top}`);
+    this.top = m;
+  }
+
+  private check(g: Gemm, what: string): void {
+    const { x, ldx, w, ldw, y, ldy, M, N, K } = g;
+    const ok = (v: number) => Number.isInteger(v) && v >= 0;
+    if (!(ok(x) && ok(ldx) && ok(w) && ok(ldw) && ok(y) && ok(ldy) && ok(M) && ok(N) && ok(K))) {
+      throw new Error(`CpuRuntime.${what}: offsets, strides and sizes must be non-negative integers, got ${JSON.stringify(g)}`);
+    }
+    if (M === 0 || N === 0) return;
+    const size = this.sizeFloats;
+    if (K > 0 && x + (M - 1) * ldx + K > size) throw new Error(`CpuRuntime.${what}: X [${M} x ${K}] at ${x} (ld ${ldx}) is outside the memory (${size} floats)`);
+    if (K > 0 && w + (N - 1) * ldw + K > size) throw new Error(`CpuRuntime.${what}: W [${N} x ${K}] at ${w} (ld ${ldw}) is outside the memory (${size} floats)`);
+    if (y + (M - 1) * ldy + N > size) throw new Error(`CpuRuntime.${what}: Y [${M} x ${N}] at ${y} (ld ${ldy}) is outside the memory (${size} floats)`);
+  }
+
+  /** Y = X · Wᵀ (+ Y if accumulate); see Gemm. Synchronous; uses all threads when big enough. */
+  gemm(g: Gemm): void {
+    this.assertLive();
+    this.check(g, "gemm");
+    const { M, N, K } = g;
+    if (M === 0 || N === 0) return;
+    const flops = 2 * M * N * K;
+    if (this.threads === 1 || flops < PARALLEL_FLOPS) {
+      this.gemmFn(g.x * 4, g.ldx * 4, g.w * 4, g.ldw * 4, g.y * 4, g.ldy * 4, M, N, K, g.accumulate ? 1 : 0, this.scratch);
+      return;
+    }
+    // Split N (or M when N is narrow) into a few pieces per thread, multiples of 4 columns.
+    const ints = this.ints();
+    const base = LIST_BYTE >>> 2;
+    const maxPieces = this.threads * 4;
+    let count = 0;
+    const put = (xo: number, wo: number, yo: number, m: number, n: number) => {
+      const o = base + count * GEMM_ARGS;
+      ints[o] = xo * 4; ints[o + 1] = g.ldx * 4; ints[o + 2] = wo * 4; ints[o + 3] = g.ldw * 4;
+      ints[o + 4] = yo * 4; ints[o + 5] = g.ldy * 4; ints[o + 6] = m; ints[o + 7] = n; ints[o + 8] = K; ints[o + 9] = g.accumulate ? 1 : 0;
+      count++;
+    };
+    if (N >= 16 * this.threads || N >= M) {
+      const pieces = Math.max(1, Math.min(maxPieces, Math.floor(N / 4), Math.floor(flops / PARALLEL_FLOPS)));
+      const step = Math.ceil(N / pieces / 4) * 4;
+      for (let n0 = 0; n0 < N; n0 += step) put(g.x, g.w + n0 * g.ldw, g.y + n0, M, Math.min(step, N - n0));
+    } else {
+      const pieces = Math.max(1, Math.min(maxPieces, Math.floor(M / 2), Math.floor(flops / PARALLEL_FLOPS)));
+      const step = Math.ceil(M / pieces / 2) * 2;
+      for (let m0 = 0; m0 < M; m0 += step) put(g.x + m0 * g.ldx, g.w, g.y + m0 * g.ldy, Math.min(step, M - m0), N);
+    }
+    this.dispatch(LIST_BYTE, count, 1);
+  }
+
+  /** Many independent gemms in one dispatch, split across threads. */
+  gemmBatch(list: readonly Gemm[]): void {
+    this.assertLive();
+    for (const g of list) this.check(g, "gemmBatch");
+    let i = 0;
+    while (i < list.length) {
+      const ints = this.ints();
+      const base = LIST_BYTE >>> 2;
+      let count = 0;
+      let flops = 0;
+      // Large members are split by N so that one big gemm does not serialise the batch.
+      for (; i < list.length && count < LIST_CAP - this.threads * 4; i++) {
+        const g = list[i] as Gemm;
+        if (g.M === 0 || g.N === 0) continue;
+        const f = 2 * g.M * g.N * g.K;
+        flops += f;
+        const pieces = this.threads > 1 && f >= 4 * PARALLEL_FLOPS ? Math.min(this.threads * 4, Math.floor(g.N / 4)) : 1;
+        const step = pieces > 1 ? Math.ceil(g.N / pieces / 4) * 4 : g.N;
+        for (let n0 = 0; n0 < g.N; n0 += step) {
+          const o = base + count * GEMM_ARGS;
+          ints[o] = g.x * 4; ints[o + 1] = g.ldx * 4; ints[o + 2] = (g.w + n0 * g.ldw) * 4; ints[o + 3] = g.ldw * 4;
+          ints[o + 4] = (g.y + n0) * 4; ints[o + 5] = g.ldy * 4; ints[o + 6] = g.M; ints[o + 7] = Math.min(step, g.N - n0); ints[o + 8] = g.K; ints[o + 9] = g.accumulate ? 1 : 0;
+          count++;
+        }
+      }
+      if (count === 0) continue;
+      if (this.threads === 1 || flops < PARALLEL_FLOPS) this.gemmListFn(LIST_BYTE, count, this.scratch);
+      else this.dispatch(LIST_BYTE, count, Math.max(1, Math.floor(count / (this.threads * 8))));
+    }
+  }
+
+  /** Runs the list on all threads; returns when every gemm is done. */
+  private dispatch(ptr: number, count: number, chunk: number): void {
+    const ctrl = this.ctrl;
+    this.gen = (this.gen + 1) & GEN_MASK;
+    const gen = this.gen;
+    Atomics.store(ctrl, C.LIST, ptr);
+    Atomics.store(ctrl, C.COUNT, count);
+    Atomics.store(ctrl, C.CHUNK, chunk);
+    Atomics.store(ctrl, C.FIN, 0);
+    Atomics.store(ctrl, C.NEXT, gen << IDX_BITS);
+    Atomics.store(ctrl, C.SEQ, gen);
+    if (Atomics.load(ctrl, C.SLEEPERS) > 0) Atomics.notify(ctrl, C.SEQ);
+    let mainError: unknown;
+    try {
+      claimAndRun(ctrl, gen, this.gemmListFn, this.scratch);
+    } catch (e) {
+      mainError = e;
+    }
+    // Wait for the chunks other threads claimed: spin ~1 ms, then sleep.
+    let fin = Atomics.load(ctrl, C.FIN);
+    for (let i = 0; fin !== count && i < 20000; i++) fin = Atomics.load(ctrl, C.FIN);
+    while (fin !== count) {
+      Atomics.wait(ctrl, C.FIN, fin, 1000);
+      fin = Atomics.load(ctrl, C.FIN);
+    }
+    Atomics.store(ctrl, C.NEXT, -1);
+    if (mainError !== undefined) throw mainError;
+    if (Atomics.exchange(ctrl, C.ERROR, 0) !== 0) throw new Error("CpuRuntime: a gemm failed in a worker thread (see the process warning)");
+  }
+
+  private ints(): Int32Array {
+    if (this.memory.buffer !== this.viewBuffer) this.refreshViews();
+    return this.iview;
+  }
+
+  private assertLive(): void {
+    if (this.disposed) throw new Error("CpuRuntime: used after dispose()");
+  }
+
+  /**
+   * Runs the register-only multiply-add loop (no memory traffic) for `iters` iterations of
+   * 96 flops on the calling thread; returns a value only to keep the work alive.
+   */
+  peak(iters: number): number {
+    return this.peakFn(iters);
+  }
+
+  /** Runs small gemms so that V8 tiers the kernels up to optimised code before real work. */
+  private warmUp(): void {
+    const mark = this.mark();
+    const K = 67;
+    const x = this.alloc(8 * K);
+    const w = this.alloc(8 * K);
+    const y = this.alloc(64);
+    for (let i = 0; i < 200; i++) this.gemmFn(x * 4, K * 4, w * 4, K * 4, y * 4, 32, 1 + (i % 8), 7, K, i & 1, this.scratch);
+    this.peakFn(1000);
+    this.release(mark);
+  }
+
+  /** The compiled kernel module (the workers instantiate the same one). */
+  get wasmModule(): WebAssembly.Module {
+    return this.module;
+  }
+
+  async dispose(): Promise<void> {
+    if (this.disposed) return;
+    this.disposed = true;
+    Atomics.store(this.ctrl, C.STOP, 1);
+    Atomics.add(this.ctrl, C.SEQ, 1);
+    Atomics.notify(this.ctrl, C.SEQ);
+    await Promise.all(this.workers.map((w) => w.terminate()));
+  }
+}
