@@ -6,7 +6,9 @@
 //       float64 implementation (test/support/family-ref64.ts), with the same argmax everywhere;
 //   (c) our 32-token greedy continuation equals llama.cpp's token for token;
 //   (d) each quirk is exercised: switching it off moves our logits, so the fixture is not vacuous.
-// wasm backend; one WebGPU run of every family at the end (skipped without an adapter unless CI).
+// jax-js engine on the wasm backend; one WebGPU run of every family at the end (skipped without an
+// adapter unless CI). selfscope's own CPU engine, on the GGUF loaded lazily (as Model.load does),
+// is held to the same float64 reference and llama.cpp runs, and to the jax-js engine's logits.
 //
 // GELU families (Gemma 2, Gemma 3, GPT-2): llama.cpp's CPU GELU is an f16 table lookup
 // (ggml/src/ggml-cpu/vec.h, GGML_GELU_FP16: f16(gelu(f16(x)))), ~5e-4 relative per activation,
@@ -20,13 +22,15 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { FIXTURE_FAMILIES, makeFixtures, type FixtureFamily, type FixturePaths } from "../scripts/make-fixtures.js";
+import { CpuEngine } from "../src/cpu/engine.js";
+import { CpuRuntime } from "../src/cpu/runtime.js";
 import type { ModelConfig } from "../src/model/config.js";
 import { Engine } from "../src/model/engine.js";
 import { loadHostModel, type HostModel, type HostTensor } from "../src/model/load.js";
 import { ropeInvFreq } from "../src/model/rope.js";
 import { initDevice } from "../src/runtime/device.js";
 import { maxAbsDiff } from "./support/compare.js";
-import { familyRef64, logSoftmax } from "./support/family-ref64.js";
+import { familyRef64, familyRef64Greedy, logSoftmax } from "./support/family-ref64.js";
 import { LlamaCppLite, type LiteRun } from "./support/llamacpp-lite.js";
 
 const PROMPT = [5, 77, 123, 9, 250, 31, 64, 200, 17, 99, 140, 8, 260, 45, 12, 180];
@@ -46,6 +50,17 @@ async function logits(host: HostModel, ids = PROMPT): Promise<Float32Array> {
     return (await e.forward([ids])).logits[0]!;
   } finally {
     e.dispose();
+  }
+}
+
+/** A CPU engine on its own two-thread runtime (close() stops the threads). */
+async function cpuEngine(host: HostModel): Promise<CpuEngine> {
+  const rt = await CpuRuntime.create({ threads: 2 });
+  try {
+    return new CpuEngine(host, rt);
+  } catch (e) {
+    await rt.dispose();
+    throw e;
   }
 }
 
@@ -188,6 +203,10 @@ for (const family of FIXTURE_FAMILIES) {
     let gg: HostModel;
     let ours: Float32Array; // GGUF-loaded, [T * V]
     let ref: LiteRun | undefined;
+    let ref64: Float64Array[] | undefined;
+    /** The float64 reference's log-probabilities (HF-loaded), computed once for both engines. */
+    const refRows = () => (ref64 ??= familyRef64(hf, PROMPT).map(logSoftmax));
+    let cpu: CpuEngine | undefined; // on the lazily loaded GGUF
 
     before(async () => {
       const p = fixtures.get(family)!;
@@ -195,6 +214,10 @@ for (const family of FIXTURE_FAMILIES) {
       gg = loadHostModel(p.gguf);
       ours = await logits(gg);
       ref = await lc?.run(p.gguf, PROMPT, N_GEN);
+      cpu = await cpuEngine(loadHostModel(p.gguf, undefined, { lazy: true }));
+    });
+    after(async () => {
+      await cpu?.close();
     });
 
     test("HF folder and GGUF load to the same weights, config and logits", async () => {
@@ -227,7 +250,7 @@ for (const family of FIXTURE_FAMILIES) {
 
     test("logits match a float64 reference", () => {
       const V = gg.config.dVocab;
-      const d = rowsDiff(rows(ours, V).map(logSoftmax), familyRef64(hf, PROMPT).map(logSoftmax));
+      const d = rowsDiff(rows(ours, V).map(logSoftmax), refRows());
       assert.ok(d <= REF_TOL, `vs float64 reference: max |Δ log p| ${d}`);
     });
 
@@ -265,6 +288,31 @@ for (const family of FIXTURE_FAMILIES) {
       }
     });
 
+    test("cpu engine (lazy GGUF): logits match the float64 reference, the jax-js engine and llama.cpp", async (t) => {
+      const V = gg.config.dVocab;
+      const mine = (await cpu!.forward([PROMPT])).logits[0]!;
+      const lp = rows(mine, V).map(logSoftmax);
+      const dRef = rowsDiff(lp, refRows());
+      assert.ok(dRef <= REF_TOL, `cpu vs float64 reference: max |Δ log p| ${dRef}`);
+      const dJax = maxAbsDiff(mine, ours);
+      assert.ok(dJax <= SAME_TOL, `cpu vs jax-js logits differ by ${dJax}`);
+      let line = `${family} [cpu]: max |Δ log p| vs float64 ${dRef.toExponential(2)}; max |Δ logit| vs jax-js ${dJax.toExponential(2)}`;
+      if (ref) {
+        const dLc = rowsDiff(lp, ref.logprobs);
+        lp.forEach((r, i) => assert.equal(argmax(r), argmax(ref!.logprobs[i]!), `cpu argmax at position ${i}`));
+        const tol = GELU_FAMILIES.has(family) ? GELU_TOL : REF_TOL;
+        assert.ok(dLc <= tol, `cpu vs llama.cpp: max |Δ log p| ${dLc} (tolerance ${tol})`);
+        line += `; vs llama.cpp ${dLc.toExponential(2)}`;
+      } else if (process.env.CI) assert.fail("the llama.cpp reference failed to load (see the before hook)");
+      t.diagnostic(line);
+    });
+
+    test(`cpu engine (lazy GGUF): ${N_GEN}-token greedy continuation equals llama.cpp's`, async (t) => {
+      if (!needRef(t, ref)) return;
+      const mine = (await cpu!.generate([PROMPT], { maxTokens: N_GEN, stop: [] })).tokens[0]!;
+      assert.deepEqual(mine, ref.greedy);
+    });
+
     test("each quirk is exercised", async (t) => {
       const base = await logits(hf);
       const moved: string[] = [];
@@ -298,8 +346,28 @@ describe("mistral sliding window (HF config only)", () => {
     // Positions < 4 see the whole prefix either way.
     const V = h.config.dVocab;
     assert.ok(maxAbsDiff(mine.subarray(0, 4 * V), full.subarray(0, 4 * V)) <= SAME_TOL, "positions inside the window changed");
-    const d = rowsDiff(rows(mine, V).map(logSoftmax), familyRef64(h, PROMPT).map(logSoftmax));
+    const r64 = familyRef64(h, PROMPT).map(logSoftmax);
+    const d = rowsDiff(rows(mine, V).map(logSoftmax), r64);
     assert.ok(d <= REF_TOL, `vs float64 reference: ${d}`);
+    // The CPU engine's sliding window (its own masking code), on the same folder loaded lazily.
+    const cpu = await cpuEngine(loadHostModel(v01, undefined, { lazy: true }));
+    try {
+      const theirs = (await cpu.forward([PROMPT])).logits[0]!;
+      const dc = rowsDiff(rows(theirs, V).map(logSoftmax), r64);
+      assert.ok(dc <= REF_TOL, `cpu vs float64 reference: ${dc}`);
+      assert.ok(maxAbsDiff(theirs, mine) <= SAME_TOL, `cpu vs jax-js logits differ by ${maxAbsDiff(theirs, mine)}`);
+      // Decoding with the window: the KV-cached path masks the same keys as a full float64 pass.
+      const want = familyRef64Greedy(h, PROMPT, 8);
+      assert.deepEqual((await cpu.generate([PROMPT], { maxTokens: 8, stop: [] })).tokens[0]!, want, "cpu greedy with a sliding window vs float64");
+      const jaxE = new Engine(h);
+      try {
+        assert.deepEqual((await jaxE.generate([PROMPT], { maxTokens: 8, stop: [] })).tokens[0]!, want, "jax-js greedy with a sliding window vs float64");
+      } finally {
+        jaxE.dispose();
+      }
+    } finally {
+      await cpu.close();
+    }
   });
 });
 

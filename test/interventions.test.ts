@@ -3,16 +3,21 @@
 // real checkpoints of different families: stories260K (llama: RMSNorm, RoPE, GQA 8q/4kv, SwiGLU)
 // and tiny-random-gpt2 (LayerNorm, learned positions, gelu_tanh MLP, biases, tied unembedding).
 // The reference itself is first checked against float64 logits staged with the models, so a
-// failure here points at the engine, not at the oracle. wasm backend only.
+// failure here points at the engine, not at the oracle. Every test runs for both engines, the
+// jax-js one on the wasm backend ("[wasm]") and selfscope's own CPU engine ("[cpu]"), to the same
+// tolerances; weight chunking (maxBindingBytes) and gradients (lossAndGrad) exist only on jax-js.
+// The float64 greedy references (the slow part) are computed once per fixture and shared by both.
 import { after, before, describe, test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
 import { NumericalError, UsageError } from "../src/core/errors.js";
 import { Rng } from "../src/core/rng.js";
+import { CpuEngine } from "../src/cpu/engine.js";
+import { CpuRuntime } from "../src/cpu/runtime.js";
 import type { HookName } from "../src/hooks/names.js";
 import type { Intervention, Plan } from "../src/hooks/plan.js";
-import { Engine, type Row } from "../src/model/engine.js";
+import { Engine, type GenerateResult, type Row } from "../src/model/engine.js";
 import { loadHostModel, type HostModel } from "../src/model/load.js";
 import { initDevice } from "../src/runtime/device.js";
 import { assertClose, maxAbsDiff } from "./support/compare.js";
@@ -43,7 +48,52 @@ interface Fixture {
   /** Ragged prompts for batched generation and batched forwards. */
   ragged: number[][];
   /** Check ref64 and the engine against the staged reference outputs. */
-  oracle: (host: HostModel, engine: Engine, t: TestContext) => Promise<void>;
+  oracle: (host: HostModel, engine: AnyEngine, t: TestContext, greedy: Greedy64) => Promise<void>;
+}
+
+/** Either engine: both have forward, generate, featShape, config and dispose. */
+type AnyEngine = Engine | CpuEngine;
+
+interface Backend {
+  name: "wasm" | "cpu";
+  make: (host: HostModel) => Promise<AnyEngine>;
+}
+
+const BACKENDS: Backend[] = [
+  { name: "wasm", make: (host) => Promise.resolve(new Engine(host)) },
+  {
+    name: "cpu",
+    make: async (host) => {
+      const rt = await CpuRuntime.create({ threads: 2 });
+      try {
+        return new CpuEngine(host, rt);
+      } catch (e) {
+        await rt.dispose();
+        throw e;
+      }
+    },
+  },
+];
+
+/** Frees an engine; the CPU engine's worker threads have exited when this resolves. */
+async function closeEngine(e: AnyEngine): Promise<void> {
+  if (e instanceof CpuEngine) await e.close();
+  else e.dispose();
+}
+
+/** ref64Greedy, memoised per fixture on its exact inputs (vectors by their bytes). */
+type Greedy64 = (host: HostModel, prompt: readonly number[], n: number, plan?: RefPlan) => number[];
+
+function memoGreedy(): Greedy64 {
+  const memo = new Map<string, number[]>();
+  const key = (v: unknown) =>
+    JSON.stringify(v, (_k, x: unknown) => (ArrayBuffer.isView(x) ? `bytes:${Buffer.from(x.buffer, x.byteOffset, x.byteLength).toString("base64")}` : x));
+  return (host, prompt, n, plan = []) => {
+    const k = key([prompt, n, plan]);
+    let r = memo.get(k);
+    if (!r) memo.set(k, (r = ref64Greedy(host, prompt, n, plan)));
+    return r.slice();
+  };
 }
 
 const models = (...p: string[]) => path.join(sharedDir(), "models", ...p);
@@ -70,7 +120,7 @@ const FIXTURES: Fixture[] = [
       [1, 292, 411],
       [1, 261, 376, 298, 315, 421, 395],
     ],
-    oracle: async (host, engine, t) => {
+    oracle: async (host, engine, t, greedy64) => {
       const dir = models("stories260K-gguf", "reference");
       const meta = JSON.parse(fs.readFileSync(path.join(dir, "logits_16x512.json"), "utf8")) as { input_ids: number[] };
       const want = readF32(path.join(dir, "logits_16x512.f32"));
@@ -83,7 +133,7 @@ const FIXTURES: Fixture[] = [
       // llama2.c's documented greedy sample from BOS (first GEN tokens; the full 256 is O(T^3) here).
       const greedy = JSON.parse(fs.readFileSync(path.join(dir, "greedy_from_bos.json"), "utf8")) as { generated_ids: number[] };
       const expect = greedy.generated_ids.slice(0, GEN);
-      assert.deepEqual(ref64Greedy(host, [1], GEN), expect, "ref64 greedy from BOS vs llama2.c sample");
+      assert.deepEqual(greedy64(host, [1], GEN), expect, "ref64 greedy from BOS vs llama2.c sample");
       const gen = await engine.generate([[1]], { maxTokens: GEN, stop: [] });
       assert.deepEqual(gen.tokens[0], expect, "engine greedy from BOS vs llama2.c sample");
     },
@@ -101,7 +151,7 @@ const FIXTURES: Fixture[] = [
       [7, 8, 9],
       [640, 31, 2, 410, 87, 250, 6],
     ],
-    oracle: async (host, engine, t) => {
+    oracle: async (host, engine, t, greedy64) => {
       const dir = models("tiny-random-gpt2", "reference");
       const meta = JSON.parse(fs.readFileSync(path.join(dir, "greedy_and_logits.json"), "utf8")) as {
         cases: { input_ids: number[]; greedy_max_length_10: number[] }[];
@@ -119,7 +169,7 @@ const FIXTURES: Fixture[] = [
         dEng = Math.max(dEng, maxAbsDiff(eng, want));
         const n = cs.greedy_max_length_10.length - cs.input_ids.length;
         const expect = cs.greedy_max_length_10.slice(cs.input_ids.length);
-        assert.deepEqual(ref64Greedy(host, cs.input_ids, n), expect, `ref64 greedy, case ${i}`);
+        assert.deepEqual(greedy64(host, cs.input_ids, n), expect, `ref64 greedy, case ${i}`);
         const gen = await engine.generate([cs.input_ids], { maxTokens: n, stop: [] });
         assert.deepEqual(gen.tokens[0], expect, `engine greedy, case ${i}`);
       }
@@ -150,7 +200,7 @@ function planForRow(plan: Plan, b: number): Plan {
   return plan.filter((iv) => !iv.rows || iv.rows.includes(b)).map((iv) => ({ ...iv, rows: [0] }));
 }
 
-async function logitsOf(engine: Engine, ids: number[], plan: Plan = []): Promise<Float32Array> {
+async function logitsOf(engine: AnyEngine, ids: number[], plan: Plan = []): Promise<Float32Array> {
   return (await engine.forward([ids], { plan })).logits[0]!;
 }
 
@@ -176,9 +226,12 @@ before(async () => {
 });
 
 for (const fx of FIXTURES) {
-  describe(fx.name, () => {
+  // Shared by both engines' suites: the checkpoint (read-only here) and the float64 greedy runs.
+  let sharedHost: HostModel | undefined;
+  const greedy64 = memoGreedy();
+  for (const be of BACKENDS) describe(`${fx.name} [${be.name}]`, () => {
     let host: HostModel;
-    let engine: Engine;
+    let engine: AnyEngine;
     let base: Float32Array; // no-plan logits of fx.prompt
     let D = 0;
     let V = 0;
@@ -186,15 +239,24 @@ for (const fx of FIXTURES) {
     const T = fx.prompt.length;
 
     before(async () => {
-      host = loadHostModel(fx.file);
-      engine = new Engine(host);
+      host = sharedHost ??= loadHostModel(fx.file);
+      engine = await be.make(host);
       ({ dModel: D, dVocab: V, nLayers: L } = host.config);
       base = await logitsOf(engine, fx.prompt);
     });
-    after(() => engine.dispose());
+    after(async () => {
+      await closeEngine(engine);
+    });
+
+    /** Only jax-js has maxBindingBytes and lossAndGrad: those tests are skipped in the [cpu] suite. */
+    const jaxOnly = { skip: be.name === "wasm" ? false : "jax-js engine only" };
+    const jax = (): Engine => {
+      assert.ok(engine instanceof Engine, "a jax-js engine");
+      return engine;
+    };
 
     test("ref64 and the engine reproduce the staged float64 reference", async (t) => {
-      await fx.oracle(host, engine, t);
+      await fx.oracle(host, engine, t, greedy64);
     });
 
     test("no-plan logits match ref64", (t) => {
@@ -323,6 +385,7 @@ for (const fx of FIXTURES) {
       for (const [at, shape] of shapes) {
         const got = r.cache.get(at);
         assert.deepEqual(got.shape, shape, `${at} shape`);
+        assert.deepEqual(engine.featShape(at.replace(/^blocks\.\d+\./, "")), shape.slice(1), `featShape of ${at}`);
         const want = ref.reads.get(at)!;
         assert.deepEqual(want.shape, shape, `ref64 ${at} shape`);
         assertClose(got.data, want.data, { atol: REF_TOL, what: `read ${at}` });
@@ -378,7 +441,7 @@ for (const fx of FIXTURES) {
     test("KV-cached generate under steering equals ref64Greedy (B=1)", async (t) => {
       const ids = fx.ragged[1]!;
       const unsteered = (await engine.generate([ids], { maxTokens: GEN, stop: [] })).tokens[0]!;
-      assert.deepEqual(unsteered, ref64Greedy(host, ids, GEN), "unsteered");
+      assert.deepEqual(unsteered, greedy64(host, ids, GEN), "unsteered");
       const markerAt = 4;
       const { row, countPrefix } = markerRow(ids, markerAt);
       const patchSrc = (await engine.forward([fx.other], { plan: [{ op: "read", at: "blocks.3.hook_resid_mid" }] })).cache.get("blocks.3.hook_resid_mid").data;
@@ -425,9 +488,9 @@ for (const fx of FIXTURES) {
       const read: HookName = "blocks.2.hook_resid_post";
       let worst = 0;
       for (const cs of cases) {
-        const res = await engine.generate([cs.row], { maxTokens: GEN, plan: [...cs.plan, { op: "read", at: read }], stop: [], countPrefix });
+        const res: GenerateResult = await engine.generate([cs.row], { maxTokens: GEN, plan: [...cs.plan, { op: "read", at: read }], stop: [], countPrefix });
         const got = res.tokens[0]!;
-        const want = ref64Greedy(host, ids, GEN, cs.ref);
+        const want = greedy64(host, ids, GEN, cs.ref);
         assert.deepEqual(got, want, `${cs.name}: engine vs ref64Greedy`);
         assert.notDeepEqual(got, unsteered, `${cs.name}: steering should change the continuation`);
         // Reads collected while decoding (prompt + every fed token) equal a full float64 forward.
@@ -467,8 +530,8 @@ for (const fx of FIXTURES) {
       const batch = await engine.generate(rows, { maxTokens: GEN, plan, stop: [], countPrefix });
       for (let b = 0; b < rows.length; b++) {
         const single = (await engine.generate([rows[b]!], { maxTokens: GEN, plan: planForRow(plan, b), stop: [], countPrefix })).tokens[0]!;
-        const ref = ref64Greedy(host, rows[b]!.ids, GEN, refPlans[b]!);
-        const unsteered = ref64Greedy(host, rows[b]!.ids, GEN);
+        const ref = greedy64(host, rows[b]!.ids, GEN, refPlans[b]!);
+        const unsteered = greedy64(host, rows[b]!.ids, GEN);
         assert.deepEqual(batch.tokens[b], single, `row ${b}: batch vs B=1`);
         assert.deepEqual(single, ref, `row ${b}: B=1 vs ref64Greedy`);
         assert.notDeepEqual(ref, unsteered, `row ${b}: steering should change the continuation`);
@@ -511,14 +574,14 @@ for (const fx of FIXTURES) {
       t.diagnostic(`max|Δ| batch vs single ${dSingle.toExponential(2)}, vs ref64 ${dRef.toExponential(2)}`);
     });
 
-    test("weights split in row chunks (maxBindingBytes 4096) give the same results", async (t) => {
+    test("weights split in row chunks (maxBindingBytes 4096) give the same results", jaxOnly, async (t) => {
       const small = new Engine(host, { maxBindingBytes: 4096 });
       try {
         // Guard that the split really happens (the unembedding is far larger than 4 KiB).
         const unembed = (small as unknown as { params: { unembed: unknown } }).params.unembed;
         assert.ok(Array.isArray(unembed) && unembed.length > 1, "unembedding should be split into chunks");
         const { plan, rows, countPrefix } = raggedPlan();
-        const full = await engine.forward(rows, { plan: [...plan, { op: "read", at: "blocks.2.hook_mlp_out" }], countPrefix });
+        const full = await jax().forward(rows, { plan: [...plan, { op: "read", at: "blocks.2.hook_mlp_out" }], countPrefix });
         const split = await small.forward(rows, { plan: [...plan, { op: "read", at: "blocks.2.hook_mlp_out" }], countPrefix });
         let d = 0;
         for (let b = 0; b < rows.length; b++) {
@@ -541,12 +604,12 @@ for (const fx of FIXTURES) {
       ["blocks.2.hook_mlp_out", { from: 3 }],
       ["blocks.1.hook_resid_post", "all"],
     ] as const) {
-      test(`lossAndGrad for a vector added at ${at} matches float64 finite differences`, async (t) => {
+      test(`lossAndGrad for a vector added at ${at} matches float64 finite differences`, jaxOnly, async (t) => {
         const rows = [fx.prompt, fx.ragged[1]!];
         // Next-token targets; the last position of each row has none.
         const targets = rows.map((ids) => ids.map((_, i) => (i + 1 < ids.length ? ids[i + 1]! : -1)));
         const value = randVec(51, D, fx.mag * 0.5);
-        const { loss, grad } = await engine.lossAndGrad(rows, targets, { at, pos, value });
+        const { loss, grad } = await jax().lossAndGrad(rows, targets, { at, pos, value });
         const lossAt = (v: Float64Array): number => {
           let sum = 0;
           let n = 0;
@@ -607,8 +670,12 @@ for (const fx of FIXTURES) {
       const { row, countPrefix } = markerRow(ids, 3);
       await rejectsWith(engine.forward([row], { plan: [{ op: "add", at: "hook_embed", vector: new Float32Array(D), pos: { marker: "zebra" } }], countPrefix }), UsageError, /marker "zebra" not found/);
       await rejectsWith(engine.forward([ids], { plan: [{ op: "add", at: "hook_embed", vector: new Float32Array(D), pos: { marker: "MARKER" } }] }), UsageError, /needs the row's text and a tokenizer/);
-      await rejectsWith(engine.lossAndGrad([ids], [[1]], { at: "blocks.0.hook_resid_post", value: new Float32Array(D - 1) }), UsageError, /takes a vector of length/);
+      if (engine instanceof Engine) await rejectsWith(engine.lossAndGrad([ids], [[1]], { at: "blocks.0.hook_resid_post", value: new Float32Array(D - 1) }), UsageError, /takes a vector of length/);
       await rejectsWith(engine.generate([ids], { maxTokens: 2, plan: [{ op: "read", at: "blocks.0.attn.hook_pattern" }] }), UsageError, /hook_pattern can be read with forward/);
+      await rejectsWith(engine.forward([[ids[0]!, V]]), UsageError, new RegExp(`token id ${V} is outside the vocabulary \\(0\\.\\.${V - 1}\\)`));
+      await rejectsWith(engine.forward([[ids[0]!, -1]]), UsageError, /token id -1 is outside the vocabulary/);
+      await rejectsWith(engine.generate([[ids[0]!, V]], { maxTokens: 2 }), UsageError, /outside the vocabulary/);
+      await rejectsWith(engine.generate([[]], { maxTokens: 2 }), UsageError, /every row needs at least one token/);
     });
   });
 }

@@ -6,10 +6,16 @@
 // node-llama-cpp >= 3.22 returns raw logits; older 3.x only probabilities, from which
 // llamaCppLogits returns log-probabilities. Log-softmax rows are therefore always compared, and the
 // raw logits as well when llama.cpp gives them.
+//
+// Both engines are held to llama.cpp: jax-js on the wasm backend ("[wasm]") and selfscope's own
+// CPU engine ("[cpu]", on a lazily loaded model as Model.load gives it), each llama.cpp run made
+// once and shared by both.
 import { after, before, describe, test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
+import { CpuEngine } from "../src/cpu/engine.js";
+import { CpuRuntime } from "../src/cpu/runtime.js";
 import { Engine, argmax } from "../src/model/engine.js";
 import { loadHostModel } from "../src/model/load.js";
 import { llamaCppGreedy, llamaCppLogits, type LlamaCppLogits } from "../src/reference/llamacpp.js";
@@ -26,6 +32,44 @@ const STORIES = models("stories260K-gguf", "stories260K.gguf");
 const STORIES_REF = models("stories260K-gguf", "reference");
 const TINY = models("llama2-tiny-random-gguf", "llama-2-tiny-random.gguf");
 const TINY_REF = models("llama2-tiny-random-gguf", "reference");
+
+/** The engines under test, built from the same file. */
+type AnyEngine = Engine | CpuEngine;
+const BACKENDS: { name: "wasm" | "cpu"; make: (file: string) => Promise<AnyEngine> }[] = [
+  { name: "wasm", make: (file) => Promise.resolve(new Engine(loadHostModel(file))) },
+  {
+    name: "cpu",
+    make: async (file) => {
+      const host = loadHostModel(file, undefined, { lazy: true });
+      const rt = await CpuRuntime.create({ threads: 2 });
+      try {
+        return new CpuEngine(host, rt);
+      } catch (e) {
+        await rt.dispose();
+        throw e;
+      }
+    },
+  },
+];
+
+async function makeEngines(file: string): Promise<Map<string, AnyEngine>> {
+  const m = new Map<string, AnyEngine>();
+  for (const be of BACKENDS) m.set(be.name, await be.make(file));
+  return m;
+}
+
+async function closeEngines(m: Map<string, AnyEngine>): Promise<void> {
+  for (const e of m.values()) {
+    if (e instanceof CpuEngine) await e.close();
+    else e.dispose();
+  }
+}
+
+/** A lazily started computation run at most once (the llama.cpp runs, shared by both engines' tests). */
+function once<R>(f: () => Promise<R>): () => Promise<R> {
+  let p: Promise<R> | undefined;
+  return () => (p ??= f());
+}
 
 function readJson<T>(file: string): T {
   return JSON.parse(fs.readFileSync(file, "utf8")) as T;
@@ -122,13 +166,18 @@ test("llamaCppLogits reports what it ran and rejects bad input", async (t) => {
 });
 
 describe("stories260K (F32 GGUF)", () => {
-  let engine: Engine;
+  let engines = new Map<string, AnyEngine>();
   const story = readJson<{ generated_ids: number[] }>(path.join(STORIES_REF, "greedy_from_bos.json"));
+  const ids64 = [1, ...story.generated_ids].slice(0, 64);
+  // A prompt off the staged story, so the greedy continuation is new ground.
+  const prompt = [1, 338, 401, 396, 267];
+  const lc64 = once(() => llamaCppLogits(STORIES, ids64, LC));
+  const lcGreedy = once(() => llamaCppGreedy(STORIES, prompt, 64, LC));
 
-  before(() => {
-    engine = new Engine(loadHostModel(STORIES));
+  before(async () => {
+    engines = await makeEngines(STORIES);
   });
-  after(() => engine.dispose());
+  after(() => closeEngines(engines));
 
   test("llama.cpp matches the staged float64 reference logits (the oracle is sound)", async (t) => {
     const meta = readJson<{ input_ids: number[]; argmax: number[]; logsumexp: number[] }>(path.join(STORIES_REF, "logits_16x512.json"));
@@ -148,33 +197,39 @@ describe("stories260K (F32 GGUF)", () => {
     t.diagnostic(`llama.cpp vs float64 reference: max|Δ| ${parts.join(", ")}`);
   });
 
-  test("engine logits match llama.cpp at all 64 positions of the greedy story", async (t) => {
-    const ids = [1, ...story.generated_ids].slice(0, 64);
-    assert.equal(ids.length, 64);
-    const lc = await timed(t, "llama.cpp 64 positions", () => llamaCppLogits(STORIES, ids, LC));
-    const ours = await timed(t, "engine 64 positions", async () => (await engine.forward([ids])).logits[0]!);
-    assertMatchesLlama(ours, lc, "stories260K", t);
-    // Two-sided and not vacuous: one logit moved by 2*TOL either way fails.
-    for (const d of [2 * TOL, -2 * TOL]) {
-      const bad = ours.slice();
-      bad[40 * 512 + 7] = bad[40 * 512 + 7]! + d;
-      assert.throws(() => assertMatchesLlama(bad, lc, "perturbed", t), /out of tolerance/);
-    }
-    // The story is greedy, so every position's argmax is the next token.
-    assert.deepEqual(argmaxRows(ours, 512).slice(0, 63), ids.slice(1));
-  });
+  for (const be of BACKENDS) {
+    test(`engine logits match llama.cpp at all 64 positions of the greedy story [${be.name}]`, async (t) => {
+      const engine = engines.get(be.name)!;
+      assert.equal(ids64.length, 64);
+      const lc = await timed(t, "llama.cpp 64 positions (shared)", lc64);
+      const ours = await timed(t, `${be.name} engine 64 positions`, async () => (await engine.forward([ids64])).logits[0]!);
+      assertMatchesLlama(ours, lc, `stories260K [${be.name}]`, t);
+      // Two-sided and not vacuous: one logit moved by 2*TOL either way fails.
+      for (const d of [2 * TOL, -2 * TOL]) {
+        const bad = ours.slice();
+        bad[40 * 512 + 7] = bad[40 * 512 + 7]! + d;
+        assert.throws(() => assertMatchesLlama(bad, lc, "perturbed", t), /out of tolerance/);
+      }
+      // The story is greedy, so every position's argmax is the next token.
+      assert.deepEqual(argmaxRows(ours, 512).slice(0, 63), ids64.slice(1));
+    });
 
-  test("64-token greedy continuation: engine == llama.cpp, token for token", async (t) => {
-    // A prompt off the staged story, so the continuation is new ground.
-    const prompt = [1, 338, 401, 396, 267];
-    const lc = await timed(t, "llama.cpp greedy 64", () => llamaCppGreedy(STORIES, prompt, 64, LC));
-    const ours = await timed(t, "engine greedy 64", async () => (await engine.generate([prompt], { maxTokens: 64, stop: [] })).tokens[0]!);
-    assert.equal(lc.length, 64);
-    const first = ours.findIndex((tok, i) => tok !== lc[i]);
-    assert.equal(first, -1, `greedy differs first at step ${first} (ours ${ours[first]}, llama.cpp ${lc[first]}); ours ${ours}, llama.cpp ${lc}`);
-    assert.deepEqual(ours, lc);
+    test(`64-token greedy continuation: engine == llama.cpp, token for token [${be.name}]`, async (t) => {
+      const engine = engines.get(be.name)!;
+      const lc = await timed(t, "llama.cpp greedy 64 (shared)", lcGreedy);
+      const ours = await timed(t, `${be.name} engine greedy 64`, async () => (await engine.generate([prompt], { maxTokens: 64, stop: [] })).tokens[0]!);
+      assert.equal(lc.length, 64);
+      const first = ours.findIndex((tok, i) => tok !== lc[i]);
+      assert.equal(first, -1, `greedy differs first at step ${first} (ours ${ours[first]}, llama.cpp ${lc[first]}); ours ${ours}, llama.cpp ${lc}`);
+      assert.deepEqual(ours, lc);
+    });
+  }
+
+  test("llama.cpp's greedy agrees with its own teacher-forced argmax, with no near-ties", async (t) => {
     // llama.cpp's sampler agrees with argmax over its own teacher-forced logits (KV-cached vs one
-    // batch), and no step is a near-tie that float32 rounding could flip.
+    // batch), and no step is a near-tie that float32 rounding could flip: the engines' agreement
+    // with it above is then not luck.
+    const lc = await lcGreedy();
     const all = [...prompt, ...lc];
     const tf = await llamaCppLogits(STORIES, all.slice(0, -1), LC);
     const steps = tf.logits.subarray((prompt.length - 1) * 512);
@@ -189,41 +244,52 @@ describe("llama-2-tiny-random (F16 GGUF, 32k vocab)", () => {
   const meta = readJson<{ input_ids: number[]; argmax: number[]; logsumexp: number[]; greedy_8_new_tokens: number[] }>(
     path.join(TINY_REF, "logits_7x32000.json"),
   );
-  let engine: Engine;
+  const V = 32000;
+  let engines = new Map<string, AnyEngine>();
+  const lcLogits = once(() => llamaCppLogits(TINY, meta.input_ids, LC));
+  const lcGreedy = once(() => llamaCppGreedy(TINY, meta.input_ids, meta.greedy_8_new_tokens.length, LC));
 
-  before(() => {
-    engine = new Engine(loadHostModel(TINY));
+  before(async () => {
+    engines = await makeEngines(TINY);
   });
-  after(() => engine.dispose());
+  after(() => closeEngines(engines));
 
   // llama.cpp's CPU matmul against F16 weights rounds the activations to F16 first, so here it
   // is the less exact side: ~7e-5 from the float64 reference on logits of ~0.2 (a float64 forward
-  // with F16-rounded matmul inputs matches llama.cpp to ~6e-7), while the engine keeps float32
-  // activations and matches the reference to ~5e-8. TOL holds only because these logits are small;
+  // with F16-rounded matmul inputs matches llama.cpp to ~6e-7), while the engines keep float32
+  // activations and match the reference to ~5e-8. TOL holds only because these logits are small;
   // on a real F16 model expect llama.cpp to differ by ~1e-2.
-  test("llama.cpp and engine logits agree, and both match the staged reference", async (t) => {
-    const V = 32000;
-    const lc = await timed(t, "llama.cpp 7 positions", () => llamaCppLogits(TINY, meta.input_ids, LC));
+  test("llama.cpp matches the staged reference", async (t) => {
+    const lc = await timed(t, "llama.cpp 7 positions", lcLogits);
     assert.equal(lc.vocab, V);
-    const ours = await timed(t, "engine 7 positions", async () => (await engine.forward([meta.input_ids])).logits[0]!);
-    assertMatchesLlama(ours, lc, "llama-2-tiny-random", t);
-
     const want = readF32(path.join(TINY_REF, "logits_7x32000.f32"));
-    assertClose(ours, want, { atol: 1e-6, what: "engine vs staged logits" });
-    t.diagnostic(`engine vs float64 reference: max|Δ| raw ${maxAbsDiff(ours, want).toExponential(2)}`);
     const ref = logSoftmaxRows(want, V, meta.logsumexp);
     const got = lc.kind === "logits" ? logSoftmaxRows(lc.logits, V) : lc.logits;
     assertClose(got, ref, { atol: TOL, what: "llama.cpp vs staged log-softmax" });
     if (lc.kind === "logits") assertClose(lc.logits, want, { atol: TOL, what: "llama.cpp vs staged logits" });
     assert.deepEqual(argmaxRows(lc.logits, V), meta.argmax);
     t.diagnostic(`llama.cpp vs float64 reference: max|Δ| log-softmax ${maxAbsDiff(got, ref).toExponential(2)}`);
+    const lg = await timed(t, "llama.cpp greedy 8", lcGreedy);
+    assert.deepEqual(lg, meta.greedy_8_new_tokens, "llama.cpp vs staged greedy");
   });
 
-  test("8-token greedy continuation: llama.cpp == engine == staged reference", async (t) => {
-    const n = meta.greedy_8_new_tokens.length;
-    const lc = await timed(t, "llama.cpp greedy 8", () => llamaCppGreedy(TINY, meta.input_ids, n, LC));
-    const ours = (await engine.generate([meta.input_ids], { maxTokens: n, stop: [] })).tokens[0]!;
-    assert.deepEqual(lc, meta.greedy_8_new_tokens, "llama.cpp vs staged greedy");
-    assert.deepEqual(ours, lc, "engine vs llama.cpp greedy");
-  });
+  for (const be of BACKENDS) {
+    test(`engine logits agree with llama.cpp and match the staged reference [${be.name}]`, async (t) => {
+      const engine = engines.get(be.name)!;
+      const lc = await lcLogits();
+      const ours = await timed(t, `${be.name} engine 7 positions`, async () => (await engine.forward([meta.input_ids])).logits[0]!);
+      assertMatchesLlama(ours, lc, `llama-2-tiny-random [${be.name}]`, t);
+      const want = readF32(path.join(TINY_REF, "logits_7x32000.f32"));
+      assertClose(ours, want, { atol: 1e-6, what: "engine vs staged logits" });
+      t.diagnostic(`${be.name} engine vs float64 reference: max|Δ| raw ${maxAbsDiff(ours, want).toExponential(2)}`);
+    });
+
+    test(`8-token greedy continuation: engine == llama.cpp == staged reference [${be.name}]`, async () => {
+      const engine = engines.get(be.name)!;
+      const lc = await lcGreedy();
+      const ours = (await engine.generate([meta.input_ids], { maxTokens: lc.length, stop: [] })).tokens[0]!;
+      assert.deepEqual(ours, meta.greedy_8_new_tokens, "engine vs staged greedy");
+      assert.deepEqual(ours, lc, "engine vs llama.cpp greedy");
+    });
+  }
 });

@@ -10,6 +10,8 @@ import path from "node:path";
 import { after, test } from "node:test";
 import { ModelFileError, NumericalError } from "../src/core/errors.js";
 import { Rng } from "../src/core/rng.js";
+import { CpuEngine } from "../src/cpu/engine.js";
+import { CpuRuntime } from "../src/cpu/runtime.js";
 import { inject } from "../src/eval/inject.js";
 import { degenerateFlags } from "../src/eval/run.js";
 import { readGguf } from "../src/io/gguf.js";
@@ -18,12 +20,22 @@ import { readRunLog } from "../src/log/read.js";
 import { LOG_SCHEMA, LOG_VERSION, type RunHeader } from "../src/log/schema.js";
 import { RunLogWriter } from "../src/log/write.js";
 import { Engine } from "../src/model/engine.js";
-import { loadHostModel, NumericalWeightsError } from "../src/model/load.js";
+import { loadHostModel, NumericalWeightsError, type HostModel } from "../src/model/load.js";
 import { resolveInside, serveRun } from "../src/report/server.js";
 import { repoDir, sharedDir } from "./support/paths.js";
 
 const STORIES = path.join(repoDir(), "models/stories260K/stories260K.gguf");
 const GPT2 = path.join(sharedDir(), "models/tiny-random-gpt2");
+/** A CPU engine on its own two-thread runtime (close() stops the threads). */
+async function cpuEngine(host: HostModel): Promise<CpuEngine> {
+  const rt = await CpuRuntime.create({ threads: 2 });
+  try {
+    return new CpuEngine(host, rt);
+  } catch (e) {
+    await rt.dispose();
+    throw e;
+  }
+}
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-rel-"));
 const counts: Record<string, number | Record<string, number>> = {};
 after(() => {
@@ -161,7 +173,7 @@ test("fuzz: mutated safetensors headers, config.json and tokenizer.json", () => 
   counts.tokenizer = tokCases;
 });
 
-test("NaN/Inf: in weights it is rejected at load naming the tensor; in activations it is located by hook", async () => {
+test("NaN/Inf: in weights it is rejected at load naming the tensor; in activations it is located by hook (both engines)", async () => {
   const dir = tmp();
   const g = readGguf(STORIES);
   const t = g.tensors.get("blk.2.ffn_down.weight")!;
@@ -169,13 +181,37 @@ test("NaN/Inf: in weights it is rejected at load naming the tensor; in activatio
   b.writeFloatLE(NaN, t.offset + 4 * 17);
   const f = path.join(dir, "nan.gguf");
   fs.writeFileSync(f, b);
-  assert.throws(() => loadHostModel(f), (e: Error) => e instanceof NumericalWeightsError && /blk\.2\.ffn_down\.weight holds NaN at element 17/.test(e.message) && e.message.startsWith(f));
+  const nanWeight = (e: Error) => e instanceof NumericalWeightsError && /blk\.2\.ffn_down\.weight holds NaN at element 17/.test(e.message) && e.message.startsWith(f);
+  assert.throws(() => loadHostModel(f), nanWeight);
+  // A lazy load defers the check to the read: the CPU engine reads every weight as it is built
+  // (F32 straight from the file into its memory), so it refuses the model the same way.
+  const rt = await CpuRuntime.create({ threads: 2 });
+  try {
+    assert.throws(() => new CpuEngine(loadHostModel(f, undefined, { lazy: true }), rt), nanWeight);
+  } finally {
+    await rt.dispose();
+  }
   const host = loadHostModel(STORIES);
   host.weights.get("blocks.3.mlp.down.weight")!.data.fill(3e38); // finite weights whose products overflow
-  const eng = new Engine(host);
-  await assert.rejects(eng.forward([[1, 403, 407]]), (e: Error) => e instanceof NumericalError && /first non-finite activation is at blocks\.3\.hook_mlp_out/.test(e.message));
-  await assert.rejects(eng.generate([[1, 403], [1, 5, 6]], { maxTokens: 3 }), /blocks\.3\.hook_mlp_out/);
-  eng.dispose();
+  // Each engine names the first non-finite activation, and both say exactly the same thing.
+  const messages = new Map<string, string[]>();
+  for (const name of ["wasm", "cpu"] as const) {
+    const eng = name === "wasm" ? new Engine(host) : await cpuEngine(host);
+    const seen: string[] = [];
+    const located = (e: Error) => {
+      seen.push(e.message);
+      return e instanceof NumericalError && /in batch row 0: the first non-finite activation is at blocks\.3\.hook_mlp_out \(position 0, value (?:NaN|-?Infinity)\)/.test(e.message);
+    };
+    try {
+      await assert.rejects(eng.forward([[1, 403, 407]]), located, `${name}: forward`);
+      await assert.rejects(eng.generate([[1, 403], [1, 5, 6]], { maxTokens: 3 }), located, `${name}: generate`);
+    } finally {
+      if (eng instanceof CpuEngine) await eng.close();
+      else eng.dispose();
+    }
+    messages.set(name, seen);
+  }
+  assert.deepEqual(messages.get("cpu"), messages.get("wasm"), "the CPU engine's diagnosis vs the jax-js engine's");
   assert.deepEqual(degenerateFlags("", []), ["empty"]);
   assert.deepEqual(degenerateFlags("a a a a a a a a a", [5, 5, 5, 5, 5, 5, 5, 5, 5]), ["repeated-token"]);
   assert.deepEqual(degenerateFlags("a normal answer", [1, 2, 3, 4, 5, 6, 7, 8]), []);

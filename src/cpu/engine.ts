@@ -737,7 +737,7 @@ function applyOp(f: Float32Array, off: number, R: number, T: number, Fall: numbe
   const N = op.mShape.length === 4 ? op.mShape[2]! : 1;
   const Fh = Fall / N;
   const m = op.m, v = op.v;
-  const shared = op.vShape[0] === 1; // ablate: one vector for every row
+  const shared = op.vShape[0] === 1 && op.vShape[1] === 1; // ablate: one vector for every row ([1, 1, feat])
   const perSlot = op.vShape[1] !== 1; // patch: [B, T, feat]
   for (let r = 0; r < R; r++) {
     const b = Math.floor(r / T);
