@@ -36,6 +36,7 @@ import {
 import type { Activation, ModelConfig, NormSpec } from "../model/config.js";
 import { LazyWeights, type HostModel } from "../model/load.js";
 import { ropeInvFreq } from "../model/rope.js";
+import { elementwise, type Elementwise } from "./elementwise.js";
 
 /** One matrix product Y = X·Wᵀ (W stored [N, K]); offsets and strides in f32 elements. */
 export interface Gemm {
@@ -54,6 +55,7 @@ export interface Gemm {
 /** What the engine needs from the kernel runtime (runtime.ts). */
 export interface KernelRuntime {
   readonly threads: number;
+  readonly memory: WebAssembly.Memory;
   readonly f32: Float32Array;
   alloc(nFloats: number): number;
   mark(): number;
@@ -66,6 +68,8 @@ export interface KernelRuntime {
 interface Norm {
   weight: Float32Array;
   bias?: Float32Array;
+  /** The weight in the runtime's memory too (for the Wasm RMSNorm kernel). */
+  off: number;
 }
 /** A weight matrix in Wasm memory, [rows, cols] row-major. */
 interface Mat {
@@ -107,6 +111,7 @@ export class CpuEngine {
   /** RoPE cos/sin per position, [pos, dHead/2], grown on demand; one per theta (local layers). */
   private rope = new Map<boolean, { cos: Float32Array; sin: Float32Array; n: number }>();
   private disposed = false;
+  private ew: Elementwise;
 
   /** Copies the weights into the runtime's memory one tensor at a time (a lazy HostModel then never holds them all). */
   constructor(
@@ -114,6 +119,7 @@ export class CpuEngine {
     readonly rt: KernelRuntime,
   ) {
     const c = (this.config = host.config);
+    this.ew = elementwise(rt.memory, rt.memory.buffer instanceof SharedArrayBuffer);
     const get = (name: string) => {
       const t = host.weights.get(name);
       if (!t) throw new UsageError(`internal: weight ${name} missing after load`);
@@ -126,8 +132,10 @@ export class CpuEngine {
     const norm = (p: string): Norm | undefined => {
       const w = opt(`${p}.weight`);
       if (!w) return undefined;
+      const off = rt.alloc(w.length);
+      rt.f32.set(w, off);
       const b = opt(`${p}.bias`);
-      return b ? { weight: w, bias: b } : { weight: w };
+      return b ? { weight: w, bias: b, off } : { weight: w, off };
     };
     /** Stack matrices with the same column count into one [Σrows, cols] matrix. */
     const mat = (...names: string[]): Mat => {
@@ -396,7 +404,7 @@ export class CpuEngine {
           fx.copyWithin(t1 + r * D, this.posEmbed.off + p * D, this.posEmbed.off + (p + 1) * D);
         }
         this.site("hook_pos_embed", null, t1, [D], e.host, e.reads, ctx, cache);
-        addInto(f(), x, t1, R * D);
+        this.ew.add(x, t1, R * D);
       }
     }
 
@@ -407,7 +415,7 @@ export class CpuEngine {
       const sliding = c.layerTypes[l] === "sliding";
       at("hook_resid_pre", x, [D]);
       // Attention.
-      const hin = p.ln1 ? (normRows(f(), x, h, R, D, p.ln1, c.norm), h) : x;
+      const hin = p.ln1 ? (this.norm(x, h, R, D, p.ln1), h) : x;
       this.linear(hin, D, R, p.qkv, p.qkvBias, qkv);
       const fx = f();
       const L = kv.layers[l]!;
@@ -415,8 +423,9 @@ export class CpuEngine {
       // k and v go to their own rows first (hooks see [R, nKv, dHead]), then into the cache.
       copyCols(fx, qkv, qkvW, H * hd, kb, K * hd, R);
       copyCols(fx, qkv, qkvW, (H + K) * hd, vb, K * hd, R);
-      if (p.qNorm) qkNorm(fx, q, R, H, hd, p.qNorm, c);
-      if (p.kNorm) qkNorm(fx, kb, R, K, hd, p.kNorm, c);
+      const full = c.qkNorm.kind === "full";
+      if (p.qNorm) this.norm(q, q, full ? R : R * H, full ? H * hd : hd, p.qNorm);
+      if (p.kNorm) this.norm(kb, kb, full ? R : R * K, full ? K * hd : hd, p.kNorm);
       at("attn.hook_q", q, [H, hd]);
       at("attn.hook_k", kb, [K, hd]);
       at("attn.hook_v", vb, [K, hd]);
@@ -430,30 +439,39 @@ export class CpuEngine {
       if (pattern && reads.includes("attn.hook_pattern")) this.readPattern(pattern, l, ctx, S, cache);
       at("attn.hook_z", z, [H, hd]);
       this.linear(z, H * hd, R, p.o, p.oBias, t1);
-      if (p.ln1Post) normRows(f(), t1, t1, R, D, p.ln1Post, c.norm);
+      if (p.ln1Post) this.norm(t1, t1, R, D, p.ln1Post);
       at("hook_attn_out", t1, [D]);
-      addInto(f(), x, t1, R * D);
+      this.ew.add(x, t1, R * D);
       at("hook_resid_mid", x, [D]);
       // MLP.
-      const hin2 = p.ln2 ? (normRows(f(), x, h, R, D, p.ln2, c.norm), h) : x;
+      const hin2 = p.ln2 ? (this.norm(x, h, R, D, p.ln2), h) : x;
       this.linear(hin2, D, R, p.up, p.upBias, up);
       if (c.mlp.kind === "gated") {
         copyCols(f(), up, 2 * F, 0, hid, F, R);
         at("mlp.hook_pre", hid, [F]);
-        gatedAct(f(), hid, up, R, F, c.mlp.act);
+        if (c.mlp.act === "gelu") gatedAct(f(), hid, up, R, F, c.mlp.act);
+        else this.ew.gated(hid, F, up + F, 2 * F, hid, F, R, F, c.mlp.act);
       } else {
         copyCols(f(), up, F, 0, hid, F, R);
         at("mlp.hook_pre", hid, [F]);
-        actInPlace(f(), hid, R * F, c.mlp.act);
+        if (c.mlp.act === "gelu_tanh") this.ew.geluTanh(hid, R * F);
+        else actInPlace(f(), hid, R * F, c.mlp.act);
       }
       at("mlp.hook_post", hid, [F]);
       this.linear(hid, F, R, p.down, p.downBias, t1);
-      if (p.ln2Post) normRows(f(), t1, t1, R, D, p.ln2Post, c.norm);
+      if (p.ln2Post) this.norm(t1, t1, R, D, p.ln2Post);
       at("hook_mlp_out", t1, [D]);
-      addInto(f(), x, t1, R * D);
+      this.ew.add(x, t1, R * D);
       at("hook_resid_post", x, [D]);
     }
     return x;
+  }
+
+  /** Normalise R rows of width D (RMSNorm in Wasm; LayerNorm, GPT-2 only, on the host). */
+  private norm(src: number, dst: number, R: number, D: number, p: Norm): void {
+    const spec = this.config.norm;
+    if (spec.kind === "rms") this.ew.rmsnorm(src, dst, p.off, R, D, spec.eps, spec.weightOffset);
+    else normRows(this.rt.f32, src, dst, R, D, p, spec);
   }
 
   /** Y[R, N] = X[R, K]·Wᵀ (+ bias). */
@@ -496,21 +514,8 @@ export class CpuEngine {
           // sees itself, so no row is empty.
           const lo = Math.max(pad[b]!, qSlot - window + 1);
           const from = lo <= qSlot ? lo : qSlot;
-          let mx = -Infinity;
-          for (let s = from; s <= qSlot; s++) {
-            let v = fx[row + s]! * c.attnScale;
-            if (c.attnSoftcap) v = Math.tanh(v / c.attnSoftcap) * c.attnSoftcap;
-            fx[row + s] = v;
-            if (v > mx) mx = v;
-          }
-          let sum = 0;
-          for (let s = from; s <= qSlot; s++) {
-            const e = Math.exp(fx[row + s]! - mx);
-            fx[row + s] = e;
-            sum += e;
-          }
-          const inv = 1 / sum;
-          for (let s = 0; s < S; s++) fx[row + s] = s >= from && s <= qSlot ? fx[row + s]! * inv : 0;
+          if (!c.attnSoftcap) this.ew.softmax(row, S, from, qSlot, c.attnScale);
+          else softcapSoftmax(fx, row, S, from, qSlot, c.attnScale, c.attnSoftcap);
           if (pattern) pattern.set(fx.subarray(row, row + S), ((b * H + (pi % H)) * T + t) * S);
         }
       }
@@ -531,7 +536,7 @@ export class CpuEngine {
     const lg = rt.alloc(n * V);
     let fx = rt.f32;
     sel.forEach((r, i) => fx.copyWithin(h + i * D, x + r * D, x + (r + 1) * D));
-    normRows(fx, h, h, n, D, this.lnFinal, c.norm);
+    this.norm(h, h, n, D, this.lnFinal);
     const fin = compileHost(resolved, ctx, promptLen, "final");
     this.site("ln_final.hook_normalized", null, h, [D], fin.host, fin.reads, ctx, cache);
     rt.gemm({ x: h, ldx: D, w: this.unembed.off, ldw: D, y: lg, ldy: V, M: n, N: V, K: D });
@@ -624,8 +629,22 @@ interface KvCache {
 
 // ---------------------------------------------------------------- elementwise kernels (host)
 
-function addInto(f: Float32Array, x: number, y: number, n: number): void {
-  for (let i = 0; i < n; i++) f[x + i] = f[x + i]! + f[y + i]!;
+/** Softmax of one score row with Gemma 2's tanh soft-capping (host; the Wasm kernel has no tanh cap). */
+function softcapSoftmax(f: Float32Array, row: number, S: number, from: number, to: number, scale: number, cap: number): void {
+  let mx = -Infinity;
+  for (let s = from; s <= to; s++) {
+    const v = Math.tanh((f[row + s]! * scale) / cap) * cap;
+    f[row + s] = v;
+    if (v > mx) mx = v;
+  }
+  let sum = 0;
+  for (let s = from; s <= to; s++) {
+    const e = Math.exp(f[row + s]! - mx);
+    f[row + s] = e;
+    sum += e;
+  }
+  const inv = 1 / sum;
+  for (let s = 0; s < S; s++) f[row + s] = s >= from && s <= to ? f[row + s]! * inv : 0;
 }
 
 /** Normalize R rows of width D from `src` into `dst` (may alias). */
@@ -650,12 +669,6 @@ function normRows(f: Float32Array, src: number, dst: number, R: number, D: numbe
       for (let i = 0; i < D; i++) f[o + i] = (f[a + i]! - mu) * inv * w[i]! + (b ? b[i]! : 0);
     }
   }
-}
-
-/** qk-norm: per head over dHead ("head"), or over the whole projection ("full"). */
-function qkNorm(f: Float32Array, off: number, R: number, N: number, hd: number, p: Norm, c: ModelConfig): void {
-  if (c.qkNorm.kind === "full") normRows(f, off, off, R, N * hd, p, c.norm);
-  else normRows(f, off, off, R * N, hd, p, c.norm);
 }
 
 /** Rows of the fused qkv output: q to its own buffer [R, H·dHead]. */

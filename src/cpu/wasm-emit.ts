@@ -200,6 +200,10 @@ export class Fn {
     return this.op(0x38).memarg(ALIGN.f32, offset);
   }
   f32Add(): this { return this.op(0x92); }
+  f32Div(): this { return this.op(0x95); }
+  f32ConvertI32U(): this { return this.op(0xb3); }
+  f32Sqrt(): this { return this.op(0x91); }
+  f32Max(): this { return this.op(0x97); }
   f32Sub(): this { return this.op(0x93); }
   f32Mul(): this { return this.op(0x94); }
 
@@ -242,6 +246,19 @@ export class Fn {
   f32x4Add(): this { return this.simd(0xe4); }
   f32x4Sub(): this { return this.simd(0xe5); }
   f32x4Mul(): this { return this.simd(0xe6); }
+  f32x4Div(): this { return this.simd(0xe7); }
+  f32x4Min(): this { return this.simd(0xe8); }
+  f32x4Max(): this { return this.simd(0xe9); }
+  f32x4Nearest(): this { return this.simd(0x6a); }
+  i32x4TruncSatF32x4S(): this { return this.simd(0xf8); }
+  i32x4Add(): this { return this.simd(0xae); }
+  /** Stack: [vec, i32 shift] -> each i32 lane shifted left. */
+  i32x4Shl(): this { return this.simd(0xab); }
+  /** v128.const of four i32 lanes. */
+  v128ConstI32(a: number, b = a, c = a, d = a): this {
+    this.simd(0x0c);
+    return this.op(...new Uint8Array(new Int32Array([a, b, c, d]).buffer));
+  }
   /** Relaxed SIMD: stack [a, b, c] -> a*b + c, fused or not (implementation-defined). */
   f32x4RelaxedMadd(): this { return this.simd(0x105); }
 
