@@ -33,8 +33,12 @@ const C2 = -2.12194440e-4;
 const P = [1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1];
 const GELU_K = Math.sqrt(2 / Math.PI);
 
-/** Emits exp of the v128 in local `x` onto the stack (clobbers x and the temps). */
-function vexp(f: Fn, x: number, t: { fx: number; r: number }): void {
+/**
+ * Emits exp of the v128 in local `x` onto the stack (clobbers x and the temps). Below EXP_LO the
+ * result is exactly 0 (as expf underflows), NaN stays NaN.
+ */
+function vexp(f: Fn, x: number, t: { fx: number; r: number; m: number }): void {
+  f.get(x).v128ConstF32(EXP_LO).f32x4Lt().set(t.m);
   f.get(x).v128ConstF32(EXP_HI).f32x4Min().v128ConstF32(EXP_LO).f32x4Max().set(x);
   f.get(x).v128ConstF32(LOG2E).f32x4Mul().f32x4Nearest().set(t.fx);
   f.get(x).get(t.fx).v128ConstF32(C1).f32x4Mul().f32x4Sub().get(t.fx).v128ConstF32(C2).f32x4Mul().f32x4Sub().set(t.r);
@@ -43,10 +47,11 @@ function vexp(f: Fn, x: number, t: { fx: number; r: number }): void {
   // y = p·r² + r + 1, times 2^fx built in the exponent bits.
   f.get(t.r).get(t.r).f32x4Mul().f32x4Mul().get(t.r).f32x4Add().v128ConstF32(1).f32x4Add();
   f.get(t.fx).i32x4TruncSatF32x4S().v128ConstI32(127).i32x4Add().i32Const(23).i32x4Shl().f32x4Mul();
+  f.get(t.m).v128AndNot();
 }
 
 /** Emits act(v) for the v128 in local `v`, leaving it on the stack. */
-function vact(f: Fn, v: number, act: GatedAct, t: { e: number; fx: number; r: number }): void {
+function vact(f: Fn, v: number, act: GatedAct, t: { e: number; fx: number; r: number; m: number }): void {
   if (act === "silu") {
     // v / (1 + exp(-v))
     f.v128ConstF32(0).get(v).f32x4Sub().set(t.e);
@@ -151,7 +156,7 @@ function build(shared: boolean): Uint8Array<ArrayBuffer> {
   for (const act of ["silu", "gelu_tanh"] as const) {
     const f = m.func(`gated_${act}`, [I32, I32, I32, I32], [], true);
     const [g, u, out, F] = [0, 1, 2, 3];
-    const i = f.local(I32), v = f.local(V128), t = { e: f.local(V128), fx: f.local(V128), r: f.local(V128) };
+    const i = f.local(I32), v = f.local(V128), t = { e: f.local(V128), fx: f.local(V128), r: f.local(V128), m: f.local(V128) };
     lanes(f, F, i, (k) => {
       addr(f, g, i);
       load(f, k);
@@ -169,7 +174,7 @@ function build(shared: boolean): Uint8Array<ArrayBuffer> {
   {
     const f = m.func("gelu_tanh", [I32, I32], [], true);
     const [p, n] = [0, 1];
-    const i = f.local(I32), v = f.local(V128), t = { e: f.local(V128), fx: f.local(V128), r: f.local(V128) };
+    const i = f.local(I32), v = f.local(V128), t = { e: f.local(V128), fx: f.local(V128), r: f.local(V128), m: f.local(V128) };
     lanes(f, n, i, (k) => {
       addr(f, p, i);
       load(f, k);
@@ -186,7 +191,7 @@ function build(shared: boolean): Uint8Array<ArrayBuffer> {
     const f = m.func("softmax", [I32, I32, I32, I32, F32], [], true);
     const [p, n, from, to, scale] = [0, 1, 2, 3, 4];
     const i = f.local(I32), cnt = f.local(I32), base = f.local(I32), v = f.local(V128), mx = f.local(V128), sum = f.local(V128), s = f.local(F32), tail = f.local(F32);
-    const t = { fx: f.local(V128), r: f.local(V128) };
+    const t = { fx: f.local(V128), r: f.local(V128), m: f.local(V128) };
     // The live range [from, to] as base..base+cnt.
     f.get(p).get(from).i32Const(2).i32Shl().i32Add().set(base);
     f.get(to).get(from).i32Sub().i32Const(1).i32Add().set(cnt);

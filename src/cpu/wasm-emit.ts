@@ -247,6 +247,9 @@ export class Fn {
   f32x4Sub(): this { return this.simd(0xe5); }
   f32x4Mul(): this { return this.simd(0xe6); }
   f32x4Div(): this { return this.simd(0xe7); }
+  f32x4Lt(): this { return this.simd(0x43); }
+  /** v128.andnot: a & ~b. */
+  v128AndNot(): this { return this.simd(0x4f); }
   f32x4Min(): this { return this.simd(0xe8); }
   f32x4Max(): this { return this.simd(0xe9); }
   f32x4Nearest(): this { return this.simd(0x6a); }
