@@ -117,3 +117,34 @@ test("exp range limits: SiLU/GELU of large |x| and softmax with a huge spread st
   e.softmax(80, 3, 0, 2, 1);
   assert.ok(Number.isNaN(f[80]!), "softmax over a NaN score is NaN");
 });
+
+test("RoPE (rotate-half) and the transposed cache write", () => {
+  const { e, f } = setup(false);
+  for (const hd of [2, 8, 10, 64, 128]) {
+    const R = 3, N = 2, half = hd / 2;
+    const x = 11, cos = x + R * N * hd + 1, sin = cos + R * half + 2;
+    const X = Array.from({ length: R * N * hd }, () => f32(rnd() * 4));
+    const C = Array.from({ length: R * half }, () => f32(Math.cos(rnd() * 9)));
+    const S = Array.from({ length: R * half }, () => f32(Math.sin(rnd() * 9)));
+    f.set(X, x);
+    f.set(C, cos);
+    f.set(S, sin);
+    e.rope(x, cos, sin, R, N, hd);
+    for (let r = 0; r < R; r++)
+      for (let n = 0; n < N; n++)
+        for (let j = 0; j < half; j++) {
+          const a = (r * N + n) * hd, c = C[r * half + j]!, s = S[r * half + j]!;
+          const x1 = X[a + j]!, x2 = X[a + j + half]!;
+          assert.equal(f[x + a + j], f32(f32(x1 * c) - f32(x2 * s)), `rope hd=${hd} first half`);
+          assert.equal(f[x + a + j + half], f32(f32(x2 * c) + f32(x1 * s)), `rope hd=${hd} second half`);
+        }
+  }
+  const src = Array.from({ length: 64 }, () => f32(rnd()));
+  f.set(src, 3);
+  f.fill(-1, 100, 100 + 64 * 5);
+  e.scatter(3, 101, 64, 5);
+  for (let i = 0; i < 64; i++) {
+    assert.equal(f[101 + i * 5], src[i], `scatter ${i}`);
+    assert.equal(f[102 + i * 5], -1, "scatter touches only its stride");
+  }
+});

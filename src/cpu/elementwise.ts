@@ -23,6 +23,10 @@ export interface Elementwise {
    * softmax(scale · x), the rest 0.
    */
   softmax(p: number, n: number, from: number, to: number, scale: number): void;
+  /** Rotate-half RoPE in place on x [R, N, dHead] with cos/sin [R, dHead/2] (dHead/2 a multiple of 4 or not). */
+  rope(x: number, cos: number, sin: number, R: number, N: number, hd: number): void;
+  /** dst[i · stride] = src[i] for i < n (a transposed cache write). */
+  scatter(src: number, dst: number, n: number, stride: number): void;
 }
 
 const LOG2E = Math.LOG2E;
@@ -244,6 +248,65 @@ function build(shared: boolean): Uint8Array<ArrayBuffer> {
       store(f, v, k);
     });
   }
+  // rope(x, cos, sin, N, half): one row (token) of N heads; cos/sin hold `half` values.
+  {
+    const f = m.func("rope", [I32, I32, I32, I32, I32], [], true);
+    const [x, cos, sin, N, half] = [0, 1, 2, 3, 4];
+    const n = f.local(I32), i = f.local(I32), a = f.local(I32), x1 = f.local(V128), x2 = f.local(V128), cs = f.local(V128), sn = f.local(V128), o = f.local(V128);
+    f.i32Const(0).set(n);
+    f.block(() =>
+      f.loop(() => {
+        f.get(n).get(N).i32GeU().brIf(1);
+        // a = x + n · 2·half floats
+        f.get(x).get(n).get(half).i32Mul().i32Const(3).i32Shl().i32Add().set(a);
+        lanes(f, half, i, (k) => {
+          const hb = () => f.get(half).i32Const(2).i32Shl().i32Add();
+          addr(f, a, i);
+          load(f, k);
+          f.set(x1);
+          addr(f, a, i);
+          hb();
+          load(f, k);
+          f.set(x2);
+          addr(f, cos, i);
+          load(f, k);
+          f.set(cs);
+          addr(f, sin, i);
+          load(f, k);
+          f.set(sn);
+          f.get(x1).get(cs).f32x4Mul().get(x2).get(sn).f32x4Mul().f32x4Sub().set(o);
+          addr(f, a, i);
+          store(f, o, k);
+          f.get(x2).get(cs).f32x4Mul().get(x1).get(sn).f32x4Mul().f32x4Add().set(o);
+          addr(f, a, i);
+          hb();
+          store(f, o, k);
+        });
+        f.get(n).i32Const(1).i32Add().set(n);
+        f.br(0);
+      }),
+    );
+  }
+
+  // scatter(src, dst, n, stride): dst[i·stride] = src[i].
+  {
+    const f = m.func("scatter", [I32, I32, I32, I32], [], true);
+    const [src, dst, n, stride] = [0, 1, 2, 3];
+    const i = f.local(I32), d = f.local(I32);
+    f.get(dst).set(d);
+    f.i32Const(0).set(i);
+    f.block(() =>
+      f.loop(() => {
+        f.get(i).get(n).i32GeU().brIf(1);
+        f.get(d);
+        addr(f, src, i);
+        f.f32Load().f32Store();
+        f.get(d).get(stride).i32Const(2).i32Shl().i32Add().set(d);
+        f.get(i).i32Const(1).i32Add().set(i);
+        f.br(0);
+      }),
+    );
+  }
   return m.emit();
 }
 
@@ -254,6 +317,8 @@ interface Exports {
   gated_gelu_tanh(g: number, u: number, out: number, F: number): void;
   gelu_tanh(p: number, n: number): void;
   softmax(p: number, n: number, from: number, to: number, scale: number): void;
+  rope(x: number, cos: number, sin: number, N: number, half: number): void;
+  scatter(src: number, dst: number, n: number, stride: number): void;
 }
 
 /** Instantiates the kernels on `memory` (shared or not, as the runtime made it). */
@@ -271,5 +336,10 @@ export function elementwise(memory: WebAssembly.Memory, shared: boolean): Elemen
     geluTanh: (p, n) => e.gelu_tanh(p * 4, n),
     add: (x, y, n) => e.add(x * 4, y * 4, n),
     softmax: (p, n, from, to, scale) => e.softmax(p * 4, n, from, to, scale),
+    rope(x, cos, sin, R, N, hd) {
+      const half = hd / 2;
+      for (let r = 0; r < R; r++) e.rope((x + r * N * hd) * 4, (cos + r * half) * 4, (sin + r * half) * 4, N, half);
+    },
+    scatter: (src, dst, n, stride) => e.scatter(src * 4, dst * 4, n, stride),
   };
 }

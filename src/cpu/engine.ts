@@ -378,7 +378,16 @@ export class CpuEngine {
     const sc = rt.alloc(pairs * T * S);
     const needPattern = resolved.some((r) => r.site === "attn.hook_pattern");
     const pattern = needPattern ? new Float32Array(B * H * T * S) : null;
-    const rope = c.pos.kind === "rope" ? [...new Set(c.layerTypes)].map((ty) => [ty, this.ropeFor(ctx.pos, ty === "sliding")] as const) : [];
+    // cos/sin rows for this call's positions, in our memory for the RoPE kernel.
+    const rope = c.pos.kind === "rope"
+      ? [...new Set(c.layerTypes)].map((ty) => {
+          const t = this.ropeFor(ctx.pos, ty === "sliding");
+          const cos = rt.alloc(t.cos.length), sin = rt.alloc(t.sin.length);
+          rt.f32.set(t.cos, cos);
+          rt.f32.set(t.sin, sin);
+          return [ty, { cos, sin }] as const;
+        })
+      : [];
     const f = () => rt.f32;
 
     // Embedding (+ learned positions), with the hook_embed / hook_pos_embed sites.
@@ -431,10 +440,10 @@ export class CpuEngine {
       at("attn.hook_v", vb, [K, hd]);
       const rot = rope.find(([ty]) => ty === c.layerTypes[l])?.[1];
       if (rot) {
-        applyRope(f(), q, R, H, hd, rot);
-        applyRope(f(), kb, R, K, hd, rot);
+        this.ew.rope(q, rot.cos, rot.sin, R, H, hd);
+        this.ew.rope(kb, rot.cos, rot.sin, R, K, hd);
       }
-      writeCache(f(), kb, vb, L, kv.cap, B, T, K, hd, slot0);
+      this.writeCache(kb, vb, L, kv.cap, B, T, slot0);
       this.attention(q, L, kv.cap, z, sc, pairs, ctx, pad, slot0, sliding, pattern);
       if (pattern && reads.includes("attn.hook_pattern")) this.readPattern(pattern, l, ctx, S, cache);
       at("attn.hook_z", z, [H, hd]);
@@ -447,10 +456,15 @@ export class CpuEngine {
       const hin2 = p.ln2 ? (this.norm(x, h, R, D, p.ln2), h) : x;
       this.linear(hin2, D, R, p.up, p.upBias, up);
       if (c.mlp.kind === "gated") {
-        copyCols(f(), up, 2 * F, 0, hid, F, R);
-        at("mlp.hook_pre", hid, [F]);
+        // The gate is copied out only when mlp.hook_pre has ops or reads (hooks see [R, F]).
+        const hooked = ops.has("mlp.hook_pre") || reads.includes("mlp.hook_pre");
+        if (hooked || c.mlp.act === "gelu") {
+          copyCols(f(), up, 2 * F, 0, hid, F, R);
+          at("mlp.hook_pre", hid, [F]);
+        }
         if (c.mlp.act === "gelu") gatedAct(f(), hid, up, R, F, c.mlp.act);
-        else this.ew.gated(hid, F, up + F, 2 * F, hid, F, R, F, c.mlp.act);
+        else if (hooked) this.ew.gated(hid, F, up + F, 2 * F, hid, F, R, F, c.mlp.act);
+        else this.ew.gated(up, 2 * F, up + F, 2 * F, hid, F, R, F, c.mlp.act);
       } else {
         copyCols(f(), up, F, 0, hid, F, R);
         at("mlp.hook_pre", hid, [F]);
@@ -472,6 +486,22 @@ export class CpuEngine {
     const spec = this.config.norm;
     if (spec.kind === "rms") this.ew.rmsnorm(src, dst, p.off, R, D, spec.eps, spec.weightOffset);
     else normRows(this.rt.f32, src, dst, R, D, p, spec);
+  }
+
+  /** Write this call's k [R, nKv, dHead] and v into cache slots slot0.. (V transposed). */
+  private writeCache(kb: number, vb: number, L: { k: number; v: number }, cap: number, B: number, T: number, slot0: number): void {
+    const { nKvHeads: K, dHead: hd } = this.config;
+    const f = this.rt.f32;
+    for (let b = 0; b < B; b++)
+      for (let t = 0; t < T; t++) {
+        const s = slot0 + t;
+        const r = b * T + t;
+        for (let kh = 0; kh < K; kh++) {
+          const src = kb + (r * K + kh) * hd;
+          f.copyWithin(L.k + ((b * K + kh) * cap + s) * hd, src, src + hd);
+          this.ew.scatter(vb + (r * K + kh) * hd, L.v + (b * K + kh) * hd * cap + s, hd, cap);
+        }
+      }
   }
 
   /** Y[R, N] = X[R, K]·Wᵀ (+ bias). */
@@ -681,36 +711,7 @@ function copyCols(f: Float32Array, src: number, ld: number, col0: number, dst: n
   for (let r = 0; r < R; r++) f.copyWithin(dst + r * n, src + r * ld + col0, src + r * ld + col0 + n);
 }
 
-/** Rotate-half RoPE in place on [R, N, dHead]. */
-function applyRope(f: Float32Array, off: number, R: number, N: number, hd: number, rot: { cos: Float32Array; sin: Float32Array }): void {
-  const half = hd / 2;
-  for (let r = 0; r < R; r++)
-    for (let n = 0; n < N; n++) {
-      const a = off + (r * N + n) * hd;
-      for (let j = 0; j < half; j++) {
-        const cs = rot.cos[r * half + j]!, sn = rot.sin[r * half + j]!;
-        const x1 = f[a + j]!, x2 = f[a + j + half]!;
-        f[a + j] = Math.fround(x1 * cs) - Math.fround(x2 * sn);
-        f[a + j + half] = Math.fround(x2 * cs) + Math.fround(x1 * sn);
-      }
-    }
-}
 
-/** Write this call's k [R, nKv, dHead] and v into cache slots slot0.. (V transposed). */
-function writeCache(f: Float32Array, kb: number, vb: number, L: { k: number; v: number }, cap: number, B: number, T: number, K: number, hd: number, slot0: number): void {
-  for (let b = 0; b < B; b++)
-    for (let t = 0; t < T; t++) {
-      const s = slot0 + t;
-      const r = b * T + t;
-      for (let kh = 0; kh < K; kh++) {
-        const src = kb + (r * K + kh) * hd;
-        f.copyWithin(L.k + ((b * K + kh) * cap + s) * hd, src, src + hd);
-        const vsrc = vb + (r * K + kh) * hd;
-        const vdst = L.v + (b * K + kh) * hd * cap + s;
-        for (let i = 0; i < hd; i++) f[vdst + i * cap] = f[vsrc + i]!;
-      }
-    }
-}
 
 const SQRT_2_OVER_PI = Math.sqrt(2 / Math.PI);
 
