@@ -12,18 +12,34 @@
 //
 // Packed path (M >= packMinM): per K block of kc floats and M block of about l2Bytes of X:
 //   pack the X block into panels of mr rows interleaved per 4 floats ([k/4][row][4], zero
-//   padded to a multiple of 4), then for each W tile of nr rows: pack it the same way (it stays
-//   in L1) and run the mr x nr microkernel over every X panel. Packing makes each operand one
-//   pointer with constant offsets, so the inner loop is just loads + FMAs + 2 pointer bumps:
-//   V8 keeps a v128 local in one of xmm0..xmm14, and its loop overhead (a stack check per
-//   iteration, one add per pointer) is what separates 47 from 55 GFLOP/s here.
+//   padded to a multiple of 4); then per block of nb rows of W: pack it the same way (one
+//   sequential burst of reads), and run the mr x nr microkernel of every X panel against each
+//   of its tiles of nr rows (a tile stays in L1, the X block in L2). Packing makes each operand
+//   one pointer with constant offsets, so the inner loop is 6 loads + 8 FMAs + 2 pointer bumps
+//   + V8's per-iteration stack check. While it runs, the microkernel also touches (loads and
+//   drops) one i32 per step of the raw W rows of the next block: a software prefetch that
+//   makes the next pack read from cache (+10-20% with weights coming from DRAM).
 // Direct path (small M, e.g. decode): up to dmr rows of X against each row of W in turn, both
-// read in place (K % 4 tail loaded with zero padding: load32_zero / load64_zero /
-// load32_lane), so W is streamed once, sequentially, at memory bandwidth, with no packing.
+//   read in place (K % 4 tail loaded with zero padding: load32_zero / load64_zero /
+//   load32_lane), so W is streamed once, sequentially, at memory bandwidth, with no packing.
 //
-// Note on unrolling: TurboFan schedules all loads of a loop body before the FMAs that use
-// them, so unrolling the K loop (ku = 2) runs out of xmm registers and spills; ku = 1 is best
-// for the big tiles. Measured numbers are in bench/gemm.ts and its results file.
+// What TurboFan (Node 20, V8 11.3) does with this, and the numbers behind the choices
+// (1 thread, GFLOP/s, 128x2048x768 unless noted; the register-only peak is 57-59):
+//  - It keeps v128 locals in xmm0..xmm14 (15 registers) and schedules all loads of a loop
+//    iteration before the FMAs that use them, so accumulators + vectors loaded per iteration
+//    must be <= 15 or it spills: 2x4 (8 + 6) and 3x3 (9 + 6) fit; 2x5, 2x6, 3x4, 4x3, 1x10
+//    spill and run at 20-25. For the same reason unrolling K (ku = 2, 4) is slower (28 vs 44
+//    unpacked), and loading W once per FMA ("reload") is erratic (17-41).
+//  - Unpacked 2x4 tiles (6 pointer bumps per step): 44-47; packed 2x4: 46-49; packed 3x3 and
+//    4x2: within noise of 2x4 (41-49); + W touch: 48-50. relaxed_madd (vfmadd231ps) vs
+//    mul+add: 47-49 vs 37-39 (the peak loop is the same 58 both ways: the mul+add kernel is
+//    limited by issue width, not by the FP pipes).
+//  - kc 512 / 768 / 1024 / 2048 and l2Bytes 128K..1M: within noise (+-5%) except kc 2048
+//    (W tile = all of L1: -20%) and l2Bytes 64K (-30%).
+//  - Weight streaming (M = 1, DRAM): one W row at a time with 4 accumulator chains: 24-29 GB/s
+//    (the machine reads ~28 GB/s); interleaving 2-8 rows of 3-8 KB (W register blocking) falls
+//    to 9-16 GB/s: the hardware prefetcher loses such short interleaved streams.
+//  - Cold weights, M = 4..8: direct 24-27 vs packed 13-24; M = 16: packed 33-37 vs direct 28.
 import { F32, type Fn, I32, ModuleBuilder, V128 } from "./wasm-emit.js";
 
 export interface KernelOptions {
@@ -37,8 +53,6 @@ export interface KernelOptions {
   nr: number;
   /** Packed microkernel: K-loop unroll (steps of 4 floats per iteration; power of two). */
   ku: number;
-  /** Packed microkernel: load W once per FMA instead of once per step (see emitPackedTile). */
-  reload: boolean;
   /** K block of the packed path in floats (multiple of 4). */
   kc: number;
   /** Bytes of the packed X block (re-read from L2 for every W tile). */
@@ -58,9 +72,8 @@ export const DEFAULT_KERNEL: Omit<KernelOptions, "relaxed" | "shared"> = {
   mr: 2,
   nr: 4,
   ku: 1,
-  reload: false,
   kc: 1024,
-  l2Bytes: 256 * 1024,
+  l2Bytes: 384 * 1024,
   nb: 16,
   touch: true,
   packMinM: 9,
@@ -260,7 +273,9 @@ function emitDirectRows(mb: ModuleBuilder, o: KernelOptions, a: number): Fn {
 
 /**
  * Packed tile: a x b block of Y from a packed X panel ([k/4][a][4] at xbase + xoff) and a packed
- * W tile ([k/4][b][4] at wbase + woff). Params (xbase, xoff, wbase, woff, py, ldy, steps, acc).
+ * W tile ([k/4][b][4] at wbase + woff), `steps` steps of 4 floats.
+ * Params (xbase, xoff, wbase, woff, py, ldy, steps, acc, pf, pfStep): with o.touch, each step
+ * also loads (and drops) the i32 at pf and advances pf by pfStep bytes.
  */
 function emitPackedTile(mb: ModuleBuilder, o: KernelOptions, a: number, b: number): Fn {
   const f = mb.func(`ptile_${a}x${b}`, [I32, I32, I32, I32, I32, I32, I32, I32, I32, I32]);
@@ -281,17 +296,7 @@ function emitPackedTile(mb: ModuleBuilder, o: KernelOptions, a: number, b: numbe
   const step = (s: number, u: number) => {
     const xo = 16 * a * u;
     const wo = 16 * b * u;
-    if (o.reload && a <= b) {
-      // Preload the X vectors; load W once per FMA (each loaded value has a single use).
-      for (let i = 0; i < a; i++) f.get(px).v128Load(xo + 16 * i).set(xv[i] as number);
-      for (let i = 0; i < a; i++) {
-        for (let j = 0; j < b; j++) {
-          const acc = at(s, i, j);
-          if (o.relaxed) f.get(xv[i] as number).get(pw).v128Load(wo + 16 * j).get(acc).f32x4RelaxedMadd().set(acc);
-          else f.get(acc).get(xv[i] as number).get(pw).v128Load(wo + 16 * j).f32x4Mul().f32x4Add().set(acc);
-        }
-      }
-    } else if (a <= b) {
+    if (a <= b) {
       for (let i = 0; i < a; i++) f.get(px).v128Load(xo + 16 * i).set(xv[i] as number);
       for (let j = 0; j < b; j++) {
         f.get(pw).v128Load(wo + 16 * j).set(wv[0] as number);
@@ -443,19 +448,6 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
     });
     if (step > 1) g.get(m1).get(m).i32Sub().tee(rm).if(() => dispatch(rm, step - 1, rest));
   };
-  // for (n = 0; N - n >= nr; n += nr) cols(nr); then cols(r) for the r = N - n left columns.
-  const colsLoop = (nr: number, cols: (b: number) => void) => {
-    g.i32Const(0).set(n);
-    g.block(() => {
-      g.loop(() => {
-        g.get(N).get(n).i32Sub().i32Const(nr).i32LtU().brIf(1);
-        cols(nr);
-        g.get(n).i32Const(nr).i32Add().set(n);
-        g.br(0);
-      });
-    });
-    if (nr > 1) g.get(N).get(n).i32Sub().tee(rn).if(() => dispatch(rn, nr - 1, cols));
-  };
   const yAt = () => g.get(Y).get(m).get(LDY).i32Mul().i32Add().get(n).i32Const(2).i32Shl().i32Add();
 
   // Direct path: dmr rows of X at a time against all of W.
@@ -547,7 +539,8 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
                 g.get(rm).get(N).i32GtU().if(() => void g.get(N).set(rm));
                 g.get(W).get(n1).get(LDW).i32Mul().i32Add().get(kb).i32Const(2).i32Shl().i32Add().set(pf);
                 // bytes / (steps * tiles * panels) = bytes / (steps * ceil((n1-n0)/nr) * ceil((m1-m0)/mr))
-                g.get(rm).get(n1).i32Sub().i32Const(1).i32Sub().get(LDW).i32Mul().get(kc).i32Const(2).i32Shl().i32Add();
+                // (minus 4: the last touch reads 4 bytes and must stay inside W)
+                g.get(rm).get(n1).i32Sub().i32Const(1).i32Sub().get(LDW).i32Mul().get(kc).i32Const(2).i32Shl().i32Add().i32Const(4).i32Sub();
                 g.get(rowBytes).i32Const(4).i32ShrU();
                 g.get(n1).get(n0).i32Sub().i32Const(o.nr - 1).i32Add().i32Const(o.nr).i32DivU().i32Mul();
                 g.get(m1).get(m0).i32Sub().i32Const(o.mr - 1).i32Add().i32Const(o.mr).i32DivU().i32Mul();

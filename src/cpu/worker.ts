@@ -9,9 +9,9 @@ const instance = new WebAssembly.Instance(init.module, { env: { memory: init.mem
 const gemmList = instance.exports.gemm_list as GemmListFn;
 const ctrl = new Int32Array(init.ctrl);
 
+let seen = Atomics.load(ctrl, C.SEQ);
 parentPort?.postMessage("ready");
 
-let seen = Atomics.load(ctrl, C.SEQ);
 for (;;) {
   // Spin for up to spinMicros, then sleep until the generation changes.
   let seq = Atomics.load(ctrl, C.SEQ);
@@ -31,6 +31,7 @@ for (;;) {
   }
   seen = seq;
   if (Atomics.load(ctrl, C.STOP) !== 0) break;
-  claimAndRun(ctrl, seq, gemmList, init.scratch);
+  const error = claimAndRun(ctrl, seq, gemmList, init.scratch);
+  if (error !== undefined) process.emitWarning(`CpuRuntime worker: ${String(error)}`);
 }
 parentPort?.close();
