@@ -148,3 +148,18 @@ test("RoPE (rotate-half) and the transposed cache write", () => {
     assert.equal(f[102 + i * 5], -1, "scatter touches only its stride");
   }
 });
+
+test("dot and axpy (the add / project interventions)", () => {
+  const { e, f } = setup(true);
+  for (const n of [1, 3, 4, 7, 768, 2051]) {
+    const A = Array.from({ length: n }, () => f32(rnd() * 3));
+    const Bv = Array.from({ length: n }, () => f32(rnd() * 3));
+    f.set(A, 5);
+    f.set(Bv, 5 + n + 3);
+    const want = A.reduce((s, a, i) => s + a * Bv[i]!, 0);
+    const scale = A.reduce((s, a, i) => s + Math.abs(a * Bv[i]!), 0);
+    assert.ok(Math.abs(e.dot(5, 5 + n + 3, n) - want) <= 1e-6 * scale, `dot n=${n}`);
+    e.axpy(5, 5 + n + 3, n, -0.75);
+    for (let i = 0; i < n; i++) assert.equal(f[5 + i], f32(A[i]! + f32(-0.75 * Bv[i]!)), `axpy n=${n} i=${i}`);
+  }
+});

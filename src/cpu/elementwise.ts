@@ -27,6 +27,10 @@ export interface Elementwise {
   rope(x: number, cos: number, sin: number, R: number, N: number, hd: number): void;
   /** dst[i · stride] = src[i] for i < n (a transposed cache write). */
   scatter(src: number, dst: number, n: number, stride: number): void;
+  /** Σ a[i]·b[i] over n (f32, 4 lanes). */
+  dot(a: number, b: number, n: number): number;
+  /** y[i] += alpha · x[i] over n (the product rounded to f32, then added: jax's x + m·v). */
+  axpy(y: number, x: number, n: number, alpha: number): void;
 }
 
 const LOG2E = Math.LOG2E;
@@ -307,6 +311,40 @@ function build(shared: boolean): Uint8Array<ArrayBuffer> {
       }),
     );
   }
+  // dot(a, b, n) -> f32
+  {
+    const f = m.func("dot", [I32, I32, I32], [F32], true);
+    const [a, b, n] = [0, 1, 2];
+    const i = f.local(I32), acc = f.local(V128);
+    f.v128ConstF32(0).set(acc);
+    lanes(f, n, i, (k) => {
+      addr(f, a, i);
+      if (k === 4) f.v128Load();
+      else f.v128Load32Zero();
+      addr(f, b, i);
+      if (k === 4) f.v128Load();
+      else f.v128Load32Zero();
+      f.f32x4Mul().get(acc).f32x4Add().set(acc);
+    });
+    f.get(acc).f32x4ExtractLane(0).get(acc).f32x4ExtractLane(1).f32Add().get(acc).f32x4ExtractLane(2).f32Add().get(acc).f32x4ExtractLane(3).f32Add();
+  }
+
+  // axpy(y, x, n, alpha): y += alpha·x
+  {
+    const f = m.func("axpy", [I32, I32, I32, F32], [], true);
+    const [y, x, n, alpha] = [0, 1, 2, 3];
+    const i = f.local(I32), v = f.local(V128), al = f.local(V128);
+    f.get(alpha).f32x4Splat().set(al);
+    lanes(f, n, i, (k) => {
+      addr(f, y, i);
+      load(f, k);
+      addr(f, x, i);
+      load(f, k);
+      f.get(al).f32x4Mul().f32x4Add().set(v);
+      addr(f, y, i);
+      store(f, v, k);
+    });
+  }
   return m.emit();
 }
 
@@ -319,6 +357,8 @@ interface Exports {
   softmax(p: number, n: number, from: number, to: number, scale: number): void;
   rope(x: number, cos: number, sin: number, N: number, half: number): void;
   scatter(src: number, dst: number, n: number, stride: number): void;
+  dot(a: number, b: number, n: number): number;
+  axpy(y: number, x: number, n: number, alpha: number): void;
 }
 
 /** Instantiates the kernels on `memory` (shared or not, as the runtime made it). */
@@ -341,5 +381,7 @@ export function elementwise(memory: WebAssembly.Memory, shared: boolean): Elemen
       for (let r = 0; r < R; r++) e.rope((x + r * N * hd) * 4, (cos + r * half) * 4, (sin + r * half) * 4, N, half);
     },
     scatter: (src, dst, n, stride) => e.scatter(src * 4, dst * 4, n, stride),
+    dot: (a, b, n) => e.dot(a * 4, b * 4, n),
+    axpy: (y, x, n, alpha) => e.axpy(y * 4, x * 4, n, alpha),
   };
 }

@@ -588,10 +588,7 @@ export class CpuEngine {
     const list = ops.get(site);
     const Fall = feat.reduce((a, b) => a * b, 1);
     const R = ctx.B * ctx.T;
-    if (list) {
-      const fx = this.rt.f32;
-      for (const op of list) applyOp(fx, off, R, ctx.T, Fall, op);
-    }
+    if (list) for (const op of list) this.applyOp(off, R, ctx.T, Fall, op);
     if (reads.includes(site)) {
       const fx = this.rt.f32;
       const name = (layer === null ? site : `blocks.${layer}.${site}`) as HookName;
@@ -602,6 +599,43 @@ export class CpuEngine {
         const out = new Float32Array(keep.length * Fall);
         keep.forEach((t, i) => out.set(fx.subarray(off + (b * T + t) * Fall, off + (b * T + t + 1) * Fall), i * Fall));
         cache.append(name, feat, b, out);
+      }
+    }
+  }
+
+  /** One compiled site op on [R, ...feat] at `off` (the host form of transformer.ts's `site`). */
+  private applyOp(off: number, R: number, T: number, Fall: number, op: HostOp): void {
+    const N = op.mShape.length === 4 ? op.mShape[2]! : 1;
+    const Fh = Fall / N;
+    const m = op.m, v = op.v;
+    if (op.kind === "replace") {
+      const f = this.rt.f32;
+      const shared = op.vShape[0] === 1 && op.vShape[1] === 1; // ablate: one vector for every row ([1, 1, feat])
+      const perSlot = op.vShape[1] !== 1; // patch: [B, T, feat]
+      for (let r = 0; r < R; r++)
+        for (let hh = 0; hh < N; hh++) {
+          if (m[r * N + hh] === 0) continue;
+          const b = Math.floor(r / T);
+          const vo = shared ? hh * Fh : perSlot ? r * Fall + hh * Fh : b * Fall + hh * Fh;
+          f.set(v.subarray(vo, vo + Fh), off + r * Fall + hh * Fh);
+        }
+      return;
+    }
+    // add / project: the per-row payload [B, feat] goes into our memory for the Wasm kernels.
+    const vp = this.rt.alloc(v.length);
+    this.rt.f32.set(v, vp);
+    for (let r = 0; r < R; r++) {
+      const b = Math.floor(r / T);
+      for (let hh = 0; hh < N; hh++) {
+        const mv = m[r * N + hh]!;
+        if (mv === 0) continue;
+        const base = off + r * Fall + hh * Fh;
+        if (op.kind === "add") this.ew.axpy(base, vp + b * Fall + hh * Fh, Fh, mv);
+        else {
+          // x - (m·(x·u))·u, rounded as jax-js does it: coef in f32, then m·coef in f32.
+          const coef = this.ew.dot(base, vp + b * Fall, Fh);
+          this.ew.axpy(base, vp + b * Fall, Fh, -Math.fround(mv * coef));
+        }
       }
     }
   }
@@ -746,32 +780,3 @@ function erf(x: number): number {
   return x >= 0 ? 1 - r : r - 1;
 }
 
-/** One compiled site op on [R, ...feat] at `off` (the host form of transformer.ts's `site`). */
-function applyOp(f: Float32Array, off: number, R: number, T: number, Fall: number, op: HostOp): void {
-  const N = op.mShape.length === 4 ? op.mShape[2]! : 1;
-  const Fh = Fall / N;
-  const m = op.m, v = op.v;
-  const shared = op.vShape[0] === 1 && op.vShape[1] === 1; // ablate: one vector for every row ([1, 1, feat])
-  const perSlot = op.vShape[1] !== 1; // patch: [B, T, feat]
-  for (let r = 0; r < R; r++) {
-    const b = Math.floor(r / T);
-    for (let hh = 0; hh < N; hh++) {
-      const mv = m[r * N + hh]!;
-      if (mv === 0) continue;
-      const base = off + r * Fall + hh * Fh;
-      if (op.kind === "add") {
-        const vo = b * Fall + hh * Fh;
-        for (let i = 0; i < Fh; i++) f[base + i] = f[base + i]! + Math.fround(mv * v[vo + i]!);
-      } else if (op.kind === "project") {
-        const vo = b * Fall;
-        let coef = 0;
-        for (let i = 0; i < Fh; i++) coef += f[base + i]! * v[vo + i]!;
-        const k = mv * coef;
-        for (let i = 0; i < Fh; i++) f[base + i] = f[base + i]! - k * v[vo + i]!;
-      } else {
-        const vo = shared ? hh * Fh : perSlot ? r * Fall + hh * Fh : b * Fall + hh * Fh;
-        for (let i = 0; i < Fh; i++) f[base + i] = v[vo + i]!;
-      }
-    }
-  }
-}

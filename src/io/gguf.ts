@@ -215,13 +215,17 @@ export function readRange(path: string, offset: number, length: number): Uint8Ar
 }
 
 /** Fill `dst` with the file's bytes from `offset` (positioned reads; throws if the file ends first). */
+const READ_CHUNK = 8 << 20;
+
 export function readRangeInto(path: string, offset: number, dst: Uint8Array): void {
   const length = dst.byteLength;
   const fd = fs.openSync(path, "r");
   try {
     let done = 0;
     while (done < length) {
-      const n = fs.readSync(fd, dst, done, length - done, offset + done);
+      // Bounded reads: a destination in a SharedArrayBuffer (the CPU engine's memory with
+      // threads) may go through a temporary buffer as large as the read.
+      const n = fs.readSync(fd, dst, done, Math.min(length - done, READ_CHUNK), offset + done);
       if (n === 0) throw new ModelFileError(path, `truncated: expected ${length} bytes at offset ${offset}`);
       done += n;
     }

@@ -378,10 +378,14 @@ export class LazyWeights extends Map<string, HostTensor> {
     const s = this.#slots.get(key);
     if (s === undefined) throw new UsageError(`internal: no weight ${key}`);
     const p = s.kind === "file" ? s.p : null;
-    const range = p && !p.src.transpose && !p.src.split && !p.src.unpermuteRope && !this.#waiting.has(p.name) ? this.#source.f32Range(p.name) : null;
+    const range = p && !p.src.transpose && !p.src.split && !this.#waiting.has(p.name) ? this.#source.f32Range(p.name) : null;
     if (p && range && range.byteLength === dst.byteLength) {
       readRangeInto(range.file, range.offset, new Uint8Array(dst.buffer, dst.byteOffset, dst.byteLength));
       checkFinite({ data: dst, shape: p.shape }, this.#source.file, p.name, p.canon, p.layer);
+      if (p.src.unpermuteRope) {
+        const c = this.#config;
+        unpermuteInPlace(dst, p.src.unpermuteRope === "q" ? c.nHeads : c.nKvHeads, c.dHead, p.shape[1] ?? 1);
+      }
       return;
     }
     const t = this.get(key)!;
@@ -464,6 +468,19 @@ export class LazyWeights extends Map<string, HostTensor> {
     if (waiting.size === 0) {
       this.#waiting.delete(s.p.name);
       this.#kept.delete(s.p.name);
+    }
+  }
+}
+
+/** unpermuteRows in place, one head at a time through a head-sized temporary. */
+function unpermuteInPlace(data: Float32Array, nHeads: number, dHead: number, rowLen: number): void {
+  const head = dHead * rowLen;
+  const tmp = new Float32Array(head);
+  for (let h = 0; h < nHeads; h++) {
+    tmp.set(data.subarray(h * head, (h + 1) * head));
+    for (let j = 0; j < dHead; j++) {
+      const src = j < dHead / 2 ? 2 * j : 2 * (j - dHead / 2) + 1;
+      data.set(tmp.subarray(src * rowLen, (src + 1) * rowLen), h * head + j * rowLen);
     }
   }
 }
