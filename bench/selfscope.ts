@@ -215,21 +215,36 @@ const hooks = await (async () => {
     await timeForward(pre[n]!);
     await timedGenerate([p16], { maxTokens: 4, plan: dec[n]! });
   }
-  // Round-robin, rotating the order each round so drift and neighbour effects spread evenly.
-  for (let r = 0; r < Math.max(S.hookPrefillReps, S.hookDecodeReps); r++) {
+  // Round-robin, rotating the order each round. This machine's speed drifts by tens of percent
+  // over seconds, so each plan is compared with the no-hook run of the same round (a paired
+  // ratio) and the overhead is the median of those ratios, not a ratio of medians.
+  const rounds = Math.max(S.hookPrefillReps, S.hookDecodeReps);
+  const preRound: Record<string, number[]> = Object.fromEntries(names.map((n) => [n, []]));
+  const decRound: Record<string, number[]> = Object.fromEntries(names.map((n) => [n, []]));
+  for (let r = 0; r < rounds; r++) {
     const order = names.map((_, i) => names[(i + r) % names.length]!);
     for (const n of order) {
-      if (r < S.hookPrefillReps) prefillMs[n]!.push(await timeForward(pre[n]!));
-      if (r < S.hookDecodeReps) stepMs[n]!.push(...(await timedGenerate([p16], { maxTokens: S.hookDecodeNew, plan: dec[n]! })).steps);
+      if (r < S.hookPrefillReps) {
+        const t = await timeForward(pre[n]!);
+        prefillMs[n]!.push(t);
+        preRound[n]![r] = t;
+      }
+      if (r < S.hookDecodeReps) {
+        const steps = (await timedGenerate([p16], { maxTokens: S.hookDecodeNew, plan: dec[n]! })).steps;
+        stepMs[n]!.push(...steps);
+        decRound[n]![r] = median(steps);
+      }
     }
   }
+  const pairedOverhead = (per: Record<string, number[]>, n: string) => median(per[n]!.map((t, r) => t / per.none![r]!)) - 1;
   const out: Record<string, { prefillMs: number; decodeStepMs: number; prefillOverhead: number; decodeOverhead: number }> = {};
-  const p0 = median(prefillMs.none!);
-  const d0 = median(stepMs.none!);
   for (const n of names) {
-    const p = median(prefillMs[n]!);
-    const d = median(stepMs[n]!);
-    out[n] = { prefillMs: round(p, 1), decodeStepMs: round(d, 2), prefillOverhead: round(p / p0 - 1, 4), decodeOverhead: round(d / d0 - 1, 4) };
+    out[n] = {
+      prefillMs: round(median(prefillMs[n]!), 1),
+      decodeStepMs: round(median(stepMs[n]!), 2),
+      prefillOverhead: round(pairedOverhead(preRound, n), 4),
+      decodeOverhead: round(pairedOverhead(decRound, n), 4),
+    };
   }
   return out;
 })();

@@ -99,7 +99,7 @@ interface Block {
 /** Elements of one attention-score buffer (rows·heads·queries·keys) held at once. */
 const SCORE_BUDGET = 4 << 20;
 /** Rows (batch rows × slots) of one prefill chunk in generate(): enough for full-speed matmuls. */
-const ROW_BUDGET = 256;
+const ROW_BUDGET = 128;
 
 export class CpuEngine {
   readonly config: ModelConfig;
@@ -298,15 +298,14 @@ export class CpuEngine {
       // Prefill in chunks of slots: activations are B·chunk rows and the score buffer
       // B·heads·chunk·keys, bounded whatever the batch and prompt (a 64-row sweep prefills 4 slots at a time).
       const chunk = Math.max(1, Math.min(Math.floor(ROW_BUDGET / B), Math.floor(SCORE_BUDGET / (B * c.nHeads * T))));
-      let logits: Float32Array = new Float32Array(B * V);
-      const stepLogits = logits;
+      let logits: Float32Array = new Float32Array(0);
       for (let start = 0; start < T; start += chunk) {
         const n = Math.min(chunk, T - start);
         const m = this.rt.mark();
         const ctx = sliceCtx(rs, pad, start, n);
         const x = this.runLayers(ctx, pad, promptLen, resolved, kv, start, cache);
         if (start + n >= T) {
-          logits = this.head(x, Array.from({ length: B }, (_, b) => b * n + n - 1), lastCtx(B, T, pad), promptLen, resolved, cache, stepLogits);
+          logits = this.head(x, Array.from({ length: B }, (_, b) => b * n + n - 1), lastCtx(B, T, pad), promptLen, resolved, cache, true);
           opts.onStep?.(0);
         }
         this.rt.release(m);
@@ -329,7 +328,7 @@ export class CpuEngine {
         const ctx: CallCtx = { B, T: 1, pos, ids: Int32Array.from(next) };
         const m = this.rt.mark();
         const x = this.runLayers(ctx, pad, promptLen, resolved, kv, slot, cache);
-        logits = this.head(x, Array.from({ length: B }, (_, b) => b), ctx, promptLen, resolved, cache, stepLogits);
+        logits = this.head(x, Array.from({ length: B }, (_, b) => b), ctx, promptLen, resolved, cache, true);
         this.rt.release(m);
         opts.onStep?.(step + 1);
       }
@@ -524,13 +523,15 @@ export class CpuEngine {
     const window = sliding && c.slidingWindow !== undefined ? c.slidingWindow : Infinity;
     for (let p0 = 0; p0 < B * H; p0 += pairs) {
       const p1 = Math.min(B * H, p0 + pairs);
-      const scores: Gemm[] = [];
-      const values: Gemm[] = [];
+      // The argument objects are reused across layers and steps (a 64-row decode step would
+      // otherwise make ~18k short-lived objects).
+      const scores = this.gemmList(0, p1 - p0);
+      const values = this.gemmList(1, p1 - p0);
       for (let pi = p0; pi < p1; pi++) {
         const b = Math.floor(pi / H), hh = pi % H, kh = Math.floor(hh / G);
         const s = sc + (pi - p0) * T * S;
-        scores.push({ x: q + (b * T * H + hh) * hd, ldx: H * hd, w: L.k + (b * K + kh) * cap * hd, ldw: hd, y: s, ldy: S, M: T, N: S, K: hd });
-        values.push({ x: s, ldx: S, w: L.v + (b * K + kh) * hd * cap, ldw: cap, y: z + (b * T * H + hh) * hd, ldy: H * hd, M: T, N: hd, K: S });
+        setGemm(scores[pi - p0]!, q + (b * T * H + hh) * hd, H * hd, L.k + (b * K + kh) * cap * hd, hd, s, S, T, S, hd);
+        setGemm(values[pi - p0]!, s, S, L.v + (b * K + kh) * hd * cap, cap, z + (b * T * H + hh) * hd, H * hd, T, hd, S);
       }
       this.rt.gemmBatch(scores);
       const fx = this.rt.f32;
@@ -553,11 +554,23 @@ export class CpuEngine {
     }
   }
 
+  private lists: [Gemm[], Gemm[]] = [[], []];
+  /** A reusable list of n gemm argument objects (the same array while n stays the same). */
+  private gemmList(which: 0 | 1, n: number): Gemm[] {
+    let l = this.lists[which];
+    if (l.length !== n) {
+      const old = l;
+      l = Array.from({ length: n }, (_, i) => old[i] ?? { x: 0, ldx: 0, w: 0, ldw: 0, y: 0, ldy: 0, M: 0, N: 0, K: 0 });
+      this.lists[which] = l;
+    }
+    return l;
+  }
+
   /**
    * Final norm + unembedding for the selected rows of x; returns logits [sel, V] on the host.
    * `ctx` describes the selected slots (B rows × ctx.T each, in order), for ln_final ops.
    */
-  private head(x: number, sel: number[], ctx: CallCtx, promptLen: number[], resolved: Resolved[], cache: ActivationCache, into?: Float32Array): Float32Array {
+  private head(x: number, sel: number[], ctx: CallCtx, promptLen: number[], resolved: Resolved[], cache: ActivationCache, view = false): Float32Array {
     const c = this.config;
     const rt = this.rt;
     const D = c.dModel, V = c.dVocab;
@@ -571,9 +584,9 @@ export class CpuEngine {
     this.site("ln_final.hook_normalized", null, h, [D], fin.host, fin.reads, ctx, cache);
     rt.gemm({ x: h, ldx: D, w: this.unembed.off, ldw: D, y: lg, ldy: V, M: n, N: V, K: D });
     fx = rt.f32;
-    // generate() passes one buffer for every step: no per-token garbage of B·V floats.
-    const out = into ?? new Float32Array(n * V);
-    out.set(fx.subarray(lg, lg + n * V));
+    // generate() samples straight from our memory (valid until the next step allocates): no
+    // host copy of B·V floats per token.
+    const out = view ? fx.subarray(lg, lg + n * V) : fx.slice(lg, lg + n * V);
     const cap = c.finalSoftcap;
     if (cap) for (let i = 0; i < out.length; i++) out[i] = Math.tanh(out[i]! / cap) * cap;
     for (let i = 0; i < out.length; i++) if (!Number.isFinite(out[i]!)) throw new NonFiniteLogits(Math.floor(i / V / ctx.T), out[i]!);
@@ -689,6 +702,18 @@ export class CpuEngine {
 interface KvCache {
   cap: number;
   layers: { k: number; v: number }[];
+}
+
+function setGemm(g: Gemm, x: number, ldx: number, w: number, ldw: number, y: number, ldy: number, M: number, N: number, K: number): void {
+  g.x = x;
+  g.ldx = ldx;
+  g.w = w;
+  g.ldw = ldw;
+  g.y = y;
+  g.ldy = ldy;
+  g.M = M;
+  g.N = N;
+  g.K = K;
 }
 
 // ---------------------------------------------------------------- elementwise kernels (host)

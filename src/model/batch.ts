@@ -235,18 +235,24 @@ export function compileHost(resolved: Resolved[], ctx: CallCtx, promptLen: numbe
     if (iv.op === "add" || iv.op === "project") {
       // Per-row payload [B,1,...feat]: rows outside the scope get zeros (masked anyway).
       const F = r.vec!.length;
-      const v = new Float32Array(B * F);
-      for (const b of rows) v.set(r.vec!, b * F);
       // A weighted projection is the unit projection with its mask scaled.
       if (iv.op === "project" && iv.scale !== undefined) for (let i = 0; i < m.length; i++) m[i]! *= iv.scale;
       // A sweep puts one intervention per row: ops of one kind on disjoint rows merge into a
       // single op (sum of payloads and masks), so a batch of 32 steered rows costs one add.
+      // Disjoint rows are still zero in the merged op, so merging writes only this op's rows.
       const last = list.at(-1);
       if (last && last.kind === iv.op && ![...rows].some((b) => last.rows.has(b))) {
-        for (let i = 0; i < v.length; i++) last.v[i]! += v[i]!;
-        for (let i = 0; i < m.length; i++) last.m[i]! += m[i]!;
-        for (const b of rows) last.rows.add(b);
-      } else list.push({ kind: iv.op, v, vShape: [B, 1, ...r.featShape], m, mShape: maskShape, rows });
+        const per = m.length / B;
+        for (const b of rows) {
+          last.v.set(r.vec!, b * F);
+          for (let i = b * per; i < (b + 1) * per; i++) last.m[i] = m[i]!;
+          last.rows.add(b);
+        }
+      } else {
+        const v = new Float32Array(B * F);
+        for (const b of rows) v.set(r.vec!, b * F);
+        list.push({ kind: iv.op, v, vShape: [B, 1, ...r.featShape], m, mShape: maskShape, rows });
+      }
     } else if (iv.op === "ablate") {
       list.push({ kind: "replace", v: r.vec!, vShape: [1, 1, ...r.featShape], m, mShape: maskShape, rows });
     } else {
