@@ -108,7 +108,7 @@ describe("inject() end to end on stories260K (rule judge)", () => {
       { family: h.model.family, nLayers: h.model.nLayers, dModel: h.model.dModel, chatTemplate: h.model.chatTemplate },
       { family: "llama", nLayers: model.config.nLayers, dModel: model.config.dModel, chatTemplate: false },
     );
-    assert.equal(h.backend.device, "wasm");
+    assert.equal(h.backend.device, "cpu"); // the default device
     assert.deepEqual(h.config, buildConfig(args, model.config.nLayers));
     assert.deepEqual(h.config.layers, [2]);
     assert.deepEqual(h.config.strengths, [4, 8]);

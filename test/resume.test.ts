@@ -32,10 +32,11 @@ after(() => fs.rmSync(tmpRoot, { recursive: true, force: true }));
 // Vector cache shared by every process of this file (so restarts do not recompute vectors).
 const env = { SELFSCOPE_CACHE: path.join(tmpRoot, "cache") };
 
-// 3 concepts × 2 strengths × (4 injection + 4 forced + 1 yes-bias) + 2 × 4 controls = 62 trials,
-// batches of 4: a record lands about every 0.1–0.3 s.
-const SWEEP = ["--model", STORIES, "--layers", "2", "--strengths", "4,8", "--concepts", "3", "--trials", "4", "--controls", "4", "--forced", "--yes-bias", "1", "--judge", "rule", "--max-tokens", "8", "--temperature", "1", "--seed", "3", "--quiet"];
-const PLANNED = 62;
+// 10 concepts × 2 strengths × (6 injection + 6 forced + 1 yes-bias) + 2 × 6 controls = 272 trials,
+// batches of 4. On the cpu engine a record lands every few ms, so the run must be this long for
+// ≥ 22 kills to land before it completes.
+const SWEEP = ["--model", STORIES, "--layers", "2", "--strengths", "4,8", "--concepts", "10", "--trials", "6", "--controls", "6", "--forced", "--yes-bias", "1", "--judge", "rule", "--max-tokens", "8", "--temperature", "1", "--seed", "3", "--quiet"];
+const PLANNED = 272;
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
@@ -108,7 +109,7 @@ describe("crash and resume through the CLI (SIGKILL at seeded-random points)", (
       const pick = rand();
       // The first kill comes early (model loading, before or just after the header is written).
       const mode = done ? "none" : cycle === 1 || pick < 0.3 ? `delay` : `records`;
-      const delayMs = cycle === 1 ? 100 + Math.floor(rand() * 600) : Math.floor(rand() * 2500);
+      const delayMs = cycle === 1 ? 100 + Math.floor(rand() * 600) : Math.floor(rand() * 1500);
       const step = 1 + Math.floor(rand() * 7);
       const { res, killed } = done
         ? { res: await runCli(args, { env }), killed: false }

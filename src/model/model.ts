@@ -8,7 +8,6 @@ import { loadTokenizerJson, tokenizerFromGguf, type Tokenizer } from "../io/toke
 import { getDeviceInfo, initDevice, type DeviceInfo, type DeviceName } from "../runtime/device.js";
 import type { ModelConfig } from "./config.js";
 import { CpuEngine } from "../cpu/engine.js";
-import { CpuRuntime } from "../cpu/runtime.js";
 import { Engine, type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type Row } from "./engine.js";
 import { loadHostModel, type HostModel, type ModelFiles } from "./load.js";
 import { checkFits } from "./memory.js";
@@ -67,6 +66,9 @@ export class Model {
     }
     let engine: InferenceEngine;
     if (device.name === "cpu") {
+      // Imported on demand: the runtime uses node:worker_threads, and this module must stay
+      // importable in a browser bundle (where the webgpu device is the one to use).
+      const { CpuRuntime } = await import("../cpu/runtime.js");
       const rt = await CpuRuntime.create(opts.threads !== undefined ? { threads: opts.threads } : {});
       try {
         engine = new CpuEngine(host, rt);
