@@ -5,13 +5,19 @@
 //    accumulators (what a decode step does with its weights: stream them once);
 //  - copy: TypedArray.prototype.set between two 256 MiB buffers (native memmove), counted as
 //    read + write bytes, as STREAM's "copy" does.
-// The compute limit (peak f32 GEMM) comes from llama.cpp's ggml in the llama.cpp child: see
-// bench/README.md for why that and not a JS kernel.
+// Compute: the WebAssembly SIMD multiply-add peak (a register-only loop of the kernel module's
+// `peak`, 12 independent f32x4 accumulators) at 1 and N threads — the ceiling for any Wasm code on
+// this machine. The native f32 GEMM rate comes from llama.cpp's ggml in the llama.cpp child
+// (its best batch; a lower bound of the native peak).
 //
 //   node dist/bench/machine.js --threads N --out FILE [--quick]
 import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads";
 import { fileURLToPath } from "node:url";
+import { CpuRuntime } from "../src/cpu/runtime.js";
+import { PEAK_FLOPS_PER_ITER } from "../src/cpu/kernels.js";
 import { cpuSeconds, log, parseChildArgs, round, writeJson } from "./common.js";
+
+const PEAK_ITERS = 20_000_000;
 
 const BYTES = 256 * 2 ** 20;
 
@@ -54,7 +60,7 @@ function sumModuleBytes(): Uint8Array<ArrayBuffer> {
 }
 
 interface Job {
-  kind: "read" | "copy";
+  kind: "read" | "copy" | "peak";
   reps: number;
   module?: WebAssembly.Module;
   memory?: WebAssembly.Memory;
@@ -64,9 +70,15 @@ interface Job {
 }
 
 /** Runs one job `reps` times and returns the best time in ms. */
-function runJob(j: Job): number {
+function runJob(j: Job, rt: CpuRuntime | null): number {
   let best = Infinity;
-  if (j.kind === "read") {
+  if (j.kind === "peak") {
+    for (let r = 0; r < j.reps; r++) {
+      const t = performance.now();
+      rt!.peak(PEAK_ITERS);
+      best = Math.min(best, performance.now() - t);
+    }
+  } else if (j.kind === "read") {
     const sum = new WebAssembly.Instance(j.module!, { env: { memory: j.memory! } }).exports.sum as (p: number, e: number) => number;
     let sink = 0;
     for (let r = 0; r < j.reps; r++) {
@@ -88,8 +100,12 @@ function runJob(j: Job): number {
 }
 
 if (!isMainThread) {
+  const job = workerData as Job;
+  // A 1-thread kernel runtime per worker for the peak loop, warmed up (tiered up) before "ready".
+  const rt = job.kind === "peak" ? await CpuRuntime.create({ threads: 1 }) : null;
+  for (let i = 0; rt && i < 50; i++) rt.peak(20000);
   parentPort!.on("message", (go: boolean) => {
-    if (go) parentPort!.postMessage(runJob(workerData as Job));
+    if (go) parentPort!.postMessage(runJob(job, rt));
   });
   parentPort!.postMessage("ready");
 } else {
@@ -111,7 +127,7 @@ if (!isMainThread) {
   /** `threads` workers run the job at once (started together); the slowest one's best time counts. */
   async function parallel(kind: Job["kind"], threads: number): Promise<number> {
     const workers = Array.from({ length: threads }, (_, i) => {
-      const job: Job = kind === "read" ? { kind, reps, module, memory, offset: 64 + i * BYTES } : { kind, reps, src: bufs[i]!.src, dst: bufs[i]!.dst };
+      const job: Job = kind === "read" ? { kind, reps, module, memory, offset: 64 + i * BYTES } : kind === "peak" ? { kind, reps } : { kind, reps, src: bufs[i]!.src, dst: bufs[i]!.dst };
       return new Worker(self, { workerData: job });
     });
     await Promise.all(workers.map((w) => new Promise<void>((res) => w.once("message", () => res()))));
@@ -137,6 +153,12 @@ if (!isMainThread) {
     log("machine", `memory at ${th} thread(s): wasm-SIMD read ${out[`read_t${th}`]!.GBps} GB/s, memmove copy ${out[`copy_t${th}`]!.GBps} GB/s (read+write)`);
   }
   const best = (th: number) => Math.max(out[`read_t${th}`]!.GBps, out[`copy_t${th}`]!.GBps);
-  writeJson(args.out, { threads: N, bytesPerThread: BYTES, kernels: out, bandwidthGBps: { t1: best(1), tN: best(N) }, cpuS: cpuSeconds() });
+  const wasmPeak: Record<string, number> = {};
+  for (const th of [...new Set([1, N])]) {
+    const ms = await parallel("peak", th);
+    wasmPeak[`t${th}`] = round((th * PEAK_ITERS * PEAK_FLOPS_PER_ITER) / ms / 1e6, 1);
+    log("machine", `wasm SIMD multiply-add peak at ${th} thread(s): ${wasmPeak[`t${th}`]} GFLOP/s`);
+  }
+  writeJson(args.out, { threads: N, bytesPerThread: BYTES, kernels: out, bandwidthGBps: { t1: best(1), tN: best(N) }, wasmPeakGflops: { t1: wasmPeak.t1!, tN: wasmPeak[`t${N}`]! }, cpuS: cpuSeconds() });
   process.exit(0);
 }

@@ -157,7 +157,7 @@ async function child<T>(name: string, script: string, threads: number, extra: st
 
 type SelfscopeResult = EngineResult & { prefillCachePath: { msMedian: number; tokPerS: number }; hooks: Record<string, { prefillMs: number; decodeStepMs: number; prefillOverhead: number; decodeOverhead: number }>; decodeGBps: number; cpuS: number };
 type LlamaResult = EngineResult & { gemm: Record<string, { tokens: number; ms: number; gflops: number; tried: Record<string, number> }>; decodeGBps: number; cpuS: number };
-type MachineResult = { threads: number; kernels: Record<string, { ms: number; GBps: number }>; bandwidthGBps: { t1: number; tN: number }; cpuS: number };
+type MachineResult = { threads: number; kernels: Record<string, { ms: number; GBps: number }>; bandwidthGBps: { t1: number; tN: number }; wasmPeakGflops: { t1: number; tN: number }; cpuS: number };
 
 const ratio = (a: number | undefined, b: number | undefined) => (a !== undefined && b !== undefined && b > 0 ? round(a / b, 3) : null);
 
@@ -211,6 +211,7 @@ async function main(): Promise<void> {
   const limits = {
     gemmGflops: { t1: gemmPeak(1) ?? null, tN: gemmPeak(N) ?? null, source: "best FLOP rate of llama.cpp (ggml, F32, AVX-512) over single 128-512-token batches of the bench model (and its 128-token prefill): a lower bound of the machine's f32 GEMM peak" },
     bandwidthGBps: { t1: m?.bandwidthGBps.t1 ?? null, tN: m?.bandwidthGBps.tN ?? null, source: "best of a WebAssembly-SIMD streaming read and a memmove copy (read+write), 256 MiB per thread" },
+    wasmPeakGflops: { t1: m?.wasmPeakGflops.t1 ?? null, tN: m?.wasmPeakGflops.tN ?? null, source: "register-only f32x4 multiply-add loop (12 accumulators) of selfscope's kernel module, one per thread: the ceiling of any WebAssembly code here" },
   };
   const frac = (x: number | undefined, lim: number | null | undefined) => (x !== undefined && lim ? round(x / lim, 3) : null);
   const results = {
@@ -238,6 +239,7 @@ async function main(): Promise<void> {
       decode_b8_ratio: ratio(s?.decode.b8.tokPerS, l?.decode.b8.tokPerS),
       llamacpp_peak_rss_over_weights: l ? round(l.rss.peakBytes / WEIGHT_BYTES, 3) : null,
       selfscope_prefill_of_gemm_peak: frac(s?.prefill.gflops, gemmPeak(N)),
+      selfscope_prefill_of_wasm_peak: frac(s?.prefill.gflops, m?.wasmPeakGflops.tN),
       llamacpp_prefill_of_gemm_peak: frac(l?.prefill.gflops, gemmPeak(N)),
       selfscope_decode_of_bandwidth: frac(s?.decodeGBps, m?.bandwidthGBps.tN),
       llamacpp_decode_of_bandwidth: frac(l?.decodeGBps, m?.bandwidthGBps.tN),
@@ -279,7 +281,7 @@ async function main(): Promise<void> {
 }
 
 function table(
-  r: { threads: number; quick: boolean; limits: { gemmGflops: { t1: number | null; tN: number | null }; bandwidthGBps: { t1: number | null; tN: number | null } }; ratios: Record<string, unknown> },
+  r: { threads: number; quick: boolean; limits: { gemmGflops: { t1: number | null; tN: number | null }; bandwidthGBps: { t1: number | null; tN: number | null }; wasmPeakGflops: { t1: number | null; tN: number | null } }; ratios: Record<string, unknown> },
   s: SelfscopeResult | null,
   l: LlamaResult | null,
   one: { selfscope: ChildRun<SelfscopeResult>; llamacpp: ChildRun<LlamaResult> | null } | null,
@@ -308,8 +310,8 @@ function table(
   }
   lines.push(
     "",
-    `machine limits (same run): f32 GEMM ≥ ${f(r.limits.gemmGflops.t1)} GFLOP/s on 1 thread, ≥ ${f(r.limits.gemmGflops.tN)} on ${N} (best llama.cpp batch); memory ${f(r.limits.bandwidthGBps.t1)} GB/s on 1 thread, ${f(r.limits.bandwidthGBps.tN)} on ${N}`,
-    `share of the limit: prefill selfscope ${pct(r.ratios.selfscope_prefill_of_gemm_peak)}, llama.cpp ${pct(r.ratios.llamacpp_prefill_of_gemm_peak)} of GEMM peak; decode B=1 selfscope ${pct(r.ratios.selfscope_decode_of_bandwidth)}, llama.cpp ${pct(r.ratios.llamacpp_decode_of_bandwidth)} of bandwidth`,
+    `machine limits (same run): native f32 GEMM ≥ ${f(r.limits.gemmGflops.t1)} GFLOP/s on 1 thread, ≥ ${f(r.limits.gemmGflops.tN)} on ${N} (best llama.cpp batch); WebAssembly SIMD multiply-add peak ${f(r.limits.wasmPeakGflops.t1)} GFLOP/s on 1 thread, ${f(r.limits.wasmPeakGflops.tN)} on ${N}; memory ${f(r.limits.bandwidthGBps.t1)} GB/s on 1 thread, ${f(r.limits.bandwidthGBps.tN)} on ${N}`,
+    `share of the limit: prefill selfscope ${pct(r.ratios.selfscope_prefill_of_wasm_peak)} of the Wasm SIMD peak (${pct(r.ratios.selfscope_prefill_of_gemm_peak)} of llama.cpp's best GEMM), llama.cpp ${pct(r.ratios.llamacpp_prefill_of_gemm_peak)} of its best GEMM; decode B=1 selfscope ${pct(r.ratios.selfscope_decode_of_bandwidth)}, llama.cpp ${pct(r.ratios.llamacpp_decode_of_bandwidth)} of bandwidth`,
     `greedy tokens agree (selfscope vs llama.cpp, leading): ${String(r.ratios.greedy_agreement ?? "—")}`,
   );
   if (one) {
