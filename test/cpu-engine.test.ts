@@ -116,6 +116,32 @@ describe("stories260K on the CPU engine, long ragged batch", () => {
     t.diagnostic(`prefill of ${T} slots in chunks of ${perChunk.join(", ")}; max|Δ| of reads vs float64 ${worst.toExponential(2)}`);
   });
 
+  test("forward over the long batch runs in chunks and matches a float64 forward (logits and reads); a pattern read runs whole", async (t) => {
+    qkvM.length = 0;
+    const B = rows.length, T = Math.max(...rows.map((r) => r.length));
+    const res = await two.forward(rows, { plan });
+    const chunks = qkvM.filter((m) => m > B);
+    assert.ok(chunks.length > host.config.nLayers && chunks.every((m) => m < B * T), `forward was not chunked (q/k/v product rows: ${chunks.join(", ")})`);
+    let worst = 0;
+    const V = host.config.dVocab;
+    for (const [b, ids] of rows.entries()) {
+      const ref = ref64Forward(host, ids, plan, { row: b, promptLen: ids.length });
+      assert.equal(res.logits[b]!.length, ids.length * V, `row ${b}: one logit row per real token`);
+      const want = Float64Array.from({ length: ids.length * V }, (_, i) => ref.logits[Math.floor(i / V)]![i % V]!);
+      assertClose(res.logits[b]!, want, { atol: REF_TOL, what: `row ${b} logits (chunked forward)` });
+      worst = Math.max(worst, maxAbsDiff(res.logits[b]!, want));
+      const at = reads[0]!;
+      assertClose(res.cache.get(at, b).data, ref.reads.get(at)!.data, { atol: REF_TOL, what: `row ${b} ${at} (chunked forward)` });
+    }
+    // With a pattern read the call runs in one piece (each query row needs every key at once).
+    qkvM.length = 0;
+    const short = [rows[0]!.slice(0, 200), rows[1]!.slice(0, 150)];
+    const pat = await two.forward(short, { plan: [{ op: "read", at: "blocks.0.attn.hook_pattern" }], logits: "last" });
+    assert.deepEqual(qkvM.filter((m) => m > B), Array(host.config.nLayers).fill(2 * 200), "a pattern read runs the call whole");
+    assert.deepEqual(pat.cache.get("blocks.0.attn.hook_pattern", 1).shape, [150, host.config.nHeads, 150]);
+    t.diagnostic(`forward of ${T} slots in ${chunks.length / host.config.nLayers} chunks; max|Δ| logits vs float64 ${worst.toExponential(2)}`);
+  });
+
   test("1 thread (lazy load) and 2 threads (eager load) give the same logits and reads", async (t) => {
     const a = await two.forward(rows, { plan });
     const b = await one.forward(rows, { plan });

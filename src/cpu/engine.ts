@@ -249,26 +249,42 @@ export class CpuEngine {
     const resolved = resolvePlan(c, opts.plan ?? [], rs, promptLen, opts.countPrefix);
     const cache = new ActivationCache();
     const mode = opts.logits ?? "all";
+    const V = c.dVocab;
     const mark = this.rt.mark();
     try {
-      // A full pass is a prefill into a KV cache that lives for this call only.
+      // A full pass is a prefill into a KV cache that lives for this call only, in chunks of
+      // slots as generate() does (bounded activations), unless attention patterns are read:
+      // those need every query's full row, so that call runs in one piece.
       const kv = this.allocCache(B, T);
-      const ctx = fullCtx(rs, B, T, pad);
-      const x = this.runLayers(ctx, pad, promptLen, resolved, kv, 0, cache);
-      if (mode === "none") return { logits: [], cache };
-      const V = c.dVocab;
-      if (mode === "last") {
-        const sel = Array.from({ length: B }, (_, b) => b * T + T - 1);
-        const lg = this.head(x, sel, lastCtx(B, T, pad), promptLen, resolved, cache);
-        return { logits: rs.map((_, b) => lg.slice(b * V, (b + 1) * V)), cache };
+      const whole = resolved.some((r) => r.site === "attn.hook_pattern");
+      const chunk = whole ? T : this.prefillChunk(B, T);
+      const out = mode === "all" ? rs.map((_, b) => new Float32Array((T - pad[b]!) * V)) : [];
+      for (let start = 0; start < T; start += chunk) {
+        const n = Math.min(chunk, T - start);
+        const m = this.rt.mark();
+        const ctx = whole ? fullCtx(rs, B, T, pad) : sliceCtx(rs, pad, start, n);
+        const x = this.runLayers(ctx, pad, promptLen, resolved, kv, start, cache);
+        if (mode === "all") {
+          // Every slot of the chunk (padding too, so ln_final ops see the call's own layout),
+          // then padding dropped.
+          const lg = this.head(x, Array.from({ length: B * n }, (_, r) => r), ctx, promptLen, resolved, cache, true);
+          for (let bb = 0; bb < B; bb++)
+            for (let t = Math.max(0, pad[bb]! - start); t < n; t++) out[bb]!.set(lg.subarray((bb * n + t) * V, (bb * n + t + 1) * V), (start + t - pad[bb]!) * V);
+        } else if (mode === "last" && start + n >= T) {
+          const lg = this.head(x, Array.from({ length: B }, (_, bb) => bb * n + n - 1), lastCtx(B, T, pad), promptLen, resolved, cache);
+          out.push(...rs.map((_, bb) => lg.slice(bb * V, (bb + 1) * V)));
+        }
+        this.rt.release(m);
       }
-      // Every slot (padding too, so ln_final ops see the call's own layout), then drop padding.
-      const lg = this.head(x, Array.from({ length: B * T }, (_, r) => r), ctx, promptLen, resolved, cache);
-      const out = rs.map((_, b) => lg.slice((b * T + pad[b]!) * V, (b + 1) * T * V));
       return { logits: out, cache };
     } finally {
       this.rt.release(mark);
     }
+  }
+
+  /** Slots per prefill chunk: activations are B·chunk rows and the score buffer B·heads·chunk·keys. */
+  private prefillChunk(B: number, keys: number): number {
+    return Math.max(1, Math.min(Math.floor(ROW_BUDGET / B), Math.floor(SCORE_BUDGET / (B * this.config.nHeads * keys))));
   }
 
   private generateUnchecked(rows: (Row | number[])[], opts: GenerateOptions): GenerateResult {
@@ -297,7 +313,7 @@ export class CpuEngine {
       const kv = this.allocCache(B, cap);
       // Prefill in chunks of slots: activations are B·chunk rows and the score buffer
       // B·heads·chunk·keys, bounded whatever the batch and prompt (a 64-row sweep prefills 4 slots at a time).
-      const chunk = Math.max(1, Math.min(Math.floor(ROW_BUDGET / B), Math.floor(SCORE_BUDGET / (B * c.nHeads * T))));
+      const chunk = this.prefillChunk(B, T);
       let logits: Float32Array = new Float32Array(0);
       for (let start = 0; start < T; start += chunk) {
         const n = Math.min(chunk, T - start);
