@@ -105,7 +105,7 @@ export function shapes(quick: boolean): Shapes {
     llamaSweepTrials: quick ? 16 : 64,
     sweepCapS: quick ? 40 : Infinity,
     sweepLayer: 6,
-    prefillReps: quick ? 5 : 15,
+    prefillReps: quick ? 11 : 21,
     decodeReps: quick ? 2 : 5,
     hookPrefillReps: quick ? 21 : 41,
     hookDecodeReps: quick ? 15 : 31,
