@@ -80,6 +80,11 @@ const prefill = await (async () => {
 })();
 phases.prefill = rss.takePeak();
 say(`prefill ${prefill.tokPerS} tok/s (${prefill.msMedian} ms)`);
+if (args.flags.has("--prefill-only")) {
+  // One of the orchestrator's alternating prefill rounds (see run.ts).
+  writeJson(args.out, { prefill, cpuS: cpuSeconds() });
+  process.exit(0);
+}
 
 // ---------------------------------------------------------------- decode (B=1 and B=8)
 /** Generates `n` greedy tokens per sequence concurrently; returns per-row tokens and the time each step completed for every row. */

@@ -23,6 +23,7 @@ import {
   WEIGHT_BYTES,
   log,
   matmulParamsPerLayer,
+  median,
   round,
   shapes,
   writeJson,
@@ -188,6 +189,24 @@ async function main(): Promise<void> {
       selfscope: await child<SelfscopeResult>("selfscope-t1", "selfscope.js", 1, [], q),
     };
   }
+  // Prefill again in short children, alternating the engines' order: this VM's speed drifts over
+  // tens of seconds, so one prefill per engine minutes apart can land in different phases. The
+  // ratio is the median of the paired (same-round) ratios, the main runs counting as round 0.
+  const rounds: { selfscope: number; llamacpp: number; ratio: number; order: string }[] = [];
+  if (self.result && llama?.result) rounds.push({ selfscope: self.result.prefill.tokPerS, llamacpp: llama.result.prefill.tokPerS, ratio: round(self.result.prefill.tokPerS / llama.result.prefill.tokPerS, 3), order: "main children" });
+  if (llama?.result && self.result) {
+    type P = { prefill: { tokPerS: number } };
+    for (let r = 0; r < (args.quick ? 3 : 5); r++) {
+      const selfFirst = r % 2 === 1;
+      const runSelf = () => child<P>(`prefill-selfscope-${r + 1}`, "selfscope.js", N, ["--prefill-only"], q);
+      const runLlama = () => child<P>(`prefill-llamacpp-${r + 1}`, "llamacpp.js", N, ["--prefill-only"], q);
+      const a = selfFirst ? await runSelf() : await runLlama();
+      const b = selfFirst ? await runLlama() : await runSelf();
+      const sp = (selfFirst ? a : b).result?.prefill.tokPerS;
+      const lp = (selfFirst ? b : a).result?.prefill.tokPerS;
+      if (sp !== undefined && lp !== undefined) rounds.push({ selfscope: sp, llamacpp: lp, ratio: round(sp / lp, 3), order: selfFirst ? "selfscope first" : "llama.cpp first" });
+    }
+  }
   const profile = args.profile ? await child<Record<string, unknown> & { cpuS: number }>(`profile-t${N}`, "selfscope.js", N, ["--profile"], q) : null;
 
   const s = self.result;
@@ -202,7 +221,7 @@ async function main(): Promise<void> {
   };
   const hookMax = s ? Math.max(...Object.entries(s.hooks).filter(([k]) => k !== "none").flatMap(([, h]) => [h.prefillOverhead, h.decodeOverhead])) : null;
   const summary = {
-    prefill_ratio: ratio(s?.prefill.tokPerS, l?.prefill.tokPerS),
+    prefill_ratio: rounds.length > 0 ? round(median(rounds.map((x) => x.ratio)), 3) : ratio(s?.prefill.tokPerS, l?.prefill.tokPerS),
     decode_b1_ratio: ratio(s?.decode.b1.tokPerS, l?.decode.b1.tokPerS),
     sweep_ratio: ratio(s?.sweep.trialsPerS, l?.sweep.trialsPerS),
     hook_overhead_max: hookMax === null ? null : round(hookMax, 4),
@@ -245,6 +264,7 @@ async function main(): Promise<void> {
       llamacpp_decode_of_bandwidth: frac(l?.decodeGBps, m?.bandwidthGBps.tN),
       greedy_agreement: s && l ? `${leadingAgreement(s.greedy, l.greedy)}/${Math.min(s.greedy.length, l.greedy.length)}` : null,
     },
+    prefillRounds: rounds,
     selfscope: self,
     selfscopeJax: jax,
     llamacpp: llama,
@@ -295,6 +315,8 @@ function table(
     rows.push([name, f(a, d), f(b, d), rr === undefined ? "—" : `${rr.toFixed(2)}×`, target]);
   };
   add("prefill 128 tok, B=1 (tok/s)", s?.prefill.tokPerS, l?.prefill.tokPerS, 1, "≥ 1.0×");
+  const pr = (r as { prefillRounds?: { ratio: number }[] }).prefillRounds ?? [];
+  if (pr.length > 1) rows.push([`  paired prefill rounds (${pr.length})`, "", "", `${median(pr.map((x) => x.ratio)).toFixed(2)}×`, `median of ${pr.map((x) => x.ratio.toFixed(2)).join(", ")}`]);
   add("decode B=1 (tok/s)", s?.decode.b1.tokPerS, l?.decode.b1.tokPerS, 1, "≥ 0.8×");
   add("decode B=8 (tok/s, 8 rows)", s?.decode.b8.tokPerS, l?.decode.b8.tokPerS, 1, "");
   add(`sweep 64×48 tok (trials/s)`, s?.sweep.trialsPerS, l?.sweep.trialsPerS, 3, "≥ 2×");

@@ -148,6 +148,11 @@ const prefillCache = await (async () => {
   return { msMedian: round(m), tokPerS: round((S.prefillTokens / m) * 1000, 1) };
 })();
 phases.prefill = rss.takePeak();
+if (args.flags.has("--prefill-only")) {
+  // One of the orchestrator's alternating prefill rounds (see run.ts).
+  writeJson(args.out, { prefill, cpuS: cpuSeconds() });
+  process.exit(0);
+}
 say(`prefill ${prefill.tokPerS} tok/s (${prefill.msMedian} ms; first call ${prefill.firstCallMs} ms); through the KV cache ${prefillCache.tokPerS} tok/s`);
 
 // ---------------------------------------------------------------- decode
