@@ -23,7 +23,6 @@ import os from "node:os";
 import path from "node:path";
 import { FIXTURE_FAMILIES, makeFixtures, type FixtureFamily, type FixturePaths } from "../scripts/make-fixtures.js";
 import { CpuEngine } from "../src/cpu/engine.js";
-import { CpuRuntime } from "../src/cpu/runtime.js";
 import type { ModelConfig } from "../src/model/config.js";
 import { Engine } from "../src/model/engine.js";
 import { loadHostModel, type HostModel, type HostTensor } from "../src/model/load.js";
@@ -54,15 +53,7 @@ async function logits(host: HostModel, ids = PROMPT): Promise<Float32Array> {
 }
 
 /** A CPU engine on its own two-thread runtime (close() stops the threads). */
-async function cpuEngine(host: HostModel): Promise<CpuEngine> {
-  const rt = await CpuRuntime.create({ threads: 2 });
-  try {
-    return new CpuEngine(host, rt);
-  } catch (e) {
-    await rt.dispose();
-    throw e;
-  }
-}
+const cpuEngine = (host: HostModel): Promise<CpuEngine> => CpuEngine.create(host, { threads: 2 });
 
 function rows(flat: ArrayLike<number>, V: number): Float64Array[] {
   return Array.from({ length: flat.length / V }, (_, t) => Float64Array.from({ length: V }, (_, i) => flat[t * V + i]!));

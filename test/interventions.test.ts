@@ -14,7 +14,6 @@ import path from "node:path";
 import { NumericalError, UsageError } from "../src/core/errors.js";
 import { Rng } from "../src/core/rng.js";
 import { CpuEngine } from "../src/cpu/engine.js";
-import { CpuRuntime } from "../src/cpu/runtime.js";
 import type { HookName } from "../src/hooks/names.js";
 import type { Intervention, Plan } from "../src/hooks/plan.js";
 import { Engine, type GenerateResult, type Row } from "../src/model/engine.js";
@@ -64,13 +63,7 @@ const BACKENDS: Backend[] = [
   {
     name: "cpu",
     make: async (host) => {
-      const rt = await CpuRuntime.create({ threads: 2 });
-      try {
-        return new CpuEngine(host, rt);
-      } catch (e) {
-        await rt.dispose();
-        throw e;
-      }
+      return CpuEngine.create(host, { threads: 2 });
     },
   },
 ];

@@ -15,7 +15,6 @@ import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
 import { CpuEngine } from "../src/cpu/engine.js";
-import { CpuRuntime } from "../src/cpu/runtime.js";
 import { Engine, argmax } from "../src/model/engine.js";
 import { loadHostModel } from "../src/model/load.js";
 import { llamaCppGreedy, llamaCppLogits, type LlamaCppLogits } from "../src/reference/llamacpp.js";
@@ -41,13 +40,7 @@ const BACKENDS: { name: "wasm" | "cpu"; make: (file: string) => Promise<AnyEngin
     name: "cpu",
     make: async (file) => {
       const host = loadHostModel(file, undefined, { lazy: true });
-      const rt = await CpuRuntime.create({ threads: 2 });
-      try {
-        return new CpuEngine(host, rt);
-      } catch (e) {
-        await rt.dispose();
-        throw e;
-      }
+      return CpuEngine.create(host, { threads: 2 });
     },
   },
 ];

@@ -11,7 +11,6 @@ import { after, test } from "node:test";
 import { ModelFileError, NumericalError } from "../src/core/errors.js";
 import { Rng } from "../src/core/rng.js";
 import { CpuEngine } from "../src/cpu/engine.js";
-import { CpuRuntime } from "../src/cpu/runtime.js";
 import { inject } from "../src/eval/inject.js";
 import { degenerateFlags } from "../src/eval/run.js";
 import { readGguf } from "../src/io/gguf.js";
@@ -27,15 +26,7 @@ import { repoDir, sharedDir } from "./support/paths.js";
 const STORIES = path.join(repoDir(), "models/stories260K/stories260K.gguf");
 const GPT2 = path.join(sharedDir(), "models/tiny-random-gpt2");
 /** A CPU engine on its own two-thread runtime (close() stops the threads). */
-async function cpuEngine(host: HostModel): Promise<CpuEngine> {
-  const rt = await CpuRuntime.create({ threads: 2 });
-  try {
-    return new CpuEngine(host, rt);
-  } catch (e) {
-    await rt.dispose();
-    throw e;
-  }
-}
+const cpuEngine = (host: HostModel): Promise<CpuEngine> => CpuEngine.create(host, { threads: 2 });
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-rel-"));
 const counts: Record<string, number | Record<string, number>> = {};
 after(() => {
@@ -185,12 +176,7 @@ test("NaN/Inf: in weights it is rejected at load naming the tensor; in activatio
   assert.throws(() => loadHostModel(f), nanWeight);
   // A lazy load defers the check to the read: the CPU engine reads every weight as it is built
   // (F32 straight from the file into its memory), so it refuses the model the same way.
-  const rt = await CpuRuntime.create({ threads: 2 });
-  try {
-    assert.throws(() => new CpuEngine(loadHostModel(f, undefined, { lazy: true }), rt), nanWeight);
-  } finally {
-    await rt.dispose();
-  }
+  await assert.rejects(CpuEngine.create(loadHostModel(f, undefined, { lazy: true }), { threads: 2 }), nanWeight);
   const host = loadHostModel(STORIES);
   host.weights.get("blocks.3.mlp.down.weight")!.data.fill(3e38); // finite weights whose products overflow
   // Each engine names the first non-finite activation, and both say exactly the same thing.

@@ -11,9 +11,8 @@ import { UsageError } from "../core/errors.js";
 import type { HookName } from "../hooks/names.js";
 import {
   ActivationCache,
-  CAPACITY_BUCKET,
   NonFiniteLogits,
-  Sampler,
+  Decoder,
   asRow,
   compileHost,
   featShapeOf,
@@ -37,20 +36,7 @@ import type { Activation, ModelConfig, NormSpec } from "../model/config.js";
 import { LazyWeights, type HostModel } from "../model/load.js";
 import { ropeInvFreq } from "../model/rope.js";
 import { elementwise, type Elementwise } from "./elementwise.js";
-
-/** One matrix product Y = X·Wᵀ (W stored [N, K]); offsets and strides in f32 elements. */
-export interface Gemm {
-  x: number;
-  ldx: number;
-  w: number;
-  ldw: number;
-  y: number;
-  ldy: number;
-  M: number;
-  N: number;
-  K: number;
-  accumulate?: boolean;
-}
+import type { Gemm } from "./runtime.js";
 
 /** What the engine needs from the kernel runtime (runtime.ts). */
 export interface KernelRuntime {
@@ -197,6 +183,22 @@ export class CpuEngine {
     this.lnFinal = norm("lnFinal")!;
   }
 
+  /**
+   * An engine on a kernel runtime of its own (`threads` including the calling one; default every
+   * core). The runtime is imported here, on demand: it needs node:worker_threads, and this module
+   * stays importable in a browser bundle.
+   */
+  static async create(host: HostModel, opts: { threads?: number } = {}): Promise<CpuEngine> {
+    const { CpuRuntime } = await import("./runtime.js");
+    const rt = await CpuRuntime.create(opts.threads !== undefined ? { threads: opts.threads } : {});
+    try {
+      return new CpuEngine(host, rt);
+    } catch (e) {
+      await rt.dispose();
+      throw e;
+    }
+  }
+
   /** Frees the memory and stops the worker threads (they never keep the process alive). */
   dispose(): void {
     void this.close();
@@ -289,28 +291,13 @@ export class CpuEngine {
 
   private generateUnchecked(rows: (Row | number[])[], opts: GenerateOptions): GenerateResult {
     this.live();
-    const c = this.config;
-    const rs = rows.map(asRow);
-    if (rs.some((r) => r.ids.length === 0)) throw new UsageError("generate: every row needs at least one token (start from BOS)");
-    const { B, T, pad } = padShape(rs);
-    const promptLen = rs.map((r) => r.ids.length);
-    const resolved = resolvePlan(c, opts.plan ?? [], rs, promptLen, opts.countPrefix);
-    if (resolved.some((r) => r.site === "attn.hook_pattern")) throw new UsageError("attn.hook_pattern can be read with forward(), not during generate()");
-    const cap = Math.ceil((T + opts.maxTokens) / CAPACITY_BUCKET) * CAPACITY_BUCKET;
-    const stop = new Set(opts.stop ?? c.eosTokenIds);
-    const seed = opts.seed ?? 0;
-    const seeds = Array.isArray(seed) ? seed : rs.map((_, b) => seed + b);
-    if (seeds.length !== B) throw new UsageError(`generate: ${seeds.length} seeds for ${B} rows`);
-    const samplers = seeds.map((s) => new Sampler(opts, s));
+    const d = new Decoder(this.config, rows, opts);
+    const { B, T, pad, promptLen, resolved, rows: rs } = d;
     const cache = new ActivationCache();
-    const tokens: number[][] = rs.map(() => []);
-    const done = rs.map(() => false);
-    const stopReason: ("stop" | "length")[] = rs.map(() => "length");
-    if (opts.maxTokens <= 0) return { tokens, stopReason, cache };
-    const V = c.dVocab;
+    if (d.empty) return d.result(cache);
     const mark = this.rt.mark();
     try {
-      const kv = this.allocCache(B, cap);
+      const kv = this.allocCache(B, d.cap);
       // Prefill in chunks of slots: activations are B·chunk rows and the score buffer
       // B·heads·chunk·keys, bounded whatever the batch and prompt (a 64-row sweep prefills 4 slots at a time).
       const chunk = this.prefillChunk(B, T);
@@ -326,32 +313,17 @@ export class CpuEngine {
         }
         this.rt.release(m);
       }
-      for (let step = 0; ; step++) {
-        const next = rs.map((_, b) => (done[b] ? 0 : samplers[b]!.sample(logits.subarray(b * V, (b + 1) * V))));
-        next.forEach((t, b) => {
-          if (done[b]) return;
-          tokens[b]!.push(t);
-          if (stop.has(t)) {
-            done[b] = true;
-            stopReason[b] = "stop";
-          } else if (tokens[b]!.length >= opts.maxTokens) done[b] = true;
-        });
-        if (done.every(Boolean)) break;
-        // One slot for every row (finished rows run along; their output is ignored).
-        const slot = T + step;
-        const pos = new Int32Array(B);
-        for (let b = 0; b < B; b++) pos[b] = slot - pad[b]!;
-        const ctx: CallCtx = { B, T: 1, pos, ids: Int32Array.from(next) };
+      for (let st = d.next(logits); st; st = d.next(logits)) {
         const m = this.rt.mark();
-        const x = this.runLayers(ctx, pad, promptLen, resolved, kv, slot, cache);
-        logits = this.head(x, Array.from({ length: B }, (_, b) => b), ctx, promptLen, resolved, cache, true);
+        const x = this.runLayers(st.ctx, pad, promptLen, resolved, kv, st.slot, cache);
+        logits = this.head(x, Array.from({ length: B }, (_, b) => b), st.ctx, promptLen, resolved, cache, true);
         this.rt.release(m);
-        opts.onStep?.(step + 1);
+        opts.onStep?.(d.steps);
       }
     } finally {
       this.rt.release(mark);
     }
-    return { tokens, stopReason, cache };
+    return d.result(cache);
   }
 
   // ------------------------------------------------------------ the forward pass

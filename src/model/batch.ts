@@ -365,6 +365,90 @@ export function scopeMask(r: Resolved, ctx: CallCtx, _promptLen: number[], maskS
 
 // ---------------------------------------------------------------- sampling
 
+/**
+ * The engine-independent part of generate(): the checks and shapes of the call, per-row
+ * sampling and stop handling, and each decode step's positions. An engine prefills, then loops
+ * `for (let st = d.next(logits); st; st = d.next(logits))` running one slot per row.
+ */
+export class Decoder {
+  readonly rows: Row[];
+  readonly B: number;
+  readonly T: number;
+  readonly pad: number[];
+  readonly promptLen: number[];
+  readonly resolved: Resolved[];
+  /** KV-cache slots (capacity buckets keep the number of distinct shapes small). */
+  readonly cap: number;
+  readonly tokens: number[][];
+  readonly stopReason: ("stop" | "length")[];
+  private readonly done: boolean[];
+  private readonly samplers: Sampler[];
+  private readonly stop: Set<number>;
+  private step = 0;
+
+  constructor(
+    c: ModelConfig,
+    rows: (Row | number[])[],
+    private readonly opts: GenerateOptions,
+  ) {
+    const rs = (this.rows = rows.map(asRow));
+    if (rs.some((r) => r.ids.length === 0)) throw new UsageError("generate: every row needs at least one token (start from BOS)");
+    const { B, T, pad } = padShape(rs);
+    this.B = B;
+    this.T = T;
+    this.pad = pad;
+    this.promptLen = rs.map((r) => r.ids.length);
+    this.resolved = resolvePlan(c, opts.plan ?? [], rs, this.promptLen, opts.countPrefix);
+    if (this.resolved.some((r) => r.site === "attn.hook_pattern")) throw new UsageError("attn.hook_pattern can be read with forward(), not during generate()");
+    this.cap = Math.ceil((T + opts.maxTokens) / CAPACITY_BUCKET) * CAPACITY_BUCKET;
+    this.stop = new Set(opts.stop ?? c.eosTokenIds);
+    const seed = opts.seed ?? 0;
+    const seeds = Array.isArray(seed) ? seed : rs.map((_, b) => seed + b);
+    if (seeds.length !== B) throw new UsageError(`generate: ${seeds.length} seeds for ${B} rows`);
+    this.samplers = seeds.map((s) => new Sampler(opts, s));
+    this.tokens = rs.map(() => []);
+    this.done = rs.map(() => false);
+    this.stopReason = rs.map(() => "length");
+  }
+
+  /** Nothing to generate (maxTokens <= 0): skip the prefill. */
+  get empty(): boolean {
+    return this.opts.maxTokens <= 0;
+  }
+
+  /**
+   * Sample every unfinished row from this step's logits [B, V] and record the tokens. Returns
+   * the next decode call — one slot for every row (finished rows run along; their output is
+   * ignored) — or null when every row has stopped.
+   */
+  next(logits: Float32Array): { ctx: CallCtx; slot: number } | null {
+    const V = logits.length / this.B;
+    const ids = this.rows.map((_, b) => (this.done[b] ? 0 : this.samplers[b]!.sample(logits.subarray(b * V, (b + 1) * V))));
+    ids.forEach((t, b) => {
+      if (this.done[b]) return;
+      this.tokens[b]!.push(t);
+      if (this.stop.has(t)) {
+        this.done[b] = true;
+        this.stopReason[b] = "stop";
+      } else if (this.tokens[b]!.length >= this.opts.maxTokens) this.done[b] = true;
+    });
+    if (this.done.every(Boolean)) return null;
+    const slot = this.T + this.step++;
+    const pos = new Int32Array(this.B);
+    for (let b = 0; b < this.B; b++) pos[b] = slot - this.pad[b]!;
+    return { ctx: { B: this.B, T: 1, pos, ids: Int32Array.from(ids) }, slot };
+  }
+
+  /** Steps decoded so far (for GenerateOptions.onStep). */
+  get steps(): number {
+    return this.step;
+  }
+
+  result(cache: ActivationCache): GenerateResult {
+    return { tokens: this.tokens, stopReason: this.stopReason, cache };
+  }
+}
+
 /** Greedy / temperature / top-k / top-p sampling with a per-row seeded generator. */
 export class Sampler {
   private rng: Rng;

@@ -8,10 +8,9 @@ import { parseHook, type HookName } from "../hooks/names.js";
 import type { Intervention, Plan, PosSpec } from "../hooks/plan.js";
 import {
   ActivationCache,
-  CAPACITY_BUCKET,
   NonFiniteLogits,
   locateNonFinite,
-  Sampler,
+  Decoder,
   asRow,
   attnMaskHost,
   compileHost,
@@ -169,23 +168,10 @@ export class Engine {
   private async generateUnchecked(rows: (Row | number[])[], opts: GenerateOptions): Promise<GenerateResult> {
     this.live();
     const c = this.config;
-    const rs = rows.map(asRow);
-    if (rs.some((r) => r.ids.length === 0)) throw new UsageError("generate: every row needs at least one token (start from BOS)");
-    const { B, T, pad } = padShape(rs);
-    const promptLen = rs.map((r) => r.ids.length);
-    const resolved = resolvePlan(this.config, opts.plan ?? [], rs, promptLen, opts.countPrefix);
-    if (resolved.some((r) => r.site === "attn.hook_pattern")) throw new UsageError("attn.hook_pattern can be read with forward(), not during generate()");
-    const cap = Math.ceil((T + opts.maxTokens) / CAPACITY_BUCKET) * CAPACITY_BUCKET;
-    const stop = new Set(opts.stop ?? c.eosTokenIds);
-    const seed = opts.seed ?? 0;
-    const seeds = Array.isArray(seed) ? seed : rs.map((_, b) => seed + b);
-    if (seeds.length !== B) throw new UsageError(`generate: ${seeds.length} seeds for ${B} rows`);
-    const samplers = seeds.map((s) => new Sampler(opts, s));
+    const d = new Decoder(c, rows, opts);
+    const { B, T, pad, promptLen, resolved, cap, rows: rs } = d;
     const cache = new ActivationCache();
-    const tokens: number[][] = rs.map(() => []);
-    const done = rs.map(() => false);
-    const stopReason: ("stop" | "length")[] = rs.map(() => "length");
-    if (opts.maxTokens <= 0) return { tokens, stopReason, cache };
+    if (d.empty) return d.result(cache);
 
     // Prefill in chunks through the cache path: attention memory is B·heads·chunk·cap, not B·heads·T².
     const kv: { k: JArray; v: JArray }[] = this.emptyCache(B, cap);
@@ -207,30 +193,15 @@ export class Engine {
       opts.onStep?.(0);
     }
     try {
-      for (let step = 0; ; step++) {
-        const next = rs.map((_, b) => (done[b] ? 0 : samplers[b]!.sample(logits.subarray(b * c.dVocab, (b + 1) * c.dVocab))));
-        next.forEach((t, b) => {
-          if (done[b]) return;
-          tokens[b]!.push(t);
-          if (stop.has(t)) {
-            done[b] = true;
-            stopReason[b] = "stop";
-          } else if (tokens[b]!.length >= opts.maxTokens) done[b] = true;
-        });
-        if (done.every(Boolean)) break;
-        // Decode one slot for every row (finished rows run along; their output is ignored).
-        const slot = T + step;
-        const pos = new Int32Array(B);
-        for (let b = 0; b < B; b++) pos[b] = slot - pad[b]!;
-        const ctx: CallCtx = { B, T: 1, pos, ids: Int32Array.from(next) };
-        const xs = this.runLayers(ctx, pad, promptLen, resolved, { cap, out: kv, slot0: slot }, cache, null);
-        logits = await this.headToHost(xs, ctx, promptLen, resolved, cache);
-        opts.onStep?.(step + 1);
+      for (let st = d.next(logits); st; st = d.next(logits)) {
+        const xs = this.runLayers(st.ctx, pad, promptLen, resolved, { cap, out: kv, slot0: st.slot }, cache, null);
+        logits = await this.headToHost(xs, st.ctx, promptLen, resolved, cache);
+        opts.onStep?.(d.steps);
       }
     } finally {
       tree.dispose(kv as never);
     }
-    return { tokens, stopReason, cache };
+    return d.result(cache);
   }
 
   /**

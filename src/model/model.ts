@@ -66,16 +66,7 @@ export class Model {
     }
     let engine: InferenceEngine;
     if (device.name === "cpu") {
-      // Imported on demand: the runtime uses node:worker_threads, and this module must stay
-      // importable in a browser bundle (where the webgpu device is the one to use).
-      const { CpuRuntime } = await import("../cpu/runtime.js");
-      const rt = await CpuRuntime.create(opts.threads !== undefined ? { threads: opts.threads } : {});
-      try {
-        engine = new CpuEngine(host, rt);
-      } catch (e) {
-        await rt.dispose();
-        throw e;
-      }
+      engine = await CpuEngine.create(host, opts.threads !== undefined ? { threads: opts.threads } : {});
     } else engine = new Engine(host, { maxBindingBytes: max, weightDtype });
     return new Model(engine, host.config, host.files, tokenizer, chatTemplate, device, host.sourceDtype);
   }
