@@ -11,17 +11,12 @@ import { spawnSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { CpuRuntime, type Gemm } from "../src/cpu/runtime.js";
 import { buildKernelModule, DEFAULT_KERNEL, directUnroll } from "../src/cpu/kernels.js";
+import { prng } from "./support/prng.js";
 
-/** Deterministic uniform [-1, 1) generator (mulberry32). */
+/** Deterministic uniform [-1, 1) generator. */
 function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (((t ^ (t >>> 14)) >>> 0) / 4294967296) * 2 - 1;
-  };
+  const u = prng(seed);
+  return () => u() * 2 - 1;
 }
 
 /** Float64 reference of one gemm over a snapshot of the memory (y read from `y0`). */

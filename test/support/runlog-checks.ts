@@ -89,17 +89,7 @@ export function expectedCounts(c: { variants: unknown[]; layers: unknown[]; stre
   };
 }
 
-/** mulberry32: a tiny seeded PRNG (uniform in [0, 1)). */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { prng } from "./prng.js";
 
 /** Complete lines (records) in a file; 0 when it does not exist. */
 export function countLines(file: string): number {
