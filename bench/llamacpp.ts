@@ -3,6 +3,7 @@
 // own default counts the host's cores and oversubscribes a CPU-limited container).
 //
 //   node dist/bench/llamacpp.js --threads N --out FILE [--quick]
+import { loadLlamaCpu } from "../src/reference/llamacpp.js";
 import type { Llama, LlamaContext, LlamaContextSequence, LlamaModel, Token } from "node-llama-cpp";
 import {
   DECODE_BYTES_PER_STEP,
@@ -32,15 +33,7 @@ const lib = await import("node-llama-cpp");
 const loadBefore = loadInfo();
 const rss = new RssSampler();
 const t0 = performance.now();
-const llama: Llama = await lib.getLlama({
-  gpu: false,
-  build: "never",
-  usePrebuiltBinaries: true,
-  skipDownload: true,
-  progressLogs: false,
-  logLevel: lib.LlamaLogLevel.error,
-  maxThreads: N,
-});
+const llama: Llama = await loadLlamaCpu(N);
 const model: LlamaModel = await llama.loadModel({ modelPath: MODEL_PATH, gpuLayers: 0, useMmap: false });
 const loadMs = performance.now() - t0;
 const phases: Record<string, number> = { load: rss.takePeak() };

@@ -77,14 +77,14 @@ interface Session {
   info: string;
 }
 
-/** Loads llama.cpp (CPU prebuilt only) and the model, runs fn, and disposes everything. */
-async function withModel<R>(modelPath: string, contextSize: number, opts: LlamaCppOptions, fn: (s: Session) => Promise<R>): Promise<R> {
-  const threads = opts.threads ?? os.availableParallelism();
-  if (!Number.isInteger(threads) || threads < 1) throw new UsageError(`llama.cpp threads = ${threads} is not a positive integer`);
+/**
+ * llama.cpp's prebuilt CPU binary on `threads` threads: never built or downloaded, logging
+ * errors only to stderr (warnings too with SELFSCOPE_DEBUG), so stdout stays machine-readable.
+ * Shared by the reference functions here, the tests' llama.cpp runner and the benchmark.
+ */
+export async function loadLlamaCpu(threads: number): Promise<Llama> {
   const lib = await importNodeLlamaCpp();
   const version = await lib.getModuleVersion();
-  // llama.cpp logs to stderr only, and only errors unless SELFSCOPE_DEBUG is set: stdout may carry
-  // a command's machine-readable output, and warnings such as "bad special token" are noise here.
   const verbose = !!process.env.SELFSCOPE_DEBUG;
   const logLevel = verbose ? lib.LlamaLogLevel.warn : lib.LlamaLogLevel.error;
   const logger = (level: import("node-llama-cpp").LlamaLogLevel, message: string): void => {
@@ -92,9 +92,8 @@ async function withModel<R>(modelPath: string, contextSize: number, opts: LlamaC
       process.stderr.write(`[llama.cpp ${level}] ${message.endsWith("\n") ? message : message + "\n"}`);
     }
   };
-  let llama: Llama;
   try {
-    llama = await lib.getLlama({
+    return await lib.getLlama({
       gpu: false,
       build: "never",
       usePrebuiltBinaries: true,
@@ -111,6 +110,15 @@ async function withModel<R>(modelPath: string, contextSize: number, opts: LlamaC
       { cause: e },
     );
   }
+}
+
+/** Loads llama.cpp (CPU prebuilt only) and the model, runs fn, and disposes everything. */
+async function withModel<R>(modelPath: string, contextSize: number, opts: LlamaCppOptions, fn: (s: Session) => Promise<R>): Promise<R> {
+  const threads = opts.threads ?? os.availableParallelism();
+  if (!Number.isInteger(threads) || threads < 1) throw new UsageError(`llama.cpp threads = ${threads} is not a positive integer`);
+  const lib = await importNodeLlamaCpp();
+  const version = await lib.getModuleVersion();
+  const llama = await loadLlamaCpu(threads);
   let model: LlamaModel | undefined;
   let context: LlamaContext | undefined;
   try {

@@ -12,6 +12,7 @@
 //   3.22); they are returned as float64 log-probabilities, renormalised in float64 (good to
 //   ~1e-6), to be compared with the log-softmax of our logits.
 import os from "node:os";
+import { loadLlamaCpu } from "../../src/reference/llamacpp.js";
 
 type Llama = import("node-llama-cpp").Llama;
 type Token = import("node-llama-cpp").Token;
@@ -32,19 +33,7 @@ export class LlamaCppLite {
   ) {}
 
   static async open(threads = os.availableParallelism()): Promise<LlamaCppLite> {
-    const lib = await import("node-llama-cpp");
-    const llama = await lib.getLlama({
-      gpu: false,
-      build: "never",
-      usePrebuiltBinaries: true,
-      skipDownload: true,
-      progressLogs: false,
-      logLevel: lib.LlamaLogLevel.error,
-      logger: (level, message) => {
-        if (level === lib.LlamaLogLevel.error || level === lib.LlamaLogLevel.fatal) process.stderr.write(`[llama.cpp ${level}] ${message.trimEnd()}\n`);
-      },
-      maxThreads: threads,
-    });
+    const llama = await loadLlamaCpu(threads);
     return new LlamaCppLite(llama, threads);
   }
 
