@@ -415,8 +415,9 @@ export class CpuEngine {
       this.linear(hin, D, R, p.qkv, p.qkvBias, qkv);
       const fx = f();
       const L = kv.layers[l]!;
-      splitQkv(fx, qkv, q, R, H, K, hd);
-      // k and v go to their own rows first (hooks see [R, nKv, dHead]), then into the cache.
+      // q, k and v out of the fused product into their own rows (hooks see [R, heads, dHead]);
+      // k and v then go into the cache.
+      copyCols(fx, qkv, qkvW, 0, q, H * hd, R);
       copyCols(fx, qkv, qkvW, H * hd, kb, K * hd, R);
       copyCols(fx, qkv, qkvW, (H + K) * hd, vb, K * hd, R);
       const full = c.qkNorm.kind === "full";
@@ -746,11 +747,6 @@ function normRows(f: Float32Array, src: number, dst: number, R: number, D: numbe
       for (let i = 0; i < D; i++) f[o + i] = (f[a + i]! - mu) * inv * w[i]! + (b ? b[i]! : 0);
     }
   }
-}
-
-/** Rows of the fused qkv output: q to its own buffer [R, H·dHead]. */
-function splitQkv(f: Float32Array, qkv: number, q: number, R: number, H: number, K: number, hd: number): void {
-  copyCols(f, qkv, (H + 2 * K) * hd, 0, q, H * hd, R);
 }
 
 /** dst[r, 0:n] = src[r, col0:col0+n] for R rows of width `ld`. */
