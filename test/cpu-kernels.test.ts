@@ -361,11 +361,11 @@ for (const threads of [1, 2]) {
 }
 
 describe("CpuRuntime determinism", () => {
-  test("1 and 2 threads give bitwise identical results (N and M splits, both paths)", async () => {
+  test("1 and 2 threads give bitwise identical results (N splits over a shared packed X, both paths)", async () => {
     const rt1 = await CpuRuntime.create({ threads: 1 });
     const rt2 = await CpuRuntime.create({ threads: 2 });
     try {
-      for (const [M, N, K] of [[1, 1000, 300], [5, 700, 257], [8, 9, 4000], [10, 5, 3000], [16, 10, 4000], [64, 500, 130], [300, 20, 256], [40, 30, 1030]] as const) {
+      for (const [M, N, K] of [[1, 1000, 300], [5, 700, 257], [8, 9, 4000], [10, 5, 3000], [16, 10, 4000], [64, 500, 130], [300, 20, 256], [40, 30, 1030], [130, 203, 2 * DEFAULT_KERNEL.kc + 5]] as const) {
         const r = rng(M * N + K);
         const xs = Float32Array.from({ length: M * K }, r);
         const ws = Float32Array.from({ length: N * K }, r);

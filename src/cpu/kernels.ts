@@ -1,8 +1,12 @@
 // WebAssembly SIMD GEMM kernels, emitted as bytes (see wasm-emit.ts).
 //
-//   gemm(x, ldx, w, ldw, y, ldy, M, N, K, acc, scratch)     all i32; x, w, y, ld* and scratch in BYTES
-//     y[m*ldy + n] = (acc ? y[m*ldy + n] : 0) + sum_k x[m*ldx + k] * w[n*ldw + k]   (m<M, n<N, k<K)
+//   gemm(x, ldx, w, ldw, y, ldy, M, N, K, flags, scratch)     all i32; x, w, y, ld* and scratch in BYTES
+//     y[m*ldy + n] = (flags & ACCUMULATE ? y[m*ldy + n] : 0) + sum_k x[m*ldx + k] * w[n*ldw + k]   (m<M, n<N, k<K)
 //     scratch: scratchBytes(options) bytes private to the calling thread (packing buffers)
+//     flags & PACKED_X (packed path only): x is X already packed by packx (ldx ignored), so that
+//     threads sharing one X split W among them without each re-packing X
+//   packx(x, ldx, M, K, dst)  packs X [M, K] as gemm's packed path would, every K block, at dst
+//     (packedXBytes(M, K) bytes; K block kb starts at dst + 4*M*kb, its rows 4*ceil4(kc) bytes apart)
 //   gemm_list(ptr, count, scratch)   runs `count` gemms whose first 10 arguments are stored back to back at ptr
 //   peak(iters) -> f32               a register-only multiply-add loop (the Wasm SIMD compute limit)
 //
@@ -83,6 +87,16 @@ export const DEFAULT_KERNEL: Omit<KernelOptions, "relaxed" | "shared"> = {
 
 /** i32 arguments per gemm record in a gemm_list. */
 export const GEMM_ARGS = 10;
+/** gemm flags: add to Y instead of overwriting it. */
+export const ACCUMULATE = 1;
+/** gemm flags: x points at X packed by packx (packed path, M >= packMinM, only). */
+export const PACKED_X = 2;
+
+/** Bytes packx writes for X [M, K] (K blocks of kc floats, each padded to a multiple of 4). */
+export function packedXBytes(o: Pick<KernelOptions, "kc">, M: number, K: number): number {
+  const full = Math.floor(K / o.kc) * o.kc;
+  return 4 * M * (full + Math.ceil((K - full) / 4) * 4);
+}
 export const MAX_PAGES = 65536;
 
 /** Bytes of per-thread scratch the kernels need. */
@@ -426,6 +440,7 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
   const n1 = g.local(I32);
   const pf = g.local(I32);
   const pfStep = g.local(I32);
+  const xb = g.local(I32); // this M block's packed X panels
 
   // if (local == v) body(v) for v in 1..max (a chain of ifs).
   const dispatch = (local: number, max: number, body: (v: number) => void) => {
@@ -461,7 +476,7 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
       g.get(LDY);
       g.get(N);
       g.get(K);
-      g.get(ACC);
+      g.get(ACC).i32Const(ACCUMULATE).i32And();
       g.call(drows(a));
     };
     g.i32Const(0).set(m0);
@@ -472,8 +487,16 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
   // Packed path.
   const packed = () => {
     g.get(SCRATCH).i32Const(o.l2Bytes).i32Add().set(sw);
+    const packXPanel = (rows: number) => {
+      g.get(X).get(m).get(LDX).i32Mul().i32Add().get(kb).i32Const(2).i32Shl().i32Add();
+      g.get(LDX);
+      g.i32Const(rows);
+      g.get(kc);
+      g.get(SCRATCH).get(m).get(m0).i32Sub().get(rowBytes).i32Mul().i32Add();
+      g.call(pack);
+    };
     const callP = (a: number, b: number) => {
-      g.get(SCRATCH);
+      g.get(xb);
       g.get(m).get(m0).i32Sub().get(rowBytes).i32Mul();
       g.get(sw);
       g.get(n).get(n0).i32Sub().get(rowBytes).i32Mul();
@@ -492,23 +515,22 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
       g.get(K).get(kb).i32Sub().set(kc);
       g.get(kc).i32Const(o.kc).i32GtU().if(() => void g.i32Const(o.kc).set(kc));
       g.get(kc).i32Const(3).i32Add().i32Const(-4).i32And().i32Const(2).i32Shl().set(rowBytes);
-      g.get(ACC).get(kb).i32Or().set(accF);
+      g.get(ACC).i32Const(ACCUMULATE).i32And().get(kb).i32Or().set(accF);
       // M block rows: (l2Bytes / rowBytes) rounded down to a multiple of mr (>= mr)
       g.i32Const(o.l2Bytes).get(rowBytes).i32DivU().i32Const(o.mr).i32DivU().i32Const(o.mr).i32Mul().set(mstep);
       g.i32Const(0).set(m0);
       g.loop(() => {
         g.get(m0).get(mstep).i32Add().set(m1);
         g.get(m1).get(M).i32GtU().if(() => void g.get(M).set(m1));
-        // Pack X rows [m0, m1) as panels of mr rows (the last one may be shorter).
-        const packX = (rows: number) => {
-          g.get(X).get(m).get(LDX).i32Mul().i32Add().get(kb).i32Const(2).i32Shl().i32Add();
-          g.get(LDX);
-          g.i32Const(rows);
-          g.get(kc);
-          g.get(SCRATCH).get(m).get(m0).i32Sub().get(rowBytes).i32Mul().i32Add();
-          g.call(pack);
-        };
-        rowsLoop(o.mr, () => packX(o.mr), (r) => packX(r));
+        // Pack X rows [m0, m1) as panels of mr rows (the last one may be shorter), or find
+        // them in the caller's packed X (K block kb at X + 4*M*kb, row m at + m*rowBytes).
+        g.get(ACC).i32Const(PACKED_X).i32And().if(
+          () => void g.get(X).get(M).get(kb).i32Mul().i32Const(2).i32Shl().i32Add().get(m0).get(rowBytes).i32Mul().i32Add().set(xb),
+          () => {
+            g.get(SCRATCH).set(xb);
+            rowsLoop(o.mr, () => packXPanel(o.mr), (r) => packXPanel(r));
+          },
+        );
         // W in blocks of up to nb rows: pack the whole block (one sequential burst of reads),
         // then run every X panel against each of its tiles of nr rows.
         g.i32Const(0).set(n0);
@@ -583,6 +605,36 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
       gl.get(1).i32Const(1).i32Sub().tee(1).brIf(0);
     });
   });
+
+  // --- packx: X for every K block, in the packed path's layout -----------------------------
+  const px = mb.func("packx", [I32, I32, I32, I32, I32], [], true);
+  {
+    const [PX, PLDX, PM, PK, DST] = [0, 1, 2, 3, 4];
+    const pkb = px.local(I32);
+    const pkc = px.local(I32);
+    const prow = px.local(I32);
+    const pm = px.local(I32);
+    const prows = px.local(I32);
+    px.get(PM).i32Eqz().get(PK).i32Eqz().i32Or().if(() => void px.return());
+    px.loop(() => {
+      px.get(PK).get(pkb).i32Sub().set(pkc);
+      px.get(pkc).i32Const(o.kc).i32GtU().if(() => void px.i32Const(o.kc).set(pkc));
+      px.get(pkc).i32Const(3).i32Add().i32Const(-4).i32And().i32Const(2).i32Shl().set(prow);
+      px.i32Const(0).set(pm);
+      px.loop(() => {
+        px.get(PM).get(pm).i32Sub().set(prows);
+        px.get(prows).i32Const(o.mr).i32GtU().if(() => void px.i32Const(o.mr).set(prows));
+        px.get(PX).get(pm).get(PLDX).i32Mul().i32Add().get(pkb).i32Const(2).i32Shl().i32Add();
+        px.get(PLDX);
+        px.get(prows);
+        px.get(pkc);
+        px.get(DST).get(PM).get(pkb).i32Mul().i32Const(2).i32Shl().i32Add().get(pm).get(prow).i32Mul().i32Add();
+        px.call(pack);
+        px.get(pm).get(prows).i32Add().tee(pm).get(PM).i32LtU().brIf(0);
+      });
+      px.get(pkb).get(pkc).i32Add().tee(pkb).get(PK).i32LtU().brIf(0);
+    });
+  }
 
   // --- peak: 12 independent accumulators, no memory ------------------------------------------
   const pk = mb.func("peak", [I32], [F32], true);

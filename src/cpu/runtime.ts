@@ -16,9 +16,11 @@
 //  - Workers are unref()'d: a forgotten dispose() does not keep the process alive. They are
 //    started with execArgv: [] (the parent's --input-type / --import flags are not for them).
 //
-// Work splitting: a big gemm becomes a few pieces per thread, by N (each piece streams its own
-// rows of W) or by M when N is the smaller side, never below packMinM rows, so every piece
-// takes the same kernel path as the whole: results are bitwise identical for any thread count.
+// Work splitting: a big gemm becomes pieces of W rows (N), claimed dynamically. When X is
+// tall enough for the packed path, the main thread packs it once (kernels.ts packx) and the
+// pieces share it, so pieces can be small (16 per thread): the threads finish together. Every
+// piece takes the same kernel path as the whole: results are bitwise identical for any
+// thread count.
 // gemmBatch splits only its big members (by N) and hands out chunks of the list.
 //
 // Rules for callers: call gemm/gemmBatch/alloc only from the thread that created the runtime;
@@ -31,7 +33,7 @@
 // takes 27 µs vs 47 µs on 1 thread.
 import os from "node:os";
 import { Worker } from "node:worker_threads";
-import { buildKernelModule, DEFAULT_KERNEL, GEMM_ARGS, type KernelOptions, MAX_PAGES, relaxedProbeBytes, scratchBytes } from "./kernels.js";
+import { ACCUMULATE, buildKernelModule, DEFAULT_KERNEL, GEMM_ARGS, type KernelOptions, MAX_PAGES, PACKED_X, packedXBytes, relaxedProbeBytes, scratchBytes } from "./kernels.js";
 
 export interface Gemm {
   x: number;
@@ -53,14 +55,14 @@ export interface CpuRuntimeOptions {
   relaxed?: boolean;
   /** How long a worker spins after a dispatch before sleeping (default 100 µs). */
   spinMicros?: number;
-  /** Pieces per thread a big gemm is split into (for tuning; default 2 for M >= 64, else 4). */
+  /** Pieces per thread a big gemm is split into (for tuning; default 16 on the packed path, else 4). */
   piecesPerThread?: number;
   /** Kernel blocking parameters (for tuning; defaults are the fastest measured). */
   kernel?: Partial<Omit<KernelOptions, "relaxed" | "shared">>;
 }
 
 /** Control-word indices in the control SharedArrayBuffer. */
-export const C = { SEQ: 0, NEXT: 1, FIN: 2, LIST: 3, COUNT: 4, CHUNK: 5, STOP: 6, SLEEPERS: 7, ERROR: 8, WORDS: 16 } as const;
+export const C = { SEQ: 0, NEXT: 1, FIN: 2, LIST: 3, COUNT: 4, CHUNK: 5, STOP: 6, SLEEPERS: 7, ERROR: 8, SPIN: 9, WORDS: 16 } as const;
 const IDX_BITS = 13; // list indices < 8192 (LIST_CAP <= 8191)
 const IDX_MASK = (1 << IDX_BITS) - 1;
 const GEN_MASK = (1 << (31 - IDX_BITS)) - 1;
@@ -76,7 +78,6 @@ export interface WorkerInit {
   module: WebAssembly.Module;
   memory: WebAssembly.Memory;
   ctrl: SharedArrayBuffer;
-  spinMicros: number;
   /** Byte offset of this worker's kernel scratch area. */
   scratch: number;
 }
@@ -112,6 +113,7 @@ export function claimAndRun(ctrl: Int32Array, gen: number, gemmList: GemmListFn,
 
 type GemmFn = (x: number, ldx: number, w: number, ldw: number, y: number, ldy: number, M: number, N: number, K: number, acc: number, scratch: number) => void;
 export type GemmListFn = (ptr: number, count: number, scratch: number) => void;
+type PackxFn = (x: number, ldx: number, M: number, K: number, dst: number) => void;
 
 let relaxedFlagSet = false;
 async function relaxedAvailable(): Promise<boolean> {
@@ -136,6 +138,7 @@ export class CpuRuntime {
   private readonly module: WebAssembly.Module;
   private readonly gemmFn: GemmFn;
   private readonly gemmListFn: GemmListFn;
+  private readonly packxFn: PackxFn;
   private readonly scratch: number; // the main thread's scratch (bytes)
   private readonly heapStart: number; // bytes
   private readonly peakFn: (iters: number) => number;
@@ -150,6 +153,12 @@ export class CpuRuntime {
   private disposed = false;
   private piecesPerThread: number | undefined;
   private packMinM = DEFAULT_KERNEL.packMinM;
+  private kernel: Pick<KernelOptions, "kc"> = DEFAULT_KERNEL;
+  /**
+   * Counters since creation (for profiles): parallel dispatches, and the time the main thread
+   * spent idle at their ends, waiting for other threads' last pieces (load imbalance).
+   */
+  readonly stats = { dispatches: 0, waitMs: 0 };
 
   private constructor(threads: number, simd: string, memory: WebAssembly.Memory, module: WebAssembly.Module, instance: WebAssembly.Instance, ctrl: Int32Array, workers: Worker[], heapStart: number) {
     this.threads = threads;
@@ -159,6 +168,7 @@ export class CpuRuntime {
     const ex = instance.exports;
     this.gemmFn = ex.gemm as GemmFn;
     this.gemmListFn = ex.gemm_list as GemmListFn;
+    this.packxFn = ex.packx as PackxFn;
     this.scratch = SCRATCH_BYTE;
     this.heapStart = heapStart;
     this.top = heapStart;
@@ -190,11 +200,12 @@ export class CpuRuntime {
     const ctrlBuf = new SharedArrayBuffer(C.WORDS * 4);
     const ctrl = new Int32Array(ctrlBuf);
     Atomics.store(ctrl, C.NEXT, -1);
+    Atomics.store(ctrl, C.SPIN, spinMicros);
 
     const workers: Worker[] = [];
     try {
       for (let t = 1; t < threads; t++) {
-        const init: WorkerInit = { module, memory, ctrl: ctrlBuf, spinMicros, scratch: SCRATCH_BYTE + t * scratchSize };
+        const init: WorkerInit = { module, memory, ctrl: ctrlBuf, scratch: SCRATCH_BYTE + t * scratchSize };
         // execArgv: [] — the parent's flags (e.g. --input-type, --import hooks) are not for the
         // worker; V8 flags (relaxed SIMD) are process-wide anyway.
         workers.push(new Worker(new URL("./worker.js", import.meta.url), { workerData: init, execArgv: [] }));
@@ -226,8 +237,18 @@ export class CpuRuntime {
     const rt = new CpuRuntime(threads, simd, memory, module, instance, ctrl, workers, heapStart);
     rt.piecesPerThread = opts.piecesPerThread;
     rt.packMinM = kernel.packMinM;
+    rt.kernel = kernel;
     rt.warmUp();
     return rt;
+  }
+
+  /** How long a worker spins after a dispatch before sleeping (µs); takes effect at once. */
+  get spinMicros(): number {
+    return Atomics.load(this.ctrl, C.SPIN);
+  }
+  set spinMicros(us: number) {
+    if (!Number.isInteger(us) || us < 0) throw new Error(`CpuRuntime.spinMicros must be a non-negative integer, got ${us}`);
+    Atomics.store(this.ctrl, C.SPIN, us);
   }
 
   /** View of the whole memory (re-created after growth). */
@@ -250,6 +271,15 @@ export class CpuRuntime {
 
   /** Allocates nFloats zero-filled floats; returns their element offset (64-byte aligned). */
   alloc(nFloats: number): number {
+    return this.allocate(nFloats, true);
+  }
+
+  /** alloc without the zero fill, for buffers the caller writes in full before reading. */
+  allocUninitialized(nFloats: number): number {
+    return this.allocate(nFloats, false);
+  }
+
+  private allocate(nFloats: number, zero: boolean): number {
     if (!Number.isInteger(nFloats) || nFloats < 0) throw new Error(`CpuRuntime.alloc: nFloats must be a non-negative integer, got ${nFloats}`);
     const start = Math.ceil(this.top / 64) * 64;
     const end = start + nFloats * 4;
@@ -273,7 +303,7 @@ export class CpuRuntime {
         }
       }
     }
-    if (start < this.hwm) this.f32.fill(0, start / 4, Math.min(end, this.hwm) / 4);
+    if (zero && start < this.hwm) this.f32.fill(0, start / 4, Math.min(end, this.hwm) / 4);
     this.top = end;
     if (end > this.hwm) this.hwm = end;
     return start / 4;
@@ -310,50 +340,44 @@ export class CpuRuntime {
     const { M, N, K } = g;
     if (M === 0 || N === 0) return;
     const flops = 2 * M * N * K;
+    const flags = g.accumulate ? ACCUMULATE : 0;
     if (this.threads === 1 || flops < PARALLEL_FLOPS) {
-      this.gemmFn(g.x * 4, g.ldx * 4, g.w * 4, g.ldw * 4, g.y * 4, g.ldy * 4, M, N, K, g.accumulate ? 1 : 0, this.scratch);
+      this.gemmFn(g.x * 4, g.ldx * 4, g.w * 4, g.ldw * 4, g.y * 4, g.ldy * 4, M, N, K, flags, this.scratch);
       return;
     }
-    // Split into a few pieces per thread (claimed dynamically, so a late or preempted thread
-    // costs little): by N in multiples of 4 columns (each piece streams its own rows of W), or
-    // by M in multiples of 2 rows when N is the smaller side (each N piece would re-pack all of
-    // X). Fewer pieces for tall X, whose packing every N piece repeats.
-    const ints = this.ints();
-    const base = LIST_BYTE >>> 2;
-    const maxPieces = this.threads * (this.piecesPerThread ?? (M >= 64 ? 2 : 4));
-    let count = 0;
-    const put = (xo: number, wo: number, yo: number, m: number, n: number) => {
-      const o = base + count * GEMM_ARGS;
-      ints[o] = xo * 4;
-      ints[o + 1] = g.ldx * 4;
-      ints[o + 2] = wo * 4;
-      ints[o + 3] = g.ldw * 4;
-      ints[o + 4] = yo * 4;
-      ints[o + 5] = g.ldy * 4;
-      ints[o + 6] = m;
-      ints[o + 7] = n;
-      ints[o + 8] = K;
-      ints[o + 9] = g.accumulate ? 1 : 0;
-      count++;
-    };
-    // Every M piece keeps at least packMinM rows, so that it takes the same kernel path as the
-    // whole gemm would: results are then bitwise identical for any number of threads.
-    const minRows = this.packMinM;
-    if (N >= M || M < 2 * minRows) {
-      const pieces = Math.max(1, Math.min(maxPieces, Math.floor(N / 4), Math.floor(flops / PARALLEL_FLOPS)));
+    // Split by N into pieces of W rows, claimed dynamically (a late or slowed thread costs
+    // little), in multiples of 4 columns. On the packed path the main thread packs X once
+    // and every piece reads that: pieces then cost no re-packing, so they can be small enough
+    // for the threads to finish together (with 2 pieces per thread, each packing its own X,
+    // prefill waited 10-30 ms per pass for the slower thread on this VM).
+    const packed = M >= this.packMinM && K >= 4;
+    const mark = this.mark();
+    try {
+      const xp = packed ? this.allocUninitialized(packedXBytes(this.kernel, M, K) / 4) : 0;
+      if (packed) this.packxFn(g.x * 4, g.ldx * 4, M, K, xp * 4);
+      const ints = this.ints();
+      const base = LIST_BYTE >>> 2;
+      const perThread = this.piecesPerThread ?? (packed ? 16 : 4);
+      const pieces = Math.max(1, Math.min(this.threads * perThread, Math.floor(N / 4), Math.floor(flops / PARALLEL_FLOPS)));
       const step = Math.ceil(N / pieces / 4) * 4;
-      for (let n0 = 0; n0 < N; n0 += step) put(g.x, g.w + n0 * g.ldw, g.y + n0, M, Math.min(step, N - n0));
-    } else {
-      const pieces = Math.max(1, Math.min(maxPieces, Math.floor(M / minRows), Math.floor(flops / PARALLEL_FLOPS)));
-      const step = Math.ceil(M / pieces / 2) * 2;
-      for (let m0 = 0; m0 < M; ) {
-        let rows = Math.min(step, M - m0);
-        if (M - m0 - rows < minRows) rows = M - m0;
-        put(g.x + m0 * g.ldx, g.w, g.y + m0 * g.ldy, rows, N);
-        m0 += rows;
+      let count = 0;
+      for (let n0 = 0; n0 < N; n0 += step, count++) {
+        const o = base + count * GEMM_ARGS;
+        ints[o] = (packed ? xp : g.x) * 4;
+        ints[o + 1] = packed ? 0 : g.ldx * 4;
+        ints[o + 2] = (g.w + n0 * g.ldw) * 4;
+        ints[o + 3] = g.ldw * 4;
+        ints[o + 4] = (g.y + n0) * 4;
+        ints[o + 5] = g.ldy * 4;
+        ints[o + 6] = M;
+        ints[o + 7] = Math.min(step, N - n0);
+        ints[o + 8] = K;
+        ints[o + 9] = flags | (packed ? PACKED_X : 0);
       }
+      this.dispatch(LIST_BYTE, count, 1);
+    } finally {
+      this.release(mark);
     }
-    this.dispatch(LIST_BYTE, count, 1);
   }
 
   /** Many independent gemms in one dispatch, split across threads. */
@@ -385,7 +409,7 @@ export class CpuRuntime {
           ints[o + 6] = g.M;
           ints[o + 7] = Math.min(step, g.N - n0);
           ints[o + 8] = g.K;
-          ints[o + 9] = g.accumulate ? 1 : 0;
+          ints[o + 9] = g.accumulate ? ACCUMULATE : 0;
           count++;
         }
       }
@@ -410,11 +434,16 @@ export class CpuRuntime {
     const mainError = claimAndRun(ctrl, gen, this.gemmListFn, this.scratch);
     // Wait for the chunks other threads claimed: spin ~1 ms, then sleep.
     let fin = Atomics.load(ctrl, C.FIN);
-    for (let i = 0; fin !== count && i < 20000; i++) fin = Atomics.load(ctrl, C.FIN);
-    while (fin !== count) {
-      Atomics.wait(ctrl, C.FIN, fin, 1000);
-      fin = Atomics.load(ctrl, C.FIN);
+    if (fin !== count) {
+      const t0 = performance.now();
+      for (let i = 0; fin !== count && i < 20000; i++) fin = Atomics.load(ctrl, C.FIN);
+      while (fin !== count) {
+        Atomics.wait(ctrl, C.FIN, fin, 1000);
+        fin = Atomics.load(ctrl, C.FIN);
+      }
+      this.stats.waitMs += performance.now() - t0;
     }
+    this.stats.dispatches++;
     Atomics.store(ctrl, C.NEXT, -1);
     const failed = Atomics.exchange(ctrl, C.ERROR, 0) !== 0;
     if (mainError !== undefined) throw mainError;
