@@ -5,7 +5,7 @@
 // of the work once vectorised, and the matrix products around them are threaded.
 //
 // All pointers are f32 element offsets into the memory (converted to bytes here).
-import { F32, I32, ModuleBuilder, V128, type Fn } from "./wasm-emit.js";
+import { F32, I32, ModuleBuilder, V128, type Fn, type ValType } from "./wasm-emit.js";
 
 export type GatedAct = "silu" | "gelu_tanh";
 
@@ -111,8 +111,20 @@ function store(f: Fn, v: number, k: 4 | 1): void {
   else f.get(v).f32x4ExtractLane(0).f32Store();
 }
 
-function build(shared: boolean): Uint8Array<ArrayBuffer> {
-  const m = new ModuleBuilder({ initialPages: 1, maximumPages: 65536, shared });
+/** The functions emitElementwise adds to a module (exported under these names). */
+export type ElementwiseFns = Record<"add" | "rmsnorm" | "gated_silu" | "gated_gelu_tanh" | "gelu_tanh" | "softmax" | "rope" | "scatter" | "dot" | "axpy", Fn>;
+
+/**
+ * Emits the elementwise kernels into `m`: their own module here, and the GEMM module too, whose
+ * task list runs them on worker threads (kernels.ts).
+ */
+export function emitElementwise(mb: ModuleBuilder): ElementwiseFns {
+  const fns: Partial<ElementwiseFns> = {};
+  const m = {
+    func(name: keyof ElementwiseFns, params: readonly ValType[], results: readonly ValType[], exported: boolean): Fn {
+      return (fns[name] = mb.func(name, params, results, exported));
+    },
+  };
   const addr = (f: Fn, base: number, i: number) => f.get(base).get(i).i32Const(2).i32Shl().i32Add();
 
   // add(x, y, n)
@@ -345,6 +357,12 @@ function build(shared: boolean): Uint8Array<ArrayBuffer> {
       store(f, v, k);
     });
   }
+  return fns as ElementwiseFns;
+}
+
+function build(shared: boolean): Uint8Array<ArrayBuffer> {
+  const m = new ModuleBuilder({ initialPages: 1, maximumPages: 65536, shared });
+  emitElementwise(m);
   return m.emit();
 }
 

@@ -36,7 +36,7 @@ import type { Activation, ModelConfig, NormSpec } from "../model/config.js";
 import { LazyWeights, type HostModel } from "../model/load.js";
 import { ropeInvFreq } from "../model/rope.js";
 import { elementwise, type Elementwise } from "./elementwise.js";
-import type { Gemm } from "./runtime.js";
+import type { AttentionTask, Gemm } from "./runtime.js";
 
 /** What the engine needs from the kernel runtime (runtime.ts). */
 export interface KernelRuntime {
@@ -48,6 +48,9 @@ export interface KernelRuntime {
   release(mark: number): void;
   gemm(g: Gemm): void;
   gemmBatch(list: Gemm[]): void;
+  attention(list: AttentionTask[]): void;
+  gatedRows(g: number, ldg: number, u: number, ldu: number, out: number, ldo: number, R: number, F: number, act: "silu" | "gelu_tanh"): void;
+  rmsnormRows(src: number, dst: number, w: number, R: number, D: number, eps: number, offset: 0 | 1): void;
   dispose(): Promise<void>;
 }
 
@@ -451,8 +454,8 @@ export class CpuEngine {
           at("mlp.hook_pre", hid, [F]);
         }
         if (c.mlp.act === "gelu") gatedAct(f(), hid, up, R, F, c.mlp.act);
-        else if (hooked) this.ew.gated(hid, F, up + F, 2 * F, hid, F, R, F, c.mlp.act);
-        else this.ew.gated(up, 2 * F, up + F, 2 * F, hid, F, R, F, c.mlp.act);
+        else if (hooked) this.rt.gatedRows(hid, F, up + F, 2 * F, hid, F, R, F, c.mlp.act);
+        else this.rt.gatedRows(up, 2 * F, up + F, 2 * F, hid, F, R, F, c.mlp.act);
       } else {
         copyCols(f(), up, F, 0, hid, F, R);
         at("mlp.hook_pre", hid, [F]);
@@ -472,7 +475,7 @@ export class CpuEngine {
   /** Normalise R rows of width D (RMSNorm in Wasm; LayerNorm, GPT-2 only, on the host). */
   private norm(src: number, dst: number, R: number, D: number, p: Norm): void {
     const spec = this.config.norm;
-    if (spec.kind === "rms") this.ew.rmsnorm(src, dst, p.off, R, D, spec.eps, spec.weightOffset);
+    if (spec.kind === "rms") this.rt.rmsnormRows(src, dst, p.off, R, D, spec.eps, spec.weightOffset);
     else normRows(this.rt.f32, src, dst, R, D, p, spec);
   }
 
@@ -514,6 +517,31 @@ export class CpuEngine {
       const p1 = Math.min(B * H, p0 + pairs);
       // The argument objects are reused across layers and steps (a 64-row decode step would
       // otherwise make ~18k short-lived objects).
+      if (!pattern && !c.attnSoftcap) {
+        // Scores, softmax and values of each pair in one task, pairs spread over the threads.
+        const tasks = this.attentionList(p1 - p0);
+        for (let pi = p0; pi < p1; pi++) {
+          const b = Math.floor(pi / H), hh = pi % H, kh = Math.floor(hh / G);
+          const a = tasks[pi - p0]!;
+          a.q = q + (b * T * H + hh) * hd;
+          a.ldq = H * hd;
+          a.k = L.k + (b * K + kh) * cap * hd;
+          a.v = L.v + (b * K + kh) * hd * cap;
+          a.ldv = cap;
+          a.scores = sc + (pi - p0) * T * S;
+          a.z = z + (b * T * H + hh) * hd;
+          a.T = T;
+          a.S = S;
+          a.hd = hd;
+          a.slot0 = slot0;
+          a.pad = pad[b]!;
+          a.window = window;
+          a.scale = c.attnScale;
+        }
+        this.rt.attention(tasks);
+        continue;
+      }
+      // Attention patterns read, or a score softcap (Gemma 2): softmax on this thread.
       const scores = this.gemmList(0, p1 - p0);
       const values = this.gemmList(1, p1 - p0);
       for (let pi = p0; pi < p1; pi++) {
@@ -541,6 +569,18 @@ export class CpuEngine {
       }
       this.rt.gemmBatch(values);
     }
+  }
+
+  private attentionTasks: AttentionTask[] = [];
+  /** A reusable list of n attention task objects (the same array while n stays the same). */
+  private attentionList(n: number): AttentionTask[] {
+    let l = this.attentionTasks;
+    if (l.length !== n) {
+      const old = l;
+      l = Array.from({ length: n }, (_, i) => old[i] ?? { q: 0, ldq: 0, k: 0, v: 0, ldv: 0, scores: 0, z: 0, T: 0, S: 0, hd: 0, slot0: 0, pad: 0, window: 0, scale: 0 });
+      this.attentionTasks = l;
+    }
+    return l;
   }
 
   private lists: [Gemm[], Gemm[]] = [[], []];

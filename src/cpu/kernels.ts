@@ -7,7 +7,8 @@
 //     threads sharing one X split W among them without each re-packing X
 //   packx(x, ldx, M, K, dst)  packs X [M, K] as gemm's packed path would, every K block, at dst
 //     (packedXBytes(M, K) bytes; K block kb starts at dst + 4*M*kb, its rows 4*ceil4(kc) bytes apart)
-//   gemm_list(ptr, count, scratch)   runs `count` gemms whose first 10 arguments are stored back to back at ptr
+//   task_list(ptr, count, scratch)   runs `count` tasks stored back to back at ptr, TASK_WORDS i32
+//     each: word 0 the kind (TASK), then its arguments (see TASK). Threads share work as lists.
 //   peak(iters) -> f32               a register-only multiply-add loop (the Wasm SIMD compute limit)
 //
 // Design ("dot" layout: rows of X and rows of W are both K-contiguous, so a tile of a rows of X
@@ -44,6 +45,7 @@
 //    (the machine reads ~28 GB/s); interleaving 2-8 rows of 3-8 KB (W register blocking) falls
 //    to 9-16 GB/s: the hardware prefetcher loses such short interleaved streams.
 //  - Cold weights, M = 4..8: direct 24-27 vs packed 13-24; M = 16: packed 33-37 vs direct 28.
+import { emitElementwise } from "./elementwise.js";
 import { F32, type Fn, I32, ModuleBuilder, V128 } from "./wasm-emit.js";
 
 export interface KernelOptions {
@@ -85,8 +87,19 @@ export const DEFAULT_KERNEL: Omit<KernelOptions, "relaxed" | "shared"> = {
   dku: 4,
 };
 
-/** i32 arguments per gemm record in a gemm_list. */
-export const GEMM_ARGS = 10;
+/** i32 words per task record in a task_list (64 bytes). */
+export const TASK_WORDS = 16;
+/**
+ * Task kinds and their arguments (words 1..; pointers and strides in bytes):
+ *   GEMM       x, ldx, w, ldw, y, ldy, M, N, K, flags                       (gemm's arguments)
+ *   GATED      g, ldg, u, ldu, out, ldo, rows, F, act (0 silu, 1 gelu_tanh):  out = act(g) · u per row
+ *   RMSNORM    src, dst, w, rows, D, eps (f32), offset (f32): rows D floats apart
+ *   ATTENTION  q, ldq, k, v, ldv, sc, z, T, S, hd, slot0, pad, window, scale (f32): one (row, head)
+ *              pair: scores [T, S] = q·kᵀ into sc; each query t (slot slot0 + t) softmaxes
+ *              (scale) the keys it sees — max(pad, slot - window + 1)..slot, or only itself if
+ *              that is empty; z [T, hd] (rows ldq apart) = scores · v, v transposed [hd, S] (ldv)
+ */
+export const TASK = { GEMM: 0, GATED: 1, RMSNORM: 2, ATTENTION: 3 } as const;
 /** gemm flags: add to Y instead of overwriting it. */
 export const ACCUMULATE = 1;
 /** gemm flags: x points at X packed by packx (packed path, M >= packMinM, only). */
@@ -594,17 +607,106 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
   // The packed path pays off from a few rows of X (and needs K >= 4 for its block sizes).
   g.get(M).i32Const(o.packMinM).i32LtU().get(K).i32Const(4).i32LtU().i32Or().if(direct, packed);
 
-  // --- gemm_list ----------------------------------------------------------------------------
-  const gl = mb.func("gemm_list", [I32, I32, I32], [], true);
-  gl.get(1).if(() => {
-    gl.loop(() => {
-      for (let i = 0; i < GEMM_ARGS; i++) gl.get(0).i32Load(4 * i);
-      gl.get(2);
-      gl.call(g);
-      gl.get(0).i32Const(4 * GEMM_ARGS).i32Add().set(0);
-      gl.get(1).i32Const(1).i32Sub().tee(1).brIf(0);
+  // --- task_list ----------------------------------------------------------------------------
+  const ew = emitElementwise(mb);
+  const tl = mb.func("task_list", [I32, I32, I32], [], true);
+  {
+    const [PTR, COUNT, SCR] = [0, 1, 2];
+    const op = tl.local(I32);
+    const r = tl.local(I32);
+    const rows = tl.local(I32);
+    const a = tl.local(I32);
+    const b = tl.local(I32);
+    const c = tl.local(I32);
+    const slot = tl.local(I32);
+    const lo = tl.local(I32);
+    const arg = (i: number) => tl.get(PTR).i32Load(4 * i);
+    const argF = (i: number) => tl.get(PTR).f32Load(4 * i);
+    // for (r = 0; r < rows; r++) body()
+    const forRows = (body: () => void) => {
+      tl.i32Const(0).set(r);
+      tl.block(() =>
+        tl.loop(() => {
+          tl.get(r).get(rows).i32GeU().brIf(1);
+          body();
+          tl.get(r).i32Const(1).i32Add().set(r);
+          tl.br(0);
+        }),
+      );
+    };
+    tl.get(COUNT).if(() => {
+      tl.loop(() => {
+        arg(0).set(op);
+        tl.get(op).i32Const(TASK.GEMM).i32Eq().if(() => {
+          for (let i = 1; i <= 10; i++) arg(i);
+          tl.get(SCR).call(g);
+        });
+        tl.get(op).i32Const(TASK.GATED).i32Eq().if(() => {
+          arg(7).set(rows);
+          arg(1).set(a);
+          arg(3).set(b);
+          arg(5).set(c);
+          forRows(() => {
+            const call = (fn: Fn) => () => {
+              tl.get(a).get(b).get(c);
+              arg(8);
+              tl.call(fn);
+            };
+            arg(9).if(call(ew.gated_gelu_tanh), call(ew.gated_silu));
+            tl.get(a);
+            arg(2).i32Add().set(a);
+            tl.get(b);
+            arg(4).i32Add().set(b);
+            tl.get(c);
+            arg(6).i32Add().set(c);
+          });
+        });
+        tl.get(op).i32Const(TASK.RMSNORM).i32Eq().if(() => {
+          arg(4).set(rows);
+          arg(1).set(a);
+          arg(2).set(b);
+          forRows(() => {
+            tl.get(a).get(b);
+            arg(3);
+            arg(5);
+            argF(6);
+            argF(7);
+            tl.call(ew.rmsnorm);
+            arg(5).i32Const(2).i32Shl().set(c);
+            tl.get(a).get(c).i32Add().set(a);
+            tl.get(b).get(c).i32Add().set(b);
+          });
+        });
+        tl.get(op).i32Const(TASK.ATTENTION).i32Eq().if(() => {
+          // scores = q · kᵀ (k rows hd floats apart)
+          arg(1); arg(2); arg(3); arg(10).i32Const(2).i32Shl(); arg(6); arg(9).i32Const(2).i32Shl(); arg(8); arg(9); arg(10);
+          tl.i32Const(0).get(SCR).call(g);
+          arg(8).set(rows);
+          arg(6).set(a);
+          forRows(() => {
+            arg(11).get(r).i32Add().set(slot);
+            tl.get(slot);
+            arg(13).i32Sub().i32Const(1).i32Add().set(lo);
+            tl.get(lo);
+            arg(12).i32LtS().if(() => void arg(12).set(lo));
+            tl.get(lo).get(slot).i32GtS().if(() => void tl.get(slot).set(lo));
+            tl.get(a);
+            arg(9);
+            tl.get(lo).get(slot);
+            argF(14);
+            tl.call(ew.softmax);
+            tl.get(a);
+            arg(9).i32Const(2).i32Shl().i32Add().set(a);
+          });
+          // z = scores · v (v transposed: hd rows of ldv bytes)
+          arg(6); arg(9).i32Const(2).i32Shl(); arg(4); arg(5); arg(7); arg(2); arg(8); arg(10); arg(9);
+          tl.i32Const(0).get(SCR).call(g);
+        });
+        tl.get(PTR).i32Const(4 * TASK_WORDS).i32Add().set(PTR);
+        tl.get(COUNT).i32Const(1).i32Sub().tee(COUNT).brIf(0);
+      });
     });
-  });
+  }
 
   // --- packx: X for every K block, in the packed path's layout -----------------------------
   const px = mb.func("packx", [I32, I32, I32, I32, I32], [], true);

@@ -3,11 +3,12 @@
 // (kernels.ts) on the main thread plus a pool of worker_threads (worker.ts).
 //
 // Threading protocol (control words in a separate SharedArrayBuffer, indices in C):
-//  - A dispatch publishes a list of gemms (10 i32 each, in a reserved area of the memory) and
+//  - A dispatch publishes a list of tasks (gemm pieces, and the row and attention tasks of
+//    kernels.ts TASK; TASK_WORDS i32 each, in a reserved area of the memory) and
 //    a new generation number g: NEXT = g << IDX_BITS, then SEQ = g, then Atomics.notify if some
 //    worker sleeps. Every thread, the main thread included, then claims chunks of the list by
 //    compare-exchange on NEXT (which carries g, so a late worker can never claim from a newer
-//    generation with stale parameters) and adds the number of finished gemms to FIN.
+//    generation with stale parameters) and adds the number of finished tasks to FIN.
 //  - The main thread runs its own claims, then waits (spin, then Atomics.wait) until
 //    FIN = count, and closes the generation (NEXT = -1) before writing the next list.
 //  - Workers spin on SEQ for `spinMicros` after each dispatch, then sleep in Atomics.wait. The
@@ -33,7 +34,7 @@
 // takes 27 µs vs 47 µs on 1 thread.
 import os from "node:os";
 import { Worker } from "node:worker_threads";
-import { ACCUMULATE, buildKernelModule, DEFAULT_KERNEL, GEMM_ARGS, type KernelOptions, MAX_PAGES, PACKED_X, packedXBytes, relaxedProbeBytes, scratchBytes } from "./kernels.js";
+import { ACCUMULATE, buildKernelModule, DEFAULT_KERNEL, type KernelOptions, MAX_PAGES, PACKED_X, packedXBytes, relaxedProbeBytes, scratchBytes, TASK, TASK_WORDS } from "./kernels.js";
 
 export interface Gemm {
   x: number;
@@ -46,6 +47,28 @@ export interface Gemm {
   N: number;
   K: number;
   accumulate?: boolean;
+}
+
+/** One (row, head) pair of attention; element offsets (see kernels.ts TASK.ATTENTION). */
+export interface AttentionTask {
+  /** Queries [T, hd], rows ldq apart; z (the output) has the same layout. */
+  q: number;
+  ldq: number;
+  /** Keys [S, hd] (rows hd apart) and values transposed [hd, S] (rows ldv apart). */
+  k: number;
+  v: number;
+  ldv: number;
+  /** Scratch for the [T, S] scores. */
+  scores: number;
+  z: number;
+  T: number;
+  S: number;
+  hd: number;
+  /** Query t sits in slot slot0 + t and sees keys max(pad, slot - window + 1)..slot. */
+  slot0: number;
+  pad: number;
+  window: number;
+  scale: number;
 }
 
 export interface CpuRuntimeOptions {
@@ -68,11 +91,13 @@ const IDX_MASK = (1 << IDX_BITS) - 1;
 const GEN_MASK = (1 << (31 - IDX_BITS)) - 1;
 const LIST_CAP = 4096; // gemms per dispatch
 const LIST_BYTE = 64; // the list area starts here; then one scratch area per thread, then the heap
-const SCRATCH_BYTE = LIST_BYTE + LIST_CAP * GEMM_ARGS * 4;
+const SCRATCH_BYTE = LIST_BYTE + LIST_CAP * TASK_WORDS * 4;
 const PAGE = 65536;
 const MAX_BYTES = MAX_PAGES * PAGE;
 /** Below this many flops a gemm (or a batch) runs on the main thread alone. */
 const PARALLEL_FLOPS = 1 << 18;
+/** Below this many values a row task (RMSNorm, gated activation) runs on the main thread alone. */
+const PARALLEL_ROW_WORK = 1 << 15;
 
 export interface WorkerInit {
   module: WebAssembly.Module;
@@ -88,7 +113,7 @@ export interface WorkerInit {
  * trap: cannot happen with checked arguments) still counts as finished, so nobody waits
  * forever; the first error is returned and C.ERROR is set.
  */
-export function claimAndRun(ctrl: Int32Array, gen: number, gemmList: GemmListFn, scratch: number): unknown {
+export function claimAndRun(ctrl: Int32Array, gen: number, taskList: TaskListFn, scratch: number): unknown {
   const ptr = Atomics.load(ctrl, C.LIST);
   const count = Atomics.load(ctrl, C.COUNT);
   const chunk = Atomics.load(ctrl, C.CHUNK);
@@ -102,7 +127,7 @@ export function claimAndRun(ctrl: Int32Array, gen: number, gemmList: GemmListFn,
     const e = Math.min(i + chunk, count);
     if (Atomics.compareExchange(ctrl, C.NEXT, v, base | e) !== v) continue;
     try {
-      gemmList(ptr + i * GEMM_ARGS * 4, e - i, scratch);
+      taskList(ptr + i * TASK_WORDS * 4, e - i, scratch);
     } catch (err) {
       Atomics.store(ctrl, C.ERROR, 1);
       error ??= err;
@@ -112,7 +137,7 @@ export function claimAndRun(ctrl: Int32Array, gen: number, gemmList: GemmListFn,
 }
 
 type GemmFn = (x: number, ldx: number, w: number, ldw: number, y: number, ldy: number, M: number, N: number, K: number, acc: number, scratch: number) => void;
-export type GemmListFn = (ptr: number, count: number, scratch: number) => void;
+export type TaskListFn = (ptr: number, count: number, scratch: number) => void;
 type PackxFn = (x: number, ldx: number, M: number, K: number, dst: number) => void;
 
 let relaxedFlagSet = false;
@@ -137,7 +162,7 @@ export class CpuRuntime {
   readonly memory: WebAssembly.Memory;
   private readonly module: WebAssembly.Module;
   private readonly gemmFn: GemmFn;
-  private readonly gemmListFn: GemmListFn;
+  private readonly taskListFn: TaskListFn;
   private readonly packxFn: PackxFn;
   private readonly scratch: number; // the main thread's scratch (bytes)
   private readonly heapStart: number; // bytes
@@ -167,7 +192,7 @@ export class CpuRuntime {
     this.module = module;
     const ex = instance.exports;
     this.gemmFn = ex.gemm as GemmFn;
-    this.gemmListFn = ex.gemm_list as GemmListFn;
+    this.taskListFn = ex.task_list as TaskListFn;
     this.packxFn = ex.packx as PackxFn;
     this.scratch = SCRATCH_BYTE;
     this.heapStart = heapStart;
@@ -362,17 +387,18 @@ export class CpuRuntime {
       const step = Math.ceil(N / pieces / 4) * 4;
       let count = 0;
       for (let n0 = 0; n0 < N; n0 += step, count++) {
-        const o = base + count * GEMM_ARGS;
-        ints[o] = (packed ? xp : g.x) * 4;
-        ints[o + 1] = packed ? 0 : g.ldx * 4;
-        ints[o + 2] = (g.w + n0 * g.ldw) * 4;
-        ints[o + 3] = g.ldw * 4;
-        ints[o + 4] = (g.y + n0) * 4;
-        ints[o + 5] = g.ldy * 4;
-        ints[o + 6] = M;
-        ints[o + 7] = Math.min(step, N - n0);
-        ints[o + 8] = K;
-        ints[o + 9] = flags | (packed ? PACKED_X : 0);
+        const o = base + count * TASK_WORDS;
+        ints[o] = TASK.GEMM;
+        ints[o + 1] = (packed ? xp : g.x) * 4;
+        ints[o + 2] = packed ? 0 : g.ldx * 4;
+        ints[o + 3] = (g.w + n0 * g.ldw) * 4;
+        ints[o + 4] = g.ldw * 4;
+        ints[o + 5] = (g.y + n0) * 4;
+        ints[o + 6] = g.ldy * 4;
+        ints[o + 7] = M;
+        ints[o + 8] = Math.min(step, N - n0);
+        ints[o + 9] = K;
+        ints[o + 10] = flags | (packed ? PACKED_X : 0);
       }
       this.dispatch(LIST_BYTE, count, 1);
     } finally {
@@ -399,27 +425,112 @@ export class CpuRuntime {
         const pieces = this.threads > 1 && f >= 4 * PARALLEL_FLOPS ? Math.min(this.threads * 4, Math.floor(g.N / 4)) : 1;
         const step = pieces > 1 ? Math.ceil(g.N / pieces / 4) * 4 : g.N;
         for (let n0 = 0; n0 < g.N; n0 += step) {
-          const o = base + count * GEMM_ARGS;
-          ints[o] = g.x * 4;
-          ints[o + 1] = g.ldx * 4;
-          ints[o + 2] = (g.w + n0 * g.ldw) * 4;
-          ints[o + 3] = g.ldw * 4;
-          ints[o + 4] = (g.y + n0) * 4;
-          ints[o + 5] = g.ldy * 4;
-          ints[o + 6] = g.M;
-          ints[o + 7] = Math.min(step, g.N - n0);
-          ints[o + 8] = g.K;
-          ints[o + 9] = g.accumulate ? ACCUMULATE : 0;
+          const o = base + count * TASK_WORDS;
+          ints[o] = TASK.GEMM;
+          ints[o + 1] = g.x * 4;
+          ints[o + 2] = g.ldx * 4;
+          ints[o + 3] = (g.w + n0 * g.ldw) * 4;
+          ints[o + 4] = g.ldw * 4;
+          ints[o + 5] = (g.y + n0) * 4;
+          ints[o + 6] = g.ldy * 4;
+          ints[o + 7] = g.M;
+          ints[o + 8] = Math.min(step, g.N - n0);
+          ints[o + 9] = g.K;
+          ints[o + 10] = g.accumulate ? ACCUMULATE : 0;
           count++;
         }
       }
       if (count === 0) continue;
-      if (this.threads === 1 || flops < PARALLEL_FLOPS) this.gemmListFn(LIST_BYTE, count, this.scratch);
+      if (this.threads === 1 || flops < PARALLEL_FLOPS) this.taskListFn(LIST_BYTE, count, this.scratch);
       else this.dispatch(LIST_BYTE, count, Math.max(1, Math.floor(count / (this.threads * 8))));
     }
   }
 
-  /** Runs the list on all threads; returns when every gemm is done. */
+  /**
+   * out[r] = act(g[r]) · u[r] for R rows of F (element offsets; rows ldg, ldu, ldo apart),
+   * split by rows across the threads.
+   */
+  gatedRows(g: number, ldg: number, u: number, ldu: number, out: number, ldo: number, R: number, F: number, act: "silu" | "gelu_tanh"): void {
+    this.assertLive();
+    this.rowTasks(R, R * F, (o, r0, rows) => {
+      const ints = this.iview;
+      ints[o] = TASK.GATED;
+      ints[o + 1] = (g + r0 * ldg) * 4;
+      ints[o + 2] = ldg * 4;
+      ints[o + 3] = (u + r0 * ldu) * 4;
+      ints[o + 4] = ldu * 4;
+      ints[o + 5] = (out + r0 * ldo) * 4;
+      ints[o + 6] = ldo * 4;
+      ints[o + 7] = rows;
+      ints[o + 8] = F;
+      ints[o + 9] = act === "silu" ? 0 : 1;
+    });
+  }
+
+  /** dst[r] = src[r] / rms(src[r]) · (offset + w) for R rows of D (dst may alias src), split by rows. */
+  rmsnormRows(src: number, dst: number, w: number, R: number, D: number, eps: number, offset: 0 | 1): void {
+    this.assertLive();
+    this.rowTasks(R, R * D, (o, r0, rows) => {
+      const ints = this.iview;
+      ints[o] = TASK.RMSNORM;
+      ints[o + 1] = (src + r0 * D) * 4;
+      ints[o + 2] = (dst + r0 * D) * 4;
+      ints[o + 3] = w * 4;
+      ints[o + 4] = rows;
+      ints[o + 5] = D;
+      this.view[o + 6] = eps;
+      this.view[o + 7] = offset;
+    });
+  }
+
+  /** Attention for (row, head) pairs (kernels.ts TASK.ATTENTION), pairs split across the threads. */
+  attention(list: readonly AttentionTask[]): void {
+    this.assertLive();
+    let i = 0;
+    while (i < list.length) {
+      this.ints();
+      const base = LIST_BYTE >>> 2;
+      let count = 0;
+      let flops = 0;
+      for (; i < list.length && count < LIST_CAP; i++, count++) {
+        const a = list[i] as AttentionTask;
+        const o = base + count * TASK_WORDS;
+        const ints = this.iview;
+        ints[o] = TASK.ATTENTION;
+        ints[o + 1] = a.q * 4;
+        ints[o + 2] = a.ldq * 4;
+        ints[o + 3] = a.k * 4;
+        ints[o + 4] = a.v * 4;
+        ints[o + 5] = a.ldv * 4;
+        ints[o + 6] = a.scores * 4;
+        ints[o + 7] = a.z * 4;
+        ints[o + 8] = a.T;
+        ints[o + 9] = a.S;
+        ints[o + 10] = a.hd;
+        ints[o + 11] = a.slot0;
+        ints[o + 12] = a.pad;
+        ints[o + 13] = Math.min(a.window, 2 ** 30);
+        this.view[o + 14] = a.scale;
+        flops += 4 * a.T * a.S * a.hd;
+      }
+      if (this.threads === 1 || flops < PARALLEL_FLOPS) this.taskListFn(LIST_BYTE, count, this.scratch);
+      else this.dispatch(LIST_BYTE, count, 1);
+    }
+  }
+
+  /** Writes row tasks (fill(recordWord, firstRow, rows)) for R rows of `work` values in all, and runs them. */
+  private rowTasks(R: number, work: number, fill: (o: number, r0: number, rows: number) => void): void {
+    if (R === 0) return;
+    this.ints();
+    const pieces = this.threads === 1 || work < PARALLEL_ROW_WORK ? 1 : Math.min(R, this.threads * 4);
+    const step = Math.ceil(R / pieces);
+    let count = 0;
+    for (let r0 = 0; r0 < R; r0 += step, count++) fill((LIST_BYTE >>> 2) + count * TASK_WORDS, r0, Math.min(step, R - r0));
+    if (count === 1) this.taskListFn(LIST_BYTE, 1, this.scratch);
+    else this.dispatch(LIST_BYTE, count, 1);
+  }
+
+  /** Runs the list on all threads; returns when every task is done. */
   private dispatch(ptr: number, count: number, chunk: number): void {
     const ctrl = this.ctrl;
     this.gen = (this.gen + 1) & GEN_MASK;
@@ -431,7 +542,7 @@ export class CpuRuntime {
     Atomics.store(ctrl, C.NEXT, gen << IDX_BITS);
     Atomics.store(ctrl, C.SEQ, gen);
     if (Atomics.load(ctrl, C.SLEEPERS) > 0) Atomics.notify(ctrl, C.SEQ);
-    const mainError = claimAndRun(ctrl, gen, this.gemmListFn, this.scratch);
+    const mainError = claimAndRun(ctrl, gen, this.taskListFn, this.scratch);
     // Wait for the chunks other threads claimed: spin ~1 ms, then sleep.
     let fin = Atomics.load(ctrl, C.FIN);
     if (fin !== count) {

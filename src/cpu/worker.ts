@@ -1,12 +1,12 @@
 // A CpuRuntime worker thread (see runtime.ts for the protocol): instantiates the kernel module
 // on the shared memory, then loops forever: spin briefly on the generation word, sleep in
-// Atomics.wait when idle, claim chunks of the published gemm list and run them.
+// Atomics.wait when idle, claim chunks of the published task list and run them.
 import { parentPort, workerData } from "node:worker_threads";
-import { type GemmListFn, type WorkerInit, claimAndRun, C } from "./runtime.js";
+import { type TaskListFn, type WorkerInit, claimAndRun, C } from "./runtime.js";
 
 const init = workerData as WorkerInit;
 const instance = new WebAssembly.Instance(init.module, { env: { memory: init.memory } });
-const gemmList = instance.exports.gemm_list as GemmListFn;
+const taskList = instance.exports.task_list as TaskListFn;
 const ctrl = new Int32Array(init.ctrl);
 
 let seen = Atomics.load(ctrl, C.SEQ);
@@ -31,7 +31,7 @@ for (;;) {
   }
   seen = seq;
   if (Atomics.load(ctrl, C.STOP) !== 0) break;
-  const error = claimAndRun(ctrl, seq, gemmList, init.scratch);
+  const error = claimAndRun(ctrl, seq, taskList, init.scratch);
   if (error !== undefined) process.emitWarning(`CpuRuntime worker: ${String(error)}`);
 }
 parentPort?.close();
