@@ -279,27 +279,40 @@ process.exit(0);
 // ---------------------------------------------------------------- profile, cpu engine
 /** Time inside the kernel runtime's matrix products vs everything else (host-side TypeScript). */
 async function profileCpu(rt: CpuRuntime): Promise<void> {
-  const acc = { gemm: 0, gemmN: 0, batch: 0, batchN: 0 };
-  const gemm = rt.gemm.bind(rt);
-  const gemmBatch = rt.gemmBatch.bind(rt);
-  rt.gemm = (g) => {
+  // Time spent in the runtime's linear layers (gemm), attention (attention tasks, or the
+  // gemmBatch + host softmax path), the threaded row tasks (RMSNorm, gated activation), and
+  // the rest (host work on the main thread); plus the main thread's idle wait at the end of
+  // parallel dispatches (load imbalance).
+  const acc = { gemm: 0, gemmN: 0, attn: 0, attnN: 0, rows: 0, rowsN: 0 };
+  const timed = <A extends unknown[]>(f: (...a: A) => void, ms: "gemm" | "attn" | "rows", n: "gemmN" | "attnN" | "rowsN") => (...a: A) => {
     const t = performance.now();
-    gemm(g);
-    acc.gemm += performance.now() - t;
-    acc.gemmN++;
+    f(...a);
+    acc[ms] += performance.now() - t;
+    acc[n]++;
   };
-  rt.gemmBatch = (l) => {
-    const t = performance.now();
-    gemmBatch(l);
-    acc.batch += performance.now() - t;
-    acc.batchN++;
-  };
+  rt.gemm = timed(rt.gemm.bind(rt), "gemm", "gemmN");
+  rt.gemmBatch = timed(rt.gemmBatch.bind(rt), "attn", "attnN");
+  rt.attention = timed(rt.attention.bind(rt), "attn", "attnN");
+  rt.gatedRows = timed(rt.gatedRows.bind(rt), "rows", "rowsN");
+  rt.rmsnormRows = timed(rt.rmsnormRows.bind(rt), "rows", "rowsN");
   const measure = async (f: () => Promise<number>) => {
-    Object.assign(acc, { gemm: 0, gemmN: 0, batch: 0, batchN: 0 });
+    Object.assign(acc, { gemm: 0, gemmN: 0, attn: 0, attnN: 0, rows: 0, rowsN: 0 });
+    const wait0 = rt.stats.waitMs;
     const t = performance.now();
     const steps = await f();
     const wall = performance.now() - t;
-    return { wallMs: round(wall, 1), linearMs: round(acc.gemm, 1), attentionMs: round(acc.batch, 1), otherMs: round(wall - acc.gemm - acc.batch, 1), linearCalls: acc.gemmN, attentionCalls: acc.batchN, steps, perStepMs: round(wall / steps, 2) };
+    return {
+      wallMs: round(wall, 1),
+      linearMs: round(acc.gemm, 1),
+      attentionMs: round(acc.attn, 1),
+      rowTasksMs: round(acc.rows, 1),
+      otherMs: round(wall - acc.gemm - acc.attn - acc.rows, 1),
+      imbalanceWaitMs: round(rt.stats.waitMs - wait0, 1),
+      linearCalls: acc.gemmN,
+      attentionCalls: acc.attnN,
+      steps,
+      perStepMs: round(wall / steps, 2),
+    };
   };
   const prompt = promptIds(S.prefillTokens);
   await engine.forward([prompt], { logits: "last" });
