@@ -196,7 +196,8 @@ async function main(): Promise<void> {
   if (self.result && llama?.result) rounds.push({ selfscope: self.result.prefill.tokPerS, llamacpp: llama.result.prefill.tokPerS, ratio: round(self.result.prefill.tokPerS / llama.result.prefill.tokPerS, 3), order: "main children" });
   if (llama?.result && self.result) {
     type P = { prefill: { tokPerS: number } };
-    for (let r = 0; r < (args.quick ? 3 : 5); r++) {
+    // 6 (quick) or 8 more pairs: with the main pair an odd count, so the median is one round.
+    for (let r = 0; r < (args.quick ? 6 : 8); r++) {
       const selfFirst = r % 2 === 1;
       const runSelf = () => child<P>(`prefill-selfscope-${r + 1}`, "selfscope.js", N, ["--prefill-only"], q);
       const runLlama = () => child<P>(`prefill-llamacpp-${r + 1}`, "llamacpp.js", N, ["--prefill-only"], q);
