@@ -794,8 +794,6 @@ function copyCols(f: Float32Array, src: number, ld: number, col0: number, dst: n
   for (let r = 0; r < R; r++) f.copyWithin(dst + r * n, src + r * ld + col0, src + r * ld + col0 + n);
 }
 
-
-
 const SQRT_2_OVER_PI = Math.sqrt(2 / Math.PI);
 
 function act(v: number, a: Activation): number {

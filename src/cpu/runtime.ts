@@ -22,10 +22,13 @@
 // pieces share it, so pieces can be small (16 per thread): the threads finish together. Every
 // piece takes the same kernel path as the whole: results are bitwise identical for any
 // thread count.
-// gemmBatch splits only its big members (by N) and hands out chunks of the list.
+// gemmBatch splits only its big members (by N) and hands out chunks of the list; attention
+// hands out one task per (row, head) pair; gatedRows / rmsnormRows split rows (from 32K values).
 //
-// Rules for callers: call gemm/gemmBatch/alloc only from the thread that created the runtime;
-// Y must not overlap X or W; re-read `f32` after any alloc (growth replaces the buffer).
+// Rules for callers: call the runtime only from the thread that created it; Y must not overlap
+// X or W; re-read `f32` after any alloc (growth replaces the buffer). A multi-threaded gemm
+// allocates its packed X too, but then the memory is shared, and views of a shared memory stay
+// valid for everything they covered.
 // create() turns on V8's --experimental-wasm-relaxed-simd (process-wide) on Node 20.
 //
 // Measured on the 2-core EPYC (Zen 4) this was written on (bench/gemm.ts): 1 thread 47-51
