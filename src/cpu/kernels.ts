@@ -417,6 +417,34 @@ function emitPack(mb: ModuleBuilder): Fn {
   return f;
 }
 
+/**
+ * pack_panels(src, ld, rows, kc, dst): rows x kc floats (row stride ld bytes) as the panels of mr
+ * rows the packed microkernel reads: the panel holding row m starts at dst + m * 4*ceil4(kc)
+ * (the last panel may be shorter). The gemm driver packs one M block of one K block into its
+ * scratch this way; packx packs every K block of X.
+ */
+function emitPackPanels(mb: ModuleBuilder, o: KernelOptions, pack: Fn): Fn {
+  const f = mb.func("pack_panels", [I32, I32, I32, I32, I32]);
+  const [SRC, LD, ROWS, KC, DST] = [0, 1, 2, 3, 4];
+  const m = f.local(I32);
+  const rows = f.local(I32);
+  const rowBytes = f.local(I32);
+  f.get(ROWS).i32Eqz().if(() => void f.return());
+  f.get(KC).i32Const(3).i32Add().i32Const(-4).i32And().i32Const(2).i32Shl().set(rowBytes);
+  f.loop(() => {
+    f.get(ROWS).get(m).i32Sub().set(rows);
+    f.get(rows).i32Const(o.mr).i32GtU().if(() => void f.i32Const(o.mr).set(rows));
+    f.get(SRC).get(m).get(LD).i32Mul().i32Add();
+    f.get(LD);
+    f.get(rows);
+    f.get(KC);
+    f.get(DST).get(m).get(rowBytes).i32Mul().i32Add();
+    f.call(pack);
+    f.get(m).get(rows).i32Add().tee(m).get(ROWS).i32LtU().brIf(0);
+  });
+  return f;
+}
+
 export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
   checkOptions(o);
   const mb = new ModuleBuilder({ initialPages: 1, maximumPages: MAX_PAGES, shared: o.shared });
@@ -433,6 +461,7 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
   const drows = (a: number) => drowsFns[a - 1] as Fn;
   const ptile = grid(o.mr, o.nr, (a, b) => emitPackedTile(mb, o, a, b));
   const pack = emitPack(mb);
+  const packPanels = emitPackPanels(mb, o, pack);
 
   // --- driver ------------------------------------------------------------------------------
   const g = mb.func("gemm", [I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32], [], true);
@@ -500,14 +529,6 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
   // Packed path.
   const packed = () => {
     g.get(SCRATCH).i32Const(o.l2Bytes).i32Add().set(sw);
-    const packXPanel = (rows: number) => {
-      g.get(X).get(m).get(LDX).i32Mul().i32Add().get(kb).i32Const(2).i32Shl().i32Add();
-      g.get(LDX);
-      g.i32Const(rows);
-      g.get(kc);
-      g.get(SCRATCH).get(m).get(m0).i32Sub().get(rowBytes).i32Mul().i32Add();
-      g.call(pack);
-    };
     const callP = (a: number, b: number) => {
       g.get(xb);
       g.get(m).get(m0).i32Sub().get(rowBytes).i32Mul();
@@ -541,7 +562,12 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
           () => void g.get(X).get(M).get(kb).i32Mul().i32Const(2).i32Shl().i32Add().get(m0).get(rowBytes).i32Mul().i32Add().set(xb),
           () => {
             g.get(SCRATCH).set(xb);
-            rowsLoop(o.mr, () => packXPanel(o.mr), (r) => packXPanel(r));
+            g.get(X).get(m0).get(LDX).i32Mul().i32Add().get(kb).i32Const(2).i32Shl().i32Add();
+            g.get(LDX);
+            g.get(m1).get(m0).i32Sub();
+            g.get(kc);
+            g.get(SCRATCH);
+            g.call(packPanels);
           },
         );
         // W in blocks of up to nb rows: pack the whole block (one sequential burst of reads),
@@ -714,26 +740,16 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
     const [PX, PLDX, PM, PK, DST] = [0, 1, 2, 3, 4];
     const pkb = px.local(I32);
     const pkc = px.local(I32);
-    const prow = px.local(I32);
-    const pm = px.local(I32);
-    const prows = px.local(I32);
-    px.get(PM).i32Eqz().get(PK).i32Eqz().i32Or().if(() => void px.return());
+    px.get(PK).i32Eqz().if(() => void px.return());
     px.loop(() => {
       px.get(PK).get(pkb).i32Sub().set(pkc);
       px.get(pkc).i32Const(o.kc).i32GtU().if(() => void px.i32Const(o.kc).set(pkc));
-      px.get(pkc).i32Const(3).i32Add().i32Const(-4).i32And().i32Const(2).i32Shl().set(prow);
-      px.i32Const(0).set(pm);
-      px.loop(() => {
-        px.get(PM).get(pm).i32Sub().set(prows);
-        px.get(prows).i32Const(o.mr).i32GtU().if(() => void px.i32Const(o.mr).set(prows));
-        px.get(PX).get(pm).get(PLDX).i32Mul().i32Add().get(pkb).i32Const(2).i32Shl().i32Add();
-        px.get(PLDX);
-        px.get(prows);
-        px.get(pkc);
-        px.get(DST).get(PM).get(pkb).i32Mul().i32Const(2).i32Shl().i32Add().get(pm).get(prow).i32Mul().i32Add();
-        px.call(pack);
-        px.get(pm).get(prows).i32Add().tee(pm).get(PM).i32LtU().brIf(0);
-      });
+      px.get(PX).get(pkb).i32Const(2).i32Shl().i32Add();
+      px.get(PLDX);
+      px.get(PM);
+      px.get(pkc);
+      px.get(DST).get(PM).get(pkb).i32Mul().i32Const(2).i32Shl().i32Add();
+      px.call(packPanels);
       px.get(pkb).get(pkc).i32Add().tee(pkb).get(PK).i32LtU().brIf(0);
     });
   }
