@@ -383,25 +383,14 @@ export class CpuRuntime {
     try {
       const xp = packed ? this.allocUninitialized(packedXBytes(this.kernel, M, K) / 4) : 0;
       if (packed) this.packxFn(g.x * 4, g.ldx * 4, M, K, xp * 4);
-      const ints = this.ints();
-      const base = LIST_BYTE >>> 2;
+      this.ints(); // fresh views after the allocation
       const perThread = this.piecesPerThread ?? (packed ? 16 : 4);
       const pieces = Math.max(1, Math.min(this.threads * perThread, Math.floor(N / 4), Math.floor(flops / PARALLEL_FLOPS)));
       const step = Math.ceil(N / pieces / 4) * 4;
       let count = 0;
       for (let n0 = 0; n0 < N; n0 += step, count++) {
-        const o = base + count * TASK_WORDS;
-        ints[o] = TASK.GEMM;
-        ints[o + 1] = (packed ? xp : g.x) * 4;
-        ints[o + 2] = packed ? 0 : g.ldx * 4;
-        ints[o + 3] = (g.w + n0 * g.ldw) * 4;
-        ints[o + 4] = g.ldw * 4;
-        ints[o + 5] = (g.y + n0) * 4;
-        ints[o + 6] = g.ldy * 4;
-        ints[o + 7] = M;
-        ints[o + 8] = Math.min(step, N - n0);
-        ints[o + 9] = K;
-        ints[o + 10] = flags | (packed ? PACKED_X : 0);
+        if (packed) this.putGemmPiece(count, g, n0, Math.min(step, N - n0), xp, 0, flags | PACKED_X);
+        else this.putGemmPiece(count, g, n0, Math.min(step, N - n0), g.x, g.ldx, flags);
       }
       this.dispatch(LIST_BYTE, count, 1);
     } finally {
@@ -415,8 +404,7 @@ export class CpuRuntime {
     for (const g of list) this.check(g, "gemmBatch");
     let i = 0;
     while (i < list.length) {
-      const ints = this.ints();
-      const base = LIST_BYTE >>> 2;
+      this.ints();
       let count = 0;
       let flops = 0;
       // Large members are split by N so that one big gemm does not serialise the batch.
@@ -428,18 +416,7 @@ export class CpuRuntime {
         const pieces = this.threads > 1 && f >= 4 * PARALLEL_FLOPS ? Math.min(this.threads * 4, Math.floor(g.N / 4)) : 1;
         const step = pieces > 1 ? Math.ceil(g.N / pieces / 4) * 4 : g.N;
         for (let n0 = 0; n0 < g.N; n0 += step) {
-          const o = base + count * TASK_WORDS;
-          ints[o] = TASK.GEMM;
-          ints[o + 1] = g.x * 4;
-          ints[o + 2] = g.ldx * 4;
-          ints[o + 3] = (g.w + n0 * g.ldw) * 4;
-          ints[o + 4] = g.ldw * 4;
-          ints[o + 5] = (g.y + n0) * 4;
-          ints[o + 6] = g.ldy * 4;
-          ints[o + 7] = g.M;
-          ints[o + 8] = Math.min(step, g.N - n0);
-          ints[o + 9] = g.K;
-          ints[o + 10] = g.accumulate ? ACCUMULATE : 0;
+          this.putGemmPiece(count, g, n0, Math.min(step, g.N - n0), g.x, g.ldx, g.accumulate ? ACCUMULATE : 0);
           count++;
         }
       }
@@ -531,6 +508,26 @@ export class CpuRuntime {
     for (let r0 = 0; r0 < R; r0 += step, count++) fill((LIST_BYTE >>> 2) + count * TASK_WORDS, r0, Math.min(step, R - r0));
     if (count === 1) this.taskListFn(LIST_BYTE, 1, this.scratch);
     else this.dispatch(LIST_BYTE, count, 1);
+  }
+
+  /**
+   * Writes task i of the list: gemm g over W rows [n0, n0 + n), X read at x with stride ldx
+   * (element offsets; packed X: ldx 0) and the given kernel flags. Call after ints().
+   */
+  private putGemmPiece(i: number, g: Gemm, n0: number, n: number, x: number, ldx: number, flags: number): void {
+    const ints = this.iview;
+    const o = (LIST_BYTE >>> 2) + i * TASK_WORDS;
+    ints[o] = TASK.GEMM;
+    ints[o + 1] = x * 4;
+    ints[o + 2] = ldx * 4;
+    ints[o + 3] = (g.w + n0 * g.ldw) * 4;
+    ints[o + 4] = g.ldw * 4;
+    ints[o + 5] = (g.y + n0) * 4;
+    ints[o + 6] = g.ldy * 4;
+    ints[o + 7] = g.M;
+    ints[o + 8] = n;
+    ints[o + 9] = g.K;
+    ints[o + 10] = flags;
   }
 
   /** Runs the list on all threads; returns when every task is done. */
