@@ -88,7 +88,7 @@ export interface CpuRuntimeOptions {
 }
 
 /** Control-word indices in the control SharedArrayBuffer. */
-export const C = { SEQ: 0, NEXT: 1, FIN: 2, LIST: 3, COUNT: 4, CHUNK: 5, STOP: 6, SLEEPERS: 7, ERROR: 8, SPIN: 9, WORDS: 16 } as const;
+export const C = { SEQ: 0, NEXT: 1, FIN: 2, LIST: 3, COUNT: 4, CHUNK: 5, STOP: 6, SLEEPERS: 7, ERROR: 8, WORDS: 16 } as const;
 const IDX_BITS = 13; // list indices < 8192 (LIST_CAP <= 8191)
 const IDX_MASK = (1 << IDX_BITS) - 1;
 const GEN_MASK = (1 << (31 - IDX_BITS)) - 1;
@@ -106,6 +106,7 @@ export interface WorkerInit {
   module: WebAssembly.Module;
   memory: WebAssembly.Memory;
   ctrl: SharedArrayBuffer;
+  spinMicros: number;
   /** Byte offset of this worker's kernel scratch area. */
   scratch: number;
 }
@@ -228,12 +229,11 @@ export class CpuRuntime {
     const ctrlBuf = new SharedArrayBuffer(C.WORDS * 4);
     const ctrl = new Int32Array(ctrlBuf);
     Atomics.store(ctrl, C.NEXT, -1);
-    Atomics.store(ctrl, C.SPIN, spinMicros);
 
     const workers: Worker[] = [];
     try {
       for (let t = 1; t < threads; t++) {
-        const init: WorkerInit = { module, memory, ctrl: ctrlBuf, scratch: SCRATCH_BYTE + t * scratchSize };
+        const init: WorkerInit = { module, memory, ctrl: ctrlBuf, spinMicros, scratch: SCRATCH_BYTE + t * scratchSize };
         // execArgv: [] — the parent's flags (e.g. --input-type, --import hooks) are not for the
         // worker; V8 flags (relaxed SIMD) are process-wide anyway.
         workers.push(new Worker(new URL("./worker.js", import.meta.url), { workerData: init, execArgv: [] }));
@@ -268,15 +268,6 @@ export class CpuRuntime {
     rt.kernel = kernel;
     rt.warmUp();
     return rt;
-  }
-
-  /** How long a worker spins after a dispatch before sleeping (µs); takes effect at once. */
-  get spinMicros(): number {
-    return Atomics.load(this.ctrl, C.SPIN);
-  }
-  set spinMicros(us: number) {
-    if (!Number.isInteger(us) || us < 0) throw new Error(`CpuRuntime.spinMicros must be a non-negative integer, got ${us}`);
-    Atomics.store(this.ctrl, C.SPIN, us);
   }
 
   /** View of the whole memory (re-created after growth). */

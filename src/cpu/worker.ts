@@ -13,10 +13,10 @@ let seen = Atomics.load(ctrl, C.SEQ);
 parentPort?.postMessage("ready");
 
 for (;;) {
-  // Spin for up to C.SPIN µs, then sleep until the generation changes.
+  // Spin for up to spinMicros, then sleep until the generation changes.
   let seq = Atomics.load(ctrl, C.SEQ);
   if (seq === seen) {
-    const until = performance.now() + Atomics.load(ctrl, C.SPIN) / 1000;
+    const until = performance.now() + init.spinMicros / 1000;
     for (let i = 1; ; i++) {
       seq = Atomics.load(ctrl, C.SEQ);
       if (seq !== seen) break;
