@@ -542,8 +542,8 @@ export class CpuEngine {
         continue;
       }
       // Attention patterns read, or a score softcap (Gemma 2): softmax on this thread.
-      const scores = this.gemmList(0, p1 - p0);
-      const values = this.gemmList(1, p1 - p0);
+      const scores = this.gemmList("scores", p1 - p0);
+      const values = this.gemmList("values", p1 - p0);
       for (let pi = p0; pi < p1; pi++) {
         const b = Math.floor(pi / H), hh = pi % H, kh = Math.floor(hh / G);
         const s = sc + (pi - p0) * T * S;
@@ -571,28 +571,17 @@ export class CpuEngine {
     }
   }
 
-  private attentionTasks: AttentionTask[] = [];
-  /** A reusable list of n attention task objects (the same array while n stays the same). */
-  private attentionList(n: number): AttentionTask[] {
-    let l = this.attentionTasks;
-    if (l.length !== n) {
-      const old = l;
-      l = Array.from({ length: n }, (_, i) => old[i] ?? { q: 0, ldq: 0, k: 0, v: 0, ldv: 0, scores: 0, z: 0, T: 0, S: 0, hd: 0, slot0: 0, pad: 0, window: 0, scale: 0 });
-      this.attentionTasks = l;
-    }
-    return l;
+  // Argument objects reused across layers and steps (the same array while the count stays the same).
+  private lists = {
+    scores: [] as Gemm[],
+    values: [] as Gemm[],
+    attention: [] as AttentionTask[],
+  };
+  private gemmList(which: "scores" | "values", n: number): Gemm[] {
+    return (this.lists[which] = resized(this.lists[which], n, () => ({ x: 0, ldx: 0, w: 0, ldw: 0, y: 0, ldy: 0, M: 0, N: 0, K: 0 })));
   }
-
-  private lists: [Gemm[], Gemm[]] = [[], []];
-  /** A reusable list of n gemm argument objects (the same array while n stays the same). */
-  private gemmList(which: 0 | 1, n: number): Gemm[] {
-    let l = this.lists[which];
-    if (l.length !== n) {
-      const old = l;
-      l = Array.from({ length: n }, (_, i) => old[i] ?? { x: 0, ldx: 0, w: 0, ldw: 0, y: 0, ldy: 0, M: 0, N: 0, K: 0 });
-      this.lists[which] = l;
-    }
-    return l;
+  private attentionList(n: number): AttentionTask[] {
+    return (this.lists.attention = resized(this.lists.attention, n, () => ({ q: 0, ldq: 0, k: 0, v: 0, ldv: 0, scores: 0, z: 0, T: 0, S: 0, hd: 0, slot0: 0, pad: 0, window: 0, scale: 0 })));
   }
 
   /**
@@ -790,6 +779,11 @@ function normRows(f: Float32Array, src: number, dst: number, R: number, D: numbe
 }
 
 /** dst[r, 0:n] = src[r, col0:col0+n] for R rows of width `ld`. */
+/** `list` if it has n entries, else a list of n that keeps its first entries and makes the rest. */
+function resized<T>(list: T[], n: number, make: () => T): T[] {
+  return list.length === n ? list : Array.from({ length: n }, (_, i) => list[i] ?? make());
+}
+
 function copyCols(f: Float32Array, src: number, ld: number, col0: number, dst: number, n: number, R: number): void {
   for (let r = 0; r < R; r++) f.copyWithin(dst + r * n, src + r * ld + col0, src + r * ld + col0 + n);
 }
