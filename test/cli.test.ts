@@ -8,11 +8,11 @@ import path from "node:path";
 import { test } from "node:test";
 import { Sampler, argmax } from "../src/model/engine.js";
 import { Model } from "../src/model/model.js";
-import { repoDir, sharedDir } from "./support/paths.js";
+import { fixture, repoDir } from "./support/paths.js";
 
 const CLI = path.join(repoDir(), "dist/src/cli/main.js");
 const STORIES = path.join(repoDir(), "models/stories260K/stories260K.gguf");
-const story = JSON.parse(fs.readFileSync(path.join(sharedDir(), "models/stories260K-gguf/reference/greedy_from_bos.json"), "utf8")) as { generated_ids: number[]; generated_text: string };
+const story = JSON.parse(fs.readFileSync(fixture("stories260K-gguf/reference/greedy_from_bos.json"), "utf8")) as { generated_ids: number[]; generated_text: string };
 
 function cli(...args: string[]): { status: number | null; stdout: string; stderr: string } {
   return spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8" });
@@ -65,7 +65,7 @@ test("info names family, dims, dtype, tokenizer and chat template", () => {
   assert.match(a, /dtype\s+F32/);
   assert.match(a, /tokenizer\s+gguf-spm \(512 tokens/);
   assert.match(a, /chat template\s+absent/);
-  const g = cli("info", "--model", path.join(sharedDir(), "models/tiny-random-gpt2")).stdout;
+  const g = cli("info", "--model", fixture("tiny-random-gpt2")).stdout;
   assert.match(g, /family\s+gpt2/);
   assert.match(g, /tokenizer\s+tokenizer\.json/);
   assert.equal(cli("frobnicate").status, 2);

@@ -6,7 +6,6 @@
 // engine refuses work.
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import path from "node:path";
 import { UsageError } from "../src/core/errors.js";
 import { Rng } from "../src/core/rng.js";
 import { CpuEngine } from "../src/cpu/engine.js";
@@ -16,10 +15,10 @@ import type { Plan } from "../src/hooks/plan.js";
 import type { GenerateResult } from "../src/model/engine.js";
 import { loadHostModel, type HostModel } from "../src/model/load.js";
 import { assertClose, maxAbsDiff } from "./support/compare.js";
-import { sharedDir } from "./support/paths.js";
+import { fixture } from "./support/paths.js";
 import { argmax64, ref64Forward } from "./support/ref64.js";
 
-const STORIES = path.join(sharedDir(), "models", "stories260K-gguf", "stories260K.gguf");
+const STORIES = fixture("stories260K-gguf", "stories260K.gguf");
 const REF_TOL = 1e-4; // float32 engine vs float64 reference (as in interventions.test.ts)
 // Same float32 math in other shapes (another thread split, a chunked prefill): logits reach ~20.
 const SAME_TOL = 1e-5;

@@ -30,10 +30,10 @@ import {
 } from "../src/recipes/geometry.js";
 import { cosine, dot, gram, ldaDualProject, ldaFit, ldaFitGram, nestedRidgeCv, norm, pca, principalAngleCosines, ridgePath, rowBasis, signTest, solveSpd, stratifiedKFold, symEig, unit } from "../src/recipes/linalg.js";
 import { conceptVectors, PROTOCOL_RECIPE } from "../src/vectors/extract.js";
-import { repoDir, sharedDir } from "./support/paths.js";
+import { fixture, repoDir } from "./support/paths.js";
 
 const STORIES = path.join(repoDir(), "models", "stories260K", "stories260K.gguf");
-const GPT2 = path.join(sharedDir(), "models", "tiny-random-gpt2");
+const GPT2 = fixture("tiny-random-gpt2");
 const tmpRoot = fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-geometry-"));
 after(() => fs.rmSync(tmpRoot, { recursive: true, force: true }));
 

@@ -24,11 +24,11 @@ import { RunLogWriter } from "../src/log/write.js";
 import { Model } from "../src/model/model.js";
 import { conceptVectors } from "../src/vectors/extract.js";
 import { maxAbsDiff } from "./support/compare.js";
-import { repoDir, sharedDir } from "./support/paths.js";
+import { fixture, repoDir } from "./support/paths.js";
 import { assertCompleteRun, expectedCounts, runCli } from "./support/runlog-checks.js";
 
 const STORIES = path.join(repoDir(), "models", "stories260K", "stories260K.gguf");
-const GPT2 = path.join(sharedDir(), "models", "tiny-random-gpt2");
+const GPT2 = fixture("tiny-random-gpt2");
 const RATE_KEYS = ["tpr", "fpr", "introspection_rate", "forced_identification_rate"] as const;
 /** Positions that must not change: the same float32 computation, so exactly equal in practice. */
 const SAME = 1e-6;

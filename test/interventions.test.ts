@@ -20,7 +20,7 @@ import { Engine, type GenerateResult, type Row } from "../src/model/engine.js";
 import { loadHostModel, type HostModel } from "../src/model/load.js";
 import { initDevice } from "../src/runtime/device.js";
 import { assertClose, maxAbsDiff } from "./support/compare.js";
-import { sharedDir } from "./support/paths.js";
+import { fixture } from "./support/paths.js";
 import { crossEntropySum, flat, ref64Forward, ref64Greedy, type RefPlan } from "./support/ref64.js";
 
 const REF_TOL = 1e-4; // engine (float32) vs float64 reference
@@ -89,7 +89,7 @@ function memoGreedy(): Greedy64 {
   };
 }
 
-const models = (...p: string[]) => path.join(sharedDir(), "models", ...p);
+const models = fixture;
 
 function readF32(file: string): Float32Array {
   const b = fs.readFileSync(file);

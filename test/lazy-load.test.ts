@@ -11,11 +11,11 @@ import { ModelFileError, WeightShapeError } from "../src/core/errors.js";
 import { readGguf } from "../src/io/gguf.js";
 import { readSafetensorsHeader, readStTensor, writeSafetensors } from "../src/io/safetensors.js";
 import { LazyWeights, loadHostModel, NumericalWeightsError, type HostModel, type HostTensor } from "../src/model/load.js";
-import { repoDir, sharedDir } from "./support/paths.js";
+import { fixture, repoDir } from "./support/paths.js";
 
 const STORIES = path.join(repoDir(), "models/stories260K/stories260K.gguf");
-const LLAMA2 = path.join(sharedDir(), "models/llama2-tiny-random-gguf/llama-2-tiny-random.gguf");
-const GPT2 = path.join(sharedDir(), "models/tiny-random-gpt2");
+const LLAMA2 = fixture("llama2-tiny-random-gguf/llama-2-tiny-random.gguf");
+const GPT2 = fixture("tiny-random-gpt2");
 
 let dir = "";
 let fixtures: FixturePaths[] = [];

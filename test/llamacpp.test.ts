@@ -20,13 +20,13 @@ import { loadHostModel } from "../src/model/load.js";
 import { llamaCppGreedy, llamaCppLogits, type LlamaCppLogits } from "../src/reference/llamacpp.js";
 import { initDevice } from "../src/runtime/device.js";
 import { assertClose, maxAbsDiff } from "./support/compare.js";
-import { sharedDir } from "./support/paths.js";
+import { fixture } from "./support/paths.js";
 
 const TOL = 1e-4;
 /** One thread: these models are tiny, and ggml's spinning workers crawl on a busy small machine. */
 const LC = { threads: 1 };
 
-const models = (...p: string[]) => path.join(sharedDir(), "models", ...p);
+const models = fixture;
 const STORIES = models("stories260K-gguf", "stories260K.gguf");
 const STORIES_REF = models("stories260K-gguf", "reference");
 const TINY = models("llama2-tiny-random-gguf", "llama-2-tiny-random.gguf");

@@ -14,9 +14,9 @@ import { readSafetensorsHeader, readStTensor, writeSafetensors } from "../src/io
 import { Engine } from "../src/model/engine.js";
 import { loadHostModel } from "../src/model/load.js";
 import { checkFits, estimateMemory } from "../src/model/memory.js";
-import { repoDir, sharedDir } from "./support/paths.js";
+import { fixture, repoDir } from "./support/paths.js";
 
-const GPT2 = path.join(sharedDir(), "models/tiny-random-gpt2");
+const GPT2 = fixture("tiny-random-gpt2");
 const STORIES = path.join(repoDir(), "models/stories260K/stories260K.gguf");
 const CLI = path.join(repoDir(), "dist/src/cli/main.js");
 

