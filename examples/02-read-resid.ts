@@ -1,8 +1,8 @@
 // Read the residual stream after every block, TransformerLens style.
 // Run: npm run build && node dist/examples/02-read-resid.js
-import { Model, hookName, type Plan } from "../src/index.js";
+import { BUNDLED_MODEL, Model, hookName, type Plan } from "../src/index.js";
 
-const model = await Model.load("models/stories260K/stories260K.gguf");
+const model = await Model.load(BUNDLED_MODEL);
 const plan: Plan = Array.from({ length: model.config.nLayers }, (_, i) => ({ op: "read" as const, at: hookName(i, "hook_resid_post") }));
 const { cache, rows } = await model.forward(["The cat sat on the mat"], { plan, logits: "none" });
 for (let i = 0; i < model.config.nLayers; i++) {

@@ -1,9 +1,9 @@
 // Concept injection in miniature: a mean-difference vector added to the residual stream from a
 // chosen token on, in prompt and generation alike (the introspection protocol's hook).
 // Run: npm run build && node dist/examples/03-steer.js
-import { Model, hookName, type HookName } from "../src/index.js";
+import { BUNDLED_MODEL, Model, hookName, type HookName } from "../src/index.js";
 
-const model = await Model.load("models/stories260K/stories260K.gguf");
+const model = await Model.load(BUNDLED_MODEL);
 const at: HookName = hookName(2, "hook_resid_post");
 // Activation at the last token of a concept prompt minus the mean over baseline prompts.
 async function lastToken(texts: string[]): Promise<Float32Array[]> {

@@ -1,9 +1,9 @@
 // Activation patching: run a clean prompt, store one layer's residual stream, and patch it into
 // a corrupted prompt at the token where they differ.
 // Run: npm run build && node dist/examples/04-patch.js
-import { Model, hookName } from "../src/index.js";
+import { BUNDLED_MODEL, Model, hookName } from "../src/index.js";
 
-const model = await Model.load("models/stories260K/stories260K.gguf");
+const model = await Model.load(BUNDLED_MODEL);
 const at = hookName(1, "hook_resid_post");
 const clean = "Lily had a red ball. Lily";
 const corrupt = "Tom had a red ball. Lily";

@@ -8,3 +8,4 @@ export { SelfscopeError, ModelFileError, WeightShapeError, UnsupportedArchitectu
 export type { Tokenizer } from "./io/tokenizer.js";
 export type { ChatMessage } from "./io/chat-template.js";
 export type { DeviceName, DeviceInfo } from "./runtime/device.js";
+export { BUNDLED_MODEL } from "./core/package.js";

@@ -1,0 +1,11 @@
+// Files shipped inside the package (models/, data/), found from this module's own location so that they resolve
+// the same from any working directory, from a checkout or from node_modules (this file is dist/src/core/package.js).
+import { fileURLToPath } from "node:url";
+
+/** An absolute path to `rel` inside the installed package (e.g. "data/protocol/defaults.json"). */
+export function packagePath(rel: string): string {
+  return fileURLToPath(new URL(`../../../${rel}`, import.meta.url));
+}
+
+/** The bundled model (stories260K, GGUF F32): what `selfscope demo` runs, usable with no download. */
+export const BUNDLED_MODEL: string = packagePath("models/stories260K/stories260K.gguf");
