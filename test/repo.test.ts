@@ -5,6 +5,7 @@ import { execFileSync, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import { pathToFileURL } from "node:url";
 import { test } from "node:test";
 import semver from "semver";
 import { fixture, repoDir } from "./support/paths.js";
@@ -26,7 +27,8 @@ test("every locked package accepts every Node version package.json promises (npm
 
 test("tests and sources read nothing outside the repository; every vendored fixture has its provenance", () => {
   const tracked = execFileSync("git", ["ls-files", "src", "test", "bench", "examples", "scripts", ".ci"], { cwd: repo, encoding: "utf8" }).trim().split("\n");
-  const outside = tracked.filter((f) => !f.startsWith("test/fixtures/") && /\.\.\/shared|SELFSCOPE_SHARED/.test(fs.readFileSync(path.join(repo, f), "utf8")));
+  // This file names the patterns, so it is the one file exempt from them.
+  const outside = tracked.filter((f) => !f.startsWith("test/fixtures/") && f !== "test/repo.test.ts" && /\.\.\/shared|SELFSCOPE_SHARED/.test(fs.readFileSync(path.join(repo, f), "utf8")));
   assert.deepEqual(outside, []);
   const root = fixture();
   for (const d of fs.readdirSync(root)) assert.ok(fs.existsSync(path.join(root, d, "PROVENANCE.md")), `${d} has PROVENANCE.md`);
@@ -44,5 +46,24 @@ test("the examples run from any working directory (the bundled model is found fr
     assert.match(r.stdout, /blocks\.4\.hook_resid_post shape \[\d+,64\]/);
   } finally {
     fs.rmSync(cwd, { recursive: true, force: true });
+  }
+});
+
+test("the TypeScript examples in README.md and docs/api.md run as written (against the built package)", async () => {
+  const ts = (await import("typescript")).default;
+  const entry = pathToFileURL(path.join(repo, "dist/src/index.js")).href;
+  for (const doc of ["README.md", "docs/api.md"]) {
+    const text = fs.readFileSync(path.join(repo, doc), "utf8");
+    const block = /```ts\n([\s\S]*?)```/.exec(text.slice(Math.max(0, text.indexOf("Model.load") - 400)));
+    assert.ok(block, `${doc} has a ts example`);
+    const js = ts.transpileModule(block[1]!.replaceAll('from "selfscope"', `from ${JSON.stringify(entry)}`), {
+      compilerOptions: { module: ts.ModuleKind.ESNext, target: ts.ScriptTarget.ES2022 },
+    }).outputText;
+    const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-doc-")), "example.mjs");
+    fs.writeFileSync(file, `${js}\nconsole.log("ran to the end");\n`);
+    const r = spawnSync(process.execPath, [file], { cwd: path.dirname(file), encoding: "utf8" });
+    assert.equal(r.status, 0, `${doc}: ${r.stderr}`);
+    assert.match(r.stdout, /ran to the end/, doc);
+    fs.rmSync(path.dirname(file), { recursive: true, force: true });
   }
 });
