@@ -44,10 +44,16 @@ export const RECIPES: Record<string, Recipe> = {
   },
   refusal: {
     usage:
-      "selfscope refusal --model PATH --out DIR [--n-train N] [--n-val N] [--position=-2] [--layers ...] [--weights protocol|single|full]\n" +
-      "                  [--subspace-k 8] [--subspace-ablate-k K] [--export-checkpoint] [--no-injection] [--inject-concepts N] [--judge SPEC]",
+      "selfscope refusal --model PATH --out DIR [--harmful FILE] [--harmless FILE | --prompts PAIR.json] [--n-instructions 512] [--sample-seed 42]\n" +
+      "                  [--n-val N] [--n-test N] [--held-out] [--position=-2] [--layers ...] [--weights protocol|single|full]\n" +
+      "                  [--subspace-k 8] [--subspace-ablate-k K] [--export-checkpoint] [--no-injection] [--inject-concepts N] [--judge SPEC]\n" +
+      "  Prompts: the paper's draw, random.seed(42); random.sample(HARMFUL, 512); random.sample(HARMLESS, 512), from the shipped lists\n" +
+      "  (data/protocol/REFUSAL_PROMPTS.md: AdvBench harmful, MIT; the paper's 512 Alpaca-derived harmless prompts, CC BY-NC 4.0) or from\n" +
+      "  --harmful/--harmless FILE (JSON array, {\"prompts\": [...]}, or one prompt per line). Refusals are judged by the first --judge\n" +
+      "  (default: openai:gpt-4.1-mini when OPENAI_API_KEY is set) with the paper's 03d prompt; --judge rule uses a phrase list (approximate).",
     flags: {
-      ...COMMON, prompts: "string", "n-instructions": "number", "n-train": "number", "n-val": "number", position: "number", layers: "string",
+      ...COMMON, prompts: "string", harmful: "string", harmless: "string", "n-instructions": "number", "sample-seed": "number", "n-val": "number",
+      "n-test": "number", "held-out": "boolean", position: "number", layers: "string",
       weights: "string", "no-select": "boolean", "candidate-layers": "string", "kl-max": "number", "subspace-k": "number",
       "subspace-ablate-k": "number", "max-tokens": "number", temperature: "number", samples: "number", "batch-size": "number",
       "validation-samples": "number", "validation-max-tokens": "number", "validation-temperature": "number", "export-checkpoint": "boolean",
