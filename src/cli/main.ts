@@ -42,6 +42,7 @@ Research recipes (each writes DIR/results.json and DIR/report.html; --help for f
   selfscope lindsey     --model PATH --out DIR    Lindsey (2025) experiments 2-4
   selfscope refusal     --model PATH --out DIR    refusal direction, subspace and ablation
   selfscope geometry    --model PATH --out DIR    concept-vector geometry
+  selfscope compare     --model A --model B --out DIR [--preset P]   one preset on several models, side by side
 
 PATH is a .gguf file, a .safetensors file with config.json beside it, or a Hugging Face model folder.`;
 

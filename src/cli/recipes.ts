@@ -3,6 +3,7 @@
 import { parseArgs } from "node:util";
 import { UsageError } from "../core/errors.js";
 import { biasVectorCommand } from "../recipes/bias-vector.js";
+import { compareCommand, compareSummary } from "../recipes/compare.js";
 import { geometryCommand } from "../recipes/geometry.js";
 import { lindseyCommand } from "../recipes/lindsey.js";
 import { refusalCommand } from "../recipes/refusal.js";
@@ -62,6 +63,25 @@ export const RECIPES: Record<string, Recipe> = {
     },
     run: (a) => refusalCommand(a as unknown as Parameters<typeof refusalCommand>[0]),
   },
+  compare: {
+    usage:
+      "selfscope compare --model A --model B [--model C ...] --out DIR [--label a,b,c] [--preset macar2026|lindsey2025] [--per-model-layers]\n" +
+      "                  [--layers 37|0.6] [--strengths 1,2,4] [--concepts FILE|N] [--trials N] [--controls N] [--forced] [--yes-bias N]\n" +
+      "                  [--variant original,...] [--judge SPEC] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--batch-size B]\n" +
+      "  Runs the same planned trials on every model (each in DIR/runs/LABEL, resumable: rerun the same command), then writes\n" +
+      "  DIR/results.json (one block per model) and DIR/report.html (side by side). Refuses when the preset's layer fractions\n" +
+      "  resolve to different layers on the models unless --per-model-layers; the resolved layer of each model is recorded.",
+    flags: {
+      ...COMMON, model: "list", label: "string", "per-model-layers": "boolean", preset: "string", layers: "string", strengths: "string",
+      concepts: "string", trials: "number", controls: "number", forced: "boolean", "yes-bias": "number", variant: "string", judge: "list",
+      "max-tokens": "number", temperature: "number", "top-k": "number", "top-p": "number", "batch-size": "number",
+    },
+    run: async (a) => {
+      const r = await compareCommand(a as unknown as Parameters<typeof compareCommand>[0]);
+      process.stdout.write(compareSummary(r) + "\n");
+      return r;
+    },
+  },
   geometry: {
     usage:
       "selfscope geometry --model PATH --out DIR [--run INJECT_RUN_DIR | --rates FILE] [--layer L] [--strength S] [--split adaptive|fixed]\n" +
@@ -94,7 +114,7 @@ export function recipeArgs(name: string, argv: string[]): Record<string, unknown
       const n = Number(v);
       if (!Number.isFinite(n)) throw new UsageError(`--${k} must be a number, got "${String(v)}"`);
       out[camel(k)] = n;
-    } else if (t === "list") out[k === "judge" ? "judges" : camel(k)] = (v as string[]).flatMap((x) => x.split(","));
+    } else if (t === "list") out[k === "judge" ? "judges" : camel(k)] = k === "judge" ? (v as string[]).flatMap((x) => x.split(",")) : v; // paths may hold commas
     else out[camel(k)] = v;
   }
   for (const req of ["model", "out"]) if (out[req] === undefined) throw new UsageError(`--${req} is required\nusage: ${r.usage}`);
