@@ -4,6 +4,7 @@
 // after a torn log, and the refusals (layers that differ without --per-model-layers, a changed comparison).
 import { after, describe, test } from "node:test";
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -110,5 +111,29 @@ describe("compare refuses what would silently differ", () => {
     assert.throws(() => planCompare(tiny(path.join(tmp, "x"), { model: [STORIES, STORIES], label: undefined })), /two models get the label "stories260K"/);
     assert.throws(() => planCompare(tiny(path.join(tmp, "x"), { label: "a/b,c" })), /--label "a\/b"/);
     assert.throws(() => planCompare(tiny(path.join(tmp, "x"), { label: "a" })), /1 labels for 2 models/);
+  });
+});
+
+describe("the compare and refusal command lines", () => {
+  const cli = (...args: string[]) => spawnSync(process.execPath, [path.join(repoDir(), "dist/src/cli/main.js"), ...args], { encoding: "utf8" });
+
+  test("--help names the new flags", () => {
+    const c = cli("compare", "--help");
+    assert.equal(c.status, 0);
+    for (const f of ["--model A --model B", "--per-model-layers", "--label"]) assert.ok(c.stdout.includes(f), f);
+    const r = cli("refusal", "--help");
+    for (const f of ["--harmful FILE", "--harmless FILE", "--n-instructions 512", "--held-out", "CC BY-NC 4.0"]) assert.ok(r.stdout.includes(f), f);
+  });
+
+  test("errors are one line and exit 1, before any run directory is made", () => {
+    const out = path.join(tmp, "cli-out");
+    const one = cli("compare", "--model", STORIES, "--out", out, "--judge", "rule");
+    assert.equal(one.status, 1);
+    assert.equal(one.stderr.trim(), "selfscope compare: compare needs at least two --model flags (for one model use selfscope inject)");
+    const layers = cli("compare", "--model", STORIES, "--model", LLAMA1, "--out", out, "--judge", "rule");
+    assert.equal(layers.status, 1);
+    assert.match(layers.stderr, /^selfscope compare: preset macar2026 resolves to different layers on these models \(stories260K: layer 3 of 5; llama-2-tiny-random: layer 0 of 1\)/);
+    assert.equal(layers.stderr.trim().split("\n").length, 1);
+    assert.ok(!fs.existsSync(out));
   });
 });

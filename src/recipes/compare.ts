@@ -164,7 +164,7 @@ export function planCompare(a: CompareArgs): { planned: Planned[]; notes: string
   if (differ.length > 0) {
     if (!a.perModelLayers) {
       throw new UsageError(
-        `compare: ${a.layers ? `--layers ${a.layers}` : `preset ${a.preset ?? "macar2026"}`} resolves to different layers on these models (${where}); pass --per-model-layers to compare at the same fraction of depth, or --layers with layer indices`,
+        `${a.layers ? `--layers ${a.layers}` : `preset ${a.preset ?? "macar2026"}`} resolves to different layers on these models (${where}); pass --per-model-layers to compare at the same fraction of depth, or --layers with layer indices`,
       );
     }
     notes.push(`Layers differ between models (--per-model-layers: the same fraction of depth on each): ${where}.`);
@@ -174,8 +174,8 @@ export function planCompare(a: CompareArgs): { planned: Planned[]; notes: string
   const shared = sharedPart(first.cfg);
   const shape = JSON.stringify(planShape(first.cfg));
   for (const m of planned.slice(1)) {
-    if (sharedPart(m.cfg) !== shared) throw new UsageError(`compare: the run configs of ${first.label} and ${m.label} differ beyond their layers; this is a bug, please report it`);
-    if (JSON.stringify(planShape(m.cfg)) !== shape) throw new UsageError(`compare: the planned trials of ${first.label} and ${m.label} differ; this is a bug, please report it`);
+    if (sharedPart(m.cfg) !== shared) throw new UsageError(`the run configs of ${first.label} and ${m.label} differ beyond their layers; this is a bug, please report it`);
+    if (JSON.stringify(planShape(m.cfg)) !== shape) throw new UsageError(`the planned trials of ${first.label} and ${m.label} differ; this is a bug, please report it`);
   }
   return { planned, notes };
 }
@@ -247,7 +247,7 @@ export async function compareCommand(a: CompareArgs): Promise<CompareResults> {
   const templates = new Set(models.map((m) => m.chat_template));
   if (templates.size > 1) notes.push(`Prompt forms differ: ${models.map((m) => `${m.label} ${m.chat_template ? "chat template" : "raw text (no chat template)"}`).join(", ")}.`);
   const judges = new Set(models.map((m) => m.results.judge));
-  if (judges.size > 1) throw new UsageError(`compare: the models' runs were judged by different judges (${[...judges].join(", ")}); rerun with one --judge`);
+  if (judges.size > 1) throw new UsageError(`the models' runs were judged by different judges (${[...judges].join(", ")}); rerun with one --judge`);
 
   const cfg0 = planned[0]!.cfg;
   const side: SideBySideRow[] = [];

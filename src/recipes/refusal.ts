@@ -1026,6 +1026,7 @@ export async function refusalCommand(args: RefusalArgs): Promise<RefusalResults>
   if (nVal + nTest > nInst || (heldOut && nVal + nTest >= nInst)) {
     throw new UsageError(`--n-val ${nVal} + --n-test ${nTest} evaluation prompts ${heldOut ? "leave no prompts for the directions out of" : "exceed"} --n-instructions ${nInst}; lower them or raise --n-instructions`);
   }
+  if (nVal === 0 && (args.select ?? true) && !args.noSelect) throw new UsageError("--n-val 0 leaves no validation prompts for the single-direction selection; pass --no-select or --n-val N");
   const H = evaluationSplit(drawn.harmful.prompts, nVal, nTest, heldOut);
   const HL = evaluationSplit(drawn.harmless.prompts, nVal, nTest, heldOut);
   const judgeSpecs = args.judges && args.judges.length > 0 ? args.judges : defaultJudges();
