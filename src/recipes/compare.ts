@@ -134,7 +134,7 @@ function planShape(cfg: InjectConfig): string[] {
   return planTrials(cfg).map((t) => t.id.replace(`|L${t.layer}|`, `|L#${cfg.layers.indexOf(t.layer)}|`));
 }
 
-/** Everything but the layers: the parts of a config every model must share. */
+/** Everything but the layer indices: the parts of a config every model must share. */
 function sharedPart(cfg: InjectConfig): string {
   return JSON.stringify({ ...cfg, layers: cfg.layers.length });
 }
@@ -174,7 +174,10 @@ export function planCompare(a: CompareArgs): { planned: Planned[]; notes: string
   const shared = sharedPart(first.cfg);
   const shape = JSON.stringify(planShape(first.cfg));
   for (const m of planned.slice(1)) {
-    if (sharedPart(m.cfg) !== shared) throw new UsageError(`the run configs of ${first.label} and ${m.label} differ beyond their layers; this is a bug, please report it`);
+    if (sharedPart(m.cfg) !== shared) {
+      const keys = (Object.keys(first.cfg) as (keyof InjectConfig)[]).filter((k) => k !== "layers" && JSON.stringify(first.cfg[k]) !== JSON.stringify(m.cfg[k]));
+      throw new UsageError(`the run configs of ${first.label} and ${m.label} differ in ${keys.join(", ")}, so they would not run the same trials; compare needs one experiment on every model`);
+    }
     if (JSON.stringify(planShape(m.cfg)) !== shape) throw new UsageError(`the planned trials of ${first.label} and ${m.label} differ; this is a bug, please report it`);
   }
   return { planned, notes };
