@@ -13,7 +13,7 @@ import { computeResults, type RunData } from "../src/eval/metrics.js";
 import type { JudgmentRecord, RunHeader, TrialKind, TrialRecord } from "../src/log/schema.js";
 import { exportCsv, exportParquet, EXPORT_COLUMNS } from "../src/report/export.js";
 import { renderReport } from "../src/report/html.js";
-import { clusteredBootstrap, fisherOneSided, fisherOneSidedLog, wilson } from "../src/stats/stats.js";
+import { clusteredBootstrap, fisherOneSided, fisherOneSidedLog, fisherZInterval, pearson, wilson } from "../src/stats/stats.js";
 
 // ---------------------------------------------------------------- synthetic run
 
@@ -242,6 +242,30 @@ describe("stats", () => {
     close(lp2, ref, 1e-8, "log p, single term");
   });
 
+  test("Pearson r and the Fisher-z interval against a direct computation", () => {
+    // r = Sxy / √(Sxx·Syy) on a hand-worked sample: x = 1..5, y = [2, 1, 4, 3, 5] → Sxy = 8, Sxx = Syy = 10.
+    close(pearson([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]), 0.8, 1e-15, "r");
+    close(pearson([1, 2, 3], [3, 2, 1]), -1, 0, "perfect negative");
+    assert.equal(pearson([1, 1, 1], [1, 2, 3]), null);
+    assert.equal(pearson([1], [2]), null);
+    assert.throws(() => pearson([1, 2], [1]));
+    // tanh(atanh r ± 1.96/√(n − 3)); the protocol's n = 500.
+    for (const [r, n] of [
+      [0.8, 5],
+      [0.31, 500],
+      [-0.2, 40],
+    ] as const) {
+      const ci = fisherZInterval(r, n)!;
+      const z = 0.5 * Math.log((1 + r) / (1 - r));
+      const h = 1.96 / Math.sqrt(n - 3);
+      const back = (x: number) => (Math.exp(2 * x) - 1) / (Math.exp(2 * x) + 1);
+      close(ci.lo, back(z - h), 1e-12, `lo r=${r} n=${n}`);
+      close(ci.hi, back(z + h), 1e-12, `hi r=${r} n=${n}`);
+    }
+    assert.equal(fisherZInterval(0.5, 3), null);
+    assert.equal(fisherZInterval(1, 50), null);
+  });
+
   test("clustered bootstrap is reproducible and brackets the estimate", () => {
     const units = [
       { k: 1, n: 10 },
@@ -284,51 +308,57 @@ describe("metrics", () => {
         "by_concept",
         "by_config",
         "degenerate",
+        "detection_accuracy",
+        "detection_forced_correlation",
         "discrimination_p_value",
         "discrimination_summary",
+        "failed",
+        "failed_judgments",
         "forced_identification_rate",
         "fpr",
+        "headline",
+        "identification_accuracy_given_claim",
+        "identification_accuracy_unconditional",
         "introspection_rate",
         "judge",
         "judge_approximate",
         "n_trials",
-        "pooled_over",
         "tpr",
         "unjudged",
         "yes_bias_rate",
       ].sort(),
     );
-    for (const k of ["tpr", "fpr", "introspection_rate", "forced_identification_rate", "yes_bias_rate"] as const) {
-      assert.deepEqual(Object.keys(r[k]).sort(), ["estimate", "hi", "lo", "n", "unjudged"]);
+    for (const k of ["tpr", "fpr", "introspection_rate", "detection_accuracy", "identification_accuracy_given_claim", "forced_identification_rate", "yes_bias_rate"] as const) {
+      assert.deepEqual(Object.keys(r[k]).sort(), ["estimate", "failed", "hi", "lo", "n", "unjudged"]);
     }
+    // Identification was judged only after a YES here: no unconditional rate.
+    assert.equal(r.identification_accuracy_unconditional, null);
     // Survives JSON (what results.json holds).
     assert.deepEqual(JSON.parse(JSON.stringify(r)), r);
   });
 
-  test("pooled counts match the planted truth", () => {
+  test("top level = the best config (L20 α4: highest introspection), whole-run counts kept apart", () => {
     assert.equal(r.judge, JUDGE);
     assert.equal(r.judge_approximate, true);
+    // Introspection per config: Σ_i floor((i+c)/2) = 4, 6, 9, 11 (c = 3 of 48 judged) → c = 3 wins.
+    assert.deepEqual(
+      r.by_config.map((c) => Math.round(c.introspection_rate.estimate! * c.introspection_rate.n)),
+      [4, 6, 9, 11],
+    );
+    assert.deepEqual({ layer: r.headline!.layer, strength: r.headline!.strength, variant: r.headline!.variant }, { layer: 20, strength: 4, variant: "original" });
+    const best = cfg(r, 20, 4);
+    for (const k of ["tpr", "fpr", "introspection_rate", "forced_identification_rate", "yes_bias_rate", "detection_accuracy", "discrimination_p_value"] as const) assert.deepEqual(r[k], best[k], k);
+    assert.deepEqual(r.tpr, { ...wilson(25, 49), unjudged: 1, failed: 1 });
+    // The whole log: counts, unjudged and failed per criterion, flags.
     assert.deepEqual(r.n_trials, { injection: 200, control: 80, forced: 80, yesbias: 40, total: 400 });
-    // TPR: Σ_c Σ_i (i + c) = 4·10 + 5·(0+1+2+3) = 70 YES; 4 thunder trials unjudged.
-    assert.deepEqual({ k: Math.round(r.tpr.estimate! * r.tpr.n), n: r.tpr.n, u: r.tpr.unjudged }, { k: 70, n: 196, u: 4 });
-    assert.deepEqual(r.tpr, { ...wilson(70, 196), unjudged: 4 });
-    // FPR: 0+1+1+2 = 4 YES of 79 (one control never judged).
-    assert.deepEqual(r.fpr, { ...wilson(4, 79), unjudged: 1 });
-    // Introspection: Σ floor((i+c)/2) = 4 + 6 + 9 + 11 = 30; unjudged = 4 (no detection) + 1 (no identification).
-    assert.deepEqual(r.introspection_rate, { ...wilson(30, 195), unjudged: 5 });
-    // Forced: Σ_i min(4, i) = 10 per config → 40 of 79 (one null verdict).
-    assert.deepEqual(r.forced_identification_rate, { ...wilson(40, 79), unjudged: 1 });
-    // Yes-bias: 3 per config → 12 of 40.
-    assert.deepEqual(r.yes_bias_rate, { ...wilson(12, 40), unjudged: 0 });
     assert.deepEqual(r.unjudged, { detection: 5, identification: 1, forced_identification: 1, yes_answer: 0 });
+    assert.deepEqual(r.failed, { detection: 4, identification: 0, forced_identification: 1, yes_answer: 0 });
     assert.equal(r.degenerate, 5);
-    assert.deepEqual(r.pooled_over, { layers: LAYERS, strengths: STRENGTHS, variants: ["original"] });
-    close(r.discrimination_p_value, fisherOneSided(70, 196, 4, 79), 0, "pooled p");
-    assert.ok(r.discrimination_p_value! < 1e-6);
-    assert.match(r.discrimination_summary, /more often on injection than on control trials \(p = /);
-    assert.match(r.discrimination_summary, /70\/196/);
-    assert.match(r.discrimination_summary, /pooled over 2 layers × 2 strengths × 1 variant/);
-    assert.doesNotMatch(r.discrimination_summary, /no evidence/);
+    close(r.discrimination_p_value, fisherOneSided(25, 49, 2, 20), 0, "headline p");
+    assert.match(r.discrimination_summary, /25\/49/);
+    assert.match(r.discrimination_summary, /at the headline configuration \(layer 20, strength 4, variant original\)/);
+    // by_concept is the headline config's: apple at c = 3 has d = 3 of 10 detected.
+    assert.deepEqual(concept(r, "apple").tpr, { ...wilson(3, 10), unjudged: 0, failed: 0 });
   });
 
   test("per-config rates, p-values and concept-clustered bootstrap", () => {
@@ -343,19 +373,19 @@ describe("metrics", () => {
       ],
     );
     const c0 = cfg(r, 10, 2);
-    assert.deepEqual(c0.tpr, { ...wilson(10, 49), unjudged: 1 });
-    assert.deepEqual(c0.fpr, { ...wilson(0, 19), unjudged: 1 });
-    assert.deepEqual(c0.introspection_rate, { ...wilson(4, 49), unjudged: 1 });
-    assert.deepEqual(c0.forced_identification_rate, { ...wilson(10, 20), unjudged: 0 });
-    assert.deepEqual(c0.yes_bias_rate, { ...wilson(3, 10), unjudged: 0 });
+    assert.deepEqual(c0.tpr, { ...wilson(10, 49), unjudged: 1, failed: 1 });
+    assert.deepEqual(c0.fpr, { ...wilson(0, 19), unjudged: 1, failed: 0 });
+    assert.deepEqual(c0.introspection_rate, { ...wilson(4, 49), unjudged: 1, failed: 1 });
+    assert.deepEqual(c0.forced_identification_rate, { ...wilson(10, 20), unjudged: 0, failed: 0 });
+    assert.deepEqual(c0.yes_bias_rate, { ...wilson(3, 10), unjudged: 0, failed: 0 });
     assert.deepEqual(c0.n_trials, { injection: 50, control: 20, forced: 20, yesbias: 10, total: 100 });
     assert.equal(c0.discrimination_p_value, fisherOneSided(10, 49, 0, 19));
     const c3 = cfg(r, 20, 4);
     // d = i + 3 → 3+4+5+6+7 = 25 YES; introspection Σ floor(d/2) = 1+2+2+3+3 = 11 of 50 − 1 − 1.
-    assert.deepEqual(c3.tpr, { ...wilson(25, 49), unjudged: 1 });
-    assert.deepEqual(c3.fpr, { ...wilson(2, 20), unjudged: 0 });
-    assert.deepEqual(c3.introspection_rate, { ...wilson(11, 48), unjudged: 2 });
-    assert.deepEqual(c3.forced_identification_rate, { ...wilson(10, 19), unjudged: 1 });
+    assert.deepEqual(c3.tpr, { ...wilson(25, 49), unjudged: 1, failed: 1 });
+    assert.deepEqual(c3.fpr, { ...wilson(2, 20), unjudged: 0, failed: 0 });
+    assert.deepEqual(c3.introspection_rate, { ...wilson(11, 48), unjudged: 2, failed: 1 });
+    assert.deepEqual(c3.forced_identification_rate, { ...wilson(10, 19), unjudged: 1, failed: 1 });
     for (const c of r.by_config) {
       assert.ok(c.tpr_boot && c.introspection_boot, "bootstrap present");
       assert.ok(c.tpr_boot.lo! <= c.tpr.estimate! && c.tpr.estimate! <= c.tpr_boot.hi!, `tpr boot brackets estimate at L${c.layer} α${c.strength}`);
@@ -370,33 +400,35 @@ describe("metrics", () => {
     assert.ok(computeResults(run, { bootstrap: 0 }).by_config.every((c) => c.tpr_boot === null && c.introspection_boot === null));
   });
 
-  test("per-concept rates", () => {
+  test("per-concept rates at the headline config (c = 3), not pooled over configs", () => {
     assert.deepEqual(
       r.by_concept.map((c) => c.concept),
       CONCEPTS,
     );
-    const apple = concept(r, "apple");
-    assert.deepEqual(apple.tpr, { ...wilson(6, 40), unjudged: 0 });
-    assert.deepEqual(apple.introspection_rate, { ...wilson(2, 40), unjudged: 0 });
-    assert.deepEqual(apple.forced_identification_rate, { ...wilson(0, 15), unjudged: 1 });
-    const thunder = concept(r, "thunder");
-    assert.deepEqual(thunder.tpr, { ...wilson(22, 36), unjudged: 4 });
-    assert.deepEqual(thunder.introspection_rate, { ...wilson(10, 36), unjudged: 4 });
-    assert.deepEqual(thunder.forced_identification_rate, { ...wilson(16, 16), unjudged: 0 });
-    const violin = concept(r, "violin");
-    assert.deepEqual(violin.tpr, { ...wilson(18, 40), unjudged: 0 });
-    assert.deepEqual(violin.introspection_rate, { ...wilson(8, 39), unjudged: 1 });
-    assert.deepEqual(violin.n_trials, { injection: 40, control: 0, forced: 16, yesbias: 8, total: 64 });
+    const apple = concept(r, "apple"); // d = 3
+    assert.deepEqual(apple.tpr, { ...wilson(3, 10), unjudged: 0, failed: 0 });
+    assert.deepEqual(apple.introspection_rate, { ...wilson(1, 10), unjudged: 0, failed: 0 });
+    assert.deepEqual(apple.forced_identification_rate, { ...wilson(0, 3), unjudged: 1, failed: 1 });
+    const thunder = concept(r, "thunder"); // d = 7, trial 10's detection failed
+    assert.deepEqual(thunder.tpr, { ...wilson(7, 9), unjudged: 1, failed: 1 });
+    assert.deepEqual(thunder.introspection_rate, { ...wilson(3, 9), unjudged: 1, failed: 1 });
+    assert.deepEqual(thunder.forced_identification_rate, { ...wilson(4, 4), unjudged: 0, failed: 0 });
+    const violin = concept(r, "violin"); // d = 6, identification of trial 6 missing
+    assert.deepEqual(violin.tpr, { ...wilson(6, 10), unjudged: 0, failed: 0 });
+    assert.deepEqual(violin.introspection_rate, { ...wilson(3, 9), unjudged: 1, failed: 0 });
+    assert.deepEqual(violin.n_trials, { injection: 10, control: 0, forced: 4, yesbias: 2, total: 16 });
   });
 
   test("another judge: only its verdicts count; missing identification is unjudged, not NO", () => {
     const r2 = computeResults(run, { judge: JUDGE2, bootstrap: 0 });
     assert.equal(r2.judge, JUDGE2);
     assert.equal(r2.judge_approximate, false);
-    assert.deepEqual(r2.tpr, { ...wilson(200, 200), unjudged: 0 });
-    assert.deepEqual(r2.fpr, { ...wilson(0, 79), unjudged: 1 });
-    assert.deepEqual(r2.introspection_rate, { estimate: null, lo: null, hi: null, n: 0, unjudged: 200 });
-    assert.deepEqual(r2.forced_identification_rate, { estimate: null, lo: null, hi: null, n: 0, unjudged: 80 });
+    // No introspection rate anywhere: the first config heads the results.
+    assert.deepEqual([r2.headline!.layer, r2.headline!.strength], [10, 2]);
+    assert.deepEqual(r2.tpr, { ...wilson(50, 50), unjudged: 0, failed: 0 });
+    assert.deepEqual(r2.fpr, { ...wilson(0, 19), unjudged: 1, failed: 0 });
+    assert.deepEqual(r2.introspection_rate, { estimate: null, lo: null, hi: null, n: 0, unjudged: 50, failed: 0 });
+    assert.deepEqual(r2.forced_identification_rate, { estimate: null, lo: null, hi: null, n: 0, unjudged: 20, failed: 0 });
     assert.deepEqual(r2.unjudged, { detection: 1, identification: 200, forced_identification: 80, yes_answer: 40 });
   });
 
@@ -412,8 +444,289 @@ describe("metrics", () => {
     noCtrl.trials = noCtrl.trials.filter((t) => t.kind !== "control");
     const nc = computeResults(noCtrl, { bootstrap: 0 });
     assert.equal(nc.discrimination_p_value, null);
-    assert.deepEqual(nc.fpr, { estimate: null, lo: null, hi: null, n: 0, unjudged: 0 });
+    assert.deepEqual(nc.fpr, { estimate: null, lo: null, hi: null, n: 0, unjudged: 0, failed: 0 });
     assert.match(nc.discrimination_summary, /cannot be tested: no judged control trials/);
+  });
+});
+
+// ---------------------------------------------------------------- headline and per-config metrics
+
+/**
+ * A second planted run, for the paper's per-config metrics (protocol §4). Six concepts; per
+ * (layer, strength, variant) config and concept i: 8 injection trials of which the first d[i]
+ * claim detection, the first a[i] of those are identified, and the first u[i] of the undetected
+ * ones are identified too (identification is judged on every injection trial: identifyAll);
+ * 4 forced trials, the first f[i] identified; 10 controls, the first e claim detection.
+ * Failures (verdict null) only in config (L9, α0.1, original): control 10's detection, and the
+ * identification of concept F's 4th (detected) trial, whose planted verdict would have been YES.
+ */
+const P_CONCEPTS = ["A", "B", "C", "D", "E", "F"];
+interface PlantedConfig {
+  layer: number;
+  strength: number;
+  variant: string;
+  d: number[];
+  a: number[];
+  u: number[];
+  f: number[];
+  e: number;
+}
+const PLANTED: PlantedConfig[] = [
+  { layer: 5, strength: 0.1, variant: "original", d: [0, 0, 1, 1, 2, 2], a: [0, 0, 0, 1, 1, 1], u: [1, 0, 0, 0, 0, 0], f: [0, 1, 1, 2, 2, 3], e: 1 },
+  { layer: 5, strength: 0.3, variant: "original", d: [1, 2, 3, 4, 5, 6], a: [0, 1, 1, 2, 2, 3], u: [0, 0, 0, 0, 0, 0], f: [1, 1, 2, 2, 3, 3], e: 2 },
+  // The best "original" config: introspection 11/47 (12/48 planted, one identification failed).
+  { layer: 9, strength: 0.1, variant: "original", d: [0, 1, 2, 2, 3, 4], a: [0, 1, 2, 2, 3, 4], u: [0, 0, 0, 0, 0, 1], f: [0, 1, 1, 2, 3, 4], e: 0 },
+  // Highest TPR (24/48), but introspection only 4/48: the paper's rule does not pick it.
+  { layer: 9, strength: 0.3, variant: "original", d: [8, 8, 0, 0, 4, 4], a: [1, 1, 0, 0, 1, 1], u: [0, 0, 0, 0, 0, 0], f: [4, 4, 0, 0, 2, 2], e: 3 },
+  // Another question: its introspection (20/48) beats every "original" config, yet is never mixed in.
+  { layer: 5, strength: 0.1, variant: "skeptical", d: [8, 8, 8, 8, 8, 8], a: [4, 4, 3, 3, 3, 3], u: [0, 0, 0, 0, 0, 0], f: [2, 2, 2, 2, 2, 2], e: 5 },
+];
+
+function plantedRun(): RunData {
+  const trials: TrialRecord[] = [];
+  const judgments: JudgmentRecord[] = [];
+  for (const c of PLANTED) {
+    const best = c.layer === 9 && c.strength === 0.1 && c.variant === "original";
+    const tag = `${c.variant}/${c.layer}/${c.strength}`;
+    const push = (t: TrialRecord) => trials.push({ ...t, variant: c.variant });
+    P_CONCEPTS.forEach((concept, i) => {
+      for (let n = 1; n <= 8; n++) {
+        const id = `inj/${tag}/${concept}/${n}`;
+        push(trial(id, "injection", concept, c.layer, c.strength, n, "out"));
+        const detected = n <= c.d[i]!;
+        judgments.push(judgment(id, "detection", detected ? "YES" : "NO"));
+        const identified = detected ? n <= c.a[i]! : n - c.d[i]! <= c.u[i]!;
+        judgments.push(judgment(id, "identification", best && concept === "F" && n === 4 ? null : identified ? "YES" : "NO"));
+      }
+      for (let n = 1; n <= 4; n++) {
+        const id = `forced/${tag}/${concept}/${n}`;
+        push(trial(id, "forced", concept, c.layer, c.strength, n, "out"));
+        judgments.push(judgment(id, "forced_identification", n <= c.f[i]! ? "YES" : "NO"));
+      }
+    });
+    for (let n = 1; n <= 10; n++) {
+      const id = `ctrl/${tag}/${n}`;
+      push(trial(id, "control", null, c.layer, c.strength, n, "out"));
+      judgments.push(judgment(id, "detection", best && n === 10 ? null : n <= c.e ? "YES" : "NO"));
+    }
+  }
+  const h = header(P_CONCEPTS, [5, 9], [0.1, 0.3]);
+  h.config.variants = ["original", "skeptical"];
+  h.config.identifyAll = true;
+  h.config.yesBiasPerConcept = 0;
+  h.plannedTrials = trials.length;
+  return { header: h, trials, judgments };
+}
+
+const sum = (xs: number[]) => xs.reduce((x, y) => x + y, 0);
+const rateOf = (k: number, n: number, unjudged = 0, failed = 0) => ({ ...wilson(k, n), unjudged, failed });
+
+describe("headline and per-config metrics (planted truth)", () => {
+  const run = plantedRun();
+  const r = computeResults(run, { bootstrap: 500, seed: 3 });
+  const rNo = computeResults(run, { bootstrap: 0, failedAsNo: true });
+  const find = (res: typeof r, c: { layer: number | null; strength: number | null; variant: string }) => {
+    const x = res.by_config.find((y) => y.layer === c.layer && y.strength === c.strength && y.variant === c.variant);
+    assert.ok(x, `config ${JSON.stringify(c)} missing`);
+    return x;
+  };
+
+  test("every config's metrics equal a hand computation from the planted counts", () => {
+    assert.equal(r.by_config.length, PLANTED.length);
+    for (const c of PLANTED) {
+      const best = c.layer === 9 && c.strength === 0.1 && c.variant === "original";
+      const got = find(r, c);
+      const D = sum(c.d);
+      const A = sum(c.a);
+      const U = sum(c.u);
+      const what = `${c.variant} L${c.layer} α${c.strength}`;
+      assert.deepEqual(got.tpr, rateOf(D, 48), `${what} TPR`);
+      assert.deepEqual(got.fpr, best ? rateOf(0, 9, 1, 1) : rateOf(c.e, 10), `${what} FPR`);
+      // The failed identification had a planted YES: it leaves A − 1 YES of 47.
+      assert.deepEqual(got.introspection_rate, best ? rateOf(A - 1, 47, 1, 1) : rateOf(A, 48), `${what} introspection`);
+      assert.deepEqual(got.detection_accuracy, best ? rateOf(D + 9, 57, 1, 1) : rateOf(D + 10 - c.e, 58), `${what} detection accuracy`);
+      assert.deepEqual(got.identification_accuracy_given_claim, best ? rateOf(A - 1, D - 1, 1, 1) : rateOf(A, D), `${what} ID | claim`);
+      assert.deepEqual(got.identification_accuracy_unconditional, best ? rateOf(A - 1 + U, 47, 1, 1) : rateOf(A + U, 48), `${what} ID unconditional`);
+      assert.deepEqual(got.forced_identification_rate, rateOf(sum(c.f), 24), `${what} forced`);
+      assert.equal(got.discrimination_p_value, fisherOneSided(D, 48, best ? 0 : c.e, best ? 9 : 10), `${what} p`);
+      assert.deepEqual(got.n_trials, { injection: 48, control: 10, forced: 24, yesbias: 0, total: 82 });
+    }
+    // Literal values for the headline config, from the table above by hand: D = 12, A = 12 (one failed), U = 1.
+    const b = find(r, { layer: 9, strength: 0.1, variant: "original" });
+    assert.equal(b.introspection_rate.estimate, 11 / 47);
+    assert.equal(b.detection_accuracy.estimate, 21 / 57);
+    assert.equal(b.identification_accuracy_given_claim.estimate, 1);
+    assert.equal(b.identification_accuracy_unconditional!.estimate, 12 / 47);
+  });
+
+  test("the best config per variant by introspection rate; top-level keys are its values, nothing pooled", () => {
+    const h = r.headline!;
+    assert.deepEqual({ layer: h.layer, strength: h.strength, variant: h.variant }, { layer: 9, strength: 0.1, variant: "original" });
+    assert.deepEqual(h.per_variant, [
+      { layer: 9, strength: 0.1, variant: "original" },
+      { layer: 5, strength: 0.1, variant: "skeptical" },
+    ]);
+    assert.match(h.rule, /highest introspection rate/);
+    assert.match(h.scope, /layer 9, strength 0\.1, variant original/);
+    const b = find(r, h);
+    for (const k of [
+      "tpr",
+      "fpr",
+      "introspection_rate",
+      "detection_accuracy",
+      "identification_accuracy_given_claim",
+      "identification_accuracy_unconditional",
+      "forced_identification_rate",
+      "yes_bias_rate",
+      "detection_forced_correlation",
+      "discrimination_p_value",
+    ] as const)
+      assert.deepEqual(r[k], b[k], k);
+    // Not pooled: over every config the log holds 5 × 48 injection trials, the headline 48.
+    assert.equal(r.tpr.n, 48);
+    assert.equal(r.n_trials.injection, 240);
+    assert.match(r.discrimination_summary, /\(12\/48\) vs FPR 0\.0% \(0\/9\)/);
+    // Per-concept rates are the headline config's: F has d = 4 of 8, 4 identified of which one failed.
+    const F = r.by_concept.find((c) => c.concept === "F")!;
+    assert.deepEqual(F.tpr, rateOf(4, 8));
+    assert.deepEqual(F.introspection_rate, rateOf(3, 7, 1, 1));
+    assert.deepEqual(F.forced_identification_rate, rateOf(4, 4));
+  });
+
+  test("ties go to the lower layer, then the lower strength", () => {
+    const tie = plantedRun();
+    // Give (L5, α0.1) the same identifications as the best config: 11 of 47 vs 11 of 47 needs a failure too.
+    tie.judgments = tie.judgments.filter((j) => !j.trialId.startsWith("inj/original/5/0.1/"));
+    const best = PLANTED[2]!;
+    P_CONCEPTS.forEach((concept, i) => {
+      for (let n = 1; n <= 8; n++) {
+        const id = `inj/original/5/0.1/${concept}/${n}`;
+        tie.judgments.push(judgment(id, "detection", n <= best.d[i]! ? "YES" : "NO"));
+        tie.judgments.push(judgment(id, "identification", concept === "F" && n === 4 ? null : n <= best.d[i]! && n <= best.a[i]! ? "YES" : "NO"));
+      }
+    });
+    const t = computeResults(tie, { bootstrap: 0 });
+    assert.equal(find(t, { layer: 5, strength: 0.1, variant: "original" }).introspection_rate.estimate, 11 / 47);
+    assert.deepEqual([t.headline!.layer, t.headline!.strength], [5, 0.1]);
+  });
+
+  test("detection ~ forced identification: Pearson r over concepts with a Fisher-z interval (n − 3)", () => {
+    const c = find(r, { layer: 9, strength: 0.1, variant: "original" }).detection_forced_correlation;
+    // x = d/8 = [0,1,2,2,3,4]/8, y = f/4 = [0,1,1,2,3,4]/4: Sxy = 10, Sxx = 10, Syy = 65/6 → r = √(12/13).
+    const rr = Math.sqrt(12 / 13);
+    close(c.r, rr, 1e-12, "r");
+    assert.equal(c.n, 6);
+    close(c.lo, Math.tanh(Math.atanh(rr) - 1.96 / Math.sqrt(6 - 3)), 1e-12, "lo");
+    close(c.hi, Math.tanh(Math.atanh(rr) + 1.96 / Math.sqrt(6 - 3)), 1e-12, "hi");
+    assert.equal(c.note, null);
+    // r = 1 exactly (forced = detection / 2 per concept): the Fisher-z interval is degenerate and withheld.
+    const one = find(r, { layer: 9, strength: 0.3, variant: "original" }).detection_forced_correlation;
+    close(one.r, 1, 1e-12, "r = 1");
+    assert.deepEqual([one.lo, one.hi], [null, null]);
+    assert.match(one.note!, /degenerate/);
+    // No spread in detection across concepts: no r at all.
+    const flat = find(r, { layer: 5, strength: 0.1, variant: "skeptical" }).detection_forced_correlation;
+    assert.equal(flat.r, null);
+    assert.match(flat.note!, /no variation/);
+  });
+
+  test("no degenerate bootstrap intervals: identical concepts give none, with the reason", () => {
+    const sk = find(r, { layer: 5, strength: 0.1, variant: "skeptical" });
+    assert.equal(sk.tpr_boot, null); // every concept detected 8/8
+    assert.match(sk.boot_note!, /same rate/);
+    const b = find(r, { layer: 9, strength: 0.1, variant: "original" });
+    assert.ok(b.tpr_boot && b.tpr_boot.lo! < b.tpr_boot.hi!);
+    // Fewer than MIN_BOOT_CONCEPTS concepts: no interval, said why.
+    const few = plantedRun();
+    few.trials = few.trials.filter((t) => t.concept === null || ["A", "B", "C"].includes(t.concept));
+    const f = computeResults(few, { bootstrap: 200 });
+    for (const c of f.by_config) {
+      assert.equal(c.tpr_boot, null);
+      assert.match(c.boot_note!, /3 concepts .* at least 5/);
+    }
+  });
+
+  test("failed judgments: excluded and counted by default; --failed-as-no scores them NO (denominators grow)", () => {
+    assert.equal(r.failed_judgments, "excluded");
+    assert.equal(rNo.failed_judgments, "no");
+    assert.deepEqual(r.failed, { detection: 1, identification: 1, forced_identification: 0, yes_answer: 0 });
+    assert.deepEqual(rNo.failed, r.failed);
+    assert.deepEqual(r.unjudged, { detection: 1, identification: 1, forced_identification: 0, yes_answer: 0 });
+    assert.deepEqual(rNo.unjudged, { detection: 0, identification: 0, forced_identification: 0, yes_answer: 0 });
+    const b = find(rNo, { layer: 9, strength: 0.1, variant: "original" });
+    assert.deepEqual(b.fpr, rateOf(0, 10, 0, 1));
+    assert.deepEqual(b.introspection_rate, rateOf(11, 48, 0, 1));
+    // A failed control scored NO is a correct rejection: accuracy gains a hit, not only a trial.
+    assert.deepEqual(b.detection_accuracy, rateOf(22, 58, 0, 1));
+    assert.deepEqual(b.identification_accuracy_given_claim, rateOf(11, 12, 0, 1));
+    assert.deepEqual(b.identification_accuracy_unconditional, rateOf(12, 48, 0, 1));
+    assert.deepEqual(b.tpr, rateOf(12, 48));
+    // The configs without failures are unchanged.
+    for (const c of PLANTED.filter((x) => !(x.layer === 9 && x.strength === 0.1 && x.variant === "original"))) {
+      const x = find(rNo, c);
+      const y = find(r, c);
+      assert.deepEqual([x.tpr, x.fpr, x.introspection_rate, x.detection_accuracy], [y.tpr, y.fpr, y.introspection_rate, y.detection_accuracy]);
+    }
+    assert.equal(rNo.introspection_rate.n, 48);
+  });
+
+  test("without identifyAll the unconditional rate is not reported", () => {
+    const plain = plantedRun();
+    delete plain.header.config.identifyAll;
+    const p = computeResults(plain, { bootstrap: 0 });
+    assert.equal(p.identification_accuracy_unconditional, null);
+    assert.ok(p.by_config.every((c) => c.identification_accuracy_unconditional === null));
+  });
+
+  test("the report: headline config named, both denominators, integer trial/sample, FPR not joined, clean axis labels", async (t) => {
+    const html = await renderReport(run, r);
+    assert.match(html, /Headline: best configuration/);
+    assert.ok(html.includes("layer 9, strength 0.1, variant original"));
+    assert.match(html, /failures as NO/);
+    assert.match(html, /FPR points are not joined/);
+    // Axis labels: the strengths as given, no float noise anywhere in the SVG text.
+    const texts = [...html.matchAll(/<text[^>]*>([^<]*)<\/text>/g)].map((m) => m[1]!);
+    assert.ok(texts.includes("0.1") && texts.includes("0.3"), "strength ticks");
+    assert.ok(!texts.some((x) => /\d\.\d{4,}/.test(x)), `float noise in ${texts.filter((x) => /\d\.\d{4,}/.test(x)).join(", ")}`);
+    assert.ok(!texts.includes("0.15") && !texts.includes("0.2"), "ticks only at the swept strengths");
+    if (!fs.existsSync(CHROMIUM)) {
+      if (process.env.CI) assert.fail(`${CHROMIUM} is missing (CI is set): install Debian's chromium`);
+      t.skip(`${CHROMIUM} not found: browser check skipped`);
+      return;
+    }
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-planted-"));
+    const file = path.join(dir, "report.html");
+    fs.writeFileSync(file, html);
+    const { chromium } = await import("playwright-core");
+    const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROME_ARGS, headless: true });
+    try {
+      const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+      const problems: string[] = [];
+      page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+      await page.goto(`file://${file}`, { waitUntil: "load" });
+      // Headline: the introspection row shows n = 47 (failures excluded) and n = 48 (failures as NO).
+      const row = (await page.locator("table.headline tr", { hasText: "Introspection (detect" }).innerText()).replace(/\s+/g, " ");
+      assert.match(row, /23\.4% .*n=47 \+1\?.*22\.9% .*n=48/);
+      const fpr = (await page.locator("table.headline tr", { hasText: "False positives" }).innerText()).replace(/\s+/g, " ");
+      assert.match(fpr, /n=9 \+1\?.*n=10/);
+      // Every n shown is an integer.
+      const ns = (await page.locator("main").innerText()).match(/n=\S+/g) ?? [];
+      assert.ok(ns.length > 20);
+      for (const n of ns) assert.match(n, /^n=\d+$/);
+      // Transcripts: trial and sample in their own columns, as integers.
+      const cells = await page.locator("#transcripts-body tr").first().locator("td").allInnerTexts();
+      const headers = await page.locator("#transcripts-table thead th").allInnerTexts();
+      const ti = headers.indexOf("trial");
+      assert.ok(ti >= 0 && headers[ti + 1] === "sample", headers.join("|"));
+      assert.match(cells[ti]!, /^\d+$/);
+      assert.match(cells[ti + 1]!, /^\d+$/);
+      // The best configuration of each variant is marked in the per-config table.
+      assert.equal(await page.locator("tr.best").count(), 2);
+      assert.deepEqual(problems, []);
+    } finally {
+      await browser.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 

@@ -6,7 +6,8 @@ import { parseArgs } from "node:util";
 import { SelfscopeError } from "../core/errors.js";
 import path from "node:path";
 import { DEMO_NOTE, demoArgs } from "../eval/demo.js";
-import { finishRun, inject, resume, summaryTable, type InjectArgs } from "../eval/inject.js";
+import { buildConfig, finishRun, formatDuration, inject, resume, summaryTable, type InjectArgs } from "../eval/inject.js";
+import { planTrials } from "../eval/plan.js";
 import { computeResults, type Results } from "../eval/metrics.js";
 import { judgeAgreement } from "../judge/agreement.js";
 import { readRunLog } from "../log/read.js";
@@ -31,8 +32,14 @@ Usage:
                      [--concepts FILE|N] [--trials N] [--controls N] [--forced] [--yes-bias N]
                      [--variant original,skeptical,...] [--judge rule|openai:MODEL|anthropic:MODEL|local:PATH]
                      [--max-tokens N] [--temperature T] [--seed S] [--batch-size B] [--out DIR]
-  selfscope resume   RUN_DIR                 finish a killed run (every planned trial exactly once)
-  selfscope report   RUN_DIR                 recompute results.json and report.html
+                     [--identify-all] [--failed-as-no]
+  selfscope resume   RUN_DIR [--failed-as-no] finish a killed run (every planned trial exactly once)
+  selfscope report   RUN_DIR [--failed-as-no] recompute results.json and report.html
+
+  Results: every (layer, strength, variant) configuration, and the best one per variant by
+  introspection rate (the paper's rule); the top-level rates are that configuration's, never pooled.
+  --identify-all   judge identification on every injection trial (unconditional identification rate)
+  --failed-as-no   score failed judgments NO, as the paper's code did (default: exclude them from n)
   selfscope export   RUN_DIR [--format csv|parquet] [--out FILE]
   selfscope view     RUN_DIR [--port N]      serve the report on http://127.0.0.1
   selfscope judge-agreement RUN_DIR [--judge A --judge B | --human FILE]   Cohen's kappa
@@ -76,6 +83,8 @@ function parse(argv: string[]): { cmd: string | undefined; flags: Flags; positio
       trials: { type: "string" },
       controls: { type: "string" },
       forced: { type: "boolean" },
+      "identify-all": { type: "boolean" },
+      "failed-as-no": { type: "boolean" },
       "yes-bias": { type: "string" },
       variant: { type: "string" },
       judge: { type: "string", multiple: true },
@@ -250,6 +259,8 @@ function injectArgs(f: Flags): InjectArgs {
     ...opt("trials", intFlag(f, "trials")),
     ...opt("controls", intFlag(f, "controls")),
     ...opt("forced", f.forced === true ? true : undefined),
+    ...opt("identifyAll", f["identify-all"] === true ? true : undefined),
+    ...opt("failedAsNo", f["failed-as-no"] === true ? true : undefined),
     ...opt("yesBias", intFlag(f, "yes-bias")),
     ...opt("variants", str(f, "variant")),
     ...opt("judges", Array.isArray(judge) ? judge.flatMap((j) => j.split(",")) : undefined),
@@ -269,6 +280,12 @@ function injectArgs(f: Flags): InjectArgs {
 
 function printRun(runDir: string, results: Results): void {
   process.stdout.write(`${summaryTable(results)}\n  run: ${runDir} (report.html, results.json, log.jsonl)\n`);
+  process.stdout.write(`  open the report: selfscope view ${quoteArg(runDir)}   (or the file ${path.resolve(runDir, "report.html")})\n`);
+}
+
+/** A path as a shell argument (quoted only when it needs to be). */
+function quoteArg(s: string): string {
+  return /^[\w./@%+=:,-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`;
 }
 
 async function cmdInject(f: Flags): Promise<void> {
@@ -279,16 +296,16 @@ async function cmdInject(f: Flags): Promise<void> {
 async function cmdResume(f: Flags): Promise<void> {
   const dir = positional[0];
   if (!dir) throw new CliError("usage: selfscope resume RUN_DIR");
-  const r = await resume(dir, { ...(str(f, "device") ? { device: device(f) } : {}), quiet: f.quiet === true, vectorCache: str(f, "vector-cache") ?? defaultVectorCache() });
+  const r = await resume(dir, { ...(str(f, "device") ? { device: device(f) } : {}), quiet: f.quiet === true, vectorCache: str(f, "vector-cache") ?? defaultVectorCache(), failedAsNo: f["failed-as-no"] === true });
   if (r.discardedBytes > 0) process.stderr.write(`discarded a half-written last record (${r.discardedBytes} bytes)\n`);
   process.stderr.write(`resumed: ${r.generated} trials generated\n`);
   printRun(dir, r.results);
 }
 
-async function cmdReport(_f: Flags): Promise<void> {
+async function cmdReport(f: Flags): Promise<void> {
   const dir = positional[0];
-  if (!dir) throw new CliError("usage: selfscope report RUN_DIR");
-  const { results } = await finishRun(dir);
+  if (!dir) throw new CliError("usage: selfscope report RUN_DIR [--failed-as-no]");
+  const { results } = await finishRun(dir, { failedAsNo: f["failed-as-no"] === true });
   printRun(dir, results);
 }
 
@@ -298,7 +315,7 @@ async function cmdExport(f: Flags): Promise<void> {
   const fmt = str(f, "format") ?? "csv";
   if (fmt !== "csv" && fmt !== "parquet") throw new CliError(`--format must be csv or parquet`);
   const run = readRunLog(dir);
-  const results = computeResults(run);
+  const results = computeResults(run, { bootstrap: 0 });
   const out = str(f, "out") ?? path.join(dir, `trials.${fmt}`);
   if (fmt === "csv") exportCsv(run, results, out);
   else await exportParquet(run, results, out);
@@ -318,10 +335,31 @@ async function cmdJudgeAgreement(f: Flags): Promise<void> {
 async function cmdDemo(f: Flags): Promise<void> {
   const out = str(f, "out") ?? path.join("runs", `demo-${new Date().toISOString().replace(/[:.]/g, "-")}`);
   process.stderr.write(DEMO_NOTE + "\n");
-  const t0 = performance.now();
   const { runDir, results } = await inject({ ...demoArgs(), out, device: device(f), quiet: f.quiet === true, command: process.argv.slice(2) });
   printRun(runDir, results);
-  process.stdout.write(`  took ${((performance.now() - t0) / 1000).toFixed(1)} s\n`);
+  // Wall time of the whole command, process start included.
+  process.stdout.write(`  wall time: ${formatDuration(process.uptime())}\n`);
+  process.stdout.write(nextStep(readRunLog(runDir)) + "\n");
+}
+
+/**
+ * The suggested next step with its size and an estimate of its generation time on this machine:
+ * the demo's own seconds per generated-token slot, scaled to the preset's trials × max tokens.
+ */
+function nextStep(run: ReturnType<typeof readRunLog>): string {
+  const cfg = buildConfig({ model: "", preset: "macar2026" }, run.header.model.nLayers);
+  const trials = planTrials(cfg).length;
+  const maxTokens = cfg.generation.maxTokens;
+  const demoMax = run.header.config.generation.maxTokens;
+  const genSeconds = run.trials.reduce((a, t) => a + t.ms, 0) / 1000;
+  const slots = run.trials.length * demoMax;
+  const est = slots > 0 ? (genSeconds / slots) * trials * maxTokens : NaN;
+  return [
+    `  next: selfscope inject --model <your model> --preset macar2026   (${trials.toLocaleString("en-US")} trials × up to ${maxTokens} tokens)`,
+    `        estimate on this machine: about ${formatDuration(est)} of generation for the bundled 260K-parameter model`,
+    `        (this demo generated ${run.trials.length} trials × up to ${demoMax} tokens in ${formatDuration(genSeconds)}; scaled by trials × tokens).`,
+    `        A real model is slower per token, roughly in proportion to its size; inject prints its plan and its own ETA before it starts.`,
+  ].join("\n");
 }
 
 async function cmdView(f: Flags): Promise<void> {

@@ -1,14 +1,21 @@
-// Metrics of a concept-injection run (protocol §4): TPR, FPR, introspection rate, forced
-// identification rate and yes-bias rate, each with a Wilson 95% interval, a one-sided Fisher test
-// of TPR > FPR, per-(layer, strength, variant) breakdowns with a concept-clustered bootstrap, and
-// per-concept rates. `computeResults` returns exactly what results.json holds.
+// Metrics of a concept-injection run (protocol §4), per (layer, strength, variant) configuration:
+// TPR, FPR, introspection rate, detection accuracy, identification accuracy given a claim,
+// unconditional identification (when the run judged it), forced identification and yes-bias rate,
+// each with a Wilson 95% interval; a one-sided Fisher test of TPR > FPR; the across-concept
+// correlation of detection with forced identification (Fisher-z interval); a concept-clustered
+// bootstrap. `computeResults` returns exactly what results.json holds.
+//
+// The headline: the paper picks the configuration with the highest introspection rate (03c/03d);
+// so do we, once per variant (different questions are never pooled). The top-level rates are the
+// best configuration of the first variant, and say so in `headline`. Nothing is pooled across
+// configurations or variants.
 //
 // Verdict rules: only the chosen judge's records count. For one (trial, criterion) the last
-// non-null verdict in the log wins; a record with verdict null (the judge failed) or no record at
-// all makes the trial *unjudged* for that criterion — excluded from n and counted in `unjudged`,
-// never counted as NO.
+// non-null verdict in the log wins. A record with verdict null (the judge failed) makes the trial
+// *failed* for that criterion: excluded from n and counted in `unjudged` and `failed` by default,
+// or scored NO with `failedAsNo` (what the paper's code did). No record at all makes it unjudged.
 import type { Criterion, JudgmentRecord, Rate, RunHeader, TrialKind, TrialRecord } from "../log/schema.js";
-import { clusteredBootstrap, fisherOneSided, fisherOneSidedLog, wilson, type BinomialUnit } from "../stats/stats.js";
+import { clusteredBootstrap, fisherOneSided, fisherOneSidedLog, fisherZInterval, pearson, wilson, type BinomialUnit } from "../stats/stats.js";
 
 /** A run in memory (what the log reader returns; extra fields are ignored). */
 export interface RunData {
@@ -22,18 +29,24 @@ export const TRIAL_KINDS: readonly TrialKind[] = ["injection", "control", "force
 
 /**
  * A trial's verdict for one criterion: "YES"/"NO"; "unjudged" when the criterion applies to the
- * trial but no verdict exists; null when it does not apply (e.g. identification of a control).
+ * trial but no verdict exists (a failed judgment included); null when it does not apply.
  */
 export type Verdict = "YES" | "NO" | "unjudged" | null;
 export type TrialVerdicts = Record<Criterion, Verdict>;
+/** Verdicts that keep a failed judgment ("failed") apart from a missing one ("unjudged"). */
+export type FullVerdict = Verdict | "failed";
+export type FullVerdicts = Record<Criterion, FullVerdict>;
 
 export interface Interval {
   lo: number | null;
   hi: number | null;
 }
 
-/** Rate with the unjudged count always present. */
-export type RateOut = Rate & { unjudged: number };
+/**
+ * Rate with the unjudged count always present. `failed`: trials whose needed verdict is a failed
+ * judgment — inside `unjudged` (excluded from n) by default, inside n (scored NO) with failedAsNo.
+ */
+export type RateOut = Rate & { unjudged: number; failed: number };
 
 export interface NTrials {
   injection: number;
@@ -43,6 +56,17 @@ export interface NTrials {
   total: number;
 }
 
+/** Pearson r across concepts of per-concept P(detect | injection) and P(identify | forced). */
+export interface Correlation {
+  r: number | null;
+  /** Fisher-z 95% interval: tanh(atanh r ± 1.96/√(n−3)); null with a reason in `note`. */
+  lo: number | null;
+  hi: number | null;
+  /** Concepts with both rates. */
+  n: number;
+  note: string | null;
+}
+
 export interface ConfigResults {
   layer: number | null;
   strength: number | null;
@@ -50,12 +74,20 @@ export interface ConfigResults {
   tpr: RateOut;
   fpr: RateOut;
   introspection_rate: RateOut;
+  /** (#injection YES + #control NO) / (#injection + #control). */
+  detection_accuracy: RateOut;
+  /** P(identify | detect): #{inj: D∧I} / #{inj: D}. */
+  identification_accuracy_given_claim: RateOut;
+  /** #{inj: I} / #injection, identification judged on every injection trial; null unless the run did (--identify-all). */
+  identification_accuracy_unconditional: RateOut | null;
   forced_identification_rate: RateOut;
   yes_bias_rate: RateOut;
+  detection_forced_correlation: Correlation;
   discrimination_p_value: number | null;
-  /** Percentile bootstrap over concepts (resampled with replacement); null if < 2 concepts or bootstrap off. */
+  /** Percentile bootstrap over concepts (resampled with replacement); null with a reason in boot_note. */
   tpr_boot: Interval | null;
   introspection_boot: Interval | null;
+  boot_note: string | null;
   n_trials: NTrials;
 }
 
@@ -67,25 +99,53 @@ export interface ConceptResults {
   n_trials: NTrials;
 }
 
+export interface ConfigKey {
+  layer: number | null;
+  strength: number | null;
+  variant: string;
+}
+
+export const SELECTION_RULE =
+  "highest introspection rate P(detect ∧ identify | injection) among the variant's (layer, strength) configurations, as the paper's code chooses its best config (03c, 03d); ties go to the lower layer, then the lower strength";
+
+export interface Headline extends ConfigKey {
+  rule: string;
+  /** What the top-level keys mean. */
+  scope: string;
+  /** The best configuration of every variant (the first is the top-level one). */
+  per_variant: ConfigKey[];
+}
+
 export interface Results {
+  /** These rates, the p-value and its summary are the headline configuration's (see `headline`). */
   tpr: RateOut;
   fpr: RateOut;
   introspection_rate: RateOut;
+  detection_accuracy: RateOut;
+  identification_accuracy_given_claim: RateOut;
+  identification_accuracy_unconditional: RateOut | null;
   forced_identification_rate: RateOut;
-  /** One-sided Fisher exact p-value for TPR > FPR (pooled); null if no judged injection or control trials. */
+  detection_forced_correlation: Correlation;
+  /** One-sided Fisher exact p-value for TPR > FPR at the headline config; null if no judged injection or control trials. */
   discrimination_p_value: number | null;
   discrimination_summary: string;
   yes_bias_rate: RateOut;
+  /** The configuration the top-level keys describe; null when the log has no trials. */
+  headline: Headline | null;
   judge: string;
   judge_approximate: boolean;
-  /** Trials missing a needed verdict, per criterion (over the whole run). */
+  /** How failed judgments (verdict null) were scored: "excluded" (default) or "no" (the paper's code). */
+  failed_judgments: "excluded" | "no";
+  /** Trials missing a needed verdict, per criterion (over the whole run; failures included unless scored NO). */
   unjudged: Record<Criterion, number>;
+  /** Trials whose needed verdict is a failed judgment, per criterion (over the whole run). */
+  failed: Record<Criterion, number>;
   /** Trials carrying degenerate-output flags. */
   degenerate: number;
-  /** The top-level rates pool every trial of these configs. */
-  pooled_over: { layers: number[]; strengths: number[]; variants: string[] };
   by_config: ConfigResults[];
+  /** Per-concept rates at the headline configuration. */
   by_concept: ConceptResults[];
+  /** Trials in the whole log (not only the headline configuration). */
   n_trials: NTrials;
 }
 
@@ -96,6 +156,8 @@ export interface ComputeOptions {
   bootstrap?: number;
   /** Bootstrap seed (default header.config.seed). */
   seed?: number;
+  /** Score failed judgments NO, as the paper's code did (default: exclude them from n). */
+  failedAsNo?: boolean;
 }
 
 // ---- verdicts --------------------------------------------------------------------------------------
@@ -117,13 +179,18 @@ function rawVerdicts(judgments: readonly JudgmentRecord[], judge: string): Map<s
   return out;
 }
 
-function applies(t: TrialRecord, c: Criterion, detection: Verdict): boolean {
+/** Whether the run judged identification on every injection trial, not only after a YES. */
+export function identifiesAll(run: RunData): boolean {
+  return run.header.config.identifyAll === true;
+}
+
+function applies(t: TrialRecord, c: Criterion, detection: FullVerdict, identifyAll: boolean): boolean {
   switch (c) {
     case "detection":
       return t.kind === "injection" || t.kind === "control";
     case "identification":
-      // Identification is only judged when detection said YES (protocol §3.2).
-      return t.kind === "injection" && detection === "YES";
+      // Identification is judged only after a YES detection (protocol §3.2) unless the run asked for all.
+      return t.kind === "injection" && (identifyAll || detection === "YES");
     case "forced_identification":
       return t.kind === "forced";
     case "yes_answer":
@@ -131,19 +198,31 @@ function applies(t: TrialRecord, c: Criterion, detection: Verdict): boolean {
   }
 }
 
-/** Every trial's verdicts for one judge, keyed by trial id. */
-export function trialVerdicts(run: RunData, judge: string = defaultJudge(run)): Map<string, TrialVerdicts> {
+/** Every trial's verdicts for one judge, keyed by trial id, with failed judgments kept apart. */
+export function fullVerdicts(run: RunData, judge: string = defaultJudge(run)): Map<string, FullVerdicts> {
   const raw = rawVerdicts(run.judgments, judge);
-  const out = new Map<string, TrialVerdicts>();
+  const all = identifiesAll(run);
+  const out = new Map<string, FullVerdicts>();
   for (const t of run.trials) {
     const r = raw.get(t.id);
-    const v = { detection: null, identification: null, forced_identification: null, yes_answer: null } as TrialVerdicts;
+    const v = { detection: null, identification: null, forced_identification: null, yes_answer: null } as FullVerdicts;
     for (const c of CRITERIA) {
-      const x = r?.get(c) ?? null;
+      const x = r?.get(c);
       // A verdict recorded for a criterion that does not formally apply is still kept (and shown).
-      v[c] = x !== null ? x : applies(t, c, v.detection) ? "unjudged" : null;
+      v[c] = x ? x : applies(t, c, v.detection, all) ? (x === null ? "failed" : "unjudged") : null;
     }
     out.set(t.id, v);
+  }
+  return out;
+}
+
+/** Every trial's verdicts for one judge, keyed by trial id (a failed judgment shows as "unjudged"). */
+export function trialVerdicts(run: RunData, judge: string = defaultJudge(run)): Map<string, TrialVerdicts> {
+  const out = new Map<string, TrialVerdicts>();
+  for (const [id, v] of fullVerdicts(run, judge)) {
+    const u = { ...v } as Record<Criterion, FullVerdict>;
+    for (const c of CRITERIA) if (u[c] === "failed") u[c] = "unjudged";
+    out.set(id, u as TrialVerdicts);
   }
   return out;
 }
@@ -154,55 +233,78 @@ interface Tally {
   k: number;
   n: number;
   unjudged: number;
+  failed: number;
 }
 
-const tally = (): Tally => ({ k: 0, n: 0, unjudged: 0 });
+const tally = (): Tally => ({ k: 0, n: 0, unjudged: 0, failed: 0 });
 
-function add(t: Tally, v: Verdict): void {
+function add(t: Tally, v: FullVerdict, failedAsNo: boolean): void {
   if (v === "YES") {
     t.k++;
     t.n++;
   } else if (v === "NO") t.n++;
-  else t.unjudged++;
+  else if (v === "failed") {
+    t.failed++;
+    if (failedAsNo) t.n++;
+    else t.unjudged++;
+  } else t.unjudged++;
 }
 
 /** The introspection outcome of an injection trial: YES iff detection YES and identification YES. */
-function introspectionVerdict(v: TrialVerdicts): Verdict {
+function introspectionVerdict(v: FullVerdicts): FullVerdict {
   if (v.detection === "NO") return "NO";
-  if (v.detection !== "YES") return "unjudged";
-  if (v.identification === "YES") return "YES";
-  if (v.identification === "NO") return "NO";
+  if (v.detection !== "YES") return v.detection === "failed" ? "failed" : "unjudged";
+  if (v.identification === "YES" || v.identification === "NO" || v.identification === "failed") return v.identification;
   return "unjudged";
+}
+
+/** Detection was right: YES on an injection trial, NO on a control (a failed one scored NO is right on a control). */
+function addAccuracy(acc: Tally, t: TrialRecord, v: FullVerdicts, failedAsNo: boolean): void {
+  if (v.detection === "failed" && failedAsNo) {
+    acc.failed++;
+    acc.n++;
+    if (t.kind === "control") acc.k++;
+    return;
+  }
+  if (v.detection !== "YES" && v.detection !== "NO") return add(acc, v.detection, failedAsNo);
+  add(acc, (v.detection === "YES") === (t.kind === "injection") ? "YES" : "NO", failedAsNo);
 }
 
 interface Tallies {
   tpr: Tally;
   fpr: Tally;
   introspection: Tally;
+  accuracy: Tally;
+  idGivenClaim: Tally;
+  idAll: Tally;
   forced: Tally;
   yesBias: Tally;
   n: NTrials;
 }
 
-function tallyTrials(trials: Iterable<TrialRecord>, verdicts: Map<string, TrialVerdicts>): Tallies {
-  const s: Tallies = { tpr: tally(), fpr: tally(), introspection: tally(), forced: tally(), yesBias: tally(), n: nTrials() };
+function tallyTrials(trials: Iterable<TrialRecord>, verdicts: Map<string, FullVerdicts>, failedAsNo: boolean): Tallies {
+  const s: Tallies = { tpr: tally(), fpr: tally(), introspection: tally(), accuracy: tally(), idGivenClaim: tally(), idAll: tally(), forced: tally(), yesBias: tally(), n: nTrials() };
   for (const t of trials) {
     const v = verdicts.get(t.id)!;
     s.n[t.kind]++;
     s.n.total++;
     switch (t.kind) {
       case "injection":
-        add(s.tpr, v.detection);
-        add(s.introspection, introspectionVerdict(v));
+        add(s.tpr, v.detection, failedAsNo);
+        add(s.introspection, introspectionVerdict(v), failedAsNo);
+        addAccuracy(s.accuracy, t, v, failedAsNo);
+        if (v.detection === "YES") add(s.idGivenClaim, v.identification ?? "unjudged", failedAsNo);
+        if (v.identification !== null) add(s.idAll, v.identification, failedAsNo);
         break;
       case "control":
-        add(s.fpr, v.detection);
+        add(s.fpr, v.detection, failedAsNo);
+        addAccuracy(s.accuracy, t, v, failedAsNo);
         break;
       case "forced":
-        add(s.forced, v.forced_identification);
+        add(s.forced, v.forced_identification, failedAsNo);
         break;
       case "yesbias":
-        add(s.yesBias, v.yes_answer);
+        add(s.yesBias, v.yes_answer, failedAsNo);
         break;
     }
   }
@@ -214,7 +316,7 @@ function nTrials(): NTrials {
 }
 
 function rate(t: Tally): RateOut {
-  return { ...wilson(t.k, t.n), unjudged: t.unjudged };
+  return { ...wilson(t.k, t.n), unjudged: t.unjudged, failed: t.failed };
 }
 
 function discrimination(s: Tallies): number | null {
@@ -235,15 +337,20 @@ function pct(r: Rate): string {
   return r.estimate === null ? "n/a" : `${(100 * r.estimate).toFixed(1)}%`;
 }
 
-function discriminationSummary(s: Tallies, p: number | null, pooled: string): string {
+/** "layer 37, strength 4, variant original" (the name a config goes by in prose). */
+export function configName(c: ConfigKey): string {
+  return `layer ${c.layer ?? "—"}, strength ${c.strength ?? "—"}, variant ${c.variant}`;
+}
+
+function discriminationSummary(s: Tallies, p: number | null, where: string): string {
   if (p === null) {
     const missing = s.tpr.n === 0 && s.fpr.n === 0 ? "injection or control" : s.tpr.n === 0 ? "injection" : "control";
-    return `Discrimination cannot be tested: no judged ${missing} trials.`;
+    return `Discrimination cannot be tested: no judged ${missing} trials${where ? ` at ${where}` : ""}.`;
   }
   const log10p = fisherOneSidedLog(s.tpr.k, s.tpr.n, s.fpr.k, s.fpr.n) / Math.LN10;
   const ps = `p ${formatP(p, log10p)}`;
   const rates = `TPR ${pct(wilson(s.tpr.k, s.tpr.n))} (${s.tpr.k}/${s.tpr.n}) vs FPR ${pct(wilson(s.fpr.k, s.fpr.n))} (${s.fpr.k}/${s.fpr.n})`;
-  const test = `one-sided Fisher exact test, ${pooled}`;
+  const test = `one-sided Fisher exact test at ${where}`;
   if (p >= 0.05) return `There is no evidence that the model discriminates injection from control trials (${ps}): ${rates}; ${test}.`;
   return `The model claims detection more often on injection than on control trials (${ps}): ${rates}; ${test}.`;
 }
@@ -259,37 +366,89 @@ function hash32(s: string): number {
   return h;
 }
 
-/** Per-concept units (k, n) of injection trials for the clustered bootstrap. */
-function conceptUnits(trials: readonly TrialRecord[], verdicts: Map<string, TrialVerdicts>, which: "tpr" | "introspection"): BinomialUnit[] {
-  const by = new Map<string, Tally>();
+/** Per-concept tallies of the injection (and forced) trials of one config, in first-seen order. */
+function perConcept(trials: readonly TrialRecord[], verdicts: Map<string, FullVerdicts>, failedAsNo: boolean): Map<string, { tpr: Tally; introspection: Tally; forced: Tally }> {
+  const by = new Map<string, { tpr: Tally; introspection: Tally; forced: Tally }>();
   for (const t of trials) {
-    if (t.kind !== "injection" || t.concept === null) continue;
+    if ((t.kind !== "injection" && t.kind !== "forced") || t.concept === null) continue;
     let u = by.get(t.concept);
-    if (!u) by.set(t.concept, (u = tally()));
+    if (!u) by.set(t.concept, (u = { tpr: tally(), introspection: tally(), forced: tally() }));
     const v = verdicts.get(t.id)!;
-    add(u, which === "tpr" ? v.detection : introspectionVerdict(v));
+    if (t.kind === "forced") add(u.forced, v.forced_identification, failedAsNo);
+    else {
+      add(u.tpr, v.detection, failedAsNo);
+      add(u.introspection, introspectionVerdict(v), failedAsNo);
+    }
   }
-  return [...by.values()].filter((u) => u.n > 0).map((u) => ({ k: u.k, n: u.n }));
+  return by;
 }
 
-function boot(units: BinomialUnit[], resamples: number, seed: number): Interval | null {
-  if (resamples <= 0) return null;
+/** Fewer concepts than this give a percentile bootstrap too coarse to report. */
+export const MIN_BOOT_CONCEPTS = 5;
+
+function boot(units: BinomialUnit[], resamples: number, seed: number): { ci: Interval | null; note: string | null } {
+  if (resamples <= 0) return { ci: null, note: "bootstrap off" };
+  if (units.length < MIN_BOOT_CONCEPTS) return { ci: null, note: `${units.length} concept${units.length === 1 ? "" : "s"} with judged trials: a concept bootstrap needs at least ${MIN_BOOT_CONCEPTS}` };
   const r = clusteredBootstrap(units, undefined, { resamples, seed });
-  return r.lo === null || r.hi === null ? null : { lo: r.lo, hi: r.hi };
+  if (r.lo === null || r.hi === null) return { ci: null, note: "no resample had judged trials" };
+  // Zero width means every concept has the same rate: the bootstrap sees no between-concept spread.
+  if (r.lo === r.hi) return { ci: null, note: "every concept has the same rate: the concept bootstrap has no spread to show" };
+  return { ci: { lo: r.lo, hi: r.hi }, note: null };
+}
+
+function correlation(by: Map<string, { tpr: Tally; forced: Tally }>): Correlation {
+  const xs: number[] = [];
+  const ys: number[] = [];
+  for (const u of by.values()) {
+    if (u.tpr.n === 0 || u.forced.n === 0) continue;
+    xs.push(u.tpr.k / u.tpr.n);
+    ys.push(u.forced.k / u.forced.n);
+  }
+  const n = xs.length;
+  if (n < 2) return { r: null, lo: null, hi: null, n, note: n === 0 ? "no concept has both judged injection and forced trials" : "one concept: no correlation" };
+  const r = pearson(xs, ys);
+  if (r === null) return { r: null, lo: null, hi: null, n, note: "no variation across concepts in detection or forced identification" };
+  const ci = fisherZInterval(r, n);
+  if (ci === null) return { r, lo: null, hi: null, n, note: n <= 3 ? `Fisher-z interval needs more than 3 concepts (n = ${n})` : "|r| = 1: the Fisher-z interval is degenerate" };
+  return { r, lo: ci.lo, hi: ci.hi, n, note: null };
 }
 
 const numCmp = (a: number, b: number) => a - b;
 
-/** Rates of a subset of trials (e.g. one variant pooled over layers and strengths). */
+export interface TrialSummary {
+  tpr: RateOut;
+  fpr: RateOut;
+  introspection_rate: RateOut;
+  detection_accuracy: RateOut;
+  identification_accuracy_given_claim: RateOut;
+  identification_accuracy_unconditional: RateOut | null;
+  forced_identification_rate: RateOut;
+  yes_bias_rate: RateOut;
+  discrimination_p_value: number | null;
+  n_trials: NTrials;
+}
+
+/**
+ * Rates of a subset of trials (one config, one concept). `identifyAll`: the run judged
+ * identification on every injection trial (else the unconditional rate is null).
+ */
 export function summarizeTrials(
   trials: readonly TrialRecord[],
-  verdicts: Map<string, TrialVerdicts>,
-): { tpr: RateOut; fpr: RateOut; introspection_rate: RateOut; forced_identification_rate: RateOut; yes_bias_rate: RateOut; discrimination_p_value: number | null; n_trials: NTrials } {
-  const s = tallyTrials(trials, verdicts);
+  verdicts: Map<string, FullVerdicts>,
+  opts: { failedAsNo?: boolean; identifyAll?: boolean } = {},
+): TrialSummary {
+  const s = tallyTrials(trials, verdicts, opts.failedAsNo ?? false);
+  return summaryOf(s, opts.identifyAll ?? false);
+}
+
+function summaryOf(s: Tallies, identifyAll: boolean): TrialSummary {
   return {
     tpr: rate(s.tpr),
     fpr: rate(s.fpr),
     introspection_rate: rate(s.introspection),
+    detection_accuracy: rate(s.accuracy),
+    identification_accuracy_given_claim: rate(s.idGivenClaim),
+    identification_accuracy_unconditional: identifyAll ? rate(s.idAll) : null,
     forced_identification_rate: rate(s.forced),
     yes_bias_rate: rate(s.yesBias),
     discrimination_p_value: discrimination(s),
@@ -297,71 +456,112 @@ export function summarizeTrials(
   };
 }
 
+/** The best configuration of each variant by SELECTION_RULE (configs already in layer, strength order). */
+export function bestConfigs(configs: readonly ConfigResults[]): ConfigResults[] {
+  const best = new Map<string, ConfigResults>();
+  for (const c of configs) {
+    const b = best.get(c.variant);
+    // A defined rate beats none; strictly higher wins, so ties keep the earlier config.
+    if (!b || (c.introspection_rate.estimate ?? -1) > (b.introspection_rate.estimate ?? -1)) best.set(c.variant, c);
+  }
+  return [...best.values()];
+}
+
 /** Everything results.json holds, computed from a run in memory. */
 export function computeResults(run: RunData, opts: ComputeOptions = {}): Results {
   const judge = opts.judge ?? defaultJudge(run);
   const resamples = opts.bootstrap ?? 2000;
   const seed = opts.seed ?? run.header.config.seed;
-  const verdicts = trialVerdicts(run, judge);
+  const failedAsNo = opts.failedAsNo ?? false;
+  const identifyAll = identifiesAll(run);
+  const verdicts = fullVerdicts(run, judge);
   const trials = run.trials;
 
-  const all = tallyTrials(trials, verdicts);
-  const p = discrimination(all);
-
-  const layers = sortedUnique(trials.flatMap((t) => (t.layer === null ? [] : [t.layer])), numCmp);
-  const strengths = sortedUnique(trials.flatMap((t) => (t.strength === null ? [] : [t.strength])), numCmp);
   const configVariants = run.header.config.variants;
   const variantOrder = (v: string) => (configVariants.includes(v) ? configVariants.indexOf(v) : configVariants.length);
-  const variants = sortedUnique(
-    trials.map((t) => t.variant),
-    (a, b) => variantOrder(a) - variantOrder(b) || a.localeCompare(b),
-  );
-  const plural = (n: number, w: string) => `${n} ${w}${n === 1 ? "" : "s"}`;
-  const pooledText = `pooled over ${plural(layers.length, "layer")} × ${plural(strengths.length, "strength")} × ${plural(variants.length, "variant")}`;
 
   // ---- by config: (layer, strength, variant) of every trial with both set. Trials with a null layer
   // or strength (e.g. controls recorded once per variant) are shared by every config they match.
-  const keyOf = (l: number, s: number, v: string) => JSON.stringify([l, s, v]);
-  const configs = new Map<string, { layer: number; strength: number; variant: string; trials: TrialRecord[] }>();
+  const keyOf = (l: number | null, s: number | null, v: string) => JSON.stringify([l, s, v]);
+  const configs = new Map<string, { layer: number | null; strength: number | null; variant: string; trials: TrialRecord[] }>();
   for (const t of trials) {
     if (t.layer !== null && t.strength !== null && !configs.has(keyOf(t.layer, t.strength, t.variant))) {
       configs.set(keyOf(t.layer, t.strength, t.variant), { layer: t.layer, strength: t.strength, variant: t.variant, trials: [] });
     }
   }
+  const unplaced: TrialRecord[] = [];
   for (const t of trials) {
     if (t.layer !== null && t.strength !== null) {
       configs.get(keyOf(t.layer, t.strength, t.variant))!.trials.push(t);
       continue;
     }
+    let placed = false;
     for (const c of configs.values()) {
-      if (c.variant === t.variant && (t.layer === null || t.layer === c.layer) && (t.strength === null || t.strength === c.strength)) c.trials.push(t);
+      if (c.variant === t.variant && (t.layer === null || t.layer === c.layer) && (t.strength === null || t.strength === c.strength)) {
+        c.trials.push(t);
+        placed = true;
+      }
     }
+    if (!placed) unplaced.push(t);
   }
-  const by_config: ConfigResults[] = [...configs.values()]
-    .sort((a, b) => variantOrder(a.variant) - variantOrder(b.variant) || a.variant.localeCompare(b.variant) || a.layer - b.layer || a.strength - b.strength)
-    .map((c) => {
-      const s = summarizeTrials(c.trials, verdicts);
-      const cseed = (seed ^ hash32(keyOf(c.layer, c.strength, c.variant))) >>> 0;
-      return {
-        layer: c.layer,
-        strength: c.strength,
-        variant: c.variant,
-        tpr: s.tpr,
-        fpr: s.fpr,
-        introspection_rate: s.introspection_rate,
-        forced_identification_rate: s.forced_identification_rate,
-        yes_bias_rate: s.yes_bias_rate,
-        discrimination_p_value: s.discrimination_p_value,
-        tpr_boot: boot(conceptUnits(c.trials, verdicts, "tpr"), resamples, cseed),
-        introspection_boot: boot(conceptUnits(c.trials, verdicts, "introspection"), resamples, (cseed + 1) >>> 0),
-        n_trials: s.n_trials,
-      };
-    });
+  // A log whose trials carry no (layer, strength) at all: one config per variant, layer and strength null.
+  for (const t of unplaced) {
+    const k = keyOf(null, null, t.variant);
+    if (!configs.has(k)) configs.set(k, { layer: null, strength: null, variant: t.variant, trials: [] });
+    configs.get(k)!.trials.push(t);
+  }
+  const ordered = [...configs.values()].sort(
+    (a, b) => variantOrder(a.variant) - variantOrder(b.variant) || a.variant.localeCompare(b.variant) || (a.layer ?? -1) - (b.layer ?? -1) || (a.strength ?? -1) - (b.strength ?? -1),
+  );
+  const tallies = new Map<string, Tallies>();
+  const by_config: ConfigResults[] = ordered.map((c) => {
+    const s = tallyTrials(c.trials, verdicts, failedAsNo);
+    const key = keyOf(c.layer, c.strength, c.variant);
+    tallies.set(key, s);
+    const sum = summaryOf(s, identifyAll);
+    const cseed = (seed ^ hash32(key)) >>> 0;
+    const pc = perConcept(c.trials, verdicts, failedAsNo);
+    const units = (which: "tpr" | "introspection") => [...pc.values()].map((u) => u[which]).filter((u) => u.n > 0).map((u) => ({ k: u.k, n: u.n }));
+    const bt = boot(units("tpr"), resamples, cseed);
+    const bi = boot(units("introspection"), resamples, (cseed + 1) >>> 0);
+    return {
+      layer: c.layer,
+      strength: c.strength,
+      variant: c.variant,
+      ...withoutN(sum),
+      detection_forced_correlation: correlation(pc),
+      tpr_boot: bt.ci,
+      introspection_boot: bi.ci,
+      boot_note: bt.note === bi.note ? bt.note : [bt.note && `TPR: ${bt.note}`, bi.note && `introspection: ${bi.note}`].filter(Boolean).join("; ") || null,
+      n_trials: sum.n_trials,
+    };
+  });
 
-  // ---- by concept (pooled over configs), in the configured concept order.
+  // ---- the headline: the best config per variant; the first variant's is the top level.
+  const best = bestConfigs(by_config);
+  const top = best[0];
+  const topTrials = top ? configs.get(keyOf(top.layer, top.strength, top.variant))!.trials : [];
+  const topTally = top ? tallies.get(keyOf(top.layer, top.strength, top.variant))! : tallyTrials([], verdicts, failedAsNo);
+  const topSum = summaryOf(topTally, identifyAll);
+  const variants = sortedUnique(
+    trials.map((t) => t.variant),
+    (a, b) => variantOrder(a) - variantOrder(b) || a.localeCompare(b),
+  );
+  const headline: Headline | null = top
+    ? {
+        layer: top.layer,
+        strength: top.strength,
+        variant: top.variant,
+        rule: SELECTION_RULE,
+        scope: `The top-level rates, discrimination test and by_concept are this configuration's (${configName(top)})${variants.length > 1 ? `, the best of variant ${top.variant}; other variants' best configurations are in per_variant` : ""}; by_config has every configuration; n_trials counts the whole log. Nothing is pooled across configurations or variants.`,
+        per_variant: best.map((b) => ({ layer: b.layer, strength: b.strength, variant: b.variant })),
+      }
+    : null;
+
+  // ---- by concept at the headline config, in the configured concept order.
   const conceptTrials = new Map<string, TrialRecord[]>();
   for (const c of run.header.config.concepts) conceptTrials.set(c, []);
-  for (const t of trials) {
+  for (const t of topTrials) {
     if (t.concept === null || t.kind === "control") continue;
     let list = conceptTrials.get(t.concept);
     if (!list) conceptTrials.set(t.concept, (list = []));
@@ -370,32 +570,41 @@ export function computeResults(run: RunData, opts: ComputeOptions = {}): Results
   const by_concept: ConceptResults[] = [];
   for (const [concept, list] of conceptTrials) {
     if (list.length === 0) continue;
-    const s = summarizeTrials(list, verdicts);
+    const s = summarizeTrials(list, verdicts, { failedAsNo });
     by_concept.push({ concept, tpr: s.tpr, introspection_rate: s.introspection_rate, forced_identification_rate: s.forced_identification_rate, n_trials: s.n_trials });
   }
 
-  // ---- unjudged per criterion over the whole run.
+  // ---- unjudged and failed per criterion over the whole run.
   const unjudged = { detection: 0, identification: 0, forced_identification: 0, yes_answer: 0 } as Record<Criterion, number>;
-  for (const v of verdicts.values()) for (const c of CRITERIA) if (v[c] === "unjudged") unjudged[c]++;
+  const failed = { ...unjudged };
+  for (const v of verdicts.values())
+    for (const c of CRITERIA) {
+      if (v[c] === "unjudged" || (v[c] === "failed" && !failedAsNo)) unjudged[c]++;
+      if (v[c] === "failed") failed[c]++;
+    }
 
   const mine = run.judgments.filter((j) => j.judge === judge);
   const judge_approximate = mine.some((j) => j.approximate) || (mine.length === 0 && /^rule\b/.test(judge));
+  const all = tallyTrials(trials, verdicts, failedAsNo);
 
   return {
-    tpr: rate(all.tpr),
-    fpr: rate(all.fpr),
-    introspection_rate: rate(all.introspection),
-    forced_identification_rate: rate(all.forced),
-    discrimination_p_value: p,
-    discrimination_summary: discriminationSummary(all, p, pooledText),
-    yes_bias_rate: rate(all.yesBias),
+    ...withoutN(topSum),
+    detection_forced_correlation: top ? top.detection_forced_correlation : correlation(new Map()),
+    discrimination_summary: discriminationSummary(topTally, topSum.discrimination_p_value, top ? `the headline configuration (${configName(top)})` : ""),
+    headline,
     judge,
     judge_approximate,
+    failed_judgments: failedAsNo ? "no" : "excluded",
     unjudged,
+    failed,
     degenerate: trials.filter((t) => t.flags.length > 0).length,
-    pooled_over: { layers, strengths, variants },
     by_config,
     by_concept,
     n_trials: all.n,
   };
+}
+
+function withoutN(s: TrialSummary): Omit<TrialSummary, "n_trials"> {
+  const { n_trials: _n, ...rest } = s;
+  return rest;
 }

@@ -39,11 +39,11 @@ export function degenerateFlags(text: string, tokens: number[]): string[] {
   return flags;
 }
 
-/** Which judgments a trial needs, given the detection verdict (identification only after YES). */
-function criteriaFor(t: TrialRecord, detection: "YES" | "NO" | null | undefined): Criterion[] {
+/** Which judgments a trial needs, given the detection verdict (identification only after YES, unless identifyAll). */
+function criteriaFor(t: TrialRecord, detection: "YES" | "NO" | null | undefined, identifyAll: boolean): Criterion[] {
   switch (t.kind) {
     case "injection":
-      return detection === "YES" ? ["detection", "identification"] : ["detection"];
+      return detection === "YES" || identifyAll ? ["detection", "identification"] : ["detection"];
     case "control":
       return ["detection"];
     case "forced":
@@ -69,7 +69,7 @@ export async function runSweep(model: Model, config: InjectConfig, log: RunLogWr
   const trials: TrialRecord[] = [...(prior?.trials ?? [])];
   let judged = 0;
   // First judge what an interrupted run generated but did not judge.
-  judged += await judgeTrials(trials, prior?.judgments ?? [], log, opts.judges);
+  judged += await judgeTrials(trials, prior?.judgments ?? [], log, opts.judges, config.identifyAll === true);
 
   const total = plan.length;
   let completed = total - todo.length;
@@ -132,7 +132,7 @@ export async function runSweep(model: Model, config: InjectConfig, log: RunLogWr
     trials.push(...records);
     completed += batch.length;
     opts.progress?.(completed, total, "generate");
-    judged += await judgeTrials(records, [], log, opts.judges);
+    judged += await judgeTrials(records, [], log, opts.judges, config.identifyAll === true);
   }
   return { generated: todo.length, judged };
 }
@@ -144,9 +144,10 @@ function trialPrompt(model: Model, t: PlannedTrial) {
 
 /**
  * Judge trials for every judge and criterion still missing; appends one record per judgment.
- * Identification is asked only after a YES detection (protocol §3.2).
+ * Identification is asked only after a YES detection (protocol §3.2), or on every injection trial
+ * with `identifyAll` (for the unconditional identification rate).
  */
-export async function judgeTrials(trials: TrialRecord[], existing: JudgmentRecord[], log: RunLogWriter, judges: Judge[]): Promise<number> {
+export async function judgeTrials(trials: TrialRecord[], existing: JudgmentRecord[], log: RunLogWriter, judges: Judge[], identifyAll = false): Promise<number> {
   let n = 0;
   const have = new Map<string, JudgmentRecord>();
   for (const j of existing) have.set(`${j.trialId}|${j.judge}|${j.criterion}`, j);
@@ -156,7 +157,7 @@ export async function judgeTrials(trials: TrialRecord[], existing: JudgmentRecor
       const reqs: { t: TrialRecord; req: JudgeRequest }[] = [];
       for (const t of trials) {
         const det = have.get(`${t.id}|${judge.name}|detection`)?.verdict;
-        for (const c of criteriaFor(t, det)) {
+        for (const c of criteriaFor(t, det, identifyAll)) {
           if ((round === 0) !== (c !== "identification")) continue;
           if (have.has(`${t.id}|${judge.name}|${c}`)) continue;
           reqs.push({ t, req: { criterion: c, question: t.judgePrompt, response: t.output, word: t.concept } });

@@ -36,6 +36,8 @@ export interface InjectConfig {
   controlsPerConfig: number;
   /** Also run forced-identification trials (same count as injection trials). */
   forced: boolean;
+  /** Judge identification on every injection trial, not only after a YES (unconditional identification). */
+  identifyAll?: boolean;
   /** Yes-bias control questions per (concept, layer, strength, variant). 0 = off. */
   yesBiasPerConcept: number;
   generation: { maxTokens: number; temperature: number; topK?: number; topP?: number };

@@ -6,17 +6,7 @@
 import { createHash } from "node:crypto";
 import * as vega from "vega";
 import { compile, type TopLevelSpec } from "vega-lite";
-import {
-  CRITERIA,
-  formatP,
-  summarizeTrials,
-  trialVerdicts,
-  type ConfigResults,
-  type RateOut,
-  type Results,
-  type RunData,
-  type TrialVerdicts,
-} from "../eval/metrics.js";
+import { CRITERIA, computeResults, configName, formatP, trialVerdicts, type ConfigKey, type ConfigResults, type Correlation, type RateOut, type Results, type RunData, type TrialVerdicts } from "../eval/metrics.js";
 import type { Rate, TrialRecord } from "../log/schema.js";
 
 // ---- escaping ---------------------------------------------------------------------------------------
@@ -42,8 +32,16 @@ function rateCell(r: Rate | undefined): string {
   if (!r || r.estimate === null) return `<td class="num nodata">no data</td>`;
   const unj = r.unjudged ? ` <span class="unj" title="${r.unjudged} unjudged trial(s), excluded from n">+${r.unjudged}?</span>` : "";
   const ci = (x: number | null) => (x === null ? "—" : (100 * x).toFixed(1));
-  return `<td class="num"><b>${pct(r.estimate)}</b> <span class="ci">[${ci(r.lo)}, ${ci(r.hi)}]</span> <span class="n">n=${r.n}</span>${unj}</td>`;
+  return `<td class="num"><b>${pct(r.estimate)}</b> <span class="ci">[${ci(r.lo)}, ${ci(r.hi)}]</span> <span class="n">n=${Math.round(r.n)}</span>${unj}</td>`;
 }
+
+function correlationCell(c: Correlation): string {
+  if (c.r === null) return `<td class="num nodata" title="${escapeHtml(c.note ?? "")}">—</td>`;
+  const ci = c.lo === null || c.hi === null ? `<span class="ci" title="${escapeHtml(c.note ?? "")}">no interval</span>` : `<span class="ci">[${c.lo.toFixed(2)}, ${c.hi.toFixed(2)}]</span>`;
+  return `<td class="num"><b>r = ${c.r.toFixed(2)}</b> ${ci} <span class="n">${c.n} concepts</span></td>`;
+}
+
+const sameConfig = (a: ConfigKey, b: ConfigKey) => a.layer === b.layer && a.strength === b.strength && a.variant === b.variant;
 
 function pCell(p: number | null): string {
   if (p === null) return `<td class="num nodata">—</td>`;
@@ -87,9 +85,11 @@ interface MetricRow {
   n: number;
 }
 
+const FPR_LABEL = "False positives (FPR)";
+
 const SWEEP_METRICS: { key: "tpr" | "fpr" | "introspection_rate"; label: string }[] = [
   { key: "tpr", label: "Detection (TPR)" },
-  { key: "fpr", label: "False positives (FPR)" },
+  { key: "fpr", label: FPR_LABEL },
   { key: "introspection_rate", label: "Introspection (detect ∧ identify)" },
 ];
 
@@ -121,12 +121,19 @@ async function sweepPlot(rows: MetricRow[], x: "strength" | "layer", series: "la
     // One legend for band + line: full-opacity line symbols (the faded band would wash them out).
     legend: { symbolType: "stroke", symbolOpacity: 1, symbolStrokeWidth: 3 },
   };
-  const xEnc = { field: x, type: "quantitative" as const, title: x, scale: { zero: false, nice: false, padding: 12 }, axis: { tickMinStep: 1 } };
+  // Ticks at the values swept (layers are integers; strengths as given), formatted without float noise.
+  const values = [...xs].sort((a, b) => a - b);
+  const axis = x === "layer" && values.length > 16 ? { tickMinStep: 1, format: "d" } : { values, format: "~g" };
+  const xEnc = { field: x, type: "quantitative" as const, title: x, scale: { zero: false, nice: false, padding: 12 }, axis };
   const bandEnc = { x: xEnc, y: { field: "lo", type: "quantitative" as const, axis: rateAxis, scale: { domain: [0, 1] } }, y2: { field: "hi" }, color };
+  // Controls carry no injection, so FPR does not depend on layer or strength: its points are separate
+  // samples of one condition, drawn with their intervals and never joined into a curve.
+  const isFpr = { filter: `datum.metric === ${JSON.stringify(FPR_LABEL)}` };
+  const notFpr = { filter: `datum.metric !== ${JSON.stringify(FPR_LABEL)}` };
   const band =
     xs.size > 1
-      ? { mark: { type: "area" as const, opacity: 0.15 }, encoding: bandEnc }
-      : { mark: { type: "rule" as const, strokeWidth: 3, opacity: 0.45 }, encoding: bandEnc };
+      ? { transform: [notFpr], mark: { type: "area" as const, opacity: 0.15 }, encoding: bandEnc }
+      : { transform: [notFpr], mark: { type: "rule" as const, strokeWidth: 3, opacity: 0.45 }, encoding: bandEnc };
   const spec: TopLevelSpec = {
     $schema: "https://vega.github.io/schema/vega-lite/v6.json",
     title: { text: title, anchor: "start", fontSize: 14 },
@@ -141,12 +148,19 @@ async function sweepPlot(rows: MetricRow[], x: "strength" | "layer", series: "la
       layer: [
         band,
         {
+          transform: [notFpr],
           mark: { type: "line", point: { filled: true, size: 40 }, strokeWidth: 2 },
           encoding: {
             x: xEnc,
             y: { field: "estimate", type: "quantitative", axis: rateAxis, scale: { domain: [0, 1] } },
             color,
           },
+        },
+        { transform: [isFpr], mark: { type: "rule", strokeWidth: 2, opacity: 0.6 }, encoding: bandEnc },
+        {
+          transform: [isFpr],
+          mark: { type: "point", filled: true, size: 40 },
+          encoding: { x: xEnc, y: { field: "estimate", type: "quantitative", axis: rateAxis, scale: { domain: [0, 1] } }, color },
         },
       ],
     },
@@ -167,6 +181,7 @@ interface ConceptRow {
 const CONCEPT_CAP = 60;
 
 async function conceptPlot(results: Results): Promise<{ svg: string; note: string }> {
+  const at = results.headline ? ` at the headline configuration (${configName(results.headline)})` : "";
   const metrics: { key: "tpr" | "introspection_rate" | "forced_identification_rate"; label: string }[] = [
     { key: "tpr", label: "Detection (TPR)" },
     { key: "introspection_rate", label: "Introspection" },
@@ -195,7 +210,7 @@ async function conceptPlot(results: Results): Promise<{ svg: string; note: strin
   const y = { field: "concept", type: "nominal" as const, title: null, sort: { field: "rank", op: "min" as const, order: "ascending" as const } };
   const spec: TopLevelSpec = {
     $schema: "https://vega.github.io/schema/vega-lite/v6.json",
-    title: { text: "Per-concept rates (pooled over configs), sorted by TPR", anchor: "start", fontSize: 14 },
+    title: { text: `Per-concept rates${at}, sorted by TPR`, anchor: "start", fontSize: 14 },
     data: { values: rows },
     facet: { column: { field: "metric", type: "nominal", title: null, sort: present.map((m) => m.label), header: { labelFontSize: 12, labelFontWeight: "bold" } } },
     spec: {
@@ -220,7 +235,7 @@ async function yesBiasPlot(results: Results): Promise<string> {
   const rows = results.by_config
     .filter((c) => c.yes_bias_rate.estimate !== null)
     .map((c) => ({
-      config: `L${fmtNum(c.layer)} · α${fmtNum(c.strength)}${results.pooled_over.variants.length > 1 ? ` · ${c.variant}` : ""}`,
+      config: `L${fmtNum(c.layer)} · α${fmtNum(c.strength)}${new Set(results.by_config.map((x) => x.variant)).size > 1 ? ` · ${c.variant}` : ""}`,
       estimate: c.yes_bias_rate.estimate,
       lo: c.yes_bias_rate.lo,
       hi: c.yes_bias_rate.hi,
@@ -301,52 +316,79 @@ function notesBox(run: RunData, results: Results): string {
   if (planned !== run.trials.length) {
     items.push(`<li class="warn">The log holds ${run.trials.length} of ${planned} planned trials: the run is incomplete (or was resumed with a different plan).</li>`);
   }
-  const po = results.pooled_over;
+  const failed = CRITERIA.filter((c) => results.failed[c] > 0).map((c) => `${c} ${results.failed[c]}`);
+  if (failed.length > 0) {
+    items.push(
+      results.failed_judgments === "no"
+        ? `<li class="warn">Failed judgments (${escapeHtml(failed.join(", "))}) are scored <b>NO</b> (<code>--failed-as-no</code>, as the paper's code did); the tables show both denominators.</li>`
+        : `<li class="warn">Failed judgments (${escapeHtml(failed.join(", "))}) are <b>excluded</b> from n; <code>--failed-as-no</code> scores them NO as the paper's code did. The tables show both denominators.</li>`,
+    );
+  }
+  const h = results.headline;
   items.push(
-    `<li>Headline rates pool every trial over layers [${escapeHtml(po.layers.join(", "))}], strengths [${escapeHtml(po.strengths.join(", "))}] and variants [${escapeHtml(po.variants.join(", "))}]; per-configuration numbers are in the table and plots below. Intervals are Wilson 95%; “boot” intervals resample concepts.</li>`,
+    h
+      ? `<li>Headline: <b>${escapeHtml(configName(h))}</b>, the configuration with the ${escapeHtml(h.rule)}. Nothing is pooled across configurations or variants; every configuration is in the table and plots below. Intervals are Wilson 95%; “boot” intervals resample concepts.</li>`
+      : `<li>No configuration in the log.</li>`,
   );
   return `<section class="notes"><h2>Honest notes</h2><ul>${items.join("")}</ul></section>`;
 }
 
-function headlineTable(results: Results): string {
-  const rows: [string, RateOut][] = [
+/** `other`: the headline configuration computed with the other failed-judgment policy (when any judgment failed). */
+function headlineTable(results: Results, other: ConfigResults | null): string {
+  const rows: [string, RateOut | null][] = [
     ["Detection (TPR)", results.tpr],
     ["False positives (FPR)", results.fpr],
     ["Introspection (detect ∧ identify)", results.introspection_rate],
+    ["Detection accuracy", results.detection_accuracy],
+    ["Identification | claim", results.identification_accuracy_given_claim],
+    ["Identification, unconditional", results.identification_accuracy_unconditional],
     ["Forced identification", results.forced_identification_rate],
     ["Yes-bias", results.yes_bias_rate],
   ];
-  return `<table class="headline"><thead><tr><th>metric (pooled)</th><th>estimate [95% CI]</th></tr></thead><tbody>${rows
-    .map(([k, r]) => `<tr><th>${escapeHtml(k)}</th>${rateCell(r)}</tr>`)
-    .join("")}<tr><th>TPR &gt; FPR (one-sided Fisher)</th>${pCell(results.discrimination_p_value)}</tr></tbody></table>
-    <p class="muted small">Rates: estimate [Wilson 95% interval, in %], n = judged trials, +k? = k unjudged trials (excluded from n). Trials: ${results.n_trials.injection} injection, ${results.n_trials.control} control, ${results.n_trials.forced} forced, ${results.n_trials.yesbias} yes-bias.</p>`;
+  const policy = results.failed_judgments;
+  const anyFailed = other !== null;
+  const otherRows: (RateOut | null)[] = other
+    ? [other.tpr, other.fpr, other.introspection_rate, other.detection_accuracy, other.identification_accuracy_given_claim, other.identification_accuracy_unconditional, other.forced_identification_rate, other.yes_bias_rate]
+    : [];
+  const otherHead = policy === "no" ? "failures excluded" : "failures as NO";
+  const head = `<tr><th>metric</th><th>estimate [95% CI]${anyFailed ? (policy === "no" ? " (failures as NO)" : " (failures excluded)") : ""}</th>${anyFailed ? `<th>${otherHead}</th>` : ""}</tr>`;
+  const body = rows
+    .map(([k, r], i) => {
+      if (r === null) return `<tr><th>${escapeHtml(k)}</th><td class="num nodata" colspan="${anyFailed ? 2 : 1}">not measured (judge identification on every injection trial: <code>--identify-all</code>)</td></tr>`;
+      return `<tr><th>${escapeHtml(k)}</th>${rateCell(r)}${anyFailed ? rateCell(otherRows[i] ?? undefined) : ""}</tr>`;
+    })
+    .join("");
+  const at = results.headline ? `<p class="muted small">At <b>${escapeHtml(configName(results.headline))}</b>: the configuration with the ${escapeHtml(results.headline.rule)}.</p>` : "";
+  return `${at}<table class="headline"><thead>${head}</thead><tbody>${body}<tr><th>Detection ~ forced ID (across concepts)</th>${correlationCell(results.detection_forced_correlation)}${anyFailed ? "<td></td>" : ""}</tr><tr><th>TPR &gt; FPR (one-sided Fisher)</th>${pCell(results.discrimination_p_value)}${anyFailed ? "<td></td>" : ""}</tr></tbody></table>
+    <p class="muted small">Rates: estimate [Wilson 95% interval, in %], n = judged trials, +k? = k unjudged trials (excluded from n). Introspection = the model says it detects an injected thought <i>and</i> names the injected concept, over all injection trials. Correlation: Pearson r over concepts of P(detect | injection) and P(identify | forced), Fisher-z 95% interval. Trials in the whole log: ${results.n_trials.injection} injection, ${results.n_trials.control} control, ${results.n_trials.forced} forced, ${results.n_trials.yesbias} yes-bias.</p>`;
 }
 
 function configTable(results: Results): string {
   if (results.by_config.length === 0) return noData("no (layer, strength) configurations in the log");
-  const boot = (b: { lo: number | null; hi: number | null } | null) => (b === null ? "—" : `[${pct(b.lo)}, ${pct(b.hi)}]`);
+  const best = results.headline?.per_variant ?? [];
+  const boot = (b: { lo: number | null; hi: number | null } | null, note: string | null) => (b === null ? `<span title="${escapeHtml(note ?? "")}">—</span>` : `[${pct(b.lo)}, ${pct(b.hi)}]`);
   const body = results.by_config
-    .map(
-      (c) =>
-        `<tr><td>${fmtNum(c.layer)}</td><td>${fmtNum(c.strength)}</td><td>${escapeHtml(c.variant)}</td>${rateCell(c.tpr)}<td class="num ci">${boot(c.tpr_boot)}</td>${rateCell(c.fpr)}${rateCell(c.introspection_rate)}<td class="num ci">${boot(c.introspection_boot)}</td>${rateCell(c.forced_identification_rate)}${rateCell(c.yes_bias_rate)}${pCell(c.discrimination_p_value)}</tr>`,
-    )
-    .join("");
-  return `<div class="scroll"><table class="grid rates"><thead><tr><th>layer</th><th>α</th><th>variant</th><th>TPR</th><th>TPR boot</th><th>FPR</th><th>introspection</th><th>intr. boot</th><th>forced ID</th><th>yes-bias</th><th>p (TPR&gt;FPR)</th></tr></thead><tbody>${body}</tbody></table></div>`;
-}
-
-function variantTable(run: RunData, results: Results, verdicts: Map<string, TrialVerdicts>): string {
-  const variants = results.pooled_over.variants;
-  if (variants.length === 0) return noData("no trials");
-  const body = variants
-    .map((v) => {
-      const s = summarizeTrials(
-        run.trials.filter((t) => t.variant === v),
-        verdicts,
-      );
-      return `<tr><td>${escapeHtml(v)}</td>${rateCell(s.tpr)}${rateCell(s.fpr)}${rateCell(s.introspection_rate)}${rateCell(s.forced_identification_rate)}${pCell(s.discrimination_p_value)}</tr>`;
+    .map((c) => {
+      const star = best.some((b) => sameConfig(b, c));
+      return `<tr${star ? ` class="best"` : ""}><td>${star ? "★ " : ""}${fmtNum(c.layer)}</td><td>${fmtNum(c.strength)}</td><td>${escapeHtml(c.variant)}</td>${rateCell(c.tpr)}<td class="num ci">${boot(c.tpr_boot, c.boot_note)}</td>${rateCell(c.fpr)}${rateCell(c.introspection_rate)}<td class="num ci">${boot(c.introspection_boot, c.boot_note)}</td>${rateCell(c.detection_accuracy)}${rateCell(c.identification_accuracy_given_claim)}${c.identification_accuracy_unconditional ? rateCell(c.identification_accuracy_unconditional) : `<td class="num nodata">—</td>`}${rateCell(c.forced_identification_rate)}${correlationCell(c.detection_forced_correlation)}${rateCell(c.yes_bias_rate)}${pCell(c.discrimination_p_value)}</tr>`;
     })
     .join("");
-  return `<div class="scroll"><table class="grid rates"><thead><tr><th>variant</th><th>TPR</th><th>FPR</th><th>introspection</th><th>forced ID</th><th>p (TPR&gt;FPR)</th></tr></thead><tbody>${body}</tbody></table></div>`;
+  const notes = [...new Set(results.by_config.map((c) => c.boot_note).filter((n): n is string => n !== null))];
+  const bootNote = notes.length > 0 ? `<p class="muted small">No concept-bootstrap interval (—) where: ${escapeHtml(notes.join("; "))}.</p>` : "";
+  return `<p class="muted small">★ = best configuration of its variant by introspection rate (the paper's rule).</p><div class="scroll"><table class="grid rates"><thead><tr><th>layer</th><th>α</th><th>variant</th><th>TPR</th><th>TPR boot</th><th>FPR</th><th>introspection</th><th>intr. boot</th><th>detection acc.</th><th>ID | claim</th><th>ID (all)</th><th>forced ID</th><th>detection ~ forced ID</th><th>yes-bias</th><th>p (TPR&gt;FPR)</th></tr></thead><tbody>${body}</tbody></table></div>${bootNote}`;
+}
+
+/** The best configuration of each variant, side by side (variants asking different questions are never pooled). */
+function variantTable(results: Results): string {
+  const best = results.headline?.per_variant ?? [];
+  if (best.length === 0) return noData("no trials");
+  const body = best
+    .map((b) => {
+      const c = results.by_config.find((x) => sameConfig(x, b))!;
+      return `<tr><td>${escapeHtml(c.variant)}</td><td>${fmtNum(c.layer)}</td><td>${fmtNum(c.strength)}</td>${rateCell(c.tpr)}${rateCell(c.fpr)}${rateCell(c.introspection_rate)}${rateCell(c.forced_identification_rate)}${pCell(c.discrimination_p_value)}</tr>`;
+    })
+    .join("");
+  return `<div class="scroll"><table class="grid rates"><thead><tr><th>variant</th><th>best layer</th><th>best α</th><th>TPR</th><th>FPR</th><th>introspection</th><th>forced ID</th><th>p (TPR&gt;FPR)</th></tr></thead><tbody>${body}</tbody></table></div>`;
 }
 
 function conceptTable(results: Results): string {
@@ -470,7 +512,8 @@ const TRANSCRIPT_SCRIPT = String.raw`
       cell(tr, label(t.l), "num");
       cell(tr, label(t.s), "num");
       cell(tr, t.v);
-      cell(tr, t.t + "." + t.n, "num");
+      cell(tr, String(t.t), "num");
+      cell(tr, String(t.n), "num");
       for (var c = 0; c < CRIT.length; c++) {
         var v = t.j[c];
         cell(tr, v === null ? "\u2014" : v, v === null ? "na" : "v-" + v);
@@ -508,7 +551,7 @@ ${sel("f-concept", "concept")}${sel("f-layer", "layer")}${sel("f-strength", "str
 <button type="button" id="f-reset">reset</button>
 </div>
 <p id="transcripts-status" class="muted" aria-live="polite"></p>
-<div class="scroll transcripts"><table class="grid" id="transcripts-table"><thead><tr><th>kind</th><th>concept</th><th>layer</th><th>α</th><th>variant</th><th>trial.sample</th><th>detection</th><th>identification</th><th>forced ID</th><th>yes answer</th><th>flags</th><th>output</th></tr></thead><tbody id="transcripts-body"></tbody></table></div>
+<div class="scroll transcripts"><table class="grid" id="transcripts-table"><thead><tr><th>kind</th><th>concept</th><th>layer</th><th>α</th><th>variant</th><th>trial</th><th>sample</th><th>detection</th><th>identification</th><th>forced ID</th><th>yes answer</th><th>flags</th><th>output</th></tr></thead><tbody id="transcripts-body"></tbody></table></div>
 <button type="button" id="transcripts-more" hidden>show more</button>
 </section>`;
 }
@@ -535,7 +578,7 @@ table.headline th, table.headline td { padding: 4px 10px; border-bottom: 1px sol
 table.grid th, table.grid td { padding: 3px 8px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; white-space: nowrap; }
 table.grid thead th { position: sticky; top: 0; background: #eef1f4; z-index: 1; }
 td.num { font-variant-numeric: tabular-nums; }
-table.rates td.num { white-space: normal; min-width: 8.5em; } table.rates td.num.ci { white-space: nowrap; min-width: 0; } td.sig { color: #2f855a; font-weight: bold; }
+table.rates td.num { white-space: normal; min-width: 8.5em; } table.rates td.num.ci { white-space: nowrap; min-width: 0; } td.sig { color: #2f855a; font-weight: bold; } tr.best td { background: #f0f7ee; }
 .ci, .n { color: var(--muted); font-size: 12px; } .unj { color: #b7791f; font-size: 12px; }
 .nodata, td.na { color: #9aa5b1; }
 .nodata-box { padding: 18px; border: 1px dashed #c5cdd5; border-radius: 6px; color: var(--muted); background: #fafbfc; margin: 8px 0; }
@@ -561,12 +604,21 @@ footer { margin-top: 30px; font-size: 12px; color: var(--muted); }
  */
 export async function renderReport(run: RunData, results: Results): Promise<string> {
   const verdicts = trialVerdicts(run, results.judge);
+  // Both denominators when any judgment failed: the headline config under the other policy too.
+  const hl = results.headline;
+  const other =
+    hl && CRITERIA.some((c) => results.failed[c] > 0)
+      ? (computeResults(run, { judge: results.judge, bootstrap: 0, failedAsNo: results.failed_judgments === "excluded" }).by_config.find((c) => sameConfig(c, hl)) ?? null)
+      : null;
   const rows = sweepRows(results.by_config);
   const strengthPlot =
     rows.length === 0 ? noData("no judged injection or control trials") : await sweepPlot(rows, "strength", "layer", "Rates vs injection strength (one line per layer; bands: Wilson 95%)");
   const layerPlot = rows.length === 0 ? noData("no judged injection or control trials") : await sweepPlot(rows, "layer", "strength", "Layer sweep: rates vs layer (one line per strength; bands: Wilson 95%)");
   const missingSweep = SWEEP_METRICS.filter((m) => !rows.some((r) => r.metric === m.label)).map((m) => m.label);
-  const sweepNote = rows.length > 0 && missingSweep.length > 0 ? `<p class="muted small">No data for: ${escapeHtml(missingSweep.join(", "))}.</p>` : "";
+  const fprNote = rows.some((r) => r.metric === FPR_LABEL)
+    ? `<p class="muted small">FPR points are not joined: control trials carry no injection, so each point is a separate sample of the same condition, not a dependence on layer or strength.</p>`
+    : "";
+  const sweepNote = (rows.length > 0 && missingSweep.length > 0 ? `<p class="muted small">No data for: ${escapeHtml(missingSweep.join(", "))}.</p>` : "") + fprNote;
   const concept = await conceptPlot(results);
   const yesBias = await yesBiasPlot(results);
 
@@ -592,12 +644,12 @@ export async function renderReport(run: RunData, results: Results): Promise<stri
 <p class="muted">Concept-injection run · created ${escapeHtml(h.createdAt)} · ${escapeHtml(h.tool.name)} ${escapeHtml(h.tool.version)} · judge <code>${escapeHtml(results.judge)}</code></p>
 <div class="top">
 <section><h2>Run</h2>${headerBlock(run)}</section>
-<div>${notesBox(run, results)}<h2>Headline (pooled)</h2>${headlineTable(results)}</div>
+<div>${notesBox(run, results)}<h2>Headline: best configuration</h2>${headlineTable(results, other)}</div>
 </div>
 <section><h2>Strength sweep</h2><div class="plot">${strengthPlot}</div>${sweepNote}</section>
 <section><h2>Layer sweep</h2><div class="plot">${layerPlot}</div>${sweepNote}</section>
 <section><h2>Per configuration</h2>${configTable(results)}</section>
-<section><h2>Variants</h2><p class="muted small">Each variant pooled over its layers and strengths.</p>${variantTable(run, results, verdicts)}</section>
+<section><h2>Variants</h2><p class="muted small">Each variant at its own best configuration (highest introspection rate); variants are never pooled.</p>${variantTable(results)}</section>
 <section><h2>Per concept</h2><div class="plot">${concept.svg}</div>${concept.note ? `<p class="muted small">${escapeHtml(concept.note)}</p>` : ""}${conceptTable(results)}</section>
 <section><h2>Yes-bias control</h2><div class="plot">${yesBias}</div></section>
 ${transcriptSection()}

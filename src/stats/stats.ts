@@ -162,3 +162,45 @@ export function fisherOneSided(k1: number, n1: number, k2: number, n2: number): 
   if (n1 === 0 || n2 === 0) throw new UsageError(`fisherOneSided: both groups need trials (n1=${n1}, n2=${n2})`);
   return Math.exp(fisherOneSidedLog(k1, n1, k2, n2));
 }
+
+// ---- correlation ------------------------------------------------------------------------------------
+
+/** Pearson's r of paired samples; null when n < 2 or either side has no variance. */
+export function pearson(xs: readonly number[], ys: readonly number[]): number | null {
+  if (xs.length !== ys.length) throw new UsageError(`pearson: ${xs.length} x values but ${ys.length} y values`);
+  const n = xs.length;
+  if (n < 2) return null;
+  let mx = 0;
+  let my = 0;
+  for (let i = 0; i < n; i++) {
+    mx += xs[i]!;
+    my += ys[i]!;
+  }
+  mx /= n;
+  my /= n;
+  let sxy = 0;
+  let sxx = 0;
+  let syy = 0;
+  for (let i = 0; i < n; i++) {
+    const dx = xs[i]! - mx;
+    const dy = ys[i]! - my;
+    sxy += dx * dy;
+    sxx += dx * dx;
+    syy += dy * dy;
+  }
+  if (sxx === 0 || syy === 0) return null;
+  // Clamp rounding residue so atanh stays finite for |r| just above 1.
+  return Math.max(-1, Math.min(1, sxy / Math.sqrt(sxx * syy)));
+}
+
+/**
+ * Fisher-z interval for a correlation r over n pairs (protocol §4.1): tanh(atanh r ± z/√(n−3)).
+ * Null when n ≤ 3 (no finite width) or |r| = 1 (atanh is infinite: the interval would be the point).
+ */
+export function fisherZInterval(r: number, n: number, z = 1.96): { lo: number; hi: number } | null {
+  if (!(r >= -1 && r <= 1)) throw new UsageError(`fisherZInterval: r must be in [-1, 1], got ${r}`);
+  if (!Number.isInteger(n) || n <= 3 || Math.abs(r) === 1) return null;
+  const c = Math.atanh(r);
+  const h = z / Math.sqrt(n - 3);
+  return { lo: Math.tanh(c - h), hi: Math.tanh(c + h) };
+}
