@@ -205,10 +205,14 @@ describe("inject() end to end on stories260K (rule judge)", () => {
     assert.ok("discrimination_p_value" in resultsFile);
     const p = resultsFile.discrimination_p_value;
     assert.ok(p === null || (typeof p === "number" && p >= 0 && p <= 1));
+    // n_trials counts the whole log; the rates are the headline configuration's (one of the two strengths).
     assert.deepEqual(resultsFile.n_trials, { injection: 8, control: 4, forced: 8, yesbias: 4, total: 24 });
-    assert.equal((resultsFile.tpr as { n: number }).n, 8);
-    assert.equal((resultsFile.fpr as { n: number }).n, 4);
-    assert.equal((resultsFile.forced_identification_rate as { n: number }).n, 8);
+    const headline = resultsFile.headline as { layer: number; strength: number; variant: string };
+    assert.equal(headline.layer, 2);
+    assert.ok([4, 8].includes(headline.strength));
+    assert.equal((resultsFile.tpr as { n: number }).n, 4);
+    assert.equal((resultsFile.fpr as { n: number }).n, 2);
+    assert.equal((resultsFile.forced_identification_rate as { n: number }).n, 4);
     assert.equal(resultsFile.judge, "rule");
     assert.equal(resultsFile.judge_approximate, true);
     assert.deepEqual(JSON.parse(JSON.stringify(computeResults(run))), resultsFile);
@@ -483,6 +487,31 @@ describe("judgeTrials (the runner's judging step)", () => {
 // ------------------------------------------------------------------------------------------------
 
 describe("CLI", () => {
+  test("inject prints its plan and an ETA before generating; --identify-all judges identification on every injection trial; report --failed-as-no", { timeout: 300_000 }, async () => {
+    const out = path.join(tmpRoot, "plan-eta");
+    const args = ["inject", "--model", STORIES, "--layers", "2", "--strengths", "4,8", "--concepts", "2", "--trials", "2", "--controls", "2", "--identify-all", "--judge", "rule", "--max-tokens", "4", "--out", out];
+    const r = await runCli(args, { env: { SELFSCOPE_CACHE: path.join(tmpRoot, "cache") } });
+    assert.equal(r.code, 0, r.stderr);
+    const run = readRunLog(out);
+    assert.equal(run.header.config.identifyAll, true);
+    const lines = r.stderr.split(/\r|\n/).filter((l) => l !== "");
+    const planAt = lines.findIndex((l) => l.startsWith(`plan: ${run.header.plannedTrials} trials (8 injection, 4 control)`));
+    const etaAt = lines.findIndex((l) => /^ETA: about \d/.test(l));
+    const progressAt = lines.findIndex((l) => l.startsWith("["));
+    assert.ok(planAt >= 0 && etaAt > planAt && progressAt > etaAt, r.stderr);
+    assert.ok(lines.some((l) => /^\[.*ETA /.test(l)), "progress lines carry an ETA");
+    // Identification was judged on all 8 injection trials, whatever the detection verdict.
+    const ided = new Set(run.judgments.filter((j) => j.criterion === "identification").map((j) => j.trialId));
+    assert.deepEqual([...ided].sort(), run.trials.filter((t) => t.kind === "injection").map((t) => t.id).sort());
+    const res = JSON.parse(fs.readFileSync(path.join(out, "results.json"), "utf8")) as { identification_accuracy_unconditional: { n: number; unjudged: number } | null; failed_judgments: string };
+    assert.ok(res.identification_accuracy_unconditional);
+    assert.equal(res.identification_accuracy_unconditional.n + res.identification_accuracy_unconditional.unjudged, 4);
+    assert.equal(res.failed_judgments, "excluded");
+    const rep = await runCli(["report", out, "--failed-as-no"]);
+    assert.equal(rep.code, 0, rep.stderr);
+    assert.equal((JSON.parse(fs.readFileSync(path.join(out, "results.json"), "utf8")) as { failed_judgments: string }).failed_judgments, "no");
+  });
+
   // Measured: `selfscope demo` takes ~77 s on 2 cores (204 trials, 24 tokens), under the ~90 s budget.
   test("selfscope demo --out DIR writes report.html (with charts) and results.json with the contract keys", { timeout: 300_000 }, async () => {
     const out = path.join(tmpRoot, "demo");
@@ -490,6 +519,14 @@ describe("CLI", () => {
     console.log(`# selfscope demo: ${(r.ms / 1000).toFixed(1)} s`);
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /detection \(TPR\)/);
+    // How to open the report, what introspection means, wall time, and the next step with its estimate.
+    assert.ok(r.stdout.includes(`selfscope view ${out}`), r.stdout);
+    assert.ok(r.stdout.includes(path.resolve(out, "report.html")));
+    assert.match(r.stdout, /introspection = the model says it detects an injected thought AND names the injected concept/);
+    assert.match(r.stdout, /wall time: \d+/);
+    assert.match(r.stdout, /--preset macar2026 +\(5,500 trials × up to 100 tokens\)/);
+    assert.match(r.stdout, /estimate on this machine: about \d/);
+    assert.match(r.stdout, /every configuration \(\* = best by introspection rate\)/);
     assert.match(fs.readFileSync(path.join(out, "report.html"), "utf8"), /<svg/);
     const res = JSON.parse(fs.readFileSync(path.join(out, "results.json"), "utf8")) as Record<string, unknown>;
     for (const k of [...RATE_KEYS, "discrimination_p_value", "yes_bias_rate", "n_trials", "by_config", "by_concept", "judge"]) assert.ok(k in res, `results.json lacks ${k}`);

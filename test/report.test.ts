@@ -425,6 +425,7 @@ describe("metrics", () => {
     assert.equal(r2.judge_approximate, false);
     // No introspection rate anywhere: the first config heads the results.
     assert.deepEqual([r2.headline!.layer, r2.headline!.strength], [10, 2]);
+    assert.match(r2.headline!.note!, /no configuration has a judged introspection rate/);
     assert.deepEqual(r2.tpr, { ...wilson(50, 50), unjudged: 0, failed: 0 });
     assert.deepEqual(r2.fpr, { ...wilson(0, 19), unjudged: 1, failed: 0 });
     assert.deepEqual(r2.introspection_rate, { estimate: null, lo: null, hi: null, n: 0, unjudged: 50, failed: 0 });
@@ -608,6 +609,8 @@ describe("headline and per-config metrics (planted truth)", () => {
     const t = computeResults(tie, { bootstrap: 0 });
     assert.equal(find(t, { layer: 5, strength: 0.1, variant: "original" }).introspection_rate.estimate, 11 / 47);
     assert.deepEqual([t.headline!.layer, t.headline!.strength], [5, 0.1]);
+    assert.match(t.headline!.note!, /2 configurations tie at introspection 23\.4%/);
+    assert.equal(r.headline!.note, null);
   });
 
   test("detection ~ forced identification: Pearson r over concepts with a Fisher-z interval (n − 3)", () => {

@@ -319,6 +319,7 @@ export function summaryTable(r: Results): string {
   const out: string[] = [];
   const h = r.headline;
   out.push(h ? `  headline: ${configName(h)} — the ${h.per_variant.length > 1 ? `best configuration of variant ${h.variant}` : "best configuration"} by introspection rate (the paper's rule)` : "  headline: no trials in the log");
+  if (h?.note) out.push(`  note: ${h.note}`);
   const rows: [string, string][] = [
     ["detection (TPR)", rateText(r.tpr)],
     ["false positives (FPR)", rateText(r.fpr)],

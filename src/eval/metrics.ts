@@ -114,6 +114,8 @@ export interface Headline extends ConfigKey {
   scope: string;
   /** The best configuration of every variant (the first is the top-level one). */
   per_variant: ConfigKey[];
+  /** Set when the choice is a tie (or no config has an introspection rate), so the pick is only the tie-break. */
+  note: string | null;
 }
 
 export interface Results {
@@ -413,7 +415,6 @@ function correlation(by: Map<string, { tpr: Tally; forced: Tally }>): Correlatio
   return { r, lo: ci.lo, hi: ci.hi, n, note: null };
 }
 
-const numCmp = (a: number, b: number) => a - b;
 
 export interface TrialSummary {
   tpr: RateOut;
@@ -555,6 +556,7 @@ export function computeResults(run: RunData, opts: ComputeOptions = {}): Results
         rule: SELECTION_RULE,
         scope: `The top-level rates, discrimination test and by_concept are this configuration's (${configName(top)})${variants.length > 1 ? `, the best of variant ${top.variant}; other variants' best configurations are in per_variant` : ""}; by_config has every configuration; n_trials counts the whole log. Nothing is pooled across configurations or variants.`,
         per_variant: best.map((b) => ({ layer: b.layer, strength: b.strength, variant: b.variant })),
+        note: tieNote(top, by_config),
       }
     : null;
 
@@ -602,6 +604,14 @@ export function computeResults(run: RunData, opts: ComputeOptions = {}): Results
     by_concept,
     n_trials: all.n,
   };
+}
+
+function tieNote(top: ConfigResults, configs: readonly ConfigResults[]): string | null {
+  const mine = configs.filter((c) => c.variant === top.variant);
+  const e = top.introspection_rate.estimate;
+  if (e === null) return mine.length > 1 ? "no configuration has a judged introspection rate: the first configuration is shown" : null;
+  const tied = mine.filter((c) => c.introspection_rate.estimate === e).length;
+  return tied > 1 ? `${tied} configurations tie at introspection ${(100 * e).toFixed(1)}%: the tie-break (lowest layer, then strength) picked this one` : null;
 }
 
 function withoutN(s: TrialSummary): Omit<TrialSummary, "n_trials"> {

@@ -358,7 +358,8 @@ function headlineTable(results: Results, other: ConfigResults | null): string {
       return `<tr><th>${escapeHtml(k)}</th>${rateCell(r)}${anyFailed ? rateCell(otherRows[i] ?? undefined) : ""}</tr>`;
     })
     .join("");
-  const at = results.headline ? `<p class="muted small">At <b>${escapeHtml(configName(results.headline))}</b>: the configuration with the ${escapeHtml(results.headline.rule)}.</p>` : "";
+  const hl = results.headline;
+  const at = hl ? `<p class="muted small">At <b>${escapeHtml(configName(hl))}</b>: the configuration with the ${escapeHtml(hl.rule)}.${hl.note ? ` <span class="unj">Note: ${escapeHtml(hl.note)}.</span>` : ""}</p>` : "";
   return `${at}<table class="headline"><thead>${head}</thead><tbody>${body}<tr><th>Detection ~ forced ID (across concepts)</th>${correlationCell(results.detection_forced_correlation)}${anyFailed ? "<td></td>" : ""}</tr><tr><th>TPR &gt; FPR (one-sided Fisher)</th>${pCell(results.discrimination_p_value)}${anyFailed ? "<td></td>" : ""}</tr></tbody></table>
     <p class="muted small">Rates: estimate [Wilson 95% interval, in %], n = judged trials, +k? = k unjudged trials (excluded from n). Introspection = the model says it detects an injected thought <i>and</i> names the injected concept, over all injection trials. Correlation: Pearson r over concepts of P(detect | injection) and P(identify | forced), Fisher-z 95% interval. Trials in the whole log: ${results.n_trials.injection} injection, ${results.n_trials.control} control, ${results.n_trials.forced} forced, ${results.n_trials.yesbias} yes-bias.</p>`;
 }
