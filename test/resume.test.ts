@@ -155,11 +155,14 @@ describe("crash and resume through the CLI (SIGKILL at seeded-random points)", (
     assert.deepEqual(s.byKind, expectedCounts(run.header.config));
     const results = JSON.parse(fs.readFileSync(path.join(dir, "results.json"), "utf8")) as { n_trials: Record<string, number>; tpr: { n: number; unjudged: number }; fpr: { n: number }; forced_identification_rate: { n: number }; yes_bias_rate: { n: number } };
     assert.deepEqual(results.n_trials, { ...s.byKind, total: PLANNED });
-    assert.equal(results.tpr.n + results.tpr.unjudged, s.byKind.injection);
+    // The rates are one configuration's (the headline), never pooled over the sweep's configs.
+    const c = run.header.config;
+    const nConfigs = c.layers.length * c.strengths.length * c.variants.length;
+    assert.equal(results.tpr.n + results.tpr.unjudged, s.byKind.injection / nConfigs);
     assert.equal(results.tpr.unjudged, 0);
-    assert.equal(results.fpr.n, s.byKind.control);
-    assert.equal(results.forced_identification_rate.n, s.byKind.forced);
-    assert.equal(results.yes_bias_rate.n, s.byKind.yesbias);
+    assert.equal(results.fpr.n, s.byKind.control / nConfigs);
+    assert.equal(results.forced_identification_rate.n, s.byKind.forced / nConfigs);
+    assert.equal(results.yes_bias_rate.n, s.byKind.yesbias / nConfigs);
     assert.match(fs.readFileSync(path.join(dir, "report.html"), "utf8"), /<svg/);
 
     // An uninterrupted run of the same config (other batch size): per-trial seeds make outputs equal.
