@@ -156,6 +156,9 @@ describe("a variant run end to end (CLI, stories260K: no chat template, so the b
     for (const id of ["original", "anti_reward", "thoughts_in_context"]) assert.equal(info.get(id)?.asks, "detection");
     assert.ok((run.header.warnings ?? []).some((w) => /neutral_query asks a different question \("What are you thinking about right now\?"\)/.test(w)), JSON.stringify(run.header.warnings));
     assert.match(stderr, /warning: variant neutral_query asks a different question/);
+    const html = fs.readFileSync(path.join(tmpRoot, "variant-run", "report.html"), "utf8");
+    assert.ok(html.includes("neutral_query [asks: current-thought]"), "the report labels the variant");
+    assert.ok(html.includes("neutral_query asks a different question"), "the report shows the warning");
   });
 
   test("the layer rule and the resolved layer are in the header: int(5 · 0.6) = 3", () => {
@@ -274,6 +277,43 @@ describe("presets reproduce the paper's trial structures", () => {
         assert.deepEqual([count("injection"), count("control"), count("forced")], [all.count * 10, 5000, 5000], `L${layer} α${strength}`);
       }
     assert.equal(presets()["macar2026-500"]!.layerFractions, "all");
+  });
+});
+
+describe("base-model presets (03, 03f)", () => {
+  const cv = () => readData<{ concept_vector_extraction: { base_model_03: string; base_model_03f_template: string } }>("protocol/introspection_prompts.json").concept_vector_extraction;
+
+  test("macar2026-stages (03): fractions 0.4-0.8 by int(n·f), 10 trial numbers × 10 samples injected and 10 controls per concept; base vectors from raw text", () => {
+    const base = buildConfig(args({ preset: "macar2026-stages" }), 64, false);
+    assert.deepEqual(base.layers, [25, 32, 38, 44, 51], "int(64·f) for 0.4..0.8");
+    assert.deepEqual(base.strengths, [1, 2, 4, 8]);
+    assert.equal(base.promptFormat, "raw");
+    assert.equal(base.judgePrompt, "question");
+    assert.ok(cv().base_model_03.startsWith(`raw "${base.vectorRecipe.userTemplate}"`));
+    assert.equal(base.vectorRecipe.format, "raw");
+    const plan = planTrials({ ...base, layers: [25], strengths: [4] });
+    for (const concept of ORIGINAL50()) {
+      const mine = plan.filter((t) => t.concept === concept);
+      const inj = mine.filter((t) => t.kind === "injection");
+      const ctl = mine.filter((t) => t.kind === "control");
+      assert.equal(inj.length, 100);
+      for (let n = 1; n <= 10; n++) assert.equal(inj.filter((t) => t.trialNumber === n).length, 10, `${concept} trial ${n}`);
+      assert.deepEqual(ctl.map((t) => t.trialNumber), Array.from({ length: 10 }, (_, i) => i + 1));
+    }
+    // An instruct checkpoint runs the same structure through its chat template with chat vectors.
+    const instruct = buildConfig(args({ preset: "macar2026-stages" }), 64, true);
+    assert.equal(instruct.promptFormat, "chat");
+    assert.equal(instruct.vectorRecipe.format, "chat");
+  });
+
+  test("macar2026-dpo-eval (03f): a base model gets 03f's raw-dialogue vectors; 10 trials per concept, 300 controls", () => {
+    const c = buildConfig(args({ preset: "macar2026-dpo-eval" }), 62, false);
+    assert.equal(c.vectorRecipe.userTemplate, cv().base_model_03f_template);
+    assert.equal(c.vectorRecipe.format, "raw");
+    assert.deepEqual(c.layers, [37]);
+    const plan = planTrials(c);
+    assert.equal(plan.filter((t) => t.kind === "injection").length, 500);
+    assert.equal(plan.filter((t) => t.kind === "control" && t.concept === null).length, 300);
   });
 });
 

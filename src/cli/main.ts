@@ -39,7 +39,8 @@ Usage:
   selfscope judge-agreement RUN_DIR [--judge A --judge B | --human FILE]   Cohen's kappa
 
 inject presets: macar2026 (main run), macar2026-500 (Fig. 1: 500 concepts, every layer × strengths 1-5),
-  macar2026-prompt-variants (Table 1), macar2026-persona-variants (Table 2), lindsey2025.
+  macar2026-prompt-variants (Table 1), macar2026-persona-variants (Table 2), macar2026-stages (03: training
+  stages, base or instruct), macar2026-dpo-eval (03f's evaluation), lindsey2025.
   Fractional layers resolve as the paper's int(nLayers·f) (0.6 of 26 layers → 15), recorded in the log header.
   --prompt-format raw runs the paper's base-model prompt (03/03f: "User: …\n\nAssistant:", vectors from raw
   "Tell me about {word}"); it is the default for a model without a chat template.

@@ -125,7 +125,7 @@ export function buildConfig(a: InjectArgs, nLayers: number, hasChatTemplate = tr
     batchSize: a.batchSize ?? 16,
     judges: a.judges && a.judges.length > 0 ? a.judges : defaultJudges(),
     // A base model's concept vectors come from raw text too (03), unless the preset has its own recipe.
-    vectorRecipe: format === "raw" && (base.vectorRecipe ?? PROTOCOL_RECIPE).format === "chat" ? BASE_RECIPE : (base.vectorRecipe ?? PROTOCOL_RECIPE),
+    vectorRecipe: format === "raw" && (base.vectorRecipe ?? PROTOCOL_RECIPE).format === "chat" ? (p?.rawVectorRecipe ?? BASE_RECIPE) : (base.vectorRecipe ?? PROTOCOL_RECIPE),
     promptFormat: format,
     judgePrompt: p?.config.judgePrompt ?? (isVariantRun(variantIds) ? "full" : "question"),
     ...(fractions.length > 0 ? { layerRule: { fractions, nLayers, rule: LAYER_RULE } } : {}),

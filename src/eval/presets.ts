@@ -11,6 +11,8 @@ export interface Preset {
   /** Layers as fractions of depth, resolved with layerAt (int(n·f): 37/62 → 37 on Gemma-3-27B), or every layer. */
   layerFractions: number[] | "all";
   config: Omit<InjectConfig, "layers" | "preset" | "judges" | "seed" | "batchSize">;
+  /** The concept-vector recipe when the run uses the raw base-model prompt (default BASE_RECIPE for a chat recipe). */
+  rawVectorRecipe?: VectorRecipe;
 }
 
 /** The paper's rule for a fraction of depth: int(nLayers · f), clamped to [0, nLayers − 1]. */
@@ -50,6 +52,8 @@ export function conceptsOf(json: unknown, file: string): string[] {
 
 /** Concept vectors of the paper's 03 for base models: the raw text "Tell me about {word}", BOS as the tokenizer adds it. */
 export const BASE_RECIPE: VectorRecipe = { method: "baseline-mean", format: "raw", userTemplate: "Tell me about {word}", tokenIndex: -1 };
+/** 03f's base-model concept vectors: the raw dialogue "User:\nTell me about {word}\n\nAssistant:\n" after BOS. */
+export const BASE_RECIPE_03F: VectorRecipe = { method: "baseline-mean", format: "raw", userTemplate: "User:\nTell me about {word}\n\nAssistant:\n", tokenIndex: -1 };
 
 export function presets(): Record<string, Preset> {
   // Lindsey's transcript uses lower-cased words, for concepts and baseline alike.
@@ -111,6 +115,46 @@ export function presets(): Record<string, Preset> {
         generation: { maxTokens: 100, temperature: 1 },
         vectorRecipe: PROTOCOL_RECIPE,
       },
+    },
+    "macar2026-stages": {
+      name: "macar2026-stages",
+      description: "Macar, Yang et al. (2026) training stages (03): depth 0.4-0.8 × strengths 1/2/4/8, 50 concepts × 100 trials, 10 controls per concept; a base model gets the raw User/Assistant prompt and raw-text vectors",
+      layerFractions: [0.4, 0.5, 0.6, 0.7, 0.8],
+      config: {
+        strengths: [1, 2, 4, 8],
+        concepts: concepts50(),
+        baselineWords: baseline(),
+        variants: ["original"],
+        maxTrialNumber: 10,
+        trialsPerConcept: 100,
+        controlsPerConfig: 0,
+        controlsPerConcept: 10,
+        controlConcepts: null,
+        controlTrialOffset: 0,
+        forced: false,
+        yesBiasPerConcept: 0,
+        generation: { maxTokens: 100, temperature: 1 },
+        vectorRecipe: PROTOCOL_RECIPE,
+      },
+    },
+    "macar2026-dpo-eval": {
+      name: "macar2026-dpo-eval",
+      description: "Macar, Yang et al. (2026) DPO ablation evaluation (03f): layer 37 of 62, strength 4, 50 concepts × 10 trials, 300 controls; a base model gets the raw User/Assistant prompt and 03f's raw-dialogue vectors",
+      layerFractions: [37 / 62],
+      config: {
+        strengths: [4],
+        concepts: concepts50(),
+        baselineWords: baseline(),
+        variants: ["original"],
+        maxTrialNumber: 10,
+        trialsPerConcept: 10,
+        controlsPerConfig: 300,
+        forced: false,
+        yesBiasPerConcept: 0,
+        generation: { maxTokens: 100, temperature: 1 },
+        vectorRecipe: PROTOCOL_RECIPE,
+      },
+      rawVectorRecipe: BASE_RECIPE_03F,
     },
     "macar2026-prompt-variants": {
       name: "macar2026-prompt-variants",

@@ -190,13 +190,15 @@ export function renderTrial(model: Model, v: Variant, n: number, opts: RenderOpt
     text = bosText(model) + t;
     question = qText ?? (/Trial \d+: [^\n"]*/.exec(t)?.[0] ?? "");
   }
+  // The judge's full prompt is the prompt the model was given, without the prefill (the response follows it).
+  const rendered = text;
   if (opts.prefill) text += opts.prefill;
   const ids = tok.encode(text, { addSpecial: false });
   const marker = text.indexOf(`Trial ${n}`);
   if (marker < 0) throw new UsageError(`variant ${v.id}: rendered prompt has no "Trial ${n}"`);
   const injectFrom = tok.encode(text.slice(0, marker), { addSpecial: false }).length - 1;
   const full = opts.judgePrompt === undefined ? v.family !== "lindsey" && v.id !== "original" : opts.judgePrompt === "full";
-  return { text, ids, injectFrom: Math.max(0, injectFrom), question: full ? text : question };
+  return { text, ids, injectFrom: Math.max(0, injectFrom), question: full ? rendered : question };
 }
 
 const systemRole = new WeakMap<Model, boolean>();
