@@ -344,8 +344,15 @@ describe("layer fractions: one rule, int(n·f)", () => {
       assert.deepEqual(buildConfig(args({ layers: String(f) }), n, true).layers, [l], `explicit ${f} of ${n}`);
       assert.equal(layerAt(n, f), l);
     }
-    // The default (no preset, no --layers) is 0.6 of depth by the same rule.
+    // The default (no preset, no --layers) is 0.6 of depth by the same rule, as is the macar2026 preset.
     assert.deepEqual(buildConfig(args({}), 26, true).layers, [15]);
+    for (let n = 1; n <= 80; n++) {
+      const explicit = buildConfig(args({ layers: "0.6" }), n, true);
+      for (const a of [args({}), args({ preset: "macar2026" })]) {
+        const d = buildConfig(a, n, true);
+        assert.deepEqual([d.layers, d.layerRule], [explicit.layers, explicit.layerRule], `${a.preset ?? "no preset"}, ${n} layers`);
+      }
+    }
   });
 
   test("every preset's default layers equal the same fractions given explicitly, for every depth 1..80", () => {

@@ -8,7 +8,7 @@ import { readData } from "./protocol.js";
 export interface Preset {
   name: string;
   description: string;
-  /** Layers as fractions of depth, resolved with layerAt (int(n·f): 37/62 → 37 on Gemma-3-27B), or every layer. */
+  /** Layers as fractions of depth, resolved with layerAt (int(n·f): 0.6 → 37 on Gemma-3-27B's 62 layers, the paper's layer), or every layer. */
   layerFractions: number[] | "all";
   config: Omit<InjectConfig, "layers" | "preset" | "judges" | "seed" | "batchSize">;
   /** The concept-vector recipe when the run uses the raw base-model prompt (default BASE_RECIPE for a chat recipe). */
@@ -64,8 +64,8 @@ export function presets(): Record<string, Preset> {
   return {
     macar2026: {
       name: "macar2026",
-      description: "Macar, Yang et al. (2026): Gemma-3-27B-IT layer 37 of 62, strength 4, the 50 original concepts, 100 trials per concept, 500 controls, T=1, 100 tokens",
-      layerFractions: [37 / 62],
+      description: "Macar, Yang et al. (2026): Gemma-3-27B-IT layer 37 of 62 (0.6 of depth), strength 4, the 50 original concepts, 100 trials per concept, 500 controls, T=1, 100 tokens",
+      layerFractions: [0.6],
       config: {
         strengths: [4],
         concepts: concepts50(),
@@ -139,8 +139,8 @@ export function presets(): Record<string, Preset> {
     },
     "macar2026-dpo-eval": {
       name: "macar2026-dpo-eval",
-      description: "Macar, Yang et al. (2026) DPO ablation evaluation (03f): layer 37 of 62, strength 4, 50 concepts × 10 trials, 300 controls; a base model gets the raw User/Assistant prompt and 03f's raw-dialogue vectors",
-      layerFractions: [37 / 62],
+      description: "Macar, Yang et al. (2026) DPO ablation evaluation (03f): layer 37 of 62 (0.6 of depth), strength 4, 50 concepts × 10 trials, 300 controls; a base model gets the raw User/Assistant prompt and 03f's raw-dialogue vectors",
+      layerFractions: [0.6],
       config: {
         strengths: [4],
         concepts: concepts50(),
@@ -180,8 +180,8 @@ export function presets(): Record<string, Preset> {
     },
     "macar2026-persona-variants": {
       name: "macar2026-persona-variants",
-      description: "Macar, Yang et al. (2026) Table 2 (03b): the 6 dialogue formats at layer 37 of 62, strength 4; 10 trials per concept, 100 controls from the first 10 concepts; responses cut at the first continuation",
-      layerFractions: [37 / 62],
+      description: "Macar, Yang et al. (2026) Table 2 (03b): the 6 dialogue formats at layer 37 of 62 (0.6 of depth), strength 4; 10 trials per concept, 100 controls from the first 10 concepts; responses cut at the first continuation",
+      layerFractions: [0.6],
       config: {
         strengths: [4],
         concepts: concepts50(),
