@@ -42,8 +42,8 @@ inject presets: macar2026 (main run), macar2026-500 (Fig. 1: 500 concepts, every
   macar2026-prompt-variants (Table 1), macar2026-persona-variants (Table 2), macar2026-stages (03: training
   stages, base or instruct), macar2026-dpo-eval (03f's evaluation), lindsey2025.
   Fractional layers resolve as the paper's int(nLayers·f) (0.6 of 26 layers → 15), recorded in the log header.
-  --prompt-format raw runs the paper's base-model prompt (03/03f: "User: …\n\nAssistant:", vectors from raw
-  "Tell me about {word}"); it is the default for a model without a chat template.
+  --prompt-format raw runs the paper's base-model prompt (03/03f: a raw User:/Assistant: dialogue, vectors from
+  the raw text "Tell me about {word}"); it is the default for a model without a chat template.
 
 Research recipes (each writes DIR/results.json and DIR/report.html; --help for flags):
   selfscope bias-vector --model PATH --out DIR    train a bias vector for introspection (protocol §7)

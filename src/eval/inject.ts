@@ -230,7 +230,7 @@ export async function inject(a: InjectArgs): Promise<{ runDir: string; results: 
     const header = runHeader(model, a.model, cfg, a.command ?? []);
     // Printed even with --quiet: each changes what the numbers mean.
     if (a.promptFormat === undefined && cfg.promptFormat === "raw")
-      process.stderr.write(`note: ${a.model} has no chat template: running the paper's base-model protocol (raw "User: …\n\nAssistant:" dialogue, concept vectors from raw "${cfg.vectorRecipe.userTemplate}"; --prompt-format raw)\n`);
+      process.stderr.write(`note: ${a.model} has no chat template: running the paper's base-model protocol (raw User:/Assistant: dialogue, concept vectors from raw ${JSON.stringify(cfg.vectorRecipe.userTemplate)}; --prompt-format raw)\n`);
     for (const w of header.warnings ?? []) process.stderr.write(`warning: ${w}\n`);
     // Validate everything that can be wrong before the run directory is created.
     for (const v of cfg.variants) getVariant(v);
