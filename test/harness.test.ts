@@ -109,7 +109,7 @@ describe("inject() end to end on stories260K (rule judge)", () => {
       { family: "llama", nLayers: model.config.nLayers, dModel: model.config.dModel, chatTemplate: false },
     );
     assert.equal(h.backend.device, "cpu"); // the default device
-    assert.deepEqual(h.config, buildConfig(args, model.config.nLayers));
+    assert.deepEqual(h.config, buildConfig(args, model.config.nLayers, false), "stories260K has no chat template");
     assert.deepEqual(h.config.layers, [2]);
     assert.deepEqual(h.config.strengths, [4, 8]);
     assert.deepEqual(h.config.judges, ["rule"]);

@@ -28,9 +28,10 @@ Usage:
   selfscope check    --model PATH.gguf [--reference llama.cpp] [--prompt TEXT | --ids 1,2,3] [--json]
 
   selfscope demo     [--out DIR]            small sweep on the bundled model, rule judge, report
-  selfscope inject   --model PATH [--preset macar2026|lindsey2025] [--layers 37|0.6|20,30] [--strengths 1,2,4]
-                     [--concepts FILE|N] [--trials N] [--controls N] [--forced] [--yes-bias N]
-                     [--variant original,skeptical,...] [--judge rule|openai:MODEL|anthropic:MODEL|local:PATH]
+  selfscope inject   --model PATH [--preset NAME] [--layers 37|0.6|20,30|all] [--strengths 1,2,4]
+                     [--concepts original50|new450|all500|FILE|N] [--trials N] [--controls N] [--controls-per-concept N]
+                     [--forced] [--yes-bias N] [--variant original,skeptical,...] [--prompt-format chat|raw]
+                     [--judge rule|openai:MODEL|anthropic:MODEL|local:PATH]
                      [--max-tokens N] [--temperature T] [--seed S] [--batch-size B] [--out DIR]
                      [--identify-all] [--failed-as-no]
   selfscope resume   RUN_DIR [--failed-as-no] finish a killed run (every planned trial exactly once)
@@ -43,6 +44,13 @@ Usage:
   selfscope export   RUN_DIR [--format csv|parquet] [--out FILE]
   selfscope view     RUN_DIR [--port N]      serve the report on http://127.0.0.1
   selfscope judge-agreement RUN_DIR [--judge A --judge B | --human FILE]   Cohen's kappa
+
+inject presets: macar2026 (main run), macar2026-500 (Fig. 1: 500 concepts, every layer × strengths 1-5),
+  macar2026-prompt-variants (Table 1), macar2026-persona-variants (Table 2), macar2026-stages (03: training
+  stages, base or instruct), macar2026-dpo-eval (03f's evaluation), lindsey2025.
+  Fractional layers resolve as the paper's int(nLayers·f) (0.6 of 26 layers → 15), recorded in the log header.
+  --prompt-format raw runs the paper's base-model prompt (03/03f: a raw User:/Assistant: dialogue, vectors from
+  the raw text "Tell me about {word}"); it is the default for a model without a chat template.
 
 Research recipes (each writes DIR/results.json and DIR/report.html; --help for flags):
   selfscope bias-vector --model PATH --out DIR    train a bias vector for introspection (protocol §7)
@@ -82,6 +90,8 @@ function parse(argv: string[]): { cmd: string | undefined; flags: Flags; positio
       concepts: { type: "string" },
       trials: { type: "string" },
       controls: { type: "string" },
+      "controls-per-concept": { type: "string" },
+      "prompt-format": { type: "string" },
       forced: { type: "boolean" },
       "identify-all": { type: "boolean" },
       "failed-as-no": { type: "boolean" },
@@ -247,6 +257,12 @@ function intFlag(f: Flags, k: string): number | undefined {
   return n;
 }
 
+function promptFormat(f: Flags): "chat" | "raw" | undefined {
+  const v = str(f, "prompt-format");
+  if (v !== undefined && v !== "chat" && v !== "raw") throw new CliError(`--prompt-format must be chat or raw, got "${v}"`);
+  return v;
+}
+
 function injectArgs(f: Flags): InjectArgs {
   const opt = <K extends keyof InjectArgs>(k: K, v: InjectArgs[K] | undefined): Partial<InjectArgs> => (v === undefined ? {} : { [k]: v });
   const judge = f.judge;
@@ -258,6 +274,8 @@ function injectArgs(f: Flags): InjectArgs {
     ...opt("concepts", str(f, "concepts")),
     ...opt("trials", intFlag(f, "trials")),
     ...opt("controls", intFlag(f, "controls")),
+    ...opt("controlsPerConcept", intFlag(f, "controls-per-concept")),
+    ...opt("promptFormat", promptFormat(f)),
     ...opt("forced", f.forced === true ? true : undefined),
     ...opt("identifyAll", f["identify-all"] === true ? true : undefined),
     ...opt("failedAsNo", f["failed-as-no"] === true ? true : undefined),

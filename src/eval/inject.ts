@@ -5,7 +5,7 @@ import path from "node:path";
 import { UsageError } from "../core/errors.js";
 import { makeJudge, type Judge } from "../judge/judge.js";
 import { readRunLog, type RunData } from "../log/read.js";
-import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type RunHeader } from "../log/schema.js";
+import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type RunHeader, type VariantInfo } from "../log/schema.js";
 import { RunLogWriter, lockRun } from "../log/write.js";
 import { Model } from "../model/model.js";
 import { renderReport } from "../report/html.js";
@@ -13,9 +13,9 @@ import type { DeviceName } from "../runtime/device.js";
 import { PROTOCOL_RECIPE } from "../vectors/extract.js";
 import { computeResults, configName, type ConfigResults, type RateOut, type Results } from "./metrics.js";
 import { planTrials, type PlannedTrial } from "./plan.js";
-import { parseLayers, presets } from "./presets.js";
-import { FORCED_PREFILL, getVariant, readData, renderTrial } from "./protocol.js";
-import { runSweep } from "./run.js";
+import { BASE_RECIPE, CONCEPT_LISTS, LAYER_RULE, conceptList, conceptsOf, layerAt, layerFractionsOf, parseLayers, presets } from "./presets.js";
+import { FORCED_PREFILL, getVariant, hasSystemRole, readData, renderTrial } from "./protocol.js";
+import { renderOptions, runSweep } from "./run.js";
 
 export const VERSION: string = (JSON.parse(fs.readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string }).version;
 
@@ -24,10 +24,14 @@ export interface InjectArgs {
   preset?: string;
   layers?: string;
   strengths?: string;
-  /** A JSON/text file of concepts, or a number N (the first N of the 50 original concepts). */
+  /** A list name (original50, new450, all500), a JSON/text file of concepts, or a number N (the first N of the 50 original concepts). */
   concepts?: string;
   trials?: number;
   controls?: number;
+  /** Control trials per concept (03b/03c structure), in addition to --controls. */
+  controlsPerConcept?: number;
+  /** "chat" (the chat template) or "raw" (the paper's base-model dialogue); default: chat when the model has a template. */
+  promptFormat?: "chat" | "raw";
   forced?: boolean;
   /** Judge identification on every injection trial (for the unconditional identification rate). */
   identifyAll?: boolean;
@@ -49,23 +53,32 @@ export interface InjectArgs {
   command?: string[];
 }
 
-function readConcepts(spec: string): string[] {
+/** --concepts: a list name (original50, new450, all500), N (the first N of the original 50), or a file. */
+export function readConcepts(spec: string): string[] {
+  if (spec in CONCEPT_LISTS) return conceptList(spec);
   if (/^\d+$/.test(spec)) {
-    const all = readData<{ concepts: string[] }>("protocol/concepts_original_50.json").concepts;
+    const all = conceptList("original50");
     const n = Number(spec);
-    if (n < 1 || n > all.length) throw new UsageError(`--concepts ${n}: choose 1..${all.length} of the original concepts, or pass a file`);
+    if (n < 1 || n > all.length) throw new UsageError(`--concepts ${n}: choose 1..${all.length} of the original concepts, a list name (${Object.keys(CONCEPT_LISTS).join(", ")}), or a file`);
     return all.slice(0, n);
   }
-  if (!fs.existsSync(spec)) throw new UsageError(`--concepts ${spec}: no such file (pass a number, a JSON array file, or a text file with one concept per line)`);
+  if (!fs.existsSync(spec)) throw new UsageError(`--concepts ${spec}: no such file (pass a list name: ${Object.keys(CONCEPT_LISTS).join(", ")}; a number; a JSON file; or a text file with one concept per line)`);
   const text = fs.readFileSync(spec, "utf8");
-  let list: unknown;
+  let json: unknown;
   try {
-    list = JSON.parse(text);
+    json = JSON.parse(text);
   } catch {
-    list = text.split("\n").map((s) => s.trim()).filter(Boolean);
+    json = text.split("\n").map((s) => s.trim()).filter(Boolean);
   }
-  if (!Array.isArray(list) || !list.every((x) => typeof x === "string") || list.length === 0) throw new UsageError(`${spec}: expected a non-empty list of concept strings`);
-  return list as string[];
+  return conceptsOf(json, spec);
+}
+
+/** A variant run (03b/03c) judges every variant on its full prompt; a run of 02's prompt alone judges the question. */
+function isVariantRun(ids: string[]): boolean {
+  return ids.some((id) => {
+    const v = getVariant(id);
+    return v.family !== "lindsey" && id !== "original";
+  });
 }
 
 const nums = (s: string, what: string) =>
@@ -80,21 +93,30 @@ export function defaultJudges(env: NodeJS.ProcessEnv = process.env): string[] {
   return env.OPENAI_API_KEY ? ["openai:gpt-4.1-mini"] : ["rule"];
 }
 
-export function buildConfig(a: InjectArgs, nLayers: number): InjectConfig {
+/**
+ * The run's config from the flags and preset. `hasChatTemplate` picks the prompt format when
+ * --prompt-format is not given: a model without a chat template runs the base-model protocol.
+ */
+export function buildConfig(a: InjectArgs, nLayers: number, hasChatTemplate = true): InjectConfig {
   const p = a.preset ? presets()[a.preset] : undefined;
   if (a.preset && !p) throw new UsageError(`unknown preset "${a.preset}"; known: ${Object.keys(presets()).join(", ")}`);
   const base = p?.config ?? presets().macar2026!.config;
-  const fractions = p?.layerFractions ?? [0.6];
-  const layers = a.layers ? parseLayers(a.layers, nLayers) : fractions.map((f) => Math.min(nLayers - 1, Math.round(nLayers * f)));
+  // Explicit and preset fractions resolve by the same rule (the paper's int(n·f)).
+  const fractions = a.layers ? layerFractionsOf(a.layers) : p?.layerFractions === "all" ? [] : (p?.layerFractions ?? [0.6]);
+  const layers = a.layers ? parseLayers(a.layers, nLayers) : p?.layerFractions === "all" ? parseLayers("all", nLayers) : fractions.map((f) => layerAt(nLayers, f));
+  const variantIds = a.variants ? a.variants.split(",").map((s) => s.trim()) : base.variants;
+  const format = a.promptFormat ?? (hasChatTemplate ? "chat" : "raw");
+  if (format === "chat" && !hasChatTemplate) throw new UsageError("--prompt-format chat: the model has no chat template; use --prompt-format raw (the paper's base-model prompt)");
   const cfg: InjectConfig = {
     ...base,
     preset: a.preset ?? null,
     layers,
     strengths: a.strengths ? nums(a.strengths, "--strengths") : base.strengths,
     concepts: a.concepts ? readConcepts(a.concepts) : base.concepts,
-    variants: a.variants ? a.variants.split(",").map((s) => s.trim()) : base.variants,
+    variants: variantIds,
     trialsPerConcept: a.trials ?? base.trialsPerConcept,
     controlsPerConfig: a.controls ?? base.controlsPerConfig,
+    ...(a.controlsPerConcept !== undefined || base.controlsPerConcept !== undefined ? { controlsPerConcept: a.controlsPerConcept ?? base.controlsPerConcept ?? 0 } : {}),
     forced: a.forced ?? base.forced,
     // Recorded only when asked for, so logs of runs without it keep their header.
     ...(a.identifyAll ? { identifyAll: true } : {}),
@@ -108,9 +130,13 @@ export function buildConfig(a: InjectArgs, nLayers: number): InjectConfig {
     seed: a.seed ?? 0,
     batchSize: a.batchSize ?? 16,
     judges: a.judges && a.judges.length > 0 ? a.judges : defaultJudges(),
-    vectorRecipe: base.vectorRecipe ?? PROTOCOL_RECIPE,
+    // A base model's concept vectors come from raw text too (03), unless the preset has its own recipe.
+    vectorRecipe: format === "raw" && (base.vectorRecipe ?? PROTOCOL_RECIPE).format === "chat" ? (p?.rawVectorRecipe ?? BASE_RECIPE) : (base.vectorRecipe ?? PROTOCOL_RECIPE),
+    promptFormat: format,
+    judgePrompt: p?.config.judgePrompt ?? (isVariantRun(variantIds) ? "full" : "question"),
+    ...(fractions.length > 0 ? { layerRule: { fractions, nLayers, rule: LAYER_RULE } } : {}),
   };
-  if (cfg.trialsPerConcept < 0 || cfg.controlsPerConfig < 0) throw new UsageError("--trials and --controls must be >= 0");
+  if (cfg.trialsPerConcept < 0 || cfg.controlsPerConfig < 0 || (cfg.controlsPerConcept ?? 0) < 0) throw new UsageError("--trials, --controls and --controls-per-concept must be >= 0");
   if (cfg.batchSize < 1) throw new UsageError("--batch-size must be >= 1");
   return cfg;
 }
@@ -213,8 +239,42 @@ export async function finishRun(runDir: string, opts: { failedAsNo?: boolean } =
   return { run, results };
 }
 
+/**
+ * What each variant means on this model: the question it asks, and whether its trial prompt renders
+ * byte-identical to another's (thoughts_in_context drops its system prompt on a model with no system
+ * role and becomes "original"). Warnings for both, to print and to keep in the header.
+ */
+export function describeVariants(model: Model, cfg: InjectConfig): { variants: VariantInfo[]; warnings: string[] } {
+  const warnings: string[] = [];
+  const concept = cfg.concepts[0] ?? "Dust";
+  const opts = renderOptions(cfg);
+  const render = (id: string) => renderTrial(model, getVariant(id), 1, { ...opts, concept }).text;
+  // Compare with the run's variants, and a framing variant also with "original" when the run lacks it
+  // (03b's chat-template persona is 02's prompt by design and is not flagged).
+  const texts = new Map<string, string>();
+  const text = (id: string) => texts.get(id) ?? texts.set(id, render(id)).get(id)!;
+  const out: VariantInfo[] = cfg.variants.map((id, i) => {
+    const v = getVariant(id);
+    const candidates = [...cfg.variants.slice(0, i), ...(v.family === "framing" && !cfg.variants.includes("original") ? ["original"] : [])];
+    const twin = candidates.find((o) => o !== id && text(o) === text(id)) ?? null;
+    if (twin !== null) {
+      const why = v.format === "chat" && v.system !== "" && !hasSystemRole(model) ? " (the model has no system role, so the variant's system prompt is dropped)" : "";
+      warnings.push(`variant ${id} renders byte-identical to ${twin} on this model${why}: its results measure the ${twin} prompt, not a variant of it`);
+    }
+    return { id, label: v.label, asks: v.asks, identicalTo: twin };
+  });
+  if (new Set(out.map((v) => v.asks)).size > 1)
+    for (const v of out.filter((x) => x.asks !== "detection")) {
+      const q = getVariant(v.id);
+      const asked = q.format === "chat" ? q.user2.replace("Trial {n}: ", "") : v.asks;
+      warnings.push(`variant ${v.id} asks a different question ("${asked}"): its rates are reported on their own and are not comparable with the detection variants'`);
+    }
+  return { variants: out, warnings };
+}
+
 /** The log header of a sweep: the full config plus the model and backend it ran on. */
 export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, command: string[]): RunHeader {
+  const { variants, warnings } = describeVariants(model, cfg);
   return {
     type: "header",
     schema: LOG_SCHEMA,
@@ -227,15 +287,21 @@ export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, co
     config: cfg,
     plannedTrials: planTrials(cfg).length,
     command,
+    variants,
+    warnings,
   };
 }
 
 export async function inject(a: InjectArgs): Promise<{ runDir: string; results: Results }> {
   const model = await Model.load(a.model, { device: a.device ?? "cpu" });
   try {
-    const cfg = buildConfig(a, model.config.nLayers);
+    const cfg = buildConfig(a, model.config.nLayers, model.chatTemplate !== undefined);
     const runDir = a.out ?? path.join("runs", `${new Date().toISOString().replace(/[:.]/g, "-")}_${cfg.preset ?? "inject"}`);
     const header = runHeader(model, a.model, cfg, a.command ?? []);
+    // Printed even with --quiet: each changes what the numbers mean.
+    if (a.promptFormat === undefined && cfg.promptFormat === "raw")
+      process.stderr.write(`note: ${a.model} has no chat template: running the paper's base-model protocol (raw User:/Assistant: dialogue, concept vectors from raw ${JSON.stringify(cfg.vectorRecipe.userTemplate)}; --prompt-format raw)\n`);
+    for (const w of header.warnings ?? []) process.stderr.write(`warning: ${w}\n`);
     // Validate everything that can be wrong before the run directory is created.
     for (const v of cfg.variants) getVariant(v);
     const judges = judgesFor(cfg, runDir);

@@ -2,7 +2,7 @@
 // trials and skips the ones whose ids are already in the log.
 import { createHash } from "node:crypto";
 import type { InjectConfig, TrialKind } from "../log/schema.js";
-import { readData } from "./protocol.js";
+import { getVariant, readData } from "./protocol.js";
 
 export interface PlannedTrial {
   id: string;
@@ -28,8 +28,10 @@ function seedOf(runSeed: number, id: string): number {
 
 /**
  * Order: per variant and layer (so consecutive batches share one jit trace), injection, forced and
- * yes-bias trials per concept, then controls. Controls carry the config's layer/strength for
- * bookkeeping only: they run without any hook.
+ * yes-bias trials per concept, then per-concept controls (03b/03c), then global controls (02).
+ * Controls carry the config's layer/strength for bookkeeping only: they run without any hook. A
+ * variant whose prompt names the concept (anti_reward's category, thoughts_in_context) gives its
+ * global controls concepts in turn, so no prompt is rendered with an empty slot.
  */
 export function planTrials(c: InjectConfig): PlannedTrial[] {
   const out: PlannedTrial[] = [];
@@ -38,7 +40,11 @@ export function planTrials(c: InjectConfig): PlannedTrial[] {
     const id = [t.kind, t.variant, `L${t.layer}`, `s${t.strength}`, t.concept ?? "-", `n${t.trialNumber}`, `#${t.sample}`].join("|");
     out.push({ ...t, id, seed: seedOf(c.seed, id) });
   };
-  for (const variant of c.variants)
+  const perConcept = c.controlsPerConcept ?? 0;
+  const controlConcepts = c.concepts.slice(0, c.controlConcepts ?? c.concepts.length);
+  const offset = c.controlTrialOffset ?? 0;
+  for (const variant of c.variants) {
+    const named = getVariant(variant).usesConcept;
     for (const layer of c.layers)
       for (const strength of c.strengths) {
         for (const concept of c.concepts) {
@@ -53,9 +59,15 @@ export function planTrials(c: InjectConfig): PlannedTrial[] {
             add({ kind: "yesbias", concept, layer, strength, variant, trialNumber: (i % c.maxTrialNumber) + 1, sample: i, question: q });
           }
         }
+        for (const concept of controlConcepts)
+          for (let i = 0; i < perConcept; i++) {
+            add({ kind: "control", concept, layer, strength, variant, trialNumber: offset + (i % c.maxTrialNumber) + 1, sample: Math.floor(i / c.maxTrialNumber) });
+          }
         for (let i = 0; i < c.controlsPerConfig; i++) {
-          add({ kind: "control", concept: null, layer, strength, variant, trialNumber: (i % c.maxTrialNumber) + 1, sample: Math.floor(i / c.maxTrialNumber) });
+          const concept = named && c.concepts.length > 0 ? c.concepts[i % c.concepts.length]! : null;
+          add({ kind: "control", concept, layer, strength, variant, trialNumber: (i % c.maxTrialNumber) + 1, sample: Math.floor(i / c.maxTrialNumber) });
         }
       }
+  }
   return out;
 }

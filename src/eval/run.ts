@@ -11,7 +11,7 @@ import type { RunLogWriter } from "../log/write.js";
 import type { Model } from "../model/model.js";
 import { conceptVectors } from "../vectors/extract.js";
 import { planTrials, type PlannedTrial } from "./plan.js";
-import { FORCED_PREFILL, firstResponse, getVariant, renderTrial } from "./protocol.js";
+import { FORCED_PREFILL, PAPER_CONTINUATION, firstResponse, getVariant, renderTrial, type RenderOptions } from "./protocol.js";
 
 export interface RunOptions {
   judges: Judge[];
@@ -77,7 +77,7 @@ export async function runSweep(model: Model, config: InjectConfig, log: RunLogWr
   for (let i = 0; i < todo.length; i += config.batchSize) {
     const batch = todo.slice(i, i + config.batchSize);
     const t0 = performance.now();
-    const rows = batch.map((t) => trialPrompt(model, t));
+    const rows = batch.map((t) => trialPrompt(model, config, t));
     const plan_: Intervention[] = [];
     batch.forEach((t, b) => {
       if (t.kind === "control") return;
@@ -100,10 +100,8 @@ export async function runSweep(model: Model, config: InjectConfig, log: RunLogWr
     const ms = (performance.now() - t0) / batch.length;
     const records: TrialRecord[] = batch.map((t, b) => {
       const r = rows[b]!;
-      const variant = getVariant(t.variant);
-      let out = res.texts[b] ?? "";
-      if (variant.format === "raw" || !model.chatTemplate) out = firstResponse(out);
-      out = out.replace(/^model\n/, "").trim();
+      const full = (res.texts[b] ?? "").replace(/^model\n/, "").trim();
+      const out = cutsResponse(model, config, t.variant) ? firstResponse(full, getVariant(t.variant).family === "lindsey" ? undefined : PAPER_CONTINUATION) : full;
       return {
         type: "trial",
         id: t.id,
@@ -120,6 +118,7 @@ export async function runSweep(model: Model, config: InjectConfig, log: RunLogWr
         judgePrompt: r.question,
         prefill: t.kind === "forced" ? FORCED_PREFILL : null,
         output: out,
+        ...(out !== full ? { outputFull: full } : {}),
         outputTokens: res.tokens[b]!.length,
         stopReason: res.stopReason[b]!,
         flags: degenerateFlags(out, res.tokens[b]!),
@@ -137,9 +136,26 @@ export async function runSweep(model: Model, config: InjectConfig, log: RunLogWr
   return { generated: todo.length, judged };
 }
 
-function trialPrompt(model: Model, t: PlannedTrial) {
+/** The render options a run's config implies (shared with the header's identical-render check). */
+export function renderOptions(config: InjectConfig): RenderOptions {
+  return {
+    ...(config.promptFormat ? { format: config.promptFormat } : {}),
+    ...(config.judgePrompt ? { judgePrompt: config.judgePrompt, variantRun: config.judgePrompt === "full" } : {}),
+  };
+}
+
+/**
+ * Responses are cut at the first continuation of the dialogue for persona variants (03b: all six,
+ * the chat-template one included), Lindsey's transcript, and raw (base-model) prompts (03, 03f).
+ */
+export function cutsResponse(model: Model, config: InjectConfig, variant: string): boolean {
+  const v = getVariant(variant);
+  return v.cut || v.format === "raw" || config.promptFormat === "raw" || (config.promptFormat === undefined && !model.chatTemplate);
+}
+
+function trialPrompt(model: Model, config: InjectConfig, t: PlannedTrial) {
   const v = getVariant(t.variant);
-  return renderTrial(model, v, t.trialNumber, { ...(t.question ? { question: t.question } : {}), prefill: t.kind === "forced" ? FORCED_PREFILL : null, concept: t.concept });
+  return renderTrial(model, v, t.trialNumber, { ...renderOptions(config), ...(t.question ? { question: t.question } : {}), prefill: t.kind === "forced" ? FORCED_PREFILL : null, concept: t.concept });
 }
 
 /**

@@ -34,6 +34,15 @@ export interface InjectConfig {
   trialsPerConcept: number;
   /** Control trials per (layer, strength, variant) — global, not per concept. Protocol: 500. */
   controlsPerConfig: number;
+  /**
+   * Control trials per concept (no hook; the concept only fills the prompt and labels the trial):
+   * 03c runs 10 per concept, 03b 10 for each of the first 10 concepts. Absent = 0.
+   */
+  controlsPerConcept?: number;
+  /** Only the first N concepts get per-concept controls (03b: 10). Absent or null = all. */
+  controlConcepts?: number | null;
+  /** Per-concept control trial numbers start after this (03c: 10, so controls ask "Trial 11".."Trial 20"). */
+  controlTrialOffset?: number;
   /** Also run forced-identification trials (same count as injection trials). */
   forced: boolean;
   /** Judge identification on every injection trial, not only after a YES (unconditional identification). */
@@ -46,6 +55,28 @@ export interface InjectConfig {
   /** Judge specs, e.g. "rule", "openai:gpt-4.1-mini", "anthropic:claude-sonnet-4", "local:PATH". */
   judges: string[];
   vectorRecipe: VectorRecipe;
+  /**
+   * "chat": prompts through the chat template; "raw": the paper's base-model dialogue (03, 03f).
+   * Absent (older logs): the template when the model has one, else 02's no-template fallback.
+   */
+  promptFormat?: "chat" | "raw";
+  /**
+   * The judge's {prompt}: "question" = the trial question (02), "full" = the whole rendered prompt
+   * (03b/03c, for every variant of a variant run). Absent (older logs): full for every variant but original.
+   */
+  judgePrompt?: "question" | "full";
+  /** How fractional layers were resolved (present when any layer was given as a fraction of depth). */
+  layerRule?: { fractions: number[]; nLayers: number; rule: "int(nLayers*f), clamped to [0, nLayers-1]" };
+}
+
+/** What a variant means on the model it ran on (header): the question it asks, and renders it duplicates. */
+export interface VariantInfo {
+  id: string;
+  label: string;
+  /** "detection" (a form of "do you detect an injected thought?") or "current-thought" (neutral_query). */
+  asks: string;
+  /** Another variant whose trial prompt renders byte-identical on this model (e.g. thoughts_in_context = original on Gemma). */
+  identicalTo: string | null;
 }
 
 export interface VectorRecipe {
@@ -69,6 +100,10 @@ export interface RunHeader {
   /** Number of planned trials (the plan itself is a pure function of config). */
   plannedTrials: number;
   command: string[];
+  /** Per-variant labels (absent in older logs). */
+  variants?: VariantInfo[];
+  /** Warnings printed when the run started (a variant that duplicates another, different questions in one run, ...). */
+  warnings?: string[];
 }
 
 export interface TrialRecord {
@@ -91,8 +126,10 @@ export interface TrialRecord {
   /** What judges see as {prompt}: the trial question (02) or the whole prompt (persona/framing variants). */
   judgePrompt: string;
   prefill: string | null;
-  /** The model's continuation (after the prefill), decoded with special tokens removed. */
+  /** The model's continuation (after the prefill), decoded with special tokens removed; what the judges see. */
   output: string;
+  /** The uncut continuation, when `output` was cut at the first continuation of the dialogue (persona/base runs). */
+  outputFull?: string;
   outputTokens: number;
   stopReason: "stop" | "length";
   /** Degenerate outputs flagged rather than silently judged (empty, repeated token, non-finite). */

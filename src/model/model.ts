@@ -176,18 +176,21 @@ export class Model {
   }
 }
 
+/** A host model's chat template (GGUF metadata or tokenizer_config.json), without building its tokenizer. */
+export function hostChatTemplate(host: HostModel): string | undefined {
+  if (host.gguf) {
+    const tpl = host.gguf.metadata.get("tokenizer.chat_template");
+    return typeof tpl === "string" ? tpl : undefined;
+  }
+  return host.files.tokenizerConfig ? chatTemplateFromTokenizerConfig(host.files.tokenizerConfig) : undefined;
+}
+
 function tokenizerOf(host: HostModel): { tokenizer?: Tokenizer; chatTemplate?: string } {
   const out: { tokenizer?: Tokenizer; chatTemplate?: string } = {};
   if (host.gguf) {
     if (host.gguf.metadata.has("tokenizer.ggml.model")) out.tokenizer = tokenizerFromGguf(host.gguf);
-    const tpl = host.gguf.metadata.get("tokenizer.chat_template");
-    if (typeof tpl === "string") out.chatTemplate = tpl;
-    return out;
-  }
-  if (host.files.tokenizerJson) out.tokenizer = loadTokenizerJson(host.files.tokenizerJson, host.files.tokenizerConfig ?? null);
-  if (host.files.tokenizerConfig) {
-    const tpl = chatTemplateFromTokenizerConfig(host.files.tokenizerConfig);
-    if (tpl) out.chatTemplate = tpl;
-  }
+  } else if (host.files.tokenizerJson) out.tokenizer = loadTokenizerJson(host.files.tokenizerJson, host.files.tokenizerConfig ?? null);
+  const tpl = hostChatTemplate(host);
+  if (tpl) out.chatTemplate = tpl;
   return out;
 }

@@ -503,7 +503,7 @@ export interface BiasEvaluation {
 
 /** TPR / FPR / introspection / forced identification on held-out concepts, without and with the bias. */
 export async function evaluateBiasVector(model: Model, o: EvaluateBiasOptions): Promise<BiasEvaluation> {
-  const cfg: InjectConfig = { ...buildConfig({ ...o.sweep, model: o.modelPath }, model.config.nLayers), concepts: o.concepts };
+  const cfg: InjectConfig = { ...buildConfig({ ...o.sweep, model: o.modelPath }, model.config.nLayers, model.chatTemplate !== undefined), concepts: o.concepts };
   const common = { ...(o.vectorCache !== undefined ? { vectorCache: o.vectorCache } : {}), quiet: o.quiet ?? true };
   const baseline = await sweepInto(model, o.modelPath, cfg, path.join(o.out, "baseline"), common);
   const bias = await sweepInto(withBias(model, biasHook(o.layer), o.vector), o.modelPath, cfg, path.join(o.out, "bias"), common);

@@ -22,6 +22,7 @@ import { readRunLog } from "../log/read.js";
 import type { InjectConfig, Rate, RunHeader } from "../log/schema.js";
 import { LOG_FILE } from "../log/write.js";
 import { loadHostModel } from "../model/load.js";
+import { hostChatTemplate } from "../model/model.js";
 import type { DeviceName } from "../runtime/device.js";
 import { escapeHtml, fmtRate, htmlPage, htmlTable, plotOrNote } from "./linalg.js";
 import { rateBarSpec } from "./refusal.js";
@@ -134,9 +135,13 @@ function planShape(cfg: InjectConfig): string[] {
   return planTrials(cfg).map((t) => t.id.replace(`|L${t.layer}|`, `|L#${cfg.layers.indexOf(t.layer)}|`));
 }
 
-/** Everything but the layer indices: the parts of a config every model must share. */
+/**
+ * Everything but the layer indices and the prompt form: the parts of a config every model must share.
+ * A base model runs the raw base-model prompt and raw-text vectors where an instruct model uses its chat
+ * template (the paper's 03 compares training stages so); the depth in layerRule differs with the model.
+ */
 function sharedPart(cfg: InjectConfig): string {
-  return JSON.stringify({ ...cfg, layers: cfg.layers.length });
+  return JSON.stringify({ ...cfg, layers: cfg.layers.length, layerRule: cfg.layerRule?.fractions ?? null, promptFormat: null, vectorRecipe: null });
 }
 
 interface Planned {
@@ -154,8 +159,9 @@ export function planCompare(a: CompareArgs): { planned: Planned[]; notes: string
   const labels = labelsFor(models, a.label);
   const ia = injectArgsOf(a);
   const planned = models.map((p, i) => {
-    const nLayers = loadHostModel(p, undefined, { lazy: true }).config.nLayers;
-    return { label: labels[i]!, path: p, nLayers, cfg: buildConfig({ ...ia, model: p }, nLayers) };
+    const host = loadHostModel(p, undefined, { lazy: true });
+    const nLayers = host.config.nLayers;
+    return { label: labels[i]!, path: p, nLayers, cfg: buildConfig({ ...ia, model: p }, nLayers, hostChatTemplate(host) !== undefined) };
   });
   const notes: string[] = [];
   const first = planned[0]!;
@@ -171,6 +177,8 @@ export function planCompare(a: CompareArgs): { planned: Planned[]; notes: string
   } else if (new Set(planned.map((m) => m.nLayers)).size > 1) {
     notes.push(`The models differ in depth; every model runs the same layer indices, which sit at different fractions of depth: ${where}.`);
   }
+  const forms = planned.map((m) => `${m.label}: ${m.cfg.promptFormat === "raw" ? "raw base-model prompt" : "chat template"}`);
+  if (new Set(planned.map((m) => m.cfg.promptFormat)).size > 1) notes.push(`Prompt forms differ (a model without a chat template runs the paper's base-model prompt, 03): ${forms.join("; ")}.`);
   const shared = sharedPart(first.cfg);
   const shape = JSON.stringify(planShape(first.cfg));
   for (const m of planned.slice(1)) {

@@ -1182,6 +1182,7 @@ export async function refusalCommand(args: RefusalArgs): Promise<RefusalResults>
           batchSize: gen.batchSize!,
         },
         nL,
+        model.chatTemplate !== undefined,
       );
       const baseline = await injectionSweep(model, args.model, cfg, path.join(args.out, "injection-baseline"), null, { vectorCache: args.vectorCache ?? null, command: ["refusal", "injection-baseline"] });
       const ablated = await injectionSweep(model, args.model, cfg, path.join(args.out, "injection-ablated"), protoPlan, { vectorCache: args.vectorCache ?? null, command: ["refusal", "injection-ablated", "(protocol ablation on every generate call)"] });

@@ -79,13 +79,14 @@ export function assertCompleteRun(run: RunData, plan: readonly PlannedTrial[], j
 }
 
 /** Expected trial counts per kind for a config (independent of planTrials). */
-export function expectedCounts(c: { variants: unknown[]; layers: unknown[]; strengths: unknown[]; concepts: unknown[]; trialsPerConcept: number; controlsPerConfig: number; forced: boolean; yesBiasPerConcept: number }): Record<TrialKind, number> {
+export function expectedCounts(c: { variants: unknown[]; layers: unknown[]; strengths: unknown[]; concepts: unknown[]; trialsPerConcept: number; controlsPerConfig: number; controlsPerConcept?: number; controlConcepts?: number | null; forced: boolean; yesBiasPerConcept: number }): Record<TrialKind, number> {
   const cfgs = c.variants.length * c.layers.length * c.strengths.length;
+  const controlConcepts = Math.min(c.concepts.length, c.controlConcepts ?? c.concepts.length);
   return {
     injection: cfgs * c.concepts.length * c.trialsPerConcept,
     forced: c.forced ? cfgs * c.concepts.length * c.trialsPerConcept : 0,
     yesbias: cfgs * c.concepts.length * c.yesBiasPerConcept,
-    control: cfgs * c.controlsPerConfig,
+    control: cfgs * (c.controlsPerConfig + controlConcepts * (c.controlsPerConcept ?? 0)),
   };
 }
 
