@@ -14,7 +14,7 @@ import { PROTOCOL_RECIPE } from "../vectors/extract.js";
 import { computeResults, configName, type ConfigResults, type RateOut, type Results } from "./metrics.js";
 import { planTrials, type PlannedTrial } from "./plan.js";
 import { BASE_RECIPE, CONCEPT_LISTS, LAYER_RULE, conceptList, conceptsOf, layerAt, layerFractionsOf, parseLayers, presets } from "./presets.js";
-import { FORCED_PREFILL, getVariant, hasSystemRole, readData, renderTrial } from "./protocol.js";
+import { FORCED_PREFILL, getVariant, hasSystemRole, renderTrial } from "./protocol.js";
 import { renderOptions, runSweep } from "./run.js";
 
 export const VERSION: string = (JSON.parse(fs.readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string }).version;
