@@ -28,8 +28,11 @@ import { Engine } from "../src/model/engine.js";
 import { loadHostModel, type HostModel, type HostTensor } from "../src/model/load.js";
 import { ropeInvFreq } from "../src/model/rope.js";
 import { initDevice } from "../src/runtime/device.js";
-import { maxAbsDiff } from "./support/compare.js";
-import { familyRef64, familyRef64Greedy, logSoftmax } from "./support/family-ref64.js";
+import { Rng } from "../src/core/rng.js";
+import type { HookName } from "../src/hooks/names.js";
+import type { Plan } from "../src/hooks/plan.js";
+import { assertClose, maxAbsDiff } from "./support/compare.js";
+import { familyRef64, familyRef64Greedy, familyRef64Hooked, logSoftmax, type FamilyRefHook } from "./support/family-ref64.js";
 import { LlamaCppLite, type LiteRun } from "./support/llamacpp-lite.js";
 
 const PROMPT = [5, 77, 123, 9, 250, 31, 64, 200, 17, 99, 140, 8, 260, 45, 12, 180];
@@ -361,6 +364,159 @@ describe("mistral sliding window (HF config only)", () => {
     }
   });
 });
+
+// blocks.{i}.mlp.hook_down: the down projection's output before any post-MLP norm (protocol §7.1's
+// bias site). On the post-norm families (Gemma 2/3 sandwich, OLMo 2 post-only) it differs from
+// hook_mlp_out; reads and adds there are held to the float64 reference on both engines, and the
+// gradient of a vector added there to float64 finite differences. On pre-norm families the two
+// sites are the same activation.
+const HD_LAYER = 1;
+const HD_FROM = 5; // adds from this position on (earlier positions must not move)
+
+function randVec(seed: number, n: number, norm: number): Float32Array {
+  const rng = new Rng(seed);
+  const v = Float32Array.from({ length: n }, () => rng.next() - 0.5);
+  const s = norm / Math.hypot(...v);
+  return v.map((x) => x * s);
+}
+
+const rowsOf = (x: Float64Array[] | undefined, what: string): Float64Array => {
+  if (!x) throw new Error(`float64 reference did not record ${what}`);
+  const out = new Float64Array(x.length * x[0]!.length);
+  x.forEach((r, t) => out.set(r, t * r.length));
+  return out;
+};
+
+const HD_ENGINES: { name: string; make: (h: HostModel) => Promise<{ forward: Engine["forward"]; close: () => Promise<void> }> }[] = [
+  { name: "wasm", make: (h) => { const e = new Engine(h); return Promise.resolve({ forward: e.forward.bind(e), close: () => Promise.resolve(e.dispose()) }); } },
+  { name: "cpu", make: async (h) => { const e = await cpuEngine(h); return { forward: e.forward.bind(e) as Engine["forward"], close: () => e.close() }; } },
+];
+
+for (const family of ["gemma2", "gemma3", "olmo2"] as const) {
+  describe(`${family}: mlp.hook_down (before the post-MLP norm)`, () => {
+    const down: HookName = `blocks.${HD_LAYER}.mlp.hook_down`;
+    const mlpOut: HookName = `blocks.${HD_LAYER}.hook_mlp_out`;
+    let host: HostModel;
+    let vec: Float32Array;
+    before(() => {
+      host = loadHostModel(fixtures.get(family)!.gguf);
+      assert.notEqual(host.config.blockNorm, "pre", "the fixture must have a post-MLP norm");
+      // About the size of the down projection's output, so the add matters but stays in range.
+      const r = familyRef64Hooked(host, PROMPT, [{ op: "read", at: down }]).reads.get(down)!;
+      vec = randVec(7, host.config.dModel, 2 * Math.hypot(...r[HD_FROM]!));
+    });
+
+    for (const be of HD_ENGINES) {
+      test(`[${be.name}] read and add at mlp.hook_down match the float64 reference`, async (t) => {
+        const e = await be.make(host);
+        try {
+          const reads = (plan: Plan) => [...plan, { op: "read" as const, at: down }, { op: "read" as const, at: mlpOut }];
+          const refReads = (hooks: FamilyRefHook[]) => familyRef64Hooked(host, PROMPT, [...hooks, { op: "read", at: down }, { op: "read", at: mlpOut }]);
+          // Read.
+          const r0 = await e.forward([PROMPT], { plan: reads([]) });
+          const f0 = refReads([]);
+          assertClose(r0.cache.get(down).data, rowsOf(f0.reads.get(down), down), { atol: 1e-4, rtol: 1e-4, what: `${be.name} read ${down}` });
+          assertClose(r0.cache.get(mlpOut).data, rowsOf(f0.reads.get(mlpOut), mlpOut), { atol: 1e-4, rtol: 1e-4, what: `${be.name} read ${mlpOut}` });
+          // The post-norm sits between the two sites: they must differ.
+          const dSites = maxAbsDiff(r0.cache.get(down).data, r0.cache.get(mlpOut).data);
+          assert.ok(dSites > CHANGED, `hook_down and hook_mlp_out are equal (${dSites}); the post-norm is not between them`);
+          // Add (scaled, from HD_FROM on).
+          const add = { op: "add" as const, at: down, vector: vec, scale: 1.5, pos: { from: HD_FROM } };
+          const r1 = await e.forward([PROMPT], { plan: reads([add]) });
+          const f1 = refReads([{ op: "add", at: down, vector: vec, scale: 1.5, from: HD_FROM }]);
+          const V = host.config.dVocab;
+          const d = rowsDiff(rows(r1.logits[0]!, V).map(logSoftmax), f1.logits.map(logSoftmax));
+          assert.ok(d <= REF_TOL, `${be.name}: logits with an add at ${down} vs float64: max |Δ log p| ${d}`);
+          assertClose(r1.cache.get(down).data, rowsOf(f1.reads.get(down), down), { atol: 1e-4, rtol: 1e-4, what: `${be.name} read ${down} after the add` });
+          assertClose(r1.cache.get(mlpOut).data, rowsOf(f1.reads.get(mlpOut), mlpOut), { atol: 1e-4, rtol: 1e-4, what: `${be.name} read ${mlpOut} after the add at ${down}` });
+          // The add moved the logits from HD_FROM on and nothing before it.
+          const moved = maxAbsDiff(r1.logits[0]!.subarray(HD_FROM * V), r0.logits[0]!.subarray(HD_FROM * V));
+          assert.ok(moved > CHANGED, `the add moved the logits by only ${moved}`);
+          assert.ok(maxAbsDiff(r1.logits[0]!.subarray(0, HD_FROM * V), r0.logits[0]!.subarray(0, HD_FROM * V)) <= 1e-6, "positions before the add moved");
+          // The same vector added after the norm (hook_mlp_out) is a different intervention.
+          const r2 = await e.forward([PROMPT], { plan: [{ ...add, at: mlpOut }] });
+          const dAt = maxAbsDiff(r2.logits[0]!, r1.logits[0]!);
+          assert.ok(dAt > CHANGED, `adding at hook_down and at hook_mlp_out agree (${dAt})`);
+          t.diagnostic(`${family} [${be.name}]: max |Δ log p| with the add vs float64 ${d.toExponential(2)}; |hook_down − hook_mlp_out| ${dSites.toFixed(3)}`);
+        } finally {
+          await e.close();
+        }
+      });
+    }
+
+    test("[wasm] lossAndGrad for a vector added at mlp.hook_down matches float64 finite differences", async (t) => {
+      const e = new Engine(host);
+      try {
+        const D = host.config.dModel;
+        const targets = PROMPT.map((_, i) => (i + 1 < PROMPT.length ? PROMPT[i + 1]! : -1));
+        const value = vec.map((x) => 0.5 * x);
+        const { loss, grad } = await e.lossAndGrad([PROMPT], [targets], { at: down, pos: { from: HD_FROM }, value });
+        const lossAt = (v: Float64Array): number => {
+          const lp = familyRef64Hooked(host, PROMPT, [{ op: "add", at: down, vector: v, from: HD_FROM }]).logits.map(logSoftmax);
+          let s = 0;
+          let n = 0;
+          targets.forEach((y, i) => {
+            if (y < 0) return;
+            s -= lp[i]![y]!;
+            n++;
+          });
+          return s / n;
+        };
+        const v64 = Float64Array.from(value);
+        const refLoss = lossAt(v64);
+        assert.ok(Math.abs(loss - refLoss) <= REF_TOL, `loss ${loss} vs float64 ${refLoss}`);
+        const h = 1e-4;
+        let dd = 0, nf = 0, ng = 0, dot = 0;
+        for (let i = 0; i < D; i++) {
+          const vp = v64.slice();
+          const vm = v64.slice();
+          vp[i] = vp[i]! + h;
+          vm[i] = vm[i]! - h;
+          const fd = (lossAt(vp) - lossAt(vm)) / (2 * h);
+          dd += (grad[i]! - fd) ** 2;
+          nf += fd * fd;
+          ng += grad[i]! ** 2;
+          dot += grad[i]! * fd;
+        }
+        const rel = Math.sqrt(dd / nf);
+        const cos = dot / Math.sqrt(nf * ng);
+        assert.ok(nf > 1e-12, "the gradient should not vanish");
+        assert.ok(rel < 1e-3, `relative error of the gradient ${rel}`);
+        assert.ok(cos > 0.9999, `cosine with finite differences ${cos}`);
+        t.diagnostic(`${family}: loss |Δ| ${Math.abs(loss - refLoss).toExponential(2)}; grad rel err ${rel.toExponential(2)}`);
+      } finally {
+        e.dispose();
+      }
+    });
+  });
+}
+
+for (const family of ["llama", "gpt2"] as const) {
+  describe(`${family} (pre-norm): mlp.hook_down is hook_mlp_out`, () => {
+    for (const be of HD_ENGINES) {
+      test(`[${be.name}] reads are identical and an add at either site gives the same logits`, async () => {
+        const host = loadHostModel(fixtures.get(family)!.gguf);
+        assert.equal(host.config.blockNorm, "pre");
+        const e = await be.make(host);
+        try {
+          const L = host.config.nLayers - 1;
+          const down: HookName = `blocks.${L}.mlp.hook_down`;
+          const mlpOut: HookName = `blocks.${L}.hook_mlp_out`;
+          const r = await e.forward([PROMPT], { plan: [{ op: "read", at: down }, { op: "read", at: mlpOut }] });
+          assert.deepEqual([...r.cache.get(down).data], [...r.cache.get(mlpOut).data]);
+          assert.deepEqual(r.cache.get(down).shape, r.cache.get(mlpOut).shape);
+          const v = randVec(3, host.config.dModel, 4);
+          const a = await e.forward([PROMPT], { plan: [{ op: "add", at: down, vector: v, pos: { from: HD_FROM } }] });
+          const b = await e.forward([PROMPT], { plan: [{ op: "add", at: mlpOut, vector: v, pos: { from: HD_FROM } }] });
+          assert.deepEqual([...a.logits[0]!], [...b.logits[0]!]);
+          assert.ok(maxAbsDiff(a.logits[0]!, r.logits[0]!) > CHANGED, "the add did nothing");
+        } finally {
+          await e.close();
+        }
+      });
+    }
+  });
+}
 
 // One WebGPU run of every family's logits against wasm (required under CI, skipped without an adapter otherwise).
 describe("webgpu", () => {

@@ -365,6 +365,7 @@ for (const fx of FIXTURES) {
         ["blocks.1.hook_resid_mid", [T, D]],
         ["blocks.3.mlp.hook_pre", [T, c.dMlp]],
         ["blocks.1.mlp.hook_post", [T, c.dMlp]],
+        ["blocks.1.mlp.hook_down", [T, D]],
         ["blocks.1.hook_mlp_out", [T, D]],
         ["ln_final.hook_normalized", [T, D]],
       ]);
@@ -595,6 +596,7 @@ for (const fx of FIXTURES) {
 
     for (const [at, pos] of [
       ["blocks.2.hook_mlp_out", { from: 3 }],
+      ["blocks.2.mlp.hook_down", { from: 3 }],
       ["blocks.1.hook_resid_post", "all"],
     ] as const) {
       test(`lossAndGrad for a vector added at ${at} matches float64 finite differences`, jaxOnly, async (t) => {

@@ -464,6 +464,7 @@ export class CpuEngine {
       }
       at("mlp.hook_post", hid, [F]);
       this.linear(hid, F, R, p.down, p.downBias, t1);
+      at("mlp.hook_down", t1, [D]);
       if (p.ln2Post) this.norm(t1, t1, R, D, p.ln2Post);
       at("hook_mlp_out", t1, [D]);
       this.ew.add(x, t1, R * D);

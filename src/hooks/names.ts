@@ -9,7 +9,7 @@ export type BlockSite =
   | "hook_attn_out"
   | "hook_mlp_out"
   | `attn.hook_${AttnSite}`
-  | `mlp.hook_${"pre" | "post"}`;
+  | `mlp.hook_${"pre" | "post" | "down"}`;
 export type HookName = "hook_embed" | "hook_pos_embed" | "ln_final.hook_normalized" | `blocks.${number}.${BlockSite}`;
 
 export const BLOCK_SITES: readonly BlockSite[] = [
@@ -23,6 +23,7 @@ export const BLOCK_SITES: readonly BlockSite[] = [
   "hook_resid_mid",
   "mlp.hook_pre",
   "mlp.hook_post",
+  "mlp.hook_down",
   "hook_mlp_out",
   "hook_resid_post",
 ];

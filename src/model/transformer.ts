@@ -218,7 +218,8 @@ function mlpHalf(
     hidden = act(site(linear(h, p.mlp.up), "mlp.hook_pre", ops, reads, st), c.mlp.act);
   }
   hidden = site(hidden, "mlp.hook_post", ops, reads, st);
-  let mlpOut = linear(hidden, p.mlp.down);
+  // mlp.hook_down is the down projection before any post-MLP norm (protocol §7.1's bias site).
+  let mlpOut = site(linear(hidden, p.mlp.down), "mlp.hook_down", ops, reads, st);
   if (p.ln2Post) mlpOut = norm(mlpOut, p.ln2Post, c.norm);
   mlpOut = site(mlpOut, "hook_mlp_out", ops, reads, st);
   x = site(x.add(mlpOut), "hook_resid_post", ops, reads, st);

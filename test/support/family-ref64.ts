@@ -3,7 +3,8 @@
 // attention and final soft-capping, sliding-window layers with their own RoPE base, linear /
 // "llama3" / per-frequency RoPE scaling, learned positions, LayerNorm). Deliberately naive: one
 // sequence, no KV cache, plain loops, no code shared with the jax-js engine or src/model/rope.ts;
-// only the ModelConfig it reads and the canonical weight names come from src/.
+// only the ModelConfig it reads and the canonical weight names come from src/. Reads and adds at
+// the MLP half's sites (familyRef64Hooked) check the hook points that sit around the post-norms.
 //
 // `gelu: "ggml-f16"` reproduces llama.cpp's CPU GELU instead of the exact tanh formula: ggml's
 // ggml_vec_gelu_f32 / ggml_vec_geglu_f32 (ggml/src/ggml-cpu/vec.h, GGML_GELU_FP16 defined) round
@@ -115,9 +116,53 @@ function ropeHead(v: Float64Array, off: number, hd: number, pos: number, inv: Fl
   }
 }
 
+/**
+ * Reads and adds at the [dModel] sites of the MLP half (TransformerLens names): hook_attn_out,
+ * hook_resid_mid, mlp.hook_down (the down projection before any post-MLP norm), hook_mlp_out
+ * (after it) and hook_resid_post. An add applies `scale · vector` at positions from..to-1; a read
+ * records the value after the adds at that site.
+ */
+export type FamilyRefHook =
+  | { op: "read"; at: string }
+  | { op: "add"; at: string; vector: ArrayLike<number>; scale?: number; from?: number; to?: number };
+
+const HOOKED_SITES = new Set(["hook_attn_out", "hook_resid_mid", "mlp.hook_down", "hook_mlp_out", "hook_resid_post"]);
+
+export interface FamilyRefResult {
+  /** [T][dVocab] */
+  logits: Float64Array[];
+  /** Per read hook: [T][dModel]. */
+  reads: Map<string, Float64Array[]>;
+}
+
 /** Next-token logits after every position of `ids`: [T][dVocab]. */
 export function familyRef64(host: HostModel, ids: readonly number[], opts: FamilyRefOptions = {}): Float64Array[] {
+  return familyRef64Hooked(host, ids, [], opts).logits;
+}
+
+/** familyRef64 with reads and adds at the MLP half's sites (FamilyRefHook). */
+export function familyRef64Hooked(host: HostModel, ids: readonly number[], hooks: readonly FamilyRefHook[], opts: FamilyRefOptions = {}): FamilyRefResult {
   const c = host.config;
+  for (const h of hooks) {
+    const m = /^blocks\.(\d+)\.(.+)$/.exec(h.at);
+    if (!m || !HOOKED_SITES.has(m[2]!) || Number(m[1]) >= c.nLayers) throw new Error(`family-ref64: unsupported hook ${h.at}`);
+    if (h.op === "add" && h.vector.length !== c.dModel) throw new Error(`family-ref64: add at ${h.at} needs ${c.dModel} values`);
+  }
+  const reads = new Map<string, Float64Array[]>();
+  // Apply the adds at `name` to x (a fresh array) at position t, then record it if read.
+  const hook = (name: string, x: Float64Array, t: number): Float64Array => {
+    for (const h of hooks) {
+      if (h.at !== name || h.op !== "add" || t < (h.from ?? 0) || t >= (h.to ?? Infinity)) continue;
+      const s = h.scale ?? 1;
+      for (let i = 0; i < x.length; i++) x[i] = x[i]! + s * h.vector[i]!;
+    }
+    if (hooks.some((h) => h.at === name && h.op === "read")) {
+      const r = reads.get(name) ?? [];
+      r[t] = Float64Array.from(x);
+      reads.set(name, r);
+    }
+    return x;
+  };
   const w = weights64(host);
   const opt = (k: string) => w.get(k);
   const { dModel: D, nHeads: H, nKvHeads: K, dHead: hd, dVocab: V } = c;
@@ -192,7 +237,8 @@ export function familyRef64(host: HostModel, ids: readonly number[], opts: Famil
       }
       let attnOut = matvec(get(w, `${p}.attn.o.weight`), z, opt(`${p}.attn.o.bias`));
       if (opt(`${p}.ln1Post.weight`)) attnOut = n("ln1Post", attnOut);
-      const mid = xs[t]!.map((x, i) => x + attnOut[i]!);
+      attnOut = hook(`${p}.hook_attn_out`, attnOut, t);
+      const mid = hook(`${p}.hook_resid_mid`, xs[t]!.map((x, i) => x + attnOut[i]!), t);
       const h = opt(`${p}.ln2.weight`) ? n("ln2", mid) : mid;
       let hidden: Float64Array;
       if (c.mlp.kind === "gated") {
@@ -202,19 +248,21 @@ export function familyRef64(host: HostModel, ids: readonly number[], opts: Famil
       } else {
         hidden = matvec(get(w, `${p}.mlp.up.weight`), h, opt(`${p}.mlp.up.bias`)).map(act);
       }
-      let mlpOut = matvec(get(w, `${p}.mlp.down.weight`), hidden, opt(`${p}.mlp.down.bias`));
+      let mlpOut = hook(`${p}.mlp.hook_down`, matvec(get(w, `${p}.mlp.down.weight`), hidden, opt(`${p}.mlp.down.bias`)), t);
       if (opt(`${p}.ln2Post.weight`)) mlpOut = n("ln2Post", mlpOut);
-      next.push(mid.map((x, i) => x + mlpOut[i]!));
+      mlpOut = hook(`${p}.hook_mlp_out`, mlpOut, t);
+      next.push(hook(`${p}.hook_resid_post`, mid.map((x, i) => x + mlpOut[i]!), t));
     }
     xs = next;
   }
   const unembed = c.tieEmbeddings ? embed : get(w, "unembed.weight");
-  return xs.map((x) => {
+  const logits = xs.map((x) => {
     const h = normVec(x, get(w, "lnFinal.weight"), opt("lnFinal.bias"), c.norm);
-    const logits = matvec(unembed, h);
-    if (c.finalSoftcap) for (let i = 0; i < V; i++) logits[i] = c.finalSoftcap * Math.tanh(logits[i]! / c.finalSoftcap);
-    return logits;
+    const l = matvec(unembed, h);
+    if (c.finalSoftcap) for (let i = 0; i < V; i++) l[i] = c.finalSoftcap * Math.tanh(l[i]! / c.finalSoftcap);
+    return l;
   });
+  return { logits, reads };
 }
 
 /** n greedy tokens after `prompt` (full recomputation per step; fixtures are tiny). */

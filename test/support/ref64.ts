@@ -7,7 +7,7 @@
 // Hook points and intervention semantics follow src/hooks/plan.ts:
 //   hook_embed, hook_pos_embed, blocks.{i}.{hook_resid_pre, attn.hook_q|k|v (before RoPE),
 //   attn.hook_pattern (read only), attn.hook_z, hook_attn_out, hook_resid_mid, mlp.hook_pre,
-//   mlp.hook_post, hook_mlp_out, hook_resid_post}, ln_final.hook_normalized.
+//   mlp.hook_post, mlp.hook_down, hook_mlp_out, hook_resid_post}, ln_final.hook_normalized.
 // Several ops at one site apply in plan order; a read records the value after them.
 import type { PosSpec } from "../../src/hooks/plan.js";
 import type { ModelConfig, NormSpec } from "../../src/model/config.js";
@@ -263,6 +263,7 @@ const BLOCK_SITES = new Set([
   "hook_resid_mid",
   "mlp.hook_pre",
   "mlp.hook_post",
+  "mlp.hook_down",
   "hook_mlp_out",
   "hook_resid_post",
 ]);
@@ -455,7 +456,8 @@ export function ref64Forward(host: HostModel, ids: readonly number[], plan: RefP
         hidden = pre.map((u) => activate(c.mlp.act, u));
       }
       hidden = hook(p + "mlp.hook_post", hidden, t);
-      const mo = hook(p + "hook_mlp_out", linear(B.down, hidden), t);
+      // Pre-norm only (checked above): the down projection is what the MLP adds, so hook_down then hook_mlp_out.
+      const mo = hook(p + "hook_mlp_out", hook(p + "mlp.hook_down", linear(B.down, hidden), t), t);
       for (let i = 0; i < D; i++) x[i] = x[i]! + mo[i]!;
       hook(p + "hook_resid_post", x, t);
     }
