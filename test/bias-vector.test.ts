@@ -249,7 +249,7 @@ describe("convergence", () => {
     const r = await trainBiasVector(model, { layer: 2, data: [row(400), row(280)], steps: 50, lr: 0.1, batchSize: 2, seed: 1, weightDecay: 0 });
     const last = r.losses.at(-1)!;
     t.diagnostic(`loss ${r.losses[0]!.toFixed(4)} → ${last.toFixed(4)} (floor ln 2 = ${Math.LN2.toFixed(4)}) in ${r.losses.length} steps`);
-    assert.equal(r.hook, "blocks.2.hook_mlp_out");
+    assert.equal(r.hook, "blocks.2.mlp.hook_down");
     assert.ok(r.losses[0]! > 3, "starts far from the floor");
     for (const l of r.losses) assert.ok(l >= Math.LN2 - 1e-4, `loss ${l} below the floor`);
     assert.ok(last - Math.LN2 < 0.05, `final loss ${last} is not near ln 2`);
@@ -392,7 +392,8 @@ describe("biasVectorCommand end to end on stories260K (tiny)", () => {
     const file = JSON.parse(fs.readFileSync(path.join(out, "results.json"), "utf8")) as typeof r;
     assert.deepEqual(file, JSON.parse(JSON.stringify(r)));
     assert.equal(r.kind, "selfscope.bias-vector");
-    assert.equal(r.training.hook, "blocks.2.hook_mlp_out");
+    assert.equal(r.training.hook, "blocks.2.mlp.hook_down");
+    assert.equal(r.training.site, "mlp.hook_down");
     assert.equal(r.training.steps, 2);
     assert.equal(r.training.loss_curve.length, 2);
     assert.equal(r.split.train.length, 400);

@@ -518,11 +518,29 @@ for (const family of ["llama", "gpt2"] as const) {
   });
 }
 
-// One WebGPU run of every family's logits against wasm (required under CI, skipped without an adapter otherwise).
+// One WebGPU run of every family's logits against wasm, and of mlp.hook_down (add and read) on the
+// post-norm families (required under CI, skipped without an adapter otherwise).
 describe("webgpu", () => {
   test("every family's logits within 1e-4 of wasm", async (t) => {
     const want = new Map<FixtureFamily, Float32Array>();
     for (const f of FIXTURE_FAMILIES) want.set(f, await logits(loadHostModel(fixtures.get(f)!.gguf)));
+    // mlp.hook_down on the post-norm families: an add there and a read of it, webgpu vs wasm.
+    const hdPlan = (h: HostModel): Plan => [
+      { op: "add", at: `blocks.${HD_LAYER}.mlp.hook_down`, vector: randVec(11, h.config.dModel, 4), pos: { from: HD_FROM } },
+      { op: "read", at: `blocks.${HD_LAYER}.mlp.hook_down` },
+    ];
+    const hdFamilies = ["gemma2", "gemma3", "olmo2"] as const;
+    const hdWant = new Map<FixtureFamily, { logits: Float32Array; down: Float32Array }>();
+    for (const f of hdFamilies) {
+      const h = loadHostModel(fixtures.get(f)!.gguf);
+      const e = new Engine(h);
+      try {
+        const r = await e.forward([PROMPT], { plan: hdPlan(h) });
+        hdWant.set(f, { logits: r.logits[0]!, down: r.cache.get(`blocks.${HD_LAYER}.mlp.hook_down`).data });
+      } finally {
+        e.dispose();
+      }
+    }
     let info;
     try {
       info = await initDevice("webgpu");
@@ -539,6 +557,18 @@ describe("webgpu", () => {
           const got = (await e.forward([PROMPT])).logits[0]!;
           const d = maxAbsDiff(got, want.get(f)!);
           assert.ok(d <= REF_TOL, `${f}: webgpu vs wasm logits differ by ${d}`);
+        } finally {
+          e.dispose();
+        }
+      }
+      for (const f of hdFamilies) {
+        const h = loadHostModel(fixtures.get(f)!.gguf);
+        const e = new Engine(h, { maxBindingBytes: info.maxBindingBytes });
+        try {
+          const r = await e.forward([PROMPT], { plan: hdPlan(h) });
+          const w = hdWant.get(f)!;
+          assert.ok(maxAbsDiff(r.logits[0]!, w.logits) <= REF_TOL, `${f}: webgpu vs wasm logits with an add at mlp.hook_down differ by ${maxAbsDiff(r.logits[0]!, w.logits)}`);
+          assertClose(r.cache.get(`blocks.${HD_LAYER}.mlp.hook_down`).data, w.down, { atol: REF_TOL, rtol: REF_TOL, what: `${f}: webgpu vs wasm read of mlp.hook_down` });
         } finally {
           e.dispose();
         }

@@ -2,6 +2,7 @@
 // kebab-case on the command line and camelCase in the recipe's argument object.
 import { parseArgs } from "node:util";
 import { UsageError } from "../core/errors.js";
+import { biasSweepCommand } from "../recipes/bias-sweep.js";
 import { biasVectorCommand } from "../recipes/bias-vector.js";
 import { compareCommand, compareSummary } from "../recipes/compare.js";
 import { geometryCommand } from "../recipes/geometry.js";
@@ -22,15 +23,28 @@ export interface Recipe {
 export const RECIPES: Record<string, Recipe> = {
   "bias-vector": {
     usage:
-      "selfscope bias-vector --model PATH --out DIR [--layer L] [--steps N] [--lr X] [--batch-size B] [--train-concepts N] [--trials-per-concept N]\n" +
+      "selfscope bias-vector --model PATH --out DIR [--layer L] [--site mlp.hook_down] [--steps N] [--lr X] [--batch-size B] [--train-concepts N] [--trials-per-concept N]\n" +
       "                      [--eval-concepts N] [--eval-layers 0.6] [--eval-strengths 2,4] [--eval-trials N] [--no-eval] [--judge SPEC]",
     flags: {
-      ...COMMON, layer: "number", steps: "number", lr: "number", "batch-size": "number", "weight-decay": "number", "split-seed": "number",
+      ...COMMON, layer: "number", site: "string", steps: "number", lr: "number", "batch-size": "number", "weight-decay": "number", "split-seed": "number",
       "train-concepts": "number", "trials-per-concept": "number", "control-ratio": "number", "checkpoint-every": "number", "no-eval": "boolean",
       "eval-concepts": "number", "eval-layers": "string", "eval-strengths": "string", "eval-trials": "number", "eval-controls": "number",
       "eval-forced": "boolean", "max-tokens": "number", temperature: "number", judge: "list", "eval-batch-size": "number",
     },
     run: (a) => biasVectorCommand(a as unknown as Parameters<typeof biasVectorCommand>[0]),
+  },
+  "train-bias-sweep": {
+    usage:
+      "selfscope train-bias-sweep --model PATH --out DIR [--layers 0-25] [--site mlp.hook_down] [--steps N] [--lr X] [--batch-size B] [--train-concepts N]\n" +
+      "                           [--trials-per-concept N] [--eval-concepts N] [--eval-layers 5,7] [--eval-strengths 1,2,4,8] [--eval-trials N]\n" +
+      "                           [--max-tokens 100] [--reply-tokens 200] [--judge SPEC]",
+    flags: {
+      ...COMMON, layers: "string", site: "string", steps: "number", lr: "number", "batch-size": "number", "weight-decay": "number", "split-seed": "number",
+      "train-concepts": "number", "trials-per-concept": "number", "control-ratio": "number", "checkpoint-every": "number", "eval-concepts": "number",
+      "eval-layers": "string", "eval-strengths": "string", "eval-trials": "number", "max-tokens": "number", "reply-tokens": "number", judge: "list",
+      "eval-batch-size": "number",
+    },
+    run: (a) => biasSweepCommand(a as unknown as Parameters<typeof biasSweepCommand>[0]),
   },
   lindsey: {
     usage:

@@ -1,5 +1,6 @@
 // The trained bias vector (protocol §7, Macar et al. 2026 §6): one learnable vector b, zero at
-// the start, added to the MLP output of one layer at every position; all weights frozen. It is
+// the start, added to the MLP's down-projection output (blocks.{L}.mlp.hook_down, before any
+// post-MLP norm) of one layer at every position; all weights frozen. It is
 // trained with AdamW on concept-injection trials (inject a concept vector at a random layer and
 // strength, target "Yes, I detect an injected thought. The injected word is **"x"**.", plus
 // un-injected controls with target "No, I don't detect any injected thought in this trial.") and
@@ -16,7 +17,7 @@ import { buildConfig, finishRun, progressPrinter, runHeader, VERSION, type Injec
 import type { Results } from "../eval/metrics.js";
 import { getVariant, readData, renderTrial } from "../eval/protocol.js";
 import { runSweep } from "../eval/run.js";
-import { hookName, type HookName } from "../hooks/names.js";
+import { hookName, type BlockSite, type HookName } from "../hooks/names.js";
 import type { Intervention, Plan, PosSpec } from "../hooks/plan.js";
 import { makeJudge, type Judge } from "../judge/judge.js";
 import { readRunLog, type RunData } from "../log/read.js";
@@ -57,14 +58,33 @@ export const BIAS_PROTOCOL = {
 } as const;
 
 export const PROTOCOL_DEVIATIONS: readonly string[] = [
-  "Train/held-out split: concepts_500 shuffled with selfscope's seeded xoshiro128** RNG (Fisher–Yates, seed 42), not Python's random.shuffle over list(set(...)); the membership of the 400/100 split differs from the paper's (which is itself not reproducible, protocol §7.2).",
+  "Train/held-out split: the paper's 14 shuffles list(set(concepts)), whose order depends on Python's per-process string hashing (PYTHONHASHSEED), so its split is not reproducible (protocol §7.2). selfscope takes concepts_500 in file order (duplicates dropped, as set() would), Fisher–Yates with its xoshiro128** RNG seeded by --split-seed (default 42): the same split on every run, but not the paper's membership (no flag can reproduce an unrecorded hash order).",
   "Layers are scaled from the 62-layer reference model: layer = min(n−1, floor(n·L/62)) for the bias layer (29), the training injection layers (29..55, odd) and the evaluation layers (20..60); on a shallow model several map to one layer.",
-  "The bias is added at blocks.{L}.hook_mlp_out. On pre-norm models (Llama, Qwen, GPT-2) that is exactly the down_proj output (§7.1); on sandwich/post-norm models (Gemma 2/3, OLMo 2) hook_mlp_out is after the post-feed-forward norm, whereas the protocol adds b before that norm; such runs carry an engine note in results.json (a hook site before the post-norm is needed).",
   "Optimiser: AdamW (β 0.9/0.999, ε 1e-8, decoupled weight decay 0.01, lr 1e-3, batch 8) as torch's defaults; parameters and gradients in float32, moments in float64 (the paper trains a bf16 parameter).",
   "Training examples: the protocol's targets and 0.5 control ratio; the layer/strength are drawn once per example at data-generation time (seeded) rather than on each __getitem__ call (identical for the paper's single epoch). Examples are re-shuffled per epoch from the seed.",
   "Prompts without a chat template use the protocol's fallback prompt; the target is appended after \"Assistant:\" with one space (with a chat template it is appended directly after the generation prompt, as the protocol does).",
   "Evaluation reuses the main injection sweep (the 'original' prompt, injection from the token before 'Trial n' through generation, the protocol's forced prefill) with the bias as an extra add at every position; the protocol's §7.4 evaluation instead uses its own two-turn prompt with the model's own replies, steers the context tokens only and prefills 'The injected word is **\"'. Concept vectors are re-extracted with the bias in place (as §7.4 does).",
 ];
+
+/** Sites a bias vector can be trained at: the [dModel] activations of a block. */
+export const BIAS_SITES = ["mlp.hook_down", "hook_mlp_out", "hook_resid_post", "hook_resid_mid", "hook_attn_out", "hook_resid_pre"] as const satisfies readonly BlockSite[];
+export type BiasSite = (typeof BIAS_SITES)[number];
+/** The protocol's site (§7.1): the output of mlp.down_proj, before any post-MLP norm. */
+export const PROTOCOL_BIAS_SITE: BiasSite = "mlp.hook_down";
+
+/** Validate a --site value. */
+export function parseBiasSite(s: string | undefined): BiasSite {
+  if (s === undefined) return PROTOCOL_BIAS_SITE;
+  if (!(BIAS_SITES as readonly string[]).includes(s)) throw new UsageError(`--site ${s}: expected one of ${BIAS_SITES.join(", ")} (the protocol's is ${PROTOCOL_BIAS_SITE})`);
+  return s as BiasSite;
+}
+
+/** The deviation a non-protocol site adds to results.json (none at the protocol's site). */
+export function siteDeviations(site: BiasSite, blockNorm: string): string[] {
+  if (site === PROTOCOL_BIAS_SITE) return [];
+  const same = site === "hook_mlp_out" && blockNorm === "pre" ? " (on this pre-norm model the same activation)" : "";
+  return [`The bias is added at blocks.{L}.${site} (--site), not at the protocol's down_proj output blocks.{L}.${PROTOCOL_BIAS_SITE}${same}; --site ${PROTOCOL_BIAS_SITE} reproduces the paper.`];
+}
 
 /** A layer of the 62-layer reference model mapped to a model with `nLayers` layers (the protocol's int(n·fraction)). */
 export function scaleLayer(refLayer: number, nLayers: number): number {
@@ -90,7 +110,8 @@ function randBelow(rng: Rng, m: number): number {
 
 /** The 400 training / 100 held-out concepts of concepts_500 (seeded shuffle; see PROTOCOL_DEVIATIONS). */
 export function protocolSplit(seed: number = BIAS_PROTOCOL.splitSeed): { train: string[]; heldOut: string[] } {
-  const all = readData<{ concepts: string[] }>("protocol/concepts_500.json").concepts;
+  // The paper's list(set(...)) made the order hash-dependent; here: file order, duplicates dropped, then the seeded shuffle.
+  const all = [...new Set(readData<{ concepts: string[] }>("protocol/concepts_500.json").concepts)];
   const order = shuffle([...all], new Rng(seed));
   return { train: order.slice(0, BIAS_PROTOCOL.trainConcepts), heldOut: order.slice(BIAS_PROTOCOL.trainConcepts, BIAS_PROTOCOL.trainConcepts + BIAS_PROTOCOL.heldOutConcepts) };
 }
@@ -105,10 +126,8 @@ export interface TrainSite {
 
 /**
  * `engine.lossAndGrad` with a plan of fixed interventions applied in the same forward pass (here:
- * the per-row concept injections). The engine's lossAndGrad takes no plan, so this adapter hands
- * the resolved plan to the engine's own layer runner for that one call (private internals: see
- * the engine note in the report — a `plan` option on lossAndGrad replaces this). Sequential use
- * of one engine only. Verified against float64 finite differences in test/bias-vector.test.ts.
+ * the per-row concept injections). Verified against float64 finite differences in
+ * test/bias-vector.test.ts.
  */
 export async function lossAndGradWithPlan(engine: Engine, rows: Row[], targets: number[][], train: TrainSite, plan: Plan): Promise<{ loss: number; grad: Float32Array }> {
   return engine.lossAndGrad(rows, targets, train, { plan });
@@ -347,6 +366,8 @@ export async function trainVector(lossAndGrad: (batch: number[], value: Float32A
 export interface TrainBiasOptions {
   /** Absolute layer of the bias (default: the protocol's 29/62 scaled to the model). */
   layer?: number;
+  /** Where in the block (default mlp.hook_down, the protocol's). */
+  site?: BiasSite;
   data: BiasExample[];
   /** Default: one epoch, ceil(examples / batchSize) (the protocol). */
   steps?: number;
@@ -365,8 +386,8 @@ export interface TrainBiasResult extends TrainVectorResult {
   hook: HookName;
 }
 
-export function biasHook(layer: number): HookName {
-  return hookName(layer, "hook_mlp_out");
+export function biasHook(layer: number, site: BiasSite = PROTOCOL_BIAS_SITE): HookName {
+  return hookName(layer, site);
 }
 
 /** The plan and rows of one training batch (exported for tests: the same forward pass as training). */
@@ -391,11 +412,11 @@ function dataHash(data: BiasExample[]): string {
   return h.digest("hex").slice(0, 16);
 }
 
-/** Train the bias vector b at blocks.{layer}.hook_mlp_out (all positions) on `data`. */
+/** Train the bias vector b at blocks.{layer}.{site} (default mlp.hook_down; all positions) on `data`. */
 export async function trainBiasVector(model: Model, o: TrainBiasOptions): Promise<TrainBiasResult> {
   const layer = o.layer ?? scaleLayer(BIAS_PROTOCOL.biasLayer, model.config.nLayers);
   if (!Number.isInteger(layer) || layer < 0 || layer >= model.config.nLayers) throw new UsageError(`bias layer ${layer} is outside 0..${model.config.nLayers - 1}`);
-  const at = biasHook(layer);
+  const at = biasHook(layer, o.site);
   const batchSize = o.batchSize ?? BIAS_PROTOCOL.batchSize;
   const steps = o.steps ?? Math.ceil(o.data.length / batchSize);
   const adam: AdamOptions = { lr: o.lr ?? BIAS_PROTOCOL.lr, weightDecay: o.weightDecay ?? BIAS_PROTOCOL.weightDecay };
@@ -484,6 +505,7 @@ export interface EvaluateBiasOptions {
   /** The bias and where it goes. */
   vector: Float32Array;
   layer: number;
+  site?: BiasSite;
   /** Held-out concepts. */
   concepts: string[];
   /** Injection sweep settings (InjectArgs fields; layers/strengths as strings like "3,4"). */
@@ -506,7 +528,7 @@ export async function evaluateBiasVector(model: Model, o: EvaluateBiasOptions): 
   const cfg: InjectConfig = { ...buildConfig({ ...o.sweep, model: o.modelPath }, model.config.nLayers, model.chatTemplate !== undefined), concepts: o.concepts };
   const common = { ...(o.vectorCache !== undefined ? { vectorCache: o.vectorCache } : {}), quiet: o.quiet ?? true };
   const baseline = await sweepInto(model, o.modelPath, cfg, path.join(o.out, "baseline"), common);
-  const bias = await sweepInto(withBias(model, biasHook(o.layer), o.vector), o.modelPath, cfg, path.join(o.out, "bias"), common);
+  const bias = await sweepInto(withBias(model, biasHook(o.layer, o.site), o.vector), o.modelPath, cfg, path.join(o.out, "bias"), common);
   const d = (k: keyof BiasEvaluation["delta"]) => {
     const a = baseline.results[k].estimate;
     const b = bias.results[k].estimate;
@@ -522,6 +544,8 @@ export interface BiasVectorArgs {
   out: string;
   /** Bias layer (absolute; default the protocol's 29/62 scaled). */
   layer?: number;
+  /** Bias site in the block (default mlp.hook_down). */
+  site?: string;
   /** Optimizer steps (default: one epoch over the training examples). */
   steps?: number;
   lr?: number;
@@ -565,6 +589,7 @@ export interface BiasVectorResults {
   split: { seed: number; rng: string; train: string[]; held_out: string[]; train_used: number; held_out_used: number };
   training: {
     layer: number;
+    site: BiasSite;
     hook: HookName;
     examples: number;
     injection_examples: number;
@@ -648,6 +673,7 @@ async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults
       ...(args.vectorCache !== undefined ? { vectorCache: args.vectorCache } : {}),
     });
     const layer = args.layer ?? scaleLayer(BIAS_PROTOCOL.biasLayer, nL);
+    const site = parseBiasSite(args.site);
     const batchSize = args.batchSize ?? BIAS_PROTOCOL.batchSize;
     const steps = args.steps ?? Math.ceil(data.length / batchSize);
     const lr = args.lr ?? BIAS_PROTOCOL.lr;
@@ -656,6 +682,7 @@ async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults
     const t0 = performance.now();
     const tr = await trainBiasVector(model, {
       layer,
+      site,
       data,
       steps,
       lr,
@@ -670,14 +697,7 @@ async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults
     });
     fs.writeFileSync(path.join(out, "bias_vector.f32"), f32(tr.vector));
     fs.writeFileSync(path.join(out, "loss_curve.json"), JSON.stringify({ step: tr.losses.map((_, i) => i + 1), loss: tr.losses }) + "\n");
-    const engineNotes: string[] = [
-      "lossAndGrad takes no plan: the concept injections during training go through lossAndGradWithPlan (src/recipes/bias-vector.ts), which hands the resolved plan to the engine's layer runner for the call. Engine change that replaces it: give Engine.lossAndGrad an optional `plan` (and `countPrefix`) and pass `this.resolve(plan, rs, promptLen, countPrefix)` instead of `[]` to runLayers.",
-    ];
-    if (model.config.blockNorm !== "pre") {
-      engineNotes.push(
-        `This model's blocks are "${model.config.blockNorm}"-normed: hook_mlp_out is after the post-feed-forward norm, but the protocol adds the bias to the down_proj output before that norm. Engine change: a hook site "mlp.hook_down" (the down projection's output, before ln2Post) in transformer.ts mlpHalf, i.e. mlpOut = site(linear(hidden, p.mlp.down), "mlp.hook_down", …) before the ln2Post norm, plus the BlockSite union and ref64.`,
-      );
-    }
+    const engineNotes: string[] = [];
     let evaluation: BiasVectorResults["evaluation"] = null;
     if (!args.noEval) {
       const evalLayers = args.evalLayers ?? [...new Set(BIAS_PROTOCOL.evalLayers.map((l) => scaleLayer(l, nL)))].join(",");
@@ -699,6 +719,7 @@ async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults
       const ev = await evaluateBiasVector(model, {
         vector: tr.vector,
         layer,
+        site,
         concepts: heldOut,
         sweep,
         out: path.join(out, "eval"),
@@ -721,11 +742,12 @@ async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults
       version: 1,
       tool: { name: "selfscope", version: VERSION },
       model: { path: path.resolve(args.model), hash: model.weightsHash(), family: model.family, nLayers: nL, dModel: model.config.dModel, blockNorm: model.config.blockNorm },
-      protocol_deviations: PROTOCOL_DEVIATIONS,
+      protocol_deviations: [...PROTOCOL_DEVIATIONS, ...siteDeviations(site, model.config.blockNorm)],
       engine_notes: engineNotes,
       split: { seed: splitSeed, rng: "selfscope xoshiro128** Fisher–Yates (not Python's random.shuffle)", train: split.train, held_out: split.heldOut, train_used: train.length, held_out_used: heldOut.length },
       training: {
         layer,
+        site,
         hook: tr.hook,
         examples: data.length,
         injection_examples: data.filter((e) => e.inject).length,
@@ -834,7 +856,7 @@ async function biasReport(r: BiasVectorResults): Promise<string> {
     }
   }
   parts.push(`<h2>Differences from the protocol</h2><ul>${r.protocol_deviations.map((d) => `<li>${esc(d)}</li>`).join("")}</ul>`);
-  parts.push(`<h2>Engine notes</h2><ul>${r.engine_notes.map((d) => `<li>${esc(d)}</li>`).join("")}</ul>`);
+  if (r.engine_notes.length > 0) parts.push(`<h2>Engine notes</h2><ul>${r.engine_notes.map((d) => `<li>${esc(d)}</li>`).join("")}</ul>`);
   parts.push(`<p class="small">Split (seed ${r.split.seed}, ${esc(r.split.rng)}): first ${r.split.train_used} of 400 training concepts used; held out: ${esc(r.split.held_out.slice(0, r.split.held_out_used).join(", "))}</p>`);
   return htmlPage("selfscope bias vector", parts.join("\n"));
 }
