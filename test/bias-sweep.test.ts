@@ -134,7 +134,6 @@ describe("biasSweepCommand end to end on stories260K (tiny)", () => {
     replyTokens: 6,
     vectorCache: null,
     quiet: true,
-    device: "wasm" as const,
   };
 
   test("one entry per layer in results.json, per-trial transcripts, a report with the metrics-vs-layer plot; a rerun reuses the layers", async (t) => {

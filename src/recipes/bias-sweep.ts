@@ -536,6 +536,30 @@ async function sweepReport(r: BiasSweepResults): Promise<string> {
       }),
     );
   } else parts.push(`<p>no judged trials</p>`);
+  // The paper's figure: metrics vs injection layer for the model without an adapter and the best adapter (pooled over strengths).
+  const arms: [string, BiasArmMetrics][] = [["no adapter", r.baseline]];
+  const bestEntry = r.layers.find((e) => e.layer === r.best_layer);
+  if (bestEntry) arms.push([`adapter at layer ${bestEntry.layer}`, bestEntry]);
+  const byInj = arms.flatMap(([arm, a]) =>
+    ev.injection_layers.flatMap((L) =>
+      (["tpr", "introspection_rate", "forced_identification_rate"] as const).flatMap((k) => {
+        const cs = a.by_config.filter((c) => c.layer === L);
+        const n = cs.reduce((s, c) => s + c[k].n, 0);
+        const yes = cs.reduce((s, c) => s + (c[k].estimate ?? 0) * c[k].n, 0);
+        return n === 0 ? [] : [{ arm, metric: METRICS.find(([m]) => m === k)![1], layer: L, value: yes / n }];
+      }),
+    ),
+  );
+  if (byInj.length > 0 && ev.injection_layers.length > 1) {
+    parts.push(`<h2>Metrics vs injection layer</h2>`);
+    parts.push(
+      await svgPlot({
+        data: { values: byInj },
+        facet: { column: { field: "metric", type: "nominal" } },
+        spec: { width: 220, height: 200, mark: { type: "line", point: true }, encoding: { x: { field: "layer", type: "quantitative", title: "injection layer", axis: { format: "d", tickMinStep: 1 } }, y: { field: "value", type: "quantitative", scale: { domain: [0, 1] } }, color: { field: "arm", type: "nominal" } } },
+      }),
+    );
+  }
   const row = (name: string, a: BiasArmMetrics, extra = "") => `<tr><th>${name}</th>${METRICS.map(([k]) => rateTd(a[k])).join("")}<td class="num">${a.unjudged}</td>${extra}</tr>`;
   parts.push(
     `<table><tr><th>adapter</th>${METRICS.map(([, l]) => `<th>${l}</th>`).join("")}<th>unjudged</th><th>final loss</th><th>‖b‖</th></tr>${row("none (baseline)", r.baseline, "<td></td><td></td>")}${r.layers
