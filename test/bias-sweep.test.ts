@@ -1,4 +1,5 @@
-// The per-layer bias sweep (protocol §7.3 train-bias-sweep) and its §7.4 evaluation: the
+// The per-layer bias sweep (protocol §7.3 train-bias-sweep) and the §7.4 evaluation (also
+// bias-vector's default): the
 // two-turn prompt rendered exactly as protocol.md §7.4 gives it (Gemma's chat template and the
 // fallback form), the context-only steering window, the forced prefill, and the command end to end
 // on the bundled stories260K with tiny settings (one results.json entry per layer, a report with
@@ -12,8 +13,9 @@ import { UsageError } from "../src/core/errors.js";
 import { Rng } from "../src/core/rng.js";
 import { recipeArgs } from "../src/cli/recipes.js";
 import { Model } from "../src/model/model.js";
-import { biasEvalPrefill, biasSweepCommand, contextInjection, parseLayerList, renderBiasEval } from "../src/recipes/bias-sweep.js";
-import { parseBiasSite, protocolSplit } from "../src/recipes/bias-vector.js";
+import { biasEvalPrefill, contextInjection, parseLayerList, renderBiasEval } from "../src/recipes/bias-eval.js";
+import { biasSweepCommand } from "../src/recipes/bias-sweep.js";
+import { biasVectorCommand, MAIN_EVAL_DEVIATION, parseBiasSite, protocolSplit } from "../src/recipes/bias-vector.js";
 import { fixture, repoDir } from "./support/paths.js";
 
 const STORIES = path.join(repoDir(), "models", "stories260K", "stories260K.gguf");
@@ -178,5 +180,30 @@ describe("biasSweepCommand end to end on stories260K (tiny)", () => {
     // A rerun finds every layer done and gives the same results.
     const again = await biasSweepCommand(args);
     assert.deepEqual(JSON.parse(JSON.stringify(again)), JSON.parse(JSON.stringify(r)));
+  });
+});
+
+describe("biasVectorCommand with the §7.4 evaluation (its default), stories260K (tiny)", () => {
+  test("trains at mlp.hook_down and evaluates both arms with §7.4; an unknown --eval-protocol is refused before any work", async () => {
+    const out = path.join(tmpRoot, "single");
+    const args = { model: STORIES, out, trainConcepts: 1, trialsPerConcept: 1, steps: 1, batchSize: 1, evalConcepts: 1, evalTrials: 1, evalLayers: "2", evalStrengths: "4", maxTokens: 3, replyTokens: 4, vectorCache: null, quiet: true };
+    await assert.rejects(biasVectorCommand({ ...args, evalProtocol: "7.5" }), (e: unknown) => e instanceof UsageError && /--eval-protocol 7\.5: expected 7\.4/.test(e.message));
+    assert.ok(!fs.existsSync(path.join(out, "checkpoints")), "nothing trained");
+    const r = await biasVectorCommand(args);
+    assert.equal(r.training.site, "mlp.hook_down");
+    assert.equal(r.training.hook, `blocks.${r.training.layer}.mlp.hook_down`);
+    assert.equal(r.evaluation_protocol, "7.4");
+    assert.equal(r.evaluation, null);
+    const e = r.evaluation_74!;
+    assert.equal(e.settings.prefill, PREFILL);
+    for (const arm of [e.baseline, e.bias]) {
+      assert.equal(arm.tpr.n + (arm.tpr.unjudged ?? 0), 1);
+      assert.equal(arm.fpr.n + (arm.fpr.unjudged ?? 0), 1);
+      assert.equal(arm.forced_identification_rate.n + (arm.forced_identification_rate.unjudged ?? 0), 1);
+    }
+    for (const arm of ["baseline", "bias"]) assert.equal(fs.readFileSync(path.join(out, "eval", arm, "trials.jsonl"), "utf8").trim().split("\n").length, 3);
+    assert.ok(!r.protocol_deviations.includes(MAIN_EVAL_DEVIATION));
+    assert.ok(r.protocol_deviations.some((d) => /concept list where the judge/.test(d)));
+    assert.match(fs.readFileSync(path.join(out, "report.html"), "utf8"), /Held-out evaluation \(protocol §7\.4\)/);
   });
 });

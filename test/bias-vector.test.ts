@@ -383,6 +383,7 @@ describe("biasVectorCommand end to end on stories260K (tiny)", () => {
     maxTokens: 4,
     vectorCache: null,
     quiet: true,
+    evalProtocol: "main",
   };
   test("trains, checkpoints, evaluates both arms and writes results.json + report.html; a rerun resumes", async (t) => {
     const t0 = performance.now();

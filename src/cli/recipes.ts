@@ -24,12 +24,14 @@ export const RECIPES: Record<string, Recipe> = {
   "bias-vector": {
     usage:
       "selfscope bias-vector --model PATH --out DIR [--layer L] [--site mlp.hook_down] [--steps N] [--lr X] [--batch-size B] [--train-concepts N] [--trials-per-concept N]\n" +
-      "                      [--eval-concepts N] [--eval-layers 0.6] [--eval-strengths 2,4] [--eval-trials N] [--no-eval] [--judge SPEC]",
+      "                      [--eval-protocol 7.4|main] [--eval-concepts N] [--eval-layers 5,7] [--eval-strengths 2,4] [--eval-trials N] [--reply-tokens 200]\n" +
+      "                      [--no-eval] [--judge SPEC]",
     flags: {
       ...COMMON, layer: "number", site: "string", steps: "number", lr: "number", "batch-size": "number", "weight-decay": "number", "split-seed": "number",
       "train-concepts": "number", "trials-per-concept": "number", "control-ratio": "number", "checkpoint-every": "number", "no-eval": "boolean",
       "eval-concepts": "number", "eval-layers": "string", "eval-strengths": "string", "eval-trials": "number", "eval-controls": "number",
       "eval-forced": "boolean", "max-tokens": "number", temperature: "number", judge: "list", "eval-batch-size": "number",
+      "eval-protocol": "string", "reply-tokens": "number",
     },
     run: (a) => biasVectorCommand(a as unknown as Parameters<typeof biasVectorCommand>[0]),
   },

@@ -29,6 +29,7 @@ import type { DeviceName } from "../runtime/device.js";
 import { conceptVectors, PROTOCOL_RECIPE } from "../vectors/extract.js";
 import { renderSvg } from "../report/html.js";
 import { adamInit, adamStep, type AdamOptions, type AdamState } from "./adam.js";
+import { BIAS_EVAL, biasEvalPrefill, EVAL74_DEVIATIONS, evaluateBiasArm, parseLayerList, parseNumbers, type BiasArmMetrics } from "./bias-eval.js";
 
 // ---- the protocol's recipe (§7) -----------------------------------------------------------------
 
@@ -63,7 +64,6 @@ export const PROTOCOL_DEVIATIONS: readonly string[] = [
   "Optimiser: AdamW (β 0.9/0.999, ε 1e-8, decoupled weight decay 0.01, lr 1e-3, batch 8) as torch's defaults; parameters and gradients in float32, moments in float64 (the paper trains a bf16 parameter).",
   "Training examples: the protocol's targets and 0.5 control ratio; the layer/strength are drawn once per example at data-generation time (seeded) rather than on each __getitem__ call (identical for the paper's single epoch). Examples are re-shuffled per epoch from the seed.",
   "Prompts without a chat template use the protocol's fallback prompt; the target is appended after \"Assistant:\" with one space (with a chat template it is appended directly after the generation prompt, as the protocol does).",
-  "Evaluation reuses the main injection sweep (the 'original' prompt, injection from the token before 'Trial n' through generation, the protocol's forced prefill) with the bias as an extra add at every position; the protocol's §7.4 evaluation instead uses its own two-turn prompt with the model's own replies, steers the context tokens only and prefills 'The injected word is **\"'. Concept vectors are re-extracted with the bias in place (as §7.4 does).",
 ];
 
 /** Sites a bias vector can be trained at: the [dModel] activations of a block. */
@@ -85,6 +85,10 @@ export function siteDeviations(site: BiasSite, blockNorm: string): string[] {
   const same = site === "hook_mlp_out" && blockNorm === "pre" ? " (on this pre-norm model the same activation)" : "";
   return [`The bias is added at blocks.{L}.${site} (--site), not at the protocol's down_proj output blocks.{L}.${PROTOCOL_BIAS_SITE}${same}; --site ${PROTOCOL_BIAS_SITE} reproduces the paper.`];
 }
+
+/** Deviation of `--eval-protocol main` (the §7.4 evaluation is the default). */
+export const MAIN_EVAL_DEVIATION =
+  "--eval-protocol main: the evaluation reuses the main injection sweep (the 'original' prompt, injection from the token before 'Trial n' through generation, the main forced prefill) with the bias as an extra add at every position, not §7.4's two-turn prompt with the model's own replies, context-only steering and the prefill 'The injected word is **\"' (--eval-protocol 7.4, the default). Concept vectors are re-extracted with the bias in place (as §7.4 does).";
 
 /** A layer of the 62-layer reference model mapped to a model with `nLayers` layers (the protocol's int(n·fraction)). */
 export function scaleLayer(refLayer: number, nLayers: number): number {
@@ -561,6 +565,10 @@ export interface BiasVectorArgs {
   checkpointEvery?: number;
   /** Skip the evaluation sweeps. */
   noEval?: boolean;
+  /** "7.4" (default): protocol §7.4's evaluation; "main": the main injection sweep with the bias. */
+  evalProtocol?: string;
+  /** Tokens of each of the model's own replies in the §7.4 dialogue (default 200). */
+  replyTokens?: number;
   /** Use only the first N of the 100 held-out concepts (default all). */
   evalConcepts?: number;
   /** Evaluation injection layers, e.g. "2,3" (default: the protocol's 20..60 scaled, deduplicated). */
@@ -609,6 +617,13 @@ export interface BiasVectorResults {
     vector_file: string;
     checkpoint_dir: string;
   };
+  /** Which evaluation ran ("7.4" fills evaluation_74, "main" fills evaluation); null with --no-eval. */
+  evaluation_protocol: "7.4" | "main" | null;
+  evaluation_74: null | {
+    settings: { injection_layers: number[]; strengths: number[]; trials_per_concept: number; concepts: string[]; max_tokens: number; reply_tokens: number; temperature: 0; prefill: string; judge: string; judge_approximate: boolean };
+    baseline: BiasArmMetrics;
+    bias: BiasArmMetrics;
+  };
   evaluation: null | {
     settings: { layers: number[]; strengths: number[]; trials_per_concept: number; controls_per_config: number; forced: boolean; max_tokens: number; temperature: number; judges: string[] };
     baseline: ArmSummary;
@@ -653,6 +668,10 @@ export async function biasVectorCommand(args: BiasVectorArgs): Promise<BiasVecto
 }
 
 async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults> {
+  // Flags first: a typo must not cost a model load and the training data.
+  const site = parseBiasSite(args.site);
+  const evalProtocol = args.noEval ? null : (args.evalProtocol ?? "7.4");
+  if (evalProtocol !== null && evalProtocol !== "7.4" && evalProtocol !== "main") throw new UsageError(`--eval-protocol ${evalProtocol}: expected 7.4 (the paper's bias evaluation) or main (the injection sweep)`);
   const model = await Model.load(args.model, { device: args.device ?? "cpu" });
   try {
     const nL = model.config.nLayers;
@@ -673,7 +692,8 @@ async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults
       ...(args.vectorCache !== undefined ? { vectorCache: args.vectorCache } : {}),
     });
     const layer = args.layer ?? scaleLayer(BIAS_PROTOCOL.biasLayer, nL);
-    const site = parseBiasSite(args.site);
+    const evalLayers74 = evalProtocol === "7.4" ? (args.evalLayers !== undefined ? parseLayerList(args.evalLayers, nL, "--eval-layers") : [...new Set(BIAS_PROTOCOL.evalLayers.map((l) => scaleLayer(l, nL)))]) : [];
+    const evalStrengths74 = evalProtocol === "7.4" ? parseNumbers(args.evalStrengths ?? BIAS_PROTOCOL.evalStrengths.join(","), "--eval-strengths") : [];
     const batchSize = args.batchSize ?? BIAS_PROTOCOL.batchSize;
     const steps = args.steps ?? Math.ceil(data.length / batchSize);
     const lr = args.lr ?? BIAS_PROTOCOL.lr;
@@ -699,7 +719,26 @@ async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults
     fs.writeFileSync(path.join(out, "loss_curve.json"), JSON.stringify({ step: tr.losses.map((_, i) => i + 1), loss: tr.losses }) + "\n");
     const engineNotes: string[] = [];
     let evaluation: BiasVectorResults["evaluation"] = null;
-    if (!args.noEval) {
+    let evaluation74: BiasVectorResults["evaluation_74"] = null;
+    if (evalProtocol === "7.4") {
+      const judge = makeJudge((args.judges ?? ["rule"])[0]!, { cacheDir: path.join(out, "eval", "judge-cache") });
+      try {
+        const o = { concepts: heldOut, layers: evalLayers74, strengths: evalStrengths74, trials: args.evalTrials ?? BIAS_PROTOCOL.evalTrials, maxTokens: args.maxTokens ?? BIAS_EVAL.maxTokens, replyTokens: args.replyTokens ?? BIAS_EVAL.replyTokens, judge, batchSize: args.evalBatchSize ?? 16 };
+        fs.mkdirSync(path.join(out, "eval", "baseline"), { recursive: true });
+        fs.mkdirSync(path.join(out, "eval", "bias"), { recursive: true });
+        const baseline = await evaluateBiasArm(model, { ...o, ...(args.vectorCache !== undefined ? { vectorCache: args.vectorCache } : {}), transcript: path.join(out, "eval", "baseline", "trials.jsonl") });
+        // The biased model's vectors are never cached (its identity is the bias, not the file).
+        const bias = await evaluateBiasArm(withBias(model, tr.hook, tr.vector), { ...o, vectorCache: null, transcript: path.join(out, "eval", "bias", "trials.jsonl") });
+        evaluation74 = {
+          settings: { injection_layers: o.layers, strengths: o.strengths, trials_per_concept: o.trials, concepts: heldOut, max_tokens: o.maxTokens, reply_tokens: o.replyTokens, temperature: 0, prefill: biasEvalPrefill(), judge: judge.name, judge_approximate: judge.approximate },
+          baseline,
+          bias,
+        };
+      } finally {
+        judge.dispose?.();
+      }
+    }
+    if (evalProtocol === "main") {
       const evalLayers = args.evalLayers ?? [...new Set(BIAS_PROTOCOL.evalLayers.map((l) => scaleLayer(l, nL)))].join(",");
       const trials = args.evalTrials ?? BIAS_PROTOCOL.evalTrials;
       const sweep: EvaluateBiasOptions["sweep"] = {
@@ -742,7 +781,7 @@ async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults
       version: 1,
       tool: { name: "selfscope", version: VERSION },
       model: { path: path.resolve(args.model), hash: model.weightsHash(), family: model.family, nLayers: nL, dModel: model.config.dModel, blockNorm: model.config.blockNorm },
-      protocol_deviations: [...PROTOCOL_DEVIATIONS, ...siteDeviations(site, model.config.blockNorm)],
+      protocol_deviations: [...PROTOCOL_DEVIATIONS, ...siteDeviations(site, model.config.blockNorm), ...(evalProtocol === "main" ? [MAIN_EVAL_DEVIATION] : evalProtocol === "7.4" ? EVAL74_DEVIATIONS : [])],
       engine_notes: engineNotes,
       split: { seed: splitSeed, rng: "selfscope xoshiro128** Fisher–Yates (not Python's random.shuffle)", train: split.train, held_out: split.heldOut, train_used: train.length, held_out_used: heldOut.length },
       training: {
@@ -767,6 +806,8 @@ async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults
         vector_file: "bias_vector.f32",
         checkpoint_dir: "checkpoints",
       },
+      evaluation_protocol: evalProtocol,
+      evaluation_74: evaluation74,
       evaluation,
     };
     fs.writeFileSync(path.join(out, "results.json"), JSON.stringify(results, null, 1) + "\n");
@@ -832,8 +873,16 @@ async function biasReport(r: BiasVectorResults): Promise<string> {
     parts.push(`<p>first step ${t.initial_loss?.toFixed(4)} → last steps ${t.final_loss?.toFixed(4)}; ‖b‖ = ${t.vector_norm.toPrecision(4)}</p>`);
   } else parts.push(`<p>no steps run</p>`);
   const ev = r.evaluation;
-  parts.push(`<h2>Held-out evaluation</h2>`);
-  if (!ev) parts.push(`<p>not run</p>`);
+  const e74 = r.evaluation_74;
+  parts.push(`<h2>Held-out evaluation${e74 ? " (protocol §7.4)" : ""}</h2>`);
+  if (e74) {
+    const st = e74.settings;
+    parts.push(`<p>${st.concepts.length} held-out concepts × ${st.trials_per_concept} trials · injection layers ${st.injection_layers.join(", ")} · strengths ${st.strengths.join(", ")} · two-turn dialogue with the model's own replies, steering on the context only, forced prefill <code>${esc(st.prefill)}</code> · greedy, ${st.max_tokens} tokens · judge ${esc(st.judge)}${st.judge_approximate ? " <b>(rule judge: approximate)</b>" : ""}</p>`);
+    const row = (name: string, a: BiasArmMetrics) => `<tr><th>${name}</th>${rateTd(a.tpr)}${rateTd(a.fpr)}${rateTd(a.introspection_rate)}${rateTd(a.forced_identification_rate)}<td class="num">${a.unjudged}</td></tr>`;
+    parts.push(`<table><tr><th></th><th>TPR (detection)</th><th>FPR</th><th>introspection</th><th>forced ID</th><th>unjudged</th></tr>${row("without bias", e74.baseline)}${row("with bias", e74.bias)}</table>`);
+    const rows = [...e74.baseline.by_config.map((c) => ({ arm: "without bias", ...c })), ...e74.bias.by_config.map((c) => ({ arm: "with bias", ...c }))];
+    parts.push(`<table><tr><th>arm</th><th>layer</th><th>strength</th><th>TPR</th><th>introspection</th><th>forced ID</th></tr>${rows.map((c) => `<tr><td>${c.arm}</td><td class="num">${c.layer}</td><td class="num">${c.strength}</td>${rateTd(c.tpr)}${rateTd(c.introspection_rate)}${rateTd(c.forced_identification_rate)}</tr>`).join("")}</table>`);
+  } else if (!ev) parts.push(`<p>not run</p>`);
   else {
     const approx = ev.baseline.judge_approximate ? ` <b>(rule judge: approximate)</b>` : "";
     parts.push(`<p>${r.split.held_out_used} held-out concepts · layers ${ev.settings.layers.join(", ")} · strengths ${ev.settings.strengths.join(", ")} · ${ev.settings.trials_per_concept} trials per concept · ${ev.settings.controls_per_config} controls per config · temperature ${ev.settings.temperature}, ${ev.settings.max_tokens} tokens · judge ${esc(ev.baseline.judge)}${approx}</p>`);
