@@ -330,6 +330,19 @@ for (const fx of FIXTURES) {
       await checkScoped(t, [{ op: "ablate", mode: "zero", at: "blocks.3.mlp.hook_post", pos: { from: fx.p } }], fx.p);
     });
 
+    test("every op at mlp.hook_down (add, project, patch, zero- and mean-ablate)", async (t) => {
+      const at: HookName = "blocks.2.mlp.hook_down";
+      const src = (await engine.forward([fx.other], { plan: [{ op: "read", at }] })).cache.get(at);
+      assert.deepEqual(src.shape, [T, D]);
+      const mean = new Float32Array(D);
+      for (let i = 0; i < T * D; i++) mean[i % D]! += src.data[i]! / T;
+      await checkScoped(t, [{ op: "add", at, vector: randVec(31, D, fx.mag), scale: 0.7, pos: { from: fx.p } }], fx.p);
+      await checkScoped(t, [{ op: "project", at, direction: randVec(32, D, 1), pos: { from: fx.p } }], fx.p);
+      await checkScoped(t, [{ op: "patch", at, source: src.data, pos: { from: fx.p } }], fx.p);
+      await checkScoped(t, [{ op: "ablate", mode: "zero", at, pos: { from: fx.p } }], fx.p);
+      await checkScoped(t, [{ op: "ablate", mode: "mean", mean, at, pos: { from: fx.p } }], fx.p);
+    });
+
     test("add at hook_embed (and hook_pos_embed for learned positions)", async (t) => {
       await checkScoped(t, [{ op: "add", at: "hook_embed", vector: randVec(13, D, fx.mag), scale: 0.5, pos: { from: fx.p } }], fx.p);
       if (host.config.pos.kind === "learned") {
