@@ -1,6 +1,7 @@
 // Every engine against Hugging Face transformers (float64, computed on another machine; see
-// test/fixtures/hf-reference/PROVENANCE.md): logits and each layer's MLP contribution on the family fixtures, read
-// through selfscope's hooks on the cpu and wasm devices. An independent implementation, so a quirk written wrongly in
+// test/fixtures/hf-reference/PROVENANCE.md): logits, each layer's MLP contribution and down-projection output
+// (mlp.hook_down) on the family fixtures, and the logits with an add at mlp.hook_down, read through selfscope's hooks
+// on the cpu and wasm devices. An independent implementation, so a quirk written wrongly in
 // both our engines and our float64 oracle still fails here.
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
@@ -62,6 +63,23 @@ for (const device of ["cpu", "wasm"] as DeviceName[]) {
           const { logits, cache } = await model.forward([{ ids: ref.ids }], { plan: sites.map((at) => ({ op: "read" as const, at })) });
           for (const at of sites) assertClose(cache.get(at).data, tensor(family, at), { what: `${family} ${at}`, atol: 2e-5, rtol: 1e-4 });
           assertClose(logits[0]!, tensor(family, "logits"), { what: `${family} logits`, atol: 1e-4, rtol: 1e-4 });
+        } finally {
+          model.dispose();
+        }
+      });
+
+      test(`${family}: every layer's mlp.hook_down (the down projection before any post-MLP norm) and an add there`, async () => {
+        const ref = refs[family]!;
+        const model = await Model.load(fixtures.get(family)!, { device });
+        try {
+          const sites: HookName[] = Array.from({ length: model.config.nLayers }, (_, i) => hookName(i, "mlp.hook_down"));
+          const { cache } = await model.forward([{ ids: ref.ids }], { logits: "none", plan: sites.map((at) => ({ op: "read" as const, at })) });
+          for (const at of sites) assertClose(cache.get(at).data, tensor(family, at), { what: `${family} ${at}`, atol: 2e-5, rtol: 1e-4 });
+          // The reference's steering: scale · v, v_j = 0.5 sin(j + 1), at the down projection's output from position `from` on.
+          const vector = Float32Array.from({ length: model.config.dModel }, (_, j) => 0.5 * Math.sin(j + 1));
+          const plan = [{ op: "add" as const, at: ref.add.at as HookName, vector, scale: ref.add.scale, pos: { from: ref.add.from } }];
+          const steered = (await model.forward([{ ids: ref.ids }], { plan })).logits[0]!;
+          assertClose(steered, tensor(family, "logits_steered"), { what: `${family} logits with the add at ${ref.add.at}`, atol: 1e-4, rtol: 1e-4 });
         } finally {
           model.dispose();
         }
