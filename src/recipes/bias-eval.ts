@@ -190,6 +190,7 @@ function rateOf(vs: ("YES" | "NO" | null | undefined)[]): Rate {
 
 /** §7.4 on one arm (`model` is the model with or without its adapter). */
 export async function evaluateBiasArm(model: Model, o: BiasEvalOptions): Promise<BiasArmMetrics> {
+  if (!model.tokenizer) throw new UsageError(`${model.files.path} has no tokenizer; the bias evaluation needs text prompts`);
   const maxTokens = o.maxTokens ?? BIAS_EVAL.maxTokens;
   const replies = await ownReplies(model, o.replyTokens ?? BIAS_EVAL.replyTokens);
   const vecs = (

@@ -4,7 +4,8 @@
 // trained with AdamW on concept-injection trials (inject a concept vector at a random layer and
 // strength, target "Yes, I detect an injected thought. The injected word is **"x"**.", plus
 // un-injected controls with target "No, I don't detect any injected thought in this trial.") and
-// evaluated with the injection sweep on held-out concepts, with and without the vector.
+// evaluated on held-out concepts, with and without the vector: by default as protocol §7.4
+// describes (src/recipes/bias-eval.ts), or with the main injection sweep (--eval-protocol main).
 //
 // Simplifications against the protocol are listed in PROTOCOL_DEVIATIONS (and written into
 // results.json): read them before comparing numbers with the paper.
