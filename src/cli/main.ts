@@ -6,7 +6,7 @@ import { parseArgs } from "node:util";
 import { SelfscopeError } from "../core/errors.js";
 import path from "node:path";
 import { DEMO_NOTE, demoArgs } from "../eval/demo.js";
-import { buildConfig, finishRun, formatDuration, inject, resume, summaryTable, type InjectArgs } from "../eval/inject.js";
+import { buildConfig, finishRun, formatDuration, inject, rejudge, resume, summaryTable, type InjectArgs, type JudgeCallOptions } from "../eval/inject.js";
 import { planTrials } from "../eval/plan.js";
 import { computeResults, type Results } from "../eval/metrics.js";
 import { judgeAgreement } from "../judge/agreement.js";
@@ -33,9 +33,13 @@ Usage:
                      [--forced] [--yes-bias N] [--variant original,skeptical,...] [--prompt-format chat|raw]
                      [--judge rule|openai:MODEL|anthropic:MODEL|local:PATH]
                      [--max-tokens N] [--temperature T] [--seed S] [--batch-size B] [--out DIR]
-                     [--identify-all] [--failed-as-no]
-  selfscope resume   RUN_DIR [--failed-as-no] finish a killed run (every planned trial exactly once)
-  selfscope report   RUN_DIR [--failed-as-no] recompute results.json and report.html
+                     [--identify-all] [--failed-as-no] [--judge-timeout S] [--judge-retries N] [--judge-concurrency N]
+  selfscope resume   RUN_DIR [--failed-as-no] finish a killed run (every planned trial exactly once) and
+                                             retry its failed judgments
+  selfscope rejudge  RUN_DIR --judge SPEC [--failed-as-no]   judge a run again with another judge (appended to
+                                             the log); recomputes results.json and report.html with its verdicts
+  selfscope report   RUN_DIR [--failed-as-no] [--judge NAME]  recompute results.json and report.html
+                                             (default: the run's first judge)
 
   Results: every (layer, strength, variant) configuration, and the best one per variant by
   introspection rate (the paper's rule); the top-level rates are that configuration's, never pooled.
@@ -60,7 +64,16 @@ Research recipes (each writes DIR/results.json and DIR/report.html; --help for f
   selfscope geometry    --model PATH --out DIR    concept-vector geometry
   selfscope compare     --model A --model B --out DIR [--preset P]   one preset on several models, side by side
 
-PATH is a .gguf file, a .safetensors file with config.json beside it, or a Hugging Face model folder.`;
+PATH is a .gguf file, a .safetensors file with config.json beside it, or a Hugging Face model folder.
+
+Judges (--judge): rule (approximate, offline) | openai:MODEL (OPENAI_BASE_URL, OPENAI_API_KEY) | openrouter:MODEL |
+  anthropic:MODEL (ANTHROPIC_API_KEY) | local:PATH. Without --judge: openai:gpt-4.1-mini when OPENAI_API_KEY is set
+  (transcripts go to OPENAI_BASE_URL, default https://api.openai.com/v1; announced before the first request),
+  else rule. Failed judgments print as they happen, are excluded from rates, and are retried by resume;
+  a command whose judge judged nothing exits 1. Keys are never written, not even in part.
+  --judge-timeout S      seconds per judge call, whole response included (default 30)
+  --judge-retries N      retries after a failed call: timeouts, connection errors, 429, 5xx (default 2: 3 calls, as the protocol)
+  --judge-concurrency N  judge calls in flight at once (default 16; local: judge: its batch size, default 4)`;
 
 type Flags = Record<string, string | boolean | string[] | undefined>;
 
@@ -107,6 +120,9 @@ function parse(argv: string[]): { cmd: string | undefined; flags: Flags; positio
       host: { type: "string" },
       weights: { type: "string" },
       port: { type: "string" },
+      "judge-timeout": { type: "string" },
+      "judge-retries": { type: "string" },
+      "judge-concurrency": { type: "string" },
       help: { type: "boolean", short: "h" },
     },
   });
@@ -264,6 +280,24 @@ function promptFormat(f: Flags): "chat" | "raw" | undefined {
   return v;
 }
 
+/** --judge-timeout (seconds), --judge-retries, --judge-concurrency. */
+function judgeCallOptions(f: Flags): JudgeCallOptions {
+  const out: JudgeCallOptions = {};
+  const t = numFlag(f, "judge-timeout");
+  if (t !== undefined) {
+    if (!(t > 0)) throw new CliError(`--judge-timeout must be a positive number of seconds, got ${t}`);
+    out.timeoutMs = Math.max(1, Math.round(t * 1000));
+  }
+  const r = intFlag(f, "judge-retries");
+  if (r !== undefined) out.maxAttempts = r + 1;
+  const c = intFlag(f, "judge-concurrency");
+  if (c !== undefined) {
+    if (c < 1) throw new CliError("--judge-concurrency must be at least 1");
+    out.concurrency = c;
+  }
+  return out;
+}
+
 function injectArgs(f: Flags): InjectArgs {
   const opt = <K extends keyof InjectArgs>(k: K, v: InjectArgs[K] | undefined): Partial<InjectArgs> => (v === undefined ? {} : { [k]: v });
   const judge = f.judge;
@@ -294,6 +328,7 @@ function injectArgs(f: Flags): InjectArgs {
     vectorCache: str(f, "vector-cache") ?? defaultVectorCache(),
     quiet: f.quiet === true,
     command: process.argv.slice(2),
+    judgeOptions: judgeCallOptions(f),
   };
 }
 
@@ -315,7 +350,7 @@ async function cmdInject(f: Flags): Promise<void> {
 async function cmdResume(f: Flags): Promise<void> {
   const dir = positional[0];
   if (!dir) throw new CliError("usage: selfscope resume RUN_DIR");
-  const r = await resume(dir, { ...(str(f, "device") ? { device: device(f) } : {}), quiet: f.quiet === true, vectorCache: str(f, "vector-cache") ?? defaultVectorCache(), failedAsNo: f["failed-as-no"] === true });
+  const r = await resume(dir, { ...(str(f, "device") ? { device: device(f) } : {}), quiet: f.quiet === true, vectorCache: str(f, "vector-cache") ?? defaultVectorCache(), failedAsNo: f["failed-as-no"] === true, judgeOptions: judgeCallOptions(f) });
   if (r.discardedBytes > 0) process.stderr.write(`discarded a half-written last record (${r.discardedBytes} bytes)\n`);
   process.stderr.write(`resumed: ${r.generated} trials generated\n`);
   printRun(dir, r.results);
@@ -323,9 +358,20 @@ async function cmdResume(f: Flags): Promise<void> {
 
 async function cmdReport(f: Flags): Promise<void> {
   const dir = positional[0];
-  if (!dir) throw new CliError("usage: selfscope report RUN_DIR [--failed-as-no]");
-  const { results } = await finishRun(dir, { failedAsNo: f["failed-as-no"] === true });
+  if (!dir) throw new CliError("usage: selfscope report RUN_DIR [--failed-as-no] [--judge NAME]");
+  const judges = Array.isArray(f.judge) ? f.judge : [];
+  if (judges.length > 1) throw new CliError("report: pass at most one --judge (whose verdicts the results use)");
+  const { results } = await finishRun(dir, { failedAsNo: f["failed-as-no"] === true, ...(judges[0] !== undefined ? { judge: judges[0] } : {}) });
   printRun(dir, results);
+}
+
+async function cmdRejudge(f: Flags): Promise<void> {
+  const dir = positional[0];
+  const judges = Array.isArray(f.judge) ? f.judge : [];
+  if (!dir || judges.length !== 1) throw new CliError("usage: selfscope rejudge RUN_DIR --judge SPEC [--judge-timeout S] [--judge-retries N] [--judge-concurrency N]");
+  const r = await rejudge(dir, judges[0]!, { judgeOptions: judgeCallOptions(f), failedAsNo: f["failed-as-no"] === true });
+  process.stderr.write(`rejudged with ${r.judge}: ${r.judged} judgments appended to the log; results are for ${r.judge} (selfscope report ${dir} --judge ${r.judge} recomputes them the same way)\n`);
+  printRun(dir, r.results);
 }
 
 async function cmdExport(f: Flags): Promise<void> {
@@ -400,6 +446,7 @@ const COMMANDS: Record<string, (f: Flags) => Promise<void>> = {
   inject: cmdInject,
   resume: cmdResume,
   report: cmdReport,
+  rejudge: cmdRejudge,
   export: cmdExport,
   "judge-agreement": cmdJudgeAgreement,
   demo: cmdDemo,

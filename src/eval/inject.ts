@@ -3,7 +3,9 @@
 import fs from "node:fs";
 import path from "node:path";
 import { UsageError } from "../core/errors.js";
-import { makeJudge, type Judge } from "../judge/judge.js";
+import { JudgeFailures } from "../judge/failures.js";
+import { makeJudge, type Judge, type MakeJudgeOptions } from "../judge/judge.js";
+import { chooseJudges } from "../judge/select.js";
 import { readRunLog, type RunData } from "../log/read.js";
 import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type RunHeader, type VariantInfo } from "../log/schema.js";
 import { RunLogWriter, lockRun } from "../log/write.js";
@@ -15,7 +17,7 @@ import { computeResults, configName, type ConfigResults, type RateOut, type Resu
 import { planTrials, type PlannedTrial } from "./plan.js";
 import { BASE_RECIPE, CONCEPT_LISTS, LAYER_RULE, conceptList, conceptsOf, layerAt, layerFractionsOf, parseLayers, presets } from "./presets.js";
 import { FORCED_PREFILL, getVariant, hasSystemRole, renderTrial } from "./protocol.js";
-import { renderOptions, runSweep } from "./run.js";
+import { judgeTrials, renderOptions, runSweep } from "./run.js";
 
 export const VERSION: string = (JSON.parse(fs.readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string }).version;
 
@@ -51,7 +53,12 @@ export interface InjectArgs {
   vectorCache?: string | null;
   quiet?: boolean;
   command?: string[];
+  /** Operational judge settings (timeout, attempts, concurrency): not part of the experiment, so not in the header. */
+  judgeOptions?: JudgeCallOptions;
 }
+
+/** How judges are called (CLI: --judge-timeout, --judge-retries, --judge-concurrency). */
+export type JudgeCallOptions = Pick<MakeJudgeOptions, "timeoutMs" | "maxAttempts" | "concurrency">;
 
 /** --concepts: a list name (original50, new450, all500), N (the first N of the original 50), or a file. */
 export function readConcepts(spec: string): string[] {
@@ -90,7 +97,7 @@ const nums = (s: string, what: string) =>
 
 /** The protocol's judge when a key is configured, else the rule judge (approximate, and labelled so). */
 export function defaultJudges(env: NodeJS.ProcessEnv = process.env): string[] {
-  return env.OPENAI_API_KEY ? ["openai:gpt-4.1-mini"] : ["rule"];
+  return chooseJudges(undefined, env).specs;
 }
 
 /**
@@ -129,7 +136,7 @@ export function buildConfig(a: InjectArgs, nLayers: number, hasChatTemplate = tr
     },
     seed: a.seed ?? 0,
     batchSize: a.batchSize ?? 16,
-    judges: a.judges && a.judges.length > 0 ? a.judges : defaultJudges(),
+    judges: chooseJudges(a.judges).specs,
     // A base model's concept vectors come from raw text too (03), unless the preset has its own recipe.
     vectorRecipe: format === "raw" && (base.vectorRecipe ?? PROTOCOL_RECIPE).format === "chat" ? (p?.rawVectorRecipe ?? BASE_RECIPE) : (base.vectorRecipe ?? PROTOCOL_RECIPE),
     promptFormat: format,
@@ -226,14 +233,24 @@ export function progressPrinter(quiet = false): (done: number, total: number, ph
   };
 }
 
-function judgesFor(cfg: InjectConfig, runDir: string): Judge[] {
-  return cfg.judges.map((spec) => makeJudge(spec, { cacheDir: path.join(runDir, "judge-cache") }));
+/** The run's judges; `note` (a default choice, said before any request) goes to stderr. */
+function judgesFor(specs: readonly string[], runDir: string, opts: JudgeCallOptions = {}, note: string | null = null): Judge[] {
+  const judges = specs.map((spec) => makeJudge(spec, { cacheDir: path.join(runDir, "judge-cache"), ...opts }));
+  if (note !== null) process.stderr.write(note + "\n");
+  return judges;
 }
 
-/** Compute results and write results.json + report.html into the run directory. */
-export async function finishRun(runDir: string, opts: { failedAsNo?: boolean } = {}): Promise<{ run: RunData; results: Results }> {
+/**
+ * Compute results and write results.json + report.html into the run directory. `judge`: whose
+ * verdicts count (default the run's first); `failedAsNo`: score failed judgments NO.
+ */
+export async function finishRun(runDir: string, opts: { failedAsNo?: boolean; judge?: string } = {}): Promise<{ run: RunData; results: Results }> {
   const run = readRunLog(runDir);
-  const results = computeResults(run, { failedAsNo: opts.failedAsNo ?? false });
+  if (opts.judge !== undefined && !run.judgments.some((j) => j.judge === opts.judge)) {
+    const known = [...new Set(run.judgments.map((j) => j.judge))];
+    throw new UsageError(`${runDir}: no judgments by judge "${opts.judge}" in the log; judges there: ${known.join(", ") || "none"} (selfscope rejudge ${runDir} --judge SPEC adds one)`);
+  }
+  const results = computeResults(run, { failedAsNo: opts.failedAsNo ?? false, ...(opts.judge !== undefined ? { judge: opts.judge } : {}) });
   fs.writeFileSync(path.join(runDir, "results.json"), JSON.stringify(results, null, 1) + "\n");
   fs.writeFileSync(path.join(runDir, "report.html"), await renderReport(run, results));
   return { run, results };
@@ -304,17 +321,21 @@ export async function inject(a: InjectArgs): Promise<{ runDir: string; results: 
     for (const w of header.warnings ?? []) process.stderr.write(`warning: ${w}\n`);
     // Validate everything that can be wrong before the run directory is created.
     for (const v of cfg.variants) getVariant(v);
-    const judges = judgesFor(cfg, runDir);
+    const judges = judgesFor(cfg.judges, runDir, a.judgeOptions, chooseJudges(a.judges).note);
+    const failures = new JudgeFailures();
     const unlock = lockRun(runDir);
     try {
       const log = RunLogWriter.create(runDir, header);
       try {
         await announcePlan(model, cfg, new Set(), a.quiet ?? false);
-        await runSweep(model, cfg, log, null, { judges, vectorCache: a.vectorCache ?? null, progress: progressPrinter(a.quiet) });
+        await runSweep(model, cfg, log, null, { judges, failures, vectorCache: a.vectorCache ?? null, progress: progressPrinter(a.quiet) });
       } finally {
         log.close();
+        for (const j of judges) j.dispose?.();
       }
-      return { runDir, ...(await finishRun(runDir, { failedAsNo: a.failedAsNo ?? false })) };
+      const done = await finishRun(runDir, { failedAsNo: a.failedAsNo ?? false });
+      failures.finish(`selfscope resume ${runDir}`);
+      return { runDir, ...done };
     } finally {
       unlock();
     }
@@ -329,9 +350,11 @@ export interface ResumeOptions {
   vectorCache?: string | null;
   /** Score failed judgments NO in results.json (default: exclude them). */
   failedAsNo?: boolean;
+  judgeOptions?: JudgeCallOptions;
 }
 
-/** Continue a killed run: every planned trial ends up in the log exactly once. */
+/** Continue a killed run: every planned trial ends up in the log exactly once; failed judgments are retried. */
+
 export async function resume(runDir: string, opts: ResumeOptions = {}): Promise<{ results: Results; generated: number; discardedBytes: number }> {
   if (!fs.existsSync(runDir)) throw new UsageError(`${runDir}: no such run directory`);
   const unlock = lockRun(runDir);
@@ -350,17 +373,50 @@ async function resumeLocked(runDir: string, opts: ResumeOptions): Promise<{ resu
     if (model.weightsHash() !== h.model.hash) {
       throw new UsageError(`${runDir}: the model at ${h.model.path} has changed since the run started (hash ${model.weightsHash()} ≠ ${h.model.hash}); resume needs the same weights`);
     }
+    const judges = judgesFor(h.config.judges, runDir, opts.judgeOptions);
+    const failures = new JudgeFailures();
     const log = RunLogWriter.reopen(runDir);
     let generated = 0;
     try {
       await announcePlan(model, h.config, new Set(prior.trials.map((t) => t.id)), opts.quiet ?? false);
-      ({ generated } = await runSweep(model, h.config, log, prior, { judges: judgesFor(h.config, runDir), vectorCache: opts.vectorCache ?? null, progress: progressPrinter(opts.quiet) }));
+      ({ generated } = await runSweep(model, h.config, log, prior, { judges, failures, vectorCache: opts.vectorCache ?? null, progress: progressPrinter(opts.quiet) }));
     } finally {
       log.close();
+      for (const j of judges) j.dispose?.();
     }
-    return { results: (await finishRun(runDir, { failedAsNo: opts.failedAsNo ?? false })).results, generated, discardedBytes: prior.discardedBytes };
+    const { results } = await finishRun(runDir, { failedAsNo: opts.failedAsNo ?? false });
+    failures.finish(`selfscope resume ${runDir}`);
+    return { results, generated, discardedBytes: prior.discardedBytes };
   } finally {
     model.dispose();
+  }
+}
+
+/**
+ * Judge an existing run again with another judge (no model needed, except by a local: judge): every
+ * trial's missing or failed judgments by that judge are appended to the log, and results.json and
+ * report.html are recomputed with that judge's verdicts.
+ */
+export async function rejudge(runDir: string, spec: string, opts: { judgeOptions?: JudgeCallOptions; rubric?: string; failedAsNo?: boolean } = {}): Promise<{ results: Results; judge: string; judged: number }> {
+  if (!fs.existsSync(runDir)) throw new UsageError(`${runDir}: no such run directory`);
+  const unlock = lockRun(runDir);
+  try {
+    const run = readRunLog(runDir, { repair: true });
+    const judge = makeJudge(spec, { cacheDir: path.join(runDir, "judge-cache"), ...(opts.rubric !== undefined ? { rubric: opts.rubric } : {}), ...opts.judgeOptions });
+    const failures = new JudgeFailures();
+    const log = RunLogWriter.reopen(runDir);
+    let judged = 0;
+    try {
+      judged = await judgeTrials(run.trials, run.judgments, log, [judge], run.header.config.identifyAll === true, failures);
+    } finally {
+      log.close();
+      judge.dispose?.();
+    }
+    const { results } = await finishRun(runDir, { judge: judge.name, failedAsNo: opts.failedAsNo ?? false });
+    failures.finish(`selfscope rejudge ${runDir} --judge ${spec}`);
+    return { results, judge: judge.name, judged };
+  } finally {
+    unlock();
   }
 }
 

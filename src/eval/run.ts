@@ -4,7 +4,9 @@
 import { UsageError } from "../core/errors.js";
 import { hookName } from "../hooks/names.js";
 import type { Intervention } from "../hooks/plan.js";
+import type { JudgeFailures } from "../judge/failures.js";
 import type { Judge, JudgeRequest } from "../judge/judge.js";
+import { redactSecrets } from "../judge/secrets.js";
 import type { RunData } from "../log/read.js";
 import type { Criterion, InjectConfig, JudgmentRecord, TrialRecord } from "../log/schema.js";
 import type { RunLogWriter } from "../log/write.js";
@@ -18,6 +20,8 @@ export interface RunOptions {
   /** Concept-vector cache directory (null = do not cache). */
   vectorCache?: string | null;
   progress?: (done: number, total: number, phase: string) => void;
+  /** Counts (and prints) failed judgments as they happen. */
+  failures?: JudgeFailures;
 }
 
 /** Degenerate outputs are flagged in the log instead of being judged as if they were answers. */
@@ -69,7 +73,7 @@ export async function runSweep(model: Model, config: InjectConfig, log: RunLogWr
   const trials: TrialRecord[] = [...(prior?.trials ?? [])];
   let judged = 0;
   // First judge what an interrupted run generated but did not judge.
-  judged += await judgeTrials(trials, prior?.judgments ?? [], log, opts.judges, config.identifyAll === true);
+  judged += await judgeTrials(trials, prior?.judgments ?? [], log, opts.judges, config.identifyAll === true, opts.failures);
 
   const total = plan.length;
   let completed = total - todo.length;
@@ -131,7 +135,7 @@ export async function runSweep(model: Model, config: InjectConfig, log: RunLogWr
     trials.push(...records);
     completed += batch.length;
     opts.progress?.(completed, total, "generate");
-    judged += await judgeTrials(records, [], log, opts.judges, config.identifyAll === true);
+    judged += await judgeTrials(records, [], log, opts.judges, config.identifyAll === true, opts.failures);
   }
   return { generated: todo.length, judged };
 }
@@ -161,12 +165,14 @@ function trialPrompt(model: Model, config: InjectConfig, t: PlannedTrial) {
 /**
  * Judge trials for every judge and criterion still missing; appends one record per judgment.
  * Identification is asked only after a YES detection (protocol §3.2), or on every injection trial
- * with `identifyAll` (for the unconditional identification rate).
+ * with `identifyAll` (for the unconditional identification rate). A judgment that failed (verdict
+ * null) counts as missing, so `resume` and `rejudge` retry it: the retry is appended and the last
+ * verdict wins (docs/log-format.md).
  */
-export async function judgeTrials(trials: TrialRecord[], existing: JudgmentRecord[], log: RunLogWriter, judges: Judge[], identifyAll = false): Promise<number> {
+export async function judgeTrials(trials: TrialRecord[], existing: JudgmentRecord[], log: RunLogWriter, judges: Judge[], identifyAll = false, failures?: JudgeFailures): Promise<number> {
   let n = 0;
   const have = new Map<string, JudgmentRecord>();
-  for (const j of existing) have.set(`${j.trialId}|${j.judge}|${j.criterion}`, j);
+  for (const j of existing) if (j.verdict !== null) have.set(`${j.trialId}|${j.judge}|${j.criterion}`, j);
   for (const judge of judges) {
     // Two rounds: detection (and the kinds judged once), then identification after YES.
     for (let round = 0; round < 2; round++) {
@@ -189,13 +195,15 @@ export async function judgeTrials(trials: TrialRecord[], existing: JudgmentRecor
           judge: judge.name,
           criterion: req.criterion,
           verdict: r.verdict,
-          raw: r.raw,
-          error: r.error,
+          // Judges redact their own keys; any other configured key is removed here, before the log.
+          raw: r.raw === null ? null : redactSecrets(r.raw),
+          error: r.error === null ? null : redactSecrets(r.error),
           approximate: r.approximate,
           attempts: r.attempts,
           ms: Math.round(r.ms),
         };
         log.append(rec);
+        failures?.record(judge.name, t.id, req.criterion, rec.verdict, rec.error);
         have.set(`${t.id}|${judge.name}|${req.criterion}`, rec);
         n++;
       });

@@ -16,6 +16,7 @@ import { fileURLToPath } from "node:url";
 import { UsageError } from "../core/errors.js";
 import type { Criterion } from "../log/schema.js";
 import type { Model } from "../model/model.js";
+import { REDACTED, redactSecrets } from "./secrets.js";
 
 export interface JudgeRequest {
   criterion: Criterion;
@@ -45,6 +46,8 @@ export interface Judge {
   readonly approximate: boolean;
   /** Results in request order; never rejects for a per-request failure (those come back unjudged). */
   judge(reqs: JudgeRequest[], onProgress?: (done: number) => void): Promise<JudgeResult[]>;
+  /** Where an external judge sends transcripts (origin and path; absent for judges that run here). */
+  readonly endpoint?: string;
   /** Release resources (the local judge's model). Optional. */
   dispose?(): void;
 }
@@ -70,6 +73,8 @@ export interface MakeJudgeOptions {
   maxBackoffMs?: number;
   /** Cap on a server's Retry-After (default 60 000 ms). */
   maxRetryAfterMs?: number;
+  /** Where an external judge announces its endpoint, once, before its first request (default: stderr). */
+  notice?: (line: string) => void;
   /** Sleep used between attempts (tests substitute one that records the delays). */
   sleep?: (ms: number) => Promise<void>;
 }
@@ -583,6 +588,9 @@ function netReason(e: unknown): string {
 
 class HttpJudge extends BaseJudge {
   private readonly key: string | undefined;
+  private readonly env: NodeJS.ProcessEnv;
+  /** Where transcripts are sent: origin and path, nothing secret (announced before the first request). */
+  readonly endpoint: string;
   /** The full endpoint, query included. */
   private readonly url: string;
   private readonly secrets: string[];
@@ -593,6 +601,8 @@ class HttpJudge extends BaseJudge {
   private readonly maxBackoffMs: number;
   private readonly maxRetryAfterMs: number;
   private readonly sleep: (ms: number) => Promise<void>;
+  private readonly notice: (line: string) => void;
+  private announced = false;
 
   constructor(
     name: string,
@@ -603,6 +613,7 @@ class HttpJudge extends BaseJudge {
   ) {
     super(name, rubric, opts);
     const env = opts.env ?? process.env;
+    this.env = env;
     const key = env[api.keyVar];
     this.key = key !== undefined && key.trim() !== "" ? key.trim() : undefined;
     if (api.keyRequired && this.key === undefined) throw new UsageError(`judge ${name}: set ${api.keyVar} in the environment (the ${api.kind} API needs a key)`);
@@ -619,6 +630,7 @@ class HttpJudge extends BaseJudge {
     this.secrets = [...url.searchParams.values()].filter((v) => v.length >= 4);
     url.pathname = url.pathname.replace(/\/+$/, "") + (api.kind === "anthropic" ? "/v1/messages" : "/chat/completions");
     this.url = url.href;
+    this.endpoint = safeUrl(this.url);
     this.concurrency = positiveInt(opts.concurrency ?? 16, "concurrency");
     this.timeoutMs = positiveInt(opts.timeoutMs ?? 30_000, "timeoutMs");
     this.maxAttempts = positiveInt(opts.maxAttempts ?? 3, "maxAttempts");
@@ -626,6 +638,7 @@ class HttpJudge extends BaseJudge {
     this.maxBackoffMs = opts.maxBackoffMs ?? 30_000;
     this.maxRetryAfterMs = opts.maxRetryAfterMs ?? 60_000;
     this.sleep = opts.sleep ?? ((ms) => new Promise((r) => setTimeout(r, ms)));
+    this.notice = opts.notice ?? ((l) => void process.stderr.write(l + "\n"));
   }
 
   protected cacheIdentity() {
@@ -634,17 +647,9 @@ class HttpJudge extends BaseJudge {
 
   protected redact(s: string): string {
     let out = s.split(this.url).join(safeUrl(this.url));
-    for (const v of this.secrets) out = out.split(v).join("[REDACTED]");
-    if (this.key !== undefined && this.key.length > 0) {
-      out = out.split(this.key).join("[REDACTED]");
-      // Providers echo keys partially ("sk-...123"); drop long suffix/prefix fragments too.
-      if (this.key.length >= 12) {
-        for (const frag of [this.key.slice(0, 10), this.key.slice(-8)]) out = out.split(frag).join("[REDACTED]");
-      }
-    }
-    return out;
+    for (const v of this.secrets) out = out.split(v).join(REDACTED);
+    return redactSecrets(out, this.env, this.key !== undefined ? [this.key] : []);
   }
-
 
   private request(prompt: string): { url: string; headers: Record<string, string>; body: string } {
     const headers: Record<string, string> = { "content-type": "application/json", accept: "application/json" };
@@ -750,6 +755,12 @@ class HttpJudge extends BaseJudge {
   }
 
   protected async run(items: Prepared[], onEach: (i: number, r: JudgeResult) => void): Promise<void> {
+    if (items.length === 0) return;
+    // Transcripts leave this machine: say where, before the first request.
+    if (!this.announced) {
+      this.announced = true;
+      this.notice(`judge ${this.name}: sending transcripts to ${this.endpoint}${this.key !== undefined ? ` (key from ${this.api.keyVar})` : ""}`);
+    }
     let next = 0;
     const worker = async () => {
       while (next < items.length) {
@@ -792,7 +803,7 @@ class LocalJudge extends BaseJudge {
   }
 
   protected redact(s: string): string {
-    return s;
+    return redactSecrets(s);
   }
 
   private async getModel(): Promise<Model> {

@@ -21,6 +21,7 @@ import { runSweep } from "../eval/run.js";
 import { hookName, type BlockSite, type HookName } from "../hooks/names.js";
 import type { Intervention, Plan, PosSpec } from "../hooks/plan.js";
 import { makeJudge, type Judge } from "../judge/judge.js";
+import { pickJudges } from "../judge/select.js";
 import { readRunLog, type RunData } from "../log/read.js";
 import type { InjectConfig, Rate } from "../log/schema.js";
 import { lockRun, RunLogWriter } from "../log/write.js";
@@ -749,7 +750,7 @@ async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults
         controls: args.evalControls ?? trials * heldOut.length,
         forced: args.evalForced ?? true,
         yesBias: 0,
-        judges: args.judges ?? ["rule"],
+        judges: pickJudges(args.judges),
         maxTokens: args.maxTokens ?? 100,
         temperature: args.temperature ?? 0,
         seed,
@@ -885,7 +886,7 @@ async function biasReport(r: BiasVectorResults): Promise<string> {
     parts.push(`<table><tr><th>arm</th><th>layer</th><th>strength</th><th>TPR</th><th>introspection</th><th>forced ID</th></tr>${rows.map((c) => `<tr><td>${c.arm}</td><td class="num">${c.layer}</td><td class="num">${c.strength}</td>${rateTd(c.tpr)}${rateTd(c.introspection_rate)}${rateTd(c.forced_identification_rate)}</tr>`).join("")}</table>`);
   } else if (!ev) parts.push(`<p>not run</p>`);
   else {
-    const approx = ev.baseline.judge_approximate ? ` <b>(rule judge: approximate)</b>` : "";
+    const approx = ev.baseline.judge_approximate ? ` <b>(rule judge: approximate; the default only when no LLM judge is configured: set OPENAI_API_KEY or pass --judge)</b>` : "";
     parts.push(`<p>${r.split.held_out_used} held-out concepts · layers ${ev.settings.layers.join(", ")} · strengths ${ev.settings.strengths.join(", ")} · ${ev.settings.trials_per_concept} trials per concept · ${ev.settings.controls_per_config} controls per config · temperature ${ev.settings.temperature}, ${ev.settings.max_tokens} tokens · judge ${esc(ev.baseline.judge)}${approx}</p>`);
     const row = (name: string, a: ArmSummary) => `<tr><th>${name}</th>${rateTd(a.tpr)}${rateTd(a.fpr)}${rateTd(a.introspection_rate)}${rateTd(a.forced_identification_rate)}<td class="small">${esc(a.run_dir)}</td></tr>`;
     parts.push(`<table><tr><th></th><th>TPR (detection)</th><th>FPR</th><th>introspection</th><th>forced ID</th><th>run</th></tr>${row("without bias", ev.baseline)}${row("with bias", ev.bias)}</table>`);

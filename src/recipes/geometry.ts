@@ -22,6 +22,7 @@ import { hookName } from "../hooks/names.js";
 import type { Intervention } from "../hooks/plan.js";
 import type { Tokenizer } from "../io/tokenizer.js";
 import { makeJudge, type Judge, type JudgeRequest } from "../judge/judge.js";
+import { chooseJudges } from "../judge/select.js";
 import { readRunLog } from "../log/read.js";
 import type { Rate, VectorRecipe } from "../log/schema.js";
 import { readGguf, readGgufTensor } from "../io/gguf.js";
@@ -692,6 +693,8 @@ export interface GeometryResults {
   protocol: string;
   model: { path: string; family: string; nLayers: number; dModel: number };
   source: { run: string | null; rates: string | null; judge: string | null };
+  /** The judge of the swap and bidirectional trials; `note` says why it was chosen when no --judge was given. */
+  steering_judge: { name: string; approximate: boolean; note: string | null };
   /** mean_diff, mean_diff_unit, centroids, lda_axis and ridge_axis (unit, sign-corrected; 04b's primary_axis) as F32 safetensors. */
   directions_file: string;
   layer: number;
@@ -713,7 +716,7 @@ const GEOMETRY_APPROXIMATIONS = [
   "LDA is our own two-class LDA with a Ledoit-Wolf-shrunk pooled within-class covariance (needed when d > n); sklearn's default (svd solver, no shrinkage) restricts to the span of the data instead. Stratified folds are dealt from selfscope's seeded PRNG, not sklearn's, so the chosen τ can differ from a sklearn run on the same data.",
   "Ridge folds (outer shuffled 5-fold, inner contiguous 3-fold, final contiguous 5-fold) follow sklearn's KFold/RidgeCV layout but shuffle with selfscope's PRNG.",
   "The verbalizability baseline reports out-of-fold R² of pooled predictions (K = min(30, n) folds), best α on the same folds (not nested).",
-  "Swap and bidirectional trials use the protocol-02 'original' prompt and positions with the run's judge (the rule judge by default: approximate). Paired tests are exact sign tests over concepts of (condition − original) detection rates.",
+  "Swap and bidirectional trials use the protocol-02 'original' prompt and positions with the configured LLM judge by default (OPENAI_API_KEY), else the rule judge (approximate). Paired tests are exact sign tests over concepts of (condition − original) detection rates.",
   "Bidirectional pairs use the protocol's |Δproj| < 200 window on the ridge axis (mean difference when ridge is unavailable); that window is in Gemma-3-27B units, so on small models every same-class pair qualifies and the order is by |Δdetection|.",
 ];
 
@@ -851,8 +854,9 @@ export async function geometryCommand(args: GeometryArgs): Promise<GeometryResul
 
     // Steering experiments
     const trials = args.trials ?? 10;
-    const judges = args.judges && args.judges.length > 0 ? args.judges : ["rule"];
-    const judge = makeJudge(judges[0]!, { cacheDir: path.join(args.out, "judge-cache") });
+    const judgeChoice = chooseJudges(args.judges);
+    if (judgeChoice.note !== null) process.stderr.write(judgeChoice.note + "\n");
+    const judge = makeJudge(judgeChoice.specs[0]!, { cacheDir: path.join(args.out, "judge-cache") });
     const steer: SteerOptions = { layer, strength, judge, maxTokens: args.maxTokens ?? 100, temperature: args.temperature ?? 1, seed, batchSize: args.batchSize ?? 16 };
     let swap: GeometryResults["swap"] = null;
     let bidir: GeometryResults["bidirectional"] = null;
@@ -924,6 +928,7 @@ export async function geometryCommand(args: GeometryArgs): Promise<GeometryResul
       protocol: "docs/protocol.md §4.2 (LDA partition) and §8 (geometry analyses); issue 7.4",
       model: { path: args.model, family: model.family, nLayers: nL, dModel: D },
       source: { run: args.run ?? null, rates: args.rates ?? null, judge: judgeName },
+      steering_judge: { name: judge.name, approximate: judge.approximate, note: judgeChoice.note },
       directions_file: path.basename(dirFile),
       layer,
       strength,
@@ -1133,7 +1138,8 @@ ${await plotOrNote(vr, () => scatterSpec(vr, "projection on d̂", "verbalizabili
     });
     sections.push({
       title: `Swap experiment (unit direction: ${r.swap.direction})`,
-      html: `${await plotOrNote(bars, () => barsSpec(bars, "Detection by condition and class (Wilson 95%)"), "no judged trials")}
+      html: `<p class="small">Judge: ${escapeHtml(r.steering_judge.note ?? r.steering_judge.name)}${r.steering_judge.approximate && r.steering_judge.note === null ? " (approximate: rule-based)" : ""}.</p>
+${await plotOrNote(bars, () => barsSpec(bars, "Detection by condition and class (Wilson 95%)"), "no judged trials")}
 ${htmlTable(["class", "condition", "detection", "introspection", "mean Δ detection vs original", "sign test p"], r.swap.rows.map((x) => [x.cls, x.condition, fmtRate(x.detection), fmtRate(x.introspection), x.mean_delta_detection, x.sign_test_p]))}`,
     });
   }

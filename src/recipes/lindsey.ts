@@ -9,7 +9,7 @@
 //         cosine between the residual stream on the written sentence and X's concept vector.
 // The transcripts are Lindsey's Human/Assistant turns; a model with a chat template gets the same
 // turns through its template (protocol §10), a model without one gets the raw transcript.
-// Judges: "rule" (default; approximate and labelled so) or any judge spec, which is sent Lindsey's
+// Judges: the LLM judge configured in the environment by default, else "rule" (approximate and labelled so), or any judge spec, which is sent Lindsey's
 // grader prompts verbatim.
 import { createHash } from "node:crypto";
 import fs from "node:fs";
@@ -23,6 +23,7 @@ import { hookName } from "../hooks/names.js";
 import type { ChatMessage } from "../io/chat-template.js";
 import type { Intervention, Plan } from "../hooks/plan.js";
 import { findConcept, makeJudge, type Judge } from "../judge/judge.js";
+import { chooseJudges } from "../judge/select.js";
 import type { Rate, VectorRecipe } from "../log/schema.js";
 import { lockRun } from "../log/write.js";
 import { Model } from "../model/model.js";
@@ -58,7 +59,7 @@ export const SIMPLIFICATIONS: readonly string[] = [
   "Experiment 2 adds a strength-0 (no injection) row as a reference; chance for thought identification is 1/(number of choices).",
   "Experiment 3's no-injection condition does not depend on strength and is run once per pair; 'reduction' = min(no injection, random word) − prefilled word, per strength. Transcription under injection is not re-checked here (experiment 2 measures it).",
   "Experiment 4 measures the conditions given (default think / don't think); the control-word baseline is the mean cosine with the control words' vectors (default all 100). The think − don't-think difference is tested per pair (paired): percentile bootstrap CI of the mean difference and a two-sided sign-flip permutation test (exact when 2^n ≤ 65536).",
-  "Rule judge (default) is approximate: exp2 picks the earliest of the listed words that the response mentions (none = failure); exp3 reads the first claim of intent vs apology (no claim = NO, as the grader asks whether intent was claimed). LLM judges get Lindsey's grader prompts verbatim.",
+  "Rule judge (the default when no LLM judge is configured: OPENAI_API_KEY unset and no --judge) is approximate: exp2 picks the earliest of the listed words that the response mentions (none = failure); exp3 reads the first claim of intent vs apology (no claim = NO, as the grader asks whether intent was claimed). LLM judges get Lindsey's grader prompts verbatim.",
 ];
 
 // ---- rendering and token spans ------------------------------------------------------------------
@@ -727,7 +728,7 @@ export interface LindseyResults {
   version: 1;
   tool: { name: "selfscope"; version: string };
   model: { path: string; hash: string; family: string; nLayers: number; dModel: number; chatTemplate: boolean };
-  settings: { experiments: string[]; layer: number; seed: number; judge: string; judge_approximate: boolean };
+  settings: { experiments: string[]; layer: number; seed: number; judge: string; judge_approximate: boolean; judge_note: string | null };
   simplifications: readonly string[];
   exp2: Exp2Results | null;
   exp3: Exp3Results | null;
@@ -768,7 +769,9 @@ export async function lindseyCommand(args: LindseyArgs): Promise<LindseyResults>
 }
 
 async function lindseyLocked(args: LindseyArgs, exps: string[]): Promise<LindseyResults> {
-  const spec = args.judge ?? args.judges?.[0] ?? "rule";
+  const judgeChoice = chooseJudges(args.judge !== undefined ? [args.judge] : args.judges);
+  if (judgeChoice.note !== null) process.stderr.write(judgeChoice.note + "\n");
+  const spec = judgeChoice.specs[0]!;
   const grader = makeGrader(spec, { cacheDir: path.join(args.out, "judge-cache"), ...(args.judgeMaxTokens ? { maxTokens: args.judgeMaxTokens } : {}) });
   const model = await Model.load(args.model, { device: args.device ?? "cpu" }).catch((e: unknown) => {
     grader.dispose();
@@ -830,7 +833,7 @@ async function lindseyLocked(args: LindseyArgs, exps: string[]): Promise<Lindsey
       version: 1,
       tool: { name: "selfscope", version: VERSION },
       model: { path: path.resolve(args.model), hash: model.weightsHash(), family: model.family, nLayers: nL, dModel: model.config.dModel, chatTemplate: model.chatTemplate !== undefined },
-      settings: { experiments: exps, layer, seed: args.seed ?? 0, judge: grader.name, judge_approximate: grader.approximate },
+      settings: { experiments: exps, layer, seed: args.seed ?? 0, judge: grader.name, judge_approximate: grader.approximate, judge_note: judgeChoice.note },
       simplifications: SIMPLIFICATIONS,
       exp2,
       exp3,
@@ -855,7 +858,7 @@ function examples<T>(xs: T[], n: number): T[] {
 
 async function lindseyReport(r: LindseyResults): Promise<string> {
   const parts: string[] = [];
-  const approx = r.settings.judge_approximate ? " — <b>rule judge: approximate</b>" : "";
+  const approx = (r.settings.judge_approximate ? " — <b>rule judge: approximate</b>" : "") + (r.settings.judge_note ? ` (${esc(r.settings.judge_note)})` : "");
   parts.push(`<h1>Lindsey (2025) experiments 2–4 — ${esc(path.basename(r.model.path))}</h1>`);
   parts.push(`<p class="small">selfscope ${esc(r.tool.version)} · ${esc(r.model.family)}, ${r.model.nLayers} layers${r.model.chatTemplate ? ", chat template" : ", no chat template (raw Human/Assistant transcript)"} · layer ${r.settings.layer} · seed ${r.settings.seed} · judge ${esc(r.settings.judge)}${approx}</p>`);
   if (r.exp2) {

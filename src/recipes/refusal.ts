@@ -24,7 +24,7 @@ import path from "node:path";
 import type { TopLevelSpec } from "vega-lite";
 import { UsageError } from "../core/errors.js";
 import { PyRandom } from "../core/pyrandom.js";
-import { buildConfig, defaultJudges, finishRun, runHeader } from "../eval/inject.js";
+import { buildConfig, finishRun, runHeader } from "../eval/inject.js";
 import type { Results } from "../eval/metrics.js";
 import { parseLayers } from "../eval/presets.js";
 import { dataPath, firstResponse, readData } from "../eval/protocol.js";
@@ -33,6 +33,7 @@ import { hookName, type HookName } from "../hooks/names.js";
 import type { Intervention, Plan } from "../hooks/plan.js";
 import { writeSafetensors } from "../io/safetensors.js";
 import { makeJudge, type Judge, type MakeJudgeOptions } from "../judge/judge.js";
+import { pickJudges } from "../judge/select.js";
 import type { InjectConfig, Rate } from "../log/schema.js";
 import { RunLogWriter, lockRun } from "../log/write.js";
 import { expectedParams, type ModelConfig } from "../model/config.js";
@@ -1029,7 +1030,7 @@ export async function refusalCommand(args: RefusalArgs): Promise<RefusalResults>
   if (nVal === 0 && (args.select ?? true) && !args.noSelect) throw new UsageError("--n-val 0 leaves no validation prompts for the single-direction selection; pass --no-select or --n-val N");
   const H = evaluationSplit(drawn.harmful.prompts, nVal, nTest, heldOut);
   const HL = evaluationSplit(drawn.harmless.prompts, nVal, nTest, heldOut);
-  const judgeSpecs = args.judges && args.judges.length > 0 ? args.judges : defaultJudges();
+  const judgeSpecs = pickJudges(args.judges);
   const classifier = args.classifier ?? refusalClassifier(makeRefusalJudge(judgeSpecs[0]!, { cacheDir: path.join(args.out, "judge-cache") }));
   log(`refusal verdicts by ${classifier.name}${classifier.approximate ? " (phrase rule, approximate)" : " (the paper's 03d refusal prompt)"}`);
   let unjudged = 0;
@@ -1175,7 +1176,7 @@ export async function refusalCommand(args: RefusalArgs): Promise<RefusalResults>
           concepts: String(args.injectConcepts ?? 5),
           trials: args.injectTrials ?? 10,
           controls: args.injectControls ?? 10,
-          judges: args.judges && args.judges.length > 0 ? args.judges : defaultJudges(),
+          judges: judgeSpecs,
           maxTokens: args.injectMaxTokens ?? 100,
           temperature: args.injectTemperature ?? 1,
           seed,
