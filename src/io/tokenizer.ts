@@ -499,3 +499,16 @@ export function tokenizerFromGguf(file: GgufFile): Tokenizer {
     eosIds: uniq([eos, eot, eom, ...turnEnds]),
   });
 }
+
+/**
+ * A tokenizer must fit the model's embedding: an id ≥ dVocab would load and then fail (or read
+ * another row) mid-generation. A smaller tokenizer is normal (embeddings are often padded).
+ */
+export function checkTokenizerFits(tok: Tokenizer, dVocab: number, where: { tokenizerFile: string; tokenizerKey: string; modelKey: string }): void {
+  if (tok.vocabSize <= dVocab) return;
+  throw new ModelFileError(
+    where.tokenizerFile,
+    `${where.tokenizerKey} has token ids up to ${tok.vocabSize - 1}, but the model's embedding has ${dVocab} rows (${where.modelKey} = ${dVocab})`,
+    "use the tokenizer that came with these weights",
+  );
+}

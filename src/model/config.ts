@@ -124,3 +124,100 @@ export function expectedParams(c: ModelConfig): Map<string, number[]> {
   if (!c.tieEmbeddings) m.set("unembed.weight", [V, D]);
   return m;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Validation of the source configuration (config.json or GGUF metadata), before any family reads
+// it: a bad value is one error naming the file and the key, never "Invalid array length" or a
+// NaN blamed on the weights later, and never a silently different model.
+
+/** Where configuration values come from: config.json (keys as written) or GGUF metadata (keys without the `{arch}.` prefix). */
+export type ConfigSource =
+  /** `prefix` names a nested config in messages ("text_config." for multimodal Gemma 3). */
+  | { format: "hf"; get(key: string): unknown; prefix?: string }
+  | { format: "gguf"; arch: string; get(key: string): unknown };
+
+type Check = "count" | "positive" | "window";
+
+const HF_KEYS: [string, Check][] = [
+  ...(["num_hidden_layers", "n_layer", "hidden_size", "n_embd", "num_attention_heads", "n_head", "num_key_value_heads", "intermediate_size", "n_inner", "vocab_size", "head_dim", "max_position_embeddings", "n_positions", "sliding_window_pattern"] as const).map((k): [string, Check] => [k, "count"]),
+  ...(["rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar"] as const).map((k): [string, Check] => [k, "positive"]),
+  ["sliding_window", "window"],
+];
+
+const GGUF_KEYS: [string, Check][] = [
+  ...(["block_count", "embedding_length", "attention.head_count", "attention.head_count_kv", "feed_forward_length", "context_length", "attention.key_length", "attention.value_length"] as const).map((k): [string, Check] => [k, "count"]),
+  ...(["attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.freq_base", "rope.freq_base_swa"] as const).map((k): [string, Check] => [k, "positive"]),
+  ["attention.sliding_window", "window"],
+];
+
+/** Why `v` is not acceptable for a key checked as `check` (null when it is). */
+function problem(v: unknown, check: Check, format: "hf" | "gguf"): string | null {
+  if (typeof v !== "number") return "is not a number";
+  switch (check) {
+    case "count":
+      return Number.isInteger(v) && v > 0 ? null : "must be a positive integer";
+    case "positive":
+      return Number.isFinite(v) && v > 0 ? null : "must be a finite number greater than 0";
+    case "window":
+      // llama.cpp reads a GGUF window of 0 as "no sliding window"; config.json says so with null.
+      if (format === "gguf") return Number.isInteger(v) && v >= 0 ? null : "must be a non-negative integer (0 = no sliding window)";
+      return Number.isInteger(v) && v > 0 ? null : "must be a positive number of tokens (or null for no sliding window)";
+  }
+}
+
+/**
+ * Check the configuration values every family reads; throws one line naming the file and the key.
+ * `layer_types` / `sliding_window_pattern` lists must have one entry per layer.
+ */
+export function validateConfigSource(file: string, src: ConfigSource, fail: (file: string, problem: string, fix: string) => Error): void {
+  const fixIn = src.format === "hf" ? "fix config.json" : "re-convert the GGUF (or fix its metadata)";
+  const err = (key: string, v: unknown, why: string) => fail(file, `${key} = ${JSON.stringify(v)} ${why}`, fixIn);
+  // GGUF keys carry the architecture; the name shown for a config.json key includes its nesting.
+  const full = (k: string) => (src.format === "gguf" ? `${src.arch}.${k}` : k);
+  const shown = (k: string) => (src.format === "hf" ? `${src.prefix ?? ""}${k}` : k);
+  for (const [k, check] of src.format === "hf" ? HF_KEYS : GGUF_KEYS) {
+    const v = src.get(full(k));
+    if (v === undefined || v === null) continue;
+    // config.json's sliding_window is ignored when use_sliding_window is false (Qwen2).
+    if (src.format === "hf" && k === "sliding_window" && src.get("use_sliding_window") === false) continue;
+    // GGUF per-layer head counts are arrays (checked per entry).
+    if (src.format === "gguf" && Array.isArray(v)) {
+      const bad = v.findIndex((x) => problem(x, "count", "gguf") !== null && x !== 0);
+      if (bad >= 0) throw err(`${shown(full(k))}[${bad}]`, v[bad], "must be a non-negative integer");
+      continue;
+    }
+    const why = problem(v, check, src.format);
+    if (why !== null) throw err(shown(full(k)), v, why);
+  }
+  const nKey = src.format === "hf" ? (src.get("num_hidden_layers") !== undefined ? "num_hidden_layers" : "n_layer") : full("block_count");
+  const n = src.get(nKey);
+  if (typeof n !== "number") return;
+  const listKey = src.format === "hf" ? "layer_types" : full("attention.sliding_window_pattern");
+  const list = src.get(listKey);
+  if (Array.isArray(list)) {
+    if (list.length !== n) throw fail(file, `${shown(listKey)} has ${list.length} entries but ${shown(nKey)} = ${n}: it must list one entry per layer`, fixIn);
+    if (src.format === "hf") {
+      const bad = list.findIndex((t) => t !== "sliding_attention" && t !== "full_attention");
+      if (bad >= 0) throw err(`${shown(listKey)}[${bad}]`, list[bad], 'must be "sliding_attention" or "full_attention"');
+    }
+  } else if (src.format === "gguf" && list !== undefined && problem(list, "count", "gguf") !== null) {
+    throw err(listKey, list, "must be a positive integer period or one boolean per layer");
+  }
+}
+
+/** Check a converted config (whatever its source): what the forward pass needs, named by config field. */
+export function validateModelConfig(c: ModelConfig): string | null {
+  for (const k of ["dModel", "nLayers", "nHeads", "nKvHeads", "dHead", "dMlp", "dVocab", "nCtx"] as const) {
+    if (!Number.isInteger(c[k]) || c[k] <= 0) return `configuration gives ${k} = ${c[k]} (must be a positive integer)`;
+  }
+  if (c.nHeads % c.nKvHeads !== 0) return `nHeads ${c.nHeads} is not a multiple of nKvHeads ${c.nKvHeads}`;
+  if (!(Number.isFinite(c.norm.eps) && c.norm.eps > 0)) return `configuration gives norm epsilon = ${c.norm.eps} (must be > 0)`;
+  if (c.pos.kind === "rope") {
+    if (!(Number.isFinite(c.pos.theta) && c.pos.theta > 0)) return `configuration gives rope theta = ${c.pos.theta} (must be > 0)`;
+    if (c.pos.localTheta !== undefined && !(Number.isFinite(c.pos.localTheta) && c.pos.localTheta > 0)) return `configuration gives local rope theta = ${c.pos.localTheta} (must be > 0)`;
+  }
+  if (c.layerTypes.length !== c.nLayers) return `configuration gives ${c.layerTypes.length} layer types for ${c.nLayers} layers`;
+  if (c.slidingWindow !== undefined && !(Number.isInteger(c.slidingWindow) && c.slidingWindow > 0)) return `configuration gives sliding window = ${c.slidingWindow} (must be a positive integer)`;
+  if (c.layerTypes.includes("sliding") && c.slidingWindow === undefined) return "configuration has sliding-window layers but no window size";
+  return null;
+}

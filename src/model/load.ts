@@ -11,7 +11,7 @@ export class NumericalWeightsError extends ModelFileError {
 import { checkGgufTensorReadable, GgmlType, ggufTensorShape, readGguf, readGgufTensor, readRangeInto, type GgufFile } from "../io/gguf.js";
 import { resolveModelPath } from "../io/hub-cache.js";
 import { checkStTensorReadable, openSafetensors, readStTensor, type SafetensorsSet } from "../io/safetensors.js";
-import { expectedParams, type ModelConfig } from "./config.js";
+import { expectedParams, validateConfigSource, validateModelConfig, type ModelConfig } from "./config.js";
 import type { Family, HfConfig, WeightSource, WeightTable } from "./family.js";
 import { FAMILIES } from "./families/index.js";
 
@@ -141,6 +141,7 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
     if (typeof arch !== "string") throw new ModelFileError(files.weights, "missing general.architecture");
     const family = pickFamily("gguf", arch, files.weights);
     if (!family.fromGguf || !family.gguf) throw new UnsupportedArchitectureError(files.weights, `family ${family.id} has no GGUF mapping`);
+    validateConfigSource(files.weights, { format: "gguf", arch, get: (k) => g.metadata.get(k) }, configError);
     const config = withConfigErrors(files.weights, () => family.fromGguf!(g));
     check?.(config, files.weights);
     const dtypes = new Set([...g.tensors.values()].map((t) => String(t.type)));
@@ -164,6 +165,9 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
   const arch = Array.isArray(archs) && typeof archs[0] === "string" ? archs[0] : String(hf.model_type ?? "unknown");
   const family = pickFamily("hf", arch, files.configJson!);
   if (!family.fromHf || !family.safetensors) throw new UnsupportedArchitectureError(files.configJson!, `family ${family.id} has no safetensors mapping`);
+  validateConfigSource(files.configJson!, { format: "hf", get: (k) => hf[k] }, configError);
+  const text = hf.text_config;
+  if (typeof text === "object" && text !== null && !Array.isArray(text)) validateConfigSource(files.configJson!, { format: "hf", get: (k) => (text as Record<string, unknown>)[k], prefix: "text_config." }, configError);
   const config = withConfigErrors(files.configJson!, () => family.fromHf!(hf));
   check?.(config, files.path);
   if (files.generationConfig) {
@@ -196,12 +200,12 @@ function withConfigErrors(file: string, f: () => ModelConfig): ModelConfig {
   } catch (e) {
     throw new ModelFileError(file, (e as Error).message, "check the model's configuration");
   }
-  for (const k of ["dModel", "nLayers", "nHeads", "nKvHeads", "dHead", "dMlp", "dVocab"] as const) {
-    if (!Number.isInteger(c[k]) || c[k] <= 0) throw new ModelFileError(file, `configuration gives ${k} = ${c[k]}`, "check the model's configuration");
-  }
-  if (c.nHeads % c.nKvHeads !== 0) throw new ModelFileError(file, `nHeads ${c.nHeads} is not a multiple of nKvHeads ${c.nKvHeads}`);
+  const bad = validateModelConfig(c);
+  if (bad !== null) throw new ModelFileError(file, bad, "check the model's configuration");
   return c;
 }
+
+const configError = (file: string, problem: string, fix: string) => new ModelFileError(file, problem, fix);
 
 /** One canonical weight's recipe: which source tensor, how to transform it, and its checked shape. */
 interface Planned {

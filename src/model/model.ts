@@ -4,7 +4,7 @@ import { createHash } from "node:crypto";
 import fs from "node:fs";
 import { UsageError } from "../core/errors.js";
 import { renderChat, chatTemplateFromTokenizerConfig, type ChatMessage } from "../io/chat-template.js";
-import { loadTokenizerJson, tokenizerFromGguf, type Tokenizer } from "../io/tokenizer.js";
+import { checkTokenizerFits, loadTokenizerJson, tokenizerFromGguf, type Tokenizer } from "../io/tokenizer.js";
 import { getDeviceInfo, initDevice, type DeviceInfo, type DeviceName } from "../runtime/device.js";
 import type { ModelConfig } from "./config.js";
 import { CpuEngine } from "../cpu/engine.js";
@@ -188,8 +188,14 @@ export function hostChatTemplate(host: HostModel): string | undefined {
 function tokenizerOf(host: HostModel): { tokenizer?: Tokenizer; chatTemplate?: string } {
   const out: { tokenizer?: Tokenizer; chatTemplate?: string } = {};
   if (host.gguf) {
-    if (host.gguf.metadata.has("tokenizer.ggml.model")) out.tokenizer = tokenizerFromGguf(host.gguf);
-  } else if (host.files.tokenizerJson) out.tokenizer = loadTokenizerJson(host.files.tokenizerJson, host.files.tokenizerConfig ?? null);
+    if (host.gguf.metadata.has("tokenizer.ggml.model")) {
+      out.tokenizer = tokenizerFromGguf(host.gguf);
+      checkTokenizerFits(out.tokenizer, host.config.dVocab, { tokenizerFile: host.gguf.path, tokenizerKey: "tokenizer.ggml.tokens", modelKey: "token_embd.weight rows" });
+    }
+  } else if (host.files.tokenizerJson) {
+    out.tokenizer = loadTokenizerJson(host.files.tokenizerJson, host.files.tokenizerConfig ?? null);
+    checkTokenizerFits(out.tokenizer, host.config.dVocab, { tokenizerFile: host.files.tokenizerJson, tokenizerKey: "model.vocab/added_tokens", modelKey: `${host.files.configJson ?? "config.json"}: vocab_size` });
+  }
   const tpl = hostChatTemplate(host);
   if (tpl) out.chatTemplate = tpl;
   return out;
