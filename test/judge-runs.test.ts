@@ -173,6 +173,19 @@ describe("judge failures, resume and rejudge through the CLI", () => {
   });
 });
 
+test("--judge-timeout / --judge-retries / --judge-concurrency: bad values are one-line errors naming the flag", async () => {
+  for (const [flag, value, want] of [
+    ["--judge-timeout", "0", /--judge-timeout must be a positive number of seconds/],
+    ["--judge-retries", "-1", /--judge-retries must be a non-negative integer/],
+    ["--judge-concurrency", "0", /--judge-concurrency must be at least 1/],
+  ] as const) {
+    const r = await runCli(["inject", ...SMALL, "--judge", "rule", `${flag}=${value}`, "--out", path.join(tmpRoot, "never")]);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, want);
+    assert.ok(!fs.existsSync(path.join(tmpRoot, "never")));
+  }
+});
+
 describe("the default LLM judge is announced before the first request", () => {
   const api = new FakeJudgeServer();
   const saved = { ...process.env };
