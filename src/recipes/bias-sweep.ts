@@ -8,6 +8,7 @@ import { UsageError } from "../core/errors.js";
 import { VERSION } from "../eval/inject.js";
 import type { HookName } from "../hooks/names.js";
 import { makeJudge } from "../judge/judge.js";
+import { pickJudges } from "../judge/select.js";
 import type { Rate } from "../log/schema.js";
 import { lockRun } from "../log/write.js";
 import { Model } from "../model/model.js";
@@ -108,7 +109,7 @@ export async function biasSweepCommand(args: BiasSweepArgs): Promise<BiasSweepRe
 async function sweepLocked(args: BiasSweepArgs): Promise<BiasSweepResults> {
   const site = parseBiasSite(args.site);
   const model = await Model.load(args.model, { device: args.device ?? "cpu" });
-  const judgeSpecs = args.judges ?? ["rule"];
+  const judgeSpecs = pickJudges(args.judges);
   const judge = makeJudge(judgeSpecs[0]!, { cacheDir: path.join(args.out, "judge-cache") });
   try {
     const nL = model.config.nLayers;

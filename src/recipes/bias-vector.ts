@@ -723,7 +723,7 @@ async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults
     let evaluation: BiasVectorResults["evaluation"] = null;
     let evaluation74: BiasVectorResults["evaluation_74"] = null;
     if (evalProtocol === "7.4") {
-      const judge = makeJudge((args.judges ?? ["rule"])[0]!, { cacheDir: path.join(out, "eval", "judge-cache") });
+      const judge = makeJudge(pickJudges(args.judges)[0]!, { cacheDir: path.join(out, "eval", "judge-cache") });
       try {
         const o = { concepts: heldOut, layers: evalLayers74, strengths: evalStrengths74, trials: args.evalTrials ?? BIAS_PROTOCOL.evalTrials, maxTokens: args.maxTokens ?? BIAS_EVAL.maxTokens, replyTokens: args.replyTokens ?? BIAS_EVAL.replyTokens, judge, batchSize: args.evalBatchSize ?? 16 };
         fs.mkdirSync(path.join(out, "eval", "baseline"), { recursive: true });
