@@ -478,10 +478,11 @@ for (const fx of FIXTURES) {
           row,
         },
         {
-          // The source covers positions 0..15: prompt slots and the first decoded ones are patched.
+          // The source covers positions 0..15: prompt slots and the first decoded ones are patched
+          // (a scope past the source is an error, tested below).
           name: "patch resid_mid into prompt and decoded positions",
-          plan: [{ op: "patch", at: "blocks.3.hook_resid_mid", source: patchSrc, pos: { from: 5 } }],
-          ref: [{ op: "patch", at: "blocks.3.hook_resid_mid", source: patchSrc, pos: { from: 5 } }],
+          plan: [{ op: "patch", at: "blocks.3.hook_resid_mid", source: patchSrc, pos: { from: 5, to: patchSrc.length / D } }],
+          ref: [{ op: "patch", at: "blocks.3.hook_resid_mid", source: patchSrc, pos: { from: 5, to: patchSrc.length / D } }],
           row: { ids },
         },
         {
@@ -684,6 +685,47 @@ for (const fx of FIXTURES) {
       await rejectsWith(engine.forward([[ids[0]!, -1]]), UsageError, /token id -1 is outside the vocabulary/);
       await rejectsWith(engine.generate([[ids[0]!, V]], { maxTokens: 2 }), UsageError, /outside the vocabulary/);
       await rejectsWith(engine.generate([[]], { maxTokens: 2 }), UsageError, /every row needs at least one token/);
+    });
+
+    test("a patch whose scope reaches past its source is an error, in forward and generate, not a partial patch", async () => {
+      const at: HookName = "blocks.1.hook_resid_mid";
+      const full = (await engine.forward([fx.other], { plan: [{ op: "read", at }] })).cache.get(at).data;
+      const short = full.slice(0, 8 * D); // positions 0..7 of a T-position prompt
+      const fwd = (pos: Intervention["pos"], source = short) => engine.forward([fx.prompt], { plan: [{ op: "patch", at, source, ...(pos ? { pos } : {}) }, { op: "read", at }] });
+      await rejectsWith(fwd({ from: 2 }), UsageError, /patch at blocks\.1\.hook_resid_mid: its scope reaches position 8 of row 0 .*source holds positions 0\.\.7 only/);
+      await rejectsWith(fwd(undefined), UsageError, /reaches position 8 of row 0/);
+      await rejectsWith(fwd({ from: 10 }), UsageError, /reaches position 10 of row 0/);
+      // Within the source it patches exactly those positions and nothing else.
+      const got = (await fwd({ from: 2, to: 8 })).cache.get(at).data;
+      assert.deepEqual(got.subarray(2 * D, 8 * D), short.subarray(2 * D, 8 * D), "in scope: the source");
+      assert.notDeepEqual(got.subarray(8 * D, 9 * D), full.subarray(8 * D, 9 * D), "past the scope: the live activation");
+      // generate runs the prompt and every generated token but the last: a prompt-length source
+      // covers maxTokens 1 and nothing longer.
+      const gen = (maxTokens: number, pos?: Intervention["pos"]) => engine.generate([fx.prompt], { maxTokens, stop: [], plan: [{ op: "patch", at, source: full, ...(pos ? { pos } : {}) }] });
+      await gen(1);
+      await rejectsWith(gen(4), UsageError, new RegExp(`reaches position ${T} of row 0 \\(the call runs prompt and generated positions 0\\.\\.${T + 2}\\)`));
+      await rejectsWith(gen(3, "generated"), UsageError, new RegExp(`reaches position ${T} of row 0`));
+      await gen(4, "prompt");
+      // In a batch, the row the patch is for decides.
+      await rejectsWith(
+        engine.forward([fx.other.slice(0, 6), fx.prompt], { plan: [{ op: "patch", at, source: short, rows: [1] }] }),
+        UsageError,
+        /reaches position 8 of row 1/,
+      );
+      await engine.forward([fx.prompt.slice(0, 8), fx.prompt], { plan: [{ op: "patch", at, source: short, rows: [0] }] });
+    });
+
+    test("an unknown op or a payload its op lacks is a UsageError naming the plan entry, not a TypeError", async () => {
+      const ids = fx.prompt;
+      const v = new Float32Array(D);
+      const bad = (iv: Record<string, unknown>) => [{ op: "read", at: "blocks.0.hook_resid_post" }, iv] as unknown as Plan;
+      for (const call of [(plan: Plan) => engine.forward([ids], { plan }), (plan: Plan) => engine.generate([ids], { maxTokens: 2, plan })]) {
+        await rejectsWith(call(bad({ op: "steer", at: "blocks.1.hook_resid_post", vector: v })), UsageError, /^plan\[1\] \(steer at blocks\.1\.hook_resid_post\): unknown op "steer"; use one of read, add, project, patch, ablate$/);
+        await rejectsWith(call(bad({ op: "patch", at: "blocks.1.hook_resid_post", vector: v })), UsageError, /plan\[1\] \(patch at .*\): source must be a Float32Array, got nothing/);
+        await rejectsWith(call(bad({ op: "add", at: "blocks.1.hook_resid_post", direction: v })), UsageError, /vector must be a Float32Array/);
+        await rejectsWith(call(bad({ op: "add", at: "blocks.1.hook_resid_post", vector: v, scale: "2" })), UsageError, /scale must be a number/);
+        await rejectsWith(call(bad({ op: "ablate", mode: "Mean", at: "blocks.1.hook_resid_post", mean: v })), UsageError, /mode must be "zero" or "mean", got "Mean"/);
+      }
     });
   });
 }

@@ -10,7 +10,7 @@ import { buildConfig, finishRun, formatDuration, inject, rejudge, resume, summar
 import { planTrials } from "../eval/plan.js";
 import { computeResults, type Results } from "../eval/metrics.js";
 import { judgeAgreement } from "../judge/agreement.js";
-import { readRunLog } from "../log/read.js";
+import { readRun } from "../eval/runlog.js";
 import { Model } from "../model/model.js";
 import { exportCsv, exportParquet } from "../report/export.js";
 import { serveRun } from "../report/server.js";
@@ -379,7 +379,7 @@ async function cmdExport(f: Flags): Promise<void> {
   if (!dir) throw new CliError("usage: selfscope export RUN_DIR [--format csv|parquet] [--out FILE]");
   const fmt = str(f, "format") ?? "csv";
   if (fmt !== "csv" && fmt !== "parquet") throw new CliError(`--format must be csv or parquet`);
-  const run = readRunLog(dir);
+  const run = readRun(dir);
   const results = computeResults(run, { bootstrap: 0 });
   const out = str(f, "out") ?? path.join(dir, `trials.${fmt}`);
   if (fmt === "csv") exportCsv(run, results, out);
@@ -390,7 +390,7 @@ async function cmdExport(f: Flags): Promise<void> {
 async function cmdJudgeAgreement(f: Flags): Promise<void> {
   const dir = positional[0];
   if (!dir) throw new CliError("usage: selfscope judge-agreement RUN_DIR [--judge A --judge B | --human FILE]");
-  const run = readRunLog(dir);
+  const run = readRun(dir);
   const judges = Array.isArray(f.judge) ? f.judge : [];
   const human = str(f, "human");
   const rep = judgeAgreement(run, { judges, ...(human ? { human } : {}) });
@@ -404,14 +404,14 @@ async function cmdDemo(f: Flags): Promise<void> {
   printRun(runDir, results);
   // Wall time of the whole command, process start included.
   process.stdout.write(`  wall time: ${formatDuration(process.uptime())}\n`);
-  process.stdout.write(nextStep(readRunLog(runDir)) + "\n");
+  process.stdout.write(nextStep(readRun(runDir)) + "\n");
 }
 
 /**
  * The suggested next step with its size and an estimate of its generation time on this machine:
  * the demo's own seconds per generated-token slot, scaled to the preset's trials × max tokens.
  */
-function nextStep(run: ReturnType<typeof readRunLog>): string {
+function nextStep(run: ReturnType<typeof readRun>): string {
   const cfg = buildConfig({ model: "", preset: "macar2026" }, run.header.model.nLayers);
   const trials = planTrials(cfg).length;
   const maxTokens = cfg.generation.maxTokens;

@@ -3,23 +3,26 @@
 import fs from "node:fs";
 import path from "node:path";
 import { UsageError } from "../core/errors.js";
+import { VERSION } from "../core/package.js";
 import { JudgeFailures } from "../judge/failures.js";
 import { makeJudge, type Judge, type MakeJudgeOptions } from "../judge/judge.js";
 import { chooseJudges } from "../judge/select.js";
-import { readRunLog, type RunData } from "../log/read.js";
+import type { RunData } from "../log/read.js";
 import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type RunHeader, type VariantInfo } from "../log/schema.js";
 import { RunLogWriter, lockRun } from "../log/write.js";
+import { legacyWeightsHash } from "../model/load.js";
 import { Model } from "../model/model.js";
 import { renderReport } from "../report/html.js";
 import type { DeviceName } from "../runtime/device.js";
 import { PROTOCOL_RECIPE } from "../vectors/extract.js";
 import { computeResults, configName, type ConfigResults, type RateOut, type Results } from "./metrics.js";
 import { planTrials, type PlannedTrial } from "./plan.js";
+import { readRun } from "./runlog.js";
 import { BASE_RECIPE, CONCEPT_LISTS, LAYER_RULE, conceptList, conceptsOf, layerAt, layerFractionsOf, parseLayers, presets } from "./presets.js";
 import { FORCED_PREFILL, getVariant, hasSystemRole, renderTrial } from "./protocol.js";
 import { judgeTrials, renderOptions, runSweep } from "./run.js";
 
-export const VERSION: string = (JSON.parse(fs.readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string }).version;
+export { VERSION } from "../core/package.js";
 
 export interface InjectArgs {
   model: string;
@@ -245,7 +248,7 @@ function judgesFor(specs: readonly string[], runDir: string, opts: JudgeCallOpti
  * verdicts count (default the run's first); `failedAsNo`: score failed judgments NO.
  */
 export async function finishRun(runDir: string, opts: { failedAsNo?: boolean; judge?: string } = {}): Promise<{ run: RunData; results: Results }> {
-  const run = readRunLog(runDir);
+  const run = readRun(runDir);
   if (opts.judge !== undefined && !run.judgments.some((j) => j.judge === opts.judge)) {
     const known = [...new Set(run.judgments.map((j) => j.judge))];
     throw new UsageError(`${runDir}: no judgments by judge "${opts.judge}" in the log; judges there: ${known.join(", ") || "none"} (selfscope rejudge ${runDir} --judge SPEC adds one)`);
@@ -299,7 +302,16 @@ export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, co
     createdAt: new Date().toISOString(),
     tool: { name: "selfscope", version: VERSION },
     // Absolute, so `resume` works from any working directory.
-    model: { path: path.resolve(modelPath), hash: model.weightsHash(), family: model.family, nLayers: model.config.nLayers, dModel: model.config.dModel, dtype: model.sourceDtype, chatTemplate: model.chatTemplate !== undefined },
+    model: {
+      path: path.resolve(modelPath),
+      hash: model.weightsHash(),
+      family: model.family,
+      nLayers: model.config.nLayers,
+      dModel: model.config.dModel,
+      dtype: model.sourceDtype,
+      chatTemplate: model.chatTemplate !== undefined,
+      identity: (({ tokenizer, chatTemplate, config }) => ({ tokenizer, chatTemplate, config }))(model.identity()),
+    },
     backend: { device: model.device.name, adapter: model.device.adapter },
     config: cfg,
     plannedTrials: planTrials(cfg).length,
@@ -366,13 +378,11 @@ export async function resume(runDir: string, opts: ResumeOptions = {}): Promise<
 }
 
 async function resumeLocked(runDir: string, opts: ResumeOptions): Promise<{ results: Results; generated: number; discardedBytes: number }> {
-  const prior = readRunLog(runDir, { repair: true });
+  const prior = readRun(runDir, { repair: true });
   const h = prior.header;
   const model = await Model.load(h.model.path, { device: opts.device ?? (h.backend.device as DeviceName) });
   try {
-    if (model.weightsHash() !== h.model.hash) {
-      throw new UsageError(`${runDir}: the model at ${h.model.path} has changed since the run started (hash ${model.weightsHash()} ≠ ${h.model.hash}); resume needs the same weights`);
-    }
+    checkSameModel(runDir, h, model);
     const judges = judgesFor(h.config.judges, runDir, opts.judgeOptions);
     const failures = new JudgeFailures();
     const log = RunLogWriter.reopen(runDir);
@@ -401,7 +411,7 @@ export async function rejudge(runDir: string, spec: string, opts: { judgeOptions
   if (!fs.existsSync(runDir)) throw new UsageError(`${runDir}: no such run directory`);
   const unlock = lockRun(runDir);
   try {
-    const run = readRunLog(runDir, { repair: true });
+    const run = readRun(runDir, { repair: true });
     const judge = makeJudge(spec, { cacheDir: path.join(runDir, "judge-cache"), ...(opts.rubric !== undefined ? { rubric: opts.rubric } : {}), ...opts.judgeOptions });
     const failures = new JudgeFailures();
     const log = RunLogWriter.reopen(runDir);
@@ -419,6 +429,32 @@ export async function rejudge(runDir: string, spec: string, opts: { judgeOptions
     unlock();
   }
 }
+
+/**
+ * Refuse to continue a run on another model: the weights (every byte), tokenizer, chat template
+ * and config must be the ones in the header. A 0.1 header holds only a partial weights hash: it is
+ * checked as it was then, with a warning that it cannot see the middle of the file.
+ */
+export function checkSameModel(runDir: string, h: RunHeader, model: Model, warn: (m: string) => void = (m) => void process.stderr.write(`selfscope: ${m}\n`)): void {
+  const refuse = (what: string, now: string | null, then: string | null) =>
+    new UsageError(
+      `${runDir}: the model at ${h.model.path} is not the one this run started with (${what} ${short(now)} ≠ ${short(then)} in the log header); ` +
+        `resume needs the same model: restore it, or start a new run with \`selfscope inject\``,
+    );
+  if (/^[0-9a-f]{16}$/.test(h.model.hash)) {
+    const legacy = legacyWeightsHash(model.files);
+    if (legacy !== h.model.hash) throw refuse("partial weights hash", legacy, h.model.hash);
+    warn(`${runDir} was started by selfscope 0.1, whose header identifies the weights by their size and first and last MiB only; that matches, but a checkpoint differing elsewhere would too`);
+  } else if (model.weightsHash() !== h.model.hash) throw refuse("weights sha256", model.weightsHash(), h.model.hash);
+  const was = h.model.identity;
+  if (!was) return;
+  const now = model.identity();
+  for (const [k, label] of [["tokenizer", "tokenizer sha256"], ["chatTemplate", "chat template sha256"], ["config", "config sha256"]] as const) {
+    if (now[k] !== was[k]) throw refuse(label, now[k], was[k]);
+  }
+}
+
+const short = (s: string | null) => (s === null ? "none" : s.length > 16 ? `${s.slice(0, 16)}…` : s);
 
 /** What "introspection" means, in one line (printed under the summary table). */
 export const INTROSPECTION_DEFINITION =

@@ -119,6 +119,7 @@ export async function runSweep(model: Model, config: InjectConfig, log: RunLogWr
         ...(t.question ? { question: t.question } : {}),
         injected: t.kind === "control" ? null : { from: r.injectFrom, to: null, promptTokens: r.ids.length },
         prompt: r.text,
+        promptIds: r.ids,
         judgePrompt: r.question,
         prefill: t.kind === "forced" ? FORCED_PREFILL : null,
         output: out,

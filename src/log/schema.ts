@@ -94,7 +94,18 @@ export interface RunHeader {
   version: number;
   createdAt: string;
   tool: { name: "selfscope"; version: string };
-  model: { path: string; hash: string; family: string; nLayers: number; dModel: number; dtype: string; chatTemplate: boolean };
+  model: {
+    path: string;
+    /** sha256 (hex) of every byte of every weight file; 16 hex digits in logs of selfscope 0.1 (size + first/last MiB only). */
+    hash: string;
+    family: string;
+    nLayers: number;
+    dModel: number;
+    dtype: string;
+    chatTemplate: boolean;
+    /** sha256 of the tokenizer files, the chat template and the resolved config (null: none); absent in older logs. */
+    identity?: { tokenizer: string | null; chatTemplate: string | null; config: string };
+  };
   backend: { device: string; adapter: string };
   config: InjectConfig;
   /** Number of planned trials (the plan itself is a pure function of config). */
@@ -121,8 +132,14 @@ export interface TrialRecord {
   question?: string;
   /** Absolute token positions that received the vector: [from, to) with to = null meaning "through generation". */
   injected: { from: number; to: number | null; promptTokens: number } | null;
-  /** Rendered prompt text (after the chat template), including any prefill. */
+  /**
+   * Rendered prompt text (after the chat template), including any prefill. Special tokens are in
+   * it as text (BOS too): re-encode it with `model.encode({ text: prompt })`, never as a plain string
+   * prompt, which would add a second BOS.
+   */
   prompt: string;
+  /** The exact token ids the trial ran on (prompt and prefill); absent in logs before selfscope 0.2. */
+  promptIds?: number[];
   /** What judges see as {prompt}: the trial question (02) or the whole prompt (persona/framing variants). */
   judgePrompt: string;
   prefill: string | null;

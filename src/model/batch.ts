@@ -3,7 +3,7 @@
 import { NumericalError, UsageError } from "../core/errors.js";
 import { Rng } from "../core/rng.js";
 import { parseHook, type HookName } from "../hooks/names.js";
-import type { Intervention, Plan, PosSpec } from "../hooks/plan.js";
+import { checkIntervention, patchOverrun, type Intervention, type Plan, type PosSpec } from "../hooks/plan.js";
 import type { ModelConfig } from "./config.js";
 
 /** Kinds of compiled site ops: add and project take per-row payloads, replace covers patch and ablate. */
@@ -163,8 +163,14 @@ export function featShapeOf(c: ModelConfig, site: string): number[] {
 }
 }
 
-export function resolvePlan(c: ModelConfig, plan: Plan, rows: Row[], promptLen: number[], countPrefix: PrefixCounter | undefined): Resolved[] {
-  return plan.map((iv) => {
+/**
+ * Check and resolve a plan for one call. `fedBack`: generated tokens the call runs through the
+ * model after the prompt (generate: maxTokens - 1; forward: 0), so row b runs positions
+ * [0, promptLen[b] + fedBack).
+ */
+export function resolvePlan(c: ModelConfig, plan: Plan, rows: Row[], promptLen: number[], countPrefix: PrefixCounter | undefined, fedBack = 0): Resolved[] {
+  return plan.map((iv, i) => {
+    checkIntervention(iv, i);
     const { layer, site } = parseHook(iv.at, c.nLayers);
     if (site === "hook_pos_embed" && c.pos.kind !== "learned") throw new UsageError(`${iv.at}: this model has no learned position embedding`);
     const featShape = featShapeOf(c, site);
@@ -204,6 +210,16 @@ export function resolvePlan(c: ModelConfig, plan: Plan, rows: Row[], promptLen: 
     } else if (iv.op === "patch") {
       if (iv.source.length % F !== 0) throw new UsageError(`patch at ${iv.at}: source length ${iv.source.length} is not a multiple of ${F}`);
       if (rows.length > 1 && !iv.rows) throw new UsageError(`patch at ${iv.at}: in a batch, say which rows the source is for (rows: [b])`);
+      const have = iv.source.length / F;
+      scopes.forEach((s, b) => {
+        const p = patchOverrun(s, promptLen[b]! + fedBack, have);
+        if (p === null) return;
+        const runs = fedBack > 0 ? `prompt and generated positions 0..${promptLen[b]! + fedBack - 1}` : `positions 0..${promptLen[b]! - 1}`;
+        throw new UsageError(
+          `patch at ${iv.at}: its scope reaches position ${p} of row ${b} (the call runs ${runs}) but the source holds positions 0..${have - 1} only; ` +
+            `limit pos to { from, to: ${have} } or pass a source covering every position in scope`,
+        );
+      });
     }
     return r;
   });
@@ -263,7 +279,7 @@ export function compileHost(resolved: Resolved[], ctx: CallCtx, promptLen: numbe
         for (let t = 0; t < T; t++) {
           const p = ctx.pos[b * T + t]!;
           if (p >= 0 && (p + 1) * F <= src.length) v.set(src.subarray(p * F, (p + 1) * F), (b * T + t) * F);
-          else m.fill(0, (b * T + t) * (m.length / (B * T)), (b * T + t + 1) * (m.length / (B * T))); // beyond the stored activation: keep the live value
+          else m.fill(0, (b * T + t) * (m.length / (B * T)), (b * T + t + 1) * (m.length / (B * T))); // padding, or out of scope (resolvePlan keeps scopes within the source)
         }
       list.push({ kind: "replace", v, vShape: [B, T, ...r.featShape], m, mShape: maskShape, rows });
     }
@@ -398,7 +414,7 @@ export class Decoder {
     this.T = T;
     this.pad = pad;
     this.promptLen = rs.map((r) => r.ids.length);
-    this.resolved = resolvePlan(c, opts.plan ?? [], rs, this.promptLen, opts.countPrefix);
+    this.resolved = resolvePlan(c, opts.plan ?? [], rs, this.promptLen, opts.countPrefix, Math.max(0, opts.maxTokens - 1));
     if (this.resolved.some((r) => r.site === "attn.hook_pattern")) throw new UsageError("attn.hook_pattern can be read with forward(), not during generate()");
     this.cap = Math.ceil((T + opts.maxTokens) / CAPACITY_BUCKET) * CAPACITY_BUCKET;
     this.stop = new Set(opts.stop ?? c.eosTokenIds);

@@ -1,5 +1,6 @@
 // Load a checkpoint named by a path into host (Float32Array) weights under canonical names,
 // checking every expected tensor exists with the expected shape and rejecting unexpected ones.
+import { createHash } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { ModelFileError, UnsupportedArchitectureError, UsageError, WeightShapeError } from "../core/errors.js";
@@ -8,7 +9,8 @@ import { ModelFileError, UnsupportedArchitectureError, UsageError, WeightShapeEr
 export class NumericalWeightsError extends ModelFileError {
   override name = "NumericalWeightsError";
 }
-import { checkGgufTensorReadable, GgmlType, ggufTensorShape, readGguf, readGgufTensor, readRangeInto, type GgufFile } from "../io/gguf.js";
+import { checkGgufTensorReadable, GgmlType, ggufTensorShape, readGguf, readGgufTensor, readRange, readRangeInto, type GgufFile } from "../io/gguf.js";
+import { fileSha256, type FileHashOptions } from "../io/file-hash.js";
 import { resolveModelPath } from "../io/hub-cache.js";
 import { checkStTensorReadable, openSafetensors, readStTensor, type SafetensorsSet } from "../io/safetensors.js";
 import { expectedParams, validateConfigSource, validateModelConfig, type ModelConfig } from "./config.js";
@@ -83,6 +85,51 @@ export function resolveModelFiles(p: string): ModelFiles {
   fs.closeSync(fd);
   if (head.toString("ascii") === "GGUF") return { path: p, format: "gguf", weights: p };
   throw new ModelFileError(p, "not a GGUF, safetensors file or model folder", "pass a .gguf file or a Hugging Face model folder");
+}
+
+/** Every file holding the weights: the GGUF or safetensors file, or a shard index and each shard it names. */
+export function weightFiles(files: ModelFiles): string[] {
+  if (!files.weights.endsWith(".index.json")) return [files.weights];
+  let index: { weight_map?: unknown };
+  try {
+    index = JSON.parse(fs.readFileSync(files.weights, "utf8")) as typeof index;
+  } catch (e) {
+    throw new ModelFileError(files.weights, `cannot parse the shard index (${(e as Error).message})`);
+  }
+  const map = index.weight_map;
+  if (typeof map !== "object" || map === null) throw new ModelFileError(files.weights, "shard index has no weight_map");
+  const shards = [...new Set(Object.values(map as Record<string, unknown>).map(String))].sort();
+  for (const s of shards) if (path.basename(s) !== s) throw new ModelFileError(files.weights, `shard name ${s} must be a plain file name`);
+  return [files.weights, ...shards.map((s) => path.join(path.dirname(files.weights), s))];
+}
+
+/**
+ * The weights' identity: sha256 over every byte of every weight file (GGUF: the whole file, its
+ * tokenizer and template included; safetensors: header and every tensor; sharded: the index and
+ * every shard). Cached per file by size, mtime, ctime and inode (see io/file-hash.ts).
+ */
+export function weightsDigest(files: ModelFiles, opts: FileHashOptions = {}): string {
+  const list = weightFiles(files);
+  if (list.length === 1) return fileSha256(list[0]!, opts);
+  const h = createHash("sha256");
+  for (const f of list) h.update(`${path.basename(f)}\0${fileSha256(f, opts)}\n`);
+  return h.digest("hex");
+}
+
+/**
+ * The identity selfscope 0.1 logged (sha256 of the size and the first and last MiB of the weight
+ * file, 16 hex digits): blind to the middle of the file and to shards. Only for recognising a run
+ * started by that version.
+ */
+export function legacyWeightsHash(files: ModelFiles): string {
+  const f = files.weights;
+  const h = createHash("sha256");
+  const size = fs.statSync(f).size;
+  h.update(String(size));
+  const n = Math.min(size, 1 << 20);
+  h.update(readRange(f, 0, n));
+  h.update(readRange(f, size - n, n));
+  return h.digest("hex").slice(0, 16);
 }
 
 export function readJson(file: string): HfConfig {

@@ -2,6 +2,8 @@
 // with the checkpoint. Everything takes and returns host data; jax-js stays inside the engine.
 import { createHash } from "node:crypto";
 import fs from "node:fs";
+import path from "node:path";
+import { cacheRoot } from "../core/cache.js";
 import { UsageError } from "../core/errors.js";
 import { renderChat, chatTemplateFromTokenizerConfig, type ChatMessage } from "../io/chat-template.js";
 import { checkTokenizerFits, loadTokenizerJson, tokenizerFromGguf, type Tokenizer } from "../io/tokenizer.js";
@@ -9,7 +11,7 @@ import { getDeviceInfo, initDevice, type DeviceInfo, type DeviceName } from "../
 import type { ModelConfig } from "./config.js";
 import { CpuEngine } from "../cpu/engine.js";
 import { Engine, type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type Row } from "./engine.js";
-import { loadHostModel, type HostModel, type ModelFiles } from "./load.js";
+import { loadHostModel, weightsDigest, type HostModel, type ModelFiles } from "./load.js";
 import { checkFits } from "./memory.js";
 
 /** What Model needs from an engine: the jax-js Engine (wasm, webgpu) and the CpuEngine (cpu) both fit. */
@@ -35,12 +37,33 @@ export interface LoadOptions {
   weights?: "f32" | "f16";
 }
 
-/** A prompt: raw text (BOS added per the tokenizer), chat messages (rendered with the template), or ids. */
-export type Prompt = string | { messages: ChatMessage[]; addGenerationPrompt?: boolean; prefill?: string } | { ids: number[] };
+/**
+ * A prompt: raw text (BOS added per the tokenizer), chat messages (rendered with the template), ids,
+ * or `{ text }`: text that already holds its special tokens as text (a rendered chat template, or a
+ * run log's `prompt`), tokenized without adding BOS again (`addSpecial: true` adds them).
+ */
+export type Prompt =
+  | string
+  | { messages: ChatMessage[]; addGenerationPrompt?: boolean; prefill?: string }
+  | { ids: number[] }
+  | { text: string; addSpecial?: boolean };
+
+/** What a model's outputs depend on besides the prompt, each as a sha256 (hex). */
+export interface ModelIdentity {
+  /** Every byte of every weight file (see weightsDigest). */
+  weights: string;
+  /** tokenizer.json + tokenizer_config.json, or the GGUF's tokenizer.* metadata; null without a tokenizer. */
+  tokenizer: string | null;
+  chatTemplate: string | null;
+  /** The resolved configuration the engine runs (ModelConfig). */
+  config: string;
+}
 
 export class Model {
   /** The jax-js engine used for gradients when the model runs on the cpu device (made on first use). */
   private grad: Engine | undefined;
+  /** weightsHash() result (hashing a large checkpoint takes seconds; files are assumed not to change under a loaded model). */
+  private weightsDigest: string | undefined;
 
   private constructor(
     readonly engine: InferenceEngine,
@@ -50,6 +73,7 @@ export class Model {
     readonly chatTemplate: string | undefined,
     readonly device: DeviceInfo,
     readonly sourceDtype: string,
+    private readonly tokenizerDigest: string | null,
   ) {}
 
   static async load(path: string, opts: LoadOptions = {}): Promise<Model> {
@@ -68,7 +92,7 @@ export class Model {
     if (device.name === "cpu") {
       engine = await CpuEngine.create(host, opts.threads !== undefined ? { threads: opts.threads } : {});
     } else engine = new Engine(host, { maxBindingBytes: max, weightDtype });
-    return new Model(engine, host.config, host.files, tokenizer, chatTemplate, device, host.sourceDtype);
+    return new Model(engine, host.config, host.files, tokenizer, chatTemplate, device, host.sourceDtype, tokenizerDigestOf(host));
   }
 
   get family(): string {
@@ -95,24 +119,28 @@ export class Model {
     return this.grad;
   }
 
-  /** A stable identity for run logs: sha256 of the weight file's size, header and tail (fast on huge files). */
+  /**
+   * The weights' identity for run logs and caches: sha256 (hex) over every byte of every weight file
+   * (every shard of a sharded checkpoint). Large files are hashed once and the digest cached beside
+   * them (or under the cache root's hashes/ when that folder is read-only), keyed by size, mtime,
+   * ctime and inode; a stale or corrupt entry is reported on stderr and the file hashed again.
+   */
   weightsHash(): string {
-    const f = this.files.weights;
-    const h = createHash("sha256");
-    const size = fs.statSync(f).size;
-    h.update(String(size));
-    const fd = fs.openSync(f, "r");
-    try {
-      const n = Math.min(size, 1 << 20);
-      const buf = Buffer.alloc(n);
-      fs.readSync(fd, buf, 0, n, 0);
-      h.update(buf);
-      fs.readSync(fd, buf, 0, n, size - n);
-      h.update(buf);
-    } finally {
-      fs.closeSync(fd);
-    }
-    return h.digest("hex").slice(0, 16);
+    this.weightsDigest ??= weightsDigest(this.files, {
+      cacheDir: path.join(cacheRoot(), "hashes"),
+      onNote: (m) => void process.stderr.write(`selfscope: ${m}\n`),
+    });
+    return this.weightsDigest;
+  }
+
+  /** Everything besides the prompt that the model's activations depend on (keys the concept-vector cache). */
+  identity(): ModelIdentity {
+    return {
+      weights: this.weightsHash(),
+      tokenizer: this.tokenizerDigest,
+      chatTemplate: this.chatTemplate === undefined ? null : sha256(this.chatTemplate),
+      config: sha256(JSON.stringify(this.config)),
+    };
   }
 
   /** Default stop tokens: the config's EOS ids plus the tokenizer's end-of-turn ids. */
@@ -130,6 +158,10 @@ export class Model {
     if (typeof p === "object" && "ids" in p) return { ids: p.ids, addSpecial: false };
     const t = this.tok();
     if (typeof p === "string") return { ids: t.encode(p, { addSpecial: true }), text: p, addSpecial: true };
+    if ("text" in p) {
+      const addSpecial = p.addSpecial ?? false;
+      return { ids: t.encode(p.text, { addSpecial }), text: p.text, addSpecial };
+    }
     if (!this.chatTemplate) throw new UsageError(`${this.files.path} has no chat template (tokenizer_config.json chat_template or GGUF tokenizer.chat_template)`);
     let text = renderChat(this.chatTemplate, p.messages, {
       addGenerationPrompt: p.addGenerationPrompt ?? true,
@@ -183,6 +215,24 @@ export function hostChatTemplate(host: HostModel): string | undefined {
     return typeof tpl === "string" ? tpl : undefined;
   }
   return host.files.tokenizerConfig ? chatTemplateFromTokenizerConfig(host.files.tokenizerConfig) : undefined;
+}
+
+const sha256 = (s: string | Buffer) => createHash("sha256").update(s).digest("hex");
+
+/** sha256 of what the tokenizer is built from (files, or GGUF tokenizer.* metadata), or null without one. */
+function tokenizerDigestOf(host: HostModel): string | null {
+  if (host.gguf) {
+    const keys = [...host.gguf.metadata.keys()].filter((k) => k.startsWith("tokenizer.")).sort();
+    if (keys.length === 0) return null;
+    const h = createHash("sha256");
+    for (const k of keys) h.update(JSON.stringify([k, host.gguf.metadata.get(k)], (_, v: unknown) => (typeof v === "bigint" ? `${v}n` : v)));
+    return h.digest("hex");
+  }
+  const files = [host.files.tokenizerJson, host.files.tokenizerConfig].filter((f): f is string => f !== undefined);
+  if (files.length === 0) return null;
+  const h = createHash("sha256");
+  for (const f of files) h.update(`${path.basename(f)}\0${sha256(fs.readFileSync(f))}\n`);
+  return h.digest("hex");
 }
 
 function tokenizerOf(host: HostModel): { tokenizer?: Tokenizer; chatTemplate?: string } {

@@ -22,7 +22,8 @@ import { hookName, type BlockSite, type HookName } from "../hooks/names.js";
 import type { Intervention, Plan, PosSpec } from "../hooks/plan.js";
 import { makeJudge, type Judge } from "../judge/judge.js";
 import { pickJudges } from "../judge/select.js";
-import { readRunLog, type RunData } from "../log/read.js";
+import type { RunData } from "../log/read.js";
+import { readRun } from "../eval/runlog.js";
 import type { InjectConfig, Rate } from "../log/schema.js";
 import { lockRun, RunLogWriter } from "../log/write.js";
 import type { Engine, Row } from "../model/engine.js";
@@ -489,7 +490,7 @@ async function sweepLocked(model: Model, modelPath: string, cfg: InjectConfig, r
   let prior: RunData | null = null;
   let log: RunLogWriter;
   if (fs.existsSync(path.join(runDir, "log.jsonl"))) {
-    prior = readRunLog(runDir, { repair: true });
+    prior = readRun(runDir, { repair: true });
     if (JSON.stringify(prior.header.config) !== JSON.stringify(cfg) || prior.header.model.hash !== model.weightsHash()) {
       throw new UsageError(`${runDir} holds a sweep with other settings or another vector; choose another --out`);
     }
@@ -768,7 +769,7 @@ async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults
         ...(args.vectorCache !== undefined ? { vectorCache: args.vectorCache } : {}),
         quiet: args.quiet ?? false,
       });
-      const h = readRunLog(ev.baseline.runDir).header.config;
+      const h = readRun(ev.baseline.runDir).header.config;
       evaluation = {
         settings: { layers: h.layers, strengths: h.strengths, trials_per_concept: h.trialsPerConcept, controls_per_config: h.controlsPerConfig, forced: h.forced, max_tokens: h.generation.maxTokens, temperature: h.generation.temperature, judges: h.judges },
         baseline: armSummary(ev.baseline, out),

@@ -23,7 +23,7 @@ import type { Intervention } from "../hooks/plan.js";
 import type { Tokenizer } from "../io/tokenizer.js";
 import { makeJudge, type Judge, type JudgeRequest } from "../judge/judge.js";
 import { chooseJudges } from "../judge/select.js";
-import { readRunLog } from "../log/read.js";
+import { readRun } from "../eval/runlog.js";
 import type { Rate, VectorRecipe } from "../log/schema.js";
 import { readGguf, readGgufTensor } from "../io/gguf.js";
 import { openSafetensors, readStTensor, writeSafetensors } from "../io/safetensors.js";
@@ -104,7 +104,7 @@ export interface RunRates {
  * variant) configs, each concept gets its maximum over configs (as 04b).
  */
 export function conceptRatesFromRun(runDir: string, judge?: string): RunRates {
-  const run = readRunLog(runDir);
+  const run = readRun(runDir);
   const j = judge ?? defaultJudge(run);
   const verdicts = trialVerdicts(run, j);
   const groups = new Map<string, { concept: string; trials: typeof run.trials }>();

@@ -1,11 +1,13 @@
 // Concept vectors (protocol §1.1): the residual stream after block L at the last token of the
 // chat-formatted "Tell me about {word}", minus the mean of the same over baseline words.
-// Vectors are cached on disk with their recipe and the model's hash, and reused across runs.
+// Vectors are cached on disk under a key of everything they depend on (docs/cache.md) and reused
+// across runs.
 import fs from "node:fs";
-import os from "node:os";
 import path from "node:path";
 import { createHash } from "node:crypto";
+import { cacheRoot } from "../core/cache.js";
 import { UsageError } from "../core/errors.js";
+import { VERSION } from "../core/package.js";
 import { hookName } from "../hooks/names.js";
 import type { Plan } from "../hooks/plan.js";
 import type { VectorRecipe } from "../log/schema.js";
@@ -53,7 +55,27 @@ export interface VectorSet {
 }
 
 export function defaultVectorCache(): string {
-  return process.env.SELFSCOPE_CACHE ? path.join(process.env.SELFSCOPE_CACHE, "vectors") : path.join(os.homedir(), ".cache", "selfscope", "vectors");
+  return path.join(cacheRoot(), "vectors");
+}
+
+/** Bump when extraction changes what a cached vector holds (older entries are then never read). */
+export const VECTOR_CACHE_VERSION = 2;
+
+/**
+ * What a cached vector depends on: the model's weights, tokenizer, chat template and config, the
+ * recipe and baseline words, and the tool and cache versions. Any change gives another key.
+ */
+export function vectorCacheKey(model: Model, recipe: VectorRecipe, baselineWords: string[]): { key: string; modelDir: string; body: string } {
+  const id = model.identity();
+  const body = JSON.stringify({ cache: VECTOR_CACHE_VERSION, tool: VERSION, model: id, recipe, baselineWords }, null, 1);
+  return { key: createHash("sha256").update(body).digest("hex").slice(0, 32), modelDir: id.weights, body };
+}
+
+/** Write through a temporary and a rename, so a killed process never leaves a torn file behind. */
+function writeAtomic(file: string, data: string | Uint8Array): void {
+  const tmp = `${file}.${process.pid}.tmp`;
+  fs.writeFileSync(tmp, data);
+  fs.renameSync(tmp, file);
 }
 
 /**
@@ -62,12 +84,34 @@ export function defaultVectorCache(): string {
  */
 export async function conceptVectors(
   model: Model,
-  opts: { concepts: string[]; baselineWords: string[]; layers: number[]; recipe?: VectorRecipe; cacheDir?: string | null; batchSize?: number },
+  opts: {
+    concepts: string[];
+    baselineWords: string[];
+    layers: number[];
+    recipe?: VectorRecipe;
+    cacheDir?: string | null;
+    batchSize?: number;
+    /** Told when a cache entry cannot be trusted and is recomputed (default: stderr). */
+    onNote?: (message: string) => void;
+  },
 ): Promise<VectorSet> {
   const recipe = opts.recipe ?? PROTOCOL_RECIPE;
   const D = model.config.dModel;
-  const key = createHash("sha256").update(JSON.stringify({ recipe, baseline: opts.baselineWords })).digest("hex").slice(0, 12);
-  const dir = opts.cacheDir === null ? null : path.join(opts.cacheDir ?? defaultVectorCache(), model.weightsHash(), key);
+  const note = opts.onNote ?? ((m: string) => void process.stderr.write(`selfscope: ${m}\n`));
+  let dir: string | null = null;
+  let keyBody = "";
+  let trusted = false;
+  if (opts.cacheDir !== null) {
+    const k = vectorCacheKey(model, recipe, opts.baselineWords);
+    dir = path.join(opts.cacheDir ?? defaultVectorCache(), k.modelDir, k.key);
+    keyBody = k.body;
+    // Vectors are read only from a folder whose key.json says exactly what they were made from.
+    const keyFile = path.join(dir, "key.json");
+    if (fs.existsSync(keyFile)) {
+      trusted = fs.readFileSync(keyFile, "utf8") === keyBody;
+      if (!trusted) note(`${keyFile} does not match what the vectors depend on (a corrupt or colliding entry); recomputing them`);
+    }
+  }
   const vectors = new Map<number, Map<string, Float32Array>>(opts.layers.map((l) => [l, new Map()]));
   const file = (l: number, c: string) => path.join(dir!, `L${l}`, `${encodeURIComponent(c)}.f32`);
   const missing = new Set<string>();
@@ -75,13 +119,15 @@ export async function conceptVectors(
   for (const l of opts.layers)
     for (const c of opts.concepts) {
       const f = dir ? file(l, c) : "";
-      if (dir && fs.existsSync(f)) {
+      if (dir && trusted && fs.existsSync(f)) {
         const b = fs.readFileSync(f);
-        if (b.byteLength === D * 4) {
-          vectors.get(l)!.set(c, new Float32Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength)));
+        const v = b.byteLength === D * 4 ? new Float32Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength)) : null;
+        if (v && v.every(Number.isFinite)) {
+          vectors.get(l)!.set(c, v);
           reused++;
           continue;
         }
+        note(`${f} is corrupt (${b.byteLength} bytes for a ${D}-dim vector, or non-finite values); recomputing it`);
       }
       missing.add(c);
     }
@@ -102,6 +148,11 @@ export async function conceptVectors(
       const acts = await activations(model, ["The"], opts.layers, recipe, 1);
       base = new Map(opts.layers.map((l) => [l, Float64Array.from(acts.get(l)![0]!)]));
     }
+    if (dir) {
+      fs.mkdirSync(dir, { recursive: true });
+      writeAtomic(path.join(dir, "key.json"), keyBody);
+      writeAtomic(path.join(dir, "model.txt"), `${model.files.path}\n`); // for people browsing the cache
+    }
     for (const l of opts.layers)
       words.forEach((c, j) => {
         const h = conceptActs.get(l)![j]!;
@@ -110,10 +161,9 @@ export async function conceptVectors(
         vectors.get(l)!.set(c, v);
         if (dir) {
           fs.mkdirSync(path.dirname(file(l, c)), { recursive: true });
-          fs.writeFileSync(file(l, c), new Uint8Array(v.buffer, v.byteOffset, v.byteLength));
+          writeAtomic(file(l, c), new Uint8Array(v.buffer, v.byteOffset, v.byteLength));
         }
       });
-    if (dir) fs.writeFileSync(path.join(dir, "recipe.json"), JSON.stringify({ recipe, baselineWords: opts.baselineWords, model: model.files.path, modelHash: model.weightsHash() }, null, 1));
   }
   return { vectors, dir, reused, computed: missing.size * opts.layers.length };
 }
