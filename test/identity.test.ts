@@ -18,6 +18,7 @@ import { legacyWeightsHash, resolveModelFiles, weightsDigest } from "../src/mode
 import { Model } from "../src/model/model.js";
 import { conceptVectors } from "../src/vectors/extract.js";
 import { fixture, repoDir } from "./support/paths.js";
+import { runCli } from "./support/runlog-checks.js";
 
 const GPT2 = fixture("tiny-random-gpt2");
 const STORIES = path.join(repoDir(), "models", "stories260K", "stories260K.gguf");
@@ -306,5 +307,23 @@ describe("resume", () => {
     const tc = path.join(dir, "tokenizer_config.json");
     fs.writeFileSync(tc, JSON.stringify({ ...(JSON.parse(fs.readFileSync(tc, "utf8")) as object), chat_template: "{{ messages[0].content }}" }));
     await assert.rejects(resume(out, { quiet: true, device: "wasm", vectorCache: null }), /tokenizer sha256 .* ≠ /);
+  });
+});
+
+describe("selfscope cache", () => {
+  test("shows where the caches live and clears them", async () => {
+    const root = path.join(tmpRoot, "cli-cache");
+    const env = { ...process.env, SELFSCOPE_CACHE: root };
+    fs.mkdirSync(path.join(root, "vectors", "m", "k"), { recursive: true });
+    fs.writeFileSync(path.join(root, "vectors", "m", "k", "key.json"), "{}");
+    fs.mkdirSync(path.join(root, "other"));
+    const shown = await runCli(["cache"], { env });
+    assert.equal(shown.code, 0, shown.stderr);
+    assert.match(shown.stdout, new RegExp(`vectors +${path.join(root, "vectors")} +\\(1 files`));
+    assert.match(shown.stdout, new RegExp(`hashes +${path.join(root, "hashes")}`));
+    const cleared = await runCli(["cache", "clear"], { env });
+    assert.equal(cleared.code, 0, cleared.stderr);
+    assert.ok(!fs.existsSync(path.join(root, "vectors")), "vectors removed");
+    assert.ok(fs.existsSync(path.join(root, "other")), "nothing else under the root is touched");
   });
 });

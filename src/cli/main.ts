@@ -16,6 +16,7 @@ import { exportCsv, exportParquet } from "../report/export.js";
 import { serveRun } from "../report/server.js";
 import { RECIPES, recipeArgs } from "./recipes.js";
 import { defaultVectorCache } from "../vectors/extract.js";
+import { cacheRoot } from "../core/cache.js";
 import type { DeviceName } from "../runtime/device.js";
 
 const USAGE = `selfscope — measure what language models can report about their own internal states
@@ -32,10 +33,10 @@ Usage:
                      [--concepts original50|new450|all500|FILE|N] [--trials N] [--controls N] [--controls-per-concept N]
                      [--forced] [--yes-bias N] [--variant original,skeptical,...] [--prompt-format chat|raw]
                      [--judge rule|openai:MODEL|anthropic:MODEL|local:PATH]
-                     [--max-tokens N] [--temperature T] [--seed S] [--batch-size B] [--out DIR]
+                     [--max-tokens N] [--temperature T] [--seed S] [--batch-size B] [--out DIR] [--no-vector-cache]
                      [--identify-all] [--failed-as-no] [--judge-timeout S] [--judge-retries N] [--judge-concurrency N]
-  selfscope resume   RUN_DIR [--failed-as-no] finish a killed run (every planned trial exactly once) and
-                                             retry its failed judgments
+  selfscope resume   RUN_DIR [--failed-as-no] finish a killed run (every planned trial exactly once; refuses
+                                             another model) and retry its failed judgments
   selfscope rejudge  RUN_DIR --judge SPEC [--failed-as-no]   judge a run again with another judge (appended to
                                              the log); recomputes results.json and report.html with its verdicts
   selfscope report   RUN_DIR [--failed-as-no] [--judge NAME]  recompute results.json and report.html
@@ -48,6 +49,12 @@ Usage:
   selfscope export   RUN_DIR [--format csv|parquet] [--out FILE]
   selfscope view     RUN_DIR [--port N]      serve the report on http://127.0.0.1
   selfscope judge-agreement RUN_DIR [--judge A --judge B | --human FILE]   Cohen's kappa
+  selfscope cache    [clear]                 show (or empty) the concept-vector and weight-hash caches
+
+Caches (docs/cache.md): concept vectors are cached under $SELFSCOPE_CACHE/vectors (default
+~/.cache/selfscope/vectors), keyed by the model's weights (sha256 of every byte), tokenizer, chat
+template and config, the vector recipe and the selfscope version. inject, resume and the recipes
+take --vector-cache DIR (another folder) or --no-vector-cache (compute every vector afresh; demo never caches).
 
 inject presets: macar2026 (main run), macar2026-500 (Fig. 1: 500 concepts, every layer × strengths 1-5),
   macar2026-prompt-variants (Table 1), macar2026-persona-variants (Table 2), macar2026-stages (03: training
@@ -114,6 +121,7 @@ function parse(argv: string[]): { cmd: string | undefined; flags: Flags; positio
       judge: { type: "string", multiple: true },
       "batch-size": { type: "string" },
       "vector-cache": { type: "string" },
+      "no-vector-cache": { type: "boolean" },
       format: { type: "string" },
       human: { type: "string" },
       quiet: { type: "boolean" },
@@ -325,11 +333,45 @@ function injectArgs(f: Flags): InjectArgs {
     ...opt("batchSize", intFlag(f, "batch-size")),
     ...opt("out", str(f, "out")),
     device: device(f),
-    vectorCache: str(f, "vector-cache") ?? defaultVectorCache(),
+    vectorCache: vectorCacheFlag(f),
     quiet: f.quiet === true,
     command: process.argv.slice(2),
     judgeOptions: judgeCallOptions(f),
   };
+}
+
+/** --vector-cache DIR, --no-vector-cache (null: nothing read or written), else the default cache. */
+function vectorCacheFlag(f: Flags): string | null {
+  if (f["no-vector-cache"] === true && str(f, "vector-cache") !== undefined) throw new CliError("pass either --vector-cache DIR or --no-vector-cache, not both");
+  return f["no-vector-cache"] === true ? null : (str(f, "vector-cache") ?? defaultVectorCache());
+}
+
+/** `selfscope cache [clear]`: where the caches are and how big; `clear` deletes them (they are recomputed on demand). */
+async function cmdCache(_f: Flags): Promise<void> {
+  const action = positional[0];
+  if (action !== undefined && action !== "clear") throw new CliError(`usage: selfscope cache [clear] (got "${action}")`);
+  const dirs: [string, string][] = [["vectors", defaultVectorCache()], ["hashes", path.join(cacheRoot(), "hashes")]];
+  for (const [name, dir] of dirs) {
+    if (action === "clear") {
+      fs.rmSync(dir, { recursive: true, force: true });
+      process.stdout.write(`removed ${name.padEnd(8)} ${dir}\n`);
+    } else {
+      const { files, bytes } = du(dir);
+      process.stdout.write(`${name.padEnd(8)} ${dir}  (${files} files, ${(bytes / 1e6).toFixed(1)} MB)\n`);
+    }
+  }
+  if (action !== "clear") process.stdout.write(`weight hashes of files over 64 MiB are also kept beside them (.NAME.selfscope-sha256), used only while the file is unchanged\n`);
+}
+
+function du(dir: string): { files: number; bytes: number } {
+  let files = 0, bytes = 0;
+  if (!fs.existsSync(dir)) return { files, bytes };
+  for (const e of fs.readdirSync(dir, { withFileTypes: true, recursive: true })) {
+    if (!e.isFile()) continue;
+    files++;
+    bytes += fs.statSync(path.join(e.parentPath, e.name)).size;
+  }
+  return { files, bytes };
 }
 
 function printRun(runDir: string, results: Results): void {
@@ -350,7 +392,7 @@ async function cmdInject(f: Flags): Promise<void> {
 async function cmdResume(f: Flags): Promise<void> {
   const dir = positional[0];
   if (!dir) throw new CliError("usage: selfscope resume RUN_DIR");
-  const r = await resume(dir, { ...(str(f, "device") ? { device: device(f) } : {}), quiet: f.quiet === true, vectorCache: str(f, "vector-cache") ?? defaultVectorCache(), failedAsNo: f["failed-as-no"] === true, judgeOptions: judgeCallOptions(f) });
+  const r = await resume(dir, { ...(str(f, "device") ? { device: device(f) } : {}), quiet: f.quiet === true, vectorCache: vectorCacheFlag(f), failedAsNo: f["failed-as-no"] === true, judgeOptions: judgeCallOptions(f) });
   if (r.discardedBytes > 0) process.stderr.write(`discarded a half-written last record (${r.discardedBytes} bytes)\n`);
   process.stderr.write(`resumed: ${r.generated} trials generated\n`);
   printRun(dir, r.results);
@@ -449,6 +491,7 @@ const COMMANDS: Record<string, (f: Flags) => Promise<void>> = {
   rejudge: cmdRejudge,
   export: cmdExport,
   "judge-agreement": cmdJudgeAgreement,
+  cache: cmdCache,
   demo: cmdDemo,
 };
 
@@ -497,7 +540,11 @@ async function runRecipe(cmd: string): Promise<number> {
   }
   return report(cmd, async () => {
     const args = recipeArgs(cmd, process.argv.slice(3));
-    if (args.vectorCache === undefined) args.vectorCache = defaultVectorCache();
+    if (args.noVectorCache === true) {
+      if (args.vectorCache !== undefined) throw new CliError("pass either --vector-cache DIR or --no-vector-cache, not both");
+      args.vectorCache = null;
+    } else if (args.vectorCache === undefined) args.vectorCache = defaultVectorCache();
+    delete args.noVectorCache;
     await recipe.run(args);
     process.stdout.write(`wrote ${String(args.out)}/results.json and ${String(args.out)}/report.html\n`);
   });

@@ -12,7 +12,7 @@ import { refusalCommand } from "../recipes/refusal.js";
 type FlagType = "string" | "number" | "boolean" | "list";
 type Schema = Record<string, FlagType>;
 
-const COMMON: Schema = { model: "string", out: "string", device: "string", "vector-cache": "string", quiet: "boolean", seed: "number" };
+const COMMON: Schema = { model: "string", out: "string", device: "string", "vector-cache": "string", "no-vector-cache": "boolean", quiet: "boolean", seed: "number" };
 
 export interface Recipe {
   usage: string;

@@ -8,7 +8,7 @@ import path from "node:path";
 import { ModelFileError } from "../core/errors.js";
 
 export const HASH_ENTRY_SCHEMA = "selfscope.file-sha256";
-const CHUNK = 8 << 20;
+const CHUNK = 1 << 20; // read size: fits in L2, so sha256 hashes bytes still in cache (measured faster than 4-16 MiB)
 
 export interface FileHashOptions {
   /** Files smaller than this are hashed every time and never cached (default 64 MiB: that costs < 0.2 s). */
