@@ -103,7 +103,8 @@ describe("inject() end to end on stories260K (rule judge)", () => {
     assert.ok(!Number.isNaN(Date.parse(h.createdAt)));
     assert.equal(h.model.hash, model.weightsHash());
     assert.equal(h.model.path, STORIES, "absolute model path (resume works from any directory)");
-    assert.match(h.model.hash, /^[0-9a-f]{16}$/);
+    assert.match(h.model.hash, /^[0-9a-f]{64}$/); // sha256 of every weight byte (test/identity.test.ts)
+    assert.deepEqual(h.model.identity, { tokenizer: model.identity().tokenizer, chatTemplate: null, config: model.identity().config });
     assert.deepEqual(
       { family: h.model.family, nLayers: h.model.nLayers, dModel: h.model.dModel, chatTemplate: h.model.chatTemplate },
       { family: "llama", nLayers: model.config.nLayers, dModel: model.config.dModel, chatTemplate: false },

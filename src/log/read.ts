@@ -27,8 +27,8 @@ export interface ReadOptions {
   repair?: boolean;
   /**
    * The trials the header's config plans (src/eval/plan.ts; passed in, as the log layer does not
-   * plan). With it, a trial outside the plan, or one whose fields differ from its planned trial, is
-   * an error naming its line. Judgments must always follow the trial they judge.
+   * plan). With it, a trial outside the plan, one whose fields differ from its planned trial, or a
+   * judgment before (or without) the trial it judges is an error naming its line.
    */
   plan?: (header: RunHeader) => readonly PlanEntry[];
 }
@@ -113,7 +113,7 @@ export function readRunLog(dir: string, opts: ReadOptions = {}): RunData {
       trials.push(rec);
       lineNo.trials.push(i + 1);
     } else if (rec.type === "judgment") {
-      if (!seen.has(rec.trialId)) throw new RunLogError(`${where(i)}: a judgment of trial ${JSON.stringify(rec.trialId)}, which no earlier line records; the log was edited or damaged: remove the line, or start the run again`);
+      if (planned && !seen.has(rec.trialId)) throw new RunLogError(`${where(i)}: a judgment of trial ${JSON.stringify(rec.trialId)}, which no earlier line records; the log was edited or damaged: remove the line, or start the run again`);
       judgments.push(rec);
       lineNo.judgments.push(i + 1);
     } else throw new RunLogError(`${file}: line ${i + 1}: a second header`);
