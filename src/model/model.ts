@@ -63,7 +63,7 @@ export class Model {
   /** The jax-js engine used for gradients when the model runs on the cpu device (made on first use). */
   private grad: Engine | undefined;
   /** weightsHash() result (hashing a large checkpoint takes seconds; files are assumed not to change under a loaded model). */
-  private weightsDigest: string | undefined;
+  private weightsSha: string | undefined;
 
   private constructor(
     readonly engine: InferenceEngine,
@@ -126,11 +126,11 @@ export class Model {
    * ctime and inode; a stale or corrupt entry is reported on stderr and the file hashed again.
    */
   weightsHash(): string {
-    this.weightsDigest ??= weightsDigest(this.files, {
+    this.weightsSha ??= weightsDigest(this.files, {
       cacheDir: path.join(cacheRoot(), "hashes"),
       onNote: (m) => void process.stderr.write(`selfscope: ${m}\n`),
     });
-    return this.weightsDigest;
+    return this.weightsSha;
   }
 
   /** Everything besides the prompt that the model's activations depend on (keys the concept-vector cache). */
