@@ -29,7 +29,7 @@ describe("logged prompts", () => {
   after(() => model?.dispose());
 
   test("a logged prompt round-trips to the ids the trial ran on: promptIds, and { text: prompt }", async () => {
-    const cfg = buildConfig({ model: STORIES, layers: "2", strengths: "4", concepts: "2", trials: 1, controls: 1, forced: true, variants: "original,lindsey2025", judges: ["rule"], maxTokens: 2, batchSize: 4 }, model.config.nLayers);
+    const cfg = buildConfig({ model: STORIES, layers: "2", strengths: "4", concepts: "2", trials: 1, controls: 1, forced: true, variants: "original,lindsey2025", judges: ["rule"], maxTokens: 2, batchSize: 4 }, model.config.nLayers, model.chatTemplate !== undefined);
     const dir = path.join(tmpRoot, "prompts");
     // The truth: the ids generate() was called with, row by row, in log order.
     const fed: number[][] = [];
