@@ -142,7 +142,7 @@ function fromGguf(g: GgufFile): SamplingDefaults {
  * - T = 0 is greedy, whatever the file's do_sample says. (HF itself raises on temperature 0 with
  *   do_sample; the paper's code passed nothing at T <= 0, which `temperature: "model"` reproduces.)
  * - No temperature (or "model"): the file's do_sample and temperature decide, as HF with no arguments.
- * - Flags override the file for top-k / top-p / min-p; `greedy` forces argmax.
+ * - Flags override the file for top-k / top-p / min-p; `greedy` forces argmax (over a preset's temperature too).
  */
 export function resolveSampler(d: SamplingDefaults, r: SamplerRequest): EffectiveSampler {
   const fileSrc: SamplerSource = d.kind ?? "default";
@@ -166,7 +166,7 @@ export function resolveSampler(d: SamplingDefaults, r: SamplerRequest): Effectiv
     [doSample, dsSrc] = from(undefined, d.doSample, HF_DEFAULTS.doSample);
   }
   if (r.greedy) {
-    if (typeof r.temperature === "number" && r.temperature > 0) throw new UsageError(`--greedy and --temperature ${r.temperature} contradict each other; pass one`);
+    if (typeof r.temperature === "number" && r.temperature > 0 && (r.temperatureSource ?? "flag") === "flag") throw new UsageError(`--greedy and --temperature ${r.temperature} contradict each other; pass one`);
     doSample = false;
     dsSrc = "flag";
   }
