@@ -219,6 +219,7 @@ async function cmdInfo(f: Flags): Promise<void> {
     ["tokenizer", model.tokenizer ? `${model.tokenizer.kind} (${model.tokenizer.vocabSize} tokens, bos ${model.tokenizer.bos ?? "none"}, eos ${model.tokenizer.eos ?? "none"})` : "none"],
     ["chat template", model.chatTemplate ? "present" : "absent"],
     ["stop tokens", model.stopTokens().join(", ") || "none"],
+    ["sampling", `${describeSampler(model.sampler())} (generate without flags); --temperature T: ${describeSampler(model.sampler({ temperature: 1 })).replace("temperature 1 (flag)", "temperature T")}`],
   ];
   for (const [k, v] of lines) process.stdout.write(`${k!.padEnd(14)} ${v}\n`);
   model.dispose();
