@@ -287,7 +287,7 @@ test("GGUF general.sampling.* keys are read, applied under the flags and recorde
 test("inject: the header records the effective sampler and its sources, the report shows it, resume refuses a changed one", () => {
   const dir = gpt2With({ do_sample: true, top_k: 1, top_p: 0.9 });
   const run = path.join(dir, "run");
-  const sweep = ["--model", dir, "--layers", "2", "--strengths", "4", "--concepts", "2", "--trials", "1", "--controls", "1", "--judge", "rule", "--max-tokens", "4", "--seed", "3", "--quiet", "--vector-cache", ""];
+  const sweep = ["--model", dir, "--layers", "2", "--strengths", "4", "--concepts", "2", "--trials", "1", "--controls", "1", "--judge", "rule", "--max-tokens", "4", "--seed", "3", "--quiet", "--vector-cache", path.join(dir, "vectors")];
   const r = cli("inject", ...sweep, "--out", run);
   assert.equal(r.status, 0, r.stderr);
   const h = readRunLog(run).header;
@@ -303,9 +303,9 @@ test("inject: the header records the effective sampler and its sources, the repo
   );
   const html = fs.readFileSync(path.join(run, "report.html"), "utf8");
   assert.ok(html.includes("sampled: temperature 1 (preset), top-k 1 (generation_config.json), top-p 0.9 (generation_config.json)"), "the report names the sampler");
-  assert.equal(cli("resume", run, "--quiet").status, 0, "same sampler: resume proceeds");
+  assert.equal(cli("resume", run, "--quiet", "--vector-cache", path.join(dir, "vectors")).status, 0, "same sampler: resume proceeds");
   fs.writeFileSync(path.join(dir, "generation_config.json"), JSON.stringify({ eos_token_id: 98, do_sample: true, top_k: 5, top_p: 0.9 }));
-  const bad = cli("resume", run, "--quiet");
+  const bad = cli("resume", run, "--quiet", "--vector-cache", path.join(dir, "vectors"));
   assert.equal(bad.status, 1);
   assert.match(bad.stderr, /recorded a different sampler than the model now gives \(topK 1 → 5;/);
 });
