@@ -16,7 +16,7 @@ import { readRunLog } from "../src/log/read.js";
 import type { RunHeader } from "../src/log/schema.js";
 import { Sampler, type SampleOptions } from "../src/model/batch.js";
 import { Model } from "../src/model/model.js";
-import { readSamplingDefaults, resolveSampler, type SamplingDefaults } from "../src/model/sampling.js";
+import { readSamplingDefaults, resolveSampler, sampleOptions, type SamplerRequest, type SamplingDefaults } from "../src/model/sampling.js";
 import { fixture, repoDir } from "./support/paths.js";
 import { prng } from "./support/prng.js";
 
@@ -199,6 +199,73 @@ test("resolution: generation_config.json keys, nulls, bad values and unimplement
   );
   fs.writeFileSync(files.generationConfig, JSON.stringify({ top_k: -3 }));
   assert.throws(() => readSamplingDefaults(files), (e: Error) => e.message.includes("generation_config.json") && /top_k = -3 is not an integer >= 0/.test(e.message));
+});
+
+interface HfRow {
+  config: string;
+  call: string;
+  generation_config: Record<string, unknown>;
+  generate_kwargs: Record<string, unknown>;
+  do_sample?: boolean;
+  config_temperature?: number;
+  processors?: { name: string; temperature?: number; top_k?: number; top_p?: number; min_p?: number }[];
+  behaviour?: { finite_scores: number; argmax_token: number };
+  error?: string;
+}
+
+test("resolution and support match transformers' generate on the same generation_config (test/fixtures/hf-reference)", async () => {
+  const table = JSON.parse(fs.readFileSync(path.join(repoDir(), "test/fixtures/hf-reference/hf-generate-config.json"), "utf8")) as { rows: HfRow[] };
+  const m = await Model.load(GPT2);
+  try {
+    // HF's rows are for the prompt ids 1 2 3; its scores after the processors are what a draw can return.
+    const logits = (await m.forward([{ ids: [1, 2, 3] }], { logits: "last" })).logits[0]!;
+    let checked = 0;
+    for (const row of table.rows) {
+      const what = `${row.config} / ${row.call}`;
+      const kw = row.generate_kwargs;
+      // The calls selfscope makes: the paper's (do_sample=True, temperature=T), none ("model"), greedy.
+      const request: SamplerRequest | null =
+        kw.do_sample === true && typeof kw.temperature === "number" ? { temperature: kw.temperature }
+        : Object.keys(kw).length === 0 ? { temperature: "model" }
+        : kw.do_sample === false && kw.temperature === undefined ? { greedy: true }
+        : kw.temperature === 0 ? { temperature: 0 }
+        : null; // temperature without do_sample: not a call selfscope makes (a temperature > 0 always samples)
+      if (!request) continue;
+      const d: SamplingDefaults = { kind: "generation_config.json", file: "generation_config.json", unsupported: [] };
+      const g = row.generation_config;
+      if (typeof g.do_sample === "boolean") d.doSample = g.do_sample;
+      if (typeof g.temperature === "number") d.temperature = g.temperature;
+      if (typeof g.top_k === "number") d.topK = g.top_k;
+      if (typeof g.top_p === "number") d.topP = g.top_p;
+      const s = resolveSampler(d, request);
+      if (row.error) {
+        // HF refuses temperature 0 with the file's do_sample; selfscope's decision: greedy.
+        assert.match(row.error, /temperature` \(=0\.0\) has to be a strictly positive float/, what);
+        assert.equal(s.doSample, false, what);
+        checked++;
+        continue;
+      }
+      assert.equal(s.doSample, row.do_sample, what);
+      const support = new Sampler(sampleOptions(s), 0).support(logits);
+      assert.equal(support[0], row.behaviour!.argmax_token, `${what}: same model, same best token`);
+      if (!s.doSample) {
+        assert.equal(support.length, 1, what);
+        checked++;
+        continue;
+      }
+      const proc = (name: string) => row.processors!.find((p) => p.name === name);
+      assert.equal(s.temperature, row.config_temperature, what);
+      assert.equal(s.temperature !== 1, proc("TemperatureLogitsWarper") !== undefined, what);
+      assert.equal(s.topK, proc("TopKLogitsWarper")?.top_k ?? 0, what);
+      assert.equal(s.topP, proc("TopPLogitsWarper")?.top_p ?? 1, what);
+      assert.equal(s.minP, proc("MinPLogitsWarper")?.min_p ?? 0, what);
+      assert.equal(support.length, row.behaviour!.finite_scores, `${what}: the tokens left after HF's processors`);
+      checked++;
+    }
+    assert.equal(checked, 24, "every row but the four temperature-only calls");
+  } finally {
+    m.dispose();
+  }
 });
 
 // ---------------------------------------------------------------- the CLI on a checkpoint with a generation_config

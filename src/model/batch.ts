@@ -475,10 +475,52 @@ export class Sampler {
   }
   /** `context`: the ids so far (prompt and generated), needed only for a repetition penalty. */
   sample(logits: Float32Array, context?: ArrayLike<number>): number {
+    const c = this.candidates(logits, context);
+    if (!c) return argmax(this.penalized(logits, context));
+    const { idx, k, x, z, need } = c;
+    if (c.kept !== null) {
+      const n = c.kept;
+      let z2 = 0;
+      for (let r = 0; r < n; r++) z2 += x(r) / z;
+      let u = this.rng.next();
+      for (let r = 0; r < n; r++) {
+        u -= x(r) / z / z2;
+        if (u < 0) return idx[r]!;
+      }
+      return idx[n - 1]!;
+    }
+    let u = this.rng.next();
+    for (let r = 0; r < k; r++) {
+      need(r);
+      u -= x(r) / z;
+      if (u < 0) return idx[r]!;
+    }
+    need(k - 1);
+    return idx[k - 1]!;
+  }
+
+  /** The tokens a draw can return, best first (one, the argmax, when greedy). Draws nothing from the generator. */
+  support(logits: Float32Array, context?: ArrayLike<number>): number[] {
+    const c = this.candidates(logits, context);
+    if (!c) return [argmax(this.penalized(logits, context))];
+    const n = c.kept ?? c.k;
+    c.need(n - 1);
+    return Array.from(c.idx.subarray(0, n));
+  }
+
+  private penalized(logits: Float32Array, context?: ArrayLike<number>): Float32Array {
     const penalty = this.o.repetitionPenalty ?? 1;
-    if (penalty !== 1 && context) logits = this.penalize(logits, context, penalty);
+    return penalty !== 1 && context ? this.penalize(logits, context, penalty) : logits;
+  }
+
+  /**
+   * Rank the candidates lazily: idx[0, sorted) is ranked, idx[sorted, k) holds the rest of the top k
+   * unordered, and need(r) ranks on to r. `kept`: the prefix top-p / min-p keep (null: neither is on).
+   */
+  private candidates(logitsIn: Float32Array, context?: ArrayLike<number>) {
     const temp = this.o.temperature ?? 0;
-    if (temp <= 0) return argmax(logits);
+    if (temp <= 0) return null;
+    const logits = this.penalized(logitsIn, context);
     const V = logits.length;
     if (this.idx.length !== V) this.idx = new Int32Array(V);
     const idx = this.idx;
@@ -486,7 +528,6 @@ export class Sampler {
     const k = this.o.topK && this.o.topK > 0 ? Math.min(this.o.topK, V) : V;
     const mx = logits[argmax(logits)]!;
     const x = (r: number) => Math.exp((logits[idx[r]!]! - mx) / temp);
-    // idx[0, sorted) is ranked; idx[sorted, k) holds the remaining candidates, unordered.
     let sorted = 0;
     let chunk = 256;
     const need = (r: number) => {
@@ -507,9 +548,10 @@ export class Sampler {
     } else for (let i = 0; i < V; i++) z += Math.exp((logits[i]! - mx) / temp);
     const topP = this.o.topP ?? 1;
     const minP = this.o.minP ?? 0;
+    let kept: number | null = null;
     if (topP < 1 || minP > 0) {
       // Both keep a prefix of the ranking: top-p the shortest reaching mass topP, min-p those with
-      // p >= minP * p(best). Then renormalise over what is kept.
+      // p >= minP * p(best); the draw renormalises over what is kept.
       let keep = 0;
       let cum = 0;
       need(0);
@@ -521,24 +563,9 @@ export class Sampler {
         cum += p;
         keep++;
       }
-      const kept = Math.max(1, keep);
-      let z2 = 0;
-      for (let r = 0; r < kept; r++) z2 += x(r) / z;
-      let u = this.rng.next();
-      for (let r = 0; r < kept; r++) {
-        u -= x(r) / z / z2;
-        if (u < 0) return idx[r]!;
-      }
-      return idx[kept - 1]!;
+      kept = Math.max(1, keep);
     }
-    let u = this.rng.next();
-    for (let r = 0; r < k; r++) {
-      need(r);
-      u -= x(r) / z;
-      if (u < 0) return idx[r]!;
-    }
-    need(k - 1);
-    return idx[k - 1]!;
+    return { idx, k, x, z, need, kept };
   }
 
   /** HF's RepetitionPenaltyLogitsProcessor: every id seen so far has its logit divided by the penalty (multiplied when negative). */
