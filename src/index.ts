@@ -2,6 +2,7 @@
 export { Model, type LoadOptions, type Prompt } from "./model/model.js";
 export { ActivationCache, type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type Row, type SampleOptions } from "./model/engine.js";
 export type { ModelConfig } from "./model/config.js";
+export { describeSampler, sampleOptions, type EffectiveSampler, type SamplerRequest } from "./model/sampling.js";
 export { hookName, BLOCK_SITES, type HookName, type BlockSite } from "./hooks/names.js";
 export type { Intervention, Plan, PosSpec } from "./hooks/plan.js";
 export { SelfscopeError, ModelFileError, WeightShapeError, UnsupportedArchitectureError, UsageError, NumericalError } from "./core/errors.js";

@@ -24,7 +24,7 @@ test("generate with no prompt starts from BOS: the llama2.c story, as text and a
   const lines = r.stdout.trim().split("\n");
   assert.equal(lines.length, 1, "--json prints one line");
   const j = JSON.parse(lines[0]!) as { ids: number[]; text: string };
-  assert.deepEqual(Object.keys(j).sort(), ["ids", "text"]);
+  assert.deepEqual(Object.keys(j).sort(), ["ids", "sampler", "text"]);
   assert.deepEqual(j.ids, story.generated_ids.slice(0, 40));
   assert.ok(story.generated_text.startsWith(j.text), j.text);
   const plain = cli("generate", "--model", STORIES, "--max-tokens", "40");

@@ -12,6 +12,7 @@ import { computeResults, type Results } from "../eval/metrics.js";
 import { judgeAgreement } from "../judge/agreement.js";
 import { readRun } from "../eval/runlog.js";
 import { Model } from "../model/model.js";
+import { describeSampler, sampleOptions, type SamplerRequest } from "../model/sampling.js";
 import { exportCsv, exportParquet } from "../report/export.js";
 import { serveRun } from "../report/server.js";
 import { RECIPES, recipeArgs } from "./recipes.js";
@@ -23,7 +24,8 @@ const USAGE = `selfscope — measure what language models can report about their
 
 Usage:
   selfscope generate --model PATH [--prompt TEXT | --ids 1,2,3] [--chat] --max-tokens N
-                     [--temperature T] [--top-k K] [--top-p P] [--seed S] [--device cpu|wasm|webgpu] [--weights f32|f16] [--json]
+                     [--temperature T|model] [--top-k K] [--top-p P] [--min-p P] [--greedy] [--seed S]
+                     [--device cpu|wasm|webgpu] [--weights f32|f16] [--json]
   selfscope logits   --model PATH --ids 1,2,3 --out FILE [--device cpu|wasm|webgpu]
   selfscope info     --model PATH
   selfscope check    --model PATH.gguf [--reference llama.cpp] [--prompt TEXT | --ids 1,2,3] [--json]
@@ -33,8 +35,9 @@ Usage:
                      [--concepts original50|new450|all500|FILE|N] [--trials N] [--controls N] [--controls-per-concept N]
                      [--forced] [--yes-bias N] [--variant original,skeptical,...] [--prompt-format chat|raw]
                      [--judge rule|openai:MODEL|anthropic:MODEL|local:PATH]
-                     [--max-tokens N] [--temperature T] [--seed S] [--batch-size B] [--out DIR] [--no-vector-cache]
-                     [--identify-all] [--failed-as-no] [--judge-timeout S] [--judge-retries N] [--judge-concurrency N]
+                     [--max-tokens N] [--temperature T|model] [--top-k K] [--top-p P] [--min-p P] [--greedy]
+                     [--seed S] [--batch-size B] [--out DIR] [--no-vector-cache] [--identify-all] [--failed-as-no]
+                     [--judge-timeout S] [--judge-retries N] [--judge-concurrency N]
   selfscope resume   RUN_DIR [--failed-as-no] finish a killed run (every planned trial exactly once; refuses
                                              another model) and retry its failed judgments
   selfscope rejudge  RUN_DIR --judge SPEC [--failed-as-no]   judge a run again with another judge (appended to
@@ -80,7 +83,14 @@ Judges (--judge): rule (approximate, offline) | openai:MODEL (OPENAI_BASE_URL, O
   a command whose judge judged nothing exits 1. Keys are never written, not even in part.
   --judge-timeout S      seconds per judge call, whole response included (default 30)
   --judge-retries N      retries after a failed call: timeouts, connection errors, 429, 5xx (default 2: 3 calls, as the protocol)
-  --judge-concurrency N  judge calls in flight at once (default 16; local: judge: its batch size, default 4)`;
+  --judge-concurrency N  judge calls in flight at once (default 16; local: judge: its batch size, default 4)
+
+Sampling (generate, inject) follows Hugging Face generate given only a temperature, as the paper's code ran:
+top-k, top-p, min-p and repetition_penalty come from the checkpoint's generation_config.json (a GGUF's
+general.sampling.* keys), else transformers' defaults (top-k 50, top-p 1). --temperature 0 is greedy even when
+the config says do_sample; --temperature model passes none, so the config's do_sample and temperature decide
+(what the paper's code did at T = 0). --top-k 0 / --top-p 1 / --min-p 0 switch a filter off; --greedy forces
+argmax. The effective sampler and each value's source go to stderr, the run log header and the report.`;
 
 type Flags = Record<string, string | boolean | string[] | undefined>;
 
@@ -100,6 +110,8 @@ function parse(argv: string[]): { cmd: string | undefined; flags: Flags; positio
       temperature: { type: "string" },
       "top-k": { type: "string" },
       "top-p": { type: "string" },
+      "min-p": { type: "string" },
+      greedy: { type: "boolean" },
       seed: { type: "string" },
       device: { type: "string" },
       json: { type: "boolean" },
@@ -180,17 +192,11 @@ async function cmdGenerate(f: Flags): Promise<void> {
   const ids = str(f, "ids");
   if (prompt !== undefined && ids !== undefined) throw new CliError("pass either --prompt or --ids, not both");
   const p = ids !== undefined ? { ids: idsFlag(ids) } : f.chat ? { messages: [{ role: "user", content: prompt ?? "" }] } : prompt !== undefined ? prompt : { ids: [] };
-  const topK = numFlag(f, "top-k");
-  const topP = numFlag(f, "top-p");
-  const res = await model.generate([p], {
-    maxTokens,
-    temperature: numFlag(f, "temperature", 0)!,
-    seed: numFlag(f, "seed", 0)!,
-    ...(topK !== undefined ? { topK } : {}),
-    ...(topP !== undefined ? { topP } : {}),
-  });
+  const sampler = model.sampler(samplerFlags(f));
+  process.stderr.write(`sampler: ${describeSampler(sampler)}\n`);
+  const res = await model.generate([p], { maxTokens, seed: numFlag(f, "seed", 0)!, ...sampleOptions(sampler) });
   const text = res.texts[0] ?? "";
-  if (f.json) process.stdout.write(JSON.stringify({ ids: res.tokens[0], text }) + "\n");
+  if (f.json) process.stdout.write(JSON.stringify({ ids: res.tokens[0], text, sampler }) + "\n");
   else process.stdout.write(text + "\n");
   model.dispose();
 }
@@ -221,6 +227,7 @@ async function cmdInfo(f: Flags): Promise<void> {
     ["tokenizer", model.tokenizer ? `${model.tokenizer.kind} (${model.tokenizer.vocabSize} tokens, bos ${model.tokenizer.bos ?? "none"}, eos ${model.tokenizer.eos ?? "none"})` : "none"],
     ["chat template", model.chatTemplate ? "present" : "absent"],
     ["stop tokens", model.stopTokens().join(", ") || "none"],
+    ["sampling", `${describeSampler(model.sampler())} (generate without flags); --temperature T: ${describeSampler(model.sampler({ temperature: 1 })).replace("temperature 1 (flag)", "temperature T")}`],
   ];
   for (const [k, v] of lines) process.stdout.write(`${k!.padEnd(14)} ${v}\n`);
   model.dispose();
@@ -276,6 +283,19 @@ function compareLogits(a: Float32Array, b: Float32Array, T: number, V: number, l
   return { maxAbs, at, top1 };
 }
 
+/** --temperature T|model, --top-k, --top-p, --min-p, --greedy: what the user asked for (the model file fills the rest). */
+function samplerFlags(f: Flags): SamplerRequest {
+  const t = str(f, "temperature");
+  const k = intFlag(f, "top-k"), p = numFlag(f, "top-p"), m = numFlag(f, "min-p");
+  return {
+    ...(t !== undefined ? { temperature: t === "model" ? "model" : numFlag(f, "temperature")! } : {}),
+    ...(k !== undefined ? { topK: k } : {}),
+    ...(p !== undefined ? { topP: p } : {}),
+    ...(m !== undefined ? { minP: m } : {}),
+    ...(f.greedy === true ? { greedy: true } : {}),
+  };
+}
+
 function intFlag(f: Flags, k: string): number | undefined {
   const n = numFlag(f, k);
   if (n !== undefined && (!Number.isInteger(n) || n < 0)) throw new CliError(`--${k} must be a non-negative integer`);
@@ -326,9 +346,7 @@ function injectArgs(f: Flags): InjectArgs {
     ...opt("variants", str(f, "variant")),
     ...opt("judges", Array.isArray(judge) ? judge.flatMap((j) => j.split(",")) : undefined),
     ...opt("maxTokens", intFlag(f, "max-tokens")),
-    ...opt("temperature", numFlag(f, "temperature")),
-    ...opt("topK", intFlag(f, "top-k")),
-    ...opt("topP", numFlag(f, "top-p")),
+    ...samplerFlags(f),
     ...opt("seed", intFlag(f, "seed")),
     ...opt("batchSize", intFlag(f, "batch-size")),
     ...opt("out", str(f, "out")),

@@ -12,6 +12,7 @@ import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type RunHeader, type Varian
 import { RunLogWriter, lockRun } from "../log/write.js";
 import { legacyWeightsHash } from "../model/load.js";
 import { Model } from "../model/model.js";
+import { describeSampler, sampleOptions } from "../model/sampling.js";
 import { renderReport } from "../report/html.js";
 import type { DeviceName } from "../runtime/device.js";
 import { PROTOCOL_RECIPE } from "../vectors/extract.js";
@@ -20,7 +21,7 @@ import { planTrials, type PlannedTrial } from "./plan.js";
 import { readRun } from "./runlog.js";
 import { BASE_RECIPE, CONCEPT_LISTS, LAYER_RULE, conceptList, conceptsOf, layerAt, layerFractionsOf, parseLayers, presets } from "./presets.js";
 import { FORCED_PREFILL, getVariant, hasSystemRole, renderTrial } from "./protocol.js";
-import { judgeTrials, renderOptions, runSweep } from "./run.js";
+import { effectiveSampler, judgeTrials, renderOptions, runSweep } from "./run.js";
 
 export { VERSION } from "../core/package.js";
 
@@ -46,9 +47,12 @@ export interface InjectArgs {
   variants?: string;
   judges?: string[];
   maxTokens?: number;
-  temperature?: number;
+  /** A number, or "model": pass none and let the checkpoint's generation config decide (the paper's code at T <= 0). */
+  temperature?: number | "model";
   topK?: number;
   topP?: number;
+  minP?: number;
+  greedy?: boolean;
   seed?: number;
   batchSize?: number;
   out?: string;
@@ -134,8 +138,11 @@ export function buildConfig(a: InjectArgs, nLayers: number, hasChatTemplate = tr
     generation: {
       maxTokens: a.maxTokens ?? base.generation.maxTokens,
       temperature: a.temperature ?? base.generation.temperature,
+      temperatureSource: a.temperature !== undefined ? "flag" : "preset",
       ...(a.topK !== undefined ? { topK: a.topK } : {}),
       ...(a.topP !== undefined ? { topP: a.topP } : {}),
+      ...(a.minP !== undefined ? { minP: a.minP } : {}),
+      ...(a.greedy ? { greedy: true } : {}),
     },
     seed: a.seed ?? 0,
     batchSize: a.batchSize ?? 16,
@@ -185,7 +192,7 @@ export async function estimateGeneration(model: Model, cfg: InjectConfig, todo: 
     const t0 = performance.now();
     const res = await model.generate(
       Array.from({ length: rows }, () => ({ ids: prompt.ids })),
-      { maxTokens, temperature: g.temperature, ...(g.topK !== undefined ? { topK: g.topK } : {}), ...(g.topP !== undefined ? { topP: g.topP } : {}), seed: Array.from({ length: rows }, (_, i) => i) },
+      { maxTokens, ...sampleOptions(effectiveSampler(model, cfg)), seed: Array.from({ length: rows }, (_, i) => i) },
     );
     return { s: (performance.now() - t0) / 1000, steps: Math.max(1, ...res.tokens.map((x) => x.length)) };
   };
@@ -314,6 +321,7 @@ export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, co
     },
     backend: { device: model.device.name, adapter: model.device.adapter },
     config: cfg,
+    sampler: effectiveSampler(model, cfg),
     plannedTrials: planTrials(cfg).length,
     command,
     variants,
@@ -331,6 +339,7 @@ export async function inject(a: InjectArgs): Promise<{ runDir: string; results: 
     if (a.promptFormat === undefined && cfg.promptFormat === "raw")
       process.stderr.write(`note: ${a.model} has no chat template: running the paper's base-model protocol (raw User:/Assistant: dialogue, concept vectors from raw ${JSON.stringify(cfg.vectorRecipe.userTemplate)}; --prompt-format raw)\n`);
     for (const w of header.warnings ?? []) process.stderr.write(`warning: ${w}\n`);
+    if (!a.quiet) process.stderr.write(`sampler: ${describeSampler(header.sampler!)}\n`);
     // Validate everything that can be wrong before the run directory is created.
     for (const v of cfg.variants) getVariant(v);
     const judges = judgesFor(cfg.judges, runDir, a.judgeOptions, chooseJudges(a.judges).note);

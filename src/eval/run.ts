@@ -8,9 +8,10 @@ import type { JudgeFailures } from "../judge/failures.js";
 import type { Judge, JudgeRequest } from "../judge/judge.js";
 import { redactSecrets } from "../judge/secrets.js";
 import type { RunData } from "../log/read.js";
-import type { Criterion, InjectConfig, JudgmentRecord, TrialRecord } from "../log/schema.js";
+import type { Criterion, InjectConfig, JudgmentRecord, RunHeader, TrialRecord } from "../log/schema.js";
 import type { RunLogWriter } from "../log/write.js";
 import type { Model } from "../model/model.js";
+import { legacySampler, sampleOptions, samplerDifference, type EffectiveSampler } from "../model/sampling.js";
 import { conceptVectors } from "../vectors/extract.js";
 import { planTrials, type PlannedTrial } from "./plan.js";
 import { FORCED_PREFILL, PAPER_CONTINUATION, firstResponse, getVariant, renderTrial, type RenderOptions } from "./protocol.js";
@@ -57,9 +58,39 @@ function criteriaFor(t: TrialRecord, detection: "YES" | "NO" | null | undefined,
   }
 }
 
+/** The sampler a sweep asks for on this model (the checkpoint's generation config under the run's flags). */
+export function effectiveSampler(model: Model, config: InjectConfig): EffectiveSampler {
+  const g = config.generation;
+  return model.sampler({
+    temperature: g.temperature,
+    ...(g.temperatureSource ? { temperatureSource: g.temperatureSource } : {}),
+    ...(g.greedy ? { greedy: true } : {}),
+    ...(g.topK !== undefined ? { topK: g.topK } : {}),
+    ...(g.topP !== undefined ? { topP: g.topP } : {}),
+    ...(g.minP !== undefined ? { minP: g.minP } : {}),
+  });
+}
+
+/**
+ * The sampler to continue a logged run with: the one its header records, provided the model still
+ * gives the same (else an error: a resumed run never changes sampler silently). Version-1 logs
+ * sampled with config.generation alone, and keep doing so.
+ */
+export function recordedSampler(model: Model, header: RunHeader, where: string): EffectiveSampler {
+  if (!header.sampler) return legacySampler(header.config.generation);
+  const diff = samplerDifference(header.sampler, effectiveSampler(model, header.config));
+  if (diff) {
+    throw new UsageError(
+      `${where}: the run recorded a different sampler than the model now gives (${diff}; the model's sampling defaults are in ${header.sampler.defaultsFile ?? "no file"}); restore the model's generation config or start a new run`,
+    );
+  }
+  return header.sampler;
+}
+
 /** Run (or finish) a sweep into `log`. `prior` holds what an earlier run already recorded. */
 export async function runSweep(model: Model, config: InjectConfig, log: RunLogWriter, prior: RunData | null, opts: RunOptions): Promise<{ generated: number; judged: number }> {
   const plan = planTrials(config);
+  const sampler = sampleOptions(prior ? recordedSampler(model, prior.header, prior.dir) : effectiveSampler(model, config));
   const done = new Set(prior?.trials.map((t) => t.id) ?? []);
   const todo = plan.filter((t) => !done.has(t.id));
   for (const v of config.variants) getVariant(v);
@@ -94,9 +125,7 @@ export async function runSweep(model: Model, config: InjectConfig, log: RunLogWr
       rows.map((r) => ({ ids: r.ids })),
       {
         maxTokens: g.maxTokens,
-        temperature: g.temperature,
-        ...(g.topK !== undefined ? { topK: g.topK } : {}),
-        ...(g.topP !== undefined ? { topP: g.topP } : {}),
+        ...sampler,
         seed: batch.map((t) => t.seed),
         plan: plan_,
       },

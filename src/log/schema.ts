@@ -5,8 +5,11 @@
 //
 // Bump LOG_VERSION when a field changes meaning, and keep a reader test on an old fixture log.
 
+import type { EffectiveSampler } from "../model/sampling.js";
+
 export const LOG_SCHEMA = "selfscope.run";
-export const LOG_VERSION = 1;
+/** 2: the header records the effective sampler (`sampler`). */
+export const LOG_VERSION = 2;
 
 export type TrialKind =
   /** concept vector injected, model asked whether it detects a thought */
@@ -49,7 +52,11 @@ export interface InjectConfig {
   identifyAll?: boolean;
   /** Yes-bias control questions per (concept, layer, strength, variant). 0 = off. */
   yesBiasPerConcept: number;
-  generation: { maxTokens: number; temperature: number; topK?: number; topP?: number };
+  /**
+   * The sampling the run asked for (flags or preset); the header's `sampler` is what it ran with.
+   * temperature "model": none passed, the checkpoint's generation config decides (the paper's code at T <= 0).
+   */
+  generation: { maxTokens: number; temperature: number | "model"; temperatureSource?: "flag" | "preset"; topK?: number; topP?: number; minP?: number; greedy?: boolean };
   seed: number;
   batchSize: number;
   /** Judge specs, e.g. "rule", "openai:gpt-4.1-mini", "anthropic:claude-sonnet-4", "local:PATH". */
@@ -108,6 +115,8 @@ export interface RunHeader {
   };
   backend: { device: string; adapter: string };
   config: InjectConfig;
+  /** The effective sampler, each parameter with its source (version >= 2; a version-1 run sampled with config.generation alone). */
+  sampler?: EffectiveSampler;
   /** Number of planned trials (the plan itself is a pure function of config). */
   plannedTrials: number;
   command: string[];

@@ -77,8 +77,14 @@ export interface ForwardResult {
 export interface SampleOptions {
   /** 0 = greedy (default). */
   temperature?: number;
+  /** Keep the k best tokens (0 or absent: off). */
   topK?: number;
+  /** Keep the shortest ranked prefix whose probability reaches p (1 or absent: off). */
   topP?: number;
+  /** Keep tokens with probability >= minP times the best one's (0 or absent: off). */
+  minP?: number;
+  /** HF's repetition_penalty over the prompt and generated ids (1 or absent: off); applies when greedy too. */
+  repetitionPenalty?: number;
   /** One seed, or one per row (a row's sample then does not depend on its batch mates). */
   seed?: number | number[];
 }
@@ -439,7 +445,8 @@ export class Decoder {
    */
   next(logits: Float32Array): { ctx: CallCtx; slot: number } | null {
     const V = logits.length / this.B;
-    const ids = this.rows.map((_, b) => (this.done[b] ? 0 : this.samplers[b]!.sample(logits.subarray(b * V, (b + 1) * V))));
+    const pen = (this.opts.repetitionPenalty ?? 1) !== 1;
+    const ids = this.rows.map((r, b) => (this.done[b] ? 0 : this.samplers[b]!.sample(logits.subarray(b * V, (b + 1) * V), pen ? [...r.ids, ...this.tokens[b]!] : undefined)));
     ids.forEach((t, b) => {
       if (this.done[b]) return;
       this.tokens[b]!.push(t);
@@ -465,42 +472,170 @@ export class Decoder {
   }
 }
 
-/** Greedy / temperature / top-k / top-p sampling with a per-row seeded generator. */
+/**
+ * Greedy / temperature / top-k / top-p / min-p sampling with a per-row seeded generator, in HF
+ * `generate`'s order: repetition penalty on the raw logits, then temperature, top-k, top-p, min-p.
+ * Candidates are ranked by (logit descending, index ascending); top-k keeps exactly k of them (HF keeps
+ * every token tied with the k-th). Only the ranked prefix a draw needs is sorted (partial selection):
+ * a token costs O(V) plus O(m log m) for the m candidates it reaches, never a sort of the vocabulary.
+ */
 export class Sampler {
   private rng: Rng;
+  private idx = new Int32Array(0);
+  private scratch = new Float32Array(0);
   constructor(
     private o: SampleOptions,
     seed: number,
   ) {
     this.rng = new Rng(seed);
   }
-  sample(logits: Float32Array): number {
-    const temp = this.o.temperature ?? 0;
-    if (temp <= 0) return argmax(logits);
-    const V = logits.length;
-    let idx = [...Array(V).keys()];
-    idx.sort((a, b) => logits[b]! - logits[a]! || a - b);
-    if (this.o.topK && this.o.topK > 0) idx = idx.slice(0, this.o.topK);
-    const mx = logits[idx[0]!]!;
-    let p = idx.map((i) => Math.exp((logits[i]! - mx) / temp));
-    let z = p.reduce((a, b) => a + b, 0);
-    p = p.map((x) => x / z);
-    const topP = this.o.topP ?? 1;
-    if (topP < 1) {
-      let cum = 0;
-      let keep = 0;
-      while (keep < p.length && cum < topP) cum += p[keep++]!;
-      idx = idx.slice(0, keep);
-      p = p.slice(0, keep);
-      z = p.reduce((a, b) => a + b, 0);
-      p = p.map((x) => x / z);
+  /** `context`: the ids so far (prompt and generated), needed only for a repetition penalty. */
+  sample(logits: Float32Array, context?: ArrayLike<number>): number {
+    const c = this.candidates(logits, context);
+    if (!c) return argmax(this.penalized(logits, context));
+    const { idx, k, x, z, need } = c;
+    if (c.kept !== null) {
+      const n = c.kept;
+      let z2 = 0;
+      for (let r = 0; r < n; r++) z2 += x(r) / z;
+      let u = this.rng.next();
+      for (let r = 0; r < n; r++) {
+        u -= x(r) / z / z2;
+        if (u < 0) return idx[r]!;
+      }
+      return idx[n - 1]!;
     }
     let u = this.rng.next();
-    for (let i = 0; i < p.length; i++) {
-      u -= p[i]!;
-      if (u < 0) return idx[i]!;
+    for (let r = 0; r < k; r++) {
+      need(r);
+      u -= x(r) / z;
+      if (u < 0) return idx[r]!;
     }
-    return idx[p.length - 1]!;
+    need(k - 1);
+    return idx[k - 1]!;
+  }
+
+  /** The tokens a draw can return, best first (one, the argmax, when greedy). Draws nothing from the generator. */
+  support(logits: Float32Array, context?: ArrayLike<number>): number[] {
+    const c = this.candidates(logits, context);
+    if (!c) return [argmax(this.penalized(logits, context))];
+    const n = c.kept ?? c.k;
+    c.need(n - 1);
+    return Array.from(c.idx.subarray(0, n));
+  }
+
+  private penalized(logits: Float32Array, context?: ArrayLike<number>): Float32Array {
+    const penalty = this.o.repetitionPenalty ?? 1;
+    return penalty !== 1 && context ? this.penalize(logits, context, penalty) : logits;
+  }
+
+  /**
+   * Rank the candidates lazily: idx[0, sorted) is ranked, idx[sorted, k) holds the rest of the top k
+   * unordered, and need(r) ranks on to r. `kept`: the prefix top-p / min-p keep (null: neither is on).
+   */
+  private candidates(logitsIn: Float32Array, context?: ArrayLike<number>) {
+    const temp = this.o.temperature ?? 0;
+    if (temp <= 0) return null;
+    const logits = this.penalized(logitsIn, context);
+    const V = logits.length;
+    if (this.idx.length !== V) this.idx = new Int32Array(V);
+    const idx = this.idx;
+    for (let i = 0; i < V; i++) idx[i] = i;
+    const k = this.o.topK && this.o.topK > 0 ? Math.min(this.o.topK, V) : V;
+    const mx = logits[argmax(logits)]!;
+    const x = (r: number) => Math.exp((logits[idx[r]!]! - mx) / temp);
+    let sorted = 0;
+    let chunk = 256;
+    const need = (r: number) => {
+      while (r >= sorted) {
+        const m = Math.min(chunk, k - sorted);
+        if (m < k - sorted) selectTop(logits, idx, sorted, k, m);
+        sortRange(logits, idx, sorted, sorted + m);
+        sorted += m;
+        chunk *= 2;
+      }
+    };
+    let z = 0;
+    if (k < V) {
+      selectTop(logits, idx, 0, V, k);
+      sortRange(logits, idx, 0, k);
+      sorted = k;
+      for (let r = 0; r < k; r++) z += x(r);
+    } else for (let i = 0; i < V; i++) z += Math.exp((logits[i]! - mx) / temp);
+    const topP = this.o.topP ?? 1;
+    const minP = this.o.minP ?? 0;
+    let kept: number | null = null;
+    if (topP < 1 || minP > 0) {
+      // Both keep a prefix of the ranking: top-p the shortest reaching mass topP, min-p those with
+      // p >= minP * p(best); the draw renormalises over what is kept.
+      let keep = 0;
+      let cum = 0;
+      need(0);
+      const pMin = minP * (x(0) / z);
+      while (keep < k) {
+        need(keep);
+        const p = x(keep) / z;
+        if (cum >= topP || p < pMin) break;
+        cum += p;
+        keep++;
+      }
+      kept = Math.max(1, keep);
+    }
+    return { idx, k, x, z, need, kept };
+  }
+
+  /** HF's RepetitionPenaltyLogitsProcessor: every id seen so far has its logit divided by the penalty (multiplied when negative). */
+  private penalize(logits: Float32Array, context: ArrayLike<number>, penalty: number): Float32Array {
+    if (this.scratch.length !== logits.length) this.scratch = new Float32Array(logits.length);
+    const s = this.scratch;
+    s.set(logits);
+    for (let i = 0; i < context.length; i++) {
+      const t = context[i]!;
+      if (t < 0 || t >= s.length) continue;
+      const l = logits[t]!;
+      s[t] = l < 0 ? l * penalty : l / penalty;
+    }
+    return s;
+  }
+}
+
+/** a ranks before b: higher logit, then lower index (a total order, so selections are deterministic). */
+function before(l: Float32Array, a: number, b: number): boolean {
+  const x = l[a]!, y = l[b]!;
+  return x > y || (x === y && a < b);
+}
+
+function sortRange(l: Float32Array, idx: Int32Array, lo: number, hi: number): void {
+  idx.subarray(lo, hi).sort((a, b) => (l[a]! > l[b]! ? -1 : l[a]! < l[b]! ? 1 : a - b));
+}
+
+/**
+ * Reorder idx[lo, hi) so that its m best-ranked entries come first (unordered): quickselect with a
+ * median-of-three pivot, expected O(hi - lo); a sort of what is left if it degenerates.
+ */
+function selectTop(l: Float32Array, idx: Int32Array, lo: number, hi: number, m: number): void {
+  const t = lo + m;
+  let a = lo, b = hi - 1;
+  let budget = 2 * Math.ceil(Math.log2(hi - lo + 1)) + 16;
+  const swap = (i: number, j: number) => {
+    const v = idx[i]!;
+    idx[i] = idx[j]!;
+    idx[j] = v;
+  };
+  while (b > a) {
+    if (budget-- === 0) return sortRange(l, idx, a, b + 1);
+    const mid = (a + b) >>> 1;
+    if (before(l, idx[mid]!, idx[a]!)) swap(a, mid);
+    if (before(l, idx[b]!, idx[a]!)) swap(a, b);
+    if (before(l, idx[b]!, idx[mid]!)) swap(mid, b);
+    swap(mid, b);
+    const pv = idx[b]!;
+    let s = a;
+    for (let i = a; i < b; i++) if (before(l, idx[i]!, pv)) swap(i, s++);
+    swap(s, b);
+    if (s === t) return;
+    if (s < t) a = s + 1;
+    else b = s - 1;
   }
 }
 

@@ -13,6 +13,7 @@ import { CpuEngine } from "../cpu/engine.js";
 import { Engine, type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type Row } from "./engine.js";
 import { loadHostModel, weightsDigest, type HostModel, type ModelFiles } from "./load.js";
 import { checkFits } from "./memory.js";
+import { readSamplingDefaults, resolveSampler, type EffectiveSampler, type SamplerRequest, type SamplingDefaults } from "./sampling.js";
 
 /** What Model needs from an engine: the jax-js Engine (wasm, webgpu) and the CpuEngine (cpu) both fit. */
 export interface InferenceEngine {
@@ -97,6 +98,12 @@ export class Model {
 
   get family(): string {
     return this.config.family;
+  }
+
+  private sampling: SamplingDefaults | undefined;
+  /** The sampler HF `generate` would use for this request on this checkpoint (see sampling.ts). */
+  sampler(request: SamplerRequest = {}): EffectiveSampler {
+    return resolveSampler((this.sampling ??= readSamplingDefaults(this.files)), request);
   }
 
   dispose(): void {

@@ -628,7 +628,7 @@ export interface BiasVectorResults {
     bias: BiasArmMetrics;
   };
   evaluation: null | {
-    settings: { layers: number[]; strengths: number[]; trials_per_concept: number; controls_per_config: number; forced: boolean; max_tokens: number; temperature: number; judges: string[] };
+    settings: { layers: number[]; strengths: number[]; trials_per_concept: number; controls_per_config: number; forced: boolean; max_tokens: number; temperature: number | "model"; judges: string[] };
     baseline: ArmSummary;
     bias: ArmSummary;
     delta: BiasEvaluation["delta"];

@@ -36,6 +36,7 @@ import { Model } from "../model/model.js";
 import type { DeviceName } from "../runtime/device.js";
 import { wilson } from "../stats/stats.js";
 import { conceptVectors, PROTOCOL_RECIPE } from "../vectors/extract.js";
+import { sampleOptions, type EffectiveSampler } from "../model/sampling.js";
 import {
   classScores,
   cosine,
@@ -392,7 +393,7 @@ export async function steeringTrials(model: Model, trials: readonly SteerTrial[]
     const rows = batch.map((t) => renderTrial(model, v, t.trialNumber, { prefill: null, concept: t.concept }));
     const plan: Intervention[] = batch.map((t, b) => ({ op: "add", at: hookName(opts.layer, "hook_resid_post"), vector: t.vector, scale: opts.strength, pos: { from: rows[b]!.injectFrom }, rows: [b] }));
     const seeds = batch.map((t) => createHash("sha256").update(`${opts.seed ?? 42}|${t.key}`).digest().readUInt32LE(0));
-    const res = await model.generate(rows.map((r) => ({ ids: r.ids })), { maxTokens: opts.maxTokens ?? 100, temperature: opts.temperature ?? 1, seed: seeds, plan });
+    const res = await model.generate(rows.map((r) => ({ ids: r.ids })), { maxTokens: opts.maxTokens ?? 100, ...sampleOptions(model.sampler({ temperature: opts.temperature ?? 1 })), seed: seeds, plan });
     const texts = batch.map((_, b) => {
       let t = res.texts[b] ?? "";
       if (!model.chatTemplate) t = firstResponse(t);
@@ -710,6 +711,8 @@ export interface GeometryResults {
   swap: { direction: "meandiff" | "ridge"; trials_per_condition: number; rows: RateRow[] } | null;
   bidirectional: { window: number; trials_per_direction: number; threshold: number; pairs: { cls: "S" | "F"; a: string; b: string; rate_ab: number; rate_ba: number; both: boolean }[]; success: { S: Rate; F: Rate } } | null;
   timings_ms: Record<string, number>;
+  /** The steering trials' effective sampler (the checkpoint's generation config under --temperature). */
+  sampler?: EffectiveSampler;
 }
 
 const GEOMETRY_APPROXIMATIONS = [
@@ -932,6 +935,7 @@ export async function geometryCommand(args: GeometryArgs): Promise<GeometryResul
       directions_file: path.basename(dirFile),
       layer,
       strength,
+      sampler: model.sampler({ temperature: steer.temperature ?? 1 }),
       approximations: GEOMETRY_APPROXIMATIONS,
       concepts: concepts.map((c, i) => ({
         concept: c,

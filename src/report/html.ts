@@ -8,6 +8,7 @@ import * as vega from "vega";
 import { compile, type TopLevelSpec } from "vega-lite";
 import { CRITERIA, computeResults, configName, formatP, trialVerdicts, type ConfigKey, type ConfigResults, type Correlation, type RateOut, type Results, type RunData, type TrialVerdicts } from "../eval/metrics.js";
 import type { Rate, TrialRecord } from "../log/schema.js";
+import { describeSampler } from "../model/sampling.js";
 
 // ---- escaping ---------------------------------------------------------------------------------------
 
@@ -281,7 +282,9 @@ function headerBlock(run: RunData): string {
         `${c.trialsPerConcept} injection trials per concept and config (trial numbers 1..${c.maxTrialNumber}); ${c.controlsPerConfig} controls per config${c.controlsPerConcept ? ` + ${c.controlsPerConcept} per concept${c.controlConcepts ? ` (first ${c.controlConcepts} concepts)` : ""}${c.controlTrialOffset ? ` on trial numbers ${c.controlTrialOffset + 1}..${c.controlTrialOffset + c.maxTrialNumber}` : ""}` : ""}; forced ${c.forced ? "on" : "off"}; yes-bias ${c.yesBiasPerConcept} per concept; ${h.plannedTrials} planned, ${run.trials.length} logged`,
       ),
     ],
-    ["Generation", escapeHtml(`max ${gen.maxTokens} tokens, T=${gen.temperature}${gen.topK !== undefined ? `, top-k ${gen.topK}` : ""}${gen.topP !== undefined ? `, top-p ${gen.topP}` : ""}; seed ${c.seed}; batch ${c.batchSize}`)],
+    ["Generation", escapeHtml(`max ${gen.maxTokens} tokens; seed ${c.seed}; batch ${c.batchSize}`)],
+    // The effective sampler with each value's source (log version 2); a version-1 run sampled with the config's values alone.
+    ["Sampler", escapeHtml(h.sampler ? describeSampler(h.sampler) : `T=${gen.temperature}${gen.topK !== undefined ? `, top-k ${gen.topK}` : ""}${gen.topP !== undefined ? `, top-p ${gen.topP}` : ""} (log version 1: nothing from the model's generation config)`)],
     ["Vectors", escapeHtml(`${c.vectorRecipe.method}, token index ${c.vectorRecipe.tokenIndex}${c.preset ? `; preset ${c.preset}` : ""}`)],
     ["Judges", list(c.judges)],
     ["Tool", escapeHtml(`${h.tool.name} ${h.tool.version}`)],
