@@ -5,7 +5,7 @@
 #   data/protocol/refusal_harmless_512.json  the paper's 512-prompt harmless draw only (Alpaca-derived, CC BY-NC 4.0)
 # The draw is the paper's (03d): random.seed(42); random.sample(HARMFUL, 512); random.sample(HARMLESS, 512).
 # Run from the repository root:
-#   python3 scripts/make-refusal-data.py PATH/refusal_prompts.json   (in this workspace: ../shared/protocol/)
+#   python3 scripts/make-refusal-data.py PATH/refusal_prompts.json
 import hashlib
 import json
 import random
@@ -26,7 +26,7 @@ assert random.sample(H, N) == [H[i] for i in h_idx]
 assert random.sample(HL, N) == [HL[i] for i in hl_idx]
 
 origin = "safety-research/introspection-mechanisms@5d5d9b4:experiments/refusal_prompts.py"
-generated_by = "python3 scripts/make-refusal-data.py PATH/refusal_prompts.json (the paper's lists with the sha256 in source; in this workspace ../shared/protocol/)"
+generated_by = "python3 scripts/make-refusal-data.py PATH/refusal_prompts.json (the paper's lists with the sha256 in source)"
 harmful = {
     "description": "The paper's harmful instructions, all 520, in the paper's order (HARMFUL_PROMPTS). The refusal recipe draws from them with Python's random.seed(42); random.sample(list, n) (src/core/pyrandom.ts).",
     "source": f"{origin} HARMFUL_PROMPTS (extracted copy: refusal_prompts.json, sha256 {sha})",
