@@ -83,14 +83,16 @@ export const RECIPES: Record<string, Recipe> = {
     usage:
       "selfscope compare --model A --model B [--model C ...] --out DIR [--label a,b,c] [--preset macar2026|lindsey2025] [--per-model-layers]\n" +
       "                  [--layers 37|0.6] [--strengths 1,2,4] [--concepts FILE|N] [--trials N] [--controls N] [--forced] [--yes-bias N]\n" +
-      "                  [--variant original,...] [--judge SPEC] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--batch-size B]\n" +
+      "                  [--controls-per-concept N] [--variant original,...] [--prompt-format chat|raw] [--judge SPEC] [--identify-all] [--failed-as-no]\n" +
+      "                  [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--greedy] [--seed S] [--batch-size B]\n" +
       "  Runs the same planned trials on every model (each in DIR/runs/LABEL, resumable: rerun the same command), then writes\n" +
       "  DIR/results.json (one block per model) and DIR/report.html (side by side). Refuses when the preset's layer fractions\n" +
       "  resolve to different layers on the models unless --per-model-layers; the resolved layer of each model is recorded.",
     flags: {
       ...COMMON, model: "list", label: "string", "per-model-layers": "boolean", preset: "string", layers: "string", strengths: "string",
       concepts: "string", trials: "number", controls: "number", forced: "boolean", "yes-bias": "number", variant: "string", judge: "list",
-      "max-tokens": "number", temperature: "number", "top-k": "number", "top-p": "number", "batch-size": "number",
+      "max-tokens": "number", temperature: "number", "top-k": "number", "top-p": "number", "min-p": "number", greedy: "boolean",
+      "controls-per-concept": "number", "prompt-format": "string", "identify-all": "boolean", "failed-as-no": "boolean", "batch-size": "number",
     },
     run: async (a) => {
       const r = await compareCommand(a as unknown as Parameters<typeof compareCommand>[0]);

@@ -50,6 +50,12 @@ export interface CompareArgs {
   temperature?: number;
   topK?: number;
   topP?: number;
+  minP?: number;
+  greedy?: boolean;
+  controlsPerConcept?: number;
+  promptFormat?: "chat" | "raw";
+  identifyAll?: boolean;
+  failedAsNo?: boolean;
   seed?: number;
   batchSize?: number;
   device?: DeviceName;
@@ -124,7 +130,10 @@ function labelsFor(models: readonly string[], spec: string | undefined): string[
 
 function injectArgsOf(a: CompareArgs): Omit<InjectArgs, "model"> {
   const out: Omit<InjectArgs, "model"> = {};
-  const keys = ["preset", "layers", "strengths", "concepts", "trials", "controls", "forced", "yesBias", "judges", "maxTokens", "temperature", "topK", "topP", "seed", "batchSize"] as const;
+  const keys = [
+    "preset", "layers", "strengths", "concepts", "trials", "controls", "controlsPerConcept", "forced", "yesBias", "judges", "maxTokens",
+    "temperature", "topK", "topP", "minP", "greedy", "promptFormat", "identifyAll", "failedAsNo", "seed", "batchSize",
+  ] as const;
   for (const k of keys) if (a[k] !== undefined) (out as Record<string, unknown>)[k] = a[k];
   if (a.variant !== undefined) out.variants = a.variant;
   return out;
