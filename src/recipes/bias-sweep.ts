@@ -16,14 +16,13 @@ import type { DeviceName } from "../runtime/device.js";
 import { BIAS_EVAL, biasEvalPrefill, EVAL74_DEVIATIONS, evaluateBiasArm, parseLayerList, parseNumbers, type BiasArmMetrics } from "./bias-eval.js";
 import {
   BIAS_PROTOCOL,
-  buildBiasData,
   esc,
   htmlPage,
   parseBiasSite,
   PROTOCOL_DEVIATIONS,
-  protocolSplit,
+  protocolEvalLayers,
+  protocolTrainingSet,
   rateTd,
-  scaleLayer,
   siteDeviations,
   svgPlot,
   trainBiasVector,
@@ -118,26 +117,13 @@ async function sweepLocked(args: BiasSweepArgs): Promise<BiasSweepResults> {
       if (!args.quiet) process.stderr.write(s + "\n");
     };
     const adapterLayers = args.layers !== undefined ? parseLayerList(args.layers, nL, "--layers") : Array.from({ length: nL }, (_, i) => i);
-    const evalLayers = args.evalLayers !== undefined ? parseLayerList(args.evalLayers, nL, "--eval-layers") : [...new Set(BIAS_PROTOCOL.evalLayers.map((l) => scaleLayer(l, nL)))];
+    const evalLayers = protocolEvalLayers(args.evalLayers, nL);
     const strengths = parseNumbers(args.evalStrengths ?? BIAS_PROTOCOL.evalStrengths.join(","), "--eval-strengths");
     const trials = args.evalTrials ?? BIAS_PROTOCOL.evalTrials;
     const maxTokens = args.maxTokens ?? BIAS_EVAL.maxTokens;
     const replyTokens = args.replyTokens ?? BIAS_EVAL.replyTokens;
     fs.mkdirSync(out, { recursive: true });
-    const splitSeed = args.splitSeed ?? BIAS_PROTOCOL.splitSeed;
-    const split = protocolSplit(splitSeed);
-    const train = split.train.slice(0, args.trainConcepts ?? split.train.length);
-    const heldOut = split.heldOut.slice(0, args.evalConcepts ?? split.heldOut.length);
-    const seed = args.seed ?? 0;
-    const injLayers = BIAS_PROTOCOL.injectionLayers.map((l) => scaleLayer(l, nL));
-    const data = await buildBiasData(model, {
-      concepts: train,
-      trialsPerConcept: args.trialsPerConcept ?? BIAS_PROTOCOL.trialsPerConcept,
-      controlRatio: args.controlRatio ?? BIAS_PROTOCOL.controlRatio,
-      injectionLayers: injLayers,
-      seed,
-      ...(args.vectorCache !== undefined ? { vectorCache: args.vectorCache } : {}),
-    });
+    const { splitSeed, split, train, heldOut, seed, injLayers, data } = await protocolTrainingSet(model, args);
     const batchSize = args.batchSize ?? BIAS_PROTOCOL.batchSize;
     const steps = args.steps ?? Math.ceil(data.length / batchSize);
     const lr = args.lr ?? BIAS_PROTOCOL.lr;

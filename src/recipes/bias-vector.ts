@@ -670,6 +670,32 @@ export async function biasVectorCommand(args: BiasVectorArgs): Promise<BiasVecto
   }
 }
 
+/** The §7.4 evaluation's injection layers: --eval-layers, or the paper's 20/30/40/50/60 of 62 scaled to the model. */
+export function protocolEvalLayers(spec: string | undefined, nLayers: number): number[] {
+  return spec !== undefined ? parseLayerList(spec, nLayers, "--eval-layers") : [...new Set(BIAS_PROTOCOL.evalLayers.map((l) => scaleLayer(l, nLayers)))];
+}
+
+type TrainingSetArgs = Pick<BiasVectorArgs, "splitSeed" | "trainConcepts" | "evalConcepts" | "seed" | "trialsPerConcept" | "controlRatio" | "vectorCache">;
+
+/** The protocol's concept split (§7.2) and training examples, shared by bias-vector and train-bias-sweep. */
+export async function protocolTrainingSet(model: Model, args: TrainingSetArgs): Promise<{ splitSeed: number; split: { train: string[]; heldOut: string[] }; train: string[]; heldOut: string[]; seed: number; injLayers: number[]; data: BiasExample[] }> {
+  const splitSeed = args.splitSeed ?? BIAS_PROTOCOL.splitSeed;
+  const split = protocolSplit(splitSeed);
+  const train = split.train.slice(0, args.trainConcepts ?? split.train.length);
+  const heldOut = split.heldOut.slice(0, args.evalConcepts ?? split.heldOut.length);
+  const seed = args.seed ?? 0;
+  const injLayers = BIAS_PROTOCOL.injectionLayers.map((l) => scaleLayer(l, model.config.nLayers));
+  const data = await buildBiasData(model, {
+    concepts: train,
+    trialsPerConcept: args.trialsPerConcept ?? BIAS_PROTOCOL.trialsPerConcept,
+    controlRatio: args.controlRatio ?? BIAS_PROTOCOL.controlRatio,
+    injectionLayers: injLayers,
+    seed,
+    ...(args.vectorCache !== undefined ? { vectorCache: args.vectorCache } : {}),
+  });
+  return { splitSeed, split, train, heldOut, seed, injLayers, data };
+}
+
 async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults> {
   // Flags first: a typo must not cost a model load and the training data.
   const site = parseBiasSite(args.site);
@@ -680,22 +706,9 @@ async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults
     const nL = model.config.nLayers;
     const out = args.out;
     fs.mkdirSync(out, { recursive: true });
-    const splitSeed = args.splitSeed ?? BIAS_PROTOCOL.splitSeed;
-    const split = protocolSplit(splitSeed);
-    const train = split.train.slice(0, args.trainConcepts ?? split.train.length);
-    const heldOut = split.heldOut.slice(0, args.evalConcepts ?? split.heldOut.length);
-    const seed = args.seed ?? 0;
-    const injLayers = BIAS_PROTOCOL.injectionLayers.map((l) => scaleLayer(l, nL));
-    const data = await buildBiasData(model, {
-      concepts: train,
-      trialsPerConcept: args.trialsPerConcept ?? BIAS_PROTOCOL.trialsPerConcept,
-      controlRatio: args.controlRatio ?? BIAS_PROTOCOL.controlRatio,
-      injectionLayers: injLayers,
-      seed,
-      ...(args.vectorCache !== undefined ? { vectorCache: args.vectorCache } : {}),
-    });
+    const { splitSeed, split, train, heldOut, seed, injLayers, data } = await protocolTrainingSet(model, args);
     const layer = args.layer ?? scaleLayer(BIAS_PROTOCOL.biasLayer, nL);
-    const evalLayers74 = evalProtocol === "7.4" ? (args.evalLayers !== undefined ? parseLayerList(args.evalLayers, nL, "--eval-layers") : [...new Set(BIAS_PROTOCOL.evalLayers.map((l) => scaleLayer(l, nL)))]) : [];
+    const evalLayers74 = evalProtocol === "7.4" ? protocolEvalLayers(args.evalLayers, nL) : [];
     const evalStrengths74 = evalProtocol === "7.4" ? parseNumbers(args.evalStrengths ?? BIAS_PROTOCOL.evalStrengths.join(","), "--eval-strengths") : [];
     const batchSize = args.batchSize ?? BIAS_PROTOCOL.batchSize;
     const steps = args.steps ?? Math.ceil(data.length / batchSize);
@@ -742,7 +755,7 @@ async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults
       }
     }
     if (evalProtocol === "main") {
-      const evalLayers = args.evalLayers ?? [...new Set(BIAS_PROTOCOL.evalLayers.map((l) => scaleLayer(l, nL)))].join(",");
+      const evalLayers = args.evalLayers ?? protocolEvalLayers(undefined, nL).join(",");
       const trials = args.evalTrials ?? BIAS_PROTOCOL.evalTrials;
       const sweep: EvaluateBiasOptions["sweep"] = {
         layers: evalLayers,
