@@ -67,28 +67,16 @@ export interface Correlation {
   note: string | null;
 }
 
-export interface ConfigResults {
+/** One (layer, strength, variant) configuration: its trial summary plus what needs the per-concept view. */
+export interface ConfigResults extends TrialSummary {
   layer: number | null;
   strength: number | null;
   variant: string;
-  tpr: RateOut;
-  fpr: RateOut;
-  introspection_rate: RateOut;
-  /** (#injection YES + #control NO) / (#injection + #control). */
-  detection_accuracy: RateOut;
-  /** P(identify | detect): #{inj: D∧I} / #{inj: D}. */
-  identification_accuracy_given_claim: RateOut;
-  /** #{inj: I} / #injection, identification judged on every injection trial; null unless the run did (--identify-all). */
-  identification_accuracy_unconditional: RateOut | null;
-  forced_identification_rate: RateOut;
-  yes_bias_rate: RateOut;
   detection_forced_correlation: Correlation;
-  discrimination_p_value: number | null;
   /** Percentile bootstrap over concepts (resampled with replacement); null with a reason in boot_note. */
   tpr_boot: Interval | null;
   introspection_boot: Interval | null;
   boot_note: string | null;
-  n_trials: NTrials;
 }
 
 export interface ConceptResults {
@@ -420,8 +408,11 @@ export interface TrialSummary {
   tpr: RateOut;
   fpr: RateOut;
   introspection_rate: RateOut;
+  /** (#injection YES + #control NO) / (#injection + #control). */
   detection_accuracy: RateOut;
+  /** P(identify | detect): #{inj: D∧I} / #{inj: D}. */
   identification_accuracy_given_claim: RateOut;
+  /** #{inj: I} / #injection, identification judged on every injection trial; null unless the run did (--identify-all). */
   identification_accuracy_unconditional: RateOut | null;
   forced_identification_rate: RateOut;
   yes_bias_rate: RateOut;
