@@ -23,11 +23,11 @@ import type { InjectConfig, Rate, RunHeader } from "../log/schema.js";
 import { LOG_FILE } from "../log/write.js";
 import { loadHostModel } from "../model/load.js";
 import { hostChatTemplate } from "../model/model.js";
-import type { DeviceName } from "../runtime/device.js";
 import { escapeHtml, fmtRate, htmlPage, htmlTable, plotOrNote } from "./linalg.js";
 import { rateBarSpec } from "./refusal.js";
 
-export interface CompareArgs {
+/** The models to compare, plus `selfscope inject`'s flags (the same planned trials run on every model). */
+export interface CompareArgs extends Omit<InjectArgs, "model" | "out" | "variants" | "command" | "judgeOptions"> {
   /** Two or more models (paths or Hub names), in the order they are shown. */
   model: string[] | string;
   /** Comma-separated labels, one per model (default: the file or folder names). */
@@ -35,32 +35,8 @@ export interface CompareArgs {
   out: string;
   /** Accept a preset whose layer fractions resolve to different layer indices on different models. */
   perModelLayers?: boolean;
-  // The injection flags, as `selfscope inject` takes them.
-  preset?: string;
-  layers?: string;
-  strengths?: string;
-  concepts?: string;
-  trials?: number;
-  controls?: number;
-  forced?: boolean;
-  yesBias?: number;
+  /** Comma-separated variant ids (inject's --variant). */
   variant?: string;
-  judges?: string[];
-  maxTokens?: number;
-  temperature?: number;
-  topK?: number;
-  topP?: number;
-  minP?: number;
-  greedy?: boolean;
-  controlsPerConcept?: number;
-  promptFormat?: "chat" | "raw";
-  identifyAll?: boolean;
-  failedAsNo?: boolean;
-  seed?: number;
-  batchSize?: number;
-  device?: DeviceName;
-  vectorCache?: string | null;
-  quiet?: boolean;
 }
 
 export interface ComparedModel {
