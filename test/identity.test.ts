@@ -9,6 +9,7 @@ import { createHash } from "node:crypto";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import { cacheRoot } from "../src/core/cache.js";
 import { UsageError } from "../src/core/errors.js";
 import { inject, resume } from "../src/eval/inject.js";
 import { fileSha256, hashEntryPaths, sha256File } from "../src/io/file-hash.js";
@@ -308,6 +309,14 @@ describe("resume", () => {
     fs.writeFileSync(tc, JSON.stringify({ ...(JSON.parse(fs.readFileSync(tc, "utf8")) as object), chat_template: "{{ messages[0].content }}" }));
     await assert.rejects(resume(out, { quiet: true, device: "wasm", vectorCache: null }), /tokenizer sha256 .* ≠ /);
   });
+});
+
+test("the cache root: $SELFSCOPE_CACHE, else an absolute $XDG_CACHE_HOME/selfscope, else ~/.cache/selfscope", () => {
+  const home = path.join(os.homedir(), ".cache", "selfscope");
+  assert.equal(cacheRoot({ SELFSCOPE_CACHE: "/tmp/a", XDG_CACHE_HOME: "/tmp/x" }), "/tmp/a");
+  assert.equal(cacheRoot({ XDG_CACHE_HOME: "/tmp/x" }), "/tmp/x/selfscope");
+  assert.equal(cacheRoot({ XDG_CACHE_HOME: "relative/x" }), home, "a relative XDG_CACHE_HOME is ignored, as the XDG spec says");
+  assert.equal(cacheRoot({}), home);
 });
 
 describe("selfscope cache", () => {

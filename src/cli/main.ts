@@ -55,7 +55,7 @@ Usage:
   selfscope cache    [clear]                 show (or empty) the concept-vector and weight-hash caches
 
 Caches (docs/cache.md): concept vectors are cached under $SELFSCOPE_CACHE/vectors (default
-~/.cache/selfscope/vectors), keyed by the model's weights (sha256 of every byte), tokenizer, chat
+$XDG_CACHE_HOME/selfscope/vectors, else ~/.cache/selfscope/vectors), keyed by the model's weights (sha256 of every byte), tokenizer, chat
 template and config, the vector recipe and the selfscope version. inject, resume and the recipes
 take --vector-cache DIR (another folder) or --no-vector-cache (compute every vector afresh; demo never caches).
 

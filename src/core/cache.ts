@@ -2,7 +2,12 @@
 import os from "node:os";
 import path from "node:path";
 
-/** The cache root: $SELFSCOPE_CACHE, else ~/.cache/selfscope. `selfscope cache clear` empties it. */
+/**
+ * The cache root: $SELFSCOPE_CACHE, else $XDG_CACHE_HOME/selfscope (an absolute path only, as the XDG spec says),
+ * else ~/.cache/selfscope. `selfscope cache clear` empties it.
+ */
 export function cacheRoot(env: NodeJS.ProcessEnv = process.env): string {
-  return env.SELFSCOPE_CACHE ? path.resolve(env.SELFSCOPE_CACHE) : path.join(os.homedir(), ".cache", "selfscope");
+  if (env.SELFSCOPE_CACHE) return path.resolve(env.SELFSCOPE_CACHE);
+  const xdg = env.XDG_CACHE_HOME;
+  return xdg && path.isAbsolute(xdg) ? path.join(xdg, "selfscope") : path.join(os.homedir(), ".cache", "selfscope");
 }
