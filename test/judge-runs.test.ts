@@ -11,12 +11,14 @@ import http from "node:http";
 import os from "node:os";
 import path from "node:path";
 import type { AddressInfo } from "node:net";
-import { inject } from "../src/eval/inject.js";
+import { buildConfig, inject } from "../src/eval/inject.js";
 import { JudgeFailedError, JudgeFailures } from "../src/judge/failures.js";
 import { ruleJudge } from "../src/judge/judge.js";
 import { REDACTED, configuredKeys, redactKeys } from "../src/judge/secrets.js";
 import { chooseJudges, pickJudges, DEFAULT_LLM_JUDGE } from "../src/judge/select.js";
 import { readRunLog } from "../src/log/read.js";
+import { Model } from "../src/model/model.js";
+import { sweepInto } from "../src/recipes/bias-vector.js";
 import type { TrialRecord } from "../src/log/schema.js";
 import { lindseyCommand } from "../src/recipes/lindsey.js";
 import { repoDir } from "./support/paths.js";
@@ -296,11 +298,43 @@ describe("key redaction and failure reporting (units)", () => {
     assert.equal(f.failed, 7);
     assert.deepEqual(f.nothingJudged(), ["j"]);
     lines.length = 0;
-    assert.throws(() => f.finish("selfscope resume R"), (e: Error) => e instanceof JudgeFailedError && /every judgment by j failed \(6 of 6; e\.g\. HTTP 500\); fix the judge, then selfscope resume R/.test(e.message) && !e.message.includes("\n"));
+    assert.throws(() => f.finish("selfscope resume R"), (e: Error) => e instanceof JudgeFailedError && /every judgment by j failed \(6 of 6; e\.g\. HTTP 500\); fix the judge, then retry: selfscope resume R/.test(e.message) && !e.message.includes("\n"));
     assert.deepEqual(lines, [
       `judge j: 6 of 6 judgments failed (5× HTTP 500; 1× timeout ${REDACTED})`,
       "judge k: 1 of 2 judgments failed (1× no verdict in reply)",
-      "failed judgments are excluded from every rate (counted as unjudged); selfscope resume R retries them",
+      "failed judgments are excluded from every rate (counted as unjudged); to retry them: selfscope resume R",
     ]);
   });
+});
+
+test("a recipe's injection sweep whose judge judged nothing fails with the summary and keeps its trials (bias-vector)", async () => {
+  // 400 is not retried, so every judgment fails at once.
+  const server = http.createServer((req, res) => {
+    req.resume();
+    req.on("end", () => {
+      res.writeHead(400, { "content-type": "application/json" });
+      res.end(JSON.stringify({ error: { message: "model not found" } }));
+    });
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  const saved = { base: process.env.OPENAI_BASE_URL, key: process.env.OPENAI_API_KEY };
+  process.env.OPENAI_BASE_URL = `http://127.0.0.1:${(server.address() as AddressInfo).port}/v1`;
+  process.env.OPENAI_API_KEY = KEY;
+  const model = await Model.load(STORIES);
+  try {
+    const cfg = buildConfig({ model: STORIES, layers: "2", strengths: "8", concepts: "1", trials: 2, controls: 2, maxTokens: 4, seed: 3, judges: ["openai:judge-m"] }, model.config.nLayers, false);
+    const dir = path.join(tmpRoot, "recipe-sweep");
+    await assert.rejects(sweepInto(model, STORIES, cfg, dir, { quiet: true }), (e: Error) => e instanceof JudgeFailedError && /nothing could be judged.*retry: rerun the same command/.test(e.message));
+    const run = readRunLog(dir);
+    assert.equal(run.trials.length, 4, "the trials are logged before the judge fails");
+    assert.ok(run.judgments.length > 0 && run.judgments.every((j) => j.verdict === null));
+  } finally {
+    model.dispose();
+    process.env.OPENAI_BASE_URL = saved.base;
+    process.env.OPENAI_API_KEY = saved.key;
+    if (saved.base === undefined) delete process.env.OPENAI_BASE_URL;
+    if (saved.key === undefined) delete process.env.OPENAI_API_KEY;
+    server.closeAllConnections();
+    await new Promise<void>((r) => server.close(() => r()));
+  }
 });

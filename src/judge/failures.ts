@@ -91,16 +91,16 @@ export class JudgeFailures {
     return [...this.tallies].filter(([, t]) => t.requested > 0 && t.failed === t.requested).map(([j]) => j);
   }
 
-  /** Print the summary (when anything failed); throw when a judge judged nothing. `retry` says how to retry. */
+  /** Print the summary (when anything failed); throw when a judge judged nothing. `retry`: the command that retries. */
   finish(retry: string): void {
     const lines = this.summary();
     for (const l of lines) this.write(l);
-    if (lines.length > 0) this.write(`failed judgments are excluded from every rate (counted as unjudged); ${retry} retries them`);
+    if (lines.length > 0) this.write(`failed judgments are excluded from every rate (counted as unjudged); to retry them: ${retry}`);
     const none = this.nothingJudged();
     if (none.length > 0) {
       const t = this.tallies.get(none[0]!)!;
       const top = [...t.causes].sort((a, b) => b[1] - a[1])[0]?.[0] ?? "no verdict";
-      throw new JudgeFailedError(`nothing could be judged: every judgment by ${none.join(", ")} failed (${t.failed} of ${t.requested}; e.g. ${top}); fix the judge, then ${retry}`);
+      throw new JudgeFailedError(`nothing could be judged: every judgment by ${none.join(", ")} failed (${t.failed} of ${t.requested}; e.g. ${top}); fix the judge, then retry: ${retry}`);
     }
   }
 }

@@ -20,6 +20,7 @@ import { getVariant, readData, renderTrial } from "../eval/protocol.js";
 import { runSweep } from "../eval/run.js";
 import { hookName, type BlockSite, type HookName } from "../hooks/names.js";
 import type { Intervention, Plan, PosSpec } from "../hooks/plan.js";
+import { JudgeFailures } from "../judge/failures.js";
 import { makeJudge, type Judge } from "../judge/judge.js";
 import { pickJudges } from "../judge/select.js";
 import type { RunData } from "../log/read.js";
@@ -499,12 +500,15 @@ async function sweepLocked(model: Model, modelPath: string, cfg: InjectConfig, r
     const header = runHeader(model, modelPath, cfg, opts.command ?? []);
     log = RunLogWriter.create(runDir, header);
   }
+  const failures = new JudgeFailures();
   try {
-    await runSweep(model, cfg, log, prior, { judges, vectorCache: opts.vectorCache ?? null, progress: progressPrinter(opts.quiet ?? true) });
+    await runSweep(model, cfg, log, prior, { judges, failures, vectorCache: opts.vectorCache ?? null, progress: progressPrinter(opts.quiet ?? true) });
   } finally {
     log.close();
   }
   const { results } = await finishRun(runDir);
+  // The sweep resumes from its log, so rerunning the command retries the failed judgments.
+  failures.finish(`rerun the same command (the sweep in ${runDir} resumes)`);
   return { runDir, results };
 }
 

@@ -32,6 +32,7 @@ import { runSweep } from "../eval/run.js";
 import { hookName, type HookName } from "../hooks/names.js";
 import type { Intervention, Plan } from "../hooks/plan.js";
 import { writeSafetensors } from "../io/safetensors.js";
+import { JudgeFailures } from "../judge/failures.js";
 import { makeJudge, type Judge, type MakeJudgeOptions } from "../judge/judge.js";
 import { pickJudges } from "../judge/select.js";
 import type { InjectConfig, Rate } from "../log/schema.js";
@@ -827,15 +828,17 @@ export async function injectionSweep(model: Model, modelPath: string, cfg: Injec
   const judges = cfg.judges.map((s) => makeJudge(s, { cacheDir: path.join(runDir, "judge-cache") }));
   const unlock = lockRun(runDir);
   let results: Results;
+  const failures = new JudgeFailures();
   try {
     const log = RunLogWriter.create(runDir, header);
     try {
-      await runSweep(extra && extra.length > 0 ? withGlobalPlan(model, extra) : model, cfg, log, null, { judges, vectorCache: opts.vectorCache ?? null });
+      await runSweep(extra && extra.length > 0 ? withGlobalPlan(model, extra) : model, cfg, log, null, { judges, failures, vectorCache: opts.vectorCache ?? null });
     } finally {
       log.close();
       for (const j of judges) j.dispose?.();
     }
     ({ results } = await finishRun(runDir));
+    failures.finish(`selfscope rejudge ${runDir} --judge SPEC`);
   } finally {
     unlock();
   }
