@@ -292,6 +292,8 @@ describe("refusalCommand end to end on stories260K", () => {
     assert.equal(pa.weights.length, 5);
     assert.equal(res.validation.prompts, 10);
     assert.equal(res.validation.refusals_before.n, 10);
+    // 03d calls generate(do_sample=True, temperature=1): HF adds the checkpoint's filters, here its default top-k 50.
+    assert.match(res.validation.sampler, /^sampled: temperature 1 \(flag\), top-k 50 \(default\)/);
     assert.ok(res.selection !== null);
     assert.deepEqual(res.selection.candidates.map((c) => c.layer), [0, 1, 2, 3]);
     assert.ok([0, 1, 2, 3].includes(res.selection.chosen));

@@ -40,6 +40,7 @@ import { RunLogWriter, lockRun } from "../log/write.js";
 import { expectedParams, type ModelConfig } from "../model/config.js";
 import { loadHostModel, type HostModel, type HostTensor } from "../model/load.js";
 import { Model, type Prompt } from "../model/model.js";
+import { describeSampler, sampleOptions } from "../model/sampling.js";
 import type { DeviceName } from "../runtime/device.js";
 import { fisherOneSided, wilson } from "../stats/stats.js";
 import { cosine, escapeHtml, fmtRate, htmlPage, htmlTable, norm, pca, plotOrNote, sub, toF32, unit, type Vec } from "./linalg.js";
@@ -692,11 +693,13 @@ export async function generateResponses(model: Model, prompts: readonly string[]
   const bs = opts.batchSize ?? 16;
   const out: Response[] = [];
   const seed = opts.seed ?? 42;
+  // As HF generate(do_sample=True, temperature=T) in 03d: the checkpoint's generation_config filters apply at T > 0.
+  const sampling = sampleOptions(model.sampler({ temperature: opts.temperature ?? 0 }));
   for (let k = 0; k < jobs.length; k += bs) {
     const batch = jobs.slice(k, k + bs);
     const res = await model.generate(
       batch.map((j) => instructionPrompt(model, j.p)),
-      { maxTokens: opts.maxTokens ?? 64, temperature: opts.temperature ?? 0, seed: batch.map((j) => (seed * 1000003 + j.i * 97 + j.s) >>> 0), plan: opts.plan ?? [] },
+      { maxTokens: opts.maxTokens ?? 64, ...sampling, seed: batch.map((j) => (seed * 1000003 + j.i * 97 + j.s) >>> 0), plan: opts.plan ?? [] },
     );
     batch.forEach((j, b) => {
       let text = res.texts[b] ?? "";
@@ -959,6 +962,8 @@ export interface RefusalResults {
     samples: number;
     max_tokens: number;
     temperature: number;
+    /** The effective sampler with each parameter's source (generation_config.json, GGUF, default). */
+    sampler: string;
     refusals_before: Rate;
     refusals_after: Rate;
     bypassed: number;
@@ -1251,6 +1256,7 @@ export async function refusalCommand(args: RefusalArgs): Promise<RefusalResults>
         samples: vGen.samples!,
         max_tokens: vGen.maxTokens!,
         temperature: vGen.temperature!,
+        sampler: describeSampler(model.sampler({ temperature: vGen.temperature ?? 0 })),
         refusals_before: refusalRate(vBefore),
         refusals_after: refusalRate(vAfter),
         bypassed: perPrompt.filter((p) => p.bypass).length,
