@@ -12,7 +12,6 @@ import { pickJudges } from "../judge/select.js";
 import type { Rate } from "../log/schema.js";
 import { lockRun } from "../log/write.js";
 import { Model } from "../model/model.js";
-import type { DeviceName } from "../runtime/device.js";
 import { BIAS_EVAL, biasEvalPrefill, EVAL74_DEVIATIONS, evaluateBiasArm, parseLayerList, parseNumbers, type BiasArmMetrics } from "./bias-eval.js";
 import {
   BIAS_PROTOCOL,
@@ -28,38 +27,14 @@ import {
   trainBiasVector,
   withBias,
   type BiasSite,
+  type BiasTrainingArgs,
 } from "./bias-vector.js";
 
 // ---- the sweep command -------------------------------------------------------------------------
 
-export interface BiasSweepArgs {
-  model: string;
-  out: string;
+export interface BiasSweepArgs extends BiasTrainingArgs {
   /** Adapter layers, e.g. "0-25" or "3,5" (default every layer, as the paper's 0..61). */
   layers?: string;
-  site?: string;
-  steps?: number;
-  lr?: number;
-  batchSize?: number;
-  weightDecay?: number;
-  seed?: number;
-  splitSeed?: number;
-  trainConcepts?: number;
-  trialsPerConcept?: number;
-  controlRatio?: number;
-  checkpointEvery?: number;
-  evalConcepts?: number;
-  /** Injection layers of the evaluation (default the protocol's 20, 30, 40, 50, 60 of 62, scaled). */
-  evalLayers?: string;
-  evalStrengths?: string;
-  evalTrials?: number;
-  maxTokens?: number;
-  replyTokens?: number;
-  judges?: string[];
-  evalBatchSize?: number;
-  device?: DeviceName;
-  vectorCache?: string | null;
-  quiet?: boolean;
 }
 
 export interface BiasSweepLayer extends BiasArmMetrics {

@@ -550,11 +550,10 @@ export async function evaluateBiasVector(model: Model, o: EvaluateBiasOptions): 
 
 // ---- the command ----------------------------------------------------------------------------------
 
-export interface BiasVectorArgs {
+/** Training and §7.4-evaluation settings shared by bias-vector and train-bias-sweep. */
+export interface BiasTrainingArgs {
   model: string;
   out: string;
-  /** Bias layer (absolute; default the protocol's 29/62 scaled). */
-  layer?: number;
   /** Bias site in the block (default mlp.hook_down). */
   site?: string;
   /** Optimizer steps (default: one epoch over the training examples). */
@@ -570,10 +569,6 @@ export interface BiasVectorArgs {
   trialsPerConcept?: number;
   controlRatio?: number;
   checkpointEvery?: number;
-  /** Skip the evaluation sweeps. */
-  noEval?: boolean;
-  /** "7.4" (default): protocol §7.4's evaluation; "main": the main injection sweep with the bias. */
-  evalProtocol?: string;
   /** Tokens of each of the model's own replies in the §7.4 dialogue (default 200). */
   replyTokens?: number;
   /** Use only the first N of the 100 held-out concepts (default all). */
@@ -582,16 +577,25 @@ export interface BiasVectorArgs {
   evalLayers?: string;
   evalStrengths?: string;
   evalTrials?: number;
-  /** Control trials per (layer, strength) (default: as many as injection trials per config). */
-  evalControls?: number;
-  evalForced?: boolean;
   maxTokens?: number;
-  temperature?: number;
   judges?: string[];
   evalBatchSize?: number;
   device?: DeviceName;
   vectorCache?: string | null;
   quiet?: boolean;
+}
+
+export interface BiasVectorArgs extends BiasTrainingArgs {
+  /** Bias layer (absolute; default the protocol's 29/62 scaled). */
+  layer?: number;
+  /** Skip the evaluation sweeps. */
+  noEval?: boolean;
+  /** "7.4" (default): protocol §7.4's evaluation; "main": the main injection sweep with the bias. */
+  evalProtocol?: string;
+  /** Control trials per (layer, strength) (default: as many as injection trials per config). */
+  evalControls?: number;
+  evalForced?: boolean;
+  temperature?: number;
 }
 
 export interface BiasVectorResults {
