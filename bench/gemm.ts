@@ -1,4 +1,4 @@
-// Microbenchmark of the CPU GEMM runtime (src/cpu/runtime.ts): GFLOP/s of Y = X · Wᵀ for the
+// Microbenchmark of the CPU GEMM runtime (src/engine/cpu/runtime.ts): GFLOP/s of Y = X · Wᵀ for the
 // matrices of a Llama layer with d = 768 (the bench model), M = 1..512 rows, on 1 thread and on
 // all threads; GB/s of weight streaming for M = 1; the dispatch overhead of tiny gemms and of an
 // attention-like gemmBatch; relaxed_madd vs mul+add; and the Wasm SIMD compute limit of one core
@@ -15,8 +15,8 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { CpuRuntime, type Gemm } from "../src/cpu/runtime.js";
-import { PEAK_FLOPS_PER_ITER } from "../src/cpu/kernels.js";
+import { CpuRuntime, type Gemm } from "../src/engine/cpu/runtime.js";
+import { PEAK_FLOPS_PER_ITER } from "../src/engine/cpu/kernels.js";
 
 const RESULTS = path.resolve(fileURLToPath(new URL(".", import.meta.url)), "../../bench/results");
 

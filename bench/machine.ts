@@ -13,8 +13,8 @@
 //   node dist/bench/machine.js --threads N --out FILE [--quick]
 import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads";
 import { fileURLToPath } from "node:url";
-import { CpuRuntime } from "../src/cpu/runtime.js";
-import { PEAK_FLOPS_PER_ITER } from "../src/cpu/kernels.js";
+import { CpuRuntime } from "../src/engine/cpu/runtime.js";
+import { PEAK_FLOPS_PER_ITER } from "../src/engine/cpu/kernels.js";
 import { cpuSeconds, log, parseChildArgs, round, writeJson } from "./common.js";
 
 const PEAK_ITERS = 20_000_000;

@@ -1,5 +1,5 @@
 // Child process: selfscope on the bench model.
-//  - default: the cpu device, i.e. the engine the CLI and Model.load use (src/cpu: our Wasm SIMD
+//  - default: the cpu device, i.e. the engine the CLI and Model.load use (src/engine/cpu: our Wasm SIMD
 //    kernels on N threads of its own);
 //  - --jax: the jax-js engine on its Wasm backend (the previous engine, for reference). With
 //    N > 1 the orchestrator starts it with `--import worker-shim.js` so jax-js runs kernels on a
@@ -14,12 +14,12 @@
 import fs from "node:fs";
 import os from "node:os";
 import { profiler } from "@jax-js/jax";
-import { CpuEngine } from "../src/cpu/engine.js";
-import { CpuRuntime } from "../src/cpu/runtime.js";
-import { Engine, type GenerateOptions } from "../src/model/engine.js";
+import { CpuEngine } from "../src/engine/cpu/engine.js";
+import { CpuRuntime } from "../src/engine/cpu/runtime.js";
+import { Engine, type GenerateOptions } from "../src/engine/jax/engine.js";
 import type { InferenceEngine } from "../src/model/model.js";
 import { loadHostModel } from "../src/model/load.js";
-import { initDevice } from "../src/runtime/device.js";
+import { initDevice } from "../src/engine/device.js";
 import type { Intervention, Plan } from "../src/hooks/plan.js";
 import type { HookName } from "../src/hooks/names.js";
 import {
@@ -74,7 +74,7 @@ const phases: Record<string, number> = { load: rss.takePeak() };
 say(`loaded in ${loadMs.toFixed(0)} ms (${engineInfo()})`);
 
 function engineInfo(): string {
-  if (runtime) return `selfscope cpu engine (src/cpu), ${runtime.simd}, ${runtime.threads} thread(s), f32, node ${process.version}`;
+  if (runtime) return `selfscope cpu engine (src/engine/cpu), ${runtime.simd}, ${runtime.threads} thread(s), f32, node ${process.version}`;
   const jaxEntry = import.meta.resolve("@jax-js/jax");
   const jaxVersion = (JSON.parse(fs.readFileSync(new URL("../package.json", jaxEntry), "utf8")) as { version: string }).version;
   const jaxWhere = jaxEntry.includes("/node_modules/@jax-js/jax/") ? "" : ` from ${new URL("..", jaxEntry).pathname}`;

@@ -1,12 +1,12 @@
 // selfscope's public API: named re-exports only. Everything here takes and returns host data.
 export { Model, type LoadOptions, type Prompt } from "./model/model.js";
-export { ActivationCache, type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type Row, type SampleOptions } from "./model/engine.js";
-export type { ModelConfig } from "./model/config.js";
+export { ActivationCache, type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type Row, type SampleOptions } from "./engine/jax/engine.js";
+export type { ModelConfig } from "./engine/config.js";
 export { describeSampler, sampleOptions, type EffectiveSampler, type SamplerRequest } from "./model/sampling.js";
 export { hookName, BLOCK_SITES, type HookName, type BlockSite } from "./hooks/names.js";
 export type { Intervention, Plan, PosSpec } from "./hooks/plan.js";
 export { SelfscopeError, ModelFileError, WeightShapeError, UnsupportedArchitectureError, UsageError, NumericalError } from "./core/errors.js";
 export type { Tokenizer } from "./io/tokenizer.js";
 export type { ChatMessage } from "./io/chat-template.js";
-export type { DeviceName, DeviceInfo } from "./runtime/device.js";
+export type { DeviceName, DeviceInfo } from "./engine/device.js";
 export { BUNDLED_MODEL } from "./core/package.js";

@@ -6,7 +6,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
-import { Sampler, argmax } from "../src/model/engine.js";
+import { Sampler, argmax } from "../src/engine/jax/engine.js";
 import { Model } from "../src/model/model.js";
 import { fixture, repoDir } from "./support/paths.js";
 

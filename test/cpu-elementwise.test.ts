@@ -1,9 +1,9 @@
-// The CPU engine's Wasm SIMD elementwise kernels (src/cpu/elementwise.ts) against float64
+// The CPU engine's Wasm SIMD elementwise kernels (src/engine/cpu/elementwise.ts) against float64
 // formulas: lengths that exercise the 4-lane body and the 1-lane tail, masked softmax ranges,
 // and the exp range limits (SiLU/GELU of ±100, softmax of a single live entry).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { elementwise } from "../src/cpu/elementwise.js";
+import { elementwise } from "../src/engine/cpu/elementwise.js";
 
 let seed = 7;
 const rnd = () => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 4294967296 - 0.5);

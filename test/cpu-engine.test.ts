@@ -1,4 +1,4 @@
-// selfscope's CPU engine (src/cpu) where the shared suites (interventions, llamacpp, families,
+// selfscope's CPU engine (src/engine/cpu) where the shared suites (interventions, llamacpp, families,
 // reliability: short prompts, every matrix product below the threading threshold) do not reach:
 // a long left-padded batch, for which generate() prefills in chunks (activations and the
 // attention-score buffer are bounded) and the matrix products are split across threads, checked against the float64
@@ -8,11 +8,11 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { UsageError } from "../src/core/errors.js";
 import { Rng } from "../src/core/rng.js";
-import { CpuEngine } from "../src/cpu/engine.js";
-import { CpuRuntime, type Gemm } from "../src/cpu/runtime.js";
+import { CpuEngine } from "../src/engine/cpu/engine.js";
+import { CpuRuntime, type Gemm } from "../src/engine/cpu/runtime.js";
 import type { HookName } from "../src/hooks/names.js";
 import type { Plan } from "../src/hooks/plan.js";
-import type { GenerateResult } from "../src/model/engine.js";
+import type { GenerateResult } from "../src/engine/jax/engine.js";
 import { loadHostModel, type HostModel } from "../src/model/load.js";
 import { assertClose, maxAbsDiff } from "./support/compare.js";
 import { fixture } from "./support/paths.js";

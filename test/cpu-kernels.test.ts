@@ -1,4 +1,4 @@
-// The CPU GEMM runtime (src/cpu/runtime.ts, kernels.ts, wasm-emit.ts, worker.ts) against a
+// The CPU GEMM runtime (src/engine/cpu/runtime.ts, kernels.ts, wasm-emit.ts, worker.ts) against a
 // float64 plain-JS reference: random and edge shapes on both kernel paths (direct for small M,
 // packed for larger M, K blocks beyond kc), unaligned offsets, strides wider than the rows,
 // accumulate on/off, 1 and 2 threads, gemmBatch with many tiny gemms; that the checker would
@@ -9,8 +9,8 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
-import { CpuRuntime, type Gemm } from "../src/cpu/runtime.js";
-import { buildKernelModule, DEFAULT_KERNEL, directUnroll } from "../src/cpu/kernels.js";
+import { CpuRuntime, type Gemm } from "../src/engine/cpu/runtime.js";
+import { buildKernelModule, DEFAULT_KERNEL, directUnroll } from "../src/engine/cpu/kernels.js";
 import { prng } from "./support/prng.js";
 
 /** Deterministic uniform [-1, 1) generator. */
@@ -454,7 +454,7 @@ describe("CpuRuntime memory", () => {
 });
 
 describe("CpuRuntime lifecycle", () => {
-  const runtimeUrl = new URL("../src/cpu/runtime.js", import.meta.url).href;
+  const runtimeUrl = new URL("../src/engine/cpu/runtime.js", import.meta.url).href;
   const run = (body: string) =>
     spawnSync(process.execPath, ["--input-type=module", "-e", `import { CpuRuntime } from ${JSON.stringify(runtimeUrl)};\n${body}`], {
       encoding: "utf8",

@@ -5,8 +5,8 @@
 // bitwise identical between the two.
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { elementwise } from "../src/cpu/elementwise.js";
-import { type AttentionTask, CpuRuntime } from "../src/cpu/runtime.js";
+import { elementwise } from "../src/engine/cpu/elementwise.js";
+import { type AttentionTask, CpuRuntime } from "../src/engine/cpu/runtime.js";
 import { prng } from "./support/prng.js";
 
 const rand = prng(2024);

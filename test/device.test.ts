@@ -12,7 +12,7 @@ import {
   setMaxBindingBytesOverride,
   type DeviceInfo,
   type DeviceName,
-} from "../src/runtime/device.js";
+} from "../src/engine/device.js";
 import { SelfscopeError } from "../src/core/errors.js";
 import { Rng } from "../src/core/rng.js";
 

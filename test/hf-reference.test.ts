@@ -12,7 +12,7 @@ import { after, before, describe, test } from "node:test";
 import { makeFixtures, type FixtureFamily } from "../scripts/make-fixtures.js";
 import { hookName, type HookName } from "../src/hooks/names.js";
 import { Model } from "../src/model/model.js";
-import type { DeviceName } from "../src/runtime/device.js";
+import type { DeviceName } from "../src/engine/device.js";
 import { assertClose } from "./support/compare.js";
 import { repoDir } from "./support/paths.js";
 

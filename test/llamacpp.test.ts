@@ -14,11 +14,11 @@ import { after, before, describe, test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
-import { CpuEngine } from "../src/cpu/engine.js";
-import { Engine, argmax } from "../src/model/engine.js";
+import { CpuEngine } from "../src/engine/cpu/engine.js";
+import { Engine, argmax } from "../src/engine/jax/engine.js";
 import { loadHostModel } from "../src/model/load.js";
 import { llamaCppGreedy, llamaCppLogits, type LlamaCppLogits } from "../src/reference/llamacpp.js";
-import { initDevice } from "../src/runtime/device.js";
+import { initDevice } from "../src/engine/device.js";
 import { assertClose, maxAbsDiff } from "./support/compare.js";
 import { fixture } from "./support/paths.js";
 

@@ -11,7 +11,7 @@ import { f16BytesToF32, bf16BytesToF32 } from "../src/io/binary.js";
 import { f32ToF16Bytes, readGguf } from "../src/io/gguf.js";
 import { resolveModelPath } from "../src/io/hub-cache.js";
 import { readSafetensorsHeader, readStTensor, writeSafetensors } from "../src/io/safetensors.js";
-import { Engine } from "../src/model/engine.js";
+import { Engine } from "../src/engine/jax/engine.js";
 import { loadHostModel } from "../src/model/load.js";
 import { checkFits, estimateMemory } from "../src/model/memory.js";
 import { fixture, repoDir } from "./support/paths.js";

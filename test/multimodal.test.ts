@@ -8,7 +8,7 @@ import path from "node:path";
 import { test } from "node:test";
 import { makeFixture } from "../scripts/make-fixtures.js";
 import { readSafetensorsHeader, readStTensor, writeSafetensors } from "../src/io/safetensors.js";
-import { Engine } from "../src/model/engine.js";
+import { Engine } from "../src/engine/jax/engine.js";
 import { loadHostModel } from "../src/model/load.js";
 
 function multimodalCopy(textDir: string, outDir: string, rename: (n: string) => string): void {

@@ -8,7 +8,7 @@ import { before, test } from "node:test";
 import { SelfscopeError } from "../src/core/errors.js";
 import { Model } from "../src/model/model.js";
 import type { Plan } from "../src/hooks/plan.js";
-import { initDevice } from "../src/runtime/device.js";
+import { initDevice } from "../src/engine/device.js";
 import { assertClose, maxAbsDiff } from "./support/compare.js";
 import { fixture, repoDir } from "./support/paths.js";
 

@@ -18,7 +18,7 @@ import { serveRun } from "../report/server.js";
 import { RECIPES, recipeArgs } from "./recipes.js";
 import { defaultVectorCache } from "../vectors/extract.js";
 import { cacheRoot } from "../core/cache.js";
-import type { DeviceName } from "../runtime/device.js";
+import type { DeviceName } from "../engine/device.js";
 
 const USAGE = `selfscope — measure what language models can report about their own internal states
 

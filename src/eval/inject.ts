@@ -14,7 +14,7 @@ import { legacyWeightsHash } from "../model/load.js";
 import { Model } from "../model/model.js";
 import { describeSampler, sampleOptions } from "../model/sampling.js";
 import { renderReport } from "../report/html.js";
-import type { DeviceName } from "../runtime/device.js";
+import type { DeviceName } from "../engine/device.js";
 import { PROTOCOL_RECIPE } from "../vectors/extract.js";
 import { computeResults, configName, type ConfigResults, type RateOut, type Results } from "./metrics.js";
 import { planTrials, type PlannedTrial } from "./plan.js";

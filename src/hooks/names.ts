@@ -1,9 +1,10 @@
 // Hook names follow TransformerLens exactly; they are a closed union so a typo is a compile error.
 import { UsageError } from "../core/errors.js";
 
-export type AttnSite = "q" | "k" | "v" | "z" | "pattern";
+export type AttnSite = "q" | "k" | "v" | "z" | "pattern" | "result";
 export type BlockSite =
   | "hook_resid_pre"
+  | `ln${1 | 2}.hook_normalized`
   | "hook_resid_mid"
   | "hook_resid_post"
   | "hook_attn_out"
@@ -12,15 +13,19 @@ export type BlockSite =
   | `mlp.hook_${"pre" | "post" | "down"}`;
 export type HookName = "hook_embed" | "hook_pos_embed" | "ln_final.hook_normalized" | `blocks.${number}.${BlockSite}`;
 
+/** Every block site, in the order a block fires them (src/engine/schedule.ts). */
 export const BLOCK_SITES: readonly BlockSite[] = [
   "hook_resid_pre",
+  "ln1.hook_normalized",
   "attn.hook_q",
   "attn.hook_k",
   "attn.hook_v",
   "attn.hook_pattern",
   "attn.hook_z",
+  "attn.hook_result",
   "hook_attn_out",
   "hook_resid_mid",
+  "ln2.hook_normalized",
   "mlp.hook_pre",
   "mlp.hook_post",
   "mlp.hook_down",
@@ -45,4 +50,23 @@ export function parseHook(name: string, nLayers: number): ParsedHook {
   const layer = Number(m[1]);
   if (layer >= nLayers) throw new UsageError(`hook point "${name}": the model has ${nLayers} blocks (0..${nLayers - 1})`);
   return { layer, site: m[2] as BlockSite };
+}
+
+/** What a names filter accepts: one name, a list, a pattern, or a predicate (TransformerLens's names_filter). */
+export type NamesFilter = string | readonly string[] | RegExp | ((name: HookName) => boolean);
+
+/**
+ * Every hook name of a model with `nLayers` blocks that `filter` accepts, in the order a forward
+ * pass fires them. `learnedPos`: the model has hook_pos_embed (learned positions, GPT-2).
+ * A string filter with no match is an error (a typo must not read nothing).
+ */
+export function hookNames(nLayers: number, filter: NamesFilter = () => true, opts: { learnedPos?: boolean } = {}): HookName[] {
+  const all: HookName[] = ["hook_embed", ...(opts.learnedPos ? (["hook_pos_embed"] as const) : [])];
+  for (let l = 0; l < nLayers; l++) for (const s of BLOCK_SITES) all.push(hookName(l, s));
+  all.push("ln_final.hook_normalized");
+  const test =
+    typeof filter === "function" ? filter : filter instanceof RegExp ? (n: string) => filter.test(n) : typeof filter === "string" ? (n: string) => n === filter : (n: string) => filter.includes(n);
+  const out = all.filter((n) => test(n));
+  if (out.length === 0 && typeof filter !== "function") throw new UsageError(`no hook point matches ${filter instanceof RegExp ? String(filter) : JSON.stringify(filter)}; hook names look like blocks.{i}.{${BLOCK_SITES.join("|")}}`);
+  return out;
 }

@@ -1,7 +1,7 @@
 // A family is one declarative object: how to read its config (HF config.json or GGUF metadata)
 // and where each canonical parameter lives in a safetensors or GGUF checkpoint.
 import type { GgufFile } from "../io/gguf.js";
-import type { ModelConfig } from "./config.js";
+import type { ModelConfig } from "../engine/config.js";
 
 export type HfConfig = Record<string, unknown>;
 

@@ -13,7 +13,7 @@ import { checkGgufTensorReadable, GgmlType, ggufTensorShape, readGguf, readGgufT
 import { fileSha256, type FileHashOptions } from "../io/file-hash.js";
 import { resolveModelPath } from "../io/hub-cache.js";
 import { checkStTensorReadable, openSafetensors, readStTensor, type SafetensorsSet } from "../io/safetensors.js";
-import { expectedParams, validateConfigSource, validateModelConfig, type ModelConfig } from "./config.js";
+import { expectedParams, validateConfigSource, validateModelConfig, type ModelConfig } from "../engine/config.js";
 import type { Family, HfConfig, WeightSource, WeightTable } from "./family.js";
 import { FAMILIES } from "./families/index.js";
 

@@ -1,8 +1,8 @@
 // Memory needed to run a model, estimated from its config before any weight is read, so a model
 // that cannot fit is refused with a clear message instead of crashing mid-load.
 import { SelfscopeError } from "../core/errors.js";
-import type { DeviceName } from "../runtime/device.js";
-import { expectedParams, type ModelConfig } from "./config.js";
+import type { DeviceName } from "../engine/device.js";
+import { expectedParams, type ModelConfig } from "../engine/config.js";
 
 /** jax-js' Wasm backend keeps every array in one wasm32 memory: 4 GiB, minus headroom for activations. */
 export const WASM_HEAP_BYTES = 4 * 1024 ** 3;

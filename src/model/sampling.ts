@@ -4,7 +4,7 @@
 // (and do_sample=True when T > 0), so everything else came from the checkpoint (protocol §0, §2.6).
 import { ModelFileError, UsageError } from "../core/errors.js";
 import { readGguf, type GgufFile } from "../io/gguf.js";
-import type { SampleOptions } from "./batch.js";
+import type { SampleOptions } from "../engine/types.js";
 import type { ModelFiles } from "./load.js";
 import { readJson } from "./load.js";
 

@@ -27,7 +27,7 @@ import { chooseJudges } from "../judge/select.js";
 import type { Rate, VectorRecipe } from "../log/schema.js";
 import { lockRun } from "../log/write.js";
 import { Model } from "../model/model.js";
-import type { DeviceName } from "../runtime/device.js";
+import type { DeviceName } from "../engine/device.js";
 import { quantileSorted, wilson } from "../stats/stats.js";
 import { conceptVectors } from "../vectors/extract.js";
 import { esc, htmlPage, rateTd, shuffle, svgPlot } from "./bias-vector.js";

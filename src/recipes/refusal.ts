@@ -37,11 +37,11 @@ import { makeJudge, type Judge, type MakeJudgeOptions } from "../judge/judge.js"
 import { pickJudges } from "../judge/select.js";
 import type { InjectConfig, Rate } from "../log/schema.js";
 import { RunLogWriter, lockRun } from "../log/write.js";
-import { expectedParams, type ModelConfig } from "../model/config.js";
+import { expectedParams, type ModelConfig } from "../engine/config.js";
 import { loadHostModel, type HostModel, type HostTensor } from "../model/load.js";
 import { Model, type Prompt } from "../model/model.js";
 import { describeSampler, sampleOptions } from "../model/sampling.js";
-import type { DeviceName } from "../runtime/device.js";
+import type { DeviceName } from "../engine/device.js";
 import { fisherOneSided, wilson } from "../stats/stats.js";
 import { cosine, escapeHtml, fmtRate, htmlPage, htmlTable, norm, pca, plotOrNote, sub, toF32, unit, type Vec } from "./linalg.js";
 

@@ -2,7 +2,7 @@
 // whole-projection qk-norm, sandwich and post-only norms, (1 + w) RMSNorm, embedding scale,
 // attention and final soft-capping, sliding-window layers with their own RoPE base, linear /
 // "llama3" / per-frequency RoPE scaling, learned positions, LayerNorm). Deliberately naive: one
-// sequence, no KV cache, plain loops, no code shared with the jax-js engine or src/model/rope.ts;
+// sequence, no KV cache, plain loops, no code shared with the jax-js engine or src/engine/rope.ts;
 // only the ModelConfig it reads and the canonical weight names come from src/. Reads and adds at
 // the MLP half's sites (familyRef64Hooked) check the hook points that sit around the post-norms.
 //
@@ -12,7 +12,7 @@
 // for -10 < x < 10 (0 below, x above). That is a ~5e-4 relative error per activation, which is why
 // GELU families cannot match llama.cpp to 1e-4 with an exact GELU.
 import { f16round } from "@petamoriken/float16";
-import type { ModelConfig, NormSpec } from "../../src/model/config.js";
+import type { ModelConfig, NormSpec } from "../../src/engine/config.js";
 import type { HostModel } from "../../src/model/load.js";
 
 export interface FamilyRefOptions {
@@ -75,7 +75,7 @@ function ggmlGelu(x: number): number {
   return f16round(geluTanh(f16round(x)));
 }
 
-/** Inverse RoPE frequencies per layer kind, from the config alone (re-derived, not src/model/rope.ts). */
+/** Inverse RoPE frequencies per layer kind, from the config alone (re-derived, not src/engine/rope.ts). */
 function invFreqs(c: ModelConfig, local: boolean): Float64Array {
   if (c.pos.kind !== "rope") return new Float64Array(0);
   const hd = c.dHead;

@@ -10,7 +10,7 @@
 //   mlp.hook_post, mlp.hook_down, hook_mlp_out, hook_resid_post}, ln_final.hook_normalized.
 // Several ops at one site apply in plan order; a read records the value after them.
 import type { PosSpec } from "../../src/hooks/plan.js";
-import type { ModelConfig, NormSpec } from "../../src/model/config.js";
+import type { ModelConfig, NormSpec } from "../../src/engine/config.js";
 import type { HostModel } from "../../src/model/load.js";
 
 type Vec = ArrayLike<number>;

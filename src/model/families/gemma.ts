@@ -3,7 +3,7 @@
 // attention and final logits, Gemma 3 has per-head qk-norm and a separate local RoPE base.
 // llama.cpp's converter stores norm weights as (1 + w), so GGUF configs use weightOffset 0.
 import { ggufOpt, type GgufFile } from "../../io/gguf.js";
-import type { LayerType, ModelConfig } from "../config.js";
+import type { LayerType, ModelConfig } from "../../engine/config.js";
 import { LLAMA_GGUF, LLAMA_SAFETENSORS, QK_NORM_GGUF, QK_NORM_SAFETENSORS, defineFamily, num, type HfConfig, type WeightTable } from "../family.js";
 import { llamaFromGguf, llamaFromHf } from "./llama.js";
 

@@ -1,7 +1,7 @@
 // GPT-2: pre-norm LayerNorm, learned positions, fused qkv (Conv1D, [in, out]), GELU-tanh MLP,
 // biases everywhere, tied unembedding.
 import { ggufGet, type GgufFile } from "../../io/gguf.js";
-import { PLAIN, type LayerType, type ModelConfig } from "../config.js";
+import { PLAIN, type LayerType, type ModelConfig } from "../../engine/config.js";
 import { defineFamily, eosList, num, type HfConfig, type WeightTable } from "../family.js";
 
 const conv = (name: string, extra: Partial<{ split: { index: number; parts: number } }> = {}) => ({ name, transpose: true, ...extra });

@@ -1,7 +1,7 @@
 // Llama 1/2/3 (and GGUF "llama"). Pre-norm RMSNorm, rotate-half RoPE, GQA, SwiGLU.
 // The HF/GGUF readers here are the base that Mistral, Qwen, Gemma and OLMo extend.
 import { ggufGet, ggufOpt, readGgufTensor, type GgufFile, type GgufValue } from "../../io/gguf.js";
-import { PLAIN, type LayerType, type ModelConfig, type RopeScaling } from "../config.js";
+import { PLAIN, type LayerType, type ModelConfig, type RopeScaling } from "../../engine/config.js";
 import { LLAMA_GGUF, LLAMA_SAFETENSORS, defineFamily, eosList, num, type HfConfig } from "../family.js";
 
 function ropeScaling(s: unknown): RopeScaling {

@@ -4,10 +4,10 @@
 //
 // A block is two jit'd halves, split at the attention output: inside one jit a matmul that reads
 // the permuted einsum output runs ~12x slower (engine study, issue 4); jit outputs are contiguous.
-import "../core/polyfills.js";
+import "../../core/polyfills.js";
 import { jit, nn, numpy as np, type Array as JArray, type OwnedFunction } from "@jax-js/jax";
-import type { BlockSite } from "../hooks/names.js";
-import type { ModelConfig, NormSpec } from "./config.js";
+import type { BlockSite } from "../../hooks/names.js";
+import type { ModelConfig, NormSpec } from "../config.js";
 
 /** A weight matrix [out, in], split in row chunks when larger than the device's binding limit. */
 export type Weight = JArray | JArray[];
@@ -36,8 +36,8 @@ export interface DeviceParams {
 }
 
 /** One compiled intervention at a site. Arrays are consumed by the layer function. */
-export type { OpKind } from "./batch.js";
-import type { OpKind } from "./batch.js";
+export type { OpKind } from "../plan.js";
+import type { OpKind } from "../plan.js";
 /** Only arrays may be jit arguments, so an op's kind lives in the static LayerKey, not here. */
 export interface SiteOp {
   /** add: vector [B,1|T,...feat] (scale folded in); project: unit [B,1,...feat]; replace: values. */

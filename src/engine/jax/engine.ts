@@ -1,41 +1,23 @@
 // The model runtime: host-side batching, positions, masks, interventions and the KV cache around
 // the jit'd layer functions in transformer.ts. Public methods take and return host data
 // (number[], Float32Array); jax-js arrays never leave this file and transformer.ts.
-import "../core/polyfills.js";
+import "../../core/polyfills.js";
 import { blockUntilReady, numpy as np, tree, valueAndGrad, type Array as JArray } from "@jax-js/jax";
-import { NumericalError, UsageError } from "../core/errors.js";
-import { parseHook, type HookName } from "../hooks/names.js";
-import type { Intervention, Plan, PosSpec } from "../hooks/plan.js";
-import {
-  ActivationCache,
-  NonFiniteLogits,
-  locateNonFinite,
-  Decoder,
-  asRow,
-  attnMaskHost,
-  compileHost,
-  featShapeOf,
-  fullCtx,
-  lastCtx,
-  padShape,
-  resolvePlan,
-  scopeMask,
-  sliceCtx,
-  sliceRow,
-  type CallCtx,
-  type ForwardOptions,
-  type ForwardResult,
-  type GenerateOptions,
-  type GenerateResult,
-  type PrefixCounter,
-  type Resolved,
-  type Row,
-} from "./batch.js";
+import { NumericalError, UsageError } from "../../core/errors.js";
+import { parseHook, type HookName } from "../../hooks/names.js";
+import type { Intervention, Plan, PosSpec } from "../../hooks/plan.js";
+import { ActivationCache } from "../cache.js";
+import { NonFiniteLogits, locateNonFinite } from "../numerics.js";
+import { Decoder } from "../decode.js";
+import { asRow, attnMaskHost, compileHost, featShapeOf, fullCtx, lastCtx, padShape, resolvePlan, scopeMask, sliceCtx, sliceRow, type CallCtx, type Resolved } from "../plan.js";
+import { type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type PrefixCounter, type Row } from "../types.js";
 
-export { ActivationCache, Sampler, argmax, type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type PrefixCounter, type Row, type SampleOptions } from "./batch.js";
-import type { ModelConfig } from "./config.js";
-import type { HostModel, HostTensor } from "./load.js";
-import { ropeTables } from "./rope.js";
+export { ActivationCache } from "../cache.js";
+export { Sampler, argmax } from "../decode.js";
+export { type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type PrefixCounter, type Row, type SampleOptions } from "../types.js";
+import type { ModelConfig } from "../config.js";
+import type { HostModel, HostTensor } from "../../model/load.js";
+import { ropeTables } from "../rope.js";
 import { LayerFns, embedStage, head, splitOps, type BlockParams, type DeviceParams, type LayerKey, type OpKind, type Rot, type SiteOp, type SiteOps, type Weight } from "./transformer.js";
 
 /** A trainable vector added at one site: `op.v` is a traced array inside valueAndGrad. */

@@ -10,7 +10,7 @@ import { defaultDevice, getWebGPUDevice, init } from "@jax-js/jax";
 import { SelfscopeError, UsageError } from "../core/errors.js";
 
 /**
- * "cpu": selfscope's own engine (src/cpu: Wasm SIMD kernels on a thread pool; forward and
+ * "cpu": selfscope's own engine (src/engine/cpu: Wasm SIMD kernels on a thread pool; forward and
  * generate). "wasm" and "webgpu": the jax-js engine on those backends (also used for gradients).
  */
 export type DeviceName = "cpu" | "wasm" | "webgpu";
@@ -44,7 +44,7 @@ export async function initDevice(name: DeviceName): Promise<DeviceInfo> {
     throw new UsageError(`unknown device "${String(name)}"; expected "cpu", "wasm" or "webgpu"`);
   }
   if (name === "cpu") {
-    // Not a jax-js backend: the CPU engine owns its memory and threads (src/cpu/runtime.ts).
+    // Not a jax-js backend: the CPU engine owns its memory and threads (src/engine/cpu/runtime.ts).
     const info: DeviceInfo = { name: "cpu", adapter: "selfscope wasm-simd128 kernels", maxBindingBytes: Infinity, shaderF16: false };
     detected.set("cpu", info);
     return info;

@@ -7,34 +7,16 @@
 //
 // Memory is stack-scoped: weights are allocated once; a call marks the stack, allocates its
 // activations (and, for generate, its KV cache), and releases them when it returns.
-import { UsageError } from "../core/errors.js";
-import type { HookName } from "../hooks/names.js";
-import {
-  ActivationCache,
-  NonFiniteLogits,
-  Decoder,
-  asRow,
-  compileHost,
-  featShapeOf,
-  fullCtx,
-  lastCtx,
-  locateNonFinite,
-  padShape,
-  planForRow,
-  resolvePlan,
-  sliceCtx,
-  type CallCtx,
-  type ForwardOptions,
-  type ForwardResult,
-  type GenerateOptions,
-  type GenerateResult,
-  type HostOp,
-  type Resolved,
-  type Row,
-} from "../model/batch.js";
-import type { Activation, ModelConfig, NormSpec } from "../model/config.js";
-import { LazyWeights, type HostModel } from "../model/load.js";
-import { ropeInvFreq } from "../model/rope.js";
+import { UsageError } from "../../core/errors.js";
+import type { HookName } from "../../hooks/names.js";
+import { ActivationCache } from "../cache.js";
+import { NonFiniteLogits, locateNonFinite } from "../numerics.js";
+import { Decoder } from "../decode.js";
+import { asRow, compileHost, featShapeOf, fullCtx, lastCtx, padShape, planForRow, resolvePlan, sliceCtx, type CallCtx, type HostOp, type Resolved } from "../plan.js";
+import { type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type Row } from "../types.js";
+import type { Activation, ModelConfig, NormSpec } from "../config.js";
+import { LazyWeights, type HostModel } from "../../model/load.js";
+import { ropeInvFreq } from "../rope.js";
 import { elementwise, type Elementwise } from "./elementwise.js";
 import type { AttentionTask, Gemm } from "./runtime.js";
 
