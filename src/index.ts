@@ -4,7 +4,7 @@ export { ActivationCache } from "./engine/cache.js";
 export type { ForwardOptions, ForwardResult, GenerateOptions, GenerateResult, Row, SampleOptions } from "./engine/types.js";
 export type { ModelConfig } from "./engine/config.js";
 export { describeSampler, sampleOptions, type EffectiveSampler, type SamplerRequest } from "./model/sampling.js";
-export { hookName, BLOCK_SITES, type HookName, type BlockSite } from "./hooks/names.js";
+export { hookName, hookNames, BLOCK_SITES, type HookName, type BlockSite, type NamesFilter } from "./hooks/names.js";
 export type { Intervention, Plan, PosSpec } from "./hooks/plan.js";
 export { SelfscopeError, ModelFileError, WeightShapeError, UnsupportedArchitectureError, UsageError, NumericalError } from "./core/errors.js";
 export type { Tokenizer } from "./io/tokenizer.js";
