@@ -336,7 +336,7 @@ export class CpuEngine {
     const { ctx } = call;
     const R = ctx.B * ctx.T;
     const D = c.dModel;
-    const before = { ...bufs };
+    const before = call.tape ? { ...bufs } : bufs;
     const fx = this.rt.f32;
     switch (st.kind) {
       case "embed": {
@@ -377,11 +377,12 @@ export class CpuEngine {
   /** Apply a site's ops to a buffer (a fresh copy with a tape) and record its read. */
   private siteStep(site: string, layer: number | null, buf: CpuBuf, feat: number[], bufs: CpuBufs, call: Call, g: Compiled): void {
     const touched = g.host.has(site);
-    const before = { ...bufs };
+    const before = call.tape ? { ...bufs } : bufs;
+    const prev = bufs[buf];
     // A buffer aliasing the residual (a copy step's) is copied before ops write it.
-    if (touched && buf !== "x" && bufs[buf] === bufs.x) bufs[buf] = -1;
+    if (touched && buf !== "x" && prev === bufs.x) bufs[buf] = -1;
     const off = touched ? this.out(bufs, buf, call, true) : bufs[buf];
-    if (touched && before[buf] !== off && before[buf] === bufs.x) this.rt.f32.copyWithin(off, before[buf], before[buf] + this.bufSizes(call.ctx.B * call.ctx.T)[buf]);
+    if (touched && prev !== off && prev === bufs.x) this.rt.f32.copyWithin(off, prev, prev + this.bufSizes(call.ctx.B * call.ctx.T)[buf]);
     this.site(site, layer, off, feat, g.host, g.reads, call.ctx, call.cache);
     call.fired?.push(layer === null ? site : `blocks.${layer}.${site}`);
     if (touched) this.record(call, layer, { kind: "site", site, buf } as TapeStep, before, bufs);
@@ -397,7 +398,8 @@ export class CpuEngine {
     const { dModel: D, nHeads: H, nKvHeads: K, dHead: hd, dMlp: F } = c;
     const p = this.blocks[l]!;
     const touched = (site: string) => g.host.has(site) || g.reads.includes(site);
-    const before = { ...bufs };
+    // Only a tape keeps the buffers before each step (they are never overwritten then).
+    const before = call.tape ? { ...bufs } : bufs;
     switch (st.kind) {
       case "site":
         this.siteStep(st.site, l, st.buf, featShapeOf(c, st.site), bufs, call, g);
@@ -457,7 +459,7 @@ export class CpuEngine {
         rt.gemmBatch(list);
         this.record(call, l, { kind: "heads" }, before, bufs);
         this.siteStep(st.result, l, "result", [H, D], bufs, call, g);
-        const before2 = { ...bufs };
+        const before2 = call.tape ? { ...bufs } : bufs;
         const a = this.out(bufs, "a", call);
         const fx = rt.f32;
         const rs = bufs.result;
