@@ -18,7 +18,7 @@ import { openSafetensors, readStTensor } from "../src/io/safetensors.js";
 import { loadHostModel } from "../src/model/load.js";
 import { Model } from "../src/model/model.js";
 import { finalNorm } from "../src/recipes/geometry.js";
-import { cosine, dot, meanRows, norm, principalAngleCosines, unit } from "../src/recipes/linalg.js";
+import { cosine, dot, meanRows, norm, principalAngleCosines, unit } from "../src/math/linalg.js";
 import {
   abliterationConfig,
   ablationPlan,

@@ -14,7 +14,8 @@
 // non-null verdict in the log wins. A record with verdict null (the judge failed) makes the trial
 // *failed* for that criterion: excluded from n and counted in `unjudged` and `failed` by default,
 // or scored NO with `failedAsNo` (what the paper's code did). No record at all makes it unjudged.
-import type { Criterion, JudgmentRecord, Rate, RunHeader, TrialKind, TrialRecord } from "../log/schema.js";
+import { CRITERIA, type Criterion, type JudgmentRecord, type RunHeader, type TrialKind, type TrialRecord } from "../log/schema.js";
+import type { Rate } from "../stats/stats.js";
 import { clusteredBootstrap, fisherOneSided, fisherOneSidedLog, fisherZInterval, pearson, wilson, type BinomialUnit } from "../stats/stats.js";
 
 /** A run in memory (what the log reader returns; extra fields are ignored). */
@@ -24,7 +25,6 @@ export interface RunData {
   judgments: JudgmentRecord[];
 }
 
-export const CRITERIA: readonly Criterion[] = ["detection", "identification", "forced_identification", "yes_answer"];
 export const TRIAL_KINDS: readonly TrialKind[] = ["injection", "control", "forced", "yesbias"];
 
 /**

@@ -6,6 +6,7 @@
 // Bump LOG_VERSION when a field changes meaning, and keep a reader test on an old fixture log.
 
 import type { EffectiveSampler } from "../model/sampling.js";
+import type { VectorRecipe } from "../vectors/extract.js";
 
 export const LOG_SCHEMA = "selfscope.run";
 /** 2: the header records the effective sampler (`sampler`). */
@@ -86,15 +87,6 @@ export interface VariantInfo {
   identicalTo: string | null;
 }
 
-export interface VectorRecipe {
-  method: "baseline-mean" | "simple" | "raw";
-  /** "chat": the template as a user message through the chat template (protocol); "raw": plain text (Lindsey). */
-  format: "chat" | "raw";
-  userTemplate: string;
-  /** Token index within the rendered prompt (-1 = last). */
-  tokenIndex: number;
-}
-
 export interface RunHeader {
   type: "header";
   schema: typeof LOG_SCHEMA;
@@ -165,6 +157,8 @@ export interface TrialRecord {
 }
 
 export type Criterion = "detection" | "identification" | "forced_identification" | "yes_answer";
+/** Every criterion, in the order results and reports list them. */
+export const CRITERIA: readonly Criterion[] = ["detection", "identification", "forced_identification", "yes_answer"];
 
 export interface JudgmentRecord {
   type: "judgment";
@@ -183,13 +177,3 @@ export interface JudgmentRecord {
 }
 
 export type LogRecord = RunHeader | TrialRecord | JudgmentRecord;
-
-/** A proportion with its interval: what every metric in results.json looks like. */
-export interface Rate {
-  estimate: number | null;
-  lo: number | null;
-  hi: number | null;
-  n: number;
-  /** Trials whose needed judgment is missing (excluded from n). */
-  unjudged?: number;
-}
