@@ -1,4 +1,4 @@
-// The geometry recipe (protocol §4.2, §8; src/recipes/geometry.ts, src/recipes/linalg.ts) on data
+// The geometry recipe (protocol §4.2, §8; src/recipes/geometry.ts, src/math/linalg.ts) on data
 // with known answers: the eigensolver and row-basis identities; PCA recovers a planted dimension;
 // the adaptive LDA search finds a planted threshold; ridge recovers a planted linear relation
 // (noise-free and noisy); the logit lens of an unembedding row puts its token on top (untied

@@ -18,7 +18,7 @@ import { configName, type ConfigResults, type RateOut, type Results } from "./me
 import { planTrials, type PlannedTrial } from "./plan.js";
 import { BASE_RECIPE, CONCEPT_LISTS, conceptList, conceptsOf, presets } from "./presets.js";
 import { FORCED_PREFILL, getVariant, hasSystemRole, renderTrial } from "./protocol.js";
-import { effectiveSampler, renderOptions } from "./run.js";
+import { effectiveSampler, renderOptions, standingPlanRecord } from "./run.js";
 
 export { VERSION } from "../core/package.js";
 
@@ -269,6 +269,7 @@ export function describeVariants(model: Model, cfg: InjectConfig): { variants: V
 /** The log header of a sweep: the full config plus the model and backend it ran on. */
 export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, command: string[]): RunHeader {
   const { variants, warnings } = describeVariants(model, cfg);
+  const standingPlan = standingPlanRecord(model);
   return {
     type: "header",
     schema: LOG_SCHEMA,
@@ -293,6 +294,8 @@ export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, co
     command,
     variants,
     warnings,
+    // Only when there is one, so other runs keep their header.
+    ...(standingPlan.length > 0 ? { standingPlan } : {}),
   };
 }
 

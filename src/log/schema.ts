@@ -5,6 +5,7 @@
 //
 // Bump LOG_VERSION when a field changes meaning, and keep a reader test on an old fixture log.
 
+import type { Intervention, PosSpec } from "../hooks/plan.js";
 import type { EffectiveSampler } from "../model/sampling.js";
 import type { VectorRecipe } from "../vectors/extract.js";
 
@@ -116,6 +117,29 @@ export interface RunHeader {
   variants?: VariantInfo[];
   /** Warnings printed when the run started (a variant that duplicates another, different questions in one run, ...). */
   warnings?: string[];
+  /**
+   * The standing plan the run's model carried (Model.withPlan: a trained bias, a refusal ablation),
+   * appended to every trial's own plan; absent when none (and in logs before it was recorded).
+   */
+  standingPlan?: StandingIntervention[];
+}
+
+/** One intervention of a standing plan, as a header records it: every field but the payload, which is kept as its sha256. */
+export interface StandingIntervention {
+  op: Intervention["op"];
+  at: string;
+  pos: PosSpec;
+  /** Batch rows it applies to; null = every row. */
+  rows: number[] | null;
+  /** null = the op's default (1). */
+  scale: number | null;
+  /** ablate only. */
+  mode?: "zero" | "mean";
+  heads?: number[];
+  /** sha256 (hex) of the payload's float32 bytes (vector, direction, source or mean); null when the op has none. */
+  sha256: string | null;
+  /** false: forward() calls (concept vectors) ran without it; generate() always ran with it. */
+  forward: boolean;
 }
 
 export interface TrialRecord {

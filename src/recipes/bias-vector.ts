@@ -444,16 +444,7 @@ export async function trainBiasVector(model: Model, o: TrainBiasOptions): Promis
  * weightsHash covers the bias, so concept-vector caches and run logs keep the two apart.
  */
 export function withBias(model: Model, at: HookName, vector: Float32Array): Model {
-  const extra: Intervention = { op: "add", at, vector, pos: "all" };
-  const w = Object.create(model) as Model;
-  const hash = createHash("sha256").update(model.weightsHash()).update(at).update(f32(vector)).digest("hex");
-  Object.defineProperties(w, {
-    generate: { value: (prompts: Parameters<Model["generate"]>[0], opts: Parameters<Model["generate"]>[1]) => model.generate(prompts, { ...opts, plan: [...(opts.plan ?? []), extra] }) },
-    forward: { value: (prompts: Parameters<Model["forward"]>[0], opts: Parameters<Model["forward"]>[1] = {}) => model.forward(prompts, { ...opts, plan: [...(opts.plan ?? []), extra] }) },
-    weightsHash: { value: () => hash },
-    dispose: { value: () => undefined },
-  });
-  return w;
+  return model.withPlan([{ op: "add", at, vector, pos: "all" }]);
 }
 
 export interface EvalArm {

@@ -810,14 +810,6 @@ export async function selectDirection(
 
 // ---- injection sweeps with and without ablation ------------------------------------------------------------
 
-/** A Model whose generate() also applies `extra` (forward() — used for concept vectors — is untouched). */
-export function withGlobalPlan(model: Model, extra: Plan): Model {
-  const wrapped = Object.create(model) as Model;
-  const generate = model.generate.bind(model);
-  wrapped.generate = (prompts, opts) => generate(prompts, { ...opts, plan: [...(opts.plan ?? []), ...extra] });
-  return wrapped;
-}
-
 export interface SweepSummary {
   runDir: string;
   tpr: Rate;
@@ -829,8 +821,12 @@ export interface SweepSummary {
   n_trials: Results["n_trials"];
 }
 
-/** One injection sweep into `runDir` through the harness's runSweep (extra plan = global ablation). */
-export async function injectionSweep(model: Model, modelPath: string, cfg: InjectConfig, runDir: string, extra: Plan | null, opts: { vectorCache?: string | null; command?: string[] } = {}): Promise<SweepSummary> {
+/**
+ * One injection sweep into `runDir` through the harness's runSweep. `extra` (the global ablation)
+ * is a standing plan on generate() only: concept vectors come from the unablated model (as 03d).
+ */
+export async function injectionSweep(base: Model, modelPath: string, cfg: InjectConfig, runDir: string, extra: Plan | null, opts: { vectorCache?: string | null; command?: string[] } = {}): Promise<SweepSummary> {
+  const model = extra && extra.length > 0 ? base.withPlan(extra, { forward: false }) : base;
   const header = runHeader(model, modelPath, cfg, opts.command ?? []);
   const judges = cfg.judges.map((s) => makeJudge(s, { cacheDir: path.join(runDir, "judge-cache") }));
   const unlock = lockRun(runDir);
@@ -839,7 +835,7 @@ export async function injectionSweep(model: Model, modelPath: string, cfg: Injec
   try {
     const log = RunLogWriter.create(runDir, header);
     try {
-      await runSweep(extra && extra.length > 0 ? withGlobalPlan(model, extra) : model, cfg, log, null, { judges, failures, vectorCache: opts.vectorCache ?? null });
+      await runSweep(model, cfg, log, null, { judges, failures, vectorCache: opts.vectorCache ?? null });
     } finally {
       log.close();
       for (const j of judges) j.dispose?.();
