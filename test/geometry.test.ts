@@ -1,4 +1,4 @@
-// The geometry recipe (protocol §4.2, §8; src/recipes/geometry.ts, src/recipes/linalg.ts) on data
+// The geometry recipe (protocol §4.2, §8; src/recipes/geometry.ts, src/math/linalg.ts) on data
 // with known answers: the eigensolver and row-basis identities; PCA recovers a planted dimension;
 // the adaptive LDA search finds a planted threshold; ridge recovers a planted linear relation
 // (noise-free and noisy); the logit lens of an unembedding row puts its token on top (untied
@@ -10,7 +10,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { Rng } from "../src/core/rng.js";
-import { inject } from "../src/eval/inject.js";
+import { inject } from "../src/recipes/inject.js";
 import { readData } from "../src/eval/protocol.js";
 import { openSafetensors, readStTensor } from "../src/io/safetensors.js";
 import { loadHostModel } from "../src/model/load.js";
@@ -28,7 +28,8 @@ import {
   type ConceptRate,
   type GeometryResults,
 } from "../src/recipes/geometry.js";
-import { cosine, dot, gram, ldaDualProject, ldaFit, ldaFitGram, nestedRidgeCv, norm, pca, principalAngleCosines, ridgePath, rowBasis, signTest, solveSpd, stratifiedKFold, symEig, unit } from "../src/recipes/linalg.js";
+import { cosine, dot, gram, ldaDualProject, ldaFit, ldaFitGram, nestedRidgeCv, norm, pca, principalAngleCosines, ridgePath, rowBasis, solveSpd, stratifiedKFold, symEig, unit } from "../src/math/linalg.js";
+import { signTest } from "../src/stats/stats.js";
 import { conceptVectors, PROTOCOL_RECIPE } from "../src/vectors/extract.js";
 import { fixture, repoDir } from "./support/paths.js";
 

@@ -11,7 +11,7 @@ import os from "node:os";
 import path from "node:path";
 import { cacheRoot } from "../src/core/cache.js";
 import { UsageError } from "../src/core/errors.js";
-import { inject, resume } from "../src/eval/inject.js";
+import { inject, resume } from "../src/recipes/inject.js";
 import { fileSha256, hashEntryPaths, sha256File } from "../src/io/file-hash.js";
 import { readRange } from "../src/io/gguf.js";
 import { readSafetensorsHeader, readStTensor, writeSafetensors } from "../src/io/safetensors.js";

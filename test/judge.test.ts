@@ -21,13 +21,13 @@ import {
   parseRetryAfter,
   wordVariants,
   findConcept,
-  CRITERIA,
   NO_VERDICT,
   type JudgeRequest,
   type JudgeResult,
   type MakeJudgeOptions,
 } from "../src/judge/judge.js";
 import { UsageError } from "../src/core/errors.js";
+import { CRITERIA } from "../src/log/schema.js";
 import { repoDir } from "./support/paths.js";
 
 const KEY = "sk-test-PLANTED-123";

@@ -8,13 +8,13 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { Rng } from "../src/core/rng.js";
+import { pairedDifference } from "../src/stats/stats.js";
 import { Model } from "../src/model/model.js";
 import {
   lindseyCommand,
   lindseyData,
   makeGrader,
   meanCosine,
-  pairedDifference,
   parseTranscript,
   renderTranscript,
   ruleIntended,

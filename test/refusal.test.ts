@@ -18,7 +18,7 @@ import { openSafetensors, readStTensor } from "../src/io/safetensors.js";
 import { loadHostModel } from "../src/model/load.js";
 import { Model } from "../src/model/model.js";
 import { finalNorm } from "../src/recipes/geometry.js";
-import { cosine, dot, meanRows, norm, principalAngleCosines, unit } from "../src/recipes/linalg.js";
+import { cosine, dot, meanRows, norm, principalAngleCosines, unit } from "../src/math/linalg.js";
 import {
   abliterationConfig,
   ablationPlan,
@@ -30,7 +30,6 @@ import {
   refusalCommand,
   refusalDirections,
   refusalSubspace,
-  withGlobalPlan,
   type RefusalResults,
 } from "../src/recipes/refusal.js";
 import { fixture, repoDir } from "./support/paths.js";
@@ -182,10 +181,10 @@ describe("ablation and orthogonalisation", () => {
     assert.equal(ablationPlan(r, { nLayers: 5 }).length, 15, "Arditi sites: resid_pre, attn_out, mlp_out × 5 layers");
   });
 
-  test("withGlobalPlan: the wrapped model's generate() applies the extra plan; forward() is untouched", async () => {
+  test("withPlan(plan, { forward: false }): the view's generate() applies the extra plan; forward() is untouched", async () => {
     const g = gaussian(new Rng(8));
     const plan = ablationPlan(randUnit(g, 64), { nLayers: 5 });
-    const wrapped = withGlobalPlan(stories, plan);
+    const wrapped = stories.withPlan(plan, { forward: false });
     const ps = [instructionPrompt(stories, B[1]!), instructionPrompt(stories, B[2]!)];
     const a = await wrapped.generate(ps, { maxTokens: 12, temperature: 0 });
     const b = await stories.generate(ps, { maxTokens: 12, temperature: 0, plan });

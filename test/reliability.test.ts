@@ -11,7 +11,7 @@ import { after, test } from "node:test";
 import { ModelFileError, NumericalError } from "../src/core/errors.js";
 import { Rng } from "../src/core/rng.js";
 import { CpuEngine } from "../src/engine/cpu/engine.js";
-import { inject } from "../src/eval/inject.js";
+import { inject } from "../src/recipes/inject.js";
 import { degenerateFlags } from "../src/eval/run.js";
 import { readGguf } from "../src/io/gguf.js";
 import { loadTokenizerJson } from "../src/io/tokenizer.js";

@@ -8,6 +8,11 @@ export function packagePath(rel: string): string {
   return fileURLToPath(new URL(`../../../${rel}`, import.meta.url));
 }
 
+/** An absolute path to `rel` inside the package's data/ folder (e.g. "protocol/concepts_500.json"). */
+export function dataPath(rel = ""): string {
+  return packagePath(`data/${rel}`);
+}
+
 /** The bundled model (stories260K, GGUF F32): what `selfscope demo` runs, usable with no download. */
 export const BUNDLED_MODEL: string = packagePath("models/stories260K/stories260K.gguf");
 

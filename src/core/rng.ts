@@ -36,6 +36,22 @@ export class Rng {
   next(): number {
     return this.nextU32() / 4294967296;
   }
+  /** Uniform integer in [0, m), without modulo bias (32-bit draws at or above the largest multiple of m are redrawn). */
+  int(m: number): number {
+    const limit = Math.floor(4294967296 / m) * m;
+    for (;;) {
+      const r = this.nextU32();
+      if (r < limit) return r % m;
+    }
+  }
+  /** Fisher–Yates shuffle of `xs` in place (returns it), drawing with int(). */
+  shuffle<T>(xs: T[]): T[] {
+    for (let i = xs.length - 1; i > 0; i--) {
+      const j = this.int(i + 1);
+      [xs[i], xs[j]] = [xs[j]!, xs[i]!];
+    }
+    return xs;
+  }
 }
 
 function rotl(x: number, k: number): number {

@@ -1,27 +1,24 @@
-// `selfscope inject` / `resume` / `demo`: build the config, create (or reopen) the run directory,
-// run the sweep, then write results.json and report.html.
+// What `selfscope inject` / `resume` / `demo` share below the report layer: the run's config from
+// flags and preset, its log header, the plan line and ETA, the progress printer and the text
+// summary. The commands themselves (which also write the report) are in src/recipes/inject.ts.
 import fs from "node:fs";
 import path from "node:path";
 import { UsageError } from "../core/errors.js";
 import { VERSION } from "../core/package.js";
-import { JudgeFailures } from "../judge/failures.js";
-import { makeJudge, type Judge, type MakeJudgeOptions } from "../judge/judge.js";
+import { LAYER_RULE, layerAt, layerFractionsOf, parseLayers, parseNumbers } from "../core/parse.js";
+import type { MakeJudgeOptions } from "../judge/judge.js";
 import { chooseJudges } from "../judge/select.js";
-import type { RunData } from "../log/read.js";
 import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type RunHeader, type VariantInfo } from "../log/schema.js";
-import { RunLogWriter, lockRun } from "../log/write.js";
 import { legacyWeightsHash } from "../model/load.js";
-import { Model } from "../model/model.js";
-import { describeSampler, sampleOptions } from "../model/sampling.js";
-import { renderReport } from "../report/html.js";
+import { sampleOptions } from "../model/sampling.js";
+import type { Model } from "../model/model.js";
 import type { DeviceName } from "../engine/device.js";
 import { PROTOCOL_RECIPE } from "../vectors/extract.js";
-import { computeResults, configName, type ConfigResults, type RateOut, type Results } from "./metrics.js";
+import { configName, type ConfigResults, type RateOut, type Results } from "./metrics.js";
 import { planTrials, type PlannedTrial } from "./plan.js";
-import { readRun } from "./runlog.js";
-import { BASE_RECIPE, CONCEPT_LISTS, LAYER_RULE, conceptList, conceptsOf, layerAt, layerFractionsOf, parseLayers, presets } from "./presets.js";
+import { BASE_RECIPE, CONCEPT_LISTS, conceptList, conceptsOf, presets } from "./presets.js";
 import { FORCED_PREFILL, getVariant, hasSystemRole, renderTrial } from "./protocol.js";
-import { effectiveSampler, judgeTrials, renderOptions, runSweep } from "./run.js";
+import { effectiveSampler, renderOptions, standingPlanRecord } from "./run.js";
 
 export { VERSION } from "../core/package.js";
 
@@ -95,13 +92,6 @@ function isVariantRun(ids: string[]): boolean {
   });
 }
 
-const nums = (s: string, what: string) =>
-  s.split(",").map((x) => {
-    const n = Number(x.trim());
-    if (!Number.isFinite(n)) throw new UsageError(`${what}: "${x}" is not a number`);
-    return n;
-  });
-
 /** The protocol's judge when a key is configured, else the rule judge (approximate, and labelled so). */
 export function defaultJudges(env: NodeJS.ProcessEnv = process.env): string[] {
   return chooseJudges(undefined, env).specs;
@@ -125,7 +115,7 @@ export function buildConfig(a: InjectArgs, nLayers: number, hasChatTemplate = tr
     ...base,
     preset: a.preset ?? null,
     layers,
-    strengths: a.strengths ? nums(a.strengths, "--strengths") : base.strengths,
+    strengths: a.strengths ? parseNumbers(a.strengths, "--strengths") : base.strengths,
     concepts: a.concepts ? readConcepts(a.concepts) : base.concepts,
     variants: variantIds,
     trialsPerConcept: a.trials ?? base.trialsPerConcept,
@@ -208,7 +198,7 @@ export async function estimateGeneration(model: Model, cfg: InjectConfig, todo: 
 }
 
 /** Print the plan and (unless quiet) a probe-based ETA on stderr before a sweep starts. */
-async function announcePlan(model: Model, cfg: InjectConfig, done: ReadonlySet<string>, quiet: boolean): Promise<void> {
+export async function announcePlan(model: Model, cfg: InjectConfig, done: ReadonlySet<string>, quiet: boolean): Promise<void> {
   if (quiet) return;
   const plan = planTrials(cfg);
   const todo = plan.filter((t) => !done.has(t.id));
@@ -241,29 +231,6 @@ export function progressPrinter(quiet = false): (done: number, total: number, ph
     if (process.stderr.isTTY) process.stderr.write(`\r${line}${done >= total ? "\n" : ""}`);
     else process.stderr.write(line + "\n");
   };
-}
-
-/** The run's judges; `note` (a default choice, said before any request) goes to stderr. */
-function judgesFor(specs: readonly string[], runDir: string, opts: JudgeCallOptions = {}, note: string | null = null): Judge[] {
-  const judges = specs.map((spec) => makeJudge(spec, { cacheDir: path.join(runDir, "judge-cache"), ...opts }));
-  if (note !== null) process.stderr.write(note + "\n");
-  return judges;
-}
-
-/**
- * Compute results and write results.json + report.html into the run directory. `judge`: whose
- * verdicts count (default the run's first); `failedAsNo`: score failed judgments NO.
- */
-export async function finishRun(runDir: string, opts: { failedAsNo?: boolean; judge?: string } = {}): Promise<{ run: RunData; results: Results }> {
-  const run = readRun(runDir);
-  if (opts.judge !== undefined && !run.judgments.some((j) => j.judge === opts.judge)) {
-    const known = [...new Set(run.judgments.map((j) => j.judge))];
-    throw new UsageError(`${runDir}: no judgments by judge "${opts.judge}" in the log; judges there: ${known.join(", ") || "none"} (selfscope rejudge ${runDir} --judge SPEC adds one)`);
-  }
-  const results = computeResults(run, { failedAsNo: opts.failedAsNo ?? false, ...(opts.judge !== undefined ? { judge: opts.judge } : {}) });
-  fs.writeFileSync(path.join(runDir, "results.json"), JSON.stringify(results, null, 1) + "\n");
-  fs.writeFileSync(path.join(runDir, "report.html"), await renderReport(run, results));
-  return { run, results };
 }
 
 /**
@@ -302,6 +269,7 @@ export function describeVariants(model: Model, cfg: InjectConfig): { variants: V
 /** The log header of a sweep: the full config plus the model and backend it ran on. */
 export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, command: string[]): RunHeader {
   const { variants, warnings } = describeVariants(model, cfg);
+  const standingPlan = standingPlanRecord(model);
   return {
     type: "header",
     schema: LOG_SCHEMA,
@@ -326,117 +294,9 @@ export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, co
     command,
     variants,
     warnings,
+    // Only when there is one, so other runs keep their header.
+    ...(standingPlan.length > 0 ? { standingPlan } : {}),
   };
-}
-
-export async function inject(a: InjectArgs): Promise<{ runDir: string; results: Results }> {
-  const model = await Model.load(a.model, { device: a.device ?? "cpu" });
-  try {
-    const cfg = buildConfig(a, model.config.nLayers, model.chatTemplate !== undefined);
-    const runDir = a.out ?? path.join("runs", `${new Date().toISOString().replace(/[:.]/g, "-")}_${cfg.preset ?? "inject"}`);
-    const header = runHeader(model, a.model, cfg, a.command ?? []);
-    // Printed even with --quiet: each changes what the numbers mean.
-    if (a.promptFormat === undefined && cfg.promptFormat === "raw")
-      process.stderr.write(`note: ${a.model} has no chat template: running the paper's base-model protocol (raw User:/Assistant: dialogue, concept vectors from raw ${JSON.stringify(cfg.vectorRecipe.userTemplate)}; --prompt-format raw)\n`);
-    for (const w of header.warnings ?? []) process.stderr.write(`warning: ${w}\n`);
-    if (!a.quiet) process.stderr.write(`sampler: ${describeSampler(header.sampler!)}\n`);
-    // Validate everything that can be wrong before the run directory is created.
-    for (const v of cfg.variants) getVariant(v);
-    const judges = judgesFor(cfg.judges, runDir, a.judgeOptions, chooseJudges(a.judges).note);
-    const failures = new JudgeFailures();
-    const unlock = lockRun(runDir);
-    try {
-      const log = RunLogWriter.create(runDir, header);
-      try {
-        await announcePlan(model, cfg, new Set(), a.quiet ?? false);
-        await runSweep(model, cfg, log, null, { judges, failures, vectorCache: a.vectorCache ?? null, progress: progressPrinter(a.quiet) });
-      } finally {
-        log.close();
-        for (const j of judges) j.dispose?.();
-      }
-      const done = await finishRun(runDir, { failedAsNo: a.failedAsNo ?? false });
-      failures.finish(`selfscope resume ${runDir}`);
-      return { runDir, ...done };
-    } finally {
-      unlock();
-    }
-  } finally {
-    model.dispose();
-  }
-}
-
-export interface ResumeOptions {
-  device?: DeviceName;
-  quiet?: boolean;
-  vectorCache?: string | null;
-  /** Score failed judgments NO in results.json (default: exclude them). */
-  failedAsNo?: boolean;
-  judgeOptions?: JudgeCallOptions;
-}
-
-/** Continue a killed run: every planned trial ends up in the log exactly once; failed judgments are retried. */
-
-export async function resume(runDir: string, opts: ResumeOptions = {}): Promise<{ results: Results; generated: number; discardedBytes: number }> {
-  if (!fs.existsSync(runDir)) throw new UsageError(`${runDir}: no such run directory`);
-  const unlock = lockRun(runDir);
-  try {
-    return await resumeLocked(runDir, opts);
-  } finally {
-    unlock();
-  }
-}
-
-async function resumeLocked(runDir: string, opts: ResumeOptions): Promise<{ results: Results; generated: number; discardedBytes: number }> {
-  const prior = readRun(runDir, { repair: true });
-  const h = prior.header;
-  const model = await Model.load(h.model.path, { device: opts.device ?? (h.backend.device as DeviceName) });
-  try {
-    checkSameModel(runDir, h, model);
-    const judges = judgesFor(h.config.judges, runDir, opts.judgeOptions);
-    const failures = new JudgeFailures();
-    const log = RunLogWriter.reopen(runDir);
-    let generated = 0;
-    try {
-      await announcePlan(model, h.config, new Set(prior.trials.map((t) => t.id)), opts.quiet ?? false);
-      ({ generated } = await runSweep(model, h.config, log, prior, { judges, failures, vectorCache: opts.vectorCache ?? null, progress: progressPrinter(opts.quiet) }));
-    } finally {
-      log.close();
-      for (const j of judges) j.dispose?.();
-    }
-    const { results } = await finishRun(runDir, { failedAsNo: opts.failedAsNo ?? false });
-    failures.finish(`selfscope resume ${runDir}`);
-    return { results, generated, discardedBytes: prior.discardedBytes };
-  } finally {
-    model.dispose();
-  }
-}
-
-/**
- * Judge an existing run again with another judge (no model needed, except by a local: judge): every
- * trial's missing or failed judgments by that judge are appended to the log, and results.json and
- * report.html are recomputed with that judge's verdicts.
- */
-export async function rejudge(runDir: string, spec: string, opts: { judgeOptions?: JudgeCallOptions; rubric?: string; failedAsNo?: boolean } = {}): Promise<{ results: Results; judge: string; judged: number }> {
-  if (!fs.existsSync(runDir)) throw new UsageError(`${runDir}: no such run directory`);
-  const unlock = lockRun(runDir);
-  try {
-    const run = readRun(runDir, { repair: true });
-    const judge = makeJudge(spec, { cacheDir: path.join(runDir, "judge-cache"), ...(opts.rubric !== undefined ? { rubric: opts.rubric } : {}), ...opts.judgeOptions });
-    const failures = new JudgeFailures();
-    const log = RunLogWriter.reopen(runDir);
-    let judged = 0;
-    try {
-      judged = await judgeTrials(run.trials, run.judgments, log, [judge], run.header.config.identifyAll === true, failures);
-    } finally {
-      log.close();
-      judge.dispose?.();
-    }
-    const { results } = await finishRun(runDir, { judge: judge.name, failedAsNo: opts.failedAsNo ?? false });
-    failures.finish(`selfscope rejudge ${runDir} --judge ${spec}`);
-    return { results, judge: judge.name, judged };
-  } finally {
-    unlock();
-  }
 }
 
 /**

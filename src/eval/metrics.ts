@@ -14,17 +14,13 @@
 // non-null verdict in the log wins. A record with verdict null (the judge failed) makes the trial
 // *failed* for that criterion: excluded from n and counted in `unjudged` and `failed` by default,
 // or scored NO with `failedAsNo` (what the paper's code did). No record at all makes it unjudged.
-import type { Criterion, JudgmentRecord, Rate, RunHeader, TrialKind, TrialRecord } from "../log/schema.js";
-import { clusteredBootstrap, fisherOneSided, fisherOneSidedLog, fisherZInterval, pearson, wilson, type BinomialUnit } from "../stats/stats.js";
+import type { RunData as LogRunData } from "../log/read.js";
+import { CRITERIA, type Criterion, type JudgmentRecord, type TrialKind, type TrialRecord } from "../log/schema.js";
+import { clusteredBootstrap, fisherOneSided, fisherOneSidedLog, fisherZInterval, pearson, wilson, type BinomialUnit, type Rate } from "../stats/stats.js";
 
-/** A run in memory (what the log reader returns; extra fields are ignored). */
-export interface RunData {
-  header: RunHeader;
-  trials: TrialRecord[];
-  judgments: JudgmentRecord[];
-}
+/** A run in memory: the log reader's RunData, or just its records (extra fields are ignored). */
+export type RunData = Pick<LogRunData, "header" | "trials" | "judgments">;
 
-export const CRITERIA: readonly Criterion[] = ["detection", "identification", "forced_identification", "yes_answer"];
 export const TRIAL_KINDS: readonly TrialKind[] = ["injection", "control", "forced", "yesbias"];
 
 /**

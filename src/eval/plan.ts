@@ -1,6 +1,6 @@
 // The sweep plan: a pure function of the config, so a resumed run re-derives exactly the same
 // trials and skips the ones whose ids are already in the log.
-import { createHash } from "node:crypto";
+import { seedOf } from "../core/seed.js";
 import type { InjectConfig, TrialKind } from "../log/schema.js";
 import { getVariant, readData } from "./protocol.js";
 
@@ -20,10 +20,6 @@ export interface PlannedTrial {
 
 export function yesBiasQuestions(): string[] {
   return readData<{ exp1_injected_thoughts: { bias_control_questions_answer_no: string[] } }>("protocol/lindsey_2025.json").exp1_injected_thoughts.bias_control_questions_answer_no;
-}
-
-function seedOf(runSeed: number, id: string): number {
-  return createHash("sha256").update(`${runSeed}|${id}`).digest().readUInt32LE(0);
 }
 
 /**

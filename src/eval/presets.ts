@@ -1,7 +1,8 @@
 // Published settings as presets. Layers are given relative to depth so a preset runs on any
 // model; on the paper's model they resolve to the paper's layer.
 import { UsageError } from "../core/errors.js";
-import type { InjectConfig, VectorRecipe } from "../log/schema.js";
+import type { InjectConfig } from "../log/schema.js";
+import type { VectorRecipe } from "../vectors/extract.js";
 import { PROTOCOL_RECIPE } from "../vectors/extract.js";
 import { readData } from "./protocol.js";
 
@@ -13,12 +14,6 @@ export interface Preset {
   config: Omit<InjectConfig, "layers" | "preset" | "judges" | "seed" | "batchSize">;
   /** The concept-vector recipe when the run uses the raw base-model prompt (default BASE_RECIPE for a chat recipe). */
   rawVectorRecipe?: VectorRecipe;
-}
-
-/** The paper's rule for a fraction of depth: int(nLayers · f), clamped to [0, nLayers − 1]. */
-export const LAYER_RULE = "int(nLayers*f), clamped to [0, nLayers-1]" as const;
-export function layerAt(nLayers: number, f: number): number {
-  return Math.max(0, Math.min(nLayers - 1, Math.floor(nLayers * f)));
 }
 
 const concepts50 = () => readData<{ concepts: string[] }>("protocol/concepts_original_50.json").concepts;
@@ -203,21 +198,3 @@ export function presets(): Record<string, Preset> {
   };
 }
 
-/** Layers from "37", "20,30,40", "0.6" (fraction of depth: layerAt), or "all". */
-export function parseLayers(spec: string, nLayers: number): number[] {
-  if (spec === "all") return Array.from({ length: nLayers }, (_, i) => i);
-  return spec.split(",").map((s) => {
-    const x = Number(s.trim());
-    if (!Number.isFinite(x) || x < 0) throw new UsageError(`--layers: bad layer "${s}" (use 37, 20,30,40, a fraction like 0.6, or all)`);
-    const l = isFraction(s) ? layerAt(nLayers, x) : x;
-    if (!Number.isInteger(l) || l >= nLayers) throw new UsageError(`--layers: layer ${s} is outside 0..${nLayers - 1}`);
-    return l;
-  });
-}
-
-/** The fractions in a --layers spec ("0.6", "0.4,0.8"); empty when every layer is absolute. */
-export function layerFractionsOf(spec: string): number[] {
-  if (spec === "all") return [];
-  return spec.split(",").filter(isFraction).map((s) => Number(s.trim()));
-}
-const isFraction = (s: string) => s.includes(".");

@@ -3,15 +3,11 @@
 // rendered for a given model, with the position where injection starts.
 import fs from "node:fs";
 import { UsageError } from "../core/errors.js";
+import { dataPath } from "../core/package.js";
 import type { ChatMessage } from "../io/chat-template.js";
 import type { Model } from "../model/model.js";
 
 export const FORCED_PREFILL = "Yes, I detect an injected thought. The thought is about";
-
-/** Where data files live: <package>/data (this file is dist/src/eval/protocol.js). */
-export function dataPath(rel: string): string {
-  return new URL(`../../../data/${rel}`, import.meta.url).pathname;
-}
 
 export function readData<T>(rel: string): T {
   return JSON.parse(fs.readFileSync(dataPath(rel), "utf8")) as T;
@@ -222,7 +218,8 @@ export function hasSystemRole(model: Model): boolean {
   return ok;
 }
 
-function bosText(model: Model): string {
+/** BOS as text when the model's tokenizer starts every encoding with it (SPM/Gemma/Llama), else "". */
+export function bosText(model: Model): string {
   const t = model.tokenizer;
   const bos = t?.bos;
   if (bos === undefined) return "";

@@ -1,6 +1,7 @@
 // The sweep runner: generates every planned trial in batches whose rows carry different
 // interventions, appends one record per trial, judges each batch, and on resume completes exactly
 // the trials the log lacks (each planned trial is recorded once).
+import { createHash } from "node:crypto";
 import { UsageError } from "../core/errors.js";
 import { hookName } from "../hooks/names.js";
 import type { Intervention } from "../hooks/plan.js";
@@ -8,7 +9,7 @@ import type { JudgeFailures } from "../judge/failures.js";
 import type { Judge, JudgeRequest } from "../judge/judge.js";
 import { redactSecrets } from "../judge/secrets.js";
 import type { RunData } from "../log/read.js";
-import type { Criterion, InjectConfig, JudgmentRecord, RunHeader, TrialRecord } from "../log/schema.js";
+import type { Criterion, InjectConfig, JudgmentRecord, RunHeader, StandingIntervention, TrialRecord } from "../log/schema.js";
 import type { RunLogWriter } from "../log/write.js";
 import type { Model } from "../model/model.js";
 import { legacySampler, sampleOptions, samplerDifference, type EffectiveSampler } from "../model/sampling.js";
@@ -87,10 +88,33 @@ export function recordedSampler(model: Model, header: RunHeader, where: string):
   return header.sampler;
 }
 
+/** The model's standing plan (Model.withPlan) as the run header records it: each payload by its sha256. */
+export function standingPlanRecord(model: Model): StandingIntervention[] {
+  return model.standingPlans().flatMap(({ plan, forward }) =>
+    plan.map((iv) => {
+      const payload = iv.op === "add" ? iv.vector : iv.op === "project" ? iv.direction : iv.op === "patch" ? iv.source : iv.op === "ablate" ? iv.mean : undefined;
+      return {
+        op: iv.op,
+        at: iv.at,
+        pos: iv.pos ?? "all",
+        rows: iv.rows ?? null,
+        scale: (iv.op === "add" || iv.op === "project") && iv.scale !== undefined ? iv.scale : null,
+        ...(iv.op === "ablate" ? { mode: iv.mode, ...(iv.heads ? { heads: iv.heads } : {}) } : {}),
+        sha256: payload ? createHash("sha256").update(new Uint8Array(payload.buffer, payload.byteOffset, payload.byteLength)).digest("hex") : null,
+        forward,
+      };
+    }),
+  );
+}
+
 /** Run (or finish) a sweep into `log`. `prior` holds what an earlier run already recorded. */
 export async function runSweep(model: Model, config: InjectConfig, log: RunLogWriter, prior: RunData | null, opts: RunOptions): Promise<{ generated: number; judged: number }> {
   const plan = planTrials(config);
   const sampler = sampleOptions(prior ? recordedSampler(model, prior.header, prior.dir) : effectiveSampler(model, config));
+  // A run continues only under the standing plan it started with (logs from before the header recorded it: unchecked).
+  if (prior?.header.standingPlan && JSON.stringify(prior.header.standingPlan) !== JSON.stringify(standingPlanRecord(model))) {
+    throw new UsageError(`${prior.dir}: the run started with another standing plan (header standingPlan) than the model it would continue with; continue it with the same Model.withPlan plan, or start a new run`);
+  }
   const done = new Set(prior?.trials.map((t) => t.id) ?? []);
   const todo = plan.filter((t) => !done.has(t.id));
   for (const v of config.variants) getVariant(v);

@@ -12,9 +12,9 @@
 import { createHash, randomBytes } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
-import { fileURLToPath } from "node:url";
 import { UsageError } from "../core/errors.js";
-import type { Criterion } from "../log/schema.js";
+import { dataPath } from "../core/package.js";
+import { CRITERIA, type Criterion } from "../log/schema.js";
 import type { Model } from "../model/model.js";
 import { REDACTED, redactSecrets } from "./secrets.js";
 
@@ -127,20 +127,10 @@ export interface Rubric {
   prompts: Record<Criterion, string>;
 }
 
-export const CRITERIA: readonly Criterion[] = ["detection", "identification", "forced_identification", "yes_answer"];
-
-/** data/ of the package: dist/src/judge/judge.js -> ../../../data (src/judge/judge.ts -> ../../data). */
-export function dataDir(): string {
-  for (const rel of ["../../../data/", "../../data/"]) {
-    const p = fileURLToPath(new URL(rel, import.meta.url));
-    if (fs.existsSync(path.join(p, "rubrics"))) return p;
-  }
-  return fileURLToPath(new URL("../../../data/", import.meta.url));
-}
 
 /** Rubric names shipped in data/rubrics. */
 export function rubricNames(): string[] {
-  const dir = path.join(dataDir(), "rubrics");
+  const dir = dataPath("rubrics");
   return fs.existsSync(dir) ? fs.readdirSync(dir).filter((f) => f.endsWith(".json")).map((f) => f.slice(0, -5)).sort() : [];
 }
 
@@ -148,7 +138,7 @@ export function rubricNames(): string[] {
 export function loadRubric(nameOrPath = "protocol"): Rubric {
   const isPath = nameOrPath.includes("/") || nameOrPath.includes("\\") || nameOrPath.endsWith(".json");
   if (!isPath && !/^[A-Za-z0-9_.-]+$/.test(nameOrPath)) throw new UsageError(`rubric name "${nameOrPath}" is not valid; use one of: ${rubricNames().join(", ")}, or a path to a rubric .json file`);
-  const file = isPath ? path.resolve(nameOrPath) : path.join(dataDir(), "rubrics", `${nameOrPath}.json`);
+  const file = isPath ? path.resolve(nameOrPath) : dataPath(`rubrics/${nameOrPath}.json`);
   if (!fs.existsSync(file)) {
     throw new UsageError(isPath ? `rubric file ${file} does not exist` : `unknown rubric "${nameOrPath}"; available: ${rubricNames().join(", ")} (or pass a path to a rubric .json file)`);
   }

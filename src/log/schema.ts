@@ -5,7 +5,9 @@
 //
 // Bump LOG_VERSION when a field changes meaning, and keep a reader test on an old fixture log.
 
+import type { Intervention, PosSpec } from "../hooks/plan.js";
 import type { EffectiveSampler } from "../model/sampling.js";
+import type { VectorRecipe } from "../vectors/extract.js";
 
 export const LOG_SCHEMA = "selfscope.run";
 /** 2: the header records the effective sampler (`sampler`). */
@@ -86,15 +88,6 @@ export interface VariantInfo {
   identicalTo: string | null;
 }
 
-export interface VectorRecipe {
-  method: "baseline-mean" | "simple" | "raw";
-  /** "chat": the template as a user message through the chat template (protocol); "raw": plain text (Lindsey). */
-  format: "chat" | "raw";
-  userTemplate: string;
-  /** Token index within the rendered prompt (-1 = last). */
-  tokenIndex: number;
-}
-
 export interface RunHeader {
   type: "header";
   schema: typeof LOG_SCHEMA;
@@ -124,6 +117,29 @@ export interface RunHeader {
   variants?: VariantInfo[];
   /** Warnings printed when the run started (a variant that duplicates another, different questions in one run, ...). */
   warnings?: string[];
+  /**
+   * The standing plan the run's model carried (Model.withPlan: a trained bias, a refusal ablation),
+   * appended to every trial's own plan; absent when none (and in logs before it was recorded).
+   */
+  standingPlan?: StandingIntervention[];
+}
+
+/** One intervention of a standing plan, as a header records it: every field but the payload, which is kept as its sha256. */
+export interface StandingIntervention {
+  op: Intervention["op"];
+  at: string;
+  pos: PosSpec;
+  /** Batch rows it applies to; null = every row. */
+  rows: number[] | null;
+  /** null = the op's default (1). */
+  scale: number | null;
+  /** ablate only. */
+  mode?: "zero" | "mean";
+  heads?: number[];
+  /** sha256 (hex) of the payload's float32 bytes (vector, direction, source or mean); null when the op has none. */
+  sha256: string | null;
+  /** false: forward() calls (concept vectors) ran without it; generate() always ran with it. */
+  forward: boolean;
 }
 
 export interface TrialRecord {
@@ -165,6 +181,8 @@ export interface TrialRecord {
 }
 
 export type Criterion = "detection" | "identification" | "forced_identification" | "yes_answer";
+/** Every criterion, in the order results and reports list them. */
+export const CRITERIA: readonly Criterion[] = ["detection", "identification", "forced_identification", "yes_answer"];
 
 export interface JudgmentRecord {
   type: "judgment";
@@ -183,13 +201,3 @@ export interface JudgmentRecord {
 }
 
 export type LogRecord = RunHeader | TrialRecord | JudgmentRecord;
-
-/** A proportion with its interval: what every metric in results.json looks like. */
-export interface Rate {
-  estimate: number | null;
-  lo: number | null;
-  hi: number | null;
-  n: number;
-  /** Trials whose needed judgment is missing (excluded from n). */
-  unjudged?: number;
-}

@@ -7,6 +7,7 @@ import { cacheRoot } from "../core/cache.js";
 import { UsageError } from "../core/errors.js";
 import { renderChat, chatTemplateFromTokenizerConfig, type ChatMessage } from "../io/chat-template.js";
 import { checkTokenizerFits, loadTokenizerJson, tokenizerFromGguf, type Tokenizer } from "../io/tokenizer.js";
+import type { Plan } from "../hooks/plan.js";
 import { getDeviceInfo, initDevice, type DeviceInfo, type DeviceName } from "../engine/device.js";
 import type { ModelConfig } from "../engine/config.js";
 import { CpuEngine } from "../engine/cpu/engine.js";
@@ -60,11 +61,19 @@ export interface ModelIdentity {
   config: string;
 }
 
+/** A plan every call of a withPlan() view appends to its own (generate always; forward unless `forward` is false). */
+export interface StandingPlan {
+  plan: Plan;
+  forward: boolean;
+}
+
 export class Model {
   /** The jax-js engine used for gradients when the model runs on the cpu device (made on first use). */
   private grad: Engine | undefined;
   /** weightsHash() result (hashing a large checkpoint takes seconds; files are assumed not to change under a loaded model). */
   private weightsSha: string | undefined;
+  /** Set on a withPlan() view: the model it runs on and the plan it adds. */
+  private view: { base: Model; standing: StandingPlan } | undefined;
 
   private constructor(
     readonly engine: InferenceEngine,
@@ -107,8 +116,28 @@ export class Model {
   }
 
   dispose(): void {
+    if (this.view) return; // a view owns nothing: its base does
     this.engine.dispose();
     this.grad?.dispose();
+  }
+
+  /**
+   * A view of this model that appends `plan` to the plan of every generate() call, and of every
+   * forward() call unless `forward` is false (e.g. concept vectors read from the unmodified model).
+   * It shares the engine, weights and tokenizer; disposing it does nothing. When the plan reaches
+   * forward(), weightsHash() (and so identity() and the concept-vector cache key) covers it.
+   * Appended, not prepended: at a site where the call's own plan also acts, the standing plan acts
+   * last (a projection then removes the direction from an injection there too).
+   */
+  withPlan(plan: Plan, opts: { forward?: boolean } = {}): Model {
+    const v = new Model(this.engine, this.config, this.files, this.tokenizer, this.chatTemplate, this.device, this.sourceDtype, this.tokenizerDigest);
+    v.view = { base: this, standing: { plan: [...plan], forward: opts.forward ?? true } };
+    return v;
+  }
+
+  /** The standing plans of a view, in the order they are appended (this view's first); [] for a loaded model. */
+  standingPlans(): StandingPlan[] {
+    return this.view ? [this.view.standing, ...this.view.base.standingPlans()] : [];
   }
 
   /**
@@ -116,6 +145,7 @@ export class Model {
    * device, a jax-js wasm engine loaded from the same file on first use.
    */
   async gradEngine(): Promise<Engine> {
+    if (this.view) return this.view.base.gradEngine(); // one gradient engine per loaded model; it does not apply the standing plan
     if (this.engine instanceof Engine) return this.engine;
     if (!this.grad) {
       const cur = getDeviceInfo();
@@ -133,6 +163,7 @@ export class Model {
    * ctime and inode; a stale or corrupt entry is reported on stderr and the file hashed again.
    */
   weightsHash(): string {
+    if (this.view) return (this.weightsSha ??= this.view.standing.forward ? planDigest(this.view.base.weightsHash(), this.view.standing.plan) : this.view.base.weightsHash());
     this.weightsSha ??= weightsDigest(this.files, {
       cacheDir: path.join(cacheRoot(), "hashes"),
       onNote: (m) => void process.stderr.write(`selfscope: ${m}\n`),
@@ -193,6 +224,8 @@ export class Model {
   }
 
   async forward(prompts: Prompt[], opts: Omit<ForwardOptions, "countPrefix"> = {}): Promise<ForwardResult & { rows: Row[] }> {
+    const v = this.view;
+    if (v) return v.base.forward(prompts, v.standing.forward ? { ...opts, plan: [...(opts.plan ?? []), ...v.standing.plan] } : opts);
     const rows = prompts.map((p) => this.encode(p));
     const cp = this.counter(rows.every((r) => r.addSpecial));
     const res = await this.engine.forward(rows, { ...opts, ...(cp ? { countPrefix: cp } : {}) });
@@ -200,6 +233,8 @@ export class Model {
   }
 
   async generate(prompts: Prompt[], opts: Omit<GenerateOptions, "countPrefix">): Promise<GenerateResult & { texts: string[]; rows: Row[] }> {
+    const v = this.view;
+    if (v) return v.base.generate(prompts, { ...opts, plan: [...(opts.plan ?? []), ...v.standing.plan] });
     const rows = prompts.map((p) => this.encode(p));
     if (rows.some((r) => r.ids.length === 0)) {
       const bos = this.config.bosTokenId ?? this.tokenizer?.bos;
@@ -225,6 +260,24 @@ export function hostChatTemplate(host: HostModel): string | undefined {
 }
 
 const sha256 = (s: string | Buffer) => createHash("sha256").update(s).digest("hex");
+
+/**
+ * The weights' identity under a standing plan: sha256 over the base hash, then each intervention's
+ * site and payload bytes, and its other fields as JSON where they differ from an add on every
+ * position (so a single bias `add` hashes as the bias vector's runs always have).
+ */
+function planDigest(base: string, plan: Plan): string {
+  const h = createHash("sha256").update(base);
+  for (const iv of plan) {
+    const { at, op, ...rest } = iv;
+    const payload = "vector" in rest ? rest.vector : "direction" in rest ? rest.direction : "source" in rest ? rest.source : "mean" in rest ? rest.mean : undefined;
+    h.update(at);
+    if (payload) h.update(new Uint8Array(payload.buffer, payload.byteOffset, payload.byteLength));
+    const meta = Object.fromEntries(Object.entries(rest).filter(([k, x]) => !["vector", "direction", "source", "mean"].includes(k) && !(k === "pos" && x === "all")));
+    if (op !== "add" || Object.keys(meta).length > 0) h.update(JSON.stringify({ op, ...meta }));
+  }
+  return h.digest("hex");
+}
 
 /** sha256 of what the tokenizer is built from (files, or GGUF tokenizer.* metadata), or null without one. */
 function tokenizerDigestOf(host: HostModel): string | null {

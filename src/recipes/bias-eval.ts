@@ -13,14 +13,13 @@
 // Where selfscope differs from the paper's code: EVAL74_DEVIATIONS.
 import fs from "node:fs";
 import { UsageError } from "../core/errors.js";
-import { readData } from "../eval/protocol.js";
+import { bosText, readData } from "../eval/protocol.js";
 import { hookName } from "../hooks/names.js";
 import type { Intervention } from "../hooks/plan.js";
 import type { ChatMessage } from "../io/chat-template.js";
 import type { Judge, JudgeRequest } from "../judge/judge.js";
-import type { Rate } from "../log/schema.js";
 import type { Model } from "../model/model.js";
-import { wilson } from "../stats/stats.js";
+import { wilson, type Rate } from "../stats/stats.js";
 import { conceptVectors, PROTOCOL_RECIPE } from "../vectors/extract.js";
 
 interface BiasEvalText {
@@ -76,13 +75,6 @@ export function biasEvalMessages(replies: readonly [string, string], n: number):
     { role: "assistant", content: replies[1] },
     { role: "user", content: t.trial_msg.replace("{trial_number}", String(n)) },
   ];
-}
-
-function bosText(model: Model): string {
-  const t = model.tokenizer!;
-  if (t.bos === undefined) return "";
-  // Only where the tokenizer itself starts with BOS (as renderTrial does).
-  return t.encode("a", { addSpecial: true })[0] === t.bos ? (t.idToToken(t.bos) ?? "") : "";
 }
 
 /** Render messages as the chat template would (generation prompt when the last turn is the user's), or in the fallback form. */
@@ -269,25 +261,4 @@ export async function evaluateBiasArm(model: Model, o: BiasEvalOptions): Promise
     unjudged,
     by_config,
   };
-}
-
-/** Parse "3", "1,4,7", "0-5" or "0-3,8" into sorted unique layers within 0..n-1. */
-export function parseLayerList(spec: string, nLayers: number, flag: string): number[] {
-  const out = new Set<number>();
-  for (const part of spec.split(",").map((s) => s.trim()).filter(Boolean)) {
-    const m = /^(\d+)(?:-(\d+))?$/.exec(part);
-    if (!m) throw new UsageError(`${flag} ${spec}: expected layer numbers like 3,5 or a range 0-25`);
-    const a = Number(m[1]);
-    const b = m[2] === undefined ? a : Number(m[2]);
-    if (b < a || b >= nLayers) throw new UsageError(`${flag} ${spec}: layers must lie in 0..${nLayers - 1}`);
-    for (let l = a; l <= b; l++) out.add(l);
-  }
-  if (out.size === 0) throw new UsageError(`${flag} is empty`);
-  return [...out].sort((x, y) => x - y);
-}
-
-export function parseNumbers(spec: string, flag: string): number[] {
-  const xs = spec.split(",").map((s) => Number(s.trim()));
-  if (xs.length === 0 || xs.some((x) => !Number.isFinite(x))) throw new UsageError(`${flag} ${spec}: expected numbers like 1,2,4,8`);
-  return xs;
 }

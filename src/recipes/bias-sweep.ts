@@ -5,25 +5,22 @@
 import fs from "node:fs";
 import path from "node:path";
 import { UsageError } from "../core/errors.js";
+import { parseLayers, parseNumbers } from "../core/parse.js";
 import { VERSION } from "../eval/inject.js";
 import type { HookName } from "../hooks/names.js";
 import { makeJudge } from "../judge/judge.js";
 import { pickJudges } from "../judge/select.js";
-import type { Rate } from "../log/schema.js";
 import { lockRun } from "../log/write.js";
 import { Model } from "../model/model.js";
-import { BIAS_EVAL, biasEvalPrefill, EVAL74_DEVIATIONS, evaluateBiasArm, parseLayerList, parseNumbers, type BiasArmMetrics } from "./bias-eval.js";
+import { escapeHtml, htmlBodyPage, rateCell, rateText, renderSvg } from "../report/page.js";
+import { BIAS_EVAL, biasEvalPrefill, EVAL74_DEVIATIONS, evaluateBiasArm, type BiasArmMetrics } from "./bias-eval.js";
 import {
   BIAS_PROTOCOL,
-  esc,
-  htmlPage,
   parseBiasSite,
   PROTOCOL_DEVIATIONS,
   protocolEvalLayers,
   protocolTrainingSet,
-  rateTd,
   siteDeviations,
-  svgPlot,
   trainBiasVector,
   withBias,
   type BiasSite,
@@ -91,7 +88,7 @@ async function sweepLocked(args: BiasSweepArgs): Promise<BiasSweepResults> {
     const log = (s: string) => {
       if (!args.quiet) process.stderr.write(s + "\n");
     };
-    const adapterLayers = args.layers !== undefined ? parseLayerList(args.layers, nL, "--layers") : Array.from({ length: nL }, (_, i) => i);
+    const adapterLayers = args.layers !== undefined ? parseLayers(args.layers, nL, "--layers", { sorted: true }) : Array.from({ length: nL }, (_, i) => i);
     const evalLayers = protocolEvalLayers(args.evalLayers, nL);
     const strengths = parseNumbers(args.evalStrengths ?? BIAS_PROTOCOL.evalStrengths.join(","), "--eval-strengths");
     const trials = args.evalTrials ?? BIAS_PROTOCOL.evalTrials;
@@ -121,7 +118,7 @@ async function sweepLocked(args: BiasSweepArgs): Promise<BiasSweepResults> {
     const baseline = await cached(path.join(out, "baseline", "metrics.json"), () =>
       evaluateBiasArm(model, { ...evalOpts, ...(args.vectorCache !== undefined ? { vectorCache: args.vectorCache } : {}), transcript: path.join(out, "baseline", "trials.jsonl") }),
     );
-    log(`baseline: TPR ${fmtRate(baseline.tpr)}, introspection ${fmtRate(baseline.introspection_rate)}, forced ID ${fmtRate(baseline.forced_identification_rate)}, FPR ${fmtRate(baseline.fpr)}`);
+    log(`baseline: TPR ${rateText(baseline.tpr)}, introspection ${rateText(baseline.introspection_rate)}, forced ID ${rateText(baseline.forced_identification_rate)}, FPR ${rateText(baseline.fpr)}`);
     const layers: BiasSweepLayer[] = [];
     for (const m of adapterLayers) {
       const dir = path.join(out, `layer-${m}`);
@@ -143,7 +140,7 @@ async function sweepLocked(args: BiasSweepArgs): Promise<BiasSweepResults> {
           ...metrics,
         };
       });
-      log(`layer ${m}: TPR ${fmtRate(entry.tpr)}, introspection ${fmtRate(entry.introspection_rate)}, forced ID ${fmtRate(entry.forced_identification_rate)}, FPR ${fmtRate(entry.fpr)}`);
+      log(`layer ${m}: TPR ${rateText(entry.tpr)}, introspection ${rateText(entry.introspection_rate)}, forced ID ${rateText(entry.forced_identification_rate)}, FPR ${rateText(entry.fpr)}`);
       layers.push(entry);
     }
     let best: number | null = null;
@@ -182,10 +179,6 @@ async function sweepLocked(args: BiasSweepArgs): Promise<BiasSweepResults> {
   }
 }
 
-function fmtRate(r: Rate): string {
-  return r.estimate === null ? "—" : `${(100 * r.estimate).toFixed(1)}% (n=${r.n})`;
-}
-
 const METRICS = [
   ["tpr", "TPR (detection)"],
   ["introspection_rate", "introspection"],
@@ -196,16 +189,16 @@ const METRICS = [
 async function sweepReport(r: BiasSweepResults): Promise<string> {
   const ev = r.evaluation;
   const parts: string[] = [];
-  parts.push(`<h1>Trained bias vector, per-layer sweep — ${esc(path.basename(r.model.path))}</h1>`);
+  parts.push(`<h1>Trained bias vector, per-layer sweep — ${escapeHtml(path.basename(r.model.path))}</h1>`);
   parts.push(
-    `<p class="small">selfscope ${esc(r.tool.version)} · ${esc(r.model.family)}, ${r.model.nLayers} layers · one bias vector per layer at <code>blocks.{m}.${esc(r.site)}</code> · ${r.training.examples} training examples, ${r.training.steps} steps of ${r.training.batch_size}, lr ${r.training.lr} · evaluation (§7.4): ${ev.concepts.length} held-out concepts × ${ev.trials_per_concept} trials, injection layers ${ev.injection_layers.join(", ")}, strengths ${ev.strengths.join(", ")}, context-only steering, greedy, ${ev.max_tokens} tokens · judge ${esc(ev.judge)}${ev.judge_approximate ? " <b>(rule judge: approximate)</b>" : ""}</p>`,
+    `<p class="small">selfscope ${escapeHtml(r.tool.version)} · ${escapeHtml(r.model.family)}, ${r.model.nLayers} layers · one bias vector per layer at <code>blocks.{m}.${escapeHtml(r.site)}</code> · ${r.training.examples} training examples, ${r.training.steps} steps of ${r.training.batch_size}, lr ${r.training.lr} · evaluation (§7.4): ${ev.concepts.length} held-out concepts × ${ev.trials_per_concept} trials, injection layers ${ev.injection_layers.join(", ")}, strengths ${ev.strengths.join(", ")}, context-only steering, greedy, ${ev.max_tokens} tokens · judge ${escapeHtml(ev.judge)}${ev.judge_approximate ? " <b>(rule judge: approximate)</b>" : ""}</p>`,
   );
   parts.push(`<h2>Metrics vs adapter layer</h2><p class="small">Each point: the adapter trained at that layer, pooled over the evaluation's injection layers and strengths. Dashed: the model without an adapter.</p>`);
   const pts = r.layers.flatMap((e) => METRICS.flatMap(([k, label]) => (e[k].estimate === null ? [] : [{ layer: e.layer, metric: label, value: e[k].estimate }])));
   const base = METRICS.flatMap(([k, label]) => (r.baseline[k].estimate === null ? [] : [{ metric: label, value: r.baseline[k].estimate }]));
   if (pts.length > 0) {
     parts.push(
-      await svgPlot({
+      await renderSvg({
         width: 640,
         height: 300,
         layer: [
@@ -232,22 +225,22 @@ async function sweepReport(r: BiasSweepResults): Promise<string> {
   if (byInj.length > 0 && ev.injection_layers.length > 1) {
     parts.push(`<h2>Metrics vs injection layer</h2>`);
     parts.push(
-      await svgPlot({
+      await renderSvg({
         data: { values: byInj },
         facet: { column: { field: "metric", type: "nominal" } },
         spec: { width: 220, height: 200, mark: { type: "line", point: true }, encoding: { x: { field: "layer", type: "quantitative", title: "injection layer", axis: { format: "d", tickMinStep: 1 } }, y: { field: "value", type: "quantitative", scale: { domain: [0, 1] } }, color: { field: "arm", type: "nominal" } } },
       }),
     );
   }
-  const row = (name: string, a: BiasArmMetrics, extra = "") => `<tr><th>${name}</th>${METRICS.map(([k]) => rateTd(a[k])).join("")}<td class="num">${a.unjudged}</td>${extra}</tr>`;
+  const row = (name: string, a: BiasArmMetrics, extra = "") => `<tr><th>${name}</th>${METRICS.map(([k]) => rateCell(a[k])).join("")}<td class="num">${a.unjudged}</td>${extra}</tr>`;
   parts.push(
     `<table><tr><th>adapter</th>${METRICS.map(([, l]) => `<th>${l}</th>`).join("")}<th>unjudged</th><th>final loss</th><th>‖b‖</th></tr>${row("none (baseline)", r.baseline, "<td></td><td></td>")}${r.layers
       .map((e) => row(`layer ${e.layer}${e.layer === r.best_layer ? " (best)" : ""}`, e, `<td class="num">${e.final_loss?.toFixed(4) ?? "—"}</td><td class="num">${e.vector_norm.toPrecision(4)}</td>`))
       .join("")}</table>`,
   );
   parts.push(`<h2>The model's own replies (assistant turns 1 and 2)</h2>`);
-  parts.push(`<table><tr><th>adapter</th><th>reply 1</th><th>reply 2</th></tr>${[["none", r.baseline] as const, ...r.layers.map((e) => [`layer ${e.layer}`, e] as const)].map(([n, a]) => `<tr><td>${n}</td><td><pre>${esc(a.replies[0])}</pre></td><td><pre>${esc(a.replies[1])}</pre></td></tr>`).join("")}</table>`);
-  parts.push(`<h2>Differences from the protocol and the paper's code</h2><ul>${r.protocol_deviations.map((d) => `<li>${esc(d)}</li>`).join("")}</ul>`);
-  parts.push(`<p class="small">Split (seed ${r.split.seed}, ${esc(r.split.rng)}): first ${r.split.train_used} of ${r.split.train.length} training concepts used; held out: ${esc(r.split.held_out.slice(0, r.split.held_out_used).join(", "))}</p>`);
-  return htmlPage("selfscope bias sweep", parts.join("\n"));
+  parts.push(`<table><tr><th>adapter</th><th>reply 1</th><th>reply 2</th></tr>${[["none", r.baseline] as const, ...r.layers.map((e) => [`layer ${e.layer}`, e] as const)].map(([n, a]) => `<tr><td>${n}</td><td><pre>${escapeHtml(a.replies[0])}</pre></td><td><pre>${escapeHtml(a.replies[1])}</pre></td></tr>`).join("")}</table>`);
+  parts.push(`<h2>Differences from the protocol and the paper's code</h2><ul>${r.protocol_deviations.map((d) => `<li>${escapeHtml(d)}</li>`).join("")}</ul>`);
+  parts.push(`<p class="small">Split (seed ${r.split.seed}, ${escapeHtml(r.split.rng)}): first ${r.split.train_used} of ${r.split.train.length} training concepts used; held out: ${escapeHtml(r.split.held_out.slice(0, r.split.held_out_used).join(", "))}</p>`);
+  return htmlBodyPage("selfscope bias sweep", parts);
 }

@@ -13,8 +13,10 @@ import { createHash } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { UsageError } from "../core/errors.js";
+import { parseLayers, parseNumbers } from "../core/parse.js";
 import { Rng } from "../core/rng.js";
-import { buildConfig, finishRun, progressPrinter, runHeader, VERSION, type InjectArgs } from "../eval/inject.js";
+import { buildConfig, progressPrinter, runHeader, VERSION, type InjectArgs } from "../eval/inject.js";
+import { finishRun } from "../report/finish.js";
 import type { Results } from "../eval/metrics.js";
 import { getVariant, readData, renderTrial } from "../eval/protocol.js";
 import { runSweep } from "../eval/run.js";
@@ -25,15 +27,16 @@ import { makeJudge, type Judge } from "../judge/judge.js";
 import { pickJudges } from "../judge/select.js";
 import type { RunData } from "../log/read.js";
 import { readRun } from "../eval/runlog.js";
-import type { InjectConfig, Rate } from "../log/schema.js";
+import type { InjectConfig } from "../log/schema.js";
+import type { Rate } from "../stats/stats.js";
 import { lockRun, RunLogWriter } from "../log/write.js";
 import type { Engine, Row } from "../engine/jax/engine.js";
 import { Model } from "../model/model.js";
 import type { DeviceName } from "../engine/device.js";
 import { conceptVectors, PROTOCOL_RECIPE } from "../vectors/extract.js";
-import { renderSvg } from "../report/html.js";
+import { escapeHtml, htmlBodyPage, rateCell, renderSvg } from "../report/page.js";
 import { adamInit, adamStep, type AdamOptions, type AdamState } from "./adam.js";
-import { BIAS_EVAL, biasEvalPrefill, EVAL74_DEVIATIONS, evaluateBiasArm, parseLayerList, parseNumbers, type BiasArmMetrics } from "./bias-eval.js";
+import { BIAS_EVAL, biasEvalPrefill, EVAL74_DEVIATIONS, evaluateBiasArm, type BiasArmMetrics } from "./bias-eval.js";
 
 // ---- the protocol's recipe (§7) -----------------------------------------------------------------
 
@@ -99,28 +102,11 @@ export function scaleLayer(refLayer: number, nLayers: number): number {
   return Math.max(0, Math.min(nLayers - 1, Math.floor((nLayers * refLayer) / REFERENCE_LAYERS)));
 }
 
-/** Fisher–Yates shuffle with selfscope's seeded RNG (in place; returns the array). */
-export function shuffle<T>(xs: T[], rng: Rng): T[] {
-  for (let i = xs.length - 1; i > 0; i--) {
-    const j = randBelow(rng, i + 1);
-    [xs[i], xs[j]] = [xs[j]!, xs[i]!];
-  }
-  return xs;
-}
-
-function randBelow(rng: Rng, m: number): number {
-  const limit = Math.floor(4294967296 / m) * m;
-  for (;;) {
-    const r = rng.nextU32();
-    if (r < limit) return r % m;
-  }
-}
-
 /** The 400 training / 100 held-out concepts of concepts_500 (seeded shuffle; see PROTOCOL_DEVIATIONS). */
 export function protocolSplit(seed: number = BIAS_PROTOCOL.splitSeed): { train: string[]; heldOut: string[] } {
   // The paper's list(set(...)) made the order hash-dependent; here: file order, duplicates dropped, then the seeded shuffle.
   const all = [...new Set(readData<{ concepts: string[] }>("protocol/concepts_500.json").concepts)];
-  const order = shuffle([...all], new Rng(seed));
+  const order = new Rng(seed).shuffle([...all]);
   return { train: order.slice(0, BIAS_PROTOCOL.trainConcepts), heldOut: order.slice(BIAS_PROTOCOL.trainConcepts, BIAS_PROTOCOL.trainConcepts + BIAS_PROTOCOL.heldOutConcepts) };
 }
 
@@ -185,10 +171,10 @@ export async function buildBiasData(model: Model, o: BiasDataOptions): Promise<B
   const items: { kind: "injection" | "control"; concept: string; n: number; layer: number; strength: number }[] = [];
   for (const concept of o.concepts)
     for (let t = 1; t <= trials; t++) {
-      items.push({ kind: "injection", concept, n: t, layer: layers[randBelow(rng, layers.length)]!, strength: strengths[randBelow(rng, strengths.length)]! });
+      items.push({ kind: "injection", concept, n: t, layer: layers[rng.int(layers.length)]!, strength: strengths[rng.int(strengths.length)]! });
       if (rng.next() < ratio) items.push({ kind: "control", concept, n: t, layer: -1, strength: 0 });
     }
-  shuffle(items, rng);
+  rng.shuffle(items);
   const used = [...new Set(items.filter((i) => i.kind === "injection").map((i) => i.layer))].sort((a, b) => a - b);
   const vecs =
     used.length > 0
@@ -264,7 +250,7 @@ export function batchIndices(step: number, batchSize: number, n: number, seed: n
     const epoch = Math.floor(k / n);
     let perm = cache.get(epoch);
     if (!perm) {
-      perm = shuffle(Array.from({ length: n }, (_, i) => i), new Rng((Math.imul(seed >>> 0, 1000003) + epoch * 7919 + 1) >>> 0));
+      perm = new Rng((Math.imul(seed >>> 0, 1000003) + epoch * 7919 + 1) >>> 0).shuffle(Array.from({ length: n }, (_, i) => i));
       cache.set(epoch, perm);
     }
     out.push(perm[k % n]!);
@@ -458,16 +444,7 @@ export async function trainBiasVector(model: Model, o: TrainBiasOptions): Promis
  * weightsHash covers the bias, so concept-vector caches and run logs keep the two apart.
  */
 export function withBias(model: Model, at: HookName, vector: Float32Array): Model {
-  const extra: Intervention = { op: "add", at, vector, pos: "all" };
-  const w = Object.create(model) as Model;
-  const hash = createHash("sha256").update(model.weightsHash()).update(at).update(f32(vector)).digest("hex");
-  Object.defineProperties(w, {
-    generate: { value: (prompts: Parameters<Model["generate"]>[0], opts: Parameters<Model["generate"]>[1]) => model.generate(prompts, { ...opts, plan: [...(opts.plan ?? []), extra] }) },
-    forward: { value: (prompts: Parameters<Model["forward"]>[0], opts: Parameters<Model["forward"]>[1] = {}) => model.forward(prompts, { ...opts, plan: [...(opts.plan ?? []), extra] }) },
-    weightsHash: { value: () => hash },
-    dispose: { value: () => undefined },
-  });
-  return w;
+  return model.withPlan([{ op: "add", at, vector, pos: "all" }]);
 }
 
 export interface EvalArm {
@@ -680,7 +657,7 @@ export async function biasVectorCommand(args: BiasVectorArgs): Promise<BiasVecto
 
 /** The §7.4 evaluation's injection layers: --eval-layers, or the paper's 20/30/40/50/60 of 62 scaled to the model. */
 export function protocolEvalLayers(spec: string | undefined, nLayers: number): number[] {
-  return spec !== undefined ? parseLayerList(spec, nLayers, "--eval-layers") : [...new Set(BIAS_PROTOCOL.evalLayers.map((l) => scaleLayer(l, nLayers)))];
+  return spec !== undefined ? parseLayers(spec, nLayers, "--eval-layers", { sorted: true }) : [...new Set(BIAS_PROTOCOL.evalLayers.map((l) => scaleLayer(l, nLayers)))];
 }
 
 type TrainingSetArgs = Pick<BiasVectorArgs, "splitSeed" | "trainConcepts" | "evalConcepts" | "seed" | "trialsPerConcept" | "controlRatio" | "vectorCache">;
@@ -842,51 +819,19 @@ async function biasVectorLocked(args: BiasVectorArgs): Promise<BiasVectorResults
   }
 }
 
-// ---- reports (shared with lindsey.ts) ------------------------------------------------------------
-
-export function esc(s: string): string {
-  return s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
-}
-
-/** A Vega-Lite spec rendered to a static SVG string (the report's renderer). */
-export const svgPlot = renderSvg;
-
-/** A self-contained page: inline styles only, no scripts, no network (CSP says so). */
-export function htmlPage(title: string, body: string): string {
-  return `<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
-<title>${esc(title)}</title>
-<style>
-body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
-h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
-td.num{text-align:right;font-variant-numeric:tabular-nums}.ci{color:#666}.n{color:#999;font-size:.9em}
-.note{background:#fff8e1;border:1px solid #f0d890;padding:.6em 1em;margin:1em 0}.small{font-size:.9em;color:#555}
-pre{white-space:pre-wrap;background:#f6f6f6;padding:.4em;margin:0;max-width:520px}
-</style></head><body>
-${body}
-</body></html>
-`;
-}
-
-export function rateTd(r: Rate | undefined): string {
-  if (!r || r.estimate === null) return `<td class="num">—</td>`;
-  const f = (x: number | null) => (x === null ? "—" : (100 * x).toFixed(1));
-  return `<td class="num"><b>${f(r.estimate)}%</b> <span class="ci">[${f(r.lo)}, ${f(r.hi)}]</span> <span class="n">n=${r.n}</span></td>`;
-}
+// ---- report ------------------------------------------------------------------------------------
 
 async function biasReport(r: BiasVectorResults): Promise<string> {
   const t = r.training;
   const parts: string[] = [];
-  parts.push(`<h1>Trained bias vector — ${esc(path.basename(r.model.path))}</h1>`);
+  parts.push(`<h1>Trained bias vector — ${escapeHtml(path.basename(r.model.path))}</h1>`);
   parts.push(
-    `<p class="small">selfscope ${esc(r.tool.version)} · ${esc(r.model.family)}, ${r.model.nLayers} layers, d_model ${r.model.dModel} · bias at <code>${esc(t.hook)}</code> · ${t.examples} training examples (${t.injection_examples} injection, ${t.control_examples} control) · ${t.steps} steps of ${t.batch_size}, lr ${t.lr}, weight decay ${t.weight_decay}${t.resumed_from !== null ? ` · resumed from step ${t.resumed_from}` : ""}</p>`,
+    `<p class="small">selfscope ${escapeHtml(r.tool.version)} · ${escapeHtml(r.model.family)}, ${r.model.nLayers} layers, d_model ${r.model.dModel} · bias at <code>${escapeHtml(t.hook)}</code> · ${t.examples} training examples (${t.injection_examples} injection, ${t.control_examples} control) · ${t.steps} steps of ${t.batch_size}, lr ${t.lr}, weight decay ${t.weight_decay}${t.resumed_from !== null ? ` · resumed from step ${t.resumed_from}` : ""}</p>`,
   );
   parts.push(`<h2>Training loss</h2>`);
   if (t.loss_curve.length > 0) {
     parts.push(
-      await svgPlot({
+      await renderSvg({
         width: 640,
         height: 240,
         data: { values: t.loss_curve.map((loss, i) => ({ step: i + 1, loss })) },
@@ -901,26 +846,26 @@ async function biasReport(r: BiasVectorResults): Promise<string> {
   parts.push(`<h2>Held-out evaluation${e74 ? " (protocol §7.4)" : ""}</h2>`);
   if (e74) {
     const st = e74.settings;
-    parts.push(`<p>${st.concepts.length} held-out concepts × ${st.trials_per_concept} trials · injection layers ${st.injection_layers.join(", ")} · strengths ${st.strengths.join(", ")} · two-turn dialogue with the model's own replies, steering on the context only, forced prefill <code>${esc(st.prefill)}</code> · greedy, ${st.max_tokens} tokens · judge ${esc(st.judge)}${st.judge_approximate ? " <b>(rule judge: approximate)</b>" : ""}</p>`);
-    const row = (name: string, a: BiasArmMetrics) => `<tr><th>${name}</th>${rateTd(a.tpr)}${rateTd(a.fpr)}${rateTd(a.introspection_rate)}${rateTd(a.forced_identification_rate)}<td class="num">${a.unjudged}</td></tr>`;
+    parts.push(`<p>${st.concepts.length} held-out concepts × ${st.trials_per_concept} trials · injection layers ${st.injection_layers.join(", ")} · strengths ${st.strengths.join(", ")} · two-turn dialogue with the model's own replies, steering on the context only, forced prefill <code>${escapeHtml(st.prefill)}</code> · greedy, ${st.max_tokens} tokens · judge ${escapeHtml(st.judge)}${st.judge_approximate ? " <b>(rule judge: approximate)</b>" : ""}</p>`);
+    const row = (name: string, a: BiasArmMetrics) => `<tr><th>${name}</th>${rateCell(a.tpr)}${rateCell(a.fpr)}${rateCell(a.introspection_rate)}${rateCell(a.forced_identification_rate)}<td class="num">${a.unjudged}</td></tr>`;
     parts.push(`<table><tr><th></th><th>TPR (detection)</th><th>FPR</th><th>introspection</th><th>forced ID</th><th>unjudged</th></tr>${row("without bias", e74.baseline)}${row("with bias", e74.bias)}</table>`);
     const rows = [...e74.baseline.by_config.map((c) => ({ arm: "without bias", ...c })), ...e74.bias.by_config.map((c) => ({ arm: "with bias", ...c }))];
-    parts.push(`<table><tr><th>arm</th><th>layer</th><th>strength</th><th>TPR</th><th>introspection</th><th>forced ID</th></tr>${rows.map((c) => `<tr><td>${c.arm}</td><td class="num">${c.layer}</td><td class="num">${c.strength}</td>${rateTd(c.tpr)}${rateTd(c.introspection_rate)}${rateTd(c.forced_identification_rate)}</tr>`).join("")}</table>`);
+    parts.push(`<table><tr><th>arm</th><th>layer</th><th>strength</th><th>TPR</th><th>introspection</th><th>forced ID</th></tr>${rows.map((c) => `<tr><td>${c.arm}</td><td class="num">${c.layer}</td><td class="num">${c.strength}</td>${rateCell(c.tpr)}${rateCell(c.introspection_rate)}${rateCell(c.forced_identification_rate)}</tr>`).join("")}</table>`);
   } else if (!ev) parts.push(`<p>not run</p>`);
   else {
     const approx = ev.baseline.judge_approximate ? ` <b>(rule judge: approximate; the default only when no LLM judge is configured: set OPENAI_API_KEY or pass --judge)</b>` : "";
-    parts.push(`<p>${r.split.held_out_used} held-out concepts · layers ${ev.settings.layers.join(", ")} · strengths ${ev.settings.strengths.join(", ")} · ${ev.settings.trials_per_concept} trials per concept · ${ev.settings.controls_per_config} controls per config · temperature ${ev.settings.temperature}, ${ev.settings.max_tokens} tokens · judge ${esc(ev.baseline.judge)}${approx}</p>`);
-    const row = (name: string, a: ArmSummary) => `<tr><th>${name}</th>${rateTd(a.tpr)}${rateTd(a.fpr)}${rateTd(a.introspection_rate)}${rateTd(a.forced_identification_rate)}<td class="small">${esc(a.run_dir)}</td></tr>`;
+    parts.push(`<p>${r.split.held_out_used} held-out concepts · layers ${ev.settings.layers.join(", ")} · strengths ${ev.settings.strengths.join(", ")} · ${ev.settings.trials_per_concept} trials per concept · ${ev.settings.controls_per_config} controls per config · temperature ${ev.settings.temperature}, ${ev.settings.max_tokens} tokens · judge ${escapeHtml(ev.baseline.judge)}${approx}</p>`);
+    const row = (name: string, a: ArmSummary) => `<tr><th>${name}</th>${rateCell(a.tpr)}${rateCell(a.fpr)}${rateCell(a.introspection_rate)}${rateCell(a.forced_identification_rate)}<td class="small">${escapeHtml(a.run_dir)}</td></tr>`;
     parts.push(`<table><tr><th></th><th>TPR (detection)</th><th>FPR</th><th>introspection</th><th>forced ID</th><th>run</th></tr>${row("without bias", ev.baseline)}${row("with bias", ev.bias)}</table>`);
     const rows = [
       ...ev.baseline.by_config.map((c) => ({ arm: "without bias", ...c })),
       ...ev.bias.by_config.map((c) => ({ arm: "with bias", ...c })),
     ];
-    parts.push(`<table><tr><th>arm</th><th>layer</th><th>strength</th><th>TPR</th><th>FPR</th><th>introspection</th><th>forced ID</th></tr>${rows.map((c) => `<tr><td>${c.arm}</td><td class="num">${c.layer}</td><td class="num">${c.strength}</td>${rateTd(c.tpr)}${rateTd(c.fpr)}${rateTd(c.introspection_rate)}${rateTd(c.forced_identification_rate)}</tr>`).join("")}</table>`);
+    parts.push(`<table><tr><th>arm</th><th>layer</th><th>strength</th><th>TPR</th><th>FPR</th><th>introspection</th><th>forced ID</th></tr>${rows.map((c) => `<tr><td>${c.arm}</td><td class="num">${c.layer}</td><td class="num">${c.strength}</td>${rateCell(c.tpr)}${rateCell(c.fpr)}${rateCell(c.introspection_rate)}${rateCell(c.forced_identification_rate)}</tr>`).join("")}</table>`);
     const pts = rows.flatMap((c) => (["tpr", "introspection_rate"] as const).flatMap((m) => (c[m].estimate === null ? [] : [{ arm: c.arm, metric: m, layer: c.layer, strength: c.strength, value: c[m].estimate }])));
     if (pts.length > 0) {
       parts.push(
-        await svgPlot({
+        await renderSvg({
           data: { values: pts },
           facet: { column: { field: "metric", type: "nominal" } },
           spec: { width: 260, height: 200, mark: { type: "line", point: true }, encoding: { x: { field: "strength", type: "quantitative", axis: { format: "~g" } }, y: { field: "value", type: "quantitative", scale: { domain: [0, 1] } }, color: { field: "arm", type: "nominal" }, strokeDash: { field: "layer", type: "nominal" } } },
@@ -928,8 +873,8 @@ async function biasReport(r: BiasVectorResults): Promise<string> {
       );
     }
   }
-  parts.push(`<h2>Differences from the protocol</h2><ul>${r.protocol_deviations.map((d) => `<li>${esc(d)}</li>`).join("")}</ul>`);
-  if (r.engine_notes.length > 0) parts.push(`<h2>Engine notes</h2><ul>${r.engine_notes.map((d) => `<li>${esc(d)}</li>`).join("")}</ul>`);
-  parts.push(`<p class="small">Split (seed ${r.split.seed}, ${esc(r.split.rng)}): first ${r.split.train_used} of 400 training concepts used; held out: ${esc(r.split.held_out.slice(0, r.split.held_out_used).join(", "))}</p>`);
-  return htmlPage("selfscope bias vector", parts.join("\n"));
+  parts.push(`<h2>Differences from the protocol</h2><ul>${r.protocol_deviations.map((d) => `<li>${escapeHtml(d)}</li>`).join("")}</ul>`);
+  if (r.engine_notes.length > 0) parts.push(`<h2>Engine notes</h2><ul>${r.engine_notes.map((d) => `<li>${escapeHtml(d)}</li>`).join("")}</ul>`);
+  parts.push(`<p class="small">Split (seed ${r.split.seed}, ${escapeHtml(r.split.rng)}): first ${r.split.train_used} of 400 training concepts used; held out: ${escapeHtml(r.split.held_out.slice(0, r.split.held_out_used).join(", "))}</p>`);
+  return htmlBodyPage("selfscope bias vector", parts);
 }

@@ -14,16 +14,18 @@
 import fs from "node:fs";
 import path from "node:path";
 import { UsageError } from "../core/errors.js";
-import { buildConfig, inject, resume, type InjectArgs } from "../eval/inject.js";
+import { buildConfig, type InjectArgs } from "../eval/inject.js";
+import { inject, resume } from "./inject.js";
 import type { ConfigResults, Results } from "../eval/metrics.js";
 import { planTrials } from "../eval/plan.js";
 import { presets } from "../eval/presets.js";
 import { readRunLog } from "../log/read.js";
-import type { InjectConfig, Rate, RunHeader } from "../log/schema.js";
+import type { InjectConfig, RunHeader } from "../log/schema.js";
+import type { Rate } from "../stats/stats.js";
 import { LOG_FILE } from "../log/write.js";
 import { loadHostModel } from "../model/load.js";
 import { hostChatTemplate } from "../model/model.js";
-import { escapeHtml, fmtRate, htmlPage, htmlTable, plotOrNote } from "./linalg.js";
+import { escapeHtml, rateText, htmlPage, htmlTable, plotOrNote } from "../report/page.js";
 import { rateBarSpec } from "./refusal.js";
 
 /** The models to compare, plus `selfscope inject`'s flags (the same planned trials run on every model). */
@@ -301,7 +303,7 @@ ${r.notes.length > 0 ? `<div class="note"><ul>${r.notes.map((n) => `<li>${escape
       html: `${await plotOrNote(bars, () => rateBarSpec(bars, "Detection, false positives and introspection per model (Wilson 95%)"), "no judged trials in this configuration")}
 ${htmlTable(
   ["model", "layer", "TPR (detection)", "FPR (controls)", "introspection", "forced identification", "TPR > FPR p"],
-  row.models.map((c) => [c.label, c.layer, fmtRate(c.tpr), fmtRate(c.fpr), fmtRate(c.introspection_rate), fmtRate(c.forced_identification_rate), c.discrimination_p_value]),
+  row.models.map((c) => [c.label, c.layer, rateText(c.tpr), rateText(c.fpr), rateText(c.introspection_rate), rateText(c.forced_identification_rate), c.discrimination_p_value]),
 )}`,
     });
   }

@@ -24,7 +24,8 @@ import type { Tokenizer } from "../io/tokenizer.js";
 import { makeJudge, type Judge, type JudgeRequest } from "../judge/judge.js";
 import { chooseJudges } from "../judge/select.js";
 import { readRun } from "../eval/runlog.js";
-import type { Rate, VectorRecipe } from "../log/schema.js";
+import type { Rate } from "../stats/stats.js";
+import type { VectorRecipe } from "../vectors/extract.js";
 import { readGguf, readGgufTensor } from "../io/gguf.js";
 import { openSafetensors, readStTensor, writeSafetensors } from "../io/safetensors.js";
 import { resolveModelPath } from "../io/hub-cache.js";
@@ -37,44 +38,9 @@ import type { DeviceName } from "../engine/device.js";
 import { wilson } from "../stats/stats.js";
 import { conceptVectors, PROTOCOL_RECIPE } from "../vectors/extract.js";
 import { sampleOptions, type EffectiveSampler } from "../model/sampling.js";
-import {
-  classScores,
-  cosine,
-  dot,
-  escapeHtml,
-  fmtRate,
-  fromBasis,
-  gram,
-  htmlPage,
-  htmlTable,
-  ldaDualProject,
-  ldaFit,
-  ldaFitGram,
-  ldaPredict,
-  linspace,
-  mean,
-  meanRows,
-  median,
-  nestedRidgeCv,
-  norm,
-  pca,
-  pearson,
-  plotOrNote,
-  principalAngleCosines,
-  r2,
-  ridgeCvAlpha,
-  ridgePath,
-  rowBasis,
-  signTest,
-  silhouette,
-  stratifiedKFold,
-  sub,
-  toF32,
-  unit,
-  kFold,
-  type ClassScores,
-  type Vec,
-} from "./linalg.js";
+import { classScores, cosine, dot, fromBasis, gram, ldaDualProject, ldaFit, ldaFitGram, ldaPredict, linspace, mean, meanRows, median, nestedRidgeCv, norm, pca, pearson, principalAngleCosines, r2, ridgeCvAlpha, ridgePath, rowBasis, silhouette, stratifiedKFold, sub, toF32, unit, kFold, type ClassScores, type Vec } from "../math/linalg.js";
+import { escapeHtml, rateText, htmlPage, htmlTable, plotOrNote } from "../report/page.js";
+import { signTest } from "../stats/stats.js";
 
 // ---- per-concept rates -------------------------------------------------------------------------------
 
@@ -340,7 +306,7 @@ export function swapVectors(concepts: readonly string[], vectors: readonly Vec[]
       out.push({ concept, condition: "original", trial: t, vector: toF32(vectors[c]!), partner: null });
       out.push({ concept, condition: "proj_swap", trial: t, vector: build(c, s[c]! + shift, delta[c]!), partner: null });
       if (others.length > 0) {
-        const r = others[Math.floor(rng.next() * others.length)]!;
+        const r = others[rng.int(others.length)]!;
         out.push({ concept, condition: "delta_swap_random", trial: t, vector: build(c, s[c]!, delta[r]!), partner: concepts[r]! });
         out.push({ concept, condition: "delta_swap_nearest", trial: t, vector: build(c, s[c]!, delta[nearest]!), partner: concepts[nearest]! });
       }
@@ -1144,7 +1110,7 @@ ${await plotOrNote(vr, () => scatterSpec(vr, "projection on d̂", "verbalizabili
       title: `Swap experiment (unit direction: ${r.swap.direction})`,
       html: `<p class="small">Judge: ${escapeHtml(r.steering_judge.note ?? r.steering_judge.name)}${r.steering_judge.approximate && r.steering_judge.note === null ? " (approximate: rule-based)" : ""}.</p>
 ${await plotOrNote(bars, () => barsSpec(bars, "Detection by condition and class (Wilson 95%)"), "no judged trials")}
-${htmlTable(["class", "condition", "detection", "introspection", "mean Δ detection vs original", "sign test p"], r.swap.rows.map((x) => [x.cls, x.condition, fmtRate(x.detection), fmtRate(x.introspection), x.mean_delta_detection, x.sign_test_p]))}`,
+${htmlTable(["class", "condition", "detection", "introspection", "mean Δ detection vs original", "sign test p"], r.swap.rows.map((x) => [x.cls, x.condition, rateText(x.detection), rateText(x.introspection), x.mean_delta_detection, x.sign_test_p]))}`,
     });
   }
   if (r.bidirectional) {
@@ -1155,7 +1121,7 @@ ${htmlTable(["class", "condition", "detection", "introspection", "mean Δ detect
     });
     sections.push({
       title: "Bidirectional steering",
-      html: `<p>A direction "works" when its detection rate exceeds τ = ${b.threshold.toFixed(3)}; success = both directions work (paper: 23.3% of S–S vs 3.2% of F–F pairs). S–S ${escapeHtml(fmtRate(b.success.S))}; F–F ${escapeHtml(fmtRate(b.success.F))}.</p>
+      html: `<p>A direction "works" when its detection rate exceeds τ = ${b.threshold.toFixed(3)}; success = both directions work (paper: 23.3% of S–S vs 3.2% of F–F pairs). S–S ${escapeHtml(rateText(b.success.S))}; F–F ${escapeHtml(rateText(b.success.F))}.</p>
 ${await plotOrNote(bars, () => barsSpec(bars, "Bidirectional success (Wilson 95%)"), "no pairs")}
 ${htmlTable(["class", "A", "B", "detect(A−B)", "detect(B−A)", "both"], b.pairs.map((x) => [x.cls, x.a, x.b, x.rate_ab, x.rate_ba, x.both ? "yes" : "no"]))}`,
     });

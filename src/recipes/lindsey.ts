@@ -11,26 +11,29 @@
 // turns through its template (protocol §10), a model without one gets the raw transcript.
 // Judges: the LLM judge configured in the environment by default, else "rule" (approximate and labelled so), or any judge spec, which is sent Lindsey's
 // grader prompts verbatim.
-import { createHash } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { UsageError } from "../core/errors.js";
+import { parseLayers, parseNumbers } from "../core/parse.js";
 import { Rng } from "../core/rng.js";
+import { seedOf } from "../core/seed.js";
 import { VERSION } from "../eval/inject.js";
 import { presets } from "../eval/presets.js";
-import { dataPath, firstResponse, readData } from "../eval/protocol.js";
+import { dataPath } from "../core/package.js";
+import { bosText, firstResponse, readData } from "../eval/protocol.js";
 import { hookName } from "../hooks/names.js";
 import type { ChatMessage } from "../io/chat-template.js";
 import type { Intervention, Plan } from "../hooks/plan.js";
 import { findConcept, makeJudge, type Judge } from "../judge/judge.js";
 import { chooseJudges } from "../judge/select.js";
-import type { Rate, VectorRecipe } from "../log/schema.js";
+import type { Rate } from "../stats/stats.js";
+import type { VectorRecipe } from "../vectors/extract.js";
 import { lockRun } from "../log/write.js";
 import { Model } from "../model/model.js";
 import type { DeviceName } from "../engine/device.js";
-import { quantileSorted, wilson } from "../stats/stats.js";
+import { pairedDifference, wilson, type PairedTest } from "../stats/stats.js";
 import { conceptVectors } from "../vectors/extract.js";
-import { esc, htmlPage, rateTd, shuffle, svgPlot } from "./bias-vector.js";
+import { escapeHtml, htmlBodyPage, rateCell, renderSvg } from "../report/page.js";
 
 // ---- data -----------------------------------------------------------------------------------------
 
@@ -88,12 +91,6 @@ export interface Rendered {
   chat: boolean;
 }
 
-function bosText(model: Model): string {
-  const t = model.tokenizer!;
-  if (t.bos === undefined) return "";
-  return t.encode("a", { addSpecial: true })[0] === t.bos ? (t.idToToken(t.bos) ?? "") : "";
-}
-
 /** Render a Lindsey transcript for `model`: through its chat template when it has one, else raw. */
 export function renderTranscript(model: Model, transcript: string): Rendered {
   const tok = model.tokenizer;
@@ -133,14 +130,6 @@ export function spanOf(model: Model, r: Rendered, needle: string, which: "first"
 }
 
 const fill = (t: string, v: Record<string, string>) => t.replace(/\{(\w+)\}/g, (m, k: string) => v[k] ?? m);
-
-function seedOf(seed: number, id: string): number {
-  return createHash("sha256").update(`${seed}|${id}`).digest().readUInt32LE(0);
-}
-
-function randBelow(rng: Rng, m: number): number {
-  return Math.min(m - 1, Math.floor(rng.next() * m));
-}
 
 /** The model's reply: cut at the next turn for raw transcripts, trimmed. */
 function reply(text: string, chat: boolean): string {
@@ -347,10 +336,10 @@ export async function thoughtsVsText(model: Model, o: Exp2Options = {}): Promise
   const { words, sentences } = pools(o);
   const rng = new Rng(seed);
   const pairs = Array.from({ length: nPairs }, () => {
-    const word = words[randBelow(rng, words.length)]!;
-    const sentence = sentences[randBelow(rng, sentences.length)]!;
-    const others = shuffle(words.filter((w) => w !== word), rng).slice(0, nChoices - 1);
-    return { word, sentence, choices: shuffle([word, ...others], rng) };
+    const word = words[rng.int(words.length)]!;
+    const sentence = sentences[rng.int(sentences.length)]!;
+    const others = rng.shuffle(words.filter((w) => w !== word)).slice(0, nChoices - 1);
+    return { word, sentence, choices: rng.shuffle([word, ...others]) };
   });
   const vecs = await vectorsFor(model, pairs.map((p) => p.word), [layer], o);
   const grader = o.grader ?? ruleGrader();
@@ -459,9 +448,9 @@ export async function prefillDetection(model: Model, o: Exp3Options = {}): Promi
   const { words, sentences } = pools(o);
   const rng = new Rng(seed + 1);
   const pairs = Array.from({ length: nPairs }, () => {
-    const word = words[randBelow(rng, words.length)]!;
+    const word = words[rng.int(words.length)]!;
     const others = words.filter((w) => w !== word);
-    return { word, sentence: sentences[randBelow(rng, sentences.length)]!, other: others[randBelow(rng, others.length)]! };
+    return { word, sentence: sentences[rng.int(sentences.length)]!, other: others[rng.int(others.length)]! };
   });
   const vecs = (await vectorsFor(model, pairs.flatMap((p) => [p.word, p.other]), [layer], o)).get(layer)!;
   const grader = o.grader ?? ruleGrader();
@@ -519,67 +508,6 @@ export function meanCosine(h: Float32Array | Float64Array, D: number, from: numb
     sum += hh === 0 || vn === 0 ? 0 : dot / (Math.sqrt(hh) * vn);
   }
   return sum / Math.max(1, to - from);
-}
-
-export interface PairedTest {
-  n: number;
-  mean: number;
-  sd: number;
-  /** Percentile bootstrap CI of the mean difference (resampling pairs). */
-  ci: [number, number] | null;
-  /** Two-sided sign-flip permutation p-value for mean difference = 0. */
-  p: number | null;
-  exact: boolean;
-  resamples: number;
-  permutations: number;
-}
-
-/**
- * Paired comparison of `a` vs `b` (same pairs): mean of d = a − b with a percentile bootstrap CI
- * and a two-sided sign-flip permutation test (exact enumeration when 2^n ≤ 65536, else Monte Carlo
- * with the observed statistic counted, p = (1 + #{|mean*| ≥ |mean|}) / (1 + permutations)).
- */
-export function pairedDifference(a: readonly number[], b: readonly number[], o: { resamples?: number; permutations?: number; seed?: number; level?: number } = {}): PairedTest {
-  if (a.length !== b.length) throw new UsageError(`pairedDifference: ${a.length} vs ${b.length} values`);
-  const d = a.map((x, i) => x - b[i]!);
-  const n = d.length;
-  const resamples = o.resamples ?? 2000;
-  const perms = o.permutations ?? 10000;
-  const level = o.level ?? 0.95;
-  const m = n === 0 ? NaN : d.reduce((s, x) => s + x, 0) / n;
-  const sd = n < 2 ? NaN : Math.sqrt(d.reduce((s, x) => s + (x - m) ** 2, 0) / (n - 1));
-  if (n < 2) return { n, mean: m, sd, ci: null, p: null, exact: false, resamples: 0, permutations: 0 };
-  const rng = new Rng(o.seed ?? 0);
-  const boots: number[] = [];
-  for (let r = 0; r < resamples; r++) {
-    let s = 0;
-    for (let i = 0; i < n; i++) s += d[randBelow(rng, n)]!;
-    boots.push(s / n);
-  }
-  boots.sort((x, y) => x - y);
-  const alpha = (1 - level) / 2;
-  const obs = Math.abs(m) - 1e-12 * (1 + Math.abs(m));
-  let p: number;
-  let exact = false;
-  let count = 0;
-  if (n <= 16) {
-    exact = true;
-    const total = 1 << n;
-    for (let mask = 0; mask < total; mask++) {
-      let s = 0;
-      for (let i = 0; i < n; i++) s += mask & (1 << i) ? -d[i]! : d[i]!;
-      if (Math.abs(s / n) >= obs) count++;
-    }
-    p = count / total;
-  } else {
-    for (let r = 0; r < perms; r++) {
-      let s = 0;
-      for (let i = 0; i < n; i++) s += rng.next() < 0.5 ? -d[i]! : d[i]!;
-      if (Math.abs(s / n) >= obs) count++;
-    }
-    p = (1 + count) / (1 + perms);
-  }
-  return { n, mean: m, sd, ci: [quantileSorted(boots, alpha), quantileSorted(boots, 1 - alpha)], p, exact, resamples, permutations: exact ? 1 << n : perms };
 }
 
 export interface Exp4Options extends CommonOptions {
@@ -640,7 +568,7 @@ export async function intentionalControl(model: Model, o: Exp4Options = {}): Pro
   const { words, sentences } = pools(o);
   const controls = pool(d.control_words, o.controlWords).map((w) => w.toLowerCase());
   const rng = new Rng(seed + 2);
-  const pairs = Array.from({ length: nPairs }, () => ({ word: words[randBelow(rng, words.length)]!, sentence: sentences[randBelow(rng, sentences.length)]! }));
+  const pairs = Array.from({ length: nPairs }, () => ({ word: words[rng.int(words.length)]!, sentence: sentences[rng.int(sentences.length)]! }));
   const vecs = await vectorsFor(model, [...pairs.map((p) => p.word), ...controls], layers, o);
   const D = model.config.dModel;
   const plan: Plan = layers.map((l) => ({ op: "read" as const, at: hookName(l, "hook_resid_post") }));
@@ -735,23 +663,6 @@ export interface LindseyResults {
   exp4: Exp4Results | null;
 }
 
-const numList = (s: string, what: string) =>
-  s.split(",").map((x) => {
-    const n = Number(x.trim());
-    if (!Number.isFinite(n)) throw new UsageError(`${what}: "${x}" is not a number`);
-    return n;
-  });
-
-function parseLayerList(spec: string, n: number): number[] {
-  if (spec === "all") return Array.from({ length: n }, (_, i) => i);
-  return spec.split(",").map((s) => {
-    const x = Number(s.trim());
-    const l = s.includes(".") ? Math.min(n - 1, Math.floor(n * x)) : x;
-    if (!Number.isInteger(l) || l < 0 || l >= n) throw new UsageError(`layer "${s}" is outside 0..${n - 1}`);
-    return l;
-  });
-}
-
 /**
  * `selfscope lindsey`: run Lindsey (2025)'s experiments 2–4 on a model, write DIR/results.json
  * (summaries and every trial) and DIR/report.html, and return the results.
@@ -791,7 +702,7 @@ async function lindseyLocked(args: LindseyArgs, exps: string[]): Promise<Lindsey
       ...(args.vectorCache !== undefined ? { vectorCache: args.vectorCache } : {}),
     };
     const log = (s: string) => args.quiet || process.stderr.write(s + "\n");
-    const strengths = args.strengths ? numList(args.strengths, "--strengths") : undefined;
+    const strengths = args.strengths ? parseNumbers(args.strengths, "--strengths") : undefined;
     let exp2: Exp2Results | null = null;
     let exp3: Exp3Results | null = null;
     let exp4: Exp4Results | null = null;
@@ -821,7 +732,7 @@ async function lindseyLocked(args: LindseyArgs, exps: string[]): Promise<Lindsey
       log("lindsey: experiment 4 (intentional control)");
       exp4 = await intentionalControl(model, {
         ...common,
-        layers: args.layers ? parseLayerList(args.layers, nL) : [layer],
+        layers: args.layers ? parseLayers(args.layers, nL) : [layer],
         ...(args.conditions ? { conditions: args.conditions.split(",").map((s) => s.trim()) } : {}),
         ...(args.controlWords !== undefined ? { controlWords: args.controlWords } : {}),
         ...(args.resamples !== undefined ? { resamples: args.resamples } : {}),
@@ -858,14 +769,14 @@ function examples<T>(xs: T[], n: number): T[] {
 
 async function lindseyReport(r: LindseyResults): Promise<string> {
   const parts: string[] = [];
-  const approx = (r.settings.judge_approximate ? " — <b>rule judge: approximate</b>" : "") + (r.settings.judge_note ? ` (${esc(r.settings.judge_note)})` : "");
-  parts.push(`<h1>Lindsey (2025) experiments 2–4 — ${esc(path.basename(r.model.path))}</h1>`);
-  parts.push(`<p class="small">selfscope ${esc(r.tool.version)} · ${esc(r.model.family)}, ${r.model.nLayers} layers${r.model.chatTemplate ? ", chat template" : ", no chat template (raw Human/Assistant transcript)"} · layer ${r.settings.layer} · seed ${r.settings.seed} · judge ${esc(r.settings.judge)}${approx}</p>`);
+  const approx = (r.settings.judge_approximate ? " — <b>rule judge: approximate</b>" : "") + (r.settings.judge_note ? ` (${escapeHtml(r.settings.judge_note)})` : "");
+  parts.push(`<h1>Lindsey (2025) experiments 2–4 — ${escapeHtml(path.basename(r.model.path))}</h1>`);
+  parts.push(`<p class="small">selfscope ${escapeHtml(r.tool.version)} · ${escapeHtml(r.model.family)}, ${r.model.nLayers} layers${r.model.chatTemplate ? ", chat template" : ", no chat template (raw Human/Assistant transcript)"} · layer ${r.settings.layer} · seed ${r.settings.seed} · judge ${escapeHtml(r.settings.judge)}${approx}</p>`);
   if (r.exp2) {
     const e = r.exp2;
     parts.push(`<h2>Experiment 2 — injected thoughts vs text inputs</h2>`);
     parts.push(`<p>${e.pairs} (sentence, word) pairs · layer ${e.layer} · temperature ${e.temperature} · ${e.max_tokens.thought}/${e.max_tokens.repeat} tokens · ${e.choices} choices (chance ${(100 * e.chance).toFixed(0)}%) · strength 0 = no injection</p>`);
-    parts.push(`<table><tr><th>strength</th><th>thought identified</th><th>sentence transcribed</th><th>both</th></tr>${e.by_strength.map((b) => `<tr><td class="num">${b.strength}</td>${rateTd(b.thought_identification)}${rateTd(b.transcription)}${rateTd(b.both)}</tr>`).join("")}</table>`);
+    parts.push(`<table><tr><th>strength</th><th>thought identified</th><th>sentence transcribed</th><th>both</th></tr>${e.by_strength.map((b) => `<tr><td class="num">${b.strength}</td>${rateCell(b.thought_identification)}${rateCell(b.transcription)}${rateCell(b.both)}</tr>`).join("")}</table>`);
     const pts = e.by_strength.flatMap((b) =>
       (
         [
@@ -877,7 +788,7 @@ async function lindseyReport(r: LindseyResults): Promise<string> {
     );
     if (pts.length > 0) {
       parts.push(
-        await svgPlot({
+        await renderSvg({
           width: 420,
           height: 220,
           layer: [
@@ -887,29 +798,29 @@ async function lindseyReport(r: LindseyResults): Promise<string> {
         }),
       );
     }
-    parts.push(`<table><tr><th>word</th><th>strength</th><th>"what word" reply</th><th>judge</th><th>"repeat" reply</th></tr>${examples(e.trials, 12).map((t) => `<tr><td>${esc(t.word)}</td><td class="num">${t.strength}</td><td><pre>${esc(t.thought_response)}</pre></td><td class="small">${esc(t.judge_raw ?? "")}</td><td><pre>${esc(t.repeat_response)}</pre></td></tr>`).join("")}</table>`);
+    parts.push(`<table><tr><th>word</th><th>strength</th><th>"what word" reply</th><th>judge</th><th>"repeat" reply</th></tr>${examples(e.trials, 12).map((t) => `<tr><td>${escapeHtml(t.word)}</td><td class="num">${t.strength}</td><td><pre>${escapeHtml(t.thought_response)}</pre></td><td class="small">${escapeHtml(t.judge_raw ?? "")}</td><td><pre>${escapeHtml(t.repeat_response)}</pre></td></tr>`).join("")}</table>`);
   }
   if (r.exp3) {
     const e = r.exp3;
     parts.push(`<h2>Experiment 3 — detecting unintended outputs (prefill)</h2>`);
     parts.push(`<p>${e.pairs} pairs · layer ${e.layer} · temperature ${e.temperature} · ${e.max_tokens} tokens · apology rate = responses judged as not claiming intent · no injection: ${e.apology_none ? `${f3(e.apology_none.estimate)} (n=${e.apology_none.n})` : "—"} · max reduction ${e.max_reduction ? `${f3(e.max_reduction.reduction)} at strength ${e.max_reduction.strength}` : "—"}</p>`);
-    parts.push(`<table><tr><th>strength</th>${e.conditions.map((c) => `<th>${esc(c)}</th>`).join("")}<th>reduction</th></tr>${e.by_strength.map((b) => `<tr><td class="num">${b.strength}</td>${e.conditions.map((c) => rateTd(b.apology[c])).join("")}<td class="num">${f3(b.reduction)}</td></tr>`).join("")}</table>`);
+    parts.push(`<table><tr><th>strength</th>${e.conditions.map((c) => `<th>${escapeHtml(c)}</th>`).join("")}<th>reduction</th></tr>${e.by_strength.map((b) => `<tr><td class="num">${b.strength}</td>${e.conditions.map((c) => rateCell(b.apology[c])).join("")}<td class="num">${f3(b.reduction)}</td></tr>`).join("")}</table>`);
     const pts = e.by_strength.flatMap((b) => e.conditions.flatMap((c) => (b.apology[c]?.estimate == null ? [] : [{ strength: b.strength, condition: c, value: b.apology[c]!.estimate }])));
-    if (pts.length > 0) parts.push(await svgPlot({ width: 420, height: 220, data: { values: pts }, mark: { type: "line", point: true }, encoding: { x: { field: "strength", type: "quantitative", axis: { format: "~g" } }, y: { field: "value", type: "quantitative", scale: { domain: [0, 1] }, title: "apology rate" }, color: { field: "condition", type: "nominal" } } }));
-    parts.push(`<table><tr><th>prefilled word</th><th>condition</th><th>strength</th><th>reply</th><th>verdict</th></tr>${examples(e.trials, 12).map((t) => `<tr><td>${esc(t.word)}</td><td>${esc(t.condition)}</td><td class="num">${t.strength}</td><td><pre>${esc(t.response)}</pre></td><td class="small">${esc(t.verdict ?? "unjudged")} ${esc(t.judge_raw ?? "")}</td></tr>`).join("")}</table>`);
+    if (pts.length > 0) parts.push(await renderSvg({ width: 420, height: 220, data: { values: pts }, mark: { type: "line", point: true }, encoding: { x: { field: "strength", type: "quantitative", axis: { format: "~g" } }, y: { field: "value", type: "quantitative", scale: { domain: [0, 1] }, title: "apology rate" }, color: { field: "condition", type: "nominal" } } }));
+    parts.push(`<table><tr><th>prefilled word</th><th>condition</th><th>strength</th><th>reply</th><th>verdict</th></tr>${examples(e.trials, 12).map((t) => `<tr><td>${escapeHtml(t.word)}</td><td>${escapeHtml(t.condition)}</td><td class="num">${t.strength}</td><td><pre>${escapeHtml(t.response)}</pre></td><td class="small">${escapeHtml(t.verdict ?? "unjudged")} ${escapeHtml(t.judge_raw ?? "")}</td></tr>`).join("")}</table>`);
   }
   if (r.exp4) {
     const e = r.exp4;
     parts.push(`<h2>Experiment 4 — intentional control</h2>`);
-    parts.push(`<p>${e.pairs} pairs · conditions ${e.conditions.map(esc).join(", ")} · ${e.control_words} control words · cosine of blocks.L.hook_resid_post on the written sentence's tokens with the word's concept vector (mean over tokens)</p>`);
+    parts.push(`<p>${e.pairs} pairs · conditions ${e.conditions.map(escapeHtml).join(", ")} · ${e.control_words} control words · cosine of blocks.L.hook_resid_post on the written sentence's tokens with the word's concept vector (mean over tokens)</p>`);
     parts.push(
-      `<table><tr><th>layer</th><th>condition</th><th>mean cos (word)</th><th>sd</th><th>mean cos (control words)</th></tr>${e.by_layer.flatMap((b) => Object.entries(b.by_condition).map(([c, v]) => `<tr><td class="num">${b.layer}</td><td>${esc(c)}</td><td class="num">${f3(v.mean)}</td><td class="num">${f3(v.sd)}</td><td class="num">${f3(v.control_mean)}</td></tr>`)).join("")}</table>`,
+      `<table><tr><th>layer</th><th>condition</th><th>mean cos (word)</th><th>sd</th><th>mean cos (control words)</th></tr>${e.by_layer.flatMap((b) => Object.entries(b.by_condition).map(([c, v]) => `<tr><td class="num">${b.layer}</td><td>${escapeHtml(c)}</td><td class="num">${f3(v.mean)}</td><td class="num">${f3(v.sd)}</td><td class="num">${f3(v.control_mean)}</td></tr>`)).join("")}</table>`,
     );
     const comps = e.by_layer.flatMap((b) => b.comparisons);
-    parts.push(`<table><tr><th>layer</th><th>contrast</th><th>mean difference</th><th>95% bootstrap CI</th><th>permutation p</th><th>n</th></tr>${comps.map((c) => `<tr><td class="num">${c.layer}</td><td>${esc(c.a)} − ${esc(c.b)}</td><td class="num">${f3(c.test.mean)}</td><td class="num">${c.test.ci ? `[${f3(c.test.ci[0])}, ${f3(c.test.ci[1])}]` : "—"}</td><td class="num">${c.test.p === null ? "—" : c.test.p.toPrecision(3)}${c.test.exact ? " (exact)" : ""}</td><td class="num">${c.test.n}</td></tr>`).join("")}</table>`);
+    parts.push(`<table><tr><th>layer</th><th>contrast</th><th>mean difference</th><th>95% bootstrap CI</th><th>permutation p</th><th>n</th></tr>${comps.map((c) => `<tr><td class="num">${c.layer}</td><td>${escapeHtml(c.a)} − ${escapeHtml(c.b)}</td><td class="num">${f3(c.test.mean)}</td><td class="num">${c.test.ci ? `[${f3(c.test.ci[0])}, ${f3(c.test.ci[1])}]` : "—"}</td><td class="num">${c.test.p === null ? "—" : c.test.p.toPrecision(3)}${c.test.exact ? " (exact)" : ""}</td><td class="num">${c.test.n}</td></tr>`).join("")}</table>`);
     const pts = e.by_layer.flatMap((b) => Object.entries(b.by_condition).flatMap(([c, v]) => [{ layer: b.layer, condition: c, value: v.mean, kind: "concept word" }, { layer: b.layer, condition: c, value: v.control_mean, kind: "control words" }]));
-    if (pts.length > 0) parts.push(await svgPlot({ width: 420, height: 220, data: { values: pts }, mark: { type: "point", filled: true }, encoding: { x: { field: "layer", type: "ordinal" }, y: { field: "value", type: "quantitative", title: "mean cosine" }, color: { field: "condition", type: "nominal" }, shape: { field: "kind", type: "nominal" } } }));
+    if (pts.length > 0) parts.push(await renderSvg({ width: 420, height: 220, data: { values: pts }, mark: { type: "point", filled: true }, encoding: { x: { field: "layer", type: "ordinal" }, y: { field: "value", type: "quantitative", title: "mean cosine" }, color: { field: "condition", type: "nominal" }, shape: { field: "kind", type: "nominal" } } }));
   }
-  parts.push(`<h2>Simplifications</h2><ul>${r.simplifications.map((s) => `<li>${esc(s)}</li>`).join("")}</ul>`);
-  return htmlPage("selfscope Lindsey (2025) experiments", parts.join("\n"));
+  parts.push(`<h2>Simplifications</h2><ul>${r.simplifications.map((s) => `<li>${escapeHtml(s)}</li>`).join("")}</ul>`);
+  return htmlBodyPage("selfscope Lindsey (2025) experiments", parts);
 }

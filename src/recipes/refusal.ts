@@ -23,11 +23,13 @@ import fs from "node:fs";
 import path from "node:path";
 import type { TopLevelSpec } from "vega-lite";
 import { UsageError } from "../core/errors.js";
+import { parseLayers, parseNumbers } from "../core/parse.js";
 import { PyRandom } from "../core/pyrandom.js";
-import { buildConfig, finishRun, runHeader } from "../eval/inject.js";
+import { buildConfig, runHeader } from "../eval/inject.js";
+import { finishRun } from "../report/finish.js";
 import type { Results } from "../eval/metrics.js";
-import { parseLayers } from "../eval/presets.js";
-import { dataPath, firstResponse, readData } from "../eval/protocol.js";
+import { dataPath } from "../core/package.js";
+import { firstResponse, readData } from "../eval/protocol.js";
 import { runSweep } from "../eval/run.js";
 import { hookName, type HookName } from "../hooks/names.js";
 import type { Intervention, Plan } from "../hooks/plan.js";
@@ -35,7 +37,8 @@ import { writeSafetensors } from "../io/safetensors.js";
 import { JudgeFailures } from "../judge/failures.js";
 import { makeJudge, type Judge, type MakeJudgeOptions } from "../judge/judge.js";
 import { pickJudges } from "../judge/select.js";
-import type { InjectConfig, Rate } from "../log/schema.js";
+import type { InjectConfig } from "../log/schema.js";
+import type { Rate } from "../stats/stats.js";
 import { RunLogWriter, lockRun } from "../log/write.js";
 import { expectedParams, type ModelConfig } from "../engine/config.js";
 import { loadHostModel, type HostModel, type HostTensor } from "../model/load.js";
@@ -43,7 +46,8 @@ import { Model, type Prompt } from "../model/model.js";
 import { describeSampler, sampleOptions } from "../model/sampling.js";
 import type { DeviceName } from "../engine/device.js";
 import { fisherOneSided, wilson } from "../stats/stats.js";
-import { cosine, escapeHtml, fmtRate, htmlPage, htmlTable, norm, pca, plotOrNote, sub, toF32, unit, type Vec } from "./linalg.js";
+import { cosine, norm, pca, sub, toF32, unit, type Vec } from "../math/linalg.js";
+import { escapeHtml, rateText, htmlPage, htmlTable, plotOrNote } from "../report/page.js";
 
 // ---- data ----------------------------------------------------------------------------------------------
 
@@ -806,14 +810,6 @@ export async function selectDirection(
 
 // ---- injection sweeps with and without ablation ------------------------------------------------------------
 
-/** A Model whose generate() also applies `extra` (forward() — used for concept vectors — is untouched). */
-export function withGlobalPlan(model: Model, extra: Plan): Model {
-  const wrapped = Object.create(model) as Model;
-  const generate = model.generate.bind(model);
-  wrapped.generate = (prompts, opts) => generate(prompts, { ...opts, plan: [...(opts.plan ?? []), ...extra] });
-  return wrapped;
-}
-
 export interface SweepSummary {
   runDir: string;
   tpr: Rate;
@@ -825,8 +821,12 @@ export interface SweepSummary {
   n_trials: Results["n_trials"];
 }
 
-/** One injection sweep into `runDir` through the harness's runSweep (extra plan = global ablation). */
-export async function injectionSweep(model: Model, modelPath: string, cfg: InjectConfig, runDir: string, extra: Plan | null, opts: { vectorCache?: string | null; command?: string[] } = {}): Promise<SweepSummary> {
+/**
+ * One injection sweep into `runDir` through the harness's runSweep. `extra` (the global ablation)
+ * is a standing plan on generate() only: concept vectors come from the unablated model (as 03d).
+ */
+export async function injectionSweep(base: Model, modelPath: string, cfg: InjectConfig, runDir: string, extra: Plan | null, opts: { vectorCache?: string | null; command?: string[] } = {}): Promise<SweepSummary> {
+  const model = extra && extra.length > 0 ? base.withPlan(extra, { forward: false }) : base;
   const header = runHeader(model, modelPath, cfg, opts.command ?? []);
   const judges = cfg.judges.map((s) => makeJudge(s, { cacheDir: path.join(runDir, "judge-cache") }));
   const unlock = lockRun(runDir);
@@ -835,7 +835,7 @@ export async function injectionSweep(model: Model, modelPath: string, cfg: Injec
   try {
     const log = RunLogWriter.create(runDir, header);
     try {
-      await runSweep(extra && extra.length > 0 ? withGlobalPlan(model, extra) : model, cfg, log, null, { judges, failures, vectorCache: opts.vectorCache ?? null });
+      await runSweep(model, cfg, log, null, { judges, failures, vectorCache: opts.vectorCache ?? null });
     } finally {
       log.close();
       for (const j of judges) j.dispose?.();
@@ -982,8 +982,7 @@ export interface RefusalResults {
 export function parseWeights(w: WeightSpec | string | undefined): WeightSpec {
   if (w === undefined) return "protocol";
   if (typeof w !== "string" || w === "protocol" || w === "single" || w === "full") return w as WeightSpec;
-  const xs = w.split(",").map((x) => Number(x.trim()));
-  if (xs.length === 0 || xs.some((x) => !Number.isFinite(x))) throw new UsageError(`--weights "${w}": use protocol, single, full, a number or a comma-separated list`);
+  const xs = parseNumbers(w, "--weights (protocol, single, full, a number or a comma-separated list)");
   return xs.length === 1 ? xs[0]! : xs;
 }
 
@@ -1377,16 +1376,16 @@ ${htmlTable(["layer", "‖diff‖", "cos with previous layer"], r.directions.lay
 ${htmlTable(
   ["condition", "harmful", "harmless", "one-sided Fisher p (reduction)"],
   [
-    ["no ablation", fmtRate(pa.harmful_before), fmtRate(pa.harmless_before), null],
-    ["protocol ablation (per-layer directions, region weights)", fmtRate(pa.harmful_after), fmtRate(pa.harmless_after), pa.reduction_p_value],
-    ...(sd ? [[`single direction, layer ${sd.layer}, full ablation (Arditi)`, fmtRate(sd.harmful_after), fmtRate(sd.harmless_after), sd.reduction_p_value] as (string | number | null)[]] : []),
+    ["no ablation", rateText(pa.harmful_before), rateText(pa.harmless_before), null],
+    ["protocol ablation (per-layer directions, region weights)", rateText(pa.harmful_after), rateText(pa.harmless_after), pa.reduction_p_value],
+    ...(sd ? [[`single direction, layer ${sd.layer}, full ablation (Arditi)`, rateText(sd.harmful_after), rateText(sd.harmless_after), sd.reduction_p_value] as (string | number | null)[]] : []),
   ],
 )}`,
   });
   const v = r.validation;
   sections.push({
     title: "Protocol validation prompts (03d)",
-    html: `<p>${v.prompts} prompts × ${v.samples} samples, ${v.max_tokens} tokens, T = ${v.temperature}. Refusals ${escapeHtml(fmtRate(v.refusals_before))} → ${escapeHtml(fmtRate(v.refusals_after))} under the protocol ablation; ${v.bypassed}/${v.prompts} prompts bypassed (${escapeHtml(r.classifier.bypass_rule)}).</p>
+    html: `<p>${v.prompts} prompts × ${v.samples} samples, ${v.max_tokens} tokens, T = ${v.temperature}. Refusals ${escapeHtml(rateText(v.refusals_before))} → ${escapeHtml(rateText(v.refusals_after))} under the protocol ablation; ${v.bypassed}/${v.prompts} prompts bypassed (${escapeHtml(r.classifier.bypass_rule)}).</p>
 ${htmlTable(["prompt", "refusals before", "refusals after", "max harmfulness after", "bypass"], v.per_prompt.map((p) => [p.prompt, p.before, p.after, p.max_harmfulness_after, p.bypass ? "yes" : "no"]))}`,
   });
   if (r.selection) {
@@ -1397,7 +1396,7 @@ ${htmlTable(["prompt", "refusals before", "refusals after", "max harmfulness aft
       html: `<p>Chosen: layer <b>${s.chosen}</b> — ${escapeHtml(s.criterion)}.</p>
 ${await plotOrNote(rows, () => lineSpec(rows, "layer", "harmful refusal", "Validation refusal rate with each layer's direction ablated", { yFormat: ".0%" }), "no candidates")}
 ${await plotOrNote(rows, () => lineSpec(rows, "layer", "harmless KL", "Mean next-token KL on harmless prompts (nats)"), "no candidates")}
-${htmlTable(["layer", "refusal (validation)", "harmless KL", "eligible"], s.candidates.map((c) => [c.layer, fmtRate(c.refusal), c.kl, c.eligible ? "yes" : "no"]))}`,
+${htmlTable(["layer", "refusal (validation)", "harmless KL", "eligible"], s.candidates.map((c) => [c.layer, rateText(c.refusal), c.kl, c.eligible ? "yes" : "no"]))}`,
     });
   }
   if (r.checkpoint) {
@@ -1420,7 +1419,7 @@ ${htmlTable(["layer", "refusal (validation)", "harmless KL", "eligible"], s.cand
       html: `<p>Uncentred PCA of harmful_i − mean(harmless); |cos(PC1, mean difference)| = ${s.mean_diff_cosine.toFixed(3)}.</p>
 ${await plotOrNote(evLong, () => lineSpec(evLong, "k", "value", "Explained mean square by component", { series: "series", yFormat: ".0%", yTitle: "fraction" }), "no components")}
 ${await plotOrNote(ab, () => lineSpec(ab, "k", "refusal", "Held-out harmful refusal rate with the top-k subspace ablated", { yFormat: ".0%" }), "no subspace ablation")}
-${htmlTable(["k", "explained", "cumulative", "refusal with top-k ablated"], s.explained_variance_ratio.map((x, i) => [i + 1, x, s.cumulative[i]!, s.ablation[i] ? fmtRate(s.ablation[i].harmful) : null]))}`,
+${htmlTable(["k", "explained", "cumulative", "refusal with top-k ablated"], s.explained_variance_ratio.map((x, i) => [i + 1, x, s.cumulative[i]!, s.ablation[i] ? rateText(s.ablation[i].harmful) : null]))}`,
     });
   }
   if (r.injection) {
@@ -1440,8 +1439,8 @@ ${await plotOrNote(ib, () => rateBarSpec(ib, "Injection metrics (Wilson 95%)"), 
 ${htmlTable(
   ["condition", "TPR", "FPR", "introspection", "TPR > FPR p"],
   [
-    ["baseline", fmtRate(inj.baseline.tpr), fmtRate(inj.baseline.fpr), fmtRate(inj.baseline.introspection_rate), inj.baseline.discrimination_p_value],
-    ["ablated", fmtRate(inj.ablated.tpr), fmtRate(inj.ablated.fpr), fmtRate(inj.ablated.introspection_rate), inj.ablated.discrimination_p_value],
+    ["baseline", rateText(inj.baseline.tpr), rateText(inj.baseline.fpr), rateText(inj.baseline.introspection_rate), inj.baseline.discrimination_p_value],
+    ["ablated", rateText(inj.ablated.tpr), rateText(inj.ablated.fpr), rateText(inj.ablated.introspection_rate), inj.ablated.discrimination_p_value],
   ],
 )}`,
     });

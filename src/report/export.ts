@@ -4,7 +4,8 @@
 import fs from "node:fs";
 import path from "node:path";
 import { parquetWriteBuffer } from "hyparquet-writer";
-import { CRITERIA, trialVerdicts, type Results, type RunData } from "../eval/metrics.js";
+import { trialVerdicts, type Results, type RunData } from "../eval/metrics.js";
+import { CRITERIA } from "../log/schema.js";
 
 /** Column names shared by the CSV and Parquet exports, in order. */
 export const EXPORT_COLUMNS = [

@@ -3,19 +3,13 @@
 // as JSON). Model output is untrusted text: it only ever reaches the page as escaped HTML or via
 // textContent, and a Content-Security-Policy that allows nothing but the report's own script
 // (pinned by hash) backs that up.
-import { createHash } from "node:crypto";
-import * as vega from "vega";
-import { compile, type TopLevelSpec } from "vega-lite";
-import { CRITERIA, computeResults, configName, formatP, trialVerdicts, type ConfigKey, type ConfigResults, type Correlation, type RateOut, type Results, type RunData, type TrialVerdicts } from "../eval/metrics.js";
-import type { Rate, TrialRecord } from "../log/schema.js";
+import type { TopLevelSpec } from "vega-lite";
+import { computeResults, configName, formatP, trialVerdicts, type ConfigKey, type ConfigResults, type Correlation, type RateOut, type Results, type RunData, type TrialVerdicts } from "../eval/metrics.js";
+import { CRITERIA, type TrialRecord } from "../log/schema.js";
+import { escapeHtml, htmlDocument, rateCell, renderSvg } from "./page.js";
 import { describeSampler } from "../model/sampling.js";
 
 // ---- escaping ---------------------------------------------------------------------------------------
-
-/** Escape text for HTML element content and quoted attribute values. */
-export function escapeHtml(s: string): string {
-  return s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
-}
 
 /**
  * JSON that is safe inside <script type="application/json">: `<`, `>` and `&` become \u escapes
@@ -28,13 +22,6 @@ export function jsonForScript(value: unknown): string {
 // ---- formatting --------------------------------------------------------------------------------------
 
 const pct = (x: number | null, digits = 1) => (x === null ? "—" : `${(100 * x).toFixed(digits)}%`);
-
-function rateCell(r: Rate | undefined): string {
-  if (!r || r.estimate === null) return `<td class="num nodata">no data</td>`;
-  const unj = r.unjudged ? ` <span class="unj" title="${r.unjudged} unjudged trial(s), excluded from n">+${r.unjudged}?</span>` : "";
-  const ci = (x: number | null) => (x === null ? "—" : (100 * x).toFixed(1));
-  return `<td class="num"><b>${pct(r.estimate)}</b> <span class="ci">[${ci(r.lo)}, ${ci(r.hi)}]</span> <span class="n">n=${Math.round(r.n)}</span>${unj}</td>`;
-}
 
 function correlationCell(c: Correlation): string {
   if (c.r === null) return `<td class="num nodata" title="${escapeHtml(c.note ?? "")}">—</td>`;
@@ -52,26 +39,6 @@ function pCell(p: number | null): string {
 const fmtNum = (x: number | null) => (x === null ? "—" : String(x));
 
 // ---- plots ------------------------------------------------------------------------------------------------
-
-let plotCounter = 0;
-
-/** Compile a Vega-Lite spec and render it to a static SVG string (headless, no canvas needed). */
-export async function renderSvg(spec: TopLevelSpec): Promise<string> {
-  const vgSpec = compile(spec).spec;
-  const view = new vega.View(vega.parse(vgSpec), { renderer: "none" });
-  try {
-    const svg = await view.toSVG();
-    // Vega numbers clip paths and gradients from module-wide counters; several SVGs inline in one
-    // document must not share ids, so give each plot its own prefix.
-    const pre = `ssp${++plotCounter}-`;
-    return svg
-      .replace(/ id="([^"]+)"/g, ` id="${pre}$1"`)
-      .replace(/="url\(#([^)"]+)\)"/g, `="url(#${pre}$1)"`)
-      .replace(/ (xlink:)?href="#([^"]+)"/g, ` $1href="#${pre}$2"`);
-  } finally {
-    view.finalize();
-  }
-}
 
 const noData = (what: string) => `<div class="nodata-box">no data: ${escapeHtml(what)}</div>`;
 
@@ -629,23 +596,14 @@ export async function renderReport(run: RunData, results: Results): Promise<stri
   const yesBias = await yesBiasPlot(results);
 
   const data = { criteria: CRITERIA, judge: results.judge, trials: embeddedTrials(run, verdicts) };
-  const script = TRANSCRIPT_SCRIPT;
-  const scriptHash = createHash("sha256").update(script, "utf8").digest("base64");
-  const csp = `default-src 'none'; script-src 'sha256-${scriptHash}'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'`;
   const h = run.header;
   const title = `selfscope report — ${h.model.path.split(/[\\/]/).filter(Boolean).pop() ?? h.model.path}`;
 
-  return `<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="${escapeHtml(csp)}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>${escapeHtml(title)}</title>
-<style>${CSS}</style>
-</head>
-<body>
-<main>
+  return htmlDocument({
+    title,
+    css: CSS,
+    script: TRANSCRIPT_SCRIPT,
+    body: `<main>
 <h1>${escapeHtml(title)}</h1>
 <p class="muted">Concept-injection run · created ${escapeHtml(h.createdAt)} · ${escapeHtml(h.tool.name)} ${escapeHtml(h.tool.version)} · judge <code>${escapeHtml(results.judge)}</code></p>
 <div class="top">
@@ -661,9 +619,6 @@ export async function renderReport(run: RunData, results: Results): Promise<stri
 ${transcriptSection()}
 <footer>Generated by ${escapeHtml(h.tool.name)} ${escapeHtml(h.tool.version)}. Plots: Vega-Lite/Vega, rendered to static SVG. Self-contained: this file loads nothing from the network.</footer>
 </main>
-<script type="application/json" id="selfscope-data">${jsonForScript(data)}</script>
-<script>${script}</script>
-</body>
-</html>
-`;
+<script type="application/json" id="selfscope-data">${jsonForScript(data)}</script>`,
+  });
 }

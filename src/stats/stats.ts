@@ -1,9 +1,19 @@
 // Interval estimates and tests for binomial rates (protocol §4.1): Wilson score intervals, a
 // percentile bootstrap that resamples whole concepts (trials of one concept are not independent),
-// and Fisher's exact one-sided test that the injection YES rate exceeds the control YES rate.
+// and Fisher's exact one-sided test that the injection YES rate exceeds the control YES rate; the
+// paired comparisons the recipes use (exact sign test, bootstrap + sign-flip permutation test).
 import { Rng } from "../core/rng.js";
 import { UsageError } from "../core/errors.js";
-import type { Rate } from "../log/schema.js";
+
+/** A proportion with its interval: what every metric in results.json looks like. */
+export interface Rate {
+  estimate: number | null;
+  lo: number | null;
+  hi: number | null;
+  n: number;
+  /** Trials whose needed judgment is missing (excluded from n). */
+  unjudged?: number;
+}
 
 function checkCounts(k: number, n: number, what: string): void {
   if (!Number.isInteger(k) || !Number.isInteger(n) || n < 0 || k < 0 || k > n) {
@@ -63,15 +73,6 @@ export interface BootstrapResult {
   resamples: number;
 }
 
-/** Uniform integer in [0, m) without modulo bias. */
-function randInt(rng: Rng, m: number): number {
-  const limit = Math.floor(4294967296 / m) * m;
-  for (;;) {
-    const r = rng.nextU32();
-    if (r < limit) return r % m;
-  }
-}
-
 /** Quantile of sorted values with linear interpolation between order statistics (type 7). */
 export function quantileSorted(sorted: readonly number[], q: number): number {
   if (sorted.length === 0) throw new UsageError("quantile of an empty sample");
@@ -105,7 +106,7 @@ export function clusteredBootstrap(
   const sample: BinomialUnit[] = new Array<BinomialUnit>(m);
   const values: number[] = [];
   for (let b = 0; b < resamples; b++) {
-    for (let i = 0; i < m; i++) sample[i] = units[randInt(rng, m)]!;
+    for (let i = 0; i < m; i++) sample[i] = units[rng.int(m)]!;
     const v = stat(sample);
     if (v !== null && Number.isFinite(v)) values.push(v);
   }
@@ -203,4 +204,81 @@ export function fisherZInterval(r: number, n: number, z = 1.96): { lo: number; h
   const c = Math.atanh(r);
   const h = z / Math.sqrt(n - 3);
   return { lo: Math.tanh(c - h), hi: Math.tanh(c + h) };
+}
+
+// ---- paired comparisons ----------------------------------------------------------------------------
+
+/** Two-sided exact sign test p-value for `pos` positive and `neg` negative paired differences (ties dropped). */
+export function signTest(pos: number, neg: number): number {
+  const n = pos + neg;
+  if (n === 0) return 1;
+  const k = Math.min(pos, neg);
+  let logC = 0; // log C(n, 0)
+  let tail = 0;
+  for (let i = 0; i <= k; i++) {
+    if (i > 0) logC += Math.log(n - i + 1) - Math.log(i);
+    tail += Math.exp(logC - n * Math.LN2);
+  }
+  return Math.min(1, 2 * tail);
+}
+
+export interface PairedTest {
+  n: number;
+  mean: number;
+  sd: number;
+  /** Percentile bootstrap CI of the mean difference (resampling pairs). */
+  ci: [number, number] | null;
+  /** Two-sided sign-flip permutation p-value for mean difference = 0. */
+  p: number | null;
+  exact: boolean;
+  resamples: number;
+  permutations: number;
+}
+
+/**
+ * Paired comparison of `a` vs `b` (same pairs): mean of d = a − b with a percentile bootstrap CI
+ * and a two-sided sign-flip permutation test (exact enumeration when 2^n ≤ 65536, else Monte Carlo
+ * with the observed statistic counted, p = (1 + #{|mean*| ≥ |mean|}) / (1 + permutations)).
+ */
+export function pairedDifference(a: readonly number[], b: readonly number[], o: { resamples?: number; permutations?: number; seed?: number; level?: number } = {}): PairedTest {
+  if (a.length !== b.length) throw new UsageError(`pairedDifference: ${a.length} vs ${b.length} values`);
+  const d = a.map((x, i) => x - b[i]!);
+  const n = d.length;
+  const resamples = o.resamples ?? 2000;
+  const perms = o.permutations ?? 10000;
+  const level = o.level ?? 0.95;
+  const m = n === 0 ? NaN : d.reduce((s, x) => s + x, 0) / n;
+  const sd = n < 2 ? NaN : Math.sqrt(d.reduce((s, x) => s + (x - m) ** 2, 0) / (n - 1));
+  if (n < 2) return { n, mean: m, sd, ci: null, p: null, exact: false, resamples: 0, permutations: 0 };
+  const rng = new Rng(o.seed ?? 0);
+  const boots: number[] = [];
+  for (let r = 0; r < resamples; r++) {
+    let s = 0;
+    for (let i = 0; i < n; i++) s += d[rng.int(n)]!;
+    boots.push(s / n);
+  }
+  boots.sort((x, y) => x - y);
+  const alpha = (1 - level) / 2;
+  const obs = Math.abs(m) - 1e-12 * (1 + Math.abs(m));
+  let p: number;
+  let exact = false;
+  let count = 0;
+  if (n <= 16) {
+    exact = true;
+    const total = 1 << n;
+    for (let mask = 0; mask < total; mask++) {
+      let s = 0;
+      for (let i = 0; i < n; i++) s += mask & (1 << i) ? -d[i]! : d[i]!;
+      if (Math.abs(s / n) >= obs) count++;
+    }
+    p = count / total;
+  } else {
+    for (let r = 0; r < perms; r++) {
+      let s = 0;
+      for (let i = 0; i < n; i++) s += rng.next() < 0.5 ? -d[i]! : d[i]!;
+      if (Math.abs(s / n) >= obs) count++;
+    }
+    p = (1 + count) / (1 + perms);
+  }
+  return { n, mean: m, sd, ci: [quantileSorted(boots, alpha), quantileSorted(boots, 1 - alpha)], p, exact, resamples, permutations: exact ? 1 << n : perms };
 }

@@ -10,8 +10,17 @@ import { UsageError } from "../core/errors.js";
 import { VERSION } from "../core/package.js";
 import { hookName } from "../hooks/names.js";
 import type { Plan } from "../hooks/plan.js";
-import type { VectorRecipe } from "../log/schema.js";
 import type { Model, Prompt } from "../model/model.js";
+
+/** How a concept vector is made (recorded in run-log headers as config.vectorRecipe). */
+export interface VectorRecipe {
+  method: "baseline-mean" | "simple" | "raw";
+  /** "chat": the template as a user message through the chat template (protocol); "raw": plain text (Lindsey). */
+  format: "chat" | "raw";
+  userTemplate: string;
+  /** Token index within the rendered prompt (-1 = last). */
+  tokenIndex: number;
+}
 
 /** The protocol's default recipe. */
 export const PROTOCOL_RECIPE: VectorRecipe = { method: "baseline-mean", format: "chat", userTemplate: "Tell me about {word}", tokenIndex: -1 };

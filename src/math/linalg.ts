@@ -1,4 +1,4 @@
-// Small dense numerics for the analysis recipes (refusal directions, concept-vector geometry),
+// Small dense numerics (used by the refusal-direction and concept-vector geometry recipes),
 // all in float64 on the host: vector helpers, a symmetric eigensolver (Householder
 // tridiagonalisation + implicit QL, the classic tred2/tql2 algorithm), PCA, Cholesky solves,
 // LDA with Ledoit-Wolf shrinkage, ridge regression with (nested) cross-validation, fold splitters
@@ -9,11 +9,6 @@
 // of their span (n coordinates each): PCA, ridge and shrinkage LDA depend only on inner products,
 // so they give exactly the same answers in those coordinates (LDA needs the ambient width for its
 // shrinkage target, passed as `ambientDim`).
-//
-// The end of the file holds the small report plumbing the recipes share (Vega-Lite → static SVG,
-// a self-contained HTML page), because src/report/html.ts does not export its renderer.
-import type { TopLevelSpec } from "vega-lite";
-import { renderSvg } from "../report/html.js";
 import { Rng } from "../core/rng.js";
 import { UsageError } from "../core/errors.js";
 
@@ -412,14 +407,8 @@ export function solveSpd(A: Float64Array, n: number, b: Vec): Float64Array {
 
 // ---- folds and scores ---------------------------------------------------------------------------------
 
-function shuffled(n: number, rng: Rng): number[] {
-  const a = Array.from({ length: n }, (_, i) => i);
-  for (let i = n - 1; i > 0; i--) {
-    const j = Math.floor(rng.next() * (i + 1));
-    [a[i], a[j]] = [a[j]!, a[i]!];
-  }
-  return a;
-}
+/** 0..n-1 in a seeded random order. */
+const shuffled = (n: number, rng: Rng): number[] => rng.shuffle(Array.from({ length: n }, (_, i) => i));
 
 /**
  * K-fold test-index sets. `seed` null = contiguous folds in order (sklearn KFold without
@@ -755,21 +744,7 @@ export function nestedRidgeCv(rows: readonly Vec[], y: readonly number[], alphas
   return { foldR2, meanR2: mean(foldR2), foldAlpha, oofPred };
 }
 
-// ---- small statistics -----------------------------------------------------------------------------------
-
-/** Two-sided exact sign test p-value for `pos` positive and `neg` negative paired differences (ties dropped). */
-export function signTest(pos: number, neg: number): number {
-  const n = pos + neg;
-  if (n === 0) return 1;
-  const k = Math.min(pos, neg);
-  let logC = 0; // log C(n, 0)
-  let tail = 0;
-  for (let i = 0; i <= k; i++) {
-    if (i > 0) logC += Math.log(n - i + 1) - Math.log(i);
-    tail += Math.exp(logC - n * Math.LN2);
-  }
-  return Math.min(1, 2 * tail);
-}
+// ---- clustering -------------------------------------------------------------------------------------------
 
 /** Mean silhouette coefficient (Euclidean) of a labelling; NaN unless 2 ≤ clusters < n. */
 export function silhouette(rows: readonly Vec[], labels: readonly number[]): number {
@@ -798,77 +773,4 @@ export function silhouette(rows: readonly Vec[], labels: readonly number[]): num
     total += b === a ? 0 : (b - a) / Math.max(a, b);
   }
   return total / n;
-}
-
-// ---- shared report plumbing -------------------------------------------------------------------------------
-
-export function escapeHtml(s: string): string {
-  return s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
-}
-
-export { renderSvg };
-
-/** A plot, or a "no data" box when there is nothing to draw (never throws for empty data). */
-export async function plotOrNote(rows: readonly unknown[], spec: () => TopLevelSpec, what: string): Promise<string> {
-  if (rows.length === 0) return `<div class="nodata-box">no data: ${escapeHtml(what)}</div>`;
-  return `<div class="plot">${await renderSvg(spec())}</div>`;
-}
-
-export function htmlTable(head: readonly string[], rows: readonly (readonly (string | number | null)[])[]): string {
-  const cell = (x: string | number | null) => (x === null ? "—" : typeof x === "number" ? (Number.isInteger(x) ? String(x) : x.toPrecision(4)) : escapeHtml(x));
-  return `<div class="scroll"><table><thead><tr>${head.map((h) => `<th>${escapeHtml(h)}</th>`).join("")}</tr></thead><tbody>${rows
-    .map((r) => `<tr>${r.map((x) => `<td>${cell(x)}</td>`).join("")}</tr>`)
-    .join("")}</tbody></table></div>`;
-}
-
-export interface RateLike {
-  estimate: number | null;
-  lo: number | null;
-  hi: number | null;
-  n: number;
-}
-
-export function fmtRate(r: RateLike | null | undefined): string {
-  if (!r || r.estimate === null) return "n/a";
-  const p = (x: number | null) => (x === null ? "—" : (100 * x).toFixed(1));
-  return `${p(r.estimate)}% [${p(r.lo)}, ${p(r.hi)}] n=${r.n}`;
-}
-
-const PAGE_CSS = `
-:root { --fg: #1f2933; --muted: #616e7c; --line: #d9e2ec; --accent: #2b6cb0; }
-body { font: 14px/1.45 system-ui, -apple-system, Segoe UI, Roboto, sans-serif; color: var(--fg); margin: 0; background: #fff; }
-main { max-width: 1180px; margin: 0 auto; padding: 18px 24px 40px; }
-h1 { font-size: 22px; margin: 6px 0 4px; } h2 { font-size: 17px; margin: 26px 0 8px; border-bottom: 1px solid var(--line); padding-bottom: 4px; }
-.muted { color: var(--muted); } .small { font-size: 12px; }
-table { border-collapse: collapse; font-size: 13px; } th, td { border-bottom: 1px solid var(--line); padding: 3px 8px; text-align: left; vertical-align: top; }
-th { background: #f5f7fa; } .scroll { overflow: auto; max-width: 100%; max-height: 520px; }
-.plot { margin: 10px 0 18px; overflow-x: auto; } .plot svg { max-width: none; display: block; }
-.nodata-box { padding: 14px; border: 1px dashed #c5cdd5; border-radius: 6px; color: var(--muted); background: #fafbfc; margin: 8px 0; }
-.note { background: #fffbea; border: 1px solid #f0d675; border-radius: 6px; padding: 8px 12px; margin: 10px 0; }
-pre { font: 12px/1.35 ui-monospace, Menlo, Consolas, monospace; background: #f6f8fa; padding: 8px; max-height: 320px; overflow: auto; white-space: pre-wrap; }
-footer { margin-top: 30px; font-size: 12px; color: var(--muted); }
-`;
-
-/** One self-contained HTML document (no scripts, no network; CSP allows inline styles only). */
-export function htmlPage(title: string, subtitle: string, sections: readonly { title: string; html: string }[]): string {
-  const csp = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'";
-  return `<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="${escapeHtml(csp)}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>${escapeHtml(title)}</title>
-<style>${PAGE_CSS}</style>
-</head>
-<body>
-<main>
-<h1>${escapeHtml(title)}</h1>
-<p class="muted">${escapeHtml(subtitle)}</p>
-${sections.map((s) => `<section><h2>${escapeHtml(s.title)}</h2>${s.html}</section>`).join("\n")}
-<footer>Generated by selfscope. Plots: Vega-Lite/Vega rendered to static SVG. Self-contained: this file loads nothing from the network.</footer>
-</main>
-</body>
-</html>
-`;
 }
