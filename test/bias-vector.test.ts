@@ -31,7 +31,7 @@ import {
 } from "../src/recipes/bias-vector.js";
 import { maxAbsDiff } from "./support/compare.js";
 import { repoDir } from "./support/paths.js";
-import { crossEntropySum, ref64Forward, type RefIntervention } from "./support/ref64.js";
+import { crossEntropySum, oracleForward, type OracleIntervention } from "./support/oracle64.js";
 
 const STORIES = path.join(repoDir(), "models", "stories260K", "stories260K.gguf");
 const tmpRoot = fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-bias-"));
@@ -113,9 +113,9 @@ describe("the loss and its gradient with concept injections in the same pass", (
       let sum = 0;
       let n = 0;
       for (const e of ex) {
-        const p: RefIntervention[] = [{ op: "add", at, vector: v, pos: "all" }];
+        const p: OracleIntervention[] = [{ op: "add", at, vector: v, pos: "all" }];
         if (e.inject && withInjection) p.push({ op: "add", at: `blocks.${e.inject.layer}.hook_resid_post`, vector: e.inject.vector, scale: e.inject.strength, pos: { from: e.inject.from } });
-        const c = crossEntropySum(ref64Forward(host, e.ids, p).logits, e.targets);
+        const c = crossEntropySum(oracleForward(host, e.ids, p).logits, e.targets);
         sum += c.sum;
         n += c.n;
       }

@@ -16,7 +16,7 @@ import type { GenerateResult } from "../src/engine/jax/engine.js";
 import { loadHostModel, type HostModel } from "../src/model/load.js";
 import { assertClose, maxAbsDiff } from "./support/compare.js";
 import { fixture } from "./support/paths.js";
-import { argmax64, ref64Forward } from "./support/ref64.js";
+import { argmax64, oracleForward } from "./support/oracle64.js";
 
 const STORIES = fixture("stories260K-gguf", "stories260K.gguf");
 const REF_TOL = 1e-4; // float32 engine vs float64 reference (as in interventions.test.ts)
@@ -96,7 +96,7 @@ describe("stories260K on the CPU engine, long ragged batch", () => {
       assert.equal(got.length, GEN);
       // Greedy == the float64 argmax after every prefix (teacher-forced on our own tokens).
       const seq = [...ids, ...got.slice(0, -1)];
-      const ref = ref64Forward(host, seq, plan, { row: b, promptLen: ids.length });
+      const ref = oracleForward(host, seq, plan, { row: b, promptLen: ids.length });
       const want = ref.logits.slice(ids.length - 1).map((l) => argmax64(l));
       assert.deepEqual(got, want, `row ${b}: generated tokens vs float64 argmax`);
       const D = host.config.dModel;
@@ -124,7 +124,7 @@ describe("stories260K on the CPU engine, long ragged batch", () => {
     let worst = 0;
     const V = host.config.dVocab;
     for (const [b, ids] of rows.entries()) {
-      const ref = ref64Forward(host, ids, plan, { row: b, promptLen: ids.length });
+      const ref = oracleForward(host, ids, plan, { row: b, promptLen: ids.length });
       assert.equal(res.logits[b]!.length, ids.length * V, `row ${b}: one logit row per real token`);
       const want = Float64Array.from({ length: ids.length * V }, (_, i) => ref.logits[Math.floor(i / V)]![i % V]!);
       assertClose(res.logits[b]!, want, { atol: REF_TOL, what: `row ${b} logits (chunked forward)` });

@@ -3,7 +3,7 @@
 // as a Hugging Face folder and as the GGUF llama.cpp's converter would make from it, and:
 //   (a) both load to the same canonical weights and config and give the same logits;
 //   (b) our logits match llama.cpp's (log-probabilities, 16-token prompt) and an independent
-//       float64 implementation (test/support/family-ref64.ts), with the same argmax everywhere;
+//       float64 implementation (test/support/oracle64.ts), with the same argmax everywhere;
 //   (c) our 32-token greedy continuation equals llama.cpp's token for token;
 //   (d) each quirk is exercised: switching it off moves our logits, so the fixture is not vacuous.
 // jax-js engine on the wasm backend; one WebGPU run of every family at the end (skipped without an
@@ -32,7 +32,7 @@ import { Rng } from "../src/core/rng.js";
 import type { HookName } from "../src/hooks/names.js";
 import type { Plan } from "../src/hooks/plan.js";
 import { assertClose, maxAbsDiff } from "./support/compare.js";
-import { familyRef64, familyRef64Greedy, familyRef64Hooked, logSoftmax, type FamilyRefHook } from "./support/family-ref64.js";
+import { logSoftmax, oracleForward, oracleGreedy, type OraclePlan } from "./support/oracle64.js";
 import { LlamaCppLite, type LiteRun } from "./support/llamacpp-lite.js";
 
 const PROMPT = [5, 77, 123, 9, 250, 31, 64, 200, 17, 99, 140, 8, 260, 45, 12, 180];
@@ -199,7 +199,7 @@ for (const family of FIXTURE_FAMILIES) {
     let ref: LiteRun | undefined;
     let ref64: Float64Array[] | undefined;
     /** The float64 reference's log-probabilities (HF-loaded), computed once for both engines. */
-    const refRows = () => (ref64 ??= familyRef64(hf, PROMPT).map(logSoftmax));
+    const refRows = () => (ref64 ??= oracleForward(hf, PROMPT).logits.map(logSoftmax));
     let cpu: CpuEngine | undefined; // on the lazily loaded GGUF
 
     before(async () => {
@@ -259,9 +259,9 @@ for (const family of FIXTURE_FAMILIES) {
       let line = `${family}: max |Δ log p| vs llama.cpp ${dLc.toExponential(2)}`;
       if (GELU_FAMILIES.has(family)) {
         assert.ok(dLc <= GELU_TOL, `vs llama.cpp: max |Δ log p| ${dLc} (GELU family, tolerance ${GELU_TOL})`);
-        const emu = familyRef64(gg, PROMPT, { gelu: "ggml-f16" }).map(logSoftmax);
+        const emu = oracleForward(gg, PROMPT, [], { gelu: "ggml-f16" }).logits.map(logSoftmax);
         const dEmu = rowsDiff(emu, ref.logprobs);
-        const dExact = rowsDiff(familyRef64(gg, PROMPT).map(logSoftmax), ref.logprobs);
+        const dExact = rowsDiff(oracleForward(gg, PROMPT).logits.map(logSoftmax), ref.logprobs);
         line += `; float64 with llama.cpp's f16 GELU table ${dEmu.toExponential(2)}, with exact GELU ${dExact.toExponential(2)}`;
         assert.ok(dEmu <= GELU_EMU_TOL && dEmu < dExact / 2, `float64 with ggml's f16 GELU table vs llama.cpp: ${dEmu} (exact GELU: ${dExact})`);
       } else {
@@ -340,7 +340,7 @@ describe("mistral sliding window (HF config only)", () => {
     // Positions < 4 see the whole prefix either way.
     const V = h.config.dVocab;
     assert.ok(maxAbsDiff(mine.subarray(0, 4 * V), full.subarray(0, 4 * V)) <= SAME_TOL, "positions inside the window changed");
-    const r64 = familyRef64(h, PROMPT).map(logSoftmax);
+    const r64 = oracleForward(h, PROMPT).logits.map(logSoftmax);
     const d = rowsDiff(rows(mine, V).map(logSoftmax), r64);
     assert.ok(d <= REF_TOL, `vs float64 reference: ${d}`);
     // The CPU engine's sliding window (its own masking code), on the same folder loaded lazily.
@@ -351,7 +351,7 @@ describe("mistral sliding window (HF config only)", () => {
       assert.ok(dc <= REF_TOL, `cpu vs float64 reference: ${dc}`);
       assert.ok(maxAbsDiff(theirs, mine) <= SAME_TOL, `cpu vs jax-js logits differ by ${maxAbsDiff(theirs, mine)}`);
       // Decoding with the window: the KV-cached path masks the same keys as a full float64 pass.
-      const want = familyRef64Greedy(h, PROMPT, 8);
+      const want = oracleGreedy(h, PROMPT, 8);
       assert.deepEqual((await cpu.generate([PROMPT], { maxTokens: 8, stop: [] })).tokens[0]!, want, "cpu greedy with a sliding window vs float64");
       const jaxE = new Engine(h);
       try {
@@ -380,11 +380,9 @@ function randVec(seed: number, n: number, norm: number): Float32Array {
   return v.map((x) => x * s);
 }
 
-const rowsOf = (x: Float64Array[] | undefined, what: string): Float64Array => {
+const rowsOf = (x: { data: Float64Array } | undefined, what: string): Float64Array => {
   if (!x) throw new Error(`float64 reference did not record ${what}`);
-  const out = new Float64Array(x.length * x[0]!.length);
-  x.forEach((r, t) => out.set(r, t * r.length));
-  return out;
+  return x.data;
 };
 
 const HD_ENGINES: { name: string; make: (h: HostModel) => Promise<{ forward: Engine["forward"]; close: () => Promise<void> }> }[] = [
@@ -402,8 +400,9 @@ for (const family of ["gemma2", "gemma3", "olmo2"] as const) {
       host = loadHostModel(fixtures.get(family)!.gguf);
       assert.notEqual(host.config.blockNorm, "pre", "the fixture must have a post-MLP norm");
       // About the size of the down projection's output, so the add matters but stays in range.
-      const r = familyRef64Hooked(host, PROMPT, [{ op: "read", at: down }]).reads.get(down)!;
-      vec = randVec(7, host.config.dModel, 2 * Math.hypot(...r[HD_FROM]!));
+      const r = oracleForward(host, PROMPT, [{ op: "read", at: down }]).reads.get(down)!;
+      const D = host.config.dModel;
+      vec = randVec(7, D, 2 * Math.hypot(...r.data.subarray(HD_FROM * D, (HD_FROM + 1) * D)));
     });
 
     for (const be of HD_ENGINES) {
@@ -411,7 +410,7 @@ for (const family of ["gemma2", "gemma3", "olmo2"] as const) {
         const e = await be.make(host);
         try {
           const reads = (plan: Plan) => [...plan, { op: "read" as const, at: down }, { op: "read" as const, at: mlpOut }];
-          const refReads = (hooks: FamilyRefHook[]) => familyRef64Hooked(host, PROMPT, [...hooks, { op: "read", at: down }, { op: "read", at: mlpOut }]);
+          const refReads = (hooks: OraclePlan) => oracleForward(host, PROMPT, [...hooks, { op: "read", at: down }, { op: "read", at: mlpOut }]);
           // Read.
           const r0 = await e.forward([PROMPT], { plan: reads([]) });
           const f0 = refReads([]);
@@ -423,7 +422,7 @@ for (const family of ["gemma2", "gemma3", "olmo2"] as const) {
           // Add (scaled, from HD_FROM on).
           const add = { op: "add" as const, at: down, vector: vec, scale: 1.5, pos: { from: HD_FROM } };
           const r1 = await e.forward([PROMPT], { plan: reads([add]) });
-          const f1 = refReads([{ op: "add", at: down, vector: vec, scale: 1.5, from: HD_FROM }]);
+          const f1 = refReads([add]);
           const V = host.config.dVocab;
           const d = rowsDiff(rows(r1.logits[0]!, V).map(logSoftmax), f1.logits.map(logSoftmax));
           assert.ok(d <= REF_TOL, `${be.name}: logits with an add at ${down} vs float64: max |Δ log p| ${d}`);
@@ -452,7 +451,7 @@ for (const family of ["gemma2", "gemma3", "olmo2"] as const) {
         const value = vec.map((x) => 0.5 * x);
         const { loss, grad } = await e.lossAndGrad([PROMPT], [targets], { at: down, pos: { from: HD_FROM }, value });
         const lossAt = (v: Float64Array): number => {
-          const lp = familyRef64Hooked(host, PROMPT, [{ op: "add", at: down, vector: v, from: HD_FROM }]).logits.map(logSoftmax);
+          const lp = oracleForward(host, PROMPT, [{ op: "add", at: down, vector: v, pos: { from: HD_FROM } }]).logits.map(logSoftmax);
           let s = 0;
           let n = 0;
           targets.forEach((y, i) => {

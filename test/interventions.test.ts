@@ -1,5 +1,5 @@
 // The engine's forward pass, interventions, KV-cached steering, batching, weight chunking and
-// gradients, checked against an independent float64 reference (test/support/ref64.ts) on two
+// gradients, checked against an independent float64 reference (test/support/oracle64.ts) on two
 // real checkpoints of different families: stories260K (llama: RMSNorm, RoPE, GQA 8q/4kv, SwiGLU)
 // and tiny-random-gpt2 (LayerNorm, learned positions, gelu_tanh MLP, biases, tied unembedding).
 // The reference itself is first checked against float64 logits staged with the models, so a
@@ -21,7 +21,7 @@ import { loadHostModel, type HostModel } from "../src/model/load.js";
 import { initDevice } from "../src/engine/device.js";
 import { assertClose, maxAbsDiff } from "./support/compare.js";
 import { fixture } from "./support/paths.js";
-import { crossEntropySum, flat, ref64Forward, ref64Greedy, type RefPlan } from "./support/ref64.js";
+import { crossEntropySum, flat, oracleForward, oracleGreedy, type OraclePlan } from "./support/oracle64.js";
 
 const REF_TOL = 1e-4; // engine (float32) vs float64 reference
 const SAME_TOL = 1e-6; // "unchanged" positions, zero-scale add
@@ -46,7 +46,7 @@ interface Fixture {
   mag: number;
   /** Ragged prompts for batched generation and batched forwards. */
   ragged: number[][];
-  /** Check ref64 and the engine against the staged reference outputs. */
+  /** Check oracle64 and the engine against the staged reference outputs. */
   oracle: (host: HostModel, engine: AnyEngine, t: TestContext, greedy: Greedy64) => Promise<void>;
 }
 
@@ -74,8 +74,8 @@ async function closeEngine(e: AnyEngine): Promise<void> {
   else e.dispose();
 }
 
-/** ref64Greedy, memoised per fixture on its exact inputs (vectors by their bytes). */
-type Greedy64 = (host: HostModel, prompt: readonly number[], n: number, plan?: RefPlan) => number[];
+/** oracleGreedy, memoised per fixture on its exact inputs (vectors by their bytes). */
+type Greedy64 = (host: HostModel, prompt: readonly number[], n: number, plan?: OraclePlan) => number[];
 
 function memoGreedy(): Greedy64 {
   const memo = new Map<string, number[]>();
@@ -84,7 +84,7 @@ function memoGreedy(): Greedy64 {
   return (host, prompt, n, plan = []) => {
     const k = key([prompt, n, plan]);
     let r = memo.get(k);
-    if (!r) memo.set(k, (r = ref64Greedy(host, prompt, n, plan)));
+    if (!r) memo.set(k, (r = oracleGreedy(host, prompt, n, plan)));
     return r.slice();
   };
 }
@@ -117,16 +117,16 @@ const FIXTURES: Fixture[] = [
       const dir = models("stories260K-gguf", "reference");
       const meta = JSON.parse(fs.readFileSync(path.join(dir, "logits_16x512.json"), "utf8")) as { input_ids: number[] };
       const want = readF32(path.join(dir, "logits_16x512.f32"));
-      const ref = flat(ref64Forward(host, meta.input_ids).logits);
+      const ref = flat(oracleForward(host, meta.input_ids).logits);
       // The file is float64 results rounded to float32 (logits ~20: half an ulp ~1e-6).
-      assertClose(ref, want, { atol: 1e-5, what: "ref64 vs staged stories260K logits" });
+      assertClose(ref, want, { atol: 1e-5, what: "oracle64 vs staged stories260K logits" });
       const eng = (await engine.forward([meta.input_ids])).logits[0]!;
       assertClose(eng, want, { atol: REF_TOL, what: "engine vs staged stories260K logits" });
-      t.diagnostic(`staged logits: max|Δ| ref64 ${maxAbsDiff(ref, want).toExponential(2)}, engine ${maxAbsDiff(eng, want).toExponential(2)}`);
+      t.diagnostic(`staged logits: max|Δ| oracle64 ${maxAbsDiff(ref, want).toExponential(2)}, engine ${maxAbsDiff(eng, want).toExponential(2)}`);
       // llama2.c's documented greedy sample from BOS (first GEN tokens; the full 256 is O(T^3) here).
       const greedy = JSON.parse(fs.readFileSync(path.join(dir, "greedy_from_bos.json"), "utf8")) as { generated_ids: number[] };
       const expect = greedy.generated_ids.slice(0, GEN);
-      assert.deepEqual(greedy64(host, [1], GEN), expect, "ref64 greedy from BOS vs llama2.c sample");
+      assert.deepEqual(greedy64(host, [1], GEN), expect, "oracle64 greedy from BOS vs llama2.c sample");
       const gen = await engine.generate([[1]], { maxTokens: GEN, stop: [] });
       assert.deepEqual(gen.tokens[0], expect, "engine greedy from BOS vs llama2.c sample");
     },
@@ -154,19 +154,19 @@ const FIXTURES: Fixture[] = [
       let dEng = 0;
       for (const [i, cs] of meta.cases.entries()) {
         const want = all.subarray(i * 4 * 1000, (i + 1) * 4 * 1000);
-        const ref = flat(ref64Forward(host, cs.input_ids).logits);
-        assertClose(ref, want, { atol: 1e-6, what: `ref64 vs staged gpt2 logits, case ${i}` });
+        const ref = flat(oracleForward(host, cs.input_ids).logits);
+        assertClose(ref, want, { atol: 1e-6, what: `oracle64 vs staged gpt2 logits, case ${i}` });
         const eng = (await engine.forward([cs.input_ids])).logits[0]!;
         assertClose(eng, want, { atol: REF_TOL, what: `engine vs staged gpt2 logits, case ${i}` });
         dRef = Math.max(dRef, maxAbsDiff(ref, want));
         dEng = Math.max(dEng, maxAbsDiff(eng, want));
         const n = cs.greedy_max_length_10.length - cs.input_ids.length;
         const expect = cs.greedy_max_length_10.slice(cs.input_ids.length);
-        assert.deepEqual(greedy64(host, cs.input_ids, n), expect, `ref64 greedy, case ${i}`);
+        assert.deepEqual(greedy64(host, cs.input_ids, n), expect, `oracle64 greedy, case ${i}`);
         const gen = await engine.generate([cs.input_ids], { maxTokens: n, stop: [] });
         assert.deepEqual(gen.tokens[0], expect, `engine greedy, case ${i}`);
       }
-      t.diagnostic(`staged logits: max|Δ| ref64 ${dRef.toExponential(2)}, engine ${dEng.toExponential(2)}`);
+      t.diagnostic(`staged logits: max|Δ| oracle64 ${dRef.toExponential(2)}, engine ${dEng.toExponential(2)}`);
     },
   },
 ];
@@ -248,29 +248,29 @@ for (const fx of FIXTURES) {
       return engine;
     };
 
-    test("ref64 and the engine reproduce the staged float64 reference", async (t) => {
+    test("oracle64 and the engine reproduce the staged float64 reference", async (t) => {
       await fx.oracle(host, engine, t, greedy64);
     });
 
-    test("no-plan logits match ref64", (t) => {
-      const ref = flat(ref64Forward(host, fx.prompt).logits);
+    test("no-plan logits match oracle64", (t) => {
+      const ref = flat(oracleForward(host, fx.prompt).logits);
       assertClose(base, ref, { atol: REF_TOL, what: "no-plan logits" });
       t.diagnostic(`max|Δ| ${maxAbsDiff(base, ref).toExponential(2)}`);
     });
 
     /**
-     * Engine vs ref64 under `plan`, and exactly the scoped positions change: positions < from
+     * Engine vs oracle64 under `plan`, and exactly the scoped positions change: positions < from
      * equal the no-plan run, positions >= from move by more than CHANGED somewhere.
      */
-    async function checkScoped(t: TestContext, plan: Plan, from: number, refPlan: RefPlan = plan): Promise<void> {
+    async function checkScoped(t: TestContext, plan: Plan, from: number, refPlan: OraclePlan = plan): Promise<void> {
       const eng = await logitsOf(engine, fx.prompt, plan);
-      const ref = flat(ref64Forward(host, fx.prompt, refPlan).logits);
-      assertClose(eng, ref, { atol: REF_TOL, what: "logits vs ref64" });
+      const ref = flat(oracleForward(host, fx.prompt, refPlan).logits);
+      assertClose(eng, ref, { atol: REF_TOL, what: "logits vs oracle64" });
       const before = maxDiffRange(eng, base, V, 0, from);
       const moved = maxDiffRange(eng, base, V, from, T);
       assert.ok(before <= SAME_TOL, `positions before ${from} changed by ${before}`);
       assert.ok(moved > CHANGED, `scoped positions moved by only ${moved}`);
-      t.diagnostic(`vs ref64 ${maxAbsDiff(eng, ref).toExponential(2)}; before scope ${before.toExponential(2)}; in scope ${moved.toExponential(2)}`);
+      t.diagnostic(`vs oracle64 ${maxAbsDiff(eng, ref).toExponential(2)}; before scope ${before.toExponential(2)}; in scope ${moved.toExponential(2)}`);
     }
 
     test("add at a middle layer's resid_post from position p", async (t) => {
@@ -316,7 +316,7 @@ for (const fx of FIXTURES) {
       // Only the chosen heads are replaced.
       const r = await engine.forward([fx.prompt], { plan: [{ op: "ablate", mode: "zero", at, heads: [1, 3], pos: { from: fx.p } }, { op: "read", at }] });
       const zz = r.cache.get(at).data;
-      const ref = ref64Forward(host, fx.prompt, [{ op: "read", at }]).reads.get(at)!.data;
+      const ref = oracleForward(host, fx.prompt, [{ op: "read", at }]).reads.get(at)!.data;
       for (let pos = 0; pos < T; pos++)
         for (let h = 0; h < H; h++)
           for (let j = 0; j < hd; j++) {
@@ -364,7 +364,7 @@ for (const fx of FIXTURES) {
       t.diagnostic(`max|Δ| ${maxAbsDiff(eng, base).toExponential(2)}`);
     });
 
-    test("reads match ref64 and have the documented shapes", async (t) => {
+    test("reads match oracle64 and have the documented shapes", async (t) => {
       const c = host.config;
       const shapes = new Map<HookName, number[]>([
         ["hook_embed", [T, D]],
@@ -387,14 +387,14 @@ for (const fx of FIXTURES) {
       const plan: Intervention[] = [{ op: "add", at: "blocks.0.hook_resid_post", vector: randVec(17, D, fx.mag), pos: { from: fx.p } }];
       for (const at of shapes.keys()) plan.push({ op: "read", at });
       const r = await engine.forward([fx.prompt], { plan });
-      const ref = ref64Forward(host, fx.prompt, plan);
+      const ref = oracleForward(host, fx.prompt, plan);
       let worst = 0;
       for (const [at, shape] of shapes) {
         const got = r.cache.get(at);
         assert.deepEqual(got.shape, shape, `${at} shape`);
         assert.deepEqual(engine.featShape(at.replace(/^blocks\.\d+\./, "")), shape.slice(1), `featShape of ${at}`);
         const want = ref.reads.get(at)!;
-        assert.deepEqual(want.shape, shape, `ref64 ${at} shape`);
+        assert.deepEqual(want.shape, shape, `oracle64 ${at} shape`);
         assertClose(got.data, want.data, { atol: REF_TOL, what: `read ${at}` });
         worst = Math.max(worst, maxAbsDiff(got.data, want.data));
       }
@@ -403,7 +403,7 @@ for (const fx of FIXTURES) {
 
     // attn.hook_pattern is stored per row as [T_b, H, T_b] (padding dropped), unlike the other
     // reads' fixed feature shape; these two tests pin that down (B=1, then a ragged batch).
-    test("attn.hook_pattern read (B=1): shape [T, H, T], matches ref64, causal rows summing to 1", async (t) => {
+    test("attn.hook_pattern read (B=1): shape [T, H, T], matches oracle64, causal rows summing to 1", async (t) => {
       const H = host.config.nHeads;
       const plan: Plan = [
         { op: "add", at: "blocks.0.hook_resid_post", vector: randVec(18, D, fx.mag), pos: { from: fx.p } },
@@ -411,7 +411,7 @@ for (const fx of FIXTURES) {
         { op: "read", at: "blocks.3.attn.hook_pattern" },
       ];
       const r = await engine.forward([fx.prompt], { plan });
-      const ref = ref64Forward(host, fx.prompt, plan);
+      const ref = oracleForward(host, fx.prompt, plan);
       for (const at of ["blocks.0.attn.hook_pattern", "blocks.3.attn.hook_pattern"] as const) {
         const got = r.cache.get(at);
         assert.deepEqual(got.shape, [T, H, T], `${at} shape`);
@@ -426,11 +426,11 @@ for (const fx of FIXTURES) {
             }
             assert.ok(Math.abs(s - 1) < 1e-5, `${at} row ${q},${h} sums to ${s}`);
           }
-        t.diagnostic(`${at}: max|Δ| vs ref64 ${maxAbsDiff(got.data, ref.reads.get(at)!.data).toExponential(2)}`);
+        t.diagnostic(`${at}: max|Δ| vs oracle64 ${maxAbsDiff(got.data, ref.reads.get(at)!.data).toExponential(2)}`);
       }
     });
 
-    test("attn.hook_pattern read in a ragged batch: row b is [T_b, H, T_b] and matches ref64", async () => {
+    test("attn.hook_pattern read in a ragged batch: row b is [T_b, H, T_b] and matches oracle64", async () => {
       const H = host.config.nHeads;
       const at: HookName = "blocks.1.attn.hook_pattern";
       const batch = await engine.forward(fx.ragged, { plan: [{ op: "read", at }] });
@@ -438,14 +438,14 @@ for (const fx of FIXTURES) {
         const n = ids.length;
         const got = batch.cache.get(at, b);
         assert.deepEqual(got.shape, [n, H, n], `row ${b} shape`);
-        const ref = ref64Forward(host, ids, [{ op: "read", at }]).reads.get(at)!;
-        assertClose(got.data, ref.data, { atol: REF_TOL, what: `row ${b} ${at} vs ref64` });
+        const ref = oracleForward(host, ids, [{ op: "read", at }]).reads.get(at)!;
+        assertClose(got.data, ref.data, { atol: REF_TOL, what: `row ${b} ${at} vs oracle64` });
       }
     });
 
     // ------------------------------------------------------------ KV-cached steering
 
-    test("KV-cached generate under steering equals ref64Greedy (B=1)", async (t) => {
+    test("KV-cached generate under steering equals oracleGreedy (B=1)", async (t) => {
       const ids = fx.ragged[1]!;
       const unsteered = (await engine.generate([ids], { maxTokens: GEN, stop: [] })).tokens[0]!;
       assert.deepEqual(unsteered, greedy64(host, ids, GEN), "unsteered");
@@ -457,7 +457,7 @@ for (const fx of FIXTURES) {
         { op: "ablate", mode: "zero", at: "blocks.1.attn.hook_k", heads: [1], pos: { from: 2 } },
         { op: "add", at: "blocks.2.attn.hook_v", vector: randVec(24, K * hd, fx.mag * 2), pos: { from: 2 } },
       ];
-      const cases: { name: string; plan: Plan; ref: RefPlan; row: Row }[] = [
+      const cases: { name: string; plan: Plan; ref: OraclePlan; row: Row }[] = [
         {
           name: "add from p (prompt and generated)",
           plan: [{ op: "add", at: "blocks.2.hook_resid_post", vector: randVec(21, D, fx.mag), scale: 1.5, pos: { from: 3 } }],
@@ -499,22 +499,22 @@ for (const fx of FIXTURES) {
         const res: GenerateResult = await engine.generate([cs.row], { maxTokens: GEN, plan: [...cs.plan, { op: "read", at: read }], stop: [], countPrefix });
         const got = res.tokens[0]!;
         const want = greedy64(host, ids, GEN, cs.ref);
-        assert.deepEqual(got, want, `${cs.name}: engine vs ref64Greedy`);
+        assert.deepEqual(got, want, `${cs.name}: engine vs oracleGreedy`);
         assert.notDeepEqual(got, unsteered, `${cs.name}: steering should change the continuation`);
         // Reads collected while decoding (prompt + every fed token) equal a full float64 forward.
         const seq = [...ids, ...got.slice(0, -1)];
         const rd = res.cache.get(read);
         assert.deepEqual(rd.shape, [seq.length, D], `${cs.name}: read shape during generate`);
-        const refRead = ref64Forward(host, seq, [...cs.ref, { op: "read", at: read }], { promptLen: ids.length }).reads.get(read)!;
+        const refRead = oracleForward(host, seq, [...cs.ref, { op: "read", at: read }], { promptLen: ids.length }).reads.get(read)!;
         assertClose(rd.data, refRead.data, { atol: REF_TOL, what: `${cs.name}: ${read} read during generate` });
         worst = Math.max(worst, maxAbsDiff(rd.data, refRead.data));
         t.diagnostic(`${cs.name}: ${GEN} tokens equal; first change vs unsteered at ${got.findIndex((x, i) => x !== unsteered[i])}`);
       }
-      t.diagnostic(`max|Δ| of decode-time reads vs ref64 ${worst.toExponential(2)}`);
+      t.diagnostic(`max|Δ| of decode-time reads vs oracle64 ${worst.toExponential(2)}`);
     });
 
     /** Four ragged rows, each with its own intervention (different sites, vectors, scales, scopes). */
-    function raggedPlan(): { plan: Plan; refPlans: RefPlan[]; rows: Row[]; countPrefix: (s: string) => number } {
+    function raggedPlan(): { plan: Plan; refPlans: OraclePlan[]; rows: Row[]; countPrefix: (s: string) => number } {
       const markerAt = 2;
       const { row: r2, countPrefix } = markerRow(fx.ragged[2]!, markerAt);
       const v = [randVec(31, D, fx.mag), randVec(32, D, fx.mag), randVec(33, D, fx.mag), randVec(34, D, fx.mag)];
@@ -524,7 +524,7 @@ for (const fx of FIXTURES) {
         { op: "add", at: "blocks.1.hook_resid_pre", vector: v[2]!, scale: 1, pos: { marker: "MARKER", offset: 0 }, rows: [2] },
         { op: "add", at: "blocks.1.hook_mlp_out", vector: v[3]!, scale: 2.5, pos: { from: 1, to: 12 }, rows: [3] },
       ];
-      const refPlans: RefPlan[] = [
+      const refPlans: OraclePlan[] = [
         [plan[0]!],
         [plan[1]!],
         [{ op: "add", at: "blocks.1.hook_resid_pre", vector: v[2]!, scale: 1, pos: { from: markerAt } }],
@@ -533,7 +533,7 @@ for (const fx of FIXTURES) {
       return { plan, refPlans, rows: [{ ids: fx.ragged[0]! }, { ids: fx.ragged[1]! }, r2, { ids: fx.ragged[3]! }], countPrefix };
     }
 
-    test("left-padded ragged batch, a different intervention per row: each row equals its B=1 run and ref64Greedy", async (t) => {
+    test("left-padded ragged batch, a different intervention per row: each row equals its B=1 run and oracleGreedy", async (t) => {
       const { plan, refPlans, rows, countPrefix } = raggedPlan();
       const batch = await engine.generate(rows, { maxTokens: GEN, plan, stop: [], countPrefix });
       for (let b = 0; b < rows.length; b++) {
@@ -541,10 +541,10 @@ for (const fx of FIXTURES) {
         const ref = greedy64(host, rows[b]!.ids, GEN, refPlans[b]!);
         const unsteered = greedy64(host, rows[b]!.ids, GEN);
         assert.deepEqual(batch.tokens[b], single, `row ${b}: batch vs B=1`);
-        assert.deepEqual(single, ref, `row ${b}: B=1 vs ref64Greedy`);
+        assert.deepEqual(single, ref, `row ${b}: B=1 vs oracleGreedy`);
         assert.notDeepEqual(ref, unsteered, `row ${b}: steering should change the continuation`);
       }
-      t.diagnostic(`4 rows x ${GEN} tokens equal (batch = B=1 = ref64Greedy)`);
+      t.diagnostic(`4 rows x ${GEN} tokens equal (batch = B=1 = oracleGreedy)`);
     });
 
     test("batched forward with per-row interventions equals per-row single forwards", async (t) => {
@@ -574,12 +574,12 @@ for (const fx of FIXTURES) {
           assert.deepEqual(got.shape, single.cache.get(r).shape, `row ${b} ${r} shape`);
           assertClose(got.data, single.cache.get(r).data, { atol: BATCH_TOL, rtol: BATCH_RTOL, what: `row ${b} read ${r}` });
         }
-        const ref = flat(ref64Forward(host, ids, plan, { row: b }).logits);
-        assertClose(batch.logits[b]!, ref, { atol: REF_TOL, what: `row ${b} logits vs ref64` });
+        const ref = flat(oracleForward(host, ids, plan, { row: b }).logits);
+        assertClose(batch.logits[b]!, ref, { atol: REF_TOL, what: `row ${b} logits vs oracle64` });
         dSingle = Math.max(dSingle, maxAbsDiff(batch.logits[b]!, single.logits[0]!));
         dRef = Math.max(dRef, maxAbsDiff(batch.logits[b]!, ref));
       }
-      t.diagnostic(`max|Δ| batch vs single ${dSingle.toExponential(2)}, vs ref64 ${dRef.toExponential(2)}`);
+      t.diagnostic(`max|Δ| batch vs single ${dSingle.toExponential(2)}, vs oracle64 ${dRef.toExponential(2)}`);
     });
 
     test("weights split in row chunks (maxBindingBytes 4096) give the same results", jaxOnly, async (t) => {
@@ -623,7 +623,7 @@ for (const fx of FIXTURES) {
           let sum = 0;
           let n = 0;
           rows.forEach((ids, b) => {
-            const r = crossEntropySum(ref64Forward(host, ids, [{ op: "add", at, vector: v, pos }]).logits, targets[b]!);
+            const r = crossEntropySum(oracleForward(host, ids, [{ op: "add", at, vector: v, pos }]).logits, targets[b]!);
             sum += r.sum;
             n += r.n;
           });
@@ -631,7 +631,7 @@ for (const fx of FIXTURES) {
         };
         const v64 = Float64Array.from(value);
         const refLoss = lossAt(v64);
-        assert.ok(Math.abs(loss - refLoss) <= REF_TOL, `loss ${loss} vs ref64 ${refLoss}`);
+        assert.ok(Math.abs(loss - refLoss) <= REF_TOL, `loss ${loss} vs oracle64 ${refLoss}`);
         const h = 1e-4;
         const fd = new Float64Array(D);
         for (let i = 0; i < D; i++) {
