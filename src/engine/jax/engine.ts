@@ -355,7 +355,6 @@ export class Engine {
       values.set(name, rowsOf(site, v.shape, await v.data(), ctx).rows);
       tangents.set(name, rowsOf(site, t.shape, await t.data(), ctx).rows);
     }
-    tree.dispose([vals, tans] as never);
     return { values, tangents };
   }
 
