@@ -27,7 +27,7 @@ import os from "node:os";
 import path from "node:path";
 import { after, before, describe, test, type TestContext } from "node:test";
 import { FIXTURE_FAMILIES, makeFixtures, type FixturePaths } from "../scripts/make-fixtures.js";
-import { UsageError } from "../src/core/errors.js";
+import { SelfscopeError, UsageError } from "../src/core/errors.js";
 import { Rng } from "../src/core/rng.js";
 import { initDevice } from "../src/engine/device.js";
 import type { LinearName, TrainParam } from "../src/engine/grad.js";
@@ -384,5 +384,54 @@ describe("the request API (stories fixture shapes via the llama family)", () => 
     } finally {
       m.dispose();
     }
+  });
+});
+
+describe("gradients on WebGPU", () => {
+  let skip: string | undefined;
+  before(async () => {
+    try {
+      await initDevice("webgpu");
+    } catch (e) {
+      if (process.env.CI || !(e instanceof SelfscopeError)) throw e;
+      skip = `no WebGPU adapter: ${e.message.split(";")[0]}`;
+    }
+  });
+  after(() => initDevice("wasm"));
+
+  test("gemma2 fixture (sandwich norms, soft-capping): lossAndGrad and jvpScale on webgpu equal the wasm engine's (checked above against float64)", async (t) => {
+    if (skip) return t.skip(skip);
+    const host = loadHostModel(fixtures.find((f) => f.family === "gemma2")!.hf);
+    const c = host.config;
+    const plan = constPlan(c, 11);
+    const rank = 2;
+    const req = {
+      targets: TARGETS,
+      plan,
+      params: [
+        { kind: "vector" as const, at: "blocks.1.attn.hook_z" as const, pos: { from: 1 }, value: randVec(1, c.nHeads * c.dHead, 0.05) },
+        { kind: "lora" as const, layer: 1, linear: "attn.o" as const, rank, scale: 0.5, a: randVec(2, rank * c.nHeads * c.dHead, 0.5), b: randVec(3, c.dModel * rank, 0.5) },
+        { kind: "activation" as const, at: "blocks.1.attn.hook_result" as const },
+      ],
+    };
+    const jreq = { plan: [...plan, { op: "add" as const, at: "blocks.1.hook_resid_pre" as const, vector: randVec(4, c.dModel, 0.5), scale: 1.5 }], wrt: plan.length, reads: ["blocks.3.hook_resid_post" as const] };
+    const run = async (device: "wasm" | "webgpu") => {
+      await initDevice(device);
+      const e = new Engine(host, { maxBindingBytes: 4096 });
+      try {
+        return { g: await e.lossAndGrad(ROWS, req), j: await e.jvpScale(ROWS, jreq) };
+      } finally {
+        e.dispose();
+      }
+    };
+    const gpu = await run("webgpu");
+    const cpu = await run("wasm");
+    const rel = (a: ArrayLike<number>, b: ArrayLike<number>) => Math.sqrt(Array.from(a).reduce((s, x, i) => s + (x - b[i]!) ** 2, 0) / Array.from(b).reduce((s, x) => s + x * x, 0));
+    assert.ok(Math.abs(gpu.g.loss - cpu.g.loss) <= 1e-5 * cpu.g.loss);
+    let worst = 0;
+    gpu.g.grads.forEach((gs, i) => gs.forEach((g, j) => (worst = Math.max(worst, rel(g, cpu.g.grads[i]![j]!)))));
+    for (const b of [0, 1]) worst = Math.max(worst, rel(gpu.j.tangents.get("blocks.3.hook_resid_post")![b]!, cpu.j.tangents.get("blocks.3.hook_resid_post")![b]!));
+    t.diagnostic(`webgpu vs wasm: worst relative error of the gradients and tangents ${worst.toExponential(2)}`);
+    assert.ok(worst <= REL_TOL, `webgpu gradients differ from wasm by ${worst}`);
   });
 });
