@@ -34,11 +34,6 @@ import type { Intervention, PosSpec } from "../src/hooks/plan.js";
 import { loadHostModel, type HostModel } from "../src/model/load.js";
 import { argmax64, ORACLE_BLOCK_SITES, oracleFeatShape, oracleForward, type OracleResult } from "./support/oracle64.js";
 
-/**
- * Sites the engines do not implement yet in this branch (the lead is adding them to both
- * backends): their cases are skipped, visibly, and kept out of the batched calls. Remove at merge.
- */
-const PENDING_SITES: readonly string[] = ["ln1.hook_normalized", "ln2.hook_normalized", "attn.hook_result"];
 
 const REF_TOL = 1e-4; // float32 engine vs float64 oracle (logits), as in interventions.test.ts
 const READ_RTOL = 1e-4; // reads: atol REF_TOL + rtol·|oracle|, as families.test.ts's hook_down reads
@@ -92,24 +87,24 @@ const BACKENDS: Backend[] = [
 
 // ---------------------------------------------------------------- cases
 
-/** Every writable site of a model (not the read-only pattern), pending ones excluded, each with its kinds. */
+/** Every writable site of a model (not the read-only pattern), each with its kinds. */
 function sitesOf(c: ModelConfig): { site: string; kinds: readonly Kind[] }[] {
   const out: { site: string; kinds: readonly Kind[] }[] = [];
   const add = (site: string) => out.push({ site, kinds: oracleFeatShape(c, site).length === 2 ? KINDS_2D : KINDS_1D });
   add("hook_embed");
   if (c.pos.kind === "learned") add("hook_pos_embed");
-  for (const s of ORACLE_BLOCK_SITES) if (s !== "attn.hook_pattern" && !PENDING_SITES.includes(s)) add(s);
+  for (const s of ORACLE_BLOCK_SITES) if (s !== "attn.hook_pattern") add(s);
   add("ln_final.hook_normalized");
   return out;
 }
 
-/** Every site read in a call: all sites of all layers (the pattern only in forward), pending ones excluded. */
+/** Every site read in a call: all sites of all layers (the pattern only in forward). */
 function readNames(c: ModelConfig, mode: Mode): HookName[] {
   const out: HookName[] = ["hook_embed"];
   if (c.pos.kind === "learned") out.push("hook_pos_embed");
   for (let l = 0; l < c.nLayers; l++)
     for (const s of ORACLE_BLOCK_SITES) {
-      if (PENDING_SITES.includes(s) || (s === "attn.hook_pattern" && mode === "generate")) continue;
+      if (s === "attn.hook_pattern" && mode === "generate") continue;
       out.push(`blocks.${l}.${s}` as HookName);
     }
   out.push("ln_final.hook_normalized");
@@ -252,7 +247,7 @@ function mismatch(got: ArrayLike<number>, want: ArrayLike<number>, atol: number,
   return bad === 0 ? null : `${bad}/${got.length} out of tolerance, worst at ${worst}: ${got[worst]} vs oracle ${want[worst]}`;
 }
 
-const counts = { cases: 0, reads: 0, pending: 0 };
+const counts = { cases: 0, reads: 0 };
 
 interface CallOutcome {
   failures: string[];
@@ -366,14 +361,6 @@ for (const family of FIXTURE_FAMILIES) {
         });
       }),
     );
-    for (const site of PENDING_SITES) {
-      test(`${site}: every kind, scope, mode and backend`, (t) => {
-        const kinds = oracleFeatShape(host.config, site).length === 2 ? KINDS_2D : KINDS_1D;
-        const n = kinds.length * SCOPES.length * MODES.length * BACKENDS.length;
-        counts.pending += n;
-        t.skip(`pending: ${site} is not in the engines yet (${n} cases)`);
-      });
-    }
   });
 }
 
@@ -385,6 +372,6 @@ test("case count", (t) => {
     const per = sitesOf(c).reduce((a, s) => a + s.kinds.length, 0);
     want += per * SCOPES.length * MODES.length * BACKENDS.length;
   }
-  t.diagnostic(`oracle cases run: ${counts.cases} interventions (family × site × kind × scope × mode × backend), ${counts.reads} row reads compared; ${counts.pending} cases pending (${PENDING_SITES.join(", ")})`);
+  t.diagnostic(`oracle cases run: ${counts.cases} interventions (family × site × kind × scope × mode × backend), ${counts.reads} row reads compared`);
   assert.equal(counts.cases, want, "every case ran");
 });

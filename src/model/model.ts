@@ -1,5 +1,6 @@
 // The public model object: weights on a device, plus the tokenizer and chat template that came
-// with the checkpoint. Everything takes and returns host data; jax-js stays inside the engine.
+// with the checkpoint. Everything takes and returns host data; jax-js stays inside its engine,
+// which is imported (dynamically) only for the "wasm" and "webgpu" devices and for gradients.
 import { createHash } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
@@ -11,7 +12,8 @@ import type { Plan } from "../hooks/plan.js";
 import { getDeviceInfo, initDevice, type DeviceInfo, type DeviceName } from "../engine/device.js";
 import type { ModelConfig } from "../engine/config.js";
 import { CpuEngine } from "../engine/cpu/engine.js";
-import { Engine, type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type Row } from "../engine/jax/engine.js";
+import type { Engine } from "../engine/jax/engine.js";
+import type { ForwardOptions, ForwardResult, GenerateOptions, GenerateResult, Row } from "../engine/types.js";
 import { loadHostModel, weightsDigest, type HostModel, type ModelFiles } from "./load.js";
 import { checkFits } from "./memory.js";
 import { readSamplingDefaults, resolveSampler, type EffectiveSampler, type SamplerRequest, type SamplingDefaults } from "./sampling.js";
@@ -68,7 +70,7 @@ export interface StandingPlan {
 }
 
 export class Model {
-  /** The jax-js engine used for gradients when the model runs on the cpu device (made on first use). */
+  /** The jax-js engine used for gradients: the model's own on wasm/webgpu; on the cpu device, made on first use. */
   private grad: Engine | undefined;
   /** weightsHash() result (hashing a large checkpoint takes seconds; files are assumed not to change under a loaded model). */
   private weightsSha: string | undefined;
@@ -99,10 +101,16 @@ export class Model {
       throw new UsageError(`f16 weights need the WebGPU backend with shader-f16 (the cpu and wasm devices compute in f32 only); use --weights f32`);
     }
     let engine: InferenceEngine;
+    let jax: Engine | undefined;
     if (device.name === "cpu") {
       engine = await CpuEngine.create(host, opts.threads !== undefined ? { threads: opts.threads } : {});
-    } else engine = new Engine(host, { maxBindingBytes: max, weightDtype });
-    return new Model(engine, host.config, host.files, tokenizer, chatTemplate, device, host.sourceDtype, tokenizerDigestOf(host));
+    } else {
+      const { Engine } = await import("../engine/jax/engine.js");
+      engine = jax = new Engine(host, { maxBindingBytes: max, weightDtype });
+    }
+    const m = new Model(engine, host.config, host.files, tokenizer, chatTemplate, device, host.sourceDtype, tokenizerDigestOf(host));
+    m.grad = jax;
+    return m;
   }
 
   get family(): string {
@@ -118,7 +126,7 @@ export class Model {
   dispose(): void {
     if (this.view) return; // a view owns nothing: its base does
     this.engine.dispose();
-    this.grad?.dispose();
+    if (this.grad !== this.engine) this.grad?.dispose();
   }
 
   /**
@@ -146,10 +154,10 @@ export class Model {
    */
   async gradEngine(): Promise<Engine> {
     if (this.view) return this.view.base.gradEngine(); // one gradient engine per loaded model; it does not apply the standing plan
-    if (this.engine instanceof Engine) return this.engine;
     if (!this.grad) {
       const cur = getDeviceInfo();
       await initDevice("wasm");
+      const { Engine } = await import("../engine/jax/engine.js");
       this.grad = new Engine(loadHostModel(this.files.path));
       if (cur && cur.name !== "cpu" && cur.name !== "wasm") await initDevice(cur.name);
     }

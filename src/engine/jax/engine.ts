@@ -1,13 +1,16 @@
 // The model runtime: host-side batching, positions, masks, interventions and the KV cache around
-// the jit'd layer functions in transformer.ts. Public methods take and return host data
-// (number[], Float32Array); jax-js arrays never leave this file and transformer.ts.
+// the jit'd layer functions in transformer.ts (which interpret the block schedule); gradients and
+// forward-mode derivatives (src/engine/grad.ts) by jax-js's valueAndGrad and jvp over the same
+// pass. Public methods take and return host data (number[], Float32Array); jax-js arrays never
+// leave this file and transformer.ts.
 import "../../core/polyfills.js";
-import { blockUntilReady, numpy as np, tree, valueAndGrad, type Array as JArray } from "@jax-js/jax";
-import { UsageError } from "../../core/errors.js";
+import { blockUntilReady, jvp, numpy as np, tree, valueAndGrad, type Array as JArray } from "@jax-js/jax";
+import { NumericalError, UsageError } from "../../core/errors.js";
 import { parseHook, type HookName } from "../../hooks/names.js";
 import type { Intervention, Plan, PosSpec } from "../../hooks/plan.js";
-import type { ActivationCache } from "../cache.js";
+import { ActivationCache } from "../cache.js";
 import { Driver, type LayerCall } from "../driver.js";
+import type { JvpRequest, JvpResult, LinearName, LossAndGradRequest, LossAndGradResult, TrainParam } from "../grad.js";
 import { asRow, attnMaskHost, compileHost, featShapeOf, fullCtx, padShape, resolvePlan, scopeMask, type CallCtx, type Resolved } from "../plan.js";
 import { type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type PrefixCounter, type Row } from "../types.js";
 
@@ -17,14 +20,48 @@ export { type ForwardOptions, type ForwardResult, type GenerateOptions, type Gen
 import type { ModelConfig } from "../config.js";
 import type { EngineModel, HostTensor } from "../weights.js";
 import { ropeTables } from "../rope.js";
-import { LayerFns, embedStage, head, splitOps, type BlockParams, type DeviceParams, type LayerKey, type OpKind, type Rot, type SiteOp, type SiteOps, type Weight } from "./transformer.js";
+import {
+  LayerFns,
+  embedStage,
+  halfParams,
+  halvesOf,
+  head,
+  splitOps,
+  type Adapters,
+  type BlockParams,
+  type DeviceParams,
+  type Env,
+  type KV,
+  type LayerKey,
+  type LinearParams,
+  type NormName,
+  type NormParams,
+  type OpKind,
+  type Rot,
+  type SiteOp,
+  type SiteOps,
+  type Weight,
+} from "./transformer.js";
 
-/** A trainable vector added at one site: `op.v` is a traced array inside valueAndGrad. */
+/** An add whose payload is traced (a trained vector or scale, an activation's zero probe, the JVP's scaled vector). */
 interface TrainOp {
+  /** The layer, or null for the embedding stage and the final norm (told apart by site). */
   layer: number | null;
   site: string;
   op: SiteOp;
 }
+
+/** What a differentiated pass adds to the plan: traced adds at sites, adapters per layer. */
+interface Train {
+  ops: TrainOp[];
+  lora: Map<number, Adapters>;
+}
+
+/** Where a call's reads go: the activation cache (forward, generate) or a traced output (jvp). */
+type ReadSink = (reads: Record<string, JArray>, layer: number | null) => void;
+
+const LINEARS: readonly LinearName[] = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"];
+const NORMS: readonly NormName[] = ["ln1", "ln1Post", "ln2", "ln2Post", "attn.qNorm", "attn.kNorm"];
 
 export interface EngineOptions {
   /** Largest single device buffer; larger weights are split into row chunks. */
@@ -41,7 +78,7 @@ export interface EngineOptions {
 /** A generate call's KV cache: per layer k and v, [B, cap, nKvHeads, dHead]. */
 interface JaxKv {
   cap: number;
-  out: { k: JArray; v: JArray }[];
+  out: KV[];
 }
 
 /** Elements of one prefill attention-score tensor (B·heads·chunk·cap) we allow at once. */
@@ -67,20 +104,15 @@ export class Engine {
     const vec = (name: string) => np.array(w(name).data);
     const wd = opts.weightDtype ?? "f32";
     const mat = (name: string): Weight => toDevice(w(name), max, wd);
-    const normP = (p: string) => ({ weight: vec(`${p}.weight`), ...(host.weights.has(`${p}.bias`) ? { bias: vec(`${p}.bias`) } : {}) });
-    const optNorm = <K extends string>(key: K, p: string) => (host.weights.has(`${p}.weight`) ? ({ [key]: normP(p) } as Record<K, ReturnType<typeof normP>>) : {});
-    const lin = (p: string) => ({ weight: mat(`${p}.weight`), ...(host.weights.has(`${p}.bias`) ? { bias: vec(`${p}.bias`) } : {}) });
+    const normP = (p: string): NormParams => ({ weight: vec(`${p}.weight`), ...(host.weights.has(`${p}.bias`) ? { bias: vec(`${p}.bias`) } : {}) });
+    const lin = (p: string): LinearParams => ({ weight: mat(`${p}.weight`), ...(host.weights.has(`${p}.bias`) ? { bias: vec(`${p}.bias`) } : {}) });
     const blocks: BlockParams[] = [];
     for (let i = 0; i < c.nLayers; i++) {
       const b = `blocks.${i}`;
-      blocks.push({
-        ...optNorm("ln1", `${b}.ln1`),
-        ...optNorm("ln1Post", `${b}.ln1Post`),
-        attn: { q: lin(`${b}.attn.q`), k: lin(`${b}.attn.k`), v: lin(`${b}.attn.v`), o: lin(`${b}.attn.o`), ...optNorm("qNorm", `${b}.attn.qNorm`), ...optNorm("kNorm", `${b}.attn.kNorm`) },
-        ...optNorm("ln2", `${b}.ln2`),
-        ...optNorm("ln2Post", `${b}.ln2Post`),
-        mlp: { ...(c.mlp.kind === "gated" ? { gate: lin(`${b}.mlp.gate`) } : {}), up: lin(`${b}.mlp.up`), down: lin(`${b}.mlp.down`) },
-      });
+      const bp: BlockParams = {};
+      for (const n of NORMS) if (host.weights.has(`${b}.${n}.weight`)) bp[n] = normP(`${b}.${n}`);
+      for (const n of LINEARS) if (host.weights.has(`${b}.${n}.weight`)) bp[n] = lin(`${b}.${n}`);
+      blocks.push(bp);
     }
     this.embed = w("embed.weight");
     this.posEmbed = host.weights.get("posEmbed.weight");
@@ -142,7 +174,7 @@ export class Engine {
   release(): void {}
 
   layers(call: LayerCall, kv: JaxKv | null, slot0: number): JArray {
-    return this.runLayers(call.ctx, call.pad, call.promptLen, call.resolved, kv ? { cap: kv.cap, out: kv.out, slot0 } : null, call.cache, null);
+    return this.runLayers(call.ctx, call.pad, call.promptLen, call.resolved, kv ? { cap: kv.cap, out: kv.out, slot0 } : null, this.cacheSink(call.ctx, call.cache), null);
   }
 
   head(x: JArray, which: "all" | "last", call: LayerCall, headCtx: CallCtx): Promise<Float32Array> {
@@ -161,48 +193,205 @@ export class Engine {
   }
 
   /**
-   * Loss and gradient with respect to a vector added at one hook (the trained-bias and adapter
-   * experiments). Loss = mean cross-entropy of `targets` (per row, per position; -1 = ignore).
+   * Loss and gradients (src/engine/grad.ts): loss = mean over the targets of -log p(target);
+   * gradients with respect to every TrainParam, all traced in one pass by jax-js's valueAndGrad.
+   * Params enter the pass as interventions whose payloads are the traced arrays: a vector or a
+   * scale is an `add` at its site, an activation is an added zero tensor [B,T,...feature] (so its
+   * gradient is the gradient with respect to the activation there, after the plan's own ops at
+   * that site), a LoRA is an adapter on its linear layer. The plan applies as constants.
+   *
+   * The older form `lossAndGrad(rows, targets, { at, pos, value }, { plan })` trains one vector
+   * and returns `{ loss, grad }`.
    */
+  async lossAndGrad(rows: (Row | number[])[], req: LossAndGradRequest): Promise<LossAndGradResult>;
   async lossAndGrad(
     rows: (Row | number[])[],
     targets: number[][],
     train: { at: HookName; pos?: PosSpec; value: Float32Array },
+    opts?: { plan?: Plan; countPrefix?: PrefixCounter },
+  ): Promise<{ loss: number; grad: Float32Array }>;
+  async lossAndGrad(
+    rows: (Row | number[])[],
+    a: LossAndGradRequest | number[][],
+    train?: { at: HookName; pos?: PosSpec; value: Float32Array },
     opts: { plan?: Plan; countPrefix?: PrefixCounter } = {},
-  ): Promise<{ loss: number; grad: Float32Array }> {
+  ): Promise<LossAndGradResult | { loss: number; grad: Float32Array }> {
+    if (!Array.isArray(a)) return this.lossAndGradReq(rows, a);
+    if (!train) throw new UsageError("lossAndGrad(rows, targets, train): pass the trained vector { at, value }");
+    const r = await this.lossAndGradReq(rows, {
+      targets: a,
+      params: [{ kind: "vector", at: train.at, ...(train.pos ? { pos: train.pos } : {}), value: train.value }],
+      ...(opts.plan ? { plan: opts.plan } : {}),
+      ...(opts.countPrefix ? { countPrefix: opts.countPrefix } : {}),
+    });
+    return { loss: r.loss, grad: r.grads[0]![0]! };
+  }
+
+  private async lossAndGradReq(rows: (Row | number[])[], req: LossAndGradRequest): Promise<LossAndGradResult> {
     this.live();
     const c = this.config;
     const rs = rows.map(asRow);
     const { B, T, pad } = padShape(rs);
     const promptLen = rs.map((r) => r.ids.length);
-    const { layer, site } = parseHook(train.at, c.nLayers);
-    const feat = featShapeOf(c, site);
-    if (feat.length !== 1 || train.value.length !== feat[0]) throw new UsageError(`lossAndGrad: ${train.at} takes a vector of length ${feat.join("x")}`);
-    const probe: Intervention = { op: "add", at: train.at, vector: train.value, ...(train.pos ? { pos: train.pos } : {}) };
-    const [r] = resolvePlan(this.config, [probe], rs, promptLen, opts.countPrefix);
+    if (req.params.length === 0) throw new UsageError("lossAndGrad: no params to differentiate (params is empty)");
     // Other interventions (e.g. a concept injection during training) apply as constants.
-    const resolvedPlan = resolvePlan(this.config, opts.plan ?? [], rs, promptLen, opts.countPrefix);
-    if (resolvedPlan.some((x) => x.iv.op === "read")) throw new UsageError("lossAndGrad: the plan cannot contain reads");
+    const resolved = resolvePlan(c, req.plan ?? [], rs, promptLen, req.countPrefix);
+    if (resolved.some((x) => x.iv.op === "read")) throw new UsageError("lossAndGrad: the plan cannot contain reads");
     const ctx = fullCtx(rs, B, T, pad);
+    if (req.targets.length !== B) throw new UsageError(`lossAndGrad: targets has ${req.targets.length} rows for a batch of ${B}`);
     // Target weights folded with 1/n on the host: loss = -sum(w * logsoftmax(logits)).
     let n = 0;
-    targets.forEach((ts, b) => ts.forEach((t, i) => { if (t >= 0) { n++; if (i >= rs[b]!.ids.length) throw new UsageError("lossAndGrad: more targets than tokens"); } }));
+    req.targets.forEach((ts, b) =>
+      ts.forEach((t, i) => {
+        if (t < 0) return;
+        if (i >= rs[b]!.ids.length) throw new UsageError("lossAndGrad: more targets than tokens");
+        if (!(Number.isInteger(t) && t < c.dVocab)) throw new UsageError(`lossAndGrad: target ${t} (row ${b}, position ${i}) is outside the vocabulary (0..${c.dVocab - 1})`);
+        n++;
+      }),
+    );
     if (n === 0) throw new UsageError("lossAndGrad: no targets");
     const wt = new Float32Array(B * T * c.dVocab);
-    targets.forEach((ts, b) => ts.forEach((t, i) => { if (t >= 0) wt[(b * T + pad[b]! + i) * c.dVocab + t] = 1 / n; }));
-    const mask = scopeMask(r!, ctx, promptLen, [1]);
-    const f = (v: JArray): JArray => {
-      const trainOp: TrainOp = { layer, site, op: { v: v.reshape([1, 1, feat[0]!]), m: np.array(mask).reshape([B, T, 1]) } };
-      const x = this.runLayers(ctx, pad, promptLen, resolvedPlan, null, null, trainOp);
-      const [chunks] = head(c, { readSet: new Set(), kinds: new Map() }, tree.ref(this.params.lnFinal as never) as never, refWeight(this.params.unembed), x, {});
-      const logits = chunks.length === 1 ? chunks[0]! : np.concatenate(chunks, -1);
-      const lsm = logits.sub(logsumexp(logits.ref));
+    req.targets.forEach((ts, b) => ts.forEach((t, i) => { if (t >= 0) wt[(b * T + pad[b]! + i) * c.dVocab + t] = 1 / n; }));
+    const bound = req.params.map((p, i) => this.bindParam(p, i, rs, ctx, promptLen, req.countPrefix));
+    const loras = new Set<string>();
+    for (const p of req.params)
+      if (p.kind === "lora") {
+        const k = `${p.layer}.${p.linear}`;
+        if (loras.has(k)) throw new UsageError(`lossAndGrad: two adapters on blocks.${p.layer}.${p.linear}; give one (its rank can be larger)`);
+        loras.add(k);
+      }
+    const f = (ps: JArray[][]): JArray => {
+      const train: Train = { ops: [], lora: new Map() };
+      ps.forEach((arrs, i) => bound[i]!.install(arrs, train));
+      const x = this.runLayers(ctx, pad, promptLen, resolved, null, (r) => tree.dispose(r as never), train);
+      const logits = this.headTraced(x, ctx, promptLen, resolved, train, (r) => tree.dispose(r as never));
+      disposeTrain(train);
+      const lsm = logits.ref.sub(logsumexp(logits));
       return lsm.mul(np.array(wt).reshape([B, T, c.dVocab])).sum().neg();
     };
-    const [loss, grad] = valueAndGrad(f)(np.array(train.value));
+    const [loss, grads] = valueAndGrad(f)(bound.map((b) => b.primals()));
     const lossV = (await loss.data())[0]!;
-    const g = new Float32Array(await grad.data());
-    return { loss: lossV, grad: g };
+    const out: Float32Array[][] = [];
+    for (const [i, g] of grads.entries()) out.push(await bound[i]!.result(g));
+    return { loss: lossV, grads: out };
+  }
+
+  /**
+   * Forward-mode derivative of reads with respect to the scale α of the add plan[wrt] (the
+   * steering attribution's d(activation)/dα), by jax-js's jvp: the add's payload is traced as
+   * α·vector with tangent 1. Returns each read's value and derivative per row.
+   */
+  async jvpScale(rows: (Row | number[])[], req: JvpRequest): Promise<JvpResult> {
+    this.live();
+    const c = this.config;
+    const rs = rows.map(asRow);
+    const { B, T, pad } = padShape(rs);
+    const promptLen = rs.map((r) => r.ids.length);
+    const iv = req.plan[req.wrt];
+    if (!iv) throw new UsageError(`jvpScale: wrt ${req.wrt} is not an index of the plan (0..${req.plan.length - 1})`);
+    if (iv.op !== "add") throw new UsageError(`jvpScale: plan[${req.wrt}] is a ${iv.op}; the derivative is with respect to the scale of an add`);
+    if (req.plan.some((x) => x.op === "read")) throw new UsageError("jvpScale: list the sites to differentiate in reads, not as read ops in the plan");
+    if (req.reads.length === 0) throw new UsageError("jvpScale: reads is empty (name the sites whose derivative you want)");
+    for (const r of req.reads) {
+      const { site } = parseHook(r, c.nLayers);
+      if (site === "hook_pos_embed" && c.pos.kind !== "learned") throw new UsageError(`${r}: this model has no learned position embedding`);
+    }
+    const readPlan: Intervention[] = [...new Set(req.reads)].map((at) => ({ op: "read", at }));
+    const all = resolvePlan(c, [...req.plan, ...readPlan], rs, promptLen, req.countPrefix);
+    const target = all[req.wrt]!;
+    const resolved = all.filter((_, i) => i !== req.wrt);
+    const ctx = fullCtx(rs, B, T, pad);
+    const alpha = iv.scale ?? 1;
+    const maskShape = [B, T, ...(target.featShape.length === 2 ? [target.featShape[0]!, 1] : [1])];
+    const mask = scopeMask(target, ctx, promptLen, maskShape.slice(2));
+    const needHead = resolved.some((r) => r.site === "ln_final.hook_normalized") || target.site === "ln_final.hook_normalized";
+    const g = (s: JArray): Env => {
+      const out: Env = {};
+      const sink: ReadSink = (reads, layer) => {
+        for (const [k, a] of Object.entries(reads)) out[layer === null ? k : `blocks.${layer}.${k}`] = a;
+      };
+      const op: SiteOp = { v: np.array(iv.vector).reshape([1, 1, ...target.featShape]).mul(s), m: np.array(mask).reshape(maskShape) };
+      const train: Train = { ops: [{ layer: target.layer, site: target.site, op }], lora: new Map() };
+      const x = this.runLayers(ctx, pad, promptLen, resolved, null, sink, train);
+      if (needHead) this.headTraced(x, ctx, promptLen, resolved, train, sink).dispose();
+      else x.dispose();
+      disposeTrain(train);
+      return out;
+    };
+    const [vals, tans] = jvp(g, [np.array([alpha])], [np.array([1])]);
+    const values = new Map<HookName, Float32Array[]>();
+    const tangents = new Map<HookName, Float32Array[]>();
+    for (const name of new Set(req.reads)) {
+      const { site } = parseHook(name, c.nLayers);
+      const v = vals[name];
+      const t = tans[name];
+      if (!v || !t) throw new Error(`internal: jvpScale read ${name} was not produced`);
+      values.set(name, rowsOf(site, v.shape, await v.data(), ctx).rows);
+      tangents.set(name, rowsOf(site, t.shape, await t.data(), ctx).rows);
+    }
+    return { values, tangents };
+  }
+
+  /** A TrainParam checked against the model and the batch: its primal arrays, how it enters the pass, its gradient on the host. */
+  private bindParam(p: TrainParam, i: number, rs: Row[], ctx: CallCtx, promptLen: number[], countPrefix: PrefixCounter | undefined): BoundParam {
+    const c = this.config;
+    const what = `lossAndGrad: params[${i}] (${p.kind})`;
+    if (p.kind === "lora") {
+      if (!(Number.isInteger(p.layer) && p.layer >= 0 && p.layer < c.nLayers)) throw new UsageError(`${what}: layer ${p.layer} out of range 0..${c.nLayers - 1}`);
+      if (!LINEARS.includes(p.linear)) throw new UsageError(`${what}: linear ${String(p.linear)} is not one of ${LINEARS.join(", ")}`);
+      const w = this.params.blocks[p.layer]![p.linear];
+      if (!w) throw new UsageError(`${what}: this model has no ${p.linear} (a plain MLP has no gate)`);
+      const [out, inp] = linearShape(c, p.linear);
+      if (!(Number.isInteger(p.rank) && p.rank >= 1)) throw new UsageError(`${what}: rank ${p.rank} must be a positive integer`);
+      if (p.a.length !== p.rank * inp) throw new UsageError(`${what}: a has length ${p.a.length}, expected rank × in = ${p.rank} × ${inp}`);
+      if (p.b.length !== out * p.rank) throw new UsageError(`${what}: b has length ${p.b.length}, expected out × rank = ${out} × ${p.rank}`);
+      if (![...p.a, ...p.b].every(Number.isFinite)) throw new NumericalError(`${what}: a or b contains NaN or Inf`);
+      const scale = p.scale ?? 1;
+      if (!Number.isFinite(scale)) throw new NumericalError(`${what}: scale ${scale} is not finite`);
+      return {
+        primals: () => [np.array(p.a).reshape([p.rank, inp]), np.array(p.b).reshape([out, p.rank])],
+        install: ([a, b], t) => {
+          const ads = t.lora.get(p.layer) ?? {};
+          ads[p.linear] = { a: a!, b: b!.mul(scale) };
+          t.lora.set(p.layer, ads);
+        },
+        result: async ([da, db]) => [new Float32Array(await da!.data()), new Float32Array(await db!.data())],
+      };
+    }
+    const { layer, site } = parseHook(p.at, c.nLayers);
+    if (site === "attn.hook_pattern") throw new UsageError(`${what}: ${p.at} is read-only (the attention pattern takes no additions)`);
+    if (site === "hook_pos_embed" && c.pos.kind !== "learned") throw new UsageError(`${p.at}: this model has no learned position embedding`);
+    const feat = featShapeOf(c, site);
+    const F = feat.reduce((x, y) => x * y, 1);
+    const { B, T } = ctx;
+    const maskShape = [B, T, ...(feat.length === 2 ? [feat[0]!, 1] : [1])];
+    if (p.kind === "activation") {
+      return {
+        primals: () => [np.zeros([B, T, ...feat])],
+        install: ([z], t) => t.ops.push({ layer, site, op: { v: z!, m: np.ones(maskShape) } }),
+        result: async ([g]) => rowsOf(site, g!.shape, await g!.data(), ctx).rows,
+      };
+    }
+    const payload = p.kind === "vector" ? p.value : p.vector;
+    if (payload.length !== F) throw new UsageError(`lossAndGrad: ${p.at} takes a vector of length ${F} (${feat.join("x")}); ${p.kind === "vector" ? "value" : "vector"} has length ${payload.length}`);
+    // The param's scope (pos, rows) resolves like an add in a plan.
+    const probe: Intervention = { op: "add", at: p.at, vector: payload, ...(p.pos ? { pos: p.pos } : {}), ...(p.rows ? { rows: p.rows } : {}) };
+    const [r] = resolvePlan(c, [probe], rs, promptLen, countPrefix);
+    const mask = scopeMask(r!, ctx, promptLen, maskShape.slice(2));
+    const m = () => np.array(mask).reshape(maskShape);
+    if (p.kind === "vector") {
+      return {
+        primals: () => [np.array(p.value)],
+        install: ([v], t) => t.ops.push({ layer, site, op: { v: v!.reshape([1, 1, ...feat]), m: m() } }),
+        result: async ([g]) => [new Float32Array(await g!.data())],
+      };
+    }
+    if (!Number.isFinite(p.value)) throw new NumericalError(`${what}: value ${p.value} is not finite`);
+    return {
+      primals: () => [np.array([p.value])],
+      install: ([s], t) => t.ops.push({ layer, site, op: { v: np.array(p.vector).reshape([1, 1, ...feat]).mul(s!), m: m() } }),
+      result: async ([g]) => [new Float32Array(await g!.data())],
+    };
   }
 
   // ------------------------------------------------------------ internals
@@ -211,8 +400,12 @@ export class Engine {
     return featShapeOf(this.config, site);
   }
 
-  /** Compile the resolved plan into per-layer site ops for one call. Arrays are fresh (consumed downstream). */
-  private compile(resolved: Resolved[], ctx: CallCtx, promptLen: number[], group: number | null | "final"): { ops: SiteOps; kinds: Map<string, OpKind[]>; reads: string[] } {
+  /**
+   * Compile the resolved plan into site ops for one call and group (a layer, the embedding stage
+   * (null) or the final norm), with the traced adds of `train` after the plan's own at each site.
+   * Arrays are fresh (consumed downstream).
+   */
+  private compile(resolved: Resolved[], ctx: CallCtx, promptLen: number[], group: number | null | "final", train: Train | null): { ops: SiteOps; kinds: Map<string, OpKind[]>; reads: string[] } {
     const { host, reads } = compileHost(resolved, ctx, promptLen, group);
     const ops: SiteOps = {};
     const kinds = new Map<string, OpKind[]>();
@@ -224,40 +417,26 @@ export class Engine {
       }));
       kinds.set(site, list.map((o) => o.kind));
     }
+    for (const t of train?.ops ?? []) {
+      const final = t.site === "ln_final.hook_normalized";
+      if (group === "final" ? !final : final || t.layer !== group) continue;
+      (ops[t.site] ??= []).push({ v: t.op.v.ref, m: t.op.m.ref });
+      kinds.set(t.site, [...(kinds.get(t.site) ?? []), "add"]);
+    }
     return { ops, kinds, reads };
   }
 
+  /** A sink storing reads (device arrays [B,T,...]) into the cache, dropping padding; awaited at flushReads. */
+  private cacheSink(ctx: CallCtx, cache: ActivationCache): ReadSink {
+    return (reads, layer) => this.pendingReads.push(this.collect(reads, layer, ctx, cache));
+  }
 
-  /** Store reads (device arrays [B,T,...]) into the cache, dropping padding. */
-  private async collect(reads: Record<string, JArray>, layer: number | null, ctx: CallCtx, cache: ActivationCache | null): Promise<void> {
+  private async collect(reads: Record<string, JArray>, layer: number | null, ctx: CallCtx, cache: ActivationCache): Promise<void> {
     for (const [s, a] of Object.entries(reads)) {
       const name = (layer === null ? s : `blocks.${layer}.${s}`) as HookName;
       const shape = a.shape;
-      const data = await a.data();
-      if (!cache) continue;
-      const { B, T } = ctx;
-      if (s === "attn.hook_pattern") {
-        // [B,H,T,T] (full calls only) -> per row [T_b, H, T_b] without padding slots.
-        const [, H] = shape as [number, number];
-        for (let b = 0; b < B; b++) {
-          const n = ctx.pos.subarray(b * T, (b + 1) * T).filter((p) => p >= 0).length;
-          const first = T - n;
-          const out = new Float32Array(n * H * n);
-          for (let t = 0; t < n; t++)
-            for (let h = 0; h < H; h++)
-              out.set(data.subarray(((b * H + h) * T + first + t) * T + first, ((b * H + h) * T + first + t) * T + T), (t * H + h) * n);
-          cache.append(name, [H, n], b, out);
-        }
-        continue;
-      }
-      const F = shape.slice(2).reduce((x, y) => x * y, 1);
-      for (let b = 0; b < B; b++) {
-        const keep: number[] = [];
-        for (let t = 0; t < T; t++) if (ctx.pos[b * T + t]! >= 0) keep.push(t);
-        const out = new Float32Array(keep.length * F);
-        keep.forEach((t, i) => out.set(data.subarray((b * T + t) * F, (b * T + t + 1) * F), i * F));
-        cache.append(name, shape.slice(2) as number[], b, out);
-      }
+      const { feats, rows } = rowsOf(s, shape, await a.data(), ctx);
+      rows.forEach((r, b) => cache.append(name, feats[b]!, b, r));
     }
   }
 
@@ -272,16 +451,16 @@ export class Engine {
   /**
    * Embedding + all blocks for one call. With `kvc`, the call's T slots start at cache slot
    * `kvc.slot0` (a prefill chunk or one decode step) and their k/v are written into the cache.
-   * Returns the residual stream [B,T,D].
+   * Reads go to `sink`; `train` adds traced ops and adapters. Returns the residual stream [B,T,D].
    */
   private runLayers(
     ctx: CallCtx,
     pad: number[],
     promptLen: number[],
     resolved: Resolved[],
-    kvc: { cap: number; out: { k: JArray; v: JArray }[]; slot0: number } | null,
-    cache: ActivationCache | null,
-    trainOp: TrainOp | null,
+    kvc: { cap: number; out: KV[]; slot0: number } | null,
+    sink: ReadSink,
+    train: Train | null,
   ): JArray {
     const c = this.config;
     const { B, T } = ctx;
@@ -304,11 +483,10 @@ export class Engine {
           posE.set(this.posEmbed!.data.subarray(p * D, (p + 1) * D), o);
         }
       }
-    const emb = this.compile(resolved, ctx, promptLen, null);
-    this.addTrain(emb, trainOp, null);
-    const [x0, er] = embedStage({ readSet: new Set(emb.reads), kinds: emb.kinds }, np.array(tok).reshape([B, T, D]), posE ? np.array(posE).reshape([B, T, D]) : null, emb.ops);
-    this.pendingReads.push(this.collect(er, null, ctx, cache));
-    let x = x0;
+    const emb = this.compile(resolved, ctx, promptLen, null, train);
+    const [x0, er] = embedStage(c, { readSet: new Set(emb.reads), kinds: emb.kinds }, { tok: np.array(tok).reshape([B, T, D]), pos: posE ? np.array(posE).reshape([B, T, D]) : null }, emb.ops);
+    sink(er, null);
+    let env: Env = { x: x0 };
 
     // RoPE tables and masks per layer type (sliding layers: own window, maybe their own theta).
     const types = [...new Set(c.layerTypes)];
@@ -337,50 +515,53 @@ export class Engine {
       for (let t = 0; t < T; t++) P[(kvc.slot0 + t) * T + t] = 1;
       place = np.array(P).reshape([kvc.cap, T]);
     }
+    const [attnHalf, mlpHalf] = halvesOf(c);
     for (let l = 0; l < c.nLayers; l++) {
-      const compiled = this.compile(resolved, ctx, promptLen, l);
-      this.addTrain(compiled, trainOp, l);
-      const { ops, kinds, reads } = compiled;
-      const key: LayerKey = { ops: [...kinds.entries()], reads };
+      const { ops, kinds, reads } = this.compile(resolved, ctx, promptLen, l, train);
+      const lora = train?.lora.get(l);
+      const key: LayerKey = { ops: [...kinds.entries()], reads, ...(lora ? { lora: (Object.keys(lora) as LinearName[]).sort() } : {}) };
       const fns = this.fns.get(key);
-      const [opsA, opsM] = splitOps(ops);
+      const [opsA, opsM] = splitOps(c, ops);
       const p = this.params.blocks[l]!;
-      const { o, ...attnRest } = p.attn;
-      const pa = tree.ref({ ...(p.ln1 ? { ln1: p.ln1 } : {}), attn: attnRest } as never) as never;
-      const pm = tree.ref({ o, ...(p.ln1Post ? { ln1Post: p.ln1Post } : {}), ...(p.ln2 ? { ln2: p.ln2 } : {}), ...(p.ln2Post ? { ln2Post: p.ln2Post } : {}), mlp: p.mlp } as never) as never;
+      const pa = halfParams(attnHalf, p, lora);
+      const pm = halfParams(mlpHalf, p, lora);
       const ty = c.layerTypes[l]!;
       const rotRef = tree.ref(rots.get(ty)! as never) as unknown as Rot;
       const mask = masks.get(ty)!;
-      let z: JArray, kvOut: { k: JArray; v: JArray }, ra: Record<string, JArray>;
+      let ra: Record<string, JArray>;
       if (kvc) {
-        [x, z, kvOut, ra] = fns.step(pa, x, rotRef, mask.ref, opsA, kvc.out[l]!, { wm: wm!.ref, place: place!.ref });
+        let kvOut: KV;
+        [env, kvOut, ra] = fns.step(pa, env, rotRef, mask.ref, opsA, kvc.out[l]!, { wm: wm!.ref, place: place!.ref });
         kvc.out[l] = kvOut;
-      } else {
-        [x, z, kvOut, ra] = fns.full(pa, x, rotRef, mask.ref, opsA);
-        tree.dispose(kvOut as never);
-      }
+      } else [env, ra] = fns.full(pa, env, rotRef, mask.ref, opsA);
       let rm: Record<string, JArray>;
-      [x, rm] = fns.mlp(pm, x, z, opsM);
-      this.pendingReads.push(this.collect({ ...ra, ...rm }, l, ctx, cache));
+      [env, rm] = fns.mlp(pm, env, opsM);
+      sink({ ...ra, ...rm }, l);
     }
     tree.dispose([...rots.values()] as never);
     for (const m of masks.values()) m.dispose();
     wm?.dispose();
     place?.dispose();
-    return x;
+    return env.x!;
   }
 
-  private addTrain(c: { ops: SiteOps; kinds: Map<string, OpKind[]> }, trainOp: TrainOp | null, layer: number | null): void {
-    if (!trainOp || trainOp.layer !== layer || trainOp.site === "ln_final.hook_normalized") return;
-    (c.ops[trainOp.site] ??= []).push(trainOp.op);
-    c.kinds.set(trainOp.site, [...(c.kinds.get(trainOp.site) ?? []), "add"]);
+  private headParams() {
+    return { lnFinal: tree.ref(this.params.lnFinal as never) as unknown as NormParams, unembed: refWeight(this.params.unembed) };
+  }
+
+  /** The head inside a traced pass: logits [B,T,V] (vocab chunks joined). */
+  private headTraced(x: JArray, ctx: CallCtx, promptLen: number[], resolved: Resolved[], train: Train | null, sink: ReadSink): JArray {
+    const { ops, kinds, reads } = this.compile(resolved, ctx, promptLen, "final", train);
+    const [chunks, r] = head(this.config, { readSet: new Set(reads), kinds }, this.headParams(), x, ops);
+    sink(r, null);
+    return chunks.length === 1 ? chunks[0]! : np.concatenate(chunks, -1);
   }
 
   /** ln_final + unembedding for a call; returns logits [B*T*V] on the host. */
   private async headToHost(x: JArray, ctx: CallCtx, promptLen: number[], resolved: Resolved[], cache: ActivationCache): Promise<Float32Array> {
     const c = this.config;
-    const { ops, kinds, reads: readList } = this.compile(resolved, ctx, promptLen, "final");
-    const [chunks, reads] = head(c, { readSet: new Set(readList), kinds }, tree.ref(this.params.lnFinal as never) as never, refWeight(this.params.unembed), x, ops);
+    const { ops, kinds, reads: readList } = this.compile(resolved, ctx, promptLen, "final", null);
+    const [chunks, reads] = head(c, { readSet: new Set(readList), kinds }, this.headParams(), x, ops);
     await this.collect(reads, null, ctx, cache);
     await this.flushReads();
     const rowsN = ctx.B * ctx.T;
@@ -394,6 +575,72 @@ export class Engine {
     }
     return out;
   }
+}
+
+/** A TrainParam bound to a call: its primal arrays (fresh each call), how its traced arrays enter the pass, its gradient on the host. */
+interface BoundParam {
+  primals(): JArray[];
+  install(traced: JArray[], train: Train): void;
+  result(grads: JArray[]): Promise<Float32Array[]>;
+}
+
+/** Release what a traced pass's Train still holds (each op and adapter was referenced by its users). */
+function disposeTrain(t: Train): void {
+  tree.dispose([t.ops.map((o) => o.op), [...t.lora.values()]] as never);
+}
+
+/** [out, in] of a block's linear layer. */
+function linearShape(c: ModelConfig, name: LinearName): [number, number] {
+  const q = c.nHeads * c.dHead;
+  const kv = c.nKvHeads * c.dHead;
+  switch (name) {
+    case "attn.q":
+      return [q, c.dModel];
+    case "attn.k":
+    case "attn.v":
+      return [kv, c.dModel];
+    case "attn.o":
+      return [c.dModel, q];
+    case "mlp.gate":
+    case "mlp.up":
+      return [c.dMlp, c.dModel];
+    case "mlp.down":
+      return [c.dModel, c.dMlp];
+  }
+}
+
+/**
+ * A device array [B,T,...feature] of one site as host rows without padding slots:
+ * [positions, ...feature] per row; attn.hook_pattern [B,H,T,T] (full calls) as [T_b, H, T_b].
+ * `feats[b]` is row b's feature shape as the activation cache stores it.
+ */
+function rowsOf(site: string, shape: readonly number[], data: ArrayLike<number> & { subarray(a: number, b: number): ArrayLike<number> }, ctx: CallCtx): { rows: Float32Array[]; feats: number[][] } {
+  const { B, T } = ctx;
+  const rows: Float32Array[] = [];
+  const feats: number[][] = [];
+  if (site === "attn.hook_pattern") {
+    const H = shape[1]!;
+    for (let b = 0; b < B; b++) {
+      const n = ctx.pos.subarray(b * T, (b + 1) * T).filter((p) => p >= 0).length;
+      const first = T - n;
+      const out = new Float32Array(n * H * n);
+      for (let t = 0; t < n; t++)
+        for (let h = 0; h < H; h++) out.set(data.subarray(((b * H + h) * T + first + t) * T + first, ((b * H + h) * T + first + t) * T + T), (t * H + h) * n);
+      rows.push(out);
+      feats.push([H, n]);
+    }
+    return { rows, feats };
+  }
+  const F = shape.slice(2).reduce((x, y) => x * y, 1);
+  for (let b = 0; b < B; b++) {
+    const keep: number[] = [];
+    for (let t = 0; t < T; t++) if (ctx.pos[b * T + t]! >= 0) keep.push(t);
+    const out = new Float32Array(keep.length * F);
+    keep.forEach((t, i) => out.set(data.subarray((b * T + t) * F, (b * T + t + 1) * F), i * F));
+    rows.push(out);
+    feats.push(shape.slice(2) as number[]);
+  }
+  return { rows, feats };
 }
 
 /** Upload a matrix, as f16 if asked (converted on the device), in row chunks under the binding limit. */
