@@ -1,6 +1,7 @@
 // selfscope's public API: named re-exports only. Everything here takes and returns host data.
 export { Model, type LoadOptions, type Prompt } from "./model/model.js";
-export { ActivationCache, type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type Row, type SampleOptions } from "./engine/jax/engine.js";
+export { ActivationCache } from "./engine/cache.js";
+export type { ForwardOptions, ForwardResult, GenerateOptions, GenerateResult, Row, SampleOptions } from "./engine/types.js";
 export type { ModelConfig } from "./engine/config.js";
 export { describeSampler, sampleOptions, type EffectiveSampler, type SamplerRequest } from "./model/sampling.js";
 export { hookName, BLOCK_SITES, type HookName, type BlockSite } from "./hooks/names.js";

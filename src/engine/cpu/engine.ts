@@ -9,14 +9,14 @@
 // activations (and, for generate, its KV cache), and releases them when it returns.
 import { UsageError } from "../../core/errors.js";
 import type { HookName } from "../../hooks/names.js";
-import { ActivationCache } from "../cache.js";
-import { NonFiniteLogits, locateNonFinite } from "../numerics.js";
-import { Decoder } from "../decode.js";
-import { asRow, compileHost, featShapeOf, fullCtx, lastCtx, padShape, planForRow, resolvePlan, sliceCtx, type CallCtx, type HostOp, type Resolved } from "../plan.js";
-import { type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type Row } from "../types.js";
+import type { ActivationCache } from "../cache.js";
+import { Driver, type LayerCall } from "../driver.js";
+import { compileHost, featShapeOf, type CallCtx, type HostOp, type Resolved } from "../plan.js";
+import type { ForwardOptions, ForwardResult, GenerateOptions, GenerateResult, Row } from "../types.js";
 import type { Activation, ModelConfig, NormSpec } from "../config.js";
-import { LazyWeights, type HostModel } from "../../model/load.js";
+import { isLazy, type EngineModel } from "../weights.js";
 import { ropeInvFreq } from "../rope.js";
+import { scheduleOf, type Buf, type EmbedStep, type HeadStep, type Step } from "../schedule.js";
 import { elementwise, type Elementwise } from "./elementwise.js";
 import type { AttentionTask, Gemm } from "./runtime.js";
 
@@ -83,10 +83,12 @@ export class CpuEngine {
   private rope = new Map<boolean, { cos: Float32Array; sin: Float32Array; n: number }>();
   private disposed = false;
   private ew: Elementwise;
+  /** When set, every site a call passes is appended here in order (the schedule conformance test). */
+  siteTrace: string[] | null = null;
 
-  /** Copies the weights into the runtime's memory one tensor at a time (a lazy HostModel then never holds them all). */
+  /** Copies the weights into the runtime's memory one tensor at a time (a lazy EngineModel then never holds them all). */
   constructor(
-    host: HostModel,
+    host: EngineModel,
     readonly rt: KernelRuntime,
   ) {
     const c = (this.config = host.config);
@@ -98,7 +100,7 @@ export class CpuEngine {
     };
     const opt = (name: string) => (host.weights.has(name) ? get(name).data : undefined);
     // Shapes from the header when the weights are lazy (a get() would read the tensor).
-    const lazy = host.weights instanceof LazyWeights ? host.weights : null;
+    const lazy = isLazy(host.weights) ? host.weights : null;
     const shapeOf = (name: string) => (lazy ? lazy.shapeOf(name) : host.weights.get(name)?.shape);
     const norm = (p: string): Norm | undefined => {
       const w = opt(`${p}.weight`);
@@ -173,7 +175,7 @@ export class CpuEngine {
    * core). The runtime is imported here, on demand: it needs node:worker_threads, and this module
    * stays importable in a browser bundle.
    */
-  static async create(host: HostModel, opts: { threads?: number } = {}): Promise<CpuEngine> {
+  static async create(host: EngineModel, opts: { threads?: number } = {}): Promise<CpuEngine> {
     const { CpuRuntime } = await import("./runtime.js");
     const rt = await CpuRuntime.create(opts.threads !== undefined ? { threads: opts.threads } : {});
     try {
@@ -202,257 +204,325 @@ export class CpuEngine {
 
   // ------------------------------------------------------------ public entry points
 
-  async forward(rows: (Row | number[])[], opts: ForwardOptions = {}): Promise<ForwardResult> {
-    try {
-      return this.forwardUnchecked(rows, opts);
-    } catch (e) {
-      if (e instanceof NonFiniteLogits) throw await locateNonFinite(this.config, async (r, o) => this.forwardUnchecked(r, o), rows.map(asRow)[e.row]!, opts, e);
-      throw e;
-    }
+  private readonly driver = new Driver<number, KvCache>(this);
+
+  forward(rows: (Row | number[])[], opts: ForwardOptions = {}): Promise<ForwardResult> {
+    return this.driver.forward(rows, opts);
   }
 
-  async generate(rows: (Row | number[])[], opts: GenerateOptions): Promise<GenerateResult> {
-    try {
-      return this.generateUnchecked(rows, opts);
-    } catch (e) {
-      if (e instanceof NonFiniteLogits) {
-        const plan = planForRow(opts.plan ?? [], e.row);
-        throw await locateNonFinite(this.config, async (r, o) => this.forwardUnchecked(r, o), rows.map(asRow)[e.row]!, { plan, ...(opts.countPrefix ? { countPrefix: opts.countPrefix } : {}) }, e);
-      }
-      throw e;
-    }
+  generate(rows: (Row | number[])[], opts: GenerateOptions): Promise<GenerateResult> {
+    return this.driver.generate(rows, opts);
   }
 
-  private live(): void {
+  // ------------------------------------------------------------ the Backend the driver runs
+
+  live(): void {
     if (this.disposed) throw new UsageError("this model was disposed");
   }
 
-  private forwardUnchecked(rows: (Row | number[])[], opts: ForwardOptions): ForwardResult {
-    this.live();
-    const c = this.config;
-    const rs = rows.map(asRow);
-    const { B, T, pad } = padShape(rs);
-    const promptLen = rs.map((r) => r.ids.length);
-    const resolved = resolvePlan(c, opts.plan ?? [], rs, promptLen, opts.countPrefix);
-    const cache = new ActivationCache();
-    const mode = opts.logits ?? "all";
-    const V = c.dVocab;
-    const mark = this.rt.mark();
-    try {
-      // A full pass is a prefill into a KV cache that lives for this call only, in chunks of
-      // slots as generate() does (bounded activations), unless attention patterns are read:
-      // those need every query's full row, so that call runs in one piece.
-      const kv = this.allocCache(B, T);
-      const whole = resolved.some((r) => r.site === "attn.hook_pattern");
-      const chunk = whole ? T : this.prefillChunk(B, T);
-      const out = mode === "all" ? rs.map((_, b) => new Float32Array((T - pad[b]!) * V)) : [];
-      for (let start = 0; start < T; start += chunk) {
-        const n = Math.min(chunk, T - start);
-        const m = this.rt.mark();
-        const ctx = whole ? fullCtx(rs, B, T, pad) : sliceCtx(rs, pad, start, n);
-        const x = this.runLayers(ctx, pad, promptLen, resolved, kv, start, cache);
-        if (mode === "all") {
-          // Every slot of the chunk (padding too, so ln_final ops see the call's own layout),
-          // then padding dropped.
-          const lg = this.head(x, Array.from({ length: B * n }, (_, r) => r), ctx, promptLen, resolved, cache, true);
-          for (let bb = 0; bb < B; bb++)
-            for (let t = Math.max(0, pad[bb]! - start); t < n; t++) out[bb]!.set(lg.subarray((bb * n + t) * V, (bb * n + t + 1) * V), (start + t - pad[bb]!) * V);
-        } else if (mode === "last" && start + n >= T) {
-          const lg = this.head(x, Array.from({ length: B }, (_, bb) => bb * n + n - 1), lastCtx(B, T, pad), promptLen, resolved, cache);
-          out.push(...rs.map((_, bb) => lg.slice(bb * V, (bb + 1) * V)));
-        }
-        this.rt.release(m);
-      }
-      return { logits: out, cache };
-    } finally {
-      this.rt.release(mark);
-    }
-  }
-
-  /** Slots per prefill chunk: activations are B·chunk rows and the score buffer B·heads·chunk·keys. */
-  private prefillChunk(B: number, keys: number): number {
+  /** Slots per prefill chunk: activations are B·chunk rows and the score buffer B·heads·chunk·keys (keys: the T prompt slots). */
+  prefillChunk(B: number, keys: number): number {
     return Math.max(1, Math.min(Math.floor(ROW_BUDGET / B), Math.floor(SCORE_BUDGET / (B * this.config.nHeads * keys))));
   }
 
-  private generateUnchecked(rows: (Row | number[])[], opts: GenerateOptions): GenerateResult {
-    this.live();
-    const d = new Decoder(this.config, rows, opts);
-    const { B, T, pad, promptLen, resolved, rows: rs } = d;
-    const cache = new ActivationCache();
-    if (d.empty) return d.result(cache);
-    const mark = this.rt.mark();
-    try {
-      const kv = this.allocCache(B, d.cap);
-      // Prefill in chunks of slots: activations are B·chunk rows and the score buffer
-      // B·heads·chunk·keys, bounded whatever the batch and prompt (a 64-row sweep prefills 4 slots at a time).
-      const chunk = this.prefillChunk(B, T);
-      let logits: Float32Array = new Float32Array(0);
-      for (let start = 0; start < T; start += chunk) {
-        const n = Math.min(chunk, T - start);
-        const m = this.rt.mark();
-        const ctx = sliceCtx(rs, pad, start, n);
-        const x = this.runLayers(ctx, pad, promptLen, resolved, kv, start, cache);
-        if (start + n >= T) {
-          logits = this.head(x, Array.from({ length: B }, (_, b) => b * n + n - 1), lastCtx(B, T, pad), promptLen, resolved, cache, true);
-          opts.onStep?.(0);
-        }
-        this.rt.release(m);
-      }
-      for (let st = d.next(logits); st; st = d.next(logits)) {
-        const m = this.rt.mark();
-        const x = this.runLayers(st.ctx, pad, promptLen, resolved, kv, st.slot, cache);
-        logits = this.head(x, Array.from({ length: B }, (_, b) => b), st.ctx, promptLen, resolved, cache, true);
-        this.rt.release(m);
-        opts.onStep?.(d.steps);
-      }
-    } finally {
-      this.rt.release(mark);
-    }
-    return d.result(cache);
-  }
-
-  // ------------------------------------------------------------ the forward pass
-
   /** KV cache for B rows of `cap` slots, per layer: K as [B, nKv, cap, dHead], V transposed [B, nKv, dHead, cap]. */
-  private allocCache(B: number, cap: number): KvCache {
+  openKv(B: number, cap: number): KvCache {
     const c = this.config;
     const n = B * c.nKvHeads * cap * c.dHead;
     const layers = Array.from({ length: c.nLayers }, () => ({ k: this.rt.alloc(n), v: this.rt.alloc(n) }));
     return { cap, layers };
   }
 
+  /** The cache lives on the call's stack: released with it. */
+  closeKv(): void {}
+
+  mark(): number {
+    return this.rt.mark();
+  }
+
+  release(mark: number): void {
+    this.rt.release(mark);
+  }
+
+  layers(call: LayerCall, kv: KvCache | null, slot0: number): number {
+    return this.runLayers(call.ctx, call.pad, call.promptLen, call.resolved, kv!, slot0, call.cache);
+  }
+
+  head(x: number, which: "all" | "last", call: LayerCall, headCtx: CallCtx, view: boolean): Float32Array {
+    const { B, T } = call.ctx;
+    const sel = which === "all" ? Array.from({ length: B * T }, (_, r) => r) : Array.from({ length: B }, (_, b) => b * T + T - 1);
+    return this.headRows(x, sel, headCtx, call.promptLen, call.resolved, call.cache, view);
+  }
+
+  drop(): void {}
+
+  // ------------------------------------------------------------ the forward pass
+
   /**
-   * Embedding and every block for one call whose T slots per row start at cache slot `slot0`.
-   * Writes their k/v into `kv`. Returns the offset of the residual stream [B·T, D].
+   * Embedding and every block for one call whose T slots per row start at cache slot `slot0`:
+   * the schedule's steps (schedule.ts) in order, each implemented below over named buffers.
+   * Writes the call's k/v into `kv`. Returns the offset of the residual stream [B·T, D].
+   *
+   * Buffers are allocated once per call and reused by every block. With a `tape` (gradients),
+   * every step writes fresh buffers instead, and the tape keeps each step's buffers before and
+   * after it, so a backward pass can walk the same steps in reverse over saved activations.
    */
-  private runLayers(ctx: CallCtx, pad: number[], promptLen: number[], resolved: Resolved[], kv: KvCache, slot0: number, cache: ActivationCache): number {
+  private runLayers(ctx: CallCtx, pad: number[], promptLen: number[], resolved: Resolved[], kv: KvCache, slot0: number, cache: ActivationCache | null, tape?: Tape): number {
     const c = this.config;
     const rt = this.rt;
     const { B, T } = ctx;
     const R = B * T;
-    const { dModel: D, nHeads: H, nKvHeads: K, dHead: hd } = c;
-    const F = c.dMlp;
     const S = slot0 + T; // keys visible to this call: every slot up to its last query
-    const qkvW = (H + 2 * K) * hd;
-    const upW = c.mlp.kind === "gated" ? 2 * F : F;
-    // Activations for the whole call (reused by every block).
-    const x = rt.alloc(R * D);
-    const h = rt.alloc(R * D);
-    const qkv = rt.alloc(R * qkvW);
-    const q = rt.alloc(R * H * hd);
-    const kb = rt.alloc(R * K * hd);
-    const vb = rt.alloc(R * K * hd);
-    const z = rt.alloc(R * H * hd);
-    const t1 = rt.alloc(R * D);
-    const up = rt.alloc(R * upW);
-    const hid = rt.alloc(R * F);
-    const pairs = Math.max(1, Math.min(B * H, Math.floor(SCORE_BUDGET / (T * S))));
-    const sc = rt.alloc(pairs * T * S);
-    const needPattern = resolved.some((r) => r.site === "attn.hook_pattern");
-    const pattern = needPattern ? new Float32Array(B * H * T * S) : null;
-    // cos/sin rows for this call's positions, in our memory for the RoPE kernel.
-    const rope = c.pos.kind === "rope"
-      ? [...new Set(c.layerTypes)].map((ty) => {
-          const t = this.ropeFor(ctx.pos, ty === "sliding");
-          const cos = rt.alloc(t.cos.length), sin = rt.alloc(t.sin.length);
-          rt.f32.set(t.cos, cos);
-          rt.f32.set(t.sin, sin);
-          return [ty, { cos, sin }] as const;
-        })
-      : [];
-    const f = () => rt.f32;
+    const sched = scheduleOf(c);
+    const size = this.bufSizes(R);
+    const base = {} as CpuBufs;
+    for (const k of Object.keys(size) as CpuBuf[]) base[k] = k === "result" || k === "logits" ? -1 : rt.alloc(size[k]);
+    const pairs = Math.max(1, Math.min(B * c.nHeads, Math.floor(SCORE_BUDGET / (T * S))));
+    const call: Call = {
+      ctx,
+      pad,
+      slot0,
+      S,
+      kv,
+      sc: rt.alloc(pairs * T * S),
+      pairs,
+      pattern: resolved.some((r) => r.site === "attn.hook_pattern") ? new Float32Array(B * c.nHeads * T * S) : null,
+      rope: this.ropeRows(ctx),
+      cache,
+      promptLen,
+      tape: tape ?? null,
+      ...(this.siteTrace ? { fired: this.siteTrace } : {}),
+    };
+    const e = compileHost(resolved, ctx, promptLen, null);
+    const ebufs = { ...base };
+    for (const st of sched.embed) this.embedStep(st, ebufs, call, e);
+    let x = ebufs.x;
+    for (let l = 0; l < c.nLayers; l++) {
+      const g = compileHost(resolved, ctx, promptLen, l);
+      // Each block starts from the call's buffers (a copy step may have aliased one) and the residual so far.
+      const bufs: CpuBufs = { ...base, x };
+      for (const st of sched.block) this.step(st, l, bufs, call, g);
+      x = bufs.x;
+    }
+    return x;
+  }
 
-    // Embedding (+ learned positions), with the hook_embed / hook_pos_embed sites.
-    {
-      const e = compileHost(resolved, ctx, promptLen, null);
-      const fx = f();
-      const emb = this.embed.off;
-      for (let r = 0; r < R; r++) {
-        const p = ctx.pos[r]!;
-        if (p < 0) continue;
-        const id = ctx.ids[r]!;
-        if (!(id >= 0 && id < c.dVocab)) throw new UsageError(`token id ${id} is outside the vocabulary (0..${c.dVocab - 1})`);
-        const src = emb + id * D;
-        if (c.embedScale === 1) fx.copyWithin(x + r * D, src, src + D);
-        else for (let i = 0; i < D; i++) fx[x + r * D + i] = fx[src + i]! * c.embedScale;
+  /** Floats of each named buffer for R rows. */
+  private bufSizes(R: number): Record<CpuBuf, number> {
+    const { dModel: D, nHeads: H, nKvHeads: K, dHead: hd, dMlp: F } = this.config;
+    return { logits: 0, x: R * D, h: R * D, q: R * H * hd, k: R * K * hd, v: R * K * hd, z: R * H * hd, a: R * D, pre: R * F, post: R * F, d: R * D, qkv: R * (H + 2 * K) * hd, up: R * (this.config.mlp.kind === "gated" ? 2 * F : F), result: R * H * D };
+  }
+
+  /**
+   * The buffer a step writes `name` into: the current one, or with a tape a fresh one (the
+   * tape's earlier entries keep the old). `keep` copies the current contents (in-place ops).
+   */
+  private out(bufs: CpuBufs, name: CpuBuf, call: Call, keep = false): number {
+    if (!call.tape && bufs[name] >= 0) return bufs[name];
+    const R = call.ctx.B * call.ctx.T;
+    const n = this.bufSizes(R)[name];
+    const o = this.rt.alloc(n);
+    if (keep && bufs[name] >= 0) this.rt.f32.copyWithin(o, bufs[name], bufs[name] + n);
+    return (bufs[name] = o);
+  }
+
+  private record(call: Call, layer: number | null, step: TapeStep, before: CpuBufs, after: CpuBufs): void {
+    call.tape?.entries.push({ layer, step, before, after: { ...after } });
+  }
+
+  /** The embedding stage's steps (schedule.embed). */
+  private embedStep(st: EmbedStep, bufs: CpuBufs, call: Call, g: Compiled): void {
+    const c = this.config;
+    const { ctx } = call;
+    const R = ctx.B * ctx.T;
+    const D = c.dModel;
+    const before = { ...bufs };
+    const fx = this.rt.f32;
+    switch (st.kind) {
+      case "embed": {
+        const x = this.out(bufs, "x", call);
+        for (let r = 0; r < R; r++) {
+          const p = ctx.pos[r]!;
+          if (p < 0) continue;
+          const id = ctx.ids[r]!;
+          if (!(id >= 0 && id < c.dVocab)) throw new UsageError(`token id ${id} is outside the vocabulary (0..${c.dVocab - 1})`);
+          const src = this.embed.off + id * D;
+          if (c.embedScale === 1) fx.copyWithin(x + r * D, src, src + D);
+          else for (let i = 0; i < D; i++) fx[x + r * D + i] = fx[src + i]! * c.embedScale;
+        }
+        break;
       }
-      this.site("hook_embed", null, x, [D], e.host, e.reads, ctx, cache);
-      if (this.posEmbed) {
+      case "posEmbed": {
+        const a = this.out(bufs, "a", call);
         for (let r = 0; r < R; r++) {
           const p = ctx.pos[r]!;
           if (p < 0) continue;
           if (p >= c.nCtx) throw new UsageError(`position ${p} exceeds the model's context of ${c.nCtx}`);
-          fx.copyWithin(t1 + r * D, this.posEmbed.off + p * D, this.posEmbed.off + (p + 1) * D);
+          fx.copyWithin(a + r * D, this.posEmbed!.off + p * D, this.posEmbed!.off + (p + 1) * D);
         }
-        this.site("hook_pos_embed", null, t1, [D], e.host, e.reads, ctx, cache);
-        this.ew.add(x, t1, R * D);
+        break;
+      }
+      case "site":
+        this.siteStep(st.site, null, st.buf, [D], bufs, call, g);
+        return;
+      case "residual": {
+        const x = this.out(bufs, "x", call, true);
+        this.ew.add(x, bufs[st.src], R * D);
+        break;
       }
     }
+    this.record(call, null, st, before, bufs);
+  }
 
-    for (let l = 0; l < c.nLayers; l++) {
-      const p = this.blocks[l]!;
-      const { host: ops, reads } = compileHost(resolved, ctx, promptLen, l);
-      const at = (site: string, off: number, feat: number[]) => this.site(site, l, off, feat, ops, reads, ctx, cache);
-      const sliding = c.layerTypes[l] === "sliding";
-      at("hook_resid_pre", x, [D]);
-      // Attention.
-      const hin = p.ln1 ? (this.norm(x, h, R, D, p.ln1), h) : x;
-      this.linear(hin, D, R, p.qkv, p.qkvBias, qkv);
-      const fx = f();
-      const L = kv.layers[l]!;
-      // q, k and v out of the fused product into their own rows (hooks see [R, heads, dHead]);
-      // k and v then go into the cache.
-      copyCols(fx, qkv, qkvW, 0, q, H * hd, R);
-      copyCols(fx, qkv, qkvW, H * hd, kb, K * hd, R);
-      copyCols(fx, qkv, qkvW, (H + K) * hd, vb, K * hd, R);
-      const full = c.qkNorm.kind === "full";
-      if (p.qNorm) this.norm(q, q, full ? R : R * H, full ? H * hd : hd, p.qNorm);
-      if (p.kNorm) this.norm(kb, kb, full ? R : R * K, full ? K * hd : hd, p.kNorm);
-      at("attn.hook_q", q, [H, hd]);
-      at("attn.hook_k", kb, [K, hd]);
-      at("attn.hook_v", vb, [K, hd]);
-      const rot = rope.find(([ty]) => ty === c.layerTypes[l])?.[1];
-      if (rot) {
+  /** Apply a site's ops to a buffer (a fresh copy with a tape) and record its read. */
+  private siteStep(site: string, layer: number | null, buf: CpuBuf, feat: number[], bufs: CpuBufs, call: Call, g: Compiled): void {
+    const touched = g.host.has(site);
+    const before = { ...bufs };
+    // A buffer aliasing the residual (a copy step's) is copied before ops write it.
+    if (touched && buf !== "x" && bufs[buf] === bufs.x) bufs[buf] = -1;
+    const off = touched ? this.out(bufs, buf, call, true) : bufs[buf];
+    if (touched && before[buf] !== off && before[buf] === bufs.x) this.rt.f32.copyWithin(off, before[buf], before[buf] + this.bufSizes(call.ctx.B * call.ctx.T)[buf]);
+    this.site(site, layer, off, feat, g.host, g.reads, call.ctx, call.cache);
+    call.fired?.push(layer === null ? site : `blocks.${layer}.${site}`);
+    if (touched) this.record(call, layer, { kind: "site", site, buf } as TapeStep, before, bufs);
+  }
+
+  /** One step of block `l` (schedule.ts says what each kind computes). */
+  private step(st: Step, l: number, bufs: CpuBufs, call: Call, g: Compiled): void {
+    const c = this.config;
+    const rt = this.rt;
+    const { ctx } = call;
+    const { B, T } = ctx;
+    const R = B * T;
+    const { dModel: D, nHeads: H, nKvHeads: K, dHead: hd, dMlp: F } = c;
+    const p = this.blocks[l]!;
+    const touched = (site: string) => g.host.has(site) || g.reads.includes(site);
+    const before = { ...bufs };
+    switch (st.kind) {
+      case "site":
+        this.siteStep(st.site, l, st.buf, featShapeOf(c, st.site), bufs, call, g);
+        return;
+      case "norm": {
+        const src = bufs[st.src];
+        this.norm(src, this.out(bufs, st.dst, call), R, D, p[st.weight]!);
+        break;
+      }
+      case "copy":
+        // Without a pre-norm the input is x itself: an alias (a site with ops on it copies first, see siteStep).
+        bufs[st.dst] = bufs[st.src];
+        break;
+      case "qkv": {
+        const qkvW = (H + 2 * K) * hd;
+        const qkv = this.out(bufs, "qkv", call);
+        this.linear(bufs.h, D, R, p.qkv, p.qkvBias, qkv);
+        // q, k and v out of the fused product into their own rows (hooks see [R, heads, dHead]).
+        const fx = rt.f32;
+        copyCols(fx, qkv, qkvW, 0, this.out(bufs, "q", call), H * hd, R);
+        copyCols(fx, qkv, qkvW, H * hd, this.out(bufs, "k", call), K * hd, R);
+        copyCols(fx, qkv, qkvW, (H + K) * hd, this.out(bufs, "v", call), K * hd, R);
+        break;
+      }
+      case "qkNorm": {
+        const full = c.qkNorm.kind === "full";
+        const q0 = bufs.q, k0 = bufs.k;
+        this.norm(q0, this.out(bufs, "q", call), full ? R : R * H, full ? H * hd : hd, p.qNorm!);
+        this.norm(k0, this.out(bufs, "k", call), full ? R : R * K, full ? K * hd : hd, p.kNorm!);
+        break;
+      }
+      case "rope": {
+        const rot = call.rope.get(c.layerTypes[l]!)!;
+        const q = this.out(bufs, "q", call, true), k = this.out(bufs, "k", call, true);
         this.ew.rope(q, rot.cos, rot.sin, R, H, hd);
-        this.ew.rope(kb, rot.cos, rot.sin, R, K, hd);
+        this.ew.rope(k, rot.cos, rot.sin, R, K, hd);
+        break;
       }
-      this.writeCache(kb, vb, L, kv.cap, B, T, slot0);
-      this.attention(q, L, kv.cap, z, sc, pairs, ctx, pad, slot0, sliding, pattern);
-      if (pattern && reads.includes("attn.hook_pattern")) this.readPattern(pattern, l, ctx, S, cache);
-      at("attn.hook_z", z, [H, hd]);
-      this.linear(z, H * hd, R, p.o, p.oBias, t1);
-      if (p.ln1Post) this.norm(t1, t1, R, D, p.ln1Post);
-      at("hook_attn_out", t1, [D]);
-      this.ew.add(x, t1, R * D);
-      at("hook_resid_mid", x, [D]);
-      // MLP.
-      const hin2 = p.ln2 ? (this.norm(x, h, R, D, p.ln2), h) : x;
-      this.linear(hin2, D, R, p.up, p.upBias, up);
-      if (c.mlp.kind === "gated") {
-        // The gate is copied out only when mlp.hook_pre has ops or reads (hooks see [R, F]).
-        const hooked = ops.has("mlp.hook_pre") || reads.includes("mlp.hook_pre");
-        if (hooked || c.mlp.act === "gelu") {
-          copyCols(f(), up, 2 * F, 0, hid, F, R);
-          at("mlp.hook_pre", hid, [F]);
+      case "attend": {
+        const L = call.kv.layers[l]!;
+        this.writeCache(bufs.k, bufs.v, L, call.kv.cap, B, T, call.slot0);
+        this.attention(bufs.q, L, call.kv.cap, this.out(bufs, "z", call), call.sc, call.pairs, ctx, call.pad, call.slot0, c.layerTypes[l] === "sliding", call.pattern);
+        if (call.pattern && g.reads.includes(st.pattern) && call.cache) this.readPattern(call.pattern, l, ctx, call.S, call.cache);
+        call.fired?.push(`blocks.${l}.${st.pattern}`);
+        break;
+      }
+      case "oProj": {
+        if (!touched(st.result)) {
+          this.linear(bufs.z, H * hd, R, p.o, p.oBias, this.out(bufs, "a", call));
+          call.fired?.push(`blocks.${l}.${st.result}`);
+          break;
         }
-        if (c.mlp.act === "gelu") gatedAct(f(), hid, up, R, F, c.mlp.act);
-        else if (hooked) this.rt.gatedRows(hid, F, up + F, 2 * F, hid, F, R, F, c.mlp.act);
-        else this.rt.gatedRows(up, 2 * F, up + F, 2 * F, hid, F, R, F, c.mlp.act);
-      } else {
-        copyCols(f(), up, F, 0, hid, F, R);
-        at("mlp.hook_pre", hid, [F]);
-        if (c.mlp.act === "gelu_tanh") this.ew.geluTanh(hid, R * F);
-        else actInPlace(f(), hid, R * F, c.mlp.act);
+        // Per-head outputs result[r, h] = z[r, h]·W_O[:, h]ᵀ ([R, H, D]), the site, then their sum (+ bias).
+        const res = this.out(bufs, "result", call);
+        const list = this.gemmList("heads", H);
+        for (let hh = 0; hh < H; hh++) setGemm(list[hh]!, bufs.z + hh * hd, H * hd, p.o.off + hh * hd, H * hd, res + hh * D, H * D, R, D, hd);
+        rt.gemmBatch(list);
+        this.record(call, l, { kind: "heads" }, before, bufs);
+        this.siteStep(st.result, l, "result", [H, D], bufs, call, g);
+        const before2 = { ...bufs };
+        const a = this.out(bufs, "a", call);
+        const fx = rt.f32;
+        const rs = bufs.result;
+        for (let r = 0; r < R; r++)
+          for (let i = 0; i < D; i++) {
+            let sum = p.oBias ? p.oBias[i]! : 0;
+            for (let hh = 0; hh < H; hh++) sum += fx[rs + (r * H + hh) * D + i]!;
+            fx[a + r * D + i] = sum;
+          }
+        this.record(call, l, { kind: "sumHeads" }, before2, bufs);
+        return;
       }
-      at("mlp.hook_post", hid, [F]);
-      this.linear(hid, F, R, p.down, p.downBias, t1);
-      at("mlp.hook_down", t1, [D]);
-      if (p.ln2Post) this.norm(t1, t1, R, D, p.ln2Post);
-      at("hook_mlp_out", t1, [D]);
-      this.ew.add(x, t1, R * D);
-      at("hook_resid_post", x, [D]);
+      case "mlpIn": {
+        const up = this.out(bufs, "up", call);
+        this.linear(bufs.h, D, R, p.up, p.upBias, up);
+        // Gated: the gate is copied out of the fused [gate | up] product only when mlp.hook_pre
+        // is touched (or for erf GELU, which has no fused kernel); mlpAct then reads it in place.
+        if (c.mlp.kind === "plain") bufs.pre = up; // [R, F] already
+        else if (touched("mlp.hook_pre") || c.mlp.act === "gelu" || call.tape) copyCols(rt.f32, up, 2 * F, 0, this.out(bufs, "pre", call), F, R);
+        else bufs.pre = -1;
+        break;
+      }
+      case "mlpAct": {
+        // Plain MLPs activate in place (a fresh buffer with a tape).
+        if (c.mlp.kind === "plain" && !call.tape) bufs.post = bufs.pre;
+        const post = this.out(bufs, "post", call);
+        const up = bufs.up;
+        if (c.mlp.kind === "gated") {
+          if (c.mlp.act === "gelu") {
+            rt.f32.copyWithin(post, bufs.pre, bufs.pre + R * F);
+            gatedAct(rt.f32, post, up, R, F, c.mlp.act);
+          } else if (bufs.pre >= 0) rt.gatedRows(bufs.pre, F, up + F, 2 * F, post, F, R, F, c.mlp.act);
+          else rt.gatedRows(up, 2 * F, up + F, 2 * F, post, F, R, F, c.mlp.act);
+        } else {
+          if (post !== bufs.pre) rt.f32.copyWithin(post, bufs.pre, bufs.pre + R * F);
+          if (c.mlp.act === "gelu_tanh") this.ew.geluTanh(post, R * F);
+          else actInPlace(rt.f32, post, R * F, c.mlp.act);
+        }
+        break;
+      }
+      case "down":
+        this.linear(bufs.post, F, R, p.down, p.downBias, this.out(bufs, "d", call));
+        break;
+      case "residual": {
+        const x = this.out(bufs, "x", call, true);
+        this.ew.add(x, bufs[st.src], R * D);
+        break;
+      }
     }
-    return x;
+    this.record(call, l, st, before, bufs);
+  }
+
+  /** RoPE cos/sin rows for the call's positions, per layer type, in our memory for the RoPE kernel. */
+  private ropeRows(ctx: CallCtx): Map<string, { cos: number; sin: number }> {
+    const c = this.config;
+    const out = new Map<string, { cos: number; sin: number }>();
+    if (c.pos.kind !== "rope") return out;
+    for (const ty of new Set(c.layerTypes)) {
+      const t = this.ropeFor(ctx.pos, ty === "sliding");
+      const cos = this.rt.alloc(t.cos.length), sin = this.rt.alloc(t.sin.length);
+      this.rt.f32.set(t.cos, cos);
+      this.rt.f32.set(t.sin, sin);
+      out.set(ty, { cos, sin });
+    }
+    return out;
   }
 
   /** Normalise R rows of width D (RMSNorm in Wasm; LayerNorm, GPT-2 only, on the host). */
@@ -556,11 +626,12 @@ export class CpuEngine {
 
   // Argument objects reused across layers and steps (the same array while the count stays the same).
   private lists = {
+    heads: [] as Gemm[],
     scores: [] as Gemm[],
     values: [] as Gemm[],
     attention: [] as AttentionTask[],
   };
-  private gemmList(which: "scores" | "values", n: number): Gemm[] {
+  private gemmList(which: "heads" | "scores" | "values", n: number): Gemm[] {
     return (this.lists[which] = resized(this.lists[which], n, () => ({ x: 0, ldx: 0, w: 0, ldw: 0, y: 0, ldy: 0, M: 0, N: 0, K: 0 })));
   }
   private attentionList(n: number): AttentionTask[] {
@@ -571,26 +642,42 @@ export class CpuEngine {
    * Final norm + unembedding for the selected rows of x; returns logits [sel, V] on the host.
    * `ctx` describes the selected slots (B rows × ctx.T each, in order), for ln_final ops.
    */
-  private head(x: number, sel: number[], ctx: CallCtx, promptLen: number[], resolved: Resolved[], cache: ActivationCache, view = false): Float32Array {
+  private headRows(x: number, sel: number[], ctx: CallCtx, promptLen: number[], resolved: Resolved[], cache: ActivationCache | null, view = false, tape?: Tape): Float32Array {
     const c = this.config;
     const rt = this.rt;
     const D = c.dModel, V = c.dVocab;
     const n = sel.length;
-    const h = rt.alloc(n * D);
-    const lg = rt.alloc(n * V);
-    let fx = rt.f32;
-    sel.forEach((r, i) => fx.copyWithin(h + i * D, x + r * D, x + (r + 1) * D));
-    this.norm(h, h, n, D, this.lnFinal);
+    const bufs = { h: rt.alloc(n * D) } as CpuBufs;
+    sel.forEach((r, i) => rt.f32.copyWithin(bufs.h + i * D, x + r * D, x + (r + 1) * D));
     const fin = compileHost(resolved, ctx, promptLen, "final");
-    this.site("ln_final.hook_normalized", null, h, [D], fin.host, fin.reads, ctx, cache);
-    rt.gemm({ x: h, ldx: D, w: this.unembed.off, ldw: D, y: lg, ldy: V, M: n, N: V, K: D });
-    fx = rt.f32;
+    let lg = -1;
+    for (const st of scheduleOf(c).head) {
+      const before = { ...bufs };
+      if (st.kind === "finalNorm") {
+        const src = bufs.h;
+        if (tape) bufs.h = rt.alloc(n * D);
+        this.norm(src, bufs.h, n, D, this.lnFinal);
+      } else if (st.kind === "site") {
+        if (tape && fin.host.has(st.site)) {
+          const o = rt.alloc(n * D);
+          rt.f32.copyWithin(o, bufs.h, bufs.h + n * D);
+          bufs.h = o;
+        }
+        this.site(st.site, null, bufs.h, [D], fin.host, fin.reads, ctx, cache);
+        this.siteTrace?.push(st.site);
+      } else {
+        lg = rt.alloc(n * V);
+        rt.gemm({ x: bufs.h, ldx: D, w: this.unembed.off, ldw: D, y: lg, ldy: V, M: n, N: V, K: D });
+        const cap = c.finalSoftcap;
+        const f = rt.f32;
+        if (cap) for (let i = lg; i < lg + n * V; i++) f[i] = Math.tanh(f[i]! / cap) * cap;
+      }
+      tape?.entries.push({ layer: null, step: st, before, after: { ...bufs, ...(lg >= 0 ? { logits: lg } : {}) } });
+    }
+    const fx = rt.f32;
     // generate() samples straight from our memory (valid until the next step allocates): no
     // host copy of B·V floats per token.
     const out = view ? fx.subarray(lg, lg + n * V) : fx.slice(lg, lg + n * V);
-    const cap = c.finalSoftcap;
-    if (cap) for (let i = 0; i < out.length; i++) out[i] = Math.tanh(out[i]! / cap) * cap;
-    for (let i = 0; i < out.length; i++) if (!Number.isFinite(out[i]!)) throw new NonFiniteLogits(Math.floor(i / V / ctx.T), out[i]!);
     return out;
   }
 
@@ -598,12 +685,12 @@ export class CpuEngine {
    * Apply the compiled ops for `site` to the activation at `off` ([B·T, ...feat]), then record a
    * read of it (dropping padding slots) when the plan asks.
    */
-  private site(site: string, layer: number | null, off: number, feat: number[], ops: Map<string, HostOp[]>, reads: string[], ctx: CallCtx, cache: ActivationCache): void {
+  private site(site: string, layer: number | null, off: number, feat: number[], ops: Map<string, HostOp[]>, reads: string[], ctx: CallCtx, cache: ActivationCache | null): void {
     const list = ops.get(site);
     const Fall = feat.reduce((a, b) => a * b, 1);
     const R = ctx.B * ctx.T;
     if (list) for (const op of list) this.applyOp(off, R, ctx.T, Fall, op);
-    if (reads.includes(site)) {
+    if (cache && reads.includes(site)) {
       const fx = this.rt.f32;
       const name = (layer === null ? site : `blocks.${layer}.${site}`) as HookName;
       const { B, T } = ctx;
@@ -704,6 +791,45 @@ interface KvCache {
   cap: number;
   layers: { k: number; v: number }[];
 }
+
+/** The schedule's buffers plus the backend's own: the fused qkv and gate|up products, per-head o-proj outputs. */
+export type CpuBuf = Buf | "qkv" | "up" | "result" | "logits";
+/** Offsets of a call's named buffers in the runtime's memory (-1: not materialised). */
+export type CpuBufs = Record<CpuBuf, number>;
+/** A tape entry's step: a schedule step, or the two halves of an oProj whose per-head results are materialised. */
+export type TapeStep = Step | EmbedStep | HeadStep | { kind: "heads" } | { kind: "sumHeads" } | { kind: "site"; site: string; buf: CpuBuf };
+export interface TapeEntry {
+  layer: number | null;
+  step: TapeStep;
+  /** Buffers before and after the step: with a tape no step overwrites a buffer, so both stay valid. */
+  before: CpuBufs;
+  after: CpuBufs;
+}
+export interface Tape {
+  entries: TapeEntry[];
+}
+
+/** One call's state for the step implementations. */
+interface Call {
+  ctx: CallCtx;
+  pad: number[];
+  slot0: number;
+  /** Keys visible to the call. */
+  S: number;
+  kv: KvCache;
+  /** The attention score buffer (pairs·T·S floats) and how many (row, head) pairs it holds. */
+  sc: number;
+  pairs: number;
+  pattern: Float32Array | null;
+  rope: Map<string, { cos: number; sin: number }>;
+  cache: ActivationCache | null;
+  promptLen: number[];
+  tape: Tape | null;
+  /** Sites in the order they fired (the conformance test's view), when tracing. */
+  fired?: string[];
+}
+
+type Compiled = ReturnType<typeof compileHost>;
 
 function setGemm(g: Gemm, x: number, ldx: number, w: number, ldw: number, y: number, ldy: number, M: number, N: number, K: number): void {
   g.x = x;

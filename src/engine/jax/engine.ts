@@ -3,20 +3,19 @@
 // (number[], Float32Array); jax-js arrays never leave this file and transformer.ts.
 import "../../core/polyfills.js";
 import { blockUntilReady, numpy as np, tree, valueAndGrad, type Array as JArray } from "@jax-js/jax";
-import { NumericalError, UsageError } from "../../core/errors.js";
+import { UsageError } from "../../core/errors.js";
 import { parseHook, type HookName } from "../../hooks/names.js";
 import type { Intervention, Plan, PosSpec } from "../../hooks/plan.js";
-import { ActivationCache } from "../cache.js";
-import { NonFiniteLogits, locateNonFinite } from "../numerics.js";
-import { Decoder } from "../decode.js";
-import { asRow, attnMaskHost, compileHost, featShapeOf, fullCtx, lastCtx, padShape, resolvePlan, scopeMask, sliceCtx, sliceRow, type CallCtx, type Resolved } from "../plan.js";
+import type { ActivationCache } from "../cache.js";
+import { Driver, type LayerCall } from "../driver.js";
+import { asRow, attnMaskHost, compileHost, featShapeOf, fullCtx, padShape, resolvePlan, scopeMask, type CallCtx, type Resolved } from "../plan.js";
 import { type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type PrefixCounter, type Row } from "../types.js";
 
 export { ActivationCache } from "../cache.js";
 export { Sampler, argmax } from "../decode.js";
 export { type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type PrefixCounter, type Row, type SampleOptions } from "../types.js";
 import type { ModelConfig } from "../config.js";
-import type { HostModel, HostTensor } from "../../model/load.js";
+import type { EngineModel, HostTensor } from "../weights.js";
 import { ropeTables } from "../rope.js";
 import { LayerFns, embedStage, head, splitOps, type BlockParams, type DeviceParams, type LayerKey, type OpKind, type Rot, type SiteOp, type SiteOps, type Weight } from "./transformer.js";
 
@@ -39,6 +38,12 @@ export interface EngineOptions {
   jit?: boolean;
 }
 
+/** A generate call's KV cache: per layer k and v, [B, cap, nKvHeads, dHead]. */
+interface JaxKv {
+  cap: number;
+  out: { k: JArray; v: JArray }[];
+}
+
 /** Elements of one prefill attention-score tensor (B·heads·chunk·cap) we allow at once. */
 const PREFILL_BUDGET = 4 << 20;
 
@@ -50,7 +55,7 @@ export class Engine {
   private fns: LayerFns;
   private disposed = false;
 
-  constructor(host: HostModel, opts: EngineOptions = {}) {
+  constructor(host: EngineModel, opts: EngineOptions = {}) {
     this.config = host.config;
     const c = host.config;
     const max = opts.maxBindingBytes ?? Infinity;
@@ -96,94 +101,63 @@ export class Engine {
 
   // ------------------------------------------------------------ public entry points
 
-  /** Full forward pass (no KV cache) over a left-padded batch. */
-  async forward(rows: (Row | number[])[], opts: ForwardOptions = {}): Promise<ForwardResult> {
-    try {
-      return await this.forwardUnchecked(rows, opts);
-    } catch (e) {
-      if (e instanceof NonFiniteLogits) throw await this.diagnose(rows.map(asRow)[e.row]!, opts, e);
-      throw e;
-    }
-  }
+  private readonly driver = new Driver<JArray, JaxKv>(this);
 
-  private async forwardUnchecked(rows: (Row | number[])[], opts: ForwardOptions): Promise<ForwardResult> {
-    this.live();
-    const rs = rows.map(asRow);
-    const { B, T, pad } = padShape(rs);
-    const promptLen = rs.map((r) => r.ids.length);
-    const resolved = resolvePlan(this.config, opts.plan ?? [], rs, promptLen, opts.countPrefix);
-    const ctx = fullCtx(rs, B, T, pad);
-    const cache = new ActivationCache();
-    const x = this.runLayers(ctx, pad, promptLen, resolved, null, cache, null);
-    const mode = opts.logits ?? "all";
-    if (mode === "none") {
-      x.dispose();
-      await this.flushReads();
-      return { logits: [], cache };
-    }
-    const last = mode === "last";
-    const xs = last ? x.slice([], [-1]).reshape([B, 1, this.config.dModel]) : x;
-    const lg = await this.headToHost(xs, last ? lastCtx(B, T, pad) : ctx, promptLen, resolved, cache);
-    const logits = rs.map((_, b) => (last ? lg.subarray(b * this.config.dVocab, (b + 1) * this.config.dVocab) : sliceRow(lg, b, T, pad[b]!, this.config.dVocab)));
-    return { logits: logits.map((l) => l.slice()), cache };
+  /** Forward pass over a left-padded batch (one piece, no KV cache). */
+  forward(rows: (Row | number[])[], opts: ForwardOptions = {}): Promise<ForwardResult> {
+    return this.driver.forward(rows, opts);
   }
 
   /** Generate with a KV cache; rows may have different lengths and different interventions. */
-  async generate(rows: (Row | number[])[], opts: GenerateOptions): Promise<GenerateResult> {
-    try {
-      return await this.generateUnchecked(rows, opts);
-    } catch (e) {
-      if (e instanceof NonFiniteLogits) {
-        const r = rows.map(asRow)[e.row]!;
-        // Locate the first bad activation over the prompt (the row's own interventions apply).
-        const plan = (opts.plan ?? []).filter((iv) => !iv.rows || iv.rows.includes(e.row)).map((iv) => ({ ...iv, rows: [0] }));
-        throw await this.diagnose(r, { plan, ...(opts.countPrefix ? { countPrefix: opts.countPrefix } : {}) }, e);
-      }
-      throw e;
-    }
+  generate(rows: (Row | number[])[], opts: GenerateOptions): Promise<GenerateResult> {
+    return this.driver.generate(rows, opts);
   }
 
-  private diagnose(row: Row, opts: ForwardOptions, e: NonFiniteLogits): Promise<NumericalError> {
-    return locateNonFinite(this.config, (rows, o) => this.forwardUnchecked(rows, o), row, opts, e);
+  // ------------------------------------------------------------ the Backend the driver runs
+
+  live(): void {
+    if (this.disposed) throw new UsageError("this model was disposed");
   }
 
-  private async generateUnchecked(rows: (Row | number[])[], opts: GenerateOptions): Promise<GenerateResult> {
-    this.live();
+  /** Prefill chunks through the cache path: attention memory is B·heads·chunk·cap, not B·heads·T². */
+  prefillChunk(B: number, _T: number, cap: number): number {
+    return Math.max(16, Math.floor(PREFILL_BUDGET / (B * this.config.nHeads * cap)));
+  }
+
+  /** A zeroed cache [B, cap, nKvHeads, dHead] per layer; a forward pass runs in one piece without one. */
+  openKv(B: number, cap: number, forward: boolean): JaxKv | null {
+    if (forward) return null;
     const c = this.config;
-    const d = new Decoder(c, rows, opts);
-    const { B, T, pad, promptLen, resolved, cap, rows: rs } = d;
-    const cache = new ActivationCache();
-    if (d.empty) return d.result(cache);
+    return { cap, out: Array.from({ length: c.nLayers }, () => ({ k: np.zeros([B, cap, c.nKvHeads, c.dHead]), v: np.zeros([B, cap, c.nKvHeads, c.dHead]) })) };
+  }
 
-    // Prefill in chunks through the cache path: attention memory is B·heads·chunk·cap, not B·heads·T².
-    const kv: { k: JArray; v: JArray }[] = this.emptyCache(B, cap);
-    const chunk = Math.max(16, Math.floor(PREFILL_BUDGET / (B * c.nHeads * cap)));
-    let logits: Float32Array = new Float32Array(0);
-    for (let start = 0; start < T; start += chunk) {
-      const n = Math.min(chunk, T - start);
-      const ctx = sliceCtx(rs, pad, start, n);
-      const x = this.runLayers(ctx, pad, promptLen, resolved, { cap, out: kv, slot0: start }, cache, null);
-      if (start + n < T) {
-        // jax-js dispatches lazily: without a sync point every chunk's intermediates would be
-        // alive at once when the logits are finally read.
-        await blockUntilReady([x, ...kv] as never);
-        x.dispose();
-        continue;
-      }
-      const xl = x.slice([], [-1]).reshape([B, 1, c.dModel]);
-      logits = await this.headToHost(xl, lastCtx(B, T, pad), promptLen, resolved, cache);
-      opts.onStep?.(0);
-    }
-    try {
-      for (let st = d.next(logits); st; st = d.next(logits)) {
-        const xs = this.runLayers(st.ctx, pad, promptLen, resolved, { cap, out: kv, slot0: st.slot }, cache, null);
-        logits = await this.headToHost(xs, st.ctx, promptLen, resolved, cache);
-        opts.onStep?.(d.steps);
-      }
-    } finally {
-      tree.dispose(kv as never);
-    }
-    return d.result(cache);
+  closeKv(kv: JaxKv | null): void {
+    if (kv) tree.dispose(kv.out as never);
+  }
+
+  mark(): number {
+    return 0;
+  }
+
+  release(): void {}
+
+  layers(call: LayerCall, kv: JaxKv | null, slot0: number): JArray {
+    return this.runLayers(call.ctx, call.pad, call.promptLen, call.resolved, kv ? { cap: kv.cap, out: kv.out, slot0 } : null, call.cache, null);
+  }
+
+  head(x: JArray, which: "all" | "last", call: LayerCall, headCtx: CallCtx): Promise<Float32Array> {
+    const xs = which === "last" ? x.slice([], [-1]).reshape([call.ctx.B, 1, this.config.dModel]) : x;
+    return this.headToHost(xs, headCtx, call.promptLen, call.resolved, call.cache);
+  }
+
+  /**
+   * jax-js dispatches lazily: without a sync point every prefill chunk's intermediates would be
+   * alive at once when the logits are finally read.
+   */
+  async drop(x: JArray, kv: JaxKv | null): Promise<void> {
+    await blockUntilReady([x, ...(kv?.out ?? [])] as never);
+    x.dispose();
+    await this.flushReads();
   }
 
   /**
@@ -235,10 +209,6 @@ export class Engine {
 
   featShape(site: string): number[] {
     return featShapeOf(this.config, site);
-  }
-
-  private live(): void {
-    if (this.disposed) throw new UsageError("this model was disposed");
   }
 
   /** Compile the resolved plan into per-layer site ops for one call. Arrays are fresh (consumed downstream). */
@@ -400,13 +370,6 @@ export class Engine {
     return x;
   }
 
-  /** Append the trainable add (its vector is a traced array) to a layer's compiled ops. */
-  /** A zeroed KV cache [B, cap, nKvHeads, dHead] per layer. */
-  private emptyCache(B: number, cap: number): { k: JArray; v: JArray }[] {
-    const c = this.config;
-    return Array.from({ length: c.nLayers }, () => ({ k: np.zeros([B, cap, c.nKvHeads, c.dHead]), v: np.zeros([B, cap, c.nKvHeads, c.dHead]) }));
-  }
-
   private addTrain(c: { ops: SiteOps; kinds: Map<string, OpKind[]> }, trainOp: TrainOp | null, layer: number | null): void {
     if (!trainOp || trainOp.layer !== layer || trainOp.site === "ln_final.hook_normalized") return;
     (c.ops[trainOp.site] ??= []).push(trainOp.op);
@@ -428,9 +391,6 @@ export class Engine {
       const d = await ch.data();
       for (let r = 0; r < rowsN; r++) out.set(d.subarray(r * w, (r + 1) * w), r * c.dVocab + off);
       off += w;
-    }
-    for (let i = 0; i < out.length; i++) {
-      if (!Number.isFinite(out[i]!)) throw new NonFiniteLogits(Math.floor(i / c.dVocab / ctx.T), out[i]!);
     }
     return out;
   }
