@@ -421,10 +421,11 @@ for (const threads of [1, 2])
       const xo = put(x), dyo = put(dy), u = rt.alloc(R * rank), tmp = rt.alloc(R * rank), y = rt.alloc(R * OUT);
       loraApply(rt, l, xo, IN, R, u, tmp, y, OUT);
       close(get(y, R * OUT), term(x, A, Bm), F32_TOL, "forward term");
-      const dA = rt.alloc(rank * IN), dB = rt.alloc(OUT * rank), dx = put(new Float64Array(R * IN).fill(0.5));
-      loraVjp(rt, l, xo, IN, u, dyo, OUT, R, dA, dB, dx, IN);
-      close(get(dA, rank * IN), fdGrad((aa) => dot(dy, term(x, aa, Bm)), A), F32_TOL, "dA");
-      close(get(dB, OUT * rank), fdGrad((bb) => dot(dy, term(x, A, bb)), Bm), F32_TOL, "dB");
+      // dA and dB accumulate onto what is there (0.25).
+      const dA = put(new Float64Array(rank * IN).fill(0.25)), dB = put(new Float64Array(OUT * rank).fill(0.25)), dx = put(new Float64Array(R * IN).fill(0.5));
+      loraVjp(rt, l, xo, IN, dyo, OUT, R, dA, dB, dx, IN);
+      close(Float64Array.from(get(dA, rank * IN)).map((v) => v - 0.25), fdGrad((aa) => dot(dy, term(x, aa, Bm)), A), F32_TOL, "dA");
+      close(Float64Array.from(get(dB, OUT * rank)).map((v) => v - 0.25), fdGrad((bb) => dot(dy, term(x, A, bb)), Bm), F32_TOL, "dB");
       close(Float64Array.from(get(dx, R * IN)).map((v) => v - 0.5), fdGrad((xx) => dot(dy, term(xx, A, Bm)), x), F32_TOL, "dX (accumulated)");
       const ty = rt.alloc(R * OUT);
       loraJvp(rt, l, put(tx), IN, R, ty, OUT);

@@ -6,7 +6,7 @@
 // batch of two rows with a plan of constant interventions (add, weighted project, per-head
 // ablate, patch), so the site ops' derivatives are in every check. Tolerance: the issue's 1e-4
 // relative error (max |engine - fd| / max |fd| over the checked coordinates).
-import { after, before, describe, test } from "node:test";
+import { after, afterEach, before, beforeEach, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import os from "node:os";
@@ -58,9 +58,13 @@ function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
   return Number.isNaN(d) ? NaN : d / m;
 }
 
+/** Relative errors seen by the running test (reported as its diagnostic). */
+const seen: number[] = [];
+
 function close(a: ArrayLike<number>, b: ArrayLike<number>, what: string, tol = TOL): void {
   assert.equal(a.length, b.length, `${what}: lengths`);
   const e = relErr(a, b);
+  seen.push(e);
   assert.ok(e <= tol, `${what}: relative error ${e.toExponential(2)} > ${tol} (max |fd| ${Math.max(...Array.from(b, Math.abs)).toExponential(2)})`);
   assert.ok(Array.from(b).some((v) => v !== 0), `${what}: the finite differences are all zero (a vacuous check)`);
 }
@@ -141,6 +145,12 @@ for (const family of FIXTURE_FAMILIES)
     });
     after(async () => {
       await cpu?.close();
+    });
+    beforeEach(() => {
+      seen.length = 0;
+    });
+    afterEach((t) => {
+      if (seen.length && "diagnostic" in t) t.diagnostic(`largest relative error ${Math.max(...seen).toExponential(2)} over ${seen.length} checks`);
     });
 
     test("trained vector (mlp.hook_down, from position 2) and trained scale (ln2.hook_normalized): loss and gradients", async () => {

@@ -20,6 +20,7 @@
 // product, which next to the product's 2·R flops per weight costs a few percent at training
 // batch sizes (R = rows of the batch), and a gradient step is rarely run at R = 1.
 import type { Activation, NormSpec } from "../config.js";
+import type { LinearName } from "../grad.js";
 import type { HostOp } from "../plan.js";
 import type { Gemm } from "./runtime.js";
 
@@ -135,7 +136,10 @@ export function linearJvp(rt: MatRuntime, tx: number, ldtx: number, w: MatRef, t
 
 // ---------------------------------------------------------------- LoRA
 
-/** A low-rank adapter y += scale·(x·Aᵀ)·Bᵀ with A [rank, in] and B [out, rank] in the runtime's memory. */
+/**
+ * A low-rank adapter y += scale·(x·Aᵀ)·Bᵀ with A [rank, in] (rows `lda` apart, default `in`: a
+ * column slice of a wider A, e.g. one head's columns of attn.o) and B [out, rank] in the runtime's memory.
+ */
 export interface LoraRef {
   a: number;
   b: number;
@@ -143,39 +147,48 @@ export interface LoraRef {
   in: number;
   out: number;
   scale: number;
+  lda?: number;
 }
 
 /**
- * The adapter's term: u = x·Aᵀ ([R, rank], kept for the backward), then y += scale·u·Bᵀ.
+ * The adapter's term: u = x·Aᵀ ([R, rank] at `u`), then y += scale·u·Bᵀ (rows ldy apart).
  * `tmp`: R·rank floats of scratch (u scaled).
  */
 export function loraApply(rt: MatRuntime, l: LoraRef, x: number, ldx: number, R: number, u: number, tmp: number, y: number, ldy: number): void {
-  rt.gemm({ x, ldx, w: l.a, ldw: l.in, y: u, ldy: l.rank, M: R, N: l.rank, K: l.in });
+  rt.gemm({ x, ldx, w: l.a, ldw: l.lda ?? l.in, y: u, ldy: l.rank, M: R, N: l.rank, K: l.in });
   const f = rt.f32;
   for (let i = 0; i < R * l.rank; i++) f[tmp + i] = f[u + i]! * l.scale;
   rt.gemm({ x: tmp, ldx: l.rank, w: l.b, ldw: l.rank, y, ldy, M: R, N: l.out, K: l.rank, accumulate: true });
 }
 
 /**
- * VJP of the adapter's term given x, u = x·Aᵀ and dY: dB = scale·dYᵀ·u [out, rank], dA = scale·(dY·B)ᵀ·x
- * [rank, in] (both overwritten), and dX += scale·(dY·B)·A when dx is not null.
+ * VJP of the adapter's term at input x given dY (u = x·Aᵀ is recomputed: R·in·rank flops):
+ * dB += scale·dYᵀ·u [out, rank], dA += scale·(dY·B)ᵀ·x [rank, in] (rows `lda` apart, as A), and
+ * dX += scale·(dY·B)·A when dx is not null. dA and dB accumulate (one adapter may serve several
+ * heads, or several calls); the caller zeroes them first.
  */
-export function loraVjp(rt: MatRuntime, l: LoraRef, x: number, ldx: number, u: number, dy: number, lddy: number, R: number, dA: number, dB: number, dx: number | null, lddx: number): void {
+export function loraVjp(rt: MatRuntime, l: LoraRef, x: number, ldx: number, dy: number, lddy: number, R: number, dA: number, dB: number, dx: number | null, lddx: number): void {
+  const lda = l.lda ?? l.in;
   const mark = rt.mark();
   try {
-    const du = rt.alloc(R * l.rank);
+    const us = rt.alloc(R * l.rank), du = rt.alloc(R * l.rank);
+    rt.gemm({ x, ldx, w: l.a, ldw: lda, y: us, ldy: l.rank, M: R, N: l.rank, K: l.in });
     matmulNN(rt, dy, lddy, { off: l.b, rows: l.out, cols: l.rank }, du, l.rank, R, false);
     const f = rt.f32;
-    for (let i = 0; i < R * l.rank; i++) f[du + i] = f[du + i]! * l.scale;
-    matmulTN(rt, du, l.rank, x, ldx, dA, l.in, l.rank, l.in, R, false);
-    matmulTN(rt, dy, lddy, u, l.rank, dB, l.rank, l.out, l.rank, R, false);
-    const g = rt.f32;
-    for (let i = 0; i < l.out * l.rank; i++) g[dB + i] = g[dB + i]! * l.scale;
-    if (dx !== null) matmulNN(rt, du, l.rank, { off: l.a, rows: l.rank, cols: l.in }, dx, lddx, R, true);
+    for (let i = 0; i < R * l.rank; i++) {
+      f[us + i] = f[us + i]! * l.scale;
+      f[du + i] = f[du + i]! * l.scale;
+    }
+    matmulTN(rt, du, l.rank, x, ldx, dA, lda, l.rank, l.in, R, true);
+    matmulTN(rt, dy, lddy, us, l.rank, dB, l.rank, l.out, l.rank, R, true);
+    if (dx !== null) matmulNN(rt, du, l.rank, { off: l.a, rows: l.rank, cols: l.in, ld: lda }, dx, lddx, R, true);
   } finally {
     rt.release(mark);
   }
 }
+
+/** The key of an adapter on `linear` of block `layer` (a call's adapters map). */
+export const adapterKey = (layer: number, linear: LinearName): string => `${layer}:${linear}`;
 
 /** JVP of the adapter's term (A, B constant): tY += scale·(tX·Aᵀ)·Bᵀ. */
 export function loraJvp(rt: MatRuntime, l: LoraRef, tx: number, ldtx: number, R: number, ty: number, ldty: number): void {
