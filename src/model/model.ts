@@ -7,7 +7,8 @@ import { cacheRoot } from "../core/cache.js";
 import { UsageError } from "../core/errors.js";
 import { renderChat, chatTemplateFromTokenizerConfig, type ChatMessage } from "../io/chat-template.js";
 import { checkTokenizerFits, loadTokenizerJson, tokenizerFromGguf, type Tokenizer } from "../io/tokenizer.js";
-import { getDeviceInfo, initDevice, type DeviceInfo, type DeviceName } from "../engine/device.js";
+import { initDevice, type DeviceInfo, type DeviceName } from "../engine/device.js";
+import type { JvpRequest, JvpResult, LossAndGradRequest, LossAndGradResult } from "../engine/grad.js";
 import type { ModelConfig } from "../engine/config.js";
 import { CpuEngine } from "../engine/cpu/engine.js";
 import { Engine, type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type Row } from "../engine/jax/engine.js";
@@ -61,8 +62,6 @@ export interface ModelIdentity {
 }
 
 export class Model {
-  /** The jax-js engine used for gradients when the model runs on the cpu device (made on first use). */
-  private grad: Engine | undefined;
   /** weightsHash() result (hashing a large checkpoint takes seconds; files are assumed not to change under a loaded model). */
   private weightsSha: string | undefined;
 
@@ -108,22 +107,23 @@ export class Model {
 
   dispose(): void {
     this.engine.dispose();
-    this.grad?.dispose();
   }
 
   /**
-   * The engine for gradients (lossAndGrad): the jax-js engine itself on wasm/webgpu; on the cpu
-   * device, a jax-js wasm engine loaded from the same file on first use.
+   * The loss (mean cross-entropy of the targets) and its gradient with respect to the request's
+   * parameters (engine/grad.ts), on the model's own engine and weights: no second copy.
    */
-  async gradEngine(): Promise<Engine> {
-    if (this.engine instanceof Engine) return this.engine;
-    if (!this.grad) {
-      const cur = getDeviceInfo();
-      await initDevice("wasm");
-      this.grad = new Engine(loadHostModel(this.files.path));
-      if (cur && cur.name !== "cpu" && cur.name !== "wasm") await initDevice(cur.name);
-    }
-    return this.grad;
+  async lossAndGrad(rows: Row[], req: LossAndGradRequest): Promise<LossAndGradResult> {
+    const e = this.engine;
+    if (e instanceof CpuEngine) return e.lossAndGrad(rows, req);
+    return jaxLossAndGrad(e as Engine, rows, req);
+  }
+
+  /** Reads and their derivative with respect to the scale of `req.plan[req.wrt]` (forward mode; cpu device). */
+  async jvpScale(rows: Row[], req: JvpRequest): Promise<JvpResult> {
+    const e = this.engine;
+    if (e instanceof CpuEngine) return e.jvpScale(rows, req);
+    throw new UsageError(`jvpScale runs on the cpu device only (this model is on ${this.device.name}); load it with --device cpu`);
   }
 
   /**
@@ -256,4 +256,15 @@ function tokenizerOf(host: HostModel): { tokenizer?: Tokenizer; chatTemplate?: s
   const tpl = hostChatTemplate(host);
   if (tpl) out.chatTemplate = tpl;
   return out;
+}
+
+/**
+ * The jax-js engine's gradient (wasm, webgpu) behind the request type: one vector parameter (its
+ * lossAndGrad predates engine/grad.ts).
+ */
+async function jaxLossAndGrad(e: Engine, rows: Row[], req: LossAndGradRequest): Promise<LossAndGradResult> {
+  const [p, ...rest] = req.params;
+  if (!p || rest.length > 0 || p.kind !== "vector" || p.rows) throw new UsageError("on the wasm and webgpu devices lossAndGrad takes one vector parameter (all rows); use the cpu device for scales, adapters and activations");
+  const r = await e.lossAndGrad(rows, req.targets, { at: p.at, value: p.value, ...(p.pos ? { pos: p.pos } : {}) }, { ...(req.plan ? { plan: req.plan } : {}), ...(req.countPrefix ? { countPrefix: req.countPrefix } : {}) });
+  return { loss: r.loss, grads: [[r.grad]] };
 }
