@@ -37,13 +37,19 @@ const STORIES = path.join(repoDir(), "models", "stories260K", "stories260K.gguf"
 const tmpRoot = fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-bias-"));
 after(() => fs.rmSync(tmpRoot, { recursive: true, force: true }));
 
+/** The jax-js engine (wasm) and selfscope's own (cpu, the default): each computes gradients on its own weights. */
 let model: Model;
+let cpu: Model;
 let host: HostModel;
 before(async () => {
   model = await Model.load(STORIES, { device: "wasm" });
+  cpu = await Model.load(STORIES, { threads: 2 });
   host = loadHostModel(STORIES);
 });
-after(() => model?.dispose());
+after(() => {
+  model?.dispose();
+  cpu?.dispose();
+});
 
 function randVec(seed: number, n: number, scale: number): Float32Array {
   const rng = new Rng(seed);
@@ -102,52 +108,54 @@ describe("Adam", () => {
 });
 
 describe("the loss and its gradient with concept injections in the same pass", () => {
-  test("engine loss and gradient = float64 reference and its finite differences", async (t) => {
-    const D = model.config.dModel;
-    const ex = shortExamples().slice(0, 2);
-    const { rows, targets, plan } = batchInputs(ex);
-    const at = "blocks.1.hook_mlp_out" as const;
-    const value = randVec(9, D, 0.5);
-    const { loss, grad } = await lossAndGradWithPlan(await model.gradEngine(), rows, targets, { at, value }, plan);
-    const lossAt = (v: Float64Array, withInjection = true): number => {
-      let sum = 0;
-      let n = 0;
-      for (const e of ex) {
-        const p: OracleIntervention[] = [{ op: "add", at, vector: v, pos: "all" }];
-        if (e.inject && withInjection) p.push({ op: "add", at: `blocks.${e.inject.layer}.hook_resid_post`, vector: e.inject.vector, scale: e.inject.strength, pos: { from: e.inject.from } });
-        const c = crossEntropySum(oracleForward(host, e.ids, p).logits, e.targets);
-        sum += c.sum;
-        n += c.n;
+  for (const device of ["cpu", "wasm"] as const)
+    test(`${device}: engine loss and gradient = float64 reference and its finite differences`, async (t) => {
+      const onDevice = device === "cpu" ? cpu : model;
+      const D = model.config.dModel;
+      const ex = shortExamples().slice(0, 2);
+      const { rows, targets, plan } = batchInputs(ex);
+      const at = "blocks.1.hook_mlp_out" as const;
+      const value = randVec(9, D, 0.5);
+      const { loss, grad } = await lossAndGradWithPlan(onDevice, rows, targets, { at, value }, plan);
+      const lossAt = (v: Float64Array, withInjection = true): number => {
+        let sum = 0;
+        let n = 0;
+        for (const e of ex) {
+          const p: OracleIntervention[] = [{ op: "add", at, vector: v, pos: "all" }];
+          if (e.inject && withInjection) p.push({ op: "add", at: `blocks.${e.inject.layer}.hook_resid_post`, vector: e.inject.vector, scale: e.inject.strength, pos: { from: e.inject.from } });
+          const c = crossEntropySum(oracleForward(host, e.ids, p).logits, e.targets);
+          sum += c.sum;
+          n += c.n;
+        }
+        return sum / n;
+      };
+      const v64 = Float64Array.from(value);
+      const ref = lossAt(v64);
+      assert.ok(Math.abs(loss - ref) < 1e-4, `loss ${loss} vs float64 ${ref}`);
+      // The injection really is in the pass: without it the loss differs.
+      assert.ok(Math.abs(lossAt(v64, false) - ref) > 1e-2, "the injection should change the loss");
+      const h = 1e-4;
+      let dd = 0;
+      let nf = 0;
+      for (let i = 0; i < D; i++) {
+        const p = v64.slice();
+        const m = v64.slice();
+        p[i] = p[i]! + h;
+        m[i] = m[i]! - h;
+        const fd = (lossAt(p) - lossAt(m)) / (2 * h);
+        dd += (grad[i]! - fd) ** 2;
+        nf += fd * fd;
       }
-      return sum / n;
-    };
-    const v64 = Float64Array.from(value);
-    const ref = lossAt(v64);
-    assert.ok(Math.abs(loss - ref) < 1e-4, `loss ${loss} vs float64 ${ref}`);
-    // The injection really is in the pass: without it the loss differs.
-    assert.ok(Math.abs(lossAt(v64, false) - ref) > 1e-2, "the injection should change the loss");
-    const h = 1e-4;
-    let dd = 0;
-    let nf = 0;
-    for (let i = 0; i < D; i++) {
-      const p = v64.slice();
-      const m = v64.slice();
-      p[i] = p[i]! + h;
-      m[i] = m[i]! - h;
-      const fd = (lossAt(p) - lossAt(m)) / (2 * h);
-      dd += (grad[i]! - fd) ** 2;
-      nf += fd * fd;
-    }
-    const rel = Math.sqrt(dd / nf);
-    t.diagnostic(`loss |Δ| ${Math.abs(loss - ref).toExponential(2)}, gradient relative error ${rel.toExponential(2)}`);
-    assert.ok(nf > 1e-12);
-    assert.ok(rel < 1e-3, `gradient relative error ${rel}`);
-    // The engine is left as it was: a plain lossAndGrad afterwards ignores the old plan.
-    const plain = await (await model.gradEngine()).lossAndGrad(rows, targets, { at, value });
-    const again = await lossAndGradWithPlan(await model.gradEngine(), rows, targets, { at, value }, []);
-    assert.equal(plain.loss, again.loss);
-    assert.ok(Math.abs(plain.loss - lossAt(v64, false)) < 1e-4);
-  });
+      const rel = Math.sqrt(dd / nf);
+      t.diagnostic(`loss |Δ| ${Math.abs(loss - ref).toExponential(2)}, gradient relative error ${rel.toExponential(2)}`);
+      assert.ok(nf > 1e-12);
+      assert.ok(rel < 1e-3, `gradient relative error ${rel}`);
+      // The engine is left as it was: a plain lossAndGrad afterwards ignores the old plan.
+      const plain = await onDevice.lossAndGrad(rows, { targets, params: [{ kind: "vector", at, value }] });
+      const again = await lossAndGradWithPlan(onDevice, rows, targets, { at, value }, []);
+      assert.equal(plain.loss, again.loss);
+      assert.ok(Math.abs(plain.loss - lossAt(v64, false)) < 1e-4);
+    });
 });
 
 describe("convergence", () => {
@@ -246,7 +254,7 @@ describe("convergence", () => {
     // −(log pA + log pB)/2 ≥ −log((pA + pB)/2) ≥ ln 2, reached only at pA = pB = 1/2.
     const ids = model.encode("Once upon a time there was a little").ids;
     const row = (tok: number): BiasExample => ({ ids, targets: ids.map((_, i) => (i === ids.length - 1 ? tok : -1)), inject: null });
-    const r = await trainBiasVector(model, { layer: 2, data: [row(400), row(280)], steps: 50, lr: 0.1, batchSize: 2, seed: 1, weightDecay: 0 });
+    const r = await trainBiasVector(cpu, { layer: 2, data: [row(400), row(280)], steps: 50, lr: 0.1, batchSize: 2, seed: 1, weightDecay: 0 });
     const last = r.losses.at(-1)!;
     t.diagnostic(`loss ${r.losses[0]!.toFixed(4)} → ${last.toFixed(4)} (floor ln 2 = ${Math.LN2.toFixed(4)}) in ${r.losses.length} steps`);
     assert.equal(r.hook, "blocks.2.mlp.hook_down");
@@ -260,10 +268,10 @@ describe("checkpoints", () => {
   test("an interrupted run resumed from its latest (or an earlier) checkpoint ends with the uninterrupted vector", async () => {
     const data = shortExamples();
     const opts = { layer: 1, data, steps: 6, lr: 0.05, batchSize: 2, seed: 3, checkpointEvery: 2 };
-    const full = await trainBiasVector(model, opts);
+    const full = await trainBiasVector(cpu, opts);
     assert.equal(full.step, 6);
     const dir = path.join(tmpRoot, "ck");
-    const part = await trainBiasVector(model, { ...opts, checkpointDir: dir, stopAfter: 3 });
+    const part = await trainBiasVector(cpu, { ...opts, checkpointDir: dir, stopAfter: 3 });
     assert.equal(part.step, 3);
     assert.deepEqual(fs.readdirSync(dir).sort(), ["latest.json", "step-0000002", "step-0000003"]);
     const state = JSON.parse(fs.readFileSync(path.join(dir, "step-0000003", "state.json"), "utf8")) as { step: number; losses: number[]; adamT: number };
@@ -273,22 +281,22 @@ describe("checkpoints", () => {
     // Resume from the latest (step 3).
     const dir2 = path.join(tmpRoot, "ck2");
     fs.cpSync(dir, dir2, { recursive: true });
-    const res = await trainBiasVector(model, { ...opts, checkpointDir: dir });
+    const res = await trainBiasVector(cpu, { ...opts, checkpointDir: dir });
     assert.equal(res.resumedFrom, 3);
     assert.equal(res.step, 6);
     assert.deepEqual([...res.vector], [...full.vector]);
     assert.deepEqual(res.losses, full.losses);
     // A kill between checkpoints: only step 2 survives.
     fs.writeFileSync(path.join(dir2, "latest.json"), JSON.stringify({ step: 2, dir: "step-0000002" }));
-    const res2 = await trainBiasVector(model, { ...opts, checkpointDir: dir2 });
+    const res2 = await trainBiasVector(cpu, { ...opts, checkpointDir: dir2 });
     assert.equal(res2.resumedFrom, 2);
     assert.deepEqual([...res2.vector], [...full.vector]);
     // A finished run resumes to itself without stepping.
-    const done = await trainBiasVector(model, { ...opts, checkpointDir: dir });
+    const done = await trainBiasVector(cpu, { ...opts, checkpointDir: dir });
     assert.equal(done.resumedFrom, 6);
     assert.deepEqual([...done.vector], [...full.vector]);
     // Other settings are refused.
-    await assert.rejects(trainBiasVector(model, { ...opts, lr: 0.01, checkpointDir: dir }), UsageError);
+    await assert.rejects(trainBiasVector(cpu, { ...opts, lr: 0.01, checkpointDir: dir }), UsageError);
   });
 
   test("batch schedule: each epoch is a permutation; deterministic per seed", () => {

@@ -9,10 +9,10 @@ import { UsageError } from "../core/errors.js";
 import { renderChat, chatTemplateFromTokenizerConfig, type ChatMessage } from "../io/chat-template.js";
 import { checkTokenizerFits, loadTokenizerJson, tokenizerFromGguf, type Tokenizer } from "../io/tokenizer.js";
 import type { Plan } from "../hooks/plan.js";
-import { getDeviceInfo, initDevice, type DeviceInfo, type DeviceName } from "../engine/device.js";
+import { initDevice, type DeviceInfo, type DeviceName } from "../engine/device.js";
+import type { JvpRequest, JvpResult, LossAndGradRequest, LossAndGradResult } from "../engine/grad.js";
 import type { ModelConfig } from "../engine/config.js";
 import { CpuEngine } from "../engine/cpu/engine.js";
-import type { Engine } from "../engine/jax/engine.js";
 import type { ForwardOptions, ForwardResult, GenerateOptions, GenerateResult, Row } from "../engine/types.js";
 import { loadHostModel, weightsDigest, type HostModel, type ModelFiles } from "./load.js";
 import { checkFits } from "./memory.js";
@@ -24,6 +24,9 @@ export interface InferenceEngine {
   forward(rows: (Row | number[])[], opts?: ForwardOptions): Promise<ForwardResult>;
   generate(rows: (Row | number[])[], opts: GenerateOptions): Promise<GenerateResult>;
   featShape(site: string): number[];
+  /** Both backends differentiate (engine/grad.ts) on the weights they hold. */
+  lossAndGrad(rows: Row[], req: LossAndGradRequest): Promise<LossAndGradResult>;
+  jvpScale(rows: Row[], req: JvpRequest): Promise<JvpResult>;
   dispose(): void;
 }
 
@@ -70,8 +73,6 @@ export interface StandingPlan {
 }
 
 export class Model {
-  /** The jax-js engine used for gradients: the model's own on wasm/webgpu; on the cpu device, made on first use. */
-  private grad: Engine | undefined;
   /** weightsHash() result (hashing a large checkpoint takes seconds; files are assumed not to change under a loaded model). */
   private weightsSha: string | undefined;
   /** Set on a withPlan() view: the model it runs on and the plan it adds. */
@@ -101,15 +102,13 @@ export class Model {
       throw new UsageError(`f16 weights need the WebGPU backend with shader-f16 (the cpu and wasm devices compute in f32 only); use --weights f32`);
     }
     let engine: InferenceEngine;
-    let jax: Engine | undefined;
     if (device.name === "cpu") {
       engine = await CpuEngine.create(host, opts.threads !== undefined ? { threads: opts.threads } : {});
     } else {
       const { Engine } = await import("../engine/jax/engine.js");
-      engine = jax = new Engine(host, { maxBindingBytes: max, weightDtype });
+      engine = new Engine(host, { maxBindingBytes: max, weightDtype });
     }
     const m = new Model(engine, host.config, host.files, tokenizer, chatTemplate, device, host.sourceDtype, tokenizerDigestOf(host));
-    m.grad = jax;
     return m;
   }
 
@@ -126,7 +125,6 @@ export class Model {
   dispose(): void {
     if (this.view) return; // a view owns nothing: its base does
     this.engine.dispose();
-    if (this.grad !== this.engine) this.grad?.dispose();
   }
 
   /**
@@ -149,19 +147,20 @@ export class Model {
   }
 
   /**
-   * The engine for gradients (lossAndGrad): the jax-js engine itself on wasm/webgpu; on the cpu
-   * device, a jax-js wasm engine loaded from the same file on first use.
+   * The loss (mean cross-entropy of the targets) and its gradient with respect to the request's
+   * parameters (engine/grad.ts), on the model's own engine and weights: no second copy.
    */
-  async gradEngine(): Promise<Engine> {
-    if (this.view) return this.view.base.gradEngine(); // one gradient engine per loaded model; it does not apply the standing plan
-    if (!this.grad) {
-      const cur = getDeviceInfo();
-      await initDevice("wasm");
-      const { Engine } = await import("../engine/jax/engine.js");
-      this.grad = new Engine(loadHostModel(this.files.path));
-      if (cur && cur.name !== "cpu" && cur.name !== "wasm") await initDevice(cur.name);
-    }
-    return this.grad;
+  async lossAndGrad(rows: Row[], req: LossAndGradRequest): Promise<LossAndGradResult> {
+    const v = this.view;
+    if (v) return v.base.lossAndGrad(rows, v.standing.forward ? { ...req, plan: [...(req.plan ?? []), ...v.standing.plan] } : req);
+    return this.engine.lossAndGrad(rows, req);
+  }
+
+  /** Reads and their derivative with respect to the scale of `req.plan[req.wrt]` (forward mode), on the model's own engine. */
+  async jvpScale(rows: Row[], req: JvpRequest): Promise<JvpResult> {
+    const v = this.view;
+    if (v) return v.base.jvpScale(rows, v.standing.forward ? { ...req, plan: [...req.plan, ...v.standing.plan] } : req);
+    return this.engine.jvpScale(rows, req);
   }
 
   /**
@@ -318,3 +317,8 @@ function tokenizerOf(host: HostModel): { tokenizer?: Tokenizer; chatTemplate?: s
   if (tpl) out.chatTemplate = tpl;
   return out;
 }
+
+/**
+ * The jax-js engine's gradient (wasm, webgpu) behind the request type: one vector parameter (its
+ * lossAndGrad predates engine/grad.ts).
+ */

@@ -30,7 +30,8 @@ import { readRun } from "../eval/runlog.js";
 import type { InjectConfig } from "../log/schema.js";
 import type { Rate } from "../stats/stats.js";
 import { lockRun, RunLogWriter } from "../log/write.js";
-import type { Engine, Row } from "../engine/jax/engine.js";
+import type { Row } from "../engine/types.js";
+import type { LossAndGradRequest, LossAndGradResult } from "../engine/grad.js";
 import { Model } from "../model/model.js";
 import type { DeviceName } from "../engine/device.js";
 import { conceptVectors, PROTOCOL_RECIPE } from "../vectors/extract.js";
@@ -118,13 +119,19 @@ export interface TrainSite {
   value: Float32Array;
 }
 
+/** What computes the loss and gradients: a Model (its own engine, on any device) or a CpuEngine. */
+export interface GradSource {
+  lossAndGrad(rows: Row[], req: LossAndGradRequest): Promise<LossAndGradResult>;
+}
+
 /**
- * `engine.lossAndGrad` with a plan of fixed interventions applied in the same forward pass (here:
- * the per-row concept injections). Verified against float64 finite differences in
- * test/bias-vector.test.ts.
+ * The loss and the gradient of a vector trained at `train.at`, with a plan of fixed interventions
+ * applied in the same forward pass (here: the per-row concept injections). Verified against
+ * float64 finite differences in test/bias-vector.test.ts.
  */
-export async function lossAndGradWithPlan(engine: Engine, rows: Row[], targets: number[][], train: TrainSite, plan: Plan): Promise<{ loss: number; grad: Float32Array }> {
-  return engine.lossAndGrad(rows, targets, train, { plan });
+export async function lossAndGradWithPlan(src: GradSource, rows: Row[], targets: number[][], train: TrainSite, plan: Plan): Promise<{ loss: number; grad: Float32Array }> {
+  const r = await src.lossAndGrad(rows, { targets, params: [{ kind: "vector", at: train.at, value: train.value, ...(train.pos ? { pos: train.pos } : {}) }], plan });
+  return { loss: r.loss, grad: r.grads[0]![0]! };
 }
 
 // ---- training data ------------------------------------------------------------------------------
@@ -417,7 +424,7 @@ export async function trainBiasVector(model: Model, o: TrainBiasOptions): Promis
   const r = await trainVector(
     async (batch, value) => {
       const { rows, targets, plan } = batchInputs(batch.map((i) => o.data[i]!));
-      return lossAndGradWithPlan(await model.gradEngine(), rows, targets, { at, value }, plan);
+      return lossAndGradWithPlan(model, rows, targets, { at, value }, plan);
     },
     {
       dim: model.config.dModel,

@@ -17,6 +17,9 @@ import type { Activation, ModelConfig, NormSpec } from "../config.js";
 import { isLazy, type EngineModel } from "../weights.js";
 import { ropeInvFreq } from "../rope.js";
 import { scheduleOf, type Buf, type EmbedStep, type HeadStep, type Step } from "../schedule.js";
+import type { JvpRequest, JvpResult, LinearName, LossAndGradRequest, LossAndGradResult } from "../grad.js";
+import { jvpScale, lossAndGrad, type GradHost } from "./backprop.js";
+import { adapterKey, loraApply, type LoraRef } from "./derivatives.js";
 import { elementwise, type Elementwise } from "./elementwise.js";
 import type { AttentionTask, Gemm } from "./runtime.js";
 
@@ -214,6 +217,49 @@ export class CpuEngine {
     return this.driver.generate(rows, opts);
   }
 
+  /**
+   * The mean cross-entropy of `req.targets` and its gradient with respect to `req.params`
+   * (grad.ts), against the weights this engine holds (backprop.ts: tape-mode forward, per-step VJPs).
+   */
+  async lossAndGrad(rows: (Row | number[])[], req: LossAndGradRequest): Promise<LossAndGradResult> {
+    this.live();
+    return Promise.resolve(lossAndGrad(this.gradHost(), rows, req));
+  }
+
+  /** Reads and their derivative with respect to the scale of `req.plan[req.wrt]` (grad.ts; forward mode). */
+  async jvpScale(rows: (Row | number[])[], req: JvpRequest): Promise<JvpResult> {
+    this.live();
+    return Promise.resolve(jvpScale(this.gradHost(), rows, req));
+  }
+
+  /** What backprop.ts needs: the weights in place, the tape-mode forward and the head. */
+  private gradHost(): GradHost {
+    const norms = (b: Block) => {
+      const out: ReturnType<GradHost["block"]>["norms"] = {};
+      for (const k of ["ln1", "ln1Post", "ln2", "ln2Post", "qNorm", "kNorm"] as const) {
+        const n = b[k];
+        if (n) out[k] = n.bias ? { weight: n.weight, bias: n.bias } : { weight: n.weight };
+      }
+      return out;
+    };
+    return {
+      config: this.config,
+      rt: this.rt,
+      block: (l) => {
+        const b = this.blocks[l]!;
+        return { qkv: b.qkv, o: b.o, up: b.up, down: b.down, norms: norms(b) };
+      },
+      lnFinal: this.lnFinal.bias ? { weight: this.lnFinal.weight, bias: this.lnFinal.bias } : { weight: this.lnFinal.weight },
+      unembed: this.unembed,
+      openKv: (B, cap) => this.openKv(B, cap),
+      run: (ctx, pad, promptLen, resolved, kv, cache, tape, span) => this.runLayers(ctx, pad, promptLen, resolved, kv as KvCache, 0, cache, tape, span),
+      head: (x, ctx, promptLen, resolved, cache, tape, logitRows) => {
+        this.headRows(x, Array.from({ length: ctx.B * ctx.T }, (_, r) => r), ctx, promptLen, resolved, cache, true, tape, logitRows);
+      },
+      rope: (pos, local) => this.ropeFor(pos, local),
+    };
+  }
+
   // ------------------------------------------------------------ the Backend the driver runs
 
   live(): void {
@@ -267,7 +313,7 @@ export class CpuEngine {
    * every step writes fresh buffers instead, and the tape keeps each step's buffers before and
    * after it, so a backward pass can walk the same steps in reverse over saved activations.
    */
-  private runLayers(ctx: CallCtx, pad: number[], promptLen: number[], resolved: Resolved[], kv: KvCache, slot0: number, cache: ActivationCache | null, tape?: Tape): number {
+  private runLayers(ctx: CallCtx, pad: number[], promptLen: number[], resolved: Resolved[], kv: KvCache, slot0: number, cache: ActivationCache | null, tape?: Tape, span?: LayerSpan): number {
     const c = this.config;
     const rt = this.rt;
     const { B, T } = ctx;
@@ -276,7 +322,8 @@ export class CpuEngine {
     const sched = scheduleOf(c);
     const size = this.bufSizes(R);
     const base = {} as CpuBufs;
-    for (const k of Object.keys(size) as CpuBuf[]) base[k] = k === "result" || k === "logits" ? -1 : rt.alloc(size[k]);
+    // With a tape every step allocates its own outputs: no shared buffers.
+    for (const k of Object.keys(size) as CpuBuf[]) base[k] = k === "result" || k === "logits" || tape ? -1 : rt.alloc(size[k]);
     const pairs = Math.max(1, Math.min(B * c.nHeads, Math.floor(SCORE_BUDGET / (T * S))));
     const call: Call = {
       ctx,
@@ -291,13 +338,18 @@ export class CpuEngine {
       cache,
       promptLen,
       tape: tape ?? null,
+      adapters: span?.adapters ?? null,
       ...(this.siteTrace ? { fired: this.siteTrace } : {}),
     };
-    const e = compileHost(resolved, ctx, promptLen, null);
-    const ebufs = { ...base };
-    for (const st of sched.embed) this.embedStep(st, ebufs, call, e);
-    let x = ebufs.x;
-    for (let l = 0; l < c.nLayers; l++) {
+    let x: number;
+    if (span?.x !== undefined) x = span.x;
+    else {
+      const e = compileHost(resolved, ctx, promptLen, null);
+      const ebufs = { ...base };
+      for (const st of sched.embed) this.embedStep(st, ebufs, call, e);
+      x = ebufs.x;
+    }
+    for (let l = span?.from ?? 0; l < (span?.to ?? c.nLayers); l++) {
       const g = compileHost(resolved, ctx, promptLen, l);
       // Each block starts from the call's buffers (a copy step may have aliased one) and the residual so far.
       const bufs: CpuBufs = { ...base, x };
@@ -417,6 +469,9 @@ export class CpuEngine {
         const qkvW = (H + 2 * K) * hd;
         const qkv = this.out(bufs, "qkv", call);
         this.linear(bufs.h, D, R, p.qkv, p.qkvBias, qkv);
+        this.adapt(call, l, "attn.q", bufs.h, D, R, qkv, qkvW);
+        this.adapt(call, l, "attn.k", bufs.h, D, R, qkv + H * hd, qkvW);
+        this.adapt(call, l, "attn.v", bufs.h, D, R, qkv + (H + K) * hd, qkvW);
         // q, k and v out of the fused product into their own rows (hooks see [R, heads, dHead]).
         const fx = rt.f32;
         copyCols(fx, qkv, qkvW, 0, this.out(bufs, "q", call), H * hd, R);
@@ -448,7 +503,9 @@ export class CpuEngine {
       }
       case "oProj": {
         if (!touched(st.result)) {
-          this.linear(bufs.z, H * hd, R, p.o, p.oBias, this.out(bufs, "a", call));
+          const a = this.out(bufs, "a", call);
+          this.linear(bufs.z, H * hd, R, p.o, p.oBias, a);
+          this.adapt(call, l, "attn.o", bufs.z, H * hd, R, a, D);
           call.fired?.push(`blocks.${l}.${st.result}`);
           break;
         }
@@ -457,6 +514,9 @@ export class CpuEngine {
         const list = this.gemmList("heads", H);
         for (let hh = 0; hh < H; hh++) setGemm(list[hh]!, bufs.z + hh * hd, H * hd, p.o.off + hh * hd, H * hd, res + hh * D, H * D, R, D, hd);
         rt.gemmBatch(list);
+        // An adapter on o adds its per-head share scale·(z_h·A[:, h]ᵀ)·Bᵀ to each head's result.
+        const ad = call.adapters?.get(adapterKey(l, "attn.o"));
+        if (ad) for (let hh = 0; hh < H; hh++) this.loraTerm({ ...ad, a: ad.a + hh * hd, lda: H * hd, in: hd }, bufs.z + hh * hd, H * hd, R, res + hh * D, H * D);
         this.record(call, l, { kind: "heads" }, before, bufs);
         this.siteStep(st.result, l, "result", [H, D], bufs, call, g);
         const before2 = call.tape ? { ...bufs } : bufs;
@@ -475,6 +535,9 @@ export class CpuEngine {
       case "mlpIn": {
         const up = this.out(bufs, "up", call);
         this.linear(bufs.h, D, R, p.up, p.upBias, up);
+        const upW = c.mlp.kind === "gated" ? 2 * F : F;
+        if (c.mlp.kind === "gated") this.adapt(call, l, "mlp.gate", bufs.h, D, R, up, upW);
+        this.adapt(call, l, "mlp.up", bufs.h, D, R, c.mlp.kind === "gated" ? up + F : up, upW);
         // Gated: the gate is copied out of the fused [gate | up] product only when mlp.hook_pre
         // is touched (or for erf GELU, which has no fused kernel); mlpAct then reads it in place.
         if (c.mlp.kind === "plain") bufs.pre = up; // [R, F] already
@@ -500,9 +563,12 @@ export class CpuEngine {
         }
         break;
       }
-      case "down":
-        this.linear(bufs.post, F, R, p.down, p.downBias, this.out(bufs, "d", call));
+      case "down": {
+        const d = this.out(bufs, "d", call);
+        this.linear(bufs.post, F, R, p.down, p.downBias, d);
+        this.adapt(call, l, "mlp.down", bufs.post, F, R, d, D);
         break;
+      }
       case "residual": {
         const x = this.out(bufs, "x", call, true);
         this.ew.add(x, bufs[st.src], R * D);
@@ -510,6 +576,18 @@ export class CpuEngine {
       }
     }
     this.record(call, l, st, before, bufs);
+  }
+
+  /** Adds the call's adapter on `linear` of layer l, if any, to y (rows ldy apart): y += scale·(x·Aᵀ)·Bᵀ. */
+  private adapt(call: Call, l: number, linear: LinearName, x: number, ldx: number, R: number, y: number, ldy: number): void {
+    const ad = call.adapters?.get(adapterKey(l, linear));
+    if (ad) this.loraTerm(ad, x, ldx, R, y, ldy);
+  }
+
+  private loraTerm(ad: LoraRef, x: number, ldx: number, R: number, y: number, ldy: number): void {
+    const m = this.rt.mark();
+    loraApply(this.rt, ad, x, ldx, R, this.rt.alloc(R * ad.rank), this.rt.alloc(R * ad.rank), y, ldy);
+    this.rt.release(m);
   }
 
   /** RoPE cos/sin rows for the call's positions, per layer type, in our memory for the RoPE kernel. */
@@ -644,7 +722,7 @@ export class CpuEngine {
    * Final norm + unembedding for the selected rows of x; returns logits [sel, V] on the host.
    * `ctx` describes the selected slots (B rows × ctx.T each, in order), for ln_final ops.
    */
-  private headRows(x: number, sel: number[], ctx: CallCtx, promptLen: number[], resolved: Resolved[], cache: ActivationCache | null, view = false, tape?: Tape): Float32Array {
+  private headRows(x: number, sel: number[], ctx: CallCtx, promptLen: number[], resolved: Resolved[], cache: ActivationCache | null, view = false, tape?: Tape, logitRows?: number[]): Float32Array {
     const c = this.config;
     const rt = this.rt;
     const D = c.dModel, V = c.dVocab;
@@ -668,18 +746,27 @@ export class CpuEngine {
         this.site(st.site, null, bufs.h, [D], fin.host, fin.reads, ctx, cache);
         this.siteTrace?.push(st.site);
       } else {
-        lg = rt.alloc(n * V);
-        rt.gemm({ x: bufs.h, ldx: D, w: this.unembed.off, ldw: D, y: lg, ldy: V, M: n, N: V, K: D });
+        // `logitRows` (a loss): logits of those rows of h only, gathered first.
+        let hs = bufs.h;
+        const m = logitRows ? logitRows.length : n;
+        if (logitRows) {
+          hs = rt.alloc(m * D);
+          const f = rt.f32;
+          logitRows.forEach((r, i) => f.copyWithin(hs + i * D, bufs.h + r * D, bufs.h + (r + 1) * D));
+        }
+        lg = rt.alloc(m * V);
+        rt.gemm({ x: hs, ldx: D, w: this.unembed.off, ldw: D, y: lg, ldy: V, M: m, N: V, K: D });
         const cap = c.finalSoftcap;
         const f = rt.f32;
-        if (cap) for (let i = lg; i < lg + n * V; i++) f[i] = Math.tanh(f[i]! / cap) * cap;
+        if (cap) for (let i = lg; i < lg + m * V; i++) f[i] = Math.tanh(f[i]! / cap) * cap;
       }
       tape?.entries.push({ layer: null, step: st, before, after: { ...bufs, ...(lg >= 0 ? { logits: lg } : {}) } });
     }
     const fx = rt.f32;
     // generate() samples straight from our memory (valid until the next step allocates): no
     // host copy of B·V floats per token.
-    const out = view ? fx.subarray(lg, lg + n * V) : fx.slice(lg, lg + n * V);
+    const nl = logitRows ? logitRows.length : n;
+    const out = view ? fx.subarray(lg, lg + nl * V) : fx.slice(lg, lg + nl * V);
     return out;
   }
 
@@ -811,6 +898,14 @@ export interface Tape {
   entries: TapeEntry[];
 }
 
+/** Part of a call (gradients run blocks one at a time): blocks from..to-1, starting from residual `x` (else the embedding first). */
+export interface LayerSpan {
+  from: number;
+  to: number;
+  x?: number;
+  adapters?: Map<string, LoraRef>;
+}
+
 /** One call's state for the step implementations. */
 interface Call {
   ctx: CallCtx;
@@ -827,6 +922,8 @@ interface Call {
   cache: ActivationCache | null;
   promptLen: number[];
   tape: Tape | null;
+  /** Low-rank adapters on linear layers (key adapterKey(layer, linear)), in the runtime's memory. */
+  adapters: Map<string, LoraRef> | null;
   /** Sites in the order they fired (the conformance test's view), when tracing. */
   fired?: string[];
 }
