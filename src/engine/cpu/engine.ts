@@ -19,7 +19,7 @@ import { ropeInvFreq } from "../rope.js";
 import { scheduleOf, type Buf, type EmbedStep, type HeadStep, type Step } from "../schedule.js";
 import type { JvpRequest, JvpResult, LinearName, LossAndGradRequest, LossAndGradResult } from "../grad.js";
 import { jvpScale, lossAndGrad, type GradHost } from "./backprop.js";
-import { adapterKey, loraApply, type LoraRef } from "./derivatives.js";
+import { adapterKey, erf, loraApply, type LoraRef } from "./derivatives.js";
 import { elementwise, type Elementwise } from "./elementwise.js";
 import type { AttentionTask, Gemm } from "./runtime.js";
 
@@ -1016,16 +1016,4 @@ function gatedAct(f: Float32Array, hid: number, up: number, R: number, F: number
   }
 }
 
-/** erf to ~1e-7 relative (Numerical Recipes' erfc Chebyshev fit), enough for f32 GELU. */
-function erf(x: number): number {
-  const z = Math.abs(x);
-  const t = 1 / (1 + 0.5 * z);
-  const r =
-    t *
-    Math.exp(
-      -z * z - 1.26551223 +
-        t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))),
-    );
-  return x >= 0 ? 1 - r : r - 1;
-}
 
