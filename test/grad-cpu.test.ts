@@ -202,6 +202,38 @@ for (const family of FIXTURE_FAMILIES)
       });
     });
 
+    test("a low-rank adapter on attn.o through the per-head path (attn.hook_result touched): dA, dB and the result's gradient", async () => {
+      const c = host.config;
+      const L = c.nLayers - 1;
+      const rank = 2;
+      const s = loraShape(host, "attn.o");
+      const l = { layer: L, linear: "attn.o" as const, rank, scale: 0.5, a: rand(rank * s.in, 81, 0.3), b: rand(s.out * rank, 82, 0.3) };
+      const at: HookName = `blocks.${L}.attn.hook_result`;
+      // Ablating head 0 of the result zeroes its share of the adapter's gradient too.
+      const p2: Plan = [...plan, { op: "ablate", at, mode: "zero", heads: [0] }];
+      const res = await cpu.lossAndGrad(ROWS, { targets: TARGETS, params: [{ kind: "lora", ...l }, { kind: "activation", at }], plan: p2 });
+      const base = { ...l, a: Float64Array.from(l.a), b: Float64Array.from(l.b) };
+      close([res.loss], [oracleLoss(host, p2 as OracleIntervention[], [base])], "loss");
+      for (const which of ["a", "b"] as const) {
+        const arr = base[which];
+        const idx = coords(arr.length, COORDS, 83);
+        const ref = idx.map((i) => fd((h) => oracleLoss(host, p2 as OracleIntervention[], [{ ...base, [which]: arr.map((x, e) => (e === i ? x + h : x)) }])));
+        close(idx.map((i) => res.grads[0]![which === "a" ? 0 : 1]![i]!), ref, `attn.o d${which.toUpperCase()}`);
+      }
+      const F = c.nHeads * c.dModel;
+      const g = res.grads[1]![0]!;
+      const idx = coords(g.length, COORDS, 84);
+      const ref = idx.map((i) => {
+        const t = Math.floor(i / F);
+        return fd((h) => {
+          const e = new Float64Array(F);
+          e[i % F] = h;
+          return oracleLoss(host, [...(p2 as OracleIntervention[]), { op: "add", at, vector: e, pos: { from: t, to: t + 1 }, rows: [0] }], [base]);
+        });
+      });
+      close(idx.map((i) => g[i]!), ref, `${at} row 0`);
+    });
+
     test("activation gradients at hook_embed, attn.hook_q (per head), attn.hook_result and mlp.hook_post", async () => {
       const c = host.config;
       const last = c.nLayers - 1;
@@ -235,7 +267,7 @@ for (const family of FIXTURE_FAMILIES)
       const add: Intervention = { op: "add", at: "blocks.0.hook_resid_mid", vector: rand(D, 71, 0.5), scale: 2, pos: { from: 1 } };
       const full: Plan = [...plan, add];
       const wrt = full.length - 1;
-      const reads: HookName[] = ["blocks.0.mlp.hook_post", `blocks.${last}.attn.hook_z`, `blocks.${last}.hook_resid_post`, "ln_final.hook_normalized"];
+      const reads: HookName[] = ["blocks.0.mlp.hook_post", `blocks.${last}.attn.hook_z`, `blocks.${last}.attn.hook_result`, `blocks.${last}.hook_resid_post`, "ln_final.hook_normalized"];
       const res = await cpu.jvpScale(ROWS, { plan: full, wrt, reads });
       const withScale = (s: number): OracleIntervention[] => [...(plan as OracleIntervention[]), { ...add, scale: s }, ...reads.map((at): OracleIntervention => ({ op: "read", at }))];
       for (const at of reads)
