@@ -568,7 +568,7 @@ async function runRecipe(cmd: string): Promise<number> {
     } else if (args.vectorCache === undefined) args.vectorCache = defaultVectorCache();
     delete args.noVectorCache;
     await recipe.run(args);
-    process.stdout.write(`wrote ${String(args.out)}/results.json and ${String(args.out)}/report.html\n`);
+    if (!recipe.noOut) process.stdout.write(`wrote ${(recipe.writes ?? ["results.json", "report.html"]).map((f) => `${String(args.out)}/${f}`).join(" and ")}\n`);
   });
 }
 

@@ -21,6 +21,8 @@ export interface Recipe {
   run: (args: Record<string, unknown>) => Promise<unknown>;
   /** Writes no output folder (--out not required). */
   noOut?: boolean;
+  /** The files it writes under --out (default results.json and report.html). */
+  writes?: string[];
 }
 
 export const RECIPES: Record<string, Recipe> = {
@@ -122,6 +124,7 @@ export const RECIPES: Record<string, Recipe> = {
       "  --held-out, recall@1/@5 of the trained, untrained and label-shuffled adapters and the bias term's share in DIR/results.json.",
     flags: { ...COMMON, words: "string", "held-out": "string", layer: "number", kind: "string", template: "string", steps: "number", lr: "number", "batch-size": "number", threads: "number", "max-tokens": "number" },
     run: (a) => selfieTrainCommand(a as unknown as Parameters<typeof selfieTrainCommand>[0]),
+    writes: ["adapter.safetensors", "results.json"],
   },
   describe: {
     usage:

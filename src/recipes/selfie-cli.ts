@@ -55,6 +55,7 @@ export interface SelfieTrainArgs {
   threads?: number;
   maxTokens?: number;
   quiet?: boolean;
+  vectorCache?: string | null;
 }
 
 export async function selfieTrainCommand(args: SelfieTrainArgs): Promise<unknown> {
@@ -69,7 +70,7 @@ export async function selfieTrainCommand(args: SelfieTrainArgs): Promise<unknown
     const held = args.heldOut ? wordList(args.heldOut, "--held-out") : [];
     const p = renderTemplate(model, args.template ?? DEFAULT_TEMPLATE);
     const baselineWords = readData<{ words: string[] }>("protocol/baseline_words.json").words;
-    const vs = (await conceptVectors(model, { concepts: [...new Set([...train, ...held])], baselineWords, layers: [layer], recipe: SELFIE_RECIPE })).vectors.get(layer)!;
+    const vs = (await conceptVectors(model, { concepts: [...new Set([...train, ...held])], baselineWords, layers: [layer], recipe: SELFIE_RECIPE, ...(args.vectorCache !== undefined ? { cacheDir: args.vectorCache } : {}) })).vectors.get(layer)!;
     const data: Example[] = train.map((w) => ({ vector: vs.get(w)!, label: w }));
     const o = { steps: args.steps ?? 100, lr: args.lr ?? 0.1, batchSize: args.batchSize ?? 8, seed: args.seed ?? 0 };
     const log = (what: string) => (s: number, l: number) => {
@@ -151,6 +152,7 @@ export interface DescribeArgs {
   seed?: number;
   device?: string;
   threads?: number;
+  vectorCache?: string | null;
 }
 
 export async function describeCommand(args: DescribeArgs): Promise<{ text: string; mentions: boolean | null }> {
@@ -164,7 +166,7 @@ export async function describeCommand(args: DescribeArgs): Promise<{ text: strin
     if (args.concept !== undefined) {
       const baselineWords = readData<{ words: string[] }>("protocol/baseline_words.json").words;
       const recipe = meta.vectorRecipe ? (JSON.parse(meta.vectorRecipe) as VectorRecipe) : SELFIE_RECIPE;
-      v = (await conceptVectors(model, { concepts: [args.concept], baselineWords, layers: [meta.layer], recipe })).vectors.get(meta.layer)!.get(args.concept)!;
+      v = (await conceptVectors(model, { concepts: [args.concept], baselineWords, layers: [meta.layer], recipe, ...(args.vectorCache !== undefined ? { cacheDir: args.vectorCache } : {}) })).vectors.get(meta.layer)!.get(args.concept)!;
     } else v = readVectorFile(args.vector!, model.config.dModel);
     const d = await describeVectors(model, adapter, p, [v], {
       maxTokens: args.maxTokens ?? 20, temperature: args.temperature ?? 0, seed: args.seed ?? 0, ...(args.concept ? { labels: [args.concept] } : {}),
