@@ -119,6 +119,19 @@ describe("error paths", () => {
     saveAdapter(wrongD, identityAdapter("scalar", 8), meta);
     assert.throws(() => loadAdapter(wrongD, model), /wrongd\.safetensors: tensor shapes do not fit d_model 64/);
     assert.throws(() => readVectorFile(plain, 64), /plain\.safetensors has 4 values; the model's d_model is 64/);
+    // A version-1 .npy of 64 float32 values reads back exactly; a wrong dtype is an error naming the file.
+    const npy = (descr: string, body: Buffer) => {
+      let h = `{'descr': '${descr}', 'fortran_order': False, 'shape': (64,), }`;
+      h += " ".repeat(63 - ((10 + h.length) % 64)) + "\n";
+      const len = Buffer.alloc(2);
+      len.writeUInt16LE(h.length);
+      return Buffer.concat([Buffer.from("\x93NUMPY\x01\x00", "latin1"), len, Buffer.from(h, "latin1"), body]);
+    };
+    const want = Float32Array.from({ length: 64 }, (_, i) => i / 7 - 3);
+    fs.writeFileSync(path.join(dir, "v.npy"), npy("<f4", Buffer.from(want.buffer)));
+    assert.deepEqual(readVectorFile(path.join(dir, "v.npy"), 64), want);
+    fs.writeFileSync(path.join(dir, "i.npy"), npy("<i4", Buffer.alloc(256)));
+    assert.throws(() => readVectorFile(path.join(dir, "i.npy"), 64), /i\.npy: dtype .* is not <f4 or <f8/);
   });
 });
 
