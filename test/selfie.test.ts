@@ -21,6 +21,8 @@ import { crossEntropySum, oracleForward, type OracleIntervention } from "./suppo
 import { prng } from "./support/prng.js";
 
 const TEMPLATE = "Lily saw a <v>. Lily saw a {word}";
+/** Two placeholders, so the gradient check covers the sum over injection sites. */
+const GRAD_TEMPLATE = "Lily saw a <v> and a <v>. Lily saw a {word}";
 let model: Model;
 let host: HostModel;
 let dir = "";
@@ -42,14 +44,14 @@ function rand(n: number, seed: number, scale: number): Float64Array {
 describe("gradients vs float64 finite differences", () => {
   /** The oracle's mean cross-entropy of the label tokens, with e = adapter(v) in place of the placeholder's embedding. */
   function oracleLoss(a: Adapter, ex: readonly { v: Float64Array; label: string }[]): number {
-    const p = renderTemplate(model, TEMPLATE);
+    const p = renderTemplate(model, GRAD_TEMPLATE);
     let sum = 0, n = 0;
     for (const { v, label } of ex) {
       const r = labelRow(model, p, label);
-      const plan: OracleIntervention[] = [
-        { op: "ablate", at: "hook_embed", mode: "zero", pos: { from: p.pos, to: p.pos + 1 } },
-        { op: "add", at: "hook_embed", vector: adapt64(a, v), pos: { from: p.pos, to: p.pos + 1 } },
-      ];
+      const plan: OracleIntervention[] = p.positions.flatMap((q): OracleIntervention[] => [
+        { op: "ablate", at: "hook_embed", mode: "zero", pos: { from: q, to: q + 1 } },
+        { op: "add", at: "hook_embed", vector: adapt64(a, v), pos: { from: q, to: q + 1 } },
+      ]);
       const c = crossEntropySum(oracleForward(host, r.ids, plan).logits, r.targets);
       sum += c.sum;
       n += c.n;
@@ -68,7 +70,7 @@ describe("gradients vs float64 finite differences", () => {
       const ex = [{ v: rand(d, 5, 1), label: "cat" }, { v: rand(d, 6, 1), label: "flower" }];
       // The engine takes float32 vectors: round them first, so both sides see the same input.
       ex.forEach((e) => e.v.set(Float32Array.from(e.v)));
-      const p = renderTemplate(model, TEMPLATE);
+      const p = renderTemplate(model, GRAD_TEMPLATE);
       const res = await adapterLossAndGrad(model, a, p, ex.map((e) => ({ vector: Float32Array.from(e.v), label: e.label })));
       const ref = oracleLoss(a, ex);
       assert.ok(Math.abs(res.loss - ref) / ref <= 1e-4, `loss ${res.loss} vs oracle ${ref}`);
@@ -96,9 +98,10 @@ describe("gradients vs float64 finite differences", () => {
 
 describe("error paths", () => {
   test("templates without exactly one <v> before one {word}", () => {
-    assert.throws(() => renderTemplate(model, "no placeholder {word}"), /--template .*needs exactly one <v>/);
-    assert.throws(() => renderTemplate(model, "{word} then <v>"), /needs exactly one <v>/);
-    assert.throws(() => renderTemplate(model, "<v> <v> {word}"), /needs exactly one <v>/);
+    assert.throws(() => renderTemplate(model, "no placeholder {word}"), /--template .*needs one or more <v>/);
+    assert.throws(() => renderTemplate(model, "<v> {word} then <v>"), /needs one or more <v>/);
+    assert.throws(() => renderTemplate(model, "<v> {word} {word}"), /before exactly one \{word\}/);
+    assert.deepEqual(renderTemplate(model, "A <v> and a <v>. A {word}").positions.length, 2);
   });
 
   test("adapter files: missing, not an adapter, another model, another layer, wrong d", () => {

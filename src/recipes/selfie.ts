@@ -97,14 +97,16 @@ export const PLACEHOLDER = "<v>";
 export const LABEL = "{word}";
 
 /**
- * A rendered template: ids with the placeholder at `pos` (its token id is irrelevant: its
- * embedding is zero-ablated), and, per label, the ids after the prompt.
+ * A rendered template: ids with placeholders at `positions` (their token id is irrelevant: their
+ * embeddings are replaced; the paper's template names the injection site twice), and what the
+ * label tokens are encoded with.
  */
 export interface SelfiePrompt {
   template: string;
   ids: number[];
-  pos: number;
-  /** Text after the placeholder and before {word} (the label tokens are encoded together with it). */
+  /** Placeholder positions, ascending; the same e goes into each. */
+  positions: number[];
+  /** Text after the last placeholder and before {word} (the label tokens are encoded together with it). */
   suffix: string;
   /** Whatever follows {word} in the template (part of the label text). */
   tail: string;
@@ -125,20 +127,25 @@ function encodeCont(model: Model, text: string): number[] {
   return dp !== null && ids[0] === dp ? ids.slice(1) : ids;
 }
 
-/** Parse a template "prefix <v> suffix {word} tail" (exactly one <v> before exactly one {word}). */
+/** Parse a template "prefix <v> … <v> suffix {word} tail" (one or more <v>, all before exactly one {word}). */
 export function renderTemplate(model: Model, template: string, where = "--template"): SelfiePrompt {
   if (!model.tokenizer) throw new UsageError(`${model.files.path} has no tokenizer; SelfIE needs text prompts`);
-  const nv = template.split(PLACEHOLDER).length - 1;
   const nw = template.split(LABEL).length - 1;
-  if (nv !== 1 || nw !== 1 || template.indexOf(PLACEHOLDER) > template.indexOf(LABEL))
-    throw new UsageError(`${where} ${JSON.stringify(template)}: needs exactly one ${PLACEHOLDER} (where the vector goes) before exactly one ${LABEL} (the label), e.g. "Lily saw a <v>. Lily saw a {word}"`);
-  const [prefix, rest] = template.split(PLACEHOLDER) as [string, string];
-  const [suffix, tail] = rest.split(LABEL) as [string, string];
-  const pre = model.tokenizer.encode(prefix, { addSpecial: true });
-  // The placeholder's id: any token (its embedding is replaced); BOS when the model has one.
+  if (!template.includes(PLACEHOLDER) || nw !== 1 || template.lastIndexOf(PLACEHOLDER) > template.indexOf(LABEL))
+    throw new UsageError(`${where} ${JSON.stringify(template)}: needs one or more ${PLACEHOLDER} (where the vector goes) before exactly one ${LABEL} (the label), e.g. "Lily saw a <v>. Lily saw a {word}"`);
+  const [head, tail] = template.split(LABEL) as [string, string];
+  const segs = head.split(PLACEHOLDER);
+  // The placeholders' id: any token (the embedding is replaced); BOS when the model has one.
   const ph = model.config.bosTokenId ?? model.tokenizer.bos ?? 0;
-  const ids = [...pre, ph, ...encodeCont(model, suffix)];
-  return { template, ids, pos: pre.length, suffix, tail };
+  const ids = model.tokenizer.encode(segs[0]!, { addSpecial: true });
+  const positions: number[] = [];
+  segs.slice(1).forEach((seg, i) => {
+    positions.push(ids.length);
+    ids.push(ph);
+    if (i < segs.length - 2) ids.push(...encodeCont(model, seg));
+  });
+  const suffix = segs.at(-1)!;
+  return { template, ids: [...ids, ...encodeCont(model, suffix)], positions, suffix, tail };
 }
 
 /**
@@ -152,20 +159,21 @@ export function labelRow(model: Model, p: SelfiePrompt, label: string): { ids: n
   let k = 0;
   while (k < head.length && k < full.length && head[k] === full[k]) k++;
   if (k >= full.length) throw new UsageError(`the label ${JSON.stringify(label)} adds no tokens after the template ${JSON.stringify(p.template)}`);
-  const start = p.pos + 1 + k;
-  const ids = [...p.ids.slice(0, p.pos + 1), ...full];
+  const last = p.positions.at(-1)!;
+  const start = last + 1 + k;
+  const ids = [...p.ids.slice(0, last + 1), ...full];
   const targets = ids.map((_, i) => (i >= start - 1 && i + 1 < ids.length ? ids[i + 1]! : -1));
   return { ids, targets };
 }
 
 /** The constant part of the insertion: zero the placeholder's own token embedding. */
 export function insertionPlan(p: SelfiePrompt): Plan {
-  return [{ op: "ablate", at: "hook_embed", mode: "zero", pos: { from: p.pos, to: p.pos + 1 } }];
+  return p.positions.map((q) => ({ op: "ablate", at: "hook_embed", mode: "zero", pos: { from: q, to: q + 1 } }));
 }
 
 /** The full insertion as a plan (ablate, then add e), for forward() and generate(). */
 export function insertPlan(p: SelfiePrompt, e: Float32Array, rows?: number[]): Plan {
-  return [...insertionPlan(p), { op: "add", at: "hook_embed", vector: e, pos: { from: p.pos, to: p.pos + 1 }, ...(rows ? { rows } : {}) }];
+  return [...insertionPlan(p), ...p.positions.map((q) => ({ op: "add" as const, at: "hook_embed" as const, vector: e, pos: { from: q, to: q + 1 }, ...(rows ? { rows } : {}) }))];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -179,7 +187,7 @@ export interface Example {
 /**
  * Mean cross-entropy of the label tokens over `examples` (one row each) and its gradient with
  * respect to the adapter's flat parameters (float64). Each row's e is its own trained vector
- * (rows: [i]) at the placeholder; dLoss/de_i chains to the parameters.
+ * (rows: [i]) at each placeholder; dLoss/de_i chains to the parameters.
  */
 export async function adapterLossAndGrad(model: Model, a: Adapter, p: SelfiePrompt, examples: readonly Example[]): Promise<{ loss: number; grad: Float64Array }> {
   const rows: Row[] = [];
@@ -189,11 +197,16 @@ export async function adapterLossAndGrad(model: Model, a: Adapter, p: SelfieProm
     const r = labelRow(model, p, ex.label);
     rows.push({ ids: r.ids });
     targets.push(r.targets);
-    params.push({ kind: "vector", at: "hook_embed", pos: { from: p.pos, to: p.pos + 1 }, rows: [i], value: adapt(a, ex.vector) });
+    const e = adapt(a, ex.vector);
+    for (const q of p.positions) params.push({ kind: "vector", at: "hook_embed", pos: { from: q, to: q + 1 }, rows: [i], value: e });
   });
   const res = await model.lossAndGrad(rows, { targets, params, plan: insertionPlan(p) });
   const grad = new Float64Array(paramCount(a));
-  examples.forEach((ex, i) => accumulateGrad(a, ex.vector, res.grads[i]![0]!, grad));
+  // dL/de of one example is the sum over its placeholder positions.
+  const P = p.positions.length;
+  examples.forEach((ex, i) => {
+    for (let k = 0; k < P; k++) accumulateGrad(a, ex.vector, res.grads[i * P + k]![0]!, grad);
+  });
   return { loss: res.loss, grad };
 }
 
