@@ -69,6 +69,8 @@ inject presets: macar2026 (main run), macar2026-500 (Fig. 1: 500 concepts, every
   the raw text "Tell me about {word}"); it is the default for a model without a chat template.
 
 Research recipes (each writes DIR/results.json and DIR/report.html; --help for flags):
+  selfscope selfie-train --model PATH --out DIR --words ...   train a SelfIE adapter (docs/selfie.md)
+  selfscope describe --model PATH --adapter FILE --concept W  let the model describe a vector through an adapter
   selfscope bias-vector --model PATH --out DIR    train a bias vector for introspection (protocol §7; at mlp.hook_down)
   selfscope train-bias-sweep --model PATH --out DIR  one bias vector per layer, §7.4 evaluation, metrics vs layer
   selfscope lindsey     --model PATH --out DIR    Lindsey (2025) experiments 2-4
@@ -566,7 +568,7 @@ async function runRecipe(cmd: string): Promise<number> {
     } else if (args.vectorCache === undefined) args.vectorCache = defaultVectorCache();
     delete args.noVectorCache;
     await recipe.run(args);
-    process.stdout.write(`wrote ${String(args.out)}/results.json and ${String(args.out)}/report.html\n`);
+    if (!recipe.noOut) process.stdout.write(`wrote ${(recipe.writes ?? ["results.json", "report.html"]).map((f) => `${String(args.out)}/${f}`).join(" and ")}\n`);
   });
 }
 

@@ -8,6 +8,7 @@ import { compareCommand, compareSummary } from "../recipes/compare.js";
 import { geometryCommand } from "../recipes/geometry.js";
 import { lindseyCommand } from "../recipes/lindsey.js";
 import { refusalCommand } from "../recipes/refusal.js";
+import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
 
 type FlagType = "string" | "number" | "boolean" | "list";
 type Schema = Record<string, FlagType>;
@@ -18,6 +19,10 @@ export interface Recipe {
   usage: string;
   flags: Schema;
   run: (args: Record<string, unknown>) => Promise<unknown>;
+  /** Writes no output folder (--out not required). */
+  noOut?: boolean;
+  /** The files it writes under --out (default results.json and report.html). */
+  writes?: string[];
 }
 
 export const RECIPES: Record<string, Recipe> = {
@@ -111,6 +116,25 @@ export const RECIPES: Record<string, Recipe> = {
     },
     run: (a) => geometryCommand(a as unknown as Parameters<typeof geometryCommand>[0]),
   },
+  "selfie-train": {
+    usage:
+      "selfscope selfie-train --model PATH --out DIR --words W1,W2,...|FILE [--held-out W,...|FILE] [--layer L] [--kind scalar|full]\n" +
+      "                       [--template \"Lily saw a <v>. Lily saw a {word}\"] [--steps 100] [--lr 0.1] [--batch-size 8] [--seed 0]\n" +
+      "  Trains a SelfIE adapter (docs/selfie.md) on the words' concept vectors at layer L; writes DIR/adapter.safetensors and, with\n" +
+      "  --held-out, recall@1/@5 of the trained, untrained and label-shuffled adapters and the bias term's share in DIR/results.json.",
+    flags: { ...COMMON, words: "string", "held-out": "string", layer: "number", kind: "string", template: "string", steps: "number", lr: "number", "batch-size": "number", threads: "number", "max-tokens": "number" },
+    run: (a) => selfieTrainCommand(a as unknown as Parameters<typeof selfieTrainCommand>[0]),
+    writes: ["adapter.safetensors", "results.json"],
+  },
+  describe: {
+    usage:
+      "selfscope describe --model PATH --adapter FILE (--concept WORD | --vector FILE.npy|.safetensors) [--template T] [--max-tokens 20]\n" +
+      "                   [--temperature 0] [--seed 0]\n" +
+      "  Inserts the adapted vector at the template's <v> and prints what the frozen model generates after the text before {word}.",
+    flags: { ...COMMON, adapter: "string", concept: "string", vector: "string", template: "string", "max-tokens": "number", temperature: "number", threads: "number" },
+    run: (a) => describeCommand(a as unknown as Parameters<typeof describeCommand>[0]),
+    noOut: true,
+  },
 };
 
 const camel = (s: string) => s.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
@@ -135,6 +159,6 @@ export function recipeArgs(name: string, argv: string[]): Record<string, unknown
     } else if (t === "list") out[k === "judge" ? "judges" : camel(k)] = k === "judge" ? (v as string[]).flatMap((x) => x.split(",")) : v; // paths may hold commas
     else out[camel(k)] = v;
   }
-  for (const req of ["model", "out"]) if (out[req] === undefined) throw new UsageError(`--${req} is required\nusage: ${r.usage}`);
+  for (const req of ["model", ...(r.noOut ? [] : ["out"])]) if (out[req] === undefined) throw new UsageError(`--${req} is required\nusage: ${r.usage}`);
   return out;
 }
