@@ -86,7 +86,9 @@ describe("SFT on stories260K", () => {
     const obj = objective("sft");
     const ex = await buildExamples(model, raw, obj, { seed: 1, vectorCache: null });
     const params = initLora(model.config, { rank: 4, alpha: 8, targets: ["attn.q", "attn.v", "mlp.down"], seed: 1 });
-    const res = await train({ model, params, examples: ex, config: { objective: obj, hyper: DEFAULT_HYPER, lr: 1e-2, warmup: 0, steps: 30, batch: 4, seed: 1 }, modelHash: "x" });
+    const evals: number[] = [];
+    const res = await train({ model, params, examples: ex, config: { objective: obj, hyper: DEFAULT_HYPER, lr: 1e-2, warmup: 0, steps: 30, batch: 4, seed: 1 }, modelHash: "x", evalEvery: 10, onEval: async (step) => void evals.push(step) });
+    assert.deepEqual(evals, [10, 20, 30], "the evaluation hook runs every 10 steps");
     const first = res.curve[0]!.loss;
     const last = res.curve[res.curve.length - 1]!.loss;
     t.diagnostic(`SFT loss ${first.toFixed(4)} → ${last.toFixed(4)} in 30 steps`);
@@ -103,6 +105,30 @@ const PAIRS = [
 ];
 
 describe("DPO on stories260K", () => {
+  test("preset data transforms: reversed swaps, shuffled permutes the rejected (seeded), chosen/rejected SFT keep one side", async () => {
+    const pairs = [0, 1, 2, 3, 4, 5].map((i) => ({ prompt: `Tom had ${i}`, chosen: ` good ${i}.`, rejected: ` bad ${i} day.` }));
+    const raw = parseTrainJsonl(jsonl(pairs), "p.jsonl");
+    const build = (name: string) => buildExamples(model, raw, objective(name), { seed: 4, vectorCache: null });
+    const dpo = (await build("dpo")) as Extract<Example, { kind: "pair" }>[];
+    const rev = (await build("dpo_reversed")) as Extract<Example, { kind: "pair" }>[];
+    rev.forEach((e, i) => {
+      assert.deepEqual(e.chosen.ids, dpo[i]!.rejected.ids);
+      assert.deepEqual(e.rejected.ids, dpo[i]!.chosen.ids);
+    });
+    const shuf = (await build("dpo_shuffled")) as Extract<Example, { kind: "pair" }>[];
+    const tails = (xs: typeof dpo) => xs.map((e) => model.tokenizer!.decode(e.rejected.ids.slice(e.rejected.assistantStart)));
+    assert.deepEqual([...tails(shuf)].sort(), [...tails(dpo)].sort(), "a permutation of the rejected responses");
+    assert.notDeepEqual(tails(shuf), tails(dpo), "not the identity");
+    shuf.forEach((e, i) => assert.deepEqual(e.chosen.ids, dpo[i]!.chosen.ids));
+    const cs = await build("dpo_chosen_sft");
+    const rs = await build("dpo_rejected_sft");
+    cs.forEach((e, i) => assert.deepEqual(e.kind === "sft" && e.seq.ids, dpo[i]!.chosen.ids));
+    rs.forEach((e, i) => assert.deepEqual(e.kind === "sft" && e.seq.ids, dpo[i]!.rejected.ids));
+    // Only the response is a target: the prompt's tokens carry none.
+    const c0 = dpo[0]!.chosen;
+    assert.ok(c0.targets.slice(0, c0.assistantStart - 1).every((t) => t === -1) && c0.nTargets === c0.ids.length - c0.assistantStart);
+  });
+
   test("the DPO gradient matches central differences of the DPO objective (f64 over the param vector)", async (t) => {
     const obj = objective("dpo");
     const ex = await buildExamples(model, parseTrainJsonl(jsonl(PAIRS), "p.jsonl"), obj, { seed: 1, vectorCache: null });
