@@ -12,6 +12,8 @@ import { buildExamples, encodeChat, parseTrainJsonl, type Example } from "../src
 import { batchLossAndGrad, referenceLogps, train } from "../src/train/loop.js";
 import { DEFAULT_HYPER, objective } from "../src/train/objectives.js";
 import { initLora, ParamSet } from "../src/train/params.js";
+import { adapterPlan, readAdapter, writeAdapter } from "../src/train/adapter.js";
+import os from "node:os";
 import { fixture, repoDir } from "./support/paths.js";
 
 const STORIES = path.join(repoDir(), "models", "stories260K", "stories260K.gguf");
@@ -103,6 +105,31 @@ const PAIRS = [
   { prompt: "Once upon a time", chosen: " there was a dog.", rejected: " the sky fell." },
   { prompt: "Lily liked", chosen: " to play.", rejected: " a box of rocks." },
 ];
+
+describe("adapters", () => {
+  test("a trained vector written, read back and run as a withPlan view gives the training pass's loss", async () => {
+    const D = model.config.dModel;
+    const params: TrainParam[] = [{ kind: "vector", at: "blocks.2.hook_resid_post", value: Float32Array.from({ length: D }, (_, i) => 0.3 * Math.sin(i)) }];
+    const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "adapter-")), "a.safetensors");
+    writeAdapter(file, params, { objective: "sft" });
+    const back = readAdapter(file);
+    assert.deepEqual(back.config, { objective: "sft" });
+    assert.deepEqual(Array.from((back.params[0] as { value: Float32Array }).value), Array.from((params[0] as { value: Float32Array }).value));
+    const ids = model.tokenizer!.encode("Once upon a time there was a cat", { addSpecial: true });
+    const targets = ids.map((_, i) => (i + 1 < ids.length ? ids[i + 1]! : -1));
+    const trained = await model.lossAndGrad([{ ids }], { targets: [targets], params });
+    const f = await model.withPlan(adapterPlan(back.params)).forward([{ ids }]);
+    let s = 0;
+    targets.forEach((t, i) => {
+      if (t >= 0) s -= logSoftmax(f.logits[0]!, model.config.dVocab, i, t);
+    });
+    const plain = await model.lossAndGrad([{ ids }], { targets: [targets], params: [] });
+    assert.ok(Math.abs(plain.loss - trained.loss) > 1e-3, "the vector changes the loss (else the check is vacuous)");
+    assert.ok(Math.abs(s / (ids.length - 1) - trained.loss) < 1e-4, `${s / (ids.length - 1)} vs ${trained.loss}`);
+    const lora = initLora(model.config, { rank: 1, alpha: 1, targets: ["attn.q"], layers: [0], seed: 1 });
+    assert.throws(() => adapterPlan(lora), /changes weights/);
+  });
+});
 
 describe("DPO on stories260K", () => {
   test("preset data transforms: reversed swaps, shuffled permutes the rejected (seeded), chosen/rejected SFT keep one side", async () => {

@@ -59,6 +59,10 @@ describe("kill and resume", () => {
     }
     assert.ok(moved, "training moved the LoRA B factors (a comparison of untouched zeros would be vacuous)");
     assert.equal(fs.readFileSync(path.join(cut, "loss.jsonl"), "utf8"), fs.readFileSync(path.join(full, "loss.jsonl"), "utf8"), "the same loss curve");
+    const res = JSON.parse(fs.readFileSync(path.join(cut, "results.json"), "utf8")) as { stepsRun: number; resumedFrom: number; objective: string };
+    assert.deepEqual([res.stepsRun, res.resumedFrom, res.objective], [8, 3, "dpo"]);
+    const html = fs.readFileSync(path.join(cut, "report.html"), "utf8");
+    assert.equal((/<polyline[^>]*points="([^"]*)"/.exec(html)?.[1] ?? "").split(" ").length, 8, "the loss curve has one point per step");
     fs.rmSync(tmp, { recursive: true, force: true });
   });
 });

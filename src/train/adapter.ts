@@ -4,6 +4,7 @@
 import { readSafetensorsHeader, readStTensor, writeSafetensors, openSafetensors } from "../io/safetensors.js";
 import { UsageError } from "../core/errors.js";
 import type { TrainParam } from "../engine/grad.js";
+import type { Intervention, Plan } from "../hooks/plan.js";
 import { arraysOf, paramKey } from "./params.js";
 
 type Desc = Record<string, unknown> & { kind: string; key: string };
@@ -46,4 +47,17 @@ export function readAdapter(file: string): { params: TrainParam[]; config: Recor
     throw new UsageError(`${file}: unknown param kind ${d.kind}`);
   });
   return { params: out, config };
+}
+
+/**
+ * The inference plan of an adapter's vector and scale params (`model.withPlan(adapterPlan(p))` runs a
+ * trained vector in forward/generate). LoRA and weight deltas change weights, which a plan cannot:
+ * they are refused until the engine applies them at inference (or a merged export exists).
+ */
+export function adapterPlan(params: TrainParam[]): Plan {
+  return params.map((p): Intervention => {
+    if (p.kind === "vector") return { op: "add", at: p.at, vector: p.value, scale: 1, ...(p.pos ? { pos: p.pos } : {}) };
+    if (p.kind === "scale") return { op: "add", at: p.at, vector: p.vector, scale: p.value, ...(p.pos ? { pos: p.pos } : {}) };
+    throw new UsageError(`adapter param ${paramKey(p, 0)} (${p.kind}) changes weights; only vector and scale adapters load as a plan today`);
+  });
 }
