@@ -68,7 +68,7 @@ export async function trainCommand(a: TrainArgs, hooks: TrainHooks = {}): Promis
     const raw = readTrainJsonl(a.data);
     const examples = await buildExamples(model, raw, obj, { seed, ...(a.vectorCache !== undefined ? { vectorCache: a.vectorCache } : {}) });
     const c = model.config;
-    const layers = a.layers ? parseLayers(a.layers, c.nLayers) : undefined;
+    const layers = a.layers ? parseLayers(a.layers, c.nLayers, "--layers", { sorted: true }) : undefined;
     const lora = { rank: a.loraRank ?? 8, alpha: a.loraAlpha ?? 16, targets: parseLinearNames(a.loraTargets ?? "attn.q,attn.v"), seed, ...(layers ? { layers } : {}) };
     let params: TrainParam[];
     if (a.vectorAt) {
