@@ -11,7 +11,10 @@ import type { TrainParam } from "../engine/grad.js";
 import { hookName, type HookName } from "../hooks/names.js";
 import { Model } from "../model/model.js";
 import { escapeHtml, htmlPage, htmlTable } from "../report/page.js";
-import { readAdapter, writeAdapter } from "../train/adapter.js";
+import { adapterPlan, readAdapter, writeAdapter } from "../train/adapter.js";
+import { evaluateBiasArm } from "../recipes/bias-eval.js";
+import { makeJudge } from "../judge/judge.js";
+import { parseNumbers } from "../core/parse.js";
 import { buildExamples, readTrainJsonl } from "../train/data.js";
 import { batchLossAndGrad, referenceLogps, train, writeAtomic, type StepRecord, type TrainResult } from "../train/loop.js";
 import { DEFAULT_HYPER, objective, type Hyper } from "../train/objectives.js";
@@ -44,6 +47,13 @@ export interface TrainArgs {
   resume?: boolean;
   evalEvery?: number;
   evalData?: string;
+  /** --eval-every with a vector adapter: the §7.4 injection evaluation on these concepts (comma-separated). */
+  evalConcepts?: string;
+  evalLayers?: string;
+  evalStrengths?: string;
+  evalTrials?: number;
+  maxTokens?: number;
+  judge?: string[];
   /** random_lora: match each module's update norm to this trained adapter's. */
   matchAdapter?: string;
   randomNorm?: number;
@@ -105,7 +115,18 @@ export async function trainCommand(a: TrainArgs, hooks: TrainHooks = {}): Promis
       result = { params, step: 0, resumedFrom: null, curve: [] };
     } else {
       const evalEx = a.evalData ? await buildExamples(model, readTrainJsonl(a.evalData), obj, { seed, ...(a.vectorCache !== undefined ? { vectorCache: a.vectorCache } : {}) }) : null;
-      if (a.evalEvery && !evalEx) throw new UsageError("--eval-every needs --eval-data FILE (held-out examples in the training format)");
+      if (a.evalEvery && !evalEx && !a.evalConcepts) throw new UsageError("--eval-every needs --eval-data FILE (held-out loss) and/or --eval-concepts a,b,... (the injection evaluation, vector adapters)");
+      if (a.evalConcepts && !a.vectorAt) throw new UsageError("--eval-concepts: the injection evaluation runs the adapter in generation, which works for --vector-at adapters only (LoRA needs the engine to apply it at inference)");
+      const protocolEval = a.evalConcepts
+        ? {
+            concepts: a.evalConcepts.split(",").map((x) => x.trim()).filter((x) => x !== ""),
+            layers: a.evalLayers ? parseLayers(a.evalLayers, c.nLayers, "--eval-layers", { sorted: true }) : [Math.floor(c.nLayers / 2)],
+            strengths: a.evalStrengths ? parseNumbers(a.evalStrengths, "--eval-strengths") : [4],
+            trials: a.evalTrials ?? 2,
+            maxTokens: a.maxTokens ?? 40,
+            judge: makeJudge(a.judge?.[0] ?? "rule", { cacheDir: path.join(a.out, "eval-judge-cache") }),
+          }
+        : null;
       const evalRefs = evalEx && obj.reference ? await referenceLogps(model, params.map((p) => ({ ...p })), evalEx) : [];
       const evalFile = path.join(a.out, "eval.jsonl");
       result = await train({
@@ -119,12 +140,18 @@ export async function trainCommand(a: TrainArgs, hooks: TrainHooks = {}): Promis
         checkpointEvery: a.checkpointEvery ?? 50,
         resume: a.resume ?? false,
         ...(a.evalEvery ? { evalEvery: a.evalEvery } : {}),
-        ...(evalEx
+        ...(evalEx || protocolEval
           ? {
               onEval: async (step: number, ps: TrainParam[]) => {
-                const { loss } = await batchLossAndGrad(model, new ParamSet(ps), obj, hyper, evalEx, evalRefs);
-                fs.appendFileSync(evalFile, JSON.stringify({ step, evalLoss: loss }) + "\n");
-                log(`eval step ${step}: held-out loss ${loss.toFixed(4)}`);
+                const rec: Record<string, unknown> = { step };
+                if (evalEx) rec.evalLoss = (await batchLossAndGrad(model, new ParamSet(ps), obj, hyper, evalEx, evalRefs)).loss;
+                if (protocolEval) {
+                  // The §7.4 injection evaluation (src/recipes/bias-eval.ts) on the model with the trained vector as a standing plan.
+                  const m = await evaluateBiasArm(model.withPlan(adapterPlan(ps)), { ...protocolEval, vectorCache: null });
+                  rec.injection = { tpr: m.tpr.estimate, fpr: m.fpr.estimate, introspection: m.introspection_rate.estimate, forcedIdentification: m.forced_identification_rate.estimate, n: m.tpr.n };
+                }
+                fs.appendFileSync(evalFile, JSON.stringify(rec) + "\n");
+                log(`eval step ${step}: ${JSON.stringify(rec)}`);
               },
             }
           : {}),
