@@ -156,8 +156,8 @@ describe("DPO on stories260K", () => {
     assert.ok(c0.targets.slice(0, c0.assistantStart - 1).every((t) => t === -1) && c0.nTargets === c0.ids.length - c0.assistantStart);
   });
 
-  test("the DPO gradient matches central differences of the DPO objective (f64 over the param vector)", async (t) => {
-    const obj = objective("dpo");
+  for (const name of ["dpo", "contrastive_margin_kl", "sft_chosen_kl"]) test(`the ${name} gradient matches central differences of the objective itself (f64 over the param vector)`, async (t) => {
+    const obj = objective(name);
     const ex = await buildExamples(model, parseTrainJsonl(jsonl(PAIRS), "p.jsonl"), obj, { seed: 1, vectorCache: null });
     const params: TrainParam[] = initLora(model.config, { rank: 2, alpha: 4, targets: ["attn.v", "mlp.up"], layers: [1, 3], seed: 2 });
     const D = model.config.dModel;
@@ -168,7 +168,8 @@ describe("DPO on stories260K", () => {
     const x0 = set.get();
     for (let i = 0; i < x0.length; i++) x0[i] = x0[i]! + 0.05 * Math.sin(1.7 * i + 0.3);
     set.set(x0);
-    const hyper = { ...DEFAULT_HYPER, beta: 0.5 };
+    // β 0.5; a margin of 50 nats keeps the hinge active (away from its kink); λ 0.05.
+    const hyper = { ...DEFAULT_HYPER, beta: 0.5, margin: 50, kl: 0.05 };
     const { grad } = await batchLossAndGrad(model, set, obj, hyper, ex, refs);
     const L = async (x: Float32Array) => {
       set.set(x);
@@ -196,7 +197,7 @@ describe("DPO on stories260K", () => {
       d = Math.max(d, Math.abs(g - fdv[k]!));
       mx = Math.max(mx, Math.abs(fdv[k]!));
     });
-    t.diagnostic(`DPO gradient vs FD: relative error ${(d / mx).toExponential(2)} over ${picks.length} coordinates`);
+    t.diagnostic(`${name} gradient vs FD: relative error ${(d / mx).toExponential(2)} over ${picks.length} coordinates`);
     assert.ok(mx > 1e-4, `finite differences are all ~0 (max ${mx})`);
     assert.ok(d / mx <= 1e-3, `relative error ${(d / mx).toExponential(2)} (grad ${got.map((g) => g.toExponential(3))}, fd ${fdv.map((g) => g.toExponential(3))})`);
   });

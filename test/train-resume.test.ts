@@ -65,4 +65,19 @@ describe("kill and resume", () => {
     assert.equal((/<polyline[^>]*points="([^"]*)"/.exec(html)?.[1] ?? "").split(" ").length, 8, "the loss curve has one point per step");
     fs.rmSync(tmp, { recursive: true, force: true });
   });
+
+  test("--eval-every runs the held-out loss and the injection evaluation of a vector adapter into eval.jsonl", async () => {
+    const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "train-eval-"));
+    const data = path.join(tmp, "d.jsonl");
+    fs.writeFileSync(data, [{ prompt: "Once upon a time", completion: " there was a dog." }, { prompt: "Lily liked", completion: " to play." }].map((x) => JSON.stringify(x)).join("\n"));
+    const out = path.join(tmp, "o");
+    await trainCommand({ model: STORIES, data, out, vectorAt: "blocks.2.hook_resid_post", steps: 4, batch: 2, evalEvery: 2, evalData: data, evalConcepts: "ocean,tree", evalLayers: "2", evalTrials: 1, maxTokens: 6, threads: 1, vectorCache: path.join(tmp, "vectors"), quiet: true });
+    const lines = fs.readFileSync(path.join(out, "eval.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as { step: number; evalLoss: number; injection: { n: number; tpr: number; fpr: number } });
+    assert.deepEqual(lines.map((l) => l.step), [2, 4]);
+    // Training on the eval data itself: its loss falls between the two evaluations.
+    assert.ok(lines[1]!.evalLoss < lines[0]!.evalLoss, `${lines[0]!.evalLoss} → ${lines[1]!.evalLoss}`);
+    for (const l of lines) assert.equal(l.injection.n, 2, "2 concepts × 1 layer × 1 strength × 1 trial");
+    await assert.rejects(trainCommand({ model: STORIES, data, out: path.join(tmp, "l"), steps: 2, evalEvery: 1, evalConcepts: "ocean", threads: 1, quiet: true }), /--vector-at adapters only/);
+    fs.rmSync(tmp, { recursive: true, force: true });
+  });
 });
