@@ -7,12 +7,12 @@ import tseslint from "typescript-eslint";
 // one after it. src/index.ts, the public facade, may import anything; nothing in src imports it.
 // test/, bench/, examples/ and scripts/ are not layered (README.md, "What is in the box", lists the layers).
 //
-//   core ← hooks ← io ← engine ← reference ← model ← vectors ← math ← stats ← log ← judge ← eval
+//   core ← hooks ← io ← engine ← reference ← model ← vectors ← math ← stats ← log ← judge ← eval ← train
 //        ← report ← recipes ← cli
 //
 // log sits below judge because judges read logs (judge/agreement.ts reads runs, judge.ts takes the
 // log's Criterion); reference (the llama.cpp logits check) needs only core.
-export const LAYERS = ["core", "hooks", "io", "engine", "reference", "model", "vectors", "math", "stats", "log", "judge", "eval", "report", "recipes", "cli"];
+export const LAYERS = ["core", "hooks", "io", "engine", "reference", "model", "vectors", "math", "stats", "log", "judge", "eval", "train", "report", "recipes", "cli"];
 
 /** Crossings allowed while code moves (zone → module names below it); none today. */
 const KNOWN_CROSSINGS = {};

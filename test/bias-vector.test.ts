@@ -14,7 +14,7 @@ import { getVariant, renderTrial } from "../src/eval/protocol.js";
 import { readRunLog } from "../src/log/read.js";
 import { loadHostModel, type HostModel } from "../src/model/load.js";
 import { Model } from "../src/model/model.js";
-import { adamInit, adamStep } from "../src/recipes/adam.js";
+import { adamInit, adamStep } from "../src/math/adam.js";
 import {
   BIAS_PROTOCOL,
   batchIndices,

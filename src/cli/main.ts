@@ -71,6 +71,7 @@ inject presets: macar2026 (main run), macar2026-500 (Fig. 1: 500 concepts, every
 Research recipes (each writes DIR/results.json and DIR/report.html; --help for flags):
   selfscope selfie-train --model PATH --out DIR --words ...   train a SelfIE adapter (docs/selfie.md)
   selfscope describe --model PATH --adapter FILE --concept W  let the model describe a vector through an adapter
+  selfscope train --model PATH --data FILE.jsonl --out DIR [--objective sft|dpo|...]   fine-tune LoRA / a vector (docs/training.md)
   selfscope bias-vector --model PATH --out DIR    train a bias vector for introspection (protocol §7; at mlp.hook_down)
   selfscope train-bias-sweep --model PATH --out DIR  one bias vector per layer, §7.4 evaluation, metrics vs layer
   selfscope lindsey     --model PATH --out DIR    Lindsey (2025) experiments 2-4

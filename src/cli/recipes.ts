@@ -9,6 +9,7 @@ import { geometryCommand } from "../recipes/geometry.js";
 import { lindseyCommand } from "../recipes/lindsey.js";
 import { refusalCommand } from "../recipes/refusal.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
+import { trainCommand, type TrainArgs } from "./train.js";
 
 type FlagType = "string" | "number" | "boolean" | "list";
 type Schema = Record<string, FlagType>;
@@ -26,6 +27,23 @@ export interface Recipe {
 }
 
 export const RECIPES: Record<string, Recipe> = {
+  train: {
+    usage:
+      "selfscope train --model PATH --data FILE.jsonl --out DIR [--objective sft|dpo|dpo_no_ref|dpo_shuffled|dpo_reversed|dpo_chosen_sft|dpo_rejected_sft|\n" +
+      "                contrastive_margin|contrastive_margin_kl|sft_chosen_kl|random_lora] [--lora-rank 8] [--lora-alpha 16] [--lora-targets attn.q,attn.v]\n" +
+      "                [--layers 0-3] [--vector-at blocks.L.hook_resid_post] [--lr 1e-3] [--warmup N] [--clip X] [--steps N | --epochs N] [--batch 4]\n" +
+      "                [--beta 0.1] [--margin 1] [--kl 0.1] [--seed 0] [--checkpoint-every 50] [--resume] [--eval-every N --eval-data FILE]\n" +
+      "                [--eval-concepts a,b --eval-layers L --eval-strengths 4 --eval-trials 2 --judge rule] (injection evaluation of --vector-at adapters)\n" +
+      "                [--match-adapter FILE | --random-norm X] [--threads N]   (docs/training.md)",
+    flags: {
+      ...COMMON, data: "string", objective: "string", "lora-rank": "number", "lora-alpha": "number", "lora-targets": "string", layers: "string",
+      "vector-at": "string", full: "boolean", lr: "number", warmup: "number", clip: "number", "weight-decay": "number", steps: "number", epochs: "number",
+      batch: "number", beta: "number", margin: "number", kl: "number", "checkpoint-every": "number", resume: "boolean", "eval-every": "number",
+      "eval-data": "string", "match-adapter": "string", "random-norm": "number", threads: "number", "eval-concepts": "string", "eval-layers": "string",
+      "eval-strengths": "string", "eval-trials": "number", "max-tokens": "number", judge: "list",
+    },
+    run: (a) => trainCommand(a as unknown as TrainArgs),
+  },
   "bias-vector": {
     usage:
       "selfscope bias-vector --model PATH --out DIR [--layer L] [--site mlp.hook_down] [--steps N] [--lr X] [--batch-size B] [--train-concepts N] [--trials-per-concept N]\n" +

@@ -36,7 +36,7 @@ import { Model } from "../model/model.js";
 import type { DeviceName } from "../engine/device.js";
 import { conceptVectors, PROTOCOL_RECIPE } from "../vectors/extract.js";
 import { escapeHtml, htmlBodyPage, rateCell, renderSvg } from "../report/page.js";
-import { adamInit, adamStep, type AdamOptions, type AdamState } from "./adam.js";
+import { adamInit, adamStep, type AdamOptions, type AdamState } from "../math/adam.js";
 import { BIAS_EVAL, biasEvalPrefill, EVAL74_DEVIATIONS, evaluateBiasArm, type BiasArmMetrics } from "./bias-eval.js";
 
 // ---- the protocol's recipe (§7) -----------------------------------------------------------------

@@ -16,7 +16,7 @@ import type { Plan } from "../hooks/plan.js";
 import type { Model } from "../model/model.js";
 import { findConcept } from "../judge/judge.js";
 import { wilson, type Rate } from "../stats/stats.js";
-import { adamInit, adamStep } from "./adam.js";
+import { adamInit, adamStep } from "../math/adam.js";
 
 export type AdapterKind = "scalar" | "full";
 
