@@ -336,6 +336,8 @@ export class Engine {
   private bindParam(p: TrainParam, i: number, rs: Row[], ctx: CallCtx, promptLen: number[], countPrefix: PrefixCounter | undefined): BoundParam {
     const c = this.config;
     const what = `lossAndGrad: params[${i}] (${p.kind})`;
+    // Full-weight deltas are differentiated by the cpu engine only (docs/gradients.md).
+    if (p.kind === "delta") throw new UsageError(`${what} on ${p.name}: full-weight deltas are implemented on the cpu device only; load the model with { device: "cpu" }`);
     if (p.kind === "lora") {
       if (!(Number.isInteger(p.layer) && p.layer >= 0 && p.layer < c.nLayers)) throw new UsageError(`${what}: layer ${p.layer} out of range 0..${c.nLayers - 1}`);
       if (!LINEARS.includes(p.linear)) throw new UsageError(`${what}: linear ${String(p.linear)} is not one of ${LINEARS.join(", ")}`);
