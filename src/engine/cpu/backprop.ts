@@ -32,9 +32,12 @@ import {
   linearJvp,
   linearVjp,
   loraVjp,
+  embedVjp,
+  matmulTN,
   mlpActJvp,
   mlpActVjp,
   normJvp,
+  normParamGrad,
   normVjp,
   ropeJvp,
   ropeVjp,
@@ -61,6 +64,25 @@ export interface BlockRefs {
   norms: Partial<Record<BlockNormName | "qNorm" | "kNorm", NormWeights>>;
 }
 
+/** The block matrices (stacked as in BlockRefs) a weight delta sits in. */
+export type DeltaMat = "qkv" | "o" | "up" | "down";
+export type DeltaNorm = BlockNormName | "qNorm" | "kNorm" | "lnFinal";
+
+/**
+ * Where a weight a `delta` targets enters the pass (engine.ts deltaTarget), so the backward
+ * knows which step's inputs and cotangents make its gradient.
+ */
+export type DeltaSite =
+  /** Rows row0..row0+rows of a block's stacked matrix (all of its cols). */
+  | { kind: "linear"; layer: number; mat: DeltaMat; row0: number; rows: number; cols: number }
+  /** Entries row0..row0+rows of that matrix's bias. */
+  | { kind: "bias"; layer: number; mat: DeltaMat; row0: number; rows: number }
+  | { kind: "norm"; layer: number | null; norm: DeltaNorm; part: "weight" | "bias"; n: number }
+  /** The token embedding [V, D] (with tied embeddings also the unembedding). */
+  | { kind: "embed" }
+  | { kind: "posEmbed" }
+  | { kind: "unembed" };
+
 /** What the gradient passes need from the engine (engine.ts gradHost()). */
 export interface GradHost {
   readonly config: ModelConfig;
@@ -76,6 +98,15 @@ export interface GradHost {
   head(x: number, ctx: CallCtx, promptLen: number[], resolved: Resolved[], cache: ActivationCache | null, tape: Tape, logitRows: number[]): void;
   /** RoPE cos/sin per slot, [R, dHead/2] each. */
   rope(pos: Int32Array, local: boolean): { cos: Float32Array; sin: Float32Array };
+  /** Where a delta's weight sits (the engine has applied the deltas and checked their names). */
+  deltaSite(name: string): DeltaSite;
+}
+
+/** A delta parameter's gradient accumulator, in the runtime's memory. */
+interface DeltaGrad {
+  site: DeltaSite;
+  off: number;
+  n: number;
 }
 
 const LINEARS: readonly LinearName[] = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"];
@@ -305,7 +336,17 @@ export function lossAndGrad(host: GradHost, rows: (Row | number[])[], req: LossA
   const adapterOf: (Adapter | null)[] = [];
   const mark = rt.mark();
   try {
+    const deltaOf: (DeltaGrad | null)[] = [];
     req.params.forEach((prm, index) => {
+      if (prm.kind === "delta") {
+        const site = host.deltaSite(prm.name);
+        const off = rt.alloc(prm.value.length);
+        rt.f32.fill(0, off, off + prm.value.length);
+        deltaOf.push({ site, off, n: prm.value.length });
+        adapterOf.push(null);
+        return;
+      }
+      deltaOf.push(null);
       if (prm.kind === "lora") {
         adapterOf.push(placeAdapter(p, prm, adapters, index));
         return;
@@ -333,7 +374,9 @@ export function lossAndGrad(host: GradHost, rows: (Row | number[])[], req: LossA
     const resolved = p.resolve(plan, req.countPrefix);
     for (const { param, ivIndex } of paramAt) if (param.p.kind !== "activation") param.mask = scopeMask(resolved[ivIndex]!, ctx, p.promptLen, [1]);
 
-    const grads: Float32Array[][] = req.params.map((prm) => (prm.kind === "vector" ? [new Float32Array(prm.value.length)] : prm.kind === "scale" ? [new Float32Array(1)] : prm.kind === "lora" ? [] : []));
+    const grads: Float32Array[][] = req.params.map((prm) => (prm.kind === "vector" ? [new Float32Array(prm.value.length)] : prm.kind === "scale" ? [new Float32Array(1)] : []));
+    const dg = deltaOf.filter((x): x is DeltaGrad => x !== null);
+    const tiedEmbed = c.tieEmbeddings ? dg.find((x) => x.site.kind === "embed") : undefined;
     const acc64 = req.params.map((prm) => (prm.kind === "vector" ? new Float64Array(prm.value.length) : null));
     const scale64 = req.params.map(() => 0);
     const act: (Float32Array[] | null)[] = req.params.map(() => null);
@@ -381,6 +424,13 @@ export function lossAndGrad(host: GradHost, rows: (Row | number[])[], req: LossA
           const lg = after.logits;
           loss = crossEntropyVjp(p.view(lg, n * V), targetIds, n, V, 1 / n, p.view(lg, n * V), c.finalSoftcap);
           if (!Number.isFinite(loss)) throw new UsageError(`lossAndGrad: the loss is ${loss} (non-finite logits; run forward() on these rows to locate the first bad activation)`);
+          // dW_unembed += dlogitsᵀ·h over the target rows (tied: into the embedding's gradient).
+          const un = tiedEmbed ?? dg.find((x) => x.site.kind === "unembed");
+          if (un) {
+            const hs = rt.alloc(n * D);
+            logitRows.forEach((r, j) => rt.f32.copyWithin(hs + j * D, before.h + r * D, before.h + (r + 1) * D));
+            matmulTN(rt, lg, V, hs, D, un.off, D, V, D, n, true);
+          }
           const dhs = rt.alloc(n * D);
           linearVjp(rt, lg, V, host.unembed, dhs, D, n);
           const dh = d.get("h");
@@ -395,6 +445,7 @@ export function lossAndGrad(host: GradHost, rows: (Row | number[])[], req: LossA
           if (ops && dh >= 0) siteOpsVjp(ops, p.view(dh, R * D), R, T, D);
         } else if (step.kind === "finalNorm") {
           const dh = d.peek("h");
+          if (dh >= 0) normParams(p, dg, null, "lnFinal", before.h, dh, R, D);
           if (dh >= 0) normVjp(c.norm, host.lnFinal, p.view(before.h, R * D), p.view(dh, R * D), p.view(dh, R * D), R, D);
           if (dh >= 0) rt.f32.copyWithin(dx, dh, dh + R * D);
         }
@@ -403,27 +454,27 @@ export function lossAndGrad(host: GradHost, rows: (Row | number[])[], req: LossA
     }
 
     // Blocks, last to first: each re-run in tape mode from its checkpoint, its tape walked back.
-    const need = needsBlocks(p, siteParams, adapters);
+    const need = Math.min(needsBlocks(p, siteParams, adapters), ...dg.map((x) => deltaLayer(x.site, c.nLayers)));
     for (let l = c.nLayers - 1; l >= need; l--) {
       const m = rt.mark();
       const tape: Tape = { entries: [] };
       host.run(ctx, pad, p.promptLen, resolved, kv, null, tape, span(l, l + 1, xs[l]!));
       const d = new Grads(p);
       d.set("x", d.copy(dx, "x"));
-      for (let i = tape.entries.length - 1; i >= 0; i--) backStep(p, tape.entries[i]!, d, adapters, adapterOf, atSite);
+      for (let i = tape.entries.length - 1; i >= 0; i--) backStep(p, tape.entries[i]!, d, adapters, adapterOf, atSite, dg);
       const g = d.peek("x");
       if (g >= 0) rt.f32.copyWithin(dx, g, g + R * D);
       else rt.f32.fill(0, dx, dx + R * D);
       rt.release(m);
     }
     // The embedding stage, when a parameter sits there.
-    if (need === 0 && [...siteParams.keys()].some((k) => k.startsWith("e:"))) {
+    if (need === 0 && ([...siteParams.keys()].some((k) => k.startsWith("e:")) || dg.some((x) => x.site.kind === "embed" || x.site.kind === "posEmbed"))) {
       const m = rt.mark();
       const tape: Tape = { entries: [] };
       host.run(ctx, pad, p.promptLen, resolved, kv, null, tape, span(0, 0));
       const d = new Grads(p);
       d.set("x", d.copy(dx, "x"));
-      for (let i = tape.entries.length - 1; i >= 0; i--) backStep(p, tape.entries[i]!, d, adapters, adapterOf, atSite);
+      for (let i = tape.entries.length - 1; i >= 0; i--) backStep(p, tape.entries[i]!, d, adapters, adapterOf, atSite, dg);
       rt.release(m);
     }
 
@@ -431,6 +482,10 @@ export function lossAndGrad(host: GradHost, rows: (Row | number[])[], req: LossA
       if (prm.kind === "vector") grads[i]![0]!.set(acc64[i]!);
       else if (prm.kind === "scale") grads[i]![0]![0] = scale64[i]!;
       else if (prm.kind === "activation") grads[i] = act[i] ?? perRow(p, -1, featShapeOf(c, parseHook(prm.at, c.nLayers).site).reduce((a, b) => a * b, 1));
+      else if (prm.kind === "delta") {
+        const x = deltaOf[i]!;
+        grads[i] = [rt.f32.slice(x.off, x.off + x.n)];
+      }
       else {
         const a = adapterOf[i]!;
         grads[i] = [rt.f32.slice(a.dA, a.dA + prm.rank * a.ref.in), rt.f32.slice(a.dB, a.dB + a.ref.out * prm.rank)];
@@ -440,6 +495,42 @@ export function lossAndGrad(host: GradHost, rows: (Row | number[])[], req: LossA
   } finally {
     rt.release(mark);
   }
+}
+
+/** The first block a delta's gradient needs the backward to visit (nLayers: the head's weights). */
+function deltaLayer(s: DeltaSite, nLayers: number): number {
+  switch (s.kind) {
+    case "embed":
+    case "posEmbed":
+      return 0;
+    case "unembed":
+      return nLayers;
+    case "norm":
+      return s.layer ?? nLayers;
+    default:
+      return s.layer;
+  }
+}
+
+/** dW (+= dyᵀ·x) of the linear deltas on block l's `mat`, from its step's cotangent dy [R, ldy] and input x [R, ldx]. */
+function linearParams(p: Pass, dg: readonly DeltaGrad[], l: number, mat: DeltaMat, dy: number, lddy: number, x: number, ldx: number): void {
+  for (const g of dg) {
+    const s = g.site;
+    if (s.kind === "linear" && s.layer === l && s.mat === mat) matmulTN(p.rt, dy + s.row0, lddy, x, ldx, g.off, s.cols, s.rows, s.cols, p.R, true);
+    else if (s.kind === "bias" && s.layer === l && s.mat === mat) {
+      const f = p.rt.f32;
+      for (let r = 0; r < p.R; r++) for (let i = 0; i < s.rows; i++) f[g.off + i] = f[g.off + i]! + f[dy + r * lddy + s.row0 + i]!;
+    }
+  }
+}
+
+/** The gradients of a norm's weight and bias deltas from its input x and output cotangent dy ([rows, width]). */
+function normParams(p: Pass, dg: readonly DeltaGrad[], l: number | null, norm: DeltaNorm, x: number, dy: number, rows: number, width: number): void {
+  const w = dg.find((g) => g.site.kind === "norm" && g.site.layer === l && g.site.norm === norm && g.site.part === "weight");
+  const b = dg.find((g) => g.site.kind === "norm" && g.site.layer === l && g.site.norm === norm && g.site.part === "bias");
+  if (!w && !b) return;
+  const n = rows * width;
+  normParamGrad(p.c.norm, p.view(x, n), p.view(dy, n), rows, width, w ? p.view(w.off, width) : null, b ? p.view(b.off, width) : null);
 }
 
 /** The first block the backward must visit: 0 unless nothing (site parameter, adapter) sits before some layer. */
@@ -478,7 +569,15 @@ function placeAdapter(p: Pass, prm: Extract<TrainParam, { kind: "lora" }>, adapt
 }
 
 /** The VJP of one tape entry: cotangents of its outputs (taken) to cotangents of its inputs (added). */
-function backStep(p: Pass, e: TapeEntry, d: Grads, adapters: Map<string, LoraRef>, adapterOf: (Adapter | null)[], atSite: (group: number | null | "final", site: string, d: number) => void): void {
+function backStep(
+  p: Pass,
+  e: TapeEntry,
+  d: Grads,
+  adapters: Map<string, LoraRef>,
+  adapterOf: (Adapter | null)[],
+  atSite: (group: number | null | "final", site: string, d: number) => void,
+  dg: readonly DeltaGrad[],
+): void {
   const { c, rt, R, T } = p;
   const { dModel: D, nHeads: H, nKvHeads: K, dHead: hd, dMlp: F } = c;
   const { layer: l, step, before } = e;
@@ -502,12 +601,25 @@ function backStep(p: Pass, e: TapeEntry, d: Grads, adapters: Map<string, LoraRef
       if (ops && off >= 0) siteOpsVjp(ops, p.view(off, R * Fall), R, T, Fall);
       return;
     }
-    case "embed":
-      d.take("x"); // the embedding table is frozen
+    case "embed": {
+      // The table's gradient (a delta on embed.weight): a scatter-add of dx into the rows of the ids.
+      const g = d.take("x");
+      const t = dg.find((x) => x.site.kind === "embed");
+      if (g >= 0 && t) embedVjp(p.view(g, R * D), p.ctx.ids, p.ctx.pos, R, D, c.embedScale, p.view(t.off, t.n));
       return;
-    case "posEmbed":
-      d.take("a");
+    }
+    case "posEmbed": {
+      const g = d.take("a");
+      const t = dg.find((x) => x.site.kind === "posEmbed");
+      if (g >= 0 && t) {
+        const f = rt.f32;
+        for (let r = 0; r < R; r++) {
+          const pos = p.ctx.pos[r]!;
+          if (pos >= 0) for (let i = 0; i < D; i++) f[t.off + pos * D + i] = f[t.off + pos * D + i]! + f[g + r * D + i]!;
+        }
+      }
       return;
+    }
     case "residual": {
       const g = d.peek("x");
       if (g >= 0) d.add(step.src, d.copy(g, "x"));
@@ -522,6 +634,7 @@ function backStep(p: Pass, e: TapeEntry, d: Grads, adapters: Map<string, LoraRef
       const g = d.take(step.dst);
       if (g < 0) return;
       const n = R * D;
+      normParams(p, dg, l, step.weight, before[step.src], g, R, D);
       if (step.src === step.dst) {
         normVjp(c.norm, W!.norms[step.weight]!, p.view(before[step.src], n), p.view(g, n), p.view(g, n), R, D);
         d.set(step.src, g);
@@ -543,6 +656,7 @@ function backStep(p: Pass, e: TapeEntry, d: Grads, adapters: Map<string, LoraRef
       if (gk >= 0) copyCols(f, gk, K * hd, 0, g + H * hd, K * hd, R, qkvW);
       if (gv >= 0) copyCols(f, gv, K * hd, 0, g + (H + K) * hd, K * hd, R, qkvW);
       linearVjp(rt, g, qkvW, W!.qkv, dh, D, R, true);
+      linearParams(p, dg, l!, "qkv", g, qkvW, before.h, D);
       loraBack("attn.q", before.h, D, g, qkvW, dh, D);
       loraBack("attn.k", before.h, D, g + H * hd, qkvW, dh, D);
       loraBack("attn.v", before.h, D, g + (H + K) * hd, qkvW, dh, D);
@@ -554,6 +668,7 @@ function backStep(p: Pass, e: TapeEntry, d: Grads, adapters: Map<string, LoraRef
         const g = d.peek(name);
         if (g < 0) continue;
         const n = R * heads * hd;
+        normParams(p, dg, l, w, before[name], g, full ? R : R * heads, full ? heads * hd : hd);
         normVjp(c.norm, W!.norms[w]!, p.view(before[name], n), p.view(g, n), p.view(g, n), full ? R : R * heads, full ? heads * hd : hd);
       }
       return;
@@ -581,6 +696,7 @@ function backStep(p: Pass, e: TapeEntry, d: Grads, adapters: Map<string, LoraRef
       if (ga < 0) return;
       const dz = d.get("z");
       linearVjp(rt, ga, D, W!.o, dz, H * hd, R, true);
+      linearParams(p, dg, l!, "o", ga, D, before.z, H * hd);
       loraBack("attn.o", before.z, H * hd, ga, D, dz, H * hd);
       return;
     }
@@ -589,7 +705,10 @@ function backStep(p: Pass, e: TapeEntry, d: Grads, adapters: Map<string, LoraRef
       if (gr < 0) return;
       const dz = d.get("z");
       const a = lora("attn.o");
+      // dW_O's columns of head hh: result_hᵀ's cotangent times z_h (the o bias is in sumHeads).
+      const od = dg.find((x) => x.site.kind === "linear" && x.site.layer === l && x.site.mat === "o");
       for (let hh = 0; hh < H; hh++) {
+        if (od) matmulTN(rt, gr + hh * D, H * D, before.z + hh * hd, H * hd, od.off + hh * hd, H * hd, D, hd, R, true);
         linearVjp(rt, gr + hh * D, H * D, { off: W!.o.off + hh * hd, rows: D, cols: hd, ld: H * hd }, dz + hh * hd, H * hd, R, true);
         // The adapter's per-head share: A's columns of head hh.
         if (a) loraVjp(rt, { ...a.ref, a: a.ref.a + hh * hd, lda: H * hd, in: hd }, before.z + hh * hd, H * hd, gr + hh * D, H * D, R, a.dA + hh * hd, a.dB, dz + hh * hd, H * hd);
@@ -600,6 +719,7 @@ function backStep(p: Pass, e: TapeEntry, d: Grads, adapters: Map<string, LoraRef
       const ga = d.take("a");
       if (ga < 0) return;
       const gr = d.get("result");
+      for (const x of dg) if (x.site.kind === "bias" && x.site.layer === l && x.site.mat === "o") linearParams(p, [x], l, "o", ga, D, -1, 0);
       const f = rt.f32;
       for (let r = 0; r < R; r++)
         for (let hh = 0; hh < H; hh++) {
@@ -619,6 +739,7 @@ function backStep(p: Pass, e: TapeEntry, d: Grads, adapters: Map<string, LoraRef
       if (gp >= 0) copyCols(rt.f32, gp, F, 0, gu, F, R, upW, true);
       const dh = d.get("h");
       linearVjp(rt, gu, upW, W!.up, dh, D, R, true);
+      linearParams(p, dg, l!, "up", gu, upW, before.h, D);
       if (gated) loraBack("mlp.gate", before.h, D, gu, upW, dh, D);
       loraBack("mlp.up", before.h, D, gated ? gu + F : gu, upW, dh, D);
       return;
@@ -641,6 +762,7 @@ function backStep(p: Pass, e: TapeEntry, d: Grads, adapters: Map<string, LoraRef
       if (gd < 0) return;
       const dpost = d.get("post");
       linearVjp(rt, gd, D, W!.down, dpost, F, R, true);
+      linearParams(p, dg, l!, "down", gd, D, before.post, F);
       loraBack("mlp.down", before.post, F, gd, D, dpost, F);
       return;
     }

@@ -255,6 +255,33 @@ export function normVjp(spec: NormSpec, p: NormWeights, x: Vec, dy: Vec, dx: Vec
   }
 }
 
+/**
+ * Gradient of a norm's own parameters (a `delta` on them): dw[i] += Σ_r dy[r, i]·x̂[r, i] with
+ * x̂ the normalized input (RMS: x/rms; LayerNorm: (x - μ)/σ); a weight offset (Gemma's 1 + w)
+ * does not change it. LayerNorm's bias: db[i] += Σ_r dy[r, i]. Either output may be null.
+ */
+export function normParamGrad(spec: NormSpec, x: Vec, dy: Vec, R: number, D: number, dw: Vec | null, db: Vec | null): void {
+  for (let r = 0; r < R; r++) {
+    const o = r * D;
+    let mu = 0, inv: number;
+    if (spec.kind === "rms") {
+      let ss = 0;
+      for (let i = 0; i < D; i++) ss += x[o + i]! * x[o + i]!;
+      inv = 1 / Math.sqrt(ss / D + spec.eps);
+    } else {
+      for (let i = 0; i < D; i++) mu += x[o + i]!;
+      mu /= D;
+      let vr = 0;
+      for (let i = 0; i < D; i++) vr += (x[o + i]! - mu) ** 2;
+      inv = 1 / Math.sqrt(vr / D + spec.eps);
+    }
+    for (let i = 0; i < D; i++) {
+      if (dw) dw[i] = dw[i]! + dy[o + i]! * (x[o + i]! - mu) * inv;
+      if (db) db[i] = db[i]! + dy[o + i]!;
+    }
+  }
+}
+
 /** JVP of y = norm(x): ty = J(x)·tx (ty may alias tx). */
 export function normJvp(spec: NormSpec, p: NormWeights, x: Vec, tx: Vec, ty: Vec, R: number, D: number): void {
   const w = p.weight;

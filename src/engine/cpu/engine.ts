@@ -17,8 +17,8 @@ import type { Activation, ModelConfig, NormSpec } from "../config.js";
 import { isLazy, type EngineModel } from "../weights.js";
 import { ropeInvFreq } from "../rope.js";
 import { scheduleOf, type Buf, type EmbedStep, type HeadStep, type Step } from "../schedule.js";
-import type { JvpRequest, JvpResult, LinearName, LossAndGradRequest, LossAndGradResult } from "../grad.js";
-import { jvpScale, lossAndGrad, type GradHost } from "./backprop.js";
+import { trainableWeights, type JvpRequest, type JvpResult, type LinearName, type LossAndGradRequest, type LossAndGradResult } from "../grad.js";
+import { jvpScale, lossAndGrad, type DeltaSite, type GradHost } from "./backprop.js";
 import { adapterKey, erf, loraApply, type LoraRef } from "./derivatives.js";
 import { elementwise, type Elementwise } from "./elementwise.js";
 import type { AttentionTask, Gemm } from "./runtime.js";
@@ -86,6 +86,8 @@ export class CpuEngine {
   private rope = new Map<boolean, { cos: Float32Array; sin: Float32Array; n: number }>();
   private disposed = false;
   private ew: Elementwise;
+  /** Canonical names of the weights this engine holds (the targets a delta can name). */
+  private readonly names = new Set<string>();
   /** When set, every site a call passes is appended here in order (the schedule conformance test). */
   siteTrace: string[] | null = null;
 
@@ -102,6 +104,7 @@ export class CpuEngine {
       return t;
     };
     const opt = (name: string) => (host.weights.has(name) ? get(name).data : undefined);
+    for (const t of trainableWeights(host)) this.names.add(t.name);
     // Shapes from the header when the weights are lazy (a get() would read the tensor).
     const lazy = isLazy(host.weights) ? host.weights : null;
     const shapeOf = (name: string) => (lazy ? lazy.shapeOf(name) : host.weights.get(name)?.shape);
@@ -223,7 +226,96 @@ export class CpuEngine {
    */
   async lossAndGrad(rows: (Row | number[])[], req: LossAndGradRequest): Promise<LossAndGradResult> {
     this.live();
-    return Promise.resolve(lossAndGrad(this.gradHost(), rows, req));
+    // Deltas are added to the weights in our memory for this (synchronous) call and the exact
+    // previous values put back after it, so no other call ever sees them.
+    const restore: (() => void)[] = [];
+    const seen = new Set<string>();
+    try {
+      req.params.forEach((prm, i) => {
+        if (prm.kind !== "delta") return;
+        const t = this.deltaTarget(prm.name);
+        if (!t) throw new UsageError(`params[${i}] (delta): unknown weight "${prm.name}"; this model's trainable weights are ${[...this.names].join(", ")}`);
+        if (seen.has(prm.name)) throw new UsageError(`params[${i}] (delta on ${prm.name}): two deltas on one weight; pass one`);
+        seen.add(prm.name);
+        const n = t.shape.reduce((a, b) => a * b, 1);
+        if (prm.value.length !== n) throw new UsageError(`params[${i}] (delta on ${prm.name}): value has length ${prm.value.length}, expected ${n} ([${t.shape.join(", ")}])`);
+        if (!prm.value.every(Number.isFinite)) throw new UsageError(`params[${i}] (delta on ${prm.name}): value contains NaN or Inf`);
+        restore.push(t.apply(prm.value));
+      });
+      return Promise.resolve(lossAndGrad(this.gradHost(), rows, req));
+    } finally {
+      for (const r of restore.reverse()) r();
+    }
+  }
+
+  /**
+   * Where canonical weight `name` lives in this engine: its shape, its site for the backward, and
+   * how to add a delta to it (returning the undo). Stacked matrices (q/k/v, gate/up) take the
+   * delta on their rows; norm weights are swapped for a new array (the host copy may be the
+   * model's own) and written to our memory too (the RMSNorm kernel reads that copy).
+   */
+  private deltaTarget(name: string): { shape: number[]; site: DeltaSite; apply(v: Float32Array): () => void } | undefined {
+    if (!this.names.has(name)) return undefined;
+    const c = this.config;
+    const { nHeads: H, nKvHeads: K, dHead: hd, dMlp: F } = c;
+    const gated = c.mlp.kind === "gated";
+    const addMat = (off: number, v: Float32Array): (() => void) => {
+      const saved = this.rt.f32.slice(off, off + v.length);
+      const f = this.rt.f32;
+      for (let i = 0; i < v.length; i++) f[off + i] = f[off + i]! + v[i]!;
+      return () => this.rt.f32.set(saved, off);
+    };
+    const addHost = (arr: Float32Array, o: number, v: Float32Array): (() => void) => {
+      const saved = arr.slice(o, o + v.length);
+      for (let i = 0; i < v.length; i++) arr[o + i] = arr[o + i]! + v[i]!;
+      return () => arr.set(saved, o);
+    };
+    const swapNorm = (n: Norm, part: "weight" | "bias", v: Float32Array): (() => void) => {
+      const old = n[part]!;
+      const neu = Float32Array.from(old, (x, i) => x + v[i]!);
+      n[part] = neu;
+      if (part === "weight") this.rt.f32.set(neu, n.off);
+      return () => {
+        n[part] = old;
+        if (part === "weight") this.rt.f32.set(old, n.off);
+      };
+    };
+    const whole = (m: Mat, site: DeltaSite) => ({ shape: [m.rows, m.cols], site, apply: (v: Float32Array) => addMat(m.off, v) });
+    if (name === "embed.weight") return whole(this.embed, { kind: "embed" });
+    if (name === "posEmbed.weight") return whole(this.posEmbed!, { kind: "posEmbed" });
+    if (name === "unembed.weight") return whole(this.unembed, { kind: "unembed" });
+    const normOf = (n: Norm, layer: number | null, norm: Extract<DeltaSite, { kind: "norm" }>["norm"], part: "weight" | "bias") => ({
+      shape: [n[part]!.length],
+      site: { kind: "norm" as const, layer, norm, part, n: n[part]!.length },
+      apply: (v: Float32Array) => swapNorm(n, part, v),
+    });
+    const fin = /^lnFinal\.(weight|bias)$/.exec(name);
+    if (fin) return normOf(this.lnFinal, null, "lnFinal", fin[1] as "weight" | "bias");
+    const m = /^blocks\.(\d+)\.(.+)\.(weight|bias)$/.exec(name);
+    if (!m) return undefined;
+    const l = Number(m[1]);
+    const blk = this.blocks[l]!;
+    const what = m[2]!, part = m[3] as "weight" | "bias";
+    const norms: Record<string, "ln1" | "ln1Post" | "ln2" | "ln2Post" | "qNorm" | "kNorm"> = { ln1: "ln1", ln1Post: "ln1Post", ln2: "ln2", ln2Post: "ln2Post", "attn.qNorm": "qNorm", "attn.kNorm": "kNorm" };
+    const nk = norms[what];
+    if (nk) return normOf(blk[nk]!, l, nk, part);
+    // [mat, first row, rows] of each linear in the stacked matrices.
+    const rowsOf: Record<string, ["qkv" | "o" | "up" | "down", number, number]> = {
+      "attn.q": ["qkv", 0, H * hd],
+      "attn.k": ["qkv", H * hd, K * hd],
+      "attn.v": ["qkv", (H + K) * hd, K * hd],
+      "attn.o": ["o", 0, c.dModel],
+      "mlp.gate": ["up", 0, F],
+      "mlp.up": ["up", gated ? F : 0, F],
+      "mlp.down": ["down", 0, c.dModel],
+    };
+    const r = rowsOf[what];
+    if (!r) return undefined;
+    const [mat, row0, rows] = r;
+    const M = blk[mat];
+    if (part === "weight") return { shape: [rows, M.cols], site: { kind: "linear", layer: l, mat, row0, rows, cols: M.cols }, apply: (v) => addMat(M.off + row0 * M.cols, v) };
+    const bias = blk[`${mat}Bias` as const]!;
+    return { shape: [rows], site: { kind: "bias", layer: l, mat, row0, rows }, apply: (v) => addHost(bias, row0, v) };
   }
 
   /** Reads and their derivative with respect to the scale of `req.plan[req.wrt]` (grad.ts; forward mode). */
@@ -257,6 +349,7 @@ export class CpuEngine {
         this.headRows(x, Array.from({ length: ctx.B * ctx.T }, (_, r) => r), ctx, promptLen, resolved, cache, true, tape, logitRows);
       },
       rope: (pos, local) => this.ropeFor(pos, local),
+      deltaSite: (name) => this.deltaTarget(name)!.site,
     };
   }
 

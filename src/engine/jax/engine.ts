@@ -10,7 +10,7 @@ import { parseHook, type HookName } from "../../hooks/names.js";
 import type { Intervention, Plan, PosSpec } from "../../hooks/plan.js";
 import { ActivationCache } from "../cache.js";
 import { Driver, type LayerCall } from "../driver.js";
-import type { JvpRequest, JvpResult, LinearName, LossAndGradRequest, LossAndGradResult, TrainParam } from "../grad.js";
+import { trainableWeights, type JvpRequest, type JvpResult, type LinearName, type LossAndGradRequest, type LossAndGradResult, type TrainParam } from "../grad.js";
 import { asRow, attnMaskHost, compileHost, featShapeOf, fullCtx, padShape, resolvePlan, scopeMask, type CallCtx, type Resolved } from "../plan.js";
 import { type ForwardOptions, type ForwardResult, type GenerateOptions, type GenerateResult, type PrefixCounter, type Row } from "../types.js";
 
@@ -55,6 +55,8 @@ interface TrainOp {
 interface Train {
   ops: TrainOp[];
   lora: Map<number, Adapters>;
+  /** Full-weight deltas by canonical name: the pass uses W + delta (row chunks as the device weight's). */
+  deltas?: Map<string, JArray[]>;
 }
 
 /** Where a call's reads go: the activation cache (forward, generate) or a traced output (jvp). */
@@ -91,9 +93,13 @@ export class Engine {
   private posEmbed: HostTensor | undefined;
   private fns: LayerFns;
   private disposed = false;
+  /** The weights' store (trainableWeights reads names and shapes for deltas). */
+  private readonly host: EngineModel;
+  private trainable: ReturnType<typeof trainableWeights> | undefined;
 
   constructor(host: EngineModel, opts: EngineOptions = {}) {
     this.config = host.config;
+    this.host = host;
     const c = host.config;
     const max = opts.maxBindingBytes ?? Infinity;
     const w = (name: string) => {
@@ -259,6 +265,9 @@ export class Engine {
         const k = `${p.layer}.${p.linear}`;
         if (loras.has(k)) throw new UsageError(`lossAndGrad: two adapters on blocks.${p.layer}.${p.linear}; give one (its rank can be larger)`);
         loras.add(k);
+      } else if (p.kind === "delta") {
+        if (loras.has(`delta:${p.name}`)) throw new UsageError(`lossAndGrad: two deltas on one weight (${p.name}); pass one`);
+        loras.add(`delta:${p.name}`);
       }
     const f = (ps: JArray[][]): JArray => {
       const train: Train = { ops: [], lora: new Map() };
@@ -336,6 +345,7 @@ export class Engine {
   private bindParam(p: TrainParam, i: number, rs: Row[], ctx: CallCtx, promptLen: number[], countPrefix: PrefixCounter | undefined): BoundParam {
     const c = this.config;
     const what = `lossAndGrad: params[${i}] (${p.kind})`;
+    if (p.kind === "delta") return this.bindDelta(p, what);
     if (p.kind === "lora") {
       if (!(Number.isInteger(p.layer) && p.layer >= 0 && p.layer < c.nLayers)) throw new UsageError(`${what}: layer ${p.layer} out of range 0..${c.nLayers - 1}`);
       if (!LINEARS.includes(p.linear)) throw new UsageError(`${what}: linear ${String(p.linear)} is not one of ${LINEARS.join(", ")}`);
@@ -392,6 +402,76 @@ export class Engine {
       install: ([s], t) => t.ops.push({ layer, site, op: { v: np.array(p.vector).reshape([1, 1, ...feat]).mul(s!), m: m() } }),
       result: async ([g]) => [new Float32Array(await g!.data())],
     };
+  }
+
+  /**
+   * A full-weight delta: one primal per row chunk of the device weight (so W + delta is formed
+   * chunk by chunk, never joined), the gradient joined on the host.
+   */
+  private bindDelta(p: Extract<TrainParam, { kind: "delta" }>, what: string): BoundParam {
+    const valid = (this.trainable ??= trainableWeights(this.host));
+    const tw = valid.find((w) => w.name === p.name);
+    if (!tw) throw new UsageError(`${what}: unknown weight "${p.name}"; this model's trainable weights are ${valid.map((w) => w.name).join(", ")}`);
+    const n = tw.shape.reduce((a, b) => a * b, 1);
+    if (p.value.length !== n) throw new UsageError(`${what} on ${p.name}: value has length ${p.value.length}, expected ${n} ([${tw.shape.join(", ")}])`);
+    if (!p.value.every(Number.isFinite)) throw new NumericalError(`${what} on ${p.name}: value contains NaN or Inf`);
+    const dev = this.deviceWeight(p.name);
+    const chunks = dev ? (Array.isArray(dev) ? dev : [dev]) : null;
+    if (chunks?.some((cw) => cw.dtype !== np.float32)) throw new UsageError(`${what} on ${p.name}: the weight is stored as ${String(chunks[0]!.dtype)} on the device; deltas need f32 weights (load with weights: "f32")`);
+    const cols = tw.shape.length === 2 ? tw.shape[1]! : n;
+    const rowsOf = chunks && tw.shape.length === 2 ? chunks.map((cw) => cw.shape[0]!) : [tw.shape[0]!];
+    return {
+      primals: () => {
+        let r = 0;
+        return rowsOf.map((rows) => {
+          const a = np.array(p.value.slice(r * cols, (r + rows) * cols)).reshape(tw.shape.length === 2 ? [rows, cols] : [rows]);
+          r += rows;
+          return a;
+        });
+      },
+      install: (arrs, t) => {
+        (t.deltas ??= new Map()).set(p.name, arrs);
+      },
+      result: async (gs) => {
+        const out = new Float32Array(n);
+        let o = 0;
+        for (const g of gs) {
+          const d = await g.data();
+          out.set(d, o);
+          o += d.length;
+        }
+        return [out];
+      },
+    };
+  }
+
+  /** The device array a weight lives in (undefined: host only, the untied embedding table and learned positions). */
+  private deviceWeight(name: string): Weight | JArray | undefined {
+    if (name === "lnFinal.weight") return this.params.lnFinal.weight;
+    if (name === "lnFinal.bias") return this.params.lnFinal.bias;
+    if (name === "unembed.weight" || (name === "embed.weight" && this.config.tieEmbeddings)) return this.params.unembed;
+    const m = /^blocks\.(\d+)\.(.+)\.(weight|bias)$/.exec(name);
+    if (!m) return undefined;
+    const bp = this.params.blocks[Number(m[1])]! as Record<string, LinearParams | NormParams | undefined>;
+    const e = bp[m[2]!];
+    return m[3] === "weight" ? e?.weight : e?.bias;
+  }
+
+  /** A block's (or the head's) params with the pass's deltas added: fresh arrays for the changed entries, listed in `made` for disposal. */
+  private withDeltas<P extends Record<string, unknown>>(prefix: string, base: P, deltas: Map<string, JArray[]> | undefined, made: JArray[]): P {
+    if (!deltas) return base;
+    const out: Record<string, unknown> = { ...base };
+    for (const [key, entry] of Object.entries(base)) {
+      if (!entry || typeof entry !== "object" || !("weight" in entry)) continue;
+      const e = entry as { weight: Weight; bias?: JArray };
+      const dw = deltas.get(`${prefix}${key}.weight`), db = deltas.get(`${prefix}${key}.bias`);
+      if (!dw && !db) continue;
+      const next: { weight: Weight; bias?: JArray } = { ...e };
+      if (dw) next.weight = addWeight(e.weight, dw, made);
+      if (db && e.bias) next.bias = addWeight(e.bias, db, made) as JArray;
+      out[key] = next;
+    }
+    return out as P;
   }
 
   // ------------------------------------------------------------ internals
@@ -484,7 +564,30 @@ export class Engine {
         }
       }
     const emb = this.compile(resolved, ctx, promptLen, null, train);
-    const [x0, er] = embedStage(c, { readSet: new Set(emb.reads), kinds: emb.kinds }, { tok: np.array(tok).reshape([B, T, D]), pos: posE ? np.array(posE).reshape([B, T, D]) : null }, emb.ops);
+    let tokA = np.array(tok).reshape([B, T, D]);
+    let posA = posE ? np.array(posE).reshape([B, T, D]) : null;
+    // Deltas on the tables: their rows gathered by one-hot products (traced, so the gradient is the scatter-add).
+    const gather = (chunks: JArray[], index: (r: number) => number, scale: number): JArray => {
+      let sum: JArray | null = null;
+      let row0 = 0;
+      for (const dch of chunks) {
+        const n = dch.shape[0]!;
+        const oh = new Float32Array(B * T * n);
+        for (let r = 0; r < B * T; r++) {
+          const i = ctx.pos[r]! < 0 ? -1 : index(r) - row0;
+          if (i >= 0 && i < n) oh[r * n + i] = scale;
+        }
+        const part = np.matmul(np.array(oh).reshape([B * T, n]), dch.ref);
+        sum = sum ? sum.add(part) : part;
+        row0 += n;
+      }
+      return sum!.reshape([B, T, D]);
+    };
+    const de = train?.deltas?.get("embed.weight");
+    if (de) tokA = tokA.add(gather(de, (r) => ctx.ids[r]!, c.embedScale));
+    const dp = train?.deltas?.get("posEmbed.weight");
+    if (dp && posA) posA = posA.add(gather(dp, (r) => ctx.pos[r]!, 1));
+    const [x0, er] = embedStage(c, { readSet: new Set(emb.reads), kinds: emb.kinds }, { tok: tokA, pos: posA }, emb.ops);
     sink(er, null);
     let env: Env = { x: x0 };
 
@@ -522,9 +625,11 @@ export class Engine {
       const key: LayerKey = { ops: [...kinds.entries()], reads, ...(lora ? { lora: (Object.keys(lora) as LinearName[]).sort() } : {}) };
       const fns = this.fns.get(key);
       const [opsA, opsM] = splitOps(c, ops);
-      const p = this.params.blocks[l]!;
+      const made: JArray[] = [];
+      const p = this.withDeltas(`blocks.${l}.`, this.params.blocks[l]!, train?.deltas, made);
       const pa = halfParams(attnHalf, p, lora);
       const pm = halfParams(mlpHalf, p, lora);
+      tree.dispose(made as never);
       const ty = c.layerTypes[l]!;
       const rotRef = tree.ref(rots.get(ty)! as never) as unknown as Rot;
       const mask = masks.get(ty)!;
@@ -545,14 +650,25 @@ export class Engine {
     return env.x!;
   }
 
-  private headParams() {
-    return { lnFinal: tree.ref(this.params.lnFinal as never) as unknown as NormParams, unembed: refWeight(this.params.unembed) };
+  private headParams(train: Train | null = null) {
+    const d = train?.deltas;
+    const ln = this.params.lnFinal;
+    const made: JArray[] = [];
+    // The head consumes its params: untouched entries are referenced once more, sums are fresh.
+    const dw = d?.get("lnFinal.weight"), db = d?.get("lnFinal.bias");
+    const lnFinal: NormParams = {
+      weight: dw ? (addWeight(ln.weight, dw, made) as JArray) : ln.weight.ref,
+      ...(ln.bias ? { bias: db ? (addWeight(ln.bias, db, made) as JArray) : ln.bias.ref } : {}),
+    };
+    const ud = d?.get(this.config.tieEmbeddings ? "embed.weight" : "unembed.weight");
+    const unembed = ud ? addWeight(this.params.unembed, ud, made) : refWeight(this.params.unembed);
+    return { lnFinal, unembed };
   }
 
   /** The head inside a traced pass: logits [B,T,V] (vocab chunks joined). */
   private headTraced(x: JArray, ctx: CallCtx, promptLen: number[], resolved: Resolved[], train: Train | null, sink: ReadSink): JArray {
     const { ops, kinds, reads } = this.compile(resolved, ctx, promptLen, "final", train);
-    const [chunks, r] = head(this.config, { readSet: new Set(reads), kinds }, this.headParams(), x, ops);
+    const [chunks, r] = head(this.config, { readSet: new Set(reads), kinds }, this.headParams(train), x, ops);
     sink(r, null);
     return chunks.length === 1 ? chunks[0]! : np.concatenate(chunks, -1);
   }
@@ -586,7 +702,15 @@ interface BoundParam {
 
 /** Release what a traced pass's Train still holds (each op and adapter was referenced by its users). */
 function disposeTrain(t: Train): void {
-  tree.dispose([t.ops.map((o) => o.op), [...t.lora.values()]] as never);
+  tree.dispose([t.ops.map((o) => o.op), [...t.lora.values()], [...(t.deltas?.values() ?? [])]] as never);
+}
+
+/** W + delta chunk by chunk (each referenced once more; the sums listed in `made`). */
+function addWeight(w: Weight | JArray, d: JArray[], made: JArray[]): Weight {
+  const ws = Array.isArray(w) ? w : [w];
+  const sums = ws.map((cw, i) => cw.ref.add(d[i]!.ref));
+  made.push(...sums);
+  return Array.isArray(w) ? sums : sums[0]!;
 }
 
 /** [out, in] of a block's linear layer. */
