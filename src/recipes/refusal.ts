@@ -33,14 +33,15 @@ import { firstResponse, readData } from "../eval/protocol.js";
 import { runSweep } from "../eval/run.js";
 import { hookName, type HookName } from "../hooks/names.js";
 import type { Intervention, Plan } from "../hooks/plan.js";
-import { writeSafetensors } from "../io/safetensors.js";
 import { JudgeFailures } from "../judge/failures.js";
 import { makeJudge, type Judge, type MakeJudgeOptions } from "../judge/judge.js";
 import { pickJudges } from "../judge/select.js";
 import type { InjectConfig } from "../log/schema.js";
 import type { Rate } from "../stats/stats.js";
 import { RunLogWriter, lockRun } from "../log/write.js";
-import { expectedParams, type ModelConfig } from "../engine/config.js";
+import type { ModelConfig } from "../engine/config.js";
+import { writeSafetensors } from "../io/safetensors.js";
+import { writeHfCheckpoint } from "../model/export.js";
 import { loadHostModel, type HostModel, type HostTensor } from "../model/load.js";
 import { Model, type Prompt } from "../model/model.js";
 import { describeSampler, sampleOptions } from "../model/sampling.js";
@@ -520,114 +521,6 @@ export function orthogonalizeWeights(host: HostModel, direction: Vec): { weights
   const untied = c.tieEmbeddings;
   if (untied) weights.set("unembed.weight", host.weights.get("embed.weight")!);
   return { weights, config: { ...c, tieEmbeddings: false }, untied };
-}
-
-const HF_SIDE_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model"];
-
-/** config.json for a Llama-layout model read from GGUF (the only GGUF family we can describe in HF terms). */
-function llamaHfConfig(c: ModelConfig): Record<string, unknown> {
-  if (c.pos.kind !== "rope") throw new UsageError("internal: llama without RoPE");
-  if (c.pos.freqFactors) throw new UsageError("orthogonalize: this GGUF stores RoPE frequency factors (Llama 3 scaling), which the HF export does not describe; export from the HF checkpoint instead");
-  if (c.slidingWindow) throw new UsageError("orthogonalize: sliding-window GGUF models are not supported by the HF export; export from the HF checkpoint instead");
-  const s = c.pos.scaling;
-  return {
-    architectures: ["LlamaForCausalLM"],
-    model_type: "llama",
-    hidden_size: c.dModel,
-    num_attention_heads: c.nHeads,
-    num_key_value_heads: c.nKvHeads,
-    num_hidden_layers: c.nLayers,
-    head_dim: c.dHead,
-    intermediate_size: c.dMlp,
-    vocab_size: c.dVocab,
-    max_position_embeddings: c.nCtx,
-    rms_norm_eps: c.norm.eps,
-    rope_theta: c.pos.theta,
-    ...(s.kind === "linear" ? { rope_scaling: { rope_type: "linear", factor: s.factor } } : {}),
-    ...(s.kind === "llama3"
-      ? { rope_scaling: { rope_type: "llama3", factor: s.factor, low_freq_factor: s.lowFreqFactor, high_freq_factor: s.highFreqFactor, original_max_position_embeddings: s.originalMaxPositionEmbeddings } }
-      : {}),
-    attention_bias: c.bias === "qkv",
-    hidden_act: "silu",
-    tie_word_embeddings: c.tieEmbeddings,
-    ...(c.bosTokenId !== undefined ? { bos_token_id: c.bosTokenId } : {}),
-    eos_token_id: c.eosTokenIds.length === 1 ? c.eosTokenIds[0] : c.eosTokenIds,
-    torch_dtype: "float32",
-  };
-}
-
-/**
- * Write canonical weights as an HF folder (config.json + model.safetensors, F32) using the
- * family's safetensors names: split parts are concatenated and Conv1D tensors transposed back.
- * Tokenizer files are copied when the source is an HF folder; a GGUF source's embedded vocabulary
- * cannot be written as tokenizer.json here, so such an export takes token ids only.
- */
-export function writeHfCheckpoint(host: HostModel, weights: ReadonlyMap<string, HostTensor>, config: ModelConfig, dir: string, meta: Record<string, string> = {}): { files: string[]; tokenizer: boolean } {
-  const table = host.family.safetensors;
-  if (!table) throw new UsageError(`orthogonalize: family ${host.family.id} has no safetensors layout`);
-  const groups = new Map<string, { index: number; transpose: boolean; t: HostTensor }[]>();
-  for (const canon of expectedParams(config).keys()) {
-    const tmpl = canon.replace(/^blocks\.\d+\./, "blocks.{i}.");
-    const layer = /^blocks\.(\d+)\./.exec(canon)?.[1];
-    const src = table[tmpl];
-    if (!src) throw new UsageError(`orthogonalize: no safetensors name for ${canon} in family ${host.family.id}`);
-    if (src.unpermuteRope) throw new UsageError(`orthogonalize: ${canon} needs a RoPE permutation the export does not implement`);
-    const t = weights.get(canon);
-    if (!t) throw new UsageError(`orthogonalize: missing weight ${canon}`);
-    const name = layer === undefined ? src.name : src.name.replaceAll("{i}", layer);
-    const g = groups.get(name) ?? [];
-    g.push({ index: src.split?.index ?? 0, transpose: src.transpose ?? false, t });
-    groups.set(name, g);
-  }
-  const tensors: Record<string, { data: Float32Array; shape: number[] }> = {};
-  for (const [name, parts] of groups) {
-    parts.sort((a, b) => a.index - b.index);
-    let data: Float32Array;
-    let shape: number[];
-    if (parts.length === 1) ({ data, shape } = parts[0]!.t);
-    else {
-      data = new Float32Array(parts.reduce((a, p) => a + p.t.data.length, 0));
-      let off = 0;
-      for (const p of parts) {
-        data.set(p.t.data, off);
-        off += p.t.data.length;
-      }
-      shape = [parts.reduce((a, p) => a + p.t.shape[0]!, 0), ...parts[0]!.t.shape.slice(1)];
-    }
-    if (parts[0]!.transpose) {
-      const [r, k] = shape as [number, number];
-      const o = new Float32Array(data.length);
-      for (let i = 0; i < r; i++) for (let j = 0; j < k; j++) o[j * r + i] = data[i * k + j]!;
-      data = o;
-      shape = [k, r];
-    }
-    tensors[name] = { data, shape };
-  }
-  fs.mkdirSync(dir, { recursive: true });
-  let cfgJson: Record<string, unknown>;
-  if (host.files.configJson) {
-    cfgJson = JSON.parse(fs.readFileSync(host.files.configJson, "utf8")) as Record<string, unknown>;
-    cfgJson.tie_word_embeddings = config.tieEmbeddings;
-    cfgJson.torch_dtype = "float32";
-  } else if (host.family.id === "llama") cfgJson = llamaHfConfig(config);
-  else throw new UsageError(`orthogonalize: cannot write config.json for a ${host.family.id} GGUF; export from the HF checkpoint instead`);
-  writeSafetensors(path.join(dir, "model.safetensors"), tensors, { format: "pt", ...meta });
-  fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(cfgJson, null, 2) + "\n");
-  const files = ["config.json", "model.safetensors"];
-  let tokenizer = false;
-  if (host.files.configJson) {
-    const srcDir = path.dirname(host.files.configJson);
-    for (const f of HF_SIDE_FILES) {
-      const p = path.join(srcDir, f);
-      if (fs.existsSync(p)) {
-        fs.copyFileSync(p, path.join(dir, f));
-        fs.chmodSync(path.join(dir, f), 0o644);
-        files.push(f);
-        if (f === "tokenizer.json") tokenizer = true;
-      }
-    }
-  }
-  return { files, tokenizer };
 }
 
 /** Orthogonalise a model's weights against `direction` and (optionally) export the HF folder. */
