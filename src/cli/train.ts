@@ -7,8 +7,9 @@ import path from "node:path";
 import { UsageError } from "../core/errors.js";
 import { parseLayers } from "../core/parse.js";
 import type { DeviceName } from "../engine/device.js";
-import type { TrainParam } from "../engine/grad.js";
+import { trainableWeights, type TrainParam } from "../engine/grad.js";
 import { hookName, type HookName } from "../hooks/names.js";
+import { loadHostModel } from "../model/load.js";
 import { Model } from "../model/model.js";
 import { escapeHtml, htmlPage, htmlTable } from "../report/page.js";
 import { adapterPlan, readAdapter, writeAdapter } from "../train/adapter.js";
@@ -70,7 +71,7 @@ export interface TrainHooks {
 /** Run a training job end to end (the CLI's body; tests call it with hooks). */
 export async function trainCommand(a: TrainArgs, hooks: TrainHooks = {}): Promise<TrainResult> {
   if (!a.data) throw new UsageError("--data is required (a JSONL file: docs/training.md)");
-  if (a.full) throw new UsageError("--full: full-parameter training needs the engine's weight-delta params, which this build does not have yet; train LoRA (--lora-rank) or a vector (--vector-at)");
+  if (a.full && a.vectorAt) throw new UsageError("--full and --vector-at: choose one (full-parameter training, or a vector adapter)");
   const obj = objective(a.objective ?? "sft");
   const seed = a.seed ?? 0;
   const model = await Model.load(a.model, { device: (a.device ?? "cpu") as DeviceName, ...(a.threads !== undefined ? { threads: a.threads } : {}) });
@@ -85,13 +86,17 @@ export async function trainCommand(a: TrainArgs, hooks: TrainHooks = {}): Promis
       if (!/^blocks\.\d+\./.test(a.vectorAt)) throw new UsageError(`--vector-at ${a.vectorAt}: give a block hook like ${hookName(0, "hook_resid_post")}`);
       const D = c.dModel;
       params = [{ kind: "vector", at: a.vectorAt as HookName, value: new Float32Array(D) }];
+    } else if (a.full) {
+      // Full-parameter training: one zero-initialised additive delta per trainable weight (W + delta in the
+      // pass); the lazy host load reads shapes only. Adam state is 2 more copies: small models only.
+      params = trainableWeights(loadHostModel(a.model, undefined, { lazy: true })).map((w) => ({ kind: "delta", name: w.name, value: new Float32Array(w.shape.reduce((x, y) => x * y, 1)) }));
     } else params = initLora(c, lora);
     const hyper: Hyper = { beta: a.beta ?? DEFAULT_HYPER.beta, margin: a.margin ?? DEFAULT_HYPER.margin, kl: a.kl ?? DEFAULT_HYPER.kl };
     const batch = a.batch ?? 4;
     const steps = a.steps ?? (a.epochs ?? 1) * Math.ceil(examples.length / batch);
     const config = { objective: obj, hyper, lr: a.lr ?? 1e-3, warmup: a.warmup ?? 0, steps, batch, seed, ...(a.clip ? { clip: a.clip } : {}), ...(a.weightDecay ? { weightDecay: a.weightDecay } : {}) };
     const dataHash = createHash("sha256").update(fs.readFileSync(a.data)).digest("hex");
-    const meta = { data: dataHash, params: a.vectorAt ? { vectorAt: a.vectorAt } : { lora } };
+    const meta = { data: dataHash, params: a.vectorAt ? { vectorAt: a.vectorAt } : a.full ? { full: true } : { lora } };
     const describe = { ...config, objective: obj.name, data: path.basename(a.data), dataSha256: dataHash, model: path.basename(a.model), params: meta.params };
     fs.mkdirSync(a.out, { recursive: true });
     const adapterFile = path.join(a.out, "adapter.safetensors");
@@ -100,7 +105,7 @@ export async function trainCommand(a: TrainArgs, hooks: TrainHooks = {}): Promis
     let result: TrainResult;
     if (obj.loss === "none") {
       // random_lora: no training; a random adapter whose per-module update norms match a trained one.
-      if (a.vectorAt) throw new UsageError("random_lora randomizes LoRA factors; drop --vector-at");
+      if (a.vectorAt || a.full) throw new UsageError(`random_lora randomizes LoRA factors; drop ${a.vectorAt ? "--vector-at" : "--full"}`);
       let norms: number[];
       if (a.matchAdapter) {
         const trained = new Map(readAdapter(a.matchAdapter).params.map((p, i) => [paramKey(p, i), p]));
