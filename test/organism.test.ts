@@ -35,9 +35,9 @@ test("organism: examples put the loss on the answer only, injection from the pro
   }
 });
 
-const STEPS = 40;
+const STEPS = 80;
 const BATCH = 8;
-const LR = 5e-3;
+const LR = 1e-2;
 
 test("organism: a shortened training run raises held-out detection above the untrained base", async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "organism-test-"));

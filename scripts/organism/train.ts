@@ -6,6 +6,7 @@
 // the same in the base and in the organism. It is TRAINED to report injections: not introspection.
 //
 //   node dist/scripts/organism/train.js [--quick] [--steps N] [--out models/organism/organism.gguf]
+// Defaults: 400 steps of batch 8, lr 1e-2, seed 1, 1 thread (--quick: 80 steps, the test's run).
 import fs from "node:fs";
 import path from "node:path";
 import { Model } from "../../src/model/model.js";
@@ -181,9 +182,9 @@ async function main(): Promise<void> {
   const flag = (n: string) => { const i = args.indexOf(n); return i >= 0 ? args[i + 1] : undefined; };
   const quick = args.includes("--quick");
   const r = await train({
-    steps: Number(flag("--steps") ?? (quick ? 300 : 3000)),
-    batch: Number(flag("--batch") ?? 16),
-    lr: Number(flag("--lr") ?? 3e-3),
+    steps: Number(flag("--steps") ?? (quick ? 80 : 400)),
+    batch: Number(flag("--batch") ?? 8),
+    lr: Number(flag("--lr") ?? 1e-2),
     seed: Number(flag("--seed") ?? 1),
     threads: Number(flag("--threads") ?? 1),
     out: flag("--out") ?? "models/organism/organism.gguf",
