@@ -17,7 +17,7 @@ import { conceptVectors } from "../../src/vectors/extract.js";
 import { buildConfig } from "../../src/eval/inject.js";
 import { FORCED_PREFILL, getVariant, renderTrial } from "../../src/eval/protocol.js";
 import { readGguf } from "../../src/io/gguf.js";
-import { adamInit, adamStep, type AdamState } from "../../src/recipes/adam.js";
+import { adamInit, adamStep, type AdamState } from "../../src/math/adam.js";
 import { mulberry32 } from "./rng.js";
 
 export const BASE = "models/stories260K/stories260K.gguf";
