@@ -514,7 +514,7 @@ describe("CLI", () => {
     assert.equal((JSON.parse(fs.readFileSync(path.join(out, "results.json"), "utf8")) as { failed_judgments: string }).failed_judgments, "no");
   });
 
-  // Measured: `selfscope demo` takes ~77 s on 2 cores (204 trials, 24 tokens), under the ~90 s budget.
+  // Measured: `selfscope demo` takes ~29 s on 2 cores (the organism and its base, 360 trials each, 24 tokens), under the 2-minute budget.
   test("selfscope demo --out DIR writes report.html (with charts) and results.json with the contract keys", { timeout: 300_000 }, async () => {
     const out = path.join(tmpRoot, "demo");
     const r = await runCli(["demo", "--out", out, "--quiet"]);
@@ -537,5 +537,21 @@ describe("CLI", () => {
     const s = assertCompleteRun(run, planTrials(run.header.config), ["rule"]);
     assert.deepEqual(s.byKind, expectedCounts(run.header.config));
     assert.equal((res.n_trials as { total: number }).total, run.header.plannedTrials);
+    // The organism, said plainly, and its untrained base on the same trials as the contrast.
+    assert.match(r.stdout, /TRAINED to report injections/);
+    assert.match(r.stdout, /contrast, the untrained base on the same trials: TPR/);
+    assert.match(fs.readFileSync(path.join(out, "report.html"), "utf8"), /About this model[\s\S]*TRAINED to report[\s\S]*untrained base/);
+    assert.ok(run.header.model.path.endsWith("organism.gguf"), run.header.model.path);
+    const about = res.about as { text: string; contrast: { runDir: string; figures: Record<string, { estimate: number }> } };
+    assert.match(about.text, /nothing here is emergent introspection/);
+    const baseRes = JSON.parse(fs.readFileSync(path.join(out, about.contrast.runDir, "results.json"), "utf8")) as Record<string, { estimate: number }>;
+    assert.equal(about.contrast.figures.tpr!.estimate, baseRes.tpr!.estimate);
+    const baseRun = readRunLog(path.join(out, "base"));
+    assert.deepEqual(baseRun.header.config.concepts, run.header.config.concepts, "the base ran the same held-out concepts");
+    assert.ok(baseRun.header.model.path.endsWith("stories260K.gguf"));
+    // The held-out figures the model card states, at the demo's size: the organism detects, its base does not.
+    const tpr = (res.tpr as { estimate: number }).estimate, fpr = (res.fpr as { estimate: number }).estimate;
+    assert.ok(tpr - fpr > 0.5, `organism TPR ${tpr} FPR ${fpr}`);
+    assert.ok(baseRes.tpr!.estimate - baseRes.fpr!.estimate < 0.2, `base TPR ${baseRes.tpr!.estimate} FPR ${baseRes.fpr!.estimate}`);
   });
 });

@@ -19,6 +19,7 @@ import { FORCED_PREFILL, getVariant, renderTrial } from "../../src/eval/protocol
 import { readGguf } from "../../src/io/gguf.js";
 import { adamInit, adamStep, type AdamState } from "../../src/math/adam.js";
 import { mulberry32 } from "./rng.js";
+import { ORGANISM } from "../../src/eval/demo.js";
 
 export const BASE = "models/stories260K/stories260K.gguf";
 /** Injection layer: blocks.1.hook_resid_post. Blocks 0-1 stay frozen, so the vectors there do not move. */
@@ -40,7 +41,8 @@ export const TRAIN_CONCEPTS = (
   "cup pie egg jam rock hill road bus bike key lamp box park rain snow book fire moon sky sea milk bug fox owl " +
   "kite boat cake duck girl boy tree fish bird apple water house ice horse sheep mouse bread leaf"
 ).split(" ");
-export const HELDOUT_CONCEPTS = "frog truck shoe drum chair table window garden candy bunny puppy kitten cookie flower train ship grass queen school shop".split(" ");
+/** The held-out concepts (never injected in training) live in models/organism/heldout.json, which the demo reads too. */
+export const HELDOUT_CONCEPTS: string[] = JSON.parse(fs.readFileSync(new URL(`../../../${ORGANISM.heldout}`, import.meta.url), "utf8")) as string[];
 
 export interface Example {
   ids: number[];
@@ -67,8 +69,12 @@ export function makeExample(model: Model, kind: Example["kind"], concept: string
   return { ids, targets, inject: kind === "control" ? null : { concept: concept!, strength, from: p.injectFrom }, kind };
 }
 
+/** Shares of control and forced examples in the stream (the rest are injections with the detection question). */
+export interface Mix { control: number; forced: number }
+export const DEFAULT_MIX: Mix = { control: 0.5, forced: 0.17 };
+
 /** The training stream (deterministic in the seed): half injections (a third of them forced), half controls. */
-export function makeData(model: Model, concepts: string[], n: number, seed: number): Example[] {
+export function makeData(model: Model, concepts: string[], n: number, seed: number, mix: Mix = DEFAULT_MIX): Example[] {
   const r = mulberry32(seed);
   const out: Example[] = [];
   for (let i = 0; i < n; i++) {
@@ -76,7 +82,7 @@ export function makeData(model: Model, concepts: string[], n: number, seed: numb
     const u = r();
     const concept = concepts[Math.floor(r() * concepts.length)]!;
     const s = STRENGTHS[Math.floor(r() * STRENGTHS.length)]!;
-    out.push(u < 0.5 ? makeExample(model, "control", null, 0, trial) : makeExample(model, u < 0.67 ? "forced" : "injection", concept, s, trial));
+    out.push(u < mix.control ? makeExample(model, "control", null, 0, trial) : makeExample(model, u < mix.control + mix.forced ? "forced" : "injection", concept, s, trial));
   }
   return out;
 }
@@ -139,6 +145,9 @@ export interface TrainOptions {
   out: string;
   /** Write a merged checkpoint (<out>.step<N>.gguf) every this many steps (0: none). */
   checkpointEvery?: number;
+  /** Training concepts (default TRAIN_CONCEPTS); must not contain a held-out concept. */
+  concepts?: string[];
+  mix?: Mix;
   log?: (s: string) => void;
 }
 
@@ -148,10 +157,13 @@ export async function train(o: TrainOptions): Promise<{ loraCount: number; final
   const log = o.log ?? ((s: string) => void process.stderr.write(`${s}\n`));
   try {
     const cfg = buildConfig({ model: BASE, layers: String(LAYER) }, model.config.nLayers, false);
-    const vs = await conceptVectors(model, { concepts: TRAIN_CONCEPTS, baselineWords: cfg.baselineWords, layers: [LAYER], recipe: cfg.vectorRecipe, cacheDir: null });
+    const concepts = o.concepts ?? TRAIN_CONCEPTS;
+    const leak = concepts.filter((w) => HELDOUT_CONCEPTS.includes(w));
+    if (leak.length) throw new Error(`organism: held-out concepts in the training list: ${leak.join(", ")}`);
+    const vs = await conceptVectors(model, { concepts, baselineWords: cfg.baselineWords, layers: [LAYER], recipe: cfg.vectorRecipe, cacheDir: null });
     const vec = vs.vectors.get(LAYER)!;
     const loras = initLoras(model, o.seed);
-    const data = makeData(model, TRAIN_CONCEPTS, o.steps * o.batch, o.seed + 1);
+    const data = makeData(model, concepts, o.steps * o.batch, o.seed + 1, o.mix);
     let ema = NaN;
     for (let step = 0; step < o.steps; step++) {
       const batch = data.slice(step * o.batch, (step + 1) * o.batch);
@@ -189,6 +201,8 @@ async function main(): Promise<void> {
     threads: Number(flag("--threads") ?? 1),
     out: flag("--out") ?? "models/organism/organism.gguf",
     checkpointEvery: Number(flag("--checkpoint-every") ?? 0),
+    ...(flag("--words") ? { concepts: [...new Set([...TRAIN_CONCEPTS, ...fs.readFileSync(flag("--words")!, "utf8").split(/\s+/).filter(Boolean)])] } : {}),
+    ...(flag("--mix") ? { mix: { control: Number(flag("--mix")!.split(",")[0]), forced: Number(flag("--mix")!.split(",")[1]) } } : {}),
   });
   process.stderr.write(`trained ${r.loraCount} adapters, final loss ${r.finalLoss.toFixed(4)}, ${r.seconds.toFixed(0)} s\n`);
 }

@@ -5,12 +5,12 @@ import fs from "node:fs";
 import { parseArgs } from "node:util";
 import { SelfscopeError } from "../core/errors.js";
 import path from "node:path";
-import { DEMO_NOTE, demoArgs } from "../eval/demo.js";
+import { DEMO_NOTE, ORGANISM_ABOUT, demoArgs } from "../eval/demo.js";
 import { buildConfig, formatDuration, summaryTable, type InjectArgs, type JudgeCallOptions } from "../eval/inject.js";
 import { inject, rejudge, resume } from "../recipes/inject.js";
 import { finishRun } from "../report/finish.js";
 import { planTrials } from "../eval/plan.js";
-import { computeResults, type Results } from "../eval/metrics.js";
+import { computeResults, type RateOut, type Results } from "../eval/metrics.js";
 import { judgeAgreement } from "../judge/agreement.js";
 import { readRun } from "../eval/runlog.js";
 import { Model } from "../model/model.js";
@@ -465,8 +465,17 @@ async function cmdJudgeAgreement(f: Flags): Promise<void> {
 async function cmdDemo(f: Flags): Promise<void> {
   const out = str(f, "out") ?? path.join("runs", `demo-${new Date().toISOString().replace(/[:.]/g, "-")}`);
   process.stderr.write(DEMO_NOTE + "\n");
-  const { runDir, results } = await inject({ ...demoArgs(), out, device: device(f), quiet: f.quiet === true, command: process.argv.slice(2) });
+  const common = { device: device(f), quiet: f.quiet === true, command: process.argv.slice(2) };
+  // The contrast first (same trials, untrained base), so the organism's header can record its figures.
+  const baseDir = path.join(out, "base");
+  const base = await inject({ ...demoArgs("base"), out: baseDir, ...common });
+  const figures = Object.fromEntries(["tpr", "fpr", "introspection_rate", "forced_identification_rate", "discrimination_p_value"].map((k) => [k, (base.results as unknown as Record<string, unknown>)[k]]));
+  const about = { text: ORGANISM_ABOUT, contrast: { label: "untrained base (stories260K), same trials", model: demoArgs("base").model, runDir: "base", figures } };
+  const { runDir, results } = await inject({ ...demoArgs("organism"), out, about, ...common });
+  process.stdout.write(`  the model organism (TRAINED to report injections; held-out concepts):\n`);
   printRun(runDir, results);
+  const r = (x: RateOut | null) => (x && x.estimate !== null ? `${x.estimate.toFixed(2)} [${x.lo!.toFixed(2)}, ${x.hi!.toFixed(2)}]` : "–");
+  process.stdout.write(`  contrast, the untrained base on the same trials: TPR ${r(base.results.tpr)}  FPR ${r(base.results.fpr)}  forced identification ${r(base.results.forced_identification_rate)}  (run: ${baseDir})\n`);
   // Wall time of the whole command, process start included.
   process.stdout.write(`  wall time: ${formatDuration(process.uptime())}\n`);
   process.stdout.write(nextStep(readRun(runDir)) + "\n");

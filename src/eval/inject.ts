@@ -8,7 +8,7 @@ import { VERSION } from "../core/package.js";
 import { LAYER_RULE, layerAt, layerFractionsOf, parseLayers, parseNumbers } from "../core/parse.js";
 import type { MakeJudgeOptions } from "../judge/judge.js";
 import { chooseJudges } from "../judge/select.js";
-import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type RunHeader, type VariantInfo } from "../log/schema.js";
+import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type RunAbout, type RunHeader, type VariantInfo } from "../log/schema.js";
 import { legacyWeightsHash } from "../model/load.js";
 import { sampleOptions } from "../model/sampling.js";
 import type { Model } from "../model/model.js";
@@ -59,6 +59,8 @@ export interface InjectArgs {
   command?: string[];
   /** Operational judge settings (timeout, attempts, concurrency): not part of the experiment, so not in the header. */
   judgeOptions?: JudgeCallOptions;
+  /** A statement about the model (and a contrast run) recorded in the header and shown first in the report. */
+  about?: RunAbout;
 }
 
 /** How judges are called (CLI: --judge-timeout, --judge-retries, --judge-concurrency). */
@@ -267,7 +269,7 @@ export function describeVariants(model: Model, cfg: InjectConfig): { variants: V
 }
 
 /** The log header of a sweep: the full config plus the model and backend it ran on. */
-export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, command: string[]): RunHeader {
+export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, command: string[], about?: RunAbout): RunHeader {
   const { variants, warnings } = describeVariants(model, cfg);
   const standingPlan = standingPlanRecord(model);
   return {
@@ -296,6 +298,7 @@ export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, co
     warnings,
     // Only when there is one, so other runs keep their header.
     ...(standingPlan.length > 0 ? { standingPlan } : {}),
+    ...(about ? { about } : {}),
   };
 }
 

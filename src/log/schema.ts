@@ -122,6 +122,21 @@ export interface RunHeader {
    * appended to every trial's own plan; absent when none (and in logs before it was recorded).
    */
   standingPlan?: StandingIntervention[];
+  /** What the model is, said first in the report and copied into results.json (e.g. a trained model organism); absent for other runs. */
+  about?: RunAbout;
+}
+
+/** A plain statement about the run's model and, optionally, a contrast run on the same trials (e.g. the untrained base). */
+export interface RunAbout {
+  text: string;
+  contrast?: {
+    label: string;
+    model: string;
+    /** The contrast run's directory, relative to this run's. */
+    runDir: string;
+    /** Its headline figures (results.json's keys and values). */
+    figures: Record<string, unknown>;
+  };
 }
 
 /** One intervention of a standing plan, as a header records it: every field but the payload, which is kept as its sha256. */

@@ -30,7 +30,7 @@ export async function inject(a: InjectArgs): Promise<{ runDir: string; results: 
   try {
     const cfg = buildConfig(a, model.config.nLayers, model.chatTemplate !== undefined);
     const runDir = a.out ?? path.join("runs", `${new Date().toISOString().replace(/[:.]/g, "-")}_${cfg.preset ?? "inject"}`);
-    const header = runHeader(model, a.model, cfg, a.command ?? []);
+    const header = runHeader(model, a.model, cfg, a.command ?? [], a.about);
     // Printed even with --quiet: each changes what the numbers mean.
     if (a.promptFormat === undefined && cfg.promptFormat === "raw")
       process.stderr.write(`note: ${a.model} has no chat template: running the paper's base-model protocol (raw User:/Assistant: dialogue, concept vectors from raw ${JSON.stringify(cfg.vectorRecipe.userTemplate)}; --prompt-format raw)\n`);

@@ -19,7 +19,9 @@ export async function finishRun(runDir: string, opts: { failedAsNo?: boolean; ju
     throw new UsageError(`${runDir}: no judgments by judge "${opts.judge}" in the log; judges there: ${known.join(", ") || "none"} (selfscope rejudge ${runDir} --judge SPEC adds one)`);
   }
   const results = computeResults(run, { failedAsNo: opts.failedAsNo ?? false, ...(opts.judge !== undefined ? { judge: opts.judge } : {}) });
-  fs.writeFileSync(path.join(runDir, "results.json"), JSON.stringify(results, null, 1) + "\n");
+  // A run about a trained model organism carries that statement (and its contrast run) into results.json.
+  const about = run.header.about;
+  fs.writeFileSync(path.join(runDir, "results.json"), JSON.stringify(about ? { ...results, about } : results, null, 1) + "\n");
   fs.writeFileSync(path.join(runDir, "report.html"), await renderReport(run, results));
   return { run, results };
 }

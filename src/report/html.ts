@@ -262,6 +262,25 @@ function headerBlock(run: RunData): string {
 <details><summary>Full configuration (as recorded in the log header)</summary><pre class="config">${escapeHtml(JSON.stringify(c, null, 2))}</pre></details>`;
 }
 
+/** The header's statement about the model (a trained organism, say) and its contrast run, side by side with this run's figures. */
+function aboutBlock(run: RunData, results: Results): string {
+  const a = run.header.about;
+  if (!a) return "";
+  const keys = ["tpr", "fpr", "introspection_rate", "forced_identification_rate"] as const;
+  const fmt = (x: unknown): string => {
+    const r = x as { estimate?: number | null; lo?: number | null; hi?: number | null; n?: number } | null | undefined;
+    return r && typeof r.estimate === "number" ? `${(r.estimate * 100).toFixed(1)}% [${((r.lo ?? 0) * 100).toFixed(1)}, ${((r.hi ?? 0) * 100).toFixed(1)}] n=${r.n}` : "–";
+  };
+  const p = (x: unknown) => (typeof x === "number" ? x.toExponential(2) : "–");
+  const c = a.contrast;
+  const table = c
+    ? `<table><tr><th></th>${keys.map((k) => `<th>${k}</th>`).join("")}<th>Fisher p</th></tr>
+<tr><td>this run</td>${keys.map((k) => `<td>${fmt(results[k])}</td>`).join("")}<td>${p(results.discrimination_p_value)}</td></tr>
+<tr><td>${escapeHtml(c.label)} <span class="muted">(${escapeHtml(c.runDir)}/report.html)</span></td>${keys.map((k) => `<td>${fmt(c.figures[k])}</td>`).join("")}<td>${p(c.figures.discrimination_p_value)}</td></tr></table>`
+    : "";
+  return `<section class="about"><h2>About this model</h2><p>${escapeHtml(a.text)}</p>${table}</section>`;
+}
+
 function notesBox(run: RunData, results: Results): string {
   const items: string[] = [];
   items.push(
@@ -606,6 +625,7 @@ export async function renderReport(run: RunData, results: Results): Promise<stri
     body: `<main>
 <h1>${escapeHtml(title)}</h1>
 <p class="muted">Concept-injection run · created ${escapeHtml(h.createdAt)} · ${escapeHtml(h.tool.name)} ${escapeHtml(h.tool.version)} · judge <code>${escapeHtml(results.judge)}</code></p>
+${aboutBlock(run, results)}
 <div class="top">
 <section><h2>Run</h2>${headerBlock(run)}</section>
 <div>${notesBox(run, results)}<h2>Headline: best configuration</h2>${headlineTable(results, other)}</div>
