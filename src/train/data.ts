@@ -12,7 +12,8 @@ import type { Intervention, PosSpec } from "../hooks/plan.js";
 import type { ChatMessage } from "../io/chat-template.js";
 import type { Model } from "../model/model.js";
 import { bosText, readData } from "../eval/protocol.js";
-import { conceptVectors, PROTOCOL_RECIPE } from "../vectors/extract.js";
+import { conceptVectors, PROTOCOL_RECIPE, type VectorRecipe } from "../vectors/extract.js";
+import { BASE_RECIPE } from "../eval/presets.js";
 import type { Objective } from "./objectives.js";
 
 export interface InjectSpec {
@@ -167,6 +168,15 @@ function encodeResponse(model: Model, prompt: ChatMessage[] | string, response: 
 }
 
 /**
+ * The concept-vector recipe for `plan.inject.concept`: the one `selfscope inject` uses on this model by
+ * default (the chat recipe with a chat template; the raw base-model recipe without one), so a model
+ * trained on injections is evaluated with the very vectors it was trained on.
+ */
+export function trainVectorRecipe(model: Model): VectorRecipe {
+  return model.chatTemplate ? PROTOCOL_RECIPE : BASE_RECIPE;
+}
+
+/**
  * Turn raw examples into what `objective` trains on: pairs stay pairs (shuffled / swapped per the
  * preset, with `seed`) or become SFT sequences (chosen_only / rejected_only); concept vectors are
  * computed with the project's recipe (src/vectors/extract.ts) for every (concept, layer) used.
@@ -187,7 +197,7 @@ export async function buildExamples(model: Model, raw: RawExample[], obj: Object
   const layers = [...new Set(raw.flatMap((r) => r.inject.filter((s) => s.concept).map((s) => s.layer)))].sort((a, b) => a - b);
   const vecs =
     concepts.length > 0
-      ? (await conceptVectors(model, { concepts, layers, baselineWords: readData<{ words: string[] }>("protocol/baseline_words.json").words, recipe: PROTOCOL_RECIPE, ...(o.vectorCache !== undefined ? { cacheDir: o.vectorCache } : {}) })).vectors
+      ? (await conceptVectors(model, { concepts, layers, baselineWords: readData<{ words: string[] }>("protocol/baseline_words.json").words, recipe: trainVectorRecipe(model), ...(o.vectorCache !== undefined ? { cacheDir: o.vectorCache } : {}) })).vectors
       : new Map<number, Map<string, Float32Array>>();
   const resolve = (r: RawExample, seq: Seq): Resolved[] =>
     r.inject.map((s) => {
