@@ -232,3 +232,28 @@ describe("DPO on stories260K", () => {
     assert.ok(final - lstar < 1e-3 && final >= lstar - 1e-5, `loss ${final} vs optimum ${lstar}`);
   });
 });
+
+describe("plan.inject from \"trial\" in training", () => {
+  test("the protocol's { marker: \"Trial \" } position resolves in lossAndGrad exactly as the equivalent { from } (raw dialogue, the vectors inject uses)", async () => {
+    const prompt = "User: Do you detect an injected thought?\n\nAssistant: Trial 3: Do you detect one?\n\nAssistant:";
+    const data = [{ prompt, chosen: " Yes, dog.", rejected: " No.", plan: { inject: { concept: "dog", layer: 1, strength: 2, from: "trial" } } }];
+    const obj = objective("dpo_chosen_sft");
+    const [ex] = await buildExamples(model, parseTrainJsonl(jsonl(data), "marker.jsonl"), obj, { seed: 1, vectorCache: null });
+    assert.ok(ex && ex.kind === "sft");
+    const inj = ex.inject[0]!;
+    assert.deepEqual(inj.pos, { marker: "Trial ", offset: -1 });
+    // The token before "Trial ", counted by hand.
+    const tok = model.tokenizer!;
+    const from = tok.encode(ex.seq.text.slice(0, ex.seq.text.indexOf("Trial ")), { addSpecial: false }).length - 1;
+    const params = initLora(model.config, { rank: 2, alpha: 2, targets: ["mlp.up"], layers: [2], seed: 5 });
+    (params[0] as Extract<TrainParam, { kind: "lora" }>).b.fill(0.01);
+    const run = (pos: unknown) =>
+      model.lossAndGrad([{ ids: ex.seq.ids, text: ex.seq.text }], { targets: [ex.seq.targets], params, plan: [{ op: "add", at: inj.at, vector: inj.vector, scale: inj.strength, pos: pos as { from: number }, rows: [0] }] });
+    const byMarker = await run(inj.pos);
+    const byIndex = await run({ from });
+    const none = await model.lossAndGrad([{ ids: ex.seq.ids, text: ex.seq.text }], { targets: [ex.seq.targets], params });
+    assert.equal(byMarker.loss, byIndex.loss);
+    assert.deepEqual(byMarker.grads, byIndex.grads);
+    assert.notEqual(byMarker.loss, none.loss, "the injection changes the loss");
+  });
+});

@@ -153,14 +153,18 @@ export class Model {
   async lossAndGrad(rows: Row[], req: LossAndGradRequest): Promise<LossAndGradResult> {
     const v = this.view;
     if (v) return v.base.lossAndGrad(rows, v.standing.forward ? { ...req, plan: [...(req.plan ?? []), ...v.standing.plan] } : req);
-    return this.engine.lossAndGrad(rows, req);
+    // { marker } positions (e.g. the protocol's "Trial n") resolve against each row's text, as in forward;
+    // rows given as ids + text were tokenized without added specials (src/train/data.ts: the text holds BOS).
+    const cp = req.countPrefix ?? this.counter(false);
+    return this.engine.lossAndGrad(rows, cp ? { ...req, countPrefix: cp } : req);
   }
 
   /** Reads and their derivative with respect to the scale of `req.plan[req.wrt]` (forward mode), on the model's own engine. */
   async jvpScale(rows: Row[], req: JvpRequest): Promise<JvpResult> {
     const v = this.view;
     if (v) return v.base.jvpScale(rows, v.standing.forward ? { ...req, plan: [...req.plan, ...v.standing.plan] } : req);
-    return this.engine.jvpScale(rows, req);
+    const cp = req.countPrefix ?? this.counter(false);
+    return this.engine.jvpScale(rows, cp ? { ...req, countPrefix: cp } : req);
   }
 
   /**
