@@ -4,7 +4,8 @@
 // with the params applied by the engine (lossAndGrad). On the bundled stories260K (a GGUF source:
 // config.json is written from the config) and the qwen3 fixture (HF source: qk-norms; its
 // config.json and side files are carried over). Bad input: an existing output folder without
-// force, an unknown weight name, a parameter kind with no weight, GGUF output (not implemented).
+// force, an unknown weight name, a parameter kind with no weight, GGUF output from a safetensors source or
+// into a folder. GGUF export (a copy of an F32 GGUF with the merged tensors) reloads with the same logits.
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
@@ -95,7 +96,34 @@ for (const which of ["stories260K", "qwen3"] as const)
     });
   });
 
-test("export errors: existing output without force, unknown weight, a param with no weight, gguf", () => {
+test("gguf export (stories260K, F32 GGUF): a copy with the merged tensors, RoPE-permuted back for q, reloads with the merged logits (1e-5)", async () => {
+  const host = loadHostModel(BUNDLED_MODEL);
+  const ps = params(host);
+  const out = path.join(dir, "stories-merged.gguf");
+  exportMerged(BUNDLED_MODEL, ps, out, { format: "gguf" });
+  assert.equal(fs.statSync(out).size, fs.statSync(BUNDLED_MODEL).size, "same layout, same size");
+  const reloaded = await Model.load(out, { device: "cpu", threads: 1 });
+  const merged = await CpuEngine.create({ config: host.config, weights: mergeParams(host, ps) }, { threads: 1 });
+  try {
+    // Every canonical weight reads back as merged (the q rows went through permute -> unpermute).
+    const back = loadHostModel(out);
+    const want = mergeParams(host, ps);
+    for (const [name, t] of want) assert.deepEqual(back.weights.get(name)!.data, t.data, name);
+    const got = await reloaded.forward(IDS.map((ids) => ({ ids })));
+    const ref = await merged.forward(IDS);
+    let err = 0;
+    ref.logits.forEach((w, b) => { for (let i = 0; i < w.length; i++) err = Math.max(err, Math.abs(got.logits[b]![i]! - w[i]!)); });
+    assert.ok(err <= 1e-5, `reloaded gguf logits differ by ${err}`);
+    assert.equal(reloaded.tokenizer!.decode(reloaded.tokenizer!.encode("Once upon a time", { addSpecial: false })), "Once upon a time", "the tokenizer is carried over");
+  } finally {
+    await merged.close();
+    reloaded.dispose();
+  }
+  // A non-GGUF source, or a quantized tensor to merge into, is refused with what to do instead.
+  assert.throws(() => exportMerged(qwen3, [], path.join(dir, "q.gguf"), { format: "gguf" }), /is safetensors: use --format safetensors/);
+});
+
+test("export errors: existing output without force, unknown weight, a param with no weight, a gguf output that is a folder", () => {
   const host = loadHostModel(BUNDLED_MODEL);
   const out = path.join(dir, "exists");
   fs.mkdirSync(out, { recursive: true });
@@ -103,5 +131,5 @@ test("export errors: existing output without force, unknown weight, a param with
   assert.doesNotThrow(() => exportMerged(host, [], out, { format: "safetensors", force: true }));
   assert.throws(() => exportMerged(host, [{ kind: "delta", name: "blocks.0.attn.x.weight", value: new Float32Array(1) }], path.join(dir, "x1"), { format: "safetensors" }), /unknown weight "blocks\.0\.attn\.x\.weight".*embed\.weight/);
   assert.throws(() => exportMerged(host, [{ kind: "vector", at: "blocks.0.hook_resid_post", value: new Float32Array(host.config.dModel) }], path.join(dir, "x2"), { format: "safetensors" }), /no weight to merge into/);
-  assert.throws(() => exportMerged(host, [], path.join(dir, "x3"), { format: "gguf" }), /not implemented/);
+  assert.throws(() => exportMerged(host, [], out, { format: "gguf", force: true }), /is a folder; --format gguf writes one file/);
 });

@@ -66,7 +66,7 @@ describe("kill and resume", () => {
     fs.rmSync(tmp, { recursive: true, force: true });
   });
 
-  test("--eval-every runs the held-out loss and the injection evaluation of a vector adapter into eval.jsonl", async () => {
+  test("--eval-every runs the held-out loss and the injection evaluation of a vector adapter (and of LoRA) into eval.jsonl", async () => {
     const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "train-eval-"));
     const data = path.join(tmp, "d.jsonl");
     fs.writeFileSync(data, [{ prompt: "Once upon a time", completion: " there was a dog." }, { prompt: "Lily liked", completion: " to play." }].map((x) => JSON.stringify(x)).join("\n"));
@@ -77,7 +77,11 @@ describe("kill and resume", () => {
     // Training on the eval data itself: its loss falls between the two evaluations.
     assert.ok(lines[1]!.evalLoss < lines[0]!.evalLoss, `${lines[0]!.evalLoss} → ${lines[1]!.evalLoss}`);
     for (const l of lines) assert.equal(l.injection.n, 2, "2 concepts × 1 layer × 1 strength × 1 trial");
-    await assert.rejects(trainCommand({ model: STORIES, data, out: path.join(tmp, "l"), steps: 2, evalEvery: 1, evalConcepts: "ocean", threads: 1, quiet: true }), /--vector-at adapters only/);
+    // A LoRA run is evaluated too: its params merged into a fresh load of the weights at each evaluation.
+    const lo = path.join(tmp, "l");
+    await trainCommand({ model: STORIES, data, out: lo, steps: 2, lr: 1e-2, evalEvery: 1, evalConcepts: "ocean", evalLayers: "2", evalTrials: 1, maxTokens: 4, threads: 1, vectorCache: null, quiet: true });
+    const ll = fs.readFileSync(path.join(lo, "eval.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as { step: number; injection: { n: number } });
+    assert.deepEqual(ll.map((l) => [l.step, l.injection.n]), [[1, 1], [2, 1]]);
     fs.rmSync(tmp, { recursive: true, force: true });
   });
 });

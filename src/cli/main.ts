@@ -6,6 +6,7 @@ import { parseArgs } from "node:util";
 import { SelfscopeError } from "../core/errors.js";
 import path from "node:path";
 import { DEMO_NOTE, ORGANISM_ABOUT, demoArgs } from "../eval/demo.js";
+import { loadWithAdapter } from "../train/adapter.js";
 import { buildConfig, formatDuration, summaryTable, type InjectArgs, type JudgeCallOptions } from "../eval/inject.js";
 import { inject, rejudge, resume } from "../recipes/inject.js";
 import { finishRun } from "../report/finish.js";
@@ -25,15 +26,15 @@ import type { DeviceName } from "../engine/device.js";
 const USAGE = `selfscope — measure what language models can report about their own internal states
 
 Usage:
-  selfscope generate --model PATH [--prompt TEXT | --ids 1,2,3] [--chat] --max-tokens N
+  selfscope generate --model PATH [--adapter FILE] [--prompt TEXT | --ids 1,2,3] [--chat] --max-tokens N
                      [--temperature T|model] [--top-k K] [--top-p P] [--min-p P] [--greedy] [--seed S]
                      [--device cpu|wasm|webgpu] [--weights f32|f16] [--json]
-  selfscope logits   --model PATH --ids 1,2,3 --out FILE [--device cpu|wasm|webgpu]
+  selfscope logits   --model PATH [--adapter FILE] --ids 1,2,3 --out FILE [--device cpu|wasm|webgpu]
   selfscope info     --model PATH
   selfscope check    --model PATH.gguf [--reference llama.cpp] [--prompt TEXT | --ids 1,2,3] [--json]
 
-  selfscope demo     [--out DIR]            small sweep on the bundled model, rule judge, report
-  selfscope inject   --model PATH [--preset NAME] [--layers 37|0.6|20,30|all] [--strengths 1,2,4]
+  selfscope demo     [--out DIR]            the bundled model organism (trained to report injections) and its base
+  selfscope inject   --model PATH [--adapter FILE] [--preset NAME] [--layers 37|0.6|20,30|all] [--strengths 1,2,4]
                      [--concepts original50|new450|all500|FILE|N] [--trials N] [--controls N] [--controls-per-concept N]
                      [--forced] [--yes-bias N] [--variant original,skeptical,...] [--prompt-format chat|raw]
                      [--judge rule|openai:MODEL|anthropic:MODEL|local:PATH]
@@ -60,6 +61,11 @@ Caches (docs/cache.md): concept vectors are cached under $SELFSCOPE_CACHE/vector
 $XDG_CACHE_HOME/selfscope/vectors, else ~/.cache/selfscope/vectors), keyed by the model's weights (sha256 of every byte), tokenizer, chat
 template and config, the vector recipe and the selfscope version. inject, resume and the recipes
 take --vector-cache DIR (another folder) or --no-vector-cache (compute every vector afresh; demo never caches).
+
+--adapter FILE (generate, logits, inject): a trained adapter (selfscope train's OUT/adapter.safetensors) applied
+  at load: LoRA factors and weight deltas merged into the weights, vectors and scales as a standing plan. The
+  run header records its path and sha256 (the weights hash covers it); resume refuses a changed or missing file.
+  selfscope merge --model M --adapter FILE --out OUT [--format safetensors|gguf] writes the merged model.
 
 inject presets: macar2026 (main run), macar2026-500 (Fig. 1: 500 concepts, every layer × strengths 1-5),
   macar2026-prompt-variants (Table 1), macar2026-persona-variants (Table 2), macar2026-stages (03: training
@@ -108,6 +114,7 @@ function parse(argv: string[]): { cmd: string | undefined; flags: Flags; positio
     strict: true,
     options: {
       model: { type: "string" },
+      adapter: { type: "string" },
       prompt: { type: "string" },
       ids: { type: "string" },
       chat: { type: "boolean" },
@@ -190,7 +197,7 @@ function device(f: Flags): DeviceName {
 }
 
 async function cmdGenerate(f: Flags): Promise<void> {
-  const model = await Model.load(str(f, "model", true)!, { device: device(f), ...weights(f) });
+  const { model } = await loadWithAdapter(str(f, "model", true)!, str(f, "adapter"), { device: device(f), ...weights(f) });
   const maxTokens = numFlag(f, "max-tokens");
   if (maxTokens === undefined || !Number.isInteger(maxTokens) || maxTokens < 0) throw new CliError("--max-tokens N is required (a non-negative integer)");
   const prompt = str(f, "prompt");
@@ -207,7 +214,7 @@ async function cmdGenerate(f: Flags): Promise<void> {
 }
 
 async function cmdLogits(f: Flags): Promise<void> {
-  const model = await Model.load(str(f, "model", true)!, { device: device(f), ...weights(f) });
+  const { model } = await loadWithAdapter(str(f, "model", true)!, str(f, "adapter"), { device: device(f), ...weights(f) });
   const ids = idsFlag(str(f, "ids", true)!);
   if (ids.length === 0) throw new CliError("--ids must name at least one token");
   const out = str(f, "out", true)!;
@@ -336,6 +343,7 @@ function injectArgs(f: Flags): InjectArgs {
   const judge = f.judge;
   return {
     model: str(f, "model", true)!,
+    ...opt("adapter", str(f, "adapter")),
     ...opt("preset", str(f, "preset")),
     ...opt("layers", str(f, "layers")),
     ...opt("strengths", str(f, "strengths")),

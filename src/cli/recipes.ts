@@ -9,7 +9,7 @@ import { geometryCommand } from "../recipes/geometry.js";
 import { lindseyCommand } from "../recipes/lindsey.js";
 import { refusalCommand } from "../recipes/refusal.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
-import { trainCommand, type TrainArgs } from "./train.js";
+import { mergeCommand, trainCommand, type TrainArgs } from "./train.js";
 
 type FlagType = "string" | "number" | "boolean" | "list";
 type Schema = Record<string, FlagType>;
@@ -33,7 +33,7 @@ export const RECIPES: Record<string, Recipe> = {
       "                contrastive_margin|contrastive_margin_kl|sft_chosen_kl|random_lora] [--lora-rank 8] [--lora-alpha 16] [--lora-targets attn.q,attn.v]\n" +
       "                [--layers 0-3] [--vector-at blocks.L.hook_resid_post] [--lr 1e-3] [--warmup N] [--clip X] [--steps N | --epochs N] [--batch 4]\n" +
       "                [--beta 0.1] [--margin 1] [--kl 0.1] [--seed 0] [--checkpoint-every 50] [--resume] [--eval-every N --eval-data FILE]\n" +
-      "                [--eval-concepts a,b --eval-layers L --eval-strengths 4 --eval-trials 2 --judge rule] (injection evaluation of --vector-at adapters)\n" +
+      "                [--eval-concepts a,b --eval-layers L --eval-strengths 4 --eval-trials 2 --judge rule] (the injection evaluation of the checkpoint)\n" +
       "                [--match-adapter FILE | --random-norm X] [--threads N]   (docs/training.md)",
     flags: {
       ...COMMON, data: "string", objective: "string", "lora-rank": "number", "lora-alpha": "number", "lora-targets": "string", layers: "string",
@@ -43,6 +43,16 @@ export const RECIPES: Record<string, Recipe> = {
       "eval-strengths": "string", "eval-trials": "number", "max-tokens": "number", judge: "list",
     },
     run: (a) => trainCommand(a as unknown as TrainArgs),
+  },
+  merge: {
+    usage:
+      "selfscope merge --model PATH --adapter FILE --out OUT [--format safetensors|gguf] [--force]\n" +
+      "                LoRA factors and weight deltas of a trained adapter folded into the weights: safetensors writes the folder OUT\n" +
+      "                (config.json, model.safetensors, tokenizer files); gguf writes the file OUT, a copy of an F32 GGUF source.",
+    flags: { model: "string", adapter: "string", out: "string", format: "string", force: "boolean" },
+    run: (a) => mergeCommand(a as unknown as Parameters<typeof mergeCommand>[0]),
+    // Checks --out itself and says what it wrote (a folder or one file).
+    noOut: true,
   },
   "bias-vector": {
     usage:

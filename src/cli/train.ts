@@ -13,6 +13,7 @@ import { loadHostModel } from "../model/load.js";
 import { Model } from "../model/model.js";
 import { escapeHtml, htmlPage, htmlTable } from "../report/page.js";
 import { adapterPlan, readAdapter, writeAdapter } from "../train/adapter.js";
+import { exportMerged } from "../model/export.js";
 import { evaluateBiasArm } from "../recipes/bias-eval.js";
 import { makeJudge } from "../judge/judge.js";
 import { parseNumbers } from "../core/parse.js";
@@ -121,7 +122,6 @@ export async function trainCommand(a: TrainArgs, hooks: TrainHooks = {}): Promis
     } else {
       const evalEx = a.evalData ? await buildExamples(model, readTrainJsonl(a.evalData), obj, { seed, ...(a.vectorCache !== undefined ? { vectorCache: a.vectorCache } : {}) }) : null;
       if (a.evalEvery && !evalEx && !a.evalConcepts) throw new UsageError("--eval-every needs --eval-data FILE (held-out loss) and/or --eval-concepts a,b,... (the injection evaluation, vector adapters)");
-      if (a.evalConcepts && !a.vectorAt) throw new UsageError("--eval-concepts: the injection evaluation runs the adapter in generation, which works for --vector-at adapters only (LoRA needs the engine to apply it at inference)");
       const protocolEval = a.evalConcepts
         ? {
             concepts: a.evalConcepts.split(",").map((x) => x.trim()).filter((x) => x !== ""),
@@ -151,8 +151,20 @@ export async function trainCommand(a: TrainArgs, hooks: TrainHooks = {}): Promis
                 const rec: Record<string, unknown> = { step };
                 if (evalEx) rec.evalLoss = (await batchLossAndGrad(model, new ParamSet(ps), obj, hyper, evalEx, evalRefs)).loss;
                 if (protocolEval) {
-                  // The §7.4 injection evaluation (src/recipes/bias-eval.ts) on the model with the trained vector as a standing plan.
-                  const m = await evaluateBiasArm(model.withPlan(adapterPlan(ps)), { ...protocolEval, vectorCache: null });
+                  // The §7.4 injection evaluation (src/recipes/bias-eval.ts) on the model as trained so far: a vector as a
+                  // standing plan; LoRA factors and deltas merged into a fresh load of the weights (as --adapter does).
+                  const weightParams = ps.filter((p) => p.kind === "lora" || p.kind === "delta");
+                  const evalModel = weightParams.length > 0
+                    ? await Model.load(a.model, { device: (a.device ?? "cpu") as DeviceName, ...(a.threads !== undefined ? { threads: a.threads } : {}), merge: { params: weightParams, id: `${dataHash}:step${step}` } })
+                    : null;
+                  let m: Awaited<ReturnType<typeof evaluateBiasArm>>;
+                  try {
+                    const planParams = ps.filter((p) => p.kind === "vector" || p.kind === "scale");
+                    const evalOn = evalModel ?? model;
+                    m = await evaluateBiasArm(planParams.length > 0 ? evalOn.withPlan(adapterPlan(planParams)) : evalOn, { ...protocolEval, vectorCache: null });
+                  } finally {
+                    evalModel?.dispose();
+                  }
                   rec.injection = { tpr: m.tpr.estimate, fpr: m.fpr.estimate, introspection: m.introspection_rate.estimate, forcedIdentification: m.forced_identification_rate.estimate, n: m.tpr.n };
                 }
                 fs.appendFileSync(evalFile, JSON.stringify(rec) + "\n");
@@ -200,4 +212,18 @@ function trainReport(results: Record<string, unknown>, curve: StepRecord[]): str
     { title: "Run", html: htmlTable(["setting", "value"], rows) },
     { title: "Files", html: `<p>${escapeHtml("adapter.safetensors (params; config in its metadata), loss.jsonl (step, loss, grad norm, lr), checkpoint.bin (resume with --resume)")}</p>` },
   ]);
+}
+
+/** `selfscope merge`: an adapter's LoRA factors and deltas folded into the weights (src/model/export.ts). */
+export async function mergeCommand(a: { model?: string; adapter?: string; out?: string; format?: string; force?: boolean }): Promise<{ files: string[] }> {
+  if (!a.model || !a.adapter || !a.out) throw new UsageError("usage: selfscope merge --model PATH --adapter FILE --out OUT [--format safetensors|gguf] [--force]");
+  const format = a.format ?? (a.out.endsWith(".gguf") ? "gguf" : "safetensors");
+  if (format !== "safetensors" && format !== "gguf") throw new UsageError(`--format ${format}: use safetensors or gguf`);
+  if (!fs.existsSync(a.adapter)) throw new UsageError(`--adapter ${a.adapter}: no such file (selfscope train writes OUT/adapter.safetensors)`);
+  const { params } = readAdapter(a.adapter);
+  const plan = params.filter((p) => p.kind === "vector" || p.kind === "scale");
+  if (plan.length > 0) throw new UsageError(`--adapter ${a.adapter}: its ${plan.map((p) => p.kind).join(", ")} params act on activations, not weights, so they cannot be merged; run them with --adapter at inference`);
+  const r = exportMerged(a.model, params, a.out, { format, ...(a.force ? { force: true } : {}) });
+  process.stdout.write(`wrote ${a.out}${format === "safetensors" ? ` (${r.files.join(", ")})` : ""}\n`);
+  return r;
 }

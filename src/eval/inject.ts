@@ -59,6 +59,8 @@ export interface InjectArgs {
   command?: string[];
   /** Operational judge settings (timeout, attempts, concurrency): not part of the experiment, so not in the header. */
   judgeOptions?: JudgeCallOptions;
+  /** A trained adapter (selfscope train's OUT/adapter.safetensors) applied at load: LoRA/deltas merged, vectors as a plan. */
+  adapter?: string;
   /** A statement about the model (and a contrast run) recorded in the header and shown first in the report. */
   about?: RunAbout;
 }
@@ -269,7 +271,8 @@ export function describeVariants(model: Model, cfg: InjectConfig): { variants: V
 }
 
 /** The log header of a sweep: the full config plus the model and backend it ran on. */
-export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, command: string[], about?: RunAbout): RunHeader {
+export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, command: string[], extra: { about?: RunAbout; adapter?: { path: string; sha256: string } | null } = {}): RunHeader {
+  const { about, adapter } = extra;
   const { variants, warnings } = describeVariants(model, cfg);
   const standingPlan = standingPlanRecord(model);
   return {
@@ -288,6 +291,7 @@ export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, co
       dtype: model.sourceDtype,
       chatTemplate: model.chatTemplate !== undefined,
       identity: (({ tokenizer, chatTemplate, config }) => ({ tokenizer, chatTemplate, config }))(model.identity()),
+      ...(adapter ? { adapter: { path: path.resolve(adapter.path), sha256: adapter.sha256 } } : {}),
     },
     backend: { device: model.device.name, adapter: model.device.adapter },
     config: cfg,

@@ -105,6 +105,8 @@ export interface RunHeader {
     chatTemplate: boolean;
     /** sha256 of the tokenizer files, the chat template and the resolved config (null: none); absent in older logs. */
     identity?: { tokenizer: string | null; chatTemplate: string | null; config: string };
+    /** A trained adapter applied at load (`--adapter`); `hash` then covers it too. Absent: none. */
+    adapter?: { path: string; sha256: string };
   };
   backend: { device: string; adapter: string };
   config: InjectConfig;

@@ -8,6 +8,7 @@ import path from "node:path";
 import { UsageError } from "../core/errors.js";
 import { expectedParams, type ModelConfig } from "../engine/config.js";
 import { trainableWeights, type TrainParam } from "../engine/grad.js";
+import { GgmlType } from "../io/gguf.js";
 import { writeSafetensors } from "../io/safetensors.js";
 import { loadHostModel, type HostModel, type HostTensor } from "./load.js";
 
@@ -132,6 +133,10 @@ export interface ExportOptions {
  * into and are an error. Only changed tensors are copied.
  */
 export function mergeParams(host: HostModel, params: readonly TrainParam[]): Map<string, HostTensor> {
+  return mergeParamsTracked(host, params).weights;
+}
+
+function mergeParamsTracked(host: HostModel, params: readonly TrainParam[]): { weights: Map<string, HostTensor>; changed: Set<string> } {
   const valid = trainableWeights(host);
   const out = new Map(host.weights);
   const changed = new Set<string>();
@@ -163,19 +168,70 @@ export function mergeParams(host: HostModel, params: readonly TrainParam[]): Map
         }
     } else throw new UsageError(`export: params[${i}] is a ${p.kind} parameter, which has no weight to merge into (export merges lora and delta params only)`);
   });
+  return { weights: out, changed };
+}
+
+/** Inverse of load.ts's unpermuteRows: back to llama.cpp's interleaved q/k rows. */
+function permuteRows(data: Float32Array, nHeads: number, dHead: number, rowLen: number): Float32Array {
+  const out = new Float32Array(data.length);
+  for (let h = 0; h < nHeads; h++)
+    for (let j = 0; j < dHead; j++) {
+      const dst = h * dHead + (j < dHead / 2 ? 2 * j : 2 * (j - dHead / 2) + 1);
+      out.set(data.subarray((h * dHead + j) * rowLen, (h * dHead + j + 1) * rowLen), dst * rowLen);
+    }
   return out;
 }
 
 /**
- * Write the model at `source` with `params` merged into its weights to the folder `out`
- * (config.json, model.safetensors, the source's tokenizer files). The folder loads with
- * Model.load. GGUF output is not implemented yet.
+ * A copy of the source GGUF (metadata, tokenizer, every other tensor byte for byte) with the merged
+ * tensors' data replaced. Each changed tensor must be F32 in the source: a quantized or F16 tensor
+ * would have to be requantized, which changes the logits the merge promises.
+ */
+function writeMergedGguf(host: HostModel, weights: ReadonlyMap<string, HostTensor>, changed: ReadonlySet<string>, out: string): { files: string[]; tokenizer: boolean } {
+  if (host.files.format !== "gguf" || !host.gguf || !host.family.gguf) {
+    throw new UsageError(`export: --format gguf copies a GGUF source and replaces the merged tensors; ${host.files.path} is ${host.files.format}: use --format safetensors`);
+  }
+  const g = host.gguf;
+  const bytes = fs.readFileSync(host.files.weights);
+  for (const canon of changed) {
+    const t = weights.get(canon)!;
+    const tmpl = canon.replace(/^blocks\.\d+\./, "blocks.{i}.");
+    const layer = /^blocks\.(\d+)\./.exec(canon)?.[1];
+    const src = host.family.gguf[tmpl];
+    if (!src) throw new Error(`internal: no GGUF source for ${canon}`);
+    const name = layer === undefined ? src.name : src.name.replaceAll("{i}", layer);
+    const info = g.tensors.get(name);
+    if (!info) throw new Error(`internal: ${host.files.weights} has no tensor ${name}`);
+    if (info.type !== GgmlType.F32) {
+      throw new UsageError(`export: ${host.files.weights} stores ${name} as ${GgmlType[info.type] ?? info.type}; a merged GGUF keeps each tensor's type, and requantizing would change the logits: export --format safetensors, or start from an F32 GGUF`);
+    }
+    if (src.transpose || src.split) throw new UsageError(`export: ${name} is stored transposed or fused in GGUF; use --format safetensors`);
+    const c = host.config;
+    const data = src.unpermuteRope ? permuteRows(t.data, src.unpermuteRope === "q" ? c.nHeads : c.nKvHeads, c.dHead, t.shape[1] ?? 1) : t.data;
+    if (data.byteLength !== info.byteLength) throw new Error(`internal: ${name} has ${info.byteLength} bytes in the GGUF, the merge ${data.byteLength}`);
+    bytes.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength), info.offset);
+  }
+  fs.mkdirSync(path.dirname(path.resolve(out)), { recursive: true });
+  const tmp = `${out}.tmp-${process.pid}`;
+  fs.writeFileSync(tmp, bytes);
+  fs.renameSync(tmp, out);
+  return { files: [path.basename(out)], tokenizer: true };
+}
+
+/**
+ * Write the model at `source` with `params` merged into its weights: `safetensors` writes the folder
+ * `out` (config.json, model.safetensors, the source's tokenizer files); `gguf` writes the file `out`,
+ * a copy of a GGUF source with the merged tensors replaced. Either loads with Model.load.
  */
 export function exportMerged(source: string | HostModel, params: readonly TrainParam[], out: string, opts: ExportOptions): { files: string[]; tokenizer: boolean } {
-  if (opts.format !== "safetensors") throw new UsageError(`export: format ${opts.format} is not implemented; use safetensors`);
+  if (opts.format !== "safetensors" && opts.format !== "gguf") throw new UsageError(`export: --format ${String(opts.format)}: use safetensors or gguf`);
   if (fs.existsSync(out) && !opts.force) throw new UsageError(`export: ${out} already exists; pass --force (force: true) to replace it, or choose another path`);
   const host = typeof source === "string" ? loadHostModel(source) : source;
-  const weights = mergeParams(host, params);
+  const { weights, changed } = mergeParamsTracked(host, params);
+  if (opts.format === "gguf") {
+    if (fs.existsSync(out) && fs.statSync(out).isDirectory()) throw new UsageError(`export: ${out} is a folder; --format gguf writes one file (e.g. ${path.join(out, "model.gguf")})`);
+    return writeMergedGguf(host, weights, changed, out);
+  }
   if (fs.existsSync(out)) fs.rmSync(out, { recursive: true, force: true });
   return writeHfCheckpoint(host, weights, host.config, out, { selfscope: "merged fine-tune", source: host.files.path }, "export");
 }

@@ -10,11 +10,12 @@ import { renderChat, chatTemplateFromTokenizerConfig, type ChatMessage } from ".
 import { checkTokenizerFits, loadTokenizerJson, tokenizerFromGguf, type Tokenizer } from "../io/tokenizer.js";
 import type { Plan } from "../hooks/plan.js";
 import { initDevice, type DeviceInfo, type DeviceName } from "../engine/device.js";
-import type { JvpRequest, JvpResult, LossAndGradRequest, LossAndGradResult } from "../engine/grad.js";
+import type { JvpRequest, JvpResult, LossAndGradRequest, LossAndGradResult, TrainParam } from "../engine/grad.js";
 import type { ModelConfig } from "../engine/config.js";
 import { CpuEngine } from "../engine/cpu/engine.js";
 import type { ForwardOptions, ForwardResult, GenerateOptions, GenerateResult, Row } from "../engine/types.js";
 import { loadHostModel, weightsDigest, type HostModel, type ModelFiles } from "./load.js";
+import { mergeParams } from "./export.js";
 import { checkFits } from "./memory.js";
 import { readSamplingDefaults, resolveSampler, type EffectiveSampler, type SamplerRequest, type SamplingDefaults } from "./sampling.js";
 
@@ -42,6 +43,12 @@ export interface LoadOptions {
    * residual stream stays f32). Quantized GGUFs default to "f16" on WebGPU: their error dominates.
    */
   weights?: "f32" | "f16";
+  /**
+   * Weight params folded into the weights at load (an adapter's LoRA factors and deltas: W + scale·B·A,
+   * W + delta, as export.ts's mergeParams). `id` (e.g. the adapter file's sha256) enters weightsHash(),
+   * so run headers, resume checks and the vector cache tell the merged model from its base.
+   */
+  merge?: { params: readonly TrainParam[]; id: string };
 }
 
 /**
@@ -77,6 +84,8 @@ export class Model {
   private weightsSha: string | undefined;
   /** Set on a withPlan() view: the model it runs on and the plan it adds. */
   private view: { base: Model; standing: StandingPlan } | undefined;
+  /** LoadOptions.merge's id: weights merged at load. */
+  private mergeId: string | undefined;
 
   private constructor(
     readonly engine: InferenceEngine,
@@ -93,7 +102,8 @@ export class Model {
     const device = await initDevice(opts.device ?? "cpu");
     // The cpu engine copies one tensor at a time into its memory: read them lazily, so the
     // host never holds every weight at once.
-    const host = loadHostModel(path, (c, source) => checkFits(c, device.name, source), { lazy: device.name === "cpu" });
+    const loaded = loadHostModel(path, (c, source) => checkFits(c, device.name, source), { lazy: device.name === "cpu" && !opts.merge });
+    const host = opts.merge ? { ...loaded, weights: mergeParams(loaded, opts.merge.params) } : loaded;
     const { tokenizer, chatTemplate } = tokenizerOf(host);
     const max = Math.min(opts.maxBindingBytes ?? Infinity, device.maxBindingBytes);
     const quantized = /Q\d/.test(host.sourceDtype);
@@ -109,6 +119,7 @@ export class Model {
       engine = new Engine(host, { maxBindingBytes: max, weightDtype });
     }
     const m = new Model(engine, host.config, host.files, tokenizer, chatTemplate, device, host.sourceDtype, tokenizerDigestOf(host));
+    m.mergeId = opts.merge?.id;
     return m;
   }
 
@@ -123,7 +134,10 @@ export class Model {
   }
 
   dispose(): void {
-    if (this.view) return; // a view owns nothing: its base does
+    if (this.view) {
+      if (this.owning) this.view.base.dispose();
+      return; // a view owns nothing else: its base does
+    }
     this.engine.dispose();
   }
 
@@ -135,11 +149,15 @@ export class Model {
    * Appended, not prepended: at a site where the call's own plan also acts, the standing plan acts
    * last (a projection then removes the direction from an injection there too).
    */
-  withPlan(plan: Plan, opts: { forward?: boolean } = {}): Model {
+  withPlan(plan: Plan, opts: { forward?: boolean; owning?: boolean } = {}): Model {
     const v = new Model(this.engine, this.config, this.files, this.tokenizer, this.chatTemplate, this.device, this.sourceDtype, this.tokenizerDigest);
     v.view = { base: this, standing: { plan: [...plan], forward: opts.forward ?? true } };
+    v.owning = opts.owning ?? false;
     return v;
   }
+
+  /** A view made with withPlan(…, {owning: true}) disposes its base (nobody else holds it). */
+  private owning = false;
 
   /** The standing plans of a view, in the order they are appended (this view's first); [] for a loaded model. */
   standingPlans(): StandingPlan[] {
@@ -175,10 +193,13 @@ export class Model {
    */
   weightsHash(): string {
     if (this.view) return (this.weightsSha ??= this.view.standing.forward ? planDigest(this.view.base.weightsHash(), this.view.standing.plan) : this.view.base.weightsHash());
-    this.weightsSha ??= weightsDigest(this.files, {
-      cacheDir: path.join(cacheRoot(), "hashes"),
-      onNote: (m) => void process.stderr.write(`selfscope: ${m}\n`),
-    });
+    if (this.weightsSha === undefined) {
+      const file = weightsDigest(this.files, {
+        cacheDir: path.join(cacheRoot(), "hashes"),
+        onNote: (m) => void process.stderr.write(`selfscope: ${m}\n`),
+      });
+      this.weightsSha = this.mergeId === undefined ? file : createHash("sha256").update(`${file}+merged:${this.mergeId}`).digest("hex");
+    }
     return this.weightsSha;
   }
 

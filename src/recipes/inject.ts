@@ -1,6 +1,7 @@
 // `selfscope inject` / `resume` / `rejudge`: create (or reopen) the run directory, run the sweep or
 // the judge, then write results.json and report.html. Above the report layer because they finish
 // with the report; compare.ts runs them per model, the CLI calls them directly.
+import { createHash } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { UsageError } from "../core/errors.js";
@@ -13,7 +14,7 @@ import { JudgeFailures } from "../judge/failures.js";
 import { makeJudge, type Judge } from "../judge/judge.js";
 import { chooseJudges } from "../judge/select.js";
 import { RunLogWriter, lockRun } from "../log/write.js";
-import { Model } from "../model/model.js";
+import { loadWithAdapter } from "../train/adapter.js";
 import { describeSampler } from "../model/sampling.js";
 import type { DeviceName } from "../engine/device.js";
 import { finishRun } from "../report/finish.js";
@@ -26,11 +27,11 @@ function judgesFor(specs: readonly string[], runDir: string, opts: JudgeCallOpti
 }
 
 export async function inject(a: InjectArgs): Promise<{ runDir: string; results: Results }> {
-  const model = await Model.load(a.model, { device: a.device ?? "cpu" });
+  const { model, adapter } = await loadWithAdapter(a.model, a.adapter, { device: a.device ?? "cpu" });
   try {
     const cfg = buildConfig(a, model.config.nLayers, model.chatTemplate !== undefined);
     const runDir = a.out ?? path.join("runs", `${new Date().toISOString().replace(/[:.]/g, "-")}_${cfg.preset ?? "inject"}`);
-    const header = runHeader(model, a.model, cfg, a.command ?? [], a.about);
+    const header = runHeader(model, a.model, cfg, a.command ?? [], { ...(a.about ? { about: a.about } : {}), adapter });
     // Printed even with --quiet: each changes what the numbers mean.
     if (a.promptFormat === undefined && cfg.promptFormat === "raw")
       process.stderr.write(`note: ${a.model} has no chat template: running the paper's base-model protocol (raw User:/Assistant: dialogue, concept vectors from raw ${JSON.stringify(cfg.vectorRecipe.userTemplate)}; --prompt-format raw)\n`);
@@ -85,7 +86,12 @@ export async function resume(runDir: string, opts: ResumeOptions = {}): Promise<
 async function resumeLocked(runDir: string, opts: ResumeOptions): Promise<{ results: Results; generated: number; discardedBytes: number }> {
   const prior = readRun(runDir, { repair: true });
   const h = prior.header;
-  const model = await Model.load(h.model.path, { device: opts.device ?? (h.backend.device as DeviceName) });
+  // The run's adapter, if it had one: the same file (checked by its sha256, then by checkSameModel's weights hash).
+  const ad = h.model.adapter;
+  if (ad && (!fs.existsSync(ad.path) || createHash("sha256").update(fs.readFileSync(ad.path)).digest("hex") !== ad.sha256)) {
+    throw new UsageError(`${runDir}: the run used the adapter ${ad.path} (sha256 ${ad.sha256.slice(0, 12)}…), which is ${fs.existsSync(ad.path) ? "a different file now" : "gone"}; restore it to resume this run`);
+  }
+  const { model } = await loadWithAdapter(h.model.path, ad?.path, { device: opts.device ?? (h.backend.device as DeviceName) });
   try {
     checkSameModel(runDir, h, model);
     const judges = judgesFor(h.config.judges, runDir, opts.judgeOptions);

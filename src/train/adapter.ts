@@ -6,6 +6,9 @@ import { UsageError } from "../core/errors.js";
 import type { TrainParam } from "../engine/grad.js";
 import type { Intervention, Plan } from "../hooks/plan.js";
 import { arraysOf, paramKey } from "./params.js";
+import { createHash } from "node:crypto";
+import fs from "node:fs";
+import { Model, type LoadOptions } from "../model/model.js";
 
 type Desc = Record<string, unknown> & { kind: string; key: string };
 
@@ -60,4 +63,40 @@ export function adapterPlan(params: TrainParam[]): Plan {
     if (p.kind === "scale") return { op: "add", at: p.at, vector: p.vector, scale: p.value, ...(p.pos ? { pos: p.pos } : {}) };
     throw new UsageError(`adapter param ${paramKey(p, 0)} (${p.kind}) changes weights; only vector and scale adapters load as a plan today`);
   });
+}
+
+/** The adapter file a model was loaded with, as a run header records it. */
+export interface AdapterRef {
+  path: string;
+  sha256: string;
+}
+
+/**
+ * Load `model` with a trained adapter applied at inference (`--adapter`): LoRA factors and weight deltas
+ * merged into the weights at load, vectors and scales as a standing plan. The adapter's sha256 enters the
+ * model's weightsHash, so a run's header, its resume check and the vector cache see the adapted model.
+ */
+export async function loadWithAdapter(model: string, adapter: string | undefined, opts: LoadOptions = {}): Promise<{ model: Model; adapter: AdapterRef | null }> {
+  if (adapter === undefined) return { model: await Model.load(model, opts), adapter: null };
+  if (!fs.existsSync(adapter) || !fs.statSync(adapter).isFile()) throw new UsageError(`--adapter ${adapter}: no such file (selfscope train writes OUT/adapter.safetensors)`);
+  const { params } = readAdapter(adapter);
+  const sha256 = createHash("sha256").update(fs.readFileSync(adapter)).digest("hex");
+  const weightParams = params.filter((p) => p.kind === "lora" || p.kind === "delta");
+  const planParams = params.filter((p) => p.kind === "vector" || p.kind === "scale");
+  let m: Model;
+  try {
+    m = await Model.load(model, { ...opts, ...(weightParams.length > 0 ? { merge: { params: weightParams, id: sha256 } } : {}) });
+  } catch (e) {
+    if (e instanceof UsageError && /^export: /.test(e.message)) throw new UsageError(`--adapter ${adapter}: ${e.message.slice(8)} (an adapter trained on another model?)`);
+    throw e;
+  }
+  for (const p of planParams) {
+    const n = p.kind === "vector" ? p.value.length : p.vector.length;
+    if (n !== m.config.dModel) {
+      m.dispose();
+      throw new UsageError(`--adapter ${adapter}: a ${p.kind} of ${n} numbers at ${p.at}, but ${model} has d_model ${m.config.dModel} (an adapter trained on another model?)`);
+    }
+  }
+  const ref = { path: adapter, sha256 };
+  return { model: planParams.length > 0 ? m.withPlan(adapterPlan(planParams), { owning: true }) : m, adapter: ref };
 }
