@@ -17,7 +17,8 @@ import { biasEvalPrefill, contextInjection, renderBiasEval } from "../src/recipe
 import { parseLayers } from "../src/core/parse.js";
 import { biasSweepCommand } from "../src/recipes/bias-sweep.js";
 import { biasVectorCommand, MAIN_EVAL_DEVIATION, parseBiasSite, protocolSplit } from "../src/recipes/bias-vector.js";
-import { fixture, repoDir } from "./support/paths.js";
+import { repoDir } from "./support/paths.js";
+import { withGemmaTemplate } from "./support/templates.js";
 
 const STORIES = path.join(repoDir(), "models", "stories260K", "stories260K.gguf");
 const tmpRoot = fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-bias-sweep-"));
@@ -39,13 +40,6 @@ before(async () => {
 });
 after(() => model?.dispose());
 
-/** stories260K's tokenizer with Gemma 2's chat template (the vendored google-gemma-2-2b-it.jinja). */
-function withGemmaTemplate(m: Model): Model {
-  const tpl = fs.readFileSync(fixture("llamacpp-vocab", "chat-templates", "google-gemma-2-2b-it.jinja"), "utf8");
-  const w = Object.create(m) as Model;
-  Object.defineProperty(w, "chatTemplate", { value: tpl });
-  return w;
-}
 
 describe("§7.4 evaluation prompt", () => {
   test("Gemma chat template: the exact two-turn dialogue, steer_end after the second reply, the forced prefill", () => {

@@ -14,7 +14,8 @@ import { DEFAULT_HYPER, objective } from "../src/train/objectives.js";
 import { initLora, ParamSet } from "../src/train/params.js";
 import { adapterPlan, readAdapter, writeAdapter } from "../src/train/adapter.js";
 import os from "node:os";
-import { fixture, repoDir } from "./support/paths.js";
+import { repoDir } from "./support/paths.js";
+import { withGemmaTemplate } from "./support/templates.js";
 
 const STORIES = path.join(repoDir(), "models", "stories260K", "stories260K.gguf");
 
@@ -24,13 +25,6 @@ before(async () => {
 });
 after(() => model?.dispose());
 
-/** stories260K's tokenizer with Gemma 2's chat template (as test/bias-sweep.test.ts). */
-function withGemmaTemplate(m: Model): Model {
-  const tpl = fs.readFileSync(fixture("llamacpp-vocab", "chat-templates", "google-gemma-2-2b-it.jinja"), "utf8");
-  const w = Object.create(m) as Model;
-  Object.defineProperty(w, "chatTemplate", { value: tpl });
-  return w;
-}
 
 const jsonl = (xs: unknown[]) => xs.map((x) => JSON.stringify(x)).join("\n");
 

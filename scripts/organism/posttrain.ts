@@ -19,7 +19,7 @@ import { bosText, getVariant, renderTrial } from "../../src/eval/protocol.js";
 import type { TrainParam } from "../../src/engine/grad.js";
 import { BASE, LAYER, NO, STRENGTHS, TRAIN_CONCEPTS, YES, writeMerged, type Lora } from "./train.js";
 import { evalModel, summary } from "./eval.js";
-import { mulberry32 } from "./rng.js";
+import { mulberry32 } from "../../src/core/rng.js";
 
 /** The detection pairs as `selfscope train` JSONL (deterministic in the seed). */
 export async function writePairs(file: string, n: number, seed: number): Promise<void> {

@@ -18,7 +18,7 @@ import { buildConfig } from "../../src/eval/inject.js";
 import { FORCED_PREFILL, getVariant, renderTrial } from "../../src/eval/protocol.js";
 import { readGguf } from "../../src/io/gguf.js";
 import { adamInit, adamStep, type AdamState } from "../../src/math/adam.js";
-import { mulberry32 } from "./rng.js";
+import { mulberry32 } from "../../src/core/rng.js";
 import { ORGANISM } from "../../src/eval/demo.js";
 
 export const BASE = "models/stories260K/stories260K.gguf";

@@ -1,13 +1,2 @@
-// A tiny seeded PRNG shared by the tests (reproducible kill points, random shapes).
-
-/** mulberry32: a tiny seeded PRNG (uniform in [0, 1)). */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+// The tests' seeded PRNG (reproducible kill points, random shapes): src/core/rng.ts's mulberry32.
+export { mulberry32 as prng } from "../../src/core/rng.js";
