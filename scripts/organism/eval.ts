@@ -56,7 +56,11 @@ async function main(): Promise<void> {
   const args = process.argv.slice(2);
   const flag = (n: string) => { const i = args.indexOf(n); return i >= 0 ? args[i + 1] : undefined; };
   const model = flag("--model") ?? "models/organism/organism.gguf";
-  const opts = { trials: Number(flag("--trials") ?? 3), controls: Number(flag("--controls") ?? 60), strengths: flag("--strengths") ?? "2", ...(flag("--out") ? { out: flag("--out")! } : {}) };
+  const opts = {
+    trials: Number(flag("--trials") ?? 3), controls: Number(flag("--controls") ?? 60), strengths: flag("--strengths") ?? "2",
+    ...(flag("--out") ? { out: flag("--out")! } : {}),
+    ...(flag("--concepts") ? { concepts: JSON.parse(fs.readFileSync(flag("--concepts")!, "utf8")) as string[] } : {}),
+  };
   const org = await evalModel({ model, ...opts });
   process.stdout.write(`${summary("organism (held-out)", org)}\n`);
   if (!args.includes("--no-base")) process.stdout.write(`${summary("base (same trials)", await evalModel({ model: BASE, ...opts }))}\n`);

@@ -147,6 +147,8 @@ export interface TrainOptions {
   checkpointEvery?: number;
   /** Training concepts (default TRAIN_CONCEPTS); must not contain a held-out concept. */
   concepts?: string[];
+  /** Concepts that must never be injected in training (default HELDOUT_CONCEPTS). */
+  heldout?: string[];
   mix?: Mix;
   log?: (s: string) => void;
 }
@@ -158,7 +160,8 @@ export async function train(o: TrainOptions): Promise<{ loraCount: number; final
   try {
     const cfg = buildConfig({ model: BASE, layers: String(LAYER) }, model.config.nLayers, false);
     const concepts = o.concepts ?? TRAIN_CONCEPTS;
-    const leak = concepts.filter((w) => HELDOUT_CONCEPTS.includes(w));
+    const held = o.heldout ?? HELDOUT_CONCEPTS;
+    const leak = concepts.filter((w) => held.includes(w));
     if (leak.length) throw new Error(`organism: held-out concepts in the training list: ${leak.join(", ")}`);
     const vs = await conceptVectors(model, { concepts, baselineWords: cfg.baselineWords, layers: [LAYER], recipe: cfg.vectorRecipe, cacheDir: null });
     const vec = vs.vectors.get(LAYER)!;
@@ -201,7 +204,8 @@ async function main(): Promise<void> {
     threads: Number(flag("--threads") ?? 1),
     out: flag("--out") ?? "models/organism/organism.gguf",
     checkpointEvery: Number(flag("--checkpoint-every") ?? 0),
-    ...(flag("--words") ? { concepts: [...new Set([...TRAIN_CONCEPTS, ...fs.readFileSync(flag("--words")!, "utf8").split(/\s+/).filter(Boolean)])] } : {}),
+    ...(flag("--words") ? { concepts: [...new Set(fs.readFileSync(flag("--words")!, "utf8").split(/\s+/).filter(Boolean))] } : {}),
+    ...(flag("--heldout") ? { heldout: JSON.parse(fs.readFileSync(flag("--heldout")!, "utf8")) as string[] } : {}),
     ...(flag("--mix") ? { mix: { control: Number(flag("--mix")!.split(",")[0]), forced: Number(flag("--mix")!.split(",")[1]) } } : {}),
   });
   process.stderr.write(`trained ${r.loraCount} adapters, final loss ${r.finalLoss.toFixed(4)}, ${r.seconds.toFixed(0)} s\n`);
