@@ -16,8 +16,8 @@ import { trainCommand } from "../../src/cli/train.js";
 import { readAdapter } from "../../src/train/adapter.js";
 import { Model } from "../../src/model/model.js";
 import { bosText, getVariant, renderTrial } from "../../src/eval/protocol.js";
-import type { TrainParam } from "../../src/engine/grad.js";
-import { BASE, LAYER, NO, STRENGTHS, TRAIN_CONCEPTS, YES, writeMerged, type Lora } from "./train.js";
+import { exportMerged } from "../../src/model/export.js";
+import { BASE, LAYER, NO, STRENGTHS, TRAIN_CONCEPTS, YES } from "./train.js";
 import { evalModel, summary } from "./eval.js";
 import { mulberry32 } from "../../src/core/rng.js";
 
@@ -28,6 +28,7 @@ export async function writePairs(file: string, n: number, seed: number): Promise
     const r = mulberry32(seed);
     const pick = () => TRAIN_CONCEPTS[Math.floor(r() * TRAIN_CONCEPTS.length)]!;
     const lines: string[] = [];
+    const bos = bosText(model);
     for (let i = 0; i < n; i++) {
       const trial = 1 + Math.floor(r() * 50);
       const injected = r() < 0.5;
@@ -35,7 +36,6 @@ export async function writePairs(file: string, n: number, seed: number): Promise
       const strength = STRENGTHS[Math.floor(r() * STRENGTHS.length)]!;
       // renderTrial's text starts with the BOS text; `selfscope train` adds it itself.
       const p = renderTrial(model, getVariant("original"), trial, { format: "raw", judgePrompt: "question", prefill: null });
-      const bos = bosText(model);
       const prompt = p.text.startsWith(bos) ? p.text.slice(bos.length) : p.text;
       lines.push(
         JSON.stringify(
@@ -83,9 +83,8 @@ async function main(): Promise<void> {
       // The organism's parameters, at LoRA rank 16 (alpha 16: scale 1).
       loraRank: 16, loraAlpha: 16, loraTargets: "attn.v,attn.o,mlp.gate,mlp.up,mlp.down", layers: "2-4",
     });
-    const params = readAdapter(path.join(dir, "adapter.safetensors")).params as Extract<TrainParam, { kind: "lora" }>[];
     const merged = path.join(dir, "merged.gguf");
-    writeMerged(BASE, merged, params.map((p) => ({ p }) as Lora));
+    exportMerged(BASE, readAdapter(path.join(dir, "adapter.safetensors")).params, merged, { format: "gguf", force: true });
     const r = await evalModel({ model: merged, ...evalOpts, out: path.join(dir, "eval") });
     const last = t.curve.at(-1);
     rows.push({ objective, steps, finalLoss: last ? last.loss : null, tpr: r.tpr, fpr: r.fpr, forced_identification_rate: r.forced_identification_rate, discrimination_p_value: r.discrimination_p_value, summary: summary(objective, r) });
