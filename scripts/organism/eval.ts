@@ -63,7 +63,7 @@ async function main(): Promise<void> {
   };
   const org = await evalModel({ model, ...opts });
   process.stdout.write(`${summary("organism (held-out)", org)}\n`);
-  if (!args.includes("--no-base")) process.stdout.write(`${summary("base (same trials)", await evalModel({ model: BASE, ...opts }))}\n`);
+  if (!args.includes("--no-base")) process.stdout.write(`${summary("base (same trials)", await evalModel({ model: flag("--base") ?? BASE, ...opts }))}\n`);
 }
 
 if (process.argv[1] && import.meta.url === new URL(`file://${path.resolve(process.argv[1])}`).href) await main();

@@ -74,14 +74,14 @@ export interface Mix { control: number; forced: number }
 export const DEFAULT_MIX: Mix = { control: 0.5, forced: 0.17 };
 
 /** The training stream (deterministic in the seed): half injections (a third of them forced), half controls. */
-export function makeData(model: Model, concepts: string[], n: number, seed: number, mix: Mix = DEFAULT_MIX): Example[] {
+export function makeData(model: Model, concepts: string[], n: number, seed: number, mix: Mix = DEFAULT_MIX, strengths: number[] = STRENGTHS): Example[] {
   const r = mulberry32(seed);
   const out: Example[] = [];
   for (let i = 0; i < n; i++) {
     const trial = 1 + Math.floor(r() * 50);
     const u = r();
     const concept = concepts[Math.floor(r() * concepts.length)]!;
-    const s = STRENGTHS[Math.floor(r() * STRENGTHS.length)]!;
+    const s = strengths[Math.floor(r() * strengths.length)]!;
     out.push(u < mix.control ? makeExample(model, "control", null, 0, trial) : makeExample(model, u < mix.control + mix.forced ? "forced" : "injection", concept, s, trial));
   }
   return out;
@@ -143,6 +143,8 @@ export interface TrainOptions {
   seed: number;
   threads: number;
   out: string;
+  /** The base GGUF (default BASE). */
+  base?: string;
   /** Write a merged checkpoint (<out>.step<N>.gguf) every this many steps (0: none). */
   checkpointEvery?: number;
   /** Training concepts (default TRAIN_CONCEPTS); must not contain a held-out concept. */
@@ -150,15 +152,18 @@ export interface TrainOptions {
   /** Concepts that must never be injected in training (default HELDOUT_CONCEPTS). */
   heldout?: string[];
   mix?: Mix;
+  /** Injection strengths drawn uniformly (default STRENGTHS). */
+  strengths?: number[];
   log?: (s: string) => void;
 }
 
 export async function train(o: TrainOptions): Promise<{ loraCount: number; finalLoss: number; seconds: number }> {
   const t0 = performance.now();
-  const model = await Model.load(BASE, { threads: o.threads });
+  const base = o.base ?? BASE;
+  const model = await Model.load(base, { threads: o.threads });
   const log = o.log ?? ((s: string) => void process.stderr.write(`${s}\n`));
   try {
-    const cfg = buildConfig({ model: BASE, layers: String(LAYER) }, model.config.nLayers, false);
+    const cfg = buildConfig({ model: base, layers: String(LAYER) }, model.config.nLayers, false);
     const concepts = o.concepts ?? TRAIN_CONCEPTS;
     const held = o.heldout ?? HELDOUT_CONCEPTS;
     const leak = concepts.filter((w) => held.includes(w));
@@ -166,7 +171,7 @@ export async function train(o: TrainOptions): Promise<{ loraCount: number; final
     const vs = await conceptVectors(model, { concepts, baselineWords: cfg.baselineWords, layers: [LAYER], recipe: cfg.vectorRecipe, cacheDir: null });
     const vec = vs.vectors.get(LAYER)!;
     const loras = initLoras(model, o.seed);
-    const data = makeData(model, concepts, o.steps * o.batch, o.seed + 1, o.mix);
+    const data = makeData(model, concepts, o.steps * o.batch, o.seed + 1, o.mix, o.strengths);
     let ema = NaN;
     for (let step = 0; step < o.steps; step++) {
       const batch = data.slice(step * o.batch, (step + 1) * o.batch);
@@ -182,10 +187,10 @@ export async function train(o: TrainOptions): Promise<{ loraCount: number; final
       });
       ema = Number.isNaN(ema) ? res.loss : 0.95 * ema + 0.05 * res.loss;
       // A merged checkpoint now and then, so a long run can be evaluated while it trains.
-      if (o.checkpointEvery && (step + 1) % o.checkpointEvery === 0 && step !== o.steps - 1) writeMerged(BASE, o.out.replace(/\.gguf$/, `.step${step + 1}.gguf`), loras);
+      if (o.checkpointEvery && (step + 1) % o.checkpointEvery === 0 && step !== o.steps - 1) writeMerged(base, o.out.replace(/\.gguf$/, `.step${step + 1}.gguf`), loras);
       if (step % 25 === 0 || step === o.steps - 1) log(`step ${step} loss ${res.loss.toFixed(4)} ema ${ema.toFixed(4)} (${((performance.now() - t0) / 1000).toFixed(0)} s)`);
     }
-    writeMerged(BASE, o.out, loras);
+    writeMerged(base, o.out, loras);
     return { loraCount: loras.length, finalLoss: ema, seconds: (performance.now() - t0) / 1000 };
   } finally {
     model.dispose();
@@ -203,6 +208,8 @@ async function main(): Promise<void> {
     seed: Number(flag("--seed") ?? 1),
     threads: Number(flag("--threads") ?? 1),
     out: flag("--out") ?? "models/organism/organism.gguf",
+    ...(flag("--base") ? { base: flag("--base")! } : {}),
+    ...(flag("--strengths") ? { strengths: flag("--strengths")!.split(",").map(Number) } : {}),
     checkpointEvery: Number(flag("--checkpoint-every") ?? 0),
     ...(flag("--words") ? { concepts: [...new Set(fs.readFileSync(flag("--words")!, "utf8").split(/\s+/).filter(Boolean))] } : {}),
     ...(flag("--heldout") ? { heldout: JSON.parse(fs.readFileSync(flag("--heldout")!, "utf8")) as string[] } : {}),
