@@ -6,6 +6,7 @@ import { biasSweepCommand } from "../recipes/bias-sweep.js";
 import { biasVectorCommand } from "../recipes/bias-vector.js";
 import { compareCommand, compareSummary } from "../recipes/compare.js";
 import { geometryCommand } from "../recipes/geometry.js";
+import { patchCommand, patchSummary } from "../recipes/patch.js";
 import { lindseyCommand } from "../recipes/lindsey.js";
 import { refusalCommand } from "../recipes/refusal.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
@@ -143,6 +144,25 @@ export const RECIPES: Record<string, Recipe> = {
       "max-tokens": "number", temperature: "number", judge: "list", "lens-k": "number", "batch-size": "number",
     },
     run: (a) => geometryCommand(a as unknown as Parameters<typeof geometryCommand>[0]),
+  },
+  patch: {
+    usage:
+      "selfscope patch --model PATH --out DIR [--layers L] [--strengths S] [--preset macar2026] [--concepts FILE|N|a,b] [--trials 3]\n" +
+      "                [--positions all|last] [--components attn,mlp[,resid]] [--patch-layers 3-5] [--no-forced] [--prompt-format chat|raw]\n" +
+      "                [--batch-size 16] [--threads N]\n" +
+      "  Component knock-out / knock-in (protocol §9.1): for every layer after the injection layer, attention and MLP outputs\n" +
+      "  patched between the steered and unsteered runs of each trial prompt; the Yes/No logit gap and (forced prompt) the\n" +
+      "  concept's first-token log-probability at the last prompt position. Writes results.json, trials.jsonl, report.html.",
+    flags: {
+      ...COMMON, layers: "string", strengths: "string", preset: "string", concepts: "string", trials: "number", positions: "string",
+      components: "string", "patch-layers": "string", "no-forced": "boolean", "prompt-format": "string", "batch-size": "number", threads: "number",
+    },
+    run: async (a) => {
+      const r = await patchCommand(a as unknown as Parameters<typeof patchCommand>[0]);
+      process.stdout.write(patchSummary(r) + "\n");
+      return r;
+    },
+    writes: ["results.json", "trials.jsonl", "report.html"],
   },
   "selfie-train": {
     usage:
