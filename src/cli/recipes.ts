@@ -7,6 +7,7 @@ import { biasVectorCommand } from "../recipes/bias-vector.js";
 import { compareCommand, compareSummary } from "../recipes/compare.js";
 import { geometryCommand } from "../recipes/geometry.js";
 import { patchCommand, patchSummary } from "../recipes/patch.js";
+import { attentionCommand } from "../recipes/attention.js";
 import { lindseyCommand } from "../recipes/lindsey.js";
 import { refusalCommand } from "../recipes/refusal.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
@@ -163,6 +164,13 @@ export const RECIPES: Record<string, Recipe> = {
       return r;
     },
     writes: ["results.json", "trials.jsonl", "report.html"],
+  },
+  attention: {
+    usage:
+      "selfscope attention --model PATH --out DIR [--layers L] [--strengths 0,1,2,4,8] [--concepts FILE|N|a,b] [--trials 3] [--prompt-format chat|raw]\n" +
+      "  Attention mass from the last prompt token to BOS, to the injected positions and to the rest, per layer and strength (13b).",
+    flags: { ...COMMON, layers: "string", strengths: "string", preset: "string", concepts: "string", trials: "number", "prompt-format": "string", threads: "number" },
+    run: (a) => attentionCommand(a as unknown as Parameters<typeof attentionCommand>[0]),
   },
   "selfie-train": {
     usage:
