@@ -8,6 +8,7 @@ import { compareCommand, compareSummary } from "../recipes/compare.js";
 import { geometryCommand } from "../recipes/geometry.js";
 import { patchCommand, patchSummary } from "../recipes/patch.js";
 import { attentionCommand } from "../recipes/attention.js";
+import { transcoderCommand } from "../recipes/transcoder.js";
 import { lindseyCommand } from "../recipes/lindsey.js";
 import { refusalCommand } from "../recipes/refusal.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
@@ -171,6 +172,16 @@ export const RECIPES: Record<string, Recipe> = {
       "  Attention mass from the last prompt token to BOS, to the injected positions and to the rest, per layer and strength (13b).",
     flags: { ...COMMON, layers: "string", strengths: "string", preset: "string", concepts: "string", trials: "number", "prompt-format": "string", threads: "number" },
     run: (a) => attentionCommand(a as unknown as Parameters<typeof attentionCommand>[0]),
+  },
+  "train-transcoder": {
+    usage:
+      "selfscope train-transcoder --model PATH --out DIR [--layer L] [--texts FILE] [--d-sae 4·d] [--k 8] [--steps 2000] [--batch 256] [--lr 5e-3]\n" +
+      "                           [--dead-after 200] [--seed 0]\n" +
+      "  A TopK transcoder from the MLP input to the MLP output of layer L, trained on the model's activations (docs/mechanisms.md);\n" +
+      "  writes DIR/transcoder.safetensors, results.json (FVU, dead features, splice check) and report.html.",
+    flags: { ...COMMON, layer: "number", texts: "string", "d-sae": "number", k: "number", steps: "number", batch: "number", lr: "number", "dead-after": "number", threads: "number" },
+    run: (a) => transcoderCommand(a as unknown as Parameters<typeof transcoderCommand>[0]),
+    writes: ["transcoder.safetensors", "results.json", "report.html"],
   },
   "selfie-train": {
     usage:

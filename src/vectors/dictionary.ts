@@ -13,7 +13,7 @@ import path from "node:path";
 import { ModelFileError, UsageError } from "../core/errors.js";
 import { hookName, parseHook, type HookName } from "../hooks/names.js";
 import type { Intervention } from "../hooks/plan.js";
-import { openSafetensors, readStTensor } from "../io/safetensors.js";
+import { openSafetensors, readStTensor, writeSafetensors } from "../io/safetensors.js";
 import type { Model } from "../model/model.js";
 
 export type Activation = "relu" | "jumprelu" | "topk";
@@ -69,7 +69,8 @@ export function loadGemmaScope(file: string, o: { input: HookName; output?: Hook
     bEnc: tensor(set, file, "b_enc", [dSae]).data,
     wDec: dec.data,
     bDec: tensor(set, file, "b_dec", [o.dModel]).data,
-    threshold: tensor(set, file, "threshold", [dSae]).data,
+    // A trained TopK/ReLU dictionary (loadDictionary) has no threshold; Gemma Scope's JumpReLU always does.
+    threshold: set.tensors.has("threshold") || set.metadata.format !== TRAINED_FORMAT ? tensor(set, file, "threshold", [dSae]).data : null,
     k: null,
     wSkip: skip,
     bDecToInput: false,
@@ -213,3 +214,34 @@ export async function splice(model: Model, d: Dictionary, ids: number[], plan: I
 
 /** A transcoder's usual sites on layer L: MLP input (ln2.hook_normalized) -> MLP output (hook_mlp_out). */
 export const transcoderSites = (layer: number): { input: HookName; output: HookName } => ({ input: hookName(layer, "ln2.hook_normalized"), output: hookName(layer, "hook_mlp_out") });
+
+/** The file selfscope writes for a dictionary it trained: F32 tensors as Gemma Scope 2 names them, plus metadata. */
+export const TRAINED_FORMAT = "selfscope-dictionary-1";
+
+export function saveDictionary(file: string, d: Dictionary, meta: Record<string, string> = {}): void {
+  const t: Record<string, { data: Float32Array; shape: number[] }> = {
+    w_enc: { data: d.wEnc, shape: [d.dIn, d.dSae] },
+    b_enc: { data: d.bEnc, shape: [d.dSae] },
+    w_dec: { data: d.wDec, shape: [d.dSae, d.dOut] },
+    b_dec: { data: d.bDec, shape: [d.dOut] },
+  };
+  if (d.threshold) t.threshold = { data: d.threshold, shape: [d.dSae] };
+  if (d.wSkip) t.affine_skip_connection = { data: d.wSkip, shape: [d.dIn, d.dOut] };
+  writeSafetensors(file, t, { ...meta, format: TRAINED_FORMAT, activation: d.activation, k: String(d.k ?? ""), input_site: d.inputSite, output_site: d.outputSite });
+}
+
+/** A dictionary written by saveDictionary (its sites and activation from the metadata). */
+export function loadDictionary(file: string, nLayers: number, dModel: number): Dictionary {
+  if (!fs.existsSync(file)) throw new UsageError(`${file} does not exist`);
+  const set = openSafetensors(file);
+  const m = set.metadata;
+  if (m.format !== TRAINED_FORMAT) throw new ModelFileError(file, `is not a dictionary selfscope trained (metadata format ${JSON.stringify(m.format)})`, "load Gemma Scope 2 or SAELens files with their own loaders");
+  const input = m.input_site as HookName, output = m.output_site as HookName;
+  parseHook(input, nLayers);
+  parseHook(output, nLayers);
+  const d = loadGemmaScope(file, { input, output, dModel });
+  const activation = m.activation as Activation;
+  if (activation !== "topk" && activation !== "relu" && activation !== "jumprelu") throw new ModelFileError(file, `activation ${JSON.stringify(activation)} is unknown`);
+  const k = m.k ? Number(m.k) : null;
+  return { ...d, activation, k, threshold: activation === "jumprelu" ? d.threshold : null, source: file };
+}
