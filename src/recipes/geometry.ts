@@ -448,7 +448,7 @@ export interface LensWeights {
   weights: ReadonlyMap<string, HostTensor>;
 }
 
-function unembedding(h: LensWeights): HostTensor {
+export function unembedding(h: LensWeights): HostTensor {
   const w = h.config.tieEmbeddings ? h.weights.get("embed.weight") : h.weights.get("unembed.weight");
   if (!w) throw new UsageError("logit lens: the model's unembedding is missing");
   return w;

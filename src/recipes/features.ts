@@ -1,0 +1,143 @@
+// Gates and evidence carriers (protocol §9.3; the paper's 07 / 09): which dictionary features push
+// the answer toward "No" by default and are switched off by the injection (gates), and which
+// upstream features rise with the injection strength and suppress them (evidence carriers).
+//
+// - Activation profile: for each concept and signed strength, a feature's mean activation over the
+//   injected positions (the token before "Trial n" through the last prompt token) of the trial prompt.
+// - Monotonicity: Spearman ρ between strength and that mean activation, per concept; reported as the
+//   mean signed ρ and the mean |ρ| (07's mean_abs_r).
+// - DLA(f) = (ŵ_dec,f · Δu) × mean activation, Δu = mean unembedding row of the Yes spellings' first
+//   distinguishing tokens minus the No spellings' (single-token spellings where they exist, as the
+//   paper). Different on purpose: the mean activation is taken on the unsteered prompts (strength 0),
+//   since a gate is a default-"No" feature that steering switches off; 07 averages over its analysis
+//   prompts (and its code uses mean |ρ| in place of the activation, a bug not copied: fidelity.md).
+// - Gate candidates: the most negative DLA. Evidence carriers (with an upstream dictionary): features
+//   whose mean ρ > 0 whose decoder row suppresses a gate's encoder (virtual weight ŵ_dec,c · w_enc,g < 0);
+//   score = mean ρ × (−virtual weight) × activation at the largest strength, summed over the top gates.
+import type { Model } from "../model/model.js";
+import { hookName } from "../hooks/names.js";
+import type { Intervention } from "../hooks/plan.js";
+import { encode, type Dictionary } from "../vectors/dictionary.js";
+import { pearson } from "../stats/stats.js";
+
+/** Mean feature activation [dSae] over positions from..end of one run. */
+export async function meanActivations(model: Model, d: Dictionary, ids: number[], from: number, plan: Intervention[]): Promise<Float64Array> {
+  const res = await model.forward([{ ids }], { plan: [...plan, { op: "read", at: d.inputSite, pos: { from: 0 } }], logits: "none" });
+  const x = res.cache.get(d.inputSite, 0).data;
+  const n = ids.length - from;
+  const acts = encode(d, x.subarray(from * d.dIn), n);
+  const out = new Float64Array(d.dSae);
+  for (let p = 0; p < n; p++) for (let f = 0; f < d.dSae; f++) out[f] = out[f]! + acts[p * d.dSae + f]! / n;
+  return out;
+}
+
+function rank(xs: readonly number[]): number[] {
+  const idx = xs.map((x, i) => [x, i] as const).sort((a, b) => a[0] - b[0]);
+  const r = new Array<number>(xs.length);
+  for (let i = 0; i < idx.length; ) {
+    let j = i;
+    while (j + 1 < idx.length && idx[j + 1]![0] === idx[i]![0]) j++;
+    for (let k = i; k <= j; k++) r[idx[k]![1]] = (i + j) / 2;
+    i = j + 1;
+  }
+  return r;
+}
+
+/** Spearman ρ (Pearson of average ranks); null when either side is constant. */
+export function spearman(xs: readonly number[], ys: readonly number[]): number | null {
+  return pearson(rank(xs), rank(ys));
+}
+
+export interface FeatureProfile {
+  strengths: number[];
+  /** [concept][strength] -> mean activations [dSae]. */
+  acts: Float64Array[][];
+}
+
+/** Activation profiles of `d`'s features for each concept vector over signed strengths (0 = unsteered). */
+export async function profile(model: Model, d: Dictionary, prompt: { ids: number[]; injectFrom: number }, injectLayer: number, vectors: readonly Float32Array[], strengths: readonly number[]): Promise<FeatureProfile> {
+  const acts: Float64Array[][] = [];
+  for (const v of vectors) {
+    const row: Float64Array[] = [];
+    for (const s of strengths) {
+      const plan: Intervention[] = s === 0 ? [] : [{ op: "add", at: hookName(injectLayer, "hook_resid_post"), vector: v, scale: s, pos: { from: prompt.injectFrom } }];
+      row.push(await meanActivations(model, d, prompt.ids, prompt.injectFrom, plan));
+    }
+    acts.push(row);
+  }
+  return { strengths: [...strengths], acts };
+}
+
+export interface FeatureStat {
+  feature: number;
+  /** Mean over concepts of Spearman ρ(strength, activation); null entries (constant) skipped. */
+  rho: number;
+  absRho: number;
+  /** Mean activation on the unsteered prompt(s). */
+  baseAct: number;
+  /** Mean activation at the largest strength. */
+  topAct: number;
+  /** (ŵ_dec · Δu) × baseAct. */
+  dla: number;
+}
+
+export function featureStats(d: Dictionary, p: FeatureProfile, deltaU: Float32Array): FeatureStat[] {
+  const zero = p.strengths.indexOf(0);
+  const top = p.strengths.indexOf(Math.max(...p.strengths));
+  const out: FeatureStat[] = [];
+  for (let f = 0; f < d.dSae; f++) {
+    let rs = 0, ra = 0, nr = 0, base = 0, hi = 0;
+    for (const row of p.acts) {
+      const r = spearman(p.strengths, row.map((a) => a[f]!));
+      if (r !== null) { rs += r; ra += Math.abs(r); nr++; }
+      if (zero >= 0) base += row[zero]![f]! / p.acts.length;
+      hi += row[top]![f]! / p.acts.length;
+    }
+    let dot = 0, norm = 0;
+    for (let j = 0; j < d.dOut; j++) { dot += d.wDec[f * d.dOut + j]! * deltaU[j]!; norm += d.wDec[f * d.dOut + j]! ** 2; }
+    out.push({ feature: f, rho: nr ? rs / nr : 0, absRho: nr ? ra / nr : 0, baseAct: base, topAct: hi, dla: (norm > 0 ? dot / Math.sqrt(norm) : 0) * base });
+  }
+  return out;
+}
+
+/** Gate candidates: the `n` most negative DLA (ties by index). */
+export function gates(stats: readonly FeatureStat[], n: number): FeatureStat[] {
+  return [...stats].filter((s) => s.dla < 0).sort((a, b) => a.dla - b.dla || a.feature - b.feature).slice(0, n);
+}
+
+export interface Carrier {
+  feature: number;
+  rho: number;
+  topAct: number;
+  /** Σ over gates of ŵ_dec,c · w_enc[:, g] (negative: suppresses). */
+  virtualWeight: number;
+  score: number;
+}
+
+/** Upstream features that rise with strength and suppress the gates through the residual stream. */
+export function carriers(up: Dictionary, upStats: readonly FeatureStat[], gate: Dictionary, gateFeatures: readonly number[], n: number): Carrier[] {
+  const out: Carrier[] = [];
+  for (const s of upStats) {
+    if (s.rho <= 0) continue;
+    let norm = 0;
+    for (let j = 0; j < up.dOut; j++) norm += up.wDec[s.feature * up.dOut + j]! ** 2;
+    if (norm === 0) continue;
+    let vw = 0;
+    for (const g of gateFeatures) for (let j = 0; j < up.dOut; j++) vw += (up.wDec[s.feature * up.dOut + j]! / Math.sqrt(norm)) * gate.wEnc[j * gate.dSae + g]!;
+    if (vw >= 0) continue;
+    out.push({ feature: s.feature, rho: s.rho, topAct: s.topAct, virtualWeight: vw, score: s.rho * -vw * s.topAct });
+  }
+  return out.sort((a, b) => b.score - a.score || a.feature - b.feature).slice(0, n);
+}
+
+/** Δu: mean unembedding row of the Yes spellings' first distinguishing tokens minus the No spellings'. */
+export function deltaU(unembed: { data: Float32Array; shape: number[] }, yes: readonly number[][], no: readonly number[][]): Float32Array {
+  const d = unembed.shape[1]!;
+  const firstDiff = (a: readonly number[], b: readonly number[]) => { let i = 0; while (i < a.length - 1 && i < b.length - 1 && a[i] === b[i]) i++; return [a[i]!, b[i]!] as const; };
+  const ys = new Set<number>(), ns = new Set<number>();
+  for (const a of yes) for (const b of no) { const [x, y] = firstDiff(a, b); if (x !== y) { ys.add(x); ns.add(y); } }
+  const out = new Float32Array(d);
+  for (const t of ys) for (let j = 0; j < d; j++) out[j] = out[j]! + unembed.data[t * d + j]! / ys.size;
+  for (const t of ns) for (let j = 0; j < d; j++) out[j] = out[j]! - unembed.data[t * d + j]! / ns.size;
+  return out;
+}
