@@ -12,7 +12,10 @@ import { Model } from "../src/model/model.js";
 import { readGguf, readGgufTensor } from "../src/io/gguf.js";
 import { getVariant, renderTrial } from "../src/eval/protocol.js";
 import { gapScorer } from "../src/recipes/patch.js";
-import { carriers, deltaU, featureStats, gates, profile, spearman } from "../src/recipes/features.js";
+import { carriers, deltaU, featureStats, featuresCommand, gates, profile, spearman } from "../src/recipes/features.js";
+import { transcoderCommand } from "../src/recipes/transcoder.js";
+import { writeSafetensors } from "../src/io/safetensors.js";
+import { repoDir } from "./support/paths.js";
 import { hookName } from "../src/hooks/names.js";
 import { transcoderSites, type Dictionary } from "../src/vectors/dictionary.js";
 import { mulberry32 } from "../src/core/rng.js";
@@ -58,8 +61,7 @@ before(async () => {
   const mNorm = Math.hypot(...m);
   const ug = unit(m);
   const sc = gapScorer(base, prompt.text, prompt.ids);
-  const half = sc.seqs.length / 2;
-  du = deltaU(readGgufTensor(readGguf(STORIES), "output.weight"), sc.seqs.slice(0, half), sc.seqs.slice(half));
+  du = deltaU(readGgufTensor(readGguf(STORIES), "output.weight"), sc.seqs.slice(0, sc.nYes), sc.seqs.slice(sc.nYes));
   const noDir = unit(du.map((y) => -y));
   base.dispose();
   const vh = unit(v);
@@ -103,4 +105,25 @@ test("planted gate is the top DLA gate and falls with strength; planted carrier 
   t.diagnostic(`carriers: ${c.map((x) => `f${x.feature} score ${x.score.toFixed(3)} vw ${x.virtualWeight.toFixed(3)} ρ ${x.rho.toFixed(2)}`).join("; ")}`);
   assert.equal(c[0]?.feature, 0);
   assert.ok(cs[0]!.rho > 0.7);
+});
+
+test("selfscope features on the organism with trained transcoders: gates sorted by DLA, files, errors", async () => {
+  const model = path.join(repoDir(), "models", "organism", "organism.gguf");
+  const texts = path.join(dir, "t.txt");
+  fs.writeFileSync(texts, "Tell me about frogs\nTell me about the sea\nOnce upon a time there was a dog.\n");
+  await transcoderCommand({ model, out: path.join(dir, "tc2"), layer: 2, texts, steps: 50, dSae: 64, quiet: true, threads: 1 });
+  await transcoderCommand({ model, out: path.join(dir, "tc1"), layer: 1, texts, steps: 50, dSae: 64, quiet: true, threads: 1 });
+  const concepts = path.join(dir, "c.json");
+  fs.writeFileSync(concepts, JSON.stringify(["frog", "shoe"]));
+  const out = path.join(dir, "feat");
+  const common = { model, out, layers: "1", strengths: "-1,0,1,2", concepts, quiet: true, threads: 1 };
+  const r = await featuresCommand({ ...common, transcoder: path.join(dir, "tc2", "transcoder.safetensors"), carrierTranscoder: path.join(dir, "tc1", "transcoder.safetensors") });
+  assert.ok(r.gates.length > 0 && r.gates.every((g, i) => g.dla < 0 && (i === 0 || r.gates[i - 1]!.dla <= g.dla)));
+  assert.equal(r.gate_dictionary.output_site, "blocks.2.hook_mlp_out");
+  for (const f of ["results.json", "report.html"]) assert.ok(fs.existsSync(path.join(out, f)));
+  await assert.rejects(featuresCommand({ ...common, strengths: "1,2", transcoder: path.join(dir, "tc2", "transcoder.safetensors") }), /--strengths must include 0/);
+  const gs = path.join(dir, "params.safetensors");
+  writeSafetensors(gs, { w_enc: { data: new Float32Array(64 * 4), shape: [64, 4] } });
+  await assert.rejects(featuresCommand({ ...common, transcoder: gs }), /say which layer's MLP it transcodes \(--gate-layer/);
+  await assert.rejects(featuresCommand({ ...common, transcoder: gs, gateLayer: 2 }), /params\.safetensors: missing tensor w_dec/);
 });

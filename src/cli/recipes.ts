@@ -9,6 +9,7 @@ import { geometryCommand } from "../recipes/geometry.js";
 import { patchCommand, patchSummary } from "../recipes/patch.js";
 import { attentionCommand } from "../recipes/attention.js";
 import { transcoderCommand } from "../recipes/transcoder.js";
+import { featuresCommand } from "../recipes/features.js";
 import { lindseyCommand } from "../recipes/lindsey.js";
 import { refusalCommand } from "../recipes/refusal.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
@@ -182,6 +183,19 @@ export const RECIPES: Record<string, Recipe> = {
     flags: { ...COMMON, layer: "number", texts: "string", "d-sae": "number", k: "number", steps: "number", batch: "number", lr: "number", "dead-after": "number", threads: "number" },
     run: (a) => transcoderCommand(a as unknown as Parameters<typeof transcoderCommand>[0]),
     writes: ["transcoder.safetensors", "results.json", "report.html"],
+  },
+  features: {
+    usage:
+      "selfscope features --model PATH --out DIR --transcoder FILE [--gate-layer L] [--carrier-transcoder FILE --carrier-layer L]\n" +
+      "                   [--layers L] [--strengths=-8,-4,-2,-1,0,1,2,4,8] [--concepts ...] [--gates 20]   (a list starting with a minus needs the =)\n" +
+      "  Gate candidates (most negative direct logit attribution onto Yes − No) and evidence carriers (upstream features that rise\n" +
+      "  with the injection and suppress the gates), protocol §9.3. Transcoders: files from train-transcoder, or Gemma Scope 2\n" +
+      "  params.safetensors with the layer given.",
+    flags: {
+      ...COMMON, transcoder: "string", "carrier-transcoder": "string", "gate-layer": "number", "carrier-layer": "number", layers: "string",
+      strengths: "string", preset: "string", concepts: "string", gates: "number", "prompt-format": "string", threads: "number",
+    },
+    run: (a) => featuresCommand(a as unknown as Parameters<typeof featuresCommand>[0]),
   },
   "selfie-train": {
     usage:

@@ -14,10 +14,21 @@
 // - Gate candidates: the most negative DLA. Evidence carriers (with an upstream dictionary): features
 //   whose mean ρ > 0 whose decoder row suppresses a gate's encoder (virtual weight ŵ_dec,c · w_enc,g < 0);
 //   score = mean ρ × (−virtual weight) × activation at the largest strength, summed over the top gates.
-import type { Model } from "../model/model.js";
+import fs from "node:fs";
+import path from "node:path";
+import { Model } from "../model/model.js";
+import { UsageError } from "../core/errors.js";
+import { parseNumbers } from "../core/parse.js";
+import { openSafetensors } from "../io/safetensors.js";
+import { buildConfig } from "../eval/inject.js";
+import { getVariant, renderTrial } from "../eval/protocol.js";
+import { conceptVectors } from "../vectors/extract.js";
+import { escapeHtml, htmlPage, htmlTable } from "../report/page.js";
+import { loadLensWeights, unembedding } from "./geometry.js";
+import { gapScorer } from "./patch.js";
 import { hookName } from "../hooks/names.js";
 import type { Intervention } from "../hooks/plan.js";
-import { encode, type Dictionary } from "../vectors/dictionary.js";
+import { encode, loadDictionary, loadGemmaScope, TRAINED_FORMAT, transcoderSites, type Dictionary } from "../vectors/dictionary.js";
 import { pearson } from "../stats/stats.js";
 
 /** Mean feature activation [dSae] over positions from..end of one run. */
@@ -140,4 +151,101 @@ export function deltaU(unembed: { data: Float32Array; shape: number[] }, yes: re
   for (const t of ys) for (let j = 0; j < d; j++) out[j] = out[j]! + unembed.data[t * d + j]! / ys.size;
   for (const t of ns) for (let j = 0; j < d; j++) out[j] = out[j]! - unembed.data[t * d + j]! / ns.size;
   return out;
+}
+
+// ---------------------------------------------------------------- the command
+
+export interface FeaturesArgs {
+  model: string;
+  out: string;
+  /** The gate layer's dictionary: a file selfscope trained, or Gemma Scope 2 params.safetensors with --gate-layer. */
+  transcoder: string;
+  /** Upstream dictionary for evidence carriers (same kinds of file). */
+  carrierTranscoder?: string;
+  gateLayer?: number;
+  carrierLayer?: number;
+  layers?: string;
+  strengths?: string;
+  preset?: string;
+  concepts?: string;
+  gates?: number;
+  promptFormat?: "chat" | "raw";
+  device?: string;
+  vectorCache?: string | null;
+  quiet?: boolean;
+  threads?: number;
+}
+
+export interface FeaturesResults {
+  recipe: "features";
+  model: string;
+  injection_layer: number;
+  strengths: number[];
+  concepts: string[];
+  gate_dictionary: { source: string; input_site: string; output_site: string; d_sae: number };
+  carrier_dictionary: { source: string; input_site: string; output_site: string; d_sae: number } | null;
+  delta_u: string;
+  gates: FeatureStat[];
+  carriers: Carrier[];
+  notes: string[];
+}
+
+function loadAny(file: string, layer: number | undefined, model: Model): Dictionary {
+  const { nLayers, dModel } = model.config;
+  if (!fs.existsSync(file)) throw new UsageError(`${file} does not exist`);
+  const set = openSafetensors(file);
+  if (set.metadata.format === TRAINED_FORMAT) return loadDictionary(file, nLayers, dModel);
+  if (layer === undefined) throw new UsageError(`${file} is not a dictionary selfscope trained: say which layer's MLP it transcodes (--gate-layer / --carrier-layer)`);
+  return loadGemmaScope(file, { ...transcoderSites(layer), dModel });
+}
+
+export async function featuresCommand(a: FeaturesArgs): Promise<FeaturesResults> {
+  const model = await Model.load(a.model, { device: (a.device ?? "cpu") as "cpu", ...(a.threads ? { threads: a.threads } : {}) });
+  try {
+    const nL = model.config.nLayers;
+    const cfg = buildConfig({ model: a.model, ...(a.preset ? { preset: a.preset } : {}), ...(a.layers ? { layers: a.layers } : {}), ...(a.concepts ? { concepts: a.concepts } : {}), ...(a.promptFormat ? { promptFormat: a.promptFormat } : {}) }, nL, model.chatTemplate !== undefined);
+    if (cfg.layers.length !== 1) throw new UsageError(`features: one injection layer, got ${cfg.layers.length} (--layers)`);
+    const L = cfg.layers[0]!;
+    const strengths = a.strengths ? parseNumbers(a.strengths, "--strengths") : [-8, -4, -2, -1, 0, 1, 2, 4, 8];
+    if (!strengths.includes(0)) throw new UsageError("--strengths must include 0 (the unsteered prompt the DLA is measured on)");
+    const gd = loadAny(a.transcoder, a.gateLayer, model);
+    const cd = a.carrierTranscoder ? loadAny(a.carrierTranscoder, a.carrierLayer, model) : null;
+    const vs = (await conceptVectors(model, { concepts: cfg.concepts, baselineWords: cfg.baselineWords, layers: [L], recipe: cfg.vectorRecipe, cacheDir: a.vectorCache ?? null })).vectors.get(L)!;
+    const p = renderTrial(model, getVariant("original"), 1, { format: cfg.promptFormat, judgePrompt: "question" });
+    const sc = gapScorer(model, p.text, p.ids);
+    const nYes = sc.nYes;
+    const du = deltaU(unembedding(loadLensWeights(a.model)), sc.seqs.slice(0, nYes), sc.seqs.slice(nYes));
+    const vectors = cfg.concepts.map((c) => vs.get(c)!);
+    const gs = featureStats(gd, await profile(model, gd, p, L, vectors, strengths), du);
+    const top = gates(gs, a.gates ?? 20);
+    const cs = cd ? carriers(cd, featureStats(cd, await profile(model, cd, p, L, vectors, strengths), du), gd, top.map((g) => g.feature), 20) : [];
+    const info = (d: Dictionary) => ({ source: d.source, input_site: d.inputSite, output_site: d.outputSite, d_sae: d.dSae });
+    const results: FeaturesResults = {
+      recipe: "features",
+      model: a.model,
+      injection_layer: L,
+      strengths,
+      concepts: cfg.concepts,
+      gate_dictionary: info(gd),
+      carrier_dictionary: cd ? info(cd) : null,
+      delta_u: sc.describe,
+      gates: top,
+      carriers: cs,
+      notes: ["DLA uses the mean activation on the unsteered prompt (docs/fidelity.md); one prompt (Trial 1) per concept; features are candidates, not labelled."],
+    };
+    fs.mkdirSync(a.out, { recursive: true });
+    fs.writeFileSync(path.join(a.out, "results.json"), JSON.stringify(results, null, 1) + "\n");
+    const f3 = (x: number) => x.toFixed(3);
+    fs.writeFileSync(
+      path.join(a.out, "report.html"),
+      htmlPage(`selfscope features — ${path.basename(a.model)}`, `injection at blocks.${L}.hook_resid_post · ${cfg.concepts.length} concepts · strengths ${strengths.join(", ")}`, [
+        { title: `Gate candidates (most negative DLA) — ${gd.outputSite}`, html: htmlTable(["feature", "DLA", "mean ρ(strength, act)", "mean |ρ|", "act unsteered", `act at ${Math.max(...strengths)}`], top.map((g) => [g.feature, f3(g.dla), f3(g.rho), f3(g.absRho), f3(g.baseAct), f3(g.topAct)])) },
+        { title: "Evidence carriers", html: cd ? htmlTable(["feature", "score", "virtual weight onto the gates", "mean ρ", "act at the top strength"], cs.map((c) => [c.feature, f3(c.score), f3(c.virtualWeight), f3(c.rho), f3(c.topAct)])) : `<p class="muted">${escapeHtml("no --carrier-transcoder given")}</p>` },
+        { title: "Notes", html: results.notes.map((n) => `<p class="note">${escapeHtml(n)}</p>`).join("") },
+      ]),
+    );
+    return results;
+  } finally {
+    model.dispose();
+  }
 }

@@ -71,7 +71,7 @@ function continuation(model: Model, promptText: string, promptIds: readonly numb
  * exactly one spelling). Without any on either side, sequence log-probabilities of the spellings
  * that continue the prompt's tokens (`multiToken` true).
  */
-export function gapScorer(model: Model, promptText: string, promptIds: readonly number[]): Scorer & { multiToken: boolean } {
+export function gapScorer(model: Model, promptText: string, promptIds: readonly number[]): Scorer & { multiToken: boolean; nYes: number } {
   const tok = model.tokenizer!;
   const single = (words: string[]) => {
     const ids = new Set<number>();
@@ -85,7 +85,7 @@ export function gapScorer(model: Model, promptText: string, promptIds: readonly 
   };
   const y = single(YES), n = single(NO);
   if (y.length > 0 && n.length > 0) {
-    return { seqs: [...y.map((t) => [t]), ...n.map((t) => [t])], combine: (lp) => logSumExp(lp.slice(0, y.length)) - logSumExp(lp.slice(y.length)), describe: `logsumexp over ${y.length} single-token Yes spellings minus ${n.length} No spellings (protocol §9.1)`, multiToken: false };
+    return { seqs: [...y.map((t) => [t]), ...n.map((t) => [t])], combine: (lp) => logSumExp(lp.slice(0, y.length)) - logSumExp(lp.slice(y.length)), describe: `logsumexp over ${y.length} single-token Yes spellings minus ${n.length} No spellings (protocol §9.1)`, multiToken: false, nYes: y.length };
   }
   const seqsOf = (words: string[]) => {
     const out: number[][] = [];
@@ -102,6 +102,7 @@ export function gapScorer(model: Model, promptText: string, promptIds: readonly 
     combine: (lp) => logSumExp(lp.slice(0, ys.length)) - logSumExp(lp.slice(ys.length)),
     describe: `no single-token Yes/No in this vocabulary: logsumexp of the sequence log-probabilities of ${ys.length} Yes and ${ns.length} No spellings (teacher-forced); protocol §9.1 uses single tokens`,
     multiToken: true,
+    nYes: ys.length,
   };
 }
 
