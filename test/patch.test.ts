@@ -92,15 +92,19 @@ describe("patch", () => {
 
   test("planted circuit: the planted MLP is the only sufficient component and is necessary", async (t) => {
     const cells = cellsFor(5, INJECT, ["attn", "mlp"]);
-    const acc = { steered: [] as number[], unsteered: [] as number[], cells: [] as number[][] };
-    for (const n of [1, 2, 3, 4]) {
-      const p = prompt(planted, n);
-      const r = await patchTrial(planted, { ids: p.ids, injectFrom: p.injectFrom, vector: v, strength: 2, layer: INJECT, scorer: gapScorer(planted, p.text, p.ids), cells, positions: "all", batchSize: 16 });
-      acc.steered.push(r.steered);
-      acc.unsteered.push(r.unsteered);
-      acc.cells.push(r.cells);
-    }
-    const m = summarise("logit_gap", "test", acc, cells);
+    // Trial prompts 1-4 with the same injected direction: the "concepts" the intervals are over.
+    const sweep = async (m: Model) => {
+      const acc = { steered: [] as number[], unsteered: [] as number[], cells: [] as number[][] };
+      for (const n of [1, 2, 3, 4]) {
+        const p = prompt(m, n);
+        const r = await patchTrial(m, { ids: p.ids, injectFrom: p.injectFrom, vector: v, strength: 2, layer: INJECT, scorer: gapScorer(m, p.text, p.ids), cells, positions: "all", batchSize: 16 });
+        acc.steered.push(r.steered);
+        acc.unsteered.push(r.unsteered);
+        acc.cells.push(r.cells);
+      }
+      return summarise("logit_gap", "test", acc, cells);
+    };
+    const m = await sweep(planted);
     assert.ok(m.steered.mean - m.unsteered.mean > 2, `the plant raises the gap: ${m.steered.mean} vs ${m.unsteered.mean}`);
     assert.deepEqual(m.sufficient, [`L${PLANTED} mlp`]);
     assert.ok(m.necessary.includes(`L${PLANTED} mlp`), m.necessary.join(","));
@@ -108,15 +112,7 @@ describe("patch", () => {
     t.diagnostic(`planted: gap steered ${m.steered.mean.toFixed(2)}, unsteered ${m.unsteered.mean.toFixed(2)}; necessary ${m.necessary.join(", ")}; sufficient ${m.sufficient.join(", ")}; L${PLANTED} mlp knock-in share ${(100 * ki.recovered!).toFixed(0)}%`);
     assert.ok(ki.recovered! > 0.8 && ki.significant, JSON.stringify(ki));
     // The same analysis on the unplanted base does not name block 3's MLP as sufficient.
-    const accB = { steered: [] as number[], unsteered: [] as number[], cells: [] as number[][] };
-    for (const n of [1, 2, 3, 4]) {
-      const p = prompt(base, n);
-      const r = await patchTrial(base, { ids: p.ids, injectFrom: p.injectFrom, vector: v, strength: 2, layer: INJECT, scorer: gapScorer(base, p.text, p.ids), cells, positions: "all", batchSize: 16 });
-      accB.steered.push(r.steered);
-      accB.unsteered.push(r.unsteered);
-      accB.cells.push(r.cells);
-    }
-    assert.ok(!summarise("logit_gap", "test", accB, cells).sufficient.includes(`L${PLANTED} mlp`));
+    assert.ok(!(await sweep(base)).sufficient.includes(`L${PLANTED} mlp`));
   });
 
   test("concept scorer: the first token of the concept after the forced prefill", () => {

@@ -5,16 +5,15 @@
 import fs from "node:fs";
 import path from "node:path";
 import type { TopLevelSpec } from "vega-lite";
-import { Model } from "../model/model.js";
+import type { Model } from "../model/model.js";
 import { UsageError } from "../core/errors.js";
 import { parseNumbers } from "../core/parse.js";
 import { hookName } from "../hooks/names.js";
 import type { Intervention } from "../hooks/plan.js";
-import { buildConfig } from "../eval/inject.js";
 import { getVariant, renderTrial } from "../eval/protocol.js";
-import { conceptVectors } from "../vectors/extract.js";
 import { escapeHtml, htmlPage, htmlTable, plotOrNote } from "../report/page.js";
 import { meanCI, type MeanCI } from "./patch.js";
+import { loadAnalysisModel, siteConfig, siteVectors, type SiteArgs } from "./site.js";
 
 export type Region = "bos" | "injected" | "other";
 
@@ -52,19 +51,10 @@ export async function attentionMass(model: Model, ids: number[], injectFrom: num
   return { layers };
 }
 
-export interface AttentionArgs {
-  model: string;
-  out: string;
-  layers?: string;
+export interface AttentionArgs extends SiteArgs {
+  /** Signed strengths (default 0,1,2,4,8; 0 = unsteered). */
   strengths?: string;
-  preset?: string;
-  concepts?: string;
   trials?: number;
-  promptFormat?: "chat" | "raw";
-  device?: string;
-  vectorCache?: string | null;
-  quiet?: boolean;
-  threads?: number;
 }
 
 export interface AttentionResults {
@@ -81,17 +71,16 @@ export interface AttentionResults {
 
 export async function attentionCommand(a: AttentionArgs): Promise<AttentionResults> {
   const log = (m: string) => { if (!a.quiet) process.stderr.write(`[attention] ${m}\n`); };
-  const model = await Model.load(a.model, { device: (a.device ?? "cpu") as "cpu", ...(a.threads ? { threads: a.threads } : {}) });
+  const model = await loadAnalysisModel(a);
   try {
     const nL = model.config.nLayers;
-    const cfg = buildConfig({ model: a.model, ...(a.preset ? { preset: a.preset } : {}), ...(a.layers ? { layers: a.layers } : {}), ...(a.concepts ? { concepts: a.concepts } : {}), ...(a.promptFormat ? { promptFormat: a.promptFormat } : {}) }, nL, model.chatTemplate !== undefined);
-    if (cfg.layers.length !== 1) throw new UsageError(`attention: one injection layer, got ${cfg.layers.length} (--layers)`);
-    const L = cfg.layers[0]!;
+    // Strengths are this analysis's own list (signed, with 0), not inject's.
+    const { cfg, layer: L } = siteConfig("attention", { ...a, strengths: undefined }, model);
     const strengths = a.strengths ? parseNumbers(a.strengths, "--strengths") : [0, 1, 2, 4, 8];
     const trials = a.trials ?? 3;
     if (!Number.isInteger(trials) || trials < 1) throw new UsageError("--trials must be a positive integer");
     log(`${cfg.concepts.length} concepts × ${trials} trials × strengths ${strengths.join(",")}, injection at blocks.${L}.hook_resid_post`);
-    const vs = (await conceptVectors(model, { concepts: cfg.concepts, baselineWords: cfg.baselineWords, layers: [L], recipe: cfg.vectorRecipe, cacheDir: a.vectorCache ?? null })).vectors.get(L)!;
+    const vs = await siteVectors(model, cfg, L, a.vectorCache);
     // acc[strength][layer][region] = per-concept means
     const acc = strengths.map(() => Array.from({ length: nL }, () => ({ bos: [] as number[], injected: [] as number[], other: [] as number[] })));
     for (const concept of cfg.concepts) {

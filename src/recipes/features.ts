@@ -16,16 +16,15 @@
 //   score = mean ρ × (−virtual weight) × activation at the largest strength, summed over the top gates.
 import fs from "node:fs";
 import path from "node:path";
-import { Model } from "../model/model.js";
+import type { Model } from "../model/model.js";
 import { UsageError } from "../core/errors.js";
 import { parseNumbers } from "../core/parse.js";
 import { openSafetensors } from "../io/safetensors.js";
-import { buildConfig } from "../eval/inject.js";
 import { getVariant, renderTrial } from "../eval/protocol.js";
-import { conceptVectors } from "../vectors/extract.js";
 import { escapeHtml, htmlPage, htmlTable } from "../report/page.js";
 import { loadLensWeights, unembedding } from "./geometry.js";
 import { gapScorer } from "./patch.js";
+import { loadAnalysisModel, siteConfig, siteVectors, type SiteArgs } from "./site.js";
 import { hookName } from "../hooks/names.js";
 import type { Intervention } from "../hooks/plan.js";
 import { encode, loadDictionary, loadGemmaScope, TRAINED_FORMAT, transcoderSites, type Dictionary } from "../vectors/dictionary.js";
@@ -155,25 +154,16 @@ export function deltaU(unembed: { data: Float32Array; shape: number[] }, yes: re
 
 // ---------------------------------------------------------------- the command
 
-export interface FeaturesArgs {
-  model: string;
-  out: string;
+export interface FeaturesArgs extends SiteArgs {
   /** The gate layer's dictionary: a file selfscope trained, or Gemma Scope 2 params.safetensors with --gate-layer. */
   transcoder: string;
   /** Upstream dictionary for evidence carriers (same kinds of file). */
   carrierTranscoder?: string;
   gateLayer?: number;
   carrierLayer?: number;
-  layers?: string;
+  /** Signed strengths, with 0 (default -8..8). */
   strengths?: string;
-  preset?: string;
-  concepts?: string;
   gates?: number;
-  promptFormat?: "chat" | "raw";
-  device?: string;
-  vectorCache?: string | null;
-  quiet?: boolean;
-  threads?: number;
 }
 
 export interface FeaturesResults {
@@ -200,17 +190,15 @@ function loadAny(file: string, layer: number | undefined, model: Model): Diction
 }
 
 export async function featuresCommand(a: FeaturesArgs): Promise<FeaturesResults> {
-  const model = await Model.load(a.model, { device: (a.device ?? "cpu") as "cpu", ...(a.threads ? { threads: a.threads } : {}) });
+  const model = await loadAnalysisModel(a);
   try {
-    const nL = model.config.nLayers;
-    const cfg = buildConfig({ model: a.model, ...(a.preset ? { preset: a.preset } : {}), ...(a.layers ? { layers: a.layers } : {}), ...(a.concepts ? { concepts: a.concepts } : {}), ...(a.promptFormat ? { promptFormat: a.promptFormat } : {}) }, nL, model.chatTemplate !== undefined);
-    if (cfg.layers.length !== 1) throw new UsageError(`features: one injection layer, got ${cfg.layers.length} (--layers)`);
-    const L = cfg.layers[0]!;
+    // Strengths are this analysis's own list (signed, with 0), not inject's.
+    const { cfg, layer: L } = siteConfig("features", { ...a, strengths: undefined }, model);
     const strengths = a.strengths ? parseNumbers(a.strengths, "--strengths") : [-8, -4, -2, -1, 0, 1, 2, 4, 8];
     if (!strengths.includes(0)) throw new UsageError("--strengths must include 0 (the unsteered prompt the DLA is measured on)");
     const gd = loadAny(a.transcoder, a.gateLayer, model);
     const cd = a.carrierTranscoder ? loadAny(a.carrierTranscoder, a.carrierLayer, model) : null;
-    const vs = (await conceptVectors(model, { concepts: cfg.concepts, baselineWords: cfg.baselineWords, layers: [L], recipe: cfg.vectorRecipe, cacheDir: a.vectorCache ?? null })).vectors.get(L)!;
+    const vs = await siteVectors(model, cfg, L, a.vectorCache);
     const p = renderTrial(model, getVariant("original"), 1, { format: cfg.promptFormat, judgePrompt: "question" });
     const sc = gapScorer(model, p.text, p.ids);
     const nYes = sc.nYes;

@@ -21,13 +21,12 @@ import type { Intervention, PosSpec } from "../hooks/plan.js";
 import fs from "node:fs";
 import path from "node:path";
 import type { TopLevelSpec } from "vega-lite";
-import { Model } from "../model/model.js";
+import type { Model } from "../model/model.js";
 import { UsageError } from "../core/errors.js";
 import { parseLayers } from "../core/parse.js";
-import { buildConfig } from "../eval/inject.js";
 import { FORCED_PREFILL, getVariant, renderTrial } from "../eval/protocol.js";
-import { conceptVectors } from "../vectors/extract.js";
 import { escapeHtml, htmlPage, htmlTable, plotOrNote } from "../report/page.js";
+import { loadAnalysisModel, siteConfig, siteVectors, type SiteArgs } from "./site.js";
 
 export type Component = "attn" | "mlp" | "resid";
 export const COMPONENT_SITE: Record<Component, BlockSite> = { attn: "hook_attn_out", mlp: "hook_mlp_out", resid: "hook_resid_post" };
@@ -234,15 +233,9 @@ export function cellsFor(nLayers: number, injectLayer: number, components: reado
 
 // ---------------------------------------------------------------- the command
 
-export interface PatchArgs {
-  model: string;
-  out: string;
-  /** Injection layer (one; a preset's fraction or an index, as inject's --layers). */
-  layers?: string;
+export interface PatchArgs extends SiteArgs {
   /** Injection strength (one). */
   strengths?: string;
-  preset?: string;
-  concepts?: string;
   /** Trials (trial numbers 1..n) per concept. */
   trials?: number;
   positions?: string;
@@ -252,13 +245,8 @@ export interface PatchArgs {
   patchLayers?: string;
   /** Also the forced prompt and the concept-token metric (default on; --no-forced turns it off). */
   noForced?: boolean;
-  promptFormat?: "chat" | "raw";
   batchSize?: number;
-  device?: string;
-  vectorCache?: string | null;
-  quiet?: boolean;
   seed?: number;
-  threads?: number;
 }
 
 /** Mean over concepts (each the mean over its trials) with a 1.96·SEM interval, as 06/13 plot them. */
@@ -341,13 +329,12 @@ export async function patchCommand(a: PatchArgs): Promise<PatchResults> {
   if (positions !== "all" && positions !== "last") throw new UsageError(`--positions ${positions}: use all or last`);
   const components = (a.components ?? "attn,mlp").split(",").map((s) => s.trim()) as Component[];
   for (const c of components) if (!(c in COMPONENT_SITE)) throw new UsageError(`--components: unknown component "${c}"; use attn, mlp, resid`);
-  const model = await Model.load(a.model, { device: (a.device ?? "cpu") as "cpu", ...(a.threads ? { threads: a.threads } : {}) });
+  const model = await loadAnalysisModel(a);
   try {
     const nL = model.config.nLayers;
-    const cfg = buildConfig({ model: a.model, ...(a.preset ? { preset: a.preset } : {}), ...(a.layers ? { layers: a.layers } : {}), ...(a.strengths ? { strengths: a.strengths } : {}), ...(a.concepts ? { concepts: a.concepts } : {}), ...(a.promptFormat ? { promptFormat: a.promptFormat } : {}) }, nL, model.chatTemplate !== undefined);
-    if (cfg.layers.length !== 1) throw new UsageError(`patch: one injection layer, got ${cfg.layers.length} (--layers)`);
+    const { cfg, layer: L } = siteConfig("patch", a, model);
     if (cfg.strengths.length !== 1) throw new UsageError(`patch: one strength, got ${cfg.strengths.length} (--strengths)`);
-    const L = cfg.layers[0]!, strength = cfg.strengths[0]!;
+    const strength = cfg.strengths[0]!;
     if (L >= nL - 1) throw new UsageError(`patch: the injection layer ${L} is the last one; no component comes after it`);
     const patchLayers = a.patchLayers ? parseLayers(a.patchLayers, nL, "--patch-layers") : undefined;
     const cells = cellsFor(nL, L, components, patchLayers);
@@ -357,7 +344,7 @@ export async function patchCommand(a: PatchArgs): Promise<PatchResults> {
     const notes: string[] = [];
     if (cfg.promptFormat === "raw") notes.push("raw base-model dialogue (no chat template): prompts and concept vectors as `selfscope inject --prompt-format raw`");
     log(`${cfg.concepts.length} concepts × ${trials} trials, injection at blocks.${L}.hook_resid_post × ${strength}, ${cells.length} cells, positions ${positions}`);
-    const vs = (await conceptVectors(model, { concepts: cfg.concepts, baselineWords: cfg.baselineWords, layers: [L], recipe: cfg.vectorRecipe, cacheDir: a.vectorCache ?? null })).vectors.get(L)!;
+    const vs = await siteVectors(model, cfg, L, a.vectorCache);
     fs.mkdirSync(a.out, { recursive: true });
     const trialLog = fs.openSync(path.join(a.out, "trials.jsonl"), "w");
     const forced = !a.noForced;

@@ -3,13 +3,13 @@
 import fs from "node:fs";
 import path from "node:path";
 import type { TopLevelSpec } from "vega-lite";
-import { Model } from "../model/model.js";
 import { UsageError } from "../core/errors.js";
 import type { Intervention } from "../hooks/plan.js";
 import { readData } from "../eval/protocol.js";
 import { trainTopK } from "../train/dictionary.js";
 import { decode, encode, loadDictionary, saveDictionary, splice, transcoderSites } from "../vectors/dictionary.js";
 import { escapeHtml, htmlPage, htmlTable, plotOrNote } from "../report/page.js";
+import { loadAnalysisModel } from "./site.js";
 
 export interface TranscoderArgs {
   model: string;
@@ -59,7 +59,7 @@ function defaultTexts(): string[] {
 
 export async function transcoderCommand(a: TranscoderArgs): Promise<TranscoderResults> {
   const log = (m: string) => { if (!a.quiet) process.stderr.write(`[train-transcoder] ${m}\n`); };
-  const model = await Model.load(a.model, { device: (a.device ?? "cpu") as "cpu", ...(a.threads ? { threads: a.threads } : {}) });
+  const model = await loadAnalysisModel(a);
   try {
     const { nLayers, dModel } = model.config;
     const layer = a.layer ?? Math.floor(nLayers / 2);
