@@ -8,7 +8,7 @@ import path from "node:path";
 import { test } from "node:test";
 import { ModelFileError, SelfscopeError, UnsupportedArchitectureError, WeightShapeError } from "../src/core/errors.js";
 import { f16BytesToF32, bf16BytesToF32 } from "../src/io/binary.js";
-import { f32ToF16Bytes, readGguf } from "../src/io/gguf.js";
+import { GgmlType, GgufValueType, f32ToF16Bytes, ggufMetadataForWrite, readGguf, readGgufTensor, writeGguf } from "../src/io/gguf.js";
 import { resolveModelPath } from "../src/io/hub-cache.js";
 import { readSafetensorsHeader, readStTensor, writeSafetensors } from "../src/io/safetensors.js";
 import { Engine } from "../src/engine/jax/engine.js";
@@ -106,6 +106,19 @@ test("GGUF header: metadata, tensors and alignment", () => {
   assert.equal(g.metadata.get("general.architecture"), "llama");
   assert.equal(g.tensors.size, 48);
   assert.deepEqual(g.tensors.get("blk.0.attn_k.weight")!.ne, [64, 32]);
+  // Stored value types are kept, so a copy can be written with the same metadata byte for byte.
+  assert.deepEqual(g.metadataTypes!.get("llama.block_count"), { type: GgufValueType.UINT32 });
+  assert.deepEqual(g.metadataTypes!.get("tokenizer.ggml.token_type"), { type: GgufValueType.ARRAY, itemType: GgufValueType.INT32 });
+  const copy = path.join(os.tmpdir(), `gguf-copy-${process.pid}.gguf`);
+  try {
+    writeGguf(copy, ggufMetadataForWrite(g), [...g.tensors.keys()].map((name) => ({ name, ...readGgufTensor(g, name), type: GgmlType.F32 as const })));
+    assert.deepEqual(fs.readFileSync(copy), fs.readFileSync(STORIES));
+    const c = readGguf(copy);
+    assert.deepEqual(c.metadata, g.metadata);
+    assert.deepEqual(c.metadataTypes, g.metadataTypes);
+  } finally {
+    fs.rmSync(copy, { force: true });
+  }
 });
 
 test("HF hub cache names resolve offline; a missing one says where it looked and how to download", () => {

@@ -22,7 +22,7 @@
 //   node dist/scripts/organism/train.js --base /tmp/base.gguf --words /tmp/base.gguf.train.txt --heldout /tmp/base.gguf.heldout.json
 import fs from "node:fs";
 import path from "node:path";
-import { GgmlType, GgufValueType, readGguf, readGgufTensor, writeGguf, type GgufWriteTensor, type GgufWriteValue } from "../../src/io/gguf.js";
+import { GgmlType, GgufValueType, ggufMetadataForWrite, readGguf, readGgufTensor, writeGguf, type GgufWriteTensor } from "../../src/io/gguf.js";
 import { tokenizerFromGguf } from "../../src/io/tokenizer.js";
 import { mulberry32 } from "../../src/core/rng.js";
 import { Model } from "../../src/model/model.js";
@@ -137,17 +137,12 @@ function build(words: string[], out: string, source: string, outRows: OutRows): 
     return x;
   };
 
-  const meta: Record<string, GgufWriteValue> = {};
-  for (const [k, v] of g.metadata) {
-    if (k === "tokenizer.ggml.tokens") meta[k] = { type: GgufValueType.ARRAY, itemType: GgufValueType.STRING, value: tokens };
-    else if (k === "tokenizer.ggml.scores") meta[k] = { type: GgufValueType.ARRAY, itemType: GgufValueType.FLOAT32, value: scores };
-    else if (k === "tokenizer.ggml.token_type") meta[k] = { type: GgufValueType.ARRAY, itemType: GgufValueType.INT32, value: types };
-    else if (k === "general.name") meta[k] = { type: GgufValueType.STRING, value: "stories260K-words" };
-    else if (typeof v === "string") meta[k] = { type: GgufValueType.STRING, value: v };
-    else if (typeof v === "boolean") meta[k] = { type: GgufValueType.BOOL, value: v };
-    else if (typeof v === "number") meta[k] = { type: Number.isInteger(v) && !k.endsWith("epsilon") ? GgufValueType.UINT32 : GgufValueType.FLOAT32, value: v };
-    else throw new Error(`vocab: unexpected metadata ${k}`);
-  }
+  const meta = ggufMetadataForWrite(g, {
+    "tokenizer.ggml.tokens": { type: GgufValueType.ARRAY, itemType: GgufValueType.STRING, value: tokens },
+    "tokenizer.ggml.scores": { type: GgufValueType.ARRAY, itemType: GgufValueType.FLOAT32, value: scores },
+    "tokenizer.ggml.token_type": { type: GgufValueType.ARRAY, itemType: GgufValueType.INT32, value: types },
+    "general.name": { type: GgufValueType.STRING, value: "stories260K-words" },
+  });
   const tensors: GgufWriteTensor[] = [];
   for (const [name] of g.tensors) {
     const t = readGgufTensor(g, name);

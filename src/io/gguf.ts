@@ -76,6 +76,8 @@ export interface GgufFile {
   metadata: Map<string, GgufValue>;
   tensors: Map<string, GgufTensorInfo>;
   fileSize: number;
+  /** Each metadata value's stored type (and an array's item type), for writing a copy exactly. */
+  metadataTypes?: Map<string, { type: GgufValueType; itemType?: GgufValueType }>;
 }
 
 const MAX_HEADER_BYTES = 1 << 30;
@@ -125,6 +127,8 @@ function parseHeader(bytes: Uint8Array, path: string, fileSize: number): GgufFil
     throw new ModelFileError(path, `corrupt header: declares ${nKv} metadata entries and ${nTensors} tensors`);
   }
   const str = (what: string) => r.utf8(r.u64(`${what} length`), what);
+  /** The item type of the top-level array value() last read (for metadataTypes). */
+  let topItemType: GgufValueType | undefined;
   const value = (t: number, key: string, depth: number): GgufValue => {
     switch (t) {
       case GgufValueType.UINT8:
@@ -154,6 +158,7 @@ function parseHeader(bytes: Uint8Array, path: string, fileSize: number): GgufFil
       case GgufValueType.ARRAY: {
         if (depth > 4) throw new ModelFileError(path, `corrupt metadata: arrays nested too deep in ${key}`);
         const at = r.u32();
+        if (depth === 0) topItemType = at;
         const n = r.u64(`array length of ${key}`);
         if (n > fileSize) throw new ModelFileError(path, `corrupt metadata: ${key} declares ${n} elements`);
         const out: GgufValue[] = new Array<GgufValue>();
@@ -165,10 +170,14 @@ function parseHeader(bytes: Uint8Array, path: string, fileSize: number): GgufFil
     }
   };
   const metadata = new Map<string, GgufValue>();
+  const metadataTypes = new Map<string, { type: GgufValueType; itemType?: GgufValueType }>();
   for (let i = 0; i < nKv; i++) {
     const key = str("metadata key");
     if (metadata.has(key)) throw new ModelFileError(path, `corrupt metadata: duplicate key ${key}`);
-    metadata.set(key, value(r.u32(), key, 0));
+    const type = r.u32() as GgufValueType;
+    topItemType = undefined;
+    metadata.set(key, value(type, key, 0));
+    metadataTypes.set(key, topItemType === undefined ? { type } : { type, itemType: topItemType });
   }
   const infos: Omit<GgufTensorInfo, "offset" | "byteLength">[] = [];
   const rel: number[] = [];
@@ -205,7 +214,7 @@ function parseHeader(bytes: Uint8Array, path: string, fileSize: number): GgufFil
     }
     tensors.set(t.name, { ...t, offset, byteLength });
   });
-  return { path, version, metadata, tensors, fileSize };
+  return { path, version, metadata, tensors, fileSize, metadataTypes };
 }
 
 export function readRange(path: string, offset: number, length: number): Uint8Array {
@@ -296,6 +305,23 @@ export interface GgufWriteTensor {
   shape: number[];
   type: GgmlType.F32 | GgmlType.F16;
   data: Float32Array;
+}
+
+/** A parsed file's metadata as writeGguf takes it, each value with its stored type (`replace` overrides keys). */
+export function ggufMetadataForWrite(g: GgufFile, replace: Record<string, GgufWriteValue> = {}): Record<string, GgufWriteValue> {
+  const out: Record<string, GgufWriteValue> = {};
+  for (const [k, v] of g.metadata) {
+    if (k in replace) {
+      out[k] = replace[k]!;
+      continue;
+    }
+    const t = g.metadataTypes?.get(k);
+    if (!t) throw new Error(`ggufMetadataForWrite: ${g.path} was not parsed by readGguf (no type for ${k})`);
+    const toScalar = (x: GgufValue): string | number => (typeof x === "bigint" ? Number(x) : typeof x === "boolean" ? Number(x) : (x as string | number));
+    if (t.type === GgufValueType.ARRAY) out[k] = { type: GgufValueType.ARRAY, itemType: t.itemType!, value: (v as GgufValue[]).map(toScalar) };
+    else out[k] = { type: t.type, value: typeof v === "bigint" ? Number(v) : v } as GgufWriteValue;
+  }
+  return out;
 }
 
 export function writeGguf(path: string, metadata: Record<string, GgufWriteValue>, tensors: GgufWriteTensor[], alignment = 32): void {
