@@ -9,22 +9,12 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { Model } from "../src/model/model.js";
-import { readGguf, readGgufTensor } from "../src/io/gguf.js";
-import { getVariant, renderTrial } from "../src/eval/protocol.js";
-import { gapScorer } from "../src/recipes/patch.js";
-import { carriers, deltaU, featureStats, featuresCommand, gates, profile, spearman } from "../src/recipes/features.js";
+import { carriers, featureStats, featuresCommand, gates, profile, spearman } from "../src/recipes/features.js";
 import { transcoderCommand } from "../src/recipes/transcoder.js";
 import { writeSafetensors } from "../src/io/safetensors.js";
 import { repoDir } from "./support/paths.js";
-import { hookName } from "../src/hooks/names.js";
-import { transcoderSites, type Dictionary } from "../src/vectors/dictionary.js";
-import { mulberry32 } from "../src/core/rng.js";
-import { rewriteGguf } from "./support/gguf-edit.js";
-import { fixture } from "./support/paths.js";
-
-const STORIES = fixture("stories260K-gguf", "stories260K.gguf");
-const D = 64, F = 172, S = 9;
-const GATE_L = 3, CARRIER_L = 1;
+import type { Dictionary } from "../src/vectors/dictionary.js";
+import { plantedCircuit } from "./support/planted-circuit.js";
 
 let dir: string;
 let planted: Model;
@@ -33,50 +23,11 @@ let v: Float32Array;
 let du: Float32Array;
 let prompt: { ids: number[]; injectFrom: number; text: string };
 
-const unit = (x: ArrayLike<number>) => { const n = Math.hypot(...Array.from(x)); return Float32Array.from(x, (y) => y / n); };
-
-function dict(layer: number, first: { enc: Float32Array; dec: Float32Array }, r: () => number): Dictionary {
-  const wEnc = new Float32Array(D * S), wDec = new Float32Array(S * D);
-  for (let f = 0; f < S; f++) {
-    const e = f === 0 ? first.enc : unit(Array.from({ length: D }, () => r() * 2 - 1));
-    const d = f === 0 ? first.dec : unit(Array.from({ length: D }, () => r() * 2 - 1));
-    for (let i = 0; i < D; i++) { wEnc[i * S + f] = e[i]!; wDec[f * D + i] = d[i]!; }
-  }
-  const sites = transcoderSites(layer);
-  return { kind: "transcoder", activation: "jumprelu", dIn: D, dSae: S, dOut: D, wEnc, bEnc: new Float32Array(S), wDec, bDec: new Float32Array(D), threshold: new Float32Array(S), k: null, wSkip: null, bDecToInput: false, inputSite: sites.input, outputSite: sites.output, source: `planted layer ${layer}` };
-}
-
 before(async () => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), "features-test-"));
-  const r = mulberry32(21);
-  const base = await Model.load(STORIES, { threads: 1 });
-  prompt = renderTrial(base, getVariant("original"), 2, { format: "raw", judgePrompt: "question" });
-  v = Float32Array.from(unit(Array.from({ length: D }, () => r() * 2 - 1)), (x) => 3 * x);
-  // The gate's input direction: the mean normalized MLP input of block 3 over the injected positions.
-  const res = await base.forward([{ ids: prompt.ids }], { plan: [{ op: "read", at: hookName(GATE_L, "ln2.hook_normalized"), pos: { from: 0 } }], logits: "none" });
-  const x = res.cache.get(hookName(GATE_L, "ln2.hook_normalized"), 0).data;
-  const m = new Float32Array(D);
-  const n = prompt.ids.length - prompt.injectFrom;
-  for (let p = prompt.injectFrom; p < prompt.ids.length; p++) for (let i = 0; i < D; i++) m[i] = m[i]! + x[p * D + i]! / n;
-  const mNorm = Math.hypot(...m);
-  const ug = unit(m);
-  const sc = gapScorer(base, prompt.text, prompt.ids);
-  du = deltaU(readGgufTensor(readGguf(STORIES), "output.weight"), sc.seqs.slice(0, sc.nYes), sc.seqs.slice(sc.nYes));
-  const noDir = unit(du.map((y) => -y));
-  base.dispose();
-  const vh = unit(v);
-  const file = path.join(dir, "planted.gguf");
-  rewriteGguf(STORIES, file, (name, data) => {
-    // Gate: a = (3/|m|)·u_g·x̂ ≈ 3 by default; writes along No − Yes.
-    if (name === `blk.${GATE_L}.ffn_gate.weight` || name === `blk.${GATE_L}.ffn_up.weight`) for (let i = 0; i < D; i++) data[i] = (3 / mNorm) * ug[i]!;
-    if (name === `blk.${GATE_L}.ffn_down.weight`) for (let i = 0; i < D; i++) data[i * F] = 0.5 * noDir[i]!;
-    // Carrier: reads the injected direction, writes −u_g (switching the gate off).
-    if (name === `blk.${CARRIER_L}.ffn_gate.weight` || name === `blk.${CARRIER_L}.ffn_up.weight`) for (let i = 0; i < D; i++) data[i] = vh[i]!;
-    if (name === `blk.${CARRIER_L}.ffn_down.weight`) for (let i = 0; i < D; i++) data[i * F] = -0.5 * ug[i]!;
-  });
-  planted = await Model.load(file, { threads: 1 });
-  gateDict = dict(GATE_L, { enc: ug, dec: noDir }, r);
-  carrierDict = dict(CARRIER_L, { enc: vh, dec: unit(ug.map((y) => -y)) }, r);
+  const c = await plantedCircuit(dir);
+  ({ gateDict, carrierDict, v, du, prompt } = c);
+  planted = await Model.load(c.file, { threads: 1 });
 });
 
 after(() => {

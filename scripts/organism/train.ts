@@ -154,13 +154,16 @@ export interface TrainOptions {
   mix?: Mix;
   /** Injection strengths drawn uniformly (default STRENGTHS). */
   strengths?: number[];
+  /** Every this many steps merge the adapters into the weights and start fresh adapters and Adam
+   *  state (0: never). A warm restart: it measurably helped held-out identification (MODEL_CARD). */
+  restartEvery?: number;
   log?: (s: string) => void;
 }
 
 export async function train(o: TrainOptions): Promise<{ loraCount: number; finalLoss: number; seconds: number }> {
   const t0 = performance.now();
   const base = o.base ?? BASE;
-  const model = await Model.load(base, { threads: o.threads });
+  let model = await Model.load(base, { threads: o.threads });
   const log = o.log ?? ((s: string) => void process.stderr.write(`${s}\n`));
   try {
     const cfg = buildConfig({ model: base, layers: String(LAYER) }, model.config.nLayers, false);
@@ -170,7 +173,9 @@ export async function train(o: TrainOptions): Promise<{ loraCount: number; final
     if (leak.length) throw new Error(`organism: held-out concepts in the training list: ${leak.join(", ")}`);
     const vs = await conceptVectors(model, { concepts, baselineWords: cfg.baselineWords, layers: [LAYER], recipe: cfg.vectorRecipe, cacheDir: null });
     const vec = vs.vectors.get(LAYER)!;
-    const loras = initLoras(model, o.seed);
+    let loras = initLoras(model, o.seed);
+    // The merged weights so far (restarts chain: each merge starts from the previous one).
+    let merged = base;
     const data = makeData(model, concepts, o.steps * o.batch, o.seed + 1, o.mix, o.strengths);
     let ema = NaN;
     for (let step = 0; step < o.steps; step++) {
@@ -179,7 +184,18 @@ export async function train(o: TrainOptions): Promise<{ loraCount: number; final
       batch.forEach((e, b) => {
         if (e.inject) plan.push({ op: "add", at: hookName(LAYER, "hook_resid_post"), vector: vec.get(e.inject.concept)!, scale: e.inject.strength, pos: { from: e.inject.from }, rows: [b] });
       });
-      const lr = o.lr * Math.min(1, (step + 1) / 20);
+      if (o.restartEvery && step > 0 && step % o.restartEvery === 0) {
+        const next = o.out.replace(/\.gguf$/, `.merge${step}.gguf`);
+        writeMerged(merged, next, loras);
+        if (merged !== base) fs.rmSync(merged, { force: true });
+        merged = next;
+        model.dispose();
+        model = await Model.load(merged, { threads: o.threads });
+        loras = initLoras(model, o.seed + step);
+        log(`step ${step}: merged the adapters into ${merged} and restarted them`);
+      }
+      const sinceRestart = o.restartEvery ? step % o.restartEvery : step;
+      const lr = o.lr * Math.min(1, (sinceRestart + 1) / 20);
       const res = await model.lossAndGrad(batch.map((e) => ({ ids: e.ids })), { targets: batch.map((e) => e.targets), params: loras.map((l) => l.p), plan });
       loras.forEach((l, i) => {
         adamStep(l.p.a, res.grads[i]![0]!, l.sa, { lr });
@@ -187,10 +203,11 @@ export async function train(o: TrainOptions): Promise<{ loraCount: number; final
       });
       ema = Number.isNaN(ema) ? res.loss : 0.95 * ema + 0.05 * res.loss;
       // A merged checkpoint now and then, so a long run can be evaluated while it trains.
-      if (o.checkpointEvery && (step + 1) % o.checkpointEvery === 0 && step !== o.steps - 1) writeMerged(base, o.out.replace(/\.gguf$/, `.step${step + 1}.gguf`), loras);
+      if (o.checkpointEvery && (step + 1) % o.checkpointEvery === 0 && step !== o.steps - 1) writeMerged(merged, o.out.replace(/\.gguf$/, `.step${step + 1}.gguf`), loras);
       if (step % 25 === 0 || step === o.steps - 1) log(`step ${step} loss ${res.loss.toFixed(4)} ema ${ema.toFixed(4)} (${((performance.now() - t0) / 1000).toFixed(0)} s)`);
     }
-    writeMerged(base, o.out, loras);
+    writeMerged(merged, o.out, loras);
+    if (merged !== base) fs.rmSync(merged, { force: true });
     return { loraCount: loras.length, finalLoss: ema, seconds: (performance.now() - t0) / 1000 };
   } finally {
     model.dispose();
@@ -211,6 +228,7 @@ async function main(): Promise<void> {
     ...(flag("--base") ? { base: flag("--base")! } : {}),
     ...(flag("--strengths") ? { strengths: flag("--strengths")!.split(",").map(Number) } : {}),
     checkpointEvery: Number(flag("--checkpoint-every") ?? 0),
+    restartEvery: Number(flag("--restart-every") ?? 0),
     ...(flag("--words") ? { concepts: [...new Set(fs.readFileSync(flag("--words")!, "utf8").split(/\s+/).filter(Boolean))] } : {}),
     ...(flag("--heldout") ? { heldout: JSON.parse(fs.readFileSync(flag("--heldout")!, "utf8")) as string[] } : {}),
     ...(flag("--mix") ? { mix: { control: Number(flag("--mix")!.split(",")[0]), forced: Number(flag("--mix")!.split(",")[1]) } } : {}),

@@ -10,6 +10,7 @@ import { patchCommand, patchSummary } from "../recipes/patch.js";
 import { attentionCommand } from "../recipes/attention.js";
 import { transcoderCommand } from "../recipes/transcoder.js";
 import { featuresCommand } from "../recipes/features.js";
+import { steeringCommand } from "../recipes/steering.js";
 import { lindseyCommand } from "../recipes/lindsey.js";
 import { refusalCommand } from "../recipes/refusal.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
@@ -196,6 +197,20 @@ export const RECIPES: Record<string, Recipe> = {
       strengths: "string", preset: "string", concepts: "string", gates: "number", "prompt-format": "string", threads: "number",
     },
     run: (a) => featuresCommand(a as unknown as Parameters<typeof featuresCommand>[0]),
+  },
+  "steering-attribution": {
+    usage:
+      "selfscope steering-attribution --model PATH --out DIR --transcoders FILE[,FILE...] [--transcoder-layers L[,L...]] [--layers L]\n" +
+      "                               [--strengths 0,0.5,...,4] [--concepts FILE|N|a,b] [--top 8] [--prompt-format chat|raw]\n" +
+      "  Steering attribution (protocol §9.4): SA = GA × SG per transcoder feature (gradient of the Yes − No gap times the\n" +
+      "  forward-mode derivative of the activation in the injection strength), ISA over strengths, the residual (upstream +\n" +
+      "  error node) and an interactive attribution graph. Writes results.json and report.html.",
+    flags: {
+      ...COMMON, transcoders: "string", "transcoder-layers": "string", layers: "string", strengths: "string", preset: "string", concepts: "string",
+      top: "number", "prompt-format": "string", threads: "number",
+    },
+    run: (a) => steeringCommand(a as unknown as Parameters<typeof steeringCommand>[0]),
+    writes: ["results.json", "report.html"],
   },
   "selfie-train": {
     usage:

@@ -180,12 +180,12 @@ export interface FeaturesResults {
   notes: string[];
 }
 
-function loadAny(file: string, layer: number | undefined, model: Model): Dictionary {
+export function loadAny(file: string, layer: number | undefined, model: Model, layerFlag = "--gate-layer / --carrier-layer"): Dictionary {
   const { nLayers, dModel } = model.config;
   if (!fs.existsSync(file)) throw new UsageError(`${file} does not exist`);
   const set = openSafetensors(file);
   if (set.metadata.format === TRAINED_FORMAT) return loadDictionary(file, nLayers, dModel);
-  if (layer === undefined) throw new UsageError(`${file} is not a dictionary selfscope trained: say which layer's MLP it transcodes (--gate-layer / --carrier-layer)`);
+  if (layer === undefined) throw new UsageError(`${file} is not a dictionary selfscope trained: say which layer's MLP it transcodes (${layerFlag})`);
   return loadGemmaScope(file, { ...transcoderSites(layer), dModel });
 }
 
