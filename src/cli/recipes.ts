@@ -11,6 +11,7 @@ import { attentionCommand } from "../recipes/attention.js";
 import { transcoderCommand } from "../recipes/transcoder.js";
 import { featuresCommand } from "../recipes/features.js";
 import { steeringCommand } from "../recipes/steering.js";
+import { gradientsCommand } from "../recipes/gradients.js";
 import { lindseyCommand } from "../recipes/lindsey.js";
 import { refusalCommand } from "../recipes/refusal.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
@@ -197,6 +198,16 @@ export const RECIPES: Record<string, Recipe> = {
       strengths: "string", preset: "string", concepts: "string", gates: "number", "prompt-format": "string", threads: "number",
     },
     run: (a) => featuresCommand(a as unknown as Parameters<typeof featuresCommand>[0]),
+  },
+  gradients: {
+    usage:
+      "selfscope gradients --model PATH --out DIR [--layers L] [--strength S] [--concepts FILE|N|a,b] [--trials 2] [--top-heads 8] [--seed 0]\n" +
+      "  Gradient attribution of the Yes − No logit gap (protocol §9.2): ‖∂gap/∂x‖ per attention/MLP output and per token × layer,\n" +
+      "  per-head attribution (Σ ∂gap/∂z · Δz) and mean-ablation curves of the top-N heads against N random heads. Writes\n" +
+      "  results.json and report.html.",
+    flags: { ...COMMON, layers: "string", strength: "number", preset: "string", concepts: "string", trials: "number", "top-heads": "number", seed: "number", "prompt-format": "string", threads: "number" },
+    run: (a) => gradientsCommand(a as unknown as Parameters<typeof gradientsCommand>[0]),
+    writes: ["results.json", "report.html"],
   },
   "steering-attribution": {
     usage:
