@@ -9,7 +9,9 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { Model } from "../src/model/model.js";
-import { carriers, featureStats, featuresCommand, gates, profile, spearman } from "../src/recipes/features.js";
+import { carriers, featureStats, featuresCommand, gates, interventionCurves, profile, spearman } from "../src/recipes/features.js";
+import { gapGrad, gapSpellings } from "../src/recipes/gap-grad.js";
+import { hookName } from "../src/hooks/names.js";
 import { transcoderCommand } from "../src/recipes/transcoder.js";
 import { writeSafetensors } from "../src/io/safetensors.js";
 import { repoDir } from "./support/paths.js";
@@ -71,10 +73,30 @@ test("selfscope features on the organism with trained transcoders: gates sorted 
   const r = await featuresCommand({ ...common, transcoder: path.join(dir, "tc2", "transcoder.safetensors"), carrierTranscoder: path.join(dir, "tc1", "transcoder.safetensors") });
   assert.ok(r.gates.length > 0 && r.gates.every((g, i) => g.dla < 0 && (i === 0 || r.gates[i - 1]!.dla <= g.dla)));
   assert.equal(r.gate_dictionary.output_site, "blocks.2.hook_mlp_out");
+  assert.equal(r.concept_gaps.length, 2);
+  assert.ok(r.gates.every((g) => g.detection_r === null), "no detection correlation under 3 concepts");
+  assert.equal(r.curves?.gateAblation.length, Math.min(5, r.gates.length) + 1);
   for (const f of ["results.json", "report.html"]) assert.ok(fs.existsSync(path.join(out, f)));
   await assert.rejects(featuresCommand({ ...common, strengths: "1,2", transcoder: path.join(dir, "tc2", "transcoder.safetensors") }), /--strengths must include 0/);
   const gs = path.join(dir, "params.safetensors");
   writeSafetensors(gs, { w_enc: { data: new Float32Array(64 * 4), shape: [64, 4] } });
   await assert.rejects(featuresCommand({ ...common, transcoder: gs }), /say which layer's MLP it transcodes \(--gate-layer/);
   await assert.rejects(featuresCommand({ ...common, transcoder: gs, gateLayer: 2 }), /params\.safetensors: missing tensor w_dec/);
+});
+
+test("feature interventions on the planted circuit: ablating the gate raises the gap, restoring it removes detection, ablating the carrier brings the gate back", async (t) => {
+  const strength = 0.5;
+  const c = await interventionCurves(planted, prompt, 0, [v], strength, { d: gateDict, features: [0, 1] }, { d: carrierDict, features: [0, 1] });
+  const show = (name: string, xs: { k: number; gap: number; gateAct: number }[]) => t.diagnostic(`${name}: ${xs.map((x) => `k${x.k} gap ${x.gap.toFixed(3)} gate ${x.gateAct.toFixed(3)}`).join("; ")}`);
+  show("gate ablation (unsteered)", c.gateAblation);
+  show("gate patching (steered)", c.gatePatching);
+  show("carrier ablation (steered)", c.carrierAblation!);
+  // k = 0 edits nothing: the unsteered and steered gaps.
+  const sp = gapSpellings(planted, prompt.text, prompt.ids);
+  const steer = [{ op: "add" as const, at: hookName(0, "hook_resid_post"), vector: v, scale: strength, pos: { from: prompt.injectFrom } }];
+  assert.ok(Math.abs(c.gateAblation[0]!.gap - (await gapGrad(planted, sp, { sites: [] })).gap) < 1e-3);
+  assert.ok(Math.abs(c.gatePatching[0]!.gap - (await gapGrad(planted, sp, { sites: [], plan: steer })).gap) < 1e-3);
+  assert.ok(c.gateAblation[1]!.gap > c.gateAblation[0]!.gap + 0.5, "zeroing the planted gate raises the Yes − No gap");
+  assert.ok(c.gatePatching[1]!.gap < c.gatePatching[0]!.gap - 1, "restoring the gate's unsteered value removes the steered gap's rise");
+  assert.ok(c.carrierAblation![1]!.gateAct > c.carrierAblation![0]!.gateAct + 0.5, "zeroing the planted carrier lets the gate fire again");
 });

@@ -189,13 +189,13 @@ export const RECIPES: Record<string, Recipe> = {
   features: {
     usage:
       "selfscope features --model PATH --out DIR --transcoder FILE [--gate-layer L] [--carrier-transcoder FILE --carrier-layer L]\n" +
-      "                   [--layers L] [--strengths=-8,-4,-2,-1,0,1,2,4,8] [--concepts ...] [--gates 20]   (a list starting with a minus needs the =)\n" +
+      "                   [--layers L] [--strengths=-8,-4,-2,-1,0,1,2,4,8] [--concepts ...] [--gates 20] [--curves 5]   (a list starting with a minus needs the =)\n" +
       "  Gate candidates (most negative direct logit attribution onto Yes − No) and evidence carriers (upstream features that rise\n" +
       "  with the injection and suppress the gates), protocol §9.3. Transcoders: files from train-transcoder, or Gemma Scope 2\n" +
       "  params.safetensors with the layer given.",
     flags: {
       ...COMMON, transcoder: "string", "carrier-transcoder": "string", "gate-layer": "number", "carrier-layer": "number", layers: "string",
-      strengths: "string", preset: "string", concepts: "string", gates: "number", "prompt-format": "string", threads: "number",
+      strengths: "string", preset: "string", concepts: "string", gates: "number", curves: "number", "prompt-format": "string", threads: "number",
     },
     run: (a) => featuresCommand(a as unknown as Parameters<typeof featuresCommand>[0]),
   },

@@ -27,7 +27,8 @@ import { gapScorer } from "./patch.js";
 import { loadAnalysisModel, siteConfig, siteVectors, type SiteArgs } from "./site.js";
 import { hookName } from "../hooks/names.js";
 import type { Intervention } from "../hooks/plan.js";
-import { encode, loadDictionary, loadGemmaScope, TRAINED_FORMAT, transcoderSites, type Dictionary } from "../vectors/dictionary.js";
+import { encode, loadDictionary, loadGemmaScope, splice, TRAINED_FORMAT, transcoderSites, type Dictionary } from "../vectors/dictionary.js";
+import { gapGrad, gapSpellings } from "./gap-grad.js";
 import { pearson } from "../stats/stats.js";
 
 /** Mean feature activation [dSae] over positions from..end of one run. */
@@ -164,6 +165,8 @@ export interface FeaturesArgs extends SiteArgs {
   /** Signed strengths, with 0 (default -8..8). */
   strengths?: string;
   gates?: number;
+  /** Progressive intervention curves over the top this-many gates / carriers (0: none; default 5). */
+  curves?: number;
 }
 
 export interface FeaturesResults {
@@ -175,8 +178,11 @@ export interface FeaturesResults {
   gate_dictionary: { source: string; input_site: string; output_site: string; d_sae: number };
   carrier_dictionary: { source: string; input_site: string; output_site: string; d_sae: number } | null;
   delta_u: string;
-  gates: FeatureStat[];
+  gates: (FeatureStat & { detection_r: number | null })[];
   carriers: Carrier[];
+  /** Per concept: the steered gap at the largest strength (the detection proxy the gates' detection_r correlates with). */
+  concept_gaps: number[];
+  curves: (InterventionCurves & { strength: number }) | null;
   notes: string[];
 }
 
@@ -207,6 +213,16 @@ export async function featuresCommand(a: FeaturesArgs): Promise<FeaturesResults>
     const gs = featureStats(gd, await profile(model, gd, p, L, vectors, strengths), du);
     const top = gates(gs, a.gates ?? 20);
     const cs = cd ? carriers(cd, featureStats(cd, await profile(model, cd, p, L, vectors, strengths), du), gd, top.map((g) => g.feature), 20) : [];
+    // Detection correlation: across concepts, a gate's activation at the largest strength against the
+    // steered gap there (the continuous detection proxy; judged detection needs generations: selfscope inject).
+    const sTop = Math.max(...strengths);
+    const sp = gapSpellings(model, p.text, p.ids);
+    const conceptGaps: number[] = [];
+    for (const v of vectors) conceptGaps.push((await gapGrad(model, sp, { sites: [], plan: [{ op: "add", at: hookName(L, "hook_resid_post"), vector: v, scale: sTop, pos: { from: p.injectFrom } }] })).gap);
+    const gp = await profile(model, gd, p, L, vectors, [sTop]);
+    const withR = top.map((g) => ({ ...g, detection_r: vectors.length >= 3 ? pearson(gp.acts.map((row) => row[0]![g.feature]!), conceptGaps) : null }));
+    const K = a.curves ?? 5;
+    const curves = K > 0 && top.length > 0 ? { strength: sTop, ...(await interventionCurves(model, p, L, vectors, sTop, { d: gd, features: top.slice(0, K).map((g) => g.feature) }, cd && cs.length ? { d: cd, features: cs.slice(0, K).map((c) => c.feature) } : null)) } : null;
     const info = (d: Dictionary) => ({ source: d.source, input_site: d.inputSite, output_site: d.outputSite, d_sae: d.dSae });
     const results: FeaturesResults = {
       recipe: "features",
@@ -217,9 +233,15 @@ export async function featuresCommand(a: FeaturesArgs): Promise<FeaturesResults>
       gate_dictionary: info(gd),
       carrier_dictionary: cd ? info(cd) : null,
       delta_u: sc.describe,
-      gates: top,
+      gates: withR,
       carriers: cs,
-      notes: ["DLA uses the mean activation on the unsteered prompt (docs/fidelity.md); one prompt (Trial 1) per concept; features are candidates, not labelled."],
+      concept_gaps: conceptGaps,
+      curves,
+      notes: [
+        "DLA uses the mean activation on the unsteered prompt (docs/fidelity.md); one prompt (Trial 1) per concept; features are candidates, not labelled.",
+        "detection_r: Pearson r across concepts between a gate's activation and the steered Yes − No gap at the largest strength (a continuous proxy for judged detection; null under 3 concepts).",
+        "Curves edit features through the dictionary with its error node kept (the change of the reconstruction is added at the MLP output); the gate activation is read at the gates' input, so editing the gates themselves leaves it unchanged.",
+      ],
     };
     fs.mkdirSync(a.out, { recursive: true });
     fs.writeFileSync(path.join(a.out, "results.json"), JSON.stringify(results, null, 1) + "\n");
@@ -227,8 +249,9 @@ export async function featuresCommand(a: FeaturesArgs): Promise<FeaturesResults>
     fs.writeFileSync(
       path.join(a.out, "report.html"),
       htmlPage(`selfscope features — ${path.basename(a.model)}`, `injection at blocks.${L}.hook_resid_post · ${cfg.concepts.length} concepts · strengths ${strengths.join(", ")}`, [
-        { title: `Gate candidates (most negative DLA) — ${gd.outputSite}`, html: htmlTable(["feature", "DLA", "mean ρ(strength, act)", "mean |ρ|", "act unsteered", `act at ${Math.max(...strengths)}`], top.map((g) => [g.feature, f3(g.dla), f3(g.rho), f3(g.absRho), f3(g.baseAct), f3(g.topAct)])) },
+        { title: `Gate candidates (most negative DLA) — ${gd.outputSite}`, html: htmlTable(["feature", "DLA", "mean ρ(strength, act)", "mean |ρ|", "act unsteered", `act at ${Math.max(...strengths)}`, "r with detection (gap)"], withR.map((g) => [g.feature, f3(g.dla), f3(g.rho), f3(g.absRho), f3(g.baseAct), f3(g.topAct), g.detection_r === null ? "—" : f3(g.detection_r)])) },
         { title: "Evidence carriers", html: cd ? htmlTable(["feature", "score", "virtual weight onto the gates", "mean ρ", "act at the top strength"], cs.map((c) => [c.feature, f3(c.score), f3(c.virtualWeight), f3(c.rho), f3(c.topAct)])) : `<p class="muted">${escapeHtml("no --carrier-transcoder given")}</p>` },
+        { title: "Progressive interventions (mean Yes − No gap; mean activation of the top gates)", html: curves ? curvesTable(curves) : `<p class="muted">none (--curves 0 or no gates)</p>` },
         { title: "Notes", html: results.notes.map((n) => `<p class="note">${escapeHtml(n)}</p>`).join("") },
       ]),
     );
@@ -236,4 +259,97 @@ export async function featuresCommand(a: FeaturesArgs): Promise<FeaturesResults>
   } finally {
     model.dispose();
   }
+}
+
+// ---------------------------------------------------------------- feature interventions (09b)
+
+function curvesTable(c: InterventionCurves & { strength: number }): string {
+  const f = (x: number) => x.toFixed(3);
+  const rows: (string | number)[][] = [];
+  const add = (name: string, xs: CurvePoint[] | null) => xs?.forEach((x) => rows.push([name, x.k, f(x.gap), f(x.gateAct)]));
+  add("gates zeroed (unsteered)", c.gateAblation);
+  add(`gates set to unsteered values (strength ${c.strength})`, c.gatePatching);
+  add(`carriers zeroed (strength ${c.strength})`, c.carrierAblation);
+  return htmlTable(["intervention", "top k edited", "gap", "gate activation"], rows);
+}
+
+export type FeatureEdit = { mode: "zero" } | { mode: "scale"; factor: number } | { mode: "control"; values: Float32Array };
+
+/**
+ * The plan that edits `features` of dictionary `d` on one prompt run (with `plan` applied) and adds the
+ * reconstruction's change at the output site (the error node kept: an empty edit changes nothing).
+ * "control" sets each feature to the given per-position value ([positions, dSae], e.g. its unsteered activation).
+ */
+export async function editFeatures(model: Model, d: Dictionary, ids: number[], plan: Intervention[], features: readonly number[], edit: FeatureEdit): Promise<{ patch: Intervention; acts: Float32Array }> {
+  const s = await splice(model, d, ids, plan, (acts, n) => {
+    for (let p = 0; p < n; p++)
+      for (const f of features) {
+        const i = p * d.dSae + f;
+        acts[i] = edit.mode === "zero" ? 0 : edit.mode === "scale" ? acts[i]! * edit.factor : edit.values[i]!;
+      }
+  });
+  // Bounded to the prompt: the gap's spelling passes run a few positions longer.
+  return { patch: { ...s.patch, pos: { from: 0, to: ids.length } } as Intervention, acts: s.acts };
+}
+
+export interface CurvePoint {
+  k: number;
+  /** Mean Yes − No gap over concepts. */
+  gap: number;
+  /** Mean activation of the top gates over the injected positions (after the edit). */
+  gateAct: number;
+}
+
+export interface InterventionCurves {
+  /** Unsteered prompts, the top-k gates zeroed: does removing the default "No" raise the gap? */
+  gateAblation: CurvePoint[];
+  /** Steered prompts, the top-k gates set to their unsteered values: does restoring them remove detection? */
+  gatePatching: CurvePoint[];
+  /** Steered prompts, the top-k carriers zeroed (with a carrier dictionary): do the gates come back? */
+  carrierAblation: CurvePoint[] | null;
+}
+
+/** Progressive ablation / patching curves (k = 0..K) at one strength, averaged over the concept vectors. */
+export async function interventionCurves(model: Model, prompt: { ids: number[]; injectFrom: number; text: string }, injectLayer: number, vectors: readonly Float32Array[], strength: number, gate: { d: Dictionary; features: number[] }, carrier: { d: Dictionary; features: number[] } | null): Promise<InterventionCurves> {
+  const sp = gapSpellings(model, prompt.text, prompt.ids);
+  const ids = prompt.ids;
+  // The gates' mean activation as the gate dictionary reads it on the edited run.
+  const gateMean = async (plan: Intervention[]) => {
+    if (gate.features.length === 0) return 0;
+    const a = await meanActivations(model, gate.d, ids, prompt.injectFrom, plan);
+    return gate.features.reduce((s, f) => s + a[f]!, 0) / gate.features.length;
+  };
+  const point = async (k: number, plans: Intervention[][]) => {
+    let gap = 0, act = 0;
+    for (const plan of plans) {
+      gap += (await gapGrad(model, sp, { sites: [], plan })).gap / plans.length;
+      act += (await gateMean(plan)) / plans.length;
+    }
+    return { k, gap, gateAct: act };
+  };
+  const steerOf = (v: Float32Array): Intervention[] => [{ op: "add", at: hookName(injectLayer, "hook_resid_post"), vector: v, scale: strength, pos: { from: prompt.injectFrom } }];
+  const unsteeredActs = (await splice(model, gate.d, ids, [])).acts;
+  const gateAblation: CurvePoint[] = [], gatePatching: CurvePoint[] = [], carrierAblation: CurvePoint[] = [];
+  for (let k = 0; k <= gate.features.length; k++) {
+    const fs_ = gate.features.slice(0, k);
+    const e = await editFeatures(model, gate.d, ids, [], fs_, { mode: "zero" });
+    gateAblation.push(await point(k, [[e.patch]]));
+    const plans: Intervention[][] = [];
+    for (const v of vectors) {
+      const steer = steerOf(v);
+      plans.push([...steer, (await editFeatures(model, gate.d, ids, steer, fs_, { mode: "control", values: unsteeredActs })).patch]);
+    }
+    gatePatching.push(await point(k, plans));
+  }
+  if (carrier) {
+    for (let k = 0; k <= carrier.features.length; k++) {
+      const plans: Intervention[][] = [];
+      for (const v of vectors) {
+        const steer = steerOf(v);
+        plans.push([...steer, (await editFeatures(model, carrier.d, ids, steer, carrier.features.slice(0, k), { mode: "zero" })).patch]);
+      }
+      carrierAblation.push(await point(k, plans));
+    }
+  }
+  return { gateAblation, gatePatching, carrierAblation: carrier ? carrierAblation : null };
 }
