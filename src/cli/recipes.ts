@@ -12,6 +12,7 @@ import { transcoderCommand } from "../recipes/transcoder.js";
 import { featuresCommand } from "../recipes/features.js";
 import { steeringCommand } from "../recipes/steering.js";
 import { gradientsCommand } from "../recipes/gradients.js";
+import { mechanismsCommand } from "../recipes/mechanisms.js";
 import { lindseyCommand } from "../recipes/lindsey.js";
 import { refusalCommand } from "../recipes/refusal.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
@@ -207,6 +208,19 @@ export const RECIPES: Record<string, Recipe> = {
       "  results.json and report.html.",
     flags: { ...COMMON, layers: "string", strength: "number", preset: "string", concepts: "string", trials: "number", "top-heads": "number", seed: "number", "prompt-format": "string", threads: "number" },
     run: (a) => gradientsCommand(a as unknown as Parameters<typeof gradientsCommand>[0]),
+    writes: ["results.json", "report.html"],
+  },
+  mechanisms: {
+    usage:
+      "selfscope mechanisms --model PATH --out DIR [--layers L] [--strength 4] [--concepts FILE|N|a,b] [--trials 2]\n" +
+      "                     [--transcoder-layers L,L] [--transcoder-steps 600] [--texts FILE]\n" +
+      "  Every mechanism analysis on one model into one report: patch, gradients, train-transcoder per block, features and\n" +
+      "  steering-attribution, each in its subfolder of DIR, and DIR/report.html with each headline beside its caveats.",
+    flags: {
+      ...COMMON, layers: "string", strength: "number", preset: "string", concepts: "string", trials: "number", "transcoder-layers": "string",
+      "transcoder-steps": "number", texts: "string", "prompt-format": "string", threads: "number",
+    },
+    run: (a) => mechanismsCommand(a as unknown as Parameters<typeof mechanismsCommand>[0]),
     writes: ["results.json", "report.html"],
   },
   "steering-attribution": {
