@@ -10,7 +10,7 @@ import path from "node:path";
 import { Model } from "../src/model/model.js";
 import { hookName } from "../src/hooks/names.js";
 import { gapGrad, gapSpellings } from "../src/recipes/gap-grad.js";
-import { attributeAt, nodeId, steeringCommand, summarise, trapezoid } from "../src/recipes/steering.js";
+import { attributeAt, nodeId, steeringCommand, steeringReport, summarise, trapezoid } from "../src/recipes/steering.js";
 import { transcoderCommand } from "../src/recipes/transcoder.js";
 import { repoDir } from "./support/paths.js";
 import { plantedCircuit, CARRIER_L, GATE_L, INJECT_L, type PlantedCircuit } from "./support/planted-circuit.js";
@@ -99,4 +99,46 @@ test("selfscope steering-attribution on the organism with trained transcoders: r
   assert.match(html, /script-src &#39;sha256-/);
   await assert.rejects(steeringCommand({ ...common, strengths: "1,2", transcoders: path.join(dir, "tc2", "transcoder.safetensors") }), /--strengths: increasing, from 0/);
   await assert.rejects(steeringCommand({ ...common, transcoders: path.join(dir, "nope.safetensors") }), /nope\.safetensors does not exist/);
+});
+
+test("the attribution graph page in Chromium: the pinned script runs and a click isolates a node's edges", async (t) => {
+  const CHROMIUM = "/usr/bin/chromium";
+  if (!fs.existsSync(CHROMIUM)) {
+    if (process.env.CI) assert.fail(`${CHROMIUM} is missing (CI is set): install Debian's chromium`);
+    t.skip(`${CHROMIUM} not found: browser check skipped`);
+    return;
+  }
+  const feat = (layer: number, feature: number, isa: number, act0: number, actTop: number) => ({ layer, feature, isa, saTop: isa, act0, actTop });
+  const r = {
+    recipe: "steering-attribution" as const, model: "m.gguf", injection_layer: 0, strengths: [0, 1], concepts: ["x"], gap: "gap",
+    dictionaries: [{ source: "a", layer: 1, d_sae: 2 }, { source: "b", layer: 3, d_sae: 2 }],
+    per_concept: [],
+    features: [feat(3, 0, 2, 3, 0), feat(1, 0, 1, 0, 2), feat(3, 1, -0.5, 1, 1), feat(1, 1, 0.1, 1, 1)],
+    edges: [
+      { from: "alpha", to: "L1/f0", weight: 1 }, { from: "alpha", to: "L3/f0", weight: 2 }, { from: "alpha", to: "L3/f1", weight: -0.5 }, { from: "alpha", to: "L1/f1", weight: 0.1 },
+      { from: "L1/f0", to: "gap", weight: 1 }, { from: "L3/f0", to: "gap", weight: 2 }, { from: "L3/f1", to: "gap", weight: -0.5 }, { from: "L1/f1", to: "gap", weight: 0.1 },
+      { from: "L1/f0", to: "L3/f0", weight: 0.9 },
+    ],
+    gates: ["L3/f0"], carriers: ["L1/f0"], notes: ["n"],
+  };
+  const file = path.join(dir, "graph.html");
+  fs.writeFileSync(file, steeringReport(r));
+  const { chromium } = await import("playwright-core");
+  const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"], headless: true });
+  try {
+    const page = await browser.newPage();
+    const problems: string[] = [];
+    page.on("pageerror", (e) => problems.push(e.message));
+    page.on("console", (m) => { if (m.type() === "error") problems.push(m.text()); });
+    await page.goto(`file://${file}`, { waitUntil: "load" });
+    assert.equal(await page.locator("#graph .node").count(), 6);
+    assert.equal(await page.locator("#graph .edge").count(), 9);
+    await page.locator('#graph .node[data-id="L1/f0"] circle').click();
+    const op = await page.locator("#graph .edge").evaluateAll((ls) => ls.map((l) => [l.getAttribute("data-from"), l.getAttribute("data-to"), (l as SVGElement).style.opacity]));
+    for (const [from, to, o] of op) assert.equal(o, from === "L1/f0" || to === "L1/f0" ? "1" : "0.08", `${from}→${to}`);
+    assert.match(await page.locator("#graph").innerHTML(), /L3 f0 \(gate\)/);
+    assert.deepEqual(problems, []);
+  } finally {
+    await browser.close();
+  }
 });
