@@ -20,6 +20,8 @@ export type Region = "bos" | "injected" | "other";
 export interface AttentionMass {
   /** Per layer: mass to each region, averaged over heads. */
   layers: Record<Region, number>[];
+  /** Per layer and head: mass to the injected positions. */
+  headsInjected: number[][];
 }
 
 /**
@@ -31,14 +33,16 @@ export async function attentionMass(model: Model, ids: number[], injectFrom: num
   const last = ids.length - 1;
   const reads: Intervention[] = Array.from({ length: nL }, (_, l) => ({ op: "read", at: hookName(l, "attn.hook_pattern"), pos: { from: last, to: last + 1 } }));
   const res = await model.forward([{ ids }], { plan: [...plan, ...reads], logits: "none" });
-  const layers = [];
+  const layers = [], headsInjected: number[][] = [];
   for (let l = 0; l < nL; l++) {
     const { data, shape } = res.cache.get(hookName(l, "attn.hook_pattern"), 0);
     const k = shape.at(-1)!;
     // The read holds one query position: [1, nHeads, kPos].
     const m = { bos: 0, injected: 0, other: 0 };
+    const perHead = new Array<number>(H).fill(0);
     for (let h = 0; h < H; h++) {
       const off = (data.length - H * k) + h * k;
+      for (let j = injectFrom; j < k; j++) perHead[h] = perHead[h]! + data[off + j]!;
       for (let j = 0; j < k; j++) {
         const p = data[off + j]!;
         if (j === 0) m.bos += p;
@@ -47,8 +51,9 @@ export async function attentionMass(model: Model, ids: number[], injectFrom: num
       }
     }
     layers.push({ bos: m.bos / H, injected: m.injected / H, other: m.other / H });
+    headsInjected.push(perHead);
   }
-  return { layers };
+  return { layers, headsInjected };
 }
 
 export interface AttentionArgs extends SiteArgs {
@@ -66,6 +71,8 @@ export interface AttentionResults {
   trials: number;
   /** rows: one per (strength, layer, region), mean over concepts (each the mean of its trials) ± 1.96·SEM. */
   rows: { strength: number; layer: number; region: Region; mass: MeanCI }[];
+  /** Heads by |shift| of their mass to the injected positions from the smallest to the largest strength (mean over concepts). */
+  head_shifts: { layer: number; head: number; from: number; to: number; shift: MeanCI }[];
   notes: string[];
 }
 
@@ -83,8 +90,13 @@ export async function attentionCommand(a: AttentionArgs): Promise<AttentionResul
     const vs = await siteVectors(model, cfg, L, a.vectorCache);
     // acc[strength][layer][region] = per-concept means
     const acc = strengths.map(() => Array.from({ length: nL }, () => ({ bos: [] as number[], injected: [] as number[], other: [] as number[] })));
+    const H = model.config.nHeads;
+    const lo = strengths.indexOf(Math.min(...strengths)), hi = strengths.indexOf(Math.max(...strengths));
+    // headAcc[layer][head] = per-concept [mass at the smallest strength, at the largest].
+    const headAcc = Array.from({ length: nL }, () => Array.from({ length: H }, () => [] as [number, number][]));
     for (const concept of cfg.concepts) {
       const sums = strengths.map(() => Array.from({ length: nL }, () => ({ bos: 0, injected: 0, other: 0 })));
+      const hs = Array.from({ length: nL }, () => Array.from({ length: H }, () => [0, 0] as [number, number]));
       for (let n = 1; n <= trials; n++) {
         const p = renderTrial(model, getVariant("original"), n, { format: cfg.promptFormat, judgePrompt: "question" });
         for (let si = 0; si < strengths.length; si++) {
@@ -92,10 +104,14 @@ export async function attentionCommand(a: AttentionArgs): Promise<AttentionResul
           const plan: Intervention[] = s === 0 ? [] : [{ op: "add", at: hookName(L, "hook_resid_post"), vector: vs.get(concept)!, scale: s, pos: { from: p.injectFrom } }];
           const m = await attentionMass(model, p.ids, p.injectFrom, plan);
           m.layers.forEach((r, l) => { for (const k of ["bos", "injected", "other"] as const) sums[si]![l]![k] += r[k] / trials; });
+          for (const [which, idx] of [[0, lo], [1, hi]] as const) if (si === idx) m.headsInjected.forEach((row, l) => row.forEach((x, h) => { hs[l]![h]![which] += x / trials; }));
         }
       }
       sums.forEach((byL, si) => byL.forEach((r, l) => { for (const k of ["bos", "injected", "other"] as const) acc[si]![l]![k].push(r[k]); }));
+      hs.forEach((row, l) => row.forEach((x, h) => headAcc[l]![h]!.push(x)));
     }
+    const headShifts = headAcc.flatMap((row, layer) => row.map((xs, head) => ({ layer, head, from: xs.reduce((s, x) => s + x[0], 0) / xs.length, to: xs.reduce((s, x) => s + x[1], 0) / xs.length, shift: meanCI(xs.map((x) => x[1] - x[0])) })));
+    headShifts.sort((x, y) => Math.abs(y.shift.mean) - Math.abs(x.shift.mean) || x.layer - y.layer || x.head - y.head);
     const rows: AttentionResults["rows"] = [];
     strengths.forEach((strength, si) => acc[si]!.forEach((r, layer) => { for (const region of ["bos", "injected", "other"] as const) rows.push({ strength, layer, region, mass: meanCI(r[region]) }); }));
     const results: AttentionResults = {
@@ -106,6 +122,7 @@ export async function attentionCommand(a: AttentionArgs): Promise<AttentionResul
       concepts: cfg.concepts,
       trials,
       rows,
+      head_shifts: headShifts.slice(0, 16),
       notes: ["Injected positions: from the token before \"Trial n\" to the last prompt token (itself included); BOS: position 0; heads weighted equally. Layers before the injection layer cannot change with strength."],
     };
     fs.mkdirSync(a.out, { recursive: true });
@@ -138,6 +155,7 @@ export async function attentionReport(r: AttentionResults): Promise<string> {
   for (const region of ["bos", "injected", "other"] as const) plots.push(await plotOrNote(r.rows, () => massSpec(r, region), "no rows"));
   return htmlPage(`selfscope attention — ${r.model.path.split(/[\\/]/).filter(Boolean).pop() ?? r.model.path}`, `injection at blocks.${r.layer}.hook_resid_post · ${r.concepts.length} concepts × ${r.trials} trials`, [
     { title: "Attention routing versus strength", html: plots.join("\n") + r.notes.map((n) => `<p class="note">${escapeHtml(n)}</p>`).join("") },
+    { title: `Heads whose mass to the injected positions moves most (strength ${Math.min(...r.strengths)} → ${Math.max(...r.strengths)})`, html: htmlTable(["layer", "head", "mass at the smallest strength", "at the largest", "shift (mean ± 1.96·SEM over concepts)"], r.head_shifts.map((h) => [h.layer, h.head, h.from.toFixed(3), h.to.toFixed(3), f(h.shift)])) },
     { title: "Table", html: htmlTable(["strength", "layer", "region", "mass (mean ± 1.96·SEM over concepts)"], r.rows.map((x) => [x.strength, x.layer, x.region, f(x.mass)])) },
   ]);
 }
