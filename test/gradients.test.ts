@@ -102,6 +102,9 @@ test("selfscope gradients on the organism: files, ordering, errors", async () =>
   assert.equal(r.ablation.length, 4);
   assert.ok(r.heads.every((h, i) => i === 0 || Math.abs(r.heads[i - 1]!.attribution.mean) >= Math.abs(h.attribution.mean)));
   assert.equal(r.token_layer.norms[0]!.length, r.token_layer.tokens.length);
+  assert.equal(r.ce.examples.injection, 2);
+  assert.ok(r.ce.injection.every((x) => x.resid > 0 && Number.isFinite(x.mlp)));
+  assert.equal(r.ce.injection.length, 5);
   for (const f of ["results.json", "report.html"]) assert.ok(fs.existsSync(path.join(out, f)));
   await assert.rejects(gradientsCommand({ model: m, out, layers: "1", concepts, trials: 0, quiet: true }), /--trials must be a positive integer/);
 });

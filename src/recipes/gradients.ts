@@ -6,6 +6,9 @@
 //   head h moves the gap; knocking the head out moves it by about minus that;
 // - mean-ablation of the top-N heads by |attribution| in the steered runs (N = 0..K), against
 //   N random heads on the same trials, as curves of the mean gap.
+// - cross-entropy gradients on the bias-training targets (13c): ‖∂CE/∂x‖ per component over the
+//   protocol's bias-vector examples (recipes/bias-vector.ts: the injected trial answered "Yes, … {concept}",
+//   the control "No, …"), injection and control examples apart.
 // Gradients are taken on the steered run (the injection a constant of the pass).
 import fs from "node:fs";
 import path from "node:path";
@@ -19,6 +22,7 @@ import { escapeHtml, htmlPage, htmlTable } from "../report/page.js";
 import { gapGrad, gapSpellings, type GapSpellings } from "./gap-grad.js";
 import { meanCI, type MeanCI } from "./patch.js";
 import { loadAnalysisModel, siteConfig, siteVectors, type SiteArgs } from "./site.js";
+import { batchInputs, buildBiasData, type BiasExample } from "./bias-vector.js";
 
 /** d gap / d activation at each site over the prompt's positions ([promptLength, ...feature]): the spellings' gradients, weighted. */
 export async function promptGradients(model: Model, sp: GapSpellings, sites: readonly HookName[], plan: Intervention[]): Promise<{ gap: number; grads: Map<HookName, Float32Array> }> {
@@ -71,6 +75,24 @@ export async function trialGradients(model: Model, sp: GapSpellings, steer: Inte
     heads.push(row);
   }
   return { gap, components, tokenLayer, heads };
+}
+
+/** Mean over `examples` of ‖∂CE/∂x‖ (all positions) at every block's attention output, MLP output and residual stream. */
+export async function ceGradients(model: Model, examples: readonly BiasExample[]): Promise<{ layer: number; attn: number; mlp: number; resid: number }[]> {
+  const nL = model.config.nLayers;
+  const sites: HookName[] = [];
+  for (let l = 0; l < nL; l++) sites.push(hookName(l, "hook_attn_out"), hookName(l, "hook_mlp_out"), hookName(l, "hook_resid_post"));
+  const acc = Array.from({ length: nL }, (_, layer) => ({ layer, attn: 0, mlp: 0, resid: 0 }));
+  for (const e of examples) {
+    const { rows, targets, plan } = batchInputs([e]);
+    const r = await model.lossAndGrad(rows, { targets, params: sites.map((at) => ({ kind: "activation" as const, at })), plan });
+    for (let l = 0; l < nL; l++) {
+      acc[l]!.attn += norm(r.grads[3 * l]![0]!) / examples.length;
+      acc[l]!.mlp += norm(r.grads[3 * l + 1]![0]!) / examples.length;
+      acc[l]!.resid += norm(r.grads[3 * l + 2]![0]!) / examples.length;
+    }
+  }
+  return acc;
 }
 
 export interface Head { layer: number; head: number }
@@ -133,6 +155,8 @@ export interface GradientsResults {
   /** N = 0..K: mean gap with the top-N heads and with N random heads mean-ablated (steered runs), and the unsteered gap. */
   ablation: { n: number; top: MeanCI; random: MeanCI }[];
   unsteered_gap: MeanCI;
+  /** ‖∂CE/∂x‖ on the bias-training examples at this layer and strength (mean per example; injection and control apart). */
+  ce: { examples: { injection: number; control: number }; injection: { layer: number; attn: number; mlp: number; resid: number }[]; control: { layer: number; attn: number; mlp: number; resid: number }[] };
   notes: string[];
 }
 
@@ -181,6 +205,9 @@ export async function gradientsCommand(a: GradientsArgs): Promise<GradientsResul
       ablation.push({ n, top: meanCI(await ablatedGap(model, steered, all.slice(0, n), means)), random: meanCI(await ablatedGap(model, steered, shuffled.slice(0, n), means)) });
     }
     const unsteered = meanCI(await Promise.all(prompts.map(async (p) => (await gapGrad(model, p.sp, { sites: [] })).gap)));
+    const bias = await buildBiasData(model, { concepts: cfg.concepts, trialsPerConcept: trials, injectionLayers: [L], strengths: [strength], baselineWords: cfg.baselineWords, vectorCache: a.vectorCache ?? null });
+    const inj = bias.filter((e) => e.inject), ctl = bias.filter((e) => !e.inject);
+    const ce = { examples: { injection: inj.length, control: ctl.length }, injection: await ceGradients(model, inj), control: await ceGradients(model, ctl) };
     const results: GradientsResults = {
       recipe: "gradients",
       model: a.model,
@@ -194,11 +221,12 @@ export async function gradientsCommand(a: GradientsArgs): Promise<GradientsResul
       heads: heads.slice(0, 20),
       ablation,
       unsteered_gap: unsteered,
+      ce,
       notes: [
         "Gradients of the Yes − No logit gap at the last prompt position, on the steered run (docs/mechanisms.md).",
         "Head attribution is first order (attribution patching): Σ ∂gap/∂z · (z_steered − z_unsteered); the ablation curve is the measured effect.",
         "Mean-ablation replaces a head's hook_z by its mean over every position of the unsteered trial prompts.",
-        "Not built: cross-entropy gradients on the bias-training targets (selfscope bias-vector trains on them but does not yet report them per component).",
+        "CE gradients: the bias-vector recipe's examples (protocol §7.2) at this injection layer and strength, one pass each; an empty set reports zeros.",
       ],
     };
     fs.mkdirSync(a.out, { recursive: true });
@@ -222,6 +250,7 @@ export function gradientsReport(r: GradientsResults): string {
     { title: "‖∂gap/∂resid_post‖ per token × layer (first trial; injected tokens underlined)", html: heat },
     { title: "Heads by |attribution| (Σ ∂gap/∂z · Δz)", html: htmlTable(["layer", "head", "attribution (mean, 95% CI)"], r.heads.map((h) => [h.layer, h.head, ci(h.attribution)])) },
     { title: `Mean-ablation of the top-N heads vs N random heads (steered; unsteered gap ${ci(r.unsteered_gap)})`, html: htmlTable(["N", "gap, top-N ablated", "gap, N random ablated"], r.ablation.map((x) => [x.n, ci(x.top), ci(x.random)])) },
+    { title: `‖∂CE/∂x‖ on the bias-training targets (${r.ce.examples.injection} injection, ${r.ce.examples.control} control examples)`, html: htmlTable(["layer", "attn out (inj)", "MLP out (inj)", "resid (inj)", "attn out (ctl)", "MLP out (ctl)", "resid (ctl)"], r.ce.injection.map((x, l) => { const c = r.ce.control[l]!; return [x.layer, f(x.attn), f(x.mlp), f(x.resid), f(c.attn), f(c.mlp), f(c.resid)]; })) },
     { title: "Notes", html: r.notes.map((n) => `<p class="note">${escapeHtml(n)}</p>`).join("") },
   ]);
 }
