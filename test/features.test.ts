@@ -9,7 +9,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { Model } from "../src/model/model.js";
-import { carriers, featureStats, featuresCommand, gates, interventionCurves, profile, spearman } from "../src/recipes/features.js";
+import { carriers, cohenD, featureStats, featuresCommand, gates, interventionCurves, profile, spearman } from "../src/recipes/features.js";
 import { gapGrad, gapSpellings } from "../src/recipes/gap-grad.js";
 import { hookName } from "../src/hooks/names.js";
 import { transcoderCommand } from "../src/recipes/transcoder.js";
@@ -35,6 +35,12 @@ before(async () => {
 after(() => {
   planted?.dispose();
   fs.rmSync(dir, { recursive: true, force: true });
+});
+
+test("Cohen's d: pooled SD, small groups", () => {
+  assert.equal(cohenD([1], [2, 3]), null);
+  assert.ok(Math.abs(cohenD([1, 2, 3], [3, 4, 5])! + 2) < 1e-12);
+  assert.equal(cohenD([1, 1], [1, 1]), null);
 });
 
 test("spearman: ranks with ties, constant input", () => {
@@ -74,7 +80,7 @@ test("selfscope features on the organism with trained transcoders: gates sorted 
   assert.ok(r.gates.length > 0 && r.gates.every((g, i) => g.dla < 0 && (i === 0 || r.gates[i - 1]!.dla <= g.dla)));
   assert.equal(r.gate_dictionary.output_site, "blocks.2.hook_mlp_out");
   assert.equal(r.concept_gaps.length, 2);
-  assert.ok(r.gates.every((g) => g.detection_r === null), "no detection correlation under 3 concepts");
+  assert.ok(r.gates.every((g) => g.detection_r === null && g.detector_score === null), "no detection correlation under 3 concepts");
   assert.equal(r.curves?.gateAblation.length, Math.min(5, r.gates.length) + 1);
   for (const f of ["results.json", "report.html"]) assert.ok(fs.existsSync(path.join(out, f)));
   await assert.rejects(featuresCommand({ ...common, strengths: "1,2", transcoder: path.join(dir, "tc2", "transcoder.safetensors") }), /--strengths must include 0/);

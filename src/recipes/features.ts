@@ -59,6 +59,16 @@ export function spearman(xs: readonly number[], ys: readonly number[]): number |
   return pearson(rank(xs), rank(ys));
 }
 
+/** Cohen's d of a minus b with the pooled SD; null when either group has fewer than 2 or the SD is 0. */
+export function cohenD(a: readonly number[], b: readonly number[]): number | null {
+  if (a.length < 2 || b.length < 2) return null;
+  const m = (xs: readonly number[]) => xs.reduce((s, x) => s + x, 0) / xs.length;
+  const v = (xs: readonly number[], mu: number) => xs.reduce((s, x) => s + (x - mu) ** 2, 0) / (xs.length - 1);
+  const ma = m(a), mb = m(b);
+  const sd = Math.sqrt(((a.length - 1) * v(a, ma) + (b.length - 1) * v(b, mb)) / (a.length + b.length - 2));
+  return sd > 0 ? (ma - mb) / sd : null;
+}
+
 export interface FeatureProfile {
   strengths: number[];
   /** [concept][strength] -> mean activations [dSae]. */
@@ -178,7 +188,9 @@ export interface FeaturesResults {
   gate_dictionary: { source: string; input_site: string; output_site: string; d_sae: number };
   carrier_dictionary: { source: string; input_site: string; output_site: string; d_sae: number } | null;
   delta_u: string;
-  gates: (FeatureStat & { detection_r: number | null })[];
+  /** detection_r: Spearman ρ across concepts (activation at the top strength vs the steered gap); detector_score = mean |ρ| × detection_r (09's ranking);
+   *  cohen_d: activation of concepts whose steered gap is > 0 ("detected") minus the rest, over the pooled SD (null when a group has < 2). */
+  gates: (FeatureStat & { detection_r: number | null; detector_score: number | null; cohen_d: number | null })[];
   carriers: Carrier[];
   /** Per concept: the steered gap at the largest strength (the detection proxy the gates' detection_r correlates with). */
   concept_gaps: number[];
@@ -220,7 +232,11 @@ export async function featuresCommand(a: FeaturesArgs): Promise<FeaturesResults>
     const conceptGaps: number[] = [];
     for (const v of vectors) conceptGaps.push((await gapGrad(model, sp, { sites: [], plan: [{ op: "add", at: hookName(L, "hook_resid_post"), vector: v, scale: sTop, pos: { from: p.injectFrom } }] })).gap);
     const gp = await profile(model, gd, p, L, vectors, [sTop]);
-    const withR = top.map((g) => ({ ...g, detection_r: vectors.length >= 3 ? pearson(gp.acts.map((row) => row[0]![g.feature]!), conceptGaps) : null }));
+    const withR = top.map((g) => {
+      const acts = gp.acts.map((row) => row[0]![g.feature]!);
+      const r = vectors.length >= 3 ? spearman(acts, conceptGaps) : null;
+      return { ...g, detection_r: r, detector_score: r === null ? null : g.absRho * r, cohen_d: cohenD(acts.filter((_, i) => conceptGaps[i]! > 0), acts.filter((_, i) => conceptGaps[i]! <= 0)) };
+    });
     const K = a.curves ?? 5;
     const curves = K > 0 && top.length > 0 ? { strength: sTop, ...(await interventionCurves(model, p, L, vectors, sTop, { d: gd, features: top.slice(0, K).map((g) => g.feature) }, cd && cs.length ? { d: cd, features: cs.slice(0, K).map((c) => c.feature) } : null)) } : null;
     const info = (d: Dictionary) => ({ source: d.source, input_site: d.inputSite, output_site: d.outputSite, d_sae: d.dSae });
@@ -239,7 +255,7 @@ export async function featuresCommand(a: FeaturesArgs): Promise<FeaturesResults>
       curves,
       notes: [
         "DLA uses the mean activation on the unsteered prompt (docs/fidelity.md); one prompt (Trial 1) per concept; features are candidates, not labelled.",
-        "detection_r: Pearson r across concepts between a gate's activation and the steered Yes − No gap at the largest strength (a continuous proxy for judged detection; null under 3 concepts).",
+        "detection_r: Spearman ρ across concepts between a gate's activation and the steered Yes − No gap at the largest strength (the paper correlates with judged detection rates; the gap is the continuous proxy; null under 3 concepts). detector_score = mean |ρ| × detection_r. cohen_d: concepts with a positive steered gap against the rest.",
         "Curves edit features through the dictionary with its error node kept (the change of the reconstruction is added at the MLP output); the gate activation is read at the gates' input, so editing the gates themselves leaves it unchanged.",
       ],
     };
@@ -249,7 +265,7 @@ export async function featuresCommand(a: FeaturesArgs): Promise<FeaturesResults>
     fs.writeFileSync(
       path.join(a.out, "report.html"),
       htmlPage(`selfscope features — ${path.basename(a.model)}`, `injection at blocks.${L}.hook_resid_post · ${cfg.concepts.length} concepts · strengths ${strengths.join(", ")}`, [
-        { title: `Gate candidates (most negative DLA) — ${gd.outputSite}`, html: htmlTable(["feature", "DLA", "mean ρ(strength, act)", "mean |ρ|", "act unsteered", `act at ${Math.max(...strengths)}`, "r with detection (gap)"], withR.map((g) => [g.feature, f3(g.dla), f3(g.rho), f3(g.absRho), f3(g.baseAct), f3(g.topAct), g.detection_r === null ? "—" : f3(g.detection_r)])) },
+        { title: `Gate candidates (most negative DLA) — ${gd.outputSite}`, html: htmlTable(["feature", "DLA", "mean ρ(strength, act)", "mean |ρ|", "act unsteered", `act at ${Math.max(...strengths)}`, "ρ with detection (gap)", "detector score", "Cohen's d (gap > 0 vs ≤ 0)"], withR.map((g) => [g.feature, f3(g.dla), f3(g.rho), f3(g.absRho), f3(g.baseAct), f3(g.topAct), ...[g.detection_r, g.detector_score, g.cohen_d].map((x) => (x === null ? "—" : f3(x)))])) },
         { title: "Evidence carriers", html: cd ? htmlTable(["feature", "score", "virtual weight onto the gates", "mean ρ", "act at the top strength"], cs.map((c) => [c.feature, f3(c.score), f3(c.virtualWeight), f3(c.rho), f3(c.topAct)])) : `<p class="muted">${escapeHtml("no --carrier-transcoder given")}</p>` },
         { title: "Progressive interventions (mean Yes − No gap; mean activation of the top gates)", html: curves ? curvesTable(curves) : `<p class="muted">none (--curves 0 or no gates)</p>` },
         { title: "Notes", html: results.notes.map((n) => `<p class="note">${escapeHtml(n)}</p>`).join("") },
