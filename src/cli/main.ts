@@ -84,6 +84,14 @@ Research recipes (each writes DIR/results.json and DIR/report.html; --help for f
   selfscope refusal     --model PATH --out DIR    refusal direction, subspace and ablation
   selfscope geometry    --model PATH --out DIR    concept-vector geometry
   selfscope compare     --model A --model B --out DIR [--preset P]   one preset on several models, side by side
+  Mechanisms (docs/mechanisms.md):
+  selfscope patch       --model PATH --out DIR --layers L     component knock-out / knock-in of attention and MLP outputs
+  selfscope attention   --model PATH --out DIR --layers L     attention mass to BOS / injected / other, per layer and head
+  selfscope gradients   --model PATH --out DIR --layers L     gradient attribution per component, token and head; head ablation
+  selfscope train-transcoder --model PATH --out DIR --layer L a TopK transcoder on the model's own activations
+  selfscope features    --model PATH --out DIR --transcoder F gates, evidence carriers, feature interventions
+  selfscope steering-attribution --model PATH --out DIR --transcoders F,F   SA / ISA per feature and an attribution graph
+  selfscope mechanisms  --model PATH --out DIR --layers L     all of the above into one report
 
 PATH is a .gguf file, a .safetensors file with config.json beside it, or a Hugging Face model folder.
 
