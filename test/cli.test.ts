@@ -72,6 +72,23 @@ test("info names family, dims, dtype, tokenizer and chat template", () => {
   assert.equal(cli("generate", "--model", STORIES, "--max-tokens", "2", "--device", "tpu").status, 1);
 });
 
+test("info reads headers only: a file whose tensor data is all NaN is described, though it cannot be loaded", async () => {
+  const { readGguf } = await import("../src/io/gguf.js");
+  const bytes = fs.readFileSync(STORIES);
+  const start = Math.min(...[...readGguf(STORIES).tensors.values()].map((t) => t.offset));
+  bytes.fill(0xff, start); // every f32 of every tensor becomes NaN
+  const bad = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-info-")), "nan.gguf");
+  fs.writeFileSync(bad, bytes);
+  const r = cli("info", "--model", bad);
+  assert.equal(r.status, 0, r.stderr);
+  assert.match(r.stdout, /dModel 64, nLayers 5/);
+  assert.match(r.stdout, /parameters\s+292\.8K/);
+  assert.match(r.stdout, /memory\s+cpu 1\.1 MiB as f32 \(fits one wasm32 memory\)/);
+  const run = cli("generate", "--model", bad, "--max-tokens", "1");
+  assert.equal(run.status, 1, "a load reads the tensors and refuses NaN");
+  assert.match(run.stderr, /NaN|non-finite/i);
+});
+
 test("sampler: greedy, top-k 1 and tiny top-p are argmax; temperature sampling matches softmax frequencies", () => {
   const logits = Float32Array.from([1, 3, 2, 0.5, 2.9]);
   assert.equal(argmax(logits), 1);

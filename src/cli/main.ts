@@ -14,7 +14,9 @@ import { planTrials } from "../eval/plan.js";
 import { computeResults, type RateOut, type Results } from "../eval/metrics.js";
 import { judgeAgreement } from "../judge/agreement.js";
 import { readRun } from "../eval/runlog.js";
-import { Model } from "../model/model.js";
+import { inspectModel, Model } from "../model/model.js";
+import { weightFiles } from "../model/load.js";
+import { estimateMemory, WASM_USABLE_BYTES } from "../model/memory.js";
 import { describeSampler, sampleOptions, type SamplerRequest } from "../model/sampling.js";
 import { exportCsv, exportParquet } from "../report/export.js";
 import { serveRun } from "../report/server.js";
@@ -234,8 +236,13 @@ async function cmdLogits(f: Flags): Promise<void> {
 }
 
 async function cmdInfo(f: Flags): Promise<void> {
-  const model = await Model.load(str(f, "model", true)!);
+  // Headers only: no tensor is read and no engine is built, so this works for any size of model.
+  const model = inspectModel(str(f, "model", true)!);
   const c = model.config;
+  const mem = estimateMemory(c);
+  const fileBytes = weightFiles(model.files).reduce((a, p) => a + fs.statSync(p).size, 0);
+  const size = (b: number) => (b >= 1024 ** 3 ? `${(b / 1024 ** 3).toFixed(2)} GiB` : `${(b / 1024 ** 2).toFixed(1)} MiB`);
+  const count = (n: number) => (n >= 1e9 ? `${(n / 1e9).toFixed(2)}B` : n >= 1e6 ? `${(n / 1e6).toFixed(1)}M` : `${(n / 1e3).toFixed(1)}K`);
   const lines = [
     ["family", c.family],
     ["format", model.files.format],
@@ -246,11 +253,14 @@ async function cmdInfo(f: Flags): Promise<void> {
     ["positions", JSON.stringify(c.pos)],
     ["tokenizer", model.tokenizer ? `${model.tokenizer.kind} (${model.tokenizer.vocabSize} tokens, bos ${model.tokenizer.bos ?? "none"}, eos ${model.tokenizer.eos ?? "none"})` : "none"],
     ["chat template", model.chatTemplate ? "present" : "absent"],
-    ["stop tokens", model.stopTokens().join(", ") || "none"],
+    ["stop tokens", model.stopTokens.join(", ") || "none"],
     ["sampling", `${describeSampler(model.sampler())} (generate without flags); --temperature T: ${describeSampler(model.sampler({ temperature: 1 })).replace("temperature 1 (flag)", "temperature T")}`],
   ];
+  lines.push(
+    ["parameters", `${count(mem.params)} (weight files ${size(fileBytes)})`],
+    ["memory", `cpu ${size(mem.weightBytes + mem.hostBytes)} as f32 (${mem.weightBytes <= WASM_USABLE_BYTES ? "fits" : "exceeds"} one wasm32 memory), KV cache ${size(mem.kvBytesPerRow(c.nCtx))} per row at nCtx ${c.nCtx}`],
+  );
   for (const [k, v] of lines) process.stdout.write(`${k!.padEnd(14)} ${v}\n`);
-  model.dispose();
 }
 
 /** Logits parity against llama.cpp on a fixed prompt (GGUF models). */

@@ -6,7 +6,9 @@ import { expectedParams, type ModelConfig } from "../engine/config.js";
 
 /** jax-js' Wasm backend keeps every array in one wasm32 memory: 4 GiB, minus headroom for activations. */
 export const WASM_HEAP_BYTES = 4 * 1024 ** 3;
-const WASM_USABLE = 3.5 * 1024 ** 3;
+/** Of those, what the weights may take (the rest holds activations, KV cache and scratch). */
+export const WASM_USABLE_BYTES = 3.5 * 1024 ** 3;
+const WASM_USABLE = WASM_USABLE_BYTES;
 
 export interface MemoryEstimate {
   params: number;

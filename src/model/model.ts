@@ -282,6 +282,36 @@ export class Model {
   }
 }
 
+/** What `selfscope info` shows: everything the headers say, with no tensor data read and no engine built. */
+export interface ModelSummary {
+  config: ModelConfig;
+  files: ModelFiles;
+  sourceDtype: string;
+  tokenizer?: Tokenizer;
+  chatTemplate?: string;
+  stopTokens: number[];
+  sampler(request?: SamplerRequest): EffectiveSampler;
+}
+
+/**
+ * Read a checkpoint's headers, config, tokenizer and sampling defaults (lazy load: no tensor is
+ * read), e.g. to describe a model too large for this machine before anyone tries to run it.
+ */
+export function inspectModel(path: string): ModelSummary {
+  const host = loadHostModel(path, undefined, { lazy: true });
+  const { tokenizer, chatTemplate } = tokenizerOf(host);
+  const defaults = readSamplingDefaults(host.files);
+  return {
+    config: host.config,
+    files: host.files,
+    sourceDtype: host.sourceDtype,
+    ...(tokenizer ? { tokenizer } : {}),
+    ...(chatTemplate ? { chatTemplate } : {}),
+    stopTokens: [...new Set([...host.config.eosTokenIds, ...(tokenizer?.eosIds ?? [])])],
+    sampler: (request: SamplerRequest = {}) => resolveSampler(defaults, request),
+  };
+}
+
 /** A host model's chat template (GGUF metadata or tokenizer_config.json), without building its tokenizer. */
 export function hostChatTemplate(host: HostModel): string | undefined {
   if (host.gguf) {
