@@ -30,10 +30,10 @@ const USAGE = `selfscope — measure what language models can report about their
 Usage:
   selfscope generate --model PATH [--adapter FILE] [--prompt TEXT | --ids 1,2,3] [--chat] --max-tokens N
                      [--temperature T|model] [--top-k K] [--top-p P] [--min-p P] [--greedy] [--seed S]
-                     [--device cpu|wasm|webgpu] [--weights f32|f16] [--json]
-  selfscope logits   --model PATH [--adapter FILE] --ids 1,2,3 --out FILE [--device cpu|wasm|webgpu]
-  selfscope info     --model PATH
-  selfscope check    --model PATH.gguf [--reference llama.cpp] [--prompt TEXT | --ids 1,2,3] [--json]
+                     [--device cpu|wasm|webgpu] [--weights f32|f16|q8_0] [--json]
+  selfscope logits   --model PATH [--adapter FILE] --ids 1,2,3 --out FILE [--device cpu|wasm|webgpu] [--weights ...]
+  selfscope info     --model PATH                         (reads headers only)
+  selfscope check    --model PATH.gguf [--reference llama.cpp] [--prompt TEXT | --ids 1,2,3] [--weights ...] [--json]
 
   selfscope demo     [--out DIR]            the bundled model organism (trained to report injections) and its base
   selfscope inject   --model PATH [--adapter FILE] [--preset NAME] [--layers 37|0.6|20,30|all] [--strengths 1,2,4]
@@ -193,10 +193,10 @@ function idsFlag(s: string): number[] {
   return ids;
 }
 
-function weights(f: Flags): { weights?: "f32" | "f16" } {
+function weights(f: Flags): { weights?: "f32" | "f16" | "q8_0" } {
   const w = str(f, "weights");
   if (w === undefined) return {};
-  if (w !== "f32" && w !== "f16") throw new CliError(`--weights must be f32 or f16, got "${w}"`);
+  if (w !== "f32" && w !== "f16" && w !== "q8_0") throw new CliError(`--weights must be f32, f16 (webgpu) or q8_0 (cpu: a GGUF's Q8_0 matrices computed on as Q8_0), got "${w}"`);
   return { weights: w };
 }
 
@@ -267,7 +267,7 @@ async function cmdInfo(f: Flags): Promise<void> {
 async function cmdCheck(f: Flags): Promise<void> {
   const ref = str(f, "reference") ?? "llama.cpp";
   if (ref !== "llama.cpp") throw new CliError(`--reference must be llama.cpp (the only reference implemented), got "${ref}"`);
-  const model = await Model.load(str(f, "model", true)!, { device: device(f) });
+  const model = await Model.load(str(f, "model", true)!, { device: device(f), ...weights(f) });
   if (model.files.format !== "gguf") throw new CliError("check compares against llama.cpp, which reads GGUF files: pass a .gguf model");
   const text = str(f, "prompt") ?? "The quick brown fox jumps over the lazy dog. Once upon a time, there was";
   const ids = str(f, "ids") !== undefined ? idsFlag(str(f, "ids")!) : model.encode(text).ids;

@@ -16,6 +16,10 @@ export interface WeightStore {
 export interface LazyWeightStore extends WeightStore {
   shapeOf(name: string): number[] | undefined;
   readInto(name: string, dst: Float32Array): void;
+  /** Whether `name` can be read as Q8_0 rows without dequantizing (GGUF Q8_0 tensors). */
+  isQ8?(name: string): boolean;
+  /** Q8_0 rows: int8 quants [rows·cols] and f32 scales [rows·cols/32]. */
+  readQ8Into?(name: string, qs: Int8Array, ds: Float32Array): void;
 }
 
 export interface EngineModel {

@@ -72,6 +72,73 @@ function half(b: Uint8Array, o: number): number {
 }
 
 /**
+ * Quantize to Q8_0 blocks as ggml's quantize_row_q8_0_ref: per 32 values d = max|x| / 127, stored
+ * as f16; quants round(x / d) (half away from zero) with the f32 d. `x.length` % 32 == 0.
+ */
+export function quantizeQ8_0(x: Float32Array): Uint8Array {
+  if (x.length % 32 !== 0) throw new Error(`quantizeQ8_0: ${x.length} values is not a whole number of 32-value blocks`);
+  const nb = x.length / 32;
+  const out = new Uint8Array(nb * 34);
+  const dv = new DataView(out.buffer);
+  for (let i = 0; i < nb; i++) {
+    let amax = 0;
+    for (let j = 0; j < 32; j++) amax = Math.max(amax, Math.abs(x[i * 32 + j]!));
+    const d = Math.fround(amax / 127);
+    const id = d ? Math.fround(1 / d) : 0;
+    dv.setUint16(i * 34, f32ToF16(d), true);
+    for (let j = 0; j < 32; j++) {
+      const v = Math.fround(x[i * 32 + j]! * id);
+      out[i * 34 + 2 + j] = (Math.sign(v) * Math.round(Math.abs(v))) & 0xff;
+    }
+  }
+  return out;
+}
+
+/** Round-to-nearest-even f32 -> f16 bits (finite inputs in f16 range, as block scales are). */
+function f32ToF16(v: number): number {
+  const f = new Float32Array([v]);
+  const b = new Uint32Array(f.buffer)[0]!;
+  const sign = (b >>> 16) & 0x8000;
+  const e = ((b >>> 23) & 0xff) - 127 + 15;
+  const m = b & 0x7fffff;
+  if (e >= 31) return sign | 0x7c00;
+  if (e <= 0) {
+    if (e < -10) return sign;
+    const mm = m | 0x800000;
+    const shift = 14 - e;
+    let h = mm >>> shift;
+    const rem = mm & ((1 << shift) - 1);
+    const half = 1 << (shift - 1);
+    if (rem > half || (rem === half && h & 1)) h++;
+    return sign | h;
+  }
+  let h = (e << 10) | (m >>> 13);
+  const rem = m & 0x1fff;
+  if (rem > 0x1000 || (rem === 0x1000 && h & 1)) h++;
+  return sign | h;
+}
+
+/**
+ * Split Q8_0 blocks (`bytes`, rows after rows) into int8 quants `qs` (32 per block) and f32 scales
+ * `ds` (one per block): the layout the CPU engine computes on (engine/cpu/qkernels.ts). Returns the
+ * index of the first block whose scale is not finite, or -1.
+ */
+export function splitQ8_0(bytes: Uint8Array, qs: Int8Array, ds: Float32Array): number {
+  const nb = ds.length;
+  if (bytes.byteLength !== nb * 34 || qs.length !== nb * 32) throw new Error(`splitQ8_0: ${bytes.byteLength} bytes for ${nb} blocks`);
+  const q8 = new Int8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  let bad = -1;
+  for (let i = 0; i < nb; i++) {
+    const o = i * 34;
+    const d = half(bytes, o);
+    if (bad < 0 && !Number.isFinite(d)) bad = i;
+    ds[i] = d;
+    qs.set(q8.subarray(o + 2, o + 34), i * 32);
+  }
+  return bad;
+}
+
+/**
  * Widen `n` quantized values (`bytes`: n / blockElems consecutive ggml blocks, row after row) to
  * f32. `file` names the source in error messages.
  */

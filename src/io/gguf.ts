@@ -4,7 +4,7 @@
 import fs from "node:fs";
 import { ModelFileError } from "../core/errors.js";
 import { ByteReader, bf16BytesToF32, f16BytesToF32 } from "./binary.js";
-import { canDequantize, dequantize } from "./gguf-quants.js";
+import { canDequantize, dequantize, quantizeQ8_0 } from "./gguf-quants.js";
 
 export enum GgufValueType {
   UINT8 = 0,
@@ -303,7 +303,7 @@ export interface GgufWriteTensor {
   name: string;
   /** Row-major shape (written reversed as ggml ne). */
   shape: number[];
-  type: GgmlType.F32 | GgmlType.F16;
+  type: GgmlType.F32 | GgmlType.F16 | GgmlType.Q8_0;
   data: Float32Array;
 }
 
@@ -364,7 +364,7 @@ export function writeGguf(path: string, metadata: Record<string, GgufWriteValue>
     for (const d of [...t.shape].reverse()) u64(d);
     u32(t.type);
     u64(off);
-    const bytes = t.type === GgmlType.F32 ? new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength) : f32ToF16Bytes(t.data);
+    const bytes = t.type === GgmlType.F32 ? new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength) : t.type === GgmlType.Q8_0 ? quantizeQ8_0(t.data) : f32ToF16Bytes(t.data);
     datas.push(bytes);
     off += Math.ceil(bytes.byteLength / alignment) * alignment;
   }

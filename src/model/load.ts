@@ -11,6 +11,7 @@ export class NumericalWeightsError extends ModelFileError {
 }
 import { checkGgufTensorReadable, GgmlType, ggufTensorShape, readGguf, readGgufTensor, readRange, readRangeInto, type GgufFile } from "../io/gguf.js";
 import { fileSha256, type FileHashOptions } from "../io/file-hash.js";
+import { splitQ8_0 } from "../io/gguf-quants.js";
 import { resolveModelPath } from "../io/hub-cache.js";
 import { checkStTensorReadable, openSafetensors, readStTensor, type SafetensorsSet } from "../io/safetensors.js";
 import { expectedParams, validateConfigSource, validateModelConfig, type ModelConfig } from "../engine/config.js";
@@ -173,6 +174,8 @@ interface TensorSource {
   read(name: string): HostTensor;
   /** Where an F32 tensor's bytes are (a read straight into caller memory), or null for other dtypes. */
   f32Range(name: string): { file: string; offset: number; byteLength: number } | null;
+  /** Where a GGUF Q8_0 tensor's blocks are, or null for other dtypes and formats. */
+  q8Range?(name: string): { file: string; offset: number; byteLength: number } | null;
 }
 
 /**
@@ -201,6 +204,10 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
       f32Range: (n) => {
         const t = g.tensors.get(n);
         return t && t.type === GgmlType.F32 ? { file: g.path, offset: t.offset, byteLength: t.byteLength } : null;
+      },
+      q8Range: (n) => {
+        const t = g.tensors.get(n);
+        return t && t.type === GgmlType.Q8_0 ? { file: g.path, offset: t.offset, byteLength: t.byteLength } : null;
       },
     };
     const weights = mapWeights(config, family.gguf, [], family.ggufIgnore, source, lazy);
@@ -442,6 +449,43 @@ export class LazyWeights extends Map<string, HostTensor> {
     const t = this.get(key)!;
     if (t.data.length !== dst.length) throw new UsageError(`internal: weight ${key} has ${t.data.length} values, destination ${dst.length}`);
     dst.set(t.data);
+  }
+
+  /**
+   * Whether weight `key` can be read as Q8_0 rows (readQ8Into): a GGUF Q8_0 tensor used as stored
+   * or with whole rows selected or reordered (a split, a RoPE unpermute), never transposed.
+   */
+  isQ8(key: string): boolean {
+    const s = this.#slots.get(key);
+    return s?.kind === "file" && !s.p.src.transpose && !this.#waiting.has(s.p.name) && (this.#source.q8Range?.(s.p.name) ?? null) !== null;
+  }
+
+  /**
+   * Read a Q8_0 weight (isQ8) into int8 quants `qs` [rows·cols] and f32 scales `ds` [rows·cols/32]
+   * without dequantizing it; scales are checked for NaN/Inf as get() checks values.
+   */
+  readQ8Into(key: string, qs: Int8Array, ds: Float32Array): void {
+    if (!this.isQ8(key)) throw new UsageError(`internal: weight ${key} is not readable as Q8_0 rows`);
+    const p = (this.#slots.get(key) as { kind: "file"; p: Planned }).p;
+    const range = this.#source.q8Range!(p.name)!;
+    const rows = p.shape[0]!, cols = p.shape[1] ?? 1;
+    const rowBytes = (cols / 32) * 34;
+    const first = p.src.split ? p.src.split.index * rows : 0;
+    const bytes = new Uint8Array(rows * rowBytes);
+    readRangeInto(range.file, range.offset + first * rowBytes, bytes);
+    const bad = splitQ8_0(bytes, qs, ds);
+    if (bad >= 0) throw new NumericalWeightsError(this.#source.file, `tensor ${p.name} holds a ${ds[bad]} block scale at block ${bad} (for ${p.canon}, layer ${p.layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
+    if (p.src.unpermuteRope) {
+      const c = this.#config;
+      const nh = p.src.unpermuteRope === "q" ? c.nHeads : c.nKvHeads;
+      const order = unpermuteRows(Float32Array.from({ length: rows }, (_, i) => i), nh, c.dHead, 1);
+      const q0 = qs.slice(), d0 = ds.slice();
+      const bpr = cols / 32;
+      order.forEach((src, dst) => {
+        qs.set(q0.subarray(src * cols, (src + 1) * cols), dst * cols);
+        ds.set(d0.subarray(src * bpr, (src + 1) * bpr), dst * bpr);
+      });
+    }
   }
 
   override has(key: string): boolean {

@@ -19,9 +19,10 @@ import { ropeInvFreq } from "../rope.js";
 import { scheduleOf, type Buf, type EmbedStep, type HeadStep, type Step } from "../schedule.js";
 import { trainableWeights, type JvpRequest, type JvpResult, type LinearName, type LossAndGradRequest, type LossAndGradResult } from "../grad.js";
 import { jvpScale, lossAndGrad, type DeltaSite, type GradHost } from "./backprop.js";
+import { MAX_Q8_K } from "./qkernels.js";
 import { adapterKey, erf, loraApply, type LoraRef } from "./derivatives.js";
 import { elementwise, type Elementwise } from "./elementwise.js";
-import type { AttentionTask, Gemm } from "./runtime.js";
+import type { AttentionTask, Gemm, QGemm } from "./runtime.js";
 
 /** What the engine needs from the kernel runtime (runtime.ts). */
 export interface KernelRuntime {
@@ -32,6 +33,8 @@ export interface KernelRuntime {
   mark(): number;
   release(mark: number): void;
   gemm(g: Gemm): void;
+  qgemm(g: QGemm): void;
+  allocBytes(bytes: number): number;
   gemmBatch(list: Gemm[]): void;
   attention(list: AttentionTask[]): void;
   gatedRows(g: number, ldg: number, u: number, ldu: number, out: number, ldo: number, R: number, F: number, act: "silu" | "gelu_tanh"): void;
@@ -45,12 +48,19 @@ interface Norm {
   /** The weight in the runtime's memory too (for the Wasm RMSNorm kernel). */
   off: number;
 }
-/** A weight matrix in Wasm memory, [rows, cols] row-major. */
+/**
+ * A weight matrix in Wasm memory, [rows, cols] row-major: f32 at `off`, or (weights "q8_0") Q8_0
+ * rows (qkernels.ts) with `off` -1.
+ */
 interface Mat {
   off: number;
   rows: number;
   cols: number;
+  q8?: { wq: number; ws: number };
 }
+
+/** How the CPU engine stores matrix weights: f32, or GGUF Q8_0 tensors kept as Q8_0 rows. */
+export type CpuWeights = "f32" | "q8_0";
 interface Block {
   ln1?: Norm;
   ln1Post?: Norm;
@@ -92,9 +102,13 @@ export class CpuEngine {
   siteTrace: string[] | null = null;
 
   /** Copies the weights into the runtime's memory one tensor at a time (a lazy EngineModel then never holds them all). */
+  /** Matrices held as Q8_0 rows (weights "q8_0"); 0 with f32 weights. */
+  readonly quantizedMats: number = 0;
+
   constructor(
     host: EngineModel,
     readonly rt: KernelRuntime,
+    weights: CpuWeights = "f32",
   ) {
     const c = (this.config = host.config);
     this.ew = elementwise(rt.memory, rt.memory.buffer instanceof SharedArrayBuffer);
@@ -121,6 +135,20 @@ export class CpuEngine {
       const cols = shapeOf(names[0]!)![1]!;
       const rowsOf = names.map((n) => shapeOf(n)![0]!);
       const rows = rowsOf.reduce((a, b) => a + b, 0);
+      // Q8_0 tensors stay Q8_0 (1.125 bytes per weight) when asked and every part qualifies.
+      if (weights === "q8_0" && names[0] !== "posEmbed.weight" && lazy?.isQ8 && lazy.readQ8Into && cols % 32 === 0 && cols <= MAX_Q8_K && names.every((n) => lazy.isQ8!(n))) {
+        const wq = rt.allocBytes(rows * cols);
+        const ws = rt.allocBytes((rows * cols) / 8);
+        let r = 0;
+        names.forEach((n, i) => {
+          const nr = rowsOf[i]!;
+          const buf = rt.memory.buffer;
+          lazy.readQ8Into!(n, new Int8Array(buf, wq + r * cols, nr * cols), new Float32Array(buf, ws + (r * cols) / 8, (nr * cols) / 32));
+          r += nr;
+        });
+        (this as { quantizedMats: number }).quantizedMats++;
+        return { off: -1, rows, cols, q8: { wq, ws } };
+      }
       const off = rt.alloc(rows * cols);
       let r = 0;
       for (const n of names) {
@@ -181,11 +209,11 @@ export class CpuEngine {
    * core). The runtime is imported here, on demand: it needs node:worker_threads, and this module
    * stays importable in a browser bundle.
    */
-  static async create(host: EngineModel, opts: { threads?: number } = {}): Promise<CpuEngine> {
+  static async create(host: EngineModel, opts: { threads?: number; weights?: CpuWeights } = {}): Promise<CpuEngine> {
     const { CpuRuntime } = await import("./runtime.js");
     const rt = await CpuRuntime.create(opts.threads !== undefined ? { threads: opts.threads } : {});
     try {
-      return new CpuEngine(host, rt);
+      return new CpuEngine(host, rt, opts.weights ?? "f32");
     } catch (e) {
       await rt.dispose();
       throw e;
@@ -256,6 +284,7 @@ export class CpuEngine {
    */
   private deltaTarget(name: string): { shape: number[]; site: DeltaSite; apply(v: Float32Array): () => void } | undefined {
     if (!this.names.has(name)) return undefined;
+    this.requireF32(`a weight delta on ${name}`);
     const c = this.config;
     const { nHeads: H, nKvHeads: K, dHead: hd, dMlp: F } = c;
     const gated = c.mlp.kind === "gated";
@@ -326,6 +355,7 @@ export class CpuEngine {
 
   /** What backprop.ts needs: the weights in place, the tape-mode forward and the head. */
   private gradHost(): GradHost {
+    this.requireF32("a gradient or forward-mode derivative");
     const norms = (b: Block) => {
       const out: ReturnType<GradHost["block"]>["norms"] = {};
       for (const k of ["ln1", "ln1Post", "ln2", "ln2Post", "qNorm", "kNorm"] as const) {
@@ -491,6 +521,13 @@ export class CpuEngine {
           if (p < 0) continue;
           const id = ctx.ids[r]!;
           if (!(id >= 0 && id < c.dVocab)) throw new UsageError(`token id ${id} is outside the vocabulary (0..${c.dVocab - 1})`);
+          if (this.embed.q8) {
+            // One row of a Q8_0 embedding (tied or not), dequantized: quants times block scales.
+            const qs = new Int8Array(this.rt.memory.buffer, this.embed.q8.wq + id * D, D);
+            const ds = new Float32Array(this.rt.memory.buffer, this.embed.q8.ws + (id * D) / 8, D / 32);
+            for (let i = 0; i < D; i++) fx[x + r * D + i] = qs[i]! * ds[i >> 5]! * c.embedScale;
+            continue;
+          }
           const src = this.embed.off + id * D;
           if (c.embedScale === 1) fx.copyWithin(x + r * D, src, src + D);
           else for (let i = 0; i < D; i++) fx[x + r * D + i] = fx[src + i]! * c.embedScale;
@@ -605,7 +642,8 @@ export class CpuEngine {
         // Per-head outputs result[r, h] = z[r, h]·W_O[:, h]ᵀ ([R, H, D]), the site, then their sum (+ bias).
         const res = this.out(bufs, "result", call);
         const list = this.gemmList("heads", H);
-        for (let hh = 0; hh < H; hh++) setGemm(list[hh]!, bufs.z + hh * hd, H * hd, p.o.off + hh * hd, H * hd, res + hh * D, H * D, R, D, hd);
+        const wo = this.f32Mat(p.o);
+        for (let hh = 0; hh < H; hh++) setGemm(list[hh]!, bufs.z + hh * hd, H * hd, wo.off + hh * hd, H * hd, res + hh * D, H * D, R, D, hd);
         rt.gemmBatch(list);
         // An adapter on o adds its per-head share scale·(z_h·A[:, h]ᵀ)·Bᵀ to each head's result.
         const ad = call.adapters?.get(adapterKey(l, "attn.o"));
@@ -723,12 +761,35 @@ export class CpuEngine {
 
   /** Y[R, N] = X[R, K]·Wᵀ (+ bias). */
   private linear(x: number, ldx: number, R: number, w: Mat, bias: Float32Array | undefined, y: number): void {
-    this.rt.gemm({ x, ldx, w: w.off, ldw: w.cols, y, ldy: w.rows, M: R, N: w.rows, K: w.cols });
+    this.matmul(x, ldx, R, w, y, w.rows);
     if (bias) {
       const fx = this.rt.f32;
       const N = w.rows;
       for (let r = 0; r < R; r++) for (let n = 0; n < N; n++) fx[y + r * N + n] = fx[y + r * N + n]! + bias[n]!;
     }
+  }
+
+  /** Y[R, rows] (rows ldy apart) = X·Wᵀ on f32 or Q8_0 weights. */
+  private matmul(x: number, ldx: number, R: number, w: Mat, y: number, ldy: number): void {
+    if (w.q8) this.rt.qgemm({ x, ldx, wq: w.q8.wq, ws: w.q8.ws, y, ldy, M: R, N: w.rows, K: w.cols });
+    else this.rt.gemm({ x, ldx, w: w.off, ldw: w.cols, y, ldy, M: R, N: w.rows, K: w.cols });
+  }
+
+  /** An f32 copy of a Q8_0 matrix for this call (per-head outputs need column slices); f32 matrices as they are. */
+  private f32Mat(w: Mat): Mat {
+    if (!w.q8) return w;
+    const off = this.rt.alloc(w.rows * w.cols);
+    const buf = this.rt.memory.buffer;
+    const qs = new Int8Array(buf, w.q8.wq, w.rows * w.cols);
+    const ds = new Float32Array(buf, w.q8.ws, (w.rows * w.cols) / 32);
+    const f = this.rt.f32;
+    for (let i = 0; i < qs.length; i++) f[off + i] = qs[i]! * ds[i >> 5]!;
+    return { off, rows: w.rows, cols: w.cols };
+  }
+
+  /** Gradients and weight deltas need f32 weights in place. */
+  private requireF32(what: string): void {
+    if (this.quantizedMats > 0) throw new UsageError(`${what} needs f32 weights, but this model was loaded with its Q8_0 matrices kept quantized (weights "q8_0"); load it with weights "f32" (--weights f32)`);
   }
 
   /** Grouped-query attention for every (row, head) pair, in groups that fit the score buffer. */
@@ -848,7 +909,7 @@ export class CpuEngine {
           logitRows.forEach((r, i) => f.copyWithin(hs + i * D, bufs.h + r * D, bufs.h + (r + 1) * D));
         }
         lg = rt.alloc(m * V);
-        rt.gemm({ x: hs, ldx: D, w: this.unembed.off, ldw: D, y: lg, ldy: V, M: m, N: V, K: D });
+        this.matmul(hs, D, m, this.unembed, lg, V);
         const cap = c.finalSoftcap;
         const f = rt.f32;
         if (cap) for (let i = lg; i < lg + m * V; i++) f[i] = Math.tanh(f[i]! / cap) * cap;

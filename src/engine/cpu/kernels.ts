@@ -46,6 +46,7 @@
 //    to 9-16 GB/s: the hardware prefetcher loses such short interleaved streams.
 //  - Cold weights, M = 4..8: direct 24-27 vs packed 13-24; M = 16: packed 33-37 vs direct 28.
 import { emitElementwise } from "./elementwise.js";
+import { DEQ_BYTES, emitQuantKernels } from "./qkernels.js";
 import { F32, type Fn, I32, ModuleBuilder, V128 } from "./wasm-emit.js";
 
 export interface KernelOptions {
@@ -98,8 +99,9 @@ export const TASK_WORDS = 16;
  *              pair: scores [T, S] = q·kᵀ into sc; each query t (slot slot0 + t) softmaxes
  *              (scale) the keys it sees — max(pad, slot - window + 1)..slot, or only itself if
  *              that is empty; z [T, hd] (rows ldq apart) = scores · v, v transposed [hd, S] (ldv)
+ *   QGEMM      x, ldx, wq, ws, y, ldy, M, N, K, flags, deqRows   (qkernels.ts qgemm on Q8_0 rows)
  */
-export const TASK = { GEMM: 0, GATED: 1, RMSNORM: 2, ATTENTION: 3 } as const;
+export const TASK = { GEMM: 0, GATED: 1, RMSNORM: 2, ATTENTION: 3, QGEMM: 4 } as const;
 /** gemm flags: add to Y instead of overwriting it. */
 export const ACCUMULATE = 1;
 /** gemm flags: x points at X packed by packx (packed path, M >= packMinM, only). */
@@ -112,9 +114,14 @@ export function packedXBytes(o: Pick<KernelOptions, "kc">, M: number, K: number)
 }
 export const MAX_PAGES = 65536;
 
-/** Bytes of per-thread scratch the kernels need. */
+/** Bytes of per-thread scratch the f32 gemm needs (packing buffers). */
+export function gemmScratchBytes(o: KernelOptions): number {
+  return Math.ceil((o.l2Bytes + o.nb * o.kc * 4 + 64) / 64) * 64;
+}
+
+/** Bytes of per-thread scratch the kernels need: the gemm's, then qgemm's dequantization area. */
 export function scratchBytes(o: KernelOptions): number {
-  return o.l2Bytes + o.nb * o.kc * 4 + 64;
+  return gemmScratchBytes(o) + DEQ_BYTES;
 }
 
 function checkOptions(o: KernelOptions): void {
@@ -633,6 +640,8 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
   // The packed path pays off from a few rows of X (and needs K >= 4 for its block sizes).
   g.get(M).i32Const(o.packMinM).i32LtU().get(K).i32Const(4).i32LtU().i32Or().if(direct, packed);
 
+  const { qgemm } = emitQuantKernels(mb, o, g);
+
   // --- task_list ----------------------------------------------------------------------------
   const ew = emitElementwise(mb);
   const tl = mb.func("task_list", [I32, I32, I32], [], true);
@@ -666,6 +675,13 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
         tl.get(op).i32Const(TASK.GEMM).i32Eq().if(() => {
           for (let i = 1; i <= 10; i++) arg(i);
           tl.get(SCR).call(g);
+        });
+        tl.get(op).i32Const(TASK.QGEMM).i32Eq().if(() => {
+          for (let i = 1; i <= 10; i++) arg(i);
+          tl.get(SCR);
+          tl.get(SCR).i32Const(gemmScratchBytes(o)).i32Add();
+          arg(11);
+          tl.call(qgemm);
         });
         tl.get(op).i32Const(TASK.GATED).i32Eq().if(() => {
           arg(7).set(rows);

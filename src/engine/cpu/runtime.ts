@@ -37,13 +37,31 @@
 // takes 27 µs vs 47 µs on 1 thread.
 import os from "node:os";
 import { Worker } from "node:worker_threads";
-import { ACCUMULATE, buildKernelModule, DEFAULT_KERNEL, type KernelOptions, MAX_PAGES, PACKED_X, packedXBytes, relaxedProbeBytes, scratchBytes, TASK, TASK_WORDS } from "./kernels.js";
+import { ACCUMULATE, buildKernelModule, DEFAULT_KERNEL, gemmScratchBytes, type KernelOptions, MAX_PAGES, PACKED_X, packedXBytes, relaxedProbeBytes, scratchBytes, TASK, TASK_WORDS } from "./kernels.js";
+import { deqRowsFor, MAX_Q8_K } from "./qkernels.js";
 
 export interface Gemm {
   x: number;
   ldx: number;
   w: number;
   ldw: number;
+  y: number;
+  ldy: number;
+  M: number;
+  N: number;
+  K: number;
+  accumulate?: boolean;
+}
+
+/**
+ * Y = X · Wᵀ with W [N, K] held as Q8_0 rows (qkernels.ts): x, y and the strides in floats like
+ * Gemm; wq (int8 quants, N·K bytes) and ws (f32 scales, N·K/32) as BYTE offsets. K % 32 == 0.
+ */
+export interface QGemm {
+  x: number;
+  ldx: number;
+  wq: number;
+  ws: number;
   y: number;
   ldy: number;
   M: number;
@@ -140,6 +158,7 @@ export function claimAndRun(ctrl: Int32Array, gen: number, taskList: TaskListFn,
   }
 }
 
+type QGemmFn = (x: number, ldx: number, wq: number, ws: number, y: number, ldy: number, M: number, N: number, K: number, flags: number, scratch: number, deq: number, deqRows: number) => void;
 type GemmFn = (x: number, ldx: number, w: number, ldw: number, y: number, ldy: number, M: number, N: number, K: number, acc: number, scratch: number) => void;
 export type TaskListFn = (ptr: number, count: number, scratch: number) => void;
 type PackxFn = (x: number, ldx: number, M: number, K: number, dst: number) => void;
@@ -166,6 +185,8 @@ export class CpuRuntime {
   readonly memory: WebAssembly.Memory;
   private readonly module: WebAssembly.Module;
   private readonly gemmFn: GemmFn;
+  private readonly qgemmFn: QGemmFn;
+  private gemmScratch = 0; // bytes of a thread's scratch before its dequantization area
   private readonly taskListFn: TaskListFn;
   private readonly packxFn: PackxFn;
   private readonly scratch: number; // the main thread's scratch (bytes)
@@ -196,6 +217,7 @@ export class CpuRuntime {
     this.module = module;
     const ex = instance.exports;
     this.gemmFn = ex.gemm as GemmFn;
+    this.qgemmFn = ex.qgemm as QGemmFn;
     this.taskListFn = ex.task_list as TaskListFn;
     this.packxFn = ex.packx as PackxFn;
     this.scratch = SCRATCH_BYTE;
@@ -266,6 +288,7 @@ export class CpuRuntime {
     rt.piecesPerThread = opts.piecesPerThread;
     rt.packMinM = kernel.packMinM;
     rt.kernel = kernel;
+    rt.gemmScratch = gemmScratchBytes(kernel);
     rt.warmUp();
     return rt;
   }
@@ -387,6 +410,69 @@ export class CpuRuntime {
     } finally {
       this.release(mark);
     }
+  }
+
+  /** Y = X · Wᵀ (+ Y) on Q8_0 weights (see QGemm). Synchronous; uses all threads when big enough. */
+  qgemm(g: QGemm): void {
+    this.assertLive();
+    const { M, N, K } = g;
+    const ok = (v: number) => Number.isInteger(v) && v >= 0;
+    if (![g.x, g.ldx, g.wq, g.ws, g.y, g.ldy, M, N, K].every(ok) || K % 32 !== 0 || K > MAX_Q8_K || g.ws % 4 !== 0) {
+      throw new Error(`CpuRuntime.qgemm: offsets and sizes must be non-negative integers, K a multiple of 32 (at most ${MAX_Q8_K}), ws 4-byte aligned; got ${JSON.stringify(g)}`);
+    }
+    if (M === 0 || N === 0) return;
+    const bytes = this.memory.buffer.byteLength;
+    if (g.wq + N * K > bytes || g.ws + (N * K) / 8 > bytes || 4 * (g.x + (M - 1) * g.ldx + K) > bytes || 4 * (g.y + (M - 1) * g.ldy + N) > bytes) {
+      throw new Error(`CpuRuntime.qgemm: an operand lies outside the memory (${bytes} bytes): ${JSON.stringify(g)}`);
+    }
+    const flops = 2 * M * N * K;
+    const flags = g.accumulate ? ACCUMULATE : 0;
+    const deqRows = deqRowsFor(K);
+    if (this.threads === 1 || flops < PARALLEL_FLOPS) {
+      this.qgemmFn(g.x * 4, g.ldx * 4, g.wq, g.ws, g.y * 4, g.ldy * 4, M, N, K, flags, this.scratch, this.scratch + this.gemmScratch, deqRows);
+      return;
+    }
+    // As gemm: pieces of W rows claimed dynamically; X packed once for the packed path.
+    const packed = M >= this.packMinM;
+    const mark = this.mark();
+    try {
+      const xp = packed ? this.allocUninitialized(packedXBytes(this.kernel, M, K) / 4) : 0;
+      if (packed) this.packxFn(g.x * 4, g.ldx * 4, M, K, xp * 4);
+      this.ints();
+      const perThread = this.piecesPerThread ?? (packed ? 8 : 4);
+      const pieces = Math.max(1, Math.min(this.threads * perThread, Math.floor(N / 4), Math.floor(flops / PARALLEL_FLOPS)));
+      const step = Math.ceil(N / pieces);
+      let count = 0;
+      for (let n0 = 0; n0 < N; n0 += step, count++) {
+        const ints = this.iview;
+        const o = (LIST_BYTE >>> 2) + count * TASK_WORDS;
+        ints[o] = TASK.QGEMM;
+        ints[o + 1] = (packed ? xp : g.x) * 4;
+        ints[o + 2] = g.ldx * 4;
+        ints[o + 3] = g.wq + n0 * K;
+        ints[o + 4] = g.ws + (n0 * K) / 8;
+        ints[o + 5] = (g.y + n0) * 4;
+        ints[o + 6] = g.ldy * 4;
+        ints[o + 7] = M;
+        ints[o + 8] = Math.min(step, N - n0);
+        ints[o + 9] = K;
+        ints[o + 10] = packed ? flags | PACKED_X : flags;
+        ints[o + 11] = deqRows;
+      }
+      this.dispatch(LIST_BYTE, count, 1);
+    } finally {
+      this.release(mark);
+    }
+  }
+
+  /** Allocates `bytes` bytes (zero-filled, 64-byte aligned); returns their BYTE offset. */
+  allocBytes(bytes: number): number {
+    return this.alloc(Math.ceil(bytes / 4)) * 4;
+  }
+
+  /** A byte view of the whole memory (re-created after growth, like f32). */
+  get u8(): Uint8Array {
+    return new Uint8Array(this.memory.buffer);
   }
 
   /** Many independent gemms in one dispatch, split across threads. */

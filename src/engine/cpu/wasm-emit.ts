@@ -264,6 +264,12 @@ export class Fn {
   }
   /** Relaxed SIMD: stack [a, b, c] -> a*b + c, fused or not (implementation-defined). */
   f32x4RelaxedMadd(): this { return this.simd(0x105); }
+  // Integer widening and conversion (the quantized kernels' dequantization).
+  i16x8ExtendLowI8x16S(): this { return this.simd(0x87); }
+  i16x8ExtendHighI8x16S(): this { return this.simd(0x88); }
+  i32x4ExtendLowI16x8S(): this { return this.simd(0xa7); }
+  i32x4ExtendHighI16x8S(): this { return this.simd(0xa8); }
+  f32x4ConvertI32x4S(): this { return this.simd(0xfa); }
 
   /** The function body: local declarations (run-length encoded), code, `end`. */
   body(): number[] {

@@ -1,0 +1,141 @@
+// Q8_0 weights kept quantized on the CPU engine (issue 16 §1): the kernels against a float64
+// reference, the engine against its own f32 path on the same file, and both against llama.cpp.
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { after, before, describe, test } from "node:test";
+import { CpuRuntime } from "../src/engine/cpu/runtime.js";
+import { GgmlType, ggufMetadataForWrite, readGguf, readGgufTensor, writeGguf } from "../src/io/gguf.js";
+import { dequantize, quantizeQ8_0 } from "../src/io/gguf-quants.js";
+import { Model } from "../src/model/model.js";
+import { llamaCppLogits } from "../src/reference/llamacpp.js";
+import { fixture } from "./support/paths.js";
+
+function rng(seed: number): () => number {
+  let s = seed >>> 0 || 1;
+  return () => {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    return (s >>> 0) / 4294967296 - 0.5;
+  };
+}
+
+test("quantizeQ8_0 round-trips through dequantize within half a quantization step", () => {
+  const r = rng(3);
+  const x = Float32Array.from({ length: 32 * 40 }, () => r() * 4);
+  x.fill(0, 64, 96); // an all-zero block: scale 0
+  const y = dequantize(GgmlType.Q8_0, quantizeQ8_0(x), x.length);
+  for (let b = 0; b < 40; b++) {
+    const blk = x.subarray(b * 32, b * 32 + 32);
+    const d = Math.max(...blk.map(Math.abs)) / 127;
+    // Half a step, plus the scale's f16 rounding (2^-11 relative) times the largest quant.
+    for (let j = 0; j < 32; j++) assert.ok(Math.abs(y[b * 32 + j]! - blk[j]!) <= d * (0.5 + 127 / 2048) + 1e-12, `block ${b} value ${j}`);
+  }
+  assert.throws(() => quantizeQ8_0(new Float32Array(33)), /whole number of 32-value blocks/);
+});
+
+for (const threads of [1, 2]) {
+  test(`qgemm on Q8_0 rows equals the float64 product of the dequantized weights (${threads} thread${threads > 1 ? "s" : ""})`, async () => {
+    const rt = await CpuRuntime.create({ threads });
+    try {
+      const r = rng(7);
+      // M < 9: the direct kernels (every remainder of 4 rows); M >= 9: dequantized chunks + f32 gemm.
+      for (const [M, N, K] of [[1, 5, 32], [2, 7, 64], [3, 9, 96], [4, 33, 128], [5, 17, 64], [9, 40, 96], [17, 77, 256], [1, 1000, 768], [33, 300, 768]] as const) {
+        const wq = rt.allocBytes(N * K), ws = rt.allocBytes((N * K) / 8);
+        const x = rt.alloc(M * K), y = rt.alloc(M * N);
+        const q = Int8Array.from({ length: N * K }, () => Math.round(r() * 254));
+        const d = Float32Array.from({ length: (N * K) / 32 }, () => r() * 0.02);
+        const xs = Float32Array.from({ length: M * K }, () => r() * 2);
+        new Int8Array(rt.memory.buffer).set(q, wq);
+        rt.f32.set(d, ws / 4);
+        rt.f32.set(xs, x);
+        rt.f32.fill(1, y, y + M * N);
+        rt.qgemm({ x, ldx: K, wq, ws, y, ldy: N, M, N, K, accumulate: true });
+        const out = rt.f32.slice(y, y + M * N);
+        for (let m = 0; m < M; m++)
+          for (let n = 0; n < N; n++) {
+            let s = 1, a = 1;
+            for (let k = 0; k < K; k++) {
+              const p = xs[m * K + k]! * q[n * K + k]! * d[(n * K + k) >> 5]!;
+              s += p;
+              a += Math.abs(p);
+            }
+            assert.ok(Math.abs(out[m * N + n]! - s) <= 1e-6 * a, `M ${M} N ${N} K ${K}: y[${m}][${n}] ${out[m * N + n]} vs ${s}`);
+          }
+      }
+      assert.throws(() => rt.qgemm({ x: 0, ldx: 40, wq: 0, ws: 0, y: 0, ldy: 1, M: 1, N: 1, K: 40 }), /K a multiple of 32/);
+    } finally {
+      await rt.dispose();
+    }
+  });
+}
+
+describe("a Q8_0 GGUF (stories260K with every 32-aligned matrix in Q8_0)", () => {
+  let file = "";
+  let f32: Model, q8: Model;
+  const ids = [1, 403, 407, 261, 378, 285, 263, 499, 29, 300, 301, 302];
+  before(async () => {
+    const src = fixture("stories260K-gguf", "stories260K.gguf");
+    const g = readGguf(src);
+    const tensors = [...g.tensors.keys()].map((name) => {
+      const t = readGgufTensor(g, name);
+      const cols = t.shape[t.shape.length - 1]!;
+      return { name, shape: t.shape, type: t.shape.length === 2 && cols % 32 === 0 ? GgmlType.Q8_0 : GgmlType.F32, data: t.data } as const;
+    });
+    file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-q8-")), "stories260K-q8_0.gguf");
+    writeGguf(file, ggufMetadataForWrite(g), tensors);
+    f32 = await Model.load(file, { threads: 1 });
+    q8 = await Model.load(file, { threads: 1, weights: "q8_0" });
+  });
+  after(() => {
+    f32?.dispose();
+    q8?.dispose();
+  });
+
+  test("keeps the Q8_0 matrices quantized and computes the f32 path's logits up to summation order", async () => {
+    const engine = (q8 as unknown as { engine: { quantizedMats: number } }).engine;
+    // Per block: qkv, o and gate/up are Q8_0 (down has 172 columns: F32 in the file); plus the embedding and output.
+    assert.equal(engine.quantizedMats, 5 * 3 + 2);
+    const a = (await f32.forward([{ ids }])).logits[0]!;
+    const b = (await q8.forward([{ ids }])).logits[0]!;
+    let worst = 0;
+    for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i]! - b[i]!));
+    assert.ok(worst <= 2e-5, `max |Δ| ${worst}`);
+    const ga = await f32.generate([{ ids: [1] }], { maxTokens: 24 });
+    const gb = await q8.generate([{ ids: [1] }], { maxTokens: 24 });
+    assert.deepEqual(gb.tokens, ga.tokens);
+  });
+
+  test("agrees with llama.cpp on the same file as closely as the f32 path does", async (t) => {
+    const lc = await llamaCppLogits(file, ids, { threads: 1 });
+    const V = 512;
+    const lsm = (row: number[]) => {
+      const m = Math.max(...row);
+      const z = Math.log(row.reduce((s, v) => s + Math.exp(v - m), 0)) + m;
+      return row.map((v) => v - z);
+    };
+    const against = async (m: Model) => {
+      const ours = (await m.forward([{ ids }])).logits[0]!;
+      let worst = 0, top1 = 0;
+      for (let t = 0; t < ids.length; t++) {
+        const mine = lsm([...ours.subarray(t * V, (t + 1) * V)]);
+        const theirs = lc.kind === "logits" ? lsm([...lc.logits.subarray(t * V, (t + 1) * V)]) : [...lc.logits.subarray(t * V, (t + 1) * V)];
+        for (let i = 0; i < V; i++) if (Number.isFinite(theirs[i]!) && theirs[i]! > -30) worst = Math.max(worst, Math.abs(mine[i]! - theirs[i]!));
+        if (mine.indexOf(Math.max(...mine)) === theirs.indexOf(Math.max(...theirs))) top1++;
+      }
+      return { worst, top1 };
+    };
+    const a = await against(f32), b = await against(q8);
+    t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${a.worst.toExponential(2)}, q8_0 ${b.worst.toExponential(2)}; top-1 ${a.top1}, ${b.top1} of ${ids.length}`);
+    // llama.cpp quantizes the activations to 8 bits per 32 for its Q8_0 dot products; we do not.
+    assert.ok(Math.abs(b.worst - a.worst) <= 1e-3, `q8_0 ${b.worst} vs f32 ${a.worst}`);
+    assert.ok(b.top1 >= ids.length - 1, `top-1 agreement ${b.top1}/${ids.length}`);
+  });
+
+  test("refuses gradients and weight deltas with quantized weights, naming the fix", async () => {
+    await assert.rejects(q8.lossAndGrad([{ ids: ids.slice(0, 4) }], { params: [], targets: [[-1, -1, -1, 5]] }), /needs f32 weights.*--weights f32/);
+    await assert.rejects(Model.load(file, { device: "wasm", weights: "q8_0" }), /cpu device only/);
+  });
+});
