@@ -28,7 +28,9 @@ export const MODEL = {
 /** Bump when the generated weights or vocabulary change (the cache file name carries it). */
 export const MODEL_VERSION = 1;
 export const MODEL_SEED = 20261123;
-export const MODEL_PATH = path.join(CACHE_DIR, `bench768-f32-v${MODEL_VERSION}.gguf`);
+export const F32_MODEL_PATH = path.join(CACHE_DIR, `bench768-f32-v${MODEL_VERSION}.gguf`);
+/** The file the children run: the F32 bench model, or another (e.g. its Q8_0 copy, bench/q8.ts) via SELFSCOPE_BENCH_MODEL. */
+export const MODEL_PATH = process.env.SELFSCOPE_BENCH_MODEL ?? F32_MODEL_PATH;
 
 /** Parameters of the weight matrices of one block (norm vectors excluded). */
 export function matmulParamsPerLayer(): number {

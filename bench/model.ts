@@ -7,7 +7,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { GgmlType, GgufValueType, writeGguf, type GgufWriteTensor, type GgufWriteValue } from "../src/io/gguf.js";
-import { MODEL, MODEL_PATH, MODEL_SEED, WEIGHT_BYTES, log } from "./common.js";
+import { F32_MODEL_PATH, MODEL, MODEL_SEED, WEIGHT_BYTES, log } from "./common.js";
 
 /** xorshift32 uniform fill with the given standard deviation: fast and identical on every machine. */
 class Fill {
@@ -113,7 +113,7 @@ export function writeBenchModel(file: string): void {
 }
 
 /** Writes the model into bench/.cache/ unless a complete copy is already there. */
-export function ensureModel(file = MODEL_PATH): string {
+export function ensureModel(file = F32_MODEL_PATH): string {
   if (fs.existsSync(file) && fs.statSync(file).size > WEIGHT_BYTES) return file;
   const t = performance.now();
   log("model", `writing ${path.relative(process.cwd(), file)} (${(WEIGHT_BYTES / 1e6).toFixed(0)} MB of F32 weights, seed ${MODEL_SEED})`);
@@ -123,5 +123,5 @@ export function ensureModel(file = MODEL_PATH): string {
 }
 
 if (process.argv[1] && path.resolve(process.argv[1]).endsWith(path.join("bench", "model.js"))) {
-  ensureModel(process.argv[2] ?? MODEL_PATH);
+  ensureModel(process.argv[2] ?? F32_MODEL_PATH);
 }

@@ -65,7 +65,8 @@ if (useJax) {
 } else {
   // What Model.load does for the cpu device: lazy weights, copied one tensor at a time.
   runtime = await CpuRuntime.create({ threads: N });
-  engine = new CpuEngine(loadHostModel(MODEL_PATH, undefined, { lazy: true }), runtime);
+  // SELFSCOPE_BENCH_WEIGHTS=q8_0: Q8_0 matrices kept quantized (Model.load's --weights q8_0).
+  engine = new CpuEngine(loadHostModel(MODEL_PATH, undefined, { lazy: true }), runtime, process.env.SELFSCOPE_BENCH_WEIGHTS === "q8_0" ? "q8_0" : "f32");
 }
 // One tiny call so that every weight upload has completed before anything is timed.
 await engine.forward([[300]], { logits: "last" });
