@@ -8,6 +8,7 @@ import { after, before, describe, test } from "node:test";
 import { CpuRuntime } from "../src/engine/cpu/runtime.js";
 import { GgmlType, ggufMetadataForWrite, readGguf, readGgufTensor, writeGguf } from "../src/io/gguf.js";
 import { dequantize, quantizeQ8_0 } from "../src/io/gguf-quants.js";
+import type { LossAndGradRequest } from "../src/engine/grad.js";
 import { Model } from "../src/model/model.js";
 import { llamaCppLogits } from "../src/reference/llamacpp.js";
 import { fixture } from "./support/paths.js";
@@ -86,7 +87,7 @@ describe("a Q8_0 GGUF (stories260K with every 32-aligned matrix in Q8_0)", () =>
     });
     file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-q8-")), "stories260K-q8_0.gguf");
     writeGguf(file, ggufMetadataForWrite(g), tensors);
-    f32 = await Model.load(file, { threads: 1 });
+    f32 = await Model.load(file, { threads: 1, weights: "f32" });
     q8 = await Model.load(file, { threads: 1, weights: "q8_0" });
   });
   after(() => {
@@ -134,8 +135,23 @@ describe("a Q8_0 GGUF (stories260K with every 32-aligned matrix in Q8_0)", () =>
     assert.ok(b.top1 >= ids.length - 1, `top-1 agreement ${b.top1}/${ids.length}`);
   });
 
-  test("refuses gradients and weight deltas with quantized weights, naming the fix", async () => {
-    await assert.rejects(q8.lossAndGrad([{ ids: ids.slice(0, 4) }], { params: [], targets: [[-1, -1, -1, 5]] }), /needs f32 weights.*--weights f32/);
+  test("is the cpu default for Q8_0 files; a gradient first gives the matrices exact f32 copies", async () => {
+    const engineOf = (m: Model) => (m as unknown as { engine: { quantizedMats: number } }).engine;
+    const d = await Model.load(file, { threads: 1 });
+    try {
+      assert.equal(engineOf(d).quantizedMats, 17, "Q8_0 kept by default");
+      assert.equal(engineOf(f32).quantizedMats, 0);
+      const req: LossAndGradRequest = { params: [{ kind: "vector", at: "blocks.1.hook_resid_post", value: new Float32Array(64).fill(0.1) }], targets: [[-1, 7, 9, 5]] };
+      const a = await f32.lossAndGrad([{ ids: ids.slice(0, 4) }], req);
+      const b = await d.lossAndGrad([{ ids: ids.slice(0, 4) }], req);
+      assert.equal(engineOf(d).quantizedMats, 0, "materialized as f32");
+      assert.equal(b.loss, a.loss);
+      assert.deepEqual([...b.grads[0]![0]!], [...a.grads[0]![0]!]);
+      // After that, forward is the f32 path's exactly.
+      assert.deepEqual([...(await d.forward([{ ids }])).logits[0]!], [...(await f32.forward([{ ids }])).logits[0]!]);
+    } finally {
+      d.dispose();
+    }
     await assert.rejects(Model.load(file, { device: "wasm", weights: "q8_0" }), /cpu device only/);
   });
 });

@@ -17,7 +17,7 @@ import { createRequire } from "node:module";
 import { ModelFileError } from "../src/core/errors.js";
 import { Rng } from "../src/core/rng.js";
 import { GgmlType, readGguf, readGgufTensor } from "../src/io/gguf.js";
-import { dequantize } from "../src/io/gguf-quants.js";
+import { dequantize, quantizeQ8_0 } from "../src/io/gguf-quants.js";
 
 const SEED = Number(process.env.SELFSCOPE_QUANT_SEED ?? 1234567);
 const N_PER_ROW = 768; // three 256-element super-blocks, 24 32-element blocks per row
@@ -258,6 +258,17 @@ describe("GGUF quantized tensors dequantize bit-exactly as llama.cpp", () => {
 
   refTest("the reference is loaded", (g, t) => {
     t.diagnostic(`koffi ${g.koffiVersion}, ${g.lib}, seed ${SEED}`);
+  });
+
+  refTest("quantizeQ8_0 (the fixture and bench writer) writes ggml's Q8_0 bytes", (g, t) => {
+    for (const seed of [SEED, SEED + 1]) {
+      const x = testTensor(seed);
+      const ref = g.quantize(GgmlType.Q8_0, x, ROWS.length, N_PER_ROW);
+      const ours = quantizeQ8_0(x);
+      const bad = ours.findIndex((b, i) => b !== ref[i]);
+      assert.equal(bad, -1, `seed ${seed}: byte ${bad} (block ${Math.floor(bad / 34)}) is ${ours[bad]}, ggml writes ${ref[bad]}`);
+    }
+    t.diagnostic(`${2 * ROWS.length * N_PER_ROW} values quantized byte-identically`);
   });
 
   for (const [type] of TYPES) {

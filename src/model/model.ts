@@ -41,9 +41,10 @@ export interface LoadOptions {
   /**
    * Weight storage: "f32" (default), or "f16" on WebGPU with shader-f16 (half the memory; the
    * residual stream stays f32). Quantized GGUFs default to "f16" on WebGPU: their error dominates.
-   * "q8_0" (cpu): a GGUF's Q8_0 matrices stay Q8_0 in memory and are computed on as such (a
-   * quarter of the f32 memory and bytes per token; results equal f32's up to summation order);
-   * other tensors are f32. Gradients and weight deltas then refuse: they need f32 weights.
+   * "q8_0" (cpu; the default for GGUF files with Q8_0 tensors): those matrices stay Q8_0 in
+   * memory and are computed on as such (a quarter of the f32 memory and bytes per token; results
+   * equal f32's up to summation order); other tensors are f32. The first gradient, derivative or
+   * weight delta gives every Q8_0 matrix an exact f32 copy (memory grows by the f32 size).
    */
   weights?: "f32" | "f16" | "q8_0";
   /**
@@ -110,8 +111,9 @@ export class Model {
     const { tokenizer, chatTemplate } = tokenizerOf(host);
     const max = Math.min(opts.maxBindingBytes ?? Infinity, device.maxBindingBytes);
     const quantized = /Q\d/.test(host.sourceDtype);
-    const weightDtype = opts.weights ?? (device.name === "webgpu" && device.shaderF16 && quantized ? "f16" : "f32");
-    if (weightDtype === "q8_0" && (device.name !== "cpu" || opts.merge)) {
+    // Q8_0 matrices stay Q8_0 on the cpu device unless f32 is asked for (or an adapter is folded in).
+    const weightDtype = opts.weights ?? (device.name === "webgpu" && device.shaderF16 && quantized ? "f16" : device.name === "cpu" && !opts.merge && /Q8_0/.test(host.sourceDtype) ? "q8_0" : "f32");
+    if (opts.weights === "q8_0" && (device.name !== "cpu" || opts.merge)) {
       throw new UsageError(`--weights q8_0 keeps Q8_0 matrices quantized on the cpu device only${opts.merge ? ", and not with an adapter folded in (its merge makes f32 weights)" : ""}; use --weights f32`);
     }
     if (weightDtype === "f16" && !(device.name === "webgpu" && device.shaderF16)) {

@@ -254,6 +254,7 @@ export class CpuEngine {
    */
   async lossAndGrad(rows: (Row | number[])[], req: LossAndGradRequest): Promise<LossAndGradResult> {
     this.live();
+    this.materializeF32();
     // Deltas are added to the weights in our memory for this (synchronous) call and the exact
     // previous values put back after it, so no other call ever sees them.
     const restore: (() => void)[] = [];
@@ -350,6 +351,7 @@ export class CpuEngine {
   /** Reads and their derivative with respect to the scale of `req.plan[req.wrt]` (grad.ts; forward mode). */
   async jvpScale(rows: (Row | number[])[], req: JvpRequest): Promise<JvpResult> {
     this.live();
+    this.materializeF32();
     return Promise.resolve(jvpScale(this.gradHost(), rows, req));
   }
 
@@ -787,9 +789,27 @@ export class CpuEngine {
     return { off, rows: w.rows, cols: w.cols };
   }
 
-  /** Gradients and weight deltas need f32 weights in place. */
+  /** Gradients and weight deltas need f32 weights in place (materializeF32 runs first). */
   private requireF32(what: string): void {
-    if (this.quantizedMats > 0) throw new UsageError(`${what} needs f32 weights, but this model was loaded with its Q8_0 matrices kept quantized (weights "q8_0"); load it with weights "f32" (--weights f32)`);
+    if (this.quantizedMats > 0) throw new Error(`internal: ${what} on Q8_0 weights (materializeF32 was not called)`);
+  }
+
+  /**
+   * Gradients, forward-mode derivatives and weight deltas work on f32 weights in place: on their
+   * first use, every Q8_0 matrix gets an f32 copy (its exact dequantized values) that replaces it
+   * for good. Memory grows by the f32 size (the quantized bytes stay: the allocator is a stack);
+   * results are those of an f32 load. Must run before a call takes its stack mark.
+   */
+  private materializeF32(): void {
+    if (this.quantizedMats === 0) return;
+    const seen = new Set<Mat>();
+    for (const m of [...this.blocks.flatMap((b) => [b.qkv, b.o, b.up, b.down]), this.embed, this.unembed]) {
+      if (!m.q8 || seen.has(m)) continue;
+      seen.add(m);
+      m.off = this.f32Mat(m).off;
+      delete m.q8;
+    }
+    (this as { quantizedMats: number }).quantizedMats = 0;
   }
 
   /** Grouped-query attention for every (row, head) pair, in groups that fit the score buffer. */
