@@ -1,6 +1,6 @@
 // Q8_0 on the CPU (issue 16 §1): the bench model's Q8_0 copy (every 2-D weight in Q8_0, as
 // llama-quantize q8_0 makes it; norms F32) run by llama.cpp, by selfscope with its Q8_0 matrices
-// kept quantized (--weights q8_0) and by selfscope dequantizing to f32 at load (the default),
+// kept quantized (--weights native) and by selfscope dequantizing to f32 at load (the default),
 // same file, same threads, one after the other; prints the ratios and writes
 // bench/results/q8-<time>.json and q8-latest.json with the host's CPU flags.
 //
@@ -58,7 +58,7 @@ function cpuFlags(): string[] {
 ensureQ8();
 const env = { SELFSCOPE_BENCH_MODEL: Q8_PATH };
 const lc = await child("llama.cpp", "llamacpp.js", env);
-const q8 = await child("selfscope-q8_0", "selfscope.js", { ...env, SELFSCOPE_BENCH_WEIGHTS: "q8_0" });
+const q8 = await child("selfscope-q8_0", "selfscope.js", { ...env, SELFSCOPE_BENCH_WEIGHTS: "native" });
 const f32 = await child("selfscope-f32", "selfscope.js", { ...env, SELFSCOPE_BENCH_WEIGHTS: "f32" });
 const fileBytes = fs.statSync(Q8_PATH).size;
 const row = (r: EngineResult) => ({ loadMs: round(r.loadMs), prefillTokPerS: r.prefill.tokPerS, decodeB1TokPerS: r.decode.b1.tokPerS, peakRssMiB: round(r.rss.peakBytes / 2 ** 20, 0), greedy: r.greedy });

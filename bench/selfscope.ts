@@ -65,8 +65,8 @@ if (useJax) {
 } else {
   // What Model.load does for the cpu device: lazy weights, copied one tensor at a time.
   runtime = await CpuRuntime.create({ threads: N });
-  // SELFSCOPE_BENCH_WEIGHTS=q8_0: Q8_0 matrices kept quantized (Model.load's --weights q8_0).
-  engine = new CpuEngine(loadHostModel(MODEL_PATH, undefined, { lazy: true }), runtime, process.env.SELFSCOPE_BENCH_WEIGHTS === "q8_0" ? "q8_0" : "f32");
+  // SELFSCOPE_BENCH_WEIGHTS=native: Q8_0 / Q4_K matrices kept quantized (Model.load's default for such files).
+  engine = new CpuEngine(loadHostModel(MODEL_PATH, undefined, { lazy: true }), runtime, process.env.SELFSCOPE_BENCH_WEIGHTS === "native" ? "native" : "f32");
 }
 // One tiny call so that every weight upload has completed before anything is timed.
 await engine.forward([[300]], { logits: "last" });

@@ -16,11 +16,14 @@ export interface WeightStore {
 export interface LazyWeightStore extends WeightStore {
   shapeOf(name: string): number[] | undefined;
   readInto(name: string, dst: Float32Array): void;
-  /** Whether `name` can be read as Q8_0 rows without dequantizing (GGUF Q8_0 tensors). */
-  isQ8?(name: string): boolean;
-  /** Q8_0 rows: int8 quants [rows·cols] and f32 scales [rows·cols/32]. */
-  readQ8Into?(name: string, qs: Int8Array, ds: Float32Array): void;
+  /** The quantized type `name` can be read in without dequantizing (GGUF Q8_0 / Q4_K tensors), or null. */
+  quantOf?(name: string): QuantType | null;
+  /** Quantized rows in the CPU engine's layout (engine/cpu/qkernels.ts). */
+  readQuantInto?(name: string, wq: Uint8Array, ws: Uint8Array): void;
 }
+
+/** Quantized matrix types the CPU engine computes on without dequantizing. */
+export type QuantType = "q8_0" | "q4_k";
 
 export interface EngineModel {
   config: ModelConfig;

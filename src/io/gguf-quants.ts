@@ -139,6 +139,34 @@ export function splitQ8_0(bytes: Uint8Array, qs: Int8Array, ds: Float32Array): n
 }
 
 /**
+ * Repack Q4_K blocks (`bytes`, 144 each, rows after rows) into the CPU engine's layout
+ * (engine/cpu/qkernels.ts): `nibbles` the blocks' 128 quant bytes each, back to back; `meta` 24
+ * bytes per block: d and dmin as f32, then the 8 six-bit scales and the 8 mins as bytes. Returns
+ * the index of the first block whose d or dmin is not finite, or -1.
+ */
+export function repackQ4_K(bytes: Uint8Array, nibbles: Uint8Array, meta: Uint8Array): number {
+  const nb = bytes.byteLength / 144;
+  if (!Number.isInteger(nb) || nibbles.byteLength !== nb * 128 || meta.byteLength !== nb * 24) throw new Error(`repackQ4_K: ${bytes.byteLength} bytes do not match the destinations`);
+  const dv = new DataView(meta.buffer, meta.byteOffset, meta.byteLength);
+  const sm = new Int32Array(2);
+  let bad = -1;
+  for (let i = 0; i < nb; i++) {
+    const o = i * 144;
+    const d = half(bytes, o), dmin = half(bytes, o + 2);
+    if (bad < 0 && !(Number.isFinite(d) && Number.isFinite(dmin))) bad = i;
+    dv.setFloat32(i * 24, d, true);
+    dv.setFloat32(i * 24 + 4, dmin, true);
+    for (let j = 0; j < 8; j++) {
+      scaleMinK4(bytes, o + 4, j, sm);
+      meta[i * 24 + 8 + j] = sm[0]!;
+      meta[i * 24 + 16 + j] = sm[1]!;
+    }
+    nibbles.set(bytes.subarray(o + 16, o + 144), i * 128);
+  }
+  return bad;
+}
+
+/**
  * Widen `n` quantized values (`bytes`: n / blockElems consecutive ggml blocks, row after row) to
  * f32. `file` names the source in error messages.
  */

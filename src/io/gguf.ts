@@ -303,8 +303,11 @@ export interface GgufWriteTensor {
   name: string;
   /** Row-major shape (written reversed as ggml ne). */
   shape: number[];
-  type: GgmlType.F32 | GgmlType.F16 | GgmlType.Q8_0;
+  type: GgmlType;
+  /** The values; encoded here for F32, F16 and Q8_0. */
   data: Float32Array;
+  /** Bytes already encoded in `type` (e.g. by ggml's quantizer, src/reference/ggml.ts): written as they are. */
+  raw?: Uint8Array;
 }
 
 /** A parsed file's metadata as writeGguf takes it, each value with its stored type (`replace` overrides keys). */
@@ -364,7 +367,8 @@ export function writeGguf(path: string, metadata: Record<string, GgufWriteValue>
     for (const d of [...t.shape].reverse()) u64(d);
     u32(t.type);
     u64(off);
-    const bytes = t.type === GgmlType.F32 ? new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength) : t.type === GgmlType.Q8_0 ? quantizeQ8_0(t.data) : f32ToF16Bytes(t.data);
+    const bytes = t.raw ?? (t.type === GgmlType.F32 ? new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength) : t.type === GgmlType.Q8_0 ? quantizeQ8_0(t.data) : t.type === GgmlType.F16 ? f32ToF16Bytes(t.data) : undefined);
+    if (!bytes) throw new Error(`writeGguf: ${t.name}: pass ${GgmlType[t.type]} data already encoded (raw)`);
     datas.push(bytes);
     off += Math.ceil(bytes.byteLength / alignment) * alignment;
   }

@@ -11,7 +11,8 @@ export class NumericalWeightsError extends ModelFileError {
 }
 import { checkGgufTensorReadable, GgmlType, ggufTensorShape, readGguf, readGgufTensor, readRange, readRangeInto, type GgufFile } from "../io/gguf.js";
 import { fileSha256, type FileHashOptions } from "../io/file-hash.js";
-import { splitQ8_0 } from "../io/gguf-quants.js";
+import { repackQ4_K, splitQ8_0 } from "../io/gguf-quants.js";
+import type { QuantType } from "../engine/weights.js";
 import { resolveModelPath } from "../io/hub-cache.js";
 import { checkStTensorReadable, openSafetensors, readStTensor, type SafetensorsSet } from "../io/safetensors.js";
 import { expectedParams, validateConfigSource, validateModelConfig, type ModelConfig } from "../engine/config.js";
@@ -174,8 +175,8 @@ interface TensorSource {
   read(name: string): HostTensor;
   /** Where an F32 tensor's bytes are (a read straight into caller memory), or null for other dtypes. */
   f32Range(name: string): { file: string; offset: number; byteLength: number } | null;
-  /** Where a GGUF Q8_0 tensor's blocks are, or null for other dtypes and formats. */
-  q8Range?(name: string): { file: string; offset: number; byteLength: number } | null;
+  /** Where a GGUF Q8_0 or Q4_K tensor's blocks are, or null for other dtypes and formats. */
+  quantRange?(name: string): { file: string; offset: number; byteLength: number; type: QuantType } | null;
 }
 
 /**
@@ -205,9 +206,10 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
         const t = g.tensors.get(n);
         return t && t.type === GgmlType.F32 ? { file: g.path, offset: t.offset, byteLength: t.byteLength } : null;
       },
-      q8Range: (n) => {
+      quantRange: (n) => {
         const t = g.tensors.get(n);
-        return t && t.type === GgmlType.Q8_0 ? { file: g.path, offset: t.offset, byteLength: t.byteLength } : null;
+        const type = t?.type === GgmlType.Q8_0 ? "q8_0" : t?.type === GgmlType.Q4_K ? "q4_k" : null;
+        return t && type ? { file: g.path, offset: t.offset, byteLength: t.byteLength, type } : null;
       },
     };
     const weights = mapWeights(config, family.gguf, [], family.ggufIgnore, source, lazy);
@@ -452,40 +454,42 @@ export class LazyWeights extends Map<string, HostTensor> {
   }
 
   /**
-   * Whether weight `key` can be read as Q8_0 rows (readQ8Into): a GGUF Q8_0 tensor used as stored
-   * or with whole rows selected or reordered (a split, a RoPE unpermute), never transposed.
+   * The quantized type weight `key` can be read in without dequantizing (readQuantInto): a GGUF
+   * Q8_0 or Q4_K tensor used as stored or with whole rows selected or reordered (a split, a RoPE
+   * unpermute), never transposed; null otherwise.
    */
-  isQ8(key: string): boolean {
+  quantOf(key: string): QuantType | null {
     const s = this.#slots.get(key);
-    return s?.kind === "file" && !s.p.src.transpose && !this.#waiting.has(s.p.name) && (this.#source.q8Range?.(s.p.name) ?? null) !== null;
+    if (s?.kind !== "file" || s.p.src.transpose || this.#waiting.has(s.p.name)) return null;
+    return this.#source.quantRange?.(s.p.name)?.type ?? null;
   }
 
   /**
-   * Read a Q8_0 weight (isQ8) into int8 quants `qs` [rows·cols] and f32 scales `ds` [rows·cols/32]
-   * without dequantizing it; scales are checked for NaN/Inf as get() checks values.
+   * Read a quantized weight (quantOf) into the CPU engine's layout (engine/cpu/qkernels.ts): Q8_0
+   * as int8 quants `wq` and f32 scales `ws`; Q4_K as nibbles `wq` and 24-byte metas `ws`. Block
+   * scales are checked for NaN/Inf as get() checks values.
    */
-  readQ8Into(key: string, qs: Int8Array, ds: Float32Array): void {
-    if (!this.isQ8(key)) throw new UsageError(`internal: weight ${key} is not readable as Q8_0 rows`);
+  readQuantInto(key: string, wq: Uint8Array, ws: Uint8Array): void {
+    const type = this.quantOf(key);
+    if (!type) throw new UsageError(`internal: weight ${key} is not readable as quantized rows`);
     const p = (this.#slots.get(key) as { kind: "file"; p: Planned }).p;
-    const range = this.#source.q8Range!(p.name)!;
+    const range = this.#source.quantRange!(p.name)!;
     const rows = p.shape[0]!, cols = p.shape[1] ?? 1;
-    const rowBytes = (cols / 32) * 34;
+    const [elems, bytesPer] = type === "q8_0" ? [32, 34] : [256, 144];
+    const rowBytes = (cols / elems) * bytesPer;
     const first = p.src.split ? p.src.split.index * rows : 0;
-    const bytes = new Uint8Array(rows * rowBytes);
+    let bytes = new Uint8Array(rows * rowBytes);
     readRangeInto(range.file, range.offset + first * rowBytes, bytes);
-    const bad = splitQ8_0(bytes, qs, ds);
-    if (bad >= 0) throw new NumericalWeightsError(this.#source.file, `tensor ${p.name} holds a ${ds[bad]} block scale at block ${bad} (for ${p.canon}, layer ${p.layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
     if (p.src.unpermuteRope) {
       const c = this.#config;
       const nh = p.src.unpermuteRope === "q" ? c.nHeads : c.nKvHeads;
       const order = unpermuteRows(Float32Array.from({ length: rows }, (_, i) => i), nh, c.dHead, 1);
-      const q0 = qs.slice(), d0 = ds.slice();
-      const bpr = cols / 32;
-      order.forEach((src, dst) => {
-        qs.set(q0.subarray(src * cols, (src + 1) * cols), dst * cols);
-        ds.set(d0.subarray(src * bpr, (src + 1) * bpr), dst * bpr);
-      });
+      const src = bytes;
+      bytes = new Uint8Array(src.length);
+      order.forEach((from, to) => bytes.set(src.subarray(from * rowBytes, (from + 1) * rowBytes), to * rowBytes));
     }
+    const bad = type === "q8_0" ? splitQ8_0(bytes, new Int8Array(wq.buffer, wq.byteOffset, wq.byteLength), new Float32Array(ws.buffer, ws.byteOffset, ws.byteLength / 4)) : repackQ4_K(bytes, wq, ws);
+    if (bad >= 0) throw new NumericalWeightsError(this.#source.file, `tensor ${p.name} holds a non-finite block scale at block ${bad} (for ${p.canon}, layer ${p.layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
   }
 
   override has(key: string): boolean {

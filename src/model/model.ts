@@ -41,12 +41,13 @@ export interface LoadOptions {
   /**
    * Weight storage: "f32" (default), or "f16" on WebGPU with shader-f16 (half the memory; the
    * residual stream stays f32). Quantized GGUFs default to "f16" on WebGPU: their error dominates.
-   * "q8_0" (cpu; the default for GGUF files with Q8_0 tensors): those matrices stay Q8_0 in
-   * memory and are computed on as such (a quarter of the f32 memory and bytes per token; results
-   * equal f32's up to summation order); other tensors are f32. The first gradient, derivative or
-   * weight delta gives every Q8_0 matrix an exact f32 copy (memory grows by the f32 size).
+   * "native" (cpu; the default for GGUF files with Q8_0 or Q4_K tensors): those matrices stay in
+   * their quantized format in memory and are computed on as such (Q8_0 1.125, Q4_K 0.59 bytes per
+   * weight; results equal f32's on ggml's dequantized values up to summation order); other
+   * tensors are f32. The first gradient, derivative or weight delta gives every quantized matrix
+   * an exact f32 copy (memory grows by the f32 size).
    */
-  weights?: "f32" | "f16" | "q8_0";
+  weights?: "f32" | "f16" | "native";
   /**
    * Weight params folded into the weights at load (an adapter's LoRA factors and deltas: W + scale·B·A,
    * W + delta, as export.ts's mergeParams). `id` (e.g. the adapter file's sha256) enters weightsHash(),
@@ -111,20 +112,20 @@ export class Model {
     const { tokenizer, chatTemplate } = tokenizerOf(host);
     const max = Math.min(opts.maxBindingBytes ?? Infinity, device.maxBindingBytes);
     const quantized = /Q\d/.test(host.sourceDtype);
-    // Q8_0 matrices stay Q8_0 on the cpu device unless f32 is asked for (or an adapter is folded in).
-    const weightDtype = opts.weights ?? (device.name === "webgpu" && device.shaderF16 && quantized ? "f16" : device.name === "cpu" && !opts.merge && /Q8_0/.test(host.sourceDtype) ? "q8_0" : "f32");
-    if (opts.weights === "q8_0" && (device.name !== "cpu" || opts.merge)) {
-      throw new UsageError(`--weights q8_0 keeps Q8_0 matrices quantized on the cpu device only${opts.merge ? ", and not with an adapter folded in (its merge makes f32 weights)" : ""}; use --weights f32`);
+    // Q8_0 / Q4_K matrices stay quantized on the cpu device unless f32 is asked for (or an adapter is folded in).
+    const weightDtype = opts.weights ?? (device.name === "webgpu" && device.shaderF16 && quantized ? "f16" : device.name === "cpu" && !opts.merge && /Q8_0|Q4_K/.test(host.sourceDtype) ? "native" : "f32");
+    if (opts.weights === "native" && (device.name !== "cpu" || opts.merge)) {
+      throw new UsageError(`--weights native keeps quantized matrices in their format on the cpu device only${opts.merge ? ", and not with an adapter folded in (its merge makes f32 weights)" : ""}; use --weights f32`);
     }
     if (weightDtype === "f16" && !(device.name === "webgpu" && device.shaderF16)) {
       throw new UsageError(`f16 weights need the WebGPU backend with shader-f16 (the cpu and wasm devices compute in f32 only); use --weights f32`);
     }
     let engine: InferenceEngine;
     if (device.name === "cpu") {
-      engine = await CpuEngine.create(host, { ...(opts.threads !== undefined ? { threads: opts.threads } : {}), weights: weightDtype === "q8_0" ? "q8_0" : "f32" });
+      engine = await CpuEngine.create(host, { ...(opts.threads !== undefined ? { threads: opts.threads } : {}), weights: weightDtype === "native" ? "native" : "f32" });
     } else {
       const { Engine } = await import("../engine/jax/engine.js");
-      engine = new Engine(host, { maxBindingBytes: max, weightDtype: weightDtype === "q8_0" ? "f32" : weightDtype });
+      engine = new Engine(host, { maxBindingBytes: max, weightDtype: weightDtype === "native" ? "f32" : weightDtype });
     }
     const m = new Model(engine, host.config, host.files, tokenizer, chatTemplate, device, host.sourceDtype, tokenizerDigestOf(host));
     m.mergeId = opts.merge?.id;

@@ -14,12 +14,12 @@ import { Driver, type LayerCall } from "../driver.js";
 import { compileHost, featShapeOf, type CallCtx, type HostOp, type Resolved } from "../plan.js";
 import type { ForwardOptions, ForwardResult, GenerateOptions, GenerateResult, Row } from "../types.js";
 import type { Activation, ModelConfig, NormSpec } from "../config.js";
-import { isLazy, type EngineModel } from "../weights.js";
+import { isLazy, type EngineModel, type QuantType } from "../weights.js";
 import { ropeInvFreq } from "../rope.js";
 import { scheduleOf, type Buf, type EmbedStep, type HeadStep, type Step } from "../schedule.js";
 import { trainableWeights, type JvpRequest, type JvpResult, type LinearName, type LossAndGradRequest, type LossAndGradResult } from "../grad.js";
 import { jvpScale, lossAndGrad, type DeltaSite, type GradHost } from "./backprop.js";
-import { MAX_Q8_K } from "./qkernels.js";
+import { MAX_Q8_K, QUANT_BLOCK, quantBytes } from "./qkernels.js";
 import { adapterKey, erf, loraApply, type LoraRef } from "./derivatives.js";
 import { elementwise, type Elementwise } from "./elementwise.js";
 import type { AttentionTask, Gemm, QGemm } from "./runtime.js";
@@ -34,6 +34,7 @@ export interface KernelRuntime {
   release(mark: number): void;
   gemm(g: Gemm): void;
   qgemm(g: QGemm): void;
+  dequantRows(type: QuantType, wq: number, ws: number, rows: number, K: number, dst: number): void;
   allocBytes(bytes: number): number;
   gemmBatch(list: Gemm[]): void;
   attention(list: AttentionTask[]): void;
@@ -49,18 +50,18 @@ interface Norm {
   off: number;
 }
 /**
- * A weight matrix in Wasm memory, [rows, cols] row-major: f32 at `off`, or (weights "q8_0") Q8_0
- * rows (qkernels.ts) with `off` -1.
+ * A weight matrix in Wasm memory, [rows, cols] row-major: f32 at `off`, or (weights "native")
+ * quantized rows (qkernels.ts; wq, ws byte offsets) with `off` -1.
  */
 interface Mat {
   off: number;
   rows: number;
   cols: number;
-  q8?: { wq: number; ws: number };
+  q?: { type: QuantType; wq: number; ws: number };
 }
 
-/** How the CPU engine stores matrix weights: f32, or GGUF Q8_0 tensors kept as Q8_0 rows. */
-export type CpuWeights = "f32" | "q8_0";
+/** How the CPU engine stores matrix weights: all f32, or GGUF Q8_0 / Q4_K tensors kept in their own format. */
+export type CpuWeights = "f32" | "native";
 interface Block {
   ln1?: Norm;
   ln1Post?: Norm;
@@ -102,7 +103,7 @@ export class CpuEngine {
   siteTrace: string[] | null = null;
 
   /** Copies the weights into the runtime's memory one tensor at a time (a lazy EngineModel then never holds them all). */
-  /** Matrices held as Q8_0 rows (weights "q8_0"); 0 with f32 weights. */
+  /** Matrices held quantized (weights "native"); 0 with f32 weights. */
   readonly quantizedMats: number = 0;
 
   constructor(
@@ -135,19 +136,22 @@ export class CpuEngine {
       const cols = shapeOf(names[0]!)![1]!;
       const rowsOf = names.map((n) => shapeOf(n)![0]!);
       const rows = rowsOf.reduce((a, b) => a + b, 0);
-      // Q8_0 tensors stay Q8_0 (1.125 bytes per weight) when asked and every part qualifies.
-      if (weights === "q8_0" && names[0] !== "posEmbed.weight" && lazy?.isQ8 && lazy.readQ8Into && cols % 32 === 0 && cols <= MAX_Q8_K && names.every((n) => lazy.isQ8!(n))) {
-        const wq = rt.allocBytes(rows * cols);
-        const ws = rt.allocBytes((rows * cols) / 8);
+      // Q8_0 / Q4_K tensors stay quantized when asked and every stacked part has the same type.
+      const type = weights === "native" && names[0] !== "posEmbed.weight" && lazy?.quantOf ? lazy.quantOf(names[0]!) : null;
+      if (type && lazy?.readQuantInto && cols % QUANT_BLOCK[type] === 0 && cols <= MAX_Q8_K && names.every((n) => lazy.quantOf!(n) === type)) {
+        const total = quantBytes(type, rows, cols);
+        const wq = rt.allocBytes(total.wq);
+        const ws = rt.allocBytes(total.ws);
         let r = 0;
         names.forEach((n, i) => {
           const nr = rowsOf[i]!;
-          const buf = rt.memory.buffer;
-          lazy.readQ8Into!(n, new Int8Array(buf, wq + r * cols, nr * cols), new Float32Array(buf, ws + (r * cols) / 8, (nr * cols) / 32));
+          const at = quantBytes(type, r, cols), size = quantBytes(type, nr, cols);
+          const u8 = new Uint8Array(rt.memory.buffer);
+          lazy.readQuantInto!(n, u8.subarray(wq + at.wq, wq + at.wq + size.wq), u8.subarray(ws + at.ws, ws + at.ws + size.ws));
           r += nr;
         });
         (this as { quantizedMats: number }).quantizedMats++;
-        return { off: -1, rows, cols, q8: { wq, ws } };
+        return { off: -1, rows, cols, q: { type, wq, ws } };
       }
       const off = rt.alloc(rows * cols);
       let r = 0;
@@ -523,11 +527,13 @@ export class CpuEngine {
           if (p < 0) continue;
           const id = ctx.ids[r]!;
           if (!(id >= 0 && id < c.dVocab)) throw new UsageError(`token id ${id} is outside the vocabulary (0..${c.dVocab - 1})`);
-          if (this.embed.q8) {
-            // One row of a Q8_0 embedding (tied or not), dequantized: quants times block scales.
-            const qs = new Int8Array(this.rt.memory.buffer, this.embed.q8.wq + id * D, D);
-            const ds = new Float32Array(this.rt.memory.buffer, this.embed.q8.ws + (id * D) / 8, D / 32);
-            for (let i = 0; i < D; i++) fx[x + r * D + i] = qs[i]! * ds[i >> 5]! * c.embedScale;
+          const eq = this.embed.q;
+          if (eq) {
+            // One row of a quantized embedding (tied or not), dequantized in place.
+            const at = quantBytes(eq.type, id, D);
+            this.rt.dequantRows(eq.type, eq.wq + at.wq, eq.ws + at.ws, 1, D, x + r * D);
+            const f = this.rt.f32;
+            if (c.embedScale !== 1) for (let i = 0; i < D; i++) f[x + r * D + i] = f[x + r * D + i]! * c.embedScale;
             continue;
           }
           const src = this.embed.off + id * D;
@@ -773,30 +779,29 @@ export class CpuEngine {
 
   /** Y[R, rows] (rows ldy apart) = X·Wᵀ on f32 or Q8_0 weights. */
   private matmul(x: number, ldx: number, R: number, w: Mat, y: number, ldy: number): void {
-    if (w.q8) this.rt.qgemm({ x, ldx, wq: w.q8.wq, ws: w.q8.ws, y, ldy, M: R, N: w.rows, K: w.cols });
+    if (w.q) this.rt.qgemm({ type: w.q.type, x, ldx, wq: w.q.wq, ws: w.q.ws, y, ldy, M: R, N: w.rows, K: w.cols });
     else this.rt.gemm({ x, ldx, w: w.off, ldw: w.cols, y, ldy, M: R, N: w.rows, K: w.cols });
   }
 
-  /** An f32 copy of a Q8_0 matrix for this call (per-head outputs need column slices); f32 matrices as they are. */
+  /**
+   * An f32 copy of a quantized matrix, allocated on the current stack (per-head outputs need
+   * column slices); f32 matrices as they are. The values are ggml's dequantization, bit for bit.
+   */
   private f32Mat(w: Mat): Mat {
-    if (!w.q8) return w;
+    if (!w.q) return w;
     const off = this.rt.alloc(w.rows * w.cols);
-    const buf = this.rt.memory.buffer;
-    const qs = new Int8Array(buf, w.q8.wq, w.rows * w.cols);
-    const ds = new Float32Array(buf, w.q8.ws, (w.rows * w.cols) / 32);
-    const f = this.rt.f32;
-    for (let i = 0; i < qs.length; i++) f[off + i] = qs[i]! * ds[i >> 5]!;
+    this.rt.dequantRows(w.q.type, w.q.wq, w.q.ws, w.rows, w.cols, off);
     return { off, rows: w.rows, cols: w.cols };
   }
 
   /** Gradients and weight deltas need f32 weights in place (materializeF32 runs first). */
   private requireF32(what: string): void {
-    if (this.quantizedMats > 0) throw new Error(`internal: ${what} on Q8_0 weights (materializeF32 was not called)`);
+    if (this.quantizedMats > 0) throw new Error(`internal: ${what} on quantized weights (materializeF32 was not called)`);
   }
 
   /**
    * Gradients, forward-mode derivatives and weight deltas work on f32 weights in place: on their
-   * first use, every Q8_0 matrix gets an f32 copy (its exact dequantized values) that replaces it
+   * first use, every quantized matrix gets an f32 copy (its exact dequantized values) that replaces it
    * for good. Memory grows by the f32 size (the quantized bytes stay: the allocator is a stack);
    * results are those of an f32 load. Must run before a call takes its stack mark.
    */
@@ -804,10 +809,10 @@ export class CpuEngine {
     if (this.quantizedMats === 0) return;
     const seen = new Set<Mat>();
     for (const m of [...this.blocks.flatMap((b) => [b.qkv, b.o, b.up, b.down]), this.embed, this.unembed]) {
-      if (!m.q8 || seen.has(m)) continue;
+      if (!m.q || seen.has(m)) continue;
       seen.add(m);
       m.off = this.f32Mat(m).off;
-      delete m.q8;
+      delete m.q;
     }
     (this as { quantizedMats: number }).quantizedMats = 0;
   }

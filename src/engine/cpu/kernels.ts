@@ -100,8 +100,9 @@ export const TASK_WORDS = 16;
  *              (scale) the keys it sees — max(pad, slot - window + 1)..slot, or only itself if
  *              that is empty; z [T, hd] (rows ldq apart) = scores · v, v transposed [hd, S] (ldv)
  *   QGEMM      x, ldx, wq, ws, y, ldy, M, N, K, flags, deqRows   (qkernels.ts qgemm on Q8_0 rows)
+ *   Q4KGEMM    the same for Q4_K rows (qkernels.ts q4kgemm; ws: the per-super-block meta)
  */
-export const TASK = { GEMM: 0, GATED: 1, RMSNORM: 2, ATTENTION: 3, QGEMM: 4 } as const;
+export const TASK = { GEMM: 0, GATED: 1, RMSNORM: 2, ATTENTION: 3, QGEMM: 4, Q4KGEMM: 5 } as const;
 /** gemm flags: add to Y instead of overwriting it. */
 export const ACCUMULATE = 1;
 /** gemm flags: x points at X packed by packx (packed path, M >= packMinM, only). */
@@ -640,7 +641,7 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
   // The packed path pays off from a few rows of X (and needs K >= 4 for its block sizes).
   g.get(M).i32Const(o.packMinM).i32LtU().get(K).i32Const(4).i32LtU().i32Or().if(direct, packed);
 
-  const { qgemm } = emitQuantKernels(mb, o, g);
+  const { qgemm, q4kgemm } = emitQuantKernels(mb, o, g);
 
   // --- task_list ----------------------------------------------------------------------------
   const ew = emitElementwise(mb);
@@ -676,13 +677,15 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
           for (let i = 1; i <= 10; i++) arg(i);
           tl.get(SCR).call(g);
         });
-        tl.get(op).i32Const(TASK.QGEMM).i32Eq().if(() => {
-          for (let i = 1; i <= 10; i++) arg(i);
-          tl.get(SCR);
-          tl.get(SCR).i32Const(gemmScratchBytes(o)).i32Add();
-          arg(11);
-          tl.call(qgemm);
-        });
+        for (const [kind, fn] of [[TASK.QGEMM, qgemm], [TASK.Q4KGEMM, q4kgemm]] as const) {
+          tl.get(op).i32Const(kind).i32Eq().if(() => {
+            for (let i = 1; i <= 10; i++) arg(i);
+            tl.get(SCR);
+            tl.get(SCR).i32Const(gemmScratchBytes(o)).i32Add();
+            arg(11);
+            tl.call(fn);
+          });
+        }
         tl.get(op).i32Const(TASK.GATED).i32Eq().if(() => {
           arg(7).set(rows);
           arg(1).set(a);

@@ -18,12 +18,20 @@
 //     pass is amortized over the M rows of X; flags as gemm's, PACKED_X included).
 import { F32, type Fn, I32, type ModuleBuilder, V128 } from "./wasm-emit.js";
 import type { KernelOptions } from "./kernels.js";
+import type { QuantType } from "../weights.js";
+
+/** Bytes of (wq, ws) for N rows of K of a quantized matrix. */
+export function quantBytes(type: QuantType, N: number, K: number): { wq: number; ws: number } {
+  return type === "q8_0" ? { wq: N * K, ws: (N * K) / 8 } : { wq: (N * K) / 2, ws: ((N * K) / 256) * 24 };
+}
+/** Row length a quantized matrix must be a multiple of. */
+export const QUANT_BLOCK: Record<QuantType, number> = { q8_0: 32, q4_k: 256 };
 
 /** Bytes of each thread's dequantization area (chunks of W rows as f32 for the prefill path). */
 export const DEQ_BYTES = 1 << 20;
 /** Rows of a Q8_0 matrix with K columns dequantized per chunk. */
 export const deqRowsFor = (K: number) => Math.max(1, Math.floor(DEQ_BYTES / (4 * K)));
-/** Largest K a Q8_0 matrix may have here (one row must fit the dequantization area). */
+/** Largest K a quantized matrix may have here (one row must fit the dequantization area). */
 export const MAX_Q8_K = DEQ_BYTES / 4;
 
 function emitQ8Rows(mb: ModuleBuilder, o: KernelOptions, a: number): Fn {
@@ -143,11 +151,249 @@ function emitQ8Deq(mb: ModuleBuilder): Fn {
   return f;
 }
 
-/** Emits q8rows_*, q8deq and qgemm (exported) into `mb`; `gemm` is the f32 driver. */
-export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn): { qgemm: Fn } {
-  const rows = Array.from({ length: o.dmr }, (_, i) => emitQ8Rows(mb, o, i + 1));
-  const deq = emitQ8Deq(mb);
-  const g = mb.func("qgemm", [I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32], [], true);
+// Q4_K (llama.cpp's 4-bit K-quant: super-blocks of 256 = 8 sub-blocks of 32, each with a 6-bit
+// scale and min; value = d·sc·q − dmin·m). W [N, K] (K % 256 == 0) is held as
+//   wq: the file's nibbles, K/2 bytes per row (per super-block 4 chunks of 32 bytes: low nibbles
+//       are sub-block 2c, high nibbles sub-block 2c+1, 32 weights each)
+//   wm: per super-block 24 bytes: d (f32), dmin (f32), sc[8] (u8), m[8] (u8)
+// i.e. 0.59 bytes per weight (the file's 0.5625 with d, dmin widened and the 6-bit codes unpacked).
+// The dot product of a row with x is Σ_j d·sc_j·Σ x·q − dmin·m_j·Σ_j x: the sums of x per 32 are
+// computed once per call (xsums, in the thread's scratch) and the min term is a scalar per
+// sub-block. d·sc_j is one f32 multiply, as in ggml's dequantization.
+
+/** xsums(px, ldx, M, K, dst): dst[m][b] = Σ_{j<32} x[m][32b + j] (f32, rows K/32 floats apart). */
+function emitXSums(mb: ModuleBuilder): Fn {
+  const f = mb.func("xsums", [I32, I32, I32, I32, I32]);
+  const [PX, LDX, M, K, DST] = [0, 1, 2, 3, 4];
+  const m = f.local(I32);
+  const p = f.local(I32);
+  const d = f.local(I32);
+  const cnt = f.local(I32);
+  const v = f.local(V128);
+  f.get(M).i32Eqz().get(K).i32Const(5).i32ShrU().i32Eqz().i32Or().if(() => void f.return());
+  f.get(DST).i32Const(0).i32Add().set(d);
+  f.loop(() => {
+    f.get(PX).get(m).get(LDX).i32Mul().i32Add().set(p);
+    f.get(K).i32Const(5).i32ShrU().set(cnt);
+    f.loop(() => {
+      f.get(p).v128Load(0);
+      for (let i = 1; i < 8; i++) f.get(p).v128Load(16 * i).f32x4Add();
+      f.set(v);
+      f.get(d);
+      f.get(v).get(v).get(v).shuffle32(2, 3, 0, 1).f32x4Add().set(v);
+      f.get(v).get(v).get(v).shuffle32(1, 0, 3, 2).f32x4Add().f32x4ExtractLane(0);
+      f.f32Store();
+      f.get(d).i32Const(4).i32Add().set(d);
+      f.get(p).i32Const(128).i32Add().set(p);
+      f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
+    });
+    f.get(m).i32Const(1).i32Add().tee(m).get(M).i32LtU().brIf(0);
+  });
+  return f;
+}
+
+/** Pushes the 16 nibbles of `v` (low if hi is false, else high) as u8 lanes. */
+function nibbles(f: Fn, v: number, hi: boolean): void {
+  f.get(v);
+  if (hi) f.i32Const(4).i8x16ShrU();
+  else f.v128ConstI32(0x0f0f0f0f).v128And();
+}
+
+/**
+ * q4krows_a(px, ldx, wq, wm, py, ldy, N, K, acc, xs): a rows of X against all N rows of a Q4_K
+ * matrix; xs: the rows' xsums (K/32 floats per row, consecutive).
+ */
+function emitQ4KRows(mb: ModuleBuilder, o: KernelOptions, a: number): Fn {
+  const f = mb.func(`q4krows_${a}`, [I32, I32, I32, I32, I32, I32, I32, I32, I32, I32]);
+  const [PX, LDX, WQ, WM, PY, LDY, N, K, ACC, XS] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+  const xp = Array.from({ length: a }, () => f.local(I32));
+  const xs = f.local(I32);
+  const q = f.local(I32);
+  const mt = f.local(I32);
+  const yp = f.local(I32);
+  const n = f.local(I32);
+  const cnt = f.local(I32);
+  const acc = Array.from({ length: a }, () => f.local(V128));
+  const macc = Array.from({ length: a }, () => f.local(F32));
+  const t = Array.from({ length: a }, () => f.local(V128));
+  const v0 = f.local(V128);
+  const v1 = f.local(V128);
+  const u = f.local(V128);
+  const w16 = f.local(V128);
+  const wf = f.local(V128);
+  const xv = f.local(V128);
+  const dd = f.local(F32);
+  const dmin = f.local(F32);
+  const sc = f.local(F32);
+  const mm = f.local(F32);
+  const madd = (accL: number, x: number, w: number) => {
+    if (o.relaxed) f.get(x).get(w).get(accL).f32x4RelaxedMadd().set(accL);
+    else f.get(accL).get(x).get(w).f32x4Mul().f32x4Add().set(accL);
+  };
+  const kb = K; // K/32 * 4 = K/8 bytes between the xsum rows
+  f.get(N).i32Eqz().if(() => void f.return());
+  f.get(WQ).i32Const(0).i32Add().set(q);
+  f.get(WM).i32Const(0).i32Add().set(mt);
+  f.get(PY).i32Const(0).i32Add().set(yp);
+  f.loop(() => {
+    f.get(PX).i32Const(0).i32Add().set(xp[0]!);
+    for (let i = 1; i < a; i++) f.get(xp[i - 1]!).get(LDX).i32Add().set(xp[i]!);
+    f.get(XS).i32Const(0).i32Add().set(xs);
+    for (let i = 0; i < a; i++) {
+      f.v128ConstF32(0).set(acc[i]!);
+      f.f32Const(0).set(macc[i]!);
+    }
+    f.get(K).i32Const(8).i32ShrU().tee(cnt).if(() => {
+      f.loop(() => {
+        f.get(mt).f32Load(0).set(dd);
+        f.get(mt).f32Load(4).set(dmin);
+        for (let c = 0; c < 4; c++) {
+          f.get(q).v128Load(32 * c).set(v0);
+          f.get(q).v128Load(32 * c + 16).set(v1);
+          for (const hi of [false, true]) {
+            const j = 2 * c + (hi ? 1 : 0);
+            let first = true;
+            for (const [vi, v] of [v0, v1].entries()) {
+              nibbles(f, v, hi);
+              f.set(u);
+              for (let part = 0; part < 2; part++) {
+                f.get(u);
+                if (part === 0) f.i16x8ExtendLowI8x16U();
+                else f.i16x8ExtendHighI8x16U();
+                f.set(w16);
+                for (let g = 0; g < 2; g++) {
+                  f.get(w16);
+                  if (g === 0) f.i32x4ExtendLowI16x8U();
+                  else f.i32x4ExtendHighI16x8U();
+                  f.f32x4ConvertI32x4S().set(wf);
+                  const off = 4 * (32 * j + 16 * vi + 8 * part + 4 * g);
+                  for (let i = 0; i < a; i++) {
+                    f.get(xp[i]!).v128Load(off).set(xv);
+                    if (first) f.get(xv).get(wf).f32x4Mul().set(t[i]!);
+                    else madd(t[i]!, xv, wf);
+                  }
+                  first = false;
+                }
+              }
+            }
+            // acc += t · (d·sc_j); macc += (dmin·m_j) · xsum_j
+            f.get(dd).get(mt).i32Load8U(8 + j).f32ConvertI32U().f32Mul().set(sc);
+            f.get(dmin).get(mt).i32Load8U(16 + j).f32ConvertI32U().f32Mul().set(mm);
+            f.get(sc).f32x4Splat().set(wf);
+            for (let i = 0; i < a; i++) {
+              madd(acc[i]!, t[i]!, wf);
+              const xsAddr = () => (i === 0 ? f.get(xs) : f.get(xs).i32Const(i).get(kb).i32Mul().i32Const(3).i32ShrU().i32Add());
+              f.get(macc[i]!).get(mm);
+              xsAddr().f32Load(4 * j);
+              f.f32Mul().f32Add().set(macc[i]!);
+            }
+          }
+        }
+        f.get(q).i32Const(128).i32Add().set(q);
+        f.get(mt).i32Const(24).i32Add().set(mt);
+        f.get(xs).i32Const(32).i32Add().set(xs);
+        for (let i = 0; i < a; i++) f.get(xp[i]!).i32Const(1024).i32Add().set(xp[i]!);
+        f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
+      });
+    });
+    for (let i = 0; i < a; i++) {
+      const A = acc[i]!;
+      f.get(A).get(A).get(A).shuffle32(2, 3, 0, 1).f32x4Add().set(wf);
+      f.get(wf).get(wf).get(wf).shuffle32(1, 0, 3, 2).f32x4Add().f32x4ExtractLane(0).get(macc[i]!).f32Sub().set(sc);
+      const yAddr = () => (i === 0 ? f.get(yp) : f.get(yp).get(LDY).i32Const(i).i32Mul().i32Add());
+      f.get(ACC).if(() => void yAddr().f32Load().get(sc).f32Add().set(sc));
+      yAddr().get(sc).f32Store();
+    }
+    f.get(yp).i32Const(4).i32Add().set(yp);
+    f.get(n).i32Const(1).i32Add().tee(n).get(N).i32LtU().brIf(0);
+  });
+  return f;
+}
+
+/** q4kdeq(wq, wm, rows, K, dst): rows of a Q4_K matrix as f32, exactly as ggml's dequantize_row_q4_K. */
+function emitQ4KDeq(mb: ModuleBuilder): Fn {
+  const f = mb.func("q4kdeq", [I32, I32, I32, I32, I32], [], true);
+  const [WQ, WM, ROWS, K, DST] = [0, 1, 2, 3, 4];
+  const q = f.local(I32);
+  const mt = f.local(I32);
+  const p = f.local(I32);
+  const cnt = f.local(I32);
+  const v0 = f.local(V128);
+  const v1 = f.local(V128);
+  const u = f.local(V128);
+  const w16 = f.local(V128);
+  const s = f.local(V128);
+  const m = f.local(V128);
+  const dd = f.local(F32);
+  const dmin = f.local(F32);
+  f.get(ROWS).get(K).i32Mul().i32Const(8).i32ShrU().tee(cnt).i32Eqz().if(() => void f.return());
+  f.get(WQ).i32Const(0).i32Add().set(q);
+  f.get(WM).i32Const(0).i32Add().set(mt);
+  f.get(DST).i32Const(0).i32Add().set(p);
+  f.loop(() => {
+    f.get(mt).f32Load(0).set(dd);
+    f.get(mt).f32Load(4).set(dmin);
+    for (let c = 0; c < 4; c++) {
+      f.get(q).v128Load(32 * c).set(v0);
+      f.get(q).v128Load(32 * c + 16).set(v1);
+      for (const hi of [false, true]) {
+        const j = 2 * c + (hi ? 1 : 0);
+        f.get(dd).get(mt).i32Load8U(8 + j).f32ConvertI32U().f32Mul().f32x4Splat().set(s);
+        f.get(dmin).get(mt).i32Load8U(16 + j).f32ConvertI32U().f32Mul().f32x4Splat().set(m);
+        for (const [vi, v] of [v0, v1].entries()) {
+          nibbles(f, v, hi);
+          f.set(u);
+          for (let part = 0; part < 2; part++) {
+            f.get(u);
+            if (part === 0) f.i16x8ExtendLowI8x16U();
+            else f.i16x8ExtendHighI8x16U();
+            f.set(w16);
+            for (let g = 0; g < 2; g++) {
+              f.get(p);
+              f.get(w16);
+              if (g === 0) f.i32x4ExtendLowI16x8U();
+              else f.i32x4ExtendHighI16x8U();
+              f.f32x4ConvertI32x4S().get(s).f32x4Mul().get(m).f32x4Sub();
+              f.v128Store(4 * (32 * j + 16 * vi + 8 * part + 4 * g));
+            }
+          }
+        }
+      }
+    }
+    f.get(q).i32Const(128).i32Add().set(q);
+    f.get(mt).i32Const(24).i32Add().set(mt);
+    f.get(p).i32Const(1024).i32Add().set(p);
+    f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
+  });
+  return f;
+}
+
+/** Emits the Q8_0 and Q4_K kernels and their drivers qgemm and q4kgemm (exported); `gemm` is the f32 driver. */
+export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn): { qgemm: Fn; q4kgemm: Fn } {
+  const q8rows = Array.from({ length: o.dmr }, (_, i) => emitQ8Rows(mb, o, i + 1));
+  const q8deq = emitQ8Deq(mb);
+  const q4rows = Array.from({ length: o.dmr }, (_, i) => emitQ4KRows(mb, o, i + 1));
+  const q4deq = emitQ4KDeq(mb);
+  const xsums = emitXSums(mb);
+  return {
+    qgemm: emitDriver(mb, o, gemm, "qgemm", q8rows, q8deq, null, (g, n0, K) => {
+      g.get(n0).get(K).i32Mul(); // quant bytes before row n0
+      return () => void g.get(n0).get(K).i32Mul().i32Const(3).i32ShrU(); // scale bytes: n0·K/32·4
+    }),
+    q4kgemm: emitDriver(mb, o, gemm, "q4kgemm", q4rows, q4deq, xsums, (g, n0, K) => {
+      g.get(n0).get(K).i32Mul().i32Const(1).i32ShrU(); // nibble bytes: n0·K/2
+      return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(24).i32Mul(); // meta: n0·K/256·24
+    }),
+  };
+}
+
+/**
+ * One driver: (x, ldx, wq, ws, y, ldy, M, N, K, flags, scratch, deq, deqRows). M < packMinM: the
+ * direct rows kernels (with the rows' xsums in `scratch` first when `xsums` is given); otherwise
+ * chunks of deqRows rows dequantized into `deq` and multiplied by the f32 gemm.
+ */
+function emitDriver(mb: ModuleBuilder, o: KernelOptions, gemm: Fn, name: string, rows: Fn[], deq: Fn, xsums: Fn | null, rowOffsets: (g: Fn, n0: number, K: number) => () => void): Fn {
+  const g = mb.func(name, [I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32], [], true);
   const [X, LDX, WQ, WS, Y, LDY, M, N, K, FLAGS, SCR, DEQ, DEQROWS] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
   const m = g.local(I32);
   const r = g.local(I32);
@@ -155,6 +401,10 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
   g.get(M).i32Eqz().get(N).i32Eqz().i32Or().if(() => void g.return());
   g.get(M).i32Const(o.packMinM).i32LtU().if(
     () => {
+      if (xsums) {
+        g.get(X).get(LDX).get(M).get(K).get(SCR);
+        g.call(xsums);
+      }
       // Direct: dmr rows of X at a time against all of W (the rest through a smaller kernel).
       g.loop(() => {
         g.get(M).get(m).i32Sub().set(r);
@@ -165,6 +415,7 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
           g.get(Y).get(m).get(LDY).i32Mul().i32Add();
           g.get(LDY).get(N).get(K);
           g.get(FLAGS).i32Const(1).i32And();
+          if (xsums) g.get(SCR).get(m).get(K).i32Mul().i32Const(3).i32ShrU().i32Add();
           g.call(fn);
         };
         const chain = (a: number) => {
@@ -180,8 +431,12 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
       g.loop(() => {
         g.get(N).get(n0).i32Sub().set(r);
         g.get(r).get(DEQROWS).i32GtU().if(() => void g.get(DEQROWS).set(r));
-        g.get(WQ).get(n0).get(K).i32Mul().i32Add();
-        g.get(WS).get(n0).get(K).i32Mul().i32Const(3).i32ShrU().i32Add();
+        g.get(WQ);
+        const metaOffset = rowOffsets(g, n0, K);
+        g.i32Add();
+        g.get(WS);
+        metaOffset();
+        g.i32Add();
         g.get(r).get(K).get(DEQ);
         g.call(deq);
         g.get(X).get(LDX).get(DEQ).get(K).i32Const(2).i32Shl();
@@ -192,5 +447,5 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
       });
     },
   );
-  return { qgemm: g };
+  return g;
 }

@@ -38,7 +38,8 @@
 import os from "node:os";
 import { Worker } from "node:worker_threads";
 import { ACCUMULATE, buildKernelModule, DEFAULT_KERNEL, gemmScratchBytes, type KernelOptions, MAX_PAGES, PACKED_X, packedXBytes, relaxedProbeBytes, scratchBytes, TASK, TASK_WORDS } from "./kernels.js";
-import { deqRowsFor, MAX_Q8_K } from "./qkernels.js";
+import { deqRowsFor, MAX_Q8_K, QUANT_BLOCK, quantBytes } from "./qkernels.js";
+import type { QuantType } from "../weights.js";
 
 export interface Gemm {
   x: number;
@@ -54,10 +55,12 @@ export interface Gemm {
 }
 
 /**
- * Y = X · Wᵀ with W [N, K] held as Q8_0 rows (qkernels.ts): x, y and the strides in floats like
- * Gemm; wq (int8 quants, N·K bytes) and ws (f32 scales, N·K/32) as BYTE offsets. K % 32 == 0.
+ * Y = X · Wᵀ with W [N, K] held quantized (qkernels.ts): x, y and the strides in floats like
+ * Gemm; wq and ws as BYTE offsets. "q8_0" (default): wq int8 quants (N·K bytes), ws f32 scales
+ * (N·K/32), K % 32 == 0. "q4_k": wq nibbles (N·K/2 bytes), ws the 24-byte meta per 256, K % 256 == 0.
  */
 export interface QGemm {
+  type?: QuantType;
   x: number;
   ldx: number;
   wq: number;
@@ -69,6 +72,9 @@ export interface QGemm {
   K: number;
   accumulate?: boolean;
 }
+
+export type { QuantType };
+
 
 /** One (row, head) pair of attention; element offsets (see kernels.ts TASK.ATTENTION). */
 export interface AttentionTask {
@@ -159,6 +165,7 @@ export function claimAndRun(ctrl: Int32Array, gen: number, taskList: TaskListFn,
 }
 
 type QGemmFn = (x: number, ldx: number, wq: number, ws: number, y: number, ldy: number, M: number, N: number, K: number, flags: number, scratch: number, deq: number, deqRows: number) => void;
+type DeqFn = (wq: number, ws: number, rows: number, K: number, dst: number) => void;
 type GemmFn = (x: number, ldx: number, w: number, ldw: number, y: number, ldy: number, M: number, N: number, K: number, acc: number, scratch: number) => void;
 export type TaskListFn = (ptr: number, count: number, scratch: number) => void;
 type PackxFn = (x: number, ldx: number, M: number, K: number, dst: number) => void;
@@ -186,6 +193,9 @@ export class CpuRuntime {
   private readonly module: WebAssembly.Module;
   private readonly gemmFn: GemmFn;
   private readonly qgemmFn: QGemmFn;
+  private readonly q4kgemmFn: QGemmFn;
+  private readonly q8deqFn: DeqFn;
+  private readonly q4kdeqFn: DeqFn;
   private gemmScratch = 0; // bytes of a thread's scratch before its dequantization area
   private readonly taskListFn: TaskListFn;
   private readonly packxFn: PackxFn;
@@ -218,6 +228,9 @@ export class CpuRuntime {
     const ex = instance.exports;
     this.gemmFn = ex.gemm as GemmFn;
     this.qgemmFn = ex.qgemm as QGemmFn;
+    this.q4kgemmFn = ex.q4kgemm as QGemmFn;
+    this.q8deqFn = ex.q8deq as DeqFn;
+    this.q4kdeqFn = ex.q4kdeq as DeqFn;
     this.taskListFn = ex.task_list as TaskListFn;
     this.packxFn = ex.packx as PackxFn;
     this.scratch = SCRATCH_BYTE;
@@ -416,20 +429,25 @@ export class CpuRuntime {
   qgemm(g: QGemm): void {
     this.assertLive();
     const { M, N, K } = g;
+    const type = g.type ?? "q8_0";
+    const block = QUANT_BLOCK[type];
     const ok = (v: number) => Number.isInteger(v) && v >= 0;
-    if (![g.x, g.ldx, g.wq, g.ws, g.y, g.ldy, M, N, K].every(ok) || K % 32 !== 0 || K > MAX_Q8_K || g.ws % 4 !== 0) {
-      throw new Error(`CpuRuntime.qgemm: offsets and sizes must be non-negative integers, K a multiple of 32 (at most ${MAX_Q8_K}), ws 4-byte aligned; got ${JSON.stringify(g)}`);
+    if (![g.x, g.ldx, g.wq, g.ws, g.y, g.ldy, M, N, K].every(ok) || K % block !== 0 || K > MAX_Q8_K || g.ws % 4 !== 0) {
+      throw new Error(`CpuRuntime.qgemm: offsets and sizes must be non-negative integers, K a multiple of ${block} (at most ${MAX_Q8_K}), ws 4-byte aligned; got ${JSON.stringify(g)}`);
     }
     if (M === 0 || N === 0) return;
     const bytes = this.memory.buffer.byteLength;
-    if (g.wq + N * K > bytes || g.ws + (N * K) / 8 > bytes || 4 * (g.x + (M - 1) * g.ldx + K) > bytes || 4 * (g.y + (M - 1) * g.ldy + N) > bytes) {
+    const qb = quantBytes(type, N, K);
+    const rowQ = quantBytes(type, 1, K);
+    if (g.wq + qb.wq > bytes || g.ws + qb.ws > bytes || 4 * (g.x + (M - 1) * g.ldx + K) > bytes || 4 * (g.y + (M - 1) * g.ldy + N) > bytes) {
       throw new Error(`CpuRuntime.qgemm: an operand lies outside the memory (${bytes} bytes): ${JSON.stringify(g)}`);
     }
     const flops = 2 * M * N * K;
     const flags = g.accumulate ? ACCUMULATE : 0;
     const deqRows = deqRowsFor(K);
+    const fn = type === "q8_0" ? this.qgemmFn : this.q4kgemmFn;
     if (this.threads === 1 || flops < PARALLEL_FLOPS) {
-      this.qgemmFn(g.x * 4, g.ldx * 4, g.wq, g.ws, g.y * 4, g.ldy * 4, M, N, K, flags, this.scratch, this.scratch + this.gemmScratch, deqRows);
+      fn(g.x * 4, g.ldx * 4, g.wq, g.ws, g.y * 4, g.ldy * 4, M, N, K, flags, this.scratch, this.scratch + this.gemmScratch, deqRows);
       return;
     }
     // As gemm: pieces of W rows claimed dynamically; X packed once for the packed path.
@@ -446,11 +464,11 @@ export class CpuRuntime {
       for (let n0 = 0; n0 < N; n0 += step, count++) {
         const ints = this.iview;
         const o = (LIST_BYTE >>> 2) + count * TASK_WORDS;
-        ints[o] = TASK.QGEMM;
+        ints[o] = type === "q8_0" ? TASK.QGEMM : TASK.Q4KGEMM;
         ints[o + 1] = (packed ? xp : g.x) * 4;
         ints[o + 2] = g.ldx * 4;
-        ints[o + 3] = g.wq + n0 * K;
-        ints[o + 4] = g.ws + (n0 * K) / 8;
+        ints[o + 3] = g.wq + n0 * rowQ.wq;
+        ints[o + 4] = g.ws + n0 * rowQ.ws;
         ints[o + 5] = (g.y + n0) * 4;
         ints[o + 6] = g.ldy * 4;
         ints[o + 7] = M;
@@ -463,6 +481,13 @@ export class CpuRuntime {
     } finally {
       this.release(mark);
     }
+  }
+
+  /** Dequantize `rows` rows of K of a quantized matrix (wq, ws: BYTE offsets of its first row) to f32 at element offset `dst`. */
+  dequantRows(type: QuantType, wq: number, ws: number, rows: number, K: number, dst: number): void {
+    this.assertLive();
+    if (K % QUANT_BLOCK[type] !== 0) throw new Error(`CpuRuntime.dequantRows: K ${K} is not a multiple of ${QUANT_BLOCK[type]}`);
+    (type === "q8_0" ? this.q8deqFn : this.q4kdeqFn)(wq, ws, rows, K, dst * 4);
   }
 
   /** Allocates `bytes` bytes (zero-filled, 64-byte aligned); returns their BYTE offset. */

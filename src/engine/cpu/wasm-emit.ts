@@ -164,6 +164,9 @@ export class Fn {
   i32Load(offset = 0): this {
     return this.op(0x28).memarg(ALIGN.i32, offset);
   }
+  i32Load8U(offset = 0): this {
+    return this.op(0x2d).memarg(0, offset);
+  }
   i32Store(offset = 0): this {
     return this.op(0x36).memarg(ALIGN.i32, offset);
   }
@@ -270,6 +273,13 @@ export class Fn {
   i32x4ExtendLowI16x8S(): this { return this.simd(0xa7); }
   i32x4ExtendHighI16x8S(): this { return this.simd(0xa8); }
   f32x4ConvertI32x4S(): this { return this.simd(0xfa); }
+  i16x8ExtendLowI8x16U(): this { return this.simd(0x89); }
+  i16x8ExtendHighI8x16U(): this { return this.simd(0x8a); }
+  i32x4ExtendLowI16x8U(): this { return this.simd(0xa9); }
+  i32x4ExtendHighI16x8U(): this { return this.simd(0xaa); }
+  v128And(): this { return this.simd(0x4e); }
+  /** i8x16.shr_u: the shift count (i32) on top of the vector. */
+  i8x16ShrU(): this { return this.simd(0x6d); }
 
   /** The function body: local declarations (run-length encoded), code, `end`. */
   body(): number[] {

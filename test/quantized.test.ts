@@ -1,0 +1,304 @@
+// Q8_0 and Q4_K weights kept quantized on the CPU engine (issue 16 §1): the kernels against a
+// float64 reference on ggml's dequantized values, the engine against its own f32 path on the same
+// file, and both against llama.cpp. Q4_K files are quantized by ggml itself (src/reference/ggml.ts).
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { after, before, describe, test } from "node:test";
+import { CpuRuntime } from "../src/engine/cpu/runtime.js";
+import { GgmlType, ggufMetadataForWrite, readGguf, readGgufTensor, writeGguf } from "../src/io/gguf.js";
+import { dequantize, quantizeQ8_0, repackQ4_K } from "../src/io/gguf-quants.js";
+import { loadGgml } from "../src/reference/ggml.js";
+import type { LossAndGradRequest } from "../src/engine/grad.js";
+import { Model } from "../src/model/model.js";
+import { llamaCppLogits } from "../src/reference/llamacpp.js";
+import { fixture } from "./support/paths.js";
+
+function rng(seed: number): () => number {
+  let s = seed >>> 0 || 1;
+  return () => {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    return (s >>> 0) / 4294967296 - 0.5;
+  };
+}
+
+test("quantizeQ8_0 round-trips through dequantize within half a quantization step", () => {
+  const r = rng(3);
+  const x = Float32Array.from({ length: 32 * 40 }, () => r() * 4);
+  x.fill(0, 64, 96); // an all-zero block: scale 0
+  const y = dequantize(GgmlType.Q8_0, quantizeQ8_0(x), x.length);
+  for (let b = 0; b < 40; b++) {
+    const blk = x.subarray(b * 32, b * 32 + 32);
+    const d = Math.max(...blk.map(Math.abs)) / 127;
+    // Half a step, plus the scale's f16 rounding (2^-11 relative) times the largest quant.
+    for (let j = 0; j < 32; j++) assert.ok(Math.abs(y[b * 32 + j]! - blk[j]!) <= d * (0.5 + 127 / 2048) + 1e-12, `block ${b} value ${j}`);
+  }
+  assert.throws(() => quantizeQ8_0(new Float32Array(33)), /whole number of 32-value blocks/);
+});
+
+for (const threads of [1, 2]) {
+  test(`qgemm on Q8_0 rows equals the float64 product of the dequantized weights (${threads} thread${threads > 1 ? "s" : ""})`, async () => {
+    const rt = await CpuRuntime.create({ threads });
+    try {
+      const r = rng(7);
+      // M < 9: the direct kernels (every remainder of 4 rows); M >= 9: dequantized chunks + f32 gemm.
+      for (const [M, N, K] of [[1, 5, 32], [2, 7, 64], [3, 9, 96], [4, 33, 128], [5, 17, 64], [9, 40, 96], [17, 77, 256], [1, 1000, 768], [33, 300, 768]] as const) {
+        const wq = rt.allocBytes(N * K), ws = rt.allocBytes((N * K) / 8);
+        const x = rt.alloc(M * K), y = rt.alloc(M * N);
+        const q = Int8Array.from({ length: N * K }, () => Math.round(r() * 254));
+        const d = Float32Array.from({ length: (N * K) / 32 }, () => r() * 0.02);
+        const xs = Float32Array.from({ length: M * K }, () => r() * 2);
+        new Int8Array(rt.memory.buffer).set(q, wq);
+        rt.f32.set(d, ws / 4);
+        rt.f32.set(xs, x);
+        rt.f32.fill(1, y, y + M * N);
+        rt.qgemm({ x, ldx: K, wq, ws, y, ldy: N, M, N, K, accumulate: true });
+        const out = rt.f32.slice(y, y + M * N);
+        for (let m = 0; m < M; m++)
+          for (let n = 0; n < N; n++) {
+            let s = 1, a = 1;
+            for (let k = 0; k < K; k++) {
+              const p = xs[m * K + k]! * q[n * K + k]! * d[(n * K + k) >> 5]!;
+              s += p;
+              a += Math.abs(p);
+            }
+            assert.ok(Math.abs(out[m * N + n]! - s) <= 1e-6 * a, `M ${M} N ${N} K ${K}: y[${m}][${n}] ${out[m * N + n]} vs ${s}`);
+          }
+      }
+      assert.throws(() => rt.qgemm({ x: 0, ldx: 40, wq: 0, ws: 0, y: 0, ldy: 1, M: 1, N: 1, K: 40 }), /K a multiple of 32/);
+    } finally {
+      await rt.dispose();
+    }
+  });
+}
+
+const h16 = (v: number) => {
+  const b = new Uint32Array(new Float32Array([v]).buffer)[0]!;
+  return ((b >>> 16) & 0x8000) | ((((b >>> 23) & 255) - 112) << 10) | ((b >>> 13) & 0x3ff);
+};
+
+for (const threads of [1, 2]) {
+  test(`qgemm on Q4_K rows equals the float64 product of ggml's dequantized weights (${threads} thread${threads > 1 ? "s" : ""})`, async () => {
+    const rt = await CpuRuntime.create({ threads });
+    try {
+      const r = rng(11);
+      for (const [M, N, K] of [[1, 3, 256], [2, 5, 512], [3, 7, 256], [4, 9, 768], [5, 4, 256], [9, 20, 512], [17, 33, 768], [1, 300, 1024], [33, 100, 768]] as const) {
+        // Random block bytes (every nibble, 6-bit scale and min code) with sane fp16 d and dmin.
+        const nb = (N * K) / 256;
+        const blocks = Uint8Array.from({ length: nb * 144 }, () => Math.floor((r() + 0.5) * 256) & 255);
+        const dv = new DataView(blocks.buffer);
+        for (let b = 0; b < nb; b++) {
+          dv.setUint16(b * 144, h16(0.001 + (r() + 0.5) * 0.01), true);
+          dv.setUint16(b * 144 + 2, h16(0.001 + (r() + 0.5) * 0.01), true);
+        }
+        const ref = dequantize(GgmlType.Q4_K, blocks, N * K);
+        const wq = rt.allocBytes(nb * 128), ws = rt.allocBytes(nb * 24);
+        const u8 = new Uint8Array(rt.memory.buffer);
+        assert.equal(repackQ4_K(blocks, u8.subarray(wq, wq + nb * 128), u8.subarray(ws, ws + nb * 24)), -1);
+        const x = rt.alloc(M * K), y = rt.alloc(M * N), deq = rt.alloc(N * K);
+        const xs = Float32Array.from({ length: M * K }, () => r() * 2);
+        rt.f32.set(xs, x);
+        rt.qgemm({ type: "q4_k", x, ldx: K, wq, ws, y, ldy: N, M, N, K });
+        const out = rt.f32.slice(y, y + M * N);
+        for (let m = 0; m < M; m++)
+          for (let n = 0; n < N; n++) {
+            let s = 0, a = 0;
+            for (let k = 0; k < K; k++) {
+              const p = xs[m * K + k]! * ref[n * K + k]!;
+              s += p;
+              a += Math.abs(p);
+            }
+            assert.ok(Math.abs(out[m * N + n]! - s) <= 1e-6 * a, `M ${M} N ${N} K ${K}: y[${m}][${n}] ${out[m * N + n]} vs ${s}`);
+          }
+        // The dequantization kernel (prefill chunks, f32 copies) is ggml's, bit for bit.
+        rt.dequantRows("q4_k", wq, ws, N, K, deq);
+        assert.deepEqual(rt.f32.slice(deq, deq + N * K), ref);
+      }
+      assert.throws(() => rt.qgemm({ type: "q4_k", x: 0, ldx: 32, wq: 0, ws: 0, y: 0, ldy: 1, M: 1, N: 1, K: 32 }), /K a multiple of 256/);
+    } finally {
+      await rt.dispose();
+    }
+  });
+}
+
+describe("a Q8_0 GGUF (stories260K with every 32-aligned matrix in Q8_0)", () => {
+  let file = "";
+  let f32: Model, q8: Model;
+  const ids = [1, 403, 407, 261, 378, 285, 263, 499, 29, 300, 301, 302];
+  before(async () => {
+    const src = fixture("stories260K-gguf", "stories260K.gguf");
+    const g = readGguf(src);
+    const tensors = [...g.tensors.keys()].map((name) => {
+      const t = readGgufTensor(g, name);
+      const cols = t.shape[t.shape.length - 1]!;
+      return { name, shape: t.shape, type: t.shape.length === 2 && cols % 32 === 0 ? GgmlType.Q8_0 : GgmlType.F32, data: t.data } as const;
+    });
+    file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-q8-")), "stories260K-q8_0.gguf");
+    writeGguf(file, ggufMetadataForWrite(g), tensors);
+    f32 = await Model.load(file, { threads: 1, weights: "f32" });
+    q8 = await Model.load(file, { threads: 1, weights: "native" });
+  });
+  after(() => {
+    f32?.dispose();
+    q8?.dispose();
+  });
+
+  test("keeps the Q8_0 matrices quantized and computes the f32 path's logits up to summation order", async () => {
+    const engine = (q8 as unknown as { engine: { quantizedMats: number } }).engine;
+    // Per block: qkv, o and gate/up are Q8_0 (down has 172 columns: F32 in the file); plus the embedding and output.
+    assert.equal(engine.quantizedMats, 5 * 3 + 2);
+    const a = (await f32.forward([{ ids }])).logits[0]!;
+    const b = (await q8.forward([{ ids }])).logits[0]!;
+    let worst = 0;
+    for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i]! - b[i]!));
+    assert.ok(worst <= 2e-5, `max |Δ| ${worst}`);
+    const ga = await f32.generate([{ ids: [1] }], { maxTokens: 24 });
+    const gb = await q8.generate([{ ids: [1] }], { maxTokens: 24 });
+    assert.deepEqual(gb.tokens, ga.tokens);
+  });
+
+  test("agrees with llama.cpp on the same file as closely as the f32 path does", async (t) => {
+    const lc = await llamaCppLogits(file, ids, { threads: 1 });
+    const V = 512;
+    const lsm = (row: number[]) => {
+      const m = Math.max(...row);
+      const z = Math.log(row.reduce((s, v) => s + Math.exp(v - m), 0)) + m;
+      return row.map((v) => v - z);
+    };
+    const against = async (m: Model) => {
+      const ours = (await m.forward([{ ids }])).logits[0]!;
+      let worst = 0, top1 = 0;
+      for (let t = 0; t < ids.length; t++) {
+        const mine = lsm([...ours.subarray(t * V, (t + 1) * V)]);
+        const theirs = lc.kind === "logits" ? lsm([...lc.logits.subarray(t * V, (t + 1) * V)]) : [...lc.logits.subarray(t * V, (t + 1) * V)];
+        for (let i = 0; i < V; i++) if (Number.isFinite(theirs[i]!) && theirs[i]! > -30) worst = Math.max(worst, Math.abs(mine[i]! - theirs[i]!));
+        if (mine.indexOf(Math.max(...mine)) === theirs.indexOf(Math.max(...theirs))) top1++;
+      }
+      return { worst, top1 };
+    };
+    const a = await against(f32), b = await against(q8);
+    t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${a.worst.toExponential(2)}, q8_0 ${b.worst.toExponential(2)}; top-1 ${a.top1}, ${b.top1} of ${ids.length}`);
+    // llama.cpp quantizes the activations to 8 bits per 32 for its Q8_0 dot products; we do not.
+    assert.ok(Math.abs(b.worst - a.worst) <= 1e-3, `q8_0 ${b.worst} vs f32 ${a.worst}`);
+    assert.ok(b.top1 >= ids.length - 1, `top-1 agreement ${b.top1}/${ids.length}`);
+  });
+
+  test("is the cpu default for Q8_0 files; a gradient first gives the matrices exact f32 copies", async () => {
+    const engineOf = (m: Model) => (m as unknown as { engine: { quantizedMats: number } }).engine;
+    const d = await Model.load(file, { threads: 1 });
+    try {
+      assert.equal(engineOf(d).quantizedMats, 17, "Q8_0 kept by default");
+      assert.equal(engineOf(f32).quantizedMats, 0);
+      const req: LossAndGradRequest = { params: [{ kind: "vector", at: "blocks.1.hook_resid_post", value: new Float32Array(64).fill(0.1) }], targets: [[-1, 7, 9, 5]] };
+      const a = await f32.lossAndGrad([{ ids: ids.slice(0, 4) }], req);
+      const b = await d.lossAndGrad([{ ids: ids.slice(0, 4) }], req);
+      assert.equal(engineOf(d).quantizedMats, 0, "materialized as f32");
+      assert.equal(b.loss, a.loss);
+      assert.deepEqual([...b.grads[0]![0]!], [...a.grads[0]![0]!]);
+      // After that, forward is the f32 path's exactly.
+      assert.deepEqual([...(await d.forward([{ ids }])).logits[0]!], [...(await f32.forward([{ ids }])).logits[0]!]);
+    } finally {
+      d.dispose();
+    }
+    await assert.rejects(Model.load(file, { device: "wasm", weights: "native" }), /cpu device only/);
+  });
+});
+
+/**
+ * A llama with dModel 256 (Q4_K needs rows of 256), stories260K's tokenizer and random weights,
+ * every matrix quantized to Q4_K by ggml, norms F32.
+ */
+async function writeQ4KLlama(file: string): Promise<void> {
+  const ggml = await loadGgml();
+  const g = readGguf(fixture("stories260K-gguf", "stories260K.gguf"));
+  const D = 256, F = 512, V = 512, L = 2, H = 4, KV = 2, hd = 64;
+  const meta = ggufMetadataForWrite(g, {
+    "llama.embedding_length": { type: 4, value: D },
+    "llama.feed_forward_length": { type: 4, value: F },
+    "llama.block_count": { type: 4, value: L },
+    "llama.attention.head_count": { type: 4, value: H },
+    "llama.attention.head_count_kv": { type: 4, value: KV },
+    "llama.rope.dimension_count": { type: 4, value: hd },
+  });
+  const r = rng(5);
+  const tensors: { name: string; shape: number[]; type: GgmlType; data: Float32Array; raw?: Uint8Array }[] = [];
+  const mat = (name: string, rows: number, cols: number) => {
+    const data = Float32Array.from({ length: rows * cols }, () => (r() * 2 * Math.sqrt(3)) / Math.sqrt(cols));
+    tensors.push({ name, shape: [rows, cols], type: GgmlType.Q4_K, data, raw: ggml.quantize(GgmlType.Q4_K, data, rows, cols) });
+  };
+  const norm = (name: string) => tensors.push({ name, shape: [D], type: GgmlType.F32, data: Float32Array.from({ length: D }, () => 1 + r() * 0.2) });
+  mat("token_embd.weight", V, D);
+  for (let i = 0; i < L; i++) {
+    norm(`blk.${i}.attn_norm.weight`);
+    mat(`blk.${i}.attn_q.weight`, H * hd, D);
+    mat(`blk.${i}.attn_k.weight`, KV * hd, D);
+    mat(`blk.${i}.attn_v.weight`, KV * hd, D);
+    mat(`blk.${i}.attn_output.weight`, D, H * hd);
+    norm(`blk.${i}.ffn_norm.weight`);
+    mat(`blk.${i}.ffn_gate.weight`, F, D);
+    mat(`blk.${i}.ffn_up.weight`, F, D);
+    mat(`blk.${i}.ffn_down.weight`, D, F);
+  }
+  norm("output_norm.weight");
+  mat("output.weight", V, D);
+  writeGguf(file, meta, tensors);
+}
+
+describe("a Q4_K GGUF (a dModel-256 llama quantized by ggml)", () => {
+  let file = "";
+  let f32: Model, q4: Model;
+  const ids = [1, 403, 407, 261, 378, 285, 263, 499, 29, 300, 301, 302];
+  before(async () => {
+    file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-q4k-")), "llama-q4_k.gguf");
+    await writeQ4KLlama(file);
+    f32 = await Model.load(file, { threads: 2, weights: "f32" });
+    q4 = await Model.load(file, { threads: 2 });
+  });
+  after(() => {
+    f32?.dispose();
+    q4?.dispose();
+  });
+
+  test("keeps every matrix in Q4_K by default and computes the f32 path's logits up to summation order", async () => {
+    const engine = (q4 as unknown as { engine: { quantizedMats: number } }).engine;
+    assert.equal(engine.quantizedMats, 2 * 4 + 2, "qkv, o, gate/up, down per block, the embedding and the output");
+    const a = (await f32.forward([{ ids }])).logits[0]!;
+    const b = (await q4.forward([{ ids }])).logits[0]!;
+    let worst = 0, scale = 0;
+    for (let i = 0; i < a.length; i++) {
+      worst = Math.max(worst, Math.abs(a[i]! - b[i]!));
+      scale = Math.max(scale, Math.abs(a[i]!));
+    }
+    assert.ok(worst <= 1e-5 * Math.max(1, scale), `max |Δ| ${worst} (logits up to ${scale})`);
+    const ga = await f32.generate([{ ids: ids.slice(0, 3) }], { maxTokens: 24 });
+    const gb = await q4.generate([{ ids: ids.slice(0, 3) }], { maxTokens: 24 });
+    assert.deepEqual(gb.tokens, ga.tokens);
+  });
+
+  test("agrees with llama.cpp on the same file as closely as the f32 path does", async (t) => {
+    const lc = await llamaCppLogits(file, ids, { threads: 1 });
+    const V = 512;
+    const lsm = (row: number[]) => {
+      const m = Math.max(...row);
+      const z = Math.log(row.reduce((s, v) => s + Math.exp(v - m), 0)) + m;
+      return row.map((v) => v - z);
+    };
+    const against = async (m: Model) => {
+      const ours = (await m.forward([{ ids }])).logits[0]!;
+      let worst = 0;
+      for (let t = 0; t < ids.length; t++) {
+        const mine = lsm([...ours.subarray(t * V, (t + 1) * V)]);
+        const theirs = lc.kind === "logits" ? lsm([...lc.logits.subarray(t * V, (t + 1) * V)]) : [...lc.logits.subarray(t * V, (t + 1) * V)];
+        for (let i = 0; i < V; i++) if (Number.isFinite(theirs[i]!) && theirs[i]! > -30) worst = Math.max(worst, Math.abs(mine[i]! - theirs[i]!));
+      }
+      return worst;
+    };
+    const a = await against(f32), b = await against(q4);
+    t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${a.toExponential(2)}, native Q4_K ${b.toExponential(2)}`);
+    assert.ok(Math.abs(b - a) <= 1e-3, `native ${b} vs f32 ${a}`);
+    assert.ok(b < 0.1, `max |Δ log p| ${b}`);
+  });
+});
