@@ -3,6 +3,7 @@
 // own default counts the host's cores and oversubscribes a CPU-limited container).
 //
 //   node dist/bench/llamacpp.js --threads N --out FILE [--quick]
+import path from "node:path";
 import { loadLlamaCpu } from "../src/reference/llamacpp.js";
 import type { Llama, LlamaContext, LlamaContextSequence, LlamaModel, Token } from "node-llama-cpp";
 import {
@@ -24,6 +25,8 @@ import {
 } from "./common.js";
 
 const args = parseChildArgs(process.argv.slice(2));
+/** --core-only: load, prefill and batch-1 decode only (the quantized-model runs of run.ts). */
+const coreOnly = args.flags.has("--core-only");
 const S = shapes(args.quick);
 const N = args.threads;
 const say = (m: string) => log(`llama.cpp t${N}`, m);
@@ -57,7 +60,7 @@ let info = "";
 const prefill = await (async () => {
   const ctx = await context(512, 1, 512);
   const rel = llama.llamaCppRelease;
-  info = `node-llama-cpp ${await lib.getModuleVersion()}, llama.cpp ${rel.release} (${llama.buildType}), cpu, ${ctx.currentThreads} threads, F32 weights, KV cache F32, flash attention off, no mmap`;
+  info = `node-llama-cpp ${await lib.getModuleVersion()}, llama.cpp ${rel.release} (${llama.buildType}), cpu, ${ctx.currentThreads} threads, weights of ${path.basename(MODEL_PATH)}, KV cache F32, flash attention off, no mmap`;
   const ms: number[] = [];
   for (let r = 0; r < S.prefillReps + 1; r++) {
     const seq = ctx.getSequence();
@@ -100,7 +103,7 @@ async function decodeRun(seqs: LlamaContextSequence[], p: number[], n: number): 
 
 const decode = {} as EngineResult["decode"];
 let greedy: number[] = [];
-for (const B of [1, 8] as const) {
+for (const B of coreOnly ? ([1] as const) : ([1, 8] as const)) {
   const ctx = await context(128 * B, B, 512);
   const seqs = Array.from({ length: B }, () => ctx.getSequence());
   const p = promptIds(S.decodePrompt);
@@ -122,7 +125,8 @@ phases.decode = rss.takePeak();
 // ---------------------------------------------------------------- sweep: sequential trials, no steering
 // node-llama-cpp exposes llama.cpp's control vectors only through the C API, not from JS, so the
 // trials run without the injection: an upper bound for what steered trials could reach here.
-const sweep = await (async () => {
+const skippedSweep = { trials: 0, newTokens: 0, prompt: 0, method: "skipped (--core-only)", totalS: 0, trialsPerS: 0, tokensPerS: 0 };
+const sweep = coreOnly ? skippedSweep : await (async () => {
   const ctx = await context(S.sweepPrompt + S.sweepNew + 16, 1, 512);
   const p = promptIds(S.sweepPrompt, 1);
   const seq = ctx.getSequence();
@@ -170,7 +174,7 @@ say(`sweep ${sweep.trialsPerS} trials/s (${sweep.totalS} s for ${sweep.trials})`
 // at 1 thread and at N threads. (Larger batches are not always faster: ggml's non-flash attention
 // over an F32 cache grows with T², so the best size is found by trying several.)
 const gemm: Record<string, { tokens: number; ms: number; gflops: number; tried: Record<string, number> }> = {};
-for (const th of [...new Set([1, N])]) {
+for (const th of coreOnly ? [] : [...new Set([1, N])]) {
   const tried: Record<string, number> = {};
   for (const T of S.gemmTokens) {
     const ctx = await context(T, 1, T, th);

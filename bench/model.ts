@@ -6,7 +6,7 @@
 //   node dist/bench/model.js [path]     (the orchestrator calls ensureModel() itself)
 import fs from "node:fs";
 import path from "node:path";
-import { GgmlType, GgufValueType, writeGguf, type GgufWriteTensor, type GgufWriteValue } from "../src/io/gguf.js";
+import { GgmlType, GgufValueType, ggufMetadataForWrite, readGguf, readGgufTensor, writeGguf, type GgufWriteTensor, type GgufWriteValue } from "../src/io/gguf.js";
 import { F32_MODEL_PATH, MODEL, MODEL_SEED, WEIGHT_BYTES, log } from "./common.js";
 
 /** xorshift32 uniform fill with the given standard deviation: fast and identical on every machine. */
@@ -119,6 +119,38 @@ export function ensureModel(file = F32_MODEL_PATH): string {
   log("model", `writing ${path.relative(process.cwd(), file)} (${(WEIGHT_BYTES / 1e6).toFixed(0)} MB of F32 weights, seed ${MODEL_SEED})`);
   writeBenchModel(file);
   log("model", `written in ${((performance.now() - t) / 1000).toFixed(1)} s`);
+  return file;
+}
+
+/** The bench model's quantized copies: every 2-D weight in one ggml type, norms F32. */
+export type BenchQuant = "q8_0" | "q4_k";
+
+export function quantModelPath(type: BenchQuant): string {
+  return path.join(path.dirname(F32_MODEL_PATH), path.basename(F32_MODEL_PATH).replace("-f32-", `-${type}-`));
+}
+
+/**
+ * Writes the bench model's `type` copy unless it is there: Q8_0 by our quantizer (byte-identical
+ * to ggml's, test/quants.test.ts), Q4_K by ggml's own (src/reference/ggml.ts: node-llama-cpp's
+ * libggml-base through koffi). Like llama-quantize's pure types (no mixed Q4_K_M recipe).
+ */
+export async function ensureQuantModel(type: BenchQuant): Promise<string> {
+  const file = quantModelPath(type);
+  if (fs.existsSync(file)) return file;
+  ensureModel();
+  const t = performance.now();
+  const g = readGguf(F32_MODEL_PATH);
+  const ggml = type === "q4_k" ? await (await import("../src/reference/ggml.js")).loadGgml() : null;
+  const tensors: GgufWriteTensor[] = [...g.tensors.keys()].map((name) => {
+    const { data, shape } = readGgufTensor(g, name);
+    if (shape.length !== 2) return { name, shape, type: GgmlType.F32, data };
+    if (!ggml) return { name, shape, type: GgmlType.Q8_0, data };
+    return { name, shape, type: GgmlType.Q4_K, data, raw: ggml.quantize(GgmlType.Q4_K, data, shape[0]!, shape[1]!) };
+  });
+  const tmp = `${file}.${process.pid}.tmp`;
+  writeGguf(tmp, ggufMetadataForWrite(g), tensors);
+  fs.renameSync(tmp, file);
+  log("model", `wrote ${path.relative(process.cwd(), file)} (${(fs.statSync(file).size / 2 ** 20).toFixed(0)} MiB) in ${((performance.now() - t) / 1000).toFixed(1)} s`);
   return file;
 }
 

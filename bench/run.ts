@@ -29,7 +29,7 @@ import {
   writeJson,
   type EngineResult,
 } from "./common.js";
-import { ensureModel } from "./model.js";
+import { ensureModel, ensureQuantModel } from "./model.js";
 
 interface Args {
   quick: boolean;
@@ -119,10 +119,10 @@ interface ChildRun<T> {
   backgroundCoresAtStart: number | null;
 }
 
-async function child<T>(name: string, script: string, threads: number, extra: string[] = [], opts: { shim?: boolean; quick: boolean }): Promise<ChildRun<T>> {
+async function child<T>(name: string, script: string, threads: number, extra: string[] = [], opts: { shim?: boolean; quick: boolean; env?: Record<string, string> }): Promise<ChildRun<T>> {
   const out = path.join(tmpDir, `${name}.json`);
   const nodeArgs: string[] = [];
-  const env: NodeJS.ProcessEnv = { ...process.env };
+  const env: NodeJS.ProcessEnv = { ...process.env, ...opts.env };
   const jaxDir = process.env.SELFSCOPE_BENCH_JAX_DIR;
   if (jaxDir && script === "selfscope.js") nodeArgs.push("--import", path.join(here, "jax-redirect.js"));
   if (opts.shim) {
@@ -208,6 +208,19 @@ async function main(): Promise<void> {
       if (sp !== undefined && lp !== undefined) rounds.push({ selfscope: sp, llamacpp: lp, ratio: round(sp / lp, 3), order: selfFirst ? "selfscope first" : "llama.cpp first" });
     }
   }
+  // The bench model's Q8_0 and Q4_K copies: llama.cpp and selfscope (quantized matrices computed
+  // on in their format: the cpu default for such files), load + prefill + batch-1 decode.
+  const quant: Record<string, { file: string; fileBytes: number; llamacpp: ChildRun<EngineResult>; selfscope: ChildRun<EngineResult> }> = {};
+  if (args.llamacpp) {
+    for (const type of ["q8_0", "q4_k"] as const) {
+      const file = await ensureQuantModel(type);
+      const env = { SELFSCOPE_BENCH_MODEL: file };
+      const lq = await child<EngineResult>(`llamacpp-${type}-t${N}`, "llamacpp.js", N, ["--core-only"], { ...q, env });
+      const sq = await child<EngineResult>(`selfscope-${type}-t${N}`, "selfscope.js", N, ["--core-only"], { ...q, env: { ...env, SELFSCOPE_BENCH_WEIGHTS: "native" } });
+      quant[type] = { file: path.relative(path.dirname(BENCH_DIR), file), fileBytes: fs.statSync(file).size, llamacpp: lq, selfscope: sq };
+    }
+  }
+  const qr = (type: string, f: (r: EngineResult) => number) => ratio(quant[type]?.selfscope.result ? f(quant[type].selfscope.result) : undefined, quant[type]?.llamacpp.result ? f(quant[type].llamacpp.result) : undefined);
   const profile = args.profile ? await child<Record<string, unknown> & { cpuS: number }>(`profile-t${N}`, "selfscope.js", N, ["--profile"], q) : null;
 
   const s = self.result;
@@ -227,6 +240,10 @@ async function main(): Promise<void> {
     sweep_ratio: ratio(s?.sweep.trialsPerS, l?.sweep.trialsPerS),
     hook_overhead_max: hookMax === null ? null : round(hookMax, 4),
     peak_rss_over_weights: s ? round(s.rss.peakBytes / WEIGHT_BYTES, 3) : null,
+    q8_0_decode_b1_ratio: qr("q8_0", (r) => r.decode.b1.tokPerS),
+    q4_k_decode_b1_ratio: qr("q4_k", (r) => r.decode.b1.tokPerS),
+    q4_k_prefill_ratio: qr("q4_k", (r) => r.prefill.tokPerS),
+    q4_k_rss_over_file: quant.q4_k?.selfscope.result ? round(quant.q4_k.selfscope.result.rss.peakBytes / quant.q4_k.fileBytes, 3) : null,
   };
   const limits = {
     gemmGflops: { t1: gemmPeak(1) ?? null, tN: gemmPeak(N) ?? null, source: "best FLOP rate of llama.cpp (ggml, F32, AVX-512) over single 128-512-token batches of the bench model (and its 128-token prefill): a lower bound of the machine's f32 GEMM peak" },
@@ -281,6 +298,22 @@ async function main(): Promise<void> {
           },
         }
       : null,
+    quantized: Object.fromEntries(
+      Object.entries(quant).map(([type, r]) => [
+        type,
+        {
+          ...r,
+          ratios: {
+            load: qr(type, (x) => x.loadMs),
+            prefill: qr(type, (x) => x.prefill.tokPerS),
+            decode_b1: qr(type, (x) => x.decode.b1.tokPerS),
+            llamacpp_rss_over_file: r.llamacpp.result ? round(r.llamacpp.result.rss.peakBytes / r.fileBytes, 3) : null,
+            selfscope_rss_over_file: r.selfscope.result ? round(r.selfscope.result.rss.peakBytes / r.fileBytes, 3) : null,
+            greedy_agreement: r.selfscope.result && r.llamacpp.result ? `${leadingAgreement(r.selfscope.result.greedy, r.llamacpp.result.greedy)}/${Math.min(r.selfscope.result.greedy.length, r.llamacpp.result.greedy.length)}` : null,
+          },
+        },
+      ]),
+    ),
     profile,
   };
   results.wallS = round((performance.now() - t0) / 1000, 1);
@@ -295,6 +328,10 @@ async function main(): Promise<void> {
   if (jax?.result) {
     const j = jax.result;
     process.stdout.write(`jax-js engine (--device wasm), same run: prefill ${j.prefill.tokPerS} tok/s, decode B=1 ${j.decode.b1.tokPerS} tok/s, B=8 ${j.decode.b8.tokPerS} tok/s, sweep ${j.sweep.trialsPerS} trials/s, peak RSS ${round(j.rss.peakBytes / WEIGHT_BYTES, 2)}× weights\n`);
+  }
+  for (const [type, r] of Object.entries(results.quantized)) {
+    const a = r.selfscope.result, b = r.llamacpp.result;
+    if (a && b) process.stdout.write(`${type.toUpperCase()} copy (${(r.fileBytes / 2 ** 20).toFixed(0)} MiB): decode B=1 ${a.decode.b1.tokPerS} vs ${b.decode.b1.tokPerS} tok/s (${r.ratios.decode_b1}×), prefill ${a.prefill.tokPerS} vs ${b.prefill.tokPerS} tok/s (${r.ratios.prefill}×), load ${round(a.loadMs)} vs ${round(b.loadMs)} ms, peak RSS ${r.ratios.selfscope_rss_over_file}× vs ${r.ratios.llamacpp_rss_over_file}× the file, greedy ${r.ratios.greedy_agreement}\n`);
   }
   process.stdout.write(`results: ${path.relative(process.cwd(), path.join(RESULTS_DIR, `${stamp}.json`))} (and latest.json), ${results.wallS} s\n`);
   process.stdout.write(JSON.stringify(summary) + "\n");

@@ -47,6 +47,8 @@ const N = args.threads;
 const say = (m: string) => log(`selfscope t${N}`, m);
 
 const useJax = args.flags.has("--jax");
+/** --core-only: load, prefill and batch-1 decode only (the quantized-model runs of run.ts). */
+const coreOnly = args.flags.has("--core-only");
 const pool = typeof (globalThis as { Worker?: unknown }).Worker !== "undefined";
 const poolSize = (globalThis as { navigator?: { hardwareConcurrency?: number } }).navigator?.hardwareConcurrency;
 if (useJax && N > 1 && !(pool && poolSize === N)) throw new Error(`the jax-js engine with ${N} threads needs the worker shim (node --import dist/bench/worker-shim.js, SELFSCOPE_WASM_THREADS=${N})`);
@@ -159,7 +161,7 @@ say(`prefill ${prefill.tokPerS} tok/s (${prefill.msMedian} ms; first call ${pref
 // ---------------------------------------------------------------- decode
 const decode = {} as EngineResult["decode"];
 let greedy: number[] = [];
-for (const B of [1, 8] as const) {
+for (const B of coreOnly ? ([1] as const) : ([1, 8] as const)) {
   const rows = Array.from({ length: B }, () => promptIds(S.decodePrompt));
   // Warm-up: the same KV capacity bucket as the timed runs, so the same compiled shapes.
   const warm = await timedGenerate(rows, { maxTokens: 4 });
@@ -177,7 +179,8 @@ phases.decode = rss.takePeak();
 
 // ---------------------------------------------------------------- sweep: batched injection trials
 const sweepBatch = Number(process.env.SELFSCOPE_BENCH_SWEEP_BATCH ?? S.sweepTrials);
-const sweep = await (async () => {
+const skippedSweep = { trials: 0, newTokens: 0, prompt: 0, batch: 0, method: "skipped (--core-only)", totalS: 0, warmupS: 0, trialsPerS: 0, tokensPerS: 0 };
+const sweep = coreOnly ? skippedSweep : await (async () => {
   const p = promptIds(S.sweepPrompt, 1);
   const run = async (maxTokens = S.sweepNew) => {
     const t = performance.now();
@@ -210,7 +213,7 @@ phases.sweep = rss.takePeak();
 say(`sweep ${sweep.trialsPerS} trials/s (${sweep.totalS} s for ${sweep.trials}, batch ${sweepBatch})`);
 
 // ---------------------------------------------------------------- hook overhead (interleaved, medians)
-const hooks = await (async () => {
+const hooks = coreOnly ? {} : await (async () => {
   const pre = hookPlans(S.prefillTokens / 2);
   const dec = hookPlans(S.decodePrompt / 2);
   const names = Object.keys(pre);

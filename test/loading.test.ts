@@ -168,6 +168,23 @@ test("a model too large for the wasm heap is refused before any weight is read",
   assert.equal(est.params, 111968); // PROVENANCE.md: 111,968 parameters (tied)
 });
 
+test("the cpu memory check counts quantized matrices at their native size", () => {
+  // Llama-3.2-1B's shape: 4.6 GiB as f32 (refused), ~1.8 GB with Q4_K matrices and an f32 embedding.
+  const dir = tmp();
+  const cfg = { architectures: ["LlamaForCausalLM"], hidden_size: 2048, num_hidden_layers: 16, num_attention_heads: 32, num_key_value_heads: 8, intermediate_size: 8192, vocab_size: 128256, rms_norm_eps: 1e-5, max_position_embeddings: 8192, tie_word_embeddings: true };
+  fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(cfg));
+  fs.writeFileSync(path.join(dir, "model.safetensors"), "");
+  let c: Parameters<typeof checkFits>[0] | undefined;
+  assert.throws(() => loadHostModel(dir, (cfg2, src) => {
+    c = cfg2;
+    checkFits(cfg2, "cpu", src);
+  }), /1\.24B parameters need 4\.6\d GiB as f32 on the cpu backend.*or a Q8_0\/Q4_K GGUF of it/);
+  const blocks = 16 * (2048 * 2048 * 2 + 2 * 2048 * 512 + 3 * 2048 * 8192);
+  const native = (blocks * 152) / 256 + 128256 * 2048 * 4;
+  assert.doesNotThrow(() => checkFits(c!, "cpu", "1b.gguf", native));
+  assert.throws(() => checkFits(c!, "cpu", "8b.gguf", 4.6 * 2 ** 30), /with its Q8_0\/Q4_K matrices kept quantized/);
+});
+
 test("unexpected, missing and mis-shaped tensors and unknown architectures are rejected by name", () => {
   const extra = tmp();
   copyHfFolder(extra, ["model.safetensors"]);

@@ -11,6 +11,7 @@ import { GgmlType, ggufMetadataForWrite, readGguf, readGgufTensor, writeGguf } f
 import { dequantize, quantizeQ8_0, repackQ4_K } from "../src/io/gguf-quants.js";
 import { loadGgml } from "../src/reference/ggml.js";
 import type { LossAndGradRequest } from "../src/engine/grad.js";
+import { loadHostModel, type FileFacts } from "../src/model/load.js";
 import { Model } from "../src/model/model.js";
 import { llamaCppLogits } from "../src/reference/llamacpp.js";
 import { fixture } from "./support/paths.js";
@@ -260,6 +261,14 @@ describe("a Q4_K GGUF (a dModel-256 llama quantized by ggml)", () => {
   after(() => {
     f32?.dispose();
     q4?.dispose();
+  });
+
+  test("the memory check before load counts the Q4_K matrices at their native size", () => {
+    let facts: FileFacts | undefined;
+    loadHostModel(file, (_c, _s, f) => void (facts = f), { lazy: true });
+    const D = 256, F = 512, V = 512, L = 2;
+    const q4 = 2 * V * D + L * (D * D * 2 + 2 * 128 * D + 3 * D * F);
+    assert.equal(facts?.nativeQuantBytes, (q4 * 152) / 256 + (2 * L + 1) * D * 4);
   });
 
   test("keeps every matrix in Q4_K by default and computes the f32 path's logits up to summation order", async () => {

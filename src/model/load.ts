@@ -183,7 +183,7 @@ interface TensorSource {
  * Load config and host weights. `check` runs on the config before any weight is read.
  * With `{ lazy: true }` no tensor data is read at load (see {@link LoadOptions}).
  */
-export function loadHostModel(p: string, check?: (c: ModelConfig, source: string) => void, opts: LoadOptions = {}): HostModel {
+export function loadHostModel(p: string, check?: (c: ModelConfig, source: string, info?: FileFacts) => void, opts: LoadOptions = {}): HostModel {
   const lazy = opts.lazy ?? false;
   const files = resolveModelFiles(resolveModelPath(p));
   if (files.format === "gguf") {
@@ -194,7 +194,7 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
     if (!family.fromGguf || !family.gguf) throw new UnsupportedArchitectureError(files.weights, `family ${family.id} has no GGUF mapping`);
     validateConfigSource(files.weights, { format: "gguf", arch, get: (k) => g.metadata.get(k) }, configError);
     const config = withConfigErrors(files.weights, () => family.fromGguf!(g));
-    check?.(config, files.weights);
+    check?.(config, files.weights, { nativeQuantBytes: ggufNativeQuantBytes(g) });
     const dtypes = new Set([...g.tensors.values()].map((t) => String(t.type)));
     const source: TensorSource = {
       file: files.weights,
@@ -247,6 +247,24 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
   };
   const weights = mapWeights(config, family.safetensors, family.safetensorsAliases ?? [], family.safetensorsIgnore, source, lazy);
   return { family, config, weights, files, sourceDtype: dtypes.join("+") };
+}
+
+/** What the memory check may know of a file before any weight is read. */
+export interface FileFacts {
+  /**
+   * Bytes the cpu engine needs for the weights kept in their format ("native": Q8_0 1.125 and
+   * Q4_K 0.59375 bytes per weight, engine/cpu/qkernels.ts) with every other tensor as f32.
+   */
+  nativeQuantBytes: number;
+}
+
+function ggufNativeQuantBytes(g: GgufFile): number {
+  let total = 0;
+  for (const t of g.tensors.values()) {
+    const n = t.ne.reduce((a, b) => a * b, 1);
+    total += t.type === GgmlType.Q8_0 ? n * 1.125 : t.type === GgmlType.Q4_K ? (n * 152) / 256 : n * 4;
+  }
+  return total;
 }
 
 function withConfigErrors(file: string, f: () => ModelConfig): ModelConfig {

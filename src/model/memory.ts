@@ -34,14 +34,19 @@ export function estimateMemory(c: ModelConfig): MemoryEstimate {
 
 const gib = (b: number) => `${(b / 1024 ** 3).toFixed(2)} GiB`;
 
-/** Throw before loading when the weights cannot fit the device. */
-export function checkFits(c: ModelConfig, device: DeviceName, source: string): MemoryEstimate {
+/**
+ * Throw before loading when the weights cannot fit the device. `nativeQuantBytes` (cpu device,
+ * quantized matrices kept in their format): the weights' bytes as the cpu engine will hold them.
+ */
+export function checkFits(c: ModelConfig, device: DeviceName, source: string, nativeQuantBytes?: number): MemoryEstimate {
   const e = estimateMemory(c);
-  if ((device === "wasm" || device === "cpu") && e.weightBytes > WASM_USABLE) {
+  const bytes = device === "cpu" && nativeQuantBytes !== undefined ? nativeQuantBytes : e.weightBytes;
+  const how = device === "cpu" && nativeQuantBytes !== undefined ? "with its Q8_0/Q4_K matrices kept quantized and the rest as f32" : "as f32";
+  if ((device === "wasm" || device === "cpu") && bytes > WASM_USABLE) {
     throw new SelfscopeError(
-      `${source}: ${(e.params / 1e9).toFixed(2)}B parameters need ${gib(e.weightBytes)} as f32 on the wasm backend, ` +
+      `${source}: ${(e.params / 1e9).toFixed(2)}B parameters need ${gib(bytes)} ${how} on the ${device} backend, ` +
         `whose arrays share one 4 GiB wasm32 memory (about ${gib(WASM_USABLE)} usable for weights). ` +
-        `Run it with --device webgpu, or pick a model under ~0.8B parameters for CPU.`,
+        `Run it with --device webgpu, or pick a smaller model${device === "cpu" && nativeQuantBytes === undefined ? " (or a Q8_0/Q4_K GGUF of it)" : ""} for CPU.`,
     );
   }
   return e;

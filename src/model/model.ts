@@ -14,7 +14,7 @@ import type { JvpRequest, JvpResult, LossAndGradRequest, LossAndGradResult, Trai
 import type { ModelConfig } from "../engine/config.js";
 import { CpuEngine } from "../engine/cpu/engine.js";
 import type { ForwardOptions, ForwardResult, GenerateOptions, GenerateResult, Row } from "../engine/types.js";
-import { loadHostModel, weightsDigest, type HostModel, type ModelFiles } from "./load.js";
+import { loadHostModel, weightsDigest, type FileFacts, type HostModel, type ModelFiles } from "./load.js";
 import { mergeParams } from "./export.js";
 import { checkFits } from "./memory.js";
 import { readSamplingDefaults, resolveSampler, type EffectiveSampler, type SamplerRequest, type SamplingDefaults } from "./sampling.js";
@@ -107,7 +107,9 @@ export class Model {
     const device = await initDevice(opts.device ?? "cpu");
     // The cpu engine copies one tensor at a time into its memory: read them lazily, so the
     // host never holds every weight at once.
-    const loaded = loadHostModel(path, (c, source) => checkFits(c, device.name, source), { lazy: device.name === "cpu" && !opts.merge });
+    // The cpu engine keeps Q8_0/Q4_K matrices quantized unless f32 is asked for or an adapter is merged.
+    const native = device.name === "cpu" && !opts.merge && (opts.weights === undefined || opts.weights === "native");
+    const loaded = loadHostModel(path, (c, source, facts) => checkFits(c, device.name, source, native ? facts?.nativeQuantBytes : undefined), { lazy: device.name === "cpu" && !opts.merge });
     const host = opts.merge ? { ...loaded, weights: mergeParams(loaded, opts.merge.params) } : loaded;
     const { tokenizer, chatTemplate } = tokenizerOf(host);
     const max = Math.min(opts.maxBindingBytes ?? Infinity, device.maxBindingBytes);
@@ -300,6 +302,8 @@ export interface ModelSummary {
   chatTemplate?: string;
   stopTokens: number[];
   sampler(request?: SamplerRequest): EffectiveSampler;
+  /** GGUF: the weights' bytes on the cpu engine with Q8_0/Q4_K matrices kept quantized. */
+  nativeQuantBytes?: number;
 }
 
 /**
@@ -307,7 +311,8 @@ export interface ModelSummary {
  * read), e.g. to describe a model too large for this machine before anyone tries to run it.
  */
 export function inspectModel(path: string): ModelSummary {
-  const host = loadHostModel(path, undefined, { lazy: true });
+  let facts: FileFacts | undefined;
+  const host = loadHostModel(path, (_c, _s, f) => void (facts = f), { lazy: true });
   const { tokenizer, chatTemplate } = tokenizerOf(host);
   const defaults = readSamplingDefaults(host.files);
   return {
@@ -318,6 +323,7 @@ export function inspectModel(path: string): ModelSummary {
     ...(chatTemplate ? { chatTemplate } : {}),
     stopTokens: [...new Set([...host.config.eosTokenIds, ...(tokenizer?.eosIds ?? [])])],
     sampler: (request: SamplerRequest = {}) => resolveSampler(defaults, request),
+    ...(facts ? { nativeQuantBytes: facts.nativeQuantBytes } : {}),
   };
 }
 
