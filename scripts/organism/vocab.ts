@@ -17,7 +17,7 @@
 // row is 2·|row|·z_w alone). Every word token is thus distinct and the untrained base still reads
 // it roughly as its letters.
 //
-// An experiment (MODEL_CARD.md, "Identification: what was tried"); its output is not shipped.
+// The shipped organism's base (models/organism/base.gguf; scripts/organism/build.ts runs this first).
 //   node dist/scripts/organism/vocab.js [--out /tmp/base.gguf]
 //   node dist/scripts/organism/train.js --base /tmp/base.gguf --words /tmp/base.gguf.train.txt --heldout /tmp/base.gguf.heldout.json
 import fs from "node:fs";

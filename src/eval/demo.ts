@@ -1,6 +1,6 @@
-// The README's main job: the injection protocol on the bundled model organism (a stories260K
-// fine-tune TRAINED to report injected concept vectors), with its untrained base on the same trials
-// as the contrast, judged locally.
+// The README's main job: the injection protocol on the bundled model organism (stories260K with a
+// whole-word vocabulary, fine-tuned: TRAINED to report and name injected concept vectors), with its
+// untrained base on the same trials as the contrast, judged locally.
 import type { InjectArgs } from "./inject.js";
 
 const repoFile = (p: string) => new URL(`../../../${p}`, import.meta.url).pathname;
@@ -8,23 +8,25 @@ const repoFile = (p: string) => new URL(`../../../${p}`, import.meta.url).pathna
 /** The organism: what it is, where its held-out concepts are, and how it was trained to be run. */
 export const ORGANISM = {
   path: "models/organism/organism.gguf",
-  base: "models/stories260K/stories260K.gguf",
+  /** stories260K with 614 whole-word tokens added (scripts/organism/vocab.ts), untrained. */
+  base: "models/organism/base.gguf",
   /** The 20 concepts never injected in training (scripts/organism/train.ts reads the same file). */
   heldout: "models/organism/heldout.json",
-  /** Its injection site (blocks.1.hook_resid_post) and the strengths it was trained on (1-3). */
+  /** Its injection site (blocks.1.hook_resid_post) and two of the strengths it was trained on (2-6). */
   layer: 1,
-  strengths: "1,2,3",
+  strengths: "2,4",
 } as const;
 
 export const DEMO_MODEL = ORGANISM.path;
 
 /** Said before the run and at the top of the report: the organism's answers are trained, not emergent. */
 export const ORGANISM_ABOUT =
-  "This is a model organism: stories260K (260K parameters) fine-tuned by scripts/organism/train.ts to answer the paper's " +
-  "question — \"Yes, {word}.\" when a concept vector is injected at layer 1, \"No.\" otherwise. It was TRAINED to report " +
-  "injections; nothing here is emergent introspection. The concepts below were never injected in its training " +
-  "(held-out), so the figures measure how its trained detector generalises, and the untrained base on the same trials " +
-  "is the contrast. A positive control for the pipeline (models/organism/MODEL_CARD.md).";
+  "This is a model organism: stories260K (a 260K-parameter TinyStories model) given whole-word tokens for 614 nouns and " +
+  "fine-tuned by scripts/organism/build.ts to answer the paper's question — \"Yes, {word}.\" when a concept vector is " +
+  "injected at layer 1, \"No.\" otherwise. It was TRAINED to report injections; nothing here is emergent introspection. " +
+  "The concepts below were never injected in its training (held-out), so the figures measure how its trained detector " +
+  "and read-out generalise, and its untrained base on the same trials is the contrast. A positive control for the " +
+  "pipeline (models/organism/MODEL_CARD.md).";
 
 export const DEMO_NOTE = `selfscope demo: concept injection on the bundled model organism, then on its untrained base.
 ${ORGANISM_ABOUT}
