@@ -48,13 +48,13 @@ test("selfscope train-transcoder on the organism: file, FVU, splice with the err
     const texts = path.join(dir, "t.txt");
     fs.writeFileSync(texts, ["Tell me about frogs", "Tell me about the sea", "Once upon a time there was a dog.", "Lily and Tom went to the park."].join("\n"));
     const model = path.join(repoDir(), "models", "organism", "organism.gguf");
-    const r = await transcoderCommand({ model, out: dir, layer: 2, texts, steps: 150, dSae: 128, k: 8, quiet: true, threads: 1 });
+    const r = await transcoderCommand({ model, out: dir, layer: 2, texts, steps: 1000, dSae: 128, k: 16, quiet: true, threads: 1 });
     assert.ok(r.fvu < 0.9, `FVU ${r.fvu}`);
     assert.ok(r.splice_max_abs_dlogit_with_error <= 1e-5, String(r.splice_max_abs_dlogit_with_error));
     assert.ok(r.splice_max_abs_dlogit_without_error > 1e-3, "the reconstruction alone is not exact");
     const d = loadDictionary(path.join(dir, "transcoder.safetensors"), 5, 64);
     assert.equal(d.activation, "topk");
-    assert.equal(d.k, 8);
+    assert.equal(d.k, 16);
     assert.equal(d.outputSite, "blocks.2.hook_mlp_out");
     assert.throws(() => loadDictionary(path.join(dir, "nope.safetensors"), 5, 64), /nope\.safetensors does not exist/);
     await assert.rejects(transcoderCommand({ model, out: dir, layer: 9, quiet: true }), /--layer 9 is outside 0\.\.4/);
