@@ -178,11 +178,11 @@ test("the cpu memory check counts quantized matrices at their native size", () =
   assert.throws(() => loadHostModel(dir, (cfg2, src) => {
     c = cfg2;
     checkFits(cfg2, "cpu", src);
-  }), /1\.24B parameters need 4\.6\d GiB as f32 on the cpu backend.*or a Q8_0\/Q4_K GGUF of it/);
+  }), /1\.24B parameters need 4\.6\d GiB as f32 on the cpu backend.*or its Q8_0\/Q4_K GGUF or BF16 safetensors/);
   const blocks = 16 * (2048 * 2048 * 2 + 2 * 2048 * 512 + 3 * 2048 * 8192);
   const native = (blocks * 152) / 256 + 128256 * 2048 * 4;
   assert.doesNotThrow(() => checkFits(c!, "cpu", "1b.gguf", native));
-  assert.throws(() => checkFits(c!, "cpu", "8b.gguf", 4.6 * 2 ** 30), /with its Q8_0\/Q4_K matrices kept quantized/);
+  assert.throws(() => checkFits(c!, "cpu", "8b.gguf", 4.6 * 2 ** 30), /with its Q8_0\/Q4_K\/BF16 matrices kept in their format/);
 });
 
 test("unexpected, missing and mis-shaped tensors and unknown architectures are rejected by name", () => {

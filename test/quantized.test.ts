@@ -311,3 +311,56 @@ describe("a Q4_K GGUF (a dModel-256 llama quantized by ggml)", () => {
     assert.ok(b < 0.1, `max |Δ log p| ${b}`);
   });
 });
+
+/** Rewrite an HF folder's model.safetensors with every tensor in BF16 (round to nearest even). */
+function toBf16(dir: string): void {
+  const file = path.join(dir, "model.safetensors");
+  const buf = fs.readFileSync(file);
+  const n = Number(buf.readBigUInt64LE(0));
+  const header = JSON.parse(buf.subarray(8, 8 + n).toString("utf8")) as Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
+  const parts: Buffer[] = [];
+  let off = 0;
+  const out: Record<string, unknown> = { __metadata__: (header as Record<string, unknown>).__metadata__ ?? {} };
+  for (const [name, t] of Object.entries(header)) {
+    if (name === "__metadata__") continue;
+    const f32 = new Float32Array(buf.buffer.slice(buf.byteOffset + 8 + n + t.data_offsets[0], buf.byteOffset + 8 + n + t.data_offsets[1]));
+    const u32 = new Uint32Array(f32.buffer);
+    const b = Buffer.alloc(f32.length * 2);
+    for (let i = 0; i < f32.length; i++) b.writeUInt16LE(((u32[i]! + 0x7fff + ((u32[i]! >>> 16) & 1)) >>> 16) & 0xffff, 2 * i);
+    out[name] = { dtype: "BF16", shape: t.shape, data_offsets: [off, off + b.length] };
+    off += b.length;
+    parts.push(b);
+  }
+  let json = JSON.stringify(out);
+  json += " ".repeat((8 - ((json.length + 8) % 8)) % 8);
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
+  fs.writeFileSync(file, Buffer.concat([len, Buffer.from(json), ...parts]));
+}
+
+test("a BF16 safetensors llama: BF16 matrices kept as BF16 by default, logits equal the f32 path's up to summation order", async () => {
+  const { makeFixtures } = await import("../scripts/make-fixtures.js");
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-bf16-"));
+  const hf = makeFixtures(dir, ["llama"])[0]!.hf;
+  toBf16(hf);
+  const f32 = await Model.load(hf, { threads: 1, weights: "f32" });
+  const bf = await Model.load(hf, { threads: 1 });
+  try {
+    assert.equal(bf.sourceDtype, "BF16");
+    const engine = (bf as unknown as { engine: { quantizedMats: number } }).engine;
+    assert.ok(engine.quantizedMats >= 4 * bf.config.nLayers, `${engine.quantizedMats} BF16 matrices`);
+    const ids = [1, 5, 9, 13, 17, 21, 25, 29];
+    const a = (await f32.forward([{ ids }])).logits[0]!, b = (await bf.forward([{ ids }])).logits[0]!;
+    let worst = 0, scale = 0;
+    for (let i = 0; i < a.length; i++) {
+      worst = Math.max(worst, Math.abs(a[i]! - b[i]!));
+      scale = Math.max(scale, Math.abs(a[i]!));
+    }
+    assert.ok(worst <= 1e-5 * Math.max(1, scale), `max |Δ| ${worst} (logits up to ${scale})`);
+    assert.deepEqual((await bf.generate([{ ids }], { maxTokens: 12 })).tokens, (await f32.generate([{ ids }], { maxTokens: 12 })).tokens);
+  } finally {
+    f32.dispose();
+    bf.dispose();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -196,7 +196,7 @@ function idsFlag(s: string): number[] {
 function weights(f: Flags): { weights?: "f32" | "f16" | "native" } {
   const w = str(f, "weights");
   if (w === undefined) return {};
-  if (w !== "f32" && w !== "f16" && w !== "native") throw new CliError(`--weights must be f32, f16 (webgpu) or native (cpu: a GGUF's Q8_0 / Q4_K matrices computed on in their format; the cpu default for such files), got "${w}"`);
+  if (w !== "f32" && w !== "f16" && w !== "native") throw new CliError(`--weights must be f32, f16 (webgpu) or native (cpu: Q8_0 / Q4_K / BF16 matrices computed on in their format; the cpu default for such files), got "${w}"`);
   return { weights: w };
 }
 
@@ -259,7 +259,7 @@ async function cmdInfo(f: Flags): Promise<void> {
   lines.push(
     ["parameters", `${count(mem.params)} (weight files ${size(fileBytes)})`],
     ["memory", `cpu ${size(mem.weightBytes + mem.hostBytes)} as f32 (${mem.weightBytes <= WASM_USABLE_BYTES ? "fits" : "exceeds"} one wasm32 memory)` +
-      (model.nativeQuantBytes !== undefined && /Q8_0|Q4_K/.test(model.sourceDtype) ? `, ${size(model.nativeQuantBytes)} with Q8_0/Q4_K matrices kept quantized (the cpu default; ${model.nativeQuantBytes <= WASM_USABLE_BYTES ? "fits" : "exceeds"})` : "") +
+      (model.nativeQuantBytes !== undefined && /Q8_0|Q4_K|BF16/.test(model.sourceDtype) ? `, ${size(model.nativeQuantBytes)} with its Q8_0/Q4_K/BF16 matrices kept in their format (the cpu default; ${model.nativeQuantBytes <= WASM_USABLE_BYTES ? "fits" : "exceeds"})` : "") +
       `; KV cache ${size(mem.kvBytesPerRow(c.nCtx))} per row at nCtx ${c.nCtx}`],
   );
   for (const [k, v] of lines) process.stdout.write(`${k!.padEnd(14)} ${v}\n`);

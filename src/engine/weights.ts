@@ -16,14 +16,14 @@ export interface WeightStore {
 export interface LazyWeightStore extends WeightStore {
   shapeOf(name: string): number[] | undefined;
   readInto(name: string, dst: Float32Array): void;
-  /** The quantized type `name` can be read in without dequantizing (GGUF Q8_0 / Q4_K tensors), or null. */
+  /** The type `name` can be read in without widening to f32 (GGUF Q8_0 / Q4_K, BF16 tensors), or null. */
   quantOf?(name: string): QuantType | null;
   /** Quantized rows in the CPU engine's layout (engine/cpu/qkernels.ts). */
   readQuantInto?(name: string, wq: Uint8Array, ws: Uint8Array): void;
 }
 
-/** Quantized matrix types the CPU engine computes on without dequantizing. */
-export type QuantType = "q8_0" | "q4_k";
+/** Matrix types the CPU engine computes on in their own format (no f32 copy). */
+export type QuantType = "q8_0" | "q4_k" | "bf16";
 
 export interface EngineModel {
   config: ModelConfig;

@@ -175,7 +175,7 @@ interface TensorSource {
   read(name: string): HostTensor;
   /** Where an F32 tensor's bytes are (a read straight into caller memory), or null for other dtypes. */
   f32Range(name: string): { file: string; offset: number; byteLength: number } | null;
-  /** Where a GGUF Q8_0 or Q4_K tensor's blocks are, or null for other dtypes and formats. */
+  /** Where a Q8_0, Q4_K (GGUF) or BF16 (GGUF, safetensors) tensor's bytes are, or null for other dtypes. */
   quantRange?(name: string): { file: string; offset: number; byteLength: number; type: QuantType } | null;
 }
 
@@ -208,7 +208,7 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
       },
       quantRange: (n) => {
         const t = g.tensors.get(n);
-        const type = t?.type === GgmlType.Q8_0 ? "q8_0" : t?.type === GgmlType.Q4_K ? "q4_k" : null;
+        const type = t?.type === GgmlType.Q8_0 ? "q8_0" : t?.type === GgmlType.Q4_K ? "q4_k" : t?.type === GgmlType.BF16 ? "bf16" : null;
         return t && type ? { file: g.path, offset: t.offset, byteLength: t.byteLength, type } : null;
       },
     };
@@ -225,14 +225,23 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
   const text = hf.text_config;
   if (typeof text === "object" && text !== null && !Array.isArray(text)) validateConfigSource(files.configJson!, { format: "hf", get: (k) => (text as Record<string, unknown>)[k], prefix: "text_config." }, configError);
   const config = withConfigErrors(files.configJson!, () => family.fromHf!(hf));
-  check?.(config, files.path);
+  // The headers give the native size for the memory check; a file that cannot be opened fails after the check.
+  let st0: SafetensorsSet | undefined;
+  let openError: unknown;
+  try {
+    st0 = openSafetensors(files.weights);
+  } catch (e) {
+    openError = e;
+  }
+  check?.(config, files.path, st0 ? { nativeQuantBytes: [...st0.tensors.values()].reduce((a, t) => a + (t.dtype === "BF16" ? t.byteLength : 4 * t.shape.reduce((x, y) => x * y, 1)), 0) } : undefined);
+  if (!st0) throw openError;
   if (files.generationConfig) {
     const gen = readJson(files.generationConfig);
     const eos = gen.eos_token_id;
     const list = typeof eos === "number" ? [eos] : Array.isArray(eos) ? eos.filter((x): x is number => typeof x === "number") : [];
     config.eosTokenIds = [...new Set([...list, ...config.eosTokenIds])];
   }
-  const st: SafetensorsSet = openSafetensors(files.weights);
+  const st: SafetensorsSet = st0;
   const dtypes = [...new Set([...st.tensors.values()].map((t) => t.dtype))];
   const source: TensorSource = {
     file: files.weights,
@@ -244,6 +253,10 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
       const t = st.tensors.get(n);
       return t && t.dtype === "F32" ? { file: t.file, offset: t.offset, byteLength: t.byteLength } : null;
     },
+    quantRange: (n) => {
+      const t = st.tensors.get(n);
+      return t && t.dtype === "BF16" ? { file: t.file, offset: t.offset, byteLength: t.byteLength, type: "bf16" } : null;
+    },
   };
   const weights = mapWeights(config, family.safetensors, family.safetensorsAliases ?? [], family.safetensorsIgnore, source, lazy);
   return { family, config, weights, files, sourceDtype: dtypes.join("+") };
@@ -252,17 +265,25 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
 /** What the memory check may know of a file before any weight is read. */
 export interface FileFacts {
   /**
-   * Bytes the cpu engine needs for the weights kept in their format ("native": Q8_0 1.125 and
-   * Q4_K 0.59375 bytes per weight, engine/cpu/qkernels.ts) with every other tensor as f32.
+   * Bytes the cpu engine needs for the weights kept in their format ("native": Q8_0 1.125,
+   * Q4_K 0.59375 and BF16 2 bytes per weight, engine/cpu/qkernels.ts) with every other tensor as f32.
    */
   nativeQuantBytes: number;
+}
+
+/** BF16 values as they are; returns the index of the first NaN/Inf (exponent bits all ones), or -1. */
+function copyBf16(bytes: Uint8Array, dst: Uint8Array): number {
+  if (dst.byteLength !== bytes.byteLength) throw new UsageError(`internal: ${bytes.byteLength} BF16 bytes for ${dst.byteLength}`);
+  dst.set(bytes);
+  for (let i = 1; i < bytes.length; i += 2) if ((bytes[i]! & 0x7f) === 0x7f && (bytes[i - 1]! & 0x80) === 0x80) return (i - 1) / 2;
+  return -1;
 }
 
 function ggufNativeQuantBytes(g: GgufFile): number {
   let total = 0;
   for (const t of g.tensors.values()) {
     const n = t.ne.reduce((a, b) => a * b, 1);
-    total += t.type === GgmlType.Q8_0 ? n * 1.125 : t.type === GgmlType.Q4_K ? (n * 152) / 256 : n * 4;
+    total += t.type === GgmlType.Q8_0 ? n * 1.125 : t.type === GgmlType.Q4_K ? (n * 152) / 256 : t.type === GgmlType.BF16 ? n * 2 : n * 4;
   }
   return total;
 }
@@ -493,7 +514,7 @@ export class LazyWeights extends Map<string, HostTensor> {
     const p = (this.#slots.get(key) as { kind: "file"; p: Planned }).p;
     const range = this.#source.quantRange!(p.name)!;
     const rows = p.shape[0]!, cols = p.shape[1] ?? 1;
-    const [elems, bytesPer] = type === "q8_0" ? [32, 34] : [256, 144];
+    const [elems, bytesPer] = type === "q8_0" ? [32, 34] : type === "q4_k" ? [256, 144] : [1, 2];
     const rowBytes = (cols / elems) * bytesPer;
     const first = p.src.split ? p.src.split.index * rows : 0;
     let bytes = new Uint8Array(rows * rowBytes);
@@ -506,8 +527,8 @@ export class LazyWeights extends Map<string, HostTensor> {
       bytes = new Uint8Array(src.length);
       order.forEach((from, to) => bytes.set(src.subarray(from * rowBytes, (from + 1) * rowBytes), to * rowBytes));
     }
-    const bad = type === "q8_0" ? splitQ8_0(bytes, new Int8Array(wq.buffer, wq.byteOffset, wq.byteLength), new Float32Array(ws.buffer, ws.byteOffset, ws.byteLength / 4)) : repackQ4_K(bytes, wq, ws);
-    if (bad >= 0) throw new NumericalWeightsError(this.#source.file, `tensor ${p.name} holds a non-finite block scale at block ${bad} (for ${p.canon}, layer ${p.layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
+    const bad = type === "bf16" ? copyBf16(bytes, wq) : type === "q8_0" ? splitQ8_0(bytes, new Int8Array(wq.buffer, wq.byteOffset, wq.byteLength), new Float32Array(ws.buffer, ws.byteOffset, ws.byteLength / 4)) : repackQ4_K(bytes, wq, ws);
+    if (bad >= 0) throw new NumericalWeightsError(this.#source.file, `tensor ${p.name} holds a non-finite ${type === "bf16" ? "value at element" : "block scale at block"} ${bad} (for ${p.canon}, layer ${p.layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
   }
 
   override has(key: string): boolean {

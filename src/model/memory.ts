@@ -41,12 +41,12 @@ const gib = (b: number) => `${(b / 1024 ** 3).toFixed(2)} GiB`;
 export function checkFits(c: ModelConfig, device: DeviceName, source: string, nativeQuantBytes?: number): MemoryEstimate {
   const e = estimateMemory(c);
   const bytes = device === "cpu" && nativeQuantBytes !== undefined ? nativeQuantBytes : e.weightBytes;
-  const how = device === "cpu" && nativeQuantBytes !== undefined ? "with its Q8_0/Q4_K matrices kept quantized and the rest as f32" : "as f32";
+  const how = device === "cpu" && nativeQuantBytes !== undefined ? "with its Q8_0/Q4_K/BF16 matrices kept in their format and the rest as f32" : "as f32";
   if ((device === "wasm" || device === "cpu") && bytes > WASM_USABLE) {
     throw new SelfscopeError(
       `${source}: ${(e.params / 1e9).toFixed(2)}B parameters need ${gib(bytes)} ${how} on the ${device} backend, ` +
         `whose arrays share one 4 GiB wasm32 memory (about ${gib(WASM_USABLE)} usable for weights). ` +
-        `Run it with --device webgpu, or pick a smaller model${device === "cpu" && nativeQuantBytes === undefined ? " (or a Q8_0/Q4_K GGUF of it)" : ""} for CPU.`,
+        `Run it with --device webgpu, or pick a smaller model${device === "cpu" && nativeQuantBytes === undefined ? " (or its Q8_0/Q4_K GGUF or BF16 safetensors)" : ""} for CPU.`,
     );
   }
   return e;

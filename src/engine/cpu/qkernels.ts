@@ -22,10 +22,11 @@ import type { QuantType } from "../weights.js";
 
 /** Bytes of (wq, ws) for N rows of K of a quantized matrix. */
 export function quantBytes(type: QuantType, N: number, K: number): { wq: number; ws: number } {
+  if (type === "bf16") return { wq: N * K * 2, ws: 0 };
   return type === "q8_0" ? { wq: N * K, ws: (N * K) / 8 } : { wq: (N * K) / 2, ws: ((N * K) / 256) * 24 };
 }
 /** Row length a quantized matrix must be a multiple of. */
-export const QUANT_BLOCK: Record<QuantType, number> = { q8_0: 32, q4_k: 256 };
+export const QUANT_BLOCK: Record<QuantType, number> = { q8_0: 32, q4_k: 256, bf16: 8 };
 
 /** Bytes of each thread's dequantization area (chunks of W rows as f32 for the prefill path). */
 export const DEQ_BYTES = 1 << 20;
@@ -368,14 +369,106 @@ function emitQ4KDeq(mb: ModuleBuilder): Fn {
   return f;
 }
 
-/** Emits the Q8_0 and Q4_K kernels and their drivers qgemm and q4kgemm (exported); `gemm` is the f32 driver. */
-export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn): { qgemm: Fn; q4kgemm: Fn } {
+// BF16 (Hugging Face checkpoints' usual dtype): W [N, K] (K % 8 == 0) as the file's 2-byte values,
+// row after row. A bf16 is the top half of an f32, so widening is exact: u16 → u32, shift left 16.
+
+/** bf16rows_a(px, ldx, wq, ws, py, ldy, N, K, acc): a rows of X against all N rows of a BF16 matrix (ws unused). */
+function emitBf16Rows(mb: ModuleBuilder, o: KernelOptions, a: number): Fn {
+  const f = mb.func(`bf16rows_${a}`, [I32, I32, I32, I32, I32, I32, I32, I32, I32]);
+  const [PX, LDX, WQ, , PY, LDY, N, K, ACC] = [0, 1, 2, 3, 4, 5, 6, 7, 8];
+  const xp = Array.from({ length: a }, () => f.local(I32));
+  const q = f.local(I32);
+  const yp = f.local(I32);
+  const n = f.local(I32);
+  const cnt = f.local(I32);
+  const acc = Array.from({ length: a }, () => [f.local(V128), f.local(V128)] as const);
+  const wv = f.local(V128);
+  const wf = f.local(V128);
+  const xv = f.local(V128);
+  const sc = f.local(F32);
+  const madd = (accL: number, x: number, w: number) => {
+    if (o.relaxed) f.get(x).get(w).get(accL).f32x4RelaxedMadd().set(accL);
+    else f.get(accL).get(x).get(w).f32x4Mul().f32x4Add().set(accL);
+  };
+  f.get(N).i32Eqz().if(() => void f.return());
+  f.get(WQ).i32Const(0).i32Add().set(q);
+  f.get(PY).i32Const(0).i32Add().set(yp);
+  f.loop(() => {
+    f.get(PX).i32Const(0).i32Add().set(xp[0]!);
+    for (let i = 1; i < a; i++) f.get(xp[i - 1]!).get(LDX).i32Add().set(xp[i]!);
+    for (const [lo, hi] of acc) {
+      f.v128ConstF32(0).set(lo);
+      f.v128ConstF32(0).set(hi);
+    }
+    f.get(K).i32Const(3).i32ShrU().tee(cnt).if(() => {
+      f.loop(() => {
+        f.get(q).v128Load().set(wv);
+        for (let half = 0; half < 2; half++) {
+          f.get(wv);
+          if (half === 0) f.i32x4ExtendLowI16x8U();
+          else f.i32x4ExtendHighI16x8U();
+          f.i32Const(16).i32x4Shl().set(wf);
+          for (let i = 0; i < a; i++) {
+            f.get(xp[i]!).v128Load(16 * half).set(xv);
+            madd(acc[i]![half]!, xv, wf);
+          }
+        }
+        f.get(q).i32Const(16).i32Add().set(q);
+        for (let i = 0; i < a; i++) f.get(xp[i]!).i32Const(32).i32Add().set(xp[i]!);
+        f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
+      });
+    });
+    for (let i = 0; i < a; i++) {
+      const [lo, hi] = acc[i]!;
+      f.get(lo).get(hi).f32x4Add().set(lo);
+      f.get(lo).get(lo).get(lo).shuffle32(2, 3, 0, 1).f32x4Add().set(wf);
+      f.get(wf).get(wf).get(wf).shuffle32(1, 0, 3, 2).f32x4Add().f32x4ExtractLane(0).set(sc);
+      const yAddr = () => (i === 0 ? f.get(yp) : f.get(yp).get(LDY).i32Const(i).i32Mul().i32Add());
+      f.get(ACC).if(() => void yAddr().f32Load().get(sc).f32Add().set(sc));
+      yAddr().get(sc).f32Store();
+    }
+    f.get(yp).i32Const(4).i32Add().set(yp);
+    f.get(n).i32Const(1).i32Add().tee(n).get(N).i32LtU().brIf(0);
+  });
+  return f;
+}
+
+/** bf16deq(wq, ws, rows, K, dst): rows of a BF16 matrix as f32 (exact). */
+function emitBf16Deq(mb: ModuleBuilder): Fn {
+  const f = mb.func("bf16deq", [I32, I32, I32, I32, I32], [], true);
+  const [WQ, , ROWS, K, DST] = [0, 1, 2, 3, 4];
+  const q = f.local(I32);
+  const p = f.local(I32);
+  const cnt = f.local(I32);
+  const wv = f.local(V128);
+  f.get(ROWS).get(K).i32Mul().i32Const(3).i32ShrU().tee(cnt).i32Eqz().if(() => void f.return());
+  f.get(WQ).i32Const(0).i32Add().set(q);
+  f.get(DST).i32Const(0).i32Add().set(p);
+  f.loop(() => {
+    f.get(q).v128Load().set(wv);
+    f.get(p).get(wv).i32x4ExtendLowI16x8U().i32Const(16).i32x4Shl().v128Store(0);
+    f.get(p).get(wv).i32x4ExtendHighI16x8U().i32Const(16).i32x4Shl().v128Store(16);
+    f.get(q).i32Const(16).i32Add().set(q);
+    f.get(p).i32Const(32).i32Add().set(p);
+    f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
+  });
+  return f;
+}
+
+/** Emits the Q8_0, Q4_K and BF16 kernels and their drivers qgemm, q4kgemm and bf16gemm (exported); `gemm` is the f32 driver. */
+export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn): { qgemm: Fn; q4kgemm: Fn; bf16gemm: Fn } {
   const q8rows = Array.from({ length: o.dmr }, (_, i) => emitQ8Rows(mb, o, i + 1));
   const q8deq = emitQ8Deq(mb);
   const q4rows = Array.from({ length: o.dmr }, (_, i) => emitQ4KRows(mb, o, i + 1));
   const q4deq = emitQ4KDeq(mb);
   const xsums = emitXSums(mb);
+  const bfrows = Array.from({ length: o.dmr }, (_, i) => emitBf16Rows(mb, o, i + 1));
+  const bfdeq = emitBf16Deq(mb);
   return {
+    bf16gemm: emitDriver(mb, o, gemm, "bf16gemm", bfrows, bfdeq, null, (g, n0, K) => {
+      g.get(n0).get(K).i32Mul().i32Const(1).i32Shl(); // value bytes: n0·K·2
+      return () => void g.i32Const(0); // no scales
+    }),
     qgemm: emitDriver(mb, o, gemm, "qgemm", q8rows, q8deq, null, (g, n0, K) => {
       g.get(n0).get(K).i32Mul(); // quant bytes before row n0
       return () => void g.get(n0).get(K).i32Mul().i32Const(3).i32ShrU(); // scale bytes: n0·K/32·4

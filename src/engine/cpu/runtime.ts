@@ -196,6 +196,8 @@ export class CpuRuntime {
   private readonly q4kgemmFn: QGemmFn;
   private readonly q8deqFn: DeqFn;
   private readonly q4kdeqFn: DeqFn;
+  private readonly bf16gemmFn: QGemmFn;
+  private readonly bf16deqFn: DeqFn;
   private gemmScratch = 0; // bytes of a thread's scratch before its dequantization area
   private readonly taskListFn: TaskListFn;
   private readonly packxFn: PackxFn;
@@ -231,6 +233,8 @@ export class CpuRuntime {
     this.q4kgemmFn = ex.q4kgemm as QGemmFn;
     this.q8deqFn = ex.q8deq as DeqFn;
     this.q4kdeqFn = ex.q4kdeq as DeqFn;
+    this.bf16gemmFn = ex.bf16gemm as QGemmFn;
+    this.bf16deqFn = ex.bf16deq as DeqFn;
     this.taskListFn = ex.task_list as TaskListFn;
     this.packxFn = ex.packx as PackxFn;
     this.scratch = SCRATCH_BYTE;
@@ -445,7 +449,7 @@ export class CpuRuntime {
     const flops = 2 * M * N * K;
     const flags = g.accumulate ? ACCUMULATE : 0;
     const deqRows = deqRowsFor(K);
-    const fn = type === "q8_0" ? this.qgemmFn : this.q4kgemmFn;
+    const fn = type === "q8_0" ? this.qgemmFn : type === "q4_k" ? this.q4kgemmFn : this.bf16gemmFn;
     if (this.threads === 1 || flops < PARALLEL_FLOPS) {
       fn(g.x * 4, g.ldx * 4, g.wq, g.ws, g.y * 4, g.ldy * 4, M, N, K, flags, this.scratch, this.scratch + this.gemmScratch, deqRows);
       return;
@@ -464,7 +468,7 @@ export class CpuRuntime {
       for (let n0 = 0; n0 < N; n0 += step, count++) {
         const ints = this.iview;
         const o = (LIST_BYTE >>> 2) + count * TASK_WORDS;
-        ints[o] = type === "q8_0" ? TASK.QGEMM : TASK.Q4KGEMM;
+        ints[o] = type === "q8_0" ? TASK.QGEMM : type === "q4_k" ? TASK.Q4KGEMM : TASK.BF16GEMM;
         ints[o + 1] = (packed ? xp : g.x) * 4;
         ints[o + 2] = g.ldx * 4;
         ints[o + 3] = g.wq + n0 * rowQ.wq;
@@ -487,7 +491,7 @@ export class CpuRuntime {
   dequantRows(type: QuantType, wq: number, ws: number, rows: number, K: number, dst: number): void {
     this.assertLive();
     if (K % QUANT_BLOCK[type] !== 0) throw new Error(`CpuRuntime.dequantRows: K ${K} is not a multiple of ${QUANT_BLOCK[type]}`);
-    (type === "q8_0" ? this.q8deqFn : this.q4kdeqFn)(wq, ws, rows, K, dst * 4);
+    (type === "q8_0" ? this.q8deqFn : type === "q4_k" ? this.q4kdeqFn : this.bf16deqFn)(wq, ws, rows, K, dst * 4);
   }
 
   /** Allocates `bytes` bytes (zero-filled, 64-byte aligned); returns their BYTE offset. */
