@@ -8,7 +8,7 @@ import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { CpuRuntime } from "../src/engine/cpu/runtime.js";
 import { GgmlType, ggufMetadataForWrite, readGguf, readGgufTensor, writeGguf } from "../src/io/gguf.js";
-import { dequantize, quantizeQ8_0, repackQ4_K } from "../src/io/gguf-quants.js";
+import { dequantize, quantizeQ8_0, repackQ4_K, repackQ6_K } from "../src/io/gguf-quants.js";
 import { loadGgml } from "../src/reference/ggml.js";
 import type { LossAndGradRequest } from "../src/engine/grad.js";
 import { loadHostModel, type FileFacts } from "../src/model/load.js";
@@ -81,28 +81,32 @@ const h16 = (v: number) => {
   return ((b >>> 16) & 0x8000) | ((((b >>> 23) & 255) - 112) << 10) | ((b >>> 13) & 0x3ff);
 };
 
+/** The K-quants: ggml block bytes, where d (and dmin) sit, and how our layout repacks them. */
+const KQUANTS = [
+  { type: "q4_k", ggml: GgmlType.Q4_K, bytes: 144, halves: [0, 2], wq: 128, ws: 24, repack: repackQ4_K },
+  { type: "q6_k", ggml: GgmlType.Q6_K, bytes: 210, halves: [208], wq: 192, ws: 20, repack: repackQ6_K },
+] as const;
+
+for (const kq of KQUANTS)
 for (const threads of [1, 2]) {
-  test(`qgemm on Q4_K rows equals the float64 product of ggml's dequantized weights (${threads} thread${threads > 1 ? "s" : ""})`, async () => {
+  test(`qgemm on ${kq.type.toUpperCase()} rows equals the float64 product of ggml's dequantized weights (${threads} thread${threads > 1 ? "s" : ""})`, async () => {
     const rt = await CpuRuntime.create({ threads });
     try {
       const r = rng(11);
       for (const [M, N, K] of [[1, 3, 256], [2, 5, 512], [3, 7, 256], [4, 9, 768], [5, 4, 256], [9, 20, 512], [17, 33, 768], [1, 300, 1024], [33, 100, 768]] as const) {
-        // Random block bytes (every nibble, 6-bit scale and min code) with sane fp16 d and dmin.
+        // Random block bytes (every quant bit and scale code) with sane fp16 super-block scales.
         const nb = (N * K) / 256;
-        const blocks = Uint8Array.from({ length: nb * 144 }, () => Math.floor((r() + 0.5) * 256) & 255);
+        const blocks = Uint8Array.from({ length: nb * kq.bytes }, () => Math.floor((r() + 0.5) * 256) & 255);
         const dv = new DataView(blocks.buffer);
-        for (let b = 0; b < nb; b++) {
-          dv.setUint16(b * 144, h16(0.001 + (r() + 0.5) * 0.01), true);
-          dv.setUint16(b * 144 + 2, h16(0.001 + (r() + 0.5) * 0.01), true);
-        }
-        const ref = dequantize(GgmlType.Q4_K, blocks, N * K);
-        const wq = rt.allocBytes(nb * 128), ws = rt.allocBytes(nb * 24);
+        for (let b = 0; b < nb; b++) for (const o of kq.halves) dv.setUint16(b * kq.bytes + o, h16(0.001 + (r() + 0.5) * 0.01), true);
+        const ref = dequantize(kq.ggml, blocks, N * K);
+        const wq = rt.allocBytes(nb * kq.wq), ws = rt.allocBytes(nb * kq.ws);
         const u8 = new Uint8Array(rt.memory.buffer);
-        assert.equal(repackQ4_K(blocks, u8.subarray(wq, wq + nb * 128), u8.subarray(ws, ws + nb * 24)), -1);
+        assert.equal(kq.repack(blocks, u8.subarray(wq, wq + nb * kq.wq), u8.subarray(ws, ws + nb * kq.ws)), -1);
         const x = rt.alloc(M * K), y = rt.alloc(M * N), deq = rt.alloc(N * K);
         const xs = Float32Array.from({ length: M * K }, () => r() * 2);
         rt.f32.set(xs, x);
-        rt.qgemm({ type: "q4_k", x, ldx: K, wq, ws, y, ldy: N, M, N, K });
+        rt.qgemm({ type: kq.type, x, ldx: K, wq, ws, y, ldy: N, M, N, K });
         const out = rt.f32.slice(y, y + M * N);
         for (let m = 0; m < M; m++)
           for (let n = 0; n < N; n++) {
@@ -115,10 +119,10 @@ for (const threads of [1, 2]) {
             assert.ok(Math.abs(out[m * N + n]! - s) <= 1e-6 * a, `M ${M} N ${N} K ${K}: y[${m}][${n}] ${out[m * N + n]} vs ${s}`);
           }
         // The dequantization kernel (prefill chunks, f32 copies) is ggml's, bit for bit.
-        rt.dequantRows("q4_k", wq, ws, N, K, deq);
+        rt.dequantRows(kq.type, wq, ws, N, K, deq);
         assert.deepEqual(rt.f32.slice(deq, deq + N * K), ref);
       }
-      assert.throws(() => rt.qgemm({ type: "q4_k", x: 0, ldx: 32, wq: 0, ws: 0, y: 0, ldy: 1, M: 1, N: 1, K: 32 }), /K a multiple of 256/);
+      assert.throws(() => rt.qgemm({ type: kq.type, x: 0, ldx: 32, wq: 0, ws: 0, y: 0, ldy: 1, M: 1, N: 1, K: 32 }), /K a multiple of 256/);
     } finally {
       await rt.dispose();
     }
@@ -209,8 +213,9 @@ describe("a Q8_0 GGUF (stories260K with every 32-aligned matrix in Q8_0)", () =>
 });
 
 /**
- * A llama with dModel 256 (Q4_K needs rows of 256), stories260K's tokenizer and random weights,
- * every matrix quantized to Q4_K by ggml, norms F32.
+ * A llama with dModel 256 (K-quants need rows of 256), stories260K's tokenizer and random weights,
+ * quantized by ggml like a Q4_K_M file: Q6_K for the embedding, the output and block 0's down
+ * projection, Q4_K for every other matrix; norms F32.
  */
 async function writeQ4KLlama(file: string): Promise<void> {
   const ggml = await loadGgml();
@@ -228,7 +233,8 @@ async function writeQ4KLlama(file: string): Promise<void> {
   const tensors: { name: string; shape: number[]; type: GgmlType; data: Float32Array; raw?: Uint8Array }[] = [];
   const mat = (name: string, rows: number, cols: number) => {
     const data = Float32Array.from({ length: rows * cols }, () => (r() * 2 * Math.sqrt(3)) / Math.sqrt(cols));
-    tensors.push({ name, shape: [rows, cols], type: GgmlType.Q4_K, data, raw: ggml.quantize(GgmlType.Q4_K, data, rows, cols) });
+    const type = /^(token_embd|output|blk\.0\.ffn_down)\./.test(name) ? GgmlType.Q6_K : GgmlType.Q4_K;
+    tensors.push({ name, shape: [rows, cols], type, data, raw: ggml.quantize(type, data, rows, cols) });
   };
   const norm = (name: string) => tensors.push({ name, shape: [D], type: GgmlType.F32, data: Float32Array.from({ length: D }, () => 1 + r() * 0.2) });
   mat("token_embd.weight", V, D);
@@ -248,7 +254,7 @@ async function writeQ4KLlama(file: string): Promise<void> {
   writeGguf(file, meta, tensors);
 }
 
-describe("a Q4_K GGUF (a dModel-256 llama quantized by ggml)", () => {
+describe("a Q4_K_M-like GGUF (a dModel-256 llama quantized by ggml: Q4_K and Q6_K)", () => {
   let file = "";
   let f32: Model, q4: Model;
   const ids = [1, 403, 407, 261, 378, 285, 263, 499, 29, 300, 301, 302];
@@ -263,15 +269,16 @@ describe("a Q4_K GGUF (a dModel-256 llama quantized by ggml)", () => {
     q4?.dispose();
   });
 
-  test("the memory check before load counts the Q4_K matrices at their native size", () => {
+  test("the memory check before load counts the Q4_K and Q6_K matrices at their native size", () => {
     let facts: FileFacts | undefined;
     loadHostModel(file, (_c, _s, f) => void (facts = f), { lazy: true });
     const D = 256, F = 512, V = 512, L = 2;
-    const q4 = 2 * V * D + L * (D * D * 2 + 2 * 128 * D + 3 * D * F);
-    assert.equal(facts?.nativeQuantBytes, (q4 * 152) / 256 + (2 * L + 1) * D * 4);
+    const q6 = 2 * V * D + D * F;
+    const q4 = L * (D * D * 2 + 2 * 128 * D + 3 * D * F) - D * F;
+    assert.equal(facts?.nativeQuantBytes, (q4 * 152) / 256 + (q6 * 212) / 256 + (2 * L + 1) * D * 4);
   });
 
-  test("keeps every matrix in Q4_K by default and computes the f32 path's logits up to summation order", async () => {
+  test("keeps every matrix in its K-quant by default and computes the f32 path's logits up to summation order", async () => {
     const engine = (q4 as unknown as { engine: { quantizedMats: number } }).engine;
     assert.equal(engine.quantizedMats, 2 * 4 + 2, "qkv, o, gate/up, down per block, the embedding and the output");
     const a = (await f32.forward([{ ids }])).logits[0]!;
@@ -306,7 +313,7 @@ describe("a Q4_K GGUF (a dModel-256 llama quantized by ggml)", () => {
       return worst;
     };
     const a = await against(f32), b = await against(q4);
-    t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${a.toExponential(2)}, native Q4_K ${b.toExponential(2)}`);
+    t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${a.toExponential(2)}, native Q4_K/Q6_K ${b.toExponential(2)}`);
     assert.ok(Math.abs(b - a) <= 1e-3, `native ${b} vs f32 ${a}`);
     assert.ok(b < 0.1, `max |Δ log p| ${b}`);
   });

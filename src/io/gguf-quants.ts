@@ -167,6 +167,27 @@ export function repackQ4_K(bytes: Uint8Array, nibbles: Uint8Array, meta: Uint8Ar
 }
 
 /**
+ * Repack Q6_K blocks (`bytes`, 210 each) into the CPU engine's layout (engine/cpu/qkernels.ts):
+ * `quants` the blocks' ql and qh (192 bytes each), back to back; `meta` 20 bytes per block: d as
+ * f32, then the 16 int8 scales. Returns the index of the first block whose d is not finite, or -1.
+ */
+export function repackQ6_K(bytes: Uint8Array, quants: Uint8Array, meta: Uint8Array): number {
+  const nb = bytes.byteLength / 210;
+  if (!Number.isInteger(nb) || quants.byteLength !== nb * 192 || meta.byteLength !== nb * 20) throw new Error(`repackQ6_K: ${bytes.byteLength} bytes do not match the destinations`);
+  const dv = new DataView(meta.buffer, meta.byteOffset, meta.byteLength);
+  let bad = -1;
+  for (let i = 0; i < nb; i++) {
+    const o = i * 210;
+    const d = half(bytes, o + 208);
+    if (bad < 0 && !Number.isFinite(d)) bad = i;
+    quants.set(bytes.subarray(o, o + 192), i * 192);
+    dv.setFloat32(i * 20, d, true);
+    meta.set(bytes.subarray(o + 192, o + 208), i * 20 + 4);
+  }
+  return bad;
+}
+
+/**
  * Widen `n` quantized values (`bytes`: n / blockElems consecutive ggml blocks, row after row) to
  * f32. `file` names the source in error messages.
  */

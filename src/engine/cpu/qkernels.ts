@@ -23,10 +23,11 @@ import type { QuantType } from "../weights.js";
 /** Bytes of (wq, ws) for N rows of K of a quantized matrix. */
 export function quantBytes(type: QuantType, N: number, K: number): { wq: number; ws: number } {
   if (type === "bf16") return { wq: N * K * 2, ws: 0 };
+  if (type === "q6_k") return { wq: ((N * K) / 256) * 192, ws: ((N * K) / 256) * 20 };
   return type === "q8_0" ? { wq: N * K, ws: (N * K) / 8 } : { wq: (N * K) / 2, ws: ((N * K) / 256) * 24 };
 }
 /** Row length a quantized matrix must be a multiple of. */
-export const QUANT_BLOCK: Record<QuantType, number> = { q8_0: 32, q4_k: 256, bf16: 8 };
+export const QUANT_BLOCK: Record<QuantType, number> = { q8_0: 32, q4_k: 256, bf16: 8, q6_k: 256 };
 
 /** Bytes of each thread's dequantization area (chunks of W rows as f32 for the prefill path). */
 export const DEQ_BYTES = 1 << 20;
@@ -369,6 +370,177 @@ function emitQ4KDeq(mb: ModuleBuilder): Fn {
   return f;
 }
 
+// Q6_K (llama.cpp's 6-bit K-quant; Q4_K_M files use it for the output/embedding and some
+// matrices): super-blocks of 256 = 16 groups of 16, value = d·sc_g·(q − 32) with q six bits from
+// ql (low 4) and qh (high 2), sc_g int8. W [N, K] (K % 256 == 0) is held as
+//   wq: the file's ql (128 bytes) and qh (64 bytes) per super-block, back to back (192 bytes)
+//   ws: per super-block d (f32) and the 16 scales (int8): 20 bytes
+// i.e. 0.83 bytes per weight (the file's 0.82). Per 128 weights (half n) and l = 0..31:
+//   q1 = ql[l] & 15 | (qh[l] & 3) << 4, q2 = ql[l+32] & 15 | (qh[l] >> 2 & 3) << 4,
+//   q3 = ql[l] >> 4 | (qh[l] >> 4 & 3) << 4, q4 = ql[l+32] >> 4 | (qh[l] >> 6) << 4
+// are weights l, l+32, l+64, l+96 of the half, scale index l/16 + 0, 2, 4, 6.
+
+/** Pushes the four 6-bit quant vectors (minus 32, as i8) of one 16-lane step (see above) and calls use(k, v) for each. */
+function q6Quants(f: Fn, L0: number, L1: number, H: number, m0f: number, m30: number, c32: number, u: number, use: (k: number) => void): void {
+  const lowOf = (L: number, hi: boolean) => {
+    f.get(L);
+    if (hi) f.i32Const(4).i16x8ShrU();
+    f.get(m0f).v128And();
+  };
+  const highOf = (shift: number) => {
+    // (qh >> s & 3) << 4 = (qh << (4 - s)) & 0x30 for s <= 4, (qh >> (s - 4)) & 0x30 beyond.
+    f.get(H);
+    if (shift < 4) f.i32Const(4 - shift).i16x8Shl();
+    else if (shift > 4) f.i32Const(shift - 4).i16x8ShrU();
+    f.get(m30).v128And();
+  };
+  const parts: [number, boolean, number][] = [[L0, false, 0], [L1, false, 2], [L0, true, 4], [L1, true, 6]];
+  parts.forEach(([L, hi, shift], k) => {
+    lowOf(L, hi);
+    highOf(shift);
+    f.v128Or().get(c32).i8x16Sub().set(u);
+    use(k);
+  });
+}
+
+/** q6krows_a(px, ldx, wq, ws, py, ldy, N, K, acc): a rows of X against all N rows of a Q6_K matrix. */
+function emitQ6KRows(mb: ModuleBuilder, o: KernelOptions, a: number): Fn {
+  const f = mb.func(`q6krows_${a}`, [I32, I32, I32, I32, I32, I32, I32, I32, I32]);
+  const [PX, LDX, WQ, WS, PY, LDY, N, K, ACC] = [0, 1, 2, 3, 4, 5, 6, 7, 8];
+  const xp = Array.from({ length: a }, () => f.local(I32));
+  const q = f.local(I32);
+  const mt = f.local(I32);
+  const yp = f.local(I32);
+  const n = f.local(I32);
+  const cnt = f.local(I32);
+  const acc = Array.from({ length: a }, () => f.local(V128));
+  const t = Array.from({ length: a }, () => f.local(V128));
+  const L0 = f.local(V128), L1 = f.local(V128), H = f.local(V128);
+  const u = f.local(V128), w16 = f.local(V128), wf = f.local(V128), xv = f.local(V128);
+  const m0f = f.local(V128), m30 = f.local(V128), c32 = f.local(V128);
+  const dd = f.local(F32);
+  const sc = f.local(F32);
+  const madd = (accL: number, x: number, w: number) => {
+    if (o.relaxed) f.get(x).get(w).get(accL).f32x4RelaxedMadd().set(accL);
+    else f.get(accL).get(x).get(w).f32x4Mul().f32x4Add().set(accL);
+  };
+  f.v128ConstI32(0x0f0f0f0f).set(m0f);
+  f.v128ConstI32(0x30303030).set(m30);
+  f.v128ConstI32(0x20202020).set(c32);
+  f.get(N).i32Eqz().if(() => void f.return());
+  f.get(WQ).i32Const(0).i32Add().set(q);
+  f.get(WS).i32Const(0).i32Add().set(mt);
+  f.get(PY).i32Const(0).i32Add().set(yp);
+  f.loop(() => {
+    f.get(PX).i32Const(0).i32Add().set(xp[0]!);
+    for (let i = 1; i < a; i++) f.get(xp[i - 1]!).get(LDX).i32Add().set(xp[i]!);
+    for (let i = 0; i < a; i++) f.v128ConstF32(0).set(acc[i]!);
+    f.get(K).i32Const(8).i32ShrU().tee(cnt).if(() => {
+      f.loop(() => {
+        f.get(mt).f32Load(0).set(dd);
+        for (let half = 0; half < 2; half++) {
+          for (let lb = 0; lb < 2; lb++) {
+            f.get(q).v128Load(64 * half + 16 * lb).set(L0);
+            f.get(q).v128Load(64 * half + 32 + 16 * lb).set(L1);
+            f.get(q).v128Load(128 + 32 * half + 16 * lb).set(H);
+            q6Quants(f, L0, L1, H, m0f, m30, c32, u, (k) => {
+              let first = true;
+              for (let part = 0; part < 2; part++) {
+                f.get(u);
+                if (part === 0) f.i16x8ExtendLowI8x16S();
+                else f.i16x8ExtendHighI8x16S();
+                f.set(w16);
+                for (let g = 0; g < 2; g++) {
+                  f.get(w16);
+                  if (g === 0) f.i32x4ExtendLowI16x8S();
+                  else f.i32x4ExtendHighI16x8S();
+                  f.f32x4ConvertI32x4S().set(wf);
+                  const off = 4 * (128 * half + 32 * k + 16 * lb + 8 * part + 4 * g);
+                  for (let i = 0; i < a; i++) {
+                    f.get(xp[i]!).v128Load(off).set(xv);
+                    if (first) f.get(xv).get(wf).f32x4Mul().set(t[i]!);
+                    else madd(t[i]!, xv, wf);
+                  }
+                  first = false;
+                }
+              }
+              // acc += t · (d · sc[8·half + lb + 2k])
+              f.get(dd).get(mt).i32Load8S(4 + 8 * half + lb + 2 * k).f32ConvertI32S().f32Mul().set(sc);
+              f.get(sc).f32x4Splat().set(wf);
+              for (let i = 0; i < a; i++) madd(acc[i]!, t[i]!, wf);
+            });
+          }
+        }
+        f.get(q).i32Const(192).i32Add().set(q);
+        f.get(mt).i32Const(20).i32Add().set(mt);
+        for (let i = 0; i < a; i++) f.get(xp[i]!).i32Const(1024).i32Add().set(xp[i]!);
+        f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
+      });
+    });
+    for (let i = 0; i < a; i++) {
+      const A = acc[i]!;
+      f.get(A).get(A).get(A).shuffle32(2, 3, 0, 1).f32x4Add().set(wf);
+      f.get(wf).get(wf).get(wf).shuffle32(1, 0, 3, 2).f32x4Add().f32x4ExtractLane(0).set(sc);
+      const yAddr = () => (i === 0 ? f.get(yp) : f.get(yp).get(LDY).i32Const(i).i32Mul().i32Add());
+      f.get(ACC).if(() => void yAddr().f32Load().get(sc).f32Add().set(sc));
+      yAddr().get(sc).f32Store();
+    }
+    f.get(yp).i32Const(4).i32Add().set(yp);
+    f.get(n).i32Const(1).i32Add().tee(n).get(N).i32LtU().brIf(0);
+  });
+  return f;
+}
+
+/** q6kdeq(wq, ws, rows, K, dst): rows of a Q6_K matrix as f32, exactly as ggml's dequantize_row_q6_K. */
+function emitQ6KDeq(mb: ModuleBuilder): Fn {
+  const f = mb.func("q6kdeq", [I32, I32, I32, I32, I32], [], true);
+  const [WQ, WS, ROWS, K, DST] = [0, 1, 2, 3, 4];
+  const q = f.local(I32), mt = f.local(I32), p = f.local(I32), cnt = f.local(I32);
+  const L0 = f.local(V128), L1 = f.local(V128), H = f.local(V128);
+  const u = f.local(V128), w16 = f.local(V128), s = f.local(V128);
+  const m0f = f.local(V128), m30 = f.local(V128), c32 = f.local(V128);
+  const dd = f.local(F32);
+  f.v128ConstI32(0x0f0f0f0f).set(m0f);
+  f.v128ConstI32(0x30303030).set(m30);
+  f.v128ConstI32(0x20202020).set(c32);
+  f.get(ROWS).get(K).i32Mul().i32Const(8).i32ShrU().tee(cnt).i32Eqz().if(() => void f.return());
+  f.get(WQ).i32Const(0).i32Add().set(q);
+  f.get(WS).i32Const(0).i32Add().set(mt);
+  f.get(DST).i32Const(0).i32Add().set(p);
+  f.loop(() => {
+    f.get(mt).f32Load(0).set(dd);
+    for (let half = 0; half < 2; half++) {
+      for (let lb = 0; lb < 2; lb++) {
+        f.get(q).v128Load(64 * half + 16 * lb).set(L0);
+        f.get(q).v128Load(64 * half + 32 + 16 * lb).set(L1);
+        f.get(q).v128Load(128 + 32 * half + 16 * lb).set(H);
+        q6Quants(f, L0, L1, H, m0f, m30, c32, u, (k) => {
+          f.get(dd).get(mt).i32Load8S(4 + 8 * half + lb + 2 * k).f32ConvertI32S().f32Mul().f32x4Splat().set(s);
+          for (let part = 0; part < 2; part++) {
+            f.get(u);
+            if (part === 0) f.i16x8ExtendLowI8x16S();
+            else f.i16x8ExtendHighI8x16S();
+            f.set(w16);
+            for (let g = 0; g < 2; g++) {
+              f.get(p);
+              f.get(w16);
+              if (g === 0) f.i32x4ExtendLowI16x8S();
+              else f.i32x4ExtendHighI16x8S();
+              f.f32x4ConvertI32x4S().get(s).f32x4Mul();
+              f.v128Store(4 * (128 * half + 32 * k + 16 * lb + 8 * part + 4 * g));
+            }
+          }
+        });
+      }
+    }
+    f.get(q).i32Const(192).i32Add().set(q);
+    f.get(mt).i32Const(20).i32Add().set(mt);
+    f.get(p).i32Const(1024).i32Add().set(p);
+    f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
+  });
+  return f;
+}
+
 // BF16 (Hugging Face checkpoints' usual dtype): W [N, K] (K % 8 == 0) as the file's 2-byte values,
 // row after row. A bf16 is the top half of an f32, so widening is exact: u16 → u32, shift left 16.
 
@@ -456,7 +628,7 @@ function emitBf16Deq(mb: ModuleBuilder): Fn {
 }
 
 /** Emits the Q8_0, Q4_K and BF16 kernels and their drivers qgemm, q4kgemm and bf16gemm (exported); `gemm` is the f32 driver. */
-export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn): { qgemm: Fn; q4kgemm: Fn; bf16gemm: Fn } {
+export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn): { qgemm: Fn; q4kgemm: Fn; bf16gemm: Fn; q6kgemm: Fn } {
   const q8rows = Array.from({ length: o.dmr }, (_, i) => emitQ8Rows(mb, o, i + 1));
   const q8deq = emitQ8Deq(mb);
   const q4rows = Array.from({ length: o.dmr }, (_, i) => emitQ4KRows(mb, o, i + 1));
@@ -464,7 +636,13 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
   const xsums = emitXSums(mb);
   const bfrows = Array.from({ length: o.dmr }, (_, i) => emitBf16Rows(mb, o, i + 1));
   const bfdeq = emitBf16Deq(mb);
+  const q6rows = Array.from({ length: o.dmr }, (_, i) => emitQ6KRows(mb, o, i + 1));
+  const q6deq = emitQ6KDeq(mb);
   return {
+    q6kgemm: emitDriver(mb, o, gemm, "q6kgemm", q6rows, q6deq, null, (g, n0, K) => {
+      g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(192).i32Mul(); // n0·K/256·192
+      return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(20).i32Mul(); // n0·K/256·20
+    }),
     bf16gemm: emitDriver(mb, o, gemm, "bf16gemm", bfrows, bfdeq, null, (g, n0, K) => {
       g.get(n0).get(K).i32Mul().i32Const(1).i32Shl(); // value bytes: n0·K·2
       return () => void g.i32Const(0); // no scales

@@ -198,6 +198,8 @@ export class CpuRuntime {
   private readonly q4kdeqFn: DeqFn;
   private readonly bf16gemmFn: QGemmFn;
   private readonly bf16deqFn: DeqFn;
+  private readonly q6kgemmFn: QGemmFn;
+  private readonly q6kdeqFn: DeqFn;
   private gemmScratch = 0; // bytes of a thread's scratch before its dequantization area
   private readonly taskListFn: TaskListFn;
   private readonly packxFn: PackxFn;
@@ -235,6 +237,8 @@ export class CpuRuntime {
     this.q4kdeqFn = ex.q4kdeq as DeqFn;
     this.bf16gemmFn = ex.bf16gemm as QGemmFn;
     this.bf16deqFn = ex.bf16deq as DeqFn;
+    this.q6kgemmFn = ex.q6kgemm as QGemmFn;
+    this.q6kdeqFn = ex.q6kdeq as DeqFn;
     this.taskListFn = ex.task_list as TaskListFn;
     this.packxFn = ex.packx as PackxFn;
     this.scratch = SCRATCH_BYTE;
@@ -449,7 +453,7 @@ export class CpuRuntime {
     const flops = 2 * M * N * K;
     const flags = g.accumulate ? ACCUMULATE : 0;
     const deqRows = deqRowsFor(K);
-    const fn = type === "q8_0" ? this.qgemmFn : type === "q4_k" ? this.q4kgemmFn : this.bf16gemmFn;
+    const fn = { q8_0: this.qgemmFn, q4_k: this.q4kgemmFn, q6_k: this.q6kgemmFn, bf16: this.bf16gemmFn }[type];
     if (this.threads === 1 || flops < PARALLEL_FLOPS) {
       fn(g.x * 4, g.ldx * 4, g.wq, g.ws, g.y * 4, g.ldy * 4, M, N, K, flags, this.scratch, this.scratch + this.gemmScratch, deqRows);
       return;
@@ -468,7 +472,7 @@ export class CpuRuntime {
       for (let n0 = 0; n0 < N; n0 += step, count++) {
         const ints = this.iview;
         const o = (LIST_BYTE >>> 2) + count * TASK_WORDS;
-        ints[o] = type === "q8_0" ? TASK.QGEMM : type === "q4_k" ? TASK.Q4KGEMM : TASK.BF16GEMM;
+        ints[o] = { q8_0: TASK.QGEMM, q4_k: TASK.Q4KGEMM, q6_k: TASK.Q6KGEMM, bf16: TASK.BF16GEMM }[type];
         ints[o + 1] = (packed ? xp : g.x) * 4;
         ints[o + 2] = g.ldx * 4;
         ints[o + 3] = g.wq + n0 * rowQ.wq;
@@ -491,7 +495,7 @@ export class CpuRuntime {
   dequantRows(type: QuantType, wq: number, ws: number, rows: number, K: number, dst: number): void {
     this.assertLive();
     if (K % QUANT_BLOCK[type] !== 0) throw new Error(`CpuRuntime.dequantRows: K ${K} is not a multiple of ${QUANT_BLOCK[type]}`);
-    (type === "q8_0" ? this.q8deqFn : type === "q4_k" ? this.q4kdeqFn : this.bf16deqFn)(wq, ws, rows, K, dst * 4);
+    ({ q8_0: this.q8deqFn, q4_k: this.q4kdeqFn, q6_k: this.q6kdeqFn, bf16: this.bf16deqFn })[type](wq, ws, rows, K, dst * 4);
   }
 
   /** Allocates `bytes` bytes (zero-filled, 64-byte aligned); returns their BYTE offset. */

@@ -164,6 +164,9 @@ export class Fn {
   i32Load(offset = 0): this {
     return this.op(0x28).memarg(ALIGN.i32, offset);
   }
+  i32Load8S(offset = 0): this {
+    return this.op(0x2c).memarg(0, offset);
+  }
   i32Load8U(offset = 0): this {
     return this.op(0x2d).memarg(0, offset);
   }
@@ -205,6 +208,7 @@ export class Fn {
   f32Add(): this { return this.op(0x92); }
   f32Div(): this { return this.op(0x95); }
   f32ConvertI32U(): this { return this.op(0xb3); }
+  f32ConvertI32S(): this { return this.op(0xb2); }
   f32Sqrt(): this { return this.op(0x91); }
   f32Max(): this { return this.op(0x97); }
   f32Sub(): this { return this.op(0x93); }
@@ -280,6 +284,11 @@ export class Fn {
   v128And(): this { return this.simd(0x4e); }
   /** i8x16.shr_u: the shift count (i32) on top of the vector. */
   i8x16ShrU(): this { return this.simd(0x6d); }
+  /** i16x8.shl / shr_u: the shift count (i32) on top of the vector. */
+  i16x8Shl(): this { return this.simd(0x8b); }
+  i16x8ShrU(): this { return this.simd(0x8d); }
+  v128Or(): this { return this.simd(0x50); }
+  i8x16Sub(): this { return this.simd(0x71); }
 
   /** The function body: local declarations (run-length encoded), code, `end`. */
   body(): number[] {
