@@ -8,7 +8,7 @@ import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { CpuRuntime } from "../src/engine/cpu/runtime.js";
 import { GgmlType, ggufMetadataForWrite, readGguf, readGgufTensor, writeGguf } from "../src/io/gguf.js";
-import { dequantize, quantizeQ8_0, repackQ4_K, repackQ6_K } from "../src/io/gguf-quants.js";
+import { dequantize, quantizeQ8_0, repackQ4_K, repackQ6_K, splitQ4_0 } from "../src/io/gguf-quants.js";
 import { loadGgml } from "../src/reference/ggml.js";
 import type { LossAndGradRequest } from "../src/engine/grad.js";
 import { loadHostModel, type FileFacts } from "../src/model/load.js";
@@ -83,8 +83,9 @@ const h16 = (v: number) => {
 
 /** The K-quants: ggml block bytes, where d (and dmin) sit, and how our layout repacks them. */
 const KQUANTS = [
-  { type: "q4_k", ggml: GgmlType.Q4_K, bytes: 144, halves: [0, 2], wq: 128, ws: 24, repack: repackQ4_K },
-  { type: "q6_k", ggml: GgmlType.Q6_K, bytes: 210, halves: [208], wq: 192, ws: 20, repack: repackQ6_K },
+  { type: "q4_k", ggml: GgmlType.Q4_K, elems: 256, bytes: 144, halves: [0, 2], wq: 128, ws: 24, repack: repackQ4_K },
+  { type: "q6_k", ggml: GgmlType.Q6_K, elems: 256, bytes: 210, halves: [208], wq: 192, ws: 20, repack: repackQ6_K },
+  { type: "q4_0", ggml: GgmlType.Q4_0, elems: 32, bytes: 18, halves: [0], wq: 16, ws: 4, repack: (b: Uint8Array, q: Uint8Array, m: Uint8Array) => splitQ4_0(b, q, new Float32Array(m.buffer, m.byteOffset, m.byteLength / 4)) },
 ] as const;
 
 for (const kq of KQUANTS)
@@ -95,7 +96,7 @@ for (const threads of [1, 2]) {
       const r = rng(11);
       for (const [M, N, K] of [[1, 3, 256], [2, 5, 512], [3, 7, 256], [4, 9, 768], [5, 4, 256], [9, 20, 512], [17, 33, 768], [1, 300, 1024], [33, 100, 768]] as const) {
         // Random block bytes (every quant bit and scale code) with sane fp16 super-block scales.
-        const nb = (N * K) / 256;
+        const nb = (N * K) / kq.elems;
         const blocks = Uint8Array.from({ length: nb * kq.bytes }, () => Math.floor((r() + 0.5) * 256) & 255);
         const dv = new DataView(blocks.buffer);
         for (let b = 0; b < nb; b++) for (const o of kq.halves) dv.setUint16(b * kq.bytes + o, h16(0.001 + (r() + 0.5) * 0.01), true);
@@ -122,7 +123,7 @@ for (const threads of [1, 2]) {
         rt.dequantRows(kq.type, wq, ws, N, K, deq);
         assert.deepEqual(rt.f32.slice(deq, deq + N * K), ref);
       }
-      assert.throws(() => rt.qgemm({ type: kq.type, x: 0, ldx: 32, wq: 0, ws: 0, y: 0, ldy: 1, M: 1, N: 1, K: 32 }), /K a multiple of 256/);
+      assert.throws(() => rt.qgemm({ type: kq.type, x: 0, ldx: 40, wq: 0, ws: 0, y: 0, ldy: 1, M: 1, N: 1, K: 40 }), new RegExp(`K a multiple of ${kq.elems}`));
     } finally {
       await rt.dispose();
     }
@@ -369,5 +370,31 @@ test("a BF16 safetensors llama: BF16 matrices kept as BF16 by default, logits eq
     f32.dispose();
     bf.dispose();
     fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("a Q4_0 GGUF (stories260K's 32-aligned matrices quantized by ggml): native equals the f32 path up to summation order", async () => {
+  const ggml = await loadGgml();
+  const g = readGguf(fixture("stories260K-gguf", "stories260K.gguf"));
+  const tensors = [...g.tensors.keys()].map((name) => {
+    const t = readGgufTensor(g, name);
+    const q = t.shape.length === 2 && t.shape[1]! % 32 === 0;
+    return q ? { name, shape: t.shape, type: GgmlType.Q4_0, data: t.data, raw: ggml.quantize(GgmlType.Q4_0, t.data, t.shape[0]!, t.shape[1]!) } : { name, shape: t.shape, type: GgmlType.F32, data: t.data };
+  });
+  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-q40-")), "stories260K-q4_0.gguf");
+  writeGguf(file, ggufMetadataForWrite(g), tensors);
+  const f32 = await Model.load(file, { threads: 1, weights: "f32" });
+  const q4 = await Model.load(file, { threads: 1 });
+  try {
+    assert.equal((q4 as unknown as { engine: { quantizedMats: number } }).engine.quantizedMats, 5 * 3 + 2);
+    const ids = [1, 403, 407, 261, 378, 285, 263, 499];
+    const a = (await f32.forward([{ ids }])).logits[0]!, b = (await q4.forward([{ ids }])).logits[0]!;
+    let worst = 0;
+    for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i]! - b[i]!));
+    assert.ok(worst <= 2e-5, `max |Δ| ${worst}`);
+    assert.deepEqual((await q4.generate([{ ids: [1] }], { maxTokens: 24 })).tokens, (await f32.generate([{ ids: [1] }], { maxTokens: 24 })).tokens);
+  } finally {
+    f32.dispose();
+    q4.dispose();
   }
 });

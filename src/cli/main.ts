@@ -259,7 +259,7 @@ async function cmdInfo(f: Flags): Promise<void> {
   lines.push(
     ["parameters", `${count(mem.params)} (weight files ${size(fileBytes)})`],
     ["memory", `cpu ${size(mem.weightBytes + mem.hostBytes)} as f32 (${mem.weightBytes <= WASM_USABLE_BYTES ? "fits" : "exceeds"} one wasm32 memory)` +
-      (model.nativeQuantBytes !== undefined && /Q8_0|Q4_K|Q6_K|BF16/.test(model.sourceDtype) ? `, ${size(model.nativeQuantBytes)} with its Q8_0/Q4_K/Q6_K/BF16 matrices kept in their format (the cpu default; ${model.nativeQuantBytes <= WASM_USABLE_BYTES ? "fits" : "exceeds"})` : "") +
+      (model.nativeQuantBytes !== undefined && /Q8_0|Q4_0|Q4_K|Q6_K|BF16/.test(model.sourceDtype) ? `, ${size(model.nativeQuantBytes)} with its Q8_0/Q4_0/Q4_K/Q6_K/BF16 matrices kept in their format (the cpu default; ${model.nativeQuantBytes <= WASM_USABLE_BYTES ? "fits" : "exceeds"})` : "") +
       `; KV cache ${size(mem.kvBytesPerRow(c.nCtx))} per row at nCtx ${c.nCtx}`],
   );
   for (const [k, v] of lines) process.stdout.write(`${k!.padEnd(14)} ${v}\n`);

@@ -188,6 +188,23 @@ export function repackQ6_K(bytes: Uint8Array, quants: Uint8Array, meta: Uint8Arr
 }
 
 /**
+ * Split Q4_0 blocks (`bytes`, 18 each) into the CPU engine's layout: `nibbles` the blocks' 16 quant
+ * bytes each, back to back; `ds` the f16 scales as f32. Returns the first block whose d is not finite, or -1.
+ */
+export function splitQ4_0(bytes: Uint8Array, nibbles: Uint8Array, ds: Float32Array): number {
+  const nb = ds.length;
+  if (bytes.byteLength !== nb * 18 || nibbles.byteLength !== nb * 16) throw new Error(`splitQ4_0: ${bytes.byteLength} bytes for ${nb} blocks`);
+  let bad = -1;
+  for (let i = 0; i < nb; i++) {
+    const d = half(bytes, i * 18);
+    if (bad < 0 && !Number.isFinite(d)) bad = i;
+    ds[i] = d;
+    nibbles.set(bytes.subarray(i * 18 + 2, i * 18 + 18), i * 16);
+  }
+  return bad;
+}
+
+/**
  * Widen `n` quantized values (`bytes`: n / blockElems consecutive ggml blocks, row after row) to
  * f32. `file` names the source in error messages.
  */

@@ -11,7 +11,7 @@ export class NumericalWeightsError extends ModelFileError {
 }
 import { checkGgufTensorReadable, GgmlType, ggufTensorShape, readGguf, readGgufTensor, readRange, readRangeInto, type GgufFile } from "../io/gguf.js";
 import { fileSha256, type FileHashOptions } from "../io/file-hash.js";
-import { repackQ4_K, repackQ6_K, splitQ8_0 } from "../io/gguf-quants.js";
+import { repackQ4_K, repackQ6_K, splitQ4_0, splitQ8_0 } from "../io/gguf-quants.js";
 import type { QuantType } from "../engine/weights.js";
 import { resolveModelPath } from "../io/hub-cache.js";
 import { checkStTensorReadable, openSafetensors, readStTensor, type SafetensorsSet } from "../io/safetensors.js";
@@ -208,7 +208,7 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
       },
       quantRange: (n) => {
         const t = g.tensors.get(n);
-        const type = t?.type === GgmlType.Q8_0 ? "q8_0" : t?.type === GgmlType.Q4_K ? "q4_k" : t?.type === GgmlType.Q6_K ? "q6_k" : t?.type === GgmlType.BF16 ? "bf16" : null;
+        const type = t?.type === GgmlType.Q8_0 ? "q8_0" : t?.type === GgmlType.Q4_K ? "q4_k" : t?.type === GgmlType.Q6_K ? "q6_k" : t?.type === GgmlType.Q4_0 ? "q4_0" : t?.type === GgmlType.BF16 ? "bf16" : null;
         return t && type ? { file: g.path, offset: t.offset, byteLength: t.byteLength, type } : null;
       },
     };
@@ -283,7 +283,7 @@ function ggufNativeQuantBytes(g: GgufFile): number {
   let total = 0;
   for (const t of g.tensors.values()) {
     const n = t.ne.reduce((a, b) => a * b, 1);
-    total += t.type === GgmlType.Q8_0 ? n * 1.125 : t.type === GgmlType.Q4_K ? (n * 152) / 256 : t.type === GgmlType.Q6_K ? (n * 212) / 256 : t.type === GgmlType.BF16 ? n * 2 : n * 4;
+    total += t.type === GgmlType.Q8_0 ? n * 1.125 : t.type === GgmlType.Q4_K ? (n * 152) / 256 : t.type === GgmlType.Q6_K ? (n * 212) / 256 : t.type === GgmlType.Q4_0 ? n * 0.625 : t.type === GgmlType.BF16 ? n * 2 : n * 4;
   }
   return total;
 }
@@ -514,7 +514,7 @@ export class LazyWeights extends Map<string, HostTensor> {
     const p = (this.#slots.get(key) as { kind: "file"; p: Planned }).p;
     const range = this.#source.quantRange!(p.name)!;
     const rows = p.shape[0]!, cols = p.shape[1] ?? 1;
-    const [elems, bytesPer] = type === "q8_0" ? [32, 34] : type === "q4_k" ? [256, 144] : type === "q6_k" ? [256, 210] : [1, 2];
+    const [elems, bytesPer] = type === "q8_0" ? [32, 34] : type === "q4_k" ? [256, 144] : type === "q6_k" ? [256, 210] : type === "q4_0" ? [32, 18] : [1, 2];
     const rowBytes = (cols / elems) * bytesPer;
     const first = p.src.split ? p.src.split.index * rows : 0;
     let bytes = new Uint8Array(rows * rowBytes);
@@ -527,7 +527,7 @@ export class LazyWeights extends Map<string, HostTensor> {
       bytes = new Uint8Array(src.length);
       order.forEach((from, to) => bytes.set(src.subarray(from * rowBytes, (from + 1) * rowBytes), to * rowBytes));
     }
-    const bad = type === "bf16" ? copyBf16(bytes, wq) : type === "q6_k" ? repackQ6_K(bytes, wq, ws) : type === "q8_0" ? splitQ8_0(bytes, new Int8Array(wq.buffer, wq.byteOffset, wq.byteLength), new Float32Array(ws.buffer, ws.byteOffset, ws.byteLength / 4)) : repackQ4_K(bytes, wq, ws);
+    const bad = type === "bf16" ? copyBf16(bytes, wq) : type === "q6_k" ? repackQ6_K(bytes, wq, ws) : type === "q4_0" ? splitQ4_0(bytes, wq, new Float32Array(ws.buffer, ws.byteOffset, ws.byteLength / 4)) : type === "q8_0" ? splitQ8_0(bytes, new Int8Array(wq.buffer, wq.byteOffset, wq.byteLength), new Float32Array(ws.buffer, ws.byteOffset, ws.byteLength / 4)) : repackQ4_K(bytes, wq, ws);
     if (bad >= 0) throw new NumericalWeightsError(this.#source.file, `tensor ${p.name} holds a non-finite ${type === "bf16" ? "value at element" : "block scale at block"} ${bad} (for ${p.canon}, layer ${p.layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
   }
 

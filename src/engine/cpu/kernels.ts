@@ -103,8 +103,9 @@ export const TASK_WORDS = 16;
  *   Q4KGEMM    the same for Q4_K rows (qkernels.ts q4kgemm; ws: the per-super-block meta)
  *   BF16GEMM   the same for BF16 rows (qkernels.ts bf16gemm; ws unused)
  *   Q6KGEMM    the same for Q6_K rows (qkernels.ts q6kgemm)
+ *   Q40GEMM    the same for Q4_0 rows (qkernels.ts q40gemm)
  */
-export const TASK = { GEMM: 0, GATED: 1, RMSNORM: 2, ATTENTION: 3, QGEMM: 4, Q4KGEMM: 5, BF16GEMM: 6, Q6KGEMM: 7 } as const;
+export const TASK = { GEMM: 0, GATED: 1, RMSNORM: 2, ATTENTION: 3, QGEMM: 4, Q4KGEMM: 5, BF16GEMM: 6, Q6KGEMM: 7, Q40GEMM: 8 } as const;
 /** gemm flags: add to Y instead of overwriting it. */
 export const ACCUMULATE = 1;
 /** gemm flags: x points at X packed by packx (packed path, M >= packMinM, only). */
@@ -643,7 +644,7 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
   // The packed path pays off from a few rows of X (and needs K >= 4 for its block sizes).
   g.get(M).i32Const(o.packMinM).i32LtU().get(K).i32Const(4).i32LtU().i32Or().if(direct, packed);
 
-  const { qgemm, q4kgemm, bf16gemm, q6kgemm } = emitQuantKernels(mb, o, g);
+  const { qgemm, q4kgemm, bf16gemm, q6kgemm, q40gemm } = emitQuantKernels(mb, o, g);
 
   // --- task_list ----------------------------------------------------------------------------
   const ew = emitElementwise(mb);
@@ -679,7 +680,7 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
           for (let i = 1; i <= 10; i++) arg(i);
           tl.get(SCR).call(g);
         });
-        for (const [kind, fn] of [[TASK.QGEMM, qgemm], [TASK.Q4KGEMM, q4kgemm], [TASK.BF16GEMM, bf16gemm], [TASK.Q6KGEMM, q6kgemm]] as const) {
+        for (const [kind, fn] of [[TASK.QGEMM, qgemm], [TASK.Q4KGEMM, q4kgemm], [TASK.BF16GEMM, bf16gemm], [TASK.Q6KGEMM, q6kgemm], [TASK.Q40GEMM, q40gemm]] as const) {
           tl.get(op).i32Const(kind).i32Eq().if(() => {
             for (let i = 1; i <= 10; i++) arg(i);
             tl.get(SCR);

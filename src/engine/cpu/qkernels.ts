@@ -24,10 +24,11 @@ import type { QuantType } from "../weights.js";
 export function quantBytes(type: QuantType, N: number, K: number): { wq: number; ws: number } {
   if (type === "bf16") return { wq: N * K * 2, ws: 0 };
   if (type === "q6_k") return { wq: ((N * K) / 256) * 192, ws: ((N * K) / 256) * 20 };
+  if (type === "q4_0") return { wq: (N * K) / 2, ws: (N * K) / 8 };
   return type === "q8_0" ? { wq: N * K, ws: (N * K) / 8 } : { wq: (N * K) / 2, ws: ((N * K) / 256) * 24 };
 }
 /** Row length a quantized matrix must be a multiple of. */
-export const QUANT_BLOCK: Record<QuantType, number> = { q8_0: 32, q4_k: 256, bf16: 8, q6_k: 256 };
+export const QUANT_BLOCK: Record<QuantType, number> = { q8_0: 32, q4_k: 256, bf16: 8, q6_k: 256, q4_0: 32 };
 
 /** Bytes of each thread's dequantization area (chunks of W rows as f32 for the prefill path). */
 export const DEQ_BYTES = 1 << 20;
@@ -541,6 +542,132 @@ function emitQ6KDeq(mb: ModuleBuilder): Fn {
   return f;
 }
 
+// Q4_0 (blocks of 32: an f16 d and 16 bytes of nibbles, low nibbles the first 16 weights, high the
+// last 16; value = d·(q − 8)). Held as wq: the nibbles, 16 bytes per block back to back; ws: d as
+// f32 per block: 0.625 bytes per weight (the file's 0.5625).
+
+/** Pushes block b's 32 quants minus 8 as two i8 vectors' worth of work: use(h) after u holds half h (0: low nibbles). */
+function q4Quants(f: Fn, v: number, m0f: number, c8: number, u: number, use: (h: number) => void): void {
+  for (let h = 0; h < 2; h++) {
+    f.get(v);
+    if (h === 1) f.i32Const(4).i16x8ShrU();
+    f.get(m0f).v128And().get(c8).i8x16Sub().set(u);
+    use(h);
+  }
+}
+
+/** q40rows_a(px, ldx, wq, ws, py, ldy, N, K, acc): a rows of X against all N rows of a Q4_0 matrix. */
+function emitQ40Rows(mb: ModuleBuilder, o: KernelOptions, a: number): Fn {
+  const f = mb.func(`q40rows_${a}`, [I32, I32, I32, I32, I32, I32, I32, I32, I32]);
+  const [PX, LDX, WQ, WS, PY, LDY, N, K, ACC] = [0, 1, 2, 3, 4, 5, 6, 7, 8];
+  const xp = Array.from({ length: a }, () => f.local(I32));
+  const q = f.local(I32), s = f.local(I32), yp = f.local(I32), n = f.local(I32), cnt = f.local(I32);
+  const acc = Array.from({ length: a }, () => f.local(V128));
+  const t = Array.from({ length: a }, () => f.local(V128));
+  const v = f.local(V128), u = f.local(V128), w16 = f.local(V128), wf = f.local(V128), xv = f.local(V128);
+  const m0f = f.local(V128), c8 = f.local(V128);
+  const sc = f.local(F32);
+  const madd = (accL: number, x: number, w: number) => {
+    if (o.relaxed) f.get(x).get(w).get(accL).f32x4RelaxedMadd().set(accL);
+    else f.get(accL).get(x).get(w).f32x4Mul().f32x4Add().set(accL);
+  };
+  f.v128ConstI32(0x0f0f0f0f).set(m0f);
+  f.v128ConstI32(0x08080808).set(c8);
+  f.get(N).i32Eqz().if(() => void f.return());
+  f.get(WQ).i32Const(0).i32Add().set(q);
+  f.get(WS).i32Const(0).i32Add().set(s);
+  f.get(PY).i32Const(0).i32Add().set(yp);
+  f.loop(() => {
+    f.get(PX).i32Const(0).i32Add().set(xp[0]!);
+    for (let i = 1; i < a; i++) f.get(xp[i - 1]!).get(LDX).i32Add().set(xp[i]!);
+    for (let i = 0; i < a; i++) f.v128ConstF32(0).set(acc[i]!);
+    f.get(K).i32Const(5).i32ShrU().tee(cnt).if(() => {
+      f.loop(() => {
+        f.get(q).v128Load().set(v);
+        let first = true;
+        q4Quants(f, v, m0f, c8, u, (h) => {
+          for (let part = 0; part < 2; part++) {
+            f.get(u);
+            if (part === 0) f.i16x8ExtendLowI8x16S();
+            else f.i16x8ExtendHighI8x16S();
+            f.set(w16);
+            for (let g = 0; g < 2; g++) {
+              f.get(w16);
+              if (g === 0) f.i32x4ExtendLowI16x8S();
+              else f.i32x4ExtendHighI16x8S();
+              f.f32x4ConvertI32x4S().set(wf);
+              const off = 4 * (16 * h + 8 * part + 4 * g);
+              for (let i = 0; i < a; i++) {
+                f.get(xp[i]!).v128Load(off).set(xv);
+                if (first) f.get(xv).get(wf).f32x4Mul().set(t[i]!);
+                else madd(t[i]!, xv, wf);
+              }
+              first = false;
+            }
+          }
+        });
+        f.get(s).f32Load().f32x4Splat().set(wf);
+        for (let i = 0; i < a; i++) madd(acc[i]!, t[i]!, wf);
+        f.get(q).i32Const(16).i32Add().set(q);
+        f.get(s).i32Const(4).i32Add().set(s);
+        for (let i = 0; i < a; i++) f.get(xp[i]!).i32Const(128).i32Add().set(xp[i]!);
+        f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
+      });
+    });
+    for (let i = 0; i < a; i++) {
+      const A = acc[i]!;
+      f.get(A).get(A).get(A).shuffle32(2, 3, 0, 1).f32x4Add().set(wf);
+      f.get(wf).get(wf).get(wf).shuffle32(1, 0, 3, 2).f32x4Add().f32x4ExtractLane(0).set(sc);
+      const yAddr = () => (i === 0 ? f.get(yp) : f.get(yp).get(LDY).i32Const(i).i32Mul().i32Add());
+      f.get(ACC).if(() => void yAddr().f32Load().get(sc).f32Add().set(sc));
+      yAddr().get(sc).f32Store();
+    }
+    f.get(yp).i32Const(4).i32Add().set(yp);
+    f.get(n).i32Const(1).i32Add().tee(n).get(N).i32LtU().brIf(0);
+  });
+  return f;
+}
+
+/** q40deq(wq, ws, rows, K, dst): rows of a Q4_0 matrix as f32, exactly as ggml's dequantize_row_q4_0. */
+function emitQ40Deq(mb: ModuleBuilder): Fn {
+  const f = mb.func("q40deq", [I32, I32, I32, I32, I32], [], true);
+  const [WQ, WS, ROWS, K, DST] = [0, 1, 2, 3, 4];
+  const q = f.local(I32), s = f.local(I32), p = f.local(I32), cnt = f.local(I32);
+  const v = f.local(V128), u = f.local(V128), w16 = f.local(V128), d = f.local(V128);
+  const m0f = f.local(V128), c8 = f.local(V128);
+  f.v128ConstI32(0x0f0f0f0f).set(m0f);
+  f.v128ConstI32(0x08080808).set(c8);
+  f.get(ROWS).get(K).i32Mul().i32Const(5).i32ShrU().tee(cnt).i32Eqz().if(() => void f.return());
+  f.get(WQ).i32Const(0).i32Add().set(q);
+  f.get(WS).i32Const(0).i32Add().set(s);
+  f.get(DST).i32Const(0).i32Add().set(p);
+  f.loop(() => {
+    f.get(s).f32Load().f32x4Splat().set(d);
+    f.get(q).v128Load().set(v);
+    q4Quants(f, v, m0f, c8, u, (h) => {
+      for (let part = 0; part < 2; part++) {
+        f.get(u);
+        if (part === 0) f.i16x8ExtendLowI8x16S();
+        else f.i16x8ExtendHighI8x16S();
+        f.set(w16);
+        for (let g = 0; g < 2; g++) {
+          f.get(p);
+          f.get(w16);
+          if (g === 0) f.i32x4ExtendLowI16x8S();
+          else f.i32x4ExtendHighI16x8S();
+          f.f32x4ConvertI32x4S().get(d).f32x4Mul();
+          f.v128Store(4 * (16 * h + 8 * part + 4 * g));
+        }
+      }
+    });
+    f.get(q).i32Const(16).i32Add().set(q);
+    f.get(s).i32Const(4).i32Add().set(s);
+    f.get(p).i32Const(128).i32Add().set(p);
+    f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
+  });
+  return f;
+}
+
 // BF16 (Hugging Face checkpoints' usual dtype): W [N, K] (K % 8 == 0) as the file's 2-byte values,
 // row after row. A bf16 is the top half of an f32, so widening is exact: u16 → u32, shift left 16.
 
@@ -627,8 +754,8 @@ function emitBf16Deq(mb: ModuleBuilder): Fn {
   return f;
 }
 
-/** Emits the Q8_0, Q4_K and BF16 kernels and their drivers qgemm, q4kgemm and bf16gemm (exported); `gemm` is the f32 driver. */
-export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn): { qgemm: Fn; q4kgemm: Fn; bf16gemm: Fn; q6kgemm: Fn } {
+/** Emits the Q8_0, Q4_0, Q4_K, Q6_K and BF16 kernels and their drivers (exported); `gemm` is the f32 driver. */
+export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn): { qgemm: Fn; q4kgemm: Fn; bf16gemm: Fn; q6kgemm: Fn; q40gemm: Fn } {
   const q8rows = Array.from({ length: o.dmr }, (_, i) => emitQ8Rows(mb, o, i + 1));
   const q8deq = emitQ8Deq(mb);
   const q4rows = Array.from({ length: o.dmr }, (_, i) => emitQ4KRows(mb, o, i + 1));
@@ -638,7 +765,13 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
   const bfdeq = emitBf16Deq(mb);
   const q6rows = Array.from({ length: o.dmr }, (_, i) => emitQ6KRows(mb, o, i + 1));
   const q6deq = emitQ6KDeq(mb);
+  const q40rows = Array.from({ length: o.dmr }, (_, i) => emitQ40Rows(mb, o, i + 1));
+  const q40deq = emitQ40Deq(mb);
   return {
+    q40gemm: emitDriver(mb, o, gemm, "q40gemm", q40rows, q40deq, null, (g, n0, K) => {
+      g.get(n0).get(K).i32Mul().i32Const(1).i32ShrU(); // nibble bytes: n0·K/2
+      return () => void g.get(n0).get(K).i32Mul().i32Const(3).i32ShrU(); // scales: n0·K/32·4
+    }),
     q6kgemm: emitDriver(mb, o, gemm, "q6kgemm", q6rows, q6deq, null, (g, n0, K) => {
       g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(192).i32Mul(); // n0·K/256·192
       return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(20).i32Mul(); // n0·K/256·20

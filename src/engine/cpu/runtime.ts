@@ -200,6 +200,8 @@ export class CpuRuntime {
   private readonly bf16deqFn: DeqFn;
   private readonly q6kgemmFn: QGemmFn;
   private readonly q6kdeqFn: DeqFn;
+  private readonly q40gemmFn: QGemmFn;
+  private readonly q40deqFn: DeqFn;
   private gemmScratch = 0; // bytes of a thread's scratch before its dequantization area
   private readonly taskListFn: TaskListFn;
   private readonly packxFn: PackxFn;
@@ -239,6 +241,8 @@ export class CpuRuntime {
     this.bf16deqFn = ex.bf16deq as DeqFn;
     this.q6kgemmFn = ex.q6kgemm as QGemmFn;
     this.q6kdeqFn = ex.q6kdeq as DeqFn;
+    this.q40gemmFn = ex.q40gemm as QGemmFn;
+    this.q40deqFn = ex.q40deq as DeqFn;
     this.taskListFn = ex.task_list as TaskListFn;
     this.packxFn = ex.packx as PackxFn;
     this.scratch = SCRATCH_BYTE;
@@ -453,7 +457,7 @@ export class CpuRuntime {
     const flops = 2 * M * N * K;
     const flags = g.accumulate ? ACCUMULATE : 0;
     const deqRows = deqRowsFor(K);
-    const fn = { q8_0: this.qgemmFn, q4_k: this.q4kgemmFn, q6_k: this.q6kgemmFn, bf16: this.bf16gemmFn }[type];
+    const fn = { q8_0: this.qgemmFn, q4_0: this.q40gemmFn, q4_k: this.q4kgemmFn, q6_k: this.q6kgemmFn, bf16: this.bf16gemmFn }[type];
     if (this.threads === 1 || flops < PARALLEL_FLOPS) {
       fn(g.x * 4, g.ldx * 4, g.wq, g.ws, g.y * 4, g.ldy * 4, M, N, K, flags, this.scratch, this.scratch + this.gemmScratch, deqRows);
       return;
@@ -472,7 +476,7 @@ export class CpuRuntime {
       for (let n0 = 0; n0 < N; n0 += step, count++) {
         const ints = this.iview;
         const o = (LIST_BYTE >>> 2) + count * TASK_WORDS;
-        ints[o] = { q8_0: TASK.QGEMM, q4_k: TASK.Q4KGEMM, q6_k: TASK.Q6KGEMM, bf16: TASK.BF16GEMM }[type];
+        ints[o] = { q8_0: TASK.QGEMM, q4_0: TASK.Q40GEMM, q4_k: TASK.Q4KGEMM, q6_k: TASK.Q6KGEMM, bf16: TASK.BF16GEMM }[type];
         ints[o + 1] = (packed ? xp : g.x) * 4;
         ints[o + 2] = g.ldx * 4;
         ints[o + 3] = g.wq + n0 * rowQ.wq;
@@ -495,7 +499,7 @@ export class CpuRuntime {
   dequantRows(type: QuantType, wq: number, ws: number, rows: number, K: number, dst: number): void {
     this.assertLive();
     if (K % QUANT_BLOCK[type] !== 0) throw new Error(`CpuRuntime.dequantRows: K ${K} is not a multiple of ${QUANT_BLOCK[type]}`);
-    ({ q8_0: this.q8deqFn, q4_k: this.q4kdeqFn, q6_k: this.q6kdeqFn, bf16: this.bf16deqFn })[type](wq, ws, rows, K, dst * 4);
+    ({ q8_0: this.q8deqFn, q4_0: this.q40deqFn, q4_k: this.q4kdeqFn, q6_k: this.q6kdeqFn, bf16: this.bf16deqFn })[type](wq, ws, rows, K, dst * 4);
   }
 
   /** Allocates `bytes` bytes (zero-filled, 64-byte aligned); returns their BYTE offset. */
