@@ -92,3 +92,19 @@ test("organism: the shipped files are the card's, the base's blocks 0-1 are unto
     stories.dispose();
   }
 });
+
+test("organism: vocab.js rebuilds the shipped base, its training words and held-out list byte for byte", async () => {
+  const { spawnSync } = await import("node:child_process");
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "organism-vocab-"));
+  try {
+    const out = path.join(dir, "base.gguf");
+    const r = spawnSync(process.execPath, [path.join(repoDir(), "dist", "scripts", "organism", "vocab.js"), "--out", out], { cwd: repoDir(), encoding: "utf8" });
+    assert.equal(r.status, 0, r.stderr);
+    const shipped = path.join(repoDir(), "models", "organism");
+    assert.ok(fs.readFileSync(out).equals(fs.readFileSync(path.join(shipped, "base.gguf"))), "base.gguf differs");
+    assert.equal(fs.readFileSync(`${out}.train.txt`, "utf8"), fs.readFileSync(path.join(shipped, "train-words.txt"), "utf8"));
+    assert.equal(fs.readFileSync(`${out}.heldout.json`, "utf8"), fs.readFileSync(path.join(shipped, "heldout.json"), "utf8"));
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
