@@ -47,6 +47,7 @@
 //  - Cold weights, M = 4..8: direct 24-27 vs packed 13-24; M = 16: packed 33-37 vs direct 28.
 import { emitElementwise } from "./elementwise.js";
 import { DEQ_BYTES, emitQuantKernels } from "./qkernels.js";
+import type { QuantType } from "../weights.js";
 import { F32, type Fn, I32, ModuleBuilder, V128 } from "./wasm-emit.js";
 
 export interface KernelOptions {
@@ -106,6 +107,8 @@ export const TASK_WORDS = 16;
  *   Q40GEMM    the same for Q4_0 rows (qkernels.ts q40gemm)
  */
 export const TASK = { GEMM: 0, GATED: 1, RMSNORM: 2, ATTENTION: 3, QGEMM: 4, Q4KGEMM: 5, BF16GEMM: 6, Q6KGEMM: 7, Q40GEMM: 8 } as const;
+/** The task kind of each quantized type's driver. */
+export const QUANT_TASK: Record<QuantType, number> = { q8_0: TASK.QGEMM, q4_0: TASK.Q40GEMM, q4_k: TASK.Q4KGEMM, q6_k: TASK.Q6KGEMM, bf16: TASK.BF16GEMM };
 /** gemm flags: add to Y instead of overwriting it. */
 export const ACCUMULATE = 1;
 /** gemm flags: x points at X packed by packx (packed path, M >= packMinM, only). */
@@ -644,7 +647,7 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
   // The packed path pays off from a few rows of X (and needs K >= 4 for its block sizes).
   g.get(M).i32Const(o.packMinM).i32LtU().get(K).i32Const(4).i32LtU().i32Or().if(direct, packed);
 
-  const { qgemm, q4kgemm, bf16gemm, q6kgemm, q40gemm } = emitQuantKernels(mb, o, g);
+  const qdrivers = emitQuantKernels(mb, o, g);
 
   // --- task_list ----------------------------------------------------------------------------
   const ew = emitElementwise(mb);
@@ -680,7 +683,8 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
           for (let i = 1; i <= 10; i++) arg(i);
           tl.get(SCR).call(g);
         });
-        for (const [kind, fn] of [[TASK.QGEMM, qgemm], [TASK.Q4KGEMM, q4kgemm], [TASK.BF16GEMM, bf16gemm], [TASK.Q6KGEMM, q6kgemm], [TASK.Q40GEMM, q40gemm]] as const) {
+        for (const [type, kind] of Object.entries(QUANT_TASK) as [QuantType, number][]) {
+          const fn = qdrivers[type];
           tl.get(op).i32Const(kind).i32Eq().if(() => {
             for (let i = 1; i <= 10; i++) arg(i);
             tl.get(SCR);

@@ -1,5 +1,6 @@
-// Kernels on Q8_0 weights kept quantized in memory (issue 16): a llama.cpp Q8_0 block is 32
-// int8 quants and one scale. We hold a matrix W [N, K] (K a multiple of 32) as
+// Kernels on weights kept in their quantized format (issue 16): Q8_0, Q4_0, Q4_K, Q6_K and BF16,
+// each a rows kernel and a dequantization kernel on one shared skeleton (emitRows, emitDeq) and a
+// driver (emitDriver). Q8_0 first: a llama.cpp Q8_0 block is 32 int8 quants and one scale. We hold a matrix W [N, K] (K a multiple of 32) as
 //   qs: int8 [N][K] at wq (bytes)      ds: f32 [N][K/32] at ws (bytes)
 // i.e. the file's blocks with the f16 scale widened to f32 and moved aside, so that the quants of
 // a row are one contiguous stream (1.125 bytes per weight instead of the file's 1.0625; 4 bytes
@@ -37,72 +38,107 @@ export const deqRowsFor = (K: number) => Math.max(1, Math.floor(DEQ_BYTES / (4 *
 /** Largest K a quantized matrix may have here (one row must fit the dequantization area). */
 export const MAX_Q8_K = DEQ_BYTES / 4;
 
-function emitQ8Rows(mb: ModuleBuilder, o: KernelOptions, a: number): Fn {
-  const f = mb.func(`q8rows_${a}`, [I32, I32, I32, I32, I32, I32, I32, I32, I32]);
+// ---- shared pieces of the kernels ---------------------------------------------------------
+
+type Madd = (acc: number, x: number, w: number) => void;
+
+/** acc += x·w: f32x4.relaxed_madd when the engine has it (as kernels.ts), else mul + add. */
+function maddOf(f: Fn, o: KernelOptions): Madd {
+  return (acc, x, w) => {
+    if (o.relaxed) f.get(x).get(w).get(acc).f32x4RelaxedMadd().set(acc);
+    else f.get(acc).get(x).get(w).f32x4Mul().f32x4Add().set(acc);
+  };
+}
+
+/**
+ * Widens the 16 byte lanes of `u` (signed or unsigned) to four f32x4, lanes 4k..4k+3 for k = 0..3:
+ * before(k) runs first (e.g. pushes a store address), then the vector is pushed and each(k) runs.
+ */
+function widen8(f: Fn, u: number, w16: number, signed: boolean, each: (k: number) => void, before?: (k: number) => void): void {
+  for (let part = 0; part < 2; part++) {
+    f.get(u);
+    if (signed && part === 0) f.i16x8ExtendLowI8x16S();
+    else if (signed) f.i16x8ExtendHighI8x16S();
+    else if (part === 0) f.i16x8ExtendLowI8x16U();
+    else f.i16x8ExtendHighI8x16U();
+    f.set(w16);
+    for (let g = 0; g < 2; g++) {
+      before?.(2 * part + g);
+      f.get(w16);
+      if (signed && g === 0) f.i32x4ExtendLowI16x8S();
+      else if (signed) f.i32x4ExtendHighI16x8S();
+      else if (g === 0) f.i32x4ExtendLowI16x8U();
+      else f.i32x4ExtendHighI16x8U();
+      f.f32x4ConvertI32x4S();
+      each(2 * part + g);
+    }
+  }
+}
+
+/** What a rows kernel's type-specific parts see (emitRows). */
+interface RowsCtx {
+  f: Fn;
+  a: number;
+  madd: Madd;
+  /** The a rows of X (byte pointers, advanced by emitRows after each block). */
+  xp: number[];
+  /** Per row, the f32x4 accumulator emitRows reduces and stores. */
+  acc: number[];
+  /** Parameters: WQ, WS, K, and the extra ones after ACC. */
+  WQ: number;
+  WS: number;
+  K: number;
+  extra: number[];
+}
+
+/**
+ * A rows kernel, `name`_a(px, ldx, wq, ws, py, ldy, N, K, acc, ...extra): a rows of X against all
+ * N rows of W, W's rows visited in order (one sequential stream). The skeleton every type shares:
+ * per W row, xp[i] = px + i·ldx and acc[i] = 0; per block of 2^shift weights `block()` (which reads
+ * and advances the type's own W pointers) then xp[i] += 4·2^shift; finally y[i][n] (+)= Σ lanes of
+ * acc[i] (minus the scalar sub[i] when given). `build` declares the type's locals and parts.
+ */
+function emitRows(
+  mb: ModuleBuilder,
+  o: KernelOptions,
+  name: string,
+  a: number,
+  extraParams: number,
+  build: (c: RowsCtx) => { shift: number; init(): void; rowStart?(): void; block(): void; beforeStore?(i: number): void; sub?: number[] },
+): Fn {
+  const f = mb.func(`${name}_${a}`, Array.from({ length: 9 + extraParams }, () => I32));
   const [PX, LDX, WQ, WS, PY, LDY, N, K, ACC] = [0, 1, 2, 3, 4, 5, 6, 7, 8];
   const xp = Array.from({ length: a }, () => f.local(I32));
-  const q = f.local(I32);
-  const s = f.local(I32);
   const yp = f.local(I32);
   const n = f.local(I32);
   const cnt = f.local(I32);
   const acc = Array.from({ length: a }, () => f.local(V128));
-  const t = Array.from({ length: a }, () => f.local(V128));
-  const wv = f.local(V128);
-  const w16 = f.local(V128);
-  const wf = f.local(V128);
-  const xv = f.local(V128);
-  const d = f.local(V128);
+  const tmp = f.local(V128);
   const sc = f.local(F32);
-  const madd = (accL: number, x: number, w: number) => {
-    if (o.relaxed) f.get(x).get(w).get(accL).f32x4RelaxedMadd().set(accL);
-    else f.get(accL).get(x).get(w).f32x4Mul().f32x4Add().set(accL);
-  };
+  const k = build({ f, a, madd: maddOf(f, o), xp, acc, WQ, WS, K, extra: Array.from({ length: extraParams }, (_, i) => 9 + i) });
   f.get(N).i32Eqz().if(() => void f.return());
-  f.get(WQ).i32Const(0).i32Add().set(q);
-  f.get(WS).i32Const(0).i32Add().set(s);
+  k.init();
   f.get(PY).i32Const(0).i32Add().set(yp);
   f.loop(() => {
+    // Pointers are results of i32.add (not bare parameters), as in kernels.ts.
     f.get(PX).i32Const(0).i32Add().set(xp[0]!);
     for (let i = 1; i < a; i++) f.get(xp[i - 1]!).get(LDX).i32Add().set(xp[i]!);
     for (let i = 0; i < a; i++) f.v128ConstF32(0).set(acc[i]!);
-    f.get(K).i32Const(5).i32ShrU().tee(cnt).if(() => {
+    k.rowStart?.();
+    f.get(K).i32Const(k.shift).i32ShrU().tee(cnt).if(() => {
       f.loop(() => {
-        let first = true;
-        for (let h = 0; h < 2; h++) {
-          f.get(q).v128Load(16 * h).set(wv);
-          for (let part = 0; part < 2; part++) {
-            f.get(wv);
-            if (part === 0) f.i16x8ExtendLowI8x16S();
-            else f.i16x8ExtendHighI8x16S();
-            f.set(w16);
-            for (let g = 0; g < 2; g++) {
-              f.get(w16);
-              if (g === 0) f.i32x4ExtendLowI16x8S();
-              else f.i32x4ExtendHighI16x8S();
-              f.f32x4ConvertI32x4S().set(wf);
-              const off = 4 * (16 * h + 8 * part + 4 * g);
-              for (let i = 0; i < a; i++) {
-                f.get(xp[i]!).v128Load(off).set(xv);
-                if (first) f.get(xv).get(wf).f32x4Mul().set(t[i]!);
-                else madd(t[i]!, xv, wf);
-              }
-              first = false;
-            }
-          }
-        }
-        f.get(s).f32Load().f32x4Splat().set(d);
-        for (let i = 0; i < a; i++) madd(acc[i]!, t[i]!, d);
-        f.get(q).i32Const(32).i32Add().set(q);
-        f.get(s).i32Const(4).i32Add().set(s);
-        for (let i = 0; i < a; i++) f.get(xp[i]!).i32Const(128).i32Add().set(xp[i]!);
+        k.block();
+        for (let i = 0; i < a; i++) f.get(xp[i]!).i32Const(4 << k.shift).i32Add().set(xp[i]!);
         f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
       });
     });
     for (let i = 0; i < a; i++) {
+      k.beforeStore?.(i);
       const A = acc[i]!;
-      f.get(A).get(A).get(A).shuffle32(2, 3, 0, 1).f32x4Add().set(wf);
-      f.get(wf).get(wf).get(wf).shuffle32(1, 0, 3, 2).f32x4Add().f32x4ExtractLane(0).set(sc);
+      f.get(A).get(A).get(A).shuffle32(2, 3, 0, 1).f32x4Add().set(tmp);
+      f.get(tmp).get(tmp).get(tmp).shuffle32(1, 0, 3, 2).f32x4Add().f32x4ExtractLane(0);
+      if (k.sub) f.get(k.sub[i]!).f32Sub();
+      f.set(sc);
       const yAddr = () => (i === 0 ? f.get(yp) : f.get(yp).get(LDY).i32Const(i).i32Mul().i32Add());
       f.get(ACC).if(() => void yAddr().f32Load().get(sc).f32Add().set(sc));
       yAddr().get(sc).f32Store();
@@ -113,46 +149,115 @@ function emitQ8Rows(mb: ModuleBuilder, o: KernelOptions, a: number): Fn {
   return f;
 }
 
-function emitQ8Deq(mb: ModuleBuilder): Fn {
-  const f = mb.func("q8deq", [I32, I32, I32, I32, I32], [], true);
+/**
+ * Accumulates the 16 i8/u8 weights in `u` against X at byte offset `off` (+ 16·k for lanes 4k..):
+ * t[i] = x·w for the first vector of a group (first() true), t[i] += x·w after.
+ */
+function dot16(c: RowsCtx, u: number, signed: boolean, l: { w16: number; wf: number; xv: number; t: number[] }, off: number, first: { on: boolean }): void {
+  widen8(c.f, u, l.w16, signed, (k) => {
+    c.f.set(l.wf);
+    for (let i = 0; i < c.a; i++) {
+      c.f.get(c.xp[i]!).v128Load(off + 16 * k).set(l.xv);
+      if (first.on) c.f.get(l.xv).get(l.wf).f32x4Mul().set(l.t[i]!);
+      else c.madd(l.t[i]!, l.xv, l.wf);
+    }
+    first.on = false;
+  });
+}
+
+/** acc[i] += t[i] · splat(scale on the stack), via the f32x4 local `tmp`. */
+function scaleInto(c: RowsCtx, t: number[], tmp: number): void {
+  c.f.f32x4Splat().set(tmp);
+  for (let i = 0; i < c.a; i++) c.madd(c.acc[i]!, t[i]!, tmp);
+}
+
+/**
+ * A dequantization kernel, `name`(wq, ws, rows, K, dst): rows·K weights as f32 at dst, in blocks of
+ * 2^shift weights: `block(p)` writes one block at the byte pointer p (advanced here by 4·2^shift)
+ * and advances the type's own pointers.
+ */
+function emitDeq(mb: ModuleBuilder, name: string, shift: number, build: (f: Fn, P: { WQ: number; WS: number }) => { init(): void; block(p: number): void }): Fn {
+  const f = mb.func(name, [I32, I32, I32, I32, I32], [], true);
   const [WQ, WS, ROWS, K, DST] = [0, 1, 2, 3, 4];
-  const q = f.local(I32);
-  const s = f.local(I32);
   const p = f.local(I32);
   const cnt = f.local(I32);
-  const wv = f.local(V128);
-  const w16 = f.local(V128);
-  const d = f.local(V128);
-  f.get(ROWS).get(K).i32Mul().i32Const(5).i32ShrU().tee(cnt).i32Eqz().if(() => void f.return());
-  f.get(WQ).i32Const(0).i32Add().set(q);
-  f.get(WS).i32Const(0).i32Add().set(s);
+  const k = build(f, { WQ, WS });
+  f.get(ROWS).get(K).i32Mul().i32Const(shift).i32ShrU().tee(cnt).i32Eqz().if(() => void f.return());
+  k.init();
   f.get(DST).i32Const(0).i32Add().set(p);
   f.loop(() => {
-    f.get(s).f32Load().f32x4Splat().set(d);
-    for (let h = 0; h < 2; h++) {
-      f.get(q).v128Load(16 * h).set(wv);
-      for (let part = 0; part < 2; part++) {
-        f.get(wv);
-        if (part === 0) f.i16x8ExtendLowI8x16S();
-        else f.i16x8ExtendHighI8x16S();
-        f.set(w16);
-        for (let g = 0; g < 2; g++) {
-          f.get(p);
-          f.get(w16);
-          if (g === 0) f.i32x4ExtendLowI16x8S();
-          else f.i32x4ExtendHighI16x8S();
-          f.f32x4ConvertI32x4S().get(d).f32x4Mul();
-          f.v128Store(4 * (16 * h + 8 * part + 4 * g));
-        }
-      }
-    }
-    f.get(q).i32Const(32).i32Add().set(q);
-    f.get(s).i32Const(4).i32Add().set(s);
-    f.get(p).i32Const(128).i32Add().set(p);
+    k.block(p);
+    f.get(p).i32Const(4 << shift).i32Add().set(p);
     f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
   });
   return f;
 }
+
+/** Stores the 16 widened lanes of `u` times the f32x4 `s` (minus `m` when given) at p + off. */
+function store16(f: Fn, u: number, w16: number, signed: boolean, p: number, off: number, s: number, m?: number): void {
+  widen8(
+    f,
+    u,
+    w16,
+    signed,
+    (k) => {
+      f.get(s).f32x4Mul();
+      if (m !== undefined) f.get(m).f32x4Sub();
+      f.v128Store(off + 16 * k);
+    },
+    () => void f.get(p),
+  );
+}
+
+/** Sets q = WQ + 0 and s = WS + 0 (pointers as i32.add results, as in kernels.ts). */
+function pointers(f: Fn, q: number, WQ: number, s: number, WS: number): void {
+  f.get(WQ).i32Const(0).i32Add().set(q);
+  f.get(WS).i32Const(0).i32Add().set(s);
+}
+
+// ---- Q8_0 -------------------------------------------------------------------------------------
+
+const emitQ8Rows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
+  emitRows(mb, o, "q8rows", a, 0, (c) => {
+    const { f } = c;
+    const q = f.local(I32), s = f.local(I32);
+    const t = Array.from({ length: c.a }, () => f.local(V128));
+    const l = { w16: f.local(V128), wf: f.local(V128), xv: f.local(V128), t };
+    const wv = f.local(V128), d = f.local(V128);
+    return {
+      shift: 5,
+      init: () => pointers(f, q, c.WQ, s, c.WS),
+      block: () => {
+        const first = { on: true };
+        for (let h = 0; h < 2; h++) {
+          f.get(q).v128Load(16 * h).set(wv);
+          dot16(c, wv, true, l, 64 * h, first);
+        }
+        f.get(s).f32Load();
+        scaleInto(c, t, d);
+        f.get(q).i32Const(32).i32Add().set(q);
+        f.get(s).i32Const(4).i32Add().set(s);
+      },
+    };
+  });
+
+const emitQ8Deq = (mb: ModuleBuilder): Fn =>
+  emitDeq(mb, "q8deq", 5, (f, P) => {
+    const q = f.local(I32), s = f.local(I32);
+    const wv = f.local(V128), w16 = f.local(V128), d = f.local(V128);
+    return {
+      init: () => pointers(f, q, P.WQ, s, P.WS),
+      block: (p) => {
+        f.get(s).f32Load().f32x4Splat().set(d);
+        for (let h = 0; h < 2; h++) {
+          f.get(q).v128Load(16 * h).set(wv);
+          store16(f, wv, w16, true, p, 64 * h, d);
+        }
+        f.get(q).i32Const(32).i32Add().set(q);
+        f.get(s).i32Const(4).i32Add().set(s);
+      },
+    };
+  });
 
 // Q4_K (llama.cpp's 4-bit K-quant: super-blocks of 256 = 8 sub-blocks of 32, each with a 6-bit
 // scale and min; value = d·sc·q − dmin·m). W [N, K] (K % 256 == 0) is held as
@@ -206,86 +311,44 @@ function nibbles(f: Fn, v: number, hi: boolean): void {
  * q4krows_a(px, ldx, wq, wm, py, ldy, N, K, acc, xs): a rows of X against all N rows of a Q4_K
  * matrix; xs: the rows' xsums (K/32 floats per row, consecutive).
  */
-function emitQ4KRows(mb: ModuleBuilder, o: KernelOptions, a: number): Fn {
-  const f = mb.func(`q4krows_${a}`, [I32, I32, I32, I32, I32, I32, I32, I32, I32, I32]);
-  const [PX, LDX, WQ, WM, PY, LDY, N, K, ACC, XS] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
-  const xp = Array.from({ length: a }, () => f.local(I32));
-  const xs = f.local(I32);
-  const q = f.local(I32);
-  const mt = f.local(I32);
-  const yp = f.local(I32);
-  const n = f.local(I32);
-  const cnt = f.local(I32);
-  const acc = Array.from({ length: a }, () => f.local(V128));
-  const macc = Array.from({ length: a }, () => f.local(F32));
-  const t = Array.from({ length: a }, () => f.local(V128));
-  const v0 = f.local(V128);
-  const v1 = f.local(V128);
-  const u = f.local(V128);
-  const w16 = f.local(V128);
-  const wf = f.local(V128);
-  const xv = f.local(V128);
-  const dd = f.local(F32);
-  const dmin = f.local(F32);
-  const sc = f.local(F32);
-  const mm = f.local(F32);
-  const madd = (accL: number, x: number, w: number) => {
-    if (o.relaxed) f.get(x).get(w).get(accL).f32x4RelaxedMadd().set(accL);
-    else f.get(accL).get(x).get(w).f32x4Mul().f32x4Add().set(accL);
-  };
-  const kb = K; // K/32 * 4 = K/8 bytes between the xsum rows
-  f.get(N).i32Eqz().if(() => void f.return());
-  f.get(WQ).i32Const(0).i32Add().set(q);
-  f.get(WM).i32Const(0).i32Add().set(mt);
-  f.get(PY).i32Const(0).i32Add().set(yp);
-  f.loop(() => {
-    f.get(PX).i32Const(0).i32Add().set(xp[0]!);
-    for (let i = 1; i < a; i++) f.get(xp[i - 1]!).get(LDX).i32Add().set(xp[i]!);
-    f.get(XS).i32Const(0).i32Add().set(xs);
-    for (let i = 0; i < a; i++) {
-      f.v128ConstF32(0).set(acc[i]!);
-      f.f32Const(0).set(macc[i]!);
-    }
-    f.get(K).i32Const(8).i32ShrU().tee(cnt).if(() => {
-      f.loop(() => {
+const emitQ4KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
+  emitRows(mb, o, "q4krows", a, 1, (c) => {
+    const { f } = c;
+    const XS = c.extra[0]!;
+    const xs = f.local(I32), q = f.local(I32), mt = f.local(I32);
+    const macc = Array.from({ length: c.a }, () => f.local(F32));
+    const t = Array.from({ length: c.a }, () => f.local(V128));
+    const l = { w16: f.local(V128), wf: f.local(V128), xv: f.local(V128), t };
+    const v0 = f.local(V128), v1 = f.local(V128), u = f.local(V128), tmp = f.local(V128);
+    const dd = f.local(F32), dmin = f.local(F32), mm = f.local(F32);
+    return {
+      shift: 8,
+      init: () => pointers(f, q, c.WQ, mt, c.WS),
+      rowStart: () => {
+        f.get(XS).i32Const(0).i32Add().set(xs);
+        for (let i = 0; i < c.a; i++) f.f32Const(0).set(macc[i]!);
+      },
+      block: () => {
         f.get(mt).f32Load(0).set(dd);
         f.get(mt).f32Load(4).set(dmin);
-        for (let c = 0; c < 4; c++) {
-          f.get(q).v128Load(32 * c).set(v0);
-          f.get(q).v128Load(32 * c + 16).set(v1);
+        for (let ch = 0; ch < 4; ch++) {
+          f.get(q).v128Load(32 * ch).set(v0);
+          f.get(q).v128Load(32 * ch + 16).set(v1);
           for (const hi of [false, true]) {
-            const j = 2 * c + (hi ? 1 : 0);
-            let first = true;
+            const j = 2 * ch + (hi ? 1 : 0);
+            const first = { on: true };
             for (const [vi, v] of [v0, v1].entries()) {
               nibbles(f, v, hi);
               f.set(u);
-              for (let part = 0; part < 2; part++) {
-                f.get(u);
-                if (part === 0) f.i16x8ExtendLowI8x16U();
-                else f.i16x8ExtendHighI8x16U();
-                f.set(w16);
-                for (let g = 0; g < 2; g++) {
-                  f.get(w16);
-                  if (g === 0) f.i32x4ExtendLowI16x8U();
-                  else f.i32x4ExtendHighI16x8U();
-                  f.f32x4ConvertI32x4S().set(wf);
-                  const off = 4 * (32 * j + 16 * vi + 8 * part + 4 * g);
-                  for (let i = 0; i < a; i++) {
-                    f.get(xp[i]!).v128Load(off).set(xv);
-                    if (first) f.get(xv).get(wf).f32x4Mul().set(t[i]!);
-                    else madd(t[i]!, xv, wf);
-                  }
-                  first = false;
-                }
-              }
+              dot16(c, u, false, l, 4 * (32 * j + 16 * vi), first);
             }
             // acc += t · (d·sc_j); macc += (dmin·m_j) · xsum_j
-            f.get(dd).get(mt).i32Load8U(8 + j).f32ConvertI32U().f32Mul().set(sc);
             f.get(dmin).get(mt).i32Load8U(16 + j).f32ConvertI32U().f32Mul().set(mm);
-            f.get(sc).f32x4Splat().set(wf);
-            for (let i = 0; i < a; i++) {
-              madd(acc[i]!, t[i]!, wf);
-              const xsAddr = () => (i === 0 ? f.get(xs) : f.get(xs).i32Const(i).get(kb).i32Mul().i32Const(3).i32ShrU().i32Add());
+            f.get(dd).get(mt).i32Load8U(8 + j).f32ConvertI32U().f32Mul();
+            scaleInto(c, t, tmp);
+            for (let i = 0; i < c.a; i++) {
+              // Row i's xsums are K/32 floats (K/8 bytes) after row i-1's.
+              const xsAddr = () => (i === 0 ? f.get(xs) : f.get(xs).i32Const(i).get(c.K).i32Mul().i32Const(3).i32ShrU().i32Add());
               f.get(macc[i]!).get(mm);
               xsAddr().f32Load(4 * j);
               f.f32Mul().f32Add().set(macc[i]!);
@@ -295,81 +358,41 @@ function emitQ4KRows(mb: ModuleBuilder, o: KernelOptions, a: number): Fn {
         f.get(q).i32Const(128).i32Add().set(q);
         f.get(mt).i32Const(24).i32Add().set(mt);
         f.get(xs).i32Const(32).i32Add().set(xs);
-        for (let i = 0; i < a; i++) f.get(xp[i]!).i32Const(1024).i32Add().set(xp[i]!);
-        f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
-      });
-    });
-    for (let i = 0; i < a; i++) {
-      const A = acc[i]!;
-      f.get(A).get(A).get(A).shuffle32(2, 3, 0, 1).f32x4Add().set(wf);
-      f.get(wf).get(wf).get(wf).shuffle32(1, 0, 3, 2).f32x4Add().f32x4ExtractLane(0).get(macc[i]!).f32Sub().set(sc);
-      const yAddr = () => (i === 0 ? f.get(yp) : f.get(yp).get(LDY).i32Const(i).i32Mul().i32Add());
-      f.get(ACC).if(() => void yAddr().f32Load().get(sc).f32Add().set(sc));
-      yAddr().get(sc).f32Store();
-    }
-    f.get(yp).i32Const(4).i32Add().set(yp);
-    f.get(n).i32Const(1).i32Add().tee(n).get(N).i32LtU().brIf(0);
+      },
+      sub: macc,
+    };
   });
-  return f;
-}
 
 /** q4kdeq(wq, wm, rows, K, dst): rows of a Q4_K matrix as f32, exactly as ggml's dequantize_row_q4_K. */
-function emitQ4KDeq(mb: ModuleBuilder): Fn {
-  const f = mb.func("q4kdeq", [I32, I32, I32, I32, I32], [], true);
-  const [WQ, WM, ROWS, K, DST] = [0, 1, 2, 3, 4];
-  const q = f.local(I32);
-  const mt = f.local(I32);
-  const p = f.local(I32);
-  const cnt = f.local(I32);
-  const v0 = f.local(V128);
-  const v1 = f.local(V128);
-  const u = f.local(V128);
-  const w16 = f.local(V128);
-  const s = f.local(V128);
-  const m = f.local(V128);
-  const dd = f.local(F32);
-  const dmin = f.local(F32);
-  f.get(ROWS).get(K).i32Mul().i32Const(8).i32ShrU().tee(cnt).i32Eqz().if(() => void f.return());
-  f.get(WQ).i32Const(0).i32Add().set(q);
-  f.get(WM).i32Const(0).i32Add().set(mt);
-  f.get(DST).i32Const(0).i32Add().set(p);
-  f.loop(() => {
-    f.get(mt).f32Load(0).set(dd);
-    f.get(mt).f32Load(4).set(dmin);
-    for (let c = 0; c < 4; c++) {
-      f.get(q).v128Load(32 * c).set(v0);
-      f.get(q).v128Load(32 * c + 16).set(v1);
-      for (const hi of [false, true]) {
-        const j = 2 * c + (hi ? 1 : 0);
-        f.get(dd).get(mt).i32Load8U(8 + j).f32ConvertI32U().f32Mul().f32x4Splat().set(s);
-        f.get(dmin).get(mt).i32Load8U(16 + j).f32ConvertI32U().f32Mul().f32x4Splat().set(m);
-        for (const [vi, v] of [v0, v1].entries()) {
-          nibbles(f, v, hi);
-          f.set(u);
-          for (let part = 0; part < 2; part++) {
-            f.get(u);
-            if (part === 0) f.i16x8ExtendLowI8x16U();
-            else f.i16x8ExtendHighI8x16U();
-            f.set(w16);
-            for (let g = 0; g < 2; g++) {
-              f.get(p);
-              f.get(w16);
-              if (g === 0) f.i32x4ExtendLowI16x8U();
-              else f.i32x4ExtendHighI16x8U();
-              f.f32x4ConvertI32x4S().get(s).f32x4Mul().get(m).f32x4Sub();
-              f.v128Store(4 * (32 * j + 16 * vi + 8 * part + 4 * g));
+const emitQ4KDeq = (mb: ModuleBuilder): Fn =>
+  emitDeq(mb, "q4kdeq", 8, (f, P) => {
+    const q = f.local(I32), mt = f.local(I32);
+    const v0 = f.local(V128), v1 = f.local(V128), u = f.local(V128), w16 = f.local(V128), s = f.local(V128), m = f.local(V128);
+    const dd = f.local(F32), dmin = f.local(F32);
+    return {
+      init: () => pointers(f, q, P.WQ, mt, P.WS),
+      block: (p) => {
+        f.get(mt).f32Load(0).set(dd);
+        f.get(mt).f32Load(4).set(dmin);
+        for (let ch = 0; ch < 4; ch++) {
+          f.get(q).v128Load(32 * ch).set(v0);
+          f.get(q).v128Load(32 * ch + 16).set(v1);
+          for (const hi of [false, true]) {
+            const j = 2 * ch + (hi ? 1 : 0);
+            f.get(dd).get(mt).i32Load8U(8 + j).f32ConvertI32U().f32Mul().f32x4Splat().set(s);
+            f.get(dmin).get(mt).i32Load8U(16 + j).f32ConvertI32U().f32Mul().f32x4Splat().set(m);
+            for (const [vi, v] of [v0, v1].entries()) {
+              nibbles(f, v, hi);
+              f.set(u);
+              store16(f, u, w16, false, p, 4 * (32 * j + 16 * vi), s, m);
             }
           }
         }
-      }
-    }
-    f.get(q).i32Const(128).i32Add().set(q);
-    f.get(mt).i32Const(24).i32Add().set(mt);
-    f.get(p).i32Const(1024).i32Add().set(p);
-    f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
+        f.get(q).i32Const(128).i32Add().set(q);
+        f.get(mt).i32Const(24).i32Add().set(mt);
+      },
+    };
   });
-  return f;
-}
 
 // Q6_K (llama.cpp's 6-bit K-quant; Q4_K_M files use it for the output/embedding and some
 // matrices): super-blocks of 256 = 16 groups of 16, value = d·sc_g·(q − 32) with q six bits from
@@ -404,143 +427,91 @@ function q6Quants(f: Fn, L0: number, L1: number, H: number, m0f: number, m30: nu
   });
 }
 
-/** q6krows_a(px, ldx, wq, ws, py, ldy, N, K, acc): a rows of X against all N rows of a Q6_K matrix. */
-function emitQ6KRows(mb: ModuleBuilder, o: KernelOptions, a: number): Fn {
-  const f = mb.func(`q6krows_${a}`, [I32, I32, I32, I32, I32, I32, I32, I32, I32]);
-  const [PX, LDX, WQ, WS, PY, LDY, N, K, ACC] = [0, 1, 2, 3, 4, 5, 6, 7, 8];
-  const xp = Array.from({ length: a }, () => f.local(I32));
-  const q = f.local(I32);
-  const mt = f.local(I32);
-  const yp = f.local(I32);
-  const n = f.local(I32);
-  const cnt = f.local(I32);
-  const acc = Array.from({ length: a }, () => f.local(V128));
-  const t = Array.from({ length: a }, () => f.local(V128));
-  const L0 = f.local(V128), L1 = f.local(V128), H = f.local(V128);
-  const u = f.local(V128), w16 = f.local(V128), wf = f.local(V128), xv = f.local(V128);
+/** The Q6_K constants' locals (0x0f and 0x30 bytes, 32 per byte); set() emits their values. */
+function q6Constants(f: Fn): { m0f: number; m30: number; c32: number; set(): void } {
   const m0f = f.local(V128), m30 = f.local(V128), c32 = f.local(V128);
-  const dd = f.local(F32);
-  const sc = f.local(F32);
-  const madd = (accL: number, x: number, w: number) => {
-    if (o.relaxed) f.get(x).get(w).get(accL).f32x4RelaxedMadd().set(accL);
-    else f.get(accL).get(x).get(w).f32x4Mul().f32x4Add().set(accL);
+  return {
+    m0f,
+    m30,
+    c32,
+    set: () => {
+      f.v128ConstI32(0x0f0f0f0f).set(m0f);
+      f.v128ConstI32(0x30303030).set(m30);
+      f.v128ConstI32(0x20202020).set(c32);
+    },
   };
-  f.v128ConstI32(0x0f0f0f0f).set(m0f);
-  f.v128ConstI32(0x30303030).set(m30);
-  f.v128ConstI32(0x20202020).set(c32);
-  f.get(N).i32Eqz().if(() => void f.return());
-  f.get(WQ).i32Const(0).i32Add().set(q);
-  f.get(WS).i32Const(0).i32Add().set(mt);
-  f.get(PY).i32Const(0).i32Add().set(yp);
-  f.loop(() => {
-    f.get(PX).i32Const(0).i32Add().set(xp[0]!);
-    for (let i = 1; i < a; i++) f.get(xp[i - 1]!).get(LDX).i32Add().set(xp[i]!);
-    for (let i = 0; i < a; i++) f.v128ConstF32(0).set(acc[i]!);
-    f.get(K).i32Const(8).i32ShrU().tee(cnt).if(() => {
-      f.loop(() => {
+}
+
+/** Loads the ql (two) and qh vectors of 16-lane step lb of half `half` of the super-block at q. */
+function q6Load(f: Fn, q: number, half: number, lb: number, L0: number, L1: number, H: number): void {
+  f.get(q).v128Load(64 * half + 16 * lb).set(L0);
+  f.get(q).v128Load(64 * half + 32 + 16 * lb).set(L1);
+  f.get(q).v128Load(128 + 32 * half + 16 * lb).set(H);
+}
+
+/** q6krows_a(px, ldx, wq, ws, py, ldy, N, K, acc): a rows of X against all N rows of a Q6_K matrix. */
+const emitQ6KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
+  emitRows(mb, o, "q6krows", a, 0, (c) => {
+    const { f } = c;
+    const q = f.local(I32), mt = f.local(I32);
+    const t = Array.from({ length: c.a }, () => f.local(V128));
+    const l = { w16: f.local(V128), wf: f.local(V128), xv: f.local(V128), t };
+    const L0 = f.local(V128), L1 = f.local(V128), H = f.local(V128), u = f.local(V128), tmp = f.local(V128);
+    const k6 = q6Constants(f);
+    const dd = f.local(F32);
+    return {
+      shift: 8,
+      init: () => {
+        k6.set();
+        pointers(f, q, c.WQ, mt, c.WS);
+      },
+      block: () => {
         f.get(mt).f32Load(0).set(dd);
         for (let half = 0; half < 2; half++) {
           for (let lb = 0; lb < 2; lb++) {
-            f.get(q).v128Load(64 * half + 16 * lb).set(L0);
-            f.get(q).v128Load(64 * half + 32 + 16 * lb).set(L1);
-            f.get(q).v128Load(128 + 32 * half + 16 * lb).set(H);
-            q6Quants(f, L0, L1, H, m0f, m30, c32, u, (k) => {
-              let first = true;
-              for (let part = 0; part < 2; part++) {
-                f.get(u);
-                if (part === 0) f.i16x8ExtendLowI8x16S();
-                else f.i16x8ExtendHighI8x16S();
-                f.set(w16);
-                for (let g = 0; g < 2; g++) {
-                  f.get(w16);
-                  if (g === 0) f.i32x4ExtendLowI16x8S();
-                  else f.i32x4ExtendHighI16x8S();
-                  f.f32x4ConvertI32x4S().set(wf);
-                  const off = 4 * (128 * half + 32 * k + 16 * lb + 8 * part + 4 * g);
-                  for (let i = 0; i < a; i++) {
-                    f.get(xp[i]!).v128Load(off).set(xv);
-                    if (first) f.get(xv).get(wf).f32x4Mul().set(t[i]!);
-                    else madd(t[i]!, xv, wf);
-                  }
-                  first = false;
-                }
-              }
+            q6Load(f, q, half, lb, L0, L1, H);
+            q6Quants(f, L0, L1, H, k6.m0f, k6.m30, k6.c32, u, (k) => {
+              dot16(c, u, true, l, 4 * (128 * half + 32 * k + 16 * lb), { on: true });
               // acc += t · (d · sc[8·half + lb + 2k])
-              f.get(dd).get(mt).i32Load8S(4 + 8 * half + lb + 2 * k).f32ConvertI32S().f32Mul().set(sc);
-              f.get(sc).f32x4Splat().set(wf);
-              for (let i = 0; i < a; i++) madd(acc[i]!, t[i]!, wf);
+              f.get(dd).get(mt).i32Load8S(4 + 8 * half + lb + 2 * k).f32ConvertI32S().f32Mul();
+              scaleInto(c, t, tmp);
             });
           }
         }
         f.get(q).i32Const(192).i32Add().set(q);
         f.get(mt).i32Const(20).i32Add().set(mt);
-        for (let i = 0; i < a; i++) f.get(xp[i]!).i32Const(1024).i32Add().set(xp[i]!);
-        f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
-      });
-    });
-    for (let i = 0; i < a; i++) {
-      const A = acc[i]!;
-      f.get(A).get(A).get(A).shuffle32(2, 3, 0, 1).f32x4Add().set(wf);
-      f.get(wf).get(wf).get(wf).shuffle32(1, 0, 3, 2).f32x4Add().f32x4ExtractLane(0).set(sc);
-      const yAddr = () => (i === 0 ? f.get(yp) : f.get(yp).get(LDY).i32Const(i).i32Mul().i32Add());
-      f.get(ACC).if(() => void yAddr().f32Load().get(sc).f32Add().set(sc));
-      yAddr().get(sc).f32Store();
-    }
-    f.get(yp).i32Const(4).i32Add().set(yp);
-    f.get(n).i32Const(1).i32Add().tee(n).get(N).i32LtU().brIf(0);
+      },
+    };
   });
-  return f;
-}
 
 /** q6kdeq(wq, ws, rows, K, dst): rows of a Q6_K matrix as f32, exactly as ggml's dequantize_row_q6_K. */
-function emitQ6KDeq(mb: ModuleBuilder): Fn {
-  const f = mb.func("q6kdeq", [I32, I32, I32, I32, I32], [], true);
-  const [WQ, WS, ROWS, K, DST] = [0, 1, 2, 3, 4];
-  const q = f.local(I32), mt = f.local(I32), p = f.local(I32), cnt = f.local(I32);
-  const L0 = f.local(V128), L1 = f.local(V128), H = f.local(V128);
-  const u = f.local(V128), w16 = f.local(V128), s = f.local(V128);
-  const m0f = f.local(V128), m30 = f.local(V128), c32 = f.local(V128);
-  const dd = f.local(F32);
-  f.v128ConstI32(0x0f0f0f0f).set(m0f);
-  f.v128ConstI32(0x30303030).set(m30);
-  f.v128ConstI32(0x20202020).set(c32);
-  f.get(ROWS).get(K).i32Mul().i32Const(8).i32ShrU().tee(cnt).i32Eqz().if(() => void f.return());
-  f.get(WQ).i32Const(0).i32Add().set(q);
-  f.get(WS).i32Const(0).i32Add().set(mt);
-  f.get(DST).i32Const(0).i32Add().set(p);
-  f.loop(() => {
-    f.get(mt).f32Load(0).set(dd);
-    for (let half = 0; half < 2; half++) {
-      for (let lb = 0; lb < 2; lb++) {
-        f.get(q).v128Load(64 * half + 16 * lb).set(L0);
-        f.get(q).v128Load(64 * half + 32 + 16 * lb).set(L1);
-        f.get(q).v128Load(128 + 32 * half + 16 * lb).set(H);
-        q6Quants(f, L0, L1, H, m0f, m30, c32, u, (k) => {
-          f.get(dd).get(mt).i32Load8S(4 + 8 * half + lb + 2 * k).f32ConvertI32S().f32Mul().f32x4Splat().set(s);
-          for (let part = 0; part < 2; part++) {
-            f.get(u);
-            if (part === 0) f.i16x8ExtendLowI8x16S();
-            else f.i16x8ExtendHighI8x16S();
-            f.set(w16);
-            for (let g = 0; g < 2; g++) {
-              f.get(p);
-              f.get(w16);
-              if (g === 0) f.i32x4ExtendLowI16x8S();
-              else f.i32x4ExtendHighI16x8S();
-              f.f32x4ConvertI32x4S().get(s).f32x4Mul();
-              f.v128Store(4 * (128 * half + 32 * k + 16 * lb + 8 * part + 4 * g));
-            }
+const emitQ6KDeq = (mb: ModuleBuilder): Fn =>
+  emitDeq(mb, "q6kdeq", 8, (f, P) => {
+    const q = f.local(I32), mt = f.local(I32);
+    const L0 = f.local(V128), L1 = f.local(V128), H = f.local(V128), u = f.local(V128), w16 = f.local(V128), s = f.local(V128);
+    const k6 = q6Constants(f);
+    const dd = f.local(F32);
+    return {
+      init: () => {
+        k6.set();
+        pointers(f, q, P.WQ, mt, P.WS);
+      },
+      block: (p) => {
+        f.get(mt).f32Load(0).set(dd);
+        for (let half = 0; half < 2; half++) {
+          for (let lb = 0; lb < 2; lb++) {
+            q6Load(f, q, half, lb, L0, L1, H);
+            q6Quants(f, L0, L1, H, k6.m0f, k6.m30, k6.c32, u, (k) => {
+              f.get(dd).get(mt).i32Load8S(4 + 8 * half + lb + 2 * k).f32ConvertI32S().f32Mul().f32x4Splat().set(s);
+              store16(f, u, w16, true, p, 4 * (128 * half + 32 * k + 16 * lb), s);
+            });
           }
-        });
-      }
-    }
-    f.get(q).i32Const(192).i32Add().set(q);
-    f.get(mt).i32Const(20).i32Add().set(mt);
-    f.get(p).i32Const(1024).i32Add().set(p);
-    f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
+        }
+        f.get(q).i32Const(192).i32Add().set(q);
+        f.get(mt).i32Const(20).i32Add().set(mt);
+      },
+    };
   });
-  return f;
-}
 
 // Q4_0 (blocks of 32: an f16 d and 16 bytes of nibbles, low nibbles the first 16 weights, high the
 // last 16; value = d·(q − 8)). Held as wq: the nibbles, 16 bytes per block back to back; ws: d as
@@ -557,236 +528,137 @@ function q4Quants(f: Fn, v: number, m0f: number, c8: number, u: number, use: (h:
 }
 
 /** q40rows_a(px, ldx, wq, ws, py, ldy, N, K, acc): a rows of X against all N rows of a Q4_0 matrix. */
-function emitQ40Rows(mb: ModuleBuilder, o: KernelOptions, a: number): Fn {
-  const f = mb.func(`q40rows_${a}`, [I32, I32, I32, I32, I32, I32, I32, I32, I32]);
-  const [PX, LDX, WQ, WS, PY, LDY, N, K, ACC] = [0, 1, 2, 3, 4, 5, 6, 7, 8];
-  const xp = Array.from({ length: a }, () => f.local(I32));
-  const q = f.local(I32), s = f.local(I32), yp = f.local(I32), n = f.local(I32), cnt = f.local(I32);
-  const acc = Array.from({ length: a }, () => f.local(V128));
-  const t = Array.from({ length: a }, () => f.local(V128));
-  const v = f.local(V128), u = f.local(V128), w16 = f.local(V128), wf = f.local(V128), xv = f.local(V128);
-  const m0f = f.local(V128), c8 = f.local(V128);
-  const sc = f.local(F32);
-  const madd = (accL: number, x: number, w: number) => {
-    if (o.relaxed) f.get(x).get(w).get(accL).f32x4RelaxedMadd().set(accL);
-    else f.get(accL).get(x).get(w).f32x4Mul().f32x4Add().set(accL);
-  };
-  f.v128ConstI32(0x0f0f0f0f).set(m0f);
-  f.v128ConstI32(0x08080808).set(c8);
-  f.get(N).i32Eqz().if(() => void f.return());
-  f.get(WQ).i32Const(0).i32Add().set(q);
-  f.get(WS).i32Const(0).i32Add().set(s);
-  f.get(PY).i32Const(0).i32Add().set(yp);
-  f.loop(() => {
-    f.get(PX).i32Const(0).i32Add().set(xp[0]!);
-    for (let i = 1; i < a; i++) f.get(xp[i - 1]!).get(LDX).i32Add().set(xp[i]!);
-    for (let i = 0; i < a; i++) f.v128ConstF32(0).set(acc[i]!);
-    f.get(K).i32Const(5).i32ShrU().tee(cnt).if(() => {
-      f.loop(() => {
+const emitQ40Rows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
+  emitRows(mb, o, "q40rows", a, 0, (c) => {
+    const { f } = c;
+    const q = f.local(I32), s = f.local(I32);
+    const t = Array.from({ length: c.a }, () => f.local(V128));
+    const l = { w16: f.local(V128), wf: f.local(V128), xv: f.local(V128), t };
+    const v = f.local(V128), u = f.local(V128), tmp = f.local(V128), m0f = f.local(V128), c8 = f.local(V128);
+    return {
+      shift: 5,
+      init: () => {
+        f.v128ConstI32(0x0f0f0f0f).set(m0f);
+        f.v128ConstI32(0x08080808).set(c8);
+        pointers(f, q, c.WQ, s, c.WS);
+      },
+      block: () => {
         f.get(q).v128Load().set(v);
-        let first = true;
-        q4Quants(f, v, m0f, c8, u, (h) => {
-          for (let part = 0; part < 2; part++) {
-            f.get(u);
-            if (part === 0) f.i16x8ExtendLowI8x16S();
-            else f.i16x8ExtendHighI8x16S();
-            f.set(w16);
-            for (let g = 0; g < 2; g++) {
-              f.get(w16);
-              if (g === 0) f.i32x4ExtendLowI16x8S();
-              else f.i32x4ExtendHighI16x8S();
-              f.f32x4ConvertI32x4S().set(wf);
-              const off = 4 * (16 * h + 8 * part + 4 * g);
-              for (let i = 0; i < a; i++) {
-                f.get(xp[i]!).v128Load(off).set(xv);
-                if (first) f.get(xv).get(wf).f32x4Mul().set(t[i]!);
-                else madd(t[i]!, xv, wf);
-              }
-              first = false;
-            }
-          }
-        });
-        f.get(s).f32Load().f32x4Splat().set(wf);
-        for (let i = 0; i < a; i++) madd(acc[i]!, t[i]!, wf);
+        const first = { on: true };
+        q4Quants(f, v, m0f, c8, u, (h) => dot16(c, u, true, l, 64 * h, first));
+        f.get(s).f32Load();
+        scaleInto(c, t, tmp);
         f.get(q).i32Const(16).i32Add().set(q);
         f.get(s).i32Const(4).i32Add().set(s);
-        for (let i = 0; i < a; i++) f.get(xp[i]!).i32Const(128).i32Add().set(xp[i]!);
-        f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
-      });
-    });
-    for (let i = 0; i < a; i++) {
-      const A = acc[i]!;
-      f.get(A).get(A).get(A).shuffle32(2, 3, 0, 1).f32x4Add().set(wf);
-      f.get(wf).get(wf).get(wf).shuffle32(1, 0, 3, 2).f32x4Add().f32x4ExtractLane(0).set(sc);
-      const yAddr = () => (i === 0 ? f.get(yp) : f.get(yp).get(LDY).i32Const(i).i32Mul().i32Add());
-      f.get(ACC).if(() => void yAddr().f32Load().get(sc).f32Add().set(sc));
-      yAddr().get(sc).f32Store();
-    }
-    f.get(yp).i32Const(4).i32Add().set(yp);
-    f.get(n).i32Const(1).i32Add().tee(n).get(N).i32LtU().brIf(0);
+      },
+    };
   });
-  return f;
-}
 
 /** q40deq(wq, ws, rows, K, dst): rows of a Q4_0 matrix as f32, exactly as ggml's dequantize_row_q4_0. */
-function emitQ40Deq(mb: ModuleBuilder): Fn {
-  const f = mb.func("q40deq", [I32, I32, I32, I32, I32], [], true);
-  const [WQ, WS, ROWS, K, DST] = [0, 1, 2, 3, 4];
-  const q = f.local(I32), s = f.local(I32), p = f.local(I32), cnt = f.local(I32);
-  const v = f.local(V128), u = f.local(V128), w16 = f.local(V128), d = f.local(V128);
-  const m0f = f.local(V128), c8 = f.local(V128);
-  f.v128ConstI32(0x0f0f0f0f).set(m0f);
-  f.v128ConstI32(0x08080808).set(c8);
-  f.get(ROWS).get(K).i32Mul().i32Const(5).i32ShrU().tee(cnt).i32Eqz().if(() => void f.return());
-  f.get(WQ).i32Const(0).i32Add().set(q);
-  f.get(WS).i32Const(0).i32Add().set(s);
-  f.get(DST).i32Const(0).i32Add().set(p);
-  f.loop(() => {
-    f.get(s).f32Load().f32x4Splat().set(d);
-    f.get(q).v128Load().set(v);
-    q4Quants(f, v, m0f, c8, u, (h) => {
-      for (let part = 0; part < 2; part++) {
-        f.get(u);
-        if (part === 0) f.i16x8ExtendLowI8x16S();
-        else f.i16x8ExtendHighI8x16S();
-        f.set(w16);
-        for (let g = 0; g < 2; g++) {
-          f.get(p);
-          f.get(w16);
-          if (g === 0) f.i32x4ExtendLowI16x8S();
-          else f.i32x4ExtendHighI16x8S();
-          f.f32x4ConvertI32x4S().get(d).f32x4Mul();
-          f.v128Store(4 * (16 * h + 8 * part + 4 * g));
-        }
-      }
-    });
-    f.get(q).i32Const(16).i32Add().set(q);
-    f.get(s).i32Const(4).i32Add().set(s);
-    f.get(p).i32Const(128).i32Add().set(p);
-    f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
+const emitQ40Deq = (mb: ModuleBuilder): Fn =>
+  emitDeq(mb, "q40deq", 5, (f, P) => {
+    const q = f.local(I32), s = f.local(I32);
+    const v = f.local(V128), u = f.local(V128), w16 = f.local(V128), d = f.local(V128), m0f = f.local(V128), c8 = f.local(V128);
+    return {
+      init: () => {
+        f.v128ConstI32(0x0f0f0f0f).set(m0f);
+        f.v128ConstI32(0x08080808).set(c8);
+        pointers(f, q, P.WQ, s, P.WS);
+      },
+      block: (p) => {
+        f.get(s).f32Load().f32x4Splat().set(d);
+        f.get(q).v128Load().set(v);
+        q4Quants(f, v, m0f, c8, u, (h) => store16(f, u, w16, true, p, 64 * h, d));
+        f.get(q).i32Const(16).i32Add().set(q);
+        f.get(s).i32Const(4).i32Add().set(s);
+      },
+    };
   });
-  return f;
-}
 
 // BF16 (Hugging Face checkpoints' usual dtype): W [N, K] (K % 8 == 0) as the file's 2-byte values,
 // row after row. A bf16 is the top half of an f32, so widening is exact: u16 → u32, shift left 16.
 
 /** bf16rows_a(px, ldx, wq, ws, py, ldy, N, K, acc): a rows of X against all N rows of a BF16 matrix (ws unused). */
-function emitBf16Rows(mb: ModuleBuilder, o: KernelOptions, a: number): Fn {
-  const f = mb.func(`bf16rows_${a}`, [I32, I32, I32, I32, I32, I32, I32, I32, I32]);
-  const [PX, LDX, WQ, , PY, LDY, N, K, ACC] = [0, 1, 2, 3, 4, 5, 6, 7, 8];
-  const xp = Array.from({ length: a }, () => f.local(I32));
-  const q = f.local(I32);
-  const yp = f.local(I32);
-  const n = f.local(I32);
-  const cnt = f.local(I32);
-  const acc = Array.from({ length: a }, () => [f.local(V128), f.local(V128)] as const);
-  const wv = f.local(V128);
-  const wf = f.local(V128);
-  const xv = f.local(V128);
-  const sc = f.local(F32);
-  const madd = (accL: number, x: number, w: number) => {
-    if (o.relaxed) f.get(x).get(w).get(accL).f32x4RelaxedMadd().set(accL);
-    else f.get(accL).get(x).get(w).f32x4Mul().f32x4Add().set(accL);
-  };
-  f.get(N).i32Eqz().if(() => void f.return());
-  f.get(WQ).i32Const(0).i32Add().set(q);
-  f.get(PY).i32Const(0).i32Add().set(yp);
-  f.loop(() => {
-    f.get(PX).i32Const(0).i32Add().set(xp[0]!);
-    for (let i = 1; i < a; i++) f.get(xp[i - 1]!).get(LDX).i32Add().set(xp[i]!);
-    for (const [lo, hi] of acc) {
-      f.v128ConstF32(0).set(lo);
-      f.v128ConstF32(0).set(hi);
-    }
-    f.get(K).i32Const(3).i32ShrU().tee(cnt).if(() => {
-      f.loop(() => {
+const emitBf16Rows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
+  emitRows(mb, o, "bf16rows", a, 0, (c) => {
+    const { f } = c;
+    const q = f.local(I32);
+    // A second accumulator per row (lanes 4..7 of each 8): two independent chains.
+    const acc2 = Array.from({ length: c.a }, () => f.local(V128));
+    const wv = f.local(V128), wf = f.local(V128), xv = f.local(V128);
+    return {
+      shift: 3,
+      init: () => void f.get(c.WQ).i32Const(0).i32Add().set(q),
+      rowStart: () => {
+        for (let i = 0; i < c.a; i++) f.v128ConstF32(0).set(acc2[i]!);
+      },
+      block: () => {
         f.get(q).v128Load().set(wv);
         for (let half = 0; half < 2; half++) {
           f.get(wv);
           if (half === 0) f.i32x4ExtendLowI16x8U();
           else f.i32x4ExtendHighI16x8U();
           f.i32Const(16).i32x4Shl().set(wf);
-          for (let i = 0; i < a; i++) {
-            f.get(xp[i]!).v128Load(16 * half).set(xv);
-            madd(acc[i]![half]!, xv, wf);
+          for (let i = 0; i < c.a; i++) {
+            f.get(c.xp[i]!).v128Load(16 * half).set(xv);
+            c.madd(half === 0 ? c.acc[i]! : acc2[i]!, xv, wf);
           }
         }
         f.get(q).i32Const(16).i32Add().set(q);
-        for (let i = 0; i < a; i++) f.get(xp[i]!).i32Const(32).i32Add().set(xp[i]!);
-        f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
-      });
-    });
-    for (let i = 0; i < a; i++) {
-      const [lo, hi] = acc[i]!;
-      f.get(lo).get(hi).f32x4Add().set(lo);
-      f.get(lo).get(lo).get(lo).shuffle32(2, 3, 0, 1).f32x4Add().set(wf);
-      f.get(wf).get(wf).get(wf).shuffle32(1, 0, 3, 2).f32x4Add().f32x4ExtractLane(0).set(sc);
-      const yAddr = () => (i === 0 ? f.get(yp) : f.get(yp).get(LDY).i32Const(i).i32Mul().i32Add());
-      f.get(ACC).if(() => void yAddr().f32Load().get(sc).f32Add().set(sc));
-      yAddr().get(sc).f32Store();
-    }
-    f.get(yp).i32Const(4).i32Add().set(yp);
-    f.get(n).i32Const(1).i32Add().tee(n).get(N).i32LtU().brIf(0);
+      },
+      beforeStore: (i) => void f.get(c.acc[i]!).get(acc2[i]!).f32x4Add().set(c.acc[i]!),
+    };
   });
-  return f;
-}
 
 /** bf16deq(wq, ws, rows, K, dst): rows of a BF16 matrix as f32 (exact). */
-function emitBf16Deq(mb: ModuleBuilder): Fn {
-  const f = mb.func("bf16deq", [I32, I32, I32, I32, I32], [], true);
-  const [WQ, , ROWS, K, DST] = [0, 1, 2, 3, 4];
-  const q = f.local(I32);
-  const p = f.local(I32);
-  const cnt = f.local(I32);
-  const wv = f.local(V128);
-  f.get(ROWS).get(K).i32Mul().i32Const(3).i32ShrU().tee(cnt).i32Eqz().if(() => void f.return());
-  f.get(WQ).i32Const(0).i32Add().set(q);
-  f.get(DST).i32Const(0).i32Add().set(p);
-  f.loop(() => {
-    f.get(q).v128Load().set(wv);
-    f.get(p).get(wv).i32x4ExtendLowI16x8U().i32Const(16).i32x4Shl().v128Store(0);
-    f.get(p).get(wv).i32x4ExtendHighI16x8U().i32Const(16).i32x4Shl().v128Store(16);
-    f.get(q).i32Const(16).i32Add().set(q);
-    f.get(p).i32Const(32).i32Add().set(p);
-    f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
+const emitBf16Deq = (mb: ModuleBuilder): Fn =>
+  emitDeq(mb, "bf16deq", 3, (f, P) => {
+    const q = f.local(I32), wv = f.local(V128);
+    return {
+      init: () => void f.get(P.WQ).i32Const(0).i32Add().set(q),
+      block: (p) => {
+        f.get(q).v128Load().set(wv);
+        f.get(p).get(wv).i32x4ExtendLowI16x8U().i32Const(16).i32x4Shl().v128Store(0);
+        f.get(p).get(wv).i32x4ExtendHighI16x8U().i32Const(16).i32x4Shl().v128Store(16);
+        f.get(q).i32Const(16).i32Add().set(q);
+      },
+    };
   });
-  return f;
-}
 
-/** Emits the Q8_0, Q4_0, Q4_K, Q6_K and BF16 kernels and their drivers (exported); `gemm` is the f32 driver. */
-export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn): { qgemm: Fn; q4kgemm: Fn; bf16gemm: Fn; q6kgemm: Fn; q40gemm: Fn } {
-  const q8rows = Array.from({ length: o.dmr }, (_, i) => emitQ8Rows(mb, o, i + 1));
-  const q8deq = emitQ8Deq(mb);
-  const q4rows = Array.from({ length: o.dmr }, (_, i) => emitQ4KRows(mb, o, i + 1));
-  const q4deq = emitQ4KDeq(mb);
+/** The exported names of each type's driver and dequantization kernel (runtime.ts calls them by type). */
+export const QUANT_EXPORTS: Record<QuantType, { gemm: string; deq: string }> = {
+  q8_0: { gemm: "qgemm", deq: "q8deq" },
+  q4_0: { gemm: "q40gemm", deq: "q40deq" },
+  q4_k: { gemm: "q4kgemm", deq: "q4kdeq" },
+  q6_k: { gemm: "q6kgemm", deq: "q6kdeq" },
+  bf16: { gemm: "bf16gemm", deq: "bf16deq" },
+};
+
+/** Emits every type's rows and dequantization kernels and its driver (exported); `gemm` is the f32 driver. */
+export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn): Record<QuantType, Fn> {
+  const rowsOf = (emit: (mb: ModuleBuilder, o: KernelOptions, a: number) => Fn) => Array.from({ length: o.dmr }, (_, i) => emit(mb, o, i + 1));
   const xsums = emitXSums(mb);
-  const bfrows = Array.from({ length: o.dmr }, (_, i) => emitBf16Rows(mb, o, i + 1));
-  const bfdeq = emitBf16Deq(mb);
-  const q6rows = Array.from({ length: o.dmr }, (_, i) => emitQ6KRows(mb, o, i + 1));
-  const q6deq = emitQ6KDeq(mb);
-  const q40rows = Array.from({ length: o.dmr }, (_, i) => emitQ40Rows(mb, o, i + 1));
-  const q40deq = emitQ40Deq(mb);
+  // Each driver's byte offsets of row n0 in wq (pushed) and ws (pushed by the returned function).
   return {
-    q40gemm: emitDriver(mb, o, gemm, "q40gemm", q40rows, q40deq, null, (g, n0, K) => {
-      g.get(n0).get(K).i32Mul().i32Const(1).i32ShrU(); // nibble bytes: n0·K/2
-      return () => void g.get(n0).get(K).i32Mul().i32Const(3).i32ShrU(); // scales: n0·K/32·4
-    }),
-    q6kgemm: emitDriver(mb, o, gemm, "q6kgemm", q6rows, q6deq, null, (g, n0, K) => {
-      g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(192).i32Mul(); // n0·K/256·192
-      return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(20).i32Mul(); // n0·K/256·20
-    }),
-    bf16gemm: emitDriver(mb, o, gemm, "bf16gemm", bfrows, bfdeq, null, (g, n0, K) => {
-      g.get(n0).get(K).i32Mul().i32Const(1).i32Shl(); // value bytes: n0·K·2
-      return () => void g.i32Const(0); // no scales
-    }),
-    qgemm: emitDriver(mb, o, gemm, "qgemm", q8rows, q8deq, null, (g, n0, K) => {
+    q8_0: emitDriver(mb, o, gemm, QUANT_EXPORTS.q8_0.gemm, rowsOf(emitQ8Rows), emitQ8Deq(mb), null, (g, n0, K) => {
       g.get(n0).get(K).i32Mul(); // quant bytes before row n0
       return () => void g.get(n0).get(K).i32Mul().i32Const(3).i32ShrU(); // scale bytes: n0·K/32·4
     }),
-    q4kgemm: emitDriver(mb, o, gemm, "q4kgemm", q4rows, q4deq, xsums, (g, n0, K) => {
+    q4_0: emitDriver(mb, o, gemm, QUANT_EXPORTS.q4_0.gemm, rowsOf(emitQ40Rows), emitQ40Deq(mb), null, (g, n0, K) => {
+      g.get(n0).get(K).i32Mul().i32Const(1).i32ShrU(); // nibble bytes: n0·K/2
+      return () => void g.get(n0).get(K).i32Mul().i32Const(3).i32ShrU(); // scales: n0·K/32·4
+    }),
+    q4_k: emitDriver(mb, o, gemm, QUANT_EXPORTS.q4_k.gemm, rowsOf(emitQ4KRows), emitQ4KDeq(mb), xsums, (g, n0, K) => {
       g.get(n0).get(K).i32Mul().i32Const(1).i32ShrU(); // nibble bytes: n0·K/2
       return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(24).i32Mul(); // meta: n0·K/256·24
+    }),
+    q6_k: emitDriver(mb, o, gemm, QUANT_EXPORTS.q6_k.gemm, rowsOf(emitQ6KRows), emitQ6KDeq(mb), null, (g, n0, K) => {
+      g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(192).i32Mul(); // n0·K/256·192
+      return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(20).i32Mul(); // n0·K/256·20
+    }),
+    bf16: emitDriver(mb, o, gemm, QUANT_EXPORTS.bf16.gemm, rowsOf(emitBf16Rows), emitBf16Deq(mb), null, (g, n0, K) => {
+      g.get(n0).get(K).i32Mul().i32Const(1).i32Shl(); // value bytes: n0·K·2
+      return () => void g.i32Const(0); // no scales
     }),
   };
 }

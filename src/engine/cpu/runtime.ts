@@ -37,8 +37,8 @@
 // takes 27 µs vs 47 µs on 1 thread.
 import os from "node:os";
 import { Worker } from "node:worker_threads";
-import { ACCUMULATE, buildKernelModule, DEFAULT_KERNEL, gemmScratchBytes, type KernelOptions, MAX_PAGES, PACKED_X, packedXBytes, relaxedProbeBytes, scratchBytes, TASK, TASK_WORDS } from "./kernels.js";
-import { deqRowsFor, MAX_Q8_K, QUANT_BLOCK, quantBytes } from "./qkernels.js";
+import { ACCUMULATE, buildKernelModule, DEFAULT_KERNEL, gemmScratchBytes, type KernelOptions, MAX_PAGES, PACKED_X, packedXBytes, QUANT_TASK, relaxedProbeBytes, scratchBytes, TASK, TASK_WORDS } from "./kernels.js";
+import { deqRowsFor, MAX_Q8_K, QUANT_BLOCK, QUANT_EXPORTS, quantBytes } from "./qkernels.js";
 import type { QuantType } from "../weights.js";
 
 export interface Gemm {
@@ -55,22 +55,14 @@ export interface Gemm {
 }
 
 /**
- * Y = X · Wᵀ with W [N, K] held quantized (qkernels.ts): x, y and the strides in floats like
- * Gemm; wq and ws as BYTE offsets. "q8_0" (default): wq int8 quants (N·K bytes), ws f32 scales
- * (N·K/32), K % 32 == 0. "q4_k": wq nibbles (N·K/2 bytes), ws the 24-byte meta per 256, K % 256 == 0.
+ * Y = X · Wᵀ with W [N, K] held in a quantized layout (qkernels.ts; type default "q8_0"): x, y and
+ * the strides in floats like Gemm; wq and ws (the quants and the scales, quantBytes) as BYTE
+ * offsets; K a multiple of QUANT_BLOCK[type].
  */
-export interface QGemm {
+export interface QGemm extends Omit<Gemm, "w" | "ldw"> {
   type?: QuantType;
-  x: number;
-  ldx: number;
   wq: number;
   ws: number;
-  y: number;
-  ldy: number;
-  M: number;
-  N: number;
-  K: number;
-  accumulate?: boolean;
 }
 
 export type { QuantType };
@@ -192,16 +184,8 @@ export class CpuRuntime {
   readonly memory: WebAssembly.Memory;
   private readonly module: WebAssembly.Module;
   private readonly gemmFn: GemmFn;
-  private readonly qgemmFn: QGemmFn;
-  private readonly q4kgemmFn: QGemmFn;
-  private readonly q8deqFn: DeqFn;
-  private readonly q4kdeqFn: DeqFn;
-  private readonly bf16gemmFn: QGemmFn;
-  private readonly bf16deqFn: DeqFn;
-  private readonly q6kgemmFn: QGemmFn;
-  private readonly q6kdeqFn: DeqFn;
-  private readonly q40gemmFn: QGemmFn;
-  private readonly q40deqFn: DeqFn;
+  /** Each quantized type's driver and dequantization kernel (qkernels.ts QUANT_EXPORTS). */
+  private readonly quant: Record<QuantType, { gemm: QGemmFn; deq: DeqFn }>;
   private gemmScratch = 0; // bytes of a thread's scratch before its dequantization area
   private readonly taskListFn: TaskListFn;
   private readonly packxFn: PackxFn;
@@ -233,16 +217,8 @@ export class CpuRuntime {
     this.module = module;
     const ex = instance.exports;
     this.gemmFn = ex.gemm as GemmFn;
-    this.qgemmFn = ex.qgemm as QGemmFn;
-    this.q4kgemmFn = ex.q4kgemm as QGemmFn;
-    this.q8deqFn = ex.q8deq as DeqFn;
-    this.q4kdeqFn = ex.q4kdeq as DeqFn;
-    this.bf16gemmFn = ex.bf16gemm as QGemmFn;
-    this.bf16deqFn = ex.bf16deq as DeqFn;
-    this.q6kgemmFn = ex.q6kgemm as QGemmFn;
-    this.q6kdeqFn = ex.q6kdeq as DeqFn;
-    this.q40gemmFn = ex.q40gemm as QGemmFn;
-    this.q40deqFn = ex.q40deq as DeqFn;
+    const of = (names: { gemm: string; deq: string }) => ({ gemm: ex[names.gemm] as QGemmFn, deq: ex[names.deq] as DeqFn });
+    this.quant = { q8_0: of(QUANT_EXPORTS.q8_0), q4_0: of(QUANT_EXPORTS.q4_0), q4_k: of(QUANT_EXPORTS.q4_k), q6_k: of(QUANT_EXPORTS.q6_k), bf16: of(QUANT_EXPORTS.bf16) };
     this.taskListFn = ex.task_list as TaskListFn;
     this.packxFn = ex.packx as PackxFn;
     this.scratch = SCRATCH_BYTE;
@@ -457,7 +433,7 @@ export class CpuRuntime {
     const flops = 2 * M * N * K;
     const flags = g.accumulate ? ACCUMULATE : 0;
     const deqRows = deqRowsFor(K);
-    const fn = { q8_0: this.qgemmFn, q4_0: this.q40gemmFn, q4_k: this.q4kgemmFn, q6_k: this.q6kgemmFn, bf16: this.bf16gemmFn }[type];
+    const fn = this.quant[type].gemm;
     if (this.threads === 1 || flops < PARALLEL_FLOPS) {
       fn(g.x * 4, g.ldx * 4, g.wq, g.ws, g.y * 4, g.ldy * 4, M, N, K, flags, this.scratch, this.scratch + this.gemmScratch, deqRows);
       return;
@@ -476,7 +452,7 @@ export class CpuRuntime {
       for (let n0 = 0; n0 < N; n0 += step, count++) {
         const ints = this.iview;
         const o = (LIST_BYTE >>> 2) + count * TASK_WORDS;
-        ints[o] = { q8_0: TASK.QGEMM, q4_0: TASK.Q40GEMM, q4_k: TASK.Q4KGEMM, q6_k: TASK.Q6KGEMM, bf16: TASK.BF16GEMM }[type];
+        ints[o] = QUANT_TASK[type];
         ints[o + 1] = (packed ? xp : g.x) * 4;
         ints[o + 2] = g.ldx * 4;
         ints[o + 3] = g.wq + n0 * rowQ.wq;
@@ -499,17 +475,12 @@ export class CpuRuntime {
   dequantRows(type: QuantType, wq: number, ws: number, rows: number, K: number, dst: number): void {
     this.assertLive();
     if (K % QUANT_BLOCK[type] !== 0) throw new Error(`CpuRuntime.dequantRows: K ${K} is not a multiple of ${QUANT_BLOCK[type]}`);
-    ({ q8_0: this.q8deqFn, q4_0: this.q40deqFn, q4_k: this.q4kdeqFn, q6_k: this.q6kdeqFn, bf16: this.bf16deqFn })[type](wq, ws, rows, K, dst * 4);
+    this.quant[type].deq(wq, ws, rows, K, dst * 4);
   }
 
   /** Allocates `bytes` bytes (zero-filled, 64-byte aligned); returns their BYTE offset. */
   allocBytes(bytes: number): number {
     return this.alloc(Math.ceil(bytes / 4)) * 4;
-  }
-
-  /** A byte view of the whole memory (re-created after growth, like f32). */
-  get u8(): Uint8Array {
-    return new Uint8Array(this.memory.buffer);
   }
 
   /** Many independent gemms in one dispatch, split across threads. */
