@@ -8,7 +8,7 @@ import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { CpuRuntime } from "../src/engine/cpu/runtime.js";
 import { GgmlType, ggufMetadataForWrite, readGguf, readGgufTensor, writeGguf } from "../src/io/gguf.js";
-import { dequantize, quantizeQ8_0, repackQ4_K, repackQ6_K, splitQ4_0 } from "../src/io/gguf-quants.js";
+import { dequantize, quantizeQ8_0, repackQ4_K, repackQ6_K, splitScaledBlocks } from "../src/io/gguf-quants.js";
 import { loadGgml } from "../src/reference/ggml.js";
 import type { LossAndGradRequest } from "../src/engine/grad.js";
 import { loadHostModel, type FileFacts } from "../src/model/load.js";
@@ -85,7 +85,7 @@ const h16 = (v: number) => {
 const KQUANTS = [
   { type: "q4_k", ggml: GgmlType.Q4_K, elems: 256, bytes: 144, halves: [0, 2], wq: 128, ws: 24, repack: repackQ4_K },
   { type: "q6_k", ggml: GgmlType.Q6_K, elems: 256, bytes: 210, halves: [208], wq: 192, ws: 20, repack: repackQ6_K },
-  { type: "q4_0", ggml: GgmlType.Q4_0, elems: 32, bytes: 18, halves: [0], wq: 16, ws: 4, repack: (b: Uint8Array, q: Uint8Array, m: Uint8Array) => splitQ4_0(b, q, new Float32Array(m.buffer, m.byteOffset, m.byteLength / 4)) },
+  { type: "q4_0", ggml: GgmlType.Q4_0, elems: 32, bytes: 18, halves: [0], wq: 16, ws: 4, repack: (b: Uint8Array, q: Uint8Array, m: Uint8Array) => splitScaledBlocks(b, 18, q, new Float32Array(m.buffer, m.byteOffset, m.byteLength / 4)) },
 ] as const;
 
 for (const kq of KQUANTS)

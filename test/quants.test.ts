@@ -15,9 +15,9 @@ import os from "node:os";
 import path from "node:path";
 import { ModelFileError } from "../src/core/errors.js";
 import { Rng } from "../src/core/rng.js";
-import { GgmlType, readGguf, readGgufTensor } from "../src/io/gguf.js";
+import { GgmlType, ggmlBlock, readGguf, readGgufTensor } from "../src/io/gguf.js";
 import { dequantize, quantizeQ8_0 } from "../src/io/gguf-quants.js";
-import { BLOCK, loadGgml, rowBytes, TYPES, type Ggml } from "../src/reference/ggml.js";
+import { loadGgml, rowBytes, TYPES, type Ggml } from "../src/reference/ggml.js";
 
 const SEED = Number(process.env.SELFSCOPE_QUANT_SEED ?? 1234567);
 const N_PER_ROW = 768; // three 256-element super-blocks, 24 32-element blocks per row
@@ -201,7 +201,7 @@ describe("GGUF quantized tensors dequantize bit-exactly as llama.cpp", () => {
       // every 6-bit scale/min code. NaN payloads are not portable through JS, so any NaN matches any NaN.
       const rng = new Rng(SEED ^ (type * 7919));
       const nBlocks = 512;
-      const [e, b] = BLOCK[type]!;
+      const [e, b] = ggmlBlock(type)!;
       const bytes = new Uint8Array(nBlocks * b);
       for (let i = 0; i < bytes.length; i++) bytes[i] = rng.nextU32() & 0xff;
       const ref = g.dequantize(type, bytes, nBlocks * e);
@@ -250,7 +250,7 @@ describe("GGUF quantized tensors dequantize bit-exactly as llama.cpp", () => {
 
     // Direct calls validate too: too few bytes, and element counts that are not whole blocks.
     for (const [type] of TYPES) {
-      const [e, b] = BLOCK[type]!;
+      const [e, b] = ggmlBlock(type)!;
       assert.throws(() => dequantize(type, new Uint8Array(2 * b - 1), 2 * e), ModelFileError);
       assert.throws(() => dequantize(type, new Uint8Array(2 * b), 2 * e - 1), ModelFileError);
       assert.equal(dequantize(type, new Uint8Array(0), 0).length, 0);

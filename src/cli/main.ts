@@ -15,7 +15,7 @@ import { computeResults, type RateOut, type Results } from "../eval/metrics.js";
 import { judgeAgreement } from "../judge/agreement.js";
 import { readRun } from "../eval/runlog.js";
 import { inspectModel, Model } from "../model/model.js";
-import { weightFiles } from "../model/load.js";
+import { hasNativeMatrices, weightFiles } from "../model/load.js";
 import { estimateMemory, WASM_USABLE_BYTES } from "../model/memory.js";
 import { describeSampler, sampleOptions, type SamplerRequest } from "../model/sampling.js";
 import { exportCsv, exportParquet } from "../report/export.js";
@@ -259,7 +259,7 @@ async function cmdInfo(f: Flags): Promise<void> {
   lines.push(
     ["parameters", `${count(mem.params)} (weight files ${size(fileBytes)})`],
     ["memory", `cpu ${size(mem.weightBytes + mem.hostBytes)} as f32 (${mem.weightBytes <= WASM_USABLE_BYTES ? "fits" : "exceeds"} one wasm32 memory)` +
-      (model.nativeQuantBytes !== undefined && /Q8_0|Q4_0|Q4_K|Q6_K|BF16/.test(model.sourceDtype) ? `, ${size(model.nativeQuantBytes)} with its Q8_0/Q4_0/Q4_K/Q6_K/BF16 matrices kept in their format (the cpu default; ${model.nativeQuantBytes <= WASM_USABLE_BYTES ? "fits" : "exceeds"})` : "") +
+      (model.nativeQuantBytes !== undefined && hasNativeMatrices(model.sourceDtype) ? `, ${size(model.nativeQuantBytes)} with its Q8_0/Q4_0/Q4_K/Q6_K/BF16 matrices kept in their format (the cpu default; ${model.nativeQuantBytes <= WASM_USABLE_BYTES ? "fits" : "exceeds"})` : "") +
       `; KV cache ${size(mem.kvBytesPerRow(c.nCtx))} per row at nCtx ${c.nCtx}`],
   );
   for (const [k, v] of lines) process.stdout.write(`${k!.padEnd(14)} ${v}\n`);

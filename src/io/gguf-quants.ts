@@ -119,21 +119,21 @@ function f32ToF16(v: number): number {
 }
 
 /**
- * Split Q8_0 blocks (`bytes`, rows after rows) into int8 quants `qs` (32 per block) and f32 scales
- * `ds` (one per block): the layout the CPU engine computes on (engine/cpu/qkernels.ts). Returns the
+ * Split blocks of an f16 scale followed by quant bytes (Q8_0: 34-byte blocks of 32 int8; Q4_0: 18-byte
+ * blocks of 16 nibble bytes), rows after rows, into the quant bytes back to back (`quants`) and the
+ * scales as f32 (`ds`): the layout the CPU engine computes on (engine/cpu/qkernels.ts). Returns the
  * index of the first block whose scale is not finite, or -1.
  */
-export function splitQ8_0(bytes: Uint8Array, qs: Int8Array, ds: Float32Array): number {
-  const nb = ds.length;
-  if (bytes.byteLength !== nb * 34 || qs.length !== nb * 32) throw new Error(`splitQ8_0: ${bytes.byteLength} bytes for ${nb} blocks`);
-  const q8 = new Int8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+export function splitScaledBlocks(bytes: Uint8Array, blockBytes: number, quants: Uint8Array, ds: Float32Array): number {
+  const nb = ds.length, q = blockBytes - 2;
+  if (bytes.byteLength !== nb * blockBytes || quants.byteLength !== nb * q) throw new Error(`splitScaledBlocks: ${bytes.byteLength} bytes for ${nb} blocks of ${blockBytes}`);
   let bad = -1;
   for (let i = 0; i < nb; i++) {
-    const o = i * 34;
+    const o = i * blockBytes;
     const d = half(bytes, o);
     if (bad < 0 && !Number.isFinite(d)) bad = i;
     ds[i] = d;
-    qs.set(q8.subarray(o + 2, o + 34), i * 32);
+    quants.set(bytes.subarray(o + 2, o + blockBytes), i * q);
   }
   return bad;
 }
@@ -183,23 +183,6 @@ export function repackQ6_K(bytes: Uint8Array, quants: Uint8Array, meta: Uint8Arr
     quants.set(bytes.subarray(o, o + 192), i * 192);
     dv.setFloat32(i * 20, d, true);
     meta.set(bytes.subarray(o + 192, o + 208), i * 20 + 4);
-  }
-  return bad;
-}
-
-/**
- * Split Q4_0 blocks (`bytes`, 18 each) into the CPU engine's layout: `nibbles` the blocks' 16 quant
- * bytes each, back to back; `ds` the f16 scales as f32. Returns the first block whose d is not finite, or -1.
- */
-export function splitQ4_0(bytes: Uint8Array, nibbles: Uint8Array, ds: Float32Array): number {
-  const nb = ds.length;
-  if (bytes.byteLength !== nb * 18 || nibbles.byteLength !== nb * 16) throw new Error(`splitQ4_0: ${bytes.byteLength} bytes for ${nb} blocks`);
-  let bad = -1;
-  for (let i = 0; i < nb; i++) {
-    const d = half(bytes, i * 18);
-    if (bad < 0 && !Number.isFinite(d)) bad = i;
-    ds[i] = d;
-    nibbles.set(bytes.subarray(i * 18 + 2, i * 18 + 18), i * 16);
   }
   return bad;
 }

@@ -58,6 +58,11 @@ const BLOCK: Partial<Record<GgmlType, [elems: number, bytes: number]>> = {
   [GgmlType.Q8_K]: [256, 292],
 };
 
+/** [elements, bytes] of one block of a ggml type this reader knows (ggml-common.h), or undefined. */
+export function ggmlBlock(type: GgmlType): [elems: number, bytes: number] | undefined {
+  return BLOCK[type];
+}
+
 export type GgufValue = number | bigint | boolean | string | GgufValue[];
 
 export interface GgufTensorInfo {

@@ -9,10 +9,11 @@ import { ModelFileError, UnsupportedArchitectureError, UsageError, WeightShapeEr
 export class NumericalWeightsError extends ModelFileError {
   override name = "NumericalWeightsError";
 }
-import { checkGgufTensorReadable, GgmlType, ggufTensorShape, readGguf, readGgufTensor, readRange, readRangeInto, type GgufFile } from "../io/gguf.js";
+import { checkGgufTensorReadable, GgmlType, ggmlBlock, ggufTensorShape, readGguf, readGgufTensor, readRange, readRangeInto, type GgufFile } from "../io/gguf.js";
 import { fileSha256, type FileHashOptions } from "../io/file-hash.js";
-import { repackQ4_K, repackQ6_K, splitQ4_0, splitQ8_0 } from "../io/gguf-quants.js";
+import { repackQ4_K, repackQ6_K, splitScaledBlocks } from "../io/gguf-quants.js";
 import type { QuantType } from "../engine/weights.js";
+import { quantBytes } from "../engine/cpu/qkernels.js";
 import { resolveModelPath } from "../io/hub-cache.js";
 import { checkStTensorReadable, openSafetensors, readStTensor, type SafetensorsSet } from "../io/safetensors.js";
 import { expectedParams, validateConfigSource, validateModelConfig, type ModelConfig } from "../engine/config.js";
@@ -208,7 +209,7 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
       },
       quantRange: (n) => {
         const t = g.tensors.get(n);
-        const type = t?.type === GgmlType.Q8_0 ? "q8_0" : t?.type === GgmlType.Q4_K ? "q4_k" : t?.type === GgmlType.Q6_K ? "q6_k" : t?.type === GgmlType.Q4_0 ? "q4_0" : t?.type === GgmlType.BF16 ? "bf16" : null;
+        const type = t ? nativeTypeOf(t.type) : null;
         return t && type ? { file: g.path, offset: t.offset, byteLength: t.byteLength, type } : null;
       },
     };
@@ -279,11 +280,37 @@ function copyBf16(bytes: Uint8Array, dst: Uint8Array): number {
   return -1;
 }
 
+/** The ggml type of each layout the cpu engine computes on without widening (engine/cpu/qkernels.ts). */
+const NATIVE_GGML: Record<QuantType, GgmlType> = { q8_0: GgmlType.Q8_0, q4_0: GgmlType.Q4_0, q4_k: GgmlType.Q4_K, q6_k: GgmlType.Q6_K, bf16: GgmlType.BF16 };
+
+/** The cpu engine's native layout for tensors of ggml type `t`, or null (they are widened to f32). */
+function nativeTypeOf(t: GgmlType): QuantType | null {
+  return (Object.keys(NATIVE_GGML) as QuantType[]).find((q) => NATIVE_GGML[q] === t) ?? null;
+}
+
+/** Whether a checkpoint's dtypes (HostModel.sourceDtype: names joined by "+") include one the cpu engine keeps native. */
+export function hasNativeMatrices(sourceDtype: string): boolean {
+  const names = new Set(Object.values(NATIVE_GGML).map((t) => GgmlType[t]));
+  return sourceDtype.split("+").some((d) => names.has(d));
+}
+
+const f32View = (b: Uint8Array) => new Float32Array(b.buffer, b.byteOffset, b.byteLength / 4);
+/** File bytes (rows of blocks) into the cpu engine's layout; each returns the first block (or value) that is not finite, or -1. */
+const REPACK: Record<QuantType, (bytes: Uint8Array, wq: Uint8Array, ws: Uint8Array) => number> = {
+  q8_0: (b, q, s) => splitScaledBlocks(b, 34, q, f32View(s)),
+  q4_0: (b, q, s) => splitScaledBlocks(b, 18, q, f32View(s)),
+  q4_k: repackQ4_K,
+  q6_k: repackQ6_K,
+  bf16: (b, q) => copyBf16(b, q),
+};
+
 function ggufNativeQuantBytes(g: GgufFile): number {
   let total = 0;
   for (const t of g.tensors.values()) {
     const n = t.ne.reduce((a, b) => a * b, 1);
-    total += t.type === GgmlType.Q8_0 ? n * 1.125 : t.type === GgmlType.Q4_K ? (n * 152) / 256 : t.type === GgmlType.Q6_K ? (n * 212) / 256 : t.type === GgmlType.Q4_0 ? n * 0.625 : t.type === GgmlType.BF16 ? n * 2 : n * 4;
+    const q = nativeTypeOf(t.type);
+    const native = q ? quantBytes(q, 1, n) : null;
+    total += native ? native.wq + native.ws : n * 4;
   }
   return total;
 }
@@ -514,7 +541,7 @@ export class LazyWeights extends Map<string, HostTensor> {
     const p = (this.#slots.get(key) as { kind: "file"; p: Planned }).p;
     const range = this.#source.quantRange!(p.name)!;
     const rows = p.shape[0]!, cols = p.shape[1] ?? 1;
-    const [elems, bytesPer] = type === "q8_0" ? [32, 34] : type === "q4_k" ? [256, 144] : type === "q6_k" ? [256, 210] : type === "q4_0" ? [32, 18] : [1, 2];
+    const [elems, bytesPer] = ggmlBlock(NATIVE_GGML[type])!;
     const rowBytes = (cols / elems) * bytesPer;
     const first = p.src.split ? p.src.split.index * rows : 0;
     let bytes = new Uint8Array(rows * rowBytes);
@@ -527,7 +554,7 @@ export class LazyWeights extends Map<string, HostTensor> {
       bytes = new Uint8Array(src.length);
       order.forEach((from, to) => bytes.set(src.subarray(from * rowBytes, (from + 1) * rowBytes), to * rowBytes));
     }
-    const bad = type === "bf16" ? copyBf16(bytes, wq) : type === "q6_k" ? repackQ6_K(bytes, wq, ws) : type === "q4_0" ? splitQ4_0(bytes, wq, new Float32Array(ws.buffer, ws.byteOffset, ws.byteLength / 4)) : type === "q8_0" ? splitQ8_0(bytes, new Int8Array(wq.buffer, wq.byteOffset, wq.byteLength), new Float32Array(ws.buffer, ws.byteOffset, ws.byteLength / 4)) : repackQ4_K(bytes, wq, ws);
+    const bad = REPACK[type](bytes, wq, ws);
     if (bad >= 0) throw new NumericalWeightsError(this.#source.file, `tensor ${p.name} holds a non-finite ${type === "bf16" ? "value at element" : "block scale at block"} ${bad} (for ${p.canon}, layer ${p.layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
   }
 

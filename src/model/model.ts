@@ -14,7 +14,7 @@ import type { JvpRequest, JvpResult, LossAndGradRequest, LossAndGradResult, Trai
 import type { ModelConfig } from "../engine/config.js";
 import { CpuEngine } from "../engine/cpu/engine.js";
 import type { ForwardOptions, ForwardResult, GenerateOptions, GenerateResult, Row } from "../engine/types.js";
-import { loadHostModel, weightsDigest, type FileFacts, type HostModel, type ModelFiles } from "./load.js";
+import { hasNativeMatrices, loadHostModel, weightsDigest, type FileFacts, type HostModel, type ModelFiles } from "./load.js";
 import { mergeParams } from "./export.js";
 import { checkFits } from "./memory.js";
 import { readSamplingDefaults, resolveSampler, type EffectiveSampler, type SamplerRequest, type SamplingDefaults } from "./sampling.js";
@@ -115,7 +115,7 @@ export class Model {
     const max = Math.min(opts.maxBindingBytes ?? Infinity, device.maxBindingBytes);
     const quantized = /Q\d/.test(host.sourceDtype);
     // Q8_0 / Q4_K / BF16 matrices stay in their format on the cpu device unless f32 is asked for (or an adapter is folded in).
-    const weightDtype = opts.weights ?? (device.name === "webgpu" && device.shaderF16 && quantized ? "f16" : device.name === "cpu" && !opts.merge && /Q8_0|Q4_0|Q4_K|Q6_K|BF16/.test(host.sourceDtype) ? "native" : "f32");
+    const weightDtype = opts.weights ?? (device.name === "webgpu" && device.shaderF16 && quantized ? "f16" : device.name === "cpu" && !opts.merge && hasNativeMatrices(host.sourceDtype) ? "native" : "f32");
     if (opts.weights === "native" && (device.name !== "cpu" || opts.merge)) {
       throw new UsageError(`--weights native keeps quantized matrices in their format on the cpu device only${opts.merge ? ", and not with an adapter folded in (its merge makes f32 weights)" : ""}; use --weights f32`);
     }

@@ -7,7 +7,7 @@
 import fs from "node:fs";
 import { createRequire } from "node:module";
 import path from "node:path";
-import { GgmlType } from "../io/gguf.js";
+import { GgmlType, ggmlBlock } from "../io/gguf.js";
 
 /** Types under test, with the ggml symbol suffix of their dequantize_row_* function. */
 export const TYPES: [GgmlType, string][] = [
@@ -23,22 +23,9 @@ export const TYPES: [GgmlType, string][] = [
   [GgmlType.Q6_K, "q6_K"],
 ];
 
-/** [elements, bytes] per block (ggml-common.h). */
-export const BLOCK: Record<number, [number, number]> = {
-  [GgmlType.Q4_0]: [32, 18],
-  [GgmlType.Q4_1]: [32, 20],
-  [GgmlType.Q5_0]: [32, 22],
-  [GgmlType.Q5_1]: [32, 24],
-  [GgmlType.Q8_0]: [32, 34],
-  [GgmlType.Q2_K]: [256, 84],
-  [GgmlType.Q3_K]: [256, 110],
-  [GgmlType.Q4_K]: [256, 144],
-  [GgmlType.Q5_K]: [256, 176],
-  [GgmlType.Q6_K]: [256, 210],
-};
-
+/** Bytes of a row of n values of a quantized type (io/gguf.ts ggmlBlock). */
 export function rowBytes(type: GgmlType, n: number): number {
-  const [e, b] = BLOCK[type]!;
+  const [e, b] = ggmlBlock(type)!;
   return (n / e) * b;
 }
 
