@@ -1,6 +1,6 @@
-// Q8_0 and Q4_K weights kept quantized on the CPU engine (issue 16 §1): the kernels against a
-// float64 reference on ggml's dequantized values, the engine against its own f32 path on the same
-// file, and both against llama.cpp. Q4_K files are quantized by ggml itself (src/reference/ggml.ts).
+// Q8_0, Q4_0, Q4_K, Q6_K and BF16 weights kept in their format on the CPU engine (issue 16 §1): the
+// kernels against a float64 reference on ggml's dequantized values, the engine against its own f32
+// path on the same file, and both against llama.cpp. K-quant files are quantized by ggml itself (src/reference/ggml.ts).
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import os from "node:os";
@@ -13,7 +13,7 @@ import { loadGgml } from "../src/reference/ggml.js";
 import type { LossAndGradRequest } from "../src/engine/grad.js";
 import { loadHostModel, type FileFacts } from "../src/model/load.js";
 import { Model } from "../src/model/model.js";
-import { llamaCppLogits } from "../src/reference/llamacpp.js";
+import { compareLogits, llamaCppLogits } from "../src/reference/llamacpp.js";
 import { fixture } from "./support/paths.js";
 
 function rng(seed: number): () => number {
@@ -168,27 +168,11 @@ describe("a Q8_0 GGUF (stories260K with every 32-aligned matrix in Q8_0)", () =>
 
   test("agrees with llama.cpp on the same file as closely as the f32 path does", async (t) => {
     const lc = await llamaCppLogits(file, ids, { threads: 1 });
-    const V = 512;
-    const lsm = (row: number[]) => {
-      const m = Math.max(...row);
-      const z = Math.log(row.reduce((s, v) => s + Math.exp(v - m), 0)) + m;
-      return row.map((v) => v - z);
-    };
-    const against = async (m: Model) => {
-      const ours = (await m.forward([{ ids }])).logits[0]!;
-      let worst = 0, top1 = 0;
-      for (let t = 0; t < ids.length; t++) {
-        const mine = lsm([...ours.subarray(t * V, (t + 1) * V)]);
-        const theirs = lc.kind === "logits" ? lsm([...lc.logits.subarray(t * V, (t + 1) * V)]) : [...lc.logits.subarray(t * V, (t + 1) * V)];
-        for (let i = 0; i < V; i++) if (Number.isFinite(theirs[i]!) && theirs[i]! > -30) worst = Math.max(worst, Math.abs(mine[i]! - theirs[i]!));
-        if (mine.indexOf(Math.max(...mine)) === theirs.indexOf(Math.max(...theirs))) top1++;
-      }
-      return { worst, top1 };
-    };
+    const against = async (m: Model) => compareLogits((await m.forward([{ ids }])).logits[0]!, lc.logits, ids.length, 512, true);
     const a = await against(f32), b = await against(q8);
-    t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${a.worst.toExponential(2)}, q8_0 ${b.worst.toExponential(2)}; top-1 ${a.top1}, ${b.top1} of ${ids.length}`);
+    t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${a.maxAbs.toExponential(2)}, q8_0 ${b.maxAbs.toExponential(2)}; top-1 ${a.top1}, ${b.top1} of ${ids.length}`);
     // llama.cpp quantizes the activations to 8 bits per 32 for its Q8_0 dot products; we do not.
-    assert.ok(Math.abs(b.worst - a.worst) <= 1e-3, `q8_0 ${b.worst} vs f32 ${a.worst}`);
+    assert.ok(Math.abs(b.maxAbs - a.maxAbs) <= 1e-3, `q8_0 ${b.maxAbs} vs f32 ${a.maxAbs}`);
     assert.ok(b.top1 >= ids.length - 1, `top-1 agreement ${b.top1}/${ids.length}`);
   });
 
@@ -297,26 +281,11 @@ describe("a Q4_K_M-like GGUF (a dModel-256 llama quantized by ggml: Q4_K and Q6_
 
   test("agrees with llama.cpp on the same file as closely as the f32 path does", async (t) => {
     const lc = await llamaCppLogits(file, ids, { threads: 1 });
-    const V = 512;
-    const lsm = (row: number[]) => {
-      const m = Math.max(...row);
-      const z = Math.log(row.reduce((s, v) => s + Math.exp(v - m), 0)) + m;
-      return row.map((v) => v - z);
-    };
-    const against = async (m: Model) => {
-      const ours = (await m.forward([{ ids }])).logits[0]!;
-      let worst = 0;
-      for (let t = 0; t < ids.length; t++) {
-        const mine = lsm([...ours.subarray(t * V, (t + 1) * V)]);
-        const theirs = lc.kind === "logits" ? lsm([...lc.logits.subarray(t * V, (t + 1) * V)]) : [...lc.logits.subarray(t * V, (t + 1) * V)];
-        for (let i = 0; i < V; i++) if (Number.isFinite(theirs[i]!) && theirs[i]! > -30) worst = Math.max(worst, Math.abs(mine[i]! - theirs[i]!));
-      }
-      return worst;
-    };
+    const against = async (m: Model) => compareLogits((await m.forward([{ ids }])).logits[0]!, lc.logits, ids.length, 512, true);
     const a = await against(f32), b = await against(q4);
-    t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${a.toExponential(2)}, native Q4_K/Q6_K ${b.toExponential(2)}`);
-    assert.ok(Math.abs(b - a) <= 1e-3, `native ${b} vs f32 ${a}`);
-    assert.ok(b < 0.1, `max |Δ log p| ${b}`);
+    t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${a.maxAbs.toExponential(2)}, native Q4_K/Q6_K ${b.maxAbs.toExponential(2)}`);
+    assert.ok(Math.abs(b.maxAbs - a.maxAbs) <= 1e-3, `native ${b.maxAbs} vs f32 ${a.maxAbs}`);
+    assert.ok(b.maxAbs < 0.1, `max |Δ log p| ${b.maxAbs}`);
   });
 });
 

@@ -273,7 +273,7 @@ async function cmdCheck(f: Flags): Promise<void> {
   if (model.files.format !== "gguf") throw new CliError("check compares against llama.cpp, which reads GGUF files: pass a .gguf model");
   const text = str(f, "prompt") ?? "The quick brown fox jumps over the lazy dog. Once upon a time, there was";
   const ids = str(f, "ids") !== undefined ? idsFlag(str(f, "ids")!) : model.encode(text).ids;
-  const { llamaCppLogits } = await import("../reference/llamacpp.js");
+  const { compareLogits, llamaCppLogits } = await import("../reference/llamacpp.js");
   const theirs = await llamaCppLogits(model.files.weights, ids);
   const ours = (await model.forward([{ ids }])).logits[0]!;
   const r = compareLogits(ours, theirs.logits, ids.length, model.config.dVocab, theirs.kind === "logprobs");
@@ -287,32 +287,6 @@ async function cmdCheck(f: Flags): Promise<void> {
   process.stdout.write(lines.join("\n") + "\n");
   if (f.json) process.stdout.write(JSON.stringify({ maxAbsDiff: r.maxAbs, top1Agreement: r.top1 / ids.length, positions: ids.length, kind: theirs.kind }) + "\n");
   model.dispose();
-}
-
-function compareLogits(a: Float32Array, b: Float32Array, T: number, V: number, logSoftmax: boolean): { maxAbs: number; at: number; top1: number } {
-  const lsm = (x: Float32Array, t: number) => {
-    const row = x.subarray(t * V, (t + 1) * V);
-    if (!logSoftmax) return Float64Array.from(row);
-    let m = -Infinity;
-    for (const v of row) m = Math.max(m, v);
-    let z = 0;
-    for (const v of row) z += Math.exp(v - m);
-    const lz = m + Math.log(z);
-    return Float64Array.from(row, (v) => v - lz);
-  };
-  let maxAbs = 0, at = 0, top1 = 0;
-  for (let t = 0; t < T; t++) {
-    const x = lsm(a, t), y = lsm(b, t);
-    let ax = 0, ay = 0;
-    for (let i = 0; i < V; i++) {
-      if (x[i]! > x[ax]!) ax = i;
-      if (y[i]! > y[ay]!) ay = i;
-      // Probabilities that underflow in the reference (-Inf) carry no information.
-      if (Number.isFinite(y[i]!) && Math.abs(x[i]! - y[i]!) > maxAbs) { maxAbs = Math.abs(x[i]! - y[i]!); at = t; }
-    }
-    if (ax === ay) top1++;
-  }
-  return { maxAbs, at, top1 };
 }
 
 /** --temperature T|model, --top-k, --top-p, --min-p, --greedy: what the user asked for (the model file fills the rest). */

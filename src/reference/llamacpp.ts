@@ -246,3 +246,34 @@ export async function llamaCppGreedy(modelPath: string, ids: number[], n: number
     }
   });
 }
+
+/**
+ * Two [T, V] logit arrays compared row by row: max |Δ| (of log-softmax rows when `logSoftmax`), the
+ * position where it occurs and how many rows agree on the argmax. Entries that are not finite in
+ * `b` (probabilities that underflowed in the reference) are skipped.
+ */
+export function compareLogits(a: Float32Array, b: Float32Array, T: number, V: number, logSoftmax: boolean): { maxAbs: number; at: number; top1: number } {
+  const lsm = (x: Float32Array, t: number) => {
+    const row = x.subarray(t * V, (t + 1) * V);
+    if (!logSoftmax) return Float64Array.from(row);
+    let m = -Infinity;
+    for (const v of row) m = Math.max(m, v);
+    let z = 0;
+    for (const v of row) z += Math.exp(v - m);
+    const lz = m + Math.log(z);
+    return Float64Array.from(row, (v) => v - lz);
+  };
+  let maxAbs = 0, at = 0, top1 = 0;
+  for (let t = 0; t < T; t++) {
+    const x = lsm(a, t), y = lsm(b, t);
+    let ax = 0, ay = 0;
+    for (let i = 0; i < V; i++) {
+      if (x[i]! > x[ax]!) ax = i;
+      if (y[i]! > y[ay]!) ay = i;
+      // Probabilities that underflow in the reference (-Inf) carry no information.
+      if (Number.isFinite(y[i]!) && Math.abs(x[i]! - y[i]!) > maxAbs) { maxAbs = Math.abs(x[i]! - y[i]!); at = t; }
+    }
+    if (ax === ay) top1++;
+  }
+  return { maxAbs, at, top1 };
+}
