@@ -226,7 +226,7 @@ export class Model {
 
   /** Default stop tokens: the config's EOS ids plus the tokenizer's end-of-turn ids. */
   stopTokens(): number[] {
-    return [...new Set([...this.config.eosTokenIds, ...(this.tokenizer?.eosIds ?? [])])];
+    return stopTokensOf(this.config, this.tokenizer);
   }
 
   private tok(): Tokenizer {
@@ -293,6 +293,11 @@ export class Model {
   }
 }
 
+/** Generation stops at the config's EOS ids and the tokenizer's. */
+function stopTokensOf(config: ModelConfig, tokenizer: Tokenizer | undefined): number[] {
+  return [...new Set([...config.eosTokenIds, ...(tokenizer?.eosIds ?? [])])];
+}
+
 /** What `selfscope info` shows: everything the headers say, with no tensor data read and no engine built. */
 export interface ModelSummary {
   config: ModelConfig;
@@ -321,7 +326,7 @@ export function inspectModel(path: string): ModelSummary {
     sourceDtype: host.sourceDtype,
     ...(tokenizer ? { tokenizer } : {}),
     ...(chatTemplate ? { chatTemplate } : {}),
-    stopTokens: [...new Set([...host.config.eosTokenIds, ...(tokenizer?.eosIds ?? [])])],
+    stopTokens: stopTokensOf(host.config, tokenizer),
     sampler: (request: SamplerRequest = {}) => resolveSampler(defaults, request),
     ...(facts ? { nativeQuantBytes: facts.nativeQuantBytes } : {}),
   };
