@@ -60,7 +60,7 @@ interface Mat {
   q?: { type: QuantType; wq: number; ws: number };
 }
 
-/** How the CPU engine stores matrix weights: all f32, or GGUF Q8_0 / Q4_K tensors kept in their own format. */
+/** How the CPU engine stores matrix weights: all f32, or the tensors it can compute on natively (qkernels.ts) kept in their format. */
 export type CpuWeights = "f32" | "native";
 interface Block {
   ln1?: Norm;
@@ -103,8 +103,11 @@ export class CpuEngine {
   siteTrace: string[] | null = null;
 
   /** Copies the weights into the runtime's memory one tensor at a time (a lazy EngineModel then never holds them all). */
-  /** Matrices held quantized (weights "native"); 0 with f32 weights. */
-  readonly quantizedMats: number = 0;
+  private nQuantized = 0;
+  /** Matrices held quantized (weights "native"); 0 with f32 weights and after materializeF32. */
+  get quantizedMats(): number {
+    return this.nQuantized;
+  }
 
   constructor(
     host: EngineModel,
@@ -136,7 +139,7 @@ export class CpuEngine {
       const cols = shapeOf(names[0]!)![1]!;
       const rowsOf = names.map((n) => shapeOf(n)![0]!);
       const rows = rowsOf.reduce((a, b) => a + b, 0);
-      // Q8_0 / Q4_K tensors stay quantized when asked and every stacked part has the same type.
+      // Natively computable tensors stay in their format when asked and every stacked part has the same type.
       const type = weights === "native" && names[0] !== "posEmbed.weight" && lazy?.quantOf ? lazy.quantOf(names[0]!) : null;
       if (type && lazy?.readQuantInto && cols % QUANT_BLOCK[type] === 0 && cols <= MAX_Q8_K && names.every((n) => lazy.quantOf!(n) === type)) {
         const total = quantBytes(type, rows, cols);
@@ -150,7 +153,7 @@ export class CpuEngine {
           lazy.readQuantInto!(n, u8.subarray(wq + at.wq, wq + at.wq + size.wq), u8.subarray(ws + at.ws, ws + at.ws + size.ws));
           r += nr;
         });
-        (this as { quantizedMats: number }).quantizedMats++;
+        this.nQuantized++;
         return { off: -1, rows, cols, q: { type, wq, ws } };
       }
       const off = rt.alloc(rows * cols);
@@ -777,7 +780,7 @@ export class CpuEngine {
     }
   }
 
-  /** Y[R, rows] (rows ldy apart) = X·Wᵀ on f32 or Q8_0 weights. */
+  /** Y[R, rows] (rows ldy apart) = X·Wᵀ on f32 or quantized weights. */
   private matmul(x: number, ldx: number, R: number, w: Mat, y: number, ldy: number): void {
     if (w.q) this.rt.qgemm({ type: w.q.type, x, ldx, wq: w.q.wq, ws: w.q.ws, y, ldy, M: R, N: w.rows, K: w.cols });
     else this.rt.gemm({ x, ldx, w: w.off, ldw: w.cols, y, ldy, M: R, N: w.rows, K: w.cols });
@@ -814,7 +817,7 @@ export class CpuEngine {
       m.off = this.f32Mat(m).off;
       delete m.q;
     }
-    (this as { quantizedMats: number }).quantizedMats = 0;
+    this.nQuantized = 0;
   }
 
   /** Grouped-query attention for every (row, head) pair, in groups that fit the score buffer. */
