@@ -19,9 +19,13 @@ import { writeSafetensors } from "../src/io/safetensors.js";
 
 export const FIXTURE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "gpt2"] as const;
 export type FixtureFamily = (typeof FIXTURE_FAMILIES)[number];
+/** Mixture-of-experts families (cpu engine only; test/moe.test.ts). */
+export const MOE_FIXTURE_FAMILIES = ["qwen3moe", "olmoe", "mixtral"] as const;
+export type MoeFixtureFamily = (typeof MOE_FIXTURE_FAMILIES)[number];
+export type AnyFixtureFamily = FixtureFamily | MoeFixtureFamily;
 
-export interface FixturePaths {
-  family: FixtureFamily;
+export interface FixturePaths<F extends AnyFixtureFamily = FixtureFamily> {
+  family: F;
   /** The HF folder. */
   hf: string;
   /** The GGUF file. */
@@ -34,7 +38,7 @@ type Tensors = Map<string, { data: Float32Array; shape: number[] }>;
 /** Sizes shared by the fixtures (Gemma 3 needs 7 layers for a global layer among sliding ones). */
 const D = 64;
 const H = 4;
-const K = 2;
+const KV_HEADS = 2;
 const F = 96;
 const V = 320;
 const N_CTX = 128;
@@ -182,12 +186,15 @@ interface DecoderOpts {
   postOnly?: boolean;
   tied: boolean;
   embedStd?: number;
+  /** Key/value heads (default K). */
+  kvHeads?: number;
 }
 
 /** Llama-layout decoder tensors under their HF names (model.layers.{i}.self_attn.q_proj ...). */
 function decoderTensors(init: Init, o: DecoderOpts): Tensors {
   const t: Tensors = new Map();
   const hd = o.headDim;
+  const K = o.kvHeads ?? KV_HEADS;
   const norm = () => init.vec(D, 0.25, o.normMean);
   t.set("model.embed_tokens.weight", { data: init.uniform(V * D, o.embedStd ?? 1), shape: [V, D] });
   for (let i = 0; i < o.layers; i++) {
@@ -229,7 +236,7 @@ function base(arch: string, modelType: string, layers: number, headDim: number, 
     intermediate_size: F,
     num_hidden_layers: layers,
     num_attention_heads: H,
-    num_key_value_heads: K,
+    num_key_value_heads: KV_HEADS,
     head_dim: headDim,
     vocab_size: V,
     max_position_embeddings: N_CTX,
@@ -418,7 +425,106 @@ function gpt2Family(init: Init): HfModel {
   return { config, generation: gen(vocab), vocab, tensors: t };
 }
 
-const BUILDERS: Record<FixtureFamily, (init: Init) => HfModel> = {
+/** MoE fixture sizes: 8 experts of hidden size 32, 2 routed per token. */
+const N_EXPERTS = 8;
+const TOP_K = 2;
+const F_EXPERT = 32;
+
+/**
+ * Replace each layer's dense MLP by N_EXPERTS experts and a router, under the family's HF names
+ * (`expert(i, e, which)`: which = gate | up | down). The router's gain spreads the routing.
+ */
+function withExperts(init: Init, t: Tensors, layers: number, router: (i: number) => string, expert: (i: number, e: number, which: "gate" | "up" | "down") => string): Tensors {
+  const out: Tensors = new Map();
+  for (const [k, v] of t) {
+    const m = /^model\.layers\.(\d+)\.mlp\.gate_proj\.weight$/.exec(k);
+    if (m) {
+      const i = Number(m[1]);
+      out.set(router(i), init.linear(N_EXPERTS, D, 3));
+      for (let e = 0; e < N_EXPERTS; e++) {
+        out.set(expert(i, e, "gate"), init.linear(F_EXPERT, D));
+        out.set(expert(i, e, "up"), init.linear(F_EXPERT, D));
+        out.set(expert(i, e, "down"), init.linear(D, F_EXPERT));
+      }
+      continue;
+    }
+    if (/\.mlp\.(up|down)_proj\.weight$/.test(k)) continue;
+    out.set(k, v);
+  }
+  if (out.size === t.size) throw new Error(`make-fixtures: no MLP replaced in ${layers} layers`);
+  return out;
+}
+
+const qwenMoeNames = [(i: number) => `model.layers.${i}.mlp.gate.weight`, (i: number, e: number, w: string) => `model.layers.${i}.mlp.experts.${e}.${w}_proj.weight`] as const;
+
+function qwen3moeFamily(init: Init): HfModel {
+  const vocab = bpeVocab("qwen2", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|endoftext|>", "<|im_end|>");
+  // Qwen3-30B-A3B style: Qwen3 attention (per-head qk-norm, head_dim 32), every layer sparse, top-k renormalised.
+  const config = base("Qwen3MoeForCausalLM", "qwen3_moe", 4, 32, vocab, {
+    hidden_act: "silu",
+    rms_norm_eps: 1e-6,
+    rope_theta: 1000000,
+    attention_bias: false,
+    use_sliding_window: false,
+    sliding_window: null,
+    max_window_layers: 4,
+    tie_word_embeddings: true,
+    num_experts: N_EXPERTS,
+    num_experts_per_tok: TOP_K,
+    moe_intermediate_size: F_EXPERT,
+    norm_topk_prob: true,
+    decoder_sparse_step: 1,
+    mlp_only_layers: [],
+    output_router_logits: false,
+    router_aux_loss_coef: 0.001,
+  });
+  const dense = decoderTensors(init, { layers: 4, headDim: 32, normMean: 1, qkNorm: "head", tied: true, embedStd: EMB });
+  return { config, generation: gen(vocab), vocab, tensors: withExperts(init, dense, 4, ...qwenMoeNames) };
+}
+
+function olmoeFamily(init: Init): HfModel {
+  const vocab = bpeVocab("dbrx", ["<|endoftext|>", "<|pad|>"], "<|endoftext|>", "<|endoftext|>");
+  // OLMoE-1B-7B style: pre-norms, full-width q/k RMSNorm, top-k weights not renormalised.
+  const config = base("OlmoeForCausalLM", "olmoe", 4, 16, vocab, {
+    hidden_act: "silu",
+    rms_norm_eps: 1e-5,
+    rope_theta: 10000,
+    attention_bias: false,
+    clip_qkv: null,
+    pad_token_id: vocab.tokens.indexOf("<|pad|>"),
+    tie_word_embeddings: false,
+    num_experts: N_EXPERTS,
+    num_experts_per_tok: TOP_K,
+    norm_topk_prob: false,
+    intermediate_size: F_EXPERT,
+    // llama.cpp's olmoe sizes attn_k_norm as n_embd: no grouped-query attention (as in OLMoE-1B-7B).
+    num_key_value_heads: H,
+  });
+  delete config.head_dim;
+  const dense = decoderTensors(init, { layers: 4, headDim: 16, normMean: 1, qkNorm: "full", tied: false, kvHeads: H });
+  return { config, generation: gen(vocab), vocab, tensors: withExperts(init, dense, 4, ...qwenMoeNames) };
+}
+
+function mixtralFamily(init: Init): HfModel {
+  const vocab = spmVocab([{ text: "<unk>", type: TT.UNKNOWN }, { text: "<s>", type: TT.CONTROL }, { text: "</s>", type: TT.CONTROL }], 1, 2, 0);
+  const config = base("MixtralForCausalLM", "mixtral", 4, 16, vocab, {
+    hidden_act: "silu",
+    rms_norm_eps: 1e-5,
+    rope_theta: 1000000,
+    sliding_window: null,
+    tie_word_embeddings: false,
+    num_local_experts: N_EXPERTS,
+    num_experts_per_tok: TOP_K,
+    intermediate_size: F_EXPERT,
+    router_aux_loss_coef: 0.02,
+  });
+  const w = { gate: "w1", up: "w3", down: "w2" } as const;
+  const dense = decoderTensors(init, { layers: 4, headDim: 16, normMean: 1, tied: false });
+  const tensors = withExperts(init, dense, 4, (i) => `model.layers.${i}.block_sparse_moe.gate.weight`, (i, e, which) => `model.layers.${i}.block_sparse_moe.experts.${e}.${w[which]}.weight`);
+  return { config, generation: gen(vocab), vocab, tensors };
+}
+
+const BUILDERS: Record<AnyFixtureFamily, (init: Init) => HfModel> = {
   llama: llamaFamily,
   mistral: mistralFamily,
   qwen2: qwen2Family,
@@ -427,6 +533,9 @@ const BUILDERS: Record<FixtureFamily, (init: Init) => HfModel> = {
   gemma3: gemma3Family,
   olmo2: olmo2Family,
   gpt2: gpt2Family,
+  qwen3moe: qwen3moeFamily,
+  olmoe: olmoeFamily,
+  mixtral: mixtralFamily,
 };
 
 // ---------------------------------------------------------------- convert_hf_to_gguf, re-implemented
@@ -440,7 +549,7 @@ const f32s = (value: number[]): GgufWriteValue => ({ type: GgufValueType.ARRAY, 
 const i32s = (value: number[]): GgufWriteValue => ({ type: GgufValueType.ARRAY, itemType: GgufValueType.INT32, value });
 
 /** HF config class -> GGUF architecture (conversion/*.py model_arch). Mistral converts to "llama". */
-const GGUF_ARCH: Record<FixtureFamily, string> = {
+const GGUF_ARCH: Record<AnyFixtureFamily, string> = {
   llama: "llama",
   mistral: "llama",
   qwen2: "qwen2",
@@ -449,6 +558,9 @@ const GGUF_ARCH: Record<FixtureFamily, string> = {
   gemma3: "gemma3",
   olmo2: "olmo2",
   gpt2: "gpt2",
+  qwen3moe: "qwen3moe",
+  olmoe: "olmoe",
+  mixtral: "llama",
 };
 
 /** gguf-py tensor_mapping.py: HF tensor (without the layer prefix) -> GGUF tensor. */
@@ -486,7 +598,7 @@ const GLOBAL_NAMES: Record<string, string> = {
   "transformer.ln_f.bias": "output_norm.bias",
 };
 
-function ggufName(family: FixtureFamily, hfName: string): string {
+function ggufName(family: AnyFixtureFamily, hfName: string): string {
   const g = GLOBAL_NAMES[hfName];
   if (g) return g;
   const m = /^(?:model\.layers|transformer\.h)\.(\d+)\.(.+)\.(weight|bias)$/.exec(hfName);
@@ -559,7 +671,7 @@ function tokenizerMeta(v: Vocab): Record<string, GgufWriteValue> {
   return m;
 }
 
-function toGguf(family: FixtureFamily, hf: HfModel, file: string): void {
+function toGguf(family: AnyFixtureFamily, hf: HfModel, file: string): void {
   const c = hf.config;
   const arch = GGUF_ARCH[family];
   const k = (key: string) => `${arch}.${key}`;
@@ -614,6 +726,13 @@ function toGguf(family: FixtureFamily, hf: HfModel, file: string): void {
     meta[k("rope.freq_base")] = f32(n("rope_theta"));
     if (typeof c.rope_local_base_freq === "number") meta[k("rope.freq_base_swa")] = f32(c.rope_local_base_freq);
     meta[k("attention.layer_norm_rms_epsilon")] = f32(n("rms_norm_eps"));
+    // Qwen2MoeModel / OlmoeModel / LlamaModel (Mixtral) set_gguf_parameters: the expert counts.
+    const nExp = (c.num_experts ?? c.num_local_experts) as number | undefined;
+    if (nExp !== undefined) {
+      meta[k("expert_count")] = u32(nExp);
+      meta[k("expert_used_count")] = u32(n("num_experts_per_tok"));
+      if (typeof c.moe_intermediate_size === "number") meta[k("expert_feed_forward_length")] = u32(c.moe_intermediate_size);
+    }
     if (typeof c.head_dim === "number") {
       meta[k("attention.key_length")] = u32(c.head_dim);
       meta[k("attention.value_length")] = u32(c.head_dim);
@@ -635,7 +754,25 @@ function toGguf(family: FixtureFamily, hf: HfModel, file: string): void {
     const rf = llama3RopeFreqs(c);
     add("rope_freqs.weight", { data: rf, shape: [rf.length] });
   }
+  // modify_tensors of the MoE models: each layer's experts stacked into one tensor per matrix
+  // ([experts, rows, cols]), in expert order; the router is ffn_gate_inp.
+  const stacks = new Map<string, { data: Float32Array; shape: number[] }[]>();
   for (const [name, t0] of hf.tensors) {
+    const ex = /^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$/.exec(name);
+    if (ex) {
+      const which = { gate_proj: "gate", w1: "gate", up_proj: "up", w3: "up", down_proj: "down", w2: "down" }[ex[3]!];
+      if (!which) throw new Error(`make-fixtures: unknown expert tensor ${name}`);
+      const key = `blk.${ex[1]}.ffn_${which}_exps.weight`;
+      const list = stacks.get(key) ?? [];
+      list[Number(ex[2])] = t0;
+      stacks.set(key, list);
+      continue;
+    }
+    const rt = /^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight$/.exec(name);
+    if (rt) {
+      add(`blk.${rt[1]}.ffn_gate_inp.weight`, t0);
+      continue;
+    }
     let t = t0;
     // Gemma: every *norm.weight is stored as (1 + w) (Gemma2Model/Gemma3Model.modify_tensors).
     if ((family === "gemma2" || family === "gemma3") && name.endsWith("norm.weight")) t = { data: t.data.map((x) => x + 1), shape: t.shape };
@@ -646,13 +783,19 @@ function toGguf(family: FixtureFamily, hf: HfModel, file: string): void {
     if (family === "gpt2" && /\.(c_attn|c_proj|c_fc)\.weight$/.test(name)) t = transpose(t);
     add(ggufName(family, name), t);
   }
+  for (const [key, list] of stacks) {
+    const [r, cc] = list[0]!.shape as [number, number];
+    const data = new Float32Array(list.length * r * cc);
+    list.forEach((t, e) => data.set(t.data, e * r * cc));
+    add(key, { data, shape: [list.length, r, cc] });
+  }
   writeGguf(file, meta, tensors);
 }
 
 // ---------------------------------------------------------------- entry points
 
 /** Writes `<outDir>/<family>/{hf/, model.gguf}` and returns the paths. */
-export function makeFixture(family: FixtureFamily, outDir: string): FixturePaths {
+export function makeFixture<F extends AnyFixtureFamily>(family: F, outDir: string): FixturePaths<F> {
   const hf = BUILDERS[family](new Init(seedOf(family)));
   const dir = path.join(outDir, family);
   const hfDir = path.join(dir, "hf");
@@ -665,7 +808,7 @@ export function makeFixture(family: FixtureFamily, outDir: string): FixturePaths
   return { family, hf: hfDir, gguf };
 }
 
-export function makeFixtures(outDir: string, families: readonly FixtureFamily[] = FIXTURE_FAMILIES): FixturePaths[] {
+export function makeFixtures<F extends AnyFixtureFamily = FixtureFamily>(outDir: string, families: readonly F[] = FIXTURE_FAMILIES as unknown as readonly F[]): FixturePaths<F>[] {
   return families.map((f) => makeFixture(f, outDir));
 }
 
@@ -674,9 +817,10 @@ if (isMain) {
   const [outArg, ...rest] = process.argv.slice(2);
   const here = path.dirname(fileURLToPath(import.meta.url));
   const out = outArg ?? path.resolve(here, "../../test/fixtures/families");
+  const all: readonly AnyFixtureFamily[] = [...FIXTURE_FAMILIES, ...MOE_FIXTURE_FAMILIES];
   const fams = rest.length > 0 ? rest.map((f) => {
-    if (!(FIXTURE_FAMILIES as readonly string[]).includes(f)) throw new Error(`unknown family ${f}; one of ${FIXTURE_FAMILIES.join(", ")}`);
-    return f as FixtureFamily;
-  }) : FIXTURE_FAMILIES;
+    if (!(all as readonly string[]).includes(f)) throw new Error(`unknown family ${f}; one of ${all.join(", ")}`);
+    return f as AnyFixtureFamily;
+  }) : all;
   for (const p of makeFixtures(out, fams)) console.log(`${p.family}: ${p.hf}, ${p.gguf}`);
 }

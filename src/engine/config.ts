@@ -14,7 +14,13 @@ export type MlpSpec =
   /** down(act(gate(x)) * up(x)) — Llama, Qwen, Gemma, OLMo. */
   | { kind: "gated"; act: Activation }
   /** down(act(up(x))) — GPT-2. */
-  | { kind: "plain"; act: Activation };
+  | { kind: "plain"; act: Activation }
+  /**
+   * A mixture of gated experts (Qwen3-MoE, OLMoE, Mixtral): p = softmax(router·x); the topK experts
+   * of highest p get weights p_e (divided by their sum when normTopK), every other expert 0; the MLP
+   * adds Σ_e w_e · down_e(act(gate_e(x)) · up_e(x)). dMlp is one expert's hidden size.
+   */
+  | { kind: "moe"; act: Activation; nExperts: number; topK: number; normTopK: boolean };
 
 export type RopeScaling =
   | { kind: "none" }
@@ -116,6 +122,15 @@ export function expectedParams(c: ModelConfig): Map<string, number[]> {
     lin(`${b}.attn.o`, D, H * hd, c.bias === "all");
     if (c.blockNorm !== "post") norm(`${b}.ln2`);
     if (c.blockNorm !== "pre") norm(`${b}.ln2Post`);
+    if (c.mlp.kind === "moe") {
+      m.set(`${b}.mlp.router.weight`, [c.mlp.nExperts, D]);
+      for (let e = 0; e < c.mlp.nExperts; e++) {
+        lin(`${b}.mlp.experts.${e}.gate`, F, D, false);
+        lin(`${b}.mlp.experts.${e}.up`, F, D, false);
+        lin(`${b}.mlp.experts.${e}.down`, D, F, false);
+      }
+      continue;
+    }
     if (c.mlp.kind === "gated") lin(`${b}.mlp.gate`, F, D, c.bias === "all");
     lin(`${b}.mlp.up`, F, D, c.bias === "all");
     lin(`${b}.mlp.down`, D, F, c.bias === "all");
@@ -142,12 +157,14 @@ const HF_KEYS: [string, Check][] = [
   ...(["num_hidden_layers", "n_layer", "hidden_size", "n_embd", "num_attention_heads", "n_head", "num_key_value_heads", "intermediate_size", "n_inner", "vocab_size", "head_dim", "max_position_embeddings", "n_positions", "sliding_window_pattern"] as const).map((k): [string, Check] => [k, "count"]),
   ...(["rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar"] as const).map((k): [string, Check] => [k, "positive"]),
   ["sliding_window", "window"],
+  ...(["num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size"] as const).map((k): [string, Check] => [k, "count"]),
 ];
 
 const GGUF_KEYS: [string, Check][] = [
   ...(["block_count", "embedding_length", "attention.head_count", "attention.head_count_kv", "feed_forward_length", "context_length", "attention.key_length", "attention.value_length"] as const).map((k): [string, Check] => [k, "count"]),
   ...(["attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.freq_base", "rope.freq_base_swa"] as const).map((k): [string, Check] => [k, "positive"]),
   ["attention.sliding_window", "window"],
+  ...(["expert_count", "expert_used_count", "expert_feed_forward_length"] as const).map((k): [string, Check] => [k, "count"]),
 ];
 
 /** Why `v` is not acceptable for a key checked as `check` (null when it is). */
@@ -219,5 +236,10 @@ export function validateModelConfig(c: ModelConfig): string | null {
   if (c.layerTypes.length !== c.nLayers) return `configuration gives ${c.layerTypes.length} layer types for ${c.nLayers} layers`;
   if (c.slidingWindow !== undefined && !(Number.isInteger(c.slidingWindow) && c.slidingWindow > 0)) return `configuration gives sliding window = ${c.slidingWindow} (must be a positive integer)`;
   if (c.layerTypes.includes("sliding") && c.slidingWindow === undefined) return "configuration has sliding-window layers but no window size";
+  if (c.mlp.kind === "moe") {
+    const { nExperts: E, topK } = c.mlp;
+    if (!Number.isInteger(E) || E < 1) return `configuration gives ${E} experts (must be a positive integer)`;
+    if (!Number.isInteger(topK) || topK < 1 || topK > E) return `configuration routes each token to ${topK} experts of ${E} (must be 1..${E})`;
+  }
   return null;
 }

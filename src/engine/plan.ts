@@ -58,6 +58,11 @@ export function featShapeOf(c: ModelConfig, site: string): number[] {
       return [c.nHeads];
     case "attn.hook_result":
       return [c.nHeads, c.dModel];
+    case "mlp.hook_router_logits":
+    case "mlp.hook_expert_weights":
+      return [c.mlp.kind === "moe" ? c.mlp.nExperts : 0];
+    case "mlp.hook_expert_out":
+      return [c.mlp.kind === "moe" ? c.mlp.nExperts : 0, c.dModel];
     default:
       return [c.dModel];
   }
@@ -74,6 +79,7 @@ export function resolvePlan(c: ModelConfig, plan: Plan, rows: Row[], promptLen: 
     checkIntervention(iv, i);
     const { layer, site } = parseHook(iv.at, c.nLayers);
     if (site === "hook_pos_embed" && c.pos.kind !== "learned") throw new UsageError(`${iv.at}: this model has no learned position embedding`);
+    checkMlpSite(c, site, iv.at);
     const featShape = featShapeOf(c, site);
     const F = featShape.reduce((a, b) => a * b, 1);
     if (site === "attn.hook_pattern" && iv.op !== "read") throw new UsageError("attn.hook_pattern is read-only");
@@ -105,7 +111,7 @@ export function resolvePlan(c: ModelConfig, plan: Plan, rows: Row[], promptLen: 
         r.vec = iv.mean;
       } else r.vec = new Float32Array(F);
       if (iv.heads) {
-        if (featShape.length !== 2) throw new UsageError(`ablate at ${iv.at}: heads apply to attn.hook_q|k|v|z|result only`);
+        if (featShape.length !== 2) throw new UsageError(`ablate at ${iv.at}: heads apply to attn.hook_q|k|v|z|result (and experts to mlp.hook_expert_out) only`);
         if (iv.heads.some((h) => h < 0 || h >= featShape[0]!)) throw new UsageError(`ablate at ${iv.at}: heads ${iv.heads} out of range 0..${featShape[0]! - 1}`);
       }
     } else if (iv.op === "patch") {
@@ -126,6 +132,15 @@ export function resolvePlan(c: ModelConfig, plan: Plan, rows: Row[], promptLen: 
   });
 }
 
+
+/** A dense MLP's sites on a mixture-of-experts model, or the other way round, is a clear error. */
+export function checkMlpSite(c: ModelConfig, site: string, at: string): void {
+  const moeSite = site === "mlp.hook_router_logits" || site === "mlp.hook_expert_weights" || site === "mlp.hook_expert_out";
+  if (c.mlp.kind === "moe" && (site === "mlp.hook_pre" || site === "mlp.hook_post")) {
+    throw new UsageError(`${at}: this model's MLPs are mixtures of ${c.mlp.nExperts} experts and have no single hidden layer; use mlp.hook_router_logits, mlp.hook_expert_weights, mlp.hook_expert_out or mlp.hook_down`);
+  }
+  if (c.mlp.kind !== "moe" && moeSite) throw new UsageError(`${at}: this model's MLPs are dense (not a mixture of experts)`);
+}
 
 /**
  * Compile the resolved plan into per-site host ops for one call and one group (a layer, the

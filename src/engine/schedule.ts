@@ -12,9 +12,10 @@ import type { ModelConfig } from "./config.js";
  * Named activations of one block call, each [B·T, ...feature]:
  * x the residual stream; h the input of attention or the MLP (normalised, or a copy of x);
  * q, k, v the projections [heads, dHead]; z the per-head attention output; a what attention adds
- * to the residual; pre / post the MLP hidden state before / after the activation; d what the MLP adds.
+ * to the residual; pre / post the MLP hidden state before / after the activation; d what the MLP adds;
+ * rl / ew a mixture of experts' router logits and expert weights [nExperts].
  */
-export type Buf = "x" | "h" | "q" | "k" | "v" | "z" | "a" | "pre" | "post" | "d";
+export type Buf = "x" | "h" | "q" | "k" | "v" | "z" | "a" | "pre" | "post" | "d" | "rl" | "ew";
 
 /** The block's own norms (weights blocks.{i}.{name}). */
 export type BlockNormName = "ln1" | "ln1Post" | "ln2" | "ln2Post";
@@ -49,6 +50,19 @@ export type Step =
   | { kind: "mlpAct" }
   /** d = post·W_downᵀ (+ bias). */
   | { kind: "down" }
+  /** Mixture of experts: rl = h·W_routerᵀ. */
+  | { kind: "route" }
+  /**
+   * ew = the routing weights from rl: p = softmax(rl); the topK largest p (ties: the lower expert
+   * index) kept, divided by their sum when the model normalises them, every other entry 0.
+   */
+  | { kind: "select" }
+  /**
+   * d = Σ_e ew_e · down_e(act(gate_e(h)) · up_e(h)), over the experts whose weight is not 0 (so an
+   * intervention on ew can add or remove experts). The weighted per-expert outputs are the site
+   * `out` ([nExperts, dModel], zeros for unused experts), materialised only when the plan touches it.
+   */
+  | { kind: "experts"; out: "mlp.hook_expert_out" }
   /** x += src. */
   | { kind: "residual"; src: Buf };
 
@@ -116,11 +130,19 @@ function build(c: ModelConfig): Schedule {
   site("hook_resid_mid", "x");
   block.push(pre ? { kind: "norm", weight: "ln2", src: "x", dst: "h" } : { kind: "copy", src: "x", dst: "h" });
   site("ln2.hook_normalized", "h");
-  block.push({ kind: "mlpIn" });
-  site("mlp.hook_pre", "pre");
-  block.push({ kind: "mlpAct" });
-  site("mlp.hook_post", "post");
-  block.push({ kind: "down" });
+  if (c.mlp.kind === "moe") {
+    block.push({ kind: "route" });
+    site("mlp.hook_router_logits", "rl");
+    block.push({ kind: "select" });
+    site("mlp.hook_expert_weights", "ew");
+    block.push({ kind: "experts", out: "mlp.hook_expert_out" });
+  } else {
+    block.push({ kind: "mlpIn" });
+    site("mlp.hook_pre", "pre");
+    block.push({ kind: "mlpAct" });
+    site("mlp.hook_post", "post");
+    block.push({ kind: "down" });
+  }
   site("mlp.hook_down", "d");
   if (postNorm) block.push({ kind: "norm", weight: "ln2Post", src: "d", dst: "d" });
   site("hook_mlp_out", "d");
@@ -146,6 +168,7 @@ export function siteOrder(c: ModelConfig): string[] {
       if (st.kind === "site") out.push(`blocks.${l}.${st.site}`);
       else if (st.kind === "attend") out.push(`blocks.${l}.${st.pattern}`);
       else if (st.kind === "oProj") out.push(`blocks.${l}.${st.result}`);
+      else if (st.kind === "experts") out.push(`blocks.${l}.${st.out}`);
     }
   out.push("ln_final.hook_normalized");
   return out;

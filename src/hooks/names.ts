@@ -10,7 +10,14 @@ export type BlockSite =
   | "hook_attn_out"
   | "hook_mlp_out"
   | `attn.hook_${AttnSite}`
-  | `mlp.hook_${"pre" | "post" | "down"}`;
+  | `mlp.hook_${"pre" | "post" | "down"}`
+  | MoeSite;
+/**
+ * Mixture-of-experts MLP sites (no TransformerLens standard): the router's logits [nExperts], the
+ * weight each expert gets (0 unless routed to) [nExperts], and each expert's weighted output
+ * [nExperts, dModel] (their sum is mlp.hook_down). A MoE block has these instead of mlp.hook_pre/post.
+ */
+export type MoeSite = `mlp.hook_${"router_logits" | "expert_weights" | "expert_out"}`;
 export type HookName = "hook_embed" | "hook_pos_embed" | "ln_final.hook_normalized" | `blocks.${number}.${BlockSite}`;
 
 /** Every block site, in the order a block fires them (src/engine/schedule.ts). */
@@ -33,6 +40,14 @@ export const BLOCK_SITES: readonly BlockSite[] = [
   "hook_resid_post",
 ];
 
+/** A mixture-of-experts block's sites, in firing order. */
+export const MOE_BLOCK_SITES: readonly BlockSite[] = BLOCK_SITES.flatMap((s): BlockSite[] =>
+  s === "mlp.hook_pre" ? ["mlp.hook_router_logits", "mlp.hook_expert_weights", "mlp.hook_expert_out"] : s === "mlp.hook_post" ? [] : [s],
+);
+
+/** The block sites of a model: dense, or mixture of experts. */
+export const blockSites = (moe: boolean): readonly BlockSite[] => (moe ? MOE_BLOCK_SITES : BLOCK_SITES);
+
 export const hookName = (layer: number, site: BlockSite): HookName => `blocks.${layer}.${site}`;
 
 export interface ParsedHook {
@@ -44,7 +59,7 @@ export interface ParsedHook {
 export function parseHook(name: string, nLayers: number): ParsedHook {
   if (name === "hook_embed" || name === "hook_pos_embed" || name === "ln_final.hook_normalized") return { layer: null, site: name };
   const m = /^blocks\.(\d+)\.(.+)$/.exec(name);
-  if (!m || !BLOCK_SITES.includes(m[2] as BlockSite)) {
+  if (!m || !(BLOCK_SITES.includes(m[2] as BlockSite) || MOE_BLOCK_SITES.includes(m[2] as BlockSite))) {
     throw new UsageError(`unknown hook point "${name}"; expected hook_embed, ln_final.hook_normalized or blocks.{i}.{${BLOCK_SITES.join("|")}}`);
   }
   const layer = Number(m[1]);
@@ -57,12 +72,13 @@ export type NamesFilter = string | readonly string[] | RegExp | ((name: HookName
 
 /**
  * Every hook name of a model with `nLayers` blocks that `filter` accepts, in the order a forward
- * pass fires them. `learnedPos`: the model has hook_pos_embed (learned positions, GPT-2).
+ * pass fires them. `learnedPos`: the model has hook_pos_embed (learned positions, GPT-2); `moe`: its
+ * MLPs are mixtures of experts (MOE_BLOCK_SITES).
  * A string filter with no match is an error (a typo must not read nothing).
  */
-export function hookNames(nLayers: number, filter: NamesFilter = () => true, opts: { learnedPos?: boolean } = {}): HookName[] {
+export function hookNames(nLayers: number, filter: NamesFilter = () => true, opts: { learnedPos?: boolean; moe?: boolean } = {}): HookName[] {
   const all: HookName[] = ["hook_embed", ...(opts.learnedPos ? (["hook_pos_embed"] as const) : [])];
-  for (let l = 0; l < nLayers; l++) for (const s of BLOCK_SITES) all.push(hookName(l, s));
+  for (let l = 0; l < nLayers; l++) for (const s of blockSites(opts.moe ?? false)) all.push(hookName(l, s));
   all.push("ln_final.hook_normalized");
   const test =
     typeof filter === "function" ? filter : filter instanceof RegExp ? (n: string) => filter.test(n) : typeof filter === "string" ? (n: string) => n === filter : (n: string) => filter.includes(n);

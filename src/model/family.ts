@@ -14,6 +14,10 @@ export interface WeightSource {
   split?: { index: number; parts: number };
   /** llama.cpp stores llama q/k rows interleaved for its RoPE; undo it for rotate-half RoPE. */
   unpermuteRope?: "q" | "k";
+  /** The tensor stacks every expert along its first axis (GGUF ffn_*_exps): take expert `{e}`'s slab. */
+  experts?: boolean;
+  /** Set by the loader for an `experts` source: the expert index taken. */
+  slab?: number;
 }
 
 export type WeightTable = Record<string, WeightSource>;
@@ -23,7 +27,7 @@ export interface Family {
   matches: { hf: string[]; gguf: string[] };
   fromHf?: (hf: HfConfig) => ModelConfig;
   fromGguf?: (g: GgufFile) => ModelConfig;
-  /** canonical path template -> safetensors source */
+  /** canonical path template -> safetensors source (`{i}`: layer, `{e}`: expert) */
   safetensors?: WeightTable;
   /** Other spellings of a safetensors name (wrapper prefixes), tried after the name itself. */
   safetensorsAliases?: ((name: string) => string)[];
@@ -98,4 +102,20 @@ export const QK_NORM_SAFETENSORS: WeightTable = {
 export const QK_NORM_GGUF: WeightTable = {
   "blocks.{i}.attn.qNorm.weight": { name: "blk.{i}.attn_q_norm.weight" },
   "blocks.{i}.attn.kNorm.weight": { name: "blk.{i}.attn_k_norm.weight" },
+};
+
+/** Mixture-of-experts MLP tensors as llama.cpp stores them (every expert in one tensor per matrix). */
+export const MOE_GGUF: WeightTable = {
+  "blocks.{i}.mlp.router.weight": { name: "blk.{i}.ffn_gate_inp.weight" },
+  "blocks.{i}.mlp.experts.{e}.gate.weight": { name: "blk.{i}.ffn_gate_exps.weight", experts: true },
+  "blocks.{i}.mlp.experts.{e}.up.weight": { name: "blk.{i}.ffn_up_exps.weight", experts: true },
+  "blocks.{i}.mlp.experts.{e}.down.weight": { name: "blk.{i}.ffn_down_exps.weight", experts: true },
+};
+
+/** Qwen-MoE / OLMoE safetensors layout (one tensor per expert). */
+export const MOE_SAFETENSORS: WeightTable = {
+  "blocks.{i}.mlp.router.weight": { name: "model.layers.{i}.mlp.gate.weight" },
+  "blocks.{i}.mlp.experts.{e}.gate.weight": { name: "model.layers.{i}.mlp.experts.{e}.gate_proj.weight" },
+  "blocks.{i}.mlp.experts.{e}.up.weight": { name: "model.layers.{i}.mlp.experts.{e}.up_proj.weight" },
+  "blocks.{i}.mlp.experts.{e}.down.weight": { name: "model.layers.{i}.mlp.experts.{e}.down_proj.weight" },
 };

@@ -353,11 +353,13 @@ function mapWeights(
   const used = new Set<string>();
   const cache = new Map<string, HostTensor>(); // eager: fused tensors are read once for their parts
   for (const [canon, shape] of expected) {
-    const tmpl = canon.replace(/^blocks\.\d+\./, "blocks.{i}.");
+    const tmpl = canon.replace(/^blocks\.\d+\./, "blocks.{i}.").replace(/\.experts\.\d+\./, ".experts.{e}.");
     const layer = /^blocks\.(\d+)\./.exec(canon)?.[1];
-    const src = table[tmpl];
-    if (!src) throw new UnsupportedArchitectureError(file, `no source declared for ${canon}`, "this is a bug in the family file");
-    const base = layer === undefined ? src.name : src.name.replaceAll("{i}", layer);
+    const expert = /\.experts\.(\d+)\./.exec(canon)?.[1];
+    const declared = table[tmpl];
+    if (!declared) throw new UnsupportedArchitectureError(file, `no source declared for ${canon}`, "this is a bug in the family file");
+    const src: WeightSource = declared.experts ? { ...declared, slab: Number(expert) } : declared;
+    const base = (layer === undefined ? src.name : src.name.replaceAll("{i}", layer)).replaceAll("{e}", expert ?? "");
     const name = [base, ...aliases.map((f) => f(base))].find((n) => available.has(n));
     if (!name) throw new WeightShapeError(file, `missing tensor ${base} (for ${canon})`, `this checkpoint does not match its config (${config.family}, ${config.nLayers} layers)`);
     used.add(name);
@@ -371,7 +373,11 @@ function mapWeights(
         cache.set(name, t);
       }
     }
-    const got = transformedShape(t?.shape ?? source.shape(name), src, file, name);
+    const stored = t?.shape ?? source.shape(name);
+    if (src.slab !== undefined && config.mlp.kind === "moe" && stored[0] !== config.mlp.nExperts) {
+      throw new WeightShapeError(file, `tensor ${name} stacks ${stored[0]} experts but the config has ${config.mlp.nExperts}`, "the weights do not match the config");
+    }
+    const got = transformedShape(stored, src, file, name);
     if (got.length !== shape.length || got.some((d, i) => d !== shape[i])) {
       throw new WeightShapeError(file, `tensor ${name} has shape [${got}] but the config implies [${shape}] for ${canon}`, "the weights do not match the config");
     }
@@ -402,6 +408,10 @@ function checkFinite(t: HostTensor, file: string, name: string, canon: string, l
 
 /** The shape `transform` gives a source tensor of shape `shape`, with its errors, from the header alone. */
 function transformedShape(shape: number[], src: WeightSource, file: string, name: string): number[] {
+  if (src.slab !== undefined) {
+    if (shape.length < 2 || src.slab >= shape[0]!) throw new WeightShapeError(file, `tensor ${name} of shape [${shape}] has no expert ${src.slab}`);
+    shape = shape.slice(1);
+  }
   if (src.transpose) {
     if (shape.length !== 2) throw new WeightShapeError(file, `tensor ${name} should be 2-D, has shape [${shape}]`);
     shape = [shape[1]!, shape[0]!];
@@ -417,6 +427,11 @@ function transformedShape(shape: number[], src: WeightSource, file: string, name
 /** Apply a source's transpose / split / RoPE unpermute (shapes already checked by transformedShape). */
 function transform(t: HostTensor, src: WeightSource, c: ModelConfig): HostTensor {
   let { data, shape } = t;
+  if (src.slab !== undefined) {
+    const n = data.length / shape[0]!;
+    data = data.slice(src.slab * n, (src.slab + 1) * n);
+    shape = shape.slice(1);
+  }
   if (src.transpose && src.split) {
     // Rows [s*n, (s+1)*n) of the transpose, without building the whole transpose.
     const [r, k] = shape as [number, number];
@@ -504,7 +519,10 @@ export class LazyWeights extends Map<string, HostTensor> {
     const s = this.#slots.get(key);
     if (s === undefined) throw new UsageError(`internal: no weight ${key}`);
     const p = s.kind === "file" ? s.p : null;
-    const range = p && !p.src.transpose && !p.src.split && !this.#waiting.has(p.name) ? this.#source.f32Range(p.name) : null;
+    // An expert's slab of a stacked tensor is a contiguous range too (the experts axis is outermost).
+    const slab = p?.src.slab;
+    const whole = p && !p.src.transpose && !p.src.split && (slab !== undefined || !this.#waiting.has(p.name)) ? this.#source.f32Range(p.name) : null;
+    const range = whole && slab !== undefined ? { ...whole, offset: whole.offset + slab * dst.byteLength, byteLength: dst.byteLength } : whole;
     if (p && range && range.byteLength === dst.byteLength) {
       readRangeInto(range.file, range.offset, new Uint8Array(dst.buffer, dst.byteOffset, dst.byteLength));
       checkFinite({ data: dst, shape: p.shape }, this.#source.file, p.name, p.canon, p.layer);
@@ -526,7 +544,7 @@ export class LazyWeights extends Map<string, HostTensor> {
    */
   quantOf(key: string): QuantType | null {
     const s = this.#slots.get(key);
-    if (s?.kind !== "file" || s.p.src.transpose || this.#waiting.has(s.p.name)) return null;
+    if (s?.kind !== "file" || s.p.src.transpose || (this.#waiting.has(s.p.name) && s.p.src.slab === undefined)) return null;
     return this.#source.quantRange?.(s.p.name)?.type ?? null;
   }
 
@@ -543,7 +561,7 @@ export class LazyWeights extends Map<string, HostTensor> {
     const rows = p.shape[0]!, cols = p.shape[1] ?? 1;
     const [elems, bytesPer] = ggmlBlock(NATIVE_GGML[type])!;
     const rowBytes = (cols / elems) * bytesPer;
-    const first = p.src.split ? p.src.split.index * rows : 0;
+    const first = p.src.split ? p.src.split.index * rows : p.src.slab !== undefined ? p.src.slab * rows : 0;
     let bytes = new Uint8Array(rows * rowBytes);
     readRangeInto(range.file, range.offset + first * rowBytes, bytes);
     if (p.src.unpermuteRope) {

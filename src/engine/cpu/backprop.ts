@@ -186,6 +186,11 @@ class Pass {
       case "pre":
       case "post":
         return R * F;
+      case "rl":
+      case "ew":
+        return R * (this.c.mlp.kind === "moe" ? this.c.mlp.nExperts : 0);
+      case "eo":
+        return R * (this.c.mlp.kind === "moe" ? this.c.mlp.nExperts : 0) * D;
       case "qkv":
         return R * (H + 2 * K) * hd;
       case "up":

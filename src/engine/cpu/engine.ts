@@ -74,11 +74,13 @@ interface Block {
   qkvBias?: Float32Array;
   o: Mat;
   oBias?: Float32Array;
-  /** Gated MLPs: gate and up stacked [2F, D]; plain MLPs: up [F, D]. */
-  up: Mat;
+  /** Gated MLPs: gate and up stacked [2F, D]; plain MLPs: up [F, D]. Absent in a mixture of experts. */
+  up?: Mat;
   upBias?: Float32Array;
-  down: Mat;
+  down?: Mat;
   downBias?: Float32Array;
+  /** Mixture of experts: the router [nExperts, D] and per expert its gate and up stacked [2F, D] and down [D, F]. */
+  moe?: { router: Mat; experts: { up: Mat; down: Mat }[] };
 }
 
 /** Elements of one attention-score buffer (rows·heads·queries·keys) held at once. */
@@ -187,9 +189,17 @@ export class CpuEngine {
       const blk: Block = {
         qkv: mat(...qkvNames.map((n) => `${n}.weight`)),
         o: mat(`${b}.attn.o.weight`),
-        up: mat(...upNames.map((n) => `${n}.weight`)),
-        down: mat(`${b}.mlp.down.weight`),
       };
+      if (c.mlp.kind === "moe") {
+        const experts = Array.from({ length: c.mlp.nExperts }, (_, e) => ({
+          up: mat(`${b}.mlp.experts.${e}.gate.weight`, `${b}.mlp.experts.${e}.up.weight`),
+          down: mat(`${b}.mlp.experts.${e}.down.weight`),
+        }));
+        blk.moe = { router: mat(`${b}.mlp.router.weight`), experts };
+      } else {
+        blk.up = mat(...upNames.map((n) => `${n}.weight`));
+        blk.down = mat(`${b}.mlp.down.weight`);
+      }
       const set = <K extends keyof Block>(k: K, v: Block[K] | undefined) => {
         if (v !== undefined) blk[k] = v;
       };
@@ -261,6 +271,7 @@ export class CpuEngine {
    */
   async lossAndGrad(rows: (Row | number[])[], req: LossAndGradRequest): Promise<LossAndGradResult> {
     this.live();
+    this.noMoeDerivatives();
     this.materializeF32();
     // Deltas are added to the weights in our memory for this (synchronous) call and the exact
     // previous values put back after it, so no other call ever sees them.
@@ -350,6 +361,7 @@ export class CpuEngine {
     if (!r) return undefined;
     const [mat, row0, rows] = r;
     const M = blk[mat];
+    if (!M) return undefined;
     if (part === "weight") return { shape: [rows, M.cols], site: { kind: "linear", layer: l, mat, row0, rows, cols: M.cols }, apply: (v) => addMat(M.off + row0 * M.cols, v) };
     const bias = blk[`${mat}Bias` as const]!;
     return { shape: [rows], site: { kind: "bias", layer: l, mat, row0, rows }, apply: (v) => addHost(bias, row0, v) };
@@ -358,8 +370,14 @@ export class CpuEngine {
   /** Reads and their derivative with respect to the scale of `req.plan[req.wrt]` (grad.ts; forward mode). */
   async jvpScale(rows: (Row | number[])[], req: JvpRequest): Promise<JvpResult> {
     this.live();
+    this.noMoeDerivatives();
     this.materializeF32();
     return Promise.resolve(jvpScale(this.gradHost(), rows, req));
+  }
+
+  /** backprop.ts has no VJP/JVP for the routing and expert steps yet: say so instead of a wrong result. */
+  private noMoeDerivatives(): void {
+    if (this.config.mlp.kind === "moe") throw new UsageError(`gradients and forward-mode derivatives through mixture-of-experts blocks are not implemented yet (this ${this.config.family} model runs forward passes, generation and interventions)`);
   }
 
   /** What backprop.ts needs: the weights in place, the tape-mode forward and the head. */
@@ -378,7 +396,7 @@ export class CpuEngine {
       rt: this.rt,
       block: (l) => {
         const b = this.blocks[l]!;
-        return { qkv: b.qkv, o: b.o, up: b.up, down: b.down, norms: norms(b) };
+        return { qkv: b.qkv, o: b.o, up: b.up!, down: b.down!, norms: norms(b) };
       },
       lnFinal: this.lnFinal.bias ? { weight: this.lnFinal.weight, bias: this.lnFinal.bias } : { weight: this.lnFinal.weight },
       unembed: this.unembed,
@@ -455,7 +473,7 @@ export class CpuEngine {
     const size = this.bufSizes(R);
     const base = {} as CpuBufs;
     // With a tape every step allocates its own outputs: no shared buffers.
-    for (const k of Object.keys(size) as CpuBuf[]) base[k] = k === "result" || k === "logits" || tape ? -1 : rt.alloc(size[k]);
+    for (const k of Object.keys(size) as CpuBuf[]) base[k] = k === "result" || k === "eo" || k === "logits" || tape ? -1 : rt.alloc(size[k]);
     const pairs = Math.max(1, Math.min(B * c.nHeads, Math.floor(SCORE_BUDGET / (T * S))));
     const call: Call = {
       ctx,
@@ -493,8 +511,12 @@ export class CpuEngine {
 
   /** Floats of each named buffer for R rows. */
   private bufSizes(R: number): Record<CpuBuf, number> {
-    const { dModel: D, nHeads: H, nKvHeads: K, dHead: hd, dMlp: F } = this.config;
-    return { logits: 0, x: R * D, h: R * D, q: R * H * hd, k: R * K * hd, v: R * K * hd, z: R * H * hd, a: R * D, pre: R * F, post: R * F, d: R * D, qkv: R * (H + 2 * K) * hd, up: R * (this.config.mlp.kind === "gated" ? 2 * F : F), result: R * H * D };
+    const { dModel: D, nHeads: H, nKvHeads: K, dHead: hd, dMlp: F, mlp } = this.config;
+    const moe = mlp.kind === "moe";
+    const E = moe ? mlp.nExperts : 0;
+    // A mixture of experts keeps no dense hidden state (its experts' live on the step's own stack).
+    const Fd = moe ? 0 : F;
+    return { logits: 0, x: R * D, h: R * D, q: R * H * hd, k: R * K * hd, v: R * K * hd, z: R * H * hd, a: R * D, pre: R * Fd, post: R * Fd, d: R * D, qkv: R * (H + 2 * K) * hd, up: R * (mlp.kind === "gated" ? 2 * F : Fd), result: R * H * D, rl: R * E, ew: R * E, eo: R * E * D };
   }
 
   /**
@@ -674,9 +696,38 @@ export class CpuEngine {
         this.record(call, l, { kind: "sumHeads" }, before2, bufs);
         return;
       }
+      case "route":
+        this.matmul(bufs.h, D, R, p.moe!.router, this.out(bufs, "rl", call), p.moe!.router.rows);
+        break;
+      case "select":
+        this.selectExperts(bufs.rl, this.out(bufs, "ew", call), R);
+        break;
+      case "experts": {
+        const E = p.moe!.experts.length;
+        const per = touched(st.out);
+        // Per-expert outputs [R, E, D] when the plan touches them (their sum is d), else straight into d.
+        const dst = per ? this.out(bufs, "eo", call) : this.out(bufs, "d", call);
+        rt.f32.fill(0, dst, dst + (per ? R * E * D : R * D));
+        this.runExperts(p.moe!.experts, bufs.h, bufs.ew, R, dst, per);
+        if (!per) {
+          call.fired?.push(`blocks.${l}.${st.out}`);
+          break;
+        }
+        this.record(call, l, { kind: "expertOut" }, before, bufs);
+        this.siteStep(st.out, l, "eo", [E, D], bufs, call, g);
+        const d = this.out(bufs, "d", call);
+        const fx = rt.f32, eo = bufs.eo;
+        for (let r = 0; r < R; r++)
+          for (let i = 0; i < D; i++) {
+            let sum = 0;
+            for (let e = 0; e < E; e++) sum += fx[eo + (r * E + e) * D + i]!;
+            fx[d + r * D + i] = sum;
+          }
+        return;
+      }
       case "mlpIn": {
         const up = this.out(bufs, "up", call);
-        this.linear(bufs.h, D, R, p.up, p.upBias, up);
+        this.linear(bufs.h, D, R, p.up!, p.upBias, up);
         const upW = c.mlp.kind === "gated" ? 2 * F : F;
         if (c.mlp.kind === "gated") this.adapt(call, l, "mlp.gate", bufs.h, D, R, up, upW);
         this.adapt(call, l, "mlp.up", bufs.h, D, R, c.mlp.kind === "gated" ? up + F : up, upW);
@@ -707,7 +758,7 @@ export class CpuEngine {
       }
       case "down": {
         const d = this.out(bufs, "d", call);
-        this.linear(bufs.post, F, R, p.down, p.downBias, d);
+        this.linear(bufs.post, F, R, p.down!, p.downBias, d);
         this.adapt(call, l, "mlp.down", bufs.post, F, R, d, D);
         break;
       }
@@ -718,6 +769,66 @@ export class CpuEngine {
       }
     }
     this.record(call, l, st, before, bufs);
+  }
+
+  /**
+   * Routing weights ew [R, E] from router logits rl [R, E] (schedule.ts "select"): softmax in
+   * float64, the topK largest (ties: lower index) kept, renormalised when the model says so.
+   */
+  private selectExperts(rl: number, ew: number, R: number): void {
+    const m = this.config.mlp;
+    if (m.kind !== "moe") throw new Error("internal: select on a dense MLP");
+    const { nExperts: E, topK, normTopK } = m;
+    const f = this.rt.f32;
+    const p = new Float64Array(E);
+    const order = Array.from({ length: E }, (_, e) => e);
+    for (let r = 0; r < R; r++) {
+      let mx = -Infinity;
+      for (let e = 0; e < E; e++) mx = Math.max(mx, f[rl + r * E + e]!);
+      let z = 0;
+      for (let e = 0; e < E; e++) z += p[e] = Math.exp(f[rl + r * E + e]! - mx);
+      order.sort((a, b) => p[b]! - p[a]! || a - b);
+      let kept = 0;
+      for (let k = 0; k < topK; k++) kept += p[order[k]!]!;
+      const div = normTopK ? kept : z;
+      f.fill(0, ew + r * E, ew + (r + 1) * E);
+      for (let k = 0; k < topK; k++) f[ew + r * E + order[k]!] = p[order[k]!]! / div;
+    }
+  }
+
+  /**
+   * Σ_e ew_e · expert_e(h) for R rows: each expert runs once on the rows that route to it (weight
+   * not 0), gathered into a block, through the same matmuls as a dense MLP (f32 or quantized).
+   * `per`: write the weighted output of expert e for row r at dst + (r·E + e)·D, else add into dst + r·D.
+   */
+  private runExperts(experts: { up: Mat; down: Mat }[], h: number, ew: number, R: number, dst: number, per: boolean): void {
+    const c = this.config;
+    const { dModel: D, dMlp: F } = c;
+    const act = c.mlp.act;
+    const E = experts.length;
+    const rt = this.rt;
+    for (let e = 0; e < E; e++) {
+      const rows: number[] = [];
+      for (let r = 0; r < R; r++) if (rt.f32[ew + r * E + e] !== 0) rows.push(r);
+      const n = rows.length;
+      if (n === 0) continue;
+      const mk = rt.mark();
+      const x = rt.alloc(n * D), up = rt.alloc(n * 2 * F), post = rt.alloc(n * F), y = rt.alloc(n * D);
+      const f = rt.f32;
+      rows.forEach((r, i) => f.copyWithin(x + i * D, h + r * D, h + (r + 1) * D));
+      this.matmul(x, D, n, experts[e]!.up, up, 2 * F);
+      if (act === "gelu") {
+        copyCols(f, up, 2 * F, 0, post, F, n);
+        gatedAct(f, post, up, n, F, act);
+      } else rt.gatedRows(up, 2 * F, up + F, 2 * F, post, F, n, F, act);
+      this.matmul(post, F, n, experts[e]!.down, y, D);
+      rows.forEach((r, i) => {
+        const w = f[ew + r * E + e]!;
+        const o = per ? dst + (r * E + e) * D : dst + r * D;
+        for (let j = 0; j < D; j++) f[o + j] = f[o + j]! + w * f[y + i * D + j]!;
+      });
+      rt.release(mk);
+    }
   }
 
   /** Adds the call's adapter on `linear` of layer l, if any, to y (rows ldy apart): y += scale·(x·Aᵀ)·Bᵀ. */
@@ -811,8 +922,9 @@ export class CpuEngine {
   private materializeF32(): void {
     if (this.quantizedMats === 0) return;
     const seen = new Set<Mat>();
-    for (const m of [...this.blocks.flatMap((b) => [b.qkv, b.o, b.up, b.down]), this.embed, this.unembed]) {
-      if (!m.q || seen.has(m)) continue;
+    const mats = this.blocks.flatMap((b) => [b.qkv, b.o, b.up, b.down, b.moe?.router, ...(b.moe?.experts.flatMap((x) => [x.up, x.down]) ?? [])]);
+    for (const m of [...mats, this.embed, this.unembed]) {
+      if (!m?.q || seen.has(m)) continue;
       seen.add(m);
       m.off = this.f32Mat(m).off;
       delete m.q;
@@ -1064,11 +1176,11 @@ interface KvCache {
 }
 
 /** The schedule's buffers plus the backend's own: the fused qkv and gate|up products, per-head o-proj outputs. */
-export type CpuBuf = Buf | "qkv" | "up" | "result" | "logits";
+export type CpuBuf = Buf | "qkv" | "up" | "result" | "eo" | "logits";
 /** Offsets of a call's named buffers in the runtime's memory (-1: not materialised). */
 export type CpuBufs = Record<CpuBuf, number>;
 /** A tape entry's step: a schedule step, or the two halves of an oProj whose per-head results are materialised. */
-export type TapeStep = Step | EmbedStep | HeadStep | { kind: "heads" } | { kind: "sumHeads" } | { kind: "site"; site: string; buf: CpuBuf };
+export type TapeStep = Step | EmbedStep | HeadStep | { kind: "heads" } | { kind: "sumHeads" } | { kind: "expertOut" } | { kind: "site"; site: string; buf: CpuBuf };
 export interface TapeEntry {
   layer: number | null;
   step: TapeStep;

@@ -101,6 +101,7 @@ export class Engine {
     this.config = host.config;
     this.host = host;
     const c = host.config;
+    if (c.mlp.kind === "moe") throw new UsageError(`this model's MLPs are mixtures of experts (${c.family}), which run on the cpu backend only so far: load it with --backend cpu (backend: "cpu")`);
     const max = opts.maxBindingBytes ?? Infinity;
     const w = (name: string) => {
       const t = host.weights.get(name);

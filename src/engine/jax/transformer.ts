@@ -340,6 +340,16 @@ const STEPS: Impl<Step> = {
   },
   down: (e) => e.set("d", e.linear(e.get("post"), "mlp.down")),
   residual: (e, s) => e.set("x", e.get("x").add(e.get(s.src))),
+  // Mixture-of-experts steps: the Engine constructor refuses MoE models (cpu backend only so far).
+  route: () => {
+    throw internal("mixture-of-experts blocks are not implemented on this backend");
+  },
+  select: () => {
+    throw internal("mixture-of-experts blocks are not implemented on this backend");
+  },
+  experts: () => {
+    throw internal("mixture-of-experts blocks are not implemented on this backend");
+  },
 };
 
 /** Buffers a step reads and writes ("up": the gated MLP's up projection, private to mlpIn/mlpAct). */
@@ -365,6 +375,12 @@ function io(s: Step, c: ModelConfig): [reads: string[], writes: string[]] {
       return [c.mlp.kind === "gated" ? ["pre", "up"] : ["pre"], ["post"]];
     case "down":
       return [["post"], ["d"]];
+    case "route":
+      return [["h"], ["rl"]];
+    case "select":
+      return [["rl"], ["ew"]];
+    case "experts":
+      return [["h", "ew"], ["d"]];
     case "residual":
       return [["x", s.src], ["x"]];
   }

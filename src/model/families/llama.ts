@@ -2,7 +2,7 @@
 // The HF/GGUF readers here are the base that Mistral, Qwen, Gemma and OLMo extend.
 import { ggufGet, ggufOpt, readGgufTensor, type GgufFile, type GgufValue } from "../../io/gguf.js";
 import { PLAIN, type LayerType, type ModelConfig, type RopeScaling } from "../../engine/config.js";
-import { LLAMA_GGUF, LLAMA_SAFETENSORS, defineFamily, eosList, num, type HfConfig } from "../family.js";
+import { LLAMA_GGUF, LLAMA_SAFETENSORS, MOE_GGUF, defineFamily, eosList, num, type HfConfig } from "../family.js";
 
 function ropeScaling(s: unknown): RopeScaling {
   const r = (s ?? {}) as Record<string, unknown>;
@@ -105,14 +105,54 @@ export function llamaFromGguf(g: GgufFile, family = "llama", swaPeriod?: number)
   };
 }
 
+/**
+ * A mixture-of-experts MLP from config.json: `expertsKey` counts the experts (num_experts,
+ * num_local_experts), `dMlpKey` one expert's hidden size; norm_topk_prob when present, else
+ * `normDefault` (the architecture's behaviour).
+ */
+export function moeFromHf(hf: HfConfig, expertsKey: string, dMlpKey: string, normDefault: boolean): Pick<ModelConfig, "mlp" | "dMlp"> {
+  const norm = hf.norm_topk_prob;
+  if (norm !== undefined && norm !== null && typeof norm !== "boolean") throw new Error(`norm_topk_prob = ${JSON.stringify(norm)} must be true or false`);
+  return {
+    mlp: { kind: "moe", act: "silu", nExperts: num(hf, expertsKey), topK: num(hf, "num_experts_per_tok"), normTopK: typeof norm === "boolean" ? norm : normDefault },
+    dMlp: num(hf, dMlpKey),
+  };
+}
+
+/**
+ * A mixture-of-experts MLP from GGUF metadata (llama.cpp's build_moe_ffn): expert_count,
+ * expert_used_count, expert_weights_norm (else the architecture's default `normDefault`); one
+ * expert's hidden size from the stacked gate tensor. Only softmax gating is implemented.
+ */
+export function moeFromGguf(g: GgufFile, normDefault: boolean): Pick<ModelConfig, "mlp" | "dMlp"> {
+  const a = ggufGet<string>(g, "general.architecture", "string");
+  const gating = ggufOpt<number>(g, `${a}.expert_gating_func`);
+  if (gating !== undefined && gating !== 1) throw new Error(`${a}.expert_gating_func = ${gating}: only softmax gating (1) is supported`);
+  if (ggufOpt<number>(g, `${a}.expert_shared_count`)) throw new Error(`${a}.expert_shared_count: shared experts are not supported`);
+  const gate = g.tensors.get("blk.0.ffn_gate_exps.weight");
+  if (!gate) throw new Error("blk.0.ffn_gate_exps.weight is missing (experts stored one tensor per expert are not supported: re-convert with a current llama.cpp)");
+  const norm = ggufOpt<boolean>(g, `${a}.expert_weights_norm`);
+  return {
+    mlp: { kind: "moe", act: "silu", nExperts: ggufGet<number>(g, `${a}.expert_count`, "number"), topK: ggufGet<number>(g, `${a}.expert_used_count`, "number"), normTopK: norm ?? normDefault },
+    dMlp: gate.ne[1]!,
+  };
+}
+
+/** GGUF "llama" with experts is Mixtral (llama.cpp converts MixtralForCausalLM to arch llama). */
+function llamaOrMixtralFromGguf(g: GgufFile): ModelConfig {
+  const experts = ggufOpt<number>(g, "llama.expert_count") ?? 0;
+  return experts > 0 ? { ...llamaFromGguf(g, "mixtral"), ...moeFromGguf(g, true) } : llamaFromGguf(g);
+}
+
 export default defineFamily({
   id: "llama",
   matches: { hf: ["LlamaForCausalLM"], gguf: ["llama"] },
   fromHf: (hf) => llamaFromHf(hf),
-  fromGguf: (g) => llamaFromGguf(g),
+  fromGguf: llamaOrMixtralFromGguf,
   safetensors: LLAMA_SAFETENSORS,
   gguf: {
     ...LLAMA_GGUF,
+    ...MOE_GGUF,
     // llama.cpp's llama arch keeps q/k rows interleaved for its adjacent-pair RoPE
     // (convert_hf_to_gguf LlamaModel.permute, applied to q/k_proj weights and biases).
     "blocks.{i}.attn.q.weight": { name: "blk.{i}.attn_q.weight", unpermuteRope: "q" },
