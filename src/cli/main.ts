@@ -249,6 +249,7 @@ async function cmdInfo(f: Flags): Promise<void> {
     ["weights", model.files.weights],
     ["dtype", model.sourceDtype],
     ["dims", `dModel ${c.dModel}, nLayers ${c.nLayers}, nHeads ${c.nHeads}, nKvHeads ${c.nKvHeads}, dHead ${c.dHead}, dMlp ${c.dMlp}, dVocab ${c.dVocab}, nCtx ${c.nCtx}`],
+    ...(c.mlp.kind === "moe" ? [["experts", `${c.mlp.nExperts} per layer, ${c.mlp.topK} routed per token${c.mlp.normTopK ? " (weights renormalised)" : ""}; dMlp is one expert's; ${count(mem.activeParams)} parameters active per token`]] : []),
     ["norm", JSON.stringify(c.norm)],
     ["positions", JSON.stringify(c.pos)],
     ["tokenizer", model.tokenizer ? `${model.tokenizer.kind} (${model.tokenizer.vocabSize} tokens, bos ${model.tokenizer.bos ?? "none"}, eos ${model.tokenizer.eos ?? "none"})` : "none"],

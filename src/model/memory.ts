@@ -12,6 +12,8 @@ const WASM_USABLE = WASM_USABLE_BYTES;
 
 export interface MemoryEstimate {
   params: number;
+  /** Parameters one token uses (a mixture of experts runs topK of its experts; equals params for dense models). */
+  activeParams: number;
   /** Device bytes for weights (f32; the token embedding stays on the host unless tied). */
   weightBytes: number;
   /** KV cache bytes for one row at full context `nCtxUsed`. */
@@ -21,15 +23,18 @@ export interface MemoryEstimate {
 
 export function estimateMemory(c: ModelConfig): MemoryEstimate {
   let params = 0;
+  let active = 0;
   let device = 0;
+  const share = c.mlp.kind === "moe" ? c.mlp.topK / c.mlp.nExperts : 1;
   for (const [name, shape] of expectedParams(c)) {
     const n = shape.reduce((a, b) => a * b, 1);
     params += n;
+    active += /\.mlp\.experts\./.test(name) ? n * share : n;
     if (name !== "embed.weight" && name !== "posEmbed.weight") device += n * 4;
   }
   if (c.tieEmbeddings) device += c.dVocab * c.dModel * 4;
   const host = (c.dVocab * c.dModel + (c.pos.kind === "learned" ? c.nCtx * c.dModel : 0)) * 4;
-  return { params, weightBytes: device, hostBytes: host, kvBytesPerRow: (t) => 2 * c.nLayers * t * c.nKvHeads * c.dHead * 4 };
+  return { params, activeParams: active, weightBytes: device, hostBytes: host, kvBytesPerRow: (t) => 2 * c.nLayers * t * c.nKvHeads * c.dHead * 4 };
 }
 
 const gib = (b: number) => `${(b / 1024 ** 3).toFixed(2)} GiB`;

@@ -119,6 +119,8 @@ export const ORACLE_BLOCK_SITES = [
   "hook_mlp_out",
   "hook_resid_post",
 ] as const;
+/** A mixture-of-experts block's MLP sites (instead of mlp.hook_pre / mlp.hook_post). */
+export const ORACLE_MOE_SITES = ["mlp.hook_router_logits", "mlp.hook_expert_weights", "mlp.hook_expert_out"] as const;
 const GLOBAL_SITES = new Set(["hook_embed", "hook_pos_embed", "ln_final.hook_normalized"]);
 
 /** Feature shape at a site: [heads, dHead] for q/k/v/z, [heads, dModel] for result, [heads] per key for the pattern, else a vector. */
@@ -128,6 +130,8 @@ export function oracleFeatShape(c: ModelConfig, site: string): number[] {
   if (site === "attn.hook_result") return [c.nHeads, c.dModel];
   if (site === "mlp.hook_pre" || site === "mlp.hook_post") return [c.dMlp];
   if (site === "attn.hook_pattern") return [c.nHeads];
+  if (c.mlp.kind === "moe" && (site === "mlp.hook_router_logits" || site === "mlp.hook_expert_weights")) return [c.mlp.nExperts];
+  if (c.mlp.kind === "moe" && site === "mlp.hook_expert_out") return [c.mlp.nExperts, c.dModel];
   return [c.dModel];
 }
 
@@ -336,7 +340,9 @@ function prepare(c: ModelConfig, plan: OraclePlan, promptLen: number, opts: Orac
   for (const iv of plan) {
     const m = /^blocks\.(\d+)\.(.+)$/.exec(iv.at);
     const site = m ? m[2]! : iv.at;
-    const known = m ? (ORACLE_BLOCK_SITES as readonly string[]).includes(site) && Number(m[1]) < c.nLayers : GLOBAL_SITES.has(site);
+    const moe = c.mlp.kind === "moe";
+    const blockSites: readonly string[] = moe ? [...ORACLE_BLOCK_SITES.filter((x) => x !== "mlp.hook_pre" && x !== "mlp.hook_post"), ...ORACLE_MOE_SITES] : ORACLE_BLOCK_SITES;
+    const known = m ? blockSites.includes(site) && Number(m[1]) < c.nLayers : GLOBAL_SITES.has(site);
     if (!known) throw new Error(`oracle64: bad hook ${iv.at}`);
     if (site === "hook_pos_embed" && c.pos.kind !== "learned") throw new Error(`oracle64: ${iv.at}: the model has no learned positions`);
     if (iv.op === "read") {
@@ -414,6 +420,9 @@ interface BlockW {
   gate: Lin | null;
   up: Lin;
   down: Lin;
+  /** Mixture of experts: the router and each expert's gate/up/down (the dense gate/up/down are unused). */
+  router: Lin | null;
+  experts: { gate: Lin; up: Lin; down: Lin }[];
 }
 
 function blockWeights(host: HostModel, l: number, lora: readonly OracleLora[]): BlockW {
@@ -447,8 +456,17 @@ function blockWeights(host: HostModel, l: number, lora: readonly OracleLora[]): 
     v: lin("attn.v", K * hd, D),
     o: lin("attn.o", D, H * hd),
     gate: c.mlp.kind === "gated" ? lin("mlp.gate", F, D) : null,
-    up: lin("mlp.up", F, D),
-    down: lin("mlp.down", D, F),
+    ...(c.mlp.kind === "moe"
+      ? {
+          up: { w: new Float64Array(0), b: null, out: 0, inp: 0, lora: [] },
+          down: { w: new Float64Array(0), b: null, out: 0, inp: 0, lora: [] },
+          router: { w: get(`${p}.mlp.router.weight`), b: null, out: c.mlp.nExperts, inp: D, lora: [] },
+          experts: Array.from({ length: c.mlp.nExperts }, (_, e) => {
+            const ex = (w: string, out: number, inp: number): Lin => ({ w: get(`${p}.mlp.experts.${e}.${w}.weight`), b: null, out, inp, lora: [] });
+            return { gate: ex("gate", F, D), up: ex("up", F, D), down: ex("down", D, F) };
+          }),
+        }
+      : { up: lin("mlp.up", F, D), down: lin("mlp.down", D, F), router: null, experts: [] }),
   };
 }
 
@@ -602,6 +620,36 @@ export function oracleForward(host: HostModel, ids: readonly number[], plan: Ora
       hook(p + "hook_resid_mid", x, t);
       const h2 = hook(p + "ln2.hook_normalized", B.ln2 ? normalize(c.norm, B.ln2.w, B.ln2.b, x) : Float64Array.from(x), t);
       let hidden: Float64Array;
+      if (c.mlp.kind === "moe") {
+        // Router softmax, top-k (ties: lower index), optional renormalisation; experts with weight 0 skipped.
+        const { nExperts: E, topK, normTopK } = c.mlp;
+        const rl = hook(p + "mlp.hook_router_logits", linear(B.router!, h2), t);
+        const mx = Math.max(...rl);
+        const pr = rl.map((v) => Math.exp(v - mx));
+        const z = pr.reduce((a, b) => a + b, 0);
+        const top = Array.from({ length: E }, (_, e) => e).sort((a, b) => pr[b]! - pr[a]! || a - b).slice(0, topK);
+        const kept = top.reduce((a, e) => a + pr[e]!, 0);
+        const w = new Float64Array(E);
+        for (const e of top) w[e] = pr[e]! / (normTopK ? kept : z);
+        hook(p + "mlp.hook_expert_weights", w, t);
+        const outs = new Float64Array(E * D);
+        for (let e = 0; e < E; e++) {
+          if (w[e] === 0) continue;
+          const X = B.experts[e]!;
+          const g = linear(X.gate, h2), u = linear(X.up, h2);
+          const y = linear(X.down, g.map((v, i) => act(v) * u[i]!));
+          for (let i = 0; i < D; i++) outs[e * D + i] = w[e]! * y[i]!;
+        }
+        hook(p + "mlp.hook_expert_out", outs, t);
+        const sum = new Float64Array(D);
+        for (let e = 0; e < E; e++) for (let i = 0; i < D; i++) sum[i] = sum[i]! + outs[e * D + i]!;
+        let d = hook(p + "mlp.hook_down", sum, t);
+        if (B.ln2Post) d = normalize(c.norm, B.ln2Post.w, B.ln2Post.b, d);
+        hook(p + "hook_mlp_out", d, t);
+        for (let i = 0; i < D; i++) x[i] = x[i]! + d[i]!;
+        hook(p + "hook_resid_post", x, t);
+        continue;
+      }
       if (B.gate) {
         const pre = hook(p + "mlp.hook_pre", linear(B.gate, h2), t);
         const up = linear(B.up, h2);

@@ -719,8 +719,9 @@ export class CpuEngine {
         const fx = rt.f32, eo = bufs.eo;
         for (let r = 0; r < R; r++)
           for (let i = 0; i < D; i++) {
+            // In f32 and expert order, as runExperts accumulates d when the site is untouched.
             let sum = 0;
-            for (let e = 0; e < E; e++) sum += fx[eo + (r * E + e) * D + i]!;
+            for (let e = 0; e < E; e++) sum = Math.fround(sum + fx[eo + (r * E + e) * D + i]!);
             fx[d + r * D + i] = sum;
           }
         return;
@@ -825,7 +826,8 @@ export class CpuEngine {
       rows.forEach((r, i) => {
         const w = f[ew + r * E + e]!;
         const o = per ? dst + (r * E + e) * D : dst + r * D;
-        for (let j = 0; j < D; j++) f[o + j] = f[o + j]! + w * f[y + i * D + j]!;
+        // w·y rounded to f32 first, so a sum of the per-expert outputs (the site) is the same bits.
+        for (let j = 0; j < D; j++) f[o + j] = f[o + j]! + Math.fround(w * f[y + i * D + j]!);
       });
       rt.release(mk);
     }
