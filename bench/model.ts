@@ -10,7 +10,7 @@ import { GgmlType, GgufValueType, ggufMetadataForWrite, readGguf, readGgufTensor
 import { F32_MODEL_PATH, MODEL, MODEL_SEED, WEIGHT_BYTES, log } from "./common.js";
 
 /** xorshift32 uniform fill with the given standard deviation: fast and identical on every machine. */
-class Fill {
+export class Fill {
   private s: number;
   constructor(seed: number) {
     this.s = seed >>> 0 || 1;
@@ -30,16 +30,17 @@ class Fill {
   }
 }
 
-const SPECIAL = { unk: 0, bos: 1, eos: 2 } as const;
+export const SPECIAL = { unk: 0, bos: 1, eos: 2 } as const;
 
-function vocab(): { tokens: string[]; scores: number[]; types: number[] } {
+/** A SentencePiece vocabulary of `size` entries: the specials, the 256 byte pieces and unique filler words. */
+export function vocab(size: number = MODEL.dVocab): { tokens: string[]; scores: number[]; types: number[] } {
   const tokens = ["<unk>", "<s>", "</s>"];
   const types = [2, 3, 3]; // UNKNOWN, CONTROL, CONTROL
   for (let b = 0; b < 256; b++) {
     tokens.push(`<0x${b.toString(16).toUpperCase().padStart(2, "0")}>`);
     types.push(6); // BYTE
   }
-  for (let i = tokens.length; i < MODEL.dVocab; i++) {
+  for (let i = tokens.length; i < size; i++) {
     tokens.push(`\u2581w${i.toString(36)}`);
     types.push(1); // NORMAL
   }

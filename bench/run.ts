@@ -39,10 +39,13 @@ interface Args {
   oneThread: boolean;
   /** Also run the jax-js engine (the previous engine), for reference. */
   jax: boolean;
+  /** Run the large-model comparison instead (bench/large.ts); optionally only the named shapes. */
+  large: boolean;
+  only?: string[];
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { quick: false, threads: os.availableParallelism(), profile: true, llamacpp: true, oneThread: false, jax: false };
+  const a: Args = { quick: false, threads: os.availableParallelism(), profile: true, llamacpp: true, oneThread: false, jax: false, large: false };
   let oneThread: boolean | undefined;
   for (let i = 0; i < argv.length; i++) {
     const x = argv[i]!;
@@ -54,8 +57,10 @@ function parseArgs(argv: string[]): Args {
     else if (x === "--one-thread") oneThread = true;
     else if (x === "--no-one-thread") oneThread = false;
     else if (x === "--jax") a.jax = true;
+    else if (x === "--large") a.large = true;
+    else if (x === "--only") a.only = (argv[++i] ?? "").split(",");
     else if (x === "--help" || x === "-h") {
-      process.stdout.write("npm run bench -- [--quick] [--threads N] [--no-profile] [--no-llamacpp] [--one-thread|--no-one-thread] [--jax]\n");
+      process.stdout.write("npm run bench -- [--quick] [--threads N] [--no-profile] [--no-llamacpp] [--one-thread|--no-one-thread] [--jax]\nnpm run bench -- --large [--threads N] [--only llama-3.2-1b,qwen2.5-3b,llama-3.1-8b]\n");
       process.exit(0);
     } else throw new Error(`unknown flag ${x} (see --help)`);
   }
@@ -170,6 +175,12 @@ function leadingAgreement(a: number[], b: number[]): number {
 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
+  if (args.large) {
+    const { runLarge } = await import("./large.js");
+    await runLarge(args.threads, args.only);
+    fs.rmSync(tmpDir, { recursive: true, force: true });
+    return;
+  }
   const started = new Date();
   const t0 = performance.now();
   const N = args.threads;

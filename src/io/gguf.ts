@@ -377,16 +377,20 @@ export function writeGguf(path: string, metadata: Record<string, GgufWriteValue>
     datas.push(bytes);
     off += Math.ceil(bytes.byteLength / alignment) * alignment;
   }
-  let headerLen = parts.reduce((a, b) => a + b.byteLength, 0);
-  const pad = Math.ceil(headerLen / alignment) * alignment - headerLen;
-  parts.push(new Uint8Array(pad));
-  headerLen += pad;
+  const headerLen = parts.reduce((a, b) => a + b.byteLength, 0);
+  parts.push(new Uint8Array(Math.ceil(headerLen / alignment) * alignment - headerLen));
   for (const d of datas) {
     parts.push(d);
     const p = Math.ceil(d.byteLength / alignment) * alignment - d.byteLength;
     if (p) parts.push(new Uint8Array(p));
   }
-  fs.writeFileSync(path, Buffer.concat(parts));
+  // Part by part: a file over Node's largest Buffer (an 8B-parameter model) is written as well.
+  const fd = fs.openSync(path, "w");
+  try {
+    for (const b of parts) for (let done = 0; done < b.byteLength; ) done += fs.writeSync(fd, b, done, Math.min(b.byteLength - done, 1 << 30));
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 /** Round-to-nearest-even f32 -> f16 bytes. */
