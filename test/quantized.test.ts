@@ -239,6 +239,74 @@ async function writeQ4KLlama(file: string): Promise<void> {
   writeGguf(file, meta, tensors);
 }
 
+/** Round half to even, as f32x4.nearest. */
+const rne = (v: number) => {
+  const r = Math.round(v);
+  return Math.abs(v - Math.trunc(v)) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+};
+
+/** The int8-activation layout's quantization of one row (qkernels.ts q8act), in JS: per 256, d = max|x|/127 and q = nearest(f32(x · f32(127/max))). */
+function q8act(x: Float32Array): { q: Int16Array; d: Float32Array } {
+  const K = x.length;
+  const q = new Int16Array(K), d = new Float32Array(K / 256);
+  for (let b = 0; b < K / 256; b++) {
+    let amax = 0;
+    for (let i = 0; i < 256; i++) amax = Math.max(amax, Math.abs(x[256 * b + i]!));
+    d[b] = Math.fround(amax / 127);
+    const inv = amax > 0 ? Math.fround(127 / amax) : 0;
+    for (let i = 0; i < 256; i++) q[256 * b + i] = rne(Math.fround(x[256 * b + i]! * inv));
+  }
+  return { q, d };
+}
+
+for (const threads of [1, 2]) {
+  test(`qgemm with int8 activations on Q4_K rows equals the float64 product of ggml's weights and the rounded activations (${threads} thread${threads > 1 ? "s" : ""})`, async () => {
+    const rt = await CpuRuntime.create({ threads });
+    try {
+      const r = rng(12);
+      let worstVsExact = 0;
+      for (const [M, N, K] of [[1, 3, 256], [2, 5, 512], [3, 7, 256], [4, 9, 768], [5, 4, 256], [1, 300, 1024], [2, 64, 2048]] as const) {
+        const nb = (N * K) / 256;
+        const blocks = Uint8Array.from({ length: nb * 144 }, () => Math.floor((r() + 0.5) * 256) & 255);
+        const dv = new DataView(blocks.buffer);
+        for (let b = 0; b < nb; b++) for (const o of [0, 2]) dv.setUint16(b * 144 + o, h16(0.001 + (r() + 0.5) * 0.01), true);
+        const ref = dequantize(GgmlType.Q4_K, blocks, N * K);
+        const wq = rt.allocBytes(nb * 128), ws = rt.allocBytes(nb * 24);
+        const u8 = new Uint8Array(rt.memory.buffer);
+        assert.equal(repackQ4_K(blocks, u8.subarray(wq, wq + nb * 128), u8.subarray(ws, ws + nb * 24)), -1);
+        const x = rt.alloc(M * K), y = rt.alloc(M * N), y32 = rt.alloc(M * N);
+        // One all-zero block in row 0 (its scale is 0, its quants 0).
+        const xs = Float32Array.from({ length: M * K }, (_, i) => (i < 256 && K > 256 ? 0 : r() * 2));
+        rt.f32.set(xs, x);
+        rt.qgemm({ type: "q4_k", x, ldx: K, wq, ws, y, ldy: N, M, N, K, int8: true });
+        rt.qgemm({ type: "q4_k", x, ldx: K, wq, ws, y: y32, ldy: N, M, N, K });
+        const out = rt.f32.slice(y, y + M * N), exact = rt.f32.slice(y32, y32 + M * N);
+        // Exactly the dot of ggml's dequantized weights with the dequantized activations q·d.
+        for (let m = 0; m < M; m++) {
+          const row = xs.subarray(m * K, (m + 1) * K);
+          const { q, d } = q8act(row);
+          for (let n = 0; n < N; n++) {
+            let s = 0, a = 0;
+            for (let k = 0; k < K; k++) {
+              const p = ref[n * K + k]! * q[k]! * d[k >> 8]!;
+              s += p;
+              a += Math.abs(p);
+            }
+            assert.ok(Math.abs(out[m * N + n]! - s) <= 1e-6 * a, `M ${M} N ${N} K ${K}: y[${m}][${n}] ${out[m * N + n]} vs ${s}`);
+            let e = 0;
+            for (let k = 0; k < K; k++) e += Math.abs(row[k]! * ref[n * K + k]!);
+            worstVsExact = Math.max(worstVsExact, Math.abs(out[m * N + n]! - exact[m * N + n]!) / e);
+          }
+        }
+      }
+      // The activation rounding is visible (so the flag does something) and small.
+      assert.ok(worstVsExact > 1e-6 && worstVsExact < 1e-2, `int8 vs float activations: ${worstVsExact} of Σ|x·w|`);
+    } finally {
+      await rt.dispose();
+    }
+  });
+}
+
 describe("a Q4_K_M-like GGUF (a dModel-256 llama quantized by ggml: Q4_K and Q6_K)", () => {
   let file = "";
   let f32: Model, q4: Model;
@@ -286,6 +354,31 @@ describe("a Q4_K_M-like GGUF (a dModel-256 llama quantized by ggml: Q4_K and Q6_
     t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${a.maxAbs.toExponential(2)}, native Q4_K/Q6_K ${b.maxAbs.toExponential(2)}`);
     assert.ok(Math.abs(b.maxAbs - a.maxAbs) <= 1e-3, `native ${b.maxAbs} vs f32 ${a.maxAbs}`);
     assert.ok(b.maxAbs < 0.1, `max |Δ log p| ${b.maxAbs}`);
+  });
+
+  test("native-int8 (int8 activations in Q4_K decode products): decode logits within llama.cpp's distance of the f32 path, prefill unchanged", async (t) => {
+    const i8 = await Model.load(file, { threads: 2, weights: "native-int8" });
+    try {
+      // Prefill (12 rows: the packed f32 path) is the native path's exactly.
+      assert.deepEqual([...(await i8.forward([{ ids }])).logits[0]!], [...(await q4.forward([{ ids }])).logits[0]!]);
+      // One row at a time (decode-size products): activation rounding, as llama.cpp's q8_K dot.
+      const lc = await llamaCppLogits(file, ids, { threads: 1 });
+      const V = 512;
+      const rowsOf = async (m: Model) => {
+        const out = new Float32Array(ids.length * V);
+        for (let i = 0; i < ids.length; i++) out.set((await m.forward([{ ids: ids.slice(0, i + 1) }], { logits: "last" })).logits[0]!, i * V);
+        return out;
+      };
+      const mine = await rowsOf(i8), exact = await rowsOf(f32);
+      const a = compareLogits(exact, lc.logits, ids.length, V, true), b = compareLogits(mine, lc.logits, ids.length, V, true);
+      const self = compareLogits(mine, exact, ids.length, V, true);
+      t.diagnostic(`max |Δ log p|: native-int8 vs f32 path ${self.maxAbs.toExponential(2)}; vs llama.cpp: native-int8 ${b.maxAbs.toExponential(2)}, f32 path ${a.maxAbs.toExponential(2)}`);
+      assert.ok(self.maxAbs > 0, "the activation rounding changes something");
+      assert.ok(self.maxAbs <= 2 * Math.max(a.maxAbs, 1e-3), `native-int8 moves ${self.maxAbs} from the f32 path; llama.cpp is ${a.maxAbs} away`);
+      assert.ok(b.top1 >= ids.length - 1, `top-1 agreement with llama.cpp ${b.top1}/${ids.length}`);
+    } finally {
+      i8.dispose();
+    }
   });
 });
 

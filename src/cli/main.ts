@@ -30,7 +30,7 @@ const USAGE = `selfscope — measure what language models can report about their
 Usage:
   selfscope generate --model PATH [--adapter FILE] [--prompt TEXT | --ids 1,2,3] [--chat] --max-tokens N
                      [--temperature T|model] [--top-k K] [--top-p P] [--min-p P] [--greedy] [--seed S]
-                     [--device cpu|wasm|webgpu] [--weights f32|f16|native] [--json]
+                     [--device cpu|wasm|webgpu] [--weights f32|f16|native|native-int8] [--json]
   selfscope logits   --model PATH [--adapter FILE] --ids 1,2,3 --out FILE [--device cpu|wasm|webgpu] [--weights ...]
   selfscope info     --model PATH                         (reads headers only)
   selfscope check    --model PATH.gguf [--reference llama.cpp] [--prompt TEXT | --ids 1,2,3] [--weights ...] [--json]
@@ -193,10 +193,10 @@ function idsFlag(s: string): number[] {
   return ids;
 }
 
-function weights(f: Flags): { weights?: "f32" | "f16" | "native" } {
+function weights(f: Flags): { weights?: "f32" | "f16" | "native" | "native-int8" } {
   const w = str(f, "weights");
   if (w === undefined) return {};
-  if (w !== "f32" && w !== "f16" && w !== "native") throw new CliError(`--weights must be f32, f16 (webgpu) or native (cpu: Q8_0 / Q4_K / BF16 matrices computed on in their format; the cpu default for such files), got "${w}"`);
+  if (w !== "f32" && w !== "f16" && w !== "native" && w !== "native-int8") throw new CliError(`--weights must be f32, f16 (webgpu), native (cpu: Q8_0 / Q4_K / BF16 matrices computed on in their format; the cpu default for such files) or native-int8 (native, with Q4_K decode activations quantized to int8 like llama.cpp: faster, not the f32 path's numbers), got "${w}"`);
   return { weights: w };
 }
 

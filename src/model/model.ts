@@ -45,9 +45,11 @@ export interface LoadOptions {
    * in their format in memory and are computed on as such (Q8_0 1.125, Q4_K 0.59, BF16 2 bytes per
    * weight; results equal f32's on the exactly widened values up to summation order); other
    * tensors are f32. The first gradient, derivative or weight delta gives every quantized matrix
-   * an exact f32 copy (memory grows by the f32 size).
+   * an exact f32 copy (memory grows by the f32 size). "native-int8" (cpu): as "native", and the
+   * decode-size products with Q4_K matrices quantize their activations to int8 per 256 values as
+   * llama.cpp does (faster; logits then differ from the f32 path's by the activation rounding).
    */
-  weights?: "f32" | "f16" | "native";
+  weights?: "f32" | "f16" | "native" | "native-int8";
   /**
    * Weight params folded into the weights at load (an adapter's LoRA factors and deltas: W + scale·B·A,
    * W + delta, as export.ts's mergeParams). `id` (e.g. the adapter file's sha256) enters weightsHash(),
@@ -108,7 +110,7 @@ export class Model {
     // The cpu engine copies one tensor at a time into its memory: read them lazily, so the
     // host never holds every weight at once.
     // The cpu engine keeps Q8_0/Q4_K matrices quantized unless f32 is asked for or an adapter is merged.
-    const native = device.name === "cpu" && !opts.merge && (opts.weights === undefined || opts.weights === "native");
+    const native = device.name === "cpu" && !opts.merge && (opts.weights === undefined || opts.weights === "native" || opts.weights === "native-int8");
     const loaded = loadHostModel(path, (c, source, facts) => checkFits(c, device.name, source, native ? facts?.nativeQuantBytes : undefined), { lazy: device.name === "cpu" && !opts.merge });
     const host = opts.merge ? { ...loaded, weights: mergeParams(loaded, opts.merge.params) } : loaded;
     const { tokenizer, chatTemplate } = tokenizerOf(host);
@@ -116,18 +118,18 @@ export class Model {
     const quantized = /Q\d/.test(host.sourceDtype);
     // Q8_0 / Q4_K / BF16 matrices stay in their format on the cpu device unless f32 is asked for (or an adapter is folded in).
     const weightDtype = opts.weights ?? (device.name === "webgpu" && device.shaderF16 && quantized ? "f16" : device.name === "cpu" && !opts.merge && hasNativeMatrices(host.sourceDtype) ? "native" : "f32");
-    if (opts.weights === "native" && (device.name !== "cpu" || opts.merge)) {
-      throw new UsageError(`--weights native keeps quantized matrices in their format on the cpu device only${opts.merge ? ", and not with an adapter folded in (its merge makes f32 weights)" : ""}; use --weights f32`);
+    if ((opts.weights === "native" || opts.weights === "native-int8") && (device.name !== "cpu" || opts.merge)) {
+      throw new UsageError(`--weights ${opts.weights} keeps quantized matrices in their format on the cpu device only${opts.merge ? ", and not with an adapter folded in (its merge makes f32 weights)" : ""}; use --weights f32`);
     }
     if (weightDtype === "f16" && !(device.name === "webgpu" && device.shaderF16)) {
       throw new UsageError(`f16 weights need the WebGPU backend with shader-f16 (the cpu and wasm devices compute in f32 only); use --weights f32`);
     }
     let engine: InferenceEngine;
     if (device.name === "cpu") {
-      engine = await CpuEngine.create(host, { ...(opts.threads !== undefined ? { threads: opts.threads } : {}), weights: weightDtype === "native" ? "native" : "f32" });
+      engine = await CpuEngine.create(host, { ...(opts.threads !== undefined ? { threads: opts.threads } : {}), weights: weightDtype === "native" || weightDtype === "native-int8" ? weightDtype : "f32" });
     } else {
       const { Engine } = await import("../engine/jax/engine.js");
-      engine = new Engine(host, { maxBindingBytes: max, weightDtype: weightDtype === "native" ? "f32" : weightDtype });
+      engine = new Engine(host, { maxBindingBytes: max, weightDtype: weightDtype === "native" || weightDtype === "native-int8" ? "f32" : weightDtype });
     }
     const m = new Model(engine, host.config, host.files, tokenizer, chatTemplate, device, host.sourceDtype, tokenizerDigestOf(host));
     m.mergeId = opts.merge?.id;

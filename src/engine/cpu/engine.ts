@@ -60,8 +60,12 @@ interface Mat {
   q?: { type: QuantType; wq: number; ws: number };
 }
 
-/** How the CPU engine stores matrix weights: all f32, or the tensors it can compute on natively (qkernels.ts) kept in their format. */
-export type CpuWeights = "f32" | "native";
+/**
+ * How the CPU engine stores matrix weights: all f32, or the tensors it can compute on natively
+ * (qkernels.ts) kept in their format; "native-int8" also quantizes the activations of Q4_K decode
+ * products to int8 per 256 values (llama.cpp's q8_K dot: faster, no longer the f32 path's result).
+ */
+export type CpuWeights = "f32" | "native" | "native-int8";
 interface Block {
   ln1?: Norm;
   ln1Post?: Norm;
@@ -106,6 +110,8 @@ export class CpuEngine {
 
   /** Copies the weights into the runtime's memory one tensor at a time (a lazy EngineModel then never holds them all). */
   private nQuantized = 0;
+  /** Q4_K decode products with int8 activations (weights "native-int8"). */
+  private readonly int8: boolean;
   /** Matrices held quantized (weights "native"); 0 with f32 weights and after materializeF32. */
   get quantizedMats(): number {
     return this.nQuantized;
@@ -117,6 +123,7 @@ export class CpuEngine {
     weights: CpuWeights = "f32",
   ) {
     const c = (this.config = host.config);
+    this.int8 = weights === "native-int8";
     this.ew = elementwise(rt.memory, rt.memory.buffer instanceof SharedArrayBuffer);
     const get = (name: string) => {
       const t = host.weights.get(name);
@@ -142,7 +149,7 @@ export class CpuEngine {
       const rowsOf = names.map((n) => shapeOf(n)![0]!);
       const rows = rowsOf.reduce((a, b) => a + b, 0);
       // Natively computable tensors stay in their format when asked and every stacked part has the same type.
-      const type = weights === "native" && names[0] !== "posEmbed.weight" && lazy?.quantOf ? lazy.quantOf(names[0]!) : null;
+      const type = weights !== "f32" && names[0] !== "posEmbed.weight" && lazy?.quantOf ? lazy.quantOf(names[0]!) : null;
       if (type && lazy?.readQuantInto && cols % QUANT_BLOCK[type] === 0 && cols <= MAX_Q8_K && names.every((n) => lazy.quantOf!(n) === type)) {
         const total = quantBytes(type, rows, cols);
         const wq = rt.allocBytes(total.wq);
@@ -895,7 +902,7 @@ export class CpuEngine {
 
   /** Y[R, rows] (rows ldy apart) = X·Wᵀ on f32 or quantized weights. */
   private matmul(x: number, ldx: number, R: number, w: Mat, y: number, ldy: number): void {
-    if (w.q) this.rt.qgemm({ type: w.q.type, x, ldx, wq: w.q.wq, ws: w.q.ws, y, ldy, M: R, N: w.rows, K: w.cols });
+    if (w.q) this.rt.qgemm({ type: w.q.type, x, ldx, wq: w.q.wq, ws: w.q.ws, y, ldy, M: R, N: w.rows, K: w.cols, ...(this.int8 ? { int8: true } : {}) });
     else this.rt.gemm({ x, ldx, w: w.off, ldw: w.cols, y, ldy, M: R, N: w.rows, K: w.cols });
   }
 

@@ -31,6 +31,9 @@ export function quantBytes(type: QuantType, N: number, K: number): { wq: number;
 /** Row length a quantized matrix must be a multiple of. */
 export const QUANT_BLOCK: Record<QuantType, number> = { q8_0: 32, q4_k: 256, bf16: 8, q6_k: 256, q4_0: 32 };
 
+/** Driver flag (beside kernels.ts ACCUMULATE 1, PACKED_X 2): Q4_K decode rows with int8 activations. */
+export const INT8_ACT = 4;
+
 /** Bytes of each thread's dequantization area (chunks of W rows as f32 for the prefill path). */
 export const DEQ_BYTES = 1 << 20;
 /** Rows of a Q8_0 matrix with K columns dequantized per chunk. */
@@ -84,7 +87,8 @@ interface RowsCtx {
   xp: number[];
   /** Per row, the f32x4 accumulator emitRows reduces and stores. */
   acc: number[];
-  /** Parameters: WQ, WS, K, and the extra ones after ACC. */
+  /** Parameters: LDX, WQ, WS, K, and the extra ones after ACC. */
+  LDX: number;
   WQ: number;
   WS: number;
   K: number;
@@ -104,7 +108,8 @@ function emitRows(
   name: string,
   a: number,
   extraParams: number,
-  build: (c: RowsCtx) => { shift: number; init(): void; rowStart?(): void; block(): void; beforeStore?(i: number): void; sub?: number[] },
+  /** xBytes: bytes of X per weight (4: f32; 2: the int8-activation kernels' i16 quants). */
+  build: (c: RowsCtx) => { shift: number; xBytes?: number; init(): void; rowStart?(): void; block(): void; beforeStore?(i: number): void; sub?: number[] },
 ): Fn {
   const f = mb.func(`${name}_${a}`, Array.from({ length: 9 + extraParams }, () => I32));
   const [PX, LDX, WQ, WS, PY, LDY, N, K, ACC] = [0, 1, 2, 3, 4, 5, 6, 7, 8];
@@ -115,7 +120,7 @@ function emitRows(
   const acc = Array.from({ length: a }, () => f.local(V128));
   const tmp = f.local(V128);
   const sc = f.local(F32);
-  const k = build({ f, a, madd: maddOf(f, o), xp, acc, WQ, WS, K, extra: Array.from({ length: extraParams }, (_, i) => 9 + i) });
+  const k = build({ f, a, madd: maddOf(f, o), xp, acc, LDX, WQ, WS, K, extra: Array.from({ length: extraParams }, (_, i) => 9 + i) });
   f.get(N).i32Eqz().if(() => void f.return());
   k.init();
   f.get(PY).i32Const(0).i32Add().set(yp);
@@ -128,7 +133,7 @@ function emitRows(
     f.get(K).i32Const(k.shift).i32ShrU().tee(cnt).if(() => {
       f.loop(() => {
         k.block();
-        for (let i = 0; i < a; i++) f.get(xp[i]!).i32Const(4 << k.shift).i32Add().set(xp[i]!);
+        for (let i = 0; i < a; i++) f.get(xp[i]!).i32Const((k.xBytes ?? 4) << k.shift).i32Add().set(xp[i]!);
         f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
       });
     });
@@ -358,6 +363,151 @@ const emitQ4KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
         f.get(q).i32Const(128).i32Add().set(q);
         f.get(mt).i32Const(24).i32Add().set(mt);
         f.get(xs).i32Const(32).i32Add().set(xs);
+      },
+      sub: macc,
+    };
+  });
+
+// The int8-activation path (weights "native-int8", decode rows only): like llama.cpp's q4_K·q8_K
+// dot, each row of X is quantized per 256 values to int8 with one f32 scale (q = nearest(x·127 /
+// max|x|), ties to even), held as i16 so that i32x4.dot_i16x8_s multiplies 8 weight–activation
+// pairs per instruction; per sub-block the integer sums are weighted by the 6-bit scales in i32
+// and each super-block's total converted once: Σ_b d_b·xd_b·Σ_j sc_j·Σ q·qx. The min term uses
+// the sums of the rounded activations too (xd·Σ qx per 32, as llama.cpp's bsums), so the result
+// is the dot of the dequantized weights with the dequantized activations. (Exact sums of x there
+// would leave the rounding error multiplied by the uncentred d·sc·q part of the weights.)
+
+/** Bytes of one row of X in the int8-activation layout: xd·Σ qx per 32 (K/32 f32), scales xd (K/256 f32), quants qx (K i16). */
+export const q8actRowBytes = (K: number) => K / 8 + K / 64 + 2 * K;
+
+/** q8act(px, ldx, M, K, dst): M rows of f32 X into the int8-activation layout, q8actRowBytes(K) apart. */
+function emitQ8Act(mb: ModuleBuilder): Fn {
+  const f = mb.func("q8act", [I32, I32, I32, I32, I32]);
+  const [PX, LDX, M, K, DST] = [0, 1, 2, 3, 4];
+  const m = f.local(I32), p = f.local(I32), row = f.local(I32), sd = f.local(I32), qd = f.local(I32), cnt = f.local(I32), i = f.local(I32), xs = f.local(I32);
+  const mx = f.local(V128), inv = f.local(V128), a0 = f.local(V128), a1 = f.local(V128), sum = f.local(V128);
+  const amax = f.local(F32), d = f.local(F32);
+  f.get(M).i32Eqz().if(() => void f.return());
+  f.loop(() => {
+    // This row's area: xsums, then the scales, then the quants.
+    f.get(DST).get(m).get(K).i32Const(3).i32ShrU().get(K).i32Const(6).i32ShrU().i32Add().get(K).i32Const(1).i32Shl().i32Add().i32Mul().i32Add().set(row);
+    f.get(PX).get(m).get(LDX).i32Mul().i32Add().set(p);
+    f.get(row).i32Const(0).i32Add().set(xs);
+    f.get(row).get(K).i32Const(3).i32ShrU().i32Add().set(sd);
+    f.get(sd).get(K).i32Const(6).i32ShrU().i32Add().set(qd);
+    f.get(K).i32Const(8).i32ShrU().set(cnt);
+    f.loop(() => {
+      f.v128ConstF32(0).set(mx);
+      f.i32Const(0).set(i);
+      f.loop(() => {
+        f.get(mx).get(p).get(i).i32Add().v128Load(0).f32x4Abs().f32x4Max().set(mx);
+        f.get(i).i32Const(16).i32Add().tee(i).i32Const(1024).i32LtU().brIf(0);
+      });
+      f.get(mx).get(mx).get(mx).shuffle32(2, 3, 0, 1).f32x4Max().set(mx);
+      f.get(mx).get(mx).get(mx).shuffle32(1, 0, 3, 2).f32x4Max().f32x4ExtractLane(0).set(amax);
+      // d = max|x|/127 (0 for an all-zero block, whose quants are then 0).
+      f.get(amax).f32Const(127).f32Div().set(d);
+      f.get(sd).get(d).f32Store();
+      f.get(amax).f32Const(0).f32Gt().if(
+        () => void f.f32Const(127).get(amax).f32Div().f32x4Splat().set(inv),
+        () => void f.v128ConstF32(0).set(inv),
+      );
+      f.i32Const(0).set(i);
+      f.loop(() => {
+        // 32 values -> 32 i16 quants (64 bytes), and d·Σ of those quants (exact integers in f32 until the product).
+        f.v128ConstF32(0).set(sum);
+        for (let h = 0; h < 4; h++) {
+          f.get(p).get(i).i32Add().v128Load(32 * h).get(inv).f32x4Mul().f32x4Nearest().set(a0);
+          f.get(p).get(i).i32Add().v128Load(32 * h + 16).get(inv).f32x4Mul().f32x4Nearest().set(a1);
+          f.get(sum).get(a0).f32x4Add().get(a1).f32x4Add().set(sum);
+          f.get(qd).get(i).i32Const(1).i32ShrU().i32Add();
+          f.get(a0).i32x4TruncSatF32x4S().get(a1).i32x4TruncSatF32x4S().i16x8NarrowI32x4S().v128Store(16 * h);
+        }
+        f.get(xs);
+        f.get(sum).get(sum).get(sum).shuffle32(2, 3, 0, 1).f32x4Add().set(sum);
+        f.get(sum).get(sum).get(sum).shuffle32(1, 0, 3, 2).f32x4Add().f32x4ExtractLane(0).get(d).f32Mul().f32Store();
+        f.get(xs).i32Const(4).i32Add().set(xs);
+        f.get(i).i32Const(128).i32Add().tee(i).i32Const(1024).i32LtU().brIf(0);
+      });
+      f.get(p).i32Const(1024).i32Add().set(p);
+      f.get(qd).i32Const(512).i32Add().set(qd);
+      f.get(sd).i32Const(4).i32Add().set(sd);
+      f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
+    });
+    f.get(m).i32Const(1).i32Add().tee(m).get(M).i32LtU().brIf(0);
+  });
+  return f;
+}
+
+/**
+ * q4kirows_a(px, ldx, wq, wm, py, ldy, N, K, acc, xs): a rows of int8-activation X (px: the first
+ * row's quants, ldx: q8actRowBytes(K)) against all N rows of a Q4_K matrix; xs: the first row's area.
+ */
+const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
+  emitRows(mb, o, "q4kirows", a, 1, (c) => {
+    const { f } = c;
+    const XS = c.extra[0]!;
+    const xs = f.local(I32), xd = f.local(I32), q = f.local(I32), mt = f.local(I32);
+    const macc = Array.from({ length: c.a }, () => f.local(F32));
+    const iacc = Array.from({ length: c.a }, () => f.local(V128));
+    const sub = Array.from({ length: c.a }, () => f.local(V128));
+    const v0 = f.local(V128), v1 = f.local(V128), lo = f.local(V128), hi = f.local(V128), scv = f.local(V128), tmp = f.local(V128);
+    const dd = f.local(F32), dmin = f.local(F32), mm = f.local(F32);
+    const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
+    return {
+      shift: 8,
+      xBytes: 2,
+      init: () => pointers(f, q, c.WQ, mt, c.WS),
+      rowStart: () => {
+        f.get(XS).i32Const(0).i32Add().set(xs);
+        f.get(XS).get(c.K).i32Const(3).i32ShrU().i32Add().set(xd);
+        for (let i = 0; i < c.a; i++) f.f32Const(0).set(macc[i]!);
+      },
+      block: () => {
+        f.get(mt).f32Load(0).set(dd);
+        f.get(mt).f32Load(4).set(dmin);
+        for (let i = 0; i < c.a; i++) f.v128ConstI32(0).set(iacc[i]!);
+        for (let ch = 0; ch < 4; ch++) {
+          f.get(q).v128Load(32 * ch).set(v0);
+          f.get(q).v128Load(32 * ch + 16).set(v1);
+          for (const high of [false, true]) {
+            const j = 2 * ch + (high ? 1 : 0);
+            for (const [vi, v] of [v0, v1].entries()) {
+              nibbles(f, v, high);
+              f.set(hi);
+              f.get(hi).i16x8ExtendLowI8x16U().set(lo);
+              f.get(hi).i16x8ExtendHighI8x16U().set(hi);
+              const off = 2 * (32 * j + 16 * vi);
+              for (let i = 0; i < c.a; i++) {
+                f.get(lo).get(c.xp[i]!).v128Load(off).i32x4DotI16x8S();
+                f.get(hi).get(c.xp[i]!).v128Load(off + 16).i32x4DotI16x8S().i32x4Add();
+                if (vi === 0) f.set(sub[i]!);
+                else f.get(sub[i]!).i32x4Add().set(sub[i]!);
+              }
+            }
+            // iacc += sc_j · Σ q·qx (i32); macc += (dmin·m_j) · xd·Σ qx_j.
+            f.get(mt).i32Load8U(8 + j).i32x4Splat().set(scv);
+            for (let i = 0; i < c.a; i++) f.get(iacc[i]!).get(sub[i]!).get(scv).i32x4Mul().i32x4Add().set(iacc[i]!);
+            f.get(dmin).get(mt).i32Load8U(16 + j).f32ConvertI32U().f32Mul().set(mm);
+            for (let i = 0; i < c.a; i++) {
+              f.get(macc[i]!).get(mm);
+              rowOff(i, xs).f32Load(4 * j);
+              f.f32Mul().f32Add().set(macc[i]!);
+            }
+          }
+        }
+        // acc += f32(iacc) · (d · xd): one conversion per super-block.
+        for (let i = 0; i < c.a; i++) {
+          f.get(dd);
+          rowOff(i, xd).f32Load(0);
+          f.f32Mul().f32x4Splat().set(tmp);
+          f.get(iacc[i]!).f32x4ConvertI32x4S().set(scv);
+          c.madd(c.acc[i]!, tmp, scv);
+        }
+        f.get(q).i32Const(128).i32Add().set(q);
+        f.get(mt).i32Const(24).i32Add().set(mt);
+        f.get(xs).i32Const(32).i32Add().set(xs);
+        f.get(xd).i32Const(4).i32Add().set(xd);
       },
       sub: macc,
     };
@@ -648,10 +798,20 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
       g.get(n0).get(K).i32Mul().i32Const(1).i32ShrU(); // nibble bytes: n0·K/2
       return () => void g.get(n0).get(K).i32Mul().i32Const(3).i32ShrU(); // scales: n0·K/32·4
     }),
-    q4_k: emitDriver(mb, o, gemm, QUANT_EXPORTS.q4_k.gemm, rowsOf(emitQ4KRows), emitQ4KDeq(mb), xsums, (g, n0, K) => {
-      g.get(n0).get(K).i32Mul().i32Const(1).i32ShrU(); // nibble bytes: n0·K/2
-      return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(24).i32Mul(); // meta: n0·K/256·24
-    }),
+    q4_k: emitDriver(
+      mb,
+      o,
+      gemm,
+      QUANT_EXPORTS.q4_k.gemm,
+      rowsOf(emitQ4KRows),
+      emitQ4KDeq(mb),
+      xsums,
+      (g, n0, K) => {
+        g.get(n0).get(K).i32Mul().i32Const(1).i32ShrU(); // nibble bytes: n0·K/2
+        return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(24).i32Mul(); // meta: n0·K/256·24
+      },
+      { rows: rowsOf(emitQ4KIRows), prep: emitQ8Act(mb) },
+    ),
     q6_k: emitDriver(mb, o, gemm, QUANT_EXPORTS.q6_k.gemm, rowsOf(emitQ6KRows), emitQ6KDeq(mb), null, (g, n0, K) => {
       g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(192).i32Mul(); // n0·K/256·192
       return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(20).i32Mul(); // n0·K/256·20
@@ -668,39 +828,73 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
  * direct rows kernels (with the rows' xsums in `scratch` first when `xsums` is given); otherwise
  * chunks of deqRows rows dequantized into `deq` and multiplied by the f32 gemm.
  */
-function emitDriver(mb: ModuleBuilder, o: KernelOptions, gemm: Fn, name: string, rows: Fn[], deq: Fn, xsums: Fn | null, rowOffsets: (g: Fn, n0: number, K: number) => () => void): Fn {
+function emitDriver(
+  mb: ModuleBuilder,
+  o: KernelOptions,
+  gemm: Fn,
+  name: string,
+  rows: Fn[],
+  deq: Fn,
+  xsums: Fn | null,
+  rowOffsets: (g: Fn, n0: number, K: number) => () => void,
+  int8?: { rows: Fn[]; prep: Fn },
+): Fn {
   const g = mb.func(name, [I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32], [], true);
   const [X, LDX, WQ, WS, Y, LDY, M, N, K, FLAGS, SCR, DEQ, DEQROWS] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
   const m = g.local(I32);
   const r = g.local(I32);
   const n0 = g.local(I32);
+  const stride = g.local(I32);
+  /** Direct: dmr rows of X at a time against all of W (the rest through a smaller kernel). */
+  const direct = (fns: Fn[], x: () => void, ldx: () => void, xs: (() => void) | null) =>
+    g.loop(() => {
+      g.get(M).get(m).i32Sub().set(r);
+      g.get(r).i32Const(o.dmr).i32GtU().if(() => void g.i32Const(o.dmr).set(r));
+      const call = (fn: Fn) => {
+        x();
+        ldx();
+        g.get(WQ).get(WS);
+        g.get(Y).get(m).get(LDY).i32Mul().i32Add();
+        g.get(LDY).get(N).get(K);
+        g.get(FLAGS).i32Const(1).i32And();
+        xs?.();
+        g.call(fn);
+      };
+      const chain = (a: number) => {
+        if (a === o.dmr) return call(fns[a - 1]!);
+        g.get(r).i32Const(a).i32Eq().if(() => call(fns[a - 1]!), () => chain(a + 1));
+      };
+      chain(1);
+      g.get(m).get(r).i32Add().tee(m).get(M).i32LtU().brIf(0);
+    });
+  const floatDirect = () => {
+    if (xsums) {
+      g.get(X).get(LDX).get(M).get(K).get(SCR);
+      g.call(xsums);
+    }
+    direct(
+      rows,
+      () => void g.get(X).get(m).get(LDX).i32Mul().i32Add(),
+      () => void g.get(LDX),
+      xsums ? () => void g.get(SCR).get(m).get(K).i32Mul().i32Const(3).i32ShrU().i32Add() : null,
+    );
+  };
   g.get(M).i32Eqz().get(N).i32Eqz().i32Or().if(() => void g.return());
   g.get(M).i32Const(o.packMinM).i32LtU().if(
     () => {
-      if (xsums) {
-        g.get(X).get(LDX).get(M).get(K).get(SCR);
-        g.call(xsums);
-      }
-      // Direct: dmr rows of X at a time against all of W (the rest through a smaller kernel).
-      g.loop(() => {
-        g.get(M).get(m).i32Sub().set(r);
-        g.get(r).i32Const(o.dmr).i32GtU().if(() => void g.i32Const(o.dmr).set(r));
-        const call = (fn: Fn) => {
-          g.get(X).get(m).get(LDX).i32Mul().i32Add();
-          g.get(LDX).get(WQ).get(WS);
-          g.get(Y).get(m).get(LDY).i32Mul().i32Add();
-          g.get(LDY).get(N).get(K);
-          g.get(FLAGS).i32Const(1).i32And();
-          if (xsums) g.get(SCR).get(m).get(K).i32Mul().i32Const(3).i32ShrU().i32Add();
-          g.call(fn);
-        };
-        const chain = (a: number) => {
-          if (a === o.dmr) return call(rows[a - 1]!);
-          g.get(r).i32Const(a).i32Eq().if(() => call(rows[a - 1]!), () => chain(a + 1));
-        };
-        chain(1);
-        g.get(m).get(r).i32Add().tee(m).get(M).i32LtU().brIf(0);
-      });
+      if (!int8) return floatDirect();
+      // INT8_ACT: X quantized into the (then unused) dequantization area, q8actRowBytes(K) per row.
+      g.get(FLAGS).i32Const(INT8_ACT).i32And().if(() => {
+        g.get(K).i32Const(3).i32ShrU().get(K).i32Const(6).i32ShrU().i32Add().get(K).i32Const(1).i32Shl().i32Add().set(stride);
+        g.get(X).get(LDX).get(M).get(K).get(DEQ);
+        g.call(int8.prep);
+        direct(
+          int8.rows,
+          () => void g.get(DEQ).get(m).get(stride).i32Mul().i32Add().get(K).i32Const(3).i32ShrU().i32Add().get(K).i32Const(6).i32ShrU().i32Add(),
+          () => void g.get(stride),
+          () => void g.get(DEQ).get(m).get(stride).i32Mul().i32Add(),
+        );
+      }, floatDirect);
     },
     () => {
       // Chunks of W rows dequantized to f32, then the f32 gemm on them.

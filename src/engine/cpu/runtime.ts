@@ -38,7 +38,7 @@
 import os from "node:os";
 import { Worker } from "node:worker_threads";
 import { ACCUMULATE, buildKernelModule, DEFAULT_KERNEL, gemmScratchBytes, type KernelOptions, MAX_PAGES, PACKED_X, packedXBytes, QUANT_TASK, relaxedProbeBytes, scratchBytes, TASK, TASK_WORDS } from "./kernels.js";
-import { deqRowsFor, MAX_Q8_K, QUANT_BLOCK, QUANT_EXPORTS, quantBytes } from "./qkernels.js";
+import { DEQ_BYTES, deqRowsFor, INT8_ACT, MAX_Q8_K, q8actRowBytes, QUANT_BLOCK, QUANT_EXPORTS, quantBytes } from "./qkernels.js";
 import type { QuantType } from "../weights.js";
 
 export interface Gemm {
@@ -61,6 +61,8 @@ export interface Gemm {
  */
 export interface QGemm extends Omit<Gemm, "w" | "ldw"> {
   type?: QuantType;
+  /** Q4_K rows at decode sizes (M below the packed path) with int8-quantized activations (qkernels.ts INT8_ACT). */
+  int8?: boolean;
   wq: number;
   ws: number;
 }
@@ -431,7 +433,9 @@ export class CpuRuntime {
       throw new Error(`CpuRuntime.qgemm: an operand lies outside the memory (${bytes} bytes): ${JSON.stringify(g)}`);
     }
     const flops = 2 * M * N * K;
-    const flags = g.accumulate ? ACCUMULATE : 0;
+    // The int8-activation rows quantize X into the dequantization area: only when it fits.
+    const int8 = g.int8 === true && type === "q4_k" && M < this.packMinM && M * q8actRowBytes(K) <= DEQ_BYTES;
+    const flags = (g.accumulate ? ACCUMULATE : 0) | (int8 ? INT8_ACT : 0);
     const deqRows = deqRowsFor(K);
     const fn = this.quant[type].gemm;
     if (this.threads === 1 || flops < PARALLEL_FLOPS) {

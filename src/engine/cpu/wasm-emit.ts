@@ -211,6 +211,7 @@ export class Fn {
   f32ConvertI32S(): this { return this.op(0xb2); }
   f32Sqrt(): this { return this.op(0x91); }
   f32Max(): this { return this.op(0x97); }
+  f32Gt(): this { return this.op(0x5e); }
   f32Sub(): this { return this.op(0x93); }
   f32Mul(): this { return this.op(0x94); }
 
@@ -289,6 +290,13 @@ export class Fn {
   i16x8ShrU(): this { return this.simd(0x8d); }
   v128Or(): this { return this.simd(0x50); }
   i8x16Sub(): this { return this.simd(0x71); }
+  // Integer dot products (the int8-activation Q4_K rows) and activation quantization.
+  /** i32x4.dot_i16x8_s: lane k = a[2k]·b[2k] + a[2k+1]·b[2k+1]. */
+  i32x4DotI16x8S(): this { return this.simd(0xba); }
+  i32x4Mul(): this { return this.simd(0xb5); }
+  i32x4Splat(): this { return this.simd(0x11); }
+  i16x8NarrowI32x4S(): this { return this.simd(0x85); }
+  f32x4Abs(): this { return this.simd(0xe0); }
 
   /** The function body: local declarations (run-length encoded), code, `end`. */
   body(): number[] {
