@@ -2,7 +2,7 @@
 // selfscope loads it the way a user does (Model.load, cpu device: the memory check first, then the
 // Q4_K matrices kept in their format); llama.cpp through node-llama-cpp (CPU, no mmap, F32 KV).
 //
-//   node dist/bench/large-child.js --engine selfscope|llamacpp --model FILE --threads N --out FILE
+//   node dist/bench/large-child.js --engine selfscope|llamacpp --model FILE --threads N --out FILE [--weights native|native-int8]
 import path from "node:path";
 import { Model } from "../src/model/model.js";
 import { loadLlamaCpu } from "../src/reference/llamacpp.js";
@@ -20,6 +20,7 @@ const engine = opt("--engine") as "selfscope" | "llamacpp";
 const file = opt("--model");
 const N = Number(opt("--threads"));
 const out = opt("--out");
+const weights = argv.includes("--weights") ? (opt("--weights") as "native" | "native-int8") : undefined;
 const say = (m: string) => log(`large ${engine} ${path.basename(file)}`, m);
 const PREFILL = 32;
 const NEW = 16;
@@ -31,7 +32,7 @@ async function selfscope(): Promise<LargeRun> {
   const t0 = performance.now();
   let model: Model;
   try {
-    model = await Model.load(file, { threads: N });
+    model = await Model.load(file, { threads: N, ...(weights ? { weights } : {}) });
   } catch (e) {
     const msg = e instanceof Error ? e.message : String(e);
     say(`refused: ${msg}`);
@@ -56,7 +57,7 @@ async function selfscope(): Promise<LargeRun> {
     const dm = median(steps);
     return {
       engine,
-      info: `selfscope cpu engine, ${N} threads, weights as Model.load keeps them (Q4_K native)`,
+      info: `selfscope cpu engine, ${N} threads, weights ${weights ?? "native (Model.load's default)"}`,
       loadMs: round(loadMs, 0),
       prefill: { tokens: PREFILL, msMedian: round(pm, 1), tokPerS: round((PREFILL / pm) * 1000, 2) },
       decode: { newTokens: NEW, msPerStepMedian: round(dm, 1), tokPerS: round(1000 / dm, 2) },

@@ -137,9 +137,9 @@ export interface LargeRun {
   cpuS: number;
 }
 
-function runChild(engine: "selfscope" | "llamacpp", file: string, threads: number, out: string): Promise<LargeRun | { error: string }> {
+function runChild(engine: "selfscope" | "llamacpp", file: string, threads: number, out: string, extra: string[] = []): Promise<LargeRun | { error: string }> {
   const here = path.dirname(fileURLToPath(import.meta.url));
-  const argv = [path.join(here, "large-child.js"), "--engine", engine, "--model", file, "--threads", String(threads), "--out", out];
+  const argv = [path.join(here, "large-child.js"), "--engine", engine, "--model", file, "--threads", String(threads), "--out", out, ...extra];
   log("large", `${engine}: node ${argv.map((x) => (path.isAbsolute(x) ? path.relative(process.cwd(), x) : x)).join(" ")}`);
   return new Promise((resolve) => {
     const p = spawn(process.execPath, argv, { stdio: ["ignore", "inherit", "inherit"] });
@@ -161,18 +161,21 @@ export async function runLarge(threads: number, only?: string[]): Promise<void> 
     const file = await ensureLarge(s);
     const fileBytes = fs.statSync(file).size;
     const llama = await runChild("llamacpp", file, threads, path.join(tmp, `${s.name}-llamacpp.json`));
-    const self = await runChild("selfscope", file, threads, path.join(tmp, `${s.name}-selfscope.json`));
+    const self = await runChild("selfscope", file, threads, path.join(tmp, `${s.name}-selfscope.json`), ["--weights", "native"]);
+    const int8 = await runChild("selfscope", file, threads, path.join(tmp, `${s.name}-selfscope-int8.json`), ["--weights", "native-int8"]);
     const ok = (r: LargeRun | { error: string }): r is LargeRun => !("error" in r) && !r.refused;
-    const ratio = (f: (r: LargeRun) => number | undefined) => (ok(self) && ok(llama) && f(self) && f(llama) ? round(f(self)! / f(llama)!, 3) : null);
-    let agree: string | null = null;
-    if (ok(self) && ok(llama) && self.greedy && llama.greedy) {
+    const ratioOf = (mine: LargeRun | { error: string }, f: (r: LargeRun) => number | undefined) => (ok(mine) && ok(llama) && f(mine) && f(llama) ? round(f(mine)! / f(llama)!, 3) : null);
+    const ratio = (f: (r: LargeRun) => number | undefined) => ratioOf(self, f);
+    const agreement = (mine: LargeRun | { error: string }) => {
+      if (!(ok(mine) && ok(llama) && mine.greedy && llama.greedy)) return null;
       let n = 0;
-      while (n < self.greedy.length && self.greedy[n] === llama.greedy[n]) n++;
-      agree = `${n}/${Math.min(self.greedy.length, llama.greedy.length)}`;
-    }
+      while (n < mine.greedy.length && mine.greedy[n] === llama.greedy[n]) n++;
+      return `${n}/${Math.min(mine.greedy.length, llama.greedy.length)}`;
+    };
     const params = paramsOf(s);
     if (ok(self)) summary.max_params_loaded = Math.max(Number(summary.max_params_loaded), params);
     summary[`${s.name}_decode_b1_ratio`] = ratio((r) => r.decode?.tokPerS);
+    summary[`${s.name}_int8_decode_b1_ratio`] = ratioOf(int8, (r) => r.decode?.tokPerS);
     models[s.name] = {
       file: path.relative(process.cwd(), file),
       fileBytes,
@@ -180,13 +183,17 @@ export async function runLarge(threads: number, only?: string[]): Promise<void> 
       shape: s,
       llamacpp: llama,
       selfscope: self,
+      selfscopeInt8: int8,
       ratios: {
         load: ratio((r) => r.loadMs),
         prefill: ratio((r) => r.prefill?.tokPerS),
         decode_b1: ratio((r) => r.decode?.tokPerS),
         selfscope_rss_over_file: ok(self) && self.peakRssBytes ? round(self.peakRssBytes / fileBytes, 3) : null,
         llamacpp_rss_over_file: ok(llama) && llama.peakRssBytes ? round(llama.peakRssBytes / fileBytes, 3) : null,
-        greedy_agreement: agree,
+        greedy_agreement: agreement(self),
+        int8_load: ratioOf(int8, (r) => r.loadMs),
+        int8_decode_b1: ratioOf(int8, (r) => r.decode?.tokPerS),
+        int8_greedy_agreement: agreement(int8),
       },
     };
   }
@@ -208,9 +215,9 @@ export async function runLarge(threads: number, only?: string[]): Promise<void> 
   writeJson(path.join(RESULTS_DIR, "large-latest.json"), results);
   fs.rmSync(tmp, { recursive: true, force: true });
   for (const [name, m] of Object.entries(models)) {
-    const r = m as { llamacpp: LargeRun | { error: string }; selfscope: LargeRun | { error: string }; ratios: Record<string, unknown> };
+    const r = m as { llamacpp: LargeRun | { error: string }; selfscope: LargeRun | { error: string }; selfscopeInt8: LargeRun | { error: string }; ratios: Record<string, unknown> };
     const line = (x: LargeRun | { error: string }) => ("error" in x ? x.error : x.refused ? `refused: ${x.refused}` : `load ${x.loadMs?.toFixed(0)} ms, prefill ${x.prefill?.tokPerS} tok/s, decode ${x.decode?.tokPerS} tok/s, peak RSS ${((x.peakRssBytes ?? 0) / 2 ** 30).toFixed(2)} GiB`);
-    process.stdout.write(`${name}\n  llama.cpp  ${line(r.llamacpp)}\n  selfscope  ${line(r.selfscope)}\n  ratios     ${JSON.stringify(r.ratios)}\n`);
+    process.stdout.write(`${name}\n  llama.cpp             ${line(r.llamacpp)}\n  selfscope native      ${line(r.selfscope)}\n  selfscope native-int8 ${line(r.selfscopeInt8)}\n  ratios                ${JSON.stringify(r.ratios)}\n`);
   }
   process.stdout.write(JSON.stringify(summary) + "\n");
 }

@@ -221,14 +221,16 @@ async function main(): Promise<void> {
   }
   // The bench model's Q8_0 and Q4_K copies: llama.cpp and selfscope (quantized matrices computed
   // on in their format: the cpu default for such files), load + prefill + batch-1 decode.
-  const quant: Record<string, { file: string; fileBytes: number; llamacpp: ChildRun<EngineResult>; selfscope: ChildRun<EngineResult> }> = {};
+  const quant: Record<string, { file: string; fileBytes: number; llamacpp: ChildRun<EngineResult>; selfscope: ChildRun<EngineResult>; selfscopeInt8?: ChildRun<EngineResult> }> = {};
   if (args.llamacpp) {
     for (const type of ["q8_0", "q4_k"] as const) {
       const file = await ensureQuantModel(type);
       const env = { SELFSCOPE_BENCH_MODEL: file };
       const lq = await child<EngineResult>(`llamacpp-${type}-t${N}`, "llamacpp.js", N, ["--core-only"], { ...q, env });
       const sq = await child<EngineResult>(`selfscope-${type}-t${N}`, "selfscope.js", N, ["--core-only"], { ...q, env: { ...env, SELFSCOPE_BENCH_WEIGHTS: "native" } });
-      quant[type] = { file: path.relative(path.dirname(BENCH_DIR), file), fileBytes: fs.statSync(file).size, llamacpp: lq, selfscope: sq };
+      // Q4_K also with int8 activations in decode products (--weights native-int8).
+      const si = type === "q4_k" ? await child<EngineResult>(`selfscope-${type}-int8-t${N}`, "selfscope.js", N, ["--core-only"], { ...q, env: { ...env, SELFSCOPE_BENCH_WEIGHTS: "native-int8" } }) : undefined;
+      quant[type] = { file: path.relative(path.dirname(BENCH_DIR), file), fileBytes: fs.statSync(file).size, llamacpp: lq, selfscope: sq, ...(si ? { selfscopeInt8: si } : {}) };
     }
   }
   const qr = (type: string, f: (r: EngineResult) => number) => ratio(quant[type]?.selfscope.result ? f(quant[type].selfscope.result) : undefined, quant[type]?.llamacpp.result ? f(quant[type].llamacpp.result) : undefined);
@@ -255,6 +257,7 @@ async function main(): Promise<void> {
     q4_k_decode_b1_ratio: qr("q4_k", (r) => r.decode.b1.tokPerS),
     q4_k_prefill_ratio: qr("q4_k", (r) => r.prefill.tokPerS),
     q4_k_rss_over_file: quant.q4_k?.selfscope.result ? round(quant.q4_k.selfscope.result.rss.peakBytes / quant.q4_k.fileBytes, 3) : null,
+    q4_k_int8_decode_b1_ratio: ratio(quant.q4_k?.selfscopeInt8?.result?.decode.b1.tokPerS, quant.q4_k?.llamacpp.result?.decode.b1.tokPerS),
   };
   const limits = {
     gemmGflops: { t1: gemmPeak(1) ?? null, tN: gemmPeak(N) ?? null, source: "best FLOP rate of llama.cpp (ggml, F32, AVX-512) over single 128-512-token batches of the bench model (and its 128-token prefill): a lower bound of the machine's f32 GEMM peak" },

@@ -67,8 +67,9 @@ if (useJax) {
 } else {
   // What Model.load does for the cpu device: lazy weights, copied one tensor at a time.
   runtime = await CpuRuntime.create({ threads: N });
-  // SELFSCOPE_BENCH_WEIGHTS=native: Q8_0 / Q4_K matrices kept quantized (Model.load's default for such files).
-  engine = new CpuEngine(loadHostModel(MODEL_PATH, undefined, { lazy: true }), runtime, process.env.SELFSCOPE_BENCH_WEIGHTS === "native" ? "native" : "f32");
+  // SELFSCOPE_BENCH_WEIGHTS=native: Q8_0 / Q4_K matrices kept quantized (Model.load's default for such files); native-int8: and int8 activations in Q4_K decode products.
+  const w = process.env.SELFSCOPE_BENCH_WEIGHTS;
+  engine = new CpuEngine(loadHostModel(MODEL_PATH, undefined, { lazy: true }), runtime, w === "native" || w === "native-int8" ? w : "f32");
 }
 // One tiny call so that every weight upload has completed before anything is timed.
 await engine.forward([[300]], { logits: "last" });
