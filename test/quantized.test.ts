@@ -259,27 +259,28 @@ function q8act(x: Float32Array): { q: Int16Array; d: Float32Array } {
   return { q, d };
 }
 
+for (const kq of KQUANTS.filter((k) => k.type !== "q4_0"))
 for (const threads of [1, 2]) {
-  test(`qgemm with int8 activations on Q4_K rows equals the float64 product of ggml's weights and the rounded activations (${threads} thread${threads > 1 ? "s" : ""})`, async () => {
+  test(`qgemm with int8 activations on ${kq.type.toUpperCase()} rows equals the float64 product of ggml's weights and the rounded activations (${threads} thread${threads > 1 ? "s" : ""})`, async () => {
     const rt = await CpuRuntime.create({ threads });
     try {
       const r = rng(12);
       let worstVsExact = 0;
       for (const [M, N, K] of [[1, 3, 256], [2, 5, 512], [3, 7, 256], [4, 9, 768], [5, 4, 256], [1, 300, 1024], [2, 64, 2048]] as const) {
         const nb = (N * K) / 256;
-        const blocks = Uint8Array.from({ length: nb * 144 }, () => Math.floor((r() + 0.5) * 256) & 255);
+        const blocks = Uint8Array.from({ length: nb * kq.bytes }, () => Math.floor((r() + 0.5) * 256) & 255);
         const dv = new DataView(blocks.buffer);
-        for (let b = 0; b < nb; b++) for (const o of [0, 2]) dv.setUint16(b * 144 + o, h16(0.001 + (r() + 0.5) * 0.01), true);
-        const ref = dequantize(GgmlType.Q4_K, blocks, N * K);
-        const wq = rt.allocBytes(nb * 128), ws = rt.allocBytes(nb * 24);
+        for (let b = 0; b < nb; b++) for (const o of kq.halves) dv.setUint16(b * kq.bytes + o, h16(0.001 + (r() + 0.5) * 0.01), true);
+        const ref = dequantize(kq.ggml, blocks, N * K);
+        const wq = rt.allocBytes(nb * kq.wq), ws = rt.allocBytes(nb * kq.ws);
         const u8 = new Uint8Array(rt.memory.buffer);
-        assert.equal(repackQ4_K(blocks, u8.subarray(wq, wq + nb * 128), u8.subarray(ws, ws + nb * 24)), -1);
+        assert.equal(kq.repack(blocks, u8.subarray(wq, wq + nb * kq.wq), u8.subarray(ws, ws + nb * kq.ws)), -1);
         const x = rt.alloc(M * K), y = rt.alloc(M * N), y32 = rt.alloc(M * N);
         // One all-zero block in row 0 (its scale is 0, its quants 0).
         const xs = Float32Array.from({ length: M * K }, (_, i) => (i < 256 && K > 256 ? 0 : r() * 2));
         rt.f32.set(xs, x);
-        rt.qgemm({ type: "q4_k", x, ldx: K, wq, ws, y, ldy: N, M, N, K, int8: true });
-        rt.qgemm({ type: "q4_k", x, ldx: K, wq, ws, y: y32, ldy: N, M, N, K });
+        rt.qgemm({ type: kq.type, x, ldx: K, wq, ws, y, ldy: N, M, N, K, int8: true });
+        rt.qgemm({ type: kq.type, x, ldx: K, wq, ws, y: y32, ldy: N, M, N, K });
         const out = rt.f32.slice(y, y + M * N), exact = rt.f32.slice(y32, y32 + M * N);
         // Exactly the dot of ggml's dequantized weights with the dequantized activations q·d.
         for (let m = 0; m < M; m++) {

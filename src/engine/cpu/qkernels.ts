@@ -634,6 +634,62 @@ const emitQ6KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
     };
   });
 
+/**
+ * q6kirows_a(px, ldx, wq, ws, py, ldy, N, K, acc, xs): the int8-activation rows of a Q6_K matrix
+ * (layout as q4kirows; no min term): per 16 weights Σ (q − 32)·qx by i32x4.dot_i16x8_s, weighted by
+ * the int8 scale in i32, each super-block converted once and scaled by d·xd.
+ */
+const emitQ6KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
+  emitRows(mb, o, "q6kirows", a, 1, (c) => {
+    const { f } = c;
+    const XS = c.extra[0]!;
+    const xd = f.local(I32), q = f.local(I32), mt = f.local(I32);
+    const iacc = Array.from({ length: c.a }, () => f.local(V128));
+    const L0 = f.local(V128), L1 = f.local(V128), H = f.local(V128), u = f.local(V128), lo = f.local(V128), scv = f.local(V128), tmp = f.local(V128);
+    const k6 = q6Constants(f);
+    const dd = f.local(F32);
+    const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
+    return {
+      shift: 8,
+      xBytes: 2,
+      init: () => {
+        k6.set();
+        pointers(f, q, c.WQ, mt, c.WS);
+      },
+      rowStart: () => void f.get(XS).get(c.K).i32Const(3).i32ShrU().i32Add().set(xd),
+      block: () => {
+        f.get(mt).f32Load(0).set(dd);
+        for (let i = 0; i < c.a; i++) f.v128ConstI32(0).set(iacc[i]!);
+        for (let half = 0; half < 2; half++) {
+          for (let lb = 0; lb < 2; lb++) {
+            q6Load(f, q, half, lb, L0, L1, H);
+            q6Quants(f, L0, L1, H, k6.m0f, k6.m30, k6.c32, u, (k) => {
+              f.get(u).i16x8ExtendLowI8x16S().set(lo);
+              f.get(u).i16x8ExtendHighI8x16S().set(u);
+              f.get(mt).i32Load8S(4 + 8 * half + lb + 2 * k).i32x4Splat().set(scv);
+              const off = 2 * (128 * half + 32 * k + 16 * lb);
+              for (let i = 0; i < c.a; i++) {
+                f.get(lo).get(c.xp[i]!).v128Load(off).i32x4DotI16x8S();
+                f.get(u).get(c.xp[i]!).v128Load(off + 16).i32x4DotI16x8S().i32x4Add();
+                f.get(scv).i32x4Mul().get(iacc[i]!).i32x4Add().set(iacc[i]!);
+              }
+            });
+          }
+        }
+        for (let i = 0; i < c.a; i++) {
+          f.get(dd);
+          rowOff(i, xd).f32Load(0);
+          f.f32Mul().f32x4Splat().set(tmp);
+          f.get(iacc[i]!).f32x4ConvertI32x4S().set(scv);
+          c.madd(c.acc[i]!, tmp, scv);
+        }
+        f.get(q).i32Const(192).i32Add().set(q);
+        f.get(mt).i32Const(20).i32Add().set(mt);
+        f.get(xd).i32Const(4).i32Add().set(xd);
+      },
+    };
+  });
+
 /** q6kdeq(wq, ws, rows, K, dst): rows of a Q6_K matrix as f32, exactly as ggml's dequantize_row_q6_K. */
 const emitQ6KDeq = (mb: ModuleBuilder): Fn =>
   emitDeq(mb, "q6kdeq", 8, (f, P) => {
@@ -788,6 +844,7 @@ export const QUANT_EXPORTS: Record<QuantType, { gemm: string; deq: string }> = {
 export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn): Record<QuantType, Fn> {
   const rowsOf = (emit: (mb: ModuleBuilder, o: KernelOptions, a: number) => Fn) => Array.from({ length: o.dmr }, (_, i) => emit(mb, o, i + 1));
   const xsums = emitXSums(mb);
+  const q8act = emitQ8Act(mb);
   // Each driver's byte offsets of row n0 in wq (pushed) and ws (pushed by the returned function).
   return {
     q8_0: emitDriver(mb, o, gemm, QUANT_EXPORTS.q8_0.gemm, rowsOf(emitQ8Rows), emitQ8Deq(mb), null, (g, n0, K) => {
@@ -810,12 +867,22 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
         g.get(n0).get(K).i32Mul().i32Const(1).i32ShrU(); // nibble bytes: n0·K/2
         return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(24).i32Mul(); // meta: n0·K/256·24
       },
-      { rows: rowsOf(emitQ4KIRows), prep: emitQ8Act(mb) },
+      { rows: rowsOf(emitQ4KIRows), prep: q8act },
     ),
-    q6_k: emitDriver(mb, o, gemm, QUANT_EXPORTS.q6_k.gemm, rowsOf(emitQ6KRows), emitQ6KDeq(mb), null, (g, n0, K) => {
-      g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(192).i32Mul(); // n0·K/256·192
-      return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(20).i32Mul(); // n0·K/256·20
-    }),
+    q6_k: emitDriver(
+      mb,
+      o,
+      gemm,
+      QUANT_EXPORTS.q6_k.gemm,
+      rowsOf(emitQ6KRows),
+      emitQ6KDeq(mb),
+      null,
+      (g, n0, K) => {
+        g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(192).i32Mul(); // n0·K/256·192
+        return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(20).i32Mul(); // n0·K/256·20
+      },
+      { rows: rowsOf(emitQ6KIRows), prep: q8act },
+    ),
     bf16: emitDriver(mb, o, gemm, QUANT_EXPORTS.bf16.gemm, rowsOf(emitBf16Rows), emitBf16Deq(mb), null, (g, n0, K) => {
       g.get(n0).get(K).i32Mul().i32Const(1).i32Shl(); // value bytes: n0·K·2
       return () => void g.i32Const(0); // no scales

@@ -61,7 +61,7 @@ export interface Gemm {
  */
 export interface QGemm extends Omit<Gemm, "w" | "ldw"> {
   type?: QuantType;
-  /** Q4_K rows at decode sizes (M below the packed path) with int8-quantized activations (qkernels.ts INT8_ACT). */
+  /** Q4_K / Q6_K rows at decode sizes (M below the packed path) with int8-quantized activations (qkernels.ts INT8_ACT). */
   int8?: boolean;
   wq: number;
   ws: number;
@@ -434,7 +434,7 @@ export class CpuRuntime {
     }
     const flops = 2 * M * N * K;
     // The int8-activation rows quantize X into the dequantization area: only when it fits.
-    const int8 = g.int8 === true && type === "q4_k" && M < this.packMinM && M * q8actRowBytes(K) <= DEQ_BYTES;
+    const int8 = g.int8 === true && (type === "q4_k" || type === "q6_k") && M < this.packMinM && M * q8actRowBytes(K) <= DEQ_BYTES;
     const flags = (g.accumulate ? ACCUMULATE : 0) | (int8 ? INT8_ACT : 0);
     const deqRows = deqRowsFor(K);
     const fn = this.quant[type].gemm;
