@@ -433,8 +433,13 @@ export class CpuRuntime {
       throw new Error(`CpuRuntime.qgemm: an operand lies outside the memory (${bytes} bytes): ${JSON.stringify(g)}`);
     }
     const flops = 2 * M * N * K;
-    // The int8-activation rows quantize X into the dequantization area: only when it fits.
-    const int8 = g.int8 === true && (type === "q4_k" || type === "q6_k") && M < this.packMinM && M * q8actRowBytes(K) <= DEQ_BYTES;
+    // The int8-activation rows quantize X into the dequantization area: more rows than fit run in slices.
+    const int8 = g.int8 === true && (type === "q4_k" || type === "q6_k") && M < this.packMinM;
+    const fit = int8 ? Math.floor(DEQ_BYTES / q8actRowBytes(K)) : Infinity;
+    if (int8 && M > fit) {
+      for (let m0 = 0; m0 < M; m0 += fit) this.qgemm({ ...g, x: g.x + m0 * g.ldx, y: g.y + m0 * g.ldy, M: Math.min(fit, M - m0) });
+      return;
+    }
     const flags = (g.accumulate ? ACCUMULATE : 0) | (int8 ? INT8_ACT : 0);
     const deqRows = deqRowsFor(K);
     const fn = this.quant[type].gemm;
