@@ -25,10 +25,12 @@ import type { BlockNormName } from "../schedule.js";
 import type { PrefixCounter, Row } from "../types.js";
 import {
   adapterKey,
+  actValue,
   addInto,
   attentionJvp,
   attentionVjp,
   crossEntropyVjp,
+  linear,
   linearJvp,
   linearVjp,
   loraVjp,
@@ -62,6 +64,8 @@ export interface BlockRefs {
   up: MatRef;
   down: MatRef;
   norms: Partial<Record<BlockNormName | "qNorm" | "kNorm", NormWeights>>;
+  /** Mixture of experts: the router [E, D] and per expert gate|up stacked [2F, D] and down [D, F]. */
+  moe?: { router: MatRef; experts: { up: MatRef; down: MatRef }[] };
 }
 
 /** The block matrices (stacked as in BlockRefs) a weight delta sits in. */
@@ -359,6 +363,8 @@ export function lossAndGrad(host: GradHost, rows: (Row | number[])[], req: LossA
       adapterOf.push(null);
       const { layer, site } = parseHook(prm.at, c.nLayers);
       if (site === "attn.hook_pattern") throw new UsageError(`params[${index}]: attn.hook_pattern is read-only and has no gradient`);
+      // Experts with weight 0 do not run, so d/dw_e is not computed for them: refuse rather than return 0.
+      if (site === "mlp.hook_expert_weights") throw new UsageError(`params[${index}]: gradients at mlp.hook_expert_weights are not supported (unrouted experts are not run); take them at mlp.hook_router_logits or mlp.hook_expert_out`);
       const F = featShapeOf(c, site).reduce((a, b) => a * b, 1);
       const where = { at: prm.at, ...(prm.kind !== "activation" && prm.pos ? { pos: prm.pos } : {}), ...(prm.kind !== "activation" && prm.rows ? { rows: prm.rows } : {}) };
       let iv: Intervention;
@@ -556,6 +562,7 @@ function placeAdapter(p: Pass, prm: Extract<TrainParam, { kind: "lora" }>, adapt
   const where = `params[${index}] (lora on blocks.${prm.layer}.${prm.linear})`;
   if (!(Number.isInteger(prm.layer) && prm.layer >= 0 && prm.layer < c.nLayers)) throw new UsageError(`${where}: layer must be in 0..${c.nLayers - 1}`);
   if (!LINEARS.includes(prm.linear)) throw new UsageError(`${where}: linear must be one of ${LINEARS.join(", ")}`);
+  if (c.mlp.kind === "moe" && prm.linear.startsWith("mlp.")) throw new UsageError(`${where}: adapters on a mixture-of-experts MLP are not supported (attention linears are)`);
   if (prm.linear === "mlp.gate" && c.mlp.kind !== "gated") throw new UsageError(`${where}: this model's MLP has no gate (use mlp.up)`);
   if (!(Number.isInteger(prm.rank) && prm.rank > 0)) throw new UsageError(`${where}: rank must be a positive integer`);
   const s = linearShape(c, prm.linear);
@@ -771,11 +778,113 @@ function backStep(
       loraBack("mlp.down", before.post, F, gd, D, dpost, F);
       return;
     }
+    case "route": {
+      const g = d.take("rl");
+      if (g >= 0) linearVjp(rt, g, W!.moe!.router.rows, W!.moe!.router, d.get("h"), D, R, true);
+      return;
+    }
+    case "select": {
+      const g = d.take("ew");
+      if (g >= 0) selectVjp(p, before.rl, e.after.ew, g, d.get("rl"));
+      return;
+    }
+    case "experts":
+    case "expertOut": {
+      const per = step.kind === "expertOut";
+      const g = d.take(per ? "eo" : "d");
+      if (g >= 0) expertsVjp(p, W!.moe!.experts, before.h, before.ew, g, per, d.get("h"), d.get("ew"));
+      return;
+    }
+    case "sumExperts": {
+      // d = Σ_e eo_e: every expert's output gets d's cotangent.
+      const g = d.take("d");
+      if (g < 0) return;
+      const geo = d.get("eo");
+      const E = W!.moe!.experts.length;
+      const f = rt.f32;
+      for (let r = 0; r < R; r++)
+        for (let x = 0; x < E; x++) {
+          const o = geo + (r * E + x) * D;
+          for (let i = 0; i < D; i++) f[o + i] = f[o + i]! + f[g + r * D + i]!;
+        }
+      return;
+    }
     case "finalNorm":
     case "unembed":
       throw new UsageError("internal: head steps in a block tape");
   }
 }
+
+/**
+ * VJP of the routing weights (schedule.ts "select"): S = the experts the forward routed to (ew ≠ 0
+ * as select wrote it). Renormalised: w_j = softmax over S, drl_j = w_j (g_j − Σ_S g_e w_e) on S.
+ * Not renormalised: w_j = p_j = softmax over all, drl_j = [j ∈ S] g_j p_j − p_j Σ_S g_e p_e.
+ */
+function selectVjp(p: Pass, rl: number, ew: number, g: number, drl: number): void {
+  const m = p.c.mlp;
+  if (m.kind !== "moe") throw new UsageError("internal: select on a dense MLP");
+  const E = m.nExperts;
+  const f = p.rt.f32;
+  const pr = new Float64Array(E);
+  for (let r = 0; r < p.R; r++) {
+    let mx = -Infinity;
+    for (let e = 0; e < E; e++) mx = Math.max(mx, f[rl + r * E + e]!);
+    let z = 0;
+    for (let e = 0; e < E; e++) z += pr[e] = Math.exp(f[rl + r * E + e]! - mx);
+    const inS = (e: number) => f[ew + r * E + e] !== 0;
+    let zs = 0;
+    for (let e = 0; e < E; e++) if (inS(e)) zs += pr[e]!;
+    const div = m.normTopK ? zs : z;
+    let dot = 0;
+    for (let e = 0; e < E; e++) if (inS(e)) dot += f[g + r * E + e]! * (pr[e]! / div);
+    for (let j = 0; j < E; j++) {
+      const w = pr[j]! / div;
+      const v = m.normTopK ? (inS(j) ? w * (f[g + r * E + j]! - dot) : 0) : (inS(j) ? f[g + r * E + j]! * w : 0) - w * dot;
+      f[drl + r * E + j] = f[drl + r * E + j]! + v;
+    }
+  }
+}
+
+/**
+ * VJP of the experts (schedule.ts "experts", or its per-expert form): each routed expert runs again
+ * on its rows (none of its internals is on the tape), then dew_e = ⟨g, y_e⟩ and the expert's own
+ * VJP (w_e·g through down, the gated activation and gate|up) adds into dh. `per`: g is [R, E, D].
+ */
+function expertsVjp(p: Pass, experts: { up: MatRef; down: MatRef }[], h: number, ew: number, g: number, per: boolean, dh: number, dew: number): void {
+  const { c, rt, R } = p;
+  const D = c.dModel, F = c.dMlp, E = experts.length, act = c.mlp.act;
+  for (let e = 0; e < E; e++) {
+    const rows: number[] = [];
+    for (let r = 0; r < R; r++) if (rt.f32[ew + r * E + e] !== 0) rows.push(r);
+    const n = rows.length;
+    if (n === 0) continue;
+    const mk = rt.mark();
+    const x = rt.alloc(n * D), up = rt.alloc(n * 2 * F), post = rt.alloc(n * F), y = rt.alloc(n * D), gy = rt.alloc(n * D), dpost = rt.alloc(n * F), dup = rt.alloc(n * 2 * F), dx = rt.alloc(n * D);
+    const f = rt.f32;
+    rows.forEach((r, i) => f.copyWithin(x + i * D, h + r * D, h + (r + 1) * D));
+    linear(rt, x, D, experts[e]!.up, up, 2 * F, n);
+    for (let i = 0; i < n; i++) for (let j = 0; j < F; j++) f[post + i * F + j] = actValue(f[up + i * 2 * F + j]!, act) * f[up + i * 2 * F + F + j]!;
+    linear(rt, post, F, experts[e]!.down, y, D, n);
+    rows.forEach((r, i) => {
+      const go = per ? g + (r * E + e) * D : g + r * D;
+      const w = f[ew + r * E + e]!;
+      let s = 0;
+      for (let j = 0; j < D; j++) {
+        s += f[go + j]! * f[y + i * D + j]!;
+        f[gy + i * D + j] = w * f[go + j]!;
+      }
+      f[dew + r * E + e] = f[dew + r * E + e]! + s;
+    });
+    linearVjp(rt, gy, D, experts[e]!.down, dpost, F, n);
+    mlpActVjp(act, { R: n, F, ldPre: 2 * F, ldUp: 2 * F }, f.subarray(up, up + n * 2 * F), f.subarray(up + F, up + n * 2 * F), f.subarray(dpost, dpost + n * F), f.subarray(dup, dup + n * 2 * F), f.subarray(dup + F, dup + n * 2 * F));
+    linearVjp(rt, dup, 2 * F, experts[e]!.up, dx, D, n);
+    rows.forEach((r, i) => {
+      for (let j = 0; j < D; j++) f[dh + r * D + j] = f[dh + r * D + j]! + f[dx + i * D + j]!;
+    });
+    rt.release(mk);
+  }
+}
+
 
 // ---------------------------------------------------------------- forward mode
 

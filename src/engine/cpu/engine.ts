@@ -278,7 +278,6 @@ export class CpuEngine {
    */
   async lossAndGrad(rows: (Row | number[])[], req: LossAndGradRequest): Promise<LossAndGradResult> {
     this.live();
-    this.noMoeDerivatives();
     this.materializeF32();
     // Deltas are added to the weights in our memory for this (synchronous) call and the exact
     // previous values put back after it, so no other call ever sees them.
@@ -382,9 +381,9 @@ export class CpuEngine {
     return Promise.resolve(jvpScale(this.gradHost(), rows, req));
   }
 
-  /** backprop.ts has no VJP/JVP for the routing and expert steps yet: say so instead of a wrong result. */
+  /** backprop.ts has no JVP for the routing and expert steps yet (their VJPs exist): say so instead of a wrong result. */
   private noMoeDerivatives(): void {
-    if (this.config.mlp.kind === "moe") throw new UsageError(`gradients and forward-mode derivatives through mixture-of-experts blocks are not implemented yet (this ${this.config.family} model runs forward passes, generation and interventions)`);
+    if (this.config.mlp.kind === "moe") throw new UsageError(`forward-mode derivatives through mixture-of-experts blocks are not implemented yet (this ${this.config.family} model has gradients: lossAndGrad)`);
   }
 
   /** What backprop.ts needs: the weights in place, the tape-mode forward and the head. */
@@ -403,7 +402,8 @@ export class CpuEngine {
       rt: this.rt,
       block: (l) => {
         const b = this.blocks[l]!;
-        return { qkv: b.qkv, o: b.o, up: b.up!, down: b.down!, norms: norms(b) };
+        // A mixture of experts has no dense up/down (its steps never read them).
+        return { qkv: b.qkv, o: b.o, up: b.up ?? b.o, down: b.down ?? b.o, norms: norms(b), ...(b.moe ? { moe: b.moe } : {}) };
       },
       lnFinal: this.lnFinal.bias ? { weight: this.lnFinal.weight, bias: this.lnFinal.bias } : { weight: this.lnFinal.weight },
       unembed: this.unembed,
@@ -722,6 +722,7 @@ export class CpuEngine {
         }
         this.record(call, l, { kind: "expertOut" }, before, bufs);
         this.siteStep(st.out, l, "eo", [E, D], bufs, call, g);
+        const before2 = call.tape ? { ...bufs } : bufs;
         const d = this.out(bufs, "d", call);
         const fx = rt.f32, eo = bufs.eo;
         for (let r = 0; r < R; r++)
@@ -731,6 +732,7 @@ export class CpuEngine {
             for (let e = 0; e < E; e++) sum = Math.fround(sum + fx[eo + (r * E + e) * D + i]!);
             fx[d + r * D + i] = sum;
           }
+        this.record(call, l, { kind: "sumExperts" }, before2, bufs);
         return;
       }
       case "mlpIn": {
@@ -1189,7 +1191,7 @@ export type CpuBuf = Buf | "qkv" | "up" | "result" | "eo" | "logits";
 /** Offsets of a call's named buffers in the runtime's memory (-1: not materialised). */
 export type CpuBufs = Record<CpuBuf, number>;
 /** A tape entry's step: a schedule step, or the two halves of an oProj whose per-head results are materialised. */
-export type TapeStep = Step | EmbedStep | HeadStep | { kind: "heads" } | { kind: "sumHeads" } | { kind: "expertOut" } | { kind: "site"; site: string; buf: CpuBuf };
+export type TapeStep = Step | EmbedStep | HeadStep | { kind: "heads" } | { kind: "sumHeads" } | { kind: "expertOut" } | { kind: "sumExperts" } | { kind: "site"; site: string; buf: CpuBuf };
 export interface TapeEntry {
   layer: number | null;
   step: TapeStep;
