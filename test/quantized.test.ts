@@ -461,3 +461,51 @@ test("a Q4_0 GGUF (stories260K's 32-aligned matrices quantized by ggml): native 
     q4.dispose();
   }
 });
+
+test("a quantized tensor larger than one read slice (8 MiB) is read in slices into exactly the whole tensor's layout", async () => {
+  // A 1-layer llama whose Q8_0 token embedding is 40000 × 256 (10.6 MiB): rows of both slices are looked up.
+  const g = readGguf(fixture("stories260K-gguf", "stories260K.gguf"));
+  const D = 256, V = 40000, F = 256, H = 4, hd = 64;
+  const meta = ggufMetadataForWrite(g, {
+    "llama.embedding_length": { type: 4, value: D },
+    "llama.feed_forward_length": { type: 4, value: F },
+    "llama.block_count": { type: 4, value: 1 },
+    "llama.attention.head_count": { type: 4, value: H },
+    "llama.attention.head_count_kv": { type: 4, value: H },
+    "llama.rope.dimension_count": { type: 4, value: hd },
+  });
+  for (const k of [...Object.keys(meta)]) if (k.startsWith("tokenizer.")) delete meta[k];
+  const r = rng(8);
+  const mat = (name: string, rows: number, cols: number) => ({ name, shape: [rows, cols], type: GgmlType.Q8_0, data: Float32Array.from({ length: rows * cols }, () => r() / 8) });
+  const norm = (name: string) => ({ name, shape: [D], type: GgmlType.F32, data: new Float32Array(D).fill(1) });
+  const tensors = [
+    mat("token_embd.weight", V, D),
+    norm("blk.0.attn_norm.weight"),
+    ...["q", "k", "v", "output"].map((x) => mat(`blk.0.attn_${x}.weight`, D, D)),
+    norm("blk.0.ffn_norm.weight"),
+    mat("blk.0.ffn_gate.weight", F, D),
+    mat("blk.0.ffn_up.weight", F, D),
+    mat("blk.0.ffn_down.weight", D, F),
+    norm("output_norm.weight"),
+  ];
+  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-slices-")), "big-embed-q8_0.gguf");
+  writeGguf(file, meta, tensors);
+  assert.ok(fs.statSync(file).size > 10 << 20);
+  const { CpuEngine } = await import("../src/engine/cpu/engine.js");
+  const native = await CpuEngine.create(loadHostModel(file, undefined, { lazy: true }), { threads: 1, weights: "native" });
+  const f32 = await CpuEngine.create(loadHostModel(file, undefined, { lazy: true }), { threads: 1, weights: "f32" });
+  try {
+    assert.equal(native.quantizedMats, 5, "qkv, o, gate|up, down and the tied embedding");
+    const ids = [39999, 3, 30000, 20000, 31500, 12345, 39000];
+    const plan = [{ op: "read" as const, at: "hook_embed" as const }];
+    const a = await native.forward([ids], { plan }), b = await f32.forward([ids], { plan });
+    // Embedding rows (both slices) dequantized bit for bit; logits (the tied embedding as unembedding) up to summation order.
+    assert.deepEqual([...a.cache.get("hook_embed").data], [...b.cache.get("hook_embed").data]);
+    let worst = 0;
+    for (let i = 0; i < a.logits[0]!.length; i++) worst = Math.max(worst, Math.abs(a.logits[0]![i]! - b.logits[0]![i]!));
+    assert.ok(worst <= 2e-5, `max |Δ logit| ${worst}`);
+  } finally {
+    await native.close();
+    await f32.close();
+  }
+});

@@ -296,6 +296,9 @@ export function hasNativeMatrices(sourceDtype: string): boolean {
 
 const f32View = (b: Uint8Array) => new Float32Array(b.buffer, b.byteOffset, b.byteLength / 4);
 /** File bytes (rows of blocks) into the cpu engine's layout; each returns the first block (or value) that is not finite, or -1. */
+/** Bytes of a quantized tensor read per slice (readQuantInto). */
+const READ_SLICE = 8 << 20;
+
 const REPACK: Record<QuantType, (bytes: Uint8Array, wq: Uint8Array, ws: Uint8Array) => number> = {
   q8_0: (b, q, s) => splitScaledBlocks(b, 34, q, f32View(s)),
   q4_0: (b, q, s) => splitScaledBlocks(b, 18, q, f32View(s)),
@@ -562,6 +565,23 @@ export class LazyWeights extends Map<string, HostTensor> {
     const [elems, bytesPer] = ggmlBlock(NATIVE_GGML[type])!;
     const rowBytes = (cols / elems) * bytesPer;
     const first = p.src.split ? p.src.split.index * rows : p.src.slab !== undefined ? p.src.slab * rows : 0;
+    const fail = (bad: number, base: number) => new NumericalWeightsError(this.#source.file, `tensor ${p.name} holds a non-finite ${type === "bf16" ? "value at element" : "block scale at block"} ${base + bad} (for ${p.canon}, layer ${p.layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
+    if (!p.src.unpermuteRope) {
+      // Rows in slices of at most READ_SLICE bytes, each repacked into its part of wq / ws: the
+      // host never holds more than one slice (a 128k-token embedding is ~150 MB in Q4_K).
+      const per = quantBytes(type, 1, cols);
+      const sliceRows = Math.max(1, Math.floor(READ_SLICE / rowBytes));
+      const buf = new Uint8Array(Math.min(rows, sliceRows) * rowBytes);
+      const unit = type === "bf16" ? 1 : elems; // what the repack's bad index counts: values or blocks
+      for (let r0 = 0; r0 < rows; r0 += sliceRows) {
+        const n = Math.min(sliceRows, rows - r0);
+        const bytes = buf.subarray(0, n * rowBytes);
+        readRangeInto(range.file, range.offset + (first + r0) * rowBytes, bytes);
+        const bad = REPACK[type](bytes, wq.subarray(r0 * per.wq, (r0 + n) * per.wq), ws.subarray(r0 * per.ws, (r0 + n) * per.ws));
+        if (bad >= 0) throw fail(bad, (r0 * cols) / unit);
+      }
+      return;
+    }
     let bytes = new Uint8Array(rows * rowBytes);
     readRangeInto(range.file, range.offset + first * rowBytes, bytes);
     if (p.src.unpermuteRope) {
@@ -573,7 +593,7 @@ export class LazyWeights extends Map<string, HostTensor> {
       order.forEach((from, to) => bytes.set(src.subarray(from * rowBytes, (from + 1) * rowBytes), to * rowBytes));
     }
     const bad = REPACK[type](bytes, wq, ws);
-    if (bad >= 0) throw new NumericalWeightsError(this.#source.file, `tensor ${p.name} holds a non-finite ${type === "bf16" ? "value at element" : "block scale at block"} ${bad} (for ${p.canon}, layer ${p.layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
+    if (bad >= 0) throw fail(bad, 0);
   }
 
   override has(key: string): boolean {
