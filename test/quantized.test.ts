@@ -259,7 +259,9 @@ function q8act(x: Float32Array): { q: Int16Array; d: Float32Array } {
   return { q, d };
 }
 
-for (const kq of KQUANTS.filter((k) => k.type !== "q4_0"))
+const Q8_0_BLOCKS = { type: "q8_0", ggml: GgmlType.Q8_0, elems: 32, bytes: 34, halves: [0], wq: 32, ws: 4, repack: (b: Uint8Array, q: Uint8Array, m: Uint8Array) => splitScaledBlocks(b, 34, q, new Float32Array(m.buffer, m.byteOffset, m.byteLength / 4)) } as const;
+
+for (const kq of [...KQUANTS.filter((k) => k.type !== "q4_0"), Q8_0_BLOCKS])
 for (const threads of [1, 2]) {
   test(`qgemm with int8 activations on ${kq.type.toUpperCase()} rows equals the float64 product of ggml's weights and the rounded activations (${threads} thread${threads > 1 ? "s" : ""})`, async () => {
     const rt = await CpuRuntime.create({ threads });
@@ -267,7 +269,7 @@ for (const threads of [1, 2]) {
       const r = rng(12);
       let worstVsExact = 0;
       for (const [M, N, K] of [[1, 3, 256], [2, 5, 512], [3, 7, 256], [4, 9, 768], [5, 4, 256], [1, 300, 1024], [2, 64, 2048]] as const) {
-        const nb = (N * K) / 256;
+        const nb = (N * K) / kq.elems;
         const blocks = Uint8Array.from({ length: nb * kq.bytes }, () => Math.floor((r() + 0.5) * 256) & 255);
         const dv = new DataView(blocks.buffer);
         for (let b = 0; b < nb; b++) for (const o of kq.halves) dv.setUint16(b * kq.bytes + o, h16(0.001 + (r() + 0.5) * 0.01), true);

@@ -513,6 +513,56 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
     };
   });
 
+/**
+ * q8irows_a(px, ldx, wq, ws, py, ldy, N, K, acc, xs): the int8-activation rows of a Q8_0 matrix
+ * (K % 256 == 0; layout as q4kirows): per 32 weights Σ qw·qx by i32x4.dot_i16x8_s, converted and
+ * scaled by d_w·xd (the weights' scale per 32, the activations' per 256).
+ */
+const emitQ8IRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
+  emitRows(mb, o, "q8irows", a, 1, (c) => {
+    const { f } = c;
+    const XS = c.extra[0]!;
+    const xd = f.local(I32), q = f.local(I32), s = f.local(I32);
+    const w = Array.from({ length: 4 }, () => f.local(V128));
+    const sub = Array.from({ length: c.a }, () => f.local(V128));
+    const xdv = Array.from({ length: c.a }, () => f.local(F32));
+    const v = f.local(V128), tmp = f.local(V128), cv = f.local(V128);
+    const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
+    return {
+      shift: 8,
+      xBytes: 2,
+      init: () => pointers(f, q, c.WQ, s, c.WS),
+      rowStart: () => void f.get(XS).get(c.K).i32Const(3).i32ShrU().i32Add().set(xd),
+      block: () => {
+        for (let i = 0; i < c.a; i++) rowOff(i, xd).f32Load(0).set(xdv[i]!);
+        for (let b = 0; b < 8; b++) {
+          f.get(q).v128Load(32 * b).set(v);
+          f.get(v).i16x8ExtendLowI8x16S().set(w[0]!);
+          f.get(v).i16x8ExtendHighI8x16S().set(w[1]!);
+          f.get(q).v128Load(32 * b + 16).set(v);
+          f.get(v).i16x8ExtendLowI8x16S().set(w[2]!);
+          f.get(v).i16x8ExtendHighI8x16S().set(w[3]!);
+          for (let i = 0; i < c.a; i++) {
+            for (let k = 0; k < 4; k++) {
+              f.get(w[k]!).get(c.xp[i]!).v128Load(2 * (32 * b + 8 * k)).i32x4DotI16x8S();
+              if (k > 0) f.i32x4Add();
+            }
+            f.set(sub[i]!);
+          }
+          // acc += f32(Σ) · (d_w · xd)
+          for (let i = 0; i < c.a; i++) {
+            f.get(s).f32Load(4 * b).get(xdv[i]!).f32Mul().f32x4Splat().set(tmp);
+            f.get(sub[i]!).f32x4ConvertI32x4S().set(cv);
+            c.madd(c.acc[i]!, tmp, cv);
+          }
+        }
+        f.get(q).i32Const(256).i32Add().set(q);
+        f.get(s).i32Const(32).i32Add().set(s);
+        f.get(xd).i32Const(4).i32Add().set(xd);
+      },
+    };
+  });
+
 /** q4kdeq(wq, wm, rows, K, dst): rows of a Q4_K matrix as f32, exactly as ggml's dequantize_row_q4_K. */
 const emitQ4KDeq = (mb: ModuleBuilder): Fn =>
   emitDeq(mb, "q4kdeq", 8, (f, P) => {
@@ -847,10 +897,20 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
   const q8act = emitQ8Act(mb);
   // Each driver's byte offsets of row n0 in wq (pushed) and ws (pushed by the returned function).
   return {
-    q8_0: emitDriver(mb, o, gemm, QUANT_EXPORTS.q8_0.gemm, rowsOf(emitQ8Rows), emitQ8Deq(mb), null, (g, n0, K) => {
-      g.get(n0).get(K).i32Mul(); // quant bytes before row n0
-      return () => void g.get(n0).get(K).i32Mul().i32Const(3).i32ShrU(); // scale bytes: n0·K/32·4
-    }),
+    q8_0: emitDriver(
+      mb,
+      o,
+      gemm,
+      QUANT_EXPORTS.q8_0.gemm,
+      rowsOf(emitQ8Rows),
+      emitQ8Deq(mb),
+      null,
+      (g, n0, K) => {
+        g.get(n0).get(K).i32Mul(); // quant bytes before row n0
+        return () => void g.get(n0).get(K).i32Mul().i32Const(3).i32ShrU(); // scale bytes: n0·K/32·4
+      },
+      { rows: rowsOf(emitQ8IRows), prep: q8act },
+    ),
     q4_0: emitDriver(mb, o, gemm, QUANT_EXPORTS.q4_0.gemm, rowsOf(emitQ40Rows), emitQ40Deq(mb), null, (g, n0, K) => {
       g.get(n0).get(K).i32Mul().i32Const(1).i32ShrU(); // nibble bytes: n0·K/2
       return () => void g.get(n0).get(K).i32Mul().i32Const(3).i32ShrU(); // scales: n0·K/32·4

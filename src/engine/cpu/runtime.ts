@@ -61,7 +61,7 @@ export interface Gemm {
  */
 export interface QGemm extends Omit<Gemm, "w" | "ldw"> {
   type?: QuantType;
-  /** Q4_K / Q6_K rows at decode sizes (M below the packed path) with int8-quantized activations (qkernels.ts INT8_ACT). */
+  /** Q4_K / Q6_K / Q8_0 (K % 256 == 0) rows at decode sizes (M below the packed path) with int8-quantized activations (qkernels.ts INT8_ACT). */
   int8?: boolean;
   wq: number;
   ws: number;
@@ -434,7 +434,7 @@ export class CpuRuntime {
     }
     const flops = 2 * M * N * K;
     // The int8-activation rows quantize X into the dequantization area: more rows than fit run in slices.
-    const int8 = g.int8 === true && (type === "q4_k" || type === "q6_k") && M < this.packMinM;
+    const int8 = g.int8 === true && (type === "q4_k" || type === "q6_k" || (type === "q8_0" && K % 256 === 0)) && M < this.packMinM;
     const fit = int8 ? Math.floor(DEQ_BYTES / q8actRowBytes(K)) : Infinity;
     if (int8 && M > fit) {
       for (let m0 = 0; m0 < M; m0 += fit) this.qgemm({ ...g, x: g.x + m0 * g.ldx, y: g.y + m0 * g.ldy, M: Math.min(fit, M - m0) });
