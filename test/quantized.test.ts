@@ -511,3 +511,73 @@ test("a quantized tensor larger than one read slice (8 MiB) is read in slices in
     await f32.close();
   }
 });
+
+test("F16 rows: dequantization is exact for every finite f16 (subnormals and -0 included), qgemm equals the float64 product", async () => {
+  const { f16ToF32 } = await import("../src/io/binary.js");
+  const rt = await CpuRuntime.create({ threads: 2 });
+  try {
+    // Every finite f16 bit pattern (exponent < 31), as the rows of a [N, 8] matrix with padding.
+    const finite = Array.from({ length: 65536 }, (_, h) => h).filter((h) => (h & 0x7c00) !== 0x7c00);
+    const K = 8, N = Math.ceil(finite.length / K);
+    const bits = new Uint16Array(N * K);
+    bits.set(finite);
+    const wq = rt.allocBytes(N * K * 2);
+    new Uint8Array(rt.memory.buffer).set(new Uint8Array(bits.buffer), wq);
+    const deq = rt.alloc(N * K);
+    rt.dequantRows("f16", wq, 0, N, K, deq);
+    const got = rt.f32.slice(deq, deq + N * K);
+    for (let i = 0; i < N * K; i++) assert.ok(Object.is(got[i], f16ToF32(bits[i]!)), `f16 0x${bits[i]!.toString(16)}: ${got[i]} vs ${f16ToF32(bits[i]!)}`);
+    const r = rng(21);
+    for (const [M, Nn, Kk] of [[1, 7, 64], [3, 33, 256], [12, 40, 128]] as const) {
+      const w = Uint16Array.from({ length: Nn * Kk }, () => { let h; do h = Math.floor((r() + 0.5) * 65536) & 0xffff; while ((h & 0x7c00) === 0x7c00 || (h & 0x7c00) > 0x4400); return h; });
+      const p = rt.allocBytes(w.byteLength);
+      new Uint8Array(rt.memory.buffer).set(new Uint8Array(w.buffer), p);
+      const x = rt.alloc(M * Kk), y = rt.alloc(M * Nn);
+      const xs = Float32Array.from({ length: M * Kk }, () => r() * 2);
+      rt.f32.set(xs, x);
+      rt.qgemm({ type: "f16", x, ldx: Kk, wq: p, ws: 0, y, ldy: Nn, M, N: Nn, K: Kk });
+      for (let m = 0; m < M; m++)
+        for (let n = 0; n < Nn; n++) {
+          let s = 0, a = 0;
+          for (let k = 0; k < Kk; k++) {
+            const v = xs[m * Kk + k]! * f16ToF32(w[n * Kk + k]!);
+            s += v;
+            a += Math.abs(v);
+          }
+          assert.ok(Math.abs(rt.f32[y + m * Nn + n]! - s) <= 1e-6 * a, `M ${M}: y[${m}][${n}]`);
+        }
+    }
+  } finally {
+    await rt.dispose();
+  }
+});
+
+test("an F16 GGUF (stories260K's matrices in F16): kept as F16 by default, logits equal the f32 path's up to summation order and agree with llama.cpp as closely", async (t) => {
+  const g = readGguf(fixture("stories260K-gguf", "stories260K.gguf"));
+  const tensors = [...g.tensors.keys()].map((name) => {
+    const tt = readGgufTensor(g, name);
+    return { name, shape: tt.shape, type: tt.shape.length === 2 ? GgmlType.F16 : GgmlType.F32, data: tt.data };
+  });
+  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-f16-")), "stories260K-f16.gguf");
+  writeGguf(file, ggufMetadataForWrite(g), tensors);
+  const f32 = await Model.load(file, { threads: 1, weights: "f32" });
+  const h = await Model.load(file, { threads: 1 });
+  try {
+    const engine = (h as unknown as { engine: { quantizedMats: number } }).engine;
+    // Per block qkv, o and gate|up (down's rows are 172 long, not a multiple of 8: widened to f32), the embedding and the output.
+    assert.equal(engine.quantizedMats, 5 * 3 + 2);
+    const ids = [1, 403, 407, 261, 378, 285, 263, 499, 29, 300, 301, 302];
+    const a = (await f32.forward([{ ids }])).logits[0]!, b = (await h.forward([{ ids }])).logits[0]!;
+    let worst = 0;
+    for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i]! - b[i]!));
+    assert.ok(worst <= 2e-5, `max |Δ| ${worst}`);
+    assert.deepEqual((await h.generate([{ ids: [1] }], { maxTokens: 24 })).tokens, (await f32.generate([{ ids: [1] }], { maxTokens: 24 })).tokens);
+    const lc = await llamaCppLogits(file, ids, { threads: 1 });
+    const ca = compareLogits(a, lc.logits, ids.length, 512, true), cb = compareLogits(b, lc.logits, ids.length, 512, true);
+    t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${ca.maxAbs.toExponential(2)}, native F16 ${cb.maxAbs.toExponential(2)}`);
+    assert.ok(Math.abs(cb.maxAbs - ca.maxAbs) <= 1e-4, `native ${cb.maxAbs} vs f32 ${ca.maxAbs}`);
+  } finally {
+    f32.dispose();
+    h.dispose();
+  }
+});

@@ -234,7 +234,7 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
   } catch (e) {
     openError = e;
   }
-  check?.(config, files.path, st0 ? { nativeQuantBytes: [...st0.tensors.values()].reduce((a, t) => a + (t.dtype === "BF16" ? t.byteLength : 4 * t.shape.reduce((x, y) => x * y, 1)), 0) } : undefined);
+  check?.(config, files.path, st0 ? { nativeQuantBytes: [...st0.tensors.values()].reduce((a, t) => a + (t.dtype === "BF16" || t.dtype === "F16" ? t.byteLength : 4 * t.shape.reduce((x, y) => x * y, 1)), 0) } : undefined);
   if (!st0) throw openError;
   if (files.generationConfig) {
     const gen = readJson(files.generationConfig);
@@ -256,7 +256,7 @@ export function loadHostModel(p: string, check?: (c: ModelConfig, source: string
     },
     quantRange: (n) => {
       const t = st.tensors.get(n);
-      return t && t.dtype === "BF16" ? { file: t.file, offset: t.offset, byteLength: t.byteLength, type: "bf16" } : null;
+      return t && (t.dtype === "BF16" || t.dtype === "F16") ? { file: t.file, offset: t.offset, byteLength: t.byteLength, type: t.dtype === "BF16" ? "bf16" : "f16" } : null;
     },
   };
   const weights = mapWeights(config, family.safetensors, family.safetensorsAliases ?? [], family.safetensorsIgnore, source, lazy);
@@ -280,8 +280,16 @@ function copyBf16(bytes: Uint8Array, dst: Uint8Array): number {
   return -1;
 }
 
+/** F16 values as they are; returns the index of the first NaN/Inf (exponent bits all ones), or -1. */
+function copyF16(bytes: Uint8Array, dst: Uint8Array): number {
+  if (dst.byteLength !== bytes.byteLength) throw new UsageError(`internal: ${bytes.byteLength} F16 bytes for ${dst.byteLength}`);
+  dst.set(bytes);
+  for (let i = 1; i < bytes.length; i += 2) if ((bytes[i]! & 0x7c) === 0x7c) return (i - 1) / 2;
+  return -1;
+}
+
 /** The ggml type of each layout the cpu engine computes on without widening (engine/cpu/qkernels.ts). */
-const NATIVE_GGML: Record<QuantType, GgmlType> = { q8_0: GgmlType.Q8_0, q4_0: GgmlType.Q4_0, q4_k: GgmlType.Q4_K, q6_k: GgmlType.Q6_K, bf16: GgmlType.BF16 };
+const NATIVE_GGML: Record<QuantType, GgmlType> = { q8_0: GgmlType.Q8_0, q4_0: GgmlType.Q4_0, q4_k: GgmlType.Q4_K, q6_k: GgmlType.Q6_K, bf16: GgmlType.BF16, f16: GgmlType.F16 };
 
 /** The cpu engine's native layout for tensors of ggml type `t`, or null (they are widened to f32). */
 function nativeTypeOf(t: GgmlType): QuantType | null {
@@ -305,6 +313,7 @@ const REPACK: Record<QuantType, (bytes: Uint8Array, wq: Uint8Array, ws: Uint8Arr
   q4_k: repackQ4_K,
   q6_k: repackQ6_K,
   bf16: (b, q) => copyBf16(b, q),
+  f16: (b, q) => copyF16(b, q),
 };
 
 function ggufNativeQuantBytes(g: GgufFile): number {
@@ -565,14 +574,14 @@ export class LazyWeights extends Map<string, HostTensor> {
     const [elems, bytesPer] = ggmlBlock(NATIVE_GGML[type])!;
     const rowBytes = (cols / elems) * bytesPer;
     const first = p.src.split ? p.src.split.index * rows : p.src.slab !== undefined ? p.src.slab * rows : 0;
-    const fail = (bad: number, base: number) => new NumericalWeightsError(this.#source.file, `tensor ${p.name} holds a non-finite ${type === "bf16" ? "value at element" : "block scale at block"} ${base + bad} (for ${p.canon}, layer ${p.layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
+    const fail = (bad: number, base: number) => new NumericalWeightsError(this.#source.file, `tensor ${p.name} holds a non-finite ${type === "bf16" || type === "f16" ? "value at element" : "block scale at block"} ${base + bad} (for ${p.canon}, layer ${p.layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
     if (!p.src.unpermuteRope) {
       // Rows in slices of at most READ_SLICE bytes, each repacked into its part of wq / ws: the
       // host never holds more than one slice (a 128k-token embedding is ~150 MB in Q4_K).
       const per = quantBytes(type, 1, cols);
       const sliceRows = Math.max(1, Math.floor(READ_SLICE / rowBytes));
       const buf = new Uint8Array(Math.min(rows, sliceRows) * rowBytes);
-      const unit = type === "bf16" ? 1 : elems; // what the repack's bad index counts: values or blocks
+      const unit = type === "bf16" || type === "f16" ? 1 : elems; // what the repack's bad index counts: values or blocks
       for (let r0 = 0; r0 < rows; r0 += sliceRows) {
         const n = Math.min(sliceRows, rows - r0);
         const bytes = buf.subarray(0, n * rowBytes);

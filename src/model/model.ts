@@ -41,7 +41,7 @@ export interface LoadOptions {
   /**
    * Weight storage: "f32" (default), or "f16" on WebGPU with shader-f16 (half the memory; the
    * residual stream stays f32). Quantized GGUFs default to "f16" on WebGPU: their error dominates.
-   * "native" (cpu; the default for checkpoints with Q8_0, Q4_K or BF16 tensors): those matrices stay
+   * "native" (cpu; the default for checkpoints with Q8_0, Q4_0, Q4_K, Q6_K, BF16 or F16 tensors): those matrices stay
    * in their format in memory and are computed on as such (Q8_0 1.125, Q4_K 0.59, BF16 2 bytes per
    * weight; results equal f32's on the exactly widened values up to summation order); other
    * tensors are f32. The first gradient, derivative or weight delta gives every quantized matrix
@@ -116,7 +116,7 @@ export class Model {
     const { tokenizer, chatTemplate } = tokenizerOf(host);
     const max = Math.min(opts.maxBindingBytes ?? Infinity, device.maxBindingBytes);
     const quantized = /Q\d/.test(host.sourceDtype);
-    // Q8_0 / Q4_K / BF16 matrices stay in their format on the cpu device unless f32 is asked for (or an adapter is folded in).
+    // Q8_0 / Q4_0 / Q4_K / Q6_K / BF16 / F16 matrices stay in their format on the cpu device unless f32 is asked for (or an adapter is folded in).
     const weightDtype = opts.weights ?? (device.name === "webgpu" && device.shaderF16 && quantized ? "f16" : device.name === "cpu" && !opts.merge && hasNativeMatrices(host.sourceDtype) ? "native" : "f32");
     if ((opts.weights === "native" || opts.weights === "native-int8") && (device.name !== "cpu" || opts.merge)) {
       throw new UsageError(`--weights ${opts.weights} keeps quantized matrices in their format on the cpu device only${opts.merge ? ", and not with an adapter folded in (its merge makes f32 weights)" : ""}; use --weights f32`);

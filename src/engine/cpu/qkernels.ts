@@ -23,13 +23,13 @@ import type { QuantType } from "../weights.js";
 
 /** Bytes of (wq, ws) for N rows of K of a quantized matrix. */
 export function quantBytes(type: QuantType, N: number, K: number): { wq: number; ws: number } {
-  if (type === "bf16") return { wq: N * K * 2, ws: 0 };
+  if (type === "bf16" || type === "f16") return { wq: N * K * 2, ws: 0 };
   if (type === "q6_k") return { wq: ((N * K) / 256) * 192, ws: ((N * K) / 256) * 20 };
   if (type === "q4_0") return { wq: (N * K) / 2, ws: (N * K) / 8 };
   return type === "q8_0" ? { wq: N * K, ws: (N * K) / 8 } : { wq: (N * K) / 2, ws: ((N * K) / 256) * 24 };
 }
 /** Row length a quantized matrix must be a multiple of. */
-export const QUANT_BLOCK: Record<QuantType, number> = { q8_0: 32, q4_k: 256, bf16: 8, q6_k: 256, q4_0: 32 };
+export const QUANT_BLOCK: Record<QuantType, number> = { q8_0: 32, q4_k: 256, bf16: 8, q6_k: 256, q4_0: 32, f16: 8 };
 
 /** Driver flag (beside kernels.ts ACCUMULATE 1, PACKED_X 2): Q4_K decode rows with int8 activations. */
 export const INT8_ACT = 4;
@@ -881,6 +881,93 @@ const emitBf16Deq = (mb: ModuleBuilder): Fn =>
     };
   });
 
+// F16 (GGUF F16 files, fp16 safetensors): W [N, K] (K % 8 == 0) as the file's 2-byte values. An f16
+// h widens exactly as f32: bits (h & 0x7fff) << 13 read as an f32 and multiplied by 2^112 (the
+// exponent bias difference; f16 subnormals land on f32 subnormals, which Wasm keeps), then the
+// sign bit (h & 0x8000) << 16. Infinities and NaN do not survive this; the loader refuses them.
+
+/** Pushes the 4 f32 values of f16 lanes 4k..4k+3 of `wv` (k = 0 low half, 1 high half). */
+function f16Widen(f: Fn, wv: number, half: number, m: { mag: number; sign: number; scale: number }): void {
+  const u = () => {
+    f.get(wv);
+    if (half === 0) f.i32x4ExtendLowI16x8U();
+    else f.i32x4ExtendHighI16x8U();
+  };
+  u();
+  f.get(m.mag).v128And().i32Const(13).i32x4Shl().get(m.scale).f32x4Mul();
+  u();
+  f.get(m.sign).v128And().i32Const(16).i32x4Shl().v128Or();
+}
+
+function f16Constants(f: Fn): { mag: number; sign: number; scale: number; set(): void } {
+  const mag = f.local(V128), sign = f.local(V128), scale = f.local(V128);
+  return {
+    mag,
+    sign,
+    scale,
+    set: () => {
+      f.v128ConstI32(0x7fff).set(mag);
+      f.v128ConstI32(0x8000).set(sign);
+      f.v128ConstI32(0x77800000).set(scale); // 2^112 as f32 bits
+    },
+  };
+}
+
+/** f16rows_a(px, ldx, wq, ws, py, ldy, N, K, acc): a rows of X against all N rows of an F16 matrix (ws unused). */
+const emitF16Rows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
+  emitRows(mb, o, "f16rows", a, 0, (c) => {
+    const { f } = c;
+    const q = f.local(I32);
+    const acc2 = Array.from({ length: c.a }, () => f.local(V128));
+    const wv = f.local(V128), wf = f.local(V128), xv = f.local(V128);
+    const k = f16Constants(f);
+    return {
+      shift: 3,
+      init: () => {
+        k.set();
+        f.get(c.WQ).i32Const(0).i32Add().set(q);
+      },
+      rowStart: () => {
+        for (let i = 0; i < c.a; i++) f.v128ConstF32(0).set(acc2[i]!);
+      },
+      block: () => {
+        f.get(q).v128Load().set(wv);
+        for (let half = 0; half < 2; half++) {
+          f16Widen(f, wv, half, k);
+          f.set(wf);
+          for (let i = 0; i < c.a; i++) {
+            f.get(c.xp[i]!).v128Load(16 * half).set(xv);
+            c.madd(half === 0 ? c.acc[i]! : acc2[i]!, xv, wf);
+          }
+        }
+        f.get(q).i32Const(16).i32Add().set(q);
+      },
+      beforeStore: (i) => void f.get(c.acc[i]!).get(acc2[i]!).f32x4Add().set(c.acc[i]!),
+    };
+  });
+
+/** f16deq(wq, ws, rows, K, dst): rows of an F16 matrix as f32 (exact). */
+const emitF16Deq = (mb: ModuleBuilder): Fn =>
+  emitDeq(mb, "f16deq", 3, (f, P) => {
+    const q = f.local(I32), wv = f.local(V128);
+    const k = f16Constants(f);
+    return {
+      init: () => {
+        k.set();
+        f.get(P.WQ).i32Const(0).i32Add().set(q);
+      },
+      block: (p) => {
+        f.get(q).v128Load().set(wv);
+        for (let half = 0; half < 2; half++) {
+          f.get(p);
+          f16Widen(f, wv, half, k);
+          f.v128Store(16 * half);
+        }
+        f.get(q).i32Const(16).i32Add().set(q);
+      },
+    };
+  });
+
 /** The exported names of each type's driver and dequantization kernel (runtime.ts calls them by type). */
 export const QUANT_EXPORTS: Record<QuantType, { gemm: string; deq: string }> = {
   q8_0: { gemm: "qgemm", deq: "q8deq" },
@@ -888,6 +975,7 @@ export const QUANT_EXPORTS: Record<QuantType, { gemm: string; deq: string }> = {
   q4_k: { gemm: "q4kgemm", deq: "q4kdeq" },
   q6_k: { gemm: "q6kgemm", deq: "q6kdeq" },
   bf16: { gemm: "bf16gemm", deq: "bf16deq" },
+  f16: { gemm: "f16gemm", deq: "f16deq" },
 };
 
 /** Emits every type's rows and dequantization kernels and its driver (exported); `gemm` is the f32 driver. */
@@ -944,6 +1032,10 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
       { rows: rowsOf(emitQ6KIRows), prep: q8act },
     ),
     bf16: emitDriver(mb, o, gemm, QUANT_EXPORTS.bf16.gemm, rowsOf(emitBf16Rows), emitBf16Deq(mb), null, (g, n0, K) => {
+      g.get(n0).get(K).i32Mul().i32Const(1).i32Shl(); // value bytes: n0·K·2
+      return () => void g.i32Const(0); // no scales
+    }),
+    f16: emitDriver(mb, o, gemm, QUANT_EXPORTS.f16.gemm, rowsOf(emitF16Rows), emitF16Deq(mb), null, (g, n0, K) => {
       g.get(n0).get(K).i32Mul().i32Const(1).i32Shl(); // value bytes: n0·K·2
       return () => void g.i32Const(0); // no scales
     }),

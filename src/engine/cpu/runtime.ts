@@ -220,7 +220,7 @@ export class CpuRuntime {
     const ex = instance.exports;
     this.gemmFn = ex.gemm as GemmFn;
     const of = (names: { gemm: string; deq: string }) => ({ gemm: ex[names.gemm] as QGemmFn, deq: ex[names.deq] as DeqFn });
-    this.quant = { q8_0: of(QUANT_EXPORTS.q8_0), q4_0: of(QUANT_EXPORTS.q4_0), q4_k: of(QUANT_EXPORTS.q4_k), q6_k: of(QUANT_EXPORTS.q6_k), bf16: of(QUANT_EXPORTS.bf16) };
+    this.quant = { q8_0: of(QUANT_EXPORTS.q8_0), q4_0: of(QUANT_EXPORTS.q4_0), q4_k: of(QUANT_EXPORTS.q4_k), q6_k: of(QUANT_EXPORTS.q6_k), bf16: of(QUANT_EXPORTS.bf16), f16: of(QUANT_EXPORTS.f16) };
     this.taskListFn = ex.task_list as TaskListFn;
     this.packxFn = ex.packx as PackxFn;
     this.scratch = SCRATCH_BYTE;
