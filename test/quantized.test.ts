@@ -8,7 +8,7 @@ import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { CpuRuntime } from "../src/engine/cpu/runtime.js";
 import { GgmlType, ggufMetadataForWrite, readGguf, readGgufTensor, writeGguf } from "../src/io/gguf.js";
-import { dequantize, quantizeQ8_0, repackQ4_K, repackQ6_K, splitScaledBlocks } from "../src/io/gguf-quants.js";
+import { dequantize, quantizeQ8_0, repackQ4_K, repackQ5_K, repackQ6_K, splitScaledBlocks } from "../src/io/gguf-quants.js";
 import { loadGgml } from "../src/reference/ggml.js";
 import type { LossAndGradRequest } from "../src/engine/grad.js";
 import { loadHostModel, type FileFacts } from "../src/model/load.js";
@@ -84,6 +84,7 @@ const h16 = (v: number) => {
 /** The K-quants: ggml block bytes, where d (and dmin) sit, and how our layout repacks them. */
 const KQUANTS = [
   { type: "q4_k", ggml: GgmlType.Q4_K, elems: 256, bytes: 144, halves: [0, 2], wq: 128, ws: 24, repack: repackQ4_K },
+  { type: "q5_k", ggml: GgmlType.Q5_K, elems: 256, bytes: 176, halves: [0, 2], wq: 160, ws: 24, repack: repackQ5_K },
   { type: "q6_k", ggml: GgmlType.Q6_K, elems: 256, bytes: 210, halves: [208], wq: 192, ws: 20, repack: repackQ6_K },
   { type: "q4_0", ggml: GgmlType.Q4_0, elems: 32, bytes: 18, halves: [0], wq: 16, ws: 4, repack: (b: Uint8Array, q: Uint8Array, m: Uint8Array) => splitScaledBlocks(b, 18, q, new Float32Array(m.buffer, m.byteOffset, m.byteLength / 4)) },
 ] as const;
@@ -202,7 +203,7 @@ describe("a Q8_0 GGUF (stories260K with every 32-aligned matrix in Q8_0)", () =>
  * quantized by ggml like a Q4_K_M file: Q6_K for the embedding, the output and block 0's down
  * projection, Q4_K for every other matrix; norms F32.
  */
-async function writeQ4KLlama(file: string): Promise<void> {
+async function writeQ4KLlama(file: string, main: GgmlType = GgmlType.Q4_K): Promise<void> {
   const ggml = await loadGgml();
   const g = readGguf(fixture("stories260K-gguf", "stories260K.gguf"));
   const D = 256, F = 512, V = 512, L = 2, H = 4, KV = 2, hd = 64;
@@ -218,7 +219,7 @@ async function writeQ4KLlama(file: string): Promise<void> {
   const tensors: { name: string; shape: number[]; type: GgmlType; data: Float32Array; raw?: Uint8Array }[] = [];
   const mat = (name: string, rows: number, cols: number) => {
     const data = Float32Array.from({ length: rows * cols }, () => (r() * 2 * Math.sqrt(3)) / Math.sqrt(cols));
-    const type = /^(token_embd|output|blk\.0\.ffn_down)\./.test(name) ? GgmlType.Q6_K : GgmlType.Q4_K;
+    const type = /^(token_embd|output|blk\.0\.ffn_down)\./.test(name) ? GgmlType.Q6_K : main;
     tensors.push({ name, shape: [rows, cols], type, data, raw: ggml.quantize(type, data, rows, cols) });
   };
   const norm = (name: string) => tensors.push({ name, shape: [D], type: GgmlType.F32, data: Float32Array.from({ length: D }, () => 1 + r() * 0.2) });
@@ -579,5 +580,42 @@ test("an F16 GGUF (stories260K's matrices in F16): kept as F16 by default, logit
   } finally {
     f32.dispose();
     h.dispose();
+  }
+});
+
+test("a Q5_K_M-like GGUF (Q5_K and Q6_K by ggml): native equals the f32 path up to summation order, native-int8 stays within llama.cpp's distance", async (t) => {
+  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-q5k-")), "llama-q5_k.gguf");
+  await writeQ4KLlama(file, GgmlType.Q5_K);
+  const f32 = await Model.load(file, { threads: 2, weights: "f32" });
+  const q5 = await Model.load(file, { threads: 2 });
+  const i8 = await Model.load(file, { threads: 2, weights: "native-int8" });
+  try {
+    assert.equal((q5 as unknown as { engine: { quantizedMats: number } }).engine.quantizedMats, 2 * 4 + 2);
+    const ids = [1, 403, 407, 261, 378, 285, 263, 499, 29, 300, 301, 302];
+    const a = (await f32.forward([{ ids }])).logits[0]!, b = (await q5.forward([{ ids }])).logits[0]!;
+    let worst = 0, scale = 0;
+    for (let i = 0; i < a.length; i++) {
+      worst = Math.max(worst, Math.abs(a[i]! - b[i]!));
+      scale = Math.max(scale, Math.abs(a[i]!));
+    }
+    assert.ok(worst <= 1e-5 * Math.max(1, scale), `max |Δ| ${worst} (logits up to ${scale})`);
+    assert.deepEqual((await q5.generate([{ ids: ids.slice(0, 3) }], { maxTokens: 24 })).tokens, (await f32.generate([{ ids: ids.slice(0, 3) }], { maxTokens: 24 })).tokens);
+    const lc = await llamaCppLogits(file, ids, { threads: 1 });
+    const V = 512;
+    const rowsOf = async (m: Model) => {
+      const out = new Float32Array(ids.length * V);
+      for (let i = 0; i < ids.length; i++) out.set((await m.forward([{ ids: ids.slice(0, i + 1) }], { logits: "last" })).logits[0]!, i * V);
+      return out;
+    };
+    const exact = await rowsOf(f32), mine = await rowsOf(i8);
+    const vsLc = compareLogits(b, lc.logits, ids.length, V, true), f32Lc = compareLogits(a, lc.logits, ids.length, V, true);
+    const self = compareLogits(mine, exact, ids.length, V, true);
+    t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${f32Lc.maxAbs.toExponential(2)}, native Q5_K/Q6_K ${vsLc.maxAbs.toExponential(2)}, native-int8 ${compareLogits(mine, lc.logits, ids.length, V, true).maxAbs.toExponential(2)}; native-int8 vs f32 path ${self.maxAbs.toExponential(2)}`);
+    assert.ok(Math.abs(vsLc.maxAbs - f32Lc.maxAbs) <= 1e-3, `native ${vsLc.maxAbs} vs f32 ${f32Lc.maxAbs}`);
+    assert.ok(self.maxAbs > 0 && self.maxAbs <= 2 * Math.max(f32Lc.maxAbs, 1e-3), `native-int8 moves ${self.maxAbs}; llama.cpp is ${f32Lc.maxAbs} away`);
+  } finally {
+    f32.dispose();
+    q5.dispose();
+    i8.dispose();
   }
 });

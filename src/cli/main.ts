@@ -196,7 +196,7 @@ function idsFlag(s: string): number[] {
 function weights(f: Flags): { weights?: "f32" | "f16" | "native" | "native-int8" } {
   const w = str(f, "weights");
   if (w === undefined) return {};
-  if (w !== "f32" && w !== "f16" && w !== "native" && w !== "native-int8") throw new CliError(`--weights must be f32, f16 (webgpu), native (cpu: Q8_0 / Q4_0 / Q4_K / Q6_K / BF16 / F16 matrices computed on in their format; the cpu default for such files) or native-int8 (native, with Q4_K / Q6_K / Q8_0 decode activations quantized to int8 like llama.cpp: faster, not the f32 path's numbers), got "${w}"`);
+  if (w !== "f32" && w !== "f16" && w !== "native" && w !== "native-int8") throw new CliError(`--weights must be f32, f16 (webgpu), native (cpu: Q8_0 / Q4_0 / Q4_K / Q5_K / Q6_K / BF16 / F16 matrices computed on in their format; the cpu default for such files) or native-int8 (native, with Q4_K / Q5_K / Q6_K / Q8_0 decode activations quantized to int8 like llama.cpp: faster, not the f32 path's numbers), got "${w}"`);
   return { weights: w };
 }
 
@@ -260,7 +260,7 @@ async function cmdInfo(f: Flags): Promise<void> {
   lines.push(
     ["parameters", `${count(mem.params)} (weight files ${size(fileBytes)})`],
     ["memory", `cpu ${size(mem.weightBytes + mem.hostBytes)} as f32 (${mem.weightBytes <= WASM_USABLE_BYTES ? "fits" : "exceeds"} one wasm32 memory)` +
-      (model.nativeQuantBytes !== undefined && hasNativeMatrices(model.sourceDtype) ? `, ${size(model.nativeQuantBytes)} with its Q8_0/Q4_0/Q4_K/Q6_K/BF16/F16 matrices kept in their format (the cpu default; ${model.nativeQuantBytes <= WASM_USABLE_BYTES ? "fits" : "exceeds"})` : "") +
+      (model.nativeQuantBytes !== undefined && hasNativeMatrices(model.sourceDtype) ? `, ${size(model.nativeQuantBytes)} with its Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/BF16/F16 matrices kept in their format (the cpu default; ${model.nativeQuantBytes <= WASM_USABLE_BYTES ? "fits" : "exceeds"})` : "") +
       `; KV cache ${size(mem.kvBytesPerRow(c.nCtx))} per row at nCtx ${c.nCtx}`],
   );
   for (const [k, v] of lines) process.stdout.write(`${k!.padEnd(14)} ${v}\n`);

@@ -23,7 +23,7 @@ export interface LazyWeightStore extends WeightStore {
 }
 
 /** Matrix types the CPU engine computes on in their own format (no f32 copy). */
-export type QuantType = "q8_0" | "q4_0" | "q4_k" | "q6_k" | "bf16" | "f16";
+export type QuantType = "q8_0" | "q4_0" | "q4_k" | "q5_k" | "q6_k" | "bf16" | "f16";
 
 export interface EngineModel {
   config: ModelConfig;

@@ -167,6 +167,34 @@ export function repackQ4_K(bytes: Uint8Array, nibbles: Uint8Array, meta: Uint8Ar
 }
 
 /**
+ * Repack Q5_K blocks (`bytes`, 176 each) into the CPU engine's layout (engine/cpu/qkernels.ts): `quants`
+ * per block the 128 low-nibble bytes (as Q4_K's) then the 32 high-bit bytes; `meta` 24 bytes per block as
+ * Q4_K's (d, dmin as f32, the 8 scales, the 8 mins). Returns the first block whose d or dmin is not finite, or -1.
+ */
+export function repackQ5_K(bytes: Uint8Array, quants: Uint8Array, meta: Uint8Array): number {
+  const nb = bytes.byteLength / 176;
+  if (!Number.isInteger(nb) || quants.byteLength !== nb * 160 || meta.byteLength !== nb * 24) throw new Error(`repackQ5_K: ${bytes.byteLength} bytes do not match the destinations`);
+  const dv = new DataView(meta.buffer, meta.byteOffset, meta.byteLength);
+  const sm = new Int32Array(2);
+  let bad = -1;
+  for (let i = 0; i < nb; i++) {
+    const o = i * 176;
+    const d = half(bytes, o), dmin = half(bytes, o + 2);
+    if (bad < 0 && !(Number.isFinite(d) && Number.isFinite(dmin))) bad = i;
+    dv.setFloat32(i * 24, d, true);
+    dv.setFloat32(i * 24 + 4, dmin, true);
+    for (let j = 0; j < 8; j++) {
+      scaleMinK4(bytes, o + 4, j, sm);
+      meta[i * 24 + 8 + j] = sm[0]!;
+      meta[i * 24 + 16 + j] = sm[1]!;
+    }
+    quants.set(bytes.subarray(o + 48, o + 176), i * 160);
+    quants.set(bytes.subarray(o + 16, o + 48), i * 160 + 128);
+  }
+  return bad;
+}
+
+/**
  * Repack Q6_K blocks (`bytes`, 210 each) into the CPU engine's layout (engine/cpu/qkernels.ts):
  * `quants` the blocks' ql and qh (192 bytes each), back to back; `meta` 20 bytes per block: d as
  * f32, then the 16 int8 scales. Returns the index of the first block whose d is not finite, or -1.

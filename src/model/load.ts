@@ -11,7 +11,7 @@ export class NumericalWeightsError extends ModelFileError {
 }
 import { checkGgufTensorReadable, GgmlType, ggmlBlock, ggufTensorShape, readGguf, readGgufTensor, readRange, readRangeInto, type GgufFile } from "../io/gguf.js";
 import { fileSha256, type FileHashOptions } from "../io/file-hash.js";
-import { repackQ4_K, repackQ6_K, splitScaledBlocks } from "../io/gguf-quants.js";
+import { repackQ4_K, repackQ5_K, repackQ6_K, splitScaledBlocks } from "../io/gguf-quants.js";
 import type { QuantType } from "../engine/weights.js";
 import { quantBytes } from "../engine/cpu/qkernels.js";
 import { resolveModelPath } from "../io/hub-cache.js";
@@ -289,7 +289,7 @@ function copyF16(bytes: Uint8Array, dst: Uint8Array): number {
 }
 
 /** The ggml type of each layout the cpu engine computes on without widening (engine/cpu/qkernels.ts). */
-const NATIVE_GGML: Record<QuantType, GgmlType> = { q8_0: GgmlType.Q8_0, q4_0: GgmlType.Q4_0, q4_k: GgmlType.Q4_K, q6_k: GgmlType.Q6_K, bf16: GgmlType.BF16, f16: GgmlType.F16 };
+const NATIVE_GGML: Record<QuantType, GgmlType> = { q8_0: GgmlType.Q8_0, q4_0: GgmlType.Q4_0, q4_k: GgmlType.Q4_K, q6_k: GgmlType.Q6_K, bf16: GgmlType.BF16, f16: GgmlType.F16, q5_k: GgmlType.Q5_K };
 
 /** The cpu engine's native layout for tensors of ggml type `t`, or null (they are widened to f32). */
 function nativeTypeOf(t: GgmlType): QuantType | null {
@@ -311,6 +311,7 @@ const REPACK: Record<QuantType, (bytes: Uint8Array, wq: Uint8Array, ws: Uint8Arr
   q8_0: (b, q, s) => splitScaledBlocks(b, 34, q, f32View(s)),
   q4_0: (b, q, s) => splitScaledBlocks(b, 18, q, f32View(s)),
   q4_k: repackQ4_K,
+  q5_k: repackQ5_K,
   q6_k: repackQ6_K,
   bf16: (b, q) => copyBf16(b, q),
   f16: (b, q) => copyF16(b, q),

@@ -46,7 +46,7 @@ const gib = (b: number) => `${(b / 1024 ** 3).toFixed(2)} GiB`;
 export function checkFits(c: ModelConfig, device: DeviceName, source: string, nativeQuantBytes?: number): MemoryEstimate {
   const e = estimateMemory(c);
   const bytes = device === "cpu" && nativeQuantBytes !== undefined ? nativeQuantBytes : e.weightBytes;
-  const how = device === "cpu" && nativeQuantBytes !== undefined ? "with its Q8_0/Q4_K/BF16 matrices kept in their format (also Q4_0, Q6_K, F16) and the rest as f32" : "as f32";
+  const how = device === "cpu" && nativeQuantBytes !== undefined ? "with its Q8_0/Q4_K/BF16 matrices kept in their format (also Q4_0, Q5_K, Q6_K, F16) and the rest as f32" : "as f32";
   if ((device === "wasm" || device === "cpu") && bytes > WASM_USABLE) {
     throw new SelfscopeError(
       `${source}: ${(e.params / 1e9).toFixed(2)}B parameters need ${gib(bytes)} ${how} on the ${device} backend, ` +

@@ -41,7 +41,7 @@ export interface LoadOptions {
   /**
    * Weight storage: "f32" (default), or "f16" on WebGPU with shader-f16 (half the memory; the
    * residual stream stays f32). Quantized GGUFs default to "f16" on WebGPU: their error dominates.
-   * "native" (cpu; the default for checkpoints with Q8_0, Q4_0, Q4_K, Q6_K, BF16 or F16 tensors): those matrices stay
+   * "native" (cpu; the default for checkpoints with Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, BF16 or F16 tensors): those matrices stay
    * in their format in memory and are computed on as such (Q8_0 1.125, Q4_K 0.59, BF16 2 bytes per
    * weight; results equal f32's on the exactly widened values up to summation order); other
    * tensors are f32. The first gradient, derivative or weight delta gives every quantized matrix

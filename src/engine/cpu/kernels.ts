@@ -106,10 +106,11 @@ export const TASK_WORDS = 16;
  *   Q6KGEMM    the same for Q6_K rows (qkernels.ts q6kgemm)
  *   Q40GEMM    the same for Q4_0 rows (qkernels.ts q40gemm)
  *   F16GEMM    the same for F16 rows (qkernels.ts f16gemm; ws unused)
+ *   Q5KGEMM    the same for Q5_K rows (qkernels.ts q5kgemm)
  */
-export const TASK = { GEMM: 0, GATED: 1, RMSNORM: 2, ATTENTION: 3, QGEMM: 4, Q4KGEMM: 5, BF16GEMM: 6, Q6KGEMM: 7, Q40GEMM: 8, F16GEMM: 9 } as const;
+export const TASK = { GEMM: 0, GATED: 1, RMSNORM: 2, ATTENTION: 3, QGEMM: 4, Q4KGEMM: 5, BF16GEMM: 6, Q6KGEMM: 7, Q40GEMM: 8, F16GEMM: 9, Q5KGEMM: 10 } as const;
 /** The task kind of each quantized type's driver. */
-export const QUANT_TASK: Record<QuantType, number> = { q8_0: TASK.QGEMM, q4_0: TASK.Q40GEMM, q4_k: TASK.Q4KGEMM, q6_k: TASK.Q6KGEMM, bf16: TASK.BF16GEMM, f16: TASK.F16GEMM };
+export const QUANT_TASK: Record<QuantType, number> = { q8_0: TASK.QGEMM, q4_0: TASK.Q40GEMM, q4_k: TASK.Q4KGEMM, q6_k: TASK.Q6KGEMM, bf16: TASK.BF16GEMM, f16: TASK.F16GEMM, q5_k: TASK.Q5KGEMM };
 /** gemm flags: add to Y instead of overwriting it. */
 export const ACCUMULATE = 1;
 /** gemm flags: x points at X packed by packx (packed path, M >= packMinM, only). */

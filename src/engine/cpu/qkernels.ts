@@ -26,10 +26,11 @@ export function quantBytes(type: QuantType, N: number, K: number): { wq: number;
   if (type === "bf16" || type === "f16") return { wq: N * K * 2, ws: 0 };
   if (type === "q6_k") return { wq: ((N * K) / 256) * 192, ws: ((N * K) / 256) * 20 };
   if (type === "q4_0") return { wq: (N * K) / 2, ws: (N * K) / 8 };
+  if (type === "q5_k") return { wq: ((N * K) / 256) * 160, ws: ((N * K) / 256) * 24 };
   return type === "q8_0" ? { wq: N * K, ws: (N * K) / 8 } : { wq: (N * K) / 2, ws: ((N * K) / 256) * 24 };
 }
 /** Row length a quantized matrix must be a multiple of. */
-export const QUANT_BLOCK: Record<QuantType, number> = { q8_0: 32, q4_k: 256, bf16: 8, q6_k: 256, q4_0: 32, f16: 8 };
+export const QUANT_BLOCK: Record<QuantType, number> = { q8_0: 32, q4_k: 256, bf16: 8, q6_k: 256, q4_0: 32, f16: 8, q5_k: 256 };
 
 /** Driver flag (beside kernels.ts ACCUMULATE 1, PACKED_X 2): Q4_K decode rows with int8 activations. */
 export const INT8_ACT = 4;
@@ -312,12 +313,20 @@ function nibbles(f: Fn, v: number, hi: boolean): void {
   else f.v128ConstI32(0x0f0f0f0f).v128And();
 }
 
+/** Q5_K: ors the fifth bit of sub-block j's 16 quants (bit j of each byte of `qh`) into the nibbles on the stack. */
+function fifthBit(f: Fn, qh: number, j: number): void {
+  f.get(qh);
+  if (j > 0) f.i32Const(j).i8x16ShrU();
+  // Bytes are 0 or 1 after the mask, so a 16-bit shift by 4 never carries into the next byte.
+  f.v128ConstI32(0x01010101).v128And().i32Const(4).i16x8Shl().v128Or();
+}
+
 /**
  * q4krows_a(px, ldx, wq, wm, py, ldy, N, K, acc, xs): a rows of X against all N rows of a Q4_K
  * matrix; xs: the rows' xsums (K/32 floats per row, consecutive).
  */
-const emitQ4KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
-  emitRows(mb, o, "q4krows", a, 1, (c) => {
+const emitQ4KRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = false): Fn =>
+  emitRows(mb, o, five ? "q5krows" : "q4krows", a, 1, (c) => {
     const { f } = c;
     const XS = c.extra[0]!;
     const xs = f.local(I32), q = f.local(I32), mt = f.local(I32);
@@ -325,6 +334,7 @@ const emitQ4KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
     const t = Array.from({ length: c.a }, () => f.local(V128));
     const l = { w16: f.local(V128), wf: f.local(V128), xv: f.local(V128), t };
     const v0 = f.local(V128), v1 = f.local(V128), u = f.local(V128), tmp = f.local(V128);
+    const qh = [f.local(V128), f.local(V128)];
     const dd = f.local(F32), dmin = f.local(F32), mm = f.local(F32);
     return {
       shift: 8,
@@ -336,6 +346,7 @@ const emitQ4KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
       block: () => {
         f.get(mt).f32Load(0).set(dd);
         f.get(mt).f32Load(4).set(dmin);
+        if (five) for (let h = 0; h < 2; h++) f.get(q).v128Load(128 + 16 * h).set(qh[h]!);
         for (let ch = 0; ch < 4; ch++) {
           f.get(q).v128Load(32 * ch).set(v0);
           f.get(q).v128Load(32 * ch + 16).set(v1);
@@ -344,6 +355,7 @@ const emitQ4KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
             const first = { on: true };
             for (const [vi, v] of [v0, v1].entries()) {
               nibbles(f, v, hi);
+              if (five) fifthBit(f, qh[vi]!, j);
               f.set(u);
               dot16(c, u, false, l, 4 * (32 * j + 16 * vi), first);
             }
@@ -360,7 +372,7 @@ const emitQ4KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
             }
           }
         }
-        f.get(q).i32Const(128).i32Add().set(q);
+        f.get(q).i32Const(five ? 160 : 128).i32Add().set(q);
         f.get(mt).i32Const(24).i32Add().set(mt);
         f.get(xs).i32Const(32).i32Add().set(xs);
       },
@@ -443,8 +455,8 @@ function emitQ8Act(mb: ModuleBuilder): Fn {
  * q4kirows_a(px, ldx, wq, wm, py, ldy, N, K, acc, xs): a rows of int8-activation X (px: the first
  * row's quants, ldx: q8actRowBytes(K)) against all N rows of a Q4_K matrix; xs: the first row's area.
  */
-const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
-  emitRows(mb, o, "q4kirows", a, 1, (c) => {
+const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = false): Fn =>
+  emitRows(mb, o, five ? "q5kirows" : "q4kirows", a, 1, (c) => {
     const { f } = c;
     const XS = c.extra[0]!;
     const xs = f.local(I32), xd = f.local(I32), q = f.local(I32), mt = f.local(I32);
@@ -453,6 +465,7 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
     const sub = Array.from({ length: c.a }, () => f.local(V128));
     const v0 = f.local(V128), v1 = f.local(V128), lo = f.local(V128), hi = f.local(V128), scv = f.local(V128), tmp = f.local(V128);
     const dd = f.local(F32), dmin = f.local(F32), mm = f.local(F32);
+    const qh = [f.local(V128), f.local(V128)];
     const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
     return {
       shift: 8,
@@ -467,6 +480,7 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
         f.get(mt).f32Load(0).set(dd);
         f.get(mt).f32Load(4).set(dmin);
         for (let i = 0; i < c.a; i++) f.v128ConstI32(0).set(iacc[i]!);
+        if (five) for (let h = 0; h < 2; h++) f.get(q).v128Load(128 + 16 * h).set(qh[h]!);
         for (let ch = 0; ch < 4; ch++) {
           f.get(q).v128Load(32 * ch).set(v0);
           f.get(q).v128Load(32 * ch + 16).set(v1);
@@ -474,6 +488,7 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
             const j = 2 * ch + (high ? 1 : 0);
             for (const [vi, v] of [v0, v1].entries()) {
               nibbles(f, v, high);
+              if (five) fifthBit(f, qh[vi]!, j);
               f.set(hi);
               f.get(hi).i16x8ExtendLowI8x16U().set(lo);
               f.get(hi).i16x8ExtendHighI8x16U().set(hi);
@@ -504,7 +519,7 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
           f.get(iacc[i]!).f32x4ConvertI32x4S().set(scv);
           c.madd(c.acc[i]!, tmp, scv);
         }
-        f.get(q).i32Const(128).i32Add().set(q);
+        f.get(q).i32Const(five ? 160 : 128).i32Add().set(q);
         f.get(mt).i32Const(24).i32Add().set(mt);
         f.get(xs).i32Const(32).i32Add().set(xs);
         f.get(xd).i32Const(4).i32Add().set(xd);
@@ -563,10 +578,11 @@ const emitQ8IRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
     };
   });
 
-/** q4kdeq(wq, wm, rows, K, dst): rows of a Q4_K matrix as f32, exactly as ggml's dequantize_row_q4_K. */
-const emitQ4KDeq = (mb: ModuleBuilder): Fn =>
-  emitDeq(mb, "q4kdeq", 8, (f, P) => {
+/** q4kdeq(wq, wm, rows, K, dst): rows of a Q4_K matrix as f32, exactly as ggml's dequantize_row_q4_K (q5kdeq: Q5_K, five). */
+const emitQ4KDeq = (mb: ModuleBuilder, five = false): Fn =>
+  emitDeq(mb, five ? "q5kdeq" : "q4kdeq", 8, (f, P) => {
     const q = f.local(I32), mt = f.local(I32);
+    const qh = [f.local(V128), f.local(V128)];
     const v0 = f.local(V128), v1 = f.local(V128), u = f.local(V128), w16 = f.local(V128), s = f.local(V128), m = f.local(V128);
     const dd = f.local(F32), dmin = f.local(F32);
     return {
@@ -574,6 +590,7 @@ const emitQ4KDeq = (mb: ModuleBuilder): Fn =>
       block: (p) => {
         f.get(mt).f32Load(0).set(dd);
         f.get(mt).f32Load(4).set(dmin);
+        if (five) for (let h = 0; h < 2; h++) f.get(q).v128Load(128 + 16 * h).set(qh[h]!);
         for (let ch = 0; ch < 4; ch++) {
           f.get(q).v128Load(32 * ch).set(v0);
           f.get(q).v128Load(32 * ch + 16).set(v1);
@@ -583,12 +600,13 @@ const emitQ4KDeq = (mb: ModuleBuilder): Fn =>
             f.get(dmin).get(mt).i32Load8U(16 + j).f32ConvertI32U().f32Mul().f32x4Splat().set(m);
             for (const [vi, v] of [v0, v1].entries()) {
               nibbles(f, v, hi);
+              if (five) fifthBit(f, qh[vi]!, j);
               f.set(u);
               store16(f, u, w16, false, p, 4 * (32 * j + 16 * vi), s, m);
             }
           }
         }
-        f.get(q).i32Const(128).i32Add().set(q);
+        f.get(q).i32Const(five ? 160 : 128).i32Add().set(q);
         f.get(mt).i32Const(24).i32Add().set(mt);
       },
     };
@@ -976,6 +994,7 @@ export const QUANT_EXPORTS: Record<QuantType, { gemm: string; deq: string }> = {
   q6_k: { gemm: "q6kgemm", deq: "q6kdeq" },
   bf16: { gemm: "bf16gemm", deq: "bf16deq" },
   f16: { gemm: "f16gemm", deq: "f16deq" },
+  q5_k: { gemm: "q5kgemm", deq: "q5kdeq" },
 };
 
 /** Emits every type's rows and dequantization kernels and its driver (exported); `gemm` is the f32 driver. */
@@ -1016,6 +1035,20 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
         return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(24).i32Mul(); // meta: n0·K/256·24
       },
       { rows: rowsOf(emitQ4KIRows), prep: q8act },
+    ),
+    q5_k: emitDriver(
+      mb,
+      o,
+      gemm,
+      QUANT_EXPORTS.q5_k.gemm,
+      rowsOf((m, oo, a) => emitQ4KRows(m, oo, a, true)),
+      emitQ4KDeq(mb, true),
+      xsums,
+      (g, n0, K) => {
+        g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(160).i32Mul(); // nibbles and high bits: n0·K/256·160
+        return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(24).i32Mul(); // meta: n0·K/256·24
+      },
+      { rows: rowsOf((m, oo, a) => emitQ4KIRows(m, oo, a, true)), prep: q8act },
     ),
     q6_k: emitDriver(
       mb,

@@ -220,7 +220,7 @@ export class CpuRuntime {
     const ex = instance.exports;
     this.gemmFn = ex.gemm as GemmFn;
     const of = (names: { gemm: string; deq: string }) => ({ gemm: ex[names.gemm] as QGemmFn, deq: ex[names.deq] as DeqFn });
-    this.quant = { q8_0: of(QUANT_EXPORTS.q8_0), q4_0: of(QUANT_EXPORTS.q4_0), q4_k: of(QUANT_EXPORTS.q4_k), q6_k: of(QUANT_EXPORTS.q6_k), bf16: of(QUANT_EXPORTS.bf16), f16: of(QUANT_EXPORTS.f16) };
+    this.quant = { q8_0: of(QUANT_EXPORTS.q8_0), q4_0: of(QUANT_EXPORTS.q4_0), q4_k: of(QUANT_EXPORTS.q4_k), q6_k: of(QUANT_EXPORTS.q6_k), bf16: of(QUANT_EXPORTS.bf16), f16: of(QUANT_EXPORTS.f16), q5_k: of(QUANT_EXPORTS.q5_k) };
     this.taskListFn = ex.task_list as TaskListFn;
     this.packxFn = ex.packx as PackxFn;
     this.scratch = SCRATCH_BYTE;
@@ -434,7 +434,7 @@ export class CpuRuntime {
     }
     const flops = 2 * M * N * K;
     // The int8-activation rows quantize X into the dequantization area: more rows than fit run in slices.
-    const int8 = g.int8 === true && (type === "q4_k" || type === "q6_k" || (type === "q8_0" && K % 256 === 0)) && M < this.packMinM;
+    const int8 = g.int8 === true && (type === "q4_k" || type === "q5_k" || type === "q6_k" || (type === "q8_0" && K % 256 === 0)) && M < this.packMinM;
     const fit = int8 ? Math.floor(DEQ_BYTES / q8actRowBytes(K)) : Infinity;
     if (int8 && M > fit) {
       for (let m0 = 0; m0 < M; m0 += fit) this.qgemm({ ...g, x: g.x + m0 * g.ldx, y: g.y + m0 * g.ldy, M: Math.min(fit, M - m0) });
