@@ -269,7 +269,7 @@ for (const threads of [1, 2]) {
     try {
       const r = rng(12);
       let worstVsExact = 0;
-      for (const [M, N, K] of [[1, 3, 256], [2, 5, 512], [3, 7, 256], [4, 9, 768], [5, 4, 256], [1, 300, 1024], [2, 64, 2048]] as const) {
+      for (const [M, N, K] of [[1, 3, 256], [2, 5, 512], [3, 7, 256], [4, 9, 768], [5, 4, 256], [6, 5, 512], [7, 3, 256], [8, 6, 768], [1, 300, 1024], [2, 64, 2048]] as const) {
         const nb = (N * K) / kq.elems;
         const blocks = Uint8Array.from({ length: nb * kq.bytes }, () => Math.floor((r() + 0.5) * 256) & 255);
         const dv = new DataView(blocks.buffer);
