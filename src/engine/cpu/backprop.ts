@@ -1145,9 +1145,114 @@ function fwdStep(p: Pass, e: TapeEntry, t: Grads, atSite: (group: number | null 
       t.set("d", o);
       return;
     }
+    case "route": {
+      const th = t.peek("h");
+      t.take("rl");
+      if (th < 0) return;
+      const o = fresh("rl");
+      linearJvp(rt, th, D, W!.moe!.router, o, W!.moe!.router.rows, R);
+      t.set("rl", o);
+      return;
+    }
+    case "select": {
+      const tr = t.peek("rl");
+      t.take("ew");
+      if (tr < 0) return;
+      const o = fresh("ew");
+      selectJvp(p, before.rl, e.after.ew, tr, o);
+      t.set("ew", o);
+      return;
+    }
+    case "experts":
+    case "expertOut": {
+      const per = step.kind === "expertOut";
+      const th = t.peek("h"), tw = t.peek("ew");
+      t.take(per ? "eo" : "d");
+      if (th < 0 && tw < 0) return;
+      const o = fresh(per ? "eo" : "d");
+      rt.f32.fill(0, o, o + p.size(per ? "eo" : "d"));
+      expertsJvp(p, W!.moe!.experts, before.h, before.ew, th, tw, o, per);
+      t.set(per ? "eo" : "d", o);
+      return;
+    }
+    case "sumExperts": {
+      const te = t.peek("eo");
+      t.take("d");
+      if (te < 0) return;
+      const o = fresh("d");
+      const E = W!.moe!.experts.length;
+      const f = rt.f32;
+      for (let r = 0; r < R; r++)
+        for (let i = 0; i < D; i++) {
+          let sum = 0;
+          for (let x = 0; x < E; x++) sum += f[te + (r * E + x) * D + i]!;
+          f[o + r * D + i] = sum;
+        }
+      t.set("d", o);
+      return;
+    }
     case "finalNorm":
     case "unembed":
       throw new UsageError("internal: head steps in a block tape");
   }
 }
 
+
+/** JVP of "select" (see selectVjp): tw_j = w_j (t_j − Σ_S w_e t_e) renormalised, p_j (t_j − Σ_all p_e t_e) not, on S; 0 off S. */
+function selectJvp(p: Pass, rl: number, ew: number, tr: number, o: number): void {
+  const m = p.c.mlp;
+  if (m.kind !== "moe") throw new UsageError("internal: select on a dense MLP");
+  const E = m.nExperts;
+  const f = p.rt.f32;
+  const pr = new Float64Array(E);
+  for (let r = 0; r < p.R; r++) {
+    let mx = -Infinity;
+    for (let e = 0; e < E; e++) mx = Math.max(mx, f[rl + r * E + e]!);
+    let z = 0;
+    for (let e = 0; e < E; e++) z += pr[e] = Math.exp(f[rl + r * E + e]! - mx);
+    const inS = (e: number) => f[ew + r * E + e] !== 0;
+    let zs = 0;
+    for (let e = 0; e < E; e++) if (inS(e)) zs += pr[e]!;
+    const div = m.normTopK ? zs : z;
+    let mean = 0;
+    for (let e = 0; e < E; e++) if (!m.normTopK || inS(e)) mean += (pr[e]! / div) * f[tr + r * E + e]!;
+    for (let j = 0; j < E; j++) f[o + r * E + j] = inS(j) ? (pr[j]! / div) * (f[tr + r * E + j]! - mean) : 0;
+  }
+}
+
+/**
+ * JVP of the experts: per expert, over the rows whose weight or weight tangent is not 0, its forward
+ * (y_e) and its tangent along th (t_y_e) are computed; out[r] += tw_e·y_e + w_e·t_y_e.
+ */
+function expertsJvp(p: Pass, experts: { up: MatRef; down: MatRef }[], h: number, ew: number, th: number, tw: number, out: number, per: boolean): void {
+  const { c, rt, R } = p;
+  const D = c.dModel, F = c.dMlp, E = experts.length, act = c.mlp.act;
+  for (let e = 0; e < E; e++) {
+    const rows: number[] = [];
+    for (let r = 0; r < R; r++) if (rt.f32[ew + r * E + e] !== 0 || (tw >= 0 && rt.f32[tw + r * E + e] !== 0)) rows.push(r);
+    const n = rows.length;
+    if (n === 0) continue;
+    const mk = rt.mark();
+    const x = rt.alloc(n * D), up = rt.alloc(n * 2 * F), post = rt.alloc(n * F), y = rt.alloc(n * D);
+    const f = rt.f32;
+    rows.forEach((r, i) => f.copyWithin(x + i * D, h + r * D, h + (r + 1) * D));
+    linear(rt, x, D, experts[e]!.up, up, 2 * F, n);
+    for (let i = 0; i < n; i++) for (let j = 0; j < F; j++) f[post + i * F + j] = actValue(f[up + i * 2 * F + j]!, act) * f[up + i * 2 * F + F + j]!;
+    linear(rt, post, F, experts[e]!.down, y, D, n);
+    let ty = -1;
+    if (th >= 0) {
+      const tx = rt.alloc(n * D), tup = rt.alloc(n * 2 * F), tpost = rt.alloc(n * F);
+      ty = rt.alloc(n * D);
+      rows.forEach((r, i) => f.copyWithin(tx + i * D, th + r * D, th + (r + 1) * D));
+      linearJvp(rt, tx, D, experts[e]!.up, tup, 2 * F, n);
+      mlpActJvp(act, { R: n, F, ldPre: 2 * F, ldUp: 2 * F }, f.subarray(up, up + n * 2 * F), f.subarray(up + F, up + n * 2 * F), f.subarray(tup, tup + n * 2 * F), f.subarray(tup + F, tup + n * 2 * F), f.subarray(tpost, tpost + n * F));
+      linearJvp(rt, tpost, F, experts[e]!.down, ty, D, n);
+    }
+    rows.forEach((r, i) => {
+      const w = f[ew + r * E + e]!, dw = tw >= 0 ? f[tw + r * E + e]! : 0;
+      const o = per ? out + (r * E + e) * D : out + r * D;
+      for (let j = 0; j < D; j++) f[o + j] = f[o + j]! + dw * f[y + i * D + j]! + (ty >= 0 ? w * f[ty + i * D + j]! : 0);
+    });
+    rt.release(mk);
+  }
+}

@@ -376,14 +376,8 @@ export class CpuEngine {
   /** Reads and their derivative with respect to the scale of `req.plan[req.wrt]` (grad.ts; forward mode). */
   async jvpScale(rows: (Row | number[])[], req: JvpRequest): Promise<JvpResult> {
     this.live();
-    this.noMoeDerivatives();
     this.materializeF32();
     return Promise.resolve(jvpScale(this.gradHost(), rows, req));
-  }
-
-  /** backprop.ts has no JVP for the routing and expert steps yet (their VJPs exist): say so instead of a wrong result. */
-  private noMoeDerivatives(): void {
-    if (this.config.mlp.kind === "moe") throw new UsageError(`forward-mode derivatives through mixture-of-experts blocks are not implemented yet (this ${this.config.family} model has gradients: lossAndGrad)`);
   }
 
   /** What backprop.ts needs: the weights in place, the tape-mode forward and the head. */
