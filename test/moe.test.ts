@@ -16,6 +16,7 @@ import os from "node:os";
 import path from "node:path";
 import { MOE_FIXTURE_FAMILIES, makeFixtures, type FixturePaths, type MoeFixtureFamily } from "../scripts/make-fixtures.js";
 import { CpuEngine } from "../src/engine/cpu/engine.js";
+import { initDevice } from "../src/engine/device.js";
 import { Engine } from "../src/engine/jax/engine.js";
 import { siteOrder } from "../src/engine/schedule.js";
 import { hookNames, type HookName } from "../src/hooks/names.js";
@@ -222,25 +223,28 @@ for (const family of MOE_FIXTURE_FAMILIES) {
   });
 }
 
-describe("gradients through mixture-of-experts blocks (cpu engine) match float64 finite differences", () => {
+describe("gradients through mixture-of-experts blocks (cpu and jax-js engines) match float64 finite differences", () => {
   const TARGETS = [-1, 77, 123, 9, 250, 31, 64, 200, 17, 99, 140, 8, 260, 45, 12, 180].map((t, i) => (i === 0 ? -1 : PROMPT[i]!));
   const H_FD = 1e-4;
   const rand = (n: number, seed: number, scale: number) => {
     let x = seed;
     return Float32Array.from({ length: n }, () => ((x = (x * 1103515245 + 12345) % 2147483648) / 2147483648 - 0.5) * scale);
   };
+  for (const engine of ["cpu", "jax"] as const)
   for (const family of MOE_FIXTURE_FAMILIES) {
-    test(`${family}: ∂CE/∂ vectors at the residual stream, the router logits and the per-expert outputs`, async (t) => {
+    test(`${family} [${engine}]: ∂CE/∂ vectors at the residual stream, the router logits and the per-expert outputs${engine === "jax" ? " and the expert weights" : ""}`, async (t) => {
       const host = loadHostModel(fixtures.get(family)!.hf);
       const { dModel: D } = host.config;
       const E = moeOf(host).nExperts;
-      const e = await CpuEngine.create(host, { threads: 2 });
+      const e = engine === "cpu" ? await CpuEngine.create(host, { threads: 2 }) : new Engine(host);
       try {
         const params = [
           { at: "blocks.0.hook_resid_post" as HookName, n: D },
           { at: "blocks.1.mlp.hook_router_logits" as HookName, n: E },
           { at: "blocks.2.mlp.hook_expert_out" as HookName, n: E * D },
           { at: "blocks.3.ln2.hook_normalized" as HookName, n: D },
+          // The jax-js engine runs every expert densely, so its derivative at the expert weights exists.
+          ...(engine === "jax" ? [{ at: "blocks.1.mlp.hook_expert_weights" as HookName, n: E }] : []),
         ].map((x, i) => ({ ...x, value: rand(x.n, 7 + i, 0.2) }));
         const r = await e.lossAndGrad([PROMPT], { params: params.map((x) => ({ kind: "vector" as const, at: x.at, value: x.value })), targets: [TARGETS] });
         const loss = (plan: OraclePlan) => {
@@ -263,10 +267,11 @@ describe("gradients through mixture-of-experts blocks (cpu engine) match float64
           assert.ok(Math.abs(got - want) <= 2e-3 * Math.abs(want) + 1e-5, `${x.at}: ∂ along u ${got} vs finite differences ${want}`);
         });
         t.diagnostic(`${family}: ${lines.join("; ")}`);
-        // Gradients at the expert weights are refused (unrouted experts are not run).
-        await assert.rejects(e.lossAndGrad([PROMPT], { params: [{ kind: "vector", at: "blocks.1.mlp.hook_expert_weights", value: new Float32Array(E) }], targets: [TARGETS] }), /gradients at mlp\.hook_expert_weights are not supported/);
+        // The cpu engine refuses gradients at the expert weights (unrouted experts are not run).
+        if (engine === "cpu") await assert.rejects(e.lossAndGrad([PROMPT], { params: [{ kind: "vector", at: "blocks.1.mlp.hook_expert_weights", value: new Float32Array(E) }], targets: [TARGETS] }), /gradients at mlp\.hook_expert_weights are not supported/);
       } finally {
-        await e.close();
+        if (e instanceof CpuEngine) await e.close();
+        else e.dispose();
       }
     });
   }
@@ -321,6 +326,93 @@ describe("forward-mode derivatives through mixture-of-experts blocks (cpu engine
   }
 });
 
+describe("the jax-js engine (wasm) runs mixture-of-experts blocks densely and equals the cpu engine and float64", () => {
+  for (const family of MOE_FIXTURE_FAMILIES) {
+    test(`${family}: logits, MoE site reads, an expert switched on and greedy decode`, async () => {
+      const host = loadHostModel(fixtures.get(family)!.hf);
+      const c = host.config;
+      const moe = moeOf(host);
+      const V = c.dVocab;
+      const jx = new Engine(host);
+      const cpu = await CpuEngine.create(host, { threads: 1 });
+      try {
+        const at = (s: string) => `blocks.${LAYER}.mlp.${s}` as HookName;
+        const reads: Plan = (["hook_router_logits", "hook_expert_weights", "hook_expert_out"] as const).map((s) => ({ op: "read" as const, at: at(s) }));
+        const a = await jx.forward([PROMPT], { plan: reads });
+        const b = await cpu.forward([PROMPT], { plan: reads });
+        const d64 = rowsDiff(rows(a.logits[0]!, V), oracleForward(host, PROMPT).logits.map(logSoftmax));
+        assert.ok(d64 <= REF_TOL, `vs float64: max |Δ log p| ${d64}`);
+        for (const r of reads) {
+          const x = a.cache.get(r.at)!;
+          const y = b.cache.get(r.at)!;
+          assert.deepEqual(x.shape, y.shape, `${r.at} shape`);
+          const d = maxAbsDiff(x.data, y.data);
+          assert.ok(d <= 1e-4, `${r.at}: jax vs cpu ${d}`);
+        }
+        // Exactly topK experts carry weight at every position (the dense einsum's mask is right).
+        const ew = a.cache.get(at("hook_expert_weights"))!.data;
+        for (let t = 0; t < PROMPT.length; t++) {
+          let nz = 0;
+          for (let e = 0; e < moe.nExperts; e++) if (ew[t * moe.nExperts + e] !== 0) nz++;
+          assert.equal(nz, moe.topK, `position ${t}: ${nz} experts weighted`);
+        }
+        // Switching on an unrouted expert through hook_expert_weights: both engines, against float64.
+        const pos = 3;
+        const off = Array.from({ length: moe.nExperts }, (_, e) => e).find((e) => ew[pos * moe.nExperts + e] === 0)!;
+        const vec = new Float32Array(moe.nExperts);
+        vec[off] = 0.5;
+        const plan: Plan = [{ op: "add", at: at("hook_expert_weights"), vector: vec, pos: { from: pos } }];
+        const ja = rows((await jx.forward([PROMPT], { plan })).logits[0]!, V);
+        const ref = oracleForward(host, PROMPT, plan as OraclePlan).logits.map(logSoftmax);
+        const dPlan = rowsDiff(ja, ref);
+        assert.ok(dPlan <= REF_TOL, `switched-on expert vs float64: ${dPlan}`);
+        assert.ok(rowsDiff(ja, rows(a.logits[0]!, V)) > CHANGED, "the switched-on expert changed nothing");
+        const g = (await jx.generate([PROMPT], { maxTokens: 8, stop: [] })).tokens[0]!;
+        assert.deepEqual(g, oracleGreedy(host, PROMPT, 8));
+      } finally {
+        jx.dispose();
+        await cpu.close();
+      }
+    });
+  }
+  test("on WebGPU (lavapipe here) the MoE fixtures compute the wasm logits, reads of the expert outputs included", async (t) => {
+    const at = `blocks.${LAYER}.mlp.hook_expert_out` as HookName;
+    const want = new Map<MoeFixtureFamily, { logits: Float32Array; out: Float32Array }>();
+    for (const f of MOE_FIXTURE_FAMILIES) {
+      const e = new Engine(loadHostModel(fixtures.get(f)!.hf));
+      try {
+        const r = await e.forward([PROMPT], { plan: [{ op: "read", at }] });
+        want.set(f, { logits: r.logits[0]!, out: r.cache.get(at)!.data });
+      } finally {
+        e.dispose();
+      }
+    }
+    let info;
+    try {
+      info = await initDevice("webgpu");
+    } catch (e) {
+      if (process.env.CI) throw new Error(`WebGPU must run in CI, but: ${(e as Error).message}`, { cause: e });
+      t.skip(`no WebGPU adapter (${(e as Error).message.split(".")[0]})`);
+      return;
+    }
+    try {
+      for (const f of MOE_FIXTURE_FAMILIES) {
+        const e = new Engine(loadHostModel(fixtures.get(f)!.hf), { maxBindingBytes: info.maxBindingBytes });
+        try {
+          const r = await e.forward([PROMPT], { plan: [{ op: "read", at }] });
+          const w = want.get(f)!;
+          assert.ok(maxAbsDiff(r.logits[0]!, w.logits) <= REF_TOL, `${f}: webgpu vs wasm logits differ by ${maxAbsDiff(r.logits[0]!, w.logits)}`);
+          assertClose(r.cache.get(at)!.data, w.out, { atol: REF_TOL, rtol: REF_TOL, what: `${f}: webgpu vs wasm read of ${at}` });
+        } finally {
+          e.dispose();
+        }
+      }
+    } finally {
+      await initDevice("wasm");
+    }
+  });
+});
+
 describe("MoE models: sites, engines and configuration errors", () => {
   test("the cpu engine fires exactly the schedule's sites (the MoE sites instead of mlp.hook_pre/post), in forward and decode", async () => {
     const host = loadHostModel(fixtures.get("qwen3moe")!.gguf);
@@ -342,7 +434,6 @@ describe("MoE models: sites, engines and configuration errors", () => {
     } finally {
       await e.close();
     }
-    assert.throws(() => new Engine(host), /mixtures of experts.*cpu/);
   });
 
   test("MoE sites on a dense model are a clear error", async () => {

@@ -101,7 +101,6 @@ export class Engine {
     this.config = host.config;
     this.host = host;
     const c = host.config;
-    if (c.mlp.kind === "moe") throw new UsageError(`this model's MLPs are mixtures of experts (${c.family}), which run on the cpu backend only so far: load it with --backend cpu (backend: "cpu")`);
     const max = opts.maxBindingBytes ?? Infinity;
     const w = (name: string) => {
       const t = host.weights.get(name);
@@ -119,6 +118,20 @@ export class Engine {
       const bp: BlockParams = {};
       for (const n of NORMS) if (host.weights.has(`${b}.${n}.weight`)) bp[n] = normP(`${b}.${n}`);
       for (const n of LINEARS) if (host.weights.has(`${b}.${n}.weight`)) bp[n] = lin(`${b}.${n}`);
+      if (c.mlp.kind === "moe") {
+        bp["mlp.router"] = lin(`${b}.mlp.router`);
+        // Every expert's matrix stacked into one array (the dense einsum in transformer.ts).
+        const stack = (which: "gate" | "up" | "down") => {
+          const parts = Array.from({ length: (c.mlp as { nExperts: number }).nExperts }, (_, e) => w(`${b}.mlp.experts.${e}.${which}.weight`));
+          const [r, k] = parts[0]!.shape as [number, number];
+          if (parts.length * r * k * 4 > max) throw new UsageError(`blocks.${i}: the stacked ${which} matrices of ${parts.length} experts (${((parts.length * r * k * 4) / 2 ** 20).toFixed(0)} MiB) exceed this device's largest buffer; run this model on the cpu device`);
+          const data = new Float32Array(parts.length * r * k);
+          parts.forEach((t, e) => data.set(t.data, e * r * k));
+          const a = np.array(data).reshape([parts.length, r, k]);
+          return wd === "f16" ? a.astype(np.float16) : a;
+        };
+        bp["mlp.experts"] = { gate: stack("gate"), up: stack("up"), down: stack("down") };
+      }
       blocks.push(bp);
     }
     this.embed = w("embed.weight");

@@ -32,9 +32,15 @@ export interface LinearParams {
 }
 /** The norms a block may hold (weights blocks.{i}.{name}). */
 export type NormName = BlockNormName | "attn.qNorm" | "attn.kNorm";
-export type ParamName = LinearName | NormName;
+/** A mixture of experts' matrices, every expert stacked: gate and up [E, F, D], down [E, D, F]. */
+export interface ExpertParams {
+  gate: JArray;
+  up: JArray;
+  down: JArray;
+}
+export type ParamName = LinearName | NormName | "mlp.router" | "mlp.experts";
 /** One block's weights, keyed as their names below blocks.{i} (absent: the block has no such norm / gate). */
-export type BlockParams = { [K in LinearName]?: LinearParams } & { [K in NormName]?: NormParams };
+export type BlockParams = { [K in LinearName]?: LinearParams } & { [K in NormName]?: NormParams } & { "mlp.router"?: LinearParams; "mlp.experts"?: ExpertParams };
 /**
  * A low-rank adapter on one linear layer: y += (x·Aᵀ)·Bᵀ. `b` already carries the adapter's
  * scale (folded in by the caller outside the jit, so a gradient with respect to B is exact).
@@ -340,15 +346,43 @@ const STEPS: Impl<Step> = {
   },
   down: (e) => e.set("d", e.linear(e.get("post"), "mlp.down")),
   residual: (e, s) => e.set("x", e.get("x").add(e.get(s.src))),
-  // Mixture-of-experts steps: the Engine constructor refuses MoE models (cpu backend only so far).
-  route: () => {
-    throw internal("mixture-of-experts blocks are not implemented on this backend");
+  // Mixture of experts, computed densely: every expert runs on every row (E/topK times the work of
+  // the cpu engine's routed rows) and is weighted by ew, 0 for experts not routed to.
+  route: (e) => {
+    const p = e.k.p["mlp.router"];
+    if (!p) throw internal("the schedule's router has no weights");
+    e.set("rl", linear(e.get("h"), tree.ref(p as never) as unknown as LinearParams));
   },
-  select: () => {
-    throw internal("mixture-of-experts blocks are not implemented on this backend");
+  select: (e) => {
+    const m = e.c.mlp;
+    if (m.kind !== "moe") throw internal("select on a dense MLP");
+    const p = nn.softmax(e.get("rl"), -1);
+    // The top-k by repeated argmax (ties: the lower index, as the cpu engine's stable order).
+    let rest = p.ref;
+    let mask = np.zerosLike(p.ref);
+    for (let k = 0; k < m.topK; k++) {
+      const hot = nn.oneHot(np.argmax(rest.ref, -1), m.nExperts);
+      mask = mask.add(hot.ref);
+      rest = np.where(hot.astype(np.bool), -Infinity, rest);
+    }
+    rest.dispose();
+    const w = p.mul(mask);
+    e.set("ew", m.normTopK ? w.ref.div(w.sum(-1, { keepdims: true })) : w);
   },
-  experts: () => {
-    throw internal("mixture-of-experts blocks are not implemented on this backend");
+  experts: (e, s) => {
+    const x = e.k.p["mlp.experts"];
+    if (!x) throw internal("the schedule's experts have no weights");
+    const h = e.get("h");
+    const pre = np.einsum("btd,efd->btef", h.ref, f32(x.gate.ref));
+    const up = np.einsum("btd,efd->btef", h, f32(x.up.ref));
+    const y = np.einsum("btef,edf->bted", act(pre, e.c.mlp.act).mul(up), f32(x.down.ref));
+    const ew = e.get("ew");
+    if (!e.touches(s.out)) {
+      e.set("d", np.einsum("bte,bted->btd", ew, y));
+      return;
+    }
+    const eo = e.site(s.out, y.mul(ew.reshape([...ew.shape, 1])));
+    e.set("d", eo.sum(2));
   },
 };
 
@@ -401,6 +435,10 @@ function paramsOf(s: Step, c: ModelConfig): ParamName[] {
       return c.mlp.kind === "gated" ? ["mlp.gate", "mlp.up"] : ["mlp.up"];
     case "down":
       return ["mlp.down"];
+    case "route":
+      return ["mlp.router"];
+    case "experts":
+      return ["mlp.experts"];
     default:
       return [];
   }
@@ -411,6 +449,7 @@ function sitesOf(s: Step): string[] {
   if (s.kind === "site") return [s.site];
   if (s.kind === "attend") return [s.pattern];
   if (s.kind === "oProj") return [s.result];
+  if (s.kind === "experts") return [s.out];
   return [];
 }
 
