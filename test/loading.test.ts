@@ -168,21 +168,28 @@ test("a model too large for the wasm heap is refused before any weight is read",
   assert.equal(est.params, 111968); // PROVENANCE.md: 111,968 parameters (tied)
 });
 
-test("the cpu memory check counts quantized matrices at their native size", () => {
-  // Llama-3.2-1B's shape: 4.6 GiB as f32 (refused), ~1.8 GB with Q4_K matrices and an f32 embedding.
+test("the cpu memory check is the machine's RAM (the engine splits past 4 GiB), counting quantized matrices at their native size", () => {
+  // Llama-3.2-1B's shape: 4.6 GiB as f32, ~1.8 GB with Q4_K matrices and an f32 embedding.
   const dir = tmp();
   const cfg = { architectures: ["LlamaForCausalLM"], hidden_size: 2048, num_hidden_layers: 16, num_attention_heads: 32, num_key_value_heads: 8, intermediate_size: 8192, vocab_size: 128256, rms_norm_eps: 1e-5, max_position_embeddings: 8192, tie_word_embeddings: true };
   fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(cfg));
   fs.writeFileSync(path.join(dir, "model.safetensors"), "");
   let c: Parameters<typeof checkFits>[0] | undefined;
+  const GiB = 2 ** 30;
+  // On a 4 GiB machine the f32 load is refused, naming the RAM and the quantized way out.
   assert.throws(() => loadHostModel(dir, (cfg2, src) => {
     c = cfg2;
-    checkFits(cfg2, "cpu", src);
-  }), /1\.24B parameters need 4\.6\d GiB as f32 on the cpu backend.*or its Q8_0\/Q4_K GGUF or BF16 safetensors/);
+    checkFits(cfg2, "cpu", src, undefined, 4 * GiB);
+  }), /1\.24B parameters need 4\.6\d GiB as f32 on the cpu backend, more than 85% of this machine's 4\.00 GiB of RAM.*or its Q8_0\/Q4_K GGUF or BF16 safetensors/);
+  // On a 24 GiB machine it fits (split across two Wasm memories by the engine).
+  assert.doesNotThrow(() => checkFits(c!, "cpu", "1b.safetensors", undefined, 24 * GiB));
   const blocks = 16 * (2048 * 2048 * 2 + 2 * 2048 * 512 + 3 * 2048 * 8192);
   const native = (blocks * 152) / 256 + 128256 * 2048 * 4;
-  assert.doesNotThrow(() => checkFits(c!, "cpu", "1b.gguf", native));
-  assert.throws(() => checkFits(c!, "cpu", "8b.gguf", 4.6 * 2 ** 30), /with its Q8_0\/Q4_K\/BF16 matrices kept in their format/);
+  assert.doesNotThrow(() => checkFits(c!, "cpu", "1b.gguf", native, 4 * GiB));
+  assert.throws(() => checkFits(c!, "cpu", "8b.gguf", 4.6 * GiB, 4 * GiB), /with its Q8_0\/Q4_K\/BF16 matrices kept in their format.*a smaller quantization/);
+  assert.doesNotThrow(() => checkFits(c!, "cpu", "8b.gguf", 4.6 * GiB, 24 * GiB));
+  // jax-js's wasm backend still has one 4 GiB memory.
+  assert.throws(() => checkFits(c!, "wasm", "1b.safetensors", undefined, 24 * GiB), /one 4 GiB wasm32 memory.*--device cpu/);
 });
 
 test("unexpected, missing and mis-shaped tensors and unknown architectures are rejected by name", () => {

@@ -2,6 +2,7 @@
 // The selfscope command line. Errors print one line (no stack trace unless SELFSCOPE_DEBUG=1)
 // and exit non-zero.
 import fs from "node:fs";
+import os from "node:os";
 import { parseArgs } from "node:util";
 import { SelfscopeError } from "../core/errors.js";
 import path from "node:path";
@@ -16,7 +17,7 @@ import { judgeAgreement } from "../judge/agreement.js";
 import { readRun } from "../eval/runlog.js";
 import { inspectModel, Model } from "../model/model.js";
 import { hasNativeMatrices, weightFiles } from "../model/load.js";
-import { estimateMemory, WASM_USABLE_BYTES } from "../model/memory.js";
+import { CPU_RAM_SHARE, estimateMemory, SEGMENT_BYTES } from "../model/memory.js";
 import { describeSampler, sampleOptions, type SamplerRequest } from "../model/sampling.js";
 import { exportCsv, exportParquet } from "../report/export.js";
 import { serveRun } from "../report/server.js";
@@ -235,6 +236,13 @@ async function cmdLogits(f: Flags): Promise<void> {
   model.dispose();
 }
 
+/** How the cpu engine holds `bytes` of weights: in one wasm32 memory, or split across several (planSegments). */
+function memories(bytes: number): string {
+  const n = Math.ceil(bytes / SEGMENT_BYTES);
+  const ram = bytes > CPU_RAM_SHARE * os.totalmem() ? `; exceeds ${Math.round(CPU_RAM_SHARE * 100)}% of this machine's RAM` : "";
+  return (n <= 1 ? "fits one wasm32 memory" : `split across about ${n} wasm32 memories`) + ram;
+}
+
 async function cmdInfo(f: Flags): Promise<void> {
   // Headers only: no tensor is read and no engine is built, so this works for any size of model.
   const model = inspectModel(str(f, "model", true)!);
@@ -259,8 +267,8 @@ async function cmdInfo(f: Flags): Promise<void> {
   ];
   lines.push(
     ["parameters", `${count(mem.params)} (weight files ${size(fileBytes)})`],
-    ["memory", `cpu ${size(mem.weightBytes + mem.hostBytes)} as f32 (${mem.weightBytes <= WASM_USABLE_BYTES ? "fits" : "exceeds"} one wasm32 memory)` +
-      (model.nativeQuantBytes !== undefined && hasNativeMatrices(model.sourceDtype) ? `, ${size(model.nativeQuantBytes)} with its Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/BF16/F16 matrices kept in their format (the cpu default; ${model.nativeQuantBytes <= WASM_USABLE_BYTES ? "fits" : "exceeds"})` : "") +
+    ["memory", `cpu ${size(mem.weightBytes + mem.hostBytes)} as f32 (${memories(mem.weightBytes + mem.hostBytes)})` +
+      (model.nativeQuantBytes !== undefined && hasNativeMatrices(model.sourceDtype) ? `, ${size(model.nativeQuantBytes)} with its Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/BF16/F16 matrices kept in their format (the cpu default; ${memories(model.nativeQuantBytes)})` : "") +
       `; KV cache ${size(mem.kvBytesPerRow(c.nCtx))} per row at nCtx ${c.nCtx}`],
   );
   for (const [k, v] of lines) process.stdout.write(`${k!.padEnd(14)} ${v}\n`);

@@ -7,6 +7,11 @@
 //
 // Memory is stack-scoped: weights are allocated once; a call marks the stack, allocates its
 // activations (and, for generate, its KV cache), and releases them when it returns.
+//
+// Past one wasm32 memory (4 GiB): the layers are split into segments, each a runtime with its own
+// memory (and thread pool) holding its blocks' weights, KV cache and activations; the embedding
+// lives in segment 0 and the head in the last, and only the residual stream [rows, dModel] is
+// copied at a segment boundary. `this.rt` is the segment the pass is in (planSegments below).
 import { UsageError } from "../../core/errors.js";
 import type { HookName } from "../../hooks/names.js";
 import type { ActivationCache } from "../cache.js";
@@ -102,7 +107,15 @@ export class CpuEngine {
   /** RoPE cos/sin per position, [pos, dHead/2], grown on demand; one per theta (local layers). */
   private rope = new Map<boolean, { cos: Float32Array; sin: Float32Array; n: number }>();
   private disposed = false;
-  private ew: Elementwise;
+  /** One kernel runtime (one Wasm memory) per segment; `cur` is the one the pass is in. */
+  private readonly rts: KernelRuntime[];
+  private readonly ews: Elementwise[];
+  private cur = 0;
+  /** Each layer's segment, and the head's (final norm, unembedding). */
+  private readonly layerSeg: number[];
+  private readonly headSeg: number;
+  /** mark() results: every segment's stack top. */
+  private readonly marks: number[][] = [];
   /** Canonical names of the weights this engine holds (the targets a delta can name). */
   private readonly names = new Set<string>();
   /** When set, every site a call passes is appended here in order (the schedule conformance test). */
@@ -117,14 +130,32 @@ export class CpuEngine {
     return this.nQuantized;
   }
 
-  constructor(
-    host: EngineModel,
-    readonly rt: KernelRuntime,
-    weights: CpuWeights = "f32",
-  ) {
+  /** The runtime of the segment the pass is in. */
+  get rt(): KernelRuntime {
+    return this.rts[this.cur]!;
+  }
+  private get ew(): Elementwise {
+    return this.ews[this.cur]!;
+  }
+  /** Wasm memories the weights are split across (1 unless they exceed `segmentBytes`). */
+  get segments(): number {
+    return this.rts.length;
+  }
+
+  /**
+   * `rt`: one runtime, or one per segment (planSegments(host, weights, opts.segmentBytes).n of
+   * them; CpuEngine.create makes them).
+   */
+  constructor(host: EngineModel, rt: KernelRuntime | readonly KernelRuntime[], weights: CpuWeights = "f32", opts: { segmentBytes?: number } = {}) {
     const c = (this.config = host.config);
     this.int8 = weights === "native-int8";
-    this.ew = elementwise(rt.memory, rt.memory.buffer instanceof SharedArrayBuffer);
+    const plan = planSegments(host, weights, opts.segmentBytes);
+    const rts = Array.isArray(rt) ? [...(rt as readonly KernelRuntime[])] : [rt as KernelRuntime];
+    if (rts.length !== plan.n) throw new UsageError(`this model's weights (${(plan.bytes / 2 ** 30).toFixed(2)} GiB) need ${plan.n} Wasm memories of at most ${(plan.budget / 2 ** 30).toFixed(2)} GiB, but ${rts.length} runtime(s) were passed: create the engine with CpuEngine.create`);
+    this.rts = rts;
+    this.ews = rts.map((r) => elementwise(r.memory, r.memory.buffer instanceof SharedArrayBuffer));
+    this.layerSeg = plan.layerSeg;
+    this.headSeg = plan.headSeg;
     const get = (name: string) => {
       const t = host.weights.get(name);
       if (!t) throw new UsageError(`internal: weight ${name} missing after load`);
@@ -138,8 +169,8 @@ export class CpuEngine {
     const norm = (p: string): Norm | undefined => {
       const w = opt(`${p}.weight`);
       if (!w) return undefined;
-      const off = rt.alloc(w.length);
-      rt.f32.set(w, off);
+      const off = this.rt.alloc(w.length);
+      this.rt.f32.set(w, off);
       const b = opt(`${p}.bias`);
       return b ? { weight: w, bias: b, off } : { weight: w, off };
     };
@@ -148,9 +179,9 @@ export class CpuEngine {
       const cols = shapeOf(names[0]!)![1]!;
       const rowsOf = names.map((n) => shapeOf(n)![0]!);
       const rows = rowsOf.reduce((a, b) => a + b, 0);
-      // Natively computable tensors stay in their format when asked and every stacked part has the same type.
-      const type = weights !== "f32" && names[0] !== "posEmbed.weight" && lazy?.quantOf ? lazy.quantOf(names[0]!) : null;
-      if (type && lazy?.readQuantInto && cols % QUANT_BLOCK[type] === 0 && cols <= MAX_Q8_K && names.every((n) => lazy.quantOf!(n) === type)) {
+      const type = nativeType(host, weights, names);
+      if (type && lazy?.readQuantInto) {
+        const rt = this.rt;
         const total = quantBytes(type, rows, cols);
         const wq = rt.allocBytes(total.wq);
         const ws = rt.allocBytes(total.ws);
@@ -165,6 +196,7 @@ export class CpuEngine {
         this.nQuantized++;
         return { off: -1, rows, cols, q: { type, wq, ws } };
       }
+      const rt = this.rt;
       const off = rt.alloc(rows * cols);
       let r = 0;
       for (const n of names) {
@@ -190,6 +222,7 @@ export class CpuEngine {
       return out;
     };
     for (let i = 0; i < c.nLayers; i++) {
+      this.cur = this.layerSeg[i]!;
       const b = `blocks.${i}`;
       const qkvNames = ["q", "k", "v"].map((x) => `${b}.attn.${x}`);
       const upNames = c.mlp.kind === "gated" ? [`${b}.mlp.gate`, `${b}.mlp.up`] : [`${b}.mlp.up`];
@@ -222,10 +255,14 @@ export class CpuEngine {
       set("downBias", bias(`${b}.mlp.down.bias`));
       this.blocks.push(blk);
     }
+    this.cur = 0;
     this.embed = mat("embed.weight");
     if (host.weights.has("posEmbed.weight")) this.posEmbed = mat("posEmbed.weight");
-    this.unembed = c.tieEmbeddings ? this.embed : mat("unembed.weight");
+    this.cur = this.headSeg;
+    // A tied embedding is held once, or once more in the head's memory when the model is split.
+    this.unembed = c.tieEmbeddings ? (this.headSeg === 0 ? this.embed : mat("embed.weight")) : mat("unembed.weight");
     this.lnFinal = norm("lnFinal")!;
+    this.cur = 0;
   }
 
   /**
@@ -233,13 +270,16 @@ export class CpuEngine {
    * core). The runtime is imported here, on demand: it needs node:worker_threads, and this module
    * stays importable in a browser bundle.
    */
-  static async create(host: EngineModel, opts: { threads?: number; weights?: CpuWeights } = {}): Promise<CpuEngine> {
+  static async create(host: EngineModel, opts: { threads?: number; weights?: CpuWeights; segmentBytes?: number } = {}): Promise<CpuEngine> {
     const { CpuRuntime } = await import("./runtime.js");
-    const rt = await CpuRuntime.create(opts.threads !== undefined ? { threads: opts.threads } : {});
+    const weights = opts.weights ?? "f32";
+    const { n } = planSegments(host, weights, opts.segmentBytes);
+    const rts: KernelRuntime[] = [];
     try {
-      return new CpuEngine(host, rt, opts.weights ?? "f32");
+      for (let i = 0; i < n; i++) rts.push(await CpuRuntime.create(opts.threads !== undefined ? { threads: opts.threads } : {}));
+      return new CpuEngine(host, rts, weights, opts.segmentBytes !== undefined ? { segmentBytes: opts.segmentBytes } : {});
     } catch (e) {
-      await rt.dispose();
+      await Promise.all(rts.map((r) => r.dispose()));
       throw e;
     }
   }
@@ -253,7 +293,7 @@ export class CpuEngine {
   async close(): Promise<void> {
     if (this.disposed) return;
     this.disposed = true;
-    await this.rt.dispose();
+    await Promise.all(this.rts.map((r) => r.dispose()));
   }
 
   featShape(site: string): number[] {
@@ -278,6 +318,7 @@ export class CpuEngine {
    */
   async lossAndGrad(rows: (Row | number[])[], req: LossAndGradRequest): Promise<LossAndGradResult> {
     this.live();
+    this.unsplit("gradients (lossAndGrad)");
     this.materializeF32();
     // Deltas are added to the weights in our memory for this (synchronous) call and the exact
     // previous values put back after it, so no other call ever sees them.
@@ -376,8 +417,14 @@ export class CpuEngine {
   /** Reads and their derivative with respect to the scale of `req.plan[req.wrt]` (grad.ts; forward mode). */
   async jvpScale(rows: (Row | number[])[], req: JvpRequest): Promise<JvpResult> {
     this.live();
+    this.unsplit("forward-mode derivatives (jvpScale)");
     this.materializeF32();
     return Promise.resolve(jvpScale(this.gradHost(), rows, req));
+  }
+
+  /** Derivatives run over one memory (backprop.ts's tape lives there). */
+  private unsplit(what: string): void {
+    if (this.rts.length > 1) throw new UsageError(`${what}: this model is split across ${this.rts.length} Wasm memories (its weights exceed one), and derivatives run on one memory only so far; use a smaller model or its quantized GGUF (weights kept in their format), or the webgpu device`);
   }
 
   /** What backprop.ts needs: the weights in place, the tape-mode forward and the head. */
@@ -426,7 +473,10 @@ export class CpuEngine {
   openKv(B: number, cap: number): KvCache {
     const c = this.config;
     const n = B * c.nKvHeads * cap * c.dHead;
-    const layers = Array.from({ length: c.nLayers }, () => ({ k: this.rt.alloc(n), v: this.rt.alloc(n) }));
+    const layers = Array.from({ length: c.nLayers }, (_, l) => {
+      const rt = this.rts[this.layerSeg[l]!]!;
+      return { k: rt.alloc(n), v: rt.alloc(n) };
+    });
     return { cap, layers };
   }
 
@@ -434,11 +484,15 @@ export class CpuEngine {
   closeKv(): void {}
 
   mark(): number {
-    return this.rt.mark();
+    this.marks.push(this.rts.map((r) => r.mark()));
+    return this.marks.length - 1;
   }
 
   release(mark: number): void {
-    this.rt.release(mark);
+    const m = this.marks[mark];
+    if (!m) throw new Error(`internal: release(${mark}) of a mark that is not live`);
+    this.rts.forEach((r, i) => r.release(m[i]!));
+    this.marks.length = mark;
   }
 
   layers(call: LayerCall, kv: KvCache | null, slot0: number): number {
@@ -466,26 +520,38 @@ export class CpuEngine {
    */
   private runLayers(ctx: CallCtx, pad: number[], promptLen: number[], resolved: Resolved[], kv: KvCache, slot0: number, cache: ActivationCache | null, tape?: Tape, span?: LayerSpan): number {
     const c = this.config;
-    const rt = this.rt;
     const { B, T } = ctx;
     const R = B * T;
     const S = slot0 + T; // keys visible to this call: every slot up to its last query
     const sched = scheduleOf(c);
     const size = this.bufSizes(R);
-    const base = {} as CpuBufs;
-    // With a tape every step allocates its own outputs: no shared buffers.
-    for (const k of Object.keys(size) as CpuBuf[]) base[k] = k === "result" || k === "eo" || k === "logits" || tape ? -1 : rt.alloc(size[k]);
     const pairs = Math.max(1, Math.min(B * c.nHeads, Math.floor(SCORE_BUDGET / (T * S))));
+    // The call's buffers, score scratch and RoPE rows, in each segment it enters.
+    const perSeg = new Map<number, { base: CpuBufs; sc: number; rope: Map<string, { cos: number; sin: number }> }>();
+    const enter = (seg: number) => {
+      this.cur = seg;
+      let st = perSeg.get(seg);
+      if (!st) {
+        const b = {} as CpuBufs;
+        // With a tape every step allocates its own outputs: no shared buffers.
+        for (const k of Object.keys(size) as CpuBuf[]) b[k] = k === "result" || k === "eo" || k === "logits" || tape ? -1 : this.rt.alloc(size[k]);
+        st = { base: b, sc: this.rt.alloc(pairs * T * S), rope: this.ropeRows(ctx) };
+        perSeg.set(seg, st);
+      }
+      return st;
+    };
+    const first = span?.x !== undefined ? this.layerSeg[span.from ?? 0]! : 0;
+    let seg = enter(first);
     const call: Call = {
       ctx,
       pad,
       slot0,
       S,
       kv,
-      sc: rt.alloc(pairs * T * S),
+      sc: seg.sc,
       pairs,
       pattern: resolved.some((r) => r.site === "attn.hook_pattern") ? new Float32Array(B * c.nHeads * T * S) : null,
-      rope: this.ropeRows(ctx),
+      rope: seg.rope,
       cache,
       promptLen,
       tape: tape ?? null,
@@ -496,18 +562,39 @@ export class CpuEngine {
     if (span?.x !== undefined) x = span.x;
     else {
       const e = compileHost(resolved, ctx, promptLen, null);
-      const ebufs = { ...base };
+      const ebufs = { ...seg.base };
       for (const st of sched.embed) this.embedStep(st, ebufs, call, e);
       x = ebufs.x;
     }
-    for (let l = span?.from ?? 0; l < (span?.to ?? c.nLayers); l++) {
+    const to = span?.to ?? c.nLayers;
+    for (let l = span?.from ?? 0; l < to; l++) {
+      if (this.layerSeg[l] !== this.cur) {
+        // A segment boundary: the residual stream is all that crosses.
+        const from = this.rt;
+        seg = enter(this.layerSeg[l]!);
+        call.sc = seg.sc;
+        call.rope = seg.rope;
+        x = this.crossTo(from, x, R * c.dModel, seg.base.x);
+      }
       const g = compileHost(resolved, ctx, promptLen, l);
       // Each block starts from the call's buffers (a copy step may have aliased one) and the residual so far.
-      const bufs: CpuBufs = { ...base, x };
+      const bufs: CpuBufs = { ...seg.base, x };
       for (const st of sched.block) this.step(st, l, bufs, call, g);
       x = bufs.x;
     }
+    if (to === c.nLayers && this.cur !== this.headSeg) {
+      const from = this.rt;
+      this.cur = this.headSeg;
+      x = this.crossTo(from, x, R * c.dModel, -1);
+    }
     return x;
+  }
+
+  /** Copies n floats at x in runtime `from` into the current segment (into `dst`, or a new buffer if -1). */
+  private crossTo(from: KernelRuntime, x: number, n: number, dst: number): number {
+    const o = dst >= 0 ? dst : this.rt.alloc(n);
+    this.rt.f32.set(from.f32.subarray(x, x + n), o);
+    return o;
   }
 
   /** Floats of each named buffer for R rows. */
@@ -1023,6 +1110,8 @@ export class CpuEngine {
    */
   private headRows(x: number, sel: number[], ctx: CallCtx, promptLen: number[], resolved: Resolved[], cache: ActivationCache | null, view = false, tape?: Tape, logitRows?: number[]): Float32Array {
     const c = this.config;
+    // x is in the head's segment (runLayers moved it there).
+    this.cur = this.headSeg;
     const rt = this.rt;
     const D = c.dModel, V = c.dVocab;
     const n = sel.length;
@@ -1206,6 +1295,97 @@ export interface LayerSpan {
 }
 
 /** One call's state for the step implementations. */
+/** Weight bytes one Wasm memory holds by default (the rest of its 4 GiB: KV cache, activations, scratch). */
+export const SEGMENT_BYTES = 3.5 * 2 ** 30;
+
+/**
+ * The type a stacked matrix is held in: its file's quantized type when the engine computes on it
+ * natively (weights "native…", every part that type, K a multiple of its block), else null (f32).
+ */
+function nativeType(host: EngineModel, weights: CpuWeights, names: string[]): QuantType | null {
+  const lazy = isLazy(host.weights) ? host.weights : null;
+  if (weights === "f32" || names[0] === "posEmbed.weight" || !lazy?.quantOf) return null;
+  const type = lazy.quantOf(names[0]!);
+  const cols = lazy.shapeOf(names[0]!)?.[1];
+  if (!type || cols === undefined || cols % QUANT_BLOCK[type] !== 0 || cols > MAX_Q8_K) return null;
+  return names.every((n) => lazy.quantOf!(n) === type) ? type : null;
+}
+
+export interface SegmentPlan {
+  /** Wasm memories (kernel runtimes). */
+  n: number;
+  layerSeg: number[];
+  headSeg: number;
+  /** Weight bytes in all, and the most one memory takes. */
+  bytes: number;
+  budget: number;
+}
+
+/**
+ * Which Wasm memory holds each layer: one when the weights fit `budget` bytes; else
+ * ceil(bytes / budget) memories (one more if the layers do not pack), filled in layer order to
+ * about equal sizes so each keeps room for its KV cache. The embedding goes with layer 0, the
+ * final norm and unembedding (a tied embedding's second copy) with the last layer.
+ */
+export function planSegments(host: EngineModel, weights: CpuWeights, budget = SEGMENT_BYTES): SegmentPlan {
+  const c = host.config;
+  const w = host.weights;
+  const shapeOf = (name: string): number[] => {
+    const sh = isLazy(w) ? w.shapeOf(name) : w.get(name)?.shape;
+    if (!sh) throw new UsageError(`internal: weight ${name} missing after load`);
+    return [...sh];
+  };
+  const has = (name: string) => w.has(name);
+  const matBytes = (...names: string[]) => {
+    const cols = shapeOf(names[0]!)[1] ?? 1;
+    const rows = names.reduce((a, n) => a + (shapeOf(n)[0] ?? 1), 0);
+    const type = nativeType(host, weights, names);
+    if (!type) return rows * cols * 4 + 64;
+    const q = quantBytes(type, rows, cols);
+    return q.wq + q.ws + 128;
+  };
+  const normBytes = (p: string) => (has(`${p}.weight`) ? c.dModel * 4 + 64 : 0);
+  const block = (i: number) => {
+    const b = `blocks.${i}`;
+    let n = matBytes(...["q", "k", "v"].map((x) => `${b}.attn.${x}.weight`)) + matBytes(`${b}.attn.o.weight`);
+    if (c.mlp.kind === "moe") {
+      n += matBytes(`${b}.mlp.router.weight`);
+      for (let e = 0; e < c.mlp.nExperts; e++) n += matBytes(`${b}.mlp.experts.${e}.gate.weight`, `${b}.mlp.experts.${e}.up.weight`) + matBytes(`${b}.mlp.experts.${e}.down.weight`);
+    } else n += matBytes(...(c.mlp.kind === "gated" ? [`${b}.mlp.gate.weight`, `${b}.mlp.up.weight`] : [`${b}.mlp.up.weight`])) + matBytes(`${b}.mlp.down.weight`);
+    for (const k of ["ln1", "ln1Post", "ln2", "ln2Post", "attn.qNorm", "attn.kNorm"]) n += normBytes(`${b}.${k}`);
+    return n;
+  };
+  const embed = matBytes("embed.weight") + (has("posEmbed.weight") ? matBytes("posEmbed.weight") : 0);
+  const unembed = c.tieEmbeddings ? 0 : matBytes("unembed.weight");
+  const head = unembed + normBytes("lnFinal");
+  const blocks = Array.from({ length: c.nLayers }, (_, i) => block(i));
+  const bytes = embed + head + blocks.reduce((a, b) => a + b, 0);
+  if (bytes <= budget) return { n: 1, layerSeg: blocks.map(() => 0), headSeg: 0, bytes, budget };
+  // A tied embedding needs its copy in the last memory too.
+  const tiedCopy = c.tieEmbeddings ? matBytes("embed.weight") : 0;
+  const total = bytes + tiedCopy;
+  for (let n = Math.ceil(total / budget); ; n++) {
+    const target = total / n;
+    const layerSeg: number[] = [];
+    const used = new Array<number>(n).fill(0);
+    used[0] = embed;
+    let seg = 0;
+    let cum = embed;
+    blocks.forEach((b) => {
+      // A block goes to the memory its middle falls in, never back and never past the budget.
+      seg = Math.max(seg, Math.min(n - 1, Math.floor((cum + b / 2) / target)));
+      while (seg < n - 1 && used[seg]! + b > budget) seg++;
+      layerSeg.push(seg);
+      used[seg] = used[seg]! + b;
+      cum += b;
+    });
+    used[n - 1] = used[n - 1]! + head + tiedCopy;
+    const headSeg = n - 1;
+    if (used.every((u) => u <= budget) && used.every((u) => u > 0)) return { n, layerSeg, headSeg, bytes: total, budget };
+    if (n > c.nLayers + 1) throw new UsageError(`a single block of this model needs more than one Wasm memory (${(Math.max(...blocks) / 2 ** 30).toFixed(2)} GiB per block, at most ${(budget / 2 ** 30).toFixed(2)} GiB per memory)`);
+  }
+}
+
 interface Call {
   ctx: CallCtx;
   pad: number[];
