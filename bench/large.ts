@@ -3,7 +3,7 @@
 // --pure): Llama-3.2-1B, Qwen2.5-3B and Llama-3.1-8B. For each, llama.cpp and selfscope (the cpu
 // engine as Model.load runs it: Q4_K matrices kept in their format) load the same file and run a
 // 32-token prefill and 16 greedy decode steps at batch 1, in child processes (bench/large-child.ts),
-// one engine at a time. A model selfscope refuses (its weights must fit one 4 GiB wasm32 memory) is
+// one engine at a time. A model selfscope refuses before loading (its weights above 85% of RAM) is
 // reported with the refusal. The last line printed is the summary JSON: max_params_loaded and each
 // model's decode ratio (selfscope ÷ llama.cpp).
 import { spawn } from "node:child_process";

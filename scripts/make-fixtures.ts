@@ -19,7 +19,7 @@ import { writeSafetensors } from "../src/io/safetensors.js";
 
 export const FIXTURE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "gpt2"] as const;
 export type FixtureFamily = (typeof FIXTURE_FAMILIES)[number];
-/** Mixture-of-experts families (cpu engine only; test/moe.test.ts). */
+/** Mixture-of-experts families (cpu and jax-js engines; test/moe.test.ts). */
 export const MOE_FIXTURE_FAMILIES = ["qwen3moe", "olmoe", "mixtral"] as const;
 export type MoeFixtureFamily = (typeof MOE_FIXTURE_FAMILIES)[number];
 export type AnyFixtureFamily = FixtureFamily | MoeFixtureFamily;
