@@ -87,6 +87,9 @@ Research recipes (each writes DIR/results.json and DIR/report.html; --help for f
   selfscope refusal     --model PATH --out DIR    refusal direction, subspace and ablation
   selfscope geometry    --model PATH --out DIR    concept-vector geometry
   selfscope compare     --model A --model B --out DIR [--preset P]   one preset on several models, side by side
+  Neighbouring experiments:
+  selfscope probe       --model A [--model B] --data F.jsonl --out DIR   linear probes by layer, permutation tests, decomposition,
+                        cross-model patching and steering along the probe (docs/probes.md)
   Mechanisms (docs/mechanisms.md):
   selfscope patch       --model PATH --out DIR --layers L     component knock-out / knock-in of attention and MLP outputs
   selfscope attention   --model PATH --out DIR --layers L     attention mass to BOS / injected / other, per layer and head

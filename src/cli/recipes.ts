@@ -15,6 +15,7 @@ import { gradientsCommand } from "../recipes/gradients.js";
 import { mechanismsCommand } from "../recipes/mechanisms.js";
 import { lindseyCommand } from "../recipes/lindsey.js";
 import { refusalCommand } from "../recipes/refusal.js";
+import { probeCommand } from "../recipes/probe.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
 import { mergeCommand, trainCommand, type TrainArgs } from "./train.js";
 
@@ -236,6 +237,27 @@ export const RECIPES: Record<string, Recipe> = {
     },
     run: (a) => steeringCommand(a as unknown as Parameters<typeof steeringCommand>[0]),
     writes: ["results.json", "report.html"],
+  },
+  probe: {
+    usage:
+      "selfscope probe --model [NAME=]PATH [--model [NAME=]PATH ...] --data FILE.jsonl --out DIR [--site hook_resid_post] [--layers all]\n" +
+      "                [--position last|mean|INDEX] [--chat] [--target-names a,b] [--folds 5] [--inner-folds 3] [--alphas 0.01,...,1e5]\n" +
+      "                [--cs 0.001,...,100] [--permutations 100] [--seed 0] [--no-decompose] [--decompose-layer L]\n" +
+      "                [--patch-layers 2,4 --patch-from NAME --patch-into NAME --patch-prompts 4] [--steer-alphas 0,0.5,1 --steer-layer L\n" +
+      "                --steer-model NAME --steer-prompts 3] [--max-tokens 24] [--batch-size 8]\n" +
+      "  Linear probes (docs/probes.md): FILE.jsonl lines {\"prompt\": TEXT | \"messages\": [...], \"target\": x | [x, y] | \"label\": L};\n" +
+      "  ridge (targets; α by inner CV, R² by outer k-fold) or logistic (labels; accuracy, AUC) at every layer of every model,\n" +
+      "  permutation p-values, the probe direction's per-head / MLP decomposition, cross-model patching and steering along it.\n" +
+      "  Resumable: rerun the same command after a kill.",
+    flags: {
+      ...COMMON, model: "list", data: "string", site: "string", layers: "string", position: "string", chat: "boolean", "target-names": "string",
+      folds: "number", "inner-folds": "number", alphas: "string", cs: "string", permutations: "number", "batch-size": "number",
+      "no-decompose": "boolean", "decompose-layer": "number", "patch-from": "string", "patch-into": "string", "patch-layers": "string",
+      "patch-prompts": "number", "steer-alphas": "string", "steer-layer": "number", "steer-model": "string", "steer-prompts": "number",
+      "max-tokens": "number", threads: "number",
+    },
+    run: (a) => probeCommand(a as unknown as Parameters<typeof probeCommand>[0]),
+    writes: ["steps.jsonl", "results.json", "report.html"],
   },
   "selfie-train": {
     usage:
