@@ -16,7 +16,10 @@ import { UsageError } from "../core/errors.js";
 import { dataPath } from "../core/package.js";
 import { CRITERIA, type Criterion } from "../log/schema.js";
 import type { Model } from "../model/model.js";
-import { REDACTED, redactSecrets } from "./secrets.js";
+import { redactSecrets } from "./secrets.js";
+import { APIS, ChatClient, isApiKind, pool, positiveInt, type ApiSpec } from "./chat.js";
+
+export { parseRetryAfter } from "./chat.js";
 
 export interface JudgeRequest {
   criterion: Criterion;
@@ -515,256 +518,36 @@ function verdictOf(text: string, attempts: number, ms: number, truncated = false
 }
 
 // ---------------------------------------------------------------------------------------------
-// HTTP judges (OpenAI-compatible, OpenRouter, Anthropic)
-
-type ApiKind = "openai" | "openrouter" | "anthropic";
-
-interface ApiSpec {
-  kind: ApiKind;
-  keyVar: string;
-  baseVar: string;
-  defaultBase: string;
-  keyRequired: boolean;
-}
-
-const APIS: Record<ApiKind, ApiSpec> = {
-  openai: { kind: "openai", keyVar: "OPENAI_API_KEY", baseVar: "OPENAI_BASE_URL", defaultBase: "https://api.openai.com/v1", keyRequired: false },
-  openrouter: { kind: "openrouter", keyVar: "OPENROUTER_API_KEY", baseVar: "OPENROUTER_BASE_URL", defaultBase: "https://openrouter.ai/api/v1", keyRequired: true },
-  anthropic: { kind: "anthropic", keyVar: "ANTHROPIC_API_KEY", baseVar: "ANTHROPIC_BASE_URL", defaultBase: "https://api.anthropic.com", keyRequired: true },
-};
-
-/** A failed attempt: retryable (timeouts, connection errors, 429, 5xx, bad bodies) or not. */
-class AttemptError extends Error {
-  constructor(
-    message: string,
-    readonly retry: boolean,
-    readonly retryAfterMs: number | null = null,
-  ) {
-    super(message);
-  }
-}
-
-/** Retry-After as milliseconds: delta-seconds or an HTTP-date; null when absent or unreadable. */
-export function parseRetryAfter(value: string | null, now = Date.now()): number | null {
-  if (value === null) return null;
-  const v = value.trim();
-  if (/^\d+(?:\.\d+)?$/.test(v)) return Math.round(Number(v) * 1000);
-  const t = Date.parse(v);
-  return Number.isNaN(t) ? null : Math.max(0, t - now);
-}
-
-/** URL for messages: origin and path only (no userinfo, query or fragment). */
-function safeUrl(u: string): string {
-  try {
-    const x = new URL(u);
-    return `${x.origin}${x.pathname}`;
-  } catch {
-    return "<invalid URL>";
-  }
-}
-
-function snippet(s: string, n = 300): string {
-  const t = s.replace(/\s+/g, " ").trim();
-  return t.length > n ? `${t.slice(0, n)}…` : t;
-}
-
-/** The connection-level reason behind an undici "fetch failed". */
-function netReason(e: unknown): string {
-  const err = e as { message?: string; cause?: { code?: string; message?: string } };
-  const code = err.cause?.code;
-  const msg = err.cause?.message ?? err.message ?? String(e);
-  return code ? `${code} (${msg})` : msg;
-}
+// HTTP judges (OpenAI-compatible, OpenRouter, Anthropic): the rubric's prompt through a ChatClient.
 
 class HttpJudge extends BaseJudge {
-  private readonly key: string | undefined;
-  private readonly env: NodeJS.ProcessEnv;
+  private readonly client: ChatClient;
   /** Where transcripts are sent: origin and path, nothing secret (announced before the first request). */
   readonly endpoint: string;
-  /** The full endpoint, query included. */
-  private readonly url: string;
-  private readonly secrets: string[];
-  private readonly concurrency: number;
-  private readonly timeoutMs: number;
-  private readonly maxAttempts: number;
-  private readonly backoffMs: number;
-  private readonly maxBackoffMs: number;
-  private readonly maxRetryAfterMs: number;
-  private readonly sleep: (ms: number) => Promise<void>;
-  private readonly notice: (line: string) => void;
-  private announced = false;
 
-  constructor(
-    name: string,
-    private readonly api: ApiSpec,
-    private readonly model: string,
-    rubric: Rubric,
-    opts: MakeJudgeOptions,
-  ) {
+  constructor(name: string, api: ApiSpec, private readonly model: string, rubric: Rubric, opts: MakeJudgeOptions) {
     super(name, rubric, opts);
-    const env = opts.env ?? process.env;
-    this.env = env;
-    const key = env[api.keyVar];
-    this.key = key !== undefined && key.trim() !== "" ? key.trim() : undefined;
-    if (api.keyRequired && this.key === undefined) throw new UsageError(`judge ${name}: set ${api.keyVar} in the environment (the ${api.kind} API needs a key)`);
-    const base = env[api.baseVar];
-    let url: URL;
-    try {
-      url = new URL(base !== undefined && base.trim() !== "" ? base.trim() : api.defaultBase);
-    } catch {
-      throw new UsageError(`judge ${name}: ${api.baseVar} is not a valid URL`);
-    }
-    if (url.username !== "" || url.password !== "") throw new UsageError(`judge ${name}: ${api.baseVar} must not contain credentials; put the key in ${api.keyVar}`);
-    // Query values (e.g. an api-version, or a key some proxies take in the URL) are kept on requests
-    // but never shown.
-    this.secrets = [...url.searchParams.values()].filter((v) => v.length >= 4);
-    url.pathname = url.pathname.replace(/\/+$/, "") + (api.kind === "anthropic" ? "/v1/messages" : "/chat/completions");
-    this.url = url.href;
-    this.endpoint = safeUrl(this.url);
-    this.concurrency = positiveInt(opts.concurrency ?? 16, "concurrency");
-    this.timeoutMs = positiveInt(opts.timeoutMs ?? 30_000, "timeoutMs");
-    this.maxAttempts = positiveInt(opts.maxAttempts ?? 3, "maxAttempts");
-    this.backoffMs = opts.backoffMs ?? 1000;
-    this.maxBackoffMs = opts.maxBackoffMs ?? 30_000;
-    this.maxRetryAfterMs = opts.maxRetryAfterMs ?? 60_000;
-    this.sleep = opts.sleep ?? ((ms) => new Promise((r) => setTimeout(r, ms)));
-    this.notice = opts.notice ?? ((l) => void process.stderr.write(l + "\n"));
+    this.client = new ChatClient(name, api, model, opts, `judge ${name}`);
+    this.endpoint = this.client.endpoint;
   }
 
   protected cacheIdentity() {
-    return { provider: `${this.api.kind}@${this.url}`, model: this.model, label: { provider: this.api.kind, model: this.model } };
+    return { provider: `${this.client.api.kind}@${this.client.url}`, model: this.model, label: { provider: this.client.api.kind, model: this.model } };
   }
 
   protected redact(s: string): string {
-    let out = s.split(this.url).join(safeUrl(this.url));
-    for (const v of this.secrets) out = out.split(v).join(REDACTED);
-    return redactSecrets(out, this.env, this.key !== undefined ? [this.key] : []);
-  }
-
-  private request(prompt: string): { url: string; headers: Record<string, string>; body: string } {
-    const headers: Record<string, string> = { "content-type": "application/json", accept: "application/json" };
-    if (this.api.kind === "anthropic") {
-      if (this.key) headers["x-api-key"] = this.key;
-      headers["anthropic-version"] = "2023-06-01";
-      const body = { model: this.model, max_tokens: this.maxTokens, temperature: this.temperature, messages: [{ role: "user", content: [{ type: "text", text: prompt }] }] };
-      return { url: this.url, headers, body: JSON.stringify(body) };
-    }
-    if (this.key) headers.authorization = `Bearer ${this.key}`;
-    if (this.api.kind === "openrouter") headers["x-title"] = "selfscope";
-    const body = { model: this.model, messages: [{ role: "user", content: prompt }], temperature: this.temperature, max_tokens: this.maxTokens };
-    return { url: this.url, headers, body: JSON.stringify(body) };
-  }
-
-  /** The reply text of a 200 body, or a retryable error when the body is not what the API returns. */
-  private replyText(body: string): { text: string; truncated: boolean } {
-    let doc: unknown;
-    try {
-      doc = JSON.parse(body);
-    } catch {
-      throw new AttemptError(`malformed JSON in the response body (${body.length} bytes: ${snippet(body, 80)})`, true);
-    }
-    if (this.api.kind === "anthropic") {
-      const d = doc as { content?: unknown; stop_reason?: unknown };
-      if (!Array.isArray(d.content)) throw new AttemptError(`response JSON has no "content" array: ${snippet(body, 120)}`, true);
-      const text = (d.content as { type?: unknown; text?: unknown }[]).filter((b) => b?.type === "text" && typeof b.text === "string").map((b) => b.text as string).join("");
-      return { text, truncated: d.stop_reason === "max_tokens" };
-    }
-    const d = doc as { choices?: { message?: { content?: unknown }; finish_reason?: unknown }[]; error?: { message?: unknown } };
-    if (d.error && !d.choices) throw new AttemptError(`API error in a 200 body: ${snippet(String(d.error.message ?? JSON.stringify(d.error)), 200)}`, true);
-    const c = d.choices?.[0];
-    if (!c || typeof c.message?.content !== "string") throw new AttemptError(`response JSON has no choices[0].message.content: ${snippet(body, 120)}`, true);
-    return { text: c.message.content, truncated: c.finish_reason === "length" };
-  }
-
-  private httpError(status: number, statusText: string, body: string, headers: Headers): AttemptError {
-    const what = `HTTP ${status}${statusText ? ` ${statusText}` : ""} from ${safeUrl(this.url)}`;
-    const detail = body ? `: ${snippet(body, 200)}` : "";
-    if (status === 408 || status === 429 || status >= 500) {
-      const ms = headers.get("retry-after-ms");
-      const after = ms !== null && /^\d+(?:\.\d+)?$/.test(ms.trim()) ? Math.round(Number(ms)) : parseRetryAfter(headers.get("retry-after"));
-      return new AttemptError(`${what}${detail}`, true, after);
-    }
-    if (status === 401 || status === 403) {
-      const how = this.key === undefined ? `${this.api.keyVar} is not set; set it to a valid key` : `check ${this.api.keyVar} (the key was rejected)`;
-      return new AttemptError(`${what}: ${how}${detail}`, false);
-    }
-    if (status === 404) return new AttemptError(`${what}: check the model name "${this.model}" and ${this.api.baseVar}${detail}`, false);
-    return new AttemptError(`${what}${detail}`, false);
-  }
-
-  /** One HTTP call with a timeout covering headers and body. */
-  private async attempt(prompt: string): Promise<{ text: string; truncated: boolean }> {
-    const { url, headers, body } = this.request(prompt);
-    const ctrl = new AbortController();
-    let timedOut = false;
-    const timer = setTimeout(() => {
-      timedOut = true;
-      ctrl.abort();
-    }, this.timeoutMs);
-    try {
-      let res: Response;
-      try {
-        res = await fetch(url, { method: "POST", headers, body, signal: ctrl.signal });
-      } catch (e) {
-        if (timedOut) throw new AttemptError(`timed out after ${this.timeoutMs} ms waiting for ${safeUrl(url)}`, true);
-        throw new AttemptError(`connection error to ${safeUrl(url)}: ${netReason(e)}`, true);
-      }
-      let text: string;
-      try {
-        text = await res.text();
-      } catch (e) {
-        if (timedOut) throw new AttemptError(`timed out after ${this.timeoutMs} ms reading the response from ${safeUrl(url)}`, true);
-        throw new AttemptError(`response body cut off (${netReason(e)}) from ${safeUrl(url)}`, true);
-      }
-      if (!res.ok) throw this.httpError(res.status, res.statusText, text, res.headers);
-      return this.replyText(text);
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-
-  private async callWithRetries(prompt: string): Promise<JudgeResult> {
-    const t0 = performance.now();
-    let last = "";
-    for (let k = 1; k <= this.maxAttempts; k++) {
-      try {
-        const { text, truncated } = await this.attempt(prompt);
-        return verdictOf(text, k, performance.now() - t0, truncated);
-      } catch (e) {
-        if (!(e instanceof AttemptError)) throw e;
-        last = e.message;
-        if (!e.retry) return { verdict: null, raw: null, error: `${this.name}: ${last} (not retried)`, attempts: k, approximate: false, ms: performance.now() - t0 };
-        if (k < this.maxAttempts) {
-          const backoff = Math.min(this.maxBackoffMs, this.backoffMs * 2 ** (k - 1));
-          const delay = e.retryAfterMs !== null ? Math.min(this.maxRetryAfterMs, e.retryAfterMs) : backoff * (0.5 + 0.5 * Math.random());
-          await this.sleep(delay);
-        }
-      }
-    }
-    return { verdict: null, raw: null, error: `${this.name}: gave up after ${this.maxAttempts} attempts; last error: ${last}`, attempts: this.maxAttempts, approximate: false, ms: performance.now() - t0 };
+    return this.client.redact(s);
   }
 
   protected async run(items: Prepared[], onEach: (i: number, r: JudgeResult) => void): Promise<void> {
     if (items.length === 0) return;
     // Transcripts leave this machine: say where, before the first request.
-    if (!this.announced) {
-      this.announced = true;
-      this.notice(`judge ${this.name}: sending transcripts to ${this.endpoint}${this.key !== undefined ? ` (key from ${this.api.keyVar})` : ""}`);
-    }
-    let next = 0;
-    const worker = async () => {
-      while (next < items.length) {
-        const i = next++;
-        onEach(i, await this.callWithRetries(items[i]!.prompt!));
-      }
-    };
-    await Promise.all(Array.from({ length: Math.min(this.concurrency, items.length) }, worker));
+    this.client.announce(`judge ${this.name}: sending transcripts to`);
+    await pool(this.client.concurrency, items.length, async (i) => {
+      const r = await this.client.complete([{ role: "user", content: items[i]!.prompt! }], { temperature: this.temperature, maxTokens: this.maxTokens });
+      onEach(i, r.text === null ? { verdict: null, raw: null, error: r.error, attempts: r.attempts, approximate: false, ms: r.ms } : verdictOf(r.text, r.attempts, r.ms, r.truncated));
+    });
   }
-}
-
-function positiveInt(v: number, what: string): number {
-  if (!Number.isInteger(v) || v < 1) throw new UsageError(`judge option ${what} must be a positive integer (got ${v})`);
-  return v;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -881,5 +664,6 @@ export function makeJudge(spec: string, opts: MakeJudgeOptions = {}): Judge {
     if (!fs.existsSync(file)) throw new UsageError(`judge "${spec}": ${file} does not exist; pass a model file or directory selfscope can load`);
     return new LocalJudge(name, file, rubric, opts);
   }
-  return new HttpJudge(name, APIS[kind as ApiKind], arg, rubric, opts);
+  if (!isApiKind(kind)) throw new UsageError(`unknown judge "${spec}"; ${known}`);
+  return new HttpJudge(name, APIS[kind], arg, rubric, opts);
 }
