@@ -16,6 +16,7 @@ import { mechanismsCommand } from "../recipes/mechanisms.js";
 import { lindseyCommand } from "../recipes/lindsey.js";
 import { refusalCommand } from "../recipes/refusal.js";
 import { probeCommand } from "../recipes/probe.js";
+import { identityCommand } from "../recipes/identity.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
 import { mergeCommand, trainCommand, type TrainArgs } from "./train.js";
 
@@ -257,6 +258,21 @@ export const RECIPES: Record<string, Recipe> = {
       "max-tokens": "number", threads: "number",
     },
     run: (a) => probeCommand(a as unknown as Parameters<typeof probeCommand>[0]),
+    writes: ["steps.jsonl", "results.json", "report.html"],
+  },
+  identity: {
+    usage:
+      "selfscope identity --model [LABEL=]SPEC[@OFFICIAL NAME] [--model ...] --out DIR [--prompts id,id] [--samples N] [--follow-up]\n" +
+      "                   [--judge openai:MODEL] [--temperature 0.7] [--max-tokens 500] [--concurrency 8] [--sweep FILE]\n" +
+      "  The identity self-report sweep (docs/identity.md; data/identity/sweep.json): 32 prompts in English and Chinese, 7 sampled 4 times,\n" +
+      "  no system prompt. SPEC: openai:MODEL (OPENAI_BASE_URL for any compatible server), openrouter:MODEL, anthropic:MODEL, or a\n" +
+      "  local checkpoint (PATH or local:PATH). Claims of another model's name or creator in replies and reasoning traces,\n" +
+      "  a models × prompts matrix; failed calls are counted, never read as claims, and retried on resume (rerun the command).",
+    flags: {
+      model: "list", out: "string", sweep: "string", prompts: "string", samples: "number", temperature: "number", "max-tokens": "number",
+      "follow-up": "boolean", judge: "string", concurrency: "number", "timeout-ms": "number", "max-attempts": "number", seed: "number", threads: "number", quiet: "boolean",
+    },
+    run: (a) => identityCommand(a as unknown as Parameters<typeof identityCommand>[0]),
     writes: ["steps.jsonl", "results.json", "report.html"],
   },
   "selfie-train": {
