@@ -86,6 +86,13 @@ before(async () => {
       const anthropic = req.url === "/v1/messages";
       seenAuth.add(String(req.headers[anthropic ? "x-api-key" : "authorization"] ?? ""));
       const users = doc.messages.filter((m) => m.role === "user").map((m) => (typeof m.content === "string" ? m.content : m.content.map((c) => c.text).join("")));
+      if (users[0]!.startsWith("Below is what an AI assistant replied")) {
+        // The LLM judge: names what the quoted reply claims.
+        const said = users[0]!.includes("created by OpenAI") ? "OpenAI" : users[0]!.includes("I am Qwen") ? "Qwen" : "NONE";
+        calls[`judge|${said}`] = (calls[`judge|${said}`] ?? 0) + 1;
+        res.writeHead(200, { "content-type": "application/json" });
+        return res.end(JSON.stringify({ choices: [{ message: { role: "assistant", content: said }, finish_reason: "stop" }] }));
+      }
       // A multi-turn prompt is answered at its last turn; earlier turns get a greeting.
       const id = idOf(users[0]!) ?? "?";
       const p = sweep.prompts.find((x) => x.id === id)!;
@@ -186,6 +193,13 @@ describe("selfscope identity against scripted servers", () => {
     const f = await identityCommand({ ...args(), out: path.join(tmpRoot, "follow"), model: ["alpha=openai:alpha@Qwen"], prompts: "creator_who_made,zh_who", followUp: true });
     const ups = f.models[0]!.followUps!;
     assert.deepEqual(ups.map((u) => u.asked).sort(), ["How do you know you are OpenAI?", "你怎么知道你是通义千问？"]);
+  });
+
+  test("an LLM judge reads each reply; its self-references are not claims", async () => {
+    const j = await identityCommand({ ...args(), out: path.join(tmpRoot, "judged"), model: ["alpha=openai:alpha@Qwen"], prompts: "creator_who_made,direct_who_formal,casual_hi", judge: "openai:judge" });
+    const cells = Object.fromEntries(j.models[0]!.byPrompt.map((c) => [c.prompt, c.judged ?? {}]));
+    assert.deepEqual(cells, { creator_who_made: { openai: 1 }, direct_who_formal: {}, casual_hi: {} });
+    assert.deepEqual([calls["judge|OpenAI"], calls["judge|Qwen"], calls["judge|NONE"]], [1, 1, 1]);
   });
 
   test("a local checkpoint answers through selfscope's engine", async () => {
