@@ -12,7 +12,8 @@ import http from "node:http";
 import os from "node:os";
 import path from "node:path";
 import type { AddressInfo } from "node:net";
-import { findMentions, identityCommand, namePatterns, parseModelSpec, readSweep, type IdentityResults } from "../src/recipes/identity.js";
+import { findMentions, identityCommand, namePatterns, readSweep, type IdentityResults } from "../src/recipes/identity.js";
+import { parseModelSpec } from "../src/recipes/responder.js";
 import { repoDir } from "./support/paths.js";
 
 const tmpRoot = fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-identity-"));

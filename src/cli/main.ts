@@ -91,6 +91,7 @@ Research recipes (each writes DIR/results.json and DIR/report.html; --help for f
   selfscope probe       --model A [--model B] --data F.jsonl --out DIR   linear probes by layer, permutation tests, decomposition,
                         cross-model patching and steering along the probe (docs/probes.md)
   selfscope identity    --model openai:M@NAME [--model PATH] --out DIR   the identity self-report sweep (docs/identity.md)
+  selfscope self-recognition --model A --other B --out DIR   which of two summaries did you write? (docs/self-recognition.md)
   Mechanisms (docs/mechanisms.md):
   selfscope patch       --model PATH --out DIR --layers L     component knock-out / knock-in of attention and MLP outputs
   selfscope attention   --model PATH --out DIR --layers L     attention mass to BOS / injected / other, per layer and head

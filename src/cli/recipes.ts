@@ -17,6 +17,7 @@ import { lindseyCommand } from "../recipes/lindsey.js";
 import { refusalCommand } from "../recipes/refusal.js";
 import { probeCommand } from "../recipes/probe.js";
 import { identityCommand } from "../recipes/identity.js";
+import { selfRecognitionCommand } from "../recipes/self-recognition.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
 import { mergeCommand, trainCommand, type TrainArgs } from "./train.js";
 
@@ -273,6 +274,20 @@ export const RECIPES: Record<string, Recipe> = {
       "follow-up": "boolean", judge: "string", concurrency: "number", "timeout-ms": "number", "max-attempts": "number", seed: "number", threads: "number", quiet: "boolean",
     },
     run: (a) => identityCommand(a as unknown as Parameters<typeof identityCommand>[0]),
+    writes: ["steps.jsonl", "results.json", "report.html"],
+  },
+  "self-recognition": {
+    usage:
+      "selfscope self-recognition --model SPEC --other SPEC --out DIR [--articles FILE.jsonl] [--n N] [--choice logprob|text]\n" +
+      "                           [--judge openai:MODEL] [--max-tokens 80] [--temperature 0]\n" +
+      "  Both models summarize each article; the model is shown both summaries in both orders and asked which it wrote\n" +
+      "  (docs/self-recognition.md). Accuracy with Wilson and bootstrap intervals, per order, position bias, recognized vs anti\n" +
+      "  pairs with a sign test. SPEC as for identity: openai:M, openrouter:M, anthropic:M, or a local checkpoint.",
+    flags: {
+      model: "list", other: "string", out: "string", articles: "string", n: "number", choice: "string", judge: "string", "max-tokens": "number",
+      temperature: "number", concurrency: "number", "timeout-ms": "number", "max-attempts": "number", seed: "number", threads: "number", quiet: "boolean",
+    },
+    run: (a) => selfRecognitionCommand(a as unknown as Parameters<typeof selfRecognitionCommand>[0]),
     writes: ["steps.jsonl", "results.json", "report.html"],
   },
   "selfie-train": {

@@ -17,8 +17,8 @@ import { createHash } from "node:crypto";
 import { UsageError } from "../core/errors.js";
 import { dataPath } from "../core/package.js";
 import { APIS, ChatClient, isApiKind, pool, type ChatTurn } from "../judge/chat.js";
+import { parseModelSpec, responder, type ModelSpec, type Responder } from "./responder.js";
 import { StepLog } from "../log/steps.js";
-import { Model } from "../model/model.js";
 import { wilson, type Rate } from "../stats/stats.js";
 import { htmlPage, htmlTable, rateText } from "../report/page.js";
 
@@ -92,78 +92,6 @@ export function findMentions(text: string, patterns: { family: string; re: RegEx
     for (let m = re.exec(text); m; m = re.exec(text)) out.push({ family, text: m[0], index: m.index });
   }
   return out.sort((a, b) => a.index - b.index);
-}
-
-// ---- models ---------------------------------------------------------------------------------------------
-
-export interface ModelSpec {
-  label: string;
-  /** openai:MODEL, openrouter:MODEL, anthropic:MODEL, or local:PATH. */
-  spec: string;
-  official: string;
-}
-
-/** "[LABEL=]SPEC[@OFFICIAL]"; a bare path is local:PATH. */
-export function parseModelSpec(s: string): ModelSpec {
-  const eq = s.indexOf("=");
-  const label0 = eq > 0 && !s.slice(0, eq).includes(":") ? s.slice(0, eq) : null;
-  let rest = label0 ? s.slice(eq + 1) : s;
-  const at = rest.lastIndexOf("@");
-  const official = at > 0 ? rest.slice(at + 1).trim() : "";
-  if (at > 0) rest = rest.slice(0, at);
-  const colon = rest.indexOf(":");
-  const kind = colon > 0 ? rest.slice(0, colon) : "";
-  const spec = isApiKind(kind) || kind === "local" ? rest : `local:${rest}`;
-  const id = spec.slice(spec.indexOf(":") + 1);
-  if (!id) throw new UsageError(`--model ${s}: names no model (use openai:MODEL, openrouter:MODEL, anthropic:MODEL, local:PATH or a path, optionally LABEL=... and @OFFICIAL NAME)`);
-  return { label: label0 ?? (spec.startsWith("local:") ? path.basename(id) : id), spec, official: official || (spec.startsWith("local:") ? path.basename(id).replace(/\.(gguf|safetensors)$/, "") : id.split("/").pop()!) };
-}
-
-/** A model that answers conversations: a hosted endpoint or a local checkpoint. */
-interface Responder {
-  endpoint: string | null;
-  identity: unknown;
-  reply(turns: ChatTurn[], seed: number, temperature: number, maxTokens: number): Promise<{ text: string | null; reasoning: string | null; error: string | null }>;
-  concurrency: number;
-  dispose(): void;
-}
-
-async function responder(m: ModelSpec, o: { env?: NodeJS.ProcessEnv; concurrency?: number; timeoutMs?: number; maxAttempts?: number; backoffMs?: number; threads?: number }): Promise<Responder> {
-  const kind = m.spec.slice(0, m.spec.indexOf(":"));
-  const id = m.spec.slice(kind.length + 1);
-  if (isApiKind(kind)) {
-    const client = new ChatClient(m.spec, APIS[kind], id, { ...o, concurrency: o.concurrency ?? 8 }, `--model ${m.spec}`);
-    return {
-      endpoint: client.endpoint,
-      identity: { spec: m.spec, endpoint: client.endpoint },
-      concurrency: client.concurrency,
-      reply: async (turns, _seed, temperature, maxTokens) => {
-        client.announce(`identity ${m.label}: sending prompts to`);
-        const r = await client.complete(turns, { temperature, maxTokens });
-        return { text: r.text, reasoning: r.reasoning, error: r.error };
-      },
-      dispose: () => undefined,
-    };
-  }
-  if (!fs.existsSync(id)) throw new UsageError(`--model ${m.spec}: ${id} does not exist`);
-  const model = await Model.load(id, o.threads ? { threads: o.threads } : {});
-  return {
-    endpoint: null,
-    identity: model.identity(),
-    concurrency: 1,
-    reply: async (turns, seed, temperature, maxTokens) => {
-      // Without a chat template, the protocol's raw dialogue format (docs/protocol.md §2.5).
-      const prompt = model.chatTemplate !== undefined ? { messages: turns } : turns.map((t) => `${t.role === "user" ? "User" : "Assistant"}: ${t.content}`).join("\n\n") + "\n\nAssistant:";
-      const room = model.config.nCtx - model.encode(prompt).ids.length - 1;
-      if (room < 1) return { text: null, reasoning: null, error: `the conversation does not fit ${m.label}'s context of ${model.config.nCtx} tokens` };
-      const g = await model.generate([prompt], { maxTokens: Math.min(maxTokens, room), temperature, seed });
-      const raw = g.texts[0]!;
-      // A reasoning model's <think>…</think> is its trace, not its reply.
-      const think = /<think>([\s\S]*?)(<\/think>|$)/.exec(raw);
-      return { text: think ? raw.replace(think[0], "").trim() : raw, reasoning: think ? think[1]!.trim() : null, error: null };
-    },
-    dispose: () => model.dispose(),
-  };
 }
 
 // ---- the command ----------------------------------------------------------------------------------------
