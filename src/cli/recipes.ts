@@ -18,6 +18,7 @@ import { refusalCommand } from "../recipes/refusal.js";
 import { probeCommand } from "../recipes/probe.js";
 import { identityCommand } from "../recipes/identity.js";
 import { selfRecognitionCommand } from "../recipes/self-recognition.js";
+import { esrCommand } from "../recipes/esr.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
 import { mergeCommand, trainCommand, type TrainArgs } from "./train.js";
 
@@ -288,6 +289,20 @@ export const RECIPES: Record<string, Recipe> = {
       temperature: "number", concurrency: "number", "timeout-ms": "number", "max-attempts": "number", seed: "number", threads: "number", quiet: "boolean",
     },
     run: (a) => selfRecognitionCommand(a as unknown as Parameters<typeof selfRecognitionCommand>[0]),
+    writes: ["steps.jsonl", "results.json", "report.html"],
+  },
+  esr: {
+    usage:
+      "selfscope esr --model PATH --out DIR [--questions FILE.jsonl] [--n N] [--concepts a,b] [--layer L] [--strengths 0,2,4,8] [--from-token K]\n" +
+      "              [--max-tokens 60] [--judge openai:MODEL] [--transcoder FILE [--transcoder-layer L] [--top 10]] [--batch-size 8]\n" +
+      "  Steering resistance (docs/esr.md): questions with known answers, an unrelated concept steered in from answer token K;\n" +
+      "  does the answer notice and correct course, is it right in the end, by strength; with a transcoder/SAE, the features that\n" +
+      "  predict a correction and an ablation check. Without --judge, the rule judge (approximate, labelled).",
+    flags: {
+      ...COMMON, questions: "string", n: "number", concepts: "string", layer: "number", strengths: "string", "from-token": "number", "max-tokens": "number",
+      judge: "string", transcoder: "string", "transcoder-layer": "number", top: "number", "batch-size": "number", threads: "number",
+    },
+    run: (a) => esrCommand(a as unknown as Parameters<typeof esrCommand>[0]),
     writes: ["steps.jsonl", "results.json", "report.html"],
   },
   "selfie-train": {
