@@ -19,6 +19,7 @@ import { probeCommand } from "../recipes/probe.js";
 import { identityCommand } from "../recipes/identity.js";
 import { selfRecognitionCommand } from "../recipes/self-recognition.js";
 import { esrCommand } from "../recipes/esr.js";
+import { controlsCommand } from "../recipes/controls.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
 import { mergeCommand, trainCommand, type TrainArgs } from "./train.js";
 
@@ -303,6 +304,20 @@ export const RECIPES: Record<string, Recipe> = {
       judge: "string", transcoder: "string", "transcoder-layer": "number", top: "number", "batch-size": "number", threads: "number",
     },
     run: (a) => esrCommand(a as unknown as Parameters<typeof esrCommand>[0]),
+    writes: ["steps.jsonl", "results.json", "report.html"],
+  },
+  controls: {
+    usage:
+      "selfscope controls --model PATH --out DIR [--concepts a,b,...|FILE.json] [--success a,b] [--failure c,d] [--layer L] [--strength 4]\n" +
+      "                   [--conditions isotropic,norm_matched,shuffled,pca_all,pca_success,orthogonal,cov_matched,norm_sweep] [--count 50] [--k 50]\n" +
+      "                   [--trials 5] [--samples 5] [--alphas 0,0.25,...,2] [--max-tokens 100] [--temperature 1] [--judge SPEC]\n" +
+      "  Noise controls (protocol §8, 04; docs/controls.md): detection with concept vectors, no vector, and control vectors of each\n" +
+      "  kind, one-sided Fisher tests Bonferroni-corrected; with --failure, the synthetic threshold μ_F + α(μ_S − μ_F) and its sigmoid fit (04e).",
+    flags: {
+      ...COMMON, concepts: "string", success: "string", failure: "string", layer: "number", strength: "number", conditions: "string", count: "number",
+      k: "number", trials: "number", samples: "number", alphas: "string", "max-tokens": "number", temperature: "number", judge: "list", "batch-size": "number", threads: "number",
+    },
+    run: (a) => controlsCommand(a as unknown as Parameters<typeof controlsCommand>[0]),
     writes: ["steps.jsonl", "results.json", "report.html"],
   },
   "selfie-train": {
