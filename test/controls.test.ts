@@ -3,14 +3,14 @@
 // vectors (norms, permutation, subspace membership by Gram-Schmidt, covariance by sampling, numpy's
 // percentiles); the sigmoid fit recovers a planted slope and midpoint; end to end on the bundled
 // organism, concept vectors are detected far above no injection, rates recount the trials, and a
-// rerun resumes every trial.
+// rerun resumes every trial; the cone rotation keeps its invariants and runs end to end.
 import { after, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { Rng } from "../src/core/rng.js";
-import { controlVectors, fitSigmoid, gaussian, percentile } from "../src/math/noise.js";
+import { coneRotate, controlVectors, fitSigmoid, gaussian, nearestRow, percentile } from "../src/math/noise.js";
 import { controlsCommand } from "../src/recipes/controls.js";
 import { repoDir } from "./support/paths.js";
 
@@ -103,6 +103,39 @@ describe("control vectors", () => {
   });
 });
 
+describe("cone rotation", () => {
+  test("keeps the d̂ projection and the norm, turns the rest by the angle toward (or away from) the target", () => {
+    const rng = new Rng(12);
+    const d = 30;
+    const dh = gaussian(rng, d);
+    const dn = nrm(dh);
+    const dHat = dh.map((x) => x / dn);
+    const v = Float32Array.from(gaussian(rng, d)), t = gaussian(rng, d);
+    const perp = (x: ArrayLike<number>) => Array.from(x, (y, i) => y - dot(x, dHat) * dHat[i]!);
+    const cosPerp = (x: ArrayLike<number>) => dot(perp(x), perp(t)) / (nrm(perp(x)) * nrm(perp(t)));
+    let last = cosPerp(v);
+    for (const th of [15, 30, 60, 90]) {
+      const r = coneRotate(v, dHat, t, th);
+      assert.ok(Math.abs(dot(r, dHat) - dot(v, dHat)) < 1e-4 && Math.abs(nrm(r) - nrm(v)) < 1e-4);
+      const ang = (Math.acos(Math.min(1, dot(perp(r), perp(v)) / (nrm(perp(r)) * nrm(perp(v))))) * 180) / Math.PI;
+      assert.ok(Math.abs(ang - th) < 1e-2, `angle ${ang} vs ${th}`);
+      assert.ok(cosPerp(r) > last, "closer to the target");
+      last = cosPerp(r);
+    }
+    assert.ok(cosPerp(coneRotate(v, dHat, t, -30)) < cosPerp(v), "negative angles turn away");
+    // Rotating by the full angle between them lands on the target's direction (within the plane ⊥ d̂).
+    const full = (Math.acos(cosPerp(v)) * 180) / Math.PI;
+    assert.ok(Math.abs(cosPerp(coneRotate(v, dHat, t, full)) - 1) < 1e-6);
+  });
+
+  test("nearestRow is the argmax of the cosine", () => {
+    const rows = Float32Array.from([1, 0, 0, 1, 10, 1]);
+    assert.equal(nearestRow(rows, 3, 2, [0.1, 1]), 1);
+    assert.equal(nearestRow(rows, 3, 2, [1, -0.2]), 0);
+    assert.equal(nearestRow(rows, 3, 2, [1, 0.11]), 2); // the longest row is not favoured, its direction is
+  });
+});
+
 describe("synthetic threshold", () => {
   test("the sigmoid fit recovers a planted slope and midpoint", () => {
     const rng = new Rng(8);
@@ -125,7 +158,7 @@ describe("selfscope controls on the bundled organism", () => {
     const out = path.join(tmpRoot, "run");
     const args = {
       model: ORGANISM, out, concepts: words.join(","), failure: words.slice(2).join(","), success: words.slice(0, 2).join(","), layer: 1, strength: 4,
-      conditions: "isotropic,shuffled,norm_sweep", count: 2, trials: 1, samples: 2, maxTokens: 16, judges: ["rule"], threads: 2, quiet: true, vectorCache: null,
+      conditions: "isotropic,shuffled,norm_sweep", coneAngles: "90", count: 2, trials: 1, samples: 2, maxTokens: 16, judges: ["rule"], threads: 2, quiet: true, vectorCache: null,
     };
     const r = await controlsCommand(args);
     assert.equal(r.concepts.detection.n, 2 * 2);
@@ -138,7 +171,9 @@ describe("selfscope controls on the bundled organism", () => {
     assert.equal(Math.round(r.conditions[0]!.detection.estimate! * 4), recount("isotropic"));
     assert.equal(Math.round(r.concepts.detection.estimate! * 4), recount("concepts"));
     const again = await controlsCommand(args);
-    assert.equal(again.resumedSteps, 4 + 2 + 4 + 8 + 12 + 18);
+    assert.deepEqual(r.cone!.toward.map((x) => [x.angle, x.detection.n]), [[0, 4], [90, 4]]);
+    assert.deepEqual(Object.keys(r.cone!.nearest).sort(), [...words].sort());
+    assert.equal(again.resumedSteps, 4 + 2 + 4 + 8 + 12 + 18 + 16);
     assert.deepEqual(again.conditions, r.conditions);
   });
 });

@@ -310,12 +310,14 @@ export const RECIPES: Record<string, Recipe> = {
     usage:
       "selfscope controls --model PATH --out DIR [--concepts a,b,...|FILE.json] [--success a,b] [--failure c,d] [--layer L] [--strength 4]\n" +
       "                   [--conditions isotropic,norm_matched,shuffled,pca_all,pca_success,orthogonal,cov_matched,norm_sweep] [--count 50] [--k 50]\n" +
-      "                   [--trials 5] [--samples 5] [--alphas 0,0.25,...,2] [--max-tokens 100] [--temperature 1] [--judge SPEC]\n" +
+      "                   [--trials 5] [--samples 5] [--alphas 0,0.25,...,2] [--cone-angles 30,60,90] [--max-tokens 100] [--temperature 1] [--judge SPEC]\n" +
       "  Noise controls (protocol §8, 04; docs/controls.md): detection with concept vectors, no vector, and control vectors of each\n" +
-      "  kind, one-sided Fisher tests Bonferroni-corrected; with --failure, the synthetic threshold μ_F + α(μ_S − μ_F) and its sigmoid fit (04e).",
+      "  kind, one-sided Fisher tests Bonferroni-corrected; with --failure, the synthetic threshold μ_F + α(μ_S − μ_F) and its sigmoid fit (04e),\n" +
+      "  and with --cone-angles the cone rotation test (04i).",
     flags: {
       ...COMMON, concepts: "string", success: "string", failure: "string", layer: "number", strength: "number", conditions: "string", count: "number",
-      k: "number", trials: "number", samples: "number", alphas: "string", "max-tokens": "number", temperature: "number", judge: "list", "batch-size": "number", threads: "number",
+      k: "number", trials: "number", samples: "number", alphas: "string", "cone-angles": "string", "max-tokens": "number", temperature: "number", judge: "list",
+      "batch-size": "number", threads: "number",
     },
     run: (a) => controlsCommand(a as unknown as Parameters<typeof controlsCommand>[0]),
     writes: ["steps.jsonl", "results.json", "report.html"],

@@ -179,3 +179,55 @@ export function fitSigmoid(points: readonly { alpha: number; k: number; n: numbe
   if (!(Math.abs(a) > 1e-12) || !Number.isFinite(a)) return null;
   return { k: a, alpha50: -b / a, logLik: cur };
 }
+
+// ---- the cone rotation (04i) -------------------------------------------------------------------------------------
+
+/**
+ * Rotate v's component orthogonal to the unit direction `dHat` by `degrees` toward `target`'s
+ * component orthogonal to both (away from it for negative angles), keeping v·d̂ and ‖v‖ fixed:
+ *   v = s d̂ + δ,  δ' = ‖δ‖ (cos θ δ̂ + sin θ ŵ),  ŵ = unit(t⊥ − (t⊥·δ̂) δ̂),  t⊥ = t − (t·d̂) d̂.
+ * Returns v unchanged when the target has no component to rotate toward.
+ */
+export function coneRotate(v: ArrayLike<number>, dHat: ArrayLike<number>, target: ArrayLike<number>, degrees: number): Float32Array {
+  const d = v.length;
+  const dotf = (a: ArrayLike<number>, b: ArrayLike<number>) => {
+    let s = 0;
+    for (let i = 0; i < d; i++) s += a[i]! * b[i]!;
+    return s;
+  };
+  const s = dotf(v, dHat);
+  const delta = Float64Array.from({ length: d }, (_, i) => v[i]! - s * dHat[i]!);
+  const dn = norm(delta);
+  if (dn === 0) return Float32Array.from(v);
+  const dh = delta.map((x) => x / dn);
+  const tt = dotf(target, dHat);
+  const tPerp = Float64Array.from({ length: d }, (_, i) => target[i]! - tt * dHat[i]!);
+  const c = dotf(tPerp, dh);
+  const w = tPerp.map((x, i) => x - c * dh[i]!);
+  const wn = norm(w);
+  if (wn < 1e-12 * (norm(tPerp) || 1)) return Float32Array.from(v);
+  const th = (degrees * Math.PI) / 180;
+  return Float32Array.from({ length: d }, (_, i) => s * dHat[i]! + dn * (Math.cos(th) * dh[i]! + (Math.sin(th) * w[i]!) / wn));
+}
+
+/** The row of `rows` [n × d] (e.g. the unembedding) with the largest cosine to v. */
+export function nearestRow(rows: Float32Array, n: number, d: number, v: ArrayLike<number>): number {
+  let best = -1, bestCos = -Infinity;
+  let vn = 0;
+  for (let j = 0; j < d; j++) vn += v[j]! * v[j]!;
+  vn = Math.sqrt(vn);
+  for (let i = 0; i < n; i++) {
+    let dotv = 0, rn = 0;
+    for (let j = 0; j < d; j++) {
+      const r = rows[i * d + j]!;
+      dotv += r * v[j]!;
+      rn += r * r;
+    }
+    const c = rn > 0 ? dotv / (Math.sqrt(rn) * vn) : -Infinity;
+    if (c > bestCos) {
+      bestCos = c;
+      best = i;
+    }
+  }
+  return best;
+}

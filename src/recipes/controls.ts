@@ -16,12 +16,12 @@ import { chooseJudges } from "../judge/select.js";
 import { StepLog } from "../log/steps.js";
 import { Model } from "../model/model.js";
 import { readData } from "../eval/protocol.js";
-import { controlVectors, fitSigmoid, NOISE_CONDITIONS, type NoiseCondition, type SigmoidFit } from "../math/noise.js";
+import { coneRotate, controlVectors, fitSigmoid, nearestRow, NOISE_CONDITIONS, type NoiseCondition, type SigmoidFit } from "../math/noise.js";
 import { meanRows } from "../math/linalg.js";
 import { fisherOneSided, wilson, type Rate } from "../stats/stats.js";
 import { conceptVectors, PROTOCOL_RECIPE } from "../vectors/extract.js";
 import { htmlPage, htmlTable, rateText } from "../report/page.js";
-import { steeringTrials, type SteerTrial } from "./geometry.js";
+import { loadLensWeights, steeringTrials, unembedding, type SteerTrial } from "./geometry.js";
 
 export interface ControlsArgs {
   model: string;
@@ -40,6 +40,8 @@ export interface ControlsArgs {
   samples?: number;
   conditions?: string;
   alphas?: string;
+  /** Cone rotation angles in degrees (04i; needs --failure). */
+  coneAngles?: string;
   maxTokens?: number;
   temperature?: number;
   judges?: string[];
@@ -69,6 +71,8 @@ export interface ControlsResults {
   baseline: ConditionResult;
   conditions: ConditionResult[];
   threshold?: { points: { alpha: number; detection: Rate }[]; fit: SigmoidFit | null };
+  /** 04i: failure vectors rotated toward their nearest unembedding row, success vectors away from theirs, d̂ projection and norm fixed. */
+  cone?: { toward: { angle: number; detection: Rate }[]; away: { angle: number; detection: Rate }[]; nearest: Record<string, string | null> };
   resumedSteps: number;
 }
 
@@ -98,6 +102,9 @@ export async function controlsCommand(a: ControlsArgs): Promise<ControlsResults>
     for (const x of conditions) if (!(NOISE_CONDITIONS as readonly string[]).includes(x)) throw new UsageError(`--conditions: unknown "${x}" (use ${NOISE_CONDITIONS.join(", ")})`);
     const trialsPer = a.trials ?? 5, samples = a.samples ?? 5;
     const alphas = a.alphas ? parseNumbers(a.alphas, "--alphas") : [0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2];
+    const coneAngles = a.coneAngles ? parseNumbers(a.coneAngles, "--cone-angles") : [];
+    if (coneAngles.length && !failure.length) throw new UsageError("--cone-angles needs --failure (the cone test rotates failure vectors toward the unembedding and success vectors away)");
+    if (coneAngles.includes(0)) throw new UsageError("--cone-angles: leave out 0 (angle 0 is the concept vectors themselves, always run)");
     const judgeSpec = chooseJudges(a.judges).specs[0]!;
     const judge = makeJudge(judgeSpec, { cacheDir: path.join(a.out, "judge-cache") });
     const recipe = model.chatTemplate !== undefined ? PROTOCOL_RECIPE : { ...PROTOCOL_RECIPE, format: "raw" as const };
@@ -106,7 +113,7 @@ export async function controlsCommand(a: ControlsArgs): Promise<ControlsResults>
     const controls = controlVectors(vecs, success, { count: a.count ?? 50, k: a.k ?? 50, seed: a.seed ?? 42, conditions });
     const log = StepLog.open(a.out, "controls", {
       model: model.identity(), layer, strength, concepts, success, failure, conditions, count: a.count ?? 50, k: a.k ?? 50,
-      trials: trialsPer, samples, alphas: failure.length ? alphas : null, maxTokens: a.maxTokens ?? 100, temperature: a.temperature ?? 1, judge: judgeSpec, seed: a.seed ?? 42, recipe,
+      trials: trialsPer, samples, alphas: failure.length ? alphas : null, coneAngles, maxTokens: a.maxTokens ?? 100, temperature: a.temperature ?? 1, judge: judgeSpec, seed: a.seed ?? 42, recipe,
     });
     if (log.resumed) say(`resuming ${a.out}: ${log.resumed} trials already done`);
 
@@ -122,6 +129,27 @@ export async function controlsCommand(a: ControlsArgs): Promise<ControlsResults>
     if (failure.length) {
       const muS = meanRows(success.map((w) => vecs.get(w)!)), muF = meanRows(failure.map((w) => vecs.get(w)!));
       for (const al of alphas) addTrials(`alpha=${al}`, "v", Float32Array.from(muF, (f, i) => f + al * (muS[i]! - f)), null);
+    }
+    const nearest: Record<string, string | null> = {};
+    if (coneAngles.length) {
+      // d̂ = unit(μ_S − μ_F); each vector's nearest unembedding row by cosine.
+      const muS = meanRows(success.map((w) => vecs.get(w)!)), muF = meanRows(failure.map((w) => vecs.get(w)!));
+      const diff = muS.map((x, i) => x - muF[i]!);
+      const dn = Math.hypot(...diff);
+      const dHat = diff.map((x) => x / dn);
+      const wu = unembedding(loadLensWeights(a.model));
+      const [V, D] = wu.shape as [number, number];
+      for (const [group, words, sign] of [["cone-toward", failure, 1], ["cone-away", success, -1]] as const) {
+        for (const w of words) {
+          const v = vecs.get(w)!;
+          const row = nearestRow(wu.data, V, D, v);
+          nearest[w] = model.tokenizer?.decode([row]) ?? String(row);
+          const target = wu.data.subarray(row * D, (row + 1) * D);
+          for (const th of coneAngles) addTrials(`${group}=${th}`, w, coneRotate(v, dHat, target, sign * th), null);
+        }
+        // Angle 0: the unrotated vectors, detection only (as the rotated ones).
+        for (const w of words) addTrials(`${group}=0`, w, vecs.get(w)!, null);
+      }
     }
     const todo = trials.filter((t) => !log.has(t.key));
     const bs = a.batchSize ?? 16;
@@ -162,6 +190,10 @@ export async function controlsCommand(a: ControlsArgs): Promise<ControlsResults>
       const points = alphas.map((al) => ({ alpha: al, detection: rate(`alpha=${al}`) }));
       res.threshold = { points, fit: fitSigmoid(points.map((p) => ({ alpha: p.alpha, k: k(p.detection), n: p.detection.n }))) };
     }
+    if (coneAngles.length) {
+      const ang = [0, ...coneAngles];
+      res.cone = { toward: ang.map((th) => ({ angle: th, detection: rate(`cone-toward=${th}`) })), away: ang.map((th) => ({ angle: th, detection: rate(`cone-away=${th}`) })), nearest };
+    }
     for (const r of [res.concepts, res.baseline, ...condResults]) say(`${r.condition}: detection ${rateText(r.detection)}`);
     fs.writeFileSync(path.join(a.out, "results.json"), JSON.stringify(res, null, 1));
     fs.writeFileSync(path.join(a.out, "report.html"), controlsReport(res));
@@ -189,6 +221,15 @@ export function controlsReport(r: ControlsResults): string {
       html:
         htmlTable(["α", "detection"], r.threshold.points.map((x) => [x.alpha, rateText(x.detection)])) +
         `<p>${f ? `Sigmoid fit: k = ${f.k.toFixed(3)}, α50 = ${f.alpha50.toFixed(3)} (paper: α50 ≈ 1.15).` : "No sigmoid fit: detection is all or nothing over the grid."}</p>`,
+    });
+  }
+  if (r.cone) {
+    const cone = r.cone;
+    sections.push({
+      title: "Cone rotation (04i)",
+      html:
+        `<p>Failure vectors rotated toward their nearest unembedding row, success vectors away from theirs, keeping the projection on d̂ = unit(μ_S − μ_F) and the norm. Nearest tokens: ${Object.entries(cone.nearest).map(([w, t]) => `${w} → ${JSON.stringify(t)}`).join(", ")}.</p>` +
+        htmlTable(["angle (°)", "failure, toward the unembedding", "success, away from it"], cone.toward.map((x, i) => [x.angle, rateText(x.detection), rateText(cone.away[i]!.detection)])),
     });
   }
   return htmlPage("Noise controls", "Is detection specific to concept vectors? (protocol §8, 04 and 04e)", sections);
