@@ -20,6 +20,7 @@ import { identityCommand } from "../recipes/identity.js";
 import { selfRecognitionCommand } from "../recipes/self-recognition.js";
 import { esrCommand } from "../recipes/esr.js";
 import { controlsCommand } from "../recipes/controls.js";
+import { negativeCommand } from "../recipes/negative.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
 import { mergeCommand, trainCommand, type TrainArgs } from "./train.js";
 
@@ -320,6 +321,19 @@ export const RECIPES: Record<string, Recipe> = {
       "batch-size": "number", threads: "number",
     },
     run: (a) => controlsCommand(a as unknown as Parameters<typeof controlsCommand>[0]),
+    writes: ["steps.jsonl", "results.json", "report.html"],
+  },
+  "negative-steering": {
+    usage:
+      "selfscope negative-steering --model PATH --out DIR [--directions refusal,sycophancy,...] [--layer L] [--strength 4] [--trials 10] [--samples 1]\n" +
+      "                            [--per-side 64] [--list-directions] [--max-tokens 100] [--temperature 1] [--judge SPEC]\n" +
+      "  The paper's 05 (docs/controls.md): behaviour directions (mean positive − mean negative at position −2) subtracted from the\n" +
+      "  token before \"Trial n\" in the removed-thought prompt; detection and identification vs unsteered controls.",
+    flags: {
+      ...COMMON, directions: "string", layer: "number", strength: "number", trials: "number", samples: "number", "per-side": "number", "list-directions": "boolean",
+      "max-tokens": "number", temperature: "number", judge: "list", "batch-size": "number", threads: "number",
+    },
+    run: (a) => negativeCommand(a as unknown as Parameters<typeof negativeCommand>[0]),
     writes: ["steps.jsonl", "results.json", "report.html"],
   },
   "selfie-train": {

@@ -17,7 +17,7 @@ import type { TopLevelSpec } from "vega-lite";
 import { UsageError } from "../core/errors.js";
 import { Rng } from "../core/rng.js";
 import { summarizeTrials, trialVerdicts, defaultJudge } from "../eval/metrics.js";
-import { firstResponse, getVariant, readData, renderTrial } from "../eval/protocol.js";
+import { firstResponse, getVariant, readData, renderTrial, type Variant } from "../eval/protocol.js";
 import { hookName } from "../hooks/names.js";
 import type { Intervention } from "../hooks/plan.js";
 import type { Tokenizer } from "../io/tokenizer.js";
@@ -343,6 +343,8 @@ export interface SteerOptions {
   batchSize?: number;
   /** Ask the identification judge after a YES (needs `concept`). */
   identify?: boolean;
+  /** The prompt (default protocol 02's "original"; 05's removed-thought prompt, for one). */
+  variant?: Variant;
 }
 
 /**
@@ -351,7 +353,7 @@ export interface SteerOptions {
  * detection judged on every trial, identification after a YES.
  */
 export async function steeringTrials(model: Model, trials: readonly SteerTrial[], opts: SteerOptions): Promise<SteerOutcome[]> {
-  const v = getVariant("original");
+  const v = opts.variant ?? getVariant("original");
   const bs = opts.batchSize ?? 16;
   const out: SteerOutcome[] = [];
   for (let i = 0; i < trials.length; i += bs) {
