@@ -10,7 +10,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { Rng } from "../src/core/rng.js";
-import { coneRotate, controlVectors, fitSigmoid, gaussian, nearestRow, percentile } from "../src/math/noise.js";
+import { coneRotate, controlVectors, deltaPcs, fitSigmoid, gaussian, nearestRow, percentile } from "../src/math/noise.js";
 import { controlsCommand } from "../src/recipes/controls.js";
 import { repoDir } from "./support/paths.js";
 
@@ -133,6 +133,28 @@ describe("cone rotation", () => {
     assert.equal(nearestRow(rows, 3, 2, [0.1, 1]), 1);
     assert.equal(nearestRow(rows, 3, 2, [1, -0.2]), 0);
     assert.equal(nearestRow(rows, 3, 2, [1, 0.11]), 2); // the longest row is not favoured, its direction is
+  });
+});
+
+describe("δ-PCs (04c §4.3)", () => {
+  test("pair differences lose their d̂ part; PC1 recovers a planted shared direction", () => {
+    const rng = new Rng(21);
+    const d = 25;
+    const dh = gaussian(rng, d), dHat = dh.map((x) => x / nrm(dh));
+    const raw = gaussian(rng, d);
+    const p = raw.map((x, i) => x - dot(raw, dHat) * dHat[i]!);
+    const pHat = p.map((x) => x / nrm(p));
+    const diffs = Array.from({ length: 40 }, () => {
+      const a = gaussian(rng, 1)[0]! * 5, s = gaussian(rng, 1)[0]! * 3;
+      const e = gaussian(rng, d);
+      return Array.from({ length: d }, (_, i) => a * pHat[i]! + s * dHat[i]! + 0.1 * e[i]!);
+    });
+    const r = deltaPcs(diffs, dHat, 3);
+    for (const u of r.u) assert.ok(Math.abs(dot(u, dHat)) < 1e-9);
+    for (const pc of r.pcs) assert.ok(Math.abs(dot(pc, dHat)) < 1e-9 && Math.abs(nrm(pc) - 1) < 1e-9);
+    assert.ok(Math.abs(dot(r.pcs[0]!, pHat)) > 0.99, `|cos| ${dot(r.pcs[0]!, pHat)}`);
+    assert.ok(r.explainedVarianceRatio[0]! > 0.9);
+    assert.throws(() => deltaPcs([diffs[0]!], dHat), /at least 2 pairs/);
   });
 });
 

@@ -432,7 +432,7 @@ describe("geometryCommand end to end on stories260K (tiny inject run, synthetic 
     fs.writeFileSync(ratesFile, JSON.stringify({ rates }));
 
     const out = path.join(tmpRoot, "geometry");
-    res = await geometryCommand({ model: STORIES, out, run: runDir, rates: ratesFile, trials: 1, maxTokens: 4, quiet: true, seed: 42 });
+    res = await geometryCommand({ model: STORIES, out, run: runDir, rates: ratesFile, trials: 1, maxTokens: 4, quiet: true, seed: 42, dpcAllPairs: true, dpcAlphas: "-1,0,1", dpcK: 1, dpcMaxPairs: 1 });
     console.log(`# geometryCommand: ${((performance.now() - t0) / 1000).toFixed(1)} s total; τ = ${res.partition.tau} on ${res.partition.metric}; CV BA ${res.partition.cv?.balancedAccuracy.toFixed(3)}; ridge R² ${res.ridge?.mean_r2.toFixed(3)}; timings ${JSON.stringify(res.timings_ms)}`);
     const onDisk = JSON.parse(fs.readFileSync(path.join(out, "results.json"), "utf8")) as GeometryResults;
     assert.equal(onDisk.recipe, "geometry");
@@ -470,5 +470,9 @@ describe("geometryCommand end to end on stories260K (tiny inject run, synthetic 
     assert.equal(res.bidirectional!.pairs.filter((p) => p.cls === "S").length, 2);
     assert.equal(res.bidirectional!.pairs.filter((p) => p.cls === "F").length, 2);
     assert.ok(res.mean_difference.norm > 0);
+    // δ-PCs over both S–S pairs: PC1 and one pair, swept at α −1 and 1, and one unsteered group.
+    const dpc = res.delta_pcs!;
+    assert.deepEqual([dpc.pairs, dpc.selection, dpc.note], [2, "all", null]);
+    assert.deepEqual(dpc.curves.map((c) => [c.kind, c.detection.map((x) => [x.alpha, x.rate.n])]), [["pc", [[-1, 1], [0, 1], [1, 1]]], ["pair", [[-1, 1], [0, 1], [1, 1]]]]);
   });
 });

@@ -149,10 +149,12 @@ export const RECIPES: Record<string, Recipe> = {
   geometry: {
     usage:
       "selfscope geometry --model PATH --out DIR [--run INJECT_RUN_DIR | --rates FILE] [--layer L] [--strength S] [--split adaptive|fixed]\n" +
-      "                   [--trials N] [--no-swap] [--no-bidirectional] [--lens-k K] [--judge SPEC]",
+      "                   [--trials N] [--no-swap] [--no-bidirectional] [--lens-k K] [--judge SPEC]\n" +
+      "                   [--no-dpc] [--dpc-all-pairs] [--dpc-max-pairs 30] [--dpc-k 10] [--dpc-alphas=-1.5,...,1.5] [--dpc-trials N]   (δ-PCs, 04c §4.3)",
     flags: {
       ...COMMON, run: "string", rates: "string", layer: "number", strength: "number", folds: "number", split: "string", trials: "number",
       "no-swap": "boolean", "no-bidirectional": "boolean", "swap-direction": "string", "max-pairs": "number", "pair-window": "number",
+      "no-dpc": "boolean", "dpc-all-pairs": "boolean", "dpc-max-pairs": "number", "dpc-k": "number", "dpc-alphas": "string", "dpc-trials": "number",
       "max-tokens": "number", temperature: "number", judge: "list", "lens-k": "number", "batch-size": "number",
     },
     run: (a) => geometryCommand(a as unknown as Parameters<typeof geometryCommand>[0]),

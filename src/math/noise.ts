@@ -231,3 +231,32 @@ export function nearestRow(rows: Float32Array, n: number, d: number, v: ArrayLik
   }
   return best;
 }
+
+// ---- δ-PCs of pair differences (04c §4.3) ------------------------------------------------------------------------
+
+export interface DeltaPcs {
+  /** Each pair's u = (v_A − v_B) with its d̂ component removed. */
+  u: Float64Array[];
+  /** Unit principal components of the centred u (at most `k`, at most rank). */
+  pcs: Float64Array[];
+  explainedVarianceRatio: number[];
+  /** Mean ‖u‖: the PCs' steering scale. */
+  meanNorm: number;
+}
+
+/** The 04c decomposition: pair differences minus their d̂ part, and their principal components. */
+export function deltaPcs(diffs: readonly ArrayLike<number>[], dHat: ArrayLike<number>, k = 10): DeltaPcs {
+  if (diffs.length < 2) throw new UsageError(`δ-PCs need at least 2 pairs, got ${diffs.length}`);
+  const d = dHat.length;
+  const u = diffs.map((x) => {
+    let s = 0;
+    for (let i = 0; i < d; i++) s += x[i]! * dHat[i]!;
+    return Float64Array.from({ length: d }, (_, i) => x[i]! - s * dHat[i]!);
+  });
+  const p = pca(u, Math.min(k, u.length - 1));
+  const pcs = p.components.map((c) => {
+    const n = norm(c);
+    return c.map((x) => x / n);
+  });
+  return { u, pcs, explainedVarianceRatio: p.explainedVarianceRatio.slice(0, pcs.length), meanNorm: u.reduce((s, x) => s + norm(x), 0) / u.length };
+}

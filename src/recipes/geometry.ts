@@ -15,6 +15,7 @@ import path from "node:path";
 import { createHash } from "node:crypto";
 import type { TopLevelSpec } from "vega-lite";
 import { UsageError } from "../core/errors.js";
+import { parseNumbers } from "../core/parse.js";
 import { Rng } from "../core/rng.js";
 import { summarizeTrials, trialVerdicts, defaultJudge } from "../eval/metrics.js";
 import { firstResponse, getVariant, readData, renderTrial, type Variant } from "../eval/protocol.js";
@@ -37,6 +38,7 @@ import { Model } from "../model/model.js";
 import type { DeviceName } from "../engine/device.js";
 import { wilson } from "../stats/stats.js";
 import { conceptVectors, PROTOCOL_RECIPE } from "../vectors/extract.js";
+import { deltaPcs } from "../math/noise.js";
 import { sampleOptions, type EffectiveSampler } from "../model/sampling.js";
 import { classScores, cosine, dot, fromBasis, gram, ldaDualProject, ldaFit, ldaFitGram, ldaPredict, linspace, mean, meanRows, median, nestedRidgeCv, norm, pca, pearson, principalAngleCosines, r2, ridgeCvAlpha, ridgePath, rowBasis, silhouette, stratifiedKFold, sub, toF32, unit, kFold, type ClassScores, type Vec } from "../math/linalg.js";
 import { escapeHtml, rateText, htmlPage, htmlTable, plotOrNote } from "../report/page.js";
@@ -636,6 +638,13 @@ export interface GeometryArgs {
   swapDirection?: "meandiff" | "ridge";
   maxPairs?: number;
   pairWindow?: number;
+  /** δ-PCs (04c §4.3): skip them; use every S–S pair instead of those that work both ways; pairs swept individually (30); PCs (10); α grid; trials per (vector, α). */
+  noDpc?: boolean;
+  dpcAllPairs?: boolean;
+  dpcMaxPairs?: number;
+  dpcK?: number;
+  dpcAlphas?: string;
+  dpcTrials?: number;
   maxTokens?: number;
   temperature?: number;
   judges?: string[];
@@ -678,6 +687,17 @@ export interface GeometryResults {
   verbalizability: { n_single_token: number; r2_verbalizability: number | null; r2_meandiff_projection: number | null; corr_with_projection: number | null };
   swap: { direction: "meandiff" | "ridge"; trials_per_condition: number; rows: RateRow[] } | null;
   bidirectional: { window: number; trials_per_direction: number; threshold: number; pairs: { cls: "S" | "F"; a: string; b: string; rate_ab: number; rate_ba: number; both: boolean }[]; success: { S: Rate; F: Rate } } | null;
+  /** 04c §4.3: u = v_A − v_B of S–S pairs (that work both ways, unless all pairs were asked for) minus its d̂ part; PCA; α sweeps of pairs and PCs. */
+  delta_pcs: {
+    pairs: number;
+    selection: "bidirectional" | "all";
+    explained_variance_ratio: number[];
+    mean_norm: number;
+    alphas: number[];
+    unsteered: Rate;
+    curves: { vector: string; kind: "pc" | "pair"; detection: { alpha: number; rate: Rate }[] }[];
+    note: string | null;
+  } | null;
   timings_ms: Record<string, number>;
   /** The steering trials' effective sampler (the checkpoint's generation config under --temperature). */
   sampler?: EffectiveSampler;
@@ -690,6 +710,56 @@ const GEOMETRY_APPROXIMATIONS = [
   "Swap and bidirectional trials use the protocol-02 'original' prompt and positions with the configured LLM judge by default (OPENAI_API_KEY), else the rule judge (approximate). Paired tests are exact sign tests over concepts of (condition − original) detection rates.",
   "Bidirectional pairs use the protocol's |Δproj| < 200 window on the ridge axis (mean difference when ridge is unavailable); that window is in Gemma-3-27B units, so on small models every same-class pair qualifies and the order is by |Δdetection|.",
 ];
+
+/**
+ * 04c §4.3: for S–S pairs (those that work both ways, or all), u = (v_A − v_B) minus its d̂ part;
+ * the centred u's principal components; detection when steering with α·u (up to `maxPairs` pairs)
+ * and α·PC·mean‖u‖ over the α grid (× the steering strength; α = 0 is one unsteered group).
+ */
+async function deltaPcSweeps(
+  model: Model,
+  rows: NonNullable<GeometryResults["bidirectional"]>["pairs"],
+  concepts: readonly string[],
+  vectors: readonly Float64Array[],
+  dHat: Vec,
+  steer: SteerOptions,
+  o: { all: boolean; maxPairs: number; k: number; alphas: number[]; trials: number },
+  log: (s: string) => void,
+): Promise<GeometryResults["delta_pcs"]> {
+  const pairs = rows.filter((r) => r.cls === "S" && (o.all || r.both));
+  const base = { pairs: pairs.length, selection: o.all ? ("all" as const) : ("bidirectional" as const), alphas: o.alphas };
+  if (pairs.length < 2) return { ...base, explained_variance_ratio: [], mean_norm: 0, unsteered: wilson(0, 0), curves: [], note: `${pairs.length} S–S pair(s) ${o.all ? "" : "worked both ways "}: δ-PCs need 2 or more${o.all ? "" : " (--dpc-all-pairs uses every S–S pair)"}` };
+  const idx = (c: string) => concepts.indexOf(c);
+  const diffs = pairs.map((p) => sub(vectors[idx(p.a)]!, vectors[idx(p.b)]!));
+  const dp = deltaPcs(diffs, dHat, o.k);
+  const named: { vector: string; kind: "pc" | "pair"; v: Float64Array }[] = [
+    ...dp.pcs.map((pc, j) => ({ vector: `PC${j + 1}`, kind: "pc" as const, v: pc.map((x) => x * dp.meanNorm) })),
+    ...pairs.slice(0, o.maxPairs).map((p, j) => ({ vector: `${p.a} − ${p.b}`, kind: "pair" as const, v: dp.u[j]! })),
+  ];
+  const st: SteerTrial[] = [];
+  for (let tr = 0; tr < o.trials; tr++) st.push({ key: `dpc|unsteered|${tr}`, concept: null, vector: new Float32Array(dHat.length), trialNumber: (tr % 10) + 1 });
+  for (const [ni, n] of named.entries())
+    for (const al of o.alphas) {
+      if (al === 0) continue;
+      const v = toF32(n.v.map((x) => x * al));
+      for (let tr = 0; tr < o.trials; tr++) st.push({ key: `dpc|${ni}|${al}|${tr}`, concept: null, vector: v, trialNumber: (tr % 10) + 1 });
+    }
+  log(`δ-PCs: ${pairs.length} pairs, ${dp.pcs.length} PCs, ${st.length} trials`);
+  const res = await steeringTrials(model, st, steer);
+  const rate = (prefix: string) => {
+    const r = res.filter((x) => x.key.startsWith(prefix) && x.detected !== null);
+    return wilson(r.filter((x) => x.detected).length, r.length);
+  };
+  const unsteered = rate("dpc|unsteered|");
+  return {
+    ...base,
+    explained_variance_ratio: dp.explainedVarianceRatio,
+    mean_norm: dp.meanNorm,
+    unsteered,
+    curves: named.map((n, ni) => ({ vector: n.vector, kind: n.kind, detection: o.alphas.map((al) => ({ alpha: al, rate: al === 0 ? unsteered : rate(`dpc|${ni}|${al}|`) })) })),
+    note: null,
+  };
+}
 
 /** Protocol §4.2 + §8 on one model's concept vectors. */
 export async function geometryCommand(args: GeometryArgs): Promise<GeometryResults> {
@@ -831,6 +901,7 @@ export async function geometryCommand(args: GeometryArgs): Promise<GeometryResul
     const steer: SteerOptions = { layer, strength, judge, maxTokens: args.maxTokens ?? 100, temperature: args.temperature ?? 1, seed, batchSize: args.batchSize ?? 16 };
     let swap: GeometryResults["swap"] = null;
     let bidir: GeometryResults["bidirectional"] = null;
+    let dpc: GeometryResults["delta_pcs"] = null;
     try {
       if (trials > 0 && (args.swap ?? true) && !args.noSwap) {
         t = performance.now();
@@ -874,6 +945,11 @@ export async function geometryCommand(args: GeometryArgs): Promise<GeometryResul
         const succ = (cls: "S" | "F") => wilson(rows.filter((r) => r.cls === cls && r.both).length, rows.filter((r) => r.cls === cls).length);
         bidir = { window: args.pairWindow ?? 200, trials_per_direction: trials, threshold: part.tau, pairs: rows, success: { S: succ("S"), F: succ("F") } };
         lap("bidirectional", t);
+        if (!args.noDpc) {
+          t = performance.now();
+          dpc = await deltaPcSweeps(model, rows, concepts, vectors, md.unit, steer, { all: !!args.dpcAllPairs, maxPairs: args.dpcMaxPairs ?? 30, k: args.dpcK ?? 10, alphas: args.dpcAlphas ? parseNumbers(args.dpcAlphas, "--dpc-alphas") : linspace(-1.5, 1.5, 13), trials: args.dpcTrials ?? trials }, log);
+          lap("delta_pcs", t);
+        }
       }
     } finally {
       judge.dispose?.();
@@ -931,6 +1007,7 @@ export async function geometryCommand(args: GeometryArgs): Promise<GeometryResul
       verbalizability: verbal,
       swap,
       bidirectional: bidir,
+      delta_pcs: dpc,
       timings_ms: timings,
     };
     timings.total = Math.round(performance.now() - t0);
@@ -1126,6 +1203,18 @@ ${htmlTable(["class", "condition", "detection", "introspection", "mean Δ detect
       html: `<p>A direction "works" when its detection rate exceeds τ = ${b.threshold.toFixed(3)}; success = both directions work (paper: 23.3% of S–S vs 3.2% of F–F pairs). S–S ${escapeHtml(rateText(b.success.S))}; F–F ${escapeHtml(rateText(b.success.F))}.</p>
 ${await plotOrNote(bars, () => barsSpec(bars, "Bidirectional success (Wilson 95%)"), "no pairs")}
 ${htmlTable(["class", "A", "B", "detect(A−B)", "detect(B−A)", "both"], b.pairs.map((x) => [x.cls, x.a, x.b, x.rate_ab, x.rate_ba, x.both ? "yes" : "no"]))}`,
+    });
+  }
+  if (r.delta_pcs) {
+    const d = r.delta_pcs;
+    const pts = d.curves.filter((c) => c.kind === "pc").flatMap((c) => c.detection.map((x) => ({ alpha: x.alpha, detection: x.rate.estimate ?? 0, vector: c.vector })));
+    sections.push({
+      title: "δ-PCs of success-pair differences (04c §4.3)",
+      html: d.note
+        ? `<p>${escapeHtml(d.note)}</p>`
+        : `<p>${d.pairs} S–S pairs (${d.selection === "all" ? "every S–S pair" : "those that work both ways"}); u = v_A − v_B minus its d̂ component; PCs of the centred u (explained variance ${d.explained_variance_ratio.map((x) => (100 * x).toFixed(1) + "%").join(", ")}), each steered as α·PC·${d.mean_norm.toFixed(3)} (mean ‖u‖) × strength ${r.strength}. α = 0 is unsteered: ${escapeHtml(rateText(d.unsteered))}.</p>
+${await plotOrNote(pts, () => linesSpec(pts, "alpha", "detection", "vector", "Detection along each δ-PC"), "no PCs")}
+${htmlTable(["vector", ...d.alphas.map((x) => `α ${x}`)], d.curves.map((c) => [c.vector, ...c.detection.map((x) => rateText(x.rate))]))}`,
     });
   }
   sections.push({
