@@ -95,6 +95,7 @@ Research recipes (each writes DIR/results.json and DIR/report.html; --help for f
   selfscope esr         --model PATH --out DIR   steering resistance: noticing and correcting a steered drift (docs/esr.md)
   selfscope controls    --model PATH --out DIR   noise controls and the synthetic threshold (protocol 04, 04e; docs/controls.md)
   selfscope negative-steering --model PATH --out DIR   behaviour directions removed: is the removal detected? (05; docs/controls.md)
+  selfscope abliteration-search --model PATH --out DIR   region weights of the refusal ablation searched with NLopt (03e; docs/controls.md)
   Mechanisms (docs/mechanisms.md):
   selfscope patch       --model PATH --out DIR --layers L     component knock-out / knock-in of attention and MLP outputs
   selfscope attention   --model PATH --out DIR --layers L     attention mass to BOS / injected / other, per layer and head

@@ -21,6 +21,7 @@ import { selfRecognitionCommand } from "../recipes/self-recognition.js";
 import { esrCommand } from "../recipes/esr.js";
 import { controlsCommand } from "../recipes/controls.js";
 import { negativeCommand } from "../recipes/negative.js";
+import { abliterationSearchCommand } from "../recipes/abliteration-search.js";
 import { describeCommand, selfieTrainCommand } from "../recipes/selfie-cli.js";
 import { mergeCommand, trainCommand, type TrainArgs } from "./train.js";
 
@@ -336,6 +337,19 @@ export const RECIPES: Record<string, Recipe> = {
       "max-tokens": "number", temperature: "number", judge: "list", "batch-size": "number", threads: "number",
     },
     run: (a) => negativeCommand(a as unknown as Parameters<typeof negativeCommand>[0]),
+    writes: ["steps.jsonl", "results.json", "report.html"],
+  },
+  "abliteration-search": {
+    usage:
+      "selfscope abliteration-search --model PATH --out DIR [--algorithm direct-l|bobyqa|nelder-mead|sbplx] [--trials 500] [--runs 20] [--prompts 10]\n" +
+      "                              [--n-instructions 128] [--upper X] [--max-tokens 100] [--temperature 1] [--judge openai:MODEL] [--seed 42]\n" +
+      "  The paper's 03e (docs/controls.md): per-region weights of the refusal ablation searched with NLopt for harmful-yet-coherent\n" +
+      "  answers (objective √(harm/5 · coherence/5), 03e's judge prompt; the rule judge is approximate). Resumable.",
+    flags: {
+      model: "string", out: "string", algorithm: "string", trials: "number", runs: "number", prompts: "number", "n-instructions": "number", upper: "number",
+      "max-tokens": "number", temperature: "number", judge: "string", seed: "number", "batch-size": "number", threads: "number", quiet: "boolean",
+    },
+    run: (a) => abliterationSearchCommand(a as unknown as Parameters<typeof abliterationSearchCommand>[0]),
     writes: ["steps.jsonl", "results.json", "report.html"],
   },
   "selfie-train": {
