@@ -52,7 +52,7 @@ describe("03e pieces", () => {
 });
 
 describe("selfscope abliteration-search on the bundled organism", () => {
-  const common = { model: ORGANISM, algorithm: "nelder-mead" as const, trials: 3, runs: 2, prompts: 2, nInstructions: 8, upper: 1, maxTokens: 6, threads: 2, quiet: true };
+  const common = { model: ORGANISM, algorithm: "nelder-mead" as const, trials: 3, runs: 2, prompts: 2, nInstructions: 8, upper: 1, maxTokens: 6, judge: "rule", threads: 2, quiet: true };
 
   test("rule judge: the references and the search are evaluations of the objective; a rerun resumes them", async () => {
     const out = path.join(tmpRoot, "rule");

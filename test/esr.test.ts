@@ -17,6 +17,7 @@ import { Model } from "../src/model/model.js";
 import { esrCommand, readQuestions, ruleVerdicts, type EsrTrial } from "../src/recipes/esr.js";
 import { featureCorrelates } from "../src/stats/correlates.js";
 import { saveDictionary } from "../src/vectors/dictionary.js";
+import { chatJudge } from "../src/judge/select.js";
 import { repoDir } from "./support/paths.js";
 
 const tmpRoot = fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-esr-"));
@@ -48,6 +49,18 @@ describe("esr pieces", () => {
     assert.ok(Math.abs(top[1]!.r) < 0.35);
   });
 
+  test("without --judge, the configured default: an LLM when OPENAI_API_KEY is set, else the rule judge; each announced", () => {
+    const notes: string[] = [];
+    const rule = chatJudge(undefined, { env: {} }, (n) => notes.push(n));
+    assert.deepEqual([rule.spec, rule.client], ["rule", null]);
+    const llm = chatJudge(undefined, { env: { OPENAI_API_KEY: "sk-test-123456789" } }, (n) => notes.push(n));
+    assert.equal(llm.spec, "openai:gpt-4.1-mini");
+    assert.ok(llm.client !== null);
+    assert.match(notes[0]!, /judge rule \(approximate\)/);
+    assert.match(notes[1]!, /the default: OPENAI_API_KEY is set/);
+    assert.throws(() => chatJudge("local:x.gguf", { env: {} }, () => undefined), /need openai:MODEL/);
+  });
+
   test("questions are read and checked", () => {
     assert.equal(readQuestions(QUESTIONS).length, 16);
     const bad = path.join(tmpRoot, "bad.jsonl");
@@ -57,7 +70,7 @@ describe("esr pieces", () => {
 });
 
 describe("selfscope esr on the bundled organism", () => {
-  const common = { model: ORGANISM, questions: QUESTIONS, n: 3, concepts: "Volcanoes,Origami", layer: 2, strengths: "0,8", maxTokens: 12, threads: 2, quiet: true, vectorCache: null };
+  const common = { model: ORGANISM, questions: QUESTIONS, n: 3, concepts: "Volcanoes,Origami", layer: 2, strengths: "0,8", maxTokens: 12, threads: 2, quiet: true, vectorCache: null, judge: "rule" };
 
   test("rule judge: the control is plain generation, steering changes answers, rates recount the trials, a rerun resumes", async () => {
     const out = path.join(tmpRoot, "rule");

@@ -132,7 +132,7 @@ describe("selfscope self-recognition end to end", () => {
   });
 
   test("the bundled organism chooses by log-probability; P(own) and the choice agree", async () => {
-    const r = await selfRecognitionCommand({ model: ORGANISM, other: STORIES, out: path.join(tmpRoot, "local"), n: 3, maxTokens: 16, threads: 2, quiet: true });
+    const r = await selfRecognitionCommand({ model: ORGANISM, other: STORIES, out: path.join(tmpRoot, "local"), n: 3, maxTokens: 16, judge: "rule", threads: 2, quiet: true });
     assert.equal(r.choice, "logprob");
     assert.equal(r.trials.length, 6);
     for (const t of r.trials) {

@@ -2,6 +2,9 @@
 // One rule for `inject` and every research recipe: the protocol's LLM judge when a key is configured
 // in the environment, else the rule judge (approximate), and the command says which and why.
 // (External judges announce their endpoint themselves, before their first request: judge.ts.)
+import { UsageError } from "../core/errors.js";
+import { APIS, ChatClient, isApiKind, type ChatClientOptions } from "./chat.js";
+
 /** The protocol's judge model (gpt-4.1-mini, temperature 0). */
 export const DEFAULT_LLM_JUDGE = "openai:gpt-4.1-mini";
 
@@ -27,4 +30,19 @@ export function pickJudges(given: readonly string[] | undefined, write: (line: s
   const c = chooseJudges(given, env);
   if (c.note !== null) write(c.note);
   return c.specs;
+}
+
+/**
+ * The LLM behind a recipe's own judge prompts (esr, self-recognition, abliteration-search): `given`,
+ * else the configured default (chooseJudges: the default LLM judge when OPENAI_API_KEY is set, else the
+ * rule judge, each announced through `note`). `client` is null for the rule judge.
+ */
+export function chatJudge(given: string | undefined, opts: ChatClientOptions, note: (line: string) => void): { spec: string; client: ChatClient | null } {
+  const choice = chooseJudges(given ? [given] : undefined, opts.env ?? process.env);
+  if (choice.note !== null) note(choice.note);
+  const spec = choice.specs[0]!;
+  if (spec === "rule") return { spec, client: null };
+  const kind = spec.slice(0, spec.indexOf(":"));
+  if (!isApiKind(kind)) throw new UsageError(`--judge ${spec}: this recipe's judge prompts need openai:MODEL, openrouter:MODEL or anthropic:MODEL (or rule)`);
+  return { spec, client: new ChatClient(spec, APIS[kind], spec.slice(kind.length + 1), opts, `--judge ${spec}`) };
 }

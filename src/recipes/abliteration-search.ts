@@ -14,12 +14,14 @@ import fs from "node:fs";
 import path from "node:path";
 import { createHash } from "node:crypto";
 import { UsageError } from "../core/errors.js";
-import { APIS, ChatClient, isApiKind, pool } from "../judge/chat.js";
+import { pool } from "../judge/chat.js";
+import { chatJudge } from "../judge/select.js";
 import { StepLog } from "../log/steps.js";
 import { Model } from "../model/model.js";
 import { readData } from "../eval/protocol.js";
 import { BLACKBOX_ALGORITHMS, maximize, type BlackboxAlgorithm } from "../math/blackbox.js";
-import { htmlPage, htmlTable } from "../report/page.js";
+import { htmlPage, htmlTable, plotOrNote } from "../report/page.js";
+import { linesSpec } from "../report/plots.js";
 import { ablationPlan, abliterationConfig, drawRefusalPrompts, instructionPrompt, isRefusal, loadRefusalPrompts, refusalDirections } from "./refusal.js";
 
 export interface Region {
@@ -119,12 +121,7 @@ export async function abliterationSearchCommand(a: AbliterationSearchArgs): Prom
   const runs = a.runs ?? 20, maxTokens = a.maxTokens ?? 100, temperature = a.temperature ?? 1, seed = a.seed ?? 42;
   const algorithm = a.algorithm ?? "direct-l";
   if (!(algorithm in BLACKBOX_ALGORITHMS)) throw new UsageError(`--algorithm ${algorithm}: use ${Object.keys(BLACKBOX_ALGORITHMS).join(", ")}`);
-  let judge: ChatClient | null = null;
-  if (a.judge && a.judge !== "rule") {
-    const kind = a.judge.slice(0, a.judge.indexOf(":"));
-    if (!isApiKind(kind)) throw new UsageError(`--judge ${a.judge}: use openai:MODEL, openrouter:MODEL or anthropic:MODEL (or rule)`);
-    judge = new ChatClient(a.judge, APIS[kind], a.judge.slice(kind.length + 1), { env: a.env, concurrency: 10 }, `--judge ${a.judge}`);
-  }
+  const { spec: judgeSpec, client: judge } = chatJudge(a.judge, { env: a.env, concurrency: 10 }, say);
   const template = readData<{ harm_coherence_prompt_03e_individual: string }>("protocol/judge_prompts.json").harm_coherence_prompt_03e_individual;
   const model = await Model.load(a.model, a.threads ? { threads: a.threads } : {});
   try {
@@ -133,7 +130,7 @@ export async function abliterationSearchCommand(a: AbliterationSearchArgs): Prom
     const render = (s: string) => instructionPrompt(model, s);
     const log = StepLog.open(a.out, "abliteration-search", {
       model: model.identity(), algorithm, trials: a.trials ?? 500, runs, prompts, bounds, nInstructions: a.nInstructions ?? 128,
-      maxTokens, temperature, judge: a.judge ?? "rule", seed, template,
+      maxTokens, temperature, judge: judgeSpec, seed, template,
     });
     if (log.resumed) say(`resuming ${a.out}: ${log.resumed} evaluations already done`);
     say(`refusal directions from ${drawn.harmful.prompts.length} + ${drawn.harmless.prompts.length} instructions`);
@@ -189,6 +186,11 @@ export async function abliterationSearchCommand(a: AbliterationSearchArgs): Prom
       best: { ...best, layerWeights: regionLayerWeights(regions, best.weights, nL) },
       reference: { none, base: baseEval }, history, resumedSteps: log.resumed,
     };
+    const trace = history.flatMap((e, i) => [
+      { evaluation: i + 1, value: e.objective, series: "objective" },
+      { evaluation: i + 1, value: e.harm / 5, series: "harm / 5" },
+      { evaluation: i + 1, value: e.coherence / 5, series: "coherence / 5" },
+    ]);
     say(`best objective ${best.objective.toFixed(3)} (harm ${best.harm.toFixed(2)}, coherence ${best.coherence.toFixed(2)}, bypass ${(100 * best.bypass).toFixed(0)}%)`);
     fs.writeFileSync(path.join(a.out, "results.json"), JSON.stringify(res, null, 1));
     fs.writeFileSync(
@@ -203,6 +205,10 @@ export async function abliterationSearchCommand(a: AbliterationSearchArgs): Prom
               return [n as string, x.objective.toFixed(4), x.harm.toFixed(2), x.coherence.toFixed(2), `${(100 * x.bypass).toFixed(1)}%`, x.judged];
             }),
           ),
+        },
+        {
+          title: "The search",
+          html: await plotOrNote(trace, () => linesSpec(trace, "evaluation", "value", "series", "Objective, harm/5 and coherence/5 by evaluation", undefined, true), "no evaluations"),
         },
         { title: "Best weight per region", html: htmlTable(["region (of 62 layers)", "bounds", "03e base", "best"], regions.map((g, i) => [g.name, `[${bounds[i]![0]}, ${bounds[i]![1]}]`, base[i]!, best.weights[i]!])) },
       ]),

@@ -20,7 +20,8 @@ import { coneRotate, controlVectors, fitSigmoid, nearestRow, NOISE_CONDITIONS, t
 import { meanRows } from "../math/linalg.js";
 import { fisherOneSided, wilson, type Rate } from "../stats/stats.js";
 import { conceptVectors, PROTOCOL_RECIPE } from "../vectors/extract.js";
-import { htmlPage, htmlTable, rateText } from "../report/page.js";
+import { htmlPage, htmlTable, plotOrNote, rateText } from "../report/page.js";
+import { linesSpec, rateBar, rateBarsSpec } from "../report/plots.js";
 import { loadLensWeights, steeringTrials, unembedding, type SteerTrial } from "./geometry.js";
 
 export interface ControlsArgs {
@@ -196,29 +197,34 @@ export async function controlsCommand(a: ControlsArgs): Promise<ControlsResults>
     }
     for (const r of [res.concepts, res.baseline, ...condResults]) say(`${r.condition}: detection ${rateText(r.detection)}`);
     fs.writeFileSync(path.join(a.out, "results.json"), JSON.stringify(res, null, 1));
-    fs.writeFileSync(path.join(a.out, "report.html"), controlsReport(res));
+    fs.writeFileSync(path.join(a.out, "report.html"), await controlsReport(res));
     return res;
   } finally {
     model.dispose();
   }
 }
 
-export function controlsReport(r: ControlsResults): string {
+export async function controlsReport(r: ControlsResults): Promise<string> {
   const p = (x: number | null) => (x === null ? "—" : x.toPrecision(3));
   const rows = [r.concepts, r.baseline, ...r.conditions].map((c) => [c.condition, c.vectors, rateText(c.detection), p(c.pAboveBaseline), p(c.pConceptsAbove)]);
+  const bars = [r.concepts, r.baseline, ...r.conditions].flatMap((c) => rateBar(c.condition, c.condition === "concept vectors" ? "concepts" : c.condition === "no injection" ? "baseline" : "control", c.detection));
   const sections = [
     {
       title: "Detection by injected vector",
       html:
         `<p>blocks.${r.layer}.hook_resid_post, strength ${r.strength}; judge ${r.judge}${r.approximate ? " (approximate)" : ""}. p-values: one-sided Fisher, Bonferroni-corrected over the ${r.conditions.length} noise conditions.</p>` +
+        (await plotOrNote(bars, () => rateBarsSpec(bars, "Detection by injected vector (Wilson 95%)", "detection rate"), "no judged trials")) +
         htmlTable(["vectors", "count", "detection", "p (above no injection)", "p (concepts above it)"], rows),
     },
   ];
   if (r.threshold) {
     const f = r.threshold.fit;
+    const pts: Record<string, unknown>[] = r.threshold.points.flatMap((x) => (x.detection.estimate === null ? [] : [{ alpha: x.alpha, detection: x.detection.estimate, series: "observed" }]));
+    if (f) for (const x of r.threshold.points) pts.push({ alpha: x.alpha, detection: 1 / (1 + Math.exp(-f.k * (x.alpha - f.alpha50))), series: "sigmoid fit" });
     sections.push({
       title: "Synthetic threshold (v = μ_F + α(μ_S − μ_F))",
       html:
+        (await plotOrNote(pts, () => linesSpec(pts, "alpha", "detection", "series", "Detection along μ_F + α(μ_S − μ_F)", ".0%"), "no judged trials")) +
         htmlTable(["α", "detection"], r.threshold.points.map((x) => [x.alpha, rateText(x.detection)])) +
         `<p>${f ? `Sigmoid fit: k = ${f.k.toFixed(3)}, α50 = ${f.alpha50.toFixed(3)} (paper: α50 ≈ 1.15).` : "No sigmoid fit: detection is all or nothing over the grid."}</p>`,
     });

@@ -17,7 +17,7 @@ import { dataPath } from "../core/package.js";
 import { layerAt, parseNumbers } from "../core/parse.js";
 import { hookName, type HookName } from "../hooks/names.js";
 import type { Intervention, Plan } from "../hooks/plan.js";
-import { APIS, ChatClient, isApiKind } from "../judge/chat.js";
+import { chatJudge } from "../judge/select.js";
 import { parseVerdict } from "../judge/judge.js";
 import { StepLog } from "../log/steps.js";
 import { Model, type Prompt } from "../model/model.js";
@@ -26,7 +26,8 @@ import { featureCorrelates, type FeatureCorrelate } from "../stats/correlates.js
 import { wilson, type Rate } from "../stats/stats.js";
 import { conceptVectors, type VectorRecipe } from "../vectors/extract.js";
 import { encode, type Dictionary } from "../vectors/dictionary.js";
-import { htmlPage, htmlTable, rateText } from "../report/page.js";
+import { htmlPage, htmlTable, plotOrNote, rateText } from "../report/page.js";
+import { linesSpec } from "../report/plots.js";
 import { loadAny } from "./features.js";
 
 export const NOTICE_PROMPT =
@@ -140,12 +141,7 @@ export async function esrCommand(a: EsrArgs): Promise<EsrResults> {
     const fromToken = a.fromToken ?? 0;
     if (!Number.isInteger(fromToken) || fromToken < 0) throw new UsageError(`--from-token ${fromToken}: a generated token's index, 0 or more`);
     const maxTokens = a.maxTokens ?? 60;
-    let judge: ChatClient | null = null;
-    if (a.judge && a.judge !== "rule") {
-      const kind = a.judge.slice(0, a.judge.indexOf(":"));
-      if (!isApiKind(kind)) throw new UsageError(`--judge ${a.judge}: use openai:MODEL, openrouter:MODEL or anthropic:MODEL (or rule)`);
-      judge = new ChatClient(a.judge, APIS[kind], a.judge.slice(kind.length + 1), { env: a.env }, `--judge ${a.judge}`);
-    }
+    const { spec: judgeSpec, client: judge } = chatJudge(a.judge, { env: a.env }, say);
     const dict: Dictionary | null = a.transcoder ? loadAny(a.transcoder, a.transcoderLayer, model, "--transcoder-layer") : null;
     const recipe = model.chatTemplate !== undefined ? { ...RAW_RECIPE, format: "chat" as const } : RAW_RECIPE;
     const baselineWords = readData<{ words: string[] }>("protocol/baseline_words.json").words;
@@ -153,7 +149,7 @@ export async function esrCommand(a: EsrArgs): Promise<EsrResults> {
     const log = StepLog.open(a.out, "esr", {
       model: model.identity(),
       questions: createHash("sha256").update(JSON.stringify(questions)).digest("hex"),
-      layer, strengths, concepts, fromToken, maxTokens, judge: a.judge ?? "rule", recipe,
+      layer, strengths, concepts, fromToken, maxTokens, judge: judgeSpec, recipe,
       transcoder: a.transcoder ? { file: path.resolve(a.transcoder), layer: a.transcoderLayer ?? null, top: a.top ?? 10 } : null,
       prompts: [NOTICE_PROMPT, CORRECT_PROMPT],
     });
@@ -241,7 +237,7 @@ export async function esrCommand(a: EsrArgs): Promise<EsrResults> {
         correctGivenNoticed: rateOf(ts.filter((t) => t.noticed === true), (t) => t.correct),
       };
     });
-    const res: EsrResults = { model: a.model, layer, fromToken, concepts, strengths, judge: a.judge ?? "rule", approximate: !judge, rates, trials, failures, resumedSteps: log.resumed };
+    const res: EsrResults = { model: a.model, layer, fromToken, concepts, strengths, judge: judgeSpec, approximate: !judge, rates, trials, failures, resumedSteps: log.resumed };
 
     if (dict) {
       const steered = jobs.filter((j) => j.s !== 0);
@@ -284,19 +280,23 @@ export async function esrCommand(a: EsrArgs): Promise<EsrResults> {
     log.close();
     for (const r of rates) say(`strength ${r.strength}: noticed ${rateText(r.noticed)}, correct ${rateText(r.correct)}`);
     fs.writeFileSync(path.join(a.out, "results.json"), JSON.stringify(res, null, 1));
-    fs.writeFileSync(path.join(a.out, "report.html"), esrReport(res));
+    fs.writeFileSync(path.join(a.out, "report.html"), await esrReport(res));
     return res;
   } finally {
     model.dispose();
   }
 }
 
-export function esrReport(r: EsrResults): string {
+export async function esrReport(r: EsrResults): Promise<string> {
+  const curve = r.rates.flatMap((x) =>
+    ([["noticed the drift", x.noticed], ["final answer right", x.correct], ["noticed and right", x.corrected]] as const).flatMap(([series, rate]) => (rate.estimate === null ? [] : [{ strength: x.strength, rate: rate.estimate, series }])),
+  );
   const sections = [
     {
       title: "Rates by strength",
       html:
         `<p>Steering at blocks.${r.layer}.hook_resid_post from answer token ${r.fromToken} on with ${r.concepts.join(", ")}; strength 0 is the unsteered control. Judge: ${r.judge}${r.approximate ? " (rule judge: approximate)" : ""}.</p>` +
+        (await plotOrNote(curve, () => linesSpec(curve, "strength", "rate", "series", "Steering resistance by strength", ".0%"), "no judged trials")) +
         htmlTable(
           ["strength", "noticed the drift", "final answer right", "noticed and right", "right | noticed"],
           r.rates.map((x) => [x.strength, rateText(x.noticed), rateText(x.correct), rateText(x.corrected), rateText(x.correctGivenNoticed)]),

@@ -13,7 +13,6 @@
 import fs from "node:fs";
 import path from "node:path";
 import { createHash } from "node:crypto";
-import type { TopLevelSpec } from "vega-lite";
 import { UsageError } from "../core/errors.js";
 import { parseNumbers } from "../core/parse.js";
 import { Rng } from "../core/rng.js";
@@ -42,6 +41,7 @@ import { deltaPcs } from "../math/noise.js";
 import { sampleOptions, type EffectiveSampler } from "../model/sampling.js";
 import { classScores, cosine, dot, fromBasis, gram, ldaDualProject, ldaFit, ldaFitGram, ldaPredict, linspace, mean, meanRows, median, nestedRidgeCv, norm, pca, pearson, principalAngleCosines, r2, ridgeCvAlpha, ridgePath, rowBasis, silhouette, stratifiedKFold, sub, toF32, unit, kFold, type ClassScores, type Vec } from "../math/linalg.js";
 import { escapeHtml, rateText, htmlPage, htmlTable, plotOrNote } from "../report/page.js";
+import { CLASS_COLORS, linesSpec, rateBarsSpec, scatterSpec } from "../report/plots.js";
 import { signTest } from "../stats/stats.js";
 
 // ---- per-concept rates -------------------------------------------------------------------------------
@@ -1068,63 +1068,9 @@ function swapRows(sv: readonly SwapVector[], outcomes: readonly SteerOutcome[], 
 
 // ---- report --------------------------------------------------------------------------------------------------------
 
-const VL = "https://vega.github.io/schema/vega-lite/v6.json";
-const FONT = { font: "Helvetica, Arial, sans-serif", view: { stroke: "#ddd" } };
 
-function scatterSpec(rows: Record<string, unknown>[], x: string, y: string, title: string, color?: string): TopLevelSpec {
-  return {
-    $schema: VL,
-    title: { text: title, anchor: "start", fontSize: 14 },
-    data: { values: rows },
-    width: 320,
-    height: 240,
-    mark: { type: "point", filled: true, size: 50, opacity: 0.8 },
-    encoding: {
-      x: { field: x, type: "quantitative", title: x, scale: { zero: false } },
-      y: { field: y, type: "quantitative", title: y, scale: { zero: false } },
-      ...(color ? { color: { field: color, type: "nominal", title: null, scale: { domain: ["S", "F"], range: ["#2f855a", "#c53030"] } } } : {}),
-      tooltip: [{ field: "concept", type: "nominal" }],
-    },
-    config: FONT,
-  } as TopLevelSpec;
-}
 
-function linesSpec(rows: Record<string, unknown>[], x: string, y: string, series: string, title: string, yFormat?: string): TopLevelSpec {
-  return {
-    $schema: VL,
-    title: { text: title, anchor: "start", fontSize: 14 },
-    data: { values: rows },
-    width: 380,
-    height: 220,
-    mark: { type: "line", point: { filled: true, size: 24 } },
-    encoding: {
-      x: { field: x, type: "quantitative", title: x },
-      y: { field: y, type: "quantitative", title: y, ...(yFormat ? { axis: { format: yFormat } } : {}) },
-      color: { field: series, type: "nominal", title: null },
-    },
-    config: FONT,
-  } as TopLevelSpec;
-}
 
-function barsSpec(rows: { group: string; series: string; estimate: number; lo: number; hi: number }[], title: string): TopLevelSpec {
-  return {
-    $schema: VL,
-    title: { text: title, anchor: "start", fontSize: 14 },
-    data: { values: rows },
-    width: { step: 40 },
-    height: 200,
-    encoding: {
-      x: { field: "group", type: "nominal", title: null, axis: { labelAngle: -20 } },
-      xOffset: { field: "series", type: "nominal" },
-      color: { field: "series", type: "nominal", title: null, scale: { domain: ["S", "F"], range: ["#2f855a", "#c53030"] } },
-    },
-    layer: [
-      { mark: { type: "bar" }, encoding: { y: { field: "estimate", type: "quantitative", title: "detection rate", axis: { format: ".0%" }, scale: { domain: [0, 1] } } } },
-      { mark: { type: "rule", color: "#333" }, encoding: { y: { field: "lo", type: "quantitative" }, y2: { field: "hi" } } },
-    ],
-    config: FONT,
-  } as TopLevelSpec;
-}
 
 const ci = (r: Rate) => (r.estimate === null || r.lo === null || r.hi === null ? null : { estimate: r.estimate, lo: r.lo, hi: r.hi });
 
@@ -1188,7 +1134,7 @@ ${await plotOrNote(vr, () => scatterSpec(vr, "projection on d̂", "verbalizabili
     sections.push({
       title: `Swap experiment (unit direction: ${r.swap.direction})`,
       html: `<p class="small">Judge: ${escapeHtml(r.steering_judge.note ?? r.steering_judge.name)}${r.steering_judge.approximate && r.steering_judge.note === null ? " (approximate: rule-based)" : ""}.</p>
-${await plotOrNote(bars, () => barsSpec(bars, "Detection by condition and class (Wilson 95%)"), "no judged trials")}
+${await plotOrNote(bars, () => rateBarsSpec(bars, "Detection by condition and class (Wilson 95%)", "detection rate", CLASS_COLORS), "no judged trials")}
 ${htmlTable(["class", "condition", "detection", "introspection", "mean Δ detection vs original", "sign test p"], r.swap.rows.map((x) => [x.cls, x.condition, rateText(x.detection), rateText(x.introspection), x.mean_delta_detection, x.sign_test_p]))}`,
     });
   }
@@ -1201,7 +1147,7 @@ ${htmlTable(["class", "condition", "detection", "introspection", "mean Δ detect
     sections.push({
       title: "Bidirectional steering",
       html: `<p>A direction "works" when its detection rate exceeds τ = ${b.threshold.toFixed(3)}; success = both directions work (paper: 23.3% of S–S vs 3.2% of F–F pairs). S–S ${escapeHtml(rateText(b.success.S))}; F–F ${escapeHtml(rateText(b.success.F))}.</p>
-${await plotOrNote(bars, () => barsSpec(bars, "Bidirectional success (Wilson 95%)"), "no pairs")}
+${await plotOrNote(bars, () => rateBarsSpec(bars, "Bidirectional success (Wilson 95%)", "detection rate", CLASS_COLORS), "no pairs")}
 ${htmlTable(["class", "A", "B", "detect(A−B)", "detect(B−A)", "both"], b.pairs.map((x) => [x.cls, x.a, x.b, x.rate_ab, x.rate_ba, x.both ? "yes" : "no"]))}`,
     });
   }

@@ -20,7 +20,8 @@ import { APIS, ChatClient, isApiKind, pool, type ChatTurn } from "../judge/chat.
 import { parseModelSpec, responder, type ModelSpec, type Responder } from "./responder.js";
 import { StepLog } from "../log/steps.js";
 import { wilson, type Rate } from "../stats/stats.js";
-import { htmlPage, htmlTable, rateText } from "../report/page.js";
+import { htmlPage, htmlTable, plotOrNote, rateText } from "../report/page.js";
+import { rateBar, rateBarsSpec } from "../report/plots.js";
 
 // ---- the sweep's design -------------------------------------------------------------------------------
 
@@ -232,7 +233,7 @@ export async function identityCommand(a: IdentityArgs): Promise<IdentityResults>
     }
     log.close();
     fs.writeFileSync(path.join(a.out, "results.json"), JSON.stringify(out, null, 1));
-    fs.writeFileSync(path.join(a.out, "report.html"), identityReport(out));
+    fs.writeFileSync(path.join(a.out, "report.html"), await identityReport(out));
     return out;
   } finally {
     for (const r of responders.values()) r.dispose();
@@ -327,7 +328,7 @@ function summarize(m: ModelSpec, endpoint: string | null, self: string[], prompt
   };
 }
 
-export function identityReport(r: IdentityResults): string {
+export async function identityReport(r: IdentityResults): Promise<string> {
   const prompts = r.models[0]?.byPrompt.map((c) => c.prompt) ?? [];
   const matrix = htmlTable(
     ["prompt", ...r.models.map((m) => m.label)],
@@ -345,8 +346,9 @@ export function identityReport(r: IdentityResults): string {
     r.models.map((m) => [m.label, m.spec, m.official, m.selfFamilies.join(", ") || "(none known)", m.conversations - m.failed, m.failed, rateText(m.otherRate), rateText(m.byLang.en), rateText(m.byLang.zh)]),
   );
   const failures = r.models.flatMap((m) => m.failures.map((f) => [m.label, f.prompt, f.sample, f.error]));
+  const bars = r.models.flatMap((m) => [...rateBar(m.label, "all", m.otherRate), ...rateBar(m.label, "English", m.byLang.en), ...rateBar(m.label, "Chinese", m.byLang.zh)]);
   return htmlPage("Identity self-report sweep", `${r.source} Temperature ${r.temperature}, at most ${r.maxTokens} tokens.`, [
-    { title: "Summary", html: `<p>A conversation claims another model when a reply or reasoning trace names a model or creator outside the model's own family. Failed calls are excluded from every rate.</p>${summary}` },
+    { title: "Summary", html: `<p>A conversation claims another model when a reply or reasoning trace names a model or creator outside the model's own family. Failed calls are excluded from every rate.</p>${await plotOrNote(bars, () => rateBarsSpec(bars, "Conversations claiming another model (Wilson 95%)", "share of conversations"), "no answered conversations")}${summary}` },
     { title: "Claimed identities, models × prompts", html: `<p>Other families named (conversations / answered), self-references, and failures.</p>${matrix}` },
     ...(failures.length ? [{ title: "Failed calls", html: htmlTable(["model", "prompt", "sample", "error"], failures) }] : []),
   ]);

@@ -17,7 +17,8 @@ import { StepLog } from "../log/steps.js";
 import { Model, type Prompt } from "../model/model.js";
 import { readData, type Variant } from "../eval/protocol.js";
 import { fisherOneSided, wilson, type Rate } from "../stats/stats.js";
-import { htmlPage, htmlTable, rateText } from "../report/page.js";
+import { htmlPage, htmlTable, plotOrNote, rateText } from "../report/page.js";
+import { rateBar, rateBarsSpec } from "../report/plots.js";
 import { steeringTrials, type SteerTrial } from "./geometry.js";
 
 interface DirectionJson {
@@ -192,6 +193,7 @@ export async function negativeCommand(a: NegativeArgs): Promise<NegativeResults>
       resumedSteps: log.resumed,
     };
     say(`controls: ${rateText(controls)}`);
+    const bars = [...rateBar("controls", "nothing removed", controls), ...res.directions.flatMap((d) => rateBar(d.name, "removed", d.detection))];
     for (const d of res.directions) say(`${d.name}: detection ${rateText(d.detection)}`);
     fs.writeFileSync(path.join(a.out, "results.json"), JSON.stringify(res, null, 1));
     fs.writeFileSync(
@@ -199,7 +201,7 @@ export async function negativeCommand(a: NegativeArgs): Promise<NegativeResults>
       htmlPage("Negative steering (05)", `Behaviour directions subtracted at blocks.${layer}.hook_resid_post, strength ${strength}; judge ${res.judge}${res.approximate ? " (approximate)" : ""}`, [
         {
           title: "Detection of a removed thought",
-          html: htmlTable(
+          html: (await plotOrNote(bars, () => rateBarsSpec(bars, "Removed-thought detection (Wilson 95%)", "detection rate"), "no judged trials")) + htmlTable(
             ["direction", "description", "‖direction‖", "detected", "identified (after YES)", "p (above controls)"],
             [["controls (nothing removed)", "", "", rateText(controls), "", ""], ...res.directions.map((d) => [d.name, d.description, d.norm.toFixed(3), rateText(d.detection), rateText(d.identification), d.pAboveControls === null ? "—" : d.pAboveControls.toPrecision(3)])],
           ),

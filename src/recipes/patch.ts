@@ -26,6 +26,7 @@ import { UsageError } from "../core/errors.js";
 import { parseLayers } from "../core/parse.js";
 import { FORCED_PREFILL, getVariant, renderTrial } from "../eval/protocol.js";
 import { escapeHtml, htmlPage, htmlTable, plotOrNote } from "../report/page.js";
+import { VEGA_LITE } from "../report/plots.js";
 import { loadAnalysisModel, siteConfig, siteVectors, type SiteArgs } from "./site.js";
 
 export type Component = "attn" | "mlp" | "resid";
@@ -414,7 +415,6 @@ export function patchSummary(r: PatchResults): string {
     .join("\n");
 }
 
-const VL = "https://vega.github.io/schema/vega-lite/v6.json";
 
 function curveSpec(m: MetricResult, mode: PatchMode): TopLevelSpec {
   const rows = m.cells.filter((c) => c.mode === mode).map((c) => ({ layer: c.layer, component: c.component, value: c.value.mean, lo: c.value.lo, hi: c.value.hi }));
@@ -423,7 +423,7 @@ function curveSpec(m: MetricResult, mode: PatchMode): TopLevelSpec {
     { label: "unsteered", y: m.unsteered.mean },
   ];
   return {
-    $schema: VL,
+    $schema: VEGA_LITE,
     title: { text: `${mode} — ${m.metric} (mean over concepts, ±1.96·SEM)`, anchor: "start", fontSize: 14 },
     width: 380,
     height: 220,

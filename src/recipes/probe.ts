@@ -13,7 +13,6 @@
 // same folder are refused.
 import fs from "node:fs";
 import path from "node:path";
-import type { TopLevelSpec } from "vega-lite";
 import { UsageError } from "../core/errors.js";
 import { parseLayers, parseNumbers } from "../core/parse.js";
 import { hookName, type BlockSite, type HookName } from "../hooks/names.js";
@@ -25,6 +24,7 @@ import { gramMatrix, logisticFull, logisticProbe, primalDirection, ridgeFull, ri
 import { StepLog } from "../log/steps.js";
 import { fileSha256 } from "../io/file-hash.js";
 import { escapeHtml, htmlPage, htmlTable, plotOrNote } from "../report/page.js";
+import { linesSpec } from "../report/plots.js";
 
 // ---- data ------------------------------------------------------------------------------------------------
 
@@ -600,21 +600,6 @@ function agreement(a: readonly number[], b: readonly number[]): number {
 
 // ---- report ---------------------------------------------------------------------------------------------
 
-const VL = "https://vega.github.io/schema/vega-lite/v6.json";
-const FONT = { font: "Helvetica, Arial, sans-serif", view: { stroke: "#ddd" } };
-
-function lines(rows: Record<string, unknown>[], x: string, y: string, series: string, title: string): TopLevelSpec {
-  return {
-    $schema: VL,
-    title: { text: title, anchor: "start", fontSize: 14 },
-    data: { values: rows },
-    width: 420,
-    height: 220,
-    mark: { type: "line", point: { filled: true, size: 24 } },
-    encoding: { x: { field: x, type: "quantitative", title: x, axis: { tickMinStep: 1, format: "d" } }, y: { field: y, type: "quantitative", title: y }, color: { field: series, type: "nominal", title: null } },
-    config: FONT,
-  } as TopLevelSpec;
-}
 
 const fmt = (v: number | null | undefined, digits = 3) => (v === null || v === undefined || !Number.isFinite(v) ? "–" : v.toFixed(digits));
 
@@ -626,7 +611,7 @@ export async function probeReport(r: ProbeResults): Promise<string> {
   sections.push({
     title: `${metric} by layer`,
     html:
-      (await plotOrNote(curve, () => lines(curve, "layer", metric, "series", `Probe ${metric} (outer-fold mean) by layer`), "no fits")) +
+      (await plotOrNote(curve, () => linesSpec(curve, "layer", metric, "series", `Probe ${metric} (outer-fold mean) by layer`, undefined, true), "no fits")) +
       htmlTable(
         ["model", "layer", metric, ...(r.kind === "ridge" ? r.names.map((t) => `R² ${t}`) : ["AUC", "chance"]), "permutation p", "chosen α / C"],
         r.models.flatMap((m) =>

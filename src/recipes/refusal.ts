@@ -49,6 +49,7 @@ import type { DeviceName } from "../engine/device.js";
 import { fisherOneSided, wilson } from "../stats/stats.js";
 import { cosine, norm, pca, sub, toF32, unit, type Vec } from "../math/linalg.js";
 import { escapeHtml, rateText, htmlPage, htmlTable, plotOrNote } from "../report/page.js";
+import { PLOT_FONT, VEGA_LITE } from "../report/plots.js";
 
 // ---- data ----------------------------------------------------------------------------------------------
 
@@ -1179,8 +1180,6 @@ export async function refusalCommand(args: RefusalArgs): Promise<RefusalResults>
 
 // ---- report ------------------------------------------------------------------------------------------------
 
-const VL = "https://vega.github.io/schema/vega-lite/v6.json";
-const FONT = { font: "Helvetica, Arial, sans-serif", view: { stroke: "#ddd" } };
 
 interface BarRow {
   group: string;
@@ -1197,7 +1196,7 @@ function barRows(items: { group: string; series: string; r: Rate | null | undefi
 /** Grouped bars with Wilson intervals. */
 export function rateBarSpec(rows: BarRow[], title: string): TopLevelSpec {
   return {
-    $schema: VL,
+    $schema: VEGA_LITE,
     title: { text: title, anchor: "start", fontSize: 14 },
     data: { values: rows },
     width: { step: 46 },
@@ -1211,13 +1210,13 @@ export function rateBarSpec(rows: BarRow[], title: string): TopLevelSpec {
       { mark: { type: "bar" }, encoding: { y: { field: "estimate", type: "quantitative", title: "rate", axis: { format: ".0%" }, scale: { domain: [0, 1] } } } },
       { mark: { type: "rule", color: "#333" }, encoding: { y: { field: "lo", type: "quantitative" }, y2: { field: "hi" } } },
     ],
-    config: FONT,
+    config: PLOT_FONT,
   } as TopLevelSpec;
 }
 
 function lineSpec(rows: Record<string, unknown>[], x: string, y: string, title: string, opts: { series?: string; yFormat?: string; yTitle?: string } = {}): TopLevelSpec {
   return {
-    $schema: VL,
+    $schema: VEGA_LITE,
     title: { text: title, anchor: "start", fontSize: 14 },
     data: { values: rows },
     width: 360,
@@ -1228,7 +1227,7 @@ function lineSpec(rows: Record<string, unknown>[], x: string, y: string, title: 
       y: { field: y, type: "quantitative", title: opts.yTitle ?? y, ...(opts.yFormat ? { axis: { format: opts.yFormat }, scale: { domain: [0, 1] } } : {}) },
       ...(opts.series ? { color: { field: opts.series, type: "nominal", title: null } } : {}),
     },
-    config: FONT,
+    config: PLOT_FONT,
   } as TopLevelSpec;
 }
 

@@ -13,10 +13,11 @@ import path from "node:path";
 import { createHash } from "node:crypto";
 import { UsageError } from "../core/errors.js";
 import { dataPath } from "../core/package.js";
-import { APIS, ChatClient, isApiKind } from "../judge/chat.js";
+import { chatJudge } from "../judge/select.js";
 import { StepLog } from "../log/steps.js";
 import { recognitionStats, type RecognitionStats, type RecognitionTrial } from "../stats/recognition.js";
-import { htmlPage, htmlTable, rateText } from "../report/page.js";
+import { htmlPage, htmlTable, plotOrNote, rateText } from "../report/page.js";
+import { rateBar, rateBarsSpec } from "../report/plots.js";
 import { parseModelSpec, responder, type Responder } from "./responder.js";
 
 export const SUMMARY_PROMPT = "Summarize the following article in one or two sentences.\n\nArticle:\n{article}";
@@ -109,12 +110,7 @@ export async function selfRecognitionCommand(a: SelfRecognitionArgs): Promise<Se
   const maxTokens = a.maxTokens ?? 80;
   const temperature = a.temperature ?? 0;
   const opts = { env: a.env, concurrency: a.concurrency, timeoutMs: a.timeoutMs, maxAttempts: a.maxAttempts, backoffMs: a.backoffMs, threads: a.threads };
-  let judge: ChatClient | null = null;
-  if (a.judge && a.judge !== "rule") {
-    const kind = a.judge.slice(0, a.judge.indexOf(":"));
-    if (!isApiKind(kind)) throw new UsageError(`--judge ${a.judge}: use openai:MODEL, openrouter:MODEL or anthropic:MODEL (or rule)`);
-    judge = new ChatClient(a.judge, APIS[kind], a.judge.slice(kind.length + 1), opts, `--judge ${a.judge}`);
-  }
+  const { spec: judgeSpec, client: judge } = chatJudge(a.judge, opts, say);
   const model = await responder(mSpec, opts);
   const other = mSpec.spec === oSpec.spec ? model : await responder(oSpec, opts);
   try {
@@ -126,7 +122,7 @@ export async function selfRecognitionCommand(a: SelfRecognitionArgs): Promise<Se
       model: { ...mSpec, identity: model.identity },
       other: { ...oSpec, identity: other.identity },
       prompts: [SUMMARY_PROMPT, CHOICE_PROMPT, JUDGE_PROMPT],
-      choice, maxTokens, temperature, judge: a.judge ?? null, seed: a.seed ?? 0,
+      choice, maxTokens, temperature, judge: judgeSpec, seed: a.seed ?? 0,
     });
     if (log.resumed) say(`resuming ${a.out}: ${log.resumed} steps already done`);
     const failures: SelfRecognitionResults["failures"] = [];
@@ -201,7 +197,7 @@ export async function selfRecognitionCommand(a: SelfRecognitionArgs): Promise<Se
     };
     say(`accuracy ${rateText(res.stats.accuracy)}, balanced ${res.stats.balancedAccuracy?.toFixed(3) ?? "n/a"}, chose position 1 ${rateText(res.stats.choseFirst)}; ${failures.length} failed`);
     fs.writeFileSync(path.join(a.out, "results.json"), JSON.stringify(res, null, 1));
-    fs.writeFileSync(path.join(a.out, "report.html"), selfRecognitionReport(res));
+    fs.writeFileSync(path.join(a.out, "report.html"), await selfRecognitionReport(res));
     return res;
   } finally {
     model.dispose();
@@ -209,7 +205,7 @@ export async function selfRecognitionCommand(a: SelfRecognitionArgs): Promise<Se
   }
 }
 
-export function selfRecognitionReport(r: SelfRecognitionResults): string {
+export async function selfRecognitionReport(r: SelfRecognitionResults): Promise<string> {
   const s = r.stats;
   const rows: [string, string][] = [
     ["accuracy (Wilson)", rateText(s.accuracy)],
@@ -225,8 +221,15 @@ export function selfRecognitionReport(r: SelfRecognitionResults): string {
     ["choices read by", Object.entries(r.readBy).map(([k, v]) => `${k} ${v}`).join(", ")],
     ["unanswered / failed calls", `${s.unanswered} / ${r.failures.length}`],
   ];
+  const bars = [
+    ...rateBar("accuracy", r.model, s.accuracy),
+    ...rateBar("own shown first", r.model, s.selfFirst),
+    ...rateBar("own shown second", r.model, s.selfSecond),
+    ...rateBar("chose position 1", r.model, s.choseFirst),
+    ...rateBar("recognized pairs", r.model, s.recognizedShare),
+  ];
   return htmlPage("Self-recognition", `${r.model} vs ${r.other}, ${r.articles} articles, both orders; choice by ${r.choice}`, [
-    { title: "Results", html: htmlTable(["", ""], rows) },
+    { title: "Results", html: (await plotOrNote(bars, () => rateBarsSpec(bars, "Self-recognition (Wilson 95%; 50% = chance)", "share"), "no answered trials")) + htmlTable(["", ""], rows) },
     {
       title: "Summaries and choices",
       html: htmlTable(
