@@ -302,7 +302,7 @@ export const RECIPES: Record<string, Recipe> = {
       "              [--max-tokens 60] [--judge openai:MODEL] [--transcoder FILE [--transcoder-layer L] [--top 10]] [--batch-size 8]\n" +
       "  Steering resistance (docs/esr.md): questions with known answers, an unrelated concept steered in from answer token K;\n" +
       "  does the answer notice and correct course, is it right in the end, by strength; with a transcoder/SAE, the features that\n" +
-      "  predict a correction and an ablation check. Without --judge, the rule judge (approximate, labelled).",
+      "  predict a correction and an ablation check. Without --judge: the configured LLM judge (OPENAI_API_KEY), else the rule judge (labelled).",
     flags: {
       ...COMMON, questions: "string", n: "number", concepts: "string", layer: "number", strengths: "string", "from-token": "number", "max-tokens": "number",
       judge: "string", transcoder: "string", "transcoder-layer": "number", top: "number", "batch-size": "number", threads: "number",
