@@ -3,7 +3,7 @@
 // per-memory budget is made tiny so small models split into 3+ memories; a split engine must
 // compute exactly what the one-memory engine computes (same kernels, same order: bitwise), for
 // forward passes with interventions and reads in every segment, batched and padded rows, KV-cached
-// decode, tied embeddings (held a second time in the head's memory), MoE blocks and Q8_0 matrices.
+// decode, tied embeddings (held once, in the head's memory), MoE blocks and Q8_0 matrices.
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import os from "node:os";
@@ -74,6 +74,9 @@ for (const name of ["llama", "mistral", "gemma2", "qwen3moe", "stories260K-q8_0"
       assert.ok(p.layerSeg[0]! <= 1, "layer 0 in memory 0, or 1 when the embedding fills memory 0");
       for (let l = 1; l < p.layerSeg.length; l++) assert.ok(p.layerSeg[l]! - p.layerSeg[l - 1]! >= 0 && p.layerSeg[l]! - p.layerSeg[l - 1]! <= 1, `layer ${l} in memory ${p.layerSeg[l]}`);
       assert.equal(p.headSeg, p.n - 1);
+      // Nothing is held twice: the split holds the one-memory bytes; a tied embedding sits with the head.
+      assert.equal(p.bytes, bytes);
+      assert.equal(p.embedSeg, host.config.tieEmbeddings ? p.headSeg : 0);
       assert.equal(planSegments(host, weights).n, 1);
       assert.equal(one.segments, 1);
       if (name.endsWith("q8_0")) assert.ok(split.quantizedMats > 0, "the Q8_0 matrices stay quantized in a split engine");

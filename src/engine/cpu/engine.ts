@@ -114,6 +114,7 @@ export class CpuEngine {
   /** Each layer's segment, and the head's (final norm, unembedding). */
   private readonly layerSeg: number[];
   private readonly headSeg: number;
+  private readonly embedSeg: number;
   /** mark() results: every segment's stack top. */
   private readonly marks: number[][] = [];
   /** Canonical names of the weights this engine holds (the targets a delta can name). */
@@ -156,6 +157,7 @@ export class CpuEngine {
     this.ews = rts.map((r) => elementwise(r.memory, r.memory.buffer instanceof SharedArrayBuffer));
     this.layerSeg = plan.layerSeg;
     this.headSeg = plan.headSeg;
+    this.embedSeg = plan.embedSeg;
     const get = (name: string) => {
       const t = host.weights.get(name);
       if (!t) throw new UsageError(`internal: weight ${name} missing after load`);
@@ -255,12 +257,12 @@ export class CpuEngine {
       set("downBias", bias(`${b}.mlp.down.bias`));
       this.blocks.push(blk);
     }
-    this.cur = 0;
+    this.cur = this.embedSeg;
     this.embed = mat("embed.weight");
     if (host.weights.has("posEmbed.weight")) this.posEmbed = mat("posEmbed.weight");
     this.cur = this.headSeg;
-    // A tied embedding is held once, or once more in the head's memory when the model is split.
-    this.unembed = c.tieEmbeddings ? (this.headSeg === 0 ? this.embed : mat("embed.weight")) : mat("unembed.weight");
+    // A tied embedding is held once (planSegments puts it in the head's memory when the model is split).
+    this.unembed = c.tieEmbeddings ? this.embed : mat("unembed.weight");
     this.lnFinal = norm("lnFinal")!;
     this.cur = 0;
   }
@@ -540,7 +542,8 @@ export class CpuEngine {
       }
       return st;
     };
-    const first = span?.x !== undefined ? this.layerSeg[span.from ?? 0]! : 0;
+    // The embedding runs in its own memory; layer 0's boundary copy (below) moves its rows on.
+    const first = span?.x !== undefined ? this.layerSeg[span.from ?? 0]! : this.embedSeg;
     let seg = enter(first);
     const call: Call = {
       ctx,
@@ -1316,16 +1319,19 @@ export interface SegmentPlan {
   n: number;
   layerSeg: number[];
   headSeg: number;
+  /** The memory holding the embedding (the head's, when it is tied). */
+  embedSeg: number;
   /** Weight bytes in all, and the most one memory takes. */
   bytes: number;
   budget: number;
 }
 
 /**
- * Which Wasm memory holds each layer: one when the weights fit `budget` bytes; else
- * ceil(bytes / budget) memories (one more if the layers do not pack), filled in layer order to
- * about equal sizes so each keeps room for its KV cache. The embedding goes with layer 0, the
- * final norm and unembedding (a tied embedding's second copy) with the last layer.
+ * Which Wasm memory holds each layer: one when the weights fit `budget` bytes; else the fewest
+ * memories that hold the layers in order, balanced (the smallest per-memory load that needs no
+ * more) so each keeps about the same room for its KV cache. An untied embedding goes with layer 0;
+ * the final norm and unembedding, and a tied embedding (held once), with the last layer or in one
+ * more memory after it.
  */
 export function planSegments(host: EngineModel, weights: CpuWeights, budget = SEGMENT_BYTES): SegmentPlan {
   const c = host.config;
@@ -1360,30 +1366,43 @@ export function planSegments(host: EngineModel, weights: CpuWeights, budget = SE
   const head = unembed + normBytes("lnFinal");
   const blocks = Array.from({ length: c.nLayers }, (_, i) => block(i));
   const bytes = embed + head + blocks.reduce((a, b) => a + b, 0);
-  if (bytes <= budget) return { n: 1, layerSeg: blocks.map(() => 0), headSeg: 0, bytes, budget };
-  // A tied embedding needs its copy in the last memory too.
-  const tiedCopy = c.tieEmbeddings ? matBytes("embed.weight") : 0;
-  const total = bytes + tiedCopy;
-  for (let n = Math.ceil(total / budget); ; n++) {
-    const target = total / n;
+  if (bytes <= budget) return { n: 1, layerSeg: blocks.map(() => 0), headSeg: 0, embedSeg: 0, bytes, budget };
+  // A tied embedding lives once, with the head that reads it as the unembedding: the lookup runs there
+  // and its rows cross to layer 0's memory like any residual.
+  const front = c.tieEmbeddings ? 0 : embed;
+  const back = head + (c.tieEmbeddings ? embed : 0);
+  const total = bytes;
+  const gib = (x: number) => (x / 2 ** 30).toFixed(2);
+  if (Math.max(...blocks) > budget) throw new UsageError(`a single block of this model needs more than one Wasm memory (${gib(Math.max(...blocks))} GiB per block, at most ${gib(budget)} GiB per memory)`);
+  if (Math.max(front, back) > budget) throw new UsageError(`this model's ${front > budget ? "embedding" : "unembedding (with its final norm)"} alone needs ${gib(Math.max(front, back))} GiB, more than one Wasm memory holds (${gib(budget)} GiB)`);
+  // Fill memories in layer order up to `cap` each; the head (and a tied embedding) joins the last
+  // block's memory when it fits, else takes one more.
+  const pack = (cap: number) => {
     const layerSeg: number[] = [];
-    const used = new Array<number>(n).fill(0);
-    used[0] = embed;
     let seg = 0;
-    let cum = embed;
-    blocks.forEach((b) => {
-      // A block goes to the memory its middle falls in, never back and never past the budget.
-      seg = Math.max(seg, Math.min(n - 1, Math.floor((cum + b / 2) / target)));
-      while (seg < n - 1 && used[seg]! + b > budget) seg++;
+    let load = front;
+    for (const b of blocks) {
+      if (load + b > cap && load > 0) {
+        seg++;
+        load = 0;
+      }
       layerSeg.push(seg);
-      used[seg] = used[seg]! + b;
-      cum += b;
-    });
-    used[n - 1] = used[n - 1]! + head + tiedCopy;
-    const headSeg = n - 1;
-    if (used.every((u) => u <= budget) && used.every((u) => u > 0)) return { n, layerSeg, headSeg, bytes: total, budget };
-    if (n > c.nLayers + 1) throw new UsageError(`a single block of this model needs more than one Wasm memory (${(Math.max(...blocks) / 2 ** 30).toFixed(2)} GiB per block, at most ${(budget / 2 ** 30).toFixed(2)} GiB per memory)`);
+      load += b;
+    }
+    const headSeg = load + back > cap ? seg + 1 : seg;
+    return { layerSeg, headSeg, n: headSeg + 1 };
+  };
+  // The fewest memories, then the smallest per-memory load that still needs no more (bisection on
+  // the cap), so every memory keeps about the same room for its KV cache.
+  const fewest = pack(budget).n;
+  let lo = Math.max(front, back, ...blocks), hi = budget;
+  for (let i = 0; i < 50 && hi - lo > 1; i++) {
+    const mid = (lo + hi) / 2;
+    if (pack(mid).n <= fewest) hi = mid;
+    else lo = mid;
   }
+  const best = pack(hi);
+  return { n: best.n, layerSeg: best.layerSeg, headSeg: best.headSeg, embedSeg: c.tieEmbeddings ? best.headSeg : 0, bytes: total, budget };
 }
 
 interface Call {
