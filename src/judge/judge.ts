@@ -17,7 +17,7 @@ import { dataPath } from "../core/package.js";
 import { CRITERIA, type Criterion } from "../log/schema.js";
 import type { Model } from "../model/model.js";
 import { redactSecrets } from "./secrets.js";
-import { APIS, ChatClient, isApiKind, pool, positiveInt, type ApiSpec } from "./chat.js";
+import { APIS, ChatClient, isApiKind, pool, positiveInt, type ApiSpec, type ChatClientOptions } from "./chat.js";
 
 export { parseRetryAfter } from "./chat.js";
 
@@ -55,31 +55,16 @@ export interface Judge {
   dispose?(): void;
 }
 
-export interface MakeJudgeOptions {
+/** The HTTP judges' transport options (ChatClientOptions: env, timeouts, retries, notice), and the judge's own. */
+export interface MakeJudgeOptions extends ChatClientOptions {
   /** Rubric name (a file data/rubrics/NAME.json) or a path to a rubric JSON file. Default "protocol". */
   rubric?: string;
   /** Directory for the on-disk response cache; no caching when absent. */
   cacheDir?: string;
-  /** Environment for API keys and base URLs (default process.env). */
-  env?: NodeJS.ProcessEnv;
   /** Requests in flight at once (HTTP), or the batch size (local). Default 16 (HTTP), 4 (local). */
   concurrency?: number;
-  /** Per-call timeout, covering the whole response body (default 30 000 ms). */
-  timeoutMs?: number;
-  /** Calls per request including the first (default 3, as the protocol). */
-  maxAttempts?: number;
   /** Judge max_tokens (default 500, as the protocol). The judge's temperature is always 0. */
   maxTokens?: number;
-  /** First backoff delay; attempt k waits backoffMs·2^(k-1) with jitter (default 1000 ms). */
-  backoffMs?: number;
-  /** Cap on the exponential backoff delay (default 30 000 ms). */
-  maxBackoffMs?: number;
-  /** Cap on a server's Retry-After (default 60 000 ms). */
-  maxRetryAfterMs?: number;
-  /** Where an external judge announces its endpoint, once, before its first request (default: stderr). */
-  notice?: (line: string) => void;
-  /** Sleep used between attempts (tests substitute one that records the delays). */
-  sleep?: (ms: number) => Promise<void>;
 }
 
 // ---------------------------------------------------------------------------------------------

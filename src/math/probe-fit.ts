@@ -75,18 +75,23 @@ interface RidgeFold extends FoldKernel {
   P: Float64Array;
 }
 
-function ridgeFold(G: Float64Array, n: number, train: number[], test: number[]): RidgeFold {
-  const f = foldKernel(G, n, train, test);
-  const t = train.length, s = test.length, rk = f.vectors.length;
-  const P = new Float64Array(s * rk);
+/** The test rows' coordinates on the first `k` eigenvectors, Kst·U_j / scale_j ([test.length × k]). */
+function testCoordinates(f: FoldKernel, k: number, scale?: Float64Array): Float64Array {
+  const t = f.train.length, s = f.test.length;
+  const out = new Float64Array(s * k);
   for (let a = 0; a < s; a++)
-    for (let j = 0; j < rk; j++) {
+    for (let j = 0; j < k; j++) {
       const u = f.vectors[j]!;
       let acc = 0;
       for (let b = 0; b < t; b++) acc += f.kst[a * t + b]! * u[b]!;
-      P[a * rk + j] = acc;
+      out[a * k + j] = scale ? acc / scale[j]! : acc;
     }
-  return { ...f, P };
+  return out;
+}
+
+function ridgeFold(G: Float64Array, n: number, train: number[], test: number[]): RidgeFold {
+  const f = foldKernel(G, n, train, test);
+  return { ...f, P: testCoordinates(f, f.vectors.length) };
 }
 
 /** Predictions on the fold's test rows for target column `y` (all n rows; train part used) at each α. */
@@ -240,22 +245,14 @@ interface LogisticFold extends FoldKernel {
 
 function logisticFold(G: Float64Array, n: number, train: number[], test: number[]): LogisticFold {
   const f = foldKernel(G, n, train, test);
-  const t = train.length, s = test.length;
+  const t = train.length;
   const top = f.values[0] ?? 0;
   // Directions with no variance carry nothing (and would divide by ~0 below).
   const keep = f.values.reduce((k, v) => (v > top * 1e-10 && v > 0 ? k + 1 : k), 0);
   const sqrtL = Float64Array.from(f.values.subarray(0, keep), Math.sqrt);
   const zTrain = new Float64Array(t * keep);
   for (let i = 0; i < t; i++) for (let j = 0; j < keep; j++) zTrain[i * keep + j] = f.vectors[j]![i]! * sqrtL[j]!;
-  const zTest = new Float64Array(s * keep);
-  for (let a = 0; a < s; a++)
-    for (let j = 0; j < keep; j++) {
-      const u = f.vectors[j]!;
-      let acc = 0;
-      for (let b = 0; b < t; b++) acc += f.kst[a * t + b]! * u[b]!;
-      zTest[a * keep + j] = acc / sqrtL[j]!;
-    }
-  return { ...f, r: keep, sqrtL, zTrain, zTest };
+  return { ...f, r: keep, sqrtL, zTrain, zTest: testCoordinates(f, keep, sqrtL) };
 }
 
 /** min C·Σ log(1 + exp(−sᵢ(w·zᵢ + b))) + ½‖w‖² by Newton's method (sᵢ = ±1). Returns [w…, b]. */
