@@ -12,8 +12,8 @@
 // another depth gets each layer in the region its position maps to (⌊l·62/nLayers⌋).
 import fs from "node:fs";
 import path from "node:path";
-import { createHash } from "node:crypto";
 import { UsageError } from "../core/errors.js";
+import { seedOf } from "../core/seed.js";
 import { pool } from "../judge/chat.js";
 import { chatJudge } from "../judge/select.js";
 import { StepLog } from "../log/steps.js";
@@ -136,7 +136,7 @@ export async function abliterationSearchCommand(a: AbliterationSearchArgs): Prom
     say(`refusal directions from ${drawn.harmful.prompts.length} + ${drawn.harmless.prompts.length} instructions`);
     const dirs = await refusalDirections(model, drawn.harmful.prompts.map(render), drawn.harmless.prompts.map(render), { position: -2, batchSize: a.batchSize ?? 16 });
     // The same seeds at every evaluation: common random numbers.
-    const seeds = prompts.flatMap((_, p) => Array.from({ length: runs }, (_, r) => createHash("sha256").update(`${seed}|${p}|${r}`).digest().readUInt32LE(0)));
+    const seeds = prompts.flatMap((_, p) => Array.from({ length: runs }, (_, r) => seedOf(seed, `${p}|${r}`)));
     const rows = prompts.flatMap((p) => Array.from({ length: runs }, () => p));
 
     const evaluate = async (w: number[]): Promise<Evaluation> => {

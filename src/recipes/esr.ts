@@ -161,10 +161,10 @@ export async function esrCommand(a: EsrArgs): Promise<EsrResults> {
     const reads: HookName[] = dict ? [dict.inputSite] : [];
 
     /** Generate a batch of trials (with an optional extra plan); returns texts and, with a dictionary, mean feature activations over each answer. */
-    const run = async (batch: typeof jobs, extra: Plan = []) => {
+    const run = async (batch: typeof jobs, extra: (lens: number[]) => Plan = () => []) => {
       const prompts = batch.map((j) => promptOf(j.q));
       const lens = prompts.map((p) => model.encode(p).ids.length);
-      const plan: Intervention[] = [...extra];
+      const plan: Intervention[] = [...extra(lens)];
       batch.forEach((j, r) => {
         // Position p's activation predicts token p+1: steering from answer token K acts from promptLen − 1 + K.
         if (j.concept !== null && j.s !== 0) plan.push({ op: "add", at, vector: vectors.get(j.concept)!, scale: j.s, pos: { from: lens[r]! - 1 + fromToken }, rows: [r] });
@@ -240,11 +240,12 @@ export async function esrCommand(a: EsrArgs): Promise<EsrResults> {
     const res: EsrResults = { model: a.model, layer, fromToken, concepts, strengths, judge: judgeSpec, approximate: !judge, rates, trials, failures, resumedSteps: log.resumed };
 
     if (dict) {
-      const steered = jobs.filter((j) => j.s !== 0);
-      const usable = steered.filter((j) => trials.find((t) => t.question === j.q.id && t.concept === j.concept && t.strength === j.s)!.noticed !== null);
+      // trials were built in jobs' order.
+      const trialOf = new Map(jobs.map((j, i) => [key(j), trials[i]!]));
+      const usable = jobs.filter((j) => j.s !== 0 && trialOf.get(key(j))!.noticed !== null);
       const acts = new Float32Array(usable.length * dict.dSae);
       usable.forEach((j, i) => acts.set(featOf.get(key(j))!, i * dict.dSae));
-      const noticed = usable.map((j) => (trials.find((t) => t.question === j.q.id && t.concept === j.concept && t.strength === j.s)!.noticed ? 1 : 0));
+      const noticed = usable.map((j) => (trialOf.get(key(j))!.noticed ? 1 : 0));
       const top = featureCorrelates(acts, dict.dSae, noticed).slice(0, a.top ?? 10);
       res.features = { source: dict.source, site: dict.inputSite, top };
       if (top.length) {
@@ -255,15 +256,13 @@ export async function esrCommand(a: EsrArgs): Promise<EsrResults> {
           const out: { noticed: boolean | null; correct: boolean | null }[] = [];
           for (let i = 0; i < usable.length; i += batchSize) {
             const batch = usable.slice(i, i + batchSize);
-            const lens = batch.map((j) => model.encode(promptOf(j.q)).ids.length);
             // Per-row scopes: project from each row's steering start on.
-            const plan: Plan = batch.map((_, b) => ({ op: "project" as const, at: dict.outputSite, direction: dir, pos: { from: lens[b]! - 1 + fromToken }, rows: [b] }));
-            const g = await run(batch, plan);
+            const g = await run(batch, (lens) => batch.map((_, b) => ({ op: "project" as const, at: dict.outputSite, direction: dir, pos: { from: lens[b]! - 1 + fromToken }, rows: [b] })));
             for (const [b, j] of batch.entries()) out.push(await verdicts(j.q, g.texts[b]!));
           }
           return out;
         });
-        const before = usable.map((j) => trials.find((t) => t.question === j.q.id && t.concept === j.concept && t.strength === j.s)!);
+        const before = usable.map((j) => trialOf.get(key(j))!);
         const r01 = (xs: (boolean | null)[]) => {
           const v = xs.filter((x): x is boolean => x !== null);
           return wilson(v.filter(Boolean).length, v.length);

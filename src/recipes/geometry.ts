@@ -12,7 +12,7 @@
 // - `geometryCommand`: all of it on one model, writing DIR/results.json and DIR/report.html.
 import fs from "node:fs";
 import path from "node:path";
-import { createHash } from "node:crypto";
+import { seedOf } from "../core/seed.js";
 import { UsageError } from "../core/errors.js";
 import { parseNumbers } from "../core/parse.js";
 import { Rng } from "../core/rng.js";
@@ -362,7 +362,7 @@ export async function steeringTrials(model: Model, trials: readonly SteerTrial[]
     const batch = trials.slice(i, i + bs);
     const rows = batch.map((t) => renderTrial(model, v, t.trialNumber, { prefill: null, concept: t.concept }));
     const plan: Intervention[] = batch.map((t, b) => ({ op: "add", at: hookName(opts.layer, "hook_resid_post"), vector: t.vector, scale: opts.strength, pos: { from: rows[b]!.injectFrom }, rows: [b] }));
-    const seeds = batch.map((t) => createHash("sha256").update(`${opts.seed ?? 42}|${t.key}`).digest().readUInt32LE(0));
+    const seeds = batch.map((t) => seedOf(opts.seed ?? 42, t.key));
     const res = await model.generate(rows.map((r) => ({ ids: r.ids })), { maxTokens: opts.maxTokens ?? 100, ...sampleOptions(model.sampler({ temperature: opts.temperature ?? 1 })), seed: seeds, plan });
     const texts = batch.map((_, b) => {
       let t = res.texts[b] ?? "";

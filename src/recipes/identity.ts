@@ -15,8 +15,10 @@ import fs from "node:fs";
 import path from "node:path";
 import { createHash } from "node:crypto";
 import { UsageError } from "../core/errors.js";
+import { seedOf } from "../core/seed.js";
 import { dataPath } from "../core/package.js";
-import { APIS, ChatClient, isApiKind, pool, type ChatTurn } from "../judge/chat.js";
+import { pool, type ChatClient, type ChatTurn } from "../judge/chat.js";
+import { chatJudge } from "../judge/select.js";
 import { parseModelSpec, responder, type ModelSpec, type Responder } from "./responder.js";
 import { StepLog } from "../log/steps.js";
 import { wilson, type Rate } from "../stats/stats.js";
@@ -173,7 +175,6 @@ export interface IdentityResults {
   resumedSteps: number;
 }
 
-const seedOf = (...parts: (string | number)[]) => createHash("sha256").update(parts.join("\u0000")).digest().readUInt32LE(0);
 
 export async function identityCommand(a: IdentityArgs): Promise<IdentityResults> {
   const say = (m: string) => void (a.quiet || process.stderr.write(`identity: ${m}\n`));
@@ -188,12 +189,8 @@ export async function identityCommand(a: IdentityArgs): Promise<IdentityResults>
   if (!specs.length) throw new UsageError("--model: give at least one model");
   if (new Set(specs.map((s) => s.label)).size !== specs.length) throw new UsageError(`--model: two models share the label ${specs.map((s) => s.label).join(", ")}; name them LABEL=SPEC`);
   const judgeSpec = (Array.isArray(a.judge) ? a.judge[0] : a.judge) ?? null;
-  let judge: ChatClient | null = null;
-  if (judgeSpec && judgeSpec !== "rule") {
-    const kind = judgeSpec.slice(0, judgeSpec.indexOf(":"));
-    if (!isApiKind(kind)) throw new UsageError(`--judge ${judgeSpec}: use openai:MODEL, openrouter:MODEL or anthropic:MODEL (or rule: the patterns only)`);
-    judge = new ChatClient(judgeSpec, APIS[kind], judgeSpec.slice(kind.length + 1), { env: a.env, concurrency: a.concurrency ?? 8, timeoutMs: a.timeoutMs, maxAttempts: a.maxAttempts, backoffMs: a.backoffMs }, `--judge ${judgeSpec}`);
-  }
+  // The LLM judge is optional here (the patterns are the primary reading): only when one is named.
+  const judge = judgeSpec ? chatJudge(judgeSpec, { env: a.env, concurrency: a.concurrency ?? 8, timeoutMs: a.timeoutMs, maxAttempts: a.maxAttempts, backoffMs: a.backoffMs }, say).client : null;
   const opts = { env: a.env, concurrency: a.concurrency, timeoutMs: a.timeoutMs, maxAttempts: a.maxAttempts, backoffMs: a.backoffMs, threads: a.threads };
   const responders = new Map<string, Responder>();
   try {
@@ -247,7 +244,7 @@ async function converse(r: Responder, p: SweepPrompt, sample: number, m: ModelSp
   for (const [t, u] of p.turns.entries()) {
     const user = u.replaceAll("{official}", m.official);
     history.push({ role: "user", content: user });
-    const rep = await r.reply(history, seedOf(m.label, p.id, sample, t, o.seed), o.temperature, o.maxTokens);
+    const rep = await r.reply(history, seedOf(o.seed, `${m.label}|${p.id}|${sample}|${t}`), o.temperature, o.maxTokens);
     if (rep.text === null) return { error: rep.error ?? "no reply" };
     history.push({ role: "assistant", content: rep.text });
     turns.push({ user, reply: rep.text, reasoning: rep.reasoning });
@@ -258,7 +255,7 @@ async function converse(r: Responder, p: SweepPrompt, sample: number, m: ModelSp
     if (first) {
       const user = sweep.followUp[p.lang].replaceAll("{claimed}", first.text);
       history.push({ role: "user", content: user });
-      const rep = await r.reply(history, seedOf(m.label, p.id, sample, "follow-up", o.seed), o.temperature, o.maxTokens);
+      const rep = await r.reply(history, seedOf(o.seed, `${m.label}|${p.id}|${sample}|follow-up`), o.temperature, o.maxTokens);
       if (rep.text === null) return { error: `follow-up: ${rep.error ?? "no reply"}` };
       conv.followUp = { user, reply: rep.text, reasoning: rep.reasoning, mentions: findMentions(rep.text, patterns) };
     }

@@ -236,159 +236,166 @@ export async function probeCommand(a: ProbeArgs): Promise<ProbeResults> {
   const load = (p: string) => Model.load(p, { device: (a.device ?? "cpu") as "cpu", ...(a.threads ? { threads: a.threads } : {}) });
 
   // Everything results depend on enters the fingerprint: a resumed run with other inputs is refused.
+  // The first model stays loaded for its activations, read first (one load fewer).
   const identities: { name: string; path: string; identity: unknown; nLayers: number; dModel: number }[] = [];
-  for (const m of models) {
-    const model = await load(m.path);
-    identities.push({ name: m.name, path: m.path, identity: model.identity(), nLayers: model.config.nLayers, dModel: model.config.dModel });
-    model.dispose();
+  let kept: Model | undefined;
+  for (let i = models.length - 1; i >= 0; i--) {
+    const model = await load(models[i]!.path);
+    identities[i] = { name: models[i]!.name, path: models[i]!.path, identity: model.identity(), nLayers: model.config.nLayers, dModel: model.config.dModel };
+    if (i === 0) kept = model;
+    else model.dispose();
   }
-  const nLayers = identities[0]!.nLayers;
-  const layers = parseLayers(a.layers ?? "all", Math.min(...identities.map((x) => x.nLayers)), "--layers", { sorted: true });
-  const log = StepLog.open(a.out, "probe", {
-    data: fileSha256(a.data),
-    models: identities.map(({ name, identity }) => ({ name, identity })),
-    site, position, layers, chat: !!a.chat, folds, inner, alphas, cs, permutations, seed, names: data.names,
-    patch: a.patchLayers ? { from: a.patchFrom, into: a.patchInto, layers: a.patchLayers, prompts: a.patchPrompts ?? 4, maxTokens } : null,
-    steer: a.steerAlphas ? { alphas: a.steerAlphas, layer: a.steerLayer ?? null, model: a.steerModel ?? null, prompts: a.steerPrompts ?? 3, maxTokens } : null,
-    decompose: a.noDecompose ? null : (a.decomposeLayer ?? "best"),
-  });
-  if (log.resumed) say(`resuming ${a.out}: ${log.resumed} steps already done`);
-  void nLayers;
+  try {
+    const layers = parseLayers(a.layers ?? "all", Math.min(...identities.map((x) => x.nLayers)), "--layers", { sorted: true });
+    const log = StepLog.open(a.out, "probe", {
+      data: fileSha256(a.data),
+      models: identities.map(({ name, identity }) => ({ name, identity })),
+      site, position, layers, chat: !!a.chat, folds, inner, alphas, cs, permutations, seed, names: data.names,
+      patch: a.patchLayers ? { from: a.patchFrom, into: a.patchInto, layers: a.patchLayers, prompts: a.patchPrompts ?? 4, maxTokens } : null,
+      steer: a.steerAlphas ? { alphas: a.steerAlphas, layer: a.steerLayer ?? null, model: a.steerModel ?? null, prompts: a.steerPrompts ?? 3, maxTokens } : null,
+      decompose: a.noDecompose ? null : (a.decomposeLayer ?? "best"),
+    });
+    if (log.resumed) say(`resuming ${a.out}: ${log.resumed} steps already done`);
 
-  const promptOf = (e: ProbeExample): Prompt => (typeof e.prompt === "string" ? (a.chat ? { messages: [{ role: "user", content: e.prompt }] } : e.prompt) : { messages: e.prompt });
-  const Y = data.kind === "ridge" ? data.names.map((_, k) => data.examples.map((e) => e.target![k]!)) : [];
+    const promptOf = (e: ProbeExample): Prompt => (typeof e.prompt === "string" ? (a.chat ? { messages: [{ role: "user", content: e.prompt }] } : e.prompt) : { messages: e.prompt });
+    const Y = data.kind === "ridge" ? data.names.map((_, k) => data.examples.map((e) => e.target![k]!)) : [];
 
-  const out: ProbeResults = { kind: data.kind, names: data.names, n, site, position, layers, models: [], decompositions: [], resumedSteps: log.resumed };
-  const acts = new Map<string, Float32Array>();
-  for (const [mi, m] of models.entries()) {
-    const d = identities[mi]!.dModel;
-    const x = await activations(log, mi, m, load, data.examples.map(promptOf), layers, site as BlockSite, position, batch, d, say);
-    acts.set(m.name, x);
-    const L = layers.length;
-    const fits: LayerFit[] = [];
-    for (const [li, layer] of layers.entries()) {
-      const fit = await log.step<LayerFit>(`fit:${mi}:${layer}`, () => {
-        const G = gramMatrix(x, n, d, L * d, li * d);
-        if (data.kind === "ridge") {
-          const ridge = ridgeProbe(G, n, Y, { alphas, outer: folds, inner, seed, permutations });
-          return { layer, ridge: { ...ridge, permutation: ridge.permutation && { ...ridge.permutation } }, score: ridge.meanR2, p: ridge.permutation?.p ?? null };
-        }
-        const logistic = logisticProbe(G, n, data.classIds, { Cs: cs, outer: folds, inner, seed, permutations });
-        return { layer, logistic, score: logistic.accuracy, p: logistic.permutation?.p ?? null };
-      });
-      fits.push(fit);
-      say(`${m.name} layer ${layer}: ${data.kind === "ridge" ? "R²" : "accuracy"} ${fit.score.toFixed(3)}${fit.p !== null ? `, permutation p ${fit.p.toPrecision(2)}` : ""}`);
-    }
-    const best = fits.reduce((b, f) => (f.score > b.score ? f : b), fits[0]!).layer;
-    out.models.push({ name: m.name, path: m.path, fits, best });
-  }
-  if (out.models.length >= 2) {
-    const [m0, m1] = out.models;
-    out.difference = layers.map((l, i) => ({ layer: l, delta: m1!.fits[i]!.score - m0!.fits[i]!.score }));
-  }
-
-  // The probe direction(s) at a layer, in activation space, from a fit on every row.
-  const directions = (name: string, li: number, d: number) => {
-    const x = acts.get(name)!;
-    const G = gramMatrix(x, n, d, layers.length * d, li * d);
-    const duals = data.kind === "ridge" ? ridgeFull(G, n, Y, alphas, inner).dual : logisticFull(G, n, data.classIds, cs, inner, seed).dual;
-    const dirNames = data.kind === "ridge" ? data.names : data.names.length === 2 ? [data.names[1]!] : data.names;
-    return duals.map((a2, k) => ({ name: dirNames[k]!, w: primalDirection(x, n, d, a2, layers.length * d, li * d).w }));
-  };
-  /** The values each direction's projections are correlated with: the target, or the class indicator. */
-  const targetsFor = (k: number): number[] => (data.kind === "ridge" ? Y[k]! : data.classIds.map((c) => (c === (data.names.length === 2 ? 1 : k) ? 1 : 0)));
-
-  if (!a.noDecompose) {
+    const out: ProbeResults = { kind: data.kind, names: data.names, n, site, position, layers, models: [], decompositions: [], resumedSteps: log.resumed };
+    const acts = new Map<string, Float32Array>();
     for (const [mi, m] of models.entries()) {
-      const layer = a.decomposeLayer ?? out.models[mi]!.best;
-      const li = layers.indexOf(layer);
-      if (li < 0) throw new UsageError(`--decompose-layer ${layer}: not among the probed layers (${layers.join(",")})`);
-      const dec = await log.step<Decomposition>(`decompose:${mi}:${layer}`, async () => {
-        const model = await load(m.path);
+      const d = identities[mi]!.dModel;
+      const preloaded = mi === 0 ? kept : undefined;
+      kept = undefined; // activations() disposes it
+      const x = await activations(log, mi, m, load, data.examples.map(promptOf), layers, site as BlockSite, position, batch, d, say, preloaded);
+      acts.set(m.name, x);
+      const L = layers.length;
+      const fits: LayerFit[] = [];
+      for (const [li, layer] of layers.entries()) {
+        const fit = await log.step<LayerFit>(`fit:${mi}:${layer}`, () => {
+          const G = gramMatrix(x, n, d, L * d, li * d);
+          if (data.kind === "ridge") {
+            const ridge = ridgeProbe(G, n, Y, { alphas, outer: folds, inner, seed, permutations });
+            return { layer, ridge, score: ridge.meanR2, p: ridge.permutation?.p ?? null };
+          }
+          const logistic = logisticProbe(G, n, data.classIds, { Cs: cs, outer: folds, inner, seed, permutations });
+          return { layer, logistic, score: logistic.accuracy, p: logistic.permutation?.p ?? null };
+        });
+        fits.push(fit);
+        say(`${m.name} layer ${layer}: ${data.kind === "ridge" ? "R²" : "accuracy"} ${fit.score.toFixed(3)}${fit.p !== null ? `, permutation p ${fit.p.toPrecision(2)}` : ""}`);
+      }
+      const best = fits.reduce((b, f) => (f.score > b.score ? f : b), fits[0]!).layer;
+      out.models.push({ name: m.name, path: m.path, fits, best });
+    }
+    if (out.models.length >= 2) {
+      const [m0, m1] = out.models;
+      out.difference = layers.map((l, i) => ({ layer: l, delta: m1!.fits[i]!.score - m0!.fits[i]!.score }));
+    }
+
+    // The probe direction(s) at a layer, in activation space, from a fit on every row.
+    const directions = (name: string, li: number, d: number) => {
+      const x = acts.get(name)!;
+      const G = gramMatrix(x, n, d, layers.length * d, li * d);
+      const duals = data.kind === "ridge" ? ridgeFull(G, n, Y, alphas, inner).dual : logisticFull(G, n, data.classIds, cs, inner, seed).dual;
+      const dirNames = data.kind === "ridge" ? data.names : data.names.length === 2 ? [data.names[1]!] : data.names;
+      return duals.map((a2, k) => ({ name: dirNames[k]!, w: primalDirection(x, n, d, a2, layers.length * d, li * d).w }));
+    };
+    /** The values each direction's projections are correlated with: the target, or the class indicator. */
+    const targetsFor = (k: number): number[] => (data.kind === "ridge" ? Y[k]! : data.classIds.map((c) => (c === (data.names.length === 2 ? 1 : k) ? 1 : 0)));
+
+    if (!a.noDecompose) {
+      for (const [mi, m] of models.entries()) {
+        const layer = a.decomposeLayer ?? out.models[mi]!.best;
+        const li = layers.indexOf(layer);
+        if (li < 0) throw new UsageError(`--decompose-layer ${layer}: not among the probed layers (${layers.join(",")})`);
+        const dec = await log.step<Decomposition>(`decompose:${mi}:${layer}`, async () => {
+          const model = await load(m.path);
+          try {
+            return await decompose(model, m.name, layer, site as BlockSite, position, data.examples.map(promptOf), batch, directions(m.name, li, identities[mi]!.dModel), targetsFor);
+          } finally {
+            model.dispose();
+          }
+        });
+        out.decompositions.push(dec);
+        say(`${m.name}: decomposition at layer ${layer} (sum check ${dec.sumCheck.toExponential(1)})`);
+      }
+    }
+
+    if (a.patchLayers) {
+      const from = models.find((m) => m.name === a.patchFrom) ?? (a.patchFrom === undefined ? models[models.length - 1] : undefined);
+      const into = models.find((m) => m.name === a.patchInto) ?? (a.patchInto === undefined ? models[0] : undefined);
+      if (!from || !into) throw new UsageError(`--patch-from/--patch-into: name models given to --model (${models.map((m) => m.name).join(", ")})`);
+      const fi = models.indexOf(from), ii = models.indexOf(into);
+      const idF = identities[fi]!.identity as { tokenizer: string | null }, idI = identities[ii]!.identity as { tokenizer: string | null };
+      if (idF.tokenizer === null || idF.tokenizer !== idI.tokenizer) throw new UsageError(`--patch-from ${from.name} --patch-into ${into.name}: the two models' tokenizers differ (or one has none); cross-model patching needs the same tokenizer`);
+      if (identities[fi]!.dModel !== identities[ii]!.dModel) throw new UsageError(`--patch-from ${from.name} --patch-into ${into.name}: d_model ${identities[fi]!.dModel} vs ${identities[ii]!.dModel}`);
+      const pLayers = parseLayers(a.patchLayers, Math.min(identities[fi]!.nLayers, identities[ii]!.nLayers), "--patch-layers", { sorted: true });
+      const prompts = data.examples.slice(0, a.patchPrompts ?? 4).map(promptOf);
+      out.patch = await log.step<PatchResult>("patch", async () => {
+        const src = await load(from.path);
+        const dst = from === into ? src : await load(into.path);
         try {
-          return await decompose(model, m.name, layer, site as BlockSite, position, data.examples.map(promptOf), batch, directions(m.name, li, identities[mi]!.dModel), targetsFor);
+          return await crossPatch(src, dst, from.name, into.name, pLayers, prompts, maxTokens);
+        } finally {
+          src.dispose();
+          if (dst !== src) dst.dispose();
+        }
+      });
+      say(`patched ${from.name} → ${into.name} at layers ${pLayers.join(",")}`);
+    }
+
+    if (a.steerAlphas) {
+      const sm = models.find((m) => m.name === a.steerModel) ?? (a.steerModel === undefined ? models[0] : undefined);
+      if (!sm) throw new UsageError(`--steer-model ${a.steerModel}: not among the models (${models.map((m) => m.name).join(", ")})`);
+      const mi = models.indexOf(sm);
+      const layer = a.steerLayer ?? out.models[mi]!.best;
+      const li = layers.indexOf(layer);
+      if (li < 0) throw new UsageError(`--steer-layer ${layer}: not among the probed layers (${layers.join(",")})`);
+      const steerAlphas = parseNumbers(a.steerAlphas, "--steer-alphas");
+      out.steer = await log.step<SteerResult>(`steer:${layer}`, async () => {
+        const d = identities[mi]!.dModel;
+        const dir = directions(sm.name, li, d)[0]!;
+        const x = acts.get(sm.name)!;
+        let residNorm = 0;
+        for (let i = 0; i < n; i++) {
+          let s = 0;
+          for (let k = 0; k < d; k++) s += x[i * layers.length * d + li * d + k]! ** 2;
+          residNorm += Math.sqrt(s) / n;
+        }
+        const wn = Math.hypot(...dir.w);
+        const unit = Float32Array.from(dir.w, (v) => v / wn);
+        const model = await load(sm.path);
+        try {
+          const prompts = data.examples.slice(0, a.steerPrompts ?? 3);
+          const at = hookName(layer, site as BlockSite);
+          const res: SteerResult = { model: sm.name, layer, direction: dir.name, residNorm, alphas: steerAlphas, prompts: prompts.map((e) => ({ prompt: promptText(e), texts: [] })) };
+          for (const alpha of steerAlphas) {
+            const g = await model.generate(prompts.map(promptOf), { maxTokens, plan: alpha === 0 ? [] : [{ op: "add", at, vector: unit, scale: alpha * residNorm }] });
+            g.texts.forEach((t, i) => res.prompts[i]!.texts.push(t));
+          }
+          return res;
         } finally {
           model.dispose();
         }
       });
-      out.decompositions.push(dec);
-      say(`${m.name}: decomposition at layer ${layer} (sum check ${dec.sumCheck.toExponential(1)})`);
+      say(`steered ${sm.name} at layer ${layer} along "${out.steer.direction}" (α × ${out.steer.residNorm.toFixed(2)})`);
     }
-  }
+    log.close();
 
-  if (a.patchLayers) {
-    const from = models.find((m) => m.name === a.patchFrom) ?? (a.patchFrom === undefined ? models[models.length - 1] : undefined);
-    const into = models.find((m) => m.name === a.patchInto) ?? (a.patchInto === undefined ? models[0] : undefined);
-    if (!from || !into) throw new UsageError(`--patch-from/--patch-into: name models given to --model (${models.map((m) => m.name).join(", ")})`);
-    const fi = models.indexOf(from), ii = models.indexOf(into);
-    const idF = identities[fi]!.identity as { tokenizer: string | null }, idI = identities[ii]!.identity as { tokenizer: string | null };
-    if (idF.tokenizer === null || idF.tokenizer !== idI.tokenizer) throw new UsageError(`--patch-from ${from.name} --patch-into ${into.name}: the two models' tokenizers differ (or one has none); cross-model patching needs the same tokenizer`);
-    if (identities[fi]!.dModel !== identities[ii]!.dModel) throw new UsageError(`--patch-from ${from.name} --patch-into ${into.name}: d_model ${identities[fi]!.dModel} vs ${identities[ii]!.dModel}`);
-    const pLayers = parseLayers(a.patchLayers, Math.min(identities[fi]!.nLayers, identities[ii]!.nLayers), "--patch-layers", { sorted: true });
-    const prompts = data.examples.slice(0, a.patchPrompts ?? 4).map(promptOf);
-    out.patch = await log.step<PatchResult>("patch", async () => {
-      const src = await load(from.path);
-      const dst = from === into ? src : await load(into.path);
-      try {
-        return await crossPatch(src, dst, from.name, into.name, pLayers, prompts, maxTokens);
-      } finally {
-        src.dispose();
-        if (dst !== src) dst.dispose();
-      }
-    });
-    say(`patched ${from.name} → ${into.name} at layers ${pLayers.join(",")}`);
+    fs.writeFileSync(path.join(a.out, "results.json"), JSON.stringify(out, (_, v: unknown) => (typeof v === "number" && !Number.isFinite(v) ? null : v), 1));
+    fs.writeFileSync(path.join(a.out, "report.html"), await probeReport(out));
+    return out;
+  } finally {
+    kept?.dispose();
   }
-
-  if (a.steerAlphas) {
-    const sm = models.find((m) => m.name === a.steerModel) ?? (a.steerModel === undefined ? models[0] : undefined);
-    if (!sm) throw new UsageError(`--steer-model ${a.steerModel}: not among the models (${models.map((m) => m.name).join(", ")})`);
-    const mi = models.indexOf(sm);
-    const layer = a.steerLayer ?? out.models[mi]!.best;
-    const li = layers.indexOf(layer);
-    if (li < 0) throw new UsageError(`--steer-layer ${layer}: not among the probed layers (${layers.join(",")})`);
-    const steerAlphas = parseNumbers(a.steerAlphas, "--steer-alphas");
-    out.steer = await log.step<SteerResult>(`steer:${layer}`, async () => {
-      const d = identities[mi]!.dModel;
-      const dir = directions(sm.name, li, d)[0]!;
-      const x = acts.get(sm.name)!;
-      let residNorm = 0;
-      for (let i = 0; i < n; i++) {
-        let s = 0;
-        for (let k = 0; k < d; k++) s += x[i * layers.length * d + li * d + k]! ** 2;
-        residNorm += Math.sqrt(s) / n;
-      }
-      const wn = Math.hypot(...dir.w);
-      const unit = Float32Array.from(dir.w, (v) => v / wn);
-      const model = await load(sm.path);
-      try {
-        const prompts = data.examples.slice(0, a.steerPrompts ?? 3);
-        const at = hookName(layer, site as BlockSite);
-        const res: SteerResult = { model: sm.name, layer, direction: dir.name, residNorm, alphas: steerAlphas, prompts: prompts.map((e) => ({ prompt: promptText(e), texts: [] })) };
-        for (const alpha of steerAlphas) {
-          const g = await model.generate(prompts.map(promptOf), { maxTokens, plan: alpha === 0 ? [] : [{ op: "add", at, vector: unit, scale: alpha * residNorm }] });
-          g.texts.forEach((t, i) => res.prompts[i]!.texts.push(t));
-        }
-        return res;
-      } finally {
-        model.dispose();
-      }
-    });
-    say(`steered ${sm.name} at layer ${layer} along "${out.steer.direction}" (α × ${out.steer.residNorm.toFixed(2)})`);
-  }
-  log.close();
-
-  fs.writeFileSync(path.join(a.out, "results.json"), JSON.stringify(out, (_, v: unknown) => (typeof v === "number" && !Number.isFinite(v) ? null : v), 1));
-  fs.writeFileSync(path.join(a.out, "report.html"), await probeReport(out));
-  return out;
 }
 
 const promptText = (e: ProbeExample) => (typeof e.prompt === "string" ? e.prompt : e.prompt.map((m) => `${m.role}: ${m.content}`).join(" | "));
 
-/** Rows of [n × layers × d] activations for one model, read in batches that are steps of the log. */
-async function activations(log: StepLog, mi: number, m: ModelSpec, load: (p: string) => Promise<Model>, prompts: Prompt[], layers: number[], site: BlockSite, position: string, batch: number, d: number, say: (s: string) => void): Promise<Float32Array> {
+/** Rows of [n × layers × d] activations for one model, read in batches that are steps of the log; disposes the model it loads (or is given). */
+async function activations(log: StepLog, mi: number, m: ModelSpec, load: (p: string) => Promise<Model>, prompts: Prompt[], layers: number[], site: BlockSite, position: string, batch: number, d: number, say: (s: string) => void, preloaded?: Model): Promise<Float32Array> {
   const n = prompts.length, L = layers.length;
   const x = new Float32Array(n * L * d);
-  let model: Model | undefined;
+  let model: Model | undefined = preloaded;
   try {
     for (let b = 0; b * batch < n; b++) {
       const from = b * batch, to = Math.min(n, from + batch);

@@ -12,6 +12,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { createHash } from "node:crypto";
 import { UsageError } from "../core/errors.js";
+import { seedOf } from "../core/seed.js";
 import { dataPath } from "../core/package.js";
 import { chatJudge } from "../judge/select.js";
 import { StepLog } from "../log/steps.js";
@@ -100,7 +101,6 @@ export interface SelfRecognitionResults {
   resumedSteps: number;
 }
 
-const seedOf = (...parts: (string | number)[]) => createHash("sha256").update(parts.join("\u0000")).digest().readUInt32LE(0);
 
 export async function selfRecognitionCommand(a: SelfRecognitionArgs): Promise<SelfRecognitionResults> {
   const say = (m: string) => void (a.quiet || process.stderr.write(`self-recognition: ${m}\n`));
@@ -130,7 +130,7 @@ export async function selfRecognitionCommand(a: SelfRecognitionArgs): Promise<Se
     const summarize = async (who: Responder, label: string, art: Article): Promise<string | null> => {
       const key = `summary|${label}|${art.id}`;
       if (log.has(key)) return log.get<string>(key)!;
-      const r = await who.reply([{ role: "user", content: SUMMARY_PROMPT.replace("{article}", art.text) }], seedOf(label, art.id, a.seed ?? 0), temperature, maxTokens);
+      const r = await who.reply([{ role: "user", content: SUMMARY_PROMPT.replace("{article}", art.text) }], seedOf(a.seed ?? 0, `${label}|${art.id}`), temperature, maxTokens);
       if (r.text === null) {
         failures.push({ step: key, error: r.error ?? "no reply" });
         return null;
@@ -156,7 +156,7 @@ export async function selfRecognitionCommand(a: SelfRecognitionArgs): Promise<Se
             const p1 = 1 / (1 + Math.exp(l2! - l1!));
             rec = { choice: l1! >= l2! ? 1 : 2, readBy: "logprob", reply: null, pSelf: selfAt === 1 ? p1 : 1 - p1 };
           } else {
-            const r = await model.reply(turns, seedOf("choice", art.id, selfAt, a.seed ?? 0), 0, 16);
+            const r = await model.reply(turns, seedOf(a.seed ?? 0, `choice|${art.id}|${selfAt}`), 0, 16);
             if (r.text === null) {
               failures.push({ step: key, error: r.error ?? "no reply" });
               continue;
