@@ -11,7 +11,7 @@
 //   norm_sweep      one fixed random direction at the 10/25/50/75/90/99th percentiles of the concept norms
 import { Rng } from "../core/rng.js";
 import { UsageError } from "../core/errors.js";
-import { meanRows, norm, pca, type Vec } from "./linalg.js";
+import { axpy, dot, meanRows, norm, pca, unit, type Vec } from "./linalg.js";
 
 export const NOISE_CONDITIONS = ["isotropic", "norm_matched", "shuffled", "pca_all", "pca_success", "orthogonal", "cov_matched", "norm_sweep"] as const;
 export type NoiseCondition = (typeof NOISE_CONDITIONS)[number];
@@ -52,11 +52,7 @@ export function percentile(values: readonly number[], p: number): number {
 /** Project x onto span(basis) (orthonormal rows) or, with `complement`, onto its orthogonal complement. */
 function project(x: Float64Array, basis: readonly Float64Array[], complement: boolean): Float64Array {
   const inSpan = new Float64Array(x.length);
-  for (const b of basis) {
-    let c = 0;
-    for (let i = 0; i < x.length; i++) c += x[i]! * b[i]!;
-    for (let i = 0; i < x.length; i++) inSpan[i]! += c * b[i]!;
-  }
+  for (const b of basis) axpy(inSpan, dot(x, b), b);
   return complement ? x.map((v, i) => v - inSpan[i]!) : inSpan;
 }
 
@@ -92,10 +88,7 @@ export function controlVectors(concepts: ReadonlyMap<string, Float32Array>, succ
       const perm = rng.shuffle(Array.from({ length: d }, (_, i) => i));
       add("shuffled", n, Float32Array.from(perm, (j) => v[j]!));
     });
-  const basisOf = (rows: Float64Array[]) => pca(rows, Math.min(k, rows.length - 1)).components.map((c) => {
-    const n = norm(c);
-    return c.map((x) => x / n);
-  });
+  const basisOf = (rows: Float64Array[]) => pca(rows, Math.min(k, rows.length - 1)).components.map((c) => unit(c));
   const allBasis = want.has("pca_all") || want.has("orthogonal") ? basisOf(all) : [];
   const succBasis = want.has("pca_success") ? basisOf(succ) : [];
   if (want.has("pca_all")) for (let i = 0; i < count; i++) add("pca_all", String(i), scaled(project(gaussian(rng, d), allBasis, false), meanNorm));
@@ -190,19 +183,14 @@ export function fitSigmoid(points: readonly { alpha: number; k: number; n: numbe
  */
 export function coneRotate(v: ArrayLike<number>, dHat: ArrayLike<number>, target: ArrayLike<number>, degrees: number): Float32Array {
   const d = v.length;
-  const dotf = (a: ArrayLike<number>, b: ArrayLike<number>) => {
-    let s = 0;
-    for (let i = 0; i < d; i++) s += a[i]! * b[i]!;
-    return s;
-  };
-  const s = dotf(v, dHat);
+  const s = dot(v, dHat);
   const delta = Float64Array.from({ length: d }, (_, i) => v[i]! - s * dHat[i]!);
   const dn = norm(delta);
   if (dn === 0) return Float32Array.from(v);
   const dh = delta.map((x) => x / dn);
-  const tt = dotf(target, dHat);
+  const tt = dot(target, dHat);
   const tPerp = Float64Array.from({ length: d }, (_, i) => target[i]! - tt * dHat[i]!);
-  const c = dotf(tPerp, dh);
+  const c = dot(tPerp, dh);
   const w = tPerp.map((x, i) => x - c * dh[i]!);
   const wn = norm(w);
   if (wn < 1e-12 * (norm(tPerp) || 1)) return Float32Array.from(v);
@@ -249,14 +237,10 @@ export function deltaPcs(diffs: readonly ArrayLike<number>[], dHat: ArrayLike<nu
   if (diffs.length < 2) throw new UsageError(`δ-PCs need at least 2 pairs, got ${diffs.length}`);
   const d = dHat.length;
   const u = diffs.map((x) => {
-    let s = 0;
-    for (let i = 0; i < d; i++) s += x[i]! * dHat[i]!;
+    const s = dot(x, dHat);
     return Float64Array.from({ length: d }, (_, i) => x[i]! - s * dHat[i]!);
   });
   const p = pca(u, Math.min(k, u.length - 1));
-  const pcs = p.components.map((c) => {
-    const n = norm(c);
-    return c.map((x) => x / n);
-  });
+  const pcs = p.components.map((c) => unit(c));
   return { u, pcs, explainedVarianceRatio: p.explainedVarianceRatio.slice(0, pcs.length), meanNorm: u.reduce((s, x) => s + norm(x), 0) / u.length };
 }

@@ -9,9 +9,9 @@
 // activations (and, for generate, its KV cache), and releases them when it returns.
 //
 // Past one wasm32 memory (4 GiB): the layers are split into segments, each a runtime with its own
-// memory (and thread pool) holding its blocks' weights, KV cache and activations; the embedding
-// lives in segment 0 and the head in the last, and only the residual stream [rows, dModel] is
-// copied at a segment boundary. `this.rt` is the segment the pass is in (planSegments below).
+// memory (and thread pool) holding its blocks' weights, KV cache and activations; an untied
+// embedding lives in segment 0, the head (and a tied embedding) in the last, and only the residual
+// stream [rows, dModel] is copied at a segment boundary. `this.rt` is the segment the pass is in (planSegments below).
 import { UsageError } from "../../core/errors.js";
 import type { HookName } from "../../hooks/names.js";
 import type { ActivationCache } from "../cache.js";
@@ -1297,7 +1297,6 @@ export interface LayerSpan {
   adapters?: Map<string, LoraRef>;
 }
 
-/** One call's state for the step implementations. */
 /** Weight bytes one Wasm memory holds by default (the rest of its 4 GiB: KV cache, activations, scratch). */
 export const SEGMENT_BYTES = 3.5 * 2 ** 30;
 
@@ -1371,7 +1370,6 @@ export function planSegments(host: EngineModel, weights: CpuWeights, budget = SE
   // and its rows cross to layer 0's memory like any residual.
   const front = c.tieEmbeddings ? 0 : embed;
   const back = head + (c.tieEmbeddings ? embed : 0);
-  const total = bytes;
   const gib = (x: number) => (x / 2 ** 30).toFixed(2);
   if (Math.max(...blocks) > budget) throw new UsageError(`a single block of this model needs more than one Wasm memory (${gib(Math.max(...blocks))} GiB per block, at most ${gib(budget)} GiB per memory)`);
   if (Math.max(front, back) > budget) throw new UsageError(`this model's ${front > budget ? "embedding" : "unembedding (with its final norm)"} alone needs ${gib(Math.max(front, back))} GiB, more than one Wasm memory holds (${gib(budget)} GiB)`);
@@ -1402,9 +1400,10 @@ export function planSegments(host: EngineModel, weights: CpuWeights, budget = SE
     else lo = mid;
   }
   const best = pack(hi);
-  return { n: best.n, layerSeg: best.layerSeg, headSeg: best.headSeg, embedSeg: c.tieEmbeddings ? best.headSeg : 0, bytes: total, budget };
+  return { n: best.n, layerSeg: best.layerSeg, headSeg: best.headSeg, embedSeg: c.tieEmbeddings ? best.headSeg : 0, bytes, budget };
 }
 
+/** One call's state for the step implementations. */
 interface Call {
   ctx: CallCtx;
   pad: number[];
