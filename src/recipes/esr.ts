@@ -14,6 +14,7 @@ import path from "node:path";
 import { createHash } from "node:crypto";
 import { UsageError } from "../core/errors.js";
 import { dataPath } from "../core/package.js";
+import { readJsonlObjects } from "../io/jsonl.js";
 import { layerAt, parseNumbers } from "../core/parse.js";
 import { hookName, type HookName } from "../hooks/names.js";
 import type { Intervention, Plan } from "../hooks/plan.js";
@@ -46,18 +47,10 @@ export interface Question {
 }
 
 export function readQuestions(file: string): Question[] {
-  if (!fs.existsSync(file)) throw new UsageError(`--questions ${file}: no such file`);
   const out: Question[] = [];
-  fs.readFileSync(file, "utf8").split("\n").forEach((line, i) => {
-    if (!line.trim()) return;
-    let o: { id?: unknown; question?: unknown; answer?: unknown };
-    try {
-      o = JSON.parse(line) as typeof o;
-    } catch {
-      throw new UsageError(`--questions ${file} line ${i + 1}: not JSON`);
-    }
+  readJsonlObjects(file, "--questions", '{"id", "question", "answer"}').forEach(({ where, value: o }) => {
     const ans = Array.isArray(o.answer) ? o.answer : [o.answer];
-    if (typeof o.question !== "string" || !ans.length || ans.some((x) => typeof x !== "string" || !x)) throw new UsageError(`--questions ${file} line ${i + 1}: needs "question" and "answer" (a string or a list of accepted strings)`);
+    if (typeof o.question !== "string" || !ans.length || ans.some((x) => typeof x !== "string" || !x)) throw new UsageError(`${where}: needs "question" and "answer" (a string or a list of accepted strings)`);
     out.push({ id: typeof o.id === "string" ? o.id : String(out.length), question: o.question, answer: ans as string[] });
   });
   if (!out.length) throw new UsageError(`--questions ${file}: no questions`);

@@ -23,6 +23,7 @@ import { pearson } from "../math/linalg.js";
 import { gramMatrix, logisticFull, logisticProbe, primalDirection, ridgeFull, ridgeProbe, type LogisticResult, type RidgeResult } from "../math/probe-fit.js";
 import { StepLog } from "../log/steps.js";
 import { fileSha256 } from "../io/file-hash.js";
+import { readJsonlObjects } from "../io/jsonl.js";
 import { escapeHtml, htmlPage, htmlTable, plotOrNote } from "../report/page.js";
 import { linesSpec } from "../report/plots.js";
 
@@ -46,17 +47,8 @@ export interface ProbeData {
 }
 
 export function readProbeData(file: string, targetNames?: string[]): ProbeData {
-  if (!fs.existsSync(file)) throw new UsageError(`--data ${file}: no such file`);
   const examples: ProbeExample[] = [];
-  fs.readFileSync(file, "utf8").split("\n").forEach((line, i) => {
-    if (line.trim() === "") return;
-    const where = `--data ${file} line ${i + 1}`;
-    let o: Record<string, unknown>;
-    try {
-      o = JSON.parse(line) as Record<string, unknown>;
-    } catch {
-      throw new UsageError(`${where}: not JSON`);
-    }
+  readJsonlObjects(file, "--data", '{"prompt" or "messages", "target" or "label"}').forEach(({ where, value: o }) => {
     const ex: ProbeExample = { prompt: "" };
     if (typeof o.prompt === "string") ex.prompt = o.prompt;
     else if (Array.isArray(o.messages) && o.messages.every((m) => m && typeof (m as ChatMessage).role === "string" && typeof (m as ChatMessage).content === "string")) ex.prompt = o.messages as ChatMessage[];

@@ -14,6 +14,7 @@ import { createHash } from "node:crypto";
 import { UsageError } from "../core/errors.js";
 import { seedOf } from "../core/seed.js";
 import { dataPath } from "../core/package.js";
+import { readJsonlObjects } from "../io/jsonl.js";
 import { chatJudge } from "../judge/select.js";
 import { StepLog } from "../log/steps.js";
 import { recognitionStats, type RecognitionStats, type RecognitionTrial } from "../stats/recognition.js";
@@ -33,17 +34,9 @@ export interface Article {
 }
 
 export function readArticles(file: string): Article[] {
-  if (!fs.existsSync(file)) throw new UsageError(`--articles ${file}: no such file`);
   const out: Article[] = [];
-  fs.readFileSync(file, "utf8").split("\n").forEach((line, i) => {
-    if (!line.trim()) return;
-    let o: { id?: unknown; text?: unknown };
-    try {
-      o = JSON.parse(line) as typeof o;
-    } catch {
-      throw new UsageError(`--articles ${file} line ${i + 1}: not JSON (one {"id", "text"} object per line)`);
-    }
-    if (typeof o.text !== "string" || !o.text.trim()) throw new UsageError(`--articles ${file} line ${i + 1}: needs "text"`);
+  readJsonlObjects(file, "--articles", 'one {"id", "text"} object per line').forEach(({ where, value: o }) => {
+    if (typeof o.text !== "string" || !o.text.trim()) throw new UsageError(`${where}: needs "text"`);
     out.push({ id: typeof o.id === "string" ? o.id : String(out.length), text: o.text });
   });
   if (new Set(out.map((a) => a.id)).size !== out.length) throw new UsageError(`--articles ${file}: two articles share an id`);
