@@ -186,7 +186,7 @@ describe("checker", () => {
     for (const relaxed of [false, true]) {
       for (const shared of [false, true]) {
         for (const [mr, nr] of [[2, 4], [3, 3], [4, 2], [1, 8]] as const) {
-          const bytes = buildKernelModule({ ...DEFAULT_KERNEL, relaxed, shared, mr, nr, nb: 4 * nr });
+          const bytes = buildKernelModule({ ...DEFAULT_KERNEL, relaxed, relaxedDot: relaxed, shared, mr, nr, nb: 4 * nr });
           if (!relaxed) assert.ok(WebAssembly.validate(bytes), `mr=${mr} nr=${nr} shared=${shared}`);
         }
       }
@@ -211,7 +211,7 @@ for (const threads of [1, 2]) {
 
     test("reports its configuration", () => {
       assert.equal(rt.threads, threads);
-      assert.match(rt.simd, /^wasm-simd128(\+relaxed-madd)?$/);
+      assert.match(rt.simd, /^wasm-simd128(\+relaxed-madd)?(\+relaxed-dot)?$/);
     });
 
     test("gemm matches the float64 reference on random and edge layouts", () => {

@@ -311,6 +311,55 @@ for (const threads of [1, 2]) {
   });
 }
 
+for (const kq of KQUANTS.filter((k) => k.type === "q4_k" || k.type === "q5_k" || k.type === "q6_k"))
+  test(`${kq.type.toUpperCase()} int8-activation rows: the relaxed-dot kernels agree with the i16 kernels to f32 rounding (1 and 2 threads)`, async (t) => {
+    let probe: CpuRuntime;
+    try {
+      probe = await CpuRuntime.create({ threads: 1, relaxedDot: true });
+    } catch (e) {
+      // Only an engine without a working relaxed dot gets here; runtime.ts then never uses it.
+      return t.skip(String(e));
+    }
+    await probe.dispose();
+    for (const threads of [1, 2]) {
+      const runs: Float32Array[] = [];
+      for (const relaxedDot of [false, true]) {
+        const rt = await CpuRuntime.create({ threads, relaxedDot });
+        try {
+          assert.equal(rt.simd.includes("+relaxed-dot"), relaxedDot);
+          const out: number[] = [];
+          const rr = rng(7 + threads);
+          for (const [M, N, K] of [[1, 3, 256], [2, 5, 512], [3, 7, 256], [4, 9, 768], [5, 4, 256], [8, 6, 768], [1, 300, 1024]] as const) {
+            const nb = (N * K) / kq.elems;
+            // Extreme codes included: all-0xff bytes make every nibble 15 (and every Q5_K fifth bit set).
+            const blocks = Uint8Array.from({ length: nb * kq.bytes }, (_, i) => (i % 97 < 9 ? 255 : Math.floor((rr() + 0.5) * 256) & 255));
+            const dv = new DataView(blocks.buffer);
+            for (let b = 0; b < nb; b++) for (const o of kq.halves) dv.setUint16(b * kq.bytes + o, h16(0.001 + (rr() + 0.5) * 0.01), true);
+            const wq = rt.allocBytes(nb * kq.wq), ws = rt.allocBytes(nb * kq.ws);
+            const u8 = new Uint8Array(rt.memory.buffer);
+            kq.repack(blocks, u8.subarray(wq, wq + nb * kq.wq), u8.subarray(ws, ws + nb * kq.ws));
+            const x = rt.alloc(M * K), y = rt.alloc(M * N);
+            // Each row's largest |x| lands on ±127 after quantization.
+            rt.f32.set(Float32Array.from({ length: M * K }, () => rr() * 4), x);
+            rt.qgemm({ type: kq.type, x, ldx: K, wq, ws, y, ldy: N, M, N, K, int8: true });
+            out.push(...rt.f32.slice(y, y + M * N));
+          }
+          runs.push(Float32Array.from(out));
+        } finally {
+          await rt.dispose();
+        }
+      }
+      // Each super-block's integer total is the same; it is spread over the four lanes differently,
+      // so only the f32 accumulation across super-blocks may round differently.
+      const [a, b] = [runs[0]!, runs[1]!];
+      const scale = a.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+      assert.ok(scale > 1);
+      let worst = 0;
+      for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i]! - b[i]!));
+      assert.ok(worst <= 1e-6 * scale, `${threads} thread(s): ${worst} vs scale ${scale}`);
+    }
+  });
+
 describe("a Q4_K_M-like GGUF (a dModel-256 llama quantized by ggml: Q4_K and Q6_K)", () => {
   let file = "";
   let f32: Model, q4: Model;

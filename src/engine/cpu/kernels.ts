@@ -53,6 +53,12 @@ import { F32, type Fn, I32, ModuleBuilder, V128 } from "./wasm-emit.js";
 export interface KernelOptions {
   /** Use f32x4.relaxed_madd instead of f32x4.mul + f32x4.add. */
   relaxed: boolean;
+  /**
+   * Int8-activation Q4_K/Q5_K rows with i16x8.relaxed_dot_i8x16_i7x16_s (16 products per
+   * instruction instead of i32x4.dot_i16x8_s's 8 on widened weights); runtime.ts turns it on only
+   * after running relaxedDotProbe and checking its result.
+   */
+  relaxedDot: boolean;
   /** Import a shared memory (needed for worker threads). */
   shared: boolean;
   /** Packed microkernel: rows of X per tile. */
@@ -76,7 +82,7 @@ export interface KernelOptions {
   dku: number;
 }
 
-export const DEFAULT_KERNEL: Omit<KernelOptions, "relaxed" | "shared"> = {
+export const DEFAULT_KERNEL: Omit<KernelOptions, "relaxed" | "relaxedDot" | "shared"> = {
   mr: 2,
   nr: 4,
   ku: 1,
@@ -806,6 +812,19 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
 
 /** Flops per iteration of `peak`. */
 export const PEAK_FLOPS_PER_ITER = 12 * 8;
+
+/**
+ * A module exporting dot(): i16x8.relaxed_dot_i8x16_i7x16_s of the 16 bytes at 0 (signed) and at
+ * 16 (0..127), stored at 32. The relaxed instruction's deterministic range is all we use, but an
+ * engine may still get it wrong (V8 11.3's i32x4 "add" variant returns twice the dot and drops the
+ * accumulator), so the runtime runs this and compares before using it.
+ */
+export function relaxedDotProbeBytes(): Uint8Array<ArrayBuffer> {
+  const mb = new ModuleBuilder({ initialPages: 1, maximumPages: 1, shared: false });
+  const f = mb.func("dot", [], [], true);
+  f.i32Const(32).i32Const(0).v128Load(0).i32Const(0).v128Load(16).i16x8RelaxedDotI8x16I7x16S().v128Store(0);
+  return mb.emit();
+}
 
 /** A minimal module using f32x4.relaxed_madd, for WebAssembly.validate. */
 export function relaxedProbeBytes(): Uint8Array<ArrayBuffer> {

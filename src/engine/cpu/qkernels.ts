@@ -389,24 +389,31 @@ const emitQ4KRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fals
 // is the dot of the dequantized weights with the dequantized activations. (Exact sums of x there
 // would leave the rounding error multiplied by the uncentred d·sc·q part of the weights.)
 
-/** Bytes of one row of X in the int8-activation layout: xd·Σ qx per 32 (K/32 f32), scales xd (K/256 f32), quants qx (K i16). */
-export const q8actRowBytes = (K: number) => K / 8 + K / 64 + 2 * K;
+/**
+ * Bytes of one row of X in the int8-activation layout: xd·Σ qx per 32 (K/32 f32), scales xd (K/256
+ * f32), quants qx (K i16, for i32x4.dot_i16x8_s), the same quants as i8 (K bytes, for the relaxed
+ * dot), Σ qx per 16 (K/16 i16, for the relaxed Q6_K rows' −32 term).
+ */
+export const q8actRowBytes = (K: number) => K / 8 + K / 64 + 3 * K + K / 8;
 
 /** q8act(px, ldx, M, K, dst): M rows of f32 X into the int8-activation layout, q8actRowBytes(K) apart. */
 function emitQ8Act(mb: ModuleBuilder): Fn {
   const f = mb.func("q8act", [I32, I32, I32, I32, I32]);
   const [PX, LDX, M, K, DST] = [0, 1, 2, 3, 4];
-  const m = f.local(I32), p = f.local(I32), row = f.local(I32), sd = f.local(I32), qd = f.local(I32), cnt = f.local(I32), i = f.local(I32), xs = f.local(I32);
-  const mx = f.local(V128), inv = f.local(V128), a0 = f.local(V128), a1 = f.local(V128), sum = f.local(V128);
+  const m = f.local(I32), p = f.local(I32), row = f.local(I32), sd = f.local(I32), qd = f.local(I32), cnt = f.local(I32), i = f.local(I32), xs = f.local(I32), qb = f.local(I32), bs = f.local(I32);
+  const mx = f.local(V128), inv = f.local(V128), a0 = f.local(V128), a1 = f.local(V128), sum = f.local(V128), s4 = f.local(V128);
+  const n16 = [f.local(V128), f.local(V128)];
   const amax = f.local(F32), d = f.local(F32);
   f.get(M).i32Eqz().if(() => void f.return());
   f.loop(() => {
-    // This row's area: xsums, then the scales, then the quants.
-    f.get(DST).get(m).get(K).i32Const(3).i32ShrU().get(K).i32Const(6).i32ShrU().i32Add().get(K).i32Const(1).i32Shl().i32Add().i32Mul().i32Add().set(row);
+    // This row's area: xsums, then the scales, the quants (i16, then i8), the sums per 16.
+    f.get(DST).get(m).get(K).i32Const(3).i32ShrU().i32Const(1).i32Shl().get(K).i32Const(6).i32ShrU().i32Add().get(K).i32Const(3).i32Mul().i32Add().i32Mul().i32Add().set(row);
     f.get(PX).get(m).get(LDX).i32Mul().i32Add().set(p);
     f.get(row).i32Const(0).i32Add().set(xs);
     f.get(row).get(K).i32Const(3).i32ShrU().i32Add().set(sd);
     f.get(sd).get(K).i32Const(6).i32ShrU().i32Add().set(qd);
+    f.get(qd).get(K).i32Const(1).i32Shl().i32Add().set(qb);
+    f.get(qb).get(K).i32Add().set(bs);
     f.get(K).i32Const(8).i32ShrU().set(cnt);
     f.loop(() => {
       f.v128ConstF32(0).set(mx);
@@ -433,7 +440,15 @@ function emitQ8Act(mb: ModuleBuilder): Fn {
           f.get(p).get(i).i32Add().v128Load(32 * h + 16).get(inv).f32x4Mul().f32x4Nearest().set(a1);
           f.get(sum).get(a0).f32x4Add().get(a1).f32x4Add().set(sum);
           f.get(qd).get(i).i32Const(1).i32ShrU().i32Add();
-          f.get(a0).i32x4TruncSatF32x4S().get(a1).i32x4TruncSatF32x4S().i16x8NarrowI32x4S().v128Store(16 * h);
+          f.get(a0).i32x4TruncSatF32x4S().get(a1).i32x4TruncSatF32x4S().i16x8NarrowI32x4S().tee(n16[h % 2]!).v128Store(16 * h);
+          if (h % 2) {
+            // The same 16 quants as i8 (|q| <= 127: the narrowing is exact), and their sum as i16.
+            f.get(qb).get(i).i32Const(2).i32ShrU().i32Add().get(n16[0]!).get(n16[1]!).i8x16NarrowI16x8S().v128Store(8 * (h - 1));
+            f.get(n16[0]!).get(n16[1]!).i16x8Add().v128ConstI32(0x00010001).i32x4DotI16x8S().set(s4);
+            f.get(s4).get(s4).get(s4).shuffle32(2, 3, 0, 1).i32x4Add().set(s4);
+            f.get(bs).get(i).i32Const(5).i32ShrU().i32Add();
+            f.get(s4).get(s4).get(s4).shuffle32(1, 0, 3, 2).i32x4Add().i32x4ExtractLane(0).i32Store16(h - 1);
+          }
         }
         f.get(xs);
         f.get(sum).get(sum).get(sum).shuffle32(2, 3, 0, 1).f32x4Add().set(sum);
@@ -443,6 +458,8 @@ function emitQ8Act(mb: ModuleBuilder): Fn {
       });
       f.get(p).i32Const(1024).i32Add().set(p);
       f.get(qd).i32Const(512).i32Add().set(qd);
+      f.get(qb).i32Const(256).i32Add().set(qb);
+      f.get(bs).i32Const(32).i32Add().set(bs);
       f.get(sd).i32Const(4).i32Add().set(sd);
       f.get(cnt).i32Const(1).i32Sub().tee(cnt).brIf(0);
     });
@@ -512,6 +529,81 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
           }
         }
         // acc += f32(iacc) · (d · xd): one conversion per super-block.
+        for (let i = 0; i < c.a; i++) {
+          f.get(dd);
+          rowOff(i, xd).f32Load(0);
+          f.f32Mul().f32x4Splat().set(tmp);
+          f.get(iacc[i]!).f32x4ConvertI32x4S().set(scv);
+          c.madd(c.acc[i]!, tmp, scv);
+        }
+        f.get(q).i32Const(five ? 160 : 128).i32Add().set(q);
+        f.get(mt).i32Const(24).i32Add().set(mt);
+        f.get(xs).i32Const(32).i32Add().set(xs);
+        f.get(xd).i32Const(4).i32Add().set(xd);
+      },
+      sub: macc,
+    };
+  });
+
+/**
+ * q4krrows_a (q5krrows_a): q4kirows with i16x8.relaxed_dot_i8x16_i7x16_s (KernelOptions.relaxedDot).
+ * px points at the first row's i8 quants. Per 32 weights of sub-block j: two relaxed dots of the
+ * i8 activations with the nibbles (0..15, or 0..31 with Q5_K's fifth bit: within i7) give 8 i16 pair
+ * sums (|Σ| <= 2·2·127·31 < 2^15), and i32x4.dot_i16x8_s with sc_j splat widens and weights them in
+ * one instruction. Each super-block's integer total equals q4kirows's (spread over the lanes
+ * differently, so the f32 accumulation may round differently): the same dot of dequantized values.
+ */
+const emitQ4KRRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = false): Fn =>
+  emitRows(mb, o, five ? "q5krrows" : "q4krrows", a, 1, (c) => {
+    const { f } = c;
+    const XS = c.extra[0]!;
+    const xs = f.local(I32), xd = f.local(I32), q = f.local(I32), mt = f.local(I32);
+    const macc = Array.from({ length: c.a }, () => f.local(F32));
+    const iacc = Array.from({ length: c.a }, () => f.local(V128));
+    const v = [f.local(V128), f.local(V128)], u = [f.local(V128), f.local(V128)];
+    const scv = f.local(V128), tmp = f.local(V128);
+    const dd = f.local(F32), dmin = f.local(F32), mm = f.local(F32);
+    const qh = [f.local(V128), f.local(V128)];
+    const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
+    return {
+      shift: 8,
+      xBytes: 1,
+      init: () => pointers(f, q, c.WQ, mt, c.WS),
+      rowStart: () => {
+        f.get(XS).i32Const(0).i32Add().set(xs);
+        f.get(XS).get(c.K).i32Const(3).i32ShrU().i32Add().set(xd);
+        for (let i = 0; i < c.a; i++) f.f32Const(0).set(macc[i]!);
+      },
+      block: () => {
+        f.get(mt).f32Load(0).set(dd);
+        f.get(mt).f32Load(4).set(dmin);
+        for (let i = 0; i < c.a; i++) f.v128ConstI32(0).set(iacc[i]!);
+        if (five) for (let h = 0; h < 2; h++) f.get(q).v128Load(128 + 16 * h).set(qh[h]!);
+        for (let ch = 0; ch < 4; ch++) {
+          f.get(q).v128Load(32 * ch).set(v[0]!);
+          f.get(q).v128Load(32 * ch + 16).set(v[1]!);
+          for (const high of [false, true]) {
+            const j = 2 * ch + (high ? 1 : 0);
+            for (let vi = 0; vi < 2; vi++) {
+              nibbles(f, v[vi]!, high);
+              if (five) fifthBit(f, qh[vi]!, j);
+              f.set(u[vi]!);
+            }
+            f.get(mt).i32Load8U(8 + j).i16x8Splat().set(scv);
+            for (let i = 0; i < c.a; i++) {
+              f.get(c.xp[i]!).v128Load(32 * j).get(u[0]!).i16x8RelaxedDotI8x16I7x16S();
+              f.get(c.xp[i]!).v128Load(32 * j + 16).get(u[1]!).i16x8RelaxedDotI8x16I7x16S().i16x8Add();
+              f.get(scv).i32x4DotI16x8S().get(iacc[i]!).i32x4Add().set(iacc[i]!);
+            }
+            // macc += (dmin·m_j) · xd·Σ qx_j, as q4kirows.
+            f.get(dmin).get(mt).i32Load8U(16 + j).f32ConvertI32U().f32Mul().set(mm);
+            for (let i = 0; i < c.a; i++) {
+              f.get(macc[i]!).get(mm);
+              rowOff(i, xs).f32Load(4 * j);
+              f.f32Mul().f32Add().set(macc[i]!);
+            }
+          }
+        }
         for (let i = 0; i < c.a; i++) {
           f.get(dd);
           rowOff(i, xd).f32Load(0);
@@ -623,7 +715,7 @@ const emitQ4KDeq = (mb: ModuleBuilder, five = false): Fn =>
 // are weights l, l+32, l+64, l+96 of the half, scale index l/16 + 0, 2, 4, 6.
 
 /** Pushes the four 6-bit quant vectors (minus 32, as i8) of one 16-lane step (see above) and calls use(k, v) for each. */
-function q6Quants(f: Fn, L0: number, L1: number, H: number, m0f: number, m30: number, c32: number, u: number, use: (k: number) => void): void {
+function q6Quants(f: Fn, L0: number, L1: number, H: number, m0f: number, m30: number, c32: number | null, u: number, use: (k: number) => void): void {
   const lowOf = (L: number, hi: boolean) => {
     f.get(L);
     if (hi) f.i32Const(4).i16x8ShrU();
@@ -640,7 +732,10 @@ function q6Quants(f: Fn, L0: number, L1: number, H: number, m0f: number, m30: nu
   parts.forEach(([L, hi, shift], k) => {
     lowOf(L, hi);
     highOf(shift);
-    f.v128Or().get(c32).i8x16Sub().set(u);
+    f.v128Or();
+    // c32 null: the 6-bit codes 0..63 (the relaxed rows subtract 32·Σ qx per super-block instead).
+    if (c32 !== null) f.get(c32).i8x16Sub();
+    f.set(u);
     use(k);
   });
 }
@@ -986,6 +1081,76 @@ const emitF16Deq = (mb: ModuleBuilder): Fn =>
     };
   });
 
+/**
+ * q6krrows_a: q6kirows with i16x8.relaxed_dot_i8x16_i7x16_s (KernelOptions.relaxedDot). The
+ * relaxed dot needs one operand in 0..127, so the codes stay uncentred: per 16 weights one relaxed
+ * dot of the i8 activations with the codes 0..63 (pair sums <= 2·127·63 < 2^15), widened and weighted
+ * by the int8 scale in one i32x4.dot_i16x8_s; per super-block 32·Σ_j sc_j·Σ qx_j (the activations'
+ * sums per 16, xs's last area) is subtracted. Integer sums equal to q6kirows's.
+ */
+const emitQ6KRRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
+  emitRows(mb, o, "q6krrows", a, 1, (c) => {
+    const { f } = c;
+    const XS = c.extra[0]!;
+    const xd = f.local(I32), bsp = f.local(I32), q = f.local(I32), mt = f.local(I32);
+    const iacc = Array.from({ length: c.a }, () => f.local(V128));
+    const L0 = f.local(V128), L1 = f.local(V128), H = f.local(V128), u = f.local(V128), scv = f.local(V128), tmp = f.local(V128), sclo = f.local(V128), schi = f.local(V128);
+    const k6 = q6Constants(f);
+    const dd = f.local(F32);
+    const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
+    return {
+      shift: 8,
+      xBytes: 1,
+      init: () => {
+        k6.set();
+        pointers(f, q, c.WQ, mt, c.WS);
+      },
+      rowStart: () => {
+        f.get(XS).get(c.K).i32Const(3).i32ShrU().i32Add().set(xd);
+        // The sums per 16: after the xsums (K/8), scales (K/64) and quants (3K bytes).
+        f.get(xd).get(c.K).i32Const(6).i32ShrU().i32Add().get(c.K).i32Const(3).i32Mul().i32Add().set(bsp);
+      },
+      block: () => {
+        f.get(mt).f32Load(0).set(dd);
+        for (let i = 0; i < c.a; i++) f.v128ConstI32(0).set(iacc[i]!);
+        for (let half = 0; half < 2; half++) {
+          for (let lb = 0; lb < 2; lb++) {
+            q6Load(f, q, half, lb, L0, L1, H);
+            q6Quants(f, L0, L1, H, k6.m0f, k6.m30, null, u, (k) => {
+              f.get(mt).i32Load8S(4 + 8 * half + lb + 2 * k).i16x8Splat().set(scv);
+              const off = 128 * half + 32 * k + 16 * lb;
+              for (let i = 0; i < c.a; i++) {
+                f.get(c.xp[i]!).v128Load(off).get(u).i16x8RelaxedDotI8x16I7x16S();
+                f.get(scv).i32x4DotI16x8S().get(iacc[i]!).i32x4Add().set(iacc[i]!);
+              }
+            });
+          }
+        }
+        // iacc −= 32 · Σ_j sc_j · Σ qx_j (j: the 16 groups of 16, scales as i16, sums as i16).
+        f.get(mt).v128Load(4).set(tmp);
+        f.get(tmp).i16x8ExtendLowI8x16S().set(sclo);
+        f.get(tmp).i16x8ExtendHighI8x16S().set(schi);
+        for (let i = 0; i < c.a; i++) {
+          f.get(iacc[i]!);
+          rowOff(i, bsp).v128Load(0).get(sclo).i32x4DotI16x8S();
+          rowOff(i, bsp).v128Load(16).get(schi).i32x4DotI16x8S().i32x4Add();
+          f.i32Const(5).i32x4Shl().i32x4Sub().set(iacc[i]!);
+        }
+        for (let i = 0; i < c.a; i++) {
+          f.get(dd);
+          rowOff(i, xd).f32Load(0);
+          f.f32Mul().f32x4Splat().set(tmp);
+          f.get(iacc[i]!).f32x4ConvertI32x4S().set(scv);
+          c.madd(c.acc[i]!, tmp, scv);
+        }
+        f.get(q).i32Const(192).i32Add().set(q);
+        f.get(mt).i32Const(20).i32Add().set(mt);
+        f.get(xd).i32Const(4).i32Add().set(xd);
+        f.get(bsp).i32Const(32).i32Add().set(bsp);
+      },
+    };
+  });
+
 /** The exported names of each type's driver and dequantization kernel (runtime.ts calls them by type). */
 export const QUANT_EXPORTS: Record<QuantType, { gemm: string; deq: string }> = {
   q8_0: { gemm: "qgemm", deq: "q8deq" },
@@ -1034,7 +1199,7 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
         g.get(n0).get(K).i32Mul().i32Const(1).i32ShrU(); // nibble bytes: n0·K/2
         return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(24).i32Mul(); // meta: n0·K/256·24
       },
-      { rows: rowsOf(emitQ4KIRows), prep: q8act },
+      o.relaxedDot ? { rows: rowsOf(emitQ4KRRows), prep: q8act, i8: true } : { rows: rowsOf(emitQ4KIRows), prep: q8act },
     ),
     q5_k: emitDriver(
       mb,
@@ -1048,7 +1213,9 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
         g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(160).i32Mul(); // nibbles and high bits: n0·K/256·160
         return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(24).i32Mul(); // meta: n0·K/256·24
       },
-      { rows: rowsOf((m, oo, a) => emitQ4KIRows(m, oo, a, true)), prep: q8act },
+      o.relaxedDot
+        ? { rows: rowsOf((m, oo, a) => emitQ4KRRows(m, oo, a, true)), prep: q8act, i8: true }
+        : { rows: rowsOf((m, oo, a) => emitQ4KIRows(m, oo, a, true)), prep: q8act },
     ),
     q6_k: emitDriver(
       mb,
@@ -1062,7 +1229,7 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
         g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(192).i32Mul(); // n0·K/256·192
         return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(20).i32Mul(); // n0·K/256·20
       },
-      { rows: rowsOf(emitQ6KIRows), prep: q8act },
+      o.relaxedDot ? { rows: rowsOf(emitQ6KRRows), prep: q8act, i8: true } : { rows: rowsOf(emitQ6KIRows), prep: q8act },
     ),
     bf16: emitDriver(mb, o, gemm, QUANT_EXPORTS.bf16.gemm, rowsOf(emitBf16Rows), emitBf16Deq(mb), null, (g, n0, K) => {
       g.get(n0).get(K).i32Mul().i32Const(1).i32Shl(); // value bytes: n0·K·2
@@ -1089,7 +1256,8 @@ function emitDriver(
   deq: Fn,
   xsums: Fn | null,
   rowOffsets: (g: Fn, n0: number, K: number) => () => void,
-  int8?: { rows: Fn[]; prep: Fn },
+  /** i8: the rows read the i8 quants (after the i16 ones) instead of the i16. */
+  int8?: { rows: Fn[]; prep: Fn; i8?: boolean },
 ): Fn {
   const g = mb.func(name, [I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32], [], true);
   const [X, LDX, WQ, WS, Y, LDY, M, N, K, FLAGS, SCR, DEQ, DEQROWS] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
@@ -1139,12 +1307,15 @@ function emitDriver(
       // area): X quantized into that area, then the int8 rows kernels. For prefill the dequantized
       // f32 GEMM stays faster (measured: 12.5 vs 6.8 tok/s on the Qwen2.5-3B-shaped Q4_K file).
       g.get(FLAGS).i32Const(INT8_ACT).i32And().if(() => {
-        g.get(K).i32Const(3).i32ShrU().get(K).i32Const(6).i32ShrU().i32Add().get(K).i32Const(1).i32Shl().i32Add().set(stride);
+        g.get(K).i32Const(3).i32ShrU().i32Const(1).i32Shl().get(K).i32Const(6).i32ShrU().i32Add().get(K).i32Const(3).i32Mul().i32Add().set(stride); // q8actRowBytes(K)
         g.get(X).get(LDX).get(M).get(K).get(DEQ);
         g.call(int8.prep);
         direct(
           int8.rows,
-          () => void g.get(DEQ).get(m).get(stride).i32Mul().i32Add().get(K).i32Const(3).i32ShrU().i32Add().get(K).i32Const(6).i32ShrU().i32Add(),
+          () => {
+            g.get(DEQ).get(m).get(stride).i32Mul().i32Add().get(K).i32Const(3).i32ShrU().i32Add().get(K).i32Const(6).i32ShrU().i32Add();
+            if (int8.i8) g.get(K).i32Const(1).i32Shl().i32Add();
+          },
           () => void g.get(stride),
           () => void g.get(DEQ).get(m).get(stride).i32Mul().i32Add(),
         );

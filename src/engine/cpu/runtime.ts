@@ -37,7 +37,7 @@
 // takes 27 µs vs 47 µs on 1 thread.
 import os from "node:os";
 import { Worker } from "node:worker_threads";
-import { ACCUMULATE, buildKernelModule, DEFAULT_KERNEL, gemmScratchBytes, type KernelOptions, MAX_PAGES, PACKED_X, packedXBytes, QUANT_TASK, relaxedProbeBytes, scratchBytes, TASK, TASK_WORDS } from "./kernels.js";
+import { ACCUMULATE, buildKernelModule, DEFAULT_KERNEL, gemmScratchBytes, type KernelOptions, MAX_PAGES, PACKED_X, packedXBytes, QUANT_TASK, relaxedDotProbeBytes, relaxedProbeBytes, scratchBytes, TASK, TASK_WORDS } from "./kernels.js";
 import { DEQ_BYTES, deqRowsFor, INT8_ACT, MAX_Q8_K, q8actRowBytes, QUANT_BLOCK, QUANT_EXPORTS, quantBytes } from "./qkernels.js";
 import type { QuantType } from "../weights.js";
 
@@ -97,12 +97,14 @@ export interface CpuRuntimeOptions {
   threads?: number;
   /** Force (true) or forbid (false) f32x4.relaxed_madd; default: use it when the engine has it. */
   relaxed?: boolean;
+  /** Forbid (false) i16x8.relaxed_dot_i8x16_i7x16_s in the int8-activation rows; default: use it when the engine has it and it passes a check (true: require it). */
+  relaxedDot?: boolean;
   /** How long a worker spins after a dispatch before sleeping (default 100 µs). */
   spinMicros?: number;
   /** Pieces per thread a big gemm is split into (for tuning; default 16 on the packed path, else 4). */
   piecesPerThread?: number;
   /** Kernel blocking parameters (for tuning; defaults are the fastest measured). */
-  kernel?: Partial<Omit<KernelOptions, "relaxed" | "shared">>;
+  kernel?: Partial<Omit<KernelOptions, "relaxed" | "relaxedDot" | "shared">>;
 }
 
 /** Control-word indices in the control SharedArrayBuffer. */
@@ -179,6 +181,25 @@ async function relaxedAvailable(): Promise<boolean> {
   return WebAssembly.validate(relaxedProbeBytes());
 }
 
+/** Whether i16x8.relaxed_dot_i8x16_i7x16_s compiles and gives the exact dot on its deterministic range (kernels.ts relaxedDotProbeBytes). */
+function relaxedDotWorks(): boolean {
+  try {
+    const memory = new WebAssembly.Memory({ initial: 1, maximum: 1 });
+    const inst = new WebAssembly.Instance(new WebAssembly.Module(relaxedDotProbeBytes()), { env: { memory } });
+    const i8 = new Int8Array(memory.buffer);
+    const a = [-127, 127, -1, 5, 0, -64, 99, -128, 13, -13, 127, 127, -127, -127, 1, 2];
+    const b = [127, 127, 63, 0, 1, 15, 31, 7, 100, 100, 127, 126, 127, 1, 0, 64];
+    i8.set(a, 0);
+    i8.set(b, 16);
+    (inst.exports.dot as () => void)();
+    const out = new Int16Array(memory.buffer, 32, 8);
+    for (let k = 0; k < 8; k++) if (out[k] !== a[2 * k]! * b[2 * k]! + a[2 * k + 1]! * b[2 * k + 1]!) return false;
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 export class CpuRuntime {
   readonly threads: number;
   readonly simd: string;
@@ -242,8 +263,11 @@ export class CpuRuntime {
     const hasRelaxed = await relaxedAvailable();
     if (opts.relaxed === true && !hasRelaxed) throw new Error("CpuRuntime: relaxed SIMD requested but this engine does not support f32x4.relaxed_madd");
     const relaxed = opts.relaxed ?? hasRelaxed;
+    const hasDot = hasRelaxed && relaxedDotWorks();
+    if (opts.relaxedDot === true && !hasDot) throw new Error("CpuRuntime: relaxedDot requested but this engine lacks a working i16x8.relaxed_dot_i8x16_i7x16_s");
+    const relaxedDot = opts.relaxedDot ?? hasDot;
     const shared = threads > 1;
-    const kernel: KernelOptions = { ...DEFAULT_KERNEL, ...opts.kernel, relaxed, shared };
+    const kernel: KernelOptions = { ...DEFAULT_KERNEL, ...opts.kernel, relaxed, relaxedDot, shared };
     const module = await WebAssembly.compile(buildKernelModule(kernel));
     const scratchSize = Math.ceil(scratchBytes(kernel) / 64) * 64;
     const heapStart = SCRATCH_BYTE + threads * scratchSize;
@@ -286,7 +310,7 @@ export class CpuRuntime {
       w.on("error", () => Atomics.store(ctrl, C.ERROR, 1));
       w.unref();
     }
-    const simd = relaxed ? "wasm-simd128+relaxed-madd" : "wasm-simd128";
+    const simd = (relaxed ? "wasm-simd128+relaxed-madd" : "wasm-simd128") + (relaxedDot ? "+relaxed-dot" : "");
     const rt = new CpuRuntime(threads, simd, memory, module, instance, ctrl, workers, heapStart);
     rt.piecesPerThread = opts.piecesPerThread;
     rt.packMinM = kernel.packMinM;

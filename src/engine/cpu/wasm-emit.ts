@@ -173,6 +173,10 @@ export class Fn {
   i32Store(offset = 0): this {
     return this.op(0x36).memarg(ALIGN.i32, offset);
   }
+  /** i32.store16: the low 16 bits. */
+  i32Store16(offset = 0): this {
+    return this.op(0x3b).memarg(1, offset);
+  }
   i32Eqz(): this { return this.op(0x45); }
   i32Eq(): this { return this.op(0x46); }
   i32Ne(): this { return this.op(0x47); }
@@ -297,6 +301,17 @@ export class Fn {
   i32x4Splat(): this { return this.simd(0x11); }
   i16x8NarrowI32x4S(): this { return this.simd(0x85); }
   f32x4Abs(): this { return this.simd(0xe0); }
+  // The relaxed integer dot (int8-activation rows when the engine has it; runtime.ts checks its result).
+  i16x8Splat(): this { return this.simd(0x10); }
+  i16x8Add(): this { return this.simd(0x8e); }
+  i8x16NarrowI16x8S(): this { return this.simd(0x65); }
+  /** i16x8.relaxed_dot_i8x16_i7x16_s: lane k = a[2k]·b[2k] + a[2k+1]·b[2k+1], a signed, b in 0..127. */
+  i16x8RelaxedDotI8x16I7x16S(): this { return this.simd(0x112); }
+  i32x4Sub(): this { return this.simd(0xb1); }
+  i32x4ExtractLane(lane: number): this {
+    this.simd(0x1b);
+    return this.op(lane);
+  }
 
   /** The function body: local declarations (run-length encoded), code, `end`. */
   body(): number[] {
