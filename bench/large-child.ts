@@ -57,7 +57,7 @@ async function selfscope(): Promise<LargeRun> {
     const dm = median(steps);
     return {
       engine,
-      info: `selfscope cpu engine, ${N} threads, weights ${weights ?? "native (Model.load's default)"}`,
+      info: `selfscope cpu engine, ${"simd" in model.engine ? `${String(model.engine.simd)}, ` : ""}${N} threads, weights ${weights ?? "native (Model.load's default)"}`,
       loadMs: round(loadMs, 0),
       prefill: { tokens: PREFILL, msMedian: round(pm, 1), tokPerS: round((PREFILL / pm) * 1000, 2) },
       decode: { newTokens: NEW, msPerStepMedian: round(dm, 1), tokPerS: round(1000 / dm, 2) },

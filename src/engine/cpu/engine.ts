@@ -32,6 +32,8 @@ import type { AttentionTask, Gemm, QGemm } from "./runtime.js";
 /** What the engine needs from the kernel runtime (runtime.ts). */
 export interface KernelRuntime {
   readonly threads: number;
+  /** The kernels' instruction sets, e.g. "wasm-simd128+relaxed-madd+relaxed-dot" (runtime.ts). */
+  readonly simd: string;
   readonly memory: WebAssembly.Memory;
   readonly f32: Float32Array;
   alloc(nFloats: number): number;
@@ -137,6 +139,10 @@ export class CpuEngine {
   }
   private get ew(): Elementwise {
     return this.ews[this.cur]!;
+  }
+  /** The kernels' instruction sets (for benchmark records). */
+  get simd(): string {
+    return this.rts[0]!.simd;
   }
   /** Wasm memories the weights are split across (1 unless they exceed `segmentBytes`). */
   get segments(): number {
