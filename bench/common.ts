@@ -140,8 +140,29 @@ export function round(x: number, digits = 2): number {
 export const MiB = 2 ** 20;
 
 /** Peak resident set size of this process so far, in bytes (getrusage ru_maxrss). */
+/**
+ * This process's peak resident set. On Linux, VmHWM of /proc/self/status: getrusage's maxRSS (the
+ * fallback elsewhere) carries over the parent's resident set at exec, so a child spawned by a large
+ * bench runner would report the runner's peak instead of its own (seen: 614 MB for a 200 MB child).
+ */
 export function maxRssBytes(): number {
+  try {
+    const m = /VmHWM:\s+(\d+) kB/.exec(fs.readFileSync("/proc/self/status", "utf8"));
+    if (m) return Number(m[1]) * 1024;
+  } catch {
+    // not Linux
+  }
   return process.resourceUsage().maxRSS * 1024;
+}
+
+/** The host's SIMD-related CPU flags (avx*, fma, sse4*, f16c, amx*; Linux), recorded with every result: speed ratios depend on them. */
+export function cpuFlags(): string[] {
+  try {
+    const line = fs.readFileSync("/proc/cpuinfo", "utf8").split("\n").find((l) => l.startsWith("flags"));
+    return line ? line.split(":")[1]!.trim().split(/\s+/).filter((f) => /^(avx|fma|sse4|f16c|amx)/.test(f)) : [];
+  } catch {
+    return [];
+  }
 }
 
 /** CPU time of this process, all threads (user + system), in seconds. */

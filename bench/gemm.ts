@@ -17,6 +17,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { CpuRuntime, type Gemm } from "../src/engine/cpu/runtime.js";
 import { PEAK_FLOPS_PER_ITER } from "../src/engine/cpu/kernels.js";
+import { cpuFlags } from "./common.js";
 
 const RESULTS = path.resolve(fileURLToPath(new URL(".", import.meta.url)), "../../bench/results");
 
@@ -258,7 +259,7 @@ async function main(): Promise<void> {
   console.log(`load average before ${load0.join(" ")}, after ${load1.join(" ")}; CPUs busy elsewhere before ${busy0}, after ${busy1}`);
   const result = {
     date: new Date().toISOString(),
-    machine: { cpu: os.cpus()[0]?.model ?? "?", cpus: os.availableParallelism(), node: process.version },
+    machine: { cpu: os.cpus()[0]?.model ?? "?", cpuFlags: cpuFlags(), cpus: os.availableParallelism(), node: process.version },
     quick,
     simd,
     loadavg: { before: load0, after: load1 },

@@ -1,7 +1,8 @@
-// `npm run bench -- --large`: the models researchers run on a laptop, at their real shapes, as Q4_K
-// GGUF files (random weights; every matrix Q4_K by ggml's own quantizer, like llama-quantize
-// --pure): Llama-3.2-1B, Qwen2.5-3B and Llama-3.1-8B. For each, llama.cpp and selfscope (the cpu
-// engine as Model.load runs it: Q4_K matrices kept in their format) load the same file and run a
+// `npm run bench -- --large`: the models researchers run on a laptop, at their real shapes, as the
+// GGUF files they download (random weights, quantized by ggml's own quantizer): Q4_K_M by
+// llama-quantize's recipe (quantRecipe below) for Llama-3.2-1B, Qwen2.5-3B and Llama-3.1-8B, and
+// Q8_0 for the 1B shape. For each, llama.cpp and selfscope (the cpu engine as Model.load runs it:
+// Q4_K, Q6_K and Q8_0 matrices kept in their format) load the same file and run a
 // 32-token prefill and 16 greedy decode steps at batch 1, in child processes (bench/large-child.ts),
 // one engine at a time. A model selfscope refuses before loading (its weights above 85% of RAM) is
 // reported with the refusal. The last line printed is the summary JSON: max_params_loaded and each
@@ -12,7 +13,7 @@ import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { GgmlType, GgufValueType, writeGguf, type GgufWriteTensor, type GgufWriteValue } from "../src/io/gguf.js";
-import { CACHE_DIR, RESULTS_DIR, log, round, writeJson } from "./common.js";
+import { CACHE_DIR, RESULTS_DIR, cpuFlags, log, round, writeJson } from "./common.js";
 import { Fill, SPECIAL, vocab } from "./model.js";
 
 export interface LargeShape {
@@ -27,6 +28,8 @@ export interface LargeShape {
   tied: boolean;
   qkvBias: boolean;
   ropeTheta: number;
+  /** The file type: llama-quantize's Q4_K_M recipe (default) or Q8_0 throughout. */
+  quant?: "q4_k_m" | "q8_0";
 }
 
 /** The published configs' shapes (config.json of meta-llama/Llama-3.2-1B, Qwen/Qwen2.5-3B, meta-llama/Llama-3.1-8B). */
@@ -34,10 +37,28 @@ export const LARGE: LargeShape[] = [
   { name: "llama-3.2-1b", arch: "llama", dModel: 2048, nLayers: 16, nHeads: 32, nKvHeads: 8, dMlp: 8192, dVocab: 128256, tied: true, qkvBias: false, ropeTheta: 500000 },
   { name: "qwen2.5-3b", arch: "qwen2", dModel: 2048, nLayers: 36, nHeads: 16, nKvHeads: 2, dMlp: 11008, dVocab: 151936, tied: true, qkvBias: true, ropeTheta: 1000000 },
   { name: "llama-3.1-8b", arch: "llama", dModel: 4096, nLayers: 32, nHeads: 32, nKvHeads: 8, dMlp: 14336, dVocab: 128256, tied: false, qkvBias: false, ropeTheta: 500000 },
+  { name: "llama-3.2-1b-q8_0", arch: "llama", dModel: 2048, nLayers: 16, nHeads: 32, nKvHeads: 8, dMlp: 8192, dVocab: 128256, tied: true, qkvBias: false, ropeTheta: 500000, quant: "q8_0" },
 ];
 
-export const LARGE_VERSION = 1;
-export const largePath = (s: LargeShape) => path.join(CACHE_DIR, `large-${s.name}-q4_k-v${LARGE_VERSION}.gguf`);
+// 2: Q4_K_M by llama-quantize's recipe (version 1 was Q4_K throughout), and the Q8_0 1B file.
+export const LARGE_VERSION = 2;
+export const largePath = (s: LargeShape) => path.join(CACHE_DIR, `large-${s.name}${s.quant === "q8_0" ? "" : "-q4_k_m"}-v${LARGE_VERSION}.gguf`);
+
+/**
+ * The type llama-quantize gives a matrix (llama.cpp src/llama-quant.cpp, llama_tensor_get_type,
+ * for MOSTLY_Q4_K_M on these dense models): Q6_K for the output matrix (the token embedding when
+ * tied) and for attn_v and ffn_down in the layers use_more_bits picks (the first and last eighth,
+ * and every third in between), Q4_K elsewhere. Q8_0 files are Q8_0 throughout.
+ */
+export function quantRecipe(s: LargeShape, tensor: string, layer: number | null): GgmlType {
+  if (s.quant === "q8_0") return GgmlType.Q8_0;
+  // use_more_bits, with C's integer divisions.
+  const [e, l] = [Math.floor(s.nLayers / 8), Math.floor((7 * s.nLayers) / 8)];
+  const moreBits = (i: number) => i < e || i >= l || (i - e) % 3 === 2;
+  if (tensor === "output" || (tensor === "token_embd" && s.tied)) return GgmlType.Q6_K;
+  if ((tensor === "attn_v" || tensor === "ffn_down") && layer !== null && moreBits(layer)) return GgmlType.Q6_K;
+  return GgmlType.Q4_K;
+}
 
 export function paramsOf(s: LargeShape): number {
   const hd = s.dModel / s.nHeads;
@@ -46,7 +67,7 @@ export function paramsOf(s: LargeShape): number {
   return s.dVocab * D * (s.tied ? 1 : 2) + s.nLayers * block + D;
 }
 
-/** Writes the Q4_K file unless it is there (minutes for the 8B shape: ggml's reference quantizer). */
+/** Writes the file unless it is there (minutes for the 8B shape: ggml's reference quantizer). */
 export async function ensureLarge(s: LargeShape): Promise<string> {
   const file = largePath(s);
   if (fs.existsSync(file)) return file;
@@ -61,7 +82,9 @@ export async function ensureLarge(s: LargeShape): Promise<string> {
   const q4k = (name: string, rows: number, cols: number, std: number, edit?: (w: Float32Array) => void) => {
     const w = f.uniform(rows * cols, std);
     edit?.(w);
-    tensors.push({ name, shape: [rows, cols], type: GgmlType.Q4_K, data: none, raw: ggml.quantize(GgmlType.Q4_K, w, rows, cols) });
+    const m = /^(?:blk\.(\d+)\.)?(\w+)\.weight$/.exec(name)!;
+    const type = quantRecipe(s, m[2]!, m[1] === undefined ? null : Number(m[1]));
+    tensors.push({ name, shape: [rows, cols], type, data: none, raw: ggml.quantize(type, w, rows, cols) });
   };
   const f32 = (name: string, data: Float32Array) => tensors.push({ name, shape: [data.length], type: GgmlType.F32, data });
   // Special tokens' rows are zero, so their logit is 0 and they are never the greedy choice.
@@ -94,7 +117,7 @@ export async function ensureLarge(s: LargeShape): Promise<string> {
     "general.architecture": str(a),
     "general.type": str("model"),
     "general.name": str(`selfscope ${s.name}-shaped (random weights)`),
-    "general.file_type": u32(15), // MOSTLY_Q4_K_M's id; every matrix is Q4_K here
+    "general.file_type": u32(s.quant === "q8_0" ? 7 : 15), // MOSTLY_Q8_0, MOSTLY_Q4_K_M
     [`${a}.block_count`]: u32(L),
     [`${a}.context_length`]: u32(4096),
     [`${a}.embedding_length`]: u32(D),
@@ -197,15 +220,14 @@ export async function runLarge(threads: number, only?: string[]): Promise<void> 
       },
     };
   }
-  const flags = (fs.existsSync("/proc/cpuinfo") ? /^flags\s*:\s*(.*)$/m.exec(fs.readFileSync("/proc/cpuinfo", "utf8"))?.[1] ?? "" : "").split(" ").filter((x) => /^(avx|avx2|fma|avx512\w*|amx\w*)$/.test(x));
   const results = {
     schema: 1,
     kind: "large",
     timestamp: started.toISOString(),
     command: `npm run bench -- --large --threads ${threads}`,
     threads,
-    host: { cpu: os.cpus()[0]?.model ?? "?", cores: os.availableParallelism(), memGiB: round(os.totalmem() / 2 ** 30, 1), node: process.version, cpuFlags: flags },
-    note: "random weights at the published shapes, every matrix Q4_K (ggml's quantizer), norms and biases F32; prefill 32 tokens (median of 3 after a warm-up), 16 greedy decode steps at batch 1 (median step); F32 KV cache; one engine at a time",
+    host: { cpu: os.cpus()[0]?.model ?? "?", cores: os.availableParallelism(), memGiB: round(os.totalmem() / 2 ** 30, 1), node: process.version, cpuFlags: cpuFlags() },
+    note: "random weights at the published shapes, quantized by ggml's quantizer: Q4_K_M by llama-quantize's recipe (Q6_K for the output or tied embedding and for attn_v/ffn_down in use_more_bits layers, Q4_K elsewhere) or Q8_0 throughout, norms and biases F32; prefill 32 tokens (median of 3 after a warm-up), 16 greedy decode steps at batch 1 (median step); F32 KV cache; one engine at a time",
     summary,
     models,
     wallS: round((performance.now() - t0) / 1000, 1),

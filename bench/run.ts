@@ -21,6 +21,7 @@ import {
   PARAMS,
   RESULTS_DIR,
   WEIGHT_BYTES,
+  cpuFlags,
   log,
   matmulParamsPerLayer,
   median,
@@ -60,7 +61,7 @@ function parseArgs(argv: string[]): Args {
     else if (x === "--large") a.large = true;
     else if (x === "--only") a.only = (argv[++i] ?? "").split(",");
     else if (x === "--help" || x === "-h") {
-      process.stdout.write("npm run bench -- [--quick] [--threads N] [--no-profile] [--no-llamacpp] [--one-thread|--no-one-thread] [--jax]\nnpm run bench -- --large [--threads N] [--only llama-3.2-1b,qwen2.5-3b,llama-3.1-8b]\n");
+      process.stdout.write("npm run bench -- [--quick] [--threads N] [--no-profile] [--no-llamacpp] [--one-thread|--no-one-thread] [--jax]\nnpm run bench -- --large [--threads N] [--only llama-3.2-1b,qwen2.5-3b,llama-3.1-8b,llama-3.2-1b-q8_0]\n");
       process.exit(0);
     } else throw new Error(`unknown flag ${x} (see --help)`);
   }
@@ -272,7 +273,7 @@ async function main(): Promise<void> {
     quick: args.quick,
     threads: N,
     wallS: 0,
-    host: { cpu: os.cpus()[0]?.model ?? "?", cores: os.availableParallelism(), memGiB: round(os.totalmem() / 2 ** 30, 1), node: process.version, platform: `${os.platform()} ${os.release()}` },
+    host: { cpu: os.cpus()[0]?.model ?? "?", cores: os.availableParallelism(), memGiB: round(os.totalmem() / 2 ** 30, 1), node: process.version, platform: `${os.platform()} ${os.release()}`, cpuFlags: cpuFlags() },
     model: {
       path: path.relative(path.dirname(BENCH_DIR), MODEL_PATH),
       shape: MODEL,
@@ -291,6 +292,8 @@ async function main(): Promise<void> {
       llamacpp_peak_rss_over_weights: l ? round(l.rss.peakBytes / WEIGHT_BYTES, 3) : null,
       selfscope_prefill_of_gemm_peak: frac(s?.prefill.gflops, gemmPeak(N)),
       selfscope_prefill_of_wasm_peak: frac(s?.prefill.gflops, m?.wasmPeakGflops.tN),
+      // Q4_K prefill runs the f32 GEMM on dequantized weights (docs/cpu-engine.md), so its limit is the f32 peak.
+      q4_k_prefill_of_wasm_peak: frac(quant.q4_k?.selfscope.result?.prefill.gflops, m?.wasmPeakGflops.tN),
       llamacpp_prefill_of_gemm_peak: frac(l?.prefill.gflops, gemmPeak(N)),
       selfscope_decode_of_bandwidth: frac(s?.decodeGBps, m?.bandwidthGBps.tN),
       llamacpp_decode_of_bandwidth: frac(l?.decodeGBps, m?.bandwidthGBps.tN),

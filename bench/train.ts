@@ -24,7 +24,7 @@ import { Engine } from "../src/engine/jax/engine.js";
 import { loadHostModel } from "../src/model/load.js";
 import { Model } from "../src/model/model.js";
 import { batchInputs, BIAS_PROTOCOL, scaleLayer, targetsFrom, trainBiasVector, trainVector, type BiasExample } from "../src/recipes/bias-vector.js";
-import { MODEL, MODEL_PATH, RESULTS_DIR, cpuSeconds, log, median, round, writeJson } from "./common.js";
+import { MODEL, MODEL_PATH, RESULTS_DIR, cpuFlags, cpuSeconds, log, maxRssBytes, median, round, writeJson } from "./common.js";
 import { ensureModel } from "./model.js";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -120,22 +120,13 @@ async function child(mode: Mode, threads: number, steps: number, out: string): P
     engine.dispose();
   }
   model.dispose();
-  const res: ChildResult = { mode, threads, loadMs: round(loadMs, 0), ms: stepMs.map((x) => round(x, 1)), warmupMs: round(warmupMs, 1), losses, maxRssBytes: process.resourceUsage().maxRSS * 1024, cpuS: cpuSeconds() };
+  const res: ChildResult = { mode, threads, loadMs: round(loadMs, 0), ms: stepMs.map((x) => round(x, 1)), warmupMs: round(warmupMs, 1), losses, maxRssBytes: maxRssBytes(), cpuS: cpuSeconds() };
   writeJson(out, res);
   // jax-js's worker pool (the shim) would keep the process alive.
   process.exit(0);
 }
 
 // ---------------------------------------------------------------- the orchestrator
-
-function cpuFlags(): string[] {
-  try {
-    const line = fs.readFileSync("/proc/cpuinfo", "utf8").split("\n").find((l) => l.startsWith("flags"));
-    return line ? line.split(":")[1]!.trim().split(/\s+/).filter((f) => /^(avx|fma|sse4|f16c|amx)/.test(f)) : [];
-  } catch {
-    return [];
-  }
-}
 
 function busyTicks(): { busy: number; total: number } | null {
   try {

@@ -200,8 +200,9 @@ describe("a Q8_0 GGUF (stories260K with every 32-aligned matrix in Q8_0)", () =>
 
 /**
  * A llama with dModel 256 (K-quants need rows of 256), stories260K's tokenizer and random weights,
- * quantized by ggml like a Q4_K_M file: Q6_K for the embedding, the output and block 0's down
- * projection, Q4_K for every other matrix; norms F32.
+ * quantized by ggml like a Q4_K_M file: Q6_K for the embedding, the output and block 0's v and down
+ * projections (so block 0's q, k, v mix Q4_K and Q6_K, as in half the layers of a real Q4_K_M file),
+ * Q4_K for every other matrix; norms F32.
  */
 async function writeQ4KLlama(file: string, main: GgmlType = GgmlType.Q4_K): Promise<void> {
   const ggml = await loadGgml();
@@ -219,7 +220,7 @@ async function writeQ4KLlama(file: string, main: GgmlType = GgmlType.Q4_K): Prom
   const tensors: { name: string; shape: number[]; type: GgmlType; data: Float32Array; raw?: Uint8Array }[] = [];
   const mat = (name: string, rows: number, cols: number) => {
     const data = Float32Array.from({ length: rows * cols }, () => (r() * 2 * Math.sqrt(3)) / Math.sqrt(cols));
-    const type = /^(token_embd|output|blk\.0\.ffn_down)\./.test(name) ? GgmlType.Q6_K : main;
+    const type = /^(token_embd|output|blk\.0\.ffn_down|blk\.0\.attn_v)\./.test(name) ? GgmlType.Q6_K : main;
     tensors.push({ name, shape: [rows, cols], type, data, raw: ggml.quantize(type, data, rows, cols) });
   };
   const norm = (name: string) => tensors.push({ name, shape: [D], type: GgmlType.F32, data: Float32Array.from({ length: D }, () => 1 + r() * 0.2) });
@@ -379,13 +380,14 @@ describe("a Q4_K_M-like GGUF (a dModel-256 llama quantized by ggml: Q4_K and Q6_
     let facts: FileFacts | undefined;
     loadHostModel(file, (_c, _s, f) => void (facts = f), { lazy: true });
     const D = 256, F = 512, V = 512, L = 2;
-    const q6 = 2 * V * D + D * F;
-    const q4 = L * (D * D * 2 + 2 * 128 * D + 3 * D * F) - D * F;
+    const q6 = 2 * V * D + D * F + 128 * D;
+    const q4 = L * (D * D * 2 + 2 * 128 * D + 3 * D * F) - D * F - 128 * D;
     assert.equal(facts?.nativeQuantBytes, (q4 * 152) / 256 + (q6 * 212) / 256 + (2 * L + 1) * D * 4);
   });
 
   test("keeps every matrix in its K-quant by default and computes the f32 path's logits up to summation order", async () => {
     const engine = (q4 as unknown as { engine: { quantizedMats: number } }).engine;
+    // Block 0's q, k (Q4_K) and v (Q6_K) stay quantized as one stacked matrix of two types.
     assert.equal(engine.quantizedMats, 2 * 4 + 2, "qkv, o, gate/up, down per block, the embedding and the output");
     const a = (await f32.forward([{ ids }])).logits[0]!;
     const b = (await q4.forward([{ ids }])).logits[0]!;
@@ -398,6 +400,21 @@ describe("a Q4_K_M-like GGUF (a dModel-256 llama quantized by ggml: Q4_K and Q6_
     const ga = await f32.generate([{ ids: ids.slice(0, 3) }], { maxTokens: 24 });
     const gb = await q4.generate([{ ids: ids.slice(0, 3) }], { maxTokens: 24 });
     assert.deepEqual(gb.tokens, ga.tokens);
+  });
+
+  test("a gradient first gives the stacked Q4_K/Q6_K matrices exact f32 copies (then forward is the f32 path's)", async () => {
+    const engineOf = (m: Model) => (m as unknown as { engine: { quantizedMats: number } }).engine;
+    const d = await Model.load(file, { threads: 1 });
+    try {
+      const req: LossAndGradRequest = { params: [{ kind: "vector", at: "blocks.0.hook_resid_post", value: new Float32Array(256).fill(0.01) }], targets: [[-1, 7, 9, 5]] };
+      const a = await f32.lossAndGrad([{ ids: ids.slice(0, 4) }], req);
+      const b = await d.lossAndGrad([{ ids: ids.slice(0, 4) }], req);
+      assert.equal(engineOf(d).quantizedMats, 0, "materialized as f32");
+      assert.equal(b.loss, a.loss);
+      assert.deepEqual([...(await d.forward([{ ids }])).logits[0]!], [...(await f32.forward([{ ids }])).logits[0]!]);
+    } finally {
+      d.dispose();
+    }
   });
 
   test("agrees with llama.cpp on the same file as closely as the f32 path does", async (t) => {

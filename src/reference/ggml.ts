@@ -63,8 +63,25 @@ function defaultLibrary(): string {
   throw new Error(`${pkg} has no ggml-base library under ${bins}`);
 }
 
-export async function loadGgml(): Promise<Ggml> {
+/**
+ * Loaded once per library path: loading libggml-base a second time (after koffi let go of the
+ * first handle) re-runs its static initializer, whose GGML_ASSERT that its terminate handler is
+ * not already installed then aborts the process (seen when one bench run wrote two files).
+ */
+const loaded = new Map<string, Promise<Ggml>>();
+
+export function loadGgml(): Promise<Ggml> {
   const lib = process.env.SELFSCOPE_GGML_BASE ?? defaultLibrary();
+  let p = loaded.get(lib);
+  if (!p) {
+    p = load(lib);
+    loaded.set(lib, p);
+    p.catch(() => loaded.delete(lib));
+  }
+  return p;
+}
+
+async function load(lib: string): Promise<Ggml> {
   if (!fs.existsSync(lib)) throw new Error(`llama.cpp library not found at ${lib}`);
   let koffi: typeof import("koffi");
   try {

@@ -65,6 +65,11 @@ interface Mat {
   rows: number;
   cols: number;
   q?: { type: QuantType; wq: number; ws: number };
+  /**
+   * Stacked matrices of different quantized types, in row order (e.g. a Q4_K_M file's Q4_K q and k
+   * with a Q6_K v): each part multiplies into its own columns of Y. `off` is -1, `q` unset.
+   */
+  parts?: Mat[];
 }
 
 /**
@@ -187,7 +192,14 @@ export class CpuEngine {
       const cols = shapeOf(names[0]!)![1]!;
       const rowsOf = names.map((n) => shapeOf(n)![0]!);
       const rows = rowsOf.reduce((a, b) => a + b, 0);
-      const type = nativeType(host, weights, names);
+      const types = nativeTypes(host, weights, names);
+      if (types && lazy?.readQuantInto && new Set(types).size > 1) {
+        // Mixed types: one quantized part per matrix (counted as one quantized matrix).
+        const parts = names.map((n) => mat(n));
+        this.nQuantized -= parts.length - 1;
+        return { off: -1, rows, cols, parts };
+      }
+      const type = types?.[0] ?? null;
       if (type && lazy?.readQuantInto) {
         const rt = this.rt;
         const total = quantBytes(type, rows, cols);
@@ -994,6 +1006,14 @@ export class CpuEngine {
 
   /** Y[R, rows] (rows ldy apart) = X·Wᵀ on f32 or quantized weights. */
   private matmul(x: number, ldx: number, R: number, w: Mat, y: number, ldy: number): void {
+    if (w.parts) {
+      let r = 0;
+      for (const p of w.parts) {
+        this.matmul(x, ldx, R, p, y + r, ldy);
+        r += p.rows;
+      }
+      return;
+    }
     if (w.q) this.rt.qgemm({ type: w.q.type, x, ldx, wq: w.q.wq, ws: w.q.ws, y, ldy, M: R, N: w.rows, K: w.cols, ...(this.int8 ? { int8: true } : {}) });
     else this.rt.gemm({ x, ldx, w: w.off, ldw: w.cols, y, ldy, M: R, N: w.rows, K: w.cols });
   }
@@ -1003,9 +1023,15 @@ export class CpuEngine {
    * column slices); f32 matrices as they are. The values are ggml's dequantization, bit for bit.
    */
   private f32Mat(w: Mat): Mat {
-    if (!w.q) return w;
+    if (!w.q && !w.parts) return w;
     const off = this.rt.alloc(w.rows * w.cols);
-    this.rt.dequantRows(w.q.type, w.q.wq, w.q.ws, w.rows, w.cols, off);
+    let r = 0;
+    for (const p of w.parts ?? [w]) {
+      const at = off + r * w.cols;
+      if (p.q) this.rt.dequantRows(p.q.type, p.q.wq, p.q.ws, p.rows, p.cols, at);
+      else this.rt.f32.copyWithin(at, p.off, p.off + p.rows * p.cols);
+      r += p.rows;
+    }
     return { off, rows: w.rows, cols: w.cols };
   }
 
@@ -1025,10 +1051,11 @@ export class CpuEngine {
     const seen = new Set<Mat>();
     const mats = this.blocks.flatMap((b) => [b.qkv, b.o, b.up, b.down, b.moe?.router, ...(b.moe?.experts.flatMap((x) => [x.up, x.down]) ?? [])]);
     for (const m of [...mats, this.embed, this.unembed]) {
-      if (!m?.q || seen.has(m)) continue;
+      if (!(m?.q || m?.parts) || seen.has(m)) continue;
       seen.add(m);
       m.off = this.f32Mat(m).off;
       delete m.q;
+      delete m.parts;
     }
     this.nQuantized = 0;
   }
@@ -1310,13 +1337,18 @@ export const SEGMENT_BYTES = 3.5 * 2 ** 30;
  * The type a stacked matrix is held in: its file's quantized type when the engine computes on it
  * natively (weights "native…", every part that type, K a multiple of its block), else null (f32).
  */
-function nativeType(host: EngineModel, weights: CpuWeights, names: string[]): QuantType | null {
+/** Each matrix's type when every one of them can be kept in its format (null: the stack is f32). */
+function nativeTypes(host: EngineModel, weights: CpuWeights, names: string[]): QuantType[] | null {
   const lazy = isLazy(host.weights) ? host.weights : null;
   if (weights === "f32" || names[0] === "posEmbed.weight" || !lazy?.quantOf) return null;
-  const type = lazy.quantOf(names[0]!);
-  const cols = lazy.shapeOf(names[0]!)?.[1];
-  if (!type || cols === undefined || cols % QUANT_BLOCK[type] !== 0 || cols > MAX_Q8_K) return null;
-  return names.every((n) => lazy.quantOf!(n) === type) ? type : null;
+  const types: QuantType[] = [];
+  for (const n of names) {
+    const type = lazy.quantOf(n);
+    const cols = lazy.shapeOf(n)?.[1];
+    if (!type || cols === undefined || cols % QUANT_BLOCK[type] !== 0 || cols > MAX_Q8_K) return null;
+    types.push(type);
+  }
+  return types;
 }
 
 export interface SegmentPlan {
@@ -1350,10 +1382,12 @@ export function planSegments(host: EngineModel, weights: CpuWeights, budget = SE
   const matBytes = (...names: string[]) => {
     const cols = shapeOf(names[0]!)[1] ?? 1;
     const rows = names.reduce((a, n) => a + (shapeOf(n)[0] ?? 1), 0);
-    const type = nativeType(host, weights, names);
-    if (!type) return rows * cols * 4 + 64;
-    const q = quantBytes(type, rows, cols);
-    return q.wq + q.ws + 128;
+    const types = nativeTypes(host, weights, names);
+    if (!types) return rows * cols * 4 + 64;
+    return names.reduce((a, n, i) => {
+      const q = quantBytes(types[i]!, shapeOf(n)[0] ?? 1, cols);
+      return a + q.wq + q.ws + 128;
+    }, 0);
   };
   const normBytes = (p: string) => (has(`${p}.weight`) ? c.dModel * 4 + 64 : 0);
   const block = (i: number) => {
