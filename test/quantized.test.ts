@@ -202,7 +202,9 @@ describe("a Q8_0 GGUF (stories260K with every 32-aligned matrix in Q8_0)", () =>
  * A llama with dModel 256 (K-quants need rows of 256), stories260K's tokenizer and random weights,
  * quantized by ggml like a Q4_K_M file: Q6_K for the embedding, the output and block 0's v and down
  * projections (so block 0's q, k, v mix Q4_K and Q6_K, as in half the layers of a real Q4_K_M file),
- * Q4_K for every other matrix; norms F32.
+ * Q5_0 for block 1's v (llama-quantize's fallback for rows K-quants cannot take; the cpu kernels
+ * lack Q5_0, so it is widened to f32 beside a quantized q and k), Q4_K for every other matrix;
+ * norms F32.
  */
 async function writeQ4KLlama(file: string, main: GgmlType = GgmlType.Q4_K): Promise<void> {
   const ggml = await loadGgml();
@@ -220,7 +222,7 @@ async function writeQ4KLlama(file: string, main: GgmlType = GgmlType.Q4_K): Prom
   const tensors: { name: string; shape: number[]; type: GgmlType; data: Float32Array; raw?: Uint8Array }[] = [];
   const mat = (name: string, rows: number, cols: number) => {
     const data = Float32Array.from({ length: rows * cols }, () => (r() * 2 * Math.sqrt(3)) / Math.sqrt(cols));
-    const type = /^(token_embd|output|blk\.0\.ffn_down|blk\.0\.attn_v)\./.test(name) ? GgmlType.Q6_K : main;
+    const type = /^(token_embd|output|blk\.0\.ffn_down|blk\.0\.attn_v)\./.test(name) ? GgmlType.Q6_K : name === "blk.1.attn_v.weight" ? GgmlType.Q5_0 : main;
     tensors.push({ name, shape: [rows, cols], type, data, raw: ggml.quantize(type, data, rows, cols) });
   };
   const norm = (name: string) => tensors.push({ name, shape: [D], type: GgmlType.F32, data: Float32Array.from({ length: D }, () => 1 + r() * 0.2) });
@@ -260,6 +262,38 @@ function q8act(x: Float32Array): { q: Int16Array; d: Float32Array } {
   }
   return { q, d };
 }
+
+test("splitScaledBlocks: the 16-bit path and the byte path (odd offsets) give the blocks' quants and f16 scales exactly, and name the first non-finite scale", () => {
+  const r = rng(3);
+  for (const bb of [34, 18]) {
+    const nb = 37, q = bb - 2;
+    const blocks = Uint8Array.from({ length: nb * bb }, () => Math.floor((r() + 0.5) * 256) & 255);
+    const dv = new DataView(blocks.buffer);
+    for (let b = 0; b < nb; b++) dv.setUint16(b * bb, h16(0.01 + b * 0.001), true);
+    dv.setUint16(20 * bb, 0x7c00, true); // +Inf in block 20
+    dv.setUint16(30 * bb, 0x7e00, true); // NaN in block 30
+    const run = (srcOffset: number, dstOffset: number) => {
+      const src = new Uint8Array(nb * bb + 1).subarray(srcOffset, srcOffset + nb * bb);
+      src.set(blocks);
+      const quants = new Uint8Array(nb * q + 1).subarray(dstOffset, dstOffset + nb * q);
+      const ds = new Float32Array(nb);
+      return { bad: splitScaledBlocks(src, bb, quants, ds), quants: [...quants], ds: [...ds] };
+    };
+    const want = { quants: [] as number[], ds: [] as number[] };
+    for (let b = 0; b < nb; b++) {
+      want.quants.push(...blocks.subarray(b * bb + 2, (b + 1) * bb));
+      // IEEE binary16, decoded independently of the library's table.
+      const h = dv.getUint16(b * bb, true), e = (h >> 10) & 31, m = h & 1023, sign = h >> 15 ? -1 : 1;
+      want.ds.push(e === 31 ? (m ? NaN : sign * Infinity) : sign * (e ? 1 + m / 1024 : m / 1024) * 2 ** ((e || 1) - 15));
+    }
+    for (const [so, dO] of [[0, 0], [1, 0], [0, 1], [1, 1]] as const) {
+      const got = run(so, dO);
+      assert.equal(got.bad, 20, `blocks of ${bb}, offsets ${so}/${dO}`);
+      assert.deepEqual(got.quants, want.quants, `blocks of ${bb}, offsets ${so}/${dO}`);
+      assert.deepEqual(got.ds, want.ds, `blocks of ${bb}, offsets ${so}/${dO}`);
+    }
+  }
+});
 
 const Q8_0_BLOCKS = { type: "q8_0", ggml: GgmlType.Q8_0, elems: 32, bytes: 34, halves: [0], wq: 32, ws: 4, repack: (b: Uint8Array, q: Uint8Array, m: Uint8Array) => splitScaledBlocks(b, 34, q, new Float32Array(m.buffer, m.byteOffset, m.byteLength / 4)) } as const;
 
@@ -381,13 +415,15 @@ describe("a Q4_K_M-like GGUF (a dModel-256 llama quantized by ggml: Q4_K and Q6_
     loadHostModel(file, (_c, _s, f) => void (facts = f), { lazy: true });
     const D = 256, F = 512, V = 512, L = 2;
     const q6 = 2 * V * D + D * F + 128 * D;
-    const q4 = L * (D * D * 2 + 2 * 128 * D + 3 * D * F) - D * F - 128 * D;
-    assert.equal(facts?.nativeQuantBytes, (q4 * 152) / 256 + (q6 * 212) / 256 + (2 * L + 1) * D * 4);
+    const q50 = 128 * D; // held as f32
+    const q4 = L * (D * D * 2 + 2 * 128 * D + 3 * D * F) - D * F - 128 * D - q50;
+    assert.equal(facts?.nativeQuantBytes, (q4 * 152) / 256 + (q6 * 212) / 256 + q50 * 4 + (2 * L + 1) * D * 4);
   });
 
   test("keeps every matrix in its K-quant by default and computes the f32 path's logits up to summation order", async () => {
     const engine = (q4 as unknown as { engine: { quantizedMats: number } }).engine;
-    // Block 0's q, k (Q4_K) and v (Q6_K) stay quantized as one stacked matrix of two types.
+    // Block 0's q, k (Q4_K) and v (Q6_K) stay quantized as one stacked matrix of two types; block
+    // 1's q and k stay Q4_K beside its v widened from Q5_0.
     assert.equal(engine.quantizedMats, 2 * 4 + 2, "qkv, o, gate/up, down per block, the embedding and the output");
     const a = (await f32.forward([{ ids }])).logits[0]!;
     const b = (await q4.forward([{ ids }])).logits[0]!;

@@ -67,6 +67,9 @@ const HALF = (() => {
 })();
 
 /** The fp16 value stored little-endian at bytes[o], as float32. */
+/** GGUF is little-endian; 16-bit views read it as such only on little-endian hosts. */
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
 function half(b: Uint8Array, o: number): number {
   return HALF[b[o]! | (b[o + 1]! << 8)]!;
 }
@@ -128,12 +131,26 @@ export function splitScaledBlocks(bytes: Uint8Array, blockBytes: number, quants:
   const nb = ds.length, q = blockBytes - 2;
   if (bytes.byteLength !== nb * blockBytes || quants.byteLength !== nb * q) throw new Error(`splitScaledBlocks: ${bytes.byteLength} bytes for ${nb} blocks of ${blockBytes}`);
   let bad = -1;
+  // Plain loops, 16 bits at a time where both sides allow it: a subarray + set per block (the
+  // first version) cost 5.9 of the 8.4 s a 1.3 GB Q8_0 file took to load.
+  if (LITTLE_ENDIAN && bytes.byteOffset % 2 === 0 && quants.byteOffset % 2 === 0 && blockBytes % 2 === 0) {
+    const src = new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 2);
+    const dst = new Uint16Array(quants.buffer, quants.byteOffset, quants.byteLength / 2);
+    const hb = blockBytes / 2, hq = q / 2;
+    for (let i = 0, so = 0, qo = 0; i < nb; i++, so += hb, qo += hq) {
+      const d = HALF[src[so]!]!;
+      if (bad < 0 && !Number.isFinite(d)) bad = i;
+      ds[i] = d;
+      for (let j = 0; j < hq; j++) dst[qo + j] = src[so + 1 + j]!;
+    }
+    return bad;
+  }
   for (let i = 0; i < nb; i++) {
     const o = i * blockBytes;
     const d = half(bytes, o);
     if (bad < 0 && !Number.isFinite(d)) bad = i;
     ds[i] = d;
-    quants.set(bytes.subarray(o + 2, o + blockBytes), i * q);
+    for (let j = 0; j < q; j++) quants[i * q + j] = bytes[o + 2 + j]!;
   }
   return bad;
 }

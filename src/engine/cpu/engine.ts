@@ -194,9 +194,10 @@ export class CpuEngine {
       const rows = rowsOf.reduce((a, b) => a + b, 0);
       const types = nativeTypes(host, weights, names);
       if (types && lazy?.readQuantInto && new Set(types).size > 1) {
-        // Mixed types: one quantized part per matrix (counted as one quantized matrix).
+        // Mixed types: one part per matrix, each quantized in its own format or f32 (a type the
+        // kernels lack); the stack counts as one quantized matrix.
         const parts = names.map((n) => mat(n));
-        this.nQuantized -= parts.length - 1;
+        this.nQuantized -= parts.filter((m) => m.q).length - 1;
         return { off: -1, rows, cols, parts };
       }
       const type = types?.[0] ?? null;
@@ -1337,18 +1338,15 @@ export const SEGMENT_BYTES = 3.5 * 2 ** 30;
  * The type a stacked matrix is held in: its file's quantized type when the engine computes on it
  * natively (weights "native…", every part that type, K a multiple of its block), else null (f32).
  */
-/** Each matrix's type when every one of them can be kept in its format (null: the stack is f32). */
-function nativeTypes(host: EngineModel, weights: CpuWeights, names: string[]): QuantType[] | null {
+/** Each matrix's type if it can be kept in its format, else null (f32); null overall when nothing can. */
+function nativeTypes(host: EngineModel, weights: CpuWeights, names: string[]): (QuantType | null)[] | null {
   const lazy = isLazy(host.weights) ? host.weights : null;
   if (weights === "f32" || names[0] === "posEmbed.weight" || !lazy?.quantOf) return null;
-  const types: QuantType[] = [];
-  for (const n of names) {
-    const type = lazy.quantOf(n);
+  return names.map((n) => {
+    const type = lazy.quantOf!(n);
     const cols = lazy.shapeOf(n)?.[1];
-    if (!type || cols === undefined || cols % QUANT_BLOCK[type] !== 0 || cols > MAX_Q8_K) return null;
-    types.push(type);
-  }
-  return types;
+    return !type || cols === undefined || cols % QUANT_BLOCK[type] !== 0 || cols > MAX_Q8_K ? null : type;
+  });
 }
 
 export interface SegmentPlan {
@@ -1383,9 +1381,12 @@ export function planSegments(host: EngineModel, weights: CpuWeights, budget = SE
     const cols = shapeOf(names[0]!)[1] ?? 1;
     const rows = names.reduce((a, n) => a + (shapeOf(n)[0] ?? 1), 0);
     const types = nativeTypes(host, weights, names);
-    if (!types) return rows * cols * 4 + 64;
+    if (!types || types.every((t) => t === null)) return rows * cols * 4 + 64;
     return names.reduce((a, n, i) => {
-      const q = quantBytes(types[i]!, shapeOf(n)[0] ?? 1, cols);
+      const t = types[i];
+      const r = shapeOf(n)[0] ?? 1;
+      if (!t) return a + r * cols * 4 + 64;
+      const q = quantBytes(t, r, cols);
       return a + q.wq + q.ws + 128;
     }, 0);
   };
