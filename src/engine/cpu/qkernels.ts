@@ -469,105 +469,74 @@ function emitQ8Act(mb: ModuleBuilder): Fn {
 }
 
 /**
+ * acc[i] += f32(iacc[i]) · (d · xd_i): an int8-activation super-block's integer sums converted once
+ * (dd: the weights' d; xd: the byte pointer to row 0's activation scale, rows LDX apart).
+ */
+function iaccInto(c: RowsCtx, iacc: number[], dd: number, xd: number, tmp: number, cv: number): void {
+  const { f } = c;
+  for (let i = 0; i < c.a; i++) {
+    f.get(dd);
+    (i === 0 ? f.get(xd) : f.get(xd).get(c.LDX).i32Const(i).i32Mul().i32Add()).f32Load(0);
+    f.f32Mul().f32x4Splat().set(tmp);
+    f.get(iacc[i]!).f32x4ConvertI32x4S().set(cv);
+    c.madd(c.acc[i]!, tmp, cv);
+  }
+}
+
+/**
  * q4kirows_a(px, ldx, wq, wm, py, ldy, N, K, acc, xs): a rows of int8-activation X (px: the first
  * row's quants, ldx: q8actRowBytes(K)) against all N rows of a Q4_K matrix; xs: the first row's area.
+ * Per 32 weights of sub-block j the integer Σ q·qx is weighted by sc_j in i32:
+ *  - i16 quants (q4kirows): the nibbles widened to i16, two i32x4.dot_i16x8_s per 16, then × sc_j;
+ *  - relaxed (q4krrows, KernelOptions.relaxedDot; px then points at the i8 quants): two
+ *    i16x8.relaxed_dot_i8x16_i7x16_s of the i8 activations with the nibbles (0..15, or 0..31 with
+ *    Q5_K's fifth bit: within i7) give 8 i16 pair sums (|Σ| <= 2·2·127·31 < 2^15), and one
+ *    i32x4.dot_i16x8_s with sc_j splat widens and weights them. Each super-block's integer total is
+ *    the same; it is spread over the lanes differently, so the f32 accumulation may round
+ *    differently: the same dot of dequantized values either way.
  */
-const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = false): Fn =>
-  emitRows(mb, o, five ? "q5kirows" : "q4kirows", a, 1, (c) => {
+const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = false, relaxed = false): Fn =>
+  emitRows(mb, o, `${five ? "q5k" : "q4k"}${relaxed ? "r" : "i"}rows`, a, 1, (c) => {
     const { f } = c;
     const XS = c.extra[0]!;
     const xs = f.local(I32), xd = f.local(I32), q = f.local(I32), mt = f.local(I32);
     const macc = Array.from({ length: c.a }, () => f.local(F32));
     const iacc = Array.from({ length: c.a }, () => f.local(V128));
     const sub = Array.from({ length: c.a }, () => f.local(V128));
-    const v0 = f.local(V128), v1 = f.local(V128), lo = f.local(V128), hi = f.local(V128), scv = f.local(V128), tmp = f.local(V128);
-    const dd = f.local(F32), dmin = f.local(F32), mm = f.local(F32);
-    const qh = [f.local(V128), f.local(V128)];
-    const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
-    return {
-      shift: 8,
-      xBytes: 2,
-      init: () => pointers(f, q, c.WQ, mt, c.WS),
-      rowStart: () => {
-        f.get(XS).i32Const(0).i32Add().set(xs);
-        f.get(XS).get(c.K).i32Const(3).i32ShrU().i32Add().set(xd);
-        for (let i = 0; i < c.a; i++) f.f32Const(0).set(macc[i]!);
-      },
-      block: () => {
-        f.get(mt).f32Load(0).set(dd);
-        f.get(mt).f32Load(4).set(dmin);
-        for (let i = 0; i < c.a; i++) f.v128ConstI32(0).set(iacc[i]!);
-        if (five) for (let h = 0; h < 2; h++) f.get(q).v128Load(128 + 16 * h).set(qh[h]!);
-        for (let ch = 0; ch < 4; ch++) {
-          f.get(q).v128Load(32 * ch).set(v0);
-          f.get(q).v128Load(32 * ch + 16).set(v1);
-          for (const high of [false, true]) {
-            const j = 2 * ch + (high ? 1 : 0);
-            for (const [vi, v] of [v0, v1].entries()) {
-              nibbles(f, v, high);
-              if (five) fifthBit(f, qh[vi]!, j);
-              f.set(hi);
-              f.get(hi).i16x8ExtendLowI8x16U().set(lo);
-              f.get(hi).i16x8ExtendHighI8x16U().set(hi);
-              const off = 2 * (32 * j + 16 * vi);
-              for (let i = 0; i < c.a; i++) {
-                f.get(lo).get(c.xp[i]!).v128Load(off).i32x4DotI16x8S();
-                f.get(hi).get(c.xp[i]!).v128Load(off + 16).i32x4DotI16x8S().i32x4Add();
-                if (vi === 0) f.set(sub[i]!);
-                else f.get(sub[i]!).i32x4Add().set(sub[i]!);
-              }
-            }
-            // iacc += sc_j · Σ q·qx (i32); macc += (dmin·m_j) · xd·Σ qx_j.
-            f.get(mt).i32Load8U(8 + j).i32x4Splat().set(scv);
-            for (let i = 0; i < c.a; i++) f.get(iacc[i]!).get(sub[i]!).get(scv).i32x4Mul().i32x4Add().set(iacc[i]!);
-            f.get(dmin).get(mt).i32Load8U(16 + j).f32ConvertI32U().f32Mul().set(mm);
-            for (let i = 0; i < c.a; i++) {
-              f.get(macc[i]!).get(mm);
-              rowOff(i, xs).f32Load(4 * j);
-              f.f32Mul().f32Add().set(macc[i]!);
-            }
-          }
-        }
-        // acc += f32(iacc) · (d · xd): one conversion per super-block.
-        for (let i = 0; i < c.a; i++) {
-          f.get(dd);
-          rowOff(i, xd).f32Load(0);
-          f.f32Mul().f32x4Splat().set(tmp);
-          f.get(iacc[i]!).f32x4ConvertI32x4S().set(scv);
-          c.madd(c.acc[i]!, tmp, scv);
-        }
-        f.get(q).i32Const(five ? 160 : 128).i32Add().set(q);
-        f.get(mt).i32Const(24).i32Add().set(mt);
-        f.get(xs).i32Const(32).i32Add().set(xs);
-        f.get(xd).i32Const(4).i32Add().set(xd);
-      },
-      sub: macc,
-    };
-  });
-
-/**
- * q4krrows_a (q5krrows_a): q4kirows with i16x8.relaxed_dot_i8x16_i7x16_s (KernelOptions.relaxedDot).
- * px points at the first row's i8 quants. Per 32 weights of sub-block j: two relaxed dots of the
- * i8 activations with the nibbles (0..15, or 0..31 with Q5_K's fifth bit: within i7) give 8 i16 pair
- * sums (|Σ| <= 2·2·127·31 < 2^15), and i32x4.dot_i16x8_s with sc_j splat widens and weights them in
- * one instruction. Each super-block's integer total equals q4kirows's (spread over the lanes
- * differently, so the f32 accumulation may round differently): the same dot of dequantized values.
- */
-const emitQ4KRRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = false): Fn =>
-  emitRows(mb, o, five ? "q5krrows" : "q4krrows", a, 1, (c) => {
-    const { f } = c;
-    const XS = c.extra[0]!;
-    const xs = f.local(I32), xd = f.local(I32), q = f.local(I32), mt = f.local(I32);
-    const macc = Array.from({ length: c.a }, () => f.local(F32));
-    const iacc = Array.from({ length: c.a }, () => f.local(V128));
     const v = [f.local(V128), f.local(V128)], u = [f.local(V128), f.local(V128)];
-    const scv = f.local(V128), tmp = f.local(V128);
+    const lo = f.local(V128), scv = f.local(V128), tmp = f.local(V128);
     const dd = f.local(F32), dmin = f.local(F32), mm = f.local(F32);
     const qh = [f.local(V128), f.local(V128)];
     const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
+    /** iacc += sc_j · Σ q·qx over sub-block j, whose two 16-nibble halves are u[0], u[1]. */
+    const subBlock = (j: number) => {
+      if (relaxed) {
+        f.get(mt).i32Load8U(8 + j).i16x8Splat().set(scv);
+        for (let i = 0; i < c.a; i++) {
+          f.get(c.xp[i]!).v128Load(32 * j).get(u[0]!).i16x8RelaxedDotI8x16I7x16S();
+          f.get(c.xp[i]!).v128Load(32 * j + 16).get(u[1]!).i16x8RelaxedDotI8x16I7x16S().i16x8Add();
+          f.get(scv).i32x4DotI16x8S().get(iacc[i]!).i32x4Add().set(iacc[i]!);
+        }
+        return;
+      }
+      for (let vi = 0; vi < 2; vi++) {
+        const hi = u[vi]!;
+        f.get(hi).i16x8ExtendLowI8x16U().set(lo);
+        f.get(hi).i16x8ExtendHighI8x16U().set(hi);
+        const off = 2 * (32 * j + 16 * vi);
+        for (let i = 0; i < c.a; i++) {
+          f.get(lo).get(c.xp[i]!).v128Load(off).i32x4DotI16x8S();
+          f.get(hi).get(c.xp[i]!).v128Load(off + 16).i32x4DotI16x8S().i32x4Add();
+          if (vi === 0) f.set(sub[i]!);
+          else f.get(sub[i]!).i32x4Add().set(sub[i]!);
+        }
+      }
+      f.get(mt).i32Load8U(8 + j).i32x4Splat().set(scv);
+      for (let i = 0; i < c.a; i++) f.get(iacc[i]!).get(sub[i]!).get(scv).i32x4Mul().i32x4Add().set(iacc[i]!);
+    };
     return {
       shift: 8,
-      xBytes: 1,
+      xBytes: relaxed ? 1 : 2,
       init: () => pointers(f, q, c.WQ, mt, c.WS),
       rowStart: () => {
         f.get(XS).i32Const(0).i32Add().set(xs);
@@ -589,13 +558,8 @@ const emitQ4KRRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
               if (five) fifthBit(f, qh[vi]!, j);
               f.set(u[vi]!);
             }
-            f.get(mt).i32Load8U(8 + j).i16x8Splat().set(scv);
-            for (let i = 0; i < c.a; i++) {
-              f.get(c.xp[i]!).v128Load(32 * j).get(u[0]!).i16x8RelaxedDotI8x16I7x16S();
-              f.get(c.xp[i]!).v128Load(32 * j + 16).get(u[1]!).i16x8RelaxedDotI8x16I7x16S().i16x8Add();
-              f.get(scv).i32x4DotI16x8S().get(iacc[i]!).i32x4Add().set(iacc[i]!);
-            }
-            // macc += (dmin·m_j) · xd·Σ qx_j, as q4kirows.
+            subBlock(j);
+            // macc += (dmin·m_j) · xd·Σ qx_j.
             f.get(dmin).get(mt).i32Load8U(16 + j).f32ConvertI32U().f32Mul().set(mm);
             for (let i = 0; i < c.a; i++) {
               f.get(macc[i]!).get(mm);
@@ -604,13 +568,8 @@ const emitQ4KRRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
             }
           }
         }
-        for (let i = 0; i < c.a; i++) {
-          f.get(dd);
-          rowOff(i, xd).f32Load(0);
-          f.f32Mul().f32x4Splat().set(tmp);
-          f.get(iacc[i]!).f32x4ConvertI32x4S().set(scv);
-          c.madd(c.acc[i]!, tmp, scv);
-        }
+        // acc += f32(iacc) · (d · xd): one conversion per super-block.
+        iaccInto(c, iacc, dd, xd, tmp, scv);
         f.get(q).i32Const(five ? 160 : 128).i32Add().set(q);
         f.get(mt).i32Const(24).i32Add().set(mt);
         f.get(xs).i32Const(32).i32Add().set(xs);
@@ -811,7 +770,6 @@ const emitQ6KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
     const L0 = f.local(V128), L1 = f.local(V128), H = f.local(V128), u = f.local(V128), lo = f.local(V128), scv = f.local(V128), tmp = f.local(V128);
     const k6 = q6Constants(f);
     const dd = f.local(F32);
-    const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
     return {
       shift: 8,
       xBytes: 2,
@@ -839,13 +797,7 @@ const emitQ6KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
             });
           }
         }
-        for (let i = 0; i < c.a; i++) {
-          f.get(dd);
-          rowOff(i, xd).f32Load(0);
-          f.f32Mul().f32x4Splat().set(tmp);
-          f.get(iacc[i]!).f32x4ConvertI32x4S().set(scv);
-          c.madd(c.acc[i]!, tmp, scv);
-        }
+        iaccInto(c, iacc, dd, xd, tmp, scv);
         f.get(q).i32Const(192).i32Add().set(q);
         f.get(mt).i32Const(20).i32Add().set(mt);
         f.get(xd).i32Const(4).i32Add().set(xd);
@@ -1136,13 +1088,7 @@ const emitQ6KRRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
           rowOff(i, bsp).v128Load(16).get(schi).i32x4DotI16x8S().i32x4Add();
           f.i32Const(5).i32x4Shl().i32x4Sub().set(iacc[i]!);
         }
-        for (let i = 0; i < c.a; i++) {
-          f.get(dd);
-          rowOff(i, xd).f32Load(0);
-          f.f32Mul().f32x4Splat().set(tmp);
-          f.get(iacc[i]!).f32x4ConvertI32x4S().set(scv);
-          c.madd(c.acc[i]!, tmp, scv);
-        }
+        iaccInto(c, iacc, dd, xd, tmp, scv);
         f.get(q).i32Const(192).i32Add().set(q);
         f.get(mt).i32Const(20).i32Add().set(mt);
         f.get(xd).i32Const(4).i32Add().set(xd);
@@ -1199,7 +1145,7 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
         g.get(n0).get(K).i32Mul().i32Const(1).i32ShrU(); // nibble bytes: n0·K/2
         return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(24).i32Mul(); // meta: n0·K/256·24
       },
-      o.relaxedDot ? { rows: rowsOf(emitQ4KRRows), prep: q8act, i8: true } : { rows: rowsOf(emitQ4KIRows), prep: q8act },
+      { rows: rowsOf((m, oo, a) => emitQ4KIRows(m, oo, a, false, o.relaxedDot)), prep: q8act, i8: o.relaxedDot },
     ),
     q5_k: emitDriver(
       mb,
@@ -1213,9 +1159,7 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
         g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(160).i32Mul(); // nibbles and high bits: n0·K/256·160
         return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(24).i32Mul(); // meta: n0·K/256·24
       },
-      o.relaxedDot
-        ? { rows: rowsOf((m, oo, a) => emitQ4KRRows(m, oo, a, true)), prep: q8act, i8: true }
-        : { rows: rowsOf((m, oo, a) => emitQ4KIRows(m, oo, a, true)), prep: q8act },
+      { rows: rowsOf((m, oo, a) => emitQ4KIRows(m, oo, a, true, o.relaxedDot)), prep: q8act, i8: o.relaxedDot },
     ),
     q6_k: emitDriver(
       mb,
