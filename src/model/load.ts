@@ -496,8 +496,8 @@ export class LazyWeights extends Map<string, HostTensor> {
   readonly #config: ModelConfig;
   readonly #source: TensorSource;
   /**
-   * readQuantInto's slice buffer, reused across tensors: a fresh 8 MiB buffer per tensor left
-   * ~100 of them to the garbage collector during a 1B load and raised its peak RSS by ~45 MiB.
+   * readQuantInto's slice buffer, reused across tensors (a fresh one per tensor left ~100 buffers of
+   * up to 8 MiB to the garbage collector during a 1B load).
    */
   #slice: Uint8Array | null = null;
 

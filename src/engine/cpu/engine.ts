@@ -1335,10 +1335,9 @@ export interface LayerSpan {
 export const SEGMENT_BYTES = 3.5 * 2 ** 30;
 
 /**
- * The type a stacked matrix is held in: its file's quantized type when the engine computes on it
- * natively (weights "native…", every part that type, K a multiple of its block), else null (f32).
+ * The type each matrix of a stack is held in: its file's quantized type when the engine computes on
+ * it natively (K a multiple of its block), else null (f32); null overall with f32 weights.
  */
-/** Each matrix's type if it can be kept in its format, else null (f32); null overall when nothing can. */
 function nativeTypes(host: EngineModel, weights: CpuWeights, names: string[]): (QuantType | null)[] | null {
   const lazy = isLazy(host.weights) ? host.weights : null;
   if (weights === "f32" || names[0] === "posEmbed.weight" || !lazy?.quantOf) return null;

@@ -54,9 +54,9 @@ export interface KernelOptions {
   /** Use f32x4.relaxed_madd instead of f32x4.mul + f32x4.add. */
   relaxed: boolean;
   /**
-   * Int8-activation Q4_K/Q5_K rows with i16x8.relaxed_dot_i8x16_i7x16_s (16 products per
+   * Int8-activation Q4_K/Q5_K/Q6_K rows with i16x8.relaxed_dot_i8x16_i7x16_s (16 products per
    * instruction instead of i32x4.dot_i16x8_s's 8 on widened weights); runtime.ts turns it on only
-   * after running relaxedDotProbe and checking its result.
+   * after running relaxedDotProbeBytes' module and checking its result.
    */
   relaxedDot: boolean;
   /** Import a shared memory (needed for worker threads). */

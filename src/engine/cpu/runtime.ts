@@ -181,8 +181,13 @@ async function relaxedAvailable(): Promise<boolean> {
   return WebAssembly.validate(relaxedProbeBytes());
 }
 
-/** Whether i16x8.relaxed_dot_i8x16_i7x16_s compiles and gives the exact dot on its deterministic range (kernels.ts relaxedDotProbeBytes). */
+/** Whether i16x8.relaxed_dot_i8x16_i7x16_s compiles and gives the exact dot on its deterministic range (kernels.ts relaxedDotProbeBytes); checked once per process. */
+let relaxedDotChecked: boolean | undefined;
 function relaxedDotWorks(): boolean {
+  relaxedDotChecked ??= probeRelaxedDot();
+  return relaxedDotChecked;
+}
+function probeRelaxedDot(): boolean {
   try {
     const memory = new WebAssembly.Memory({ initial: 1, maximum: 1 });
     const inst = new WebAssembly.Instance(new WebAssembly.Module(relaxedDotProbeBytes()), { env: { memory } });
