@@ -309,14 +309,17 @@ function emitXSums(mb: ModuleBuilder): Fn {
 /** Pushes the 16 nibbles of `v` (low if hi is false, else high) as u8 lanes. */
 function nibbles(f: Fn, v: number, hi: boolean): void {
   f.get(v);
-  if (hi) f.i32Const(4).i8x16ShrU();
-  else f.v128ConstI32(0x0f0f0f0f).v128And();
+  // A 16-bit shift and the mask rather than i8x16.shr_u: x64 has no byte shift, and V8 builds that
+  // shift's own mask in every use, while one v128.const is kept in a register.
+  if (hi) f.i32Const(4).i16x8ShrU();
+  f.v128ConstI32(0x0f0f0f0f).v128And();
 }
 
 /** Q5_K: ors the fifth bit of sub-block j's 16 quants (bit j of each byte of `qh`) into the nibbles on the stack. */
 function fifthBit(f: Fn, qh: number, j: number): void {
   f.get(qh);
-  if (j > 0) f.i32Const(j).i8x16ShrU();
+  // 16-bit shifts (see nibbles): bit 0 of each byte after the shift by j < 8 is that byte's bit j.
+  if (j > 0) f.i32Const(j).i16x8ShrU();
   // Bytes are 0 or 1 after the mask, so a 16-bit shift by 4 never carries into the next byte.
   f.v128ConstI32(0x01010101).v128And().i32Const(4).i16x8Shl().v128Or();
 }
@@ -500,18 +503,17 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
     const { f } = c;
     const XS = c.extra[0]!;
     const xs = f.local(I32), xd = f.local(I32), q = f.local(I32), mt = f.local(I32);
-    const macc = Array.from({ length: c.a }, () => f.local(F32));
     const iacc = Array.from({ length: c.a }, () => f.local(V128));
     const sub = Array.from({ length: c.a }, () => f.local(V128));
     const v = [f.local(V128), f.local(V128)], u = [f.local(V128), f.local(V128)];
-    const lo = f.local(V128), scv = f.local(V128), tmp = f.local(V128);
-    const dd = f.local(F32), dmin = f.local(F32), mm = f.local(F32);
+    const lo = f.local(V128), scv = f.local(V128), tmp = f.local(V128), scs = f.local(V128), mlo = f.local(V128), mhi = f.local(V128);
+    const dd = f.local(F32), dmin = f.local(F32);
     const qh = [f.local(V128), f.local(V128)];
     const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
     /** iacc += sc_j · Σ q·qx over sub-block j, whose two 16-nibble halves are u[0], u[1]. */
     const subBlock = (j: number) => {
       if (relaxed) {
-        f.get(mt).i32Load8U(8 + j).i16x8Splat().set(scv);
+        f.get(scs).get(scs).splatLane16(j).set(scv);
         for (let i = 0; i < c.a; i++) {
           f.get(c.xp[i]!).v128Load(32 * j).get(u[0]!).i16x8RelaxedDotI8x16I7x16S();
           f.get(c.xp[i]!).v128Load(32 * j + 16).get(u[1]!).i16x8RelaxedDotI8x16I7x16S().i16x8Add();
@@ -541,11 +543,12 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
       rowStart: () => {
         f.get(XS).i32Const(0).i32Add().set(xs);
         f.get(XS).get(c.K).i32Const(3).i32ShrU().i32Add().set(xd);
-        for (let i = 0; i < c.a; i++) f.f32Const(0).set(macc[i]!);
       },
       block: () => {
         f.get(mt).f32Load(0).set(dd);
         f.get(mt).f32Load(4).set(dmin);
+        // The eight 6-bit scales as i16 lanes, each splat by a shuffle where its sub-block needs it.
+        if (relaxed) f.get(mt).v128Load8x8U(8).set(scs);
         for (let i = 0; i < c.a; i++) f.v128ConstI32(0).set(iacc[i]!);
         if (five) for (let h = 0; h < 2; h++) f.get(q).v128Load(128 + 16 * h).set(qh[h]!);
         for (let ch = 0; ch < 4; ch++) {
@@ -559,23 +562,26 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
               f.set(u[vi]!);
             }
             subBlock(j);
-            // macc += (dmin·m_j) · xd·Σ qx_j.
-            f.get(dmin).get(mt).i32Load8U(16 + j).f32ConvertI32U().f32Mul().set(mm);
-            for (let i = 0; i < c.a; i++) {
-              f.get(macc[i]!).get(mm);
-              rowOff(i, xs).f32Load(4 * j);
-              f.f32Mul().f32Add().set(macc[i]!);
-            }
           }
         }
         // acc += f32(iacc) · (d · xd): one conversion per super-block.
         iaccInto(c, iacc, dd, xd, tmp, scv);
+        // acc −= dmin · Σ_j m_j · xd·Σ qx_j: the eight mins as f32 against the eight xsums, per super-block.
+        f.get(mt).v128Load8x8U(16).set(tmp);
+        f.get(tmp).i32x4ExtendLowI16x8U().f32x4ConvertI32x4S().set(mlo);
+        f.get(tmp).i32x4ExtendHighI16x8U().f32x4ConvertI32x4S().set(mhi);
+        f.get(dmin).f32Neg().f32x4Splat().set(scv);
+        for (let i = 0; i < c.a; i++) {
+          rowOff(i, xs).v128Load(0).get(mlo).f32x4Mul().set(tmp);
+          rowOff(i, xs).v128Load(16).set(lo);
+          c.madd(tmp, lo, mhi);
+          c.madd(c.acc[i]!, tmp, scv);
+        }
         f.get(q).i32Const(five ? 160 : 128).i32Add().set(q);
         f.get(mt).i32Const(24).i32Add().set(mt);
         f.get(xs).i32Const(32).i32Add().set(xs);
         f.get(xd).i32Const(4).i32Add().set(xd);
       },
-      sub: macc,
     };
   });
 
@@ -1065,11 +1071,15 @@ const emitQ6KRRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
       block: () => {
         f.get(mt).f32Load(0).set(dd);
         for (let i = 0; i < c.a; i++) f.v128ConstI32(0).set(iacc[i]!);
+        // The sixteen int8 scales as i16 lanes: splat by a shuffle per group, and the −32 term's weights.
+        f.get(mt).v128Load8x8S(4).set(sclo);
+        f.get(mt).v128Load8x8S(12).set(schi);
         for (let half = 0; half < 2; half++) {
           for (let lb = 0; lb < 2; lb++) {
             q6Load(f, q, half, lb, L0, L1, H);
             q6Quants(f, L0, L1, H, k6.m0f, k6.m30, null, u, (k) => {
-              f.get(mt).i32Load8S(4 + 8 * half + lb + 2 * k).i16x8Splat().set(scv);
+              const sv = half ? schi : sclo;
+              f.get(sv).get(sv).splatLane16(lb + 2 * k).set(scv);
               const off = 128 * half + 32 * k + 16 * lb;
               for (let i = 0; i < c.a; i++) {
                 f.get(c.xp[i]!).v128Load(off).get(u).i16x8RelaxedDotI8x16I7x16S();
@@ -1079,9 +1089,6 @@ const emitQ6KRRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
           }
         }
         // iacc −= 32 · Σ_j sc_j · Σ qx_j (j: the 16 groups of 16, scales as i16, sums as i16).
-        f.get(mt).v128Load(4).set(tmp);
-        f.get(tmp).i16x8ExtendLowI8x16S().set(sclo);
-        f.get(tmp).i16x8ExtendHighI8x16S().set(schi);
         for (let i = 0; i < c.a; i++) {
           f.get(iacc[i]!);
           rowOff(i, bsp).v128Load(0).get(sclo).i32x4DotI16x8S();

@@ -216,6 +216,7 @@ export class Fn {
   f32Sqrt(): this { return this.op(0x91); }
   f32Max(): this { return this.op(0x97); }
   f32Gt(): this { return this.op(0x5e); }
+  f32Neg(): this { return this.op(0x8c); }
   f32Sub(): this { return this.op(0x93); }
   f32Mul(): this { return this.op(0x94); }
 
@@ -238,6 +239,24 @@ export class Fn {
   /** v128.load64_zero: lanes 0..1 from memory, lanes 2..3 zero. */
   v128Load64Zero(offset = 0): this {
     return this.simd(0x5d).memarg(3, offset);
+  }
+  /** v128.load8x8_u / _s: eight bytes widened to i16x8 lanes. */
+  v128Load8x8U(offset = 0): this {
+    return this.simd(0x02).memarg(3, offset);
+  }
+  v128Load8x8S(offset = 0): this {
+    return this.simd(0x01).memarg(3, offset);
+  }
+  /** Stack: [v, v] -> i16x8 lane `lane` of v in all eight lanes (an i8x16.shuffle of v with itself). */
+  splatLane16(lane: number): this {
+    return this.shuffle8(Array.from({ length: 16 }, (_, b) => 2 * lane + (b & 1)));
+  }
+  /** i8x16.shuffle of the two vectors on the stack with sixteen byte indices (0..15 the first, 16..31 the second). */
+  shuffle8(lanes: number[]): this {
+    if (lanes.length !== 16) throw new Error("shuffle8: 16 lane indices");
+    this.simd(0x0d);
+    for (const l of lanes) this.code.push(l);
+    return this;
   }
   /** Stack: [addr, vec] -> vec with 32-bit lane `lane` replaced from memory. */
   v128Load32Lane(lane: number, offset = 0): this {
