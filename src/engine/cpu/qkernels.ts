@@ -498,6 +498,8 @@ function iaccInto(c: RowsCtx, iacc: number[], dd: number, xd: number, tmp: numbe
  *    the same; it is spread over the lanes differently, so the f32 accumulation may round
  *    differently: the same dot of dequantized values either way.
  */
+/** Sub-blocks of 32 per loop step of the int8-activation Q4_K/Q5_K rows (2, 4 or 8). */
+const Q4K_STEP = 4;
 const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = false, relaxed = false): Fn =>
   emitRows(mb, o, `${five ? "q5k" : "q4k"}${relaxed ? "r" : "i"}rows`, a, 1, (c) => {
     const { f } = c;
@@ -509,14 +511,17 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
     const lo = f.local(V128), scv = f.local(V128), tmp = f.local(V128), scs = f.local(V128), mlo = f.local(V128), mhi = f.local(V128);
     const dd = f.local(F32), dmin = f.local(F32);
     const qh = [f.local(V128), f.local(V128)];
+    // One loop step per Q4K_STEP sub-blocks (see Q8I_BLOCKS): its own pointers into W, X and the scales.
+    const qq = f.local(I32), mq = f.local(I32), step = f.local(I32);
+    const xq = Array.from({ length: c.a }, () => f.local(I32));
     const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
     /** iacc += sc_j · Σ q·qx over sub-block j, whose two 16-nibble halves are u[0], u[1]. */
     const subBlock = (j: number) => {
       if (relaxed) {
         f.get(scs).get(scs).splatLane16(j).set(scv);
         for (let i = 0; i < c.a; i++) {
-          f.get(c.xp[i]!).v128Load(32 * j).get(u[0]!).i16x8RelaxedDotI8x16I7x16S();
-          f.get(c.xp[i]!).v128Load(32 * j + 16).get(u[1]!).i16x8RelaxedDotI8x16I7x16S().i16x8Add();
+          f.get(xq[i]!).v128Load(32 * j).get(u[0]!).i16x8RelaxedDotI8x16I7x16S();
+          f.get(xq[i]!).v128Load(32 * j + 16).get(u[1]!).i16x8RelaxedDotI8x16I7x16S().i16x8Add();
           f.get(scv).i32x4DotI16x8S().get(iacc[i]!).i32x4Add().set(iacc[i]!);
         }
         return;
@@ -527,13 +532,13 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
         f.get(hi).i16x8ExtendHighI8x16U().set(hi);
         const off = 2 * (32 * j + 16 * vi);
         for (let i = 0; i < c.a; i++) {
-          f.get(lo).get(c.xp[i]!).v128Load(off).i32x4DotI16x8S();
-          f.get(hi).get(c.xp[i]!).v128Load(off + 16).i32x4DotI16x8S().i32x4Add();
+          f.get(lo).get(xq[i]!).v128Load(off).i32x4DotI16x8S();
+          f.get(hi).get(xq[i]!).v128Load(off + 16).i32x4DotI16x8S().i32x4Add();
           if (vi === 0) f.set(sub[i]!);
           else f.get(sub[i]!).i32x4Add().set(sub[i]!);
         }
       }
-      f.get(mt).i32Load8U(8 + j).i32x4Splat().set(scv);
+      f.get(mq).i32Load8U(8 + j).i32x4Splat().set(scv);
       for (let i = 0; i < c.a; i++) f.get(iacc[i]!).get(sub[i]!).get(scv).i32x4Mul().i32x4Add().set(iacc[i]!);
     };
     return {
@@ -551,19 +556,33 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
         if (relaxed) f.get(mt).v128Load8x8U(8).set(scs);
         for (let i = 0; i < c.a; i++) f.v128ConstI32(0).set(iacc[i]!);
         if (five) for (let h = 0; h < 2; h++) f.get(q).v128Load(128 + 16 * h).set(qh[h]!);
-        for (let ch = 0; ch < 4; ch++) {
-          f.get(q).v128Load(32 * ch).set(v[0]!);
-          f.get(q).v128Load(32 * ch + 16).set(v[1]!);
-          for (const high of [false, true]) {
-            const j = 2 * ch + (high ? 1 : 0);
-            for (let vi = 0; vi < 2; vi++) {
-              nibbles(f, v[vi]!, high);
-              if (five) fifthBit(f, qh[vi]!, j);
-              f.set(u[vi]!);
+        f.get(q).i32Const(0).i32Add().set(qq);
+        f.get(mt).i32Const(0).i32Add().set(mq);
+        for (let i = 0; i < c.a; i++) f.get(c.xp[i]!).i32Const(0).i32Add().set(xq[i]!);
+        f.i32Const(8 / Q4K_STEP).set(step);
+        f.loop(() => {
+          // Sub-blocks j = 0..Q4K_STEP−1 of this step (pairs sharing 32 bytes of nibbles).
+          for (let ch = 0; ch < Q4K_STEP / 2; ch++) {
+            f.get(qq).v128Load(32 * ch).set(v[0]!);
+            f.get(qq).v128Load(32 * ch + 16).set(v[1]!);
+            for (const high of [false, true]) {
+              const j = 2 * ch + (high ? 1 : 0);
+              for (let vi = 0; vi < 2; vi++) {
+                nibbles(f, v[vi]!, high);
+                if (five) fifthBit(f, qh[vi]!, j);
+                f.set(u[vi]!);
+              }
+              subBlock(j);
             }
-            subBlock(j);
           }
-        }
+          f.get(qq).i32Const(16 * Q4K_STEP).i32Add().set(qq);
+          f.get(mq).i32Const(Q4K_STEP).i32Add().set(mq);
+          for (let i = 0; i < c.a; i++) f.get(xq[i]!).i32Const((relaxed ? 32 : 64) * Q4K_STEP).i32Add().set(xq[i]!);
+          // The next step's scales in lanes 0.., its fifth bits at bit 0..
+          if (relaxed) f.get(scs).get(scs).shuffle8(Array.from({ length: 16 }, (_, b) => (b + 2 * Q4K_STEP) % 16)).set(scs);
+          if (five) for (let h = 0; h < 2; h++) f.get(qh[h]!).i32Const(Q4K_STEP).i16x8ShrU().set(qh[h]!);
+          f.get(step).i32Const(1).i32Sub().tee(step).brIf(0);
+        });
         // acc += f32(iacc) · (d · xd): one conversion per super-block.
         iaccInto(c, iacc, dd, xd, tmp, scv);
         // acc −= dmin · Σ_j m_j · xd·Σ qx_j: the eight mins as f32 against the eight xsums, per super-block.
@@ -588,26 +607,30 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
 /**
  * q8irows_a(px, ldx, wq, ws, py, ldy, N, K, acc, xs): the int8-activation rows of a Q8_0 matrix
  * (K % 256 == 0; layout as q4kirows): per 32 weights Σ qw·qx by i32x4.dot_i16x8_s, converted and
- * scaled by d_w·xd (the weights' scale per 32, the activations' per 256).
+ * scaled by d_w·xd (the weights' scale per 32, the activations' per 256). Q8I_BLOCKS blocks of 32
+ * per loop step: V8 loads every operand of a step at its top, so a whole super-block per step
+ * (the first version) spilled most of them to the stack.
  */
+const Q8I_BLOCKS = 2;
 const emitQ8IRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
   emitRows(mb, o, "q8irows", a, 1, (c) => {
     const { f } = c;
     const XS = c.extra[0]!;
-    const xd = f.local(I32), q = f.local(I32), s = f.local(I32);
+    const xd = f.local(I32), q = f.local(I32), s = f.local(I32), step = f.local(I32);
     const w = Array.from({ length: 4 }, () => f.local(V128));
     const sub = Array.from({ length: c.a }, () => f.local(V128));
-    const xdv = Array.from({ length: c.a }, () => f.local(F32));
     const v = f.local(V128), tmp = f.local(V128), cv = f.local(V128);
     const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
     return {
-      shift: 8,
+      shift: 5 + Math.log2(Q8I_BLOCKS),
       xBytes: 2,
       init: () => pointers(f, q, c.WQ, s, c.WS),
-      rowStart: () => void f.get(XS).get(c.K).i32Const(3).i32ShrU().i32Add().set(xd),
+      rowStart: () => {
+        f.get(XS).get(c.K).i32Const(3).i32ShrU().i32Add().set(xd);
+        f.i32Const(0).set(step);
+      },
       block: () => {
-        for (let i = 0; i < c.a; i++) rowOff(i, xd).f32Load(0).set(xdv[i]!);
-        for (let b = 0; b < 8; b++) {
+        for (let b = 0; b < Q8I_BLOCKS; b++) {
           f.get(q).v128Load(32 * b).set(v);
           f.get(v).i16x8ExtendLowI8x16S().set(w[0]!);
           f.get(v).i16x8ExtendHighI8x16S().set(w[1]!);
@@ -623,14 +646,17 @@ const emitQ8IRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
           }
           // acc += f32(Σ) · (d_w · xd)
           for (let i = 0; i < c.a; i++) {
-            f.get(s).f32Load(4 * b).get(xdv[i]!).f32Mul().f32x4Splat().set(tmp);
+            f.get(s).f32Load(4 * b);
+            rowOff(i, xd).f32Load(0);
+            f.f32Mul().f32x4Splat().set(tmp);
             f.get(sub[i]!).f32x4ConvertI32x4S().set(cv);
             c.madd(c.acc[i]!, tmp, cv);
           }
         }
-        f.get(q).i32Const(256).i32Add().set(q);
-        f.get(s).i32Const(32).i32Add().set(s);
-        f.get(xd).i32Const(4).i32Add().set(xd);
+        f.get(q).i32Const(32 * Q8I_BLOCKS).i32Add().set(q);
+        f.get(s).i32Const(4 * Q8I_BLOCKS).i32Add().set(s);
+        // The next super-block's activation scale after 256 / (32·Q8I_BLOCKS) steps.
+        f.get(step).i32Const(1).i32Add().tee(step).i32Const(256 / (32 * Q8I_BLOCKS) - 1).i32And().i32Eqz().i32Const(2).i32Shl().get(xd).i32Add().set(xd);
       },
     };
   });
