@@ -498,7 +498,7 @@ function iaccInto(c: RowsCtx, iacc: number[], dd: number, xd: number, tmp: numbe
  *    the same; it is spread over the lanes differently, so the f32 accumulation may round
  *    differently: the same dot of dequantized values either way.
  */
-/** Sub-blocks of 32 per loop step of the int8-activation Q4_K/Q5_K rows (2, 4 or 8). */
+/** Sub-blocks of 32 per loop step of the int8-activation Q4_K/Q5_K rows (measured: 2 as fast, 8 slower); the scale pairs assume 4. */
 const Q4K_STEP = 4;
 const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = false, relaxed = false): Fn =>
   emitRows(mb, o, `${five ? "q5k" : "q4k"}${relaxed ? "r" : "i"}rows`, a, 1, (c) => {
@@ -508,7 +508,7 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
     const iacc = Array.from({ length: c.a }, () => f.local(V128));
     const sub = Array.from({ length: c.a }, () => f.local(V128));
     const v = [f.local(V128), f.local(V128)], u = [f.local(V128), f.local(V128)];
-    const lo = f.local(V128), scv = f.local(V128), tmp = f.local(V128), scs = f.local(V128), mlo = f.local(V128), mhi = f.local(V128);
+    const lo = f.local(V128), scv = f.local(V128), tmp = f.local(V128), scs = f.local(V128), scb = f.local(V128), mlo = f.local(V128), mhi = f.local(V128);
     const dd = f.local(F32), dmin = f.local(F32);
     const qh = [f.local(V128), f.local(V128)];
     // One loop step per Q4K_STEP sub-blocks (see Q8I_BLOCKS): its own pointers into W, X and the scales.
@@ -518,7 +518,7 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
     /** iacc += sc_j · Σ q·qx over sub-block j, whose two 16-nibble halves are u[0], u[1]. */
     const subBlock = (j: number) => {
       if (relaxed) {
-        f.get(scs).get(scs).splatLane16(j).set(scv);
+        f.get(scs).get(scs).splatLane32(j).set(scv);
         for (let i = 0; i < c.a; i++) {
           f.get(xq[i]!).v128Load(32 * j).get(u[0]!).i16x8RelaxedDotI8x16I7x16S();
           f.get(xq[i]!).v128Load(32 * j + 16).get(u[1]!).i16x8RelaxedDotI8x16I7x16S().i16x8Add();
@@ -552,8 +552,13 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
       block: () => {
         f.get(mt).f32Load(0).set(dd);
         f.get(mt).f32Load(4).set(dmin);
-        // The eight 6-bit scales as i16 lanes, each splat by a shuffle where its sub-block needs it.
-        if (relaxed) f.get(mt).v128Load8x8U(8).set(scs);
+        // The eight 6-bit scales, each as an i16 pair (scs: sub-blocks 0..3, scb: 4..7), splat by a
+        // one-instruction 32-bit shuffle where its sub-block needs it.
+        if (relaxed) {
+          f.get(mt).v128Load8x8U(8).set(tmp);
+          f.get(tmp).get(tmp).pairLanes16(0).set(scs);
+          f.get(tmp).get(tmp).pairLanes16(1).set(scb);
+        }
         for (let i = 0; i < c.a; i++) f.v128ConstI32(0).set(iacc[i]!);
         if (five) for (let h = 0; h < 2; h++) f.get(q).v128Load(128 + 16 * h).set(qh[h]!);
         f.get(q).i32Const(0).i32Add().set(qq);
@@ -579,7 +584,7 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
           f.get(mq).i32Const(Q4K_STEP).i32Add().set(mq);
           for (let i = 0; i < c.a; i++) f.get(xq[i]!).i32Const((relaxed ? 32 : 64) * Q4K_STEP).i32Add().set(xq[i]!);
           // The next step's scales in lanes 0.., its fifth bits at bit 0..
-          if (relaxed) f.get(scs).get(scs).shuffle8(Array.from({ length: 16 }, (_, b) => (b + 2 * Q4K_STEP) % 16)).set(scs);
+          if (relaxed) f.get(scb).set(scs);
           if (five) for (let h = 0; h < 2; h++) f.get(qh[h]!).i32Const(Q4K_STEP).i16x8ShrU().set(qh[h]!);
           f.get(step).i32Const(1).i32Sub().tee(step).brIf(0);
         });
@@ -1079,6 +1084,7 @@ const emitQ6KRRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
     const xd = f.local(I32), bsp = f.local(I32), q = f.local(I32), mt = f.local(I32);
     const iacc = Array.from({ length: c.a }, () => f.local(V128));
     const L0 = f.local(V128), L1 = f.local(V128), H = f.local(V128), u = f.local(V128), scv = f.local(V128), tmp = f.local(V128), sclo = f.local(V128), schi = f.local(V128);
+    const spair = Array.from({ length: 4 }, () => f.local(V128));
     const k6 = q6Constants(f);
     const dd = f.local(F32);
     const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
@@ -1100,12 +1106,13 @@ const emitQ6KRRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
         // The sixteen int8 scales as i16 lanes: splat by a shuffle per group, and the −32 term's weights.
         f.get(mt).v128Load8x8S(4).set(sclo);
         f.get(mt).v128Load8x8S(12).set(schi);
+        for (let p = 0; p < 4; p++) f.get(p < 2 ? sclo : schi).get(p < 2 ? sclo : schi).pairLanes16(p % 2).set(spair[p]!);
         for (let half = 0; half < 2; half++) {
           for (let lb = 0; lb < 2; lb++) {
             q6Load(f, q, half, lb, L0, L1, H);
             q6Quants(f, L0, L1, H, k6.m0f, k6.m30, null, u, (k) => {
-              const sv = half ? schi : sclo;
-              f.get(sv).get(sv).splatLane16(lb + 2 * k).set(scv);
+              const g = lb + 2 * k, sv = spair[2 * half + (g >> 2)]!;
+              f.get(sv).get(sv).splatLane32(g & 3).set(scv);
               const off = 128 * half + 32 * k + 16 * lb;
               for (let i = 0; i < c.a; i++) {
                 f.get(c.xp[i]!).v128Load(off).get(u).i16x8RelaxedDotI8x16I7x16S();

@@ -251,6 +251,14 @@ export class Fn {
   splatLane16(lane: number): this {
     return this.shuffle8(Array.from({ length: 16 }, (_, b) => 2 * lane + (b & 1)));
   }
+  /** Stack: [v, v] -> i32x4 lane `lane` of v in all four lanes (one pshufd on x64, where a 16-bit splat takes two). */
+  splatLane32(lane: number): this {
+    return this.shuffle8(Array.from({ length: 16 }, (_, b) => 4 * lane + (b & 3)));
+  }
+  /** Stack: [v, v] -> i16x8 lanes 4·half .. 4·half+3 of v, each twice (as i32 lanes: for splatLane32). */
+  pairLanes16(half: number): this {
+    return this.shuffle8(Array.from({ length: 16 }, (_, b) => 2 * (4 * half + (b >> 2)) + (b & 1)));
+  }
   /** i8x16.shuffle of the two vectors on the stack with sixteen byte indices (0..15 the first, 16..31 the second). */
   shuffle8(lanes: number[]): this {
     if (lanes.length !== 16) throw new Error("shuffle8: 16 lane indices");
