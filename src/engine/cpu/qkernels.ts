@@ -14,7 +14,7 @@
 //     streamed once, row after row, at 1.125 instead of 4 bytes per weight.
 //   q8deq(wq, ws, rows, K, dst)   dequantize rows to f32 [rows][K] at dst (bytes).
 //   qgemm(x, ldx, wq, ws, y, ldy, M, N, K, flags, scratch, deq, deqRows)   Y (+)= X · Wᵀ:
-//     M < packMinM: the direct rows above. Otherwise chunks of deqRows rows of W are dequantized
+//     M < packMinM (or int8 activations): the direct rows above. Otherwise chunks of deqRows rows of W are dequantized
 //     into the thread's `deq` area and multiplied by the f32 gemm (its packed path: the dequant
 //     pass is amortized over the M rows of X; flags as gemm's, PACKED_X included).
 import { F32, type Fn, I32, type ModuleBuilder, V128 } from "./wasm-emit.js";
@@ -383,7 +383,7 @@ const emitQ4KRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fals
     };
   });
 
-// The int8-activation path (weights "native-int8", decode rows only): like llama.cpp's q4_K·q8_K
+// The int8-activation path (weights "native-int8"; decode rows, and Q4_K/Q5_K prefill): like llama.cpp's q4_K·q8_K
 // dot, each row of X is quantized per 256 values to int8 with one f32 scale (q = nearest(x·127 /
 // max|x|), ties to even), held as i16 so that i32x4.dot_i16x8_s multiplies 8 weight–activation
 // pairs per instruction; per sub-block the integer sums are weighted by the 6-bit scales in i32
@@ -1227,9 +1227,10 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
 }
 
 /**
- * One driver: (x, ldx, wq, ws, y, ldy, M, N, K, flags, scratch, deq, deqRows). M < packMinM: the
- * direct rows kernels (with the rows' xsums in `scratch` first when `xsums` is given); otherwise
- * chunks of deqRows rows dequantized into `deq` and multiplied by the f32 gemm.
+ * One driver: (x, ldx, wq, ws, y, ldy, M, N, K, flags, scratch, deq, deqRows). M < packMinM or
+ * INT8_ACT: the direct rows kernels (with the rows' xsums in `scratch` first when `xsums` is given,
+ * or X quantized first); otherwise chunks of deqRows rows dequantized into `deq` and multiplied by
+ * the f32 gemm.
  */
 function emitDriver(
   mb: ModuleBuilder,
@@ -1284,12 +1285,12 @@ function emitDriver(
     );
   };
   g.get(M).i32Eqz().get(N).i32Eqz().i32Or().if(() => void g.return());
-  g.get(M).i32Const(o.packMinM).i32LtU().if(
+  g.get(M).i32Const(o.packMinM).i32LtU().get(FLAGS).i32Const(int8 ? INT8_ACT : 0).i32And().i32Or().if(
     () => {
       if (!int8) return floatDirect();
-      // INT8_ACT (decode sizes; the runtime keeps M·q8actRowBytes(K) within the dequantization
-      // area): X quantized into that area, then the int8 rows kernels. For prefill the dequantized
-      // f32 GEMM stays faster (measured: 12.5 vs 6.8 tok/s on the Qwen2.5-3B-shaped Q4_K file).
+      // INT8_ACT (any M: the runtime sets it where the int8 rows beat the dequantized f32 GEMM, and
+      // keeps M·q8actRowBytes(K) within the dequantization area): X quantized into that area, then
+      // the int8 rows kernels.
       g.get(FLAGS).i32Const(INT8_ACT).i32And().if(() => {
         g.get(K).i32Const(3).i32ShrU().i32Const(1).i32Shl().get(K).i32Const(6).i32ShrU().i32Add().get(K).i32Const(3).i32Mul().i32Add().set(stride); // q8actRowBytes(K)
         g.get(X).get(LDX).get(M).get(K).get(DEQ);

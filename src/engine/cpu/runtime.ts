@@ -61,7 +61,7 @@ export interface Gemm {
  */
 export interface QGemm extends Omit<Gemm, "w" | "ldw"> {
   type?: QuantType;
-  /** Q4_K / Q6_K / Q8_0 (K % 256 == 0) rows at decode sizes (M below the packed path) with int8-quantized activations (qkernels.ts INT8_ACT). */
+  /** int8-quantized activations (qkernels.ts INT8_ACT): Q4_K / Q5_K rows at any M, Q6_K / Q8_0 (K % 256 == 0) at decode sizes (M below the packed path). */
   int8?: boolean;
   wq: number;
   ws: number;
@@ -463,7 +463,9 @@ export class CpuRuntime {
     }
     const flops = 2 * M * N * K;
     // The int8-activation rows quantize X into the dequantization area: more rows than fit run in slices.
-    const int8 = g.int8 === true && (type === "q4_k" || type === "q5_k" || type === "q6_k" || (type === "q8_0" && K % 256 === 0)) && M < this.packMinM;
+    // At prefill sizes they replace the dequantized f32 GEMM only where they are faster: Q4_K and
+    // Q5_K (1.1-1.3x at M = 32, 2048 x 8192); on Q6_K and Q8_0 the GEMM stays ahead (0.6-0.9x).
+    const int8 = g.int8 === true && (type === "q4_k" || type === "q5_k" || (M < this.packMinM && (type === "q6_k" || (type === "q8_0" && K % 256 === 0))));
     const fit = int8 ? Math.floor(DEQ_BYTES / q8actRowBytes(K)) : Infinity;
     if (int8 && M > fit) {
       for (let m0 = 0; m0 < M; m0 += fit) this.qgemm({ ...g, x: g.x + m0 * g.ldx, y: g.y + m0 * g.ldy, M: Math.min(fit, M - m0) });
@@ -477,7 +479,7 @@ export class CpuRuntime {
       return;
     }
     // As gemm: pieces of W rows claimed dynamically; X packed once for the packed path.
-    const packed = M >= this.packMinM;
+    const packed = M >= this.packMinM && !int8;
     const mark = this.mark();
     try {
       const xp = packed ? this.allocUninitialized(packedXBytes(this.kernel, M, K) / 4) : 0;
