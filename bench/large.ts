@@ -199,6 +199,7 @@ export async function runLarge(threads: number, only?: string[]): Promise<void> 
     if (ok(self)) summary.max_params_loaded = Math.max(Number(summary.max_params_loaded), params);
     summary[`${s.name}_decode_b1_ratio`] = ratio((r) => r.decode?.tokPerS);
     summary[`${s.name}_int8_decode_b1_ratio`] = ratioOf(int8, (r) => r.decode?.tokPerS);
+    summary[`${s.name}_int8_prefill_ratio`] = ratioOf(int8, (r) => r.prefill?.tokPerS);
     models[s.name] = {
       file: path.relative(process.cwd(), file),
       fileBytes,
@@ -215,6 +216,7 @@ export async function runLarge(threads: number, only?: string[]): Promise<void> 
         llamacpp_rss_over_file: ok(llama) && llama.peakRssBytes ? round(llama.peakRssBytes / fileBytes, 3) : null,
         greedy_agreement: agreement(self),
         int8_load: ratioOf(int8, (r) => r.loadMs),
+        int8_prefill: ratioOf(int8, (r) => r.prefill?.tokPerS),
         int8_decode_b1: ratioOf(int8, (r) => r.decode?.tokPerS),
         int8_greedy_agreement: agreement(int8),
       },

@@ -259,6 +259,7 @@ async function main(): Promise<void> {
     q4_k_prefill_ratio: qr("q4_k", (r) => r.prefill.tokPerS),
     q4_k_rss_over_file: quant.q4_k?.selfscope.result ? round(quant.q4_k.selfscope.result.rss.peakBytes / quant.q4_k.fileBytes, 3) : null,
     q4_k_int8_decode_b1_ratio: ratio(quant.q4_k?.selfscopeInt8?.result?.decode.b1.tokPerS, quant.q4_k?.llamacpp.result?.decode.b1.tokPerS),
+    q4_k_int8_prefill_ratio: ratio(quant.q4_k?.selfscopeInt8?.result?.prefill.tokPerS, quant.q4_k?.llamacpp.result?.prefill.tokPerS),
   };
   const limits = {
     gemmGflops: { t1: gemmPeak(1) ?? null, tN: gemmPeak(N) ?? null, source: "best FLOP rate of llama.cpp (ggml, F32, AVX-512) over single 128-512-token batches of the bench model (and its 128-token prefill): a lower bound of the machine's f32 GEMM peak" },
