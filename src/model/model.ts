@@ -46,8 +46,9 @@ export interface LoadOptions {
    * weight; results equal f32's on the exactly widened values up to summation order); other
    * tensors are f32. The first gradient, derivative or weight delta gives every quantized matrix
    * an exact f32 copy (memory grows by the f32 size). "native-int8" (cpu): as "native", and the
-   * decode-size products with Q4_K matrices quantize their activations to int8 per 256 values as
-   * llama.cpp does (faster; logits then differ from the f32 path's by the activation rounding).
+   * products with Q4_K/Q5_K matrices (and at decode sizes Q6_K/Q8_0 ones) quantize their
+   * activations to int8 per 256 values as llama.cpp does (faster; logits then differ from the f32
+   * path's by the activation rounding).
    */
   weights?: "f32" | "f16" | "native" | "native-int8";
   /**

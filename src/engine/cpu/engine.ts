@@ -74,8 +74,9 @@ interface Mat {
 
 /**
  * How the CPU engine stores matrix weights: all f32, or the tensors it can compute on natively
- * (qkernels.ts) kept in their format; "native-int8" also quantizes the activations of Q4_K decode
- * products to int8 per 256 values (llama.cpp's q8_K dot: faster, no longer the f32 path's result).
+ * (qkernels.ts) kept in their format; "native-int8" also quantizes the activations of Q4_K/Q5_K
+ * products (and of Q6_K/Q8_0 ones at decode sizes) to int8 per 256 values (llama.cpp's q8_K dot:
+ * faster, no longer the f32 path's result).
  */
 export type CpuWeights = "f32" | "native" | "native-int8";
 interface Block {
@@ -131,7 +132,7 @@ export class CpuEngine {
 
   /** Copies the weights into the runtime's memory one tensor at a time (a lazy EngineModel then never holds them all). */
   private nQuantized = 0;
-  /** Q4_K decode products with int8 activations (weights "native-int8"). */
+  /** Quantized products with int8 activations where runtime.qgemm has them (weights "native-int8"). */
   private readonly int8: boolean;
   /** Matrices held quantized (weights "native"); 0 with f32 weights and after materializeF32. */
   get quantizedMats(): number {

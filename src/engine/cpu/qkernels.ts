@@ -32,8 +32,10 @@ export function quantBytes(type: QuantType, N: number, K: number): { wq: number;
 /** Row length a quantized matrix must be a multiple of. */
 export const QUANT_BLOCK: Record<QuantType, number> = { q8_0: 32, q4_k: 256, bf16: 8, q6_k: 256, q4_0: 32, f16: 8, q5_k: 256 };
 
-/** Driver flag (beside kernels.ts ACCUMULATE 1, PACKED_X 2): Q4_K decode rows with int8 activations. */
+/** Driver flag (beside kernels.ts ACCUMULATE 1, PACKED_X 2): the int8-activation rows (with PACKED_X: X already quantized by q8act). */
 export const INT8_ACT = 4;
+/** kernels.ts PACKED_X (kernels.ts imports this file, so the value is repeated, not imported). */
+const PACKED_X = 2;
 
 /** Bytes of each thread's dequantization area (chunks of W rows as f32 for the prefill path). */
 export const DEQ_BYTES = 1 << 20;
@@ -399,9 +401,9 @@ const emitQ4KRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fals
  */
 export const q8actRowBytes = (K: number) => K / 8 + K / 64 + 3 * K + K / 8;
 
-/** q8act(px, ldx, M, K, dst): M rows of f32 X into the int8-activation layout, q8actRowBytes(K) apart. */
+/** q8act(px, ldx, M, K, dst): M rows of f32 X into the int8-activation layout, q8actRowBytes(K) apart (exported: the runtime quantizes X once for all threads). */
 function emitQ8Act(mb: ModuleBuilder): Fn {
-  const f = mb.func("q8act", [I32, I32, I32, I32, I32]);
+  const f = mb.func("q8act", [I32, I32, I32, I32, I32], [], true);
   const [PX, LDX, M, K, DST] = [0, 1, 2, 3, 4];
   const m = f.local(I32), p = f.local(I32), row = f.local(I32), sd = f.local(I32), qd = f.local(I32), cnt = f.local(I32), i = f.local(I32), xs = f.local(I32), qb = f.local(I32), bs = f.local(I32);
   const mx = f.local(V128), inv = f.local(V128), a0 = f.local(V128), a1 = f.local(V128), sum = f.local(V128), s4 = f.local(V128);
@@ -1250,7 +1252,15 @@ function emitDriver(
   const r = g.local(I32);
   const n0 = g.local(I32);
   const stride = g.local(I32);
-  /** Direct: dmr rows of X at a time against all of W (the rest through a smaller kernel). */
+  // The W rows direct() runs against: all of them, or (int8 rows) one chunk at a time.
+  const wq = g.local(I32), ws = g.local(I32), y = g.local(I32), nr = g.local(I32), qx = g.local(I32);
+  const whole = () => {
+    g.get(WQ).i32Const(0).i32Add().set(wq);
+    g.get(WS).i32Const(0).i32Add().set(ws);
+    g.get(Y).i32Const(0).i32Add().set(y);
+    g.get(N).i32Const(0).i32Add().set(nr);
+  };
+  /** Direct: dmr rows of X at a time against the nr rows of W at wq/ws (the rest through a smaller kernel). */
   const direct = (fns: Fn[], x: () => void, ldx: () => void, xs: (() => void) | null) =>
     g.loop(() => {
       g.get(M).get(m).i32Sub().set(r);
@@ -1258,9 +1268,9 @@ function emitDriver(
       const call = (fn: Fn) => {
         x();
         ldx();
-        g.get(WQ).get(WS);
-        g.get(Y).get(m).get(LDY).i32Mul().i32Add();
-        g.get(LDY).get(N).get(K);
+        g.get(wq).get(ws);
+        g.get(y).get(m).get(LDY).i32Mul().i32Add();
+        g.get(LDY).get(nr).get(K);
         g.get(FLAGS).i32Const(1).i32And();
         xs?.();
         g.call(fn);
@@ -1273,6 +1283,7 @@ function emitDriver(
       g.get(m).get(r).i32Add().tee(m).get(M).i32LtU().brIf(0);
     });
   const floatDirect = () => {
+    whole();
     if (xsums) {
       g.get(X).get(LDX).get(M).get(K).get(SCR);
       g.call(xsums);
@@ -1293,17 +1304,44 @@ function emitDriver(
       // the int8 rows kernels.
       g.get(FLAGS).i32Const(INT8_ACT).i32And().if(() => {
         g.get(K).i32Const(3).i32ShrU().i32Const(1).i32Shl().get(K).i32Const(6).i32ShrU().i32Add().get(K).i32Const(3).i32Mul().i32Add().set(stride); // q8actRowBytes(K)
-        g.get(X).get(LDX).get(M).get(K).get(DEQ);
-        g.call(int8.prep);
-        direct(
-          int8.rows,
+        // With PACKED_X, x already holds X in that layout (the runtime quantizes it once for all
+        // threads); otherwise quantize it into the dequantization area here.
+        g.get(FLAGS).i32Const(PACKED_X).i32And().if(
+          () => void g.get(X).i32Const(0).i32Add().set(qx),
           () => {
-            g.get(DEQ).get(m).get(stride).i32Mul().i32Add().get(K).i32Const(3).i32ShrU().i32Add().get(K).i32Const(6).i32ShrU().i32Add();
-            if (int8.i8) g.get(K).i32Const(1).i32Shl().i32Add();
+            g.get(X).get(LDX).get(M).get(K).get(DEQ);
+            g.call(int8.prep);
+            g.get(DEQ).i32Const(0).i32Add().set(qx);
           },
-          () => void g.get(stride),
-          () => void g.get(DEQ).get(m).get(stride).i32Mul().i32Add(),
         );
+        const int8Direct = () =>
+          direct(
+            int8.rows,
+            () => {
+              g.get(qx).get(m).get(stride).i32Mul().i32Add().get(K).i32Const(3).i32ShrU().i32Add().get(K).i32Const(6).i32ShrU().i32Add();
+              if (int8.i8) g.get(K).i32Const(1).i32Shl().i32Add();
+            },
+            () => void g.get(stride),
+            () => void g.get(qx).get(m).get(stride).i32Mul().i32Add(),
+          );
+        // W in chunks of about 256 KiB (K bytes per row bounds every type's), each against all M
+        // rows of X: at prefill sizes a chunk then stays in L2 across the M/dmr passes over it
+        // instead of streaming from L3 or memory on each.
+        g.i32Const(0).set(n0);
+        g.loop(() => {
+          g.get(N).get(n0).i32Sub().set(nr);
+          g.i32Const(1 << 18).get(K).i32DivU().tee(r).get(nr).i32LtU().if(() => void g.get(r).set(nr));
+          g.get(WQ);
+          const metaOffset = rowOffsets(g, n0, K);
+          g.i32Add().set(wq);
+          g.get(WS);
+          metaOffset();
+          g.i32Add().set(ws);
+          g.get(Y).get(n0).i32Const(2).i32Shl().i32Add().set(y);
+          g.i32Const(0).set(m);
+          int8Direct();
+          g.get(n0).get(nr).i32Add().tee(n0).get(N).i32LtU().brIf(0);
+        });
       }, floatDirect);
     },
     () => {

@@ -217,6 +217,8 @@ export class CpuRuntime {
   private gemmScratch = 0; // bytes of a thread's scratch before its dequantization area
   private readonly taskListFn: TaskListFn;
   private readonly packxFn: PackxFn;
+  /** q8act(px, ldx, M, K, dst): X into the int8-activation layout (same signature as packx). */
+  private readonly q8actFn: PackxFn;
   private readonly scratch: number; // the main thread's scratch (bytes)
   private readonly heapStart: number; // bytes
   private readonly peakFn: (iters: number) => number;
@@ -249,6 +251,7 @@ export class CpuRuntime {
     this.quant = { q8_0: of(QUANT_EXPORTS.q8_0), q4_0: of(QUANT_EXPORTS.q4_0), q4_k: of(QUANT_EXPORTS.q4_k), q6_k: of(QUANT_EXPORTS.q6_k), bf16: of(QUANT_EXPORTS.bf16), f16: of(QUANT_EXPORTS.f16), q5_k: of(QUANT_EXPORTS.q5_k) };
     this.taskListFn = ex.task_list as TaskListFn;
     this.packxFn = ex.packx as PackxFn;
+    this.q8actFn = ex.q8act as PackxFn;
     this.scratch = SCRATCH_BYTE;
     this.heapStart = heapStart;
     this.top = heapStart;
@@ -478,12 +481,14 @@ export class CpuRuntime {
       fn(g.x * 4, g.ldx * 4, g.wq, g.ws, g.y * 4, g.ldy * 4, M, N, K, flags, this.scratch, this.scratch + this.gemmScratch, deqRows);
       return;
     }
-    // As gemm: pieces of W rows claimed dynamically; X packed once for the packed path.
-    const packed = M >= this.packMinM && !int8;
+    // As gemm: pieces of W rows claimed dynamically; X packed once for the packed path, or
+    // quantized once for the int8 rows (each piece would otherwise quantize all of X again).
+    const packed = M >= this.packMinM || int8;
     const mark = this.mark();
     try {
-      const xp = packed ? this.allocUninitialized(packedXBytes(this.kernel, M, K) / 4) : 0;
-      if (packed) this.packxFn(g.x * 4, g.ldx * 4, M, K, xp * 4);
+      const xp = !packed ? 0 : this.allocUninitialized((int8 ? M * q8actRowBytes(K) : packedXBytes(this.kernel, M, K)) / 4);
+      if (int8) this.q8actFn(g.x * 4, g.ldx * 4, M, K, xp * 4);
+      else if (packed) this.packxFn(g.x * 4, g.ldx * 4, M, K, xp * 4);
       this.ints();
       const perThread = this.piecesPerThread ?? (packed ? 8 : 4);
       const pieces = Math.max(1, Math.min(this.threads * perThread, Math.floor(N / 4), Math.floor(flops / PARALLEL_FLOPS)));
