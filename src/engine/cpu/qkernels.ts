@@ -173,6 +173,35 @@ function dot16(c: RowsCtx, u: number, signed: boolean, l: { w16: number; wf: num
   });
 }
 
+/** dot16's locals with two accumulator chains per row: tA for the even f32x4 of each 16 weights, tB for the odd. */
+interface Chains { w16: number; wf: number; xv: number; tA: number[]; tB: number[] }
+
+/**
+ * dot16 on two accumulator chains per row, so that consecutive multiply-adds do not wait on each
+ * other's latency (one chain made the float rows latency-bound once their loop steps stopped
+ * spilling); X from the pointers xp at byte offset `off`; first: the chains start here.
+ */
+function dot16x2(c: RowsCtx, xp: number[], u: number, signed: boolean, l: Chains, off: number, first: boolean): void {
+  widen8(c.f, u, l.w16, signed, (k) => {
+    c.f.set(l.wf);
+    for (let i = 0; i < c.a; i++) {
+      const t = (k % 2 ? l.tB : l.tA)[i]!;
+      c.f.get(xp[i]!).v128Load(off + 16 * k).set(l.xv);
+      if (first && k < 2) c.f.get(l.xv).get(l.wf).f32x4Mul().set(t);
+      else c.madd(t, l.xv, l.wf);
+    }
+  });
+}
+
+/** acc[i] += (tA[i] + tB[i]) · splat(scale on the stack), via the f32x4 local `tmp`. */
+function scaleChainsInto(c: RowsCtx, l: Chains, tmp: number): void {
+  c.f.f32x4Splat().set(tmp);
+  for (let i = 0; i < c.a; i++) {
+    c.f.get(l.tA[i]!).get(l.tB[i]!).f32x4Add().set(l.tA[i]!);
+    c.madd(c.acc[i]!, l.tA[i]!, tmp);
+  }
+}
+
 /** acc[i] += t[i] · splat(scale on the stack), via the f32x4 local `tmp`. */
 function scaleInto(c: RowsCtx, t: number[], tmp: number): void {
   c.f.f32x4Splat().set(tmp);
@@ -335,53 +364,64 @@ const emitQ4KRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fals
     const { f } = c;
     const XS = c.extra[0]!;
     const xs = f.local(I32), q = f.local(I32), mt = f.local(I32);
-    const macc = Array.from({ length: c.a }, () => f.local(F32));
-    const t = Array.from({ length: c.a }, () => f.local(V128));
-    const l = { w16: f.local(V128), wf: f.local(V128), xv: f.local(V128), t };
-    const v0 = f.local(V128), v1 = f.local(V128), u = f.local(V128), tmp = f.local(V128);
+    // Two accumulator chains per row (even and odd f32x4 of each 16 weights): one chain waited
+    // on the multiply-add latency. One loop step per 64 weights (see Q8I_BLOCKS): its own pointers.
+    const l: Chains = { w16: f.local(V128), wf: f.local(V128), xv: f.local(V128), tA: Array.from({ length: c.a }, () => f.local(V128)), tB: Array.from({ length: c.a }, () => f.local(V128)) };
+    const xq = Array.from({ length: c.a }, () => f.local(I32));
+    const qq = f.local(I32), mq = f.local(I32), step = f.local(I32);
+    const v0 = f.local(V128), v1 = f.local(V128), u = f.local(V128), tmp = f.local(V128), mlo = f.local(V128), mhi = f.local(V128);
     const qh = [f.local(V128), f.local(V128)];
-    const dd = f.local(F32), dmin = f.local(F32), mm = f.local(F32);
+    const dd = f.local(F32), dmin = f.local(F32);
+    /** Row i's xsums: K/32 floats (K/8 bytes) after row i−1's. */
+    const xsAddr = (i: number) => (i === 0 ? f.get(xs) : f.get(xs).i32Const(i).get(c.K).i32Mul().i32Const(3).i32ShrU().i32Add());
     return {
       shift: 8,
       init: () => pointers(f, q, c.WQ, mt, c.WS),
-      rowStart: () => {
-        f.get(XS).i32Const(0).i32Add().set(xs);
-        for (let i = 0; i < c.a; i++) f.f32Const(0).set(macc[i]!);
-      },
+      rowStart: () => void f.get(XS).i32Const(0).i32Add().set(xs),
       block: () => {
         f.get(mt).f32Load(0).set(dd);
         f.get(mt).f32Load(4).set(dmin);
         if (five) for (let h = 0; h < 2; h++) f.get(q).v128Load(128 + 16 * h).set(qh[h]!);
-        for (let ch = 0; ch < 4; ch++) {
-          f.get(q).v128Load(32 * ch).set(v0);
-          f.get(q).v128Load(32 * ch + 16).set(v1);
+        f.get(q).i32Const(0).i32Add().set(qq);
+        f.get(mt).i32Const(0).i32Add().set(mq);
+        for (let i = 0; i < c.a; i++) f.get(c.xp[i]!).i32Const(0).i32Add().set(xq[i]!);
+        f.i32Const(4).set(step);
+        f.loop(() => {
+          f.get(qq).v128Load(0).set(v0);
+          f.get(qq).v128Load(16).set(v1);
           for (const hi of [false, true]) {
-            const j = 2 * ch + (hi ? 1 : 0);
-            const first = { on: true };
+            const j = hi ? 1 : 0;
             for (const [vi, v] of [v0, v1].entries()) {
               nibbles(f, v, hi);
               if (five) fifthBit(f, qh[vi]!, j);
               f.set(u);
-              dot16(c, u, false, l, 4 * (32 * j + 16 * vi), first);
+              dot16x2(c, xq, u, false, l, 4 * (32 * j + 16 * vi), vi === 0);
             }
-            // acc += t · (d·sc_j); macc += (dmin·m_j) · xsum_j
-            f.get(dmin).get(mt).i32Load8U(16 + j).f32ConvertI32U().f32Mul().set(mm);
-            f.get(dd).get(mt).i32Load8U(8 + j).f32ConvertI32U().f32Mul();
-            scaleInto(c, t, tmp);
-            for (let i = 0; i < c.a; i++) {
-              // Row i's xsums are K/32 floats (K/8 bytes) after row i-1's.
-              const xsAddr = () => (i === 0 ? f.get(xs) : f.get(xs).i32Const(i).get(c.K).i32Mul().i32Const(3).i32ShrU().i32Add());
-              f.get(macc[i]!).get(mm);
-              xsAddr().f32Load(4 * j);
-              f.f32Mul().f32Add().set(macc[i]!);
-            }
+            // acc += (tA + tB) · (d·sc_j)
+            f.get(dd).get(mq).i32Load8U(8 + j).f32ConvertI32U().f32Mul();
+            scaleChainsInto(c, l, tmp);
           }
+          f.get(qq).i32Const(32).i32Add().set(qq);
+          f.get(mq).i32Const(2).i32Add().set(mq);
+          for (let i = 0; i < c.a; i++) f.get(xq[i]!).i32Const(256).i32Add().set(xq[i]!);
+          if (five) for (let h = 0; h < 2; h++) f.get(qh[h]!).i32Const(2).i16x8ShrU().set(qh[h]!);
+          f.get(step).i32Const(1).i32Sub().tee(step).brIf(0);
+        });
+        // acc −= dmin · Σ_j m_j · Σx_j: the eight mins as f32 against the eight xsums, per super-block.
+        f.get(mt).v128Load8x8U(16).set(tmp);
+        f.get(tmp).i32x4ExtendLowI16x8U().f32x4ConvertI32x4S().set(mlo);
+        f.get(tmp).i32x4ExtendHighI16x8U().f32x4ConvertI32x4S().set(mhi);
+        f.get(dmin).f32Neg().f32x4Splat().set(l.wf);
+        for (let i = 0; i < c.a; i++) {
+          xsAddr(i).v128Load(0).get(mlo).f32x4Mul().set(tmp);
+          xsAddr(i).v128Load(16).set(l.xv);
+          c.madd(tmp, l.xv, mhi);
+          c.madd(c.acc[i]!, tmp, l.wf);
         }
         f.get(q).i32Const(five ? 160 : 128).i32Add().set(q);
         f.get(mt).i32Const(24).i32Add().set(mt);
         f.get(xs).i32Const(32).i32Add().set(xs);
       },
-      sub: macc,
     };
   });
 
@@ -765,11 +805,14 @@ const emitQ6KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
   emitRows(mb, o, "q6krows", a, 0, (c) => {
     const { f } = c;
     const q = f.local(I32), mt = f.local(I32);
-    const t = Array.from({ length: c.a }, () => f.local(V128));
-    const l = { w16: f.local(V128), wf: f.local(V128), xv: f.local(V128), t };
+    // Two accumulator chains per row (even and odd f32x4 of each 16 weights), as in q4krows.
+    const l: Chains = { w16: f.local(V128), wf: f.local(V128), xv: f.local(V128), tA: Array.from({ length: c.a }, () => f.local(V128)), tB: Array.from({ length: c.a }, () => f.local(V128)) };
     const L0 = f.local(V128), L1 = f.local(V128), H = f.local(V128), u = f.local(V128), tmp = f.local(V128);
     const k6 = q6Constants(f);
     const dd = f.local(F32);
+    // One loop step per half super-block (see Q8I_BLOCKS): its own pointers into W, X and the scales.
+    const qq = f.local(I32), qhp = f.local(I32), mq = f.local(I32), step = f.local(I32);
+    const xq = Array.from({ length: c.a }, () => f.local(I32));
     return {
       shift: 8,
       init: () => {
@@ -778,17 +821,29 @@ const emitQ6KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
       },
       block: () => {
         f.get(mt).f32Load(0).set(dd);
-        for (let half = 0; half < 2; half++) {
+        f.get(q).i32Const(0).i32Add().set(qq);
+        f.get(q).i32Const(128).i32Add().set(qhp);
+        f.get(mt).i32Const(0).i32Add().set(mq);
+        for (let i = 0; i < c.a; i++) f.get(c.xp[i]!).i32Const(0).i32Add().set(xq[i]!);
+        f.i32Const(2).set(step);
+        f.loop(() => {
           for (let lb = 0; lb < 2; lb++) {
-            q6Load(f, q, half, lb, L0, L1, H);
+            f.get(qq).v128Load(16 * lb).set(L0);
+            f.get(qq).v128Load(32 + 16 * lb).set(L1);
+            f.get(qhp).v128Load(16 * lb).set(H);
             q6Quants(f, L0, L1, H, k6.m0f, k6.m30, k6.c32, u, (k) => {
-              dot16(c, u, true, l, 4 * (128 * half + 32 * k + 16 * lb), { on: true });
-              // acc += t · (d · sc[8·half + lb + 2k])
-              f.get(dd).get(mt).i32Load8S(4 + 8 * half + lb + 2 * k).f32ConvertI32S().f32Mul();
-              scaleInto(c, t, tmp);
+              dot16x2(c, xq, u, true, l, 4 * (32 * k + 16 * lb), true);
+              // acc += (tA + tB) · (d · sc[8·half + lb + 2k])
+              f.get(dd).get(mq).i32Load8S(4 + lb + 2 * k).f32ConvertI32S().f32Mul();
+              scaleChainsInto(c, l, tmp);
             });
           }
-        }
+          f.get(qq).i32Const(64).i32Add().set(qq);
+          f.get(qhp).i32Const(32).i32Add().set(qhp);
+          f.get(mq).i32Const(8).i32Add().set(mq);
+          for (let i = 0; i < c.a; i++) f.get(xq[i]!).i32Const(512).i32Add().set(xq[i]!);
+          f.get(step).i32Const(1).i32Sub().tee(step).brIf(0);
+        });
         f.get(q).i32Const(192).i32Add().set(q);
         f.get(mt).i32Const(20).i32Add().set(mt);
       },
