@@ -202,6 +202,27 @@ function scaleChainsInto(c: RowsCtx, l: Chains, tmp: number): void {
   }
 }
 
+/**
+ * acc[i] −= dmin · Σ_j m_j · s_j for one Q4_K/Q5_K super-block: its eight 6-bit mins (bytes at
+ * mt + 16) as f32 against the row's eight sums per 32 at sumAt(i) (Σx in the float rows,
+ * xd·Σ qx in the int8 rows). l: five f32x4 locals for the mins, the sums and −dmin.
+ */
+function minsInto(c: RowsCtx, mt: number, dmin: number, sumAt: (i: number) => void, l: { mlo: number; mhi: number; s: number; t: number; neg: number }): void {
+  const { f } = c;
+  f.get(mt).v128Load8x8U(16).set(l.t);
+  f.get(l.t).i32x4ExtendLowI16x8U().f32x4ConvertI32x4S().set(l.mlo);
+  f.get(l.t).i32x4ExtendHighI16x8U().f32x4ConvertI32x4S().set(l.mhi);
+  f.get(dmin).f32Neg().f32x4Splat().set(l.neg);
+  for (let i = 0; i < c.a; i++) {
+    sumAt(i);
+    f.v128Load(0).get(l.mlo).f32x4Mul().set(l.t);
+    sumAt(i);
+    f.v128Load(16).set(l.s);
+    c.madd(l.t, l.s, l.mhi);
+    c.madd(c.acc[i]!, l.t, l.neg);
+  }
+}
+
 /** acc[i] += t[i] · splat(scale on the stack), via the f32x4 local `tmp`. */
 function scaleInto(c: RowsCtx, t: number[], tmp: number): void {
   c.f.f32x4Splat().set(tmp);
@@ -407,17 +428,8 @@ const emitQ4KRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fals
           if (five) for (let h = 0; h < 2; h++) f.get(qh[h]!).i32Const(2).i16x8ShrU().set(qh[h]!);
           f.get(step).i32Const(1).i32Sub().tee(step).brIf(0);
         });
-        // acc −= dmin · Σ_j m_j · Σx_j: the eight mins as f32 against the eight xsums, per super-block.
-        f.get(mt).v128Load8x8U(16).set(tmp);
-        f.get(tmp).i32x4ExtendLowI16x8U().f32x4ConvertI32x4S().set(mlo);
-        f.get(tmp).i32x4ExtendHighI16x8U().f32x4ConvertI32x4S().set(mhi);
-        f.get(dmin).f32Neg().f32x4Splat().set(l.wf);
-        for (let i = 0; i < c.a; i++) {
-          xsAddr(i).v128Load(0).get(mlo).f32x4Mul().set(tmp);
-          xsAddr(i).v128Load(16).set(l.xv);
-          c.madd(tmp, l.xv, mhi);
-          c.madd(c.acc[i]!, tmp, l.wf);
-        }
+        // acc −= dmin · Σ_j m_j · Σx_j, once per super-block.
+        minsInto(c, mt, dmin, xsAddr, { mlo, mhi, s: l.xv, t: tmp, neg: l.wf });
         f.get(q).i32Const(five ? 160 : 128).i32Add().set(q);
         f.get(mt).i32Const(24).i32Add().set(mt);
         f.get(xs).i32Const(32).i32Add().set(xs);
@@ -540,7 +552,10 @@ function iaccInto(c: RowsCtx, iacc: number[], dd: number, xd: number, tmp: numbe
  *    the same; it is spread over the lanes differently, so the f32 accumulation may round
  *    differently: the same dot of dequantized values either way.
  */
-/** Sub-blocks of 32 per loop step of the int8-activation Q4_K/Q5_K rows (measured: 2 as fast, 8 slower); the scale pairs assume 4. */
+/**
+ * Sub-blocks of 32 per loop step of the int8-activation Q4_K/Q5_K rows: four (measured: two as
+ * fast, eight slower). Fixed: the relaxed rows' scale pairs (scs, scb) hold four sub-blocks each.
+ */
 const Q4K_STEP = 4;
 const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = false, relaxed = false): Fn =>
   emitRows(mb, o, `${five ? "q5k" : "q4k"}${relaxed ? "r" : "i"}rows`, a, 1, (c) => {
@@ -632,17 +647,8 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
         });
         // acc += f32(iacc) · (d · xd): one conversion per super-block.
         iaccInto(c, iacc, dd, xd, tmp, scv);
-        // acc −= dmin · Σ_j m_j · xd·Σ qx_j: the eight mins as f32 against the eight xsums, per super-block.
-        f.get(mt).v128Load8x8U(16).set(tmp);
-        f.get(tmp).i32x4ExtendLowI16x8U().f32x4ConvertI32x4S().set(mlo);
-        f.get(tmp).i32x4ExtendHighI16x8U().f32x4ConvertI32x4S().set(mhi);
-        f.get(dmin).f32Neg().f32x4Splat().set(scv);
-        for (let i = 0; i < c.a; i++) {
-          rowOff(i, xs).v128Load(0).get(mlo).f32x4Mul().set(tmp);
-          rowOff(i, xs).v128Load(16).set(lo);
-          c.madd(tmp, lo, mhi);
-          c.madd(c.acc[i]!, tmp, scv);
-        }
+        // acc −= dmin · Σ_j m_j · xd·Σ qx_j, once per super-block.
+        minsInto(c, mt, dmin, (i) => void rowOff(i, xs), { mlo, mhi, s: lo, t: tmp, neg: scv });
         f.get(q).i32Const(five ? 160 : 128).i32Add().set(q);
         f.get(mt).i32Const(24).i32Add().set(mt);
         f.get(xs).i32Const(32).i32Add().set(xs);

@@ -467,7 +467,8 @@ export class CpuRuntime {
     const flops = 2 * M * N * K;
     // The int8-activation rows quantize X into the dequantization area: more rows than fit run in slices.
     // At prefill sizes they replace the dequantized f32 GEMM only where they are faster: Q4_K and
-    // Q5_K (1.1-1.3x at M = 32, 2048 x 8192); on Q6_K and Q8_0 the GEMM stays ahead (0.6-0.9x).
+    // Q5_K (1.0-1.5x at M = 32-128 on the bench shapes); on Q6_K and Q8_0 the GEMM stays ahead
+    // (0.6-0.9x). docs/cpu-engine.md has the figures.
     const int8 = g.int8 === true && (type === "q4_k" || type === "q5_k" || (M < this.packMinM && (type === "q6_k" || (type === "q8_0" && K % 256 === 0))));
     const fit = int8 ? Math.floor(DEQ_BYTES / q8actRowBytes(K)) : Infinity;
     if (int8 && M > fit) {
@@ -490,6 +491,7 @@ export class CpuRuntime {
       if (int8) this.q8actFn(g.x * 4, g.ldx * 4, M, K, xp * 4);
       else if (packed) this.packxFn(g.x * 4, g.ldx * 4, M, K, xp * 4);
       this.ints();
+      // 8 pieces per thread with a shared X (packed, or quantized: the int8 rows at any M, as measured), 4 otherwise.
       const perThread = this.piecesPerThread ?? (packed ? 8 : 4);
       const pieces = Math.max(1, Math.min(this.threads * perThread, Math.floor(N / 4), Math.floor(flops / PARALLEL_FLOPS)));
       const step = Math.ceil(N / pieces);
