@@ -139,7 +139,6 @@ export function round(x: number, digits = 2): number {
 
 export const MiB = 2 ** 20;
 
-/** Peak resident set size of this process so far, in bytes (getrusage ru_maxrss). */
 /**
  * This process's peak resident set. On Linux, VmHWM of /proc/self/status: getrusage's maxRSS (the
  * fallback elsewhere) carries over the parent's resident set at exec, so a child spawned by a large

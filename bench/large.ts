@@ -79,7 +79,7 @@ export async function ensureLarge(s: LargeShape): Promise<string> {
   const f = new Fill(20261206 + L);
   const tensors: GgufWriteTensor[] = [];
   const none = new Float32Array(0);
-  const q4k = (name: string, rows: number, cols: number, std: number, edit?: (w: Float32Array) => void) => {
+  const quantized = (name: string, rows: number, cols: number, std: number, edit?: (w: Float32Array) => void) => {
     const w = f.uniform(rows * cols, std);
     edit?.(w);
     const m = /^(?:blk\.(\d+)\.)?(\w+)\.weight$/.exec(name)!;
@@ -91,22 +91,22 @@ export async function ensureLarge(s: LargeShape): Promise<string> {
   const zeroSpecials = (w: Float32Array) => {
     for (const id of Object.values(SPECIAL)) w.fill(0, id * D, (id + 1) * D);
   };
-  q4k("token_embd.weight", V, D, s.tied ? 1 / Math.sqrt(D) : 1, s.tied ? zeroSpecials : undefined);
+  quantized("token_embd.weight", V, D, s.tied ? 1 / Math.sqrt(D) : 1, s.tied ? zeroSpecials : undefined);
   for (let i = 0; i < L; i++) {
     const b = `blk.${i}`;
     f32(`${b}.attn_norm.weight`, new Float32Array(D).fill(1));
-    q4k(`${b}.attn_q.weight`, H * hd, D, 1 / Math.sqrt(D));
-    q4k(`${b}.attn_k.weight`, K * hd, D, 1 / Math.sqrt(D));
-    q4k(`${b}.attn_v.weight`, K * hd, D, 1 / Math.sqrt(D));
+    quantized(`${b}.attn_q.weight`, H * hd, D, 1 / Math.sqrt(D));
+    quantized(`${b}.attn_k.weight`, K * hd, D, 1 / Math.sqrt(D));
+    quantized(`${b}.attn_v.weight`, K * hd, D, 1 / Math.sqrt(D));
     if (s.qkvBias) for (const [x, n] of [["q", H], ["k", K], ["v", K]] as const) f32(`${b}.attn_${x}.bias`, f.uniform(n * hd, 0.1));
-    q4k(`${b}.attn_output.weight`, D, H * hd, 0.5 / Math.sqrt(H * hd));
+    quantized(`${b}.attn_output.weight`, D, H * hd, 0.5 / Math.sqrt(H * hd));
     f32(`${b}.ffn_norm.weight`, new Float32Array(D).fill(1));
-    q4k(`${b}.ffn_gate.weight`, F, D, 1 / Math.sqrt(D));
-    q4k(`${b}.ffn_up.weight`, F, D, 1 / Math.sqrt(D));
-    q4k(`${b}.ffn_down.weight`, D, F, 0.5 / Math.sqrt(F));
+    quantized(`${b}.ffn_gate.weight`, F, D, 1 / Math.sqrt(D));
+    quantized(`${b}.ffn_up.weight`, F, D, 1 / Math.sqrt(D));
+    quantized(`${b}.ffn_down.weight`, D, F, 0.5 / Math.sqrt(F));
   }
   f32("output_norm.weight", new Float32Array(D).fill(1));
-  if (!s.tied) q4k("output.weight", V, D, 1 / Math.sqrt(D), zeroSpecials);
+  if (!s.tied) quantized("output.weight", V, D, 1 / Math.sqrt(D), zeroSpecials);
   const a = s.arch;
   const u32 = (v: number): GgufWriteValue => ({ type: GgufValueType.UINT32, value: v });
   const fl = (v: number): GgufWriteValue => ({ type: GgufValueType.FLOAT32, value: v });

@@ -66,10 +66,10 @@ const HALF = (() => {
   return new Float32Array(bits.buffer);
 })();
 
-/** The fp16 value stored little-endian at bytes[o], as float32. */
 /** GGUF is little-endian; 16-bit views read it as such only on little-endian hosts. */
 const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
+/** The fp16 value stored little-endian at bytes[o], as float32. */
 function half(b: Uint8Array, o: number): number {
   return HALF[b[o]! | (b[o + 1]! << 8)]!;
 }

@@ -672,6 +672,7 @@ const emitQ8IRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
     const xd = f.local(I32), q = f.local(I32), s = f.local(I32), step = f.local(I32);
     const w = Array.from({ length: 4 }, () => f.local(V128));
     const sub = Array.from({ length: c.a }, () => f.local(V128));
+    const xdv = Array.from({ length: c.a }, () => f.local(F32));
     const v = f.local(V128), tmp = f.local(V128), cv = f.local(V128);
     const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
     return {
@@ -683,6 +684,8 @@ const emitQ8IRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
         f.i32Const(0).set(step);
       },
       block: () => {
+        // Each row's activation scale, once per step.
+        for (let i = 0; i < c.a; i++) rowOff(i, xd).f32Load(0).set(xdv[i]!);
         for (let b = 0; b < Q8I_BLOCKS; b++) {
           f.get(q).v128Load(32 * b).set(v);
           f.get(v).i16x8ExtendLowI8x16S().set(w[0]!);
@@ -699,9 +702,7 @@ const emitQ8IRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
           }
           // acc += f32(Σ) · (d_w · xd)
           for (let i = 0; i < c.a; i++) {
-            f.get(s).f32Load(4 * b);
-            rowOff(i, xd).f32Load(0);
-            f.f32Mul().f32x4Splat().set(tmp);
+            f.get(s).f32Load(4 * b).get(xdv[i]!).f32Mul().f32x4Splat().set(tmp);
             f.get(sub[i]!).f32x4ConvertI32x4S().set(cv);
             c.madd(c.acc[i]!, tmp, cv);
           }

@@ -247,10 +247,6 @@ export class Fn {
   v128Load8x8S(offset = 0): this {
     return this.simd(0x01).memarg(3, offset);
   }
-  /** Stack: [v, v] -> i16x8 lane `lane` of v in all eight lanes (an i8x16.shuffle of v with itself). */
-  splatLane16(lane: number): this {
-    return this.shuffle8(Array.from({ length: 16 }, (_, b) => 2 * lane + (b & 1)));
-  }
   /** Stack: [v, v] -> i32x4 lane `lane` of v in all four lanes (one pshufd on x64, where a 16-bit splat takes two). */
   splatLane32(lane: number): this {
     return this.shuffle8(Array.from({ length: 16 }, (_, b) => 4 * lane + (b & 3)));
