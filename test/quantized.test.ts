@@ -14,6 +14,7 @@ import { loadGgml } from "../src/reference/ggml.js";
 import type { LossAndGradRequest } from "../src/engine/grad.js";
 import { loadHostModel, type FileFacts } from "../src/model/load.js";
 import { Model } from "../src/model/model.js";
+import { PROTOCOL_RECIPE, vectorCacheKey } from "../src/vectors/extract.js";
 import { compareLogits, llamaCppLogits } from "../src/reference/llamacpp.js";
 import { fixture } from "./support/paths.js";
 
@@ -467,6 +468,22 @@ describe("a Q4_K_M-like GGUF (a dModel-256 llama quantized by ggml: Q4_K and Q6_
     t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${a.maxAbs.toExponential(2)}, native Q4_K/Q6_K ${b.maxAbs.toExponential(2)}`);
     assert.ok(Math.abs(b.maxAbs - a.maxAbs) <= 1e-3, `native ${b.maxAbs} vs f32 ${a.maxAbs}`);
     assert.ok(b.maxAbs < 0.1, `max |Δ log p| ${b.maxAbs}`);
+  });
+
+  test("native-int8 is part of the model's identity: concept-vector cache keys differ from the f32 path's", async () => {
+    const i8 = await Model.load(file, { threads: 1, weights: "native-int8" });
+    try {
+      assert.equal(i8.identity().arithmetic, "int8-activations");
+      assert.equal(q4.identity().arithmetic, undefined);
+      assert.equal(f32.identity().arithmetic, undefined, "f32 and native compute the same values up to summation order");
+      assert.deepEqual({ ...i8.identity(), arithmetic: undefined }, { ...q4.identity(), arithmetic: undefined });
+      assert.equal(i8.withPlan([]).identity().arithmetic, "int8-activations", "a view asks its base");
+      const key = (m: Model) => vectorCacheKey(m, PROTOCOL_RECIPE, ["a", "b"]).key;
+      assert.notEqual(key(i8), key(q4));
+      assert.equal(key(f32), key(q4));
+    } finally {
+      i8.dispose();
+    }
   });
 
   test("native-int8 (int8 activations in the quantized products): logits within llama.cpp's distance of the f32 path at decode and prefill sizes", async (t) => {

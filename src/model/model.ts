@@ -79,6 +79,12 @@ export interface ModelIdentity {
   chatTemplate: string | null;
   /** The resolved configuration the engine runs (ModelConfig). */
   config: string;
+  /**
+   * Present only when the model was loaded with weights "native-int8": the activations of its
+   * quantized products are rounded to int8 (prefill and decode), so its activations differ from
+   * every other weights mode's (which all compute the f32 path's values up to summation order).
+   */
+  arithmetic?: "int8-activations";
 }
 
 /** A plan every call of a withPlan() view appends to its own (generate always; forward unless `forward` is false). */
@@ -94,6 +100,8 @@ export class Model {
   private view: { base: Model; standing: StandingPlan } | undefined;
   /** LoadOptions.merge's id: weights merged at load. */
   private mergeId: string | undefined;
+  /** Loaded with weights "native-int8" (identity().arithmetic; a view asks its base). */
+  private int8Activations = false;
 
   private constructor(
     readonly engine: InferenceEngine,
@@ -134,6 +142,7 @@ export class Model {
     }
     const m = new Model(engine, host.config, host.files, tokenizer, chatTemplate, device, host.sourceDtype, tokenizerDigestOf(host));
     m.mergeId = opts.merge?.id;
+    m.int8Activations = weightDtype === "native-int8";
     return m;
   }
 
@@ -224,6 +233,7 @@ export class Model {
       tokenizer: this.tokenizerDigest,
       chatTemplate: this.chatTemplate === undefined ? null : sha256(this.chatTemplate),
       config: sha256(JSON.stringify(this.config)),
+      ...((this.view ? this.view.base.int8Activations : this.int8Activations) ? { arithmetic: "int8-activations" as const } : {}),
     };
   }
 
