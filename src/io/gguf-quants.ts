@@ -155,6 +155,38 @@ export function splitScaledBlocks(bytes: Uint8Array, blockBytes: number, quants:
   return bad;
 }
 
+/** A byte array with 16- and 32-bit views of the same bytes where its offset allows them. */
+interface Words {
+  u8: Uint8Array;
+  u16: Uint16Array | null;
+  u32: Uint32Array | null;
+}
+function words(a: Uint8Array): Words {
+  return {
+    u8: a,
+    u16: a.byteOffset % 2 === 0 ? new Uint16Array(a.buffer, a.byteOffset, a.byteLength >> 1) : null,
+    u32: a.byteOffset % 4 === 0 ? new Uint32Array(a.buffer, a.byteOffset, a.byteLength >> 2) : null,
+  };
+}
+
+/**
+ * dst[d, d+n) = src[s, s+n), by the widest words both sides allow. A subarray + set per block
+ * allocated a typed-array object per call: ~600 MB of short-lived garbage while repacking a 1B
+ * Q4_K_M file (the heap sampler's top two sites), and scavenges all through the load.
+ */
+function copyBytes(src: Words, s: number, dst: Words, d: number, n: number): void {
+  if (src.u32 && dst.u32 && ((s | d | n) & 3) === 0) {
+    const a = src.u32, b = dst.u32, si = s >> 2, di = d >> 2;
+    for (let j = 0; j < n >> 2; j++) b[di + j] = a[si + j]!;
+  } else if (src.u16 && dst.u16 && ((s | d | n) & 1) === 0) {
+    const a = src.u16, b = dst.u16, si = s >> 1, di = d >> 1;
+    for (let j = 0; j < n >> 1; j++) b[di + j] = a[si + j]!;
+  } else {
+    const a = src.u8, b = dst.u8;
+    for (let j = 0; j < n; j++) b[d + j] = a[s + j]!;
+  }
+}
+
 /**
  * Repack Q4_K blocks (`bytes`, 144 each, rows after rows) into the CPU engine's layout
  * (engine/cpu/qkernels.ts): `nibbles` the blocks' 128 quant bytes each, back to back; `meta` 24
@@ -166,6 +198,7 @@ export function repackQ4_K(bytes: Uint8Array, nibbles: Uint8Array, meta: Uint8Ar
   if (!Number.isInteger(nb) || nibbles.byteLength !== nb * 128 || meta.byteLength !== nb * 24) throw new Error(`repackQ4_K: ${bytes.byteLength} bytes do not match the destinations`);
   const dv = new DataView(meta.buffer, meta.byteOffset, meta.byteLength);
   const sm = new Int32Array(2);
+  const src = words(bytes), dst = words(nibbles);
   let bad = -1;
   for (let i = 0; i < nb; i++) {
     const o = i * 144;
@@ -178,7 +211,7 @@ export function repackQ4_K(bytes: Uint8Array, nibbles: Uint8Array, meta: Uint8Ar
       meta[i * 24 + 8 + j] = sm[0]!;
       meta[i * 24 + 16 + j] = sm[1]!;
     }
-    nibbles.set(bytes.subarray(o + 16, o + 144), i * 128);
+    copyBytes(src, o + 16, dst, i * 128, 128);
   }
   return bad;
 }
@@ -193,6 +226,7 @@ export function repackQ5_K(bytes: Uint8Array, quants: Uint8Array, meta: Uint8Arr
   if (!Number.isInteger(nb) || quants.byteLength !== nb * 160 || meta.byteLength !== nb * 24) throw new Error(`repackQ5_K: ${bytes.byteLength} bytes do not match the destinations`);
   const dv = new DataView(meta.buffer, meta.byteOffset, meta.byteLength);
   const sm = new Int32Array(2);
+  const src = words(bytes), dst = words(quants);
   let bad = -1;
   for (let i = 0; i < nb; i++) {
     const o = i * 176;
@@ -205,29 +239,48 @@ export function repackQ5_K(bytes: Uint8Array, quants: Uint8Array, meta: Uint8Arr
       meta[i * 24 + 8 + j] = sm[0]!;
       meta[i * 24 + 16 + j] = sm[1]!;
     }
-    quants.set(bytes.subarray(o + 48, o + 176), i * 160);
-    quants.set(bytes.subarray(o + 16, o + 48), i * 160 + 128);
+    copyBytes(src, o + 48, dst, i * 160, 128);
+    copyBytes(src, o + 16, dst, i * 160 + 128, 32);
   }
   return bad;
 }
 
 /**
  * Repack Q6_K blocks (`bytes`, 210 each) into the CPU engine's layout (engine/cpu/qkernels.ts):
- * `quants` the blocks' ql and qh (192 bytes each), back to back; `meta` 20 bytes per block: d as
- * f32, then the 16 int8 scales. Returns the index of the first block whose d is not finite, or -1.
+ * `quants` 192 bytes per block, the file's ql/qh bits rearranged so that each code is one mask
+ * (or, for every fourth, three masked shifts) away: per half and l = 0..31, with q1..q4 the codes
+ * of weights l, l+32, l+64, l+96 of the half, A = q1 | (q4 & 3) << 6 at 64·half + l,
+ * B = q2 | (q4 >> 2 & 3) << 6 at 64·half + 32 + l, C = q3 | (q4 >> 4) << 6 at 128 + 32·half + l;
+ * `meta` 20 bytes per block: d as f32, then the 16 int8 scales. Returns the index of the first
+ * block whose d is not finite, or -1.
  */
 export function repackQ6_K(bytes: Uint8Array, quants: Uint8Array, meta: Uint8Array): number {
   const nb = bytes.byteLength / 210;
   if (!Number.isInteger(nb) || quants.byteLength !== nb * 192 || meta.byteLength !== nb * 20) throw new Error(`repackQ6_K: ${bytes.byteLength} bytes do not match the destinations`);
   const dv = new DataView(meta.buffer, meta.byteOffset, meta.byteLength);
+  const sv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const qv = new DataView(quants.buffer, quants.byteOffset, quants.byteLength);
+  const src = words(bytes), dm = words(meta);
   let bad = -1;
   for (let i = 0; i < nb; i++) {
-    const o = i * 210;
+    const o = i * 210, w = i * 192;
     const d = half(bytes, o + 208);
     if (bad < 0 && !Number.isFinite(d)) bad = i;
-    quants.set(bytes.subarray(o, o + 192), i * 192);
+    // Four l at a time, as bytes in a 32-bit word: every shift is masked so no bit crosses a byte.
+    for (let h = 0; h < 2; h++) {
+      for (let l = 0; l < 32; l += 4) {
+        const L0 = sv.getUint32(o + 64 * h + l, true), L1 = sv.getUint32(o + 64 * h + 32 + l, true), H = sv.getUint32(o + 128 + 32 * h + l, true);
+        const q1 = (L0 & 0x0f0f0f0f) | ((H & 0x03030303) << 4);
+        const q2 = (L1 & 0x0f0f0f0f) | ((H & 0x0c0c0c0c) << 2);
+        const q3 = ((L0 >>> 4) & 0x0f0f0f0f) | (H & 0x30303030);
+        const q4 = ((L1 >>> 4) & 0x0f0f0f0f) | ((H >>> 2) & 0x30303030);
+        qv.setUint32(w + 64 * h + l, q1 | ((q4 & 0x03030303) << 6), true);
+        qv.setUint32(w + 64 * h + 32 + l, q2 | ((q4 & 0x0c0c0c0c) << 4), true);
+        qv.setUint32(w + 128 + 32 * h + l, q3 | ((q4 & 0x30303030) << 2), true);
+      }
+    }
     dv.setFloat32(i * 20, d, true);
-    meta.set(bytes.subarray(o + 192, o + 208), i * 20 + 4);
+    copyBytes(src, o + 192, dm, i * 20 + 4, 16);
   }
   return bad;
 }

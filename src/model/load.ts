@@ -581,15 +581,16 @@ export class LazyWeights extends Map<string, HostTensor> {
     const rowBytes = (cols / elems) * bytesPer;
     const first = p.src.split ? p.src.split.index * rows : p.src.slab !== undefined ? p.src.slab * rows : 0;
     const fail = (bad: number, base: number) => new NumericalWeightsError(this.#source.file, `tensor ${p.name} holds a non-finite ${type === "bf16" || type === "f16" ? "value at element" : "block scale at block"} ${base + bad} (for ${p.canon}, layer ${p.layer ?? "-"})`, "the file is corrupt or was saved after training diverged; re-download or re-export it");
+    const per = quantBytes(type, 1, cols);
+    const unit = type === "bf16" || type === "f16" ? 1 : elems; // what the repack's bad index counts: values or blocks
+    // One reused read buffer (#slice), never a fresh one per tensor: the engine's reads allocate
+    // next to nothing on the JS heap, so nothing would collect discarded buffers until the end.
+    const slice = (bytes: number) => (this.#slice && this.#slice.byteLength >= bytes ? this.#slice : (this.#slice = new Uint8Array(Math.max(bytes, READ_SLICE))));
     if (!p.src.unpermuteRope) {
       // Rows in slices of at most READ_SLICE bytes, each repacked into its part of wq / ws: the
       // host never holds more than one slice (a 128k-token embedding is ~150 MB in Q4_K).
-      const per = quantBytes(type, 1, cols);
       const sliceRows = Math.max(1, Math.floor(READ_SLICE / rowBytes));
-      const need = Math.min(rows, sliceRows) * rowBytes;
-      if (!this.#slice || this.#slice.byteLength < need) this.#slice = new Uint8Array(Math.max(need, READ_SLICE));
-      const buf = this.#slice;
-      const unit = type === "bf16" || type === "f16" ? 1 : elems; // what the repack's bad index counts: values or blocks
+      const buf = slice(Math.min(rows, sliceRows) * rowBytes);
       for (let r0 = 0; r0 < rows; r0 += sliceRows) {
         const n = Math.min(sliceRows, rows - r0);
         const bytes = buf.subarray(0, n * rowBytes);
@@ -599,18 +600,18 @@ export class LazyWeights extends Map<string, HostTensor> {
       }
       return;
     }
-    let bytes = new Uint8Array(rows * rowBytes);
+    // A RoPE unpermute (q/k of a GGUF converted from HF) reorders whole rows: read the tensor once,
+    // repack each destination row from its source row.
+    const bytes = slice(rows * rowBytes).subarray(0, rows * rowBytes);
     readRangeInto(range.file, range.offset + first * rowBytes, bytes);
-    if (p.src.unpermuteRope) {
-      const c = this.#config;
-      const nh = p.src.unpermuteRope === "q" ? c.nHeads : c.nKvHeads;
-      const order = unpermuteRows(Float32Array.from({ length: rows }, (_, i) => i), nh, c.dHead, 1);
-      const src = bytes;
-      bytes = new Uint8Array(src.length);
-      order.forEach((from, to) => bytes.set(src.subarray(from * rowBytes, (from + 1) * rowBytes), to * rowBytes));
+    const c = this.#config;
+    const nh = p.src.unpermuteRope === "q" ? c.nHeads : c.nKvHeads;
+    const order = unpermuteRows(Float32Array.from({ length: rows }, (_, i) => i), nh, c.dHead, 1);
+    for (let to = 0; to < rows; to++) {
+      const from = order[to]!;
+      const bad = REPACK[type](bytes.subarray(from * rowBytes, (from + 1) * rowBytes), wq.subarray(to * per.wq, (to + 1) * per.wq), ws.subarray(to * per.ws, (to + 1) * per.ws));
+      if (bad >= 0) throw fail(bad, (from * cols) / unit);
     }
-    const bad = REPACK[type](bytes, wq, ws);
-    if (bad >= 0) throw fail(bad, 0);
   }
 
   override has(key: string): boolean {

@@ -750,57 +750,56 @@ const emitQ4KDeq = (mb: ModuleBuilder, five = false): Fn =>
   });
 
 // Q6_K (llama.cpp's 6-bit K-quant; Q4_K_M files use it for the output/embedding and some
-// matrices): super-blocks of 256 = 16 groups of 16, value = d·sc_g·(q − 32) with q six bits from
-// ql (low 4) and qh (high 2), sc_g int8. W [N, K] (K % 256 == 0) is held as
-//   wq: the file's ql (128 bytes) and qh (64 bytes) per super-block, back to back (192 bytes)
+// matrices): super-blocks of 256 = 16 groups of 16, value = d·sc_g·(q − 32) with q six bits
+// (in the file: low 4 in ql, high 2 in qh), sc_g int8. W [N, K] (K % 256 == 0) is held as
+//   wq: 192 bytes per super-block: for each half (128 weights) and l = 0..31, the codes of weights
+//       l, l+32, l+64 and l+96 of the half (q1..q4) as three bytes
+//         A = q1 | (q4 & 3) << 6 at 64·half + l, B = q2 | (q4 >> 2 & 3) << 6 at 64·half + 32 + l,
+//         C = q3 | (q4 >> 4) << 6 at 128 + 32·half + l
+//       (repackQ6_K: the file's ql/qh bits rearranged, same size)
 //   ws: per super-block d (f32) and the 16 scales (int8): 20 bytes
-// i.e. 0.83 bytes per weight (the file's 0.82). Per 128 weights (half n) and l = 0..31:
-//   q1 = ql[l] & 15 | (qh[l] & 3) << 4, q2 = ql[l+32] & 15 | (qh[l] >> 2 & 3) << 4,
-//   q3 = ql[l] >> 4 | (qh[l] >> 4 & 3) << 4, q4 = ql[l+32] >> 4 | (qh[l] >> 6) << 4
-// are weights l, l+32, l+64, l+96 of the half, scale index l/16 + 0, 2, 4, 6.
+// i.e. 0.83 bytes per weight (the file's 0.82). The scale of q_k's group is l/16 + 2(k − 1).
+// Why not the file's ql/qh: rebuilding q from those takes 17 vector operations per 64 weights
+// (shifts, masks and ors for every code), these 11 (a mask for q1..q3, three masked shifts and
+// two ors for q4), and the int8 rows are instruction-bound.
 
-/** Pushes the four 6-bit quant vectors (minus 32, as i8) of one 16-lane step (see above) and calls use(k, v) for each. */
-function q6Quants(f: Fn, L0: number, L1: number, H: number, m0f: number, m30: number, c32: number | null, u: number, use: (k: number) => void): void {
-  const lowOf = (L: number, hi: boolean) => {
-    f.get(L);
-    if (hi) f.i32Const(4).i16x8ShrU();
-    f.get(m0f).v128And();
-  };
-  const highOf = (shift: number) => {
-    // (qh >> s & 3) << 4 = (qh << (4 - s)) & 0x30 for s <= 4, (qh >> (s - 4)) & 0x30 beyond.
-    f.get(H);
-    if (shift < 4) f.i32Const(4 - shift).i16x8Shl();
-    else if (shift > 4) f.i32Const(shift - 4).i16x8ShrU();
-    f.get(m30).v128And();
-  };
-  const parts: [number, boolean, number][] = [[L0, false, 0], [L1, false, 2], [L0, true, 4], [L1, true, 6]];
-  parts.forEach(([L, hi, shift], k) => {
-    lowOf(L, hi);
-    highOf(shift);
-    f.v128Or();
+/** Pushes the four 6-bit quant vectors (minus 32 unless c32 is null, as i8) of one 16-lane step (see above) and calls use(k, v) for each. */
+function q6Quants(f: Fn, A: number, B: number, C: number, m3f: number, mc0: number, c32: number | null, u: number, use: (k: number) => void): void {
+  const done = (k: number) => {
     // c32 null: the 6-bit codes 0..63 (the relaxed rows subtract 32·Σ qx per super-block instead).
     if (c32 !== null) f.get(c32).i8x16Sub();
     f.set(u);
     use(k);
+  };
+  [A, B, C].forEach((v, k) => {
+    f.get(v).get(m3f).v128And();
+    done(k);
   });
+  // q4: the top two bits of A, B and C moved to bits 0-1, 2-3 and 4-5. Masked first, so the 16-bit
+  // shifts (x64 has no byte shift) carry nothing into the neighbouring byte.
+  [A, B, C].forEach((v, i) => {
+    f.get(v).get(mc0).v128And().i32Const(6 - 2 * i).i16x8ShrU();
+    if (i > 0) f.v128Or();
+  });
+  done(3);
 }
 
-/** The Q6_K constants' locals (0x0f and 0x30 bytes, 32 per byte); set() emits their values. */
-function q6Constants(f: Fn): { m0f: number; m30: number; c32: number; set(): void } {
-  const m0f = f.local(V128), m30 = f.local(V128), c32 = f.local(V128);
+/** The Q6_K constants' locals (0x3f, 0xc0 and 32 per byte); set() emits their values. */
+function q6Constants(f: Fn): { m3f: number; mc0: number; c32: number; set(): void } {
+  const m3f = f.local(V128), mc0 = f.local(V128), c32 = f.local(V128);
   return {
-    m0f,
-    m30,
+    m3f,
+    mc0,
     c32,
     set: () => {
-      f.v128ConstI32(0x0f0f0f0f).set(m0f);
-      f.v128ConstI32(0x30303030).set(m30);
+      f.v128ConstI32(0x3f3f3f3f).set(m3f);
+      f.v128ConstI32(0xc0c0c0c0 | 0).set(mc0);
       f.v128ConstI32(0x20202020).set(c32);
     },
   };
 }
 
-/** Loads the ql (two) and qh vectors of 16-lane step lb of half `half` of the super-block at q. */
+/** Loads the A, B and C vectors (see above) of 16-lane step lb of half `half` of the super-block at q. */
 function q6Load(f: Fn, q: number, half: number, lb: number, L0: number, L1: number, H: number): void {
   f.get(q).v128Load(64 * half + 16 * lb).set(L0);
   f.get(q).v128Load(64 * half + 32 + 16 * lb).set(L1);
@@ -838,7 +837,7 @@ const emitQ6KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
             f.get(qq).v128Load(16 * lb).set(L0);
             f.get(qq).v128Load(32 + 16 * lb).set(L1);
             f.get(qhp).v128Load(16 * lb).set(H);
-            q6Quants(f, L0, L1, H, k6.m0f, k6.m30, k6.c32, u, (k) => {
+            q6Quants(f, L0, L1, H, k6.m3f, k6.mc0, k6.c32, u, (k) => {
               dot16x2(c, xq, u, true, l, 4 * (32 * k + 16 * lb), true);
               // acc += (tA + tB) · (d · sc[8·half + lb + 2k])
               f.get(dd).get(mq).i32Load8S(4 + lb + 2 * k).f32ConvertI32S().f32Mul();
@@ -885,7 +884,7 @@ const emitQ6KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
         for (let half = 0; half < 2; half++) {
           for (let lb = 0; lb < 2; lb++) {
             q6Load(f, q, half, lb, L0, L1, H);
-            q6Quants(f, L0, L1, H, k6.m0f, k6.m30, k6.c32, u, (k) => {
+            q6Quants(f, L0, L1, H, k6.m3f, k6.mc0, k6.c32, u, (k) => {
               f.get(u).i16x8ExtendLowI8x16S().set(lo);
               f.get(u).i16x8ExtendHighI8x16S().set(u);
               f.get(mt).i32Load8S(4 + 8 * half + lb + 2 * k).i32x4Splat().set(scv);
@@ -923,7 +922,7 @@ const emitQ6KDeq = (mb: ModuleBuilder): Fn =>
         for (let half = 0; half < 2; half++) {
           for (let lb = 0; lb < 2; lb++) {
             q6Load(f, q, half, lb, L0, L1, H);
-            q6Quants(f, L0, L1, H, k6.m0f, k6.m30, k6.c32, u, (k) => {
+            q6Quants(f, L0, L1, H, k6.m3f, k6.mc0, k6.c32, u, (k) => {
               f.get(dd).get(mt).i32Load8S(4 + 8 * half + lb + 2 * k).f32ConvertI32S().f32Mul().f32x4Splat().set(s);
               store16(f, u, w16, true, p, 4 * (128 * half + 32 * k + 16 * lb), s);
             });
@@ -1174,7 +1173,7 @@ const emitQ6KRRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
         for (let half = 0; half < 2; half++) {
           for (let lb = 0; lb < 2; lb++) {
             q6Load(f, q, half, lb, L0, L1, H);
-            q6Quants(f, L0, L1, H, k6.m0f, k6.m30, null, u, (k) => {
+            q6Quants(f, L0, L1, H, k6.m3f, k6.mc0, null, u, (k) => {
               const g = lb + 2 * k, sv = spair[2 * half + (g >> 2)]!;
               f.get(sv).get(sv).splatLane32(g & 3).set(scv);
               const off = 128 * half + 32 * k + 16 * lb;
