@@ -247,12 +247,12 @@ export function repackQ5_K(bytes: Uint8Array, quants: Uint8Array, meta: Uint8Arr
 
 /**
  * Repack Q6_K blocks (`bytes`, 210 each) into the CPU engine's layout (engine/cpu/qkernels.ts):
- * `quants` 192 bytes per block, the file's ql/qh bits rearranged so that each code is one mask
- * (or, for every fourth, three masked shifts) away: per half and l = 0..31, with q1..q4 the codes
- * of weights l, l+32, l+64, l+96 of the half, A = q1 | (q4 & 3) << 6 at 64·half + l,
- * B = q2 | (q4 >> 2 & 3) << 6 at 64·half + 32 + l, C = q3 | (q4 >> 4) << 6 at 128 + 32·half + l;
- * `meta` 20 bytes per block: d as f32, then the 16 int8 scales. Returns the index of the first
- * block whose d is not finite, or -1.
+ * `quants` 192 bytes per block, the file's ql/qh bits rearranged into four steps of 64 consecutive
+ * weights so that each code is one mask (or, for the step's last 16, three masked shifts) away:
+ * with q0..q3 the codes of lane i of step s's groups of 16, A = q0 | (q3 & 3) << 6 at 48s + i,
+ * B = q1 | (q3 >> 2 & 3) << 6 at 48s + 16 + i, C = q2 | (q3 >> 4) << 6 at 48s + 32 + i; `meta` 20
+ * bytes per block: d as f32, then the 16 int8 scales. Returns the index of the first block whose d
+ * is not finite, or -1.
  */
 export function repackQ6_K(bytes: Uint8Array, quants: Uint8Array, meta: Uint8Array): number {
   const nb = bytes.byteLength / 210;
@@ -266,17 +266,23 @@ export function repackQ6_K(bytes: Uint8Array, quants: Uint8Array, meta: Uint8Arr
     const o = i * 210, w = i * 192;
     const d = half(bytes, o + 208);
     if (bad < 0 && !Number.isFinite(d)) bad = i;
-    // Four l at a time, as bytes in a 32-bit word: every shift is masked so no bit crosses a byte.
-    for (let h = 0; h < 2; h++) {
-      for (let l = 0; l < 32; l += 4) {
-        const L0 = sv.getUint32(o + 64 * h + l, true), L1 = sv.getUint32(o + 64 * h + 32 + l, true), H = sv.getUint32(o + 128 + 32 * h + l, true);
-        const q1 = (L0 & 0x0f0f0f0f) | ((H & 0x03030303) << 4);
-        const q2 = (L1 & 0x0f0f0f0f) | ((H & 0x0c0c0c0c) << 2);
-        const q3 = ((L0 >>> 4) & 0x0f0f0f0f) | (H & 0x30303030);
-        const q4 = ((L1 >>> 4) & 0x0f0f0f0f) | ((H >>> 2) & 0x30303030);
-        qv.setUint32(w + 64 * h + l, q1 | ((q4 & 0x03030303) << 6), true);
-        qv.setUint32(w + 64 * h + 32 + l, q2 | ((q4 & 0x0c0c0c0c) << 4), true);
-        qv.setUint32(w + 128 + 32 * h + l, q3 | ((q4 & 0x30303030) << 2), true);
+    // In the file, weight 128h + 32k + l (k = 0..3, l = 0..31) has its low four bits in
+    // ql[64h + 32(k & 1) + l] (low nibble for k < 2, high for k >= 2) and its high two in
+    // qh[32h + l] at bit 2k. Step s = 2h + e holds k = 2e (groups 0, 1: l < 16, l >= 16) and
+    // k = 2e + 1 (groups 2, 3). Four l at a time, as bytes in a 32-bit word: every shift is
+    // masked so that no bit crosses into another byte.
+    for (let s = 0; s < 4; s++) {
+      const h = s >> 1, sh = 4 * (s & 1);
+      const ql = o + 64 * h, qh = o + 128 + 32 * h, out = w + 48 * s;
+      for (let l = 0; l < 16; l += 4) {
+        const Hlo = sv.getUint32(qh + l, true), Hhi = sv.getUint32(qh + 16 + l, true);
+        const q0 = ((sv.getUint32(ql + l, true) >>> sh) & 0x0f0f0f0f) | (((Hlo >>> sh) & 0x03030303) << 4);
+        const q1 = ((sv.getUint32(ql + 16 + l, true) >>> sh) & 0x0f0f0f0f) | (((Hhi >>> sh) & 0x03030303) << 4);
+        const q2 = ((sv.getUint32(ql + 32 + l, true) >>> sh) & 0x0f0f0f0f) | (((Hlo >>> (sh + 2)) & 0x03030303) << 4);
+        const q3 = ((sv.getUint32(ql + 48 + l, true) >>> sh) & 0x0f0f0f0f) | (((Hhi >>> (sh + 2)) & 0x03030303) << 4);
+        qv.setUint32(out + l, q0 | ((q3 & 0x03030303) << 6), true);
+        qv.setUint32(out + 16 + l, q1 | ((q3 & 0x0c0c0c0c) << 4), true);
+        qv.setUint32(out + 32 + l, q2 | ((q3 & 0x30303030) << 2), true);
       }
     }
     dv.setFloat32(i * 20, d, true);

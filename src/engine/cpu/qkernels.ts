@@ -751,17 +751,19 @@ const emitQ4KDeq = (mb: ModuleBuilder, five = false): Fn =>
 
 // Q6_K (llama.cpp's 6-bit K-quant; Q4_K_M files use it for the output/embedding and some
 // matrices): super-blocks of 256 = 16 groups of 16, value = d·sc_g·(q − 32) with q six bits
-// (in the file: low 4 in ql, high 2 in qh), sc_g int8. W [N, K] (K % 256 == 0) is held as
-//   wq: 192 bytes per super-block: for each half (128 weights) and l = 0..31, the codes of weights
-//       l, l+32, l+64 and l+96 of the half (q1..q4) as three bytes
-//         A = q1 | (q4 & 3) << 6 at 64·half + l, B = q2 | (q4 >> 2 & 3) << 6 at 64·half + 32 + l,
-//         C = q3 | (q4 >> 4) << 6 at 128 + 32·half + l
+// (in the file: low 4 in ql, high 2 in qh, interleaved across the super-block), sc_g int8.
+// W [N, K] (K % 256 == 0) is held as
+//   wq: 192 bytes per super-block, four steps of 64 consecutive weights (groups 4s..4s+3), 48
+//       bytes each: with q0..q3 the codes of lane i of the step's groups, three bytes
+//         A = q0 | (q3 & 3) << 6 at 48s + i, B = q1 | (q3 >> 2 & 3) << 6 at 48s + 16 + i,
+//         C = q2 | (q3 >> 4) << 6 at 48s + 32 + i
 //       (repackQ6_K: the file's ql/qh bits rearranged, same size)
-//   ws: per super-block d (f32) and the 16 scales (int8): 20 bytes
-// i.e. 0.83 bytes per weight (the file's 0.82). The scale of q_k's group is l/16 + 2(k − 1).
-// Why not the file's ql/qh: rebuilding q from those takes 17 vector operations per 64 weights
-// (shifts, masks and ors for every code), these 11 (a mask for q1..q3, three masked shifts and
-// two ors for q4), and the int8 rows are instruction-bound.
+//   ws: per super-block d (f32) and the 16 scales (int8, group order): 20 bytes
+// i.e. 0.83 bytes per weight (the file's 0.82). Why not the file's ql/qh: rebuilding q from them
+// takes 17 vector operations per 64 weights (shifts, masks and ors for every code), these 11 (a
+// mask for q0..q2, three masked shifts and two ors for q3), and the int8 rows are instruction-
+// bound; and a step of consecutive weights is one uniform loop step (X, scales and W advance by
+// fixed strides), so a loop need not hold a whole super-block's operands in 16 registers.
 
 /** Pushes the four 6-bit quant vectors (minus 32 unless c32 is null, as i8) of one 16-lane step (see above) and calls use(k, v) for each. */
 function q6Quants(f: Fn, A: number, B: number, C: number, m3f: number, mc0: number, c32: number | null, u: number, use: (k: number) => void): void {
@@ -799,12 +801,19 @@ function q6Constants(f: Fn): { m3f: number; mc0: number; c32: number; set(): voi
   };
 }
 
-/** Loads the A, B and C vectors (see above) of 16-lane step lb of half `half` of the super-block at q. */
-function q6Load(f: Fn, q: number, half: number, lb: number, L0: number, L1: number, H: number): void {
-  f.get(q).v128Load(64 * half + 16 * lb).set(L0);
-  f.get(q).v128Load(64 * half + 32 + 16 * lb).set(L1);
-  f.get(q).v128Load(128 + 32 * half + 16 * lb).set(H);
+/** Loads the A, B and C vectors (see above) of step s (64 weights) of the super-block at q. */
+function q6Load(f: Fn, q: number, s: number, A: number, B: number, C: number): void {
+  f.get(q).v128Load(48 * s).set(A);
+  f.get(q).v128Load(48 * s + 16).set(B);
+  f.get(q).v128Load(48 * s + 32).set(C);
 }
+
+/**
+ * Steps of 64 weights per loop step of the Q6_K rows (float and relaxed int8): one. Measured
+ * (1 thread, in-process A/B, several processes since code placement moves a build by ±20%): float
+ * rows 5.2-6.9 G weights/s with one vs 3.4-5.2 with two; relaxed int8 rows 23.5-24.2 vs 22.7-23.3.
+ */
+const Q6K_STEP: number = 1;
 
 /** q6krows_a(px, ldx, wq, ws, py, ldy, N, K, acc): a rows of X against all N rows of a Q6_K matrix. */
 const emitQ6KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
@@ -813,11 +822,11 @@ const emitQ6KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
     const q = f.local(I32), mt = f.local(I32);
     // Two accumulator chains per row (even and odd f32x4 of each 16 weights), as in q4krows.
     const l: Chains = { w16: f.local(V128), wf: f.local(V128), xv: f.local(V128), tA: Array.from({ length: c.a }, () => f.local(V128)), tB: Array.from({ length: c.a }, () => f.local(V128)) };
-    const L0 = f.local(V128), L1 = f.local(V128), H = f.local(V128), u = f.local(V128), tmp = f.local(V128);
+    const A = f.local(V128), B = f.local(V128), C = f.local(V128), u = f.local(V128), tmp = f.local(V128);
     const k6 = q6Constants(f);
     const dd = f.local(F32);
-    // One loop step per half super-block (see Q8I_BLOCKS): its own pointers into W, X and the scales.
-    const qq = f.local(I32), qhp = f.local(I32), mq = f.local(I32), step = f.local(I32);
+    // One loop step per Q6K_STEP steps of 64 weights: its own pointers into W, X and the scales.
+    const qq = f.local(I32), mq = f.local(I32), step = f.local(I32);
     const xq = Array.from({ length: c.a }, () => f.local(I32));
     return {
       shift: 8,
@@ -828,26 +837,22 @@ const emitQ6KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
       block: () => {
         f.get(mt).f32Load(0).set(dd);
         f.get(q).i32Const(0).i32Add().set(qq);
-        f.get(q).i32Const(128).i32Add().set(qhp);
         f.get(mt).i32Const(0).i32Add().set(mq);
         for (let i = 0; i < c.a; i++) f.get(c.xp[i]!).i32Const(0).i32Add().set(xq[i]!);
-        f.i32Const(2).set(step);
+        f.i32Const(4 / Q6K_STEP).set(step);
         f.loop(() => {
-          for (let lb = 0; lb < 2; lb++) {
-            f.get(qq).v128Load(16 * lb).set(L0);
-            f.get(qq).v128Load(32 + 16 * lb).set(L1);
-            f.get(qhp).v128Load(16 * lb).set(H);
-            q6Quants(f, L0, L1, H, k6.m3f, k6.mc0, k6.c32, u, (k) => {
-              dot16x2(c, xq, u, true, l, 4 * (32 * k + 16 * lb), true);
-              // acc += (tA + tB) · (d · sc[8·half + lb + 2k])
-              f.get(dd).get(mq).i32Load8S(4 + lb + 2 * k).f32ConvertI32S().f32Mul();
+          for (let j = 0; j < Q6K_STEP; j++) {
+            q6Load(f, qq, j, A, B, C);
+            q6Quants(f, A, B, C, k6.m3f, k6.mc0, k6.c32, u, (k) => {
+              dot16x2(c, xq, u, true, l, 4 * (64 * j + 16 * k), true);
+              // acc += (tA + tB) · (d · sc[group])
+              f.get(dd).get(mq).i32Load8S(4 + 4 * j + k).f32ConvertI32S().f32Mul();
               scaleChainsInto(c, l, tmp);
             });
           }
-          f.get(qq).i32Const(64).i32Add().set(qq);
-          f.get(qhp).i32Const(32).i32Add().set(qhp);
-          f.get(mq).i32Const(8).i32Add().set(mq);
-          for (let i = 0; i < c.a; i++) f.get(xq[i]!).i32Const(512).i32Add().set(xq[i]!);
+          f.get(qq).i32Const(48 * Q6K_STEP).i32Add().set(qq);
+          f.get(mq).i32Const(4 * Q6K_STEP).i32Add().set(mq);
+          for (let i = 0; i < c.a; i++) f.get(xq[i]!).i32Const(256 * Q6K_STEP).i32Add().set(xq[i]!);
           f.get(step).i32Const(1).i32Sub().tee(step).brIf(0);
         });
         f.get(q).i32Const(192).i32Add().set(q);
@@ -867,7 +872,7 @@ const emitQ6KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
     const XS = c.extra[0]!;
     const xd = f.local(I32), q = f.local(I32), mt = f.local(I32);
     const iacc = Array.from({ length: c.a }, () => f.local(V128));
-    const L0 = f.local(V128), L1 = f.local(V128), H = f.local(V128), u = f.local(V128), lo = f.local(V128), scv = f.local(V128), tmp = f.local(V128);
+    const A = f.local(V128), B = f.local(V128), C = f.local(V128), u = f.local(V128), lo = f.local(V128), scv = f.local(V128), tmp = f.local(V128);
     const k6 = q6Constants(f);
     const dd = f.local(F32);
     return {
@@ -881,21 +886,19 @@ const emitQ6KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
       block: () => {
         f.get(mt).f32Load(0).set(dd);
         for (let i = 0; i < c.a; i++) f.v128ConstI32(0).set(iacc[i]!);
-        for (let half = 0; half < 2; half++) {
-          for (let lb = 0; lb < 2; lb++) {
-            q6Load(f, q, half, lb, L0, L1, H);
-            q6Quants(f, L0, L1, H, k6.m3f, k6.mc0, k6.c32, u, (k) => {
-              f.get(u).i16x8ExtendLowI8x16S().set(lo);
-              f.get(u).i16x8ExtendHighI8x16S().set(u);
-              f.get(mt).i32Load8S(4 + 8 * half + lb + 2 * k).i32x4Splat().set(scv);
-              const off = 2 * (128 * half + 32 * k + 16 * lb);
-              for (let i = 0; i < c.a; i++) {
-                f.get(lo).get(c.xp[i]!).v128Load(off).i32x4DotI16x8S();
-                f.get(u).get(c.xp[i]!).v128Load(off + 16).i32x4DotI16x8S().i32x4Add();
-                f.get(scv).i32x4Mul().get(iacc[i]!).i32x4Add().set(iacc[i]!);
-              }
-            });
-          }
+        for (let st = 0; st < 4; st++) {
+          q6Load(f, q, st, A, B, C);
+          q6Quants(f, A, B, C, k6.m3f, k6.mc0, k6.c32, u, (k) => {
+            f.get(u).i16x8ExtendLowI8x16S().set(lo);
+            f.get(u).i16x8ExtendHighI8x16S().set(u);
+            f.get(mt).i32Load8S(4 + 4 * st + k).i32x4Splat().set(scv);
+            const off = 2 * (64 * st + 16 * k);
+            for (let i = 0; i < c.a; i++) {
+              f.get(lo).get(c.xp[i]!).v128Load(off).i32x4DotI16x8S();
+              f.get(u).get(c.xp[i]!).v128Load(off + 16).i32x4DotI16x8S().i32x4Add();
+              f.get(scv).i32x4Mul().get(iacc[i]!).i32x4Add().set(iacc[i]!);
+            }
+          });
         }
         iaccInto(c, iacc, dd, xd, tmp, scv);
         f.get(q).i32Const(192).i32Add().set(q);
@@ -909,7 +912,7 @@ const emitQ6KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
 const emitQ6KDeq = (mb: ModuleBuilder): Fn =>
   emitDeq(mb, "q6kdeq", 8, (f, P) => {
     const q = f.local(I32), mt = f.local(I32);
-    const L0 = f.local(V128), L1 = f.local(V128), H = f.local(V128), u = f.local(V128), w16 = f.local(V128), s = f.local(V128);
+    const A = f.local(V128), B = f.local(V128), C = f.local(V128), u = f.local(V128), w16 = f.local(V128), s = f.local(V128);
     const k6 = q6Constants(f);
     const dd = f.local(F32);
     return {
@@ -919,14 +922,12 @@ const emitQ6KDeq = (mb: ModuleBuilder): Fn =>
       },
       block: (p) => {
         f.get(mt).f32Load(0).set(dd);
-        for (let half = 0; half < 2; half++) {
-          for (let lb = 0; lb < 2; lb++) {
-            q6Load(f, q, half, lb, L0, L1, H);
-            q6Quants(f, L0, L1, H, k6.m3f, k6.mc0, k6.c32, u, (k) => {
-              f.get(dd).get(mt).i32Load8S(4 + 8 * half + lb + 2 * k).f32ConvertI32S().f32Mul().f32x4Splat().set(s);
-              store16(f, u, w16, true, p, 4 * (128 * half + 32 * k + 16 * lb), s);
-            });
-          }
+        for (let st = 0; st < 4; st++) {
+          q6Load(f, q, st, A, B, C);
+          q6Quants(f, A, B, C, k6.m3f, k6.mc0, k6.c32, u, (k) => {
+            f.get(dd).get(mt).i32Load8S(4 + 4 * st + k).f32ConvertI32S().f32Mul().f32x4Splat().set(s);
+            store16(f, u, w16, true, p, 4 * (64 * st + 16 * k), s);
+          });
         }
         f.get(q).i32Const(192).i32Add().set(q);
         f.get(mt).i32Const(20).i32Add().set(mt);
@@ -1146,10 +1147,13 @@ const emitQ6KRRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
     const XS = c.extra[0]!;
     const xd = f.local(I32), bsp = f.local(I32), q = f.local(I32), mt = f.local(I32);
     const iacc = Array.from({ length: c.a }, () => f.local(V128));
-    const L0 = f.local(V128), L1 = f.local(V128), H = f.local(V128), u = f.local(V128), scv = f.local(V128), tmp = f.local(V128), sclo = f.local(V128), schi = f.local(V128);
-    const spair = Array.from({ length: 4 }, () => f.local(V128));
+    const A = f.local(V128), B = f.local(V128), C = f.local(V128), u = f.local(V128), scv = f.local(V128), tmp = f.local(V128);
+    const spair = Array.from({ length: Q6K_STEP }, () => f.local(V128));
     const k6 = q6Constants(f);
     const dd = f.local(F32);
+    // One loop step per Q6K_STEP steps of 64 weights: its own pointers into W, X and the scales.
+    const qq = f.local(I32), mq = f.local(I32), step = f.local(I32);
+    const xq = Array.from({ length: c.a }, () => f.local(I32));
     const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
     return {
       shift: 8,
@@ -1166,29 +1170,39 @@ const emitQ6KRRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
       block: () => {
         f.get(mt).f32Load(0).set(dd);
         for (let i = 0; i < c.a; i++) f.v128ConstI32(0).set(iacc[i]!);
-        // The sixteen int8 scales as i16 lanes: splat by a shuffle per group, and the −32 term's weights.
-        f.get(mt).v128Load8x8S(4).set(sclo);
-        f.get(mt).v128Load8x8S(12).set(schi);
-        for (let p = 0; p < 4; p++) f.get(p < 2 ? sclo : schi).get(p < 2 ? sclo : schi).pairLanes16(p % 2).set(spair[p]!);
-        for (let half = 0; half < 2; half++) {
-          for (let lb = 0; lb < 2; lb++) {
-            q6Load(f, q, half, lb, L0, L1, H);
-            q6Quants(f, L0, L1, H, k6.m3f, k6.mc0, null, u, (k) => {
-              const g = lb + 2 * k, sv = spair[2 * half + (g >> 2)]!;
-              f.get(sv).get(sv).splatLane32(g & 3).set(scv);
-              const off = 128 * half + 32 * k + 16 * lb;
+        f.get(q).i32Const(0).i32Add().set(qq);
+        f.get(mt).i32Const(0).i32Add().set(mq);
+        for (let i = 0; i < c.a; i++) f.get(c.xp[i]!).i32Const(0).i32Add().set(xq[i]!);
+        f.i32Const(4 / Q6K_STEP).set(step);
+        f.loop(() => {
+          // This loop step's 4·Q6K_STEP int8 scales as i16 pairs (step j's four in spair[j]), each
+          // splat where its group needs it by a one-instruction 32-bit shuffle.
+          // (Four bytes for one step: eight would read past the last super-block's scales.)
+          if (Q6K_STEP === 1) f.get(mq).v128Load32Zero(4).i16x8ExtendLowI8x16S().set(tmp);
+          else f.get(mq).v128Load8x8S(4).set(tmp);
+          for (let j = 0; j < Q6K_STEP; j++) f.get(tmp).get(tmp).pairLanes16(j).set(spair[j]!);
+          for (let j = 0; j < Q6K_STEP; j++) {
+            q6Load(f, qq, j, A, B, C);
+            q6Quants(f, A, B, C, k6.m3f, k6.mc0, null, u, (k) => {
+              f.get(spair[j]!).get(spair[j]!).splatLane32(k).set(scv);
               for (let i = 0; i < c.a; i++) {
-                f.get(c.xp[i]!).v128Load(off).get(u).i16x8RelaxedDotI8x16I7x16S();
+                f.get(xq[i]!).v128Load(64 * j + 16 * k).get(u).i16x8RelaxedDotI8x16I7x16S();
                 f.get(scv).i32x4DotI16x8S().get(iacc[i]!).i32x4Add().set(iacc[i]!);
               }
             });
           }
-        }
-        // iacc −= 32 · Σ_j sc_j · Σ qx_j (j: the 16 groups of 16, scales as i16, sums as i16).
+          f.get(qq).i32Const(48 * Q6K_STEP).i32Add().set(qq);
+          f.get(mq).i32Const(4 * Q6K_STEP).i32Add().set(mq);
+          for (let i = 0; i < c.a; i++) f.get(xq[i]!).i32Const(64 * Q6K_STEP).i32Add().set(xq[i]!);
+          f.get(step).i32Const(1).i32Sub().tee(step).brIf(0);
+        });
+        // iacc −= 32 · Σ_g sc_g · Σ qx_g (g: the 16 groups of 16, scales as i16, sums as i16).
+        f.get(mt).v128Load8x8S(4).set(A);
+        f.get(mt).v128Load8x8S(12).set(B);
         for (let i = 0; i < c.a; i++) {
           f.get(iacc[i]!);
-          rowOff(i, bsp).v128Load(0).get(sclo).i32x4DotI16x8S();
-          rowOff(i, bsp).v128Load(16).get(schi).i32x4DotI16x8S().i32x4Add();
+          rowOff(i, bsp).v128Load(0).get(A).i32x4DotI16x8S();
+          rowOff(i, bsp).v128Load(16).get(B).i32x4DotI16x8S().i32x4Add();
           f.i32Const(5).i32x4Shl().i32x4Sub().set(iacc[i]!);
         }
         iaccInto(c, iacc, dd, xd, tmp, scv);
