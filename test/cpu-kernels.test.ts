@@ -9,7 +9,7 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
-import { CpuRuntime, type Gemm } from "../src/engine/cpu/runtime.js";
+import { CpuRuntime, guidedCuts, type Gemm } from "../src/engine/cpu/runtime.js";
 import { buildKernelModule, DEFAULT_KERNEL, directUnroll } from "../src/engine/cpu/kernels.js";
 import { prng } from "./support/prng.js";
 
@@ -359,6 +359,19 @@ for (const threads of [1, 2]) {
     });
   });
 }
+
+describe("guidedCuts (decode-size pieces, largest first)", () => {
+  test("cover [0, N) once, in pieces that never grow and end small", () => {
+    for (const [N, threads, pieces] of [[16384, 2, 16], [2048, 2, 16], [128256, 4, 32], [5, 2, 16], [1, 2, 1]] as const) {
+      const cuts = guidedCuts(N, threads, pieces);
+      const sizes = cuts.map((c, i) => c - (cuts[i - 1] ?? 0));
+      assert.equal(cuts.at(-1), N, `${N}: the last cut is N`);
+      assert.ok(sizes.every((z) => z > 0), `${N}: every piece has rows`);
+      assert.ok(sizes.every((z, i) => i === 0 || z <= sizes[i - 1]!), `${N}: pieces never grow (${sizes.join(",")})`);
+      if (N >= 2048) assert.ok(sizes.at(-2)! <= N / (2 * pieces), `${N}: the tail pieces are small (${sizes.join(",")})`);
+    }
+  });
+});
 
 describe("CpuRuntime determinism", () => {
   test("1 and 2 threads give bitwise identical results (N splits over a shared packed X, both paths)", async () => {

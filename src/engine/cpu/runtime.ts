@@ -113,6 +113,21 @@ const IDX_BITS = 13; // list indices < 8192 (LIST_CAP <= 8191)
 const IDX_MASK = (1 << IDX_BITS) - 1;
 const GEN_MASK = (1 << (31 - IDX_BITS)) - 1;
 const LIST_CAP = 4096; // gemms per dispatch
+
+/**
+ * Ends of the pieces of N rows for `threads` threads, largest first: each piece is the remaining
+ * rows over 2·threads (at least N / (4·pieces)), so the last pieces, the ones a thread may be left
+ * alone with, are small.
+ */
+export function guidedCuts(N: number, threads: number, pieces: number): number[] {
+  const min = Math.max(1, Math.ceil(N / (4 * pieces)));
+  const cuts: number[] = [];
+  for (let n0 = 0; n0 < N; ) {
+    n0 = Math.min(N, n0 + Math.max(min, Math.ceil((N - n0) / (2 * threads))));
+    cuts.push(n0);
+  }
+  return cuts;
+}
 const LIST_BYTE = 64; // the list area starts here; then one scratch area per thread, then the heap
 const SCRATCH_BYTE = LIST_BYTE + LIST_CAP * TASK_WORDS * 4;
 const PAGE = 65536;
@@ -494,9 +509,13 @@ export class CpuRuntime {
       // 8 pieces per thread with a shared X (packed, or quantized: the int8 rows at any M, as measured), 4 otherwise.
       const perThread = this.piecesPerThread ?? (packed ? 8 : 4);
       const pieces = Math.max(1, Math.min(this.threads * perThread, Math.floor(N / 4), Math.floor(flops / PARALLEL_FLOPS)));
+      // At decode sizes, largest pieces first (guidedCuts): the thread left with the last piece
+      // waits less for the other. In-process A/B, 2 threads: 3B-shaped Q4_K_M int8 decode 1.3-2.3%
+      // faster, 1B 1.2%; prefill keeps equal pieces (not measured with these).
+      const cuts = M < this.packMinM ? guidedCuts(N, this.threads, pieces) : null;
       const step = Math.ceil(N / pieces);
       let count = 0;
-      for (let n0 = 0; n0 < N; n0 += step, count++) {
+      for (let n0 = 0; n0 < N; n0 = cuts ? cuts[count]! : n0 + step, count++) {
         const ints = this.iview;
         const o = (LIST_BYTE >>> 2) + count * TASK_WORDS;
         ints[o] = QUANT_TASK[type];
@@ -507,7 +526,7 @@ export class CpuRuntime {
         ints[o + 5] = (g.y + n0) * 4;
         ints[o + 6] = g.ldy * 4;
         ints[o + 7] = M;
-        ints[o + 8] = Math.min(step, N - n0);
+        ints[o + 8] = (cuts ? cuts[count]! : Math.min(N, n0 + step)) - n0;
         ints[o + 9] = K;
         ints[o + 10] = packed ? flags | PACKED_X : flags;
         ints[o + 11] = deqRows;
