@@ -306,9 +306,9 @@ for (const threads of [1, 2]) {
     try {
       const r = rng(12);
       let worstVsExact = 0;
-      // M >= packMinM (9): prefill sizes, int8 rows for Q4_K/Q5_K only; Q6_K and Q8_0 keep the f32 GEMM there.
+      // M >= packMinM (9): prefill sizes, int8 rows for Q4_K/Q5_K/Q6_K; Q8_0 keeps the f32 GEMM there.
       for (const [M, N, K] of [[1, 3, 256], [2, 5, 512], [3, 7, 256], [4, 9, 768], [5, 4, 256], [6, 5, 512], [7, 3, 256], [8, 6, 768], [1, 300, 1024], [2, 64, 2048], [9, 5, 256], [13, 6, 512], [33, 40, 768]] as const) {
-        const int8Here = M < DEFAULT_KERNEL.packMinM || kq.type === "q4_k" || kq.type === "q5_k";
+        const int8Here = M < DEFAULT_KERNEL.packMinM || kq.type !== "q8_0";
         const nb = (N * K) / kq.elems;
         const blocks = Uint8Array.from({ length: nb * kq.bytes }, () => Math.floor((r() + 0.5) * 256) & 255);
         const dv = new DataView(blocks.buffer);

@@ -80,6 +80,13 @@ export interface KernelOptions {
   /** Direct (unpacked) path for small M: rows of X per pass over W, maximum K unroll. */
   dmr: number;
   dku: number;
+  /**
+   * Rows of X per pass over W in the int8-activation rows (qkernels.ts; every M). Two: more rows'
+   * activation loads spill (V8 hoists a loop body's loads), and with four the rows ran no faster
+   * than one at a time (in-process A/B, Q4_K 2048×8192 at M = 32, 1 thread: 1, 2, 3, 4 rows 32.9,
+   * 38.1, 37.1, 34.8 G products/s).
+   */
+  idmr: number;
 }
 
 export const DEFAULT_KERNEL: Omit<KernelOptions, "relaxed" | "relaxedDot" | "shared"> = {
@@ -93,6 +100,7 @@ export const DEFAULT_KERNEL: Omit<KernelOptions, "relaxed" | "relaxedDot" | "sha
   packMinM: 9,
   dmr: 4,
   dku: 4,
+  idmr: 2,
 };
 
 /** i32 words per task record in a task_list (64 bytes). */
@@ -141,7 +149,7 @@ export function scratchBytes(o: KernelOptions): number {
 
 function checkOptions(o: KernelOptions): void {
   const int = (v: number, lo: number, hi: number) => Number.isInteger(v) && v >= lo && v <= hi;
-  if (!int(o.mr, 1, 6) || !int(o.nr, 1, 16) || !int(o.dmr, 1, 6)) throw new Error("kernel tile sizes out of range");
+  if (!int(o.mr, 1, 6) || !int(o.nr, 1, 16) || !int(o.dmr, 1, 6) || !int(o.idmr, 1, 6)) throw new Error("kernel tile sizes out of range");
   for (const k of [o.ku, o.dku]) if (!int(k, 1, 8) || (k & (k - 1)) !== 0) throw new Error("kernel unroll must be a power of two <= 8");
   if (!int(o.kc, 4, 1 << 20) || o.kc % 4 !== 0) throw new Error("kernel kc must be a positive multiple of 4");
   if (!int(o.l2Bytes, o.mr * o.kc * 4, 1 << 28)) throw new Error("kernel l2Bytes must hold at least one X panel (mr * kc floats)");

@@ -553,10 +553,13 @@ function iaccInto(c: RowsCtx, iacc: number[], dd: number, xd: number, tmp: numbe
  *    differently: the same dot of dequantized values either way.
  */
 /**
- * Sub-blocks of 32 per loop step of the int8-activation Q4_K/Q5_K rows: four (measured: two as
- * fast, eight slower). Fixed: the relaxed rows' scale pairs (scs, scb) hold four sub-blocks each.
+ * Sub-blocks of 32 per loop step of the int8-activation Q4_K/Q5_K rows: two or four (the relaxed
+ * rows' scale handling knows both). Two since 2026-12-07 (second session): as fast at decode (one
+ * activation row per pass; 32.8-32.9 G weights/s either way), and with two rows per pass (prefill)
+ * 38 instead of 31 G products/s, where four sub-blocks' loads spilled (in-process A/B, 1 thread,
+ * 2048×8192 at M = 32). Eight spilled at decode too.
  */
-const Q4K_STEP = 4;
+const Q4K_STEP: number = 2;
 const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = false, relaxed = false): Fn =>
   emitRows(mb, o, `${five ? "q5k" : "q4k"}${relaxed ? "r" : "i"}rows`, a, 1, (c) => {
     const { f } = c;
@@ -611,7 +614,7 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
         f.get(mt).f32Load(4).set(dmin);
         // The eight 6-bit scales, each as an i16 pair (scs: sub-blocks 0..3, scb: 4..7), splat by a
         // one-instruction 32-bit shuffle where its sub-block needs it.
-        if (relaxed) {
+        if (relaxed && Q4K_STEP === 4) {
           f.get(mt).v128Load8x8U(8).set(tmp);
           f.get(tmp).get(tmp).pairLanes16(0).set(scs);
           f.get(tmp).get(tmp).pairLanes16(1).set(scb);
@@ -623,6 +626,9 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
         for (let i = 0; i < c.a; i++) f.get(c.xp[i]!).i32Const(0).i32Add().set(xq[i]!);
         f.i32Const(8 / Q4K_STEP).set(step);
         f.loop(() => {
+          // Two sub-blocks per step: this step's scales as i16 pairs (eight bytes from the step's
+          // first scale stay within the block's 24: its mins follow).
+          if (relaxed && Q4K_STEP === 2) f.get(mq).v128Load8x8U(8).tee(tmp).get(tmp).pairLanes16(0).set(scs);
           // Sub-blocks j = 0..Q4K_STEP−1 of this step (pairs sharing 32 bytes of nibbles).
           for (let ch = 0; ch < Q4K_STEP / 2; ch++) {
             f.get(qq).v128Load(32 * ch).set(v[0]!);
@@ -641,7 +647,7 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
           f.get(mq).i32Const(Q4K_STEP).i32Add().set(mq);
           for (let i = 0; i < c.a; i++) f.get(xq[i]!).i32Const((relaxed ? 32 : 64) * Q4K_STEP).i32Add().set(xq[i]!);
           // The next step's scales in lanes 0.., its fifth bits at bit 0..
-          if (relaxed) f.get(scb).set(scs);
+          if (relaxed && Q4K_STEP === 4) f.get(scb).set(scs);
           if (five) for (let h = 0; h < 2; h++) f.get(qh[h]!).i32Const(Q4K_STEP).i16x8ShrU().set(qh[h]!);
           f.get(step).i32Const(1).i32Sub().tee(step).brIf(0);
         });
@@ -1227,7 +1233,9 @@ export const QUANT_EXPORTS: Record<QuantType, { gemm: string; deq: string }> = {
 
 /** Emits every type's rows and dequantization kernels and its driver (exported); `gemm` is the f32 driver. */
 export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn): Record<QuantType, Fn> {
-  const rowsOf = (emit: (mb: ModuleBuilder, o: KernelOptions, a: number) => Fn) => Array.from({ length: o.dmr }, (_, i) => emit(mb, o, i + 1));
+  const rowsOf = (emit: (mb: ModuleBuilder, o: KernelOptions, a: number) => Fn, n = o.dmr) => Array.from({ length: n }, (_, i) => emit(mb, o, i + 1));
+  /** The int8-activation rows: up to o.idmr rows of X per pass over W. */
+  const irowsOf = (emit: (mb: ModuleBuilder, o: KernelOptions, a: number) => Fn) => rowsOf(emit, o.idmr);
   const xsums = emitXSums(mb);
   const q8act = emitQ8Act(mb);
   // Each driver's byte offsets of row n0 in wq (pushed) and ws (pushed by the returned function).
@@ -1244,7 +1252,7 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
         g.get(n0).get(K).i32Mul(); // quant bytes before row n0
         return () => void g.get(n0).get(K).i32Mul().i32Const(3).i32ShrU(); // scale bytes: n0·K/32·4
       },
-      { rows: rowsOf(emitQ8IRows), prep: q8act },
+      { rows: irowsOf(emitQ8IRows), prep: q8act },
     ),
     q4_0: emitDriver(mb, o, gemm, QUANT_EXPORTS.q4_0.gemm, rowsOf(emitQ40Rows), emitQ40Deq(mb), null, (g, n0, K) => {
       g.get(n0).get(K).i32Mul().i32Const(1).i32ShrU(); // nibble bytes: n0·K/2
@@ -1262,7 +1270,7 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
         g.get(n0).get(K).i32Mul().i32Const(1).i32ShrU(); // nibble bytes: n0·K/2
         return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(24).i32Mul(); // meta: n0·K/256·24
       },
-      { rows: rowsOf((m, oo, a) => emitQ4KIRows(m, oo, a, false, o.relaxedDot)), prep: q8act, i8: o.relaxedDot },
+      { rows: irowsOf((m, oo, a) => emitQ4KIRows(m, oo, a, false, o.relaxedDot)), prep: q8act, i8: o.relaxedDot },
     ),
     q5_k: emitDriver(
       mb,
@@ -1276,7 +1284,7 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
         g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(160).i32Mul(); // nibbles and high bits: n0·K/256·160
         return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(24).i32Mul(); // meta: n0·K/256·24
       },
-      { rows: rowsOf((m, oo, a) => emitQ4KIRows(m, oo, a, true, o.relaxedDot)), prep: q8act, i8: o.relaxedDot },
+      { rows: irowsOf((m, oo, a) => emitQ4KIRows(m, oo, a, true, o.relaxedDot)), prep: q8act, i8: o.relaxedDot },
     ),
     q6_k: emitDriver(
       mb,
@@ -1290,7 +1298,7 @@ export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn):
         g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(192).i32Mul(); // n0·K/256·192
         return () => void g.get(n0).get(K).i32Mul().i32Const(8).i32ShrU().i32Const(20).i32Mul(); // n0·K/256·20
       },
-      o.relaxedDot ? { rows: rowsOf(emitQ6KRRows), prep: q8act, i8: true } : { rows: rowsOf(emitQ6KIRows), prep: q8act },
+      o.relaxedDot ? { rows: irowsOf(emitQ6KRRows), prep: q8act, i8: true } : { rows: irowsOf(emitQ6KIRows), prep: q8act },
     ),
     bf16: emitDriver(mb, o, gemm, QUANT_EXPORTS.bf16.gemm, rowsOf(emitBf16Rows), emitBf16Deq(mb), null, (g, n0, K) => {
       g.get(n0).get(K).i32Mul().i32Const(1).i32Shl(); // value bytes: n0·K·2
@@ -1335,11 +1343,12 @@ function emitDriver(
     g.get(Y).i32Const(0).i32Add().set(y);
     g.get(N).i32Const(0).i32Add().set(nr);
   };
-  /** Direct: dmr rows of X at a time against the nr rows of W at wq/ws (the rest through a smaller kernel). */
+  /** Direct: fns.length rows of X at a time against the nr rows of W at wq/ws (the rest through a smaller kernel). */
   const direct = (fns: Fn[], x: () => void, ldx: () => void, xs: (() => void) | null) =>
     g.loop(() => {
+      const amax = fns.length;
       g.get(M).get(m).i32Sub().set(r);
-      g.get(r).i32Const(o.dmr).i32GtU().if(() => void g.i32Const(o.dmr).set(r));
+      g.get(r).i32Const(amax).i32GtU().if(() => void g.i32Const(amax).set(r));
       const call = (fn: Fn) => {
         x();
         ldx();
@@ -1351,7 +1360,7 @@ function emitDriver(
         g.call(fn);
       };
       const chain = (a: number) => {
-        if (a === o.dmr) return call(fns[a - 1]!);
+        if (a === amax) return call(fns[a - 1]!);
         g.get(r).i32Const(a).i32Eq().if(() => call(fns[a - 1]!), () => chain(a + 1));
       };
       chain(1);
@@ -1400,7 +1409,7 @@ function emitDriver(
             () => void g.get(qx).get(m).get(stride).i32Mul().i32Add(),
           );
         // W in chunks of about 256 KiB (K bytes per row bounds every type's), each against all M
-        // rows of X: at prefill sizes a chunk then stays in L2 across the M/dmr passes over it
+        // rows of X: at prefill sizes a chunk then stays in L2 across the M/idmr passes over it
         // instead of streaming from L3 or memory on each.
         g.i32Const(0).set(n0);
         g.loop(() => {

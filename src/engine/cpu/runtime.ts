@@ -61,7 +61,7 @@ export interface Gemm {
  */
 export interface QGemm extends Omit<Gemm, "w" | "ldw"> {
   type?: QuantType;
-  /** int8-quantized activations (qkernels.ts INT8_ACT): Q4_K / Q5_K rows at any M, Q6_K / Q8_0 (K % 256 == 0) at decode sizes (M below the packed path). */
+  /** int8-quantized activations (qkernels.ts INT8_ACT): Q4_K / Q5_K / Q6_K rows at any M, Q8_0 (K % 256 == 0) at decode sizes (M below the packed path). */
   int8?: boolean;
   wq: number;
   ws: number;
@@ -482,9 +482,9 @@ export class CpuRuntime {
     const flops = 2 * M * N * K;
     // The int8-activation rows quantize X into the dequantization area: more rows than fit run in slices.
     // At prefill sizes they replace the dequantized f32 GEMM only where they are faster: Q4_K and
-    // Q5_K (1.0-1.5x at M = 32-128 on the bench shapes); on Q6_K and Q8_0 the GEMM stays ahead
-    // (0.6-0.9x). docs/cpu-engine.md has the figures.
-    const int8 = g.int8 === true && (type === "q4_k" || type === "q5_k" || (M < this.packMinM && (type === "q6_k" || (type === "q8_0" && K % 256 === 0))));
+    // Q5_K (Q4_K 1.4-1.9x at M = 32-128 on the bench shapes, two rows per pass) and Q6_K since its layout
+    // change (1.2-1.3x); on Q8_0 the GEMM stays ahead (0.85x). docs/cpu-engine.md has the figures.
+    const int8 = g.int8 === true && (type === "q4_k" || type === "q5_k" || type === "q6_k" || (M < this.packMinM && type === "q8_0" && K % 256 === 0));
     const fit = int8 ? Math.floor(DEQ_BYTES / q8actRowBytes(K)) : Infinity;
     if (int8 && M > fit) {
       for (let m0 = 0; m0 < M; m0 += fit) this.qgemm({ ...g, x: g.x + m0 * g.ldx, y: g.y + m0 * g.ldy, M: Math.min(fit, M - m0) });
