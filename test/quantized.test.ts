@@ -17,6 +17,9 @@ import { Model } from "../src/model/model.js";
 import { PROTOCOL_RECIPE, vectorCacheKey } from "../src/vectors/extract.js";
 import { compareLogits, llamaCppLogits } from "../src/reference/llamacpp.js";
 import { fixture } from "./support/paths.js";
+import { checkSameModel, type InjectArgs } from "../src/eval/inject.js";
+import { readRun } from "../src/eval/runlog.js";
+import { inject, resume } from "../src/recipes/inject.js";
 
 function rng(seed: number): () => number {
   let s = seed >>> 0 || 1;
@@ -484,6 +487,32 @@ describe("a Q4_K_M-like GGUF (a dModel-256 llama quantized by ggml: Q4_K and Q6_
     } finally {
       i8.dispose();
     }
+  });
+
+  test("inject --weights native-int8: the run header records it, resume loads the model the same way, and a model loaded otherwise is refused", async () => {
+    const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-q4k-run-")), "run");
+    const args: InjectArgs = { model: file, layers: "1", strengths: "4", concepts: "2", trials: 1, controls: 1, judges: ["rule"], maxTokens: 3, seed: 5, batchSize: 2, out, vectorCache: null, quiet: true, weights: "native-int8" };
+    await inject(args);
+    const h = readRun(out).header;
+    assert.equal(h.backend.weights, "native-int8");
+    assert.equal(h.model.identity?.arithmetic, "int8-activations");
+    // Loaded the default way (the f32 path's numbers), the same file is not the run's model.
+    assert.throws(() => checkSameModel(out, h, q4), /arithmetic \(--weights native-int8: int8-activations\) none ≠ int8-activations/);
+    const i8 = await Model.load(file, { threads: 1, weights: "native-int8" });
+    try {
+      checkSameModel(out, h, i8);
+    } finally {
+      i8.dispose();
+    }
+    // resume reads the mode from the header: nothing left to generate, and no refusal.
+    const r = await resume(out, { quiet: true });
+    assert.equal(r.generated, 0);
+    // A run without --weights keeps its header as before (no backend.weights, no arithmetic).
+    const plain = path.join(path.dirname(out), "plain");
+    await inject({ ...args, out: plain, weights: undefined });
+    const hp = readRun(plain).header;
+    assert.equal(hp.backend.weights, undefined);
+    assert.equal(hp.model.identity?.arithmetic, undefined);
   });
 
   test("native-int8 (int8 activations in the quantized products): logits within llama.cpp's distance of the f32 path at decode and prefill sizes", async (t) => {

@@ -43,9 +43,9 @@ Usage:
                      [--judge rule|openai:MODEL|anthropic:MODEL|local:PATH]
                      [--max-tokens N] [--temperature T|model] [--top-k K] [--top-p P] [--min-p P] [--greedy]
                      [--seed S] [--batch-size B] [--out DIR] [--no-vector-cache] [--identify-all] [--failed-as-no]
-                     [--judge-timeout S] [--judge-retries N] [--judge-concurrency N]
+                     [--judge-timeout S] [--judge-retries N] [--judge-concurrency N] [--weights native|native-int8|f32|f16]
   selfscope resume   RUN_DIR [--failed-as-no] finish a killed run (every planned trial exactly once; refuses
-                                             another model) and retry its failed judgments
+                                             another model; loads it with the run's --weights) and retry its failed judgments
   selfscope rejudge  RUN_DIR --judge SPEC [--failed-as-no]   judge a run again with another judge (appended to
                                              the log); recomputes results.json and report.html with its verdicts
   selfscope report   RUN_DIR [--failed-as-no] [--judge NAME]  recompute results.json and report.html
@@ -375,6 +375,7 @@ function injectArgs(f: Flags): InjectArgs {
     ...opt("seed", intFlag(f, "seed")),
     ...opt("batchSize", intFlag(f, "batch-size")),
     ...opt("out", str(f, "out")),
+    ...weights(f),
     device: device(f),
     vectorCache: vectorCacheFlag(f),
     quiet: f.quiet === true,

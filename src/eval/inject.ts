@@ -11,7 +11,7 @@ import { chooseJudges } from "../judge/select.js";
 import { LOG_SCHEMA, LOG_VERSION, type InjectConfig, type RunAbout, type RunHeader, type VariantInfo } from "../log/schema.js";
 import { legacyWeightsHash } from "../model/load.js";
 import { sampleOptions } from "../model/sampling.js";
-import type { Model } from "../model/model.js";
+import type { LoadOptions, Model } from "../model/model.js";
 import type { DeviceName } from "../engine/device.js";
 import { PROTOCOL_RECIPE } from "../vectors/extract.js";
 import { configName, type ConfigResults, type RateOut, type Results } from "./metrics.js";
@@ -24,6 +24,11 @@ export { VERSION } from "../core/package.js";
 
 export interface InjectArgs {
   model: string;
+  /**
+   * How the cpu engine holds and multiplies quantized matrices (Model.load's weights): recorded in
+   * the run header's backend, and `resume` loads the model the same way. Absent: Model.load's default.
+   */
+  weights?: LoadOptions["weights"];
   preset?: string;
   layers?: string;
   strengths?: string;
@@ -271,8 +276,8 @@ export function describeVariants(model: Model, cfg: InjectConfig): { variants: V
 }
 
 /** The log header of a sweep: the full config plus the model and backend it ran on. */
-export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, command: string[], extra: { about?: RunAbout; adapter?: { path: string; sha256: string } | null } = {}): RunHeader {
-  const { about, adapter } = extra;
+export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, command: string[], extra: { about?: RunAbout; adapter?: { path: string; sha256: string } | null; weights?: LoadOptions["weights"] } = {}): RunHeader {
+  const { about, adapter, weights } = extra;
   const { variants, warnings } = describeVariants(model, cfg);
   const standingPlan = standingPlanRecord(model);
   return {
@@ -290,10 +295,11 @@ export function runHeader(model: Model, modelPath: string, cfg: InjectConfig, co
       dModel: model.config.dModel,
       dtype: model.sourceDtype,
       chatTemplate: model.chatTemplate !== undefined,
-      identity: (({ tokenizer, chatTemplate, config }) => ({ tokenizer, chatTemplate, config }))(model.identity()),
+      identity: (({ tokenizer, chatTemplate, config, arithmetic }) => ({ tokenizer, chatTemplate, config, ...(arithmetic ? { arithmetic } : {}) }))(model.identity()),
       ...(adapter ? { adapter: { path: path.resolve(adapter.path), sha256: adapter.sha256 } } : {}),
     },
-    backend: { device: model.device.name, adapter: model.device.adapter },
+    // The weights mode only when one was asked for, so other runs keep their header.
+    backend: { device: model.device.name, adapter: model.device.adapter, ...(weights ? { weights } : {}) },
     config: cfg,
     sampler: effectiveSampler(model, cfg),
     plannedTrials: planTrials(cfg).length,
@@ -328,6 +334,8 @@ export function checkSameModel(runDir: string, h: RunHeader, model: Model, warn:
   for (const [k, label] of [["tokenizer", "tokenizer sha256"], ["chatTemplate", "chat template sha256"], ["config", "config sha256"]] as const) {
     if (now[k] !== was[k]) throw refuse(label, now[k], was[k]);
   }
+  // int8-rounded activations (--weights native-int8) give other numbers than the f32 path.
+  if ((now.arithmetic ?? null) !== (was.arithmetic ?? null)) throw refuse("arithmetic (--weights native-int8: int8-activations)", now.arithmetic ?? null, was.arithmetic ?? null);
 }
 
 const short = (s: string | null) => (s === null ? "none" : s.length > 16 ? `${s.slice(0, 16)}…` : s);

@@ -104,11 +104,12 @@ export interface RunHeader {
     dtype: string;
     chatTemplate: boolean;
     /** sha256 of the tokenizer files, the chat template and the resolved config (null: none); absent in older logs. */
-    identity?: { tokenizer: string | null; chatTemplate: string | null; config: string };
+    identity?: { tokenizer: string | null; chatTemplate: string | null; config: string; arithmetic?: "int8-activations" };
     /** A trained adapter applied at load (`--adapter`); `hash` then covers it too. Absent: none. */
     adapter?: { path: string; sha256: string };
   };
-  backend: { device: string; adapter: string };
+  /** weights: the `--weights` mode asked for at inject (resume loads the model the same way); absent: the default. */
+  backend: { device: string; adapter: string; weights?: "f32" | "f16" | "native" | "native-int8" };
   config: InjectConfig;
   /** The effective sampler, each parameter with its source (version >= 2; a version-1 run sampled with config.generation alone). */
   sampler?: EffectiveSampler;

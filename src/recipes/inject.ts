@@ -27,11 +27,11 @@ function judgesFor(specs: readonly string[], runDir: string, opts: JudgeCallOpti
 }
 
 export async function inject(a: InjectArgs): Promise<{ runDir: string; results: Results }> {
-  const { model, adapter } = await loadWithAdapter(a.model, a.adapter, { device: a.device ?? "cpu" });
+  const { model, adapter } = await loadWithAdapter(a.model, a.adapter, { device: a.device ?? "cpu", ...(a.weights ? { weights: a.weights } : {}) });
   try {
     const cfg = buildConfig(a, model.config.nLayers, model.chatTemplate !== undefined);
     const runDir = a.out ?? path.join("runs", `${new Date().toISOString().replace(/[:.]/g, "-")}_${cfg.preset ?? "inject"}`);
-    const header = runHeader(model, a.model, cfg, a.command ?? [], { ...(a.about ? { about: a.about } : {}), adapter });
+    const header = runHeader(model, a.model, cfg, a.command ?? [], { ...(a.about ? { about: a.about } : {}), adapter, ...(a.weights ? { weights: a.weights } : {}) });
     // Printed even with --quiet: each changes what the numbers mean.
     if (a.promptFormat === undefined && cfg.promptFormat === "raw")
       process.stderr.write(`note: ${a.model} has no chat template: running the paper's base-model protocol (raw User:/Assistant: dialogue, concept vectors from raw ${JSON.stringify(cfg.vectorRecipe.userTemplate)}; --prompt-format raw)\n`);
@@ -91,7 +91,8 @@ async function resumeLocked(runDir: string, opts: ResumeOptions): Promise<{ resu
   if (ad && (!fs.existsSync(ad.path) || createHash("sha256").update(fs.readFileSync(ad.path)).digest("hex") !== ad.sha256)) {
     throw new UsageError(`${runDir}: the run used the adapter ${ad.path} (sha256 ${ad.sha256.slice(0, 12)}…), which is ${fs.existsSync(ad.path) ? "a different file now" : "gone"}; restore it to resume this run`);
   }
-  const { model } = await loadWithAdapter(h.model.path, ad?.path, { device: opts.device ?? (h.backend.device as DeviceName) });
+  // Loaded the way the run's was (--weights at inject), so checkSameModel sees the same arithmetic.
+  const { model } = await loadWithAdapter(h.model.path, ad?.path, { device: opts.device ?? (h.backend.device as DeviceName), ...(h.backend.weights ? { weights: h.backend.weights } : {}) });
   try {
     checkSameModel(runDir, h, model);
     const judges = judgesFor(h.config.judges, runDir, opts.judgeOptions);

@@ -236,7 +236,7 @@ function headerBlock(run: RunData): string {
   const rows: [string, string][] = [
     ["Model", `${escapeHtml(h.model.path)} <span class="muted">(${escapeHtml(h.model.family)}, ${h.model.nLayers} layers, d=${h.model.dModel}, ${escapeHtml(h.model.dtype)}${h.model.chatTemplate ? ", chat template" : ", no chat template"})</span>`],
     ["Model hash", `<code>${escapeHtml(h.model.hash)}</code>`],
-    ["Device", `${escapeHtml(h.backend.device)} <span class="muted">${escapeHtml(h.backend.adapter)}</span>`],
+    ["Device", `${escapeHtml(h.backend.device)} <span class="muted">${escapeHtml(h.backend.adapter)}${h.backend.weights ? escapeHtml(`; --weights ${h.backend.weights}`) : ""}</span>`],
     ["Layers", `${list(c.layers, 30)}${c.layerRule ? ` <span class="muted">(fractions ${escapeHtml(c.layerRule.fractions.join(", "))} of ${c.layerRule.nLayers} layers by ${escapeHtml(c.layerRule.rule)})</span>` : ""}`],
     ["Strengths", list(c.strengths)],
     ["Variants", h.variants ? h.variants.map((v) => escapeHtml(`${v.id}${v.asks !== "detection" ? ` [asks: ${v.asks}]` : ""}${v.identicalTo ? ` [renders identical to ${v.identicalTo}]` : ""}`)).join(", ") : list(c.variants)],
