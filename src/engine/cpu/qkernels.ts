@@ -6,7 +6,7 @@
 // a row are one contiguous stream (1.125 bytes per weight instead of the file's 1.0625; 4 bytes
 // as f32).
 //
-//   q8rows_a(px, ldx, wq, ws, py, ldy, N, K, acc)   a = 1..dmr rows of X against all N rows of W:
+//   q8rows_a(px, ldx, wq, ws, py, ldy, N, K, acc)   a = 1..dmr rows of X (the int8-activation rows: 1..idmr) against all N rows of W:
 //     y[i][n] (+)= Σ_b ds[n][b] · Σ_{j<32} x[i][32b+j] · qs[n][32b+j]
 //     The float path: quants widened to f32 in registers (i8 → i16 → i32 → f32) and multiplied
 //     with f32 activations, so the result differs from the f32 engine's only by summation order
