@@ -553,13 +553,13 @@ function iaccInto(c: RowsCtx, iacc: number[], dd: number, xd: number, tmp: numbe
  *    differently: the same dot of dequantized values either way.
  */
 /**
- * Sub-blocks of 32 per loop step of the int8-activation Q4_K/Q5_K rows: two or four (the relaxed
- * rows' scale handling knows both). Two since 2026-12-07 (second session): as fast at decode (one
- * activation row per pass; 32.8-32.9 G weights/s either way), and with two rows per pass (prefill)
- * 38 instead of 31 G products/s, where four sub-blocks' loads spilled (in-process A/B, 1 thread,
- * 2048×8192 at M = 32). Eight spilled at decode too.
+ * Sub-blocks of 32 per loop step of the int8-activation Q4_K/Q5_K rows: two. Measured against four
+ * (2026-12-07, in-process A/B, 1 thread): as fast at decode (one activation row per pass;
+ * 32.8-32.9 G weights/s either way), and with two rows per pass (prefill, 2048×8192 at M = 32) 38
+ * instead of 31 G products/s, where four sub-blocks' loads spilled; eight spilled at decode too.
+ * Fixed: the relaxed rows load each step's two scales (pairLanes16(0) of eight bytes).
  */
-const Q4K_STEP: number = 2;
+const Q4K_STEP = 2;
 const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = false, relaxed = false): Fn =>
   emitRows(mb, o, `${five ? "q5k" : "q4k"}${relaxed ? "r" : "i"}rows`, a, 1, (c) => {
     const { f } = c;
@@ -568,7 +568,7 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
     const iacc = Array.from({ length: c.a }, () => f.local(V128));
     const sub = Array.from({ length: c.a }, () => f.local(V128));
     const v = [f.local(V128), f.local(V128)], u = [f.local(V128), f.local(V128)];
-    const lo = f.local(V128), scv = f.local(V128), tmp = f.local(V128), scs = f.local(V128), scb = f.local(V128), mlo = f.local(V128), mhi = f.local(V128);
+    const lo = f.local(V128), scv = f.local(V128), tmp = f.local(V128), scs = f.local(V128), mlo = f.local(V128), mhi = f.local(V128);
     const dd = f.local(F32), dmin = f.local(F32);
     const qh = [f.local(V128), f.local(V128)];
     // One loop step per Q4K_STEP sub-blocks (see Q8I_BLOCKS): its own pointers into W, X and the scales.
@@ -612,13 +612,6 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
       block: () => {
         f.get(mt).f32Load(0).set(dd);
         f.get(mt).f32Load(4).set(dmin);
-        // The eight 6-bit scales, each as an i16 pair (scs: sub-blocks 0..3, scb: 4..7), splat by a
-        // one-instruction 32-bit shuffle where its sub-block needs it.
-        if (relaxed && Q4K_STEP === 4) {
-          f.get(mt).v128Load8x8U(8).set(tmp);
-          f.get(tmp).get(tmp).pairLanes16(0).set(scs);
-          f.get(tmp).get(tmp).pairLanes16(1).set(scb);
-        }
         for (let i = 0; i < c.a; i++) f.v128ConstI32(0).set(iacc[i]!);
         if (five) for (let h = 0; h < 2; h++) f.get(q).v128Load(128 + 16 * h).set(qh[h]!);
         f.get(q).i32Const(0).i32Add().set(qq);
@@ -626,9 +619,10 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
         for (let i = 0; i < c.a; i++) f.get(c.xp[i]!).i32Const(0).i32Add().set(xq[i]!);
         f.i32Const(8 / Q4K_STEP).set(step);
         f.loop(() => {
-          // Two sub-blocks per step: this step's scales as i16 pairs (eight bytes from the step's
-          // first scale stay within the block's 24: its mins follow).
-          if (relaxed && Q4K_STEP === 2) f.get(mq).v128Load8x8U(8).tee(tmp).get(tmp).pairLanes16(0).set(scs);
+          // This step's 6-bit scales, each as an i16 pair in scs, splat by a one-instruction 32-bit
+          // shuffle where its sub-block needs it (eight bytes from the step's first scale stay
+          // within the block's 24: its mins follow).
+          if (relaxed) f.get(mq).v128Load8x8U(8).tee(tmp).get(tmp).pairLanes16(0).set(scs);
           // Sub-blocks j = 0..Q4K_STEP−1 of this step (pairs sharing 32 bytes of nibbles).
           for (let ch = 0; ch < Q4K_STEP / 2; ch++) {
             f.get(qq).v128Load(32 * ch).set(v[0]!);
@@ -646,8 +640,7 @@ const emitQ4KIRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fal
           f.get(qq).i32Const(16 * Q4K_STEP).i32Add().set(qq);
           f.get(mq).i32Const(Q4K_STEP).i32Add().set(mq);
           for (let i = 0; i < c.a; i++) f.get(xq[i]!).i32Const((relaxed ? 32 : 64) * Q4K_STEP).i32Add().set(xq[i]!);
-          // The next step's scales in lanes 0.., its fifth bits at bit 0..
-          if (relaxed && Q4K_STEP === 4) f.get(scb).set(scs);
+          // The next step's fifth bits at bit 0..
           if (five) for (let h = 0; h < 2; h++) f.get(qh[h]!).i32Const(Q4K_STEP).i16x8ShrU().set(qh[h]!);
           f.get(step).i32Const(1).i32Sub().tee(step).brIf(0);
         });
@@ -814,12 +807,10 @@ function q6Load(f: Fn, q: number, s: number, A: number, B: number, C: number): v
   f.get(q).v128Load(48 * s + 32).set(C);
 }
 
-/**
- * Steps of 64 weights per loop step of the Q6_K rows (float and relaxed int8): one. Measured
- * (1 thread, in-process A/B, several processes since code placement moves a build by ±20%): float
- * rows 5.2-6.9 G weights/s with one vs 3.4-5.2 with two; relaxed int8 rows 23.5-24.2 vs 22.7-23.3.
- */
-const Q6K_STEP: number = 1;
+// The Q6_K rows (float and relaxed int8) loop over the four steps of 64 weights, one per loop
+// iteration. Measured against two per iteration (1 thread, in-process A/B, several processes since
+// code placement moves a build by ±20%): float rows 5.2-6.9 G weights/s vs 3.4-5.2; relaxed int8
+// rows 23.5-24.2 vs 22.7-23.3.
 
 /** q6krows_a(px, ldx, wq, ws, py, ldy, N, K, acc): a rows of X against all N rows of a Q6_K matrix. */
 const emitQ6KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
@@ -831,7 +822,7 @@ const emitQ6KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
     const A = f.local(V128), B = f.local(V128), C = f.local(V128), u = f.local(V128), tmp = f.local(V128);
     const k6 = q6Constants(f);
     const dd = f.local(F32);
-    // One loop step per Q6K_STEP steps of 64 weights: its own pointers into W, X and the scales.
+    // One loop iteration per step of 64 weights: its own pointers into W, X and the scales.
     const qq = f.local(I32), mq = f.local(I32), step = f.local(I32);
     const xq = Array.from({ length: c.a }, () => f.local(I32));
     return {
@@ -845,20 +836,18 @@ const emitQ6KRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
         f.get(q).i32Const(0).i32Add().set(qq);
         f.get(mt).i32Const(0).i32Add().set(mq);
         for (let i = 0; i < c.a; i++) f.get(c.xp[i]!).i32Const(0).i32Add().set(xq[i]!);
-        f.i32Const(4 / Q6K_STEP).set(step);
+        f.i32Const(4).set(step);
         f.loop(() => {
-          for (let j = 0; j < Q6K_STEP; j++) {
-            q6Load(f, qq, j, A, B, C);
-            q6Quants(f, A, B, C, k6.m3f, k6.mc0, k6.c32, u, (k) => {
-              dot16x2(c, xq, u, true, l, 4 * (64 * j + 16 * k), true);
-              // acc += (tA + tB) · (d · sc[group])
-              f.get(dd).get(mq).i32Load8S(4 + 4 * j + k).f32ConvertI32S().f32Mul();
-              scaleChainsInto(c, l, tmp);
-            });
-          }
-          f.get(qq).i32Const(48 * Q6K_STEP).i32Add().set(qq);
-          f.get(mq).i32Const(4 * Q6K_STEP).i32Add().set(mq);
-          for (let i = 0; i < c.a; i++) f.get(xq[i]!).i32Const(256 * Q6K_STEP).i32Add().set(xq[i]!);
+          q6Load(f, qq, 0, A, B, C);
+          q6Quants(f, A, B, C, k6.m3f, k6.mc0, k6.c32, u, (k) => {
+            dot16x2(c, xq, u, true, l, 4 * 16 * k, true);
+            // acc += (tA + tB) · (d · sc[group])
+            f.get(dd).get(mq).i32Load8S(4 + k).f32ConvertI32S().f32Mul();
+            scaleChainsInto(c, l, tmp);
+          });
+          f.get(qq).i32Const(48).i32Add().set(qq);
+          f.get(mq).i32Const(4).i32Add().set(mq);
+          for (let i = 0; i < c.a; i++) f.get(xq[i]!).i32Const(256).i32Add().set(xq[i]!);
           f.get(step).i32Const(1).i32Sub().tee(step).brIf(0);
         });
         f.get(q).i32Const(192).i32Add().set(q);
@@ -1153,11 +1142,10 @@ const emitQ6KRRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
     const XS = c.extra[0]!;
     const xd = f.local(I32), bsp = f.local(I32), q = f.local(I32), mt = f.local(I32);
     const iacc = Array.from({ length: c.a }, () => f.local(V128));
-    const A = f.local(V128), B = f.local(V128), C = f.local(V128), u = f.local(V128), scv = f.local(V128), tmp = f.local(V128);
-    const spair = Array.from({ length: Q6K_STEP }, () => f.local(V128));
+    const A = f.local(V128), B = f.local(V128), C = f.local(V128), u = f.local(V128), scv = f.local(V128), tmp = f.local(V128), sp = f.local(V128);
     const k6 = q6Constants(f);
     const dd = f.local(F32);
-    // One loop step per Q6K_STEP steps of 64 weights: its own pointers into W, X and the scales.
+    // One loop iteration per step of 64 weights: its own pointers into W, X and the scales.
     const qq = f.local(I32), mq = f.local(I32), step = f.local(I32);
     const xq = Array.from({ length: c.a }, () => f.local(I32));
     const rowOff = (i: number, base: number) => (i === 0 ? f.get(base) : f.get(base).get(c.LDX).i32Const(i).i32Mul().i32Add());
@@ -1179,27 +1167,22 @@ const emitQ6KRRows = (mb: ModuleBuilder, o: KernelOptions, a: number): Fn =>
         f.get(q).i32Const(0).i32Add().set(qq);
         f.get(mt).i32Const(0).i32Add().set(mq);
         for (let i = 0; i < c.a; i++) f.get(c.xp[i]!).i32Const(0).i32Add().set(xq[i]!);
-        f.i32Const(4 / Q6K_STEP).set(step);
+        f.i32Const(4).set(step);
         f.loop(() => {
-          // This loop step's 4·Q6K_STEP int8 scales as i16 pairs (step j's four in spair[j]), each
-          // splat where its group needs it by a one-instruction 32-bit shuffle.
-          // (Four bytes for one step: eight would read past the last super-block's scales.)
-          if (Q6K_STEP === 1) f.get(mq).v128Load32Zero(4).i16x8ExtendLowI8x16S().set(tmp);
-          else f.get(mq).v128Load8x8S(4).set(tmp);
-          for (let j = 0; j < Q6K_STEP; j++) f.get(tmp).get(tmp).pairLanes16(j).set(spair[j]!);
-          for (let j = 0; j < Q6K_STEP; j++) {
-            q6Load(f, qq, j, A, B, C);
-            q6Quants(f, A, B, C, k6.m3f, k6.mc0, null, u, (k) => {
-              f.get(spair[j]!).get(spair[j]!).splatLane32(k).set(scv);
-              for (let i = 0; i < c.a; i++) {
-                f.get(xq[i]!).v128Load(64 * j + 16 * k).get(u).i16x8RelaxedDotI8x16I7x16S();
-                f.get(scv).i32x4DotI16x8S().get(iacc[i]!).i32x4Add().set(iacc[i]!);
-              }
-            });
-          }
-          f.get(qq).i32Const(48 * Q6K_STEP).i32Add().set(qq);
-          f.get(mq).i32Const(4 * Q6K_STEP).i32Add().set(mq);
-          for (let i = 0; i < c.a; i++) f.get(xq[i]!).i32Const(64 * Q6K_STEP).i32Add().set(xq[i]!);
+          // This step's four int8 scales as i16 pairs, each splat where its group needs it by a
+          // one-instruction 32-bit shuffle (four bytes: eight would read past the last super-block's scales).
+          f.get(mq).v128Load32Zero(4).i16x8ExtendLowI8x16S().tee(sp).get(sp).pairLanes16(0).set(sp);
+          q6Load(f, qq, 0, A, B, C);
+          q6Quants(f, A, B, C, k6.m3f, k6.mc0, null, u, (k) => {
+            f.get(sp).get(sp).splatLane32(k).set(scv);
+            for (let i = 0; i < c.a; i++) {
+              f.get(xq[i]!).v128Load(16 * k).get(u).i16x8RelaxedDotI8x16I7x16S();
+              f.get(scv).i32x4DotI16x8S().get(iacc[i]!).i32x4Add().set(iacc[i]!);
+            }
+          });
+          f.get(qq).i32Const(48).i32Add().set(qq);
+          f.get(mq).i32Const(4).i32Add().set(mq);
+          for (let i = 0; i < c.a; i++) f.get(xq[i]!).i32Const(64).i32Add().set(xq[i]!);
           f.get(step).i32Const(1).i32Sub().tee(step).brIf(0);
         });
         // iacc −= 32 · Σ_g sc_g · Σ qx_g (g: the 16 groups of 16, scales as i16, sums as i16).
