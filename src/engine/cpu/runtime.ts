@@ -113,6 +113,14 @@ const IDX_BITS = 13; // list indices < 8192 (LIST_CAP <= 8191)
 const IDX_MASK = (1 << IDX_BITS) - 1;
 const GEN_MASK = (1 << (31 - IDX_BITS)) - 1;
 const LIST_CAP = 4096; // gemms per dispatch
+const LIST_BYTE = 64; // the list area starts here; then one scratch area per thread, then the heap
+const SCRATCH_BYTE = LIST_BYTE + LIST_CAP * TASK_WORDS * 4;
+const PAGE = 65536;
+const MAX_BYTES = MAX_PAGES * PAGE;
+/** Below this many flops a gemm (or a batch) runs on the main thread alone. */
+const PARALLEL_FLOPS = 1 << 18;
+/** Below this many values a row task (RMSNorm, gated activation) runs on the main thread alone. */
+const PARALLEL_ROW_WORK = 1 << 15;
 
 /**
  * Ends of the pieces of N rows for `threads` threads, largest first: each piece is the remaining
@@ -128,14 +136,6 @@ export function guidedCuts(N: number, threads: number, pieces: number): number[]
   }
   return cuts;
 }
-const LIST_BYTE = 64; // the list area starts here; then one scratch area per thread, then the heap
-const SCRATCH_BYTE = LIST_BYTE + LIST_CAP * TASK_WORDS * 4;
-const PAGE = 65536;
-const MAX_BYTES = MAX_PAGES * PAGE;
-/** Below this many flops a gemm (or a batch) runs on the main thread alone. */
-const PARALLEL_FLOPS = 1 << 18;
-/** Below this many values a row task (RMSNorm, gated activation) runs on the main thread alone. */
-const PARALLEL_ROW_WORK = 1 << 15;
 
 export interface WorkerInit {
   module: WebAssembly.Module;
