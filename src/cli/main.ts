@@ -206,7 +206,7 @@ function idsFlag(s: string): number[] {
 function weights(f: Flags): { weights?: "f32" | "f16" | "native" | "native-int8" } {
   const w = str(f, "weights");
   if (w === undefined) return {};
-  if (w !== "f32" && w !== "f16" && w !== "native" && w !== "native-int8") throw new CliError(`--weights must be f32, f16 (webgpu), native (cpu: Q8_0 / Q4_0 / Q4_K / Q5_K / Q6_K / BF16 / F16 matrices computed on in their format; the cpu default for such files) or native-int8 (native, with the activations of Q4_K / Q5_K products, and of Q6_K / Q8_0 ones at decode, quantized to int8 like llama.cpp: faster, not the f32 path's numbers), got "${w}"`);
+  if (w !== "f32" && w !== "f16" && w !== "native" && w !== "native-int8") throw new CliError(`--weights must be f32, f16 (webgpu), native (cpu: Q8_0 / Q4_0 / Q4_K / Q5_K / Q6_K / BF16 / F16 matrices computed on in their format; the cpu default for such files) or native-int8 (native, with the activations of Q4_K / Q5_K / Q6_K products, and of Q8_0 ones at decode, quantized to int8 like llama.cpp: faster, not the f32 path's numbers), got "${w}"`);
   return { weights: w };
 }
 

@@ -46,7 +46,7 @@ export interface LoadOptions {
    * weight; results equal f32's on the exactly widened values up to summation order); other
    * tensors are f32. The first gradient, derivative or weight delta gives every quantized matrix
    * an exact f32 copy (memory grows by the f32 size). "native-int8" (cpu): as "native", and the
-   * products with Q4_K/Q5_K matrices (and at decode sizes Q6_K/Q8_0 ones) quantize their
+   * products with Q4_K/Q5_K/Q6_K matrices (and at decode sizes Q8_0 ones) quantize their
    * activations to int8 per 256 values as llama.cpp does (faster; logits then differ from the f32
    * path's by the activation rounding).
    */
