@@ -67,8 +67,13 @@ export function defaultVectorCache(): string {
   return path.join(cacheRoot(), "vectors");
 }
 
-/** Bump when extraction changes what a cached vector holds (older entries are then never read). */
-export const VECTOR_CACHE_VERSION = 2;
+/**
+ * Bump when extraction changes what a cached vector holds (older entries are then never read).
+ * 3: a `--weights native-int8` load now rounds the activations of Q6_K products at prefill sizes
+ * too (2026-12-07), so vectors cached by such a load before then hold other values under the same
+ * identity (arithmetic "int8-activations").
+ */
+export const VECTOR_CACHE_VERSION = 3;
 
 /**
  * What a cached vector depends on: the model's weights, tokenizer, chat template and config, the
