@@ -5,12 +5,15 @@ import { ModelFileError } from "../core/errors.js";
 
 export class ByteReader {
   readonly view: DataView;
+  /** The same bytes as a Buffer, whose toString decodes a range without a view or decoder object per string. */
+  private readonly buf: Buffer;
   offset = 0;
   constructor(
     readonly bytes: Uint8Array,
     readonly file: string,
   ) {
     this.view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    this.buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   }
   need(n: number, what: string): void {
     if (!Number.isSafeInteger(n) || n < 0 || this.offset + n > this.bytes.byteLength) {
@@ -83,9 +86,15 @@ export class ByteReader {
     }
     return Number(v);
   }
+  /**
+   * n bytes as UTF-8, invalid sequences replaced by U+FFFD as WHATWG's decoder does, and a leading
+   * U+FEFF kept (it is part of the text: a vocabulary's token, say). A GGUF header holds ~10^5 to
+   * 10^6 strings, so this allocates nothing but the string (a TextDecoder and a subarray per string
+   * were most of a header's garbage).
+   */
   utf8(n: number, what: string): string {
     this.need(n, what);
-    const s = new TextDecoder("utf-8", { fatal: false }).decode(this.bytes.subarray(this.offset, this.offset + n));
+    const s = this.buf.toString("utf8", this.offset, this.offset + n);
     this.offset += n;
     return s;
   }

@@ -345,6 +345,8 @@ function optBool(file: GgufFile, key: string): boolean | undefined {
   return typeof v === "boolean" ? v : undefined;
 }
 
+const isHighSurrogate = (c: number) => c >= 0xd800 && c <= 0xdbff;
+
 /**
  * SentencePiece merges from a vocabulary with scores, as transformers' SentencePieceExtractor
  * derives them for Llama/Gemma fast tokenizers: every split of a piece into two vocab pieces is a
@@ -355,11 +357,15 @@ function spmMerges(tokens: string[], scores: number[], ids: Map<string, number>)
   const merges: { l: string; r: string; score: number }[] = [];
   tokens.forEach((piece, i) => {
     if (ids.get(piece) !== i) return; // duplicate piece text: only its first id is reachable
-    const chars = Array.from(piece);
+    // Split points between code points (not inside a surrogate pair), as string offsets: slicing
+    // the piece itself allocates only the halves (an array of its characters per split was most
+    // of a 128k-piece vocabulary's load-time garbage).
     const local: { l: string; r: string; li: number; ri: number }[] = [];
-    for (let k = 1; k < chars.length; k++) {
-      const l = chars.slice(0, k).join("");
-      const r = chars.slice(k).join("");
+    for (let k = 1; k < piece.length; k++) {
+      const c = piece.charCodeAt(k);
+      if (c >= 0xdc00 && c <= 0xdfff && isHighSurrogate(piece.charCodeAt(k - 1))) continue;
+      const l = piece.slice(0, k);
+      const r = piece.slice(k);
       const li = ids.get(l);
       const ri = ids.get(r);
       if (li !== undefined && ri !== undefined) local.push({ l, r, li, ri });
