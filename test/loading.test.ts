@@ -121,6 +121,23 @@ test("GGUF header: metadata, tensors and alignment", () => {
   }
 });
 
+test("GGUF strings: UTF-8 as written, a leading U+FEFF kept, invalid bytes as U+FFFD", () => {
+  const file = path.join(os.tmpdir(), `gguf-strings-${process.pid}.gguf`);
+  const texts = ["\uFEFF", "\uFEFFa", "\u2581the", "\u{1F999}", "", "plain"];
+  try {
+    writeGguf(file, { "general.architecture": { type: GgufValueType.STRING, value: "llama" }, "t.list": { type: GgufValueType.ARRAY, itemType: GgufValueType.STRING, value: [...texts, "BAD"] } }, []);
+    // Overwrite the last string's three bytes with a lone continuation byte, a truncated 3-byte
+    // sequence and an ASCII letter: WHATWG's decoder (and llama.cpp's byte-level view) keep the length.
+    const bytes = fs.readFileSync(file);
+    const at = bytes.lastIndexOf(Buffer.from("BAD"));
+    bytes.set([0x80, 0xe2, 0x41], at);
+    fs.writeFileSync(file, bytes);
+    assert.deepEqual(readGguf(file).metadata.get("t.list"), [...texts, "\uFFFD\uFFFDA"]);
+  } finally {
+    fs.rmSync(file, { force: true });
+  }
+});
+
 test("HF hub cache names resolve offline; a missing one says where it looked and how to download", () => {
   const home = tmp();
   const repo = path.join(home, "hub", "models--tiny--gpt2");
