@@ -5,8 +5,10 @@
 // Q4_K, Q6_K and Q8_0 matrices kept in their format) load the same file and run a
 // 32-token prefill and 16 greedy decode steps at batch 1, in child processes (bench/large-child.ts),
 // one engine at a time. A model selfscope refuses before loading (its weights above 85% of RAM) is
-// reported with the refusal. The last line printed is the summary JSON: max_params_loaded and each
-// model's decode ratio (selfscope ÷ llama.cpp).
+// reported with the refusal. First, the machine's compute peaks at the same threads (bench/machine.ts
+// --compute-only), which each file's native-int8 prefill is held to. The last line printed is the
+// summary JSON: max_params_loaded, each model's decode and prefill ratios (selfscope ÷ llama.cpp)
+// and its int8 prefill as a share of its peak.
 import { spawn } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
@@ -58,6 +60,12 @@ export function quantRecipe(s: LargeShape, tensor: string, layer: number | null)
   if (tensor === "output" || (tensor === "token_embd" && s.tied)) return GgmlType.Q6_K;
   if ((tensor === "attn_v" || tensor === "ffn_down") && layer !== null && moreBits(layer)) return GgmlType.Q6_K;
   return GgmlType.Q4_K;
+}
+
+/** Weights a token meets in the blocks' matrix products (one product each). */
+export function blockProductsOf(s: LargeShape): number {
+  const hd = s.dModel / s.nHeads;
+  return s.nLayers * (s.dModel * s.nHeads * hd * 2 + s.dModel * s.nKvHeads * hd * 2 + 3 * s.dModel * s.dMlp);
 }
 
 export function paramsOf(s: LargeShape): number {
@@ -173,11 +181,26 @@ function runChild(engine: "selfscope" | "llamacpp", file: string, threads: numbe
   });
 }
 
+type Peaks = { wasmPeakGflops: { tN: number }; wasmInt8PeakGmacs: { tN: number; relaxedDot: boolean } };
+
+/** The compute peaks of this machine at `threads` (bench/machine.ts --compute-only), or null if that child failed. */
+function runPeaks(threads: number, out: string): Promise<Peaks | null> {
+  const here = path.dirname(fileURLToPath(import.meta.url));
+  return new Promise((resolve) => {
+    const p = spawn(process.execPath, [path.join(here, "machine.js"), "--threads", String(threads), "--out", out, "--quick", "--compute-only"], { stdio: ["ignore", "inherit", "inherit"] });
+    p.on("exit", (code) => resolve(code === 0 && fs.existsSync(out) ? (JSON.parse(fs.readFileSync(out, "utf8")) as Peaks) : null));
+  });
+}
+
 export async function runLarge(threads: number, only?: string[]): Promise<void> {
   const started = new Date();
   const t0 = performance.now();
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-large-"));
   const shapes = only ? LARGE.filter((s) => only.includes(s.name)) : LARGE;
+  // The limits the prefill is held to, measured in this run: native-int8 prefill runs the int8
+  // rows on Q4_K/Q6_K matrices (limit: the int8 products' peak) and the dequantized f32 GEMM on
+  // Q8_0 ones (limit: the f32 multiply-add peak).
+  const peaks = await runPeaks(threads, path.join(tmp, "peaks.json"));
   const models: Record<string, unknown> = {};
   const summary: Record<string, number | string | null> = { max_params_loaded: 0 };
   for (const s of shapes) {
@@ -200,6 +223,10 @@ export async function runLarge(threads: number, only?: string[]): Promise<void> 
     summary[`${s.name}_decode_b1_ratio`] = ratio((r) => r.decode?.tokPerS);
     summary[`${s.name}_int8_decode_b1_ratio`] = ratioOf(int8, (r) => r.decode?.tokPerS);
     summary[`${s.name}_int8_prefill_ratio`] = ratioOf(int8, (r) => r.prefill?.tokPerS);
+    // Products per second of the 32-token prefill (the head runs on the last row only).
+    const prefillGmacs = ok(int8) && int8.prefill ? round(((int8.prefill.tokens * blockProductsOf(s) + s.dModel * s.dVocab) / int8.prefill.msMedian) * 1e-6, 1) : null;
+    const limit = s.quant === "q8_0" ? { name: "f32 multiply-add peak", gmacs: peaks ? peaks.wasmPeakGflops.tN / 2 : null } : { name: "int8 products peak", gmacs: peaks?.wasmInt8PeakGmacs.tN ?? null };
+    summary[`${s.name}_int8_prefill_of_peak`] = prefillGmacs !== null && limit.gmacs ? round(prefillGmacs / limit.gmacs, 3) : null;
     models[s.name] = {
       file: path.relative(process.cwd(), file),
       fileBytes,
@@ -220,6 +247,7 @@ export async function runLarge(threads: number, only?: string[]): Promise<void> 
         int8_decode_b1: ratioOf(int8, (r) => r.decode?.tokPerS),
         int8_greedy_agreement: agreement(int8),
       },
+      int8Prefill: { gproductsPerS: prefillGmacs, limit: limit.name, limitGproductsPerS: limit.gmacs },
     };
   }
   const results = {
@@ -229,6 +257,7 @@ export async function runLarge(threads: number, only?: string[]): Promise<void> 
     command: `npm run bench -- --large --threads ${threads}`,
     threads,
     host: { cpu: os.cpus()[0]?.model ?? "?", cores: os.availableParallelism(), memGiB: round(os.totalmem() / 2 ** 30, 1), node: process.version, cpuFlags: cpuFlags() },
+    limits: peaks,
     note: "random weights at the published shapes, quantized by ggml's quantizer: Q4_K_M by llama-quantize's recipe (Q6_K for the output or tied embedding and for attn_v/ffn_down in use_more_bits layers, Q4_K elsewhere) or Q8_0 throughout, norms and biases F32; prefill 32 tokens (median of 3 after a warm-up), 16 greedy decode steps at batch 1 (median step); F32 KV cache; one engine at a time",
     summary,
     models,

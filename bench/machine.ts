@@ -7,14 +7,16 @@
 //    read + write bytes, as STREAM's "copy" does.
 // Compute: the WebAssembly SIMD multiply-add peak (a register-only loop of the kernel module's
 // `peak`, 12 independent f32x4 accumulators) at 1 and N threads — the ceiling for any Wasm code on
-// this machine. The native f32 GEMM rate comes from llama.cpp's ggml in the llama.cpp child
-// (its best batch; a lower bound of the native peak).
+// this machine; and the int8 products' peak (the kernel module's `peakdot`: the int8-activation
+// rows' relaxed dots, i16 sums and scale dot in a register-only loop), the ceiling of the
+// quantized (`native-int8`) products. The native f32 GEMM rate comes from llama.cpp's ggml in the
+// llama.cpp child (its best batch; a lower bound of the native peak).
 //
-//   node dist/bench/machine.js --threads N --out FILE [--quick]
+//   node dist/bench/machine.js --threads N --out FILE [--quick] [--compute-only]
 import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads";
 import { fileURLToPath } from "node:url";
 import { CpuRuntime } from "../src/engine/cpu/runtime.js";
-import { PEAK_FLOPS_PER_ITER } from "../src/engine/cpu/kernels.js";
+import { PEAK_FLOPS_PER_ITER, peakDotMacsPerIter } from "../src/engine/cpu/kernels.js";
 import { cpuSeconds, log, parseChildArgs, round, writeJson } from "./common.js";
 
 const PEAK_ITERS = 20_000_000;
@@ -60,7 +62,7 @@ function sumModuleBytes(): Uint8Array<ArrayBuffer> {
 }
 
 interface Job {
-  kind: "read" | "copy" | "peak";
+  kind: "read" | "copy" | "peak" | "peakdot";
   reps: number;
   module?: WebAssembly.Module;
   memory?: WebAssembly.Memory;
@@ -72,10 +74,11 @@ interface Job {
 /** Runs one job `reps` times and returns the best time in ms. */
 function runJob(j: Job, rt: CpuRuntime | null): number {
   let best = Infinity;
-  if (j.kind === "peak") {
+  if (j.kind === "peak" || j.kind === "peakdot") {
     for (let r = 0; r < j.reps; r++) {
       const t = performance.now();
-      rt!.peak(PEAK_ITERS);
+      if (j.kind === "peak") rt!.peak(PEAK_ITERS);
+      else rt!.peakDot(PEAK_ITERS);
       best = Math.min(best, performance.now() - t);
     }
   } else if (j.kind === "read") {
@@ -101,9 +104,12 @@ function runJob(j: Job, rt: CpuRuntime | null): number {
 
 if (!isMainThread) {
   const job = workerData as Job;
-  // A 1-thread kernel runtime per worker for the peak loop, warmed up (tiered up) before "ready".
-  const rt = job.kind === "peak" ? await CpuRuntime.create({ threads: 1 }) : null;
-  for (let i = 0; rt && i < 50; i++) rt.peak(20000);
+  // A 1-thread kernel runtime per worker for the peak loops, warmed up (tiered up) before "ready".
+  const rt = job.kind === "peak" || job.kind === "peakdot" ? await CpuRuntime.create({ threads: 1 }) : null;
+  for (let i = 0; rt && i < 50; i++) {
+    if (job.kind === "peak") rt.peak(20000);
+    else rt.peakDot(20000);
+  }
   parentPort!.on("message", (go: boolean) => {
     if (go) parentPort!.postMessage(runJob(job, rt));
   });
@@ -112,10 +118,12 @@ if (!isMainThread) {
   const args = parseChildArgs(process.argv.slice(2));
   const N = args.threads;
   const reps = args.quick ? 4 : 10;
+  // --compute-only (the large bench, whose models fill the memory): the peaks without the 2·N·256 MiB of buffers.
+  const computeOnly = args.flags.has("--compute-only");
   const module = new WebAssembly.Module(sumModuleBytes());
-  const memory = new WebAssembly.Memory({ initial: (N * BYTES) / 65536 + 1, maximum: 65536, shared: true });
-  new Float32Array(memory.buffer).fill(1);
-  const bufs = Array.from({ length: N }, () => {
+  const memory = new WebAssembly.Memory({ initial: computeOnly ? 1 : (N * BYTES) / 65536 + 1, maximum: 65536, shared: true });
+  if (!computeOnly) new Float32Array(memory.buffer).fill(1);
+  const bufs = Array.from({ length: computeOnly ? 0 : N }, () => {
     const src = new SharedArrayBuffer(BYTES);
     new Float64Array(src).fill(1);
     const dst = new SharedArrayBuffer(BYTES);
@@ -127,7 +135,7 @@ if (!isMainThread) {
   /** `threads` workers run the job at once (started together); the slowest one's best time counts. */
   async function parallel(kind: Job["kind"], threads: number): Promise<number> {
     const workers = Array.from({ length: threads }, (_, i) => {
-      const job: Job = kind === "read" ? { kind, reps, module, memory, offset: 64 + i * BYTES } : kind === "peak" ? { kind, reps } : { kind, reps, src: bufs[i]!.src, dst: bufs[i]!.dst };
+      const job: Job = kind === "read" ? { kind, reps, module, memory, offset: 64 + i * BYTES } : kind === "peak" || kind === "peakdot" ? { kind, reps } : { kind, reps, src: bufs[i]!.src, dst: bufs[i]!.dst };
       return new Worker(self, { workerData: job });
     });
     await Promise.all(workers.map((w) => new Promise<void>((res) => w.once("message", () => res()))));
@@ -145,20 +153,38 @@ if (!isMainThread) {
   }
 
   const out: Record<string, { ms: number; GBps: number }> = {};
-  for (const th of [...new Set([1, N])]) {
+  for (const th of computeOnly ? [] : [...new Set([1, N])]) {
     const r = await parallel("read", th);
     out[`read_t${th}`] = { ms: round(r, 1), GBps: round((th * BYTES) / r / 1e6, 2) };
     const c = await parallel("copy", th);
     out[`copy_t${th}`] = { ms: round(c, 1), GBps: round((2 * th * BYTES) / c / 1e6, 2) };
     log("machine", `memory at ${th} thread(s): wasm-SIMD read ${out[`read_t${th}`]!.GBps} GB/s, memmove copy ${out[`copy_t${th}`]!.GBps} GB/s (read+write)`);
   }
-  const best = (th: number) => Math.max(out[`read_t${th}`]!.GBps, out[`copy_t${th}`]!.GBps);
+  const best = (th: number) => (computeOnly ? null : Math.max(out[`read_t${th}`]!.GBps, out[`copy_t${th}`]!.GBps));
   const wasmPeak: Record<string, number> = {};
   for (const th of [...new Set([1, N])]) {
     const ms = await parallel("peak", th);
     wasmPeak[`t${th}`] = round((th * PEAK_ITERS * PEAK_FLOPS_PER_ITER) / ms / 1e6, 1);
     log("machine", `wasm SIMD multiply-add peak at ${th} thread(s): ${wasmPeak[`t${th}`]} GFLOP/s`);
   }
-  writeJson(args.out, { threads: N, bytesPerThread: BYTES, kernels: out, bandwidthGBps: { t1: best(1), tN: best(N) }, wasmPeakGflops: { t1: wasmPeak.t1!, tN: wasmPeak[`t${N}`]! }, cpuS: cpuSeconds() });
+  // The int8 products' peak: products per iteration depend on whether this engine has the relaxed dot.
+  const probe = await CpuRuntime.create({ threads: 1 });
+  const relaxedDot = probe.simd.includes("+relaxed-dot");
+  await probe.dispose();
+  const dotPeak: Record<string, number> = {};
+  for (const th of [...new Set([1, N])]) {
+    const ms = await parallel("peakdot", th);
+    dotPeak[`t${th}`] = round((th * PEAK_ITERS * peakDotMacsPerIter(relaxedDot)) / ms / 1e6, 1);
+    log("machine", `wasm int8 products peak (${relaxedDot ? "relaxed i8 dot" : "i16 dot"}) at ${th} thread(s): ${dotPeak[`t${th}`]} G products/s`);
+  }
+  writeJson(args.out, {
+    threads: N,
+    bytesPerThread: BYTES,
+    kernels: out,
+    bandwidthGBps: { t1: best(1), tN: best(N) },
+    wasmPeakGflops: { t1: wasmPeak.t1!, tN: wasmPeak[`t${N}`]! },
+    wasmInt8PeakGmacs: { t1: dotPeak.t1!, tN: dotPeak[`t${N}`]!, relaxedDot },
+    cpuS: cpuSeconds(),
+  });
   process.exit(0);
 }

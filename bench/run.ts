@@ -164,7 +164,14 @@ async function child<T>(name: string, script: string, threads: number, extra: st
 
 type SelfscopeResult = EngineResult & { prefillCachePath: { msMedian: number; tokPerS: number }; hooks: Record<string, { prefillMs: number; decodeStepMs: number; prefillOverhead: number; decodeOverhead: number }>; decodeGBps: number; cpuS: number };
 type LlamaResult = EngineResult & { gemm: Record<string, { tokens: number; ms: number; gflops: number; tried: Record<string, number> }>; decodeGBps: number; cpuS: number };
-type MachineResult = { threads: number; kernels: Record<string, { ms: number; GBps: number }>; bandwidthGBps: { t1: number; tN: number }; wasmPeakGflops: { t1: number; tN: number }; cpuS: number };
+type MachineResult = {
+  threads: number;
+  kernels: Record<string, { ms: number; GBps: number }>;
+  bandwidthGBps: { t1: number; tN: number };
+  wasmPeakGflops: { t1: number; tN: number };
+  wasmInt8PeakGmacs: { t1: number; tN: number; relaxedDot: boolean };
+  cpuS: number;
+};
 
 const ratio = (a: number | undefined, b: number | undefined) => (a !== undefined && b !== undefined && b > 0 ? round(a / b, 3) : null);
 
@@ -265,6 +272,11 @@ async function main(): Promise<void> {
     gemmGflops: { t1: gemmPeak(1) ?? null, tN: gemmPeak(N) ?? null, source: "best FLOP rate of llama.cpp (ggml, F32, AVX-512) over single 128-512-token batches of the bench model (and its 128-token prefill): a lower bound of the machine's f32 GEMM peak" },
     bandwidthGBps: { t1: m?.bandwidthGBps.t1 ?? null, tN: m?.bandwidthGBps.tN ?? null, source: "best of a WebAssembly-SIMD streaming read and a memmove copy (read+write), 256 MiB per thread" },
     wasmPeakGflops: { t1: m?.wasmPeakGflops.t1 ?? null, tN: m?.wasmPeakGflops.tN ?? null, source: "register-only f32x4 multiply-add loop (12 accumulators) of selfscope's kernel module, one per thread: the ceiling of any WebAssembly code here" },
+    wasmInt8PeakGmacs: {
+      t1: m?.wasmInt8PeakGmacs.t1 ?? null,
+      tN: m?.wasmInt8PeakGmacs.tN ?? null,
+      source: "register-only loop of the int8-activation rows' products (kernels.ts peakdot: per 32 products two i16x8.relaxed_dot_i8x16_i7x16_s, an i16 add, an i32x4.dot_i16x8_s by a scale and an i32 add; 5 chains), one per thread: the ceiling of the native-int8 products",
+    },
   };
   const frac = (x: number | undefined, lim: number | null | undefined) => (x !== undefined && lim ? round(x / lim, 3) : null);
   const results = {
@@ -295,6 +307,10 @@ async function main(): Promise<void> {
       selfscope_prefill_of_wasm_peak: frac(s?.prefill.gflops, m?.wasmPeakGflops.tN),
       // Q4_K prefill runs the f32 GEMM on dequantized weights (docs/cpu-engine.md), so its limit is the f32 peak.
       q4_k_prefill_of_wasm_peak: frac(quant.q4_k?.selfscope.result?.prefill.gflops, m?.wasmPeakGflops.tN),
+      // native-int8 Q4_K prefill runs the int8 rows: its limit is their products' peak (a product is 2 flops).
+      q4_k_int8_prefill_of_int8_peak: frac(quant.q4_k?.selfscopeInt8?.result ? quant.q4_k.selfscopeInt8.result.prefill.gflops / 2 : undefined, m?.wasmInt8PeakGmacs.tN),
+      // Q8_0 prefill dequantizes into the f32 GEMM in both modes.
+      q8_0_prefill_of_wasm_peak: frac(quant.q8_0?.selfscope.result?.prefill.gflops, m?.wasmPeakGflops.tN),
       llamacpp_prefill_of_gemm_peak: frac(l?.prefill.gflops, gemmPeak(N)),
       selfscope_decode_of_bandwidth: frac(s?.decodeGBps, m?.bandwidthGBps.tN),
       llamacpp_decode_of_bandwidth: frac(l?.decodeGBps, m?.bandwidthGBps.tN),
@@ -357,7 +373,12 @@ async function main(): Promise<void> {
 }
 
 function table(
-  r: { threads: number; quick: boolean; limits: { gemmGflops: { t1: number | null; tN: number | null }; bandwidthGBps: { t1: number | null; tN: number | null }; wasmPeakGflops: { t1: number | null; tN: number | null } }; ratios: Record<string, unknown> },
+  r: {
+    threads: number;
+    quick: boolean;
+    limits: { gemmGflops: { t1: number | null; tN: number | null }; bandwidthGBps: { t1: number | null; tN: number | null }; wasmPeakGflops: { t1: number | null; tN: number | null }; wasmInt8PeakGmacs: { t1: number | null; tN: number | null } };
+    ratios: Record<string, unknown>;
+  },
   s: SelfscopeResult | null,
   l: LlamaResult | null,
   one: { selfscope: ChildRun<SelfscopeResult>; llamacpp: ChildRun<LlamaResult> | null } | null,
@@ -388,8 +409,8 @@ function table(
   }
   lines.push(
     "",
-    `machine limits (same run): native f32 GEMM ≥ ${f(r.limits.gemmGflops.t1)} GFLOP/s on 1 thread, ≥ ${f(r.limits.gemmGflops.tN)} on ${N} (best llama.cpp batch); WebAssembly SIMD multiply-add peak ${f(r.limits.wasmPeakGflops.t1)} GFLOP/s on 1 thread, ${f(r.limits.wasmPeakGflops.tN)} on ${N}; memory ${f(r.limits.bandwidthGBps.t1)} GB/s on 1 thread, ${f(r.limits.bandwidthGBps.tN)} on ${N}`,
-    `share of the limit: prefill selfscope ${pct(r.ratios.selfscope_prefill_of_wasm_peak)} of the Wasm SIMD peak (${pct(r.ratios.selfscope_prefill_of_gemm_peak)} of llama.cpp's best GEMM), llama.cpp ${pct(r.ratios.llamacpp_prefill_of_gemm_peak)} of its best GEMM; decode B=1 selfscope ${pct(r.ratios.selfscope_decode_of_bandwidth)}, llama.cpp ${pct(r.ratios.llamacpp_decode_of_bandwidth)} of bandwidth`,
+    `machine limits (same run): native f32 GEMM ≥ ${f(r.limits.gemmGflops.t1)} GFLOP/s on 1 thread, ≥ ${f(r.limits.gemmGflops.tN)} on ${N} (best llama.cpp batch); WebAssembly SIMD multiply-add peak ${f(r.limits.wasmPeakGflops.t1)} GFLOP/s on 1 thread, ${f(r.limits.wasmPeakGflops.tN)} on ${N}; int8 products peak ${f(r.limits.wasmInt8PeakGmacs.t1)} G/s on 1 thread, ${f(r.limits.wasmInt8PeakGmacs.tN)} on ${N}; memory ${f(r.limits.bandwidthGBps.t1)} GB/s on 1 thread, ${f(r.limits.bandwidthGBps.tN)} on ${N}`,
+    `share of the limit: prefill selfscope ${pct(r.ratios.selfscope_prefill_of_wasm_peak)} of the Wasm SIMD peak (${pct(r.ratios.selfscope_prefill_of_gemm_peak)} of llama.cpp's best GEMM), llama.cpp ${pct(r.ratios.llamacpp_prefill_of_gemm_peak)} of its best GEMM; Q4_K native-int8 prefill ${pct(r.ratios.q4_k_int8_prefill_of_int8_peak)} of the int8 products peak, Q8_0 prefill ${pct(r.ratios.q8_0_prefill_of_wasm_peak)} of the Wasm SIMD peak; decode B=1 selfscope ${pct(r.ratios.selfscope_decode_of_bandwidth)}, llama.cpp ${pct(r.ratios.llamacpp_decode_of_bandwidth)} of bandwidth`,
     `greedy tokens agree (selfscope vs llama.cpp, leading): ${String(r.ratios.greedy_agreement ?? "—")}`,
   );
   if (one) {

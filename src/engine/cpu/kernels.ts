@@ -10,6 +10,7 @@
 //   task_list(ptr, count, scratch)   runs `count` tasks stored back to back at ptr, TASK_WORDS i32
 //     each: word 0 the kind (TASK), then its arguments (see TASK). Threads share work as lists.
 //   peak(iters) -> f32               a register-only multiply-add loop (the Wasm SIMD compute limit)
+//   peakdot(iters) -> i32            the int8 rows' products in a register-only loop (their limit)
 //
 // Design ("dot" layout: rows of X and rows of W are both K-contiguous, so a tile of a rows of X
 // by b rows of W keeps a*b f32x4 accumulators over K and reduces them horizontally at the end,
@@ -815,11 +816,55 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
   pk.v128ConstF32(0);
   for (const acc of pacc) pk.get(acc).f32x4Add();
   pk.f32x4ExtractLane(0);
+
+  // --- peakdot: the int8 rows' products, no memory ----------------------------------------------
+  // What the Q4_K/Q5_K/Q6_K int8-activation rows do per 32 weights, with every operand in a
+  // register: two relaxed i8 dots (16 products each) summed in i16 and widened and weighted by one
+  // i32x4.dot_i16x8_s with a scale, added to an i32 accumulator (without the relaxed dot: the i16
+  // rows' two i32x4.dot_i16x8_s per 16). PEAKDOT_CHAINS independent chains; each chain's next
+  // activations are its last i16 sums, so nothing is loop-invariant (the values are meaningless
+  // and only the time counts).
+  const pd = mb.func("peakdot", [I32], [I32], true);
+  const [dw0, dw1, dsc] = [pd.local(V128), pd.local(V128), pd.local(V128)];
+  const dx = Array.from({ length: PEAKDOT_CHAINS }, () => pd.local(V128));
+  const dacc = Array.from({ length: PEAKDOT_CHAINS }, () => pd.local(V128));
+  pd.v128ConstI32(0x05030107).set(dw0);
+  pd.v128ConstI32(0x0b0d0f02).set(dw1);
+  pd.v128ConstI32(0x0003000b).set(dsc);
+  dx.forEach((x, c) => void pd.v128ConstI32(0x01fe7f03 + c).set(x));
+  pd.get(0).if(() => {
+    pd.loop(() => {
+      dx.forEach((x, c) => {
+        if (o.relaxedDot) {
+          pd.get(x).get(dw0).i16x8RelaxedDotI8x16I7x16S();
+          pd.get(x).get(dw1).i16x8RelaxedDotI8x16I7x16S().i16x8Add().tee(x);
+          pd.get(dsc).i32x4DotI16x8S().get(dacc[c]!).i32x4Add().set(dacc[c]!);
+        } else {
+          pd.get(x).get(dw0).i32x4DotI16x8S();
+          pd.get(x).get(dw1).i32x4DotI16x8S().i32x4Add().get(dacc[c]!).i32x4Add().tee(dacc[c]!).set(x);
+        }
+      });
+      pd.get(0).i32Const(1).i32Sub().tee(0).brIf(0);
+    });
+  });
+  pd.v128ConstI32(0);
+  for (const acc of dacc) pd.get(acc).i32x4Add();
+  pd.i32x4ExtractLane(0);
   return mb.emit();
 }
 
 /** Flops per iteration of `peak`. */
 export const PEAK_FLOPS_PER_ITER = 12 * 8;
+
+/**
+ * Independent chains of `peakdot`: two weight vectors, a scale, two vectors per chain and two
+ * temporaries fill the 15 xmm registers V8 allocates with five (measured 2026-12-07, 1 thread:
+ * 4 chains 52, 5 chains 62, 6 chains, which spill, 44 G products/s).
+ */
+const PEAKDOT_CHAINS = 5;
+
+/** Int8 (or, without the relaxed dot, i16) products per iteration of `peakdot`: 32 per chain, 16 on the i16 path. */
+export const peakDotMacsPerIter = (relaxedDot: boolean) => PEAKDOT_CHAINS * (relaxedDot ? 32 : 16);
 
 /**
  * A module exporting dot(): i16x8.relaxed_dot_i8x16_i7x16_s of the 16 bytes at 0 (signed) and at

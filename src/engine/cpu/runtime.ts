@@ -237,6 +237,7 @@ export class CpuRuntime {
   private readonly scratch: number; // the main thread's scratch (bytes)
   private readonly heapStart: number; // bytes
   private readonly peakFn: (iters: number) => number;
+  private readonly peakDotFn: (iters: number) => number;
   private readonly ctrl: Int32Array;
   private readonly workers: Worker[];
   private view: Float32Array;
@@ -272,6 +273,7 @@ export class CpuRuntime {
     this.top = heapStart;
     this.hwm = heapStart;
     this.peakFn = ex.peak as (iters: number) => number;
+    this.peakDotFn = ex.peakdot as (iters: number) => number;
     this.ctrl = ctrl;
     this.workers = workers;
     this.viewBuffer = memory.buffer;
@@ -727,6 +729,14 @@ export class CpuRuntime {
    */
   peak(iters: number): number {
     return this.peakFn(iters);
+  }
+
+  /**
+   * Runs the register-only loop of the int8 rows' products (kernels.ts `peakdot`) for `iters`
+   * iterations of peakDotMacsPerIter(this.kernel.relaxedDot) products on the calling thread.
+   */
+  peakDot(iters: number): number {
+    return this.peakDotFn(iters);
   }
 
   /**
