@@ -460,6 +460,38 @@ describe("CpuRuntime memory", () => {
     rt.release(m0);
   });
 
+  test("allocBytes with prefault touches the fresh pages on every thread and changes no byte, before or inside the range", async () => {
+    const fresh = await CpuRuntime.create({ threads: 2 });
+    try {
+      // Past what create() used (its warm-up), then data ending mid-page in fresh memory, then a
+      // prefaulted range from the next 64 bytes: the page they share is written by the touch at the
+      // range's first byte, never below it.
+      fresh.allocBytes(16 << 20);
+      const a = fresh.allocBytes(5000);
+      const u8 = () => new Uint8Array(fresh.memory.buffer);
+      u8().fill(0xab, a, a + 5000);
+      const before = fresh.stats.dispatches;
+      const n = (3 << 20) + 100;
+      const b = fresh.allocBytes(n, true);
+      assert.ok(fresh.stats.dispatches > before, "the touch ran as a dispatch");
+      assert.ok(b < a + 5064 && b % 4096 !== 0, "the range starts inside the data's last page");
+      const mem = u8();
+      for (let i = a; i < a + 5000; i++) if (mem[i] !== 0xab) assert.fail(`byte ${i - a} of the data changed`);
+      for (let i = b; i < b + n; i++) if (mem[i] !== 0) assert.fail(`byte ${i - b} of the range is ${mem[i]}`);
+      // Memory written before (released, below the high-water mark) is zero-filled as by alloc.
+      const m = fresh.mark();
+      const c = fresh.allocBytes(1 << 20);
+      u8().fill(7, c, c + (1 << 20));
+      fresh.release(m);
+      const d = fresh.allocBytes(2 << 20, true);
+      assert.equal(d, c);
+      const mem2 = u8();
+      for (let i = d; i < d + (2 << 20); i++) if (mem2[i] !== 0) assert.fail(`reused byte ${i - d} is ${mem2[i]}`);
+    } finally {
+      await fresh.dispose();
+    }
+  });
+
   test("alloc past the wasm32 4 GiB limit throws a clear error", () => {
     assert.throws(() => rt.alloc(2 ** 30), /4 GiB/);
     assert.throws(() => rt.alloc(-1), /non-negative integer/);

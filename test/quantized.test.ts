@@ -300,6 +300,39 @@ test("splitScaledBlocks: the 16-bit path and the byte path (odd offsets) give th
   }
 });
 
+test("the cpu runtime's Wasm block split (the loader's Q8_0/Q4_0 repack) equals splitScaledBlocks: subnormal, signed-zero and negative scales, the first non-finite one, and views it cannot take declined", async () => {
+  const rt = await CpuRuntime.create({ threads: 1 });
+  try {
+    const r = rng(4);
+    for (const [type, bb] of [["q8_0", 34], ["q4_0", 18]] as const) {
+      const nb = 41, q = bb - 2;
+      const io = rt.quantReadIo();
+      const blocks = io.stage.subarray(0, nb * bb);
+      for (let i = 0; i < blocks.length; i++) blocks[i] = Math.floor((r() + 0.5) * 256) & 255;
+      const dv = new DataView(blocks.buffer, blocks.byteOffset, blocks.byteLength);
+      const scales = [0x0001, 0x03ff, 0x8000, 0x0000, 0x8001, 0xbc00, 0x7bff, 0xfbff, 0x0400];
+      for (let b = 0; b < nb; b++) dv.setUint16(b * bb, b < scales.length ? scales[b]! : (b * 2654435761) & 0x7bff, true);
+      const wq = rt.allocBytes(nb * q), ws = rt.allocBytes(nb * 4);
+      const u8 = new Uint8Array(rt.memory.buffer);
+      const gotQ = u8.subarray(wq, wq + nb * q), gotS = u8.subarray(ws, ws + nb * 4);
+      const wantQ = new Uint8Array(nb * q), wantS = new Float32Array(nb);
+      assert.equal(io.repack[type]!(blocks, gotQ, gotS), -1);
+      assert.equal(splitScaledBlocks(blocks, bb, wantQ, wantS), -1);
+      assert.deepEqual([...gotQ], [...wantQ], type);
+      // Bit for bit (Object.is tells -0 from 0), subnormal f16 scales included.
+      const got = new Float32Array(rt.memory.buffer, ws, nb);
+      for (let b = 0; b < nb; b++) assert.ok(Object.is(got[b], wantS[b]), `${type} block ${b}: ${got[b]} vs ${wantS[b]}`);
+      dv.setUint16(33 * bb, 0xfc00, true); // -Inf in block 33
+      dv.setUint16(35 * bb, 0x7e01, true); // NaN in block 35
+      assert.equal(io.repack[type]!(blocks, gotQ, gotS), 33);
+      // A buffer outside the runtime's memory: declined, so the loader's JavaScript repack runs.
+      assert.equal(io.repack[type]!(new Uint8Array(nb * bb), gotQ, gotS), null);
+    }
+  } finally {
+    await rt.dispose();
+  }
+});
+
 const Q8_0_BLOCKS = { type: "q8_0", ggml: GgmlType.Q8_0, elems: 32, bytes: 34, halves: [0], wq: 32, ws: 4, repack: (b: Uint8Array, q: Uint8Array, m: Uint8Array) => splitScaledBlocks(b, 34, q, new Float32Array(m.buffer, m.byteOffset, m.byteLength / 4)) } as const;
 
 for (const kq of [...KQUANTS.filter((k) => k.type !== "q4_0"), Q8_0_BLOCKS])

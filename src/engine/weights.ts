@@ -18,8 +18,19 @@ export interface LazyWeightStore extends WeightStore {
   readInto(name: string, dst: Float32Array): void;
   /** The type `name` can be read in without widening to f32 (GGUF Q8_0 / Q4_K, BF16 tensors), or null. */
   quantOf?(name: string): QuantType | null;
-  /** Quantized rows in the CPU engine's layout (engine/cpu/qkernels.ts). */
-  readQuantInto?(name: string, wq: Uint8Array, ws: Uint8Array): void;
+  /** Quantized rows in the CPU engine's layout (engine/cpu/qkernels.ts); io: see QuantReadIo. */
+  readQuantInto?(name: string, wq: Uint8Array, ws: Uint8Array, io?: QuantReadIo): void;
+}
+
+/**
+ * A backend's help with readQuantInto: a buffer in its own memory to read the file's blocks into,
+ * and repacks of some types that run there (the cpu engine's Wasm kernels) instead of the loader's
+ * JavaScript ones. Each returns the first non-finite block, or -1, as the loader's do; or null when
+ * it cannot take those views (the loader's own repack then runs).
+ */
+export interface QuantReadIo {
+  stage: Uint8Array;
+  repack: Partial<Record<QuantType, (bytes: Uint8Array, wq: Uint8Array, ws: Uint8Array) => number | null>>;
 }
 
 /** Matrix types the CPU engine computes on in their own format (no f32 copy). */

@@ -12,7 +12,7 @@ export class NumericalWeightsError extends ModelFileError {
 import { checkGgufTensorReadable, GgmlType, ggmlBlock, ggufTensorShape, readGguf, readGgufTensor, readRange, readRangeInto, type GgufFile } from "../io/gguf.js";
 import { fileSha256, type FileHashOptions } from "../io/file-hash.js";
 import { repackQ4_K, repackQ5_K, repackQ6_K, splitScaledBlocks } from "../io/gguf-quants.js";
-import type { QuantType } from "../engine/weights.js";
+import type { QuantReadIo, QuantType } from "../engine/weights.js";
 import { quantBytes } from "../engine/cpu/qkernels.js";
 import { resolveModelPath } from "../io/hub-cache.js";
 import { checkStTensorReadable, openSafetensors, readStTensor, type SafetensorsSet } from "../io/safetensors.js";
@@ -571,7 +571,7 @@ export class LazyWeights extends Map<string, HostTensor> {
    * as int8 quants `wq` and f32 scales `ws`; Q4_K as nibbles `wq` and 24-byte metas `ws`. Block
    * scales are checked for NaN/Inf as get() checks values.
    */
-  readQuantInto(key: string, wq: Uint8Array, ws: Uint8Array): void {
+  readQuantInto(key: string, wq: Uint8Array, ws: Uint8Array, io?: QuantReadIo): void {
     const type = this.quantOf(key);
     if (!type) throw new UsageError(`internal: weight ${key} is not readable as quantized rows`);
     const p = (this.#slots.get(key) as { kind: "file"; p: Planned }).p;
@@ -589,13 +589,16 @@ export class LazyWeights extends Map<string, HostTensor> {
     if (!p.src.unpermuteRope) {
       // Rows in slices of at most READ_SLICE bytes, each repacked into its part of wq / ws: the
       // host never holds more than one slice (a 128k-token embedding is ~150 MB in Q4_K).
-      const sliceRows = Math.max(1, Math.floor(READ_SLICE / rowBytes));
-      const buf = slice(Math.min(rows, sliceRows) * rowBytes);
+      // With a backend's repack for this type, the slices go to its stage (in its memory) instead.
+      const own = io?.repack[type] && io.stage.byteLength >= rowBytes ? io : null;
+      const sliceRows = Math.max(1, Math.floor((own ? own.stage.byteLength : READ_SLICE) / rowBytes));
+      const buf = own ? own.stage : slice(Math.min(rows, sliceRows) * rowBytes);
       for (let r0 = 0; r0 < rows; r0 += sliceRows) {
         const n = Math.min(sliceRows, rows - r0);
         const bytes = buf.subarray(0, n * rowBytes);
         readRangeInto(range.file, range.offset + (first + r0) * rowBytes, bytes);
-        const bad = REPACK[type](bytes, wq.subarray(r0 * per.wq, (r0 + n) * per.wq), ws.subarray(r0 * per.ws, (r0 + n) * per.ws));
+        const q = wq.subarray(r0 * per.wq, (r0 + n) * per.wq), sc = ws.subarray(r0 * per.ws, (r0 + n) * per.ws);
+        const bad = own?.repack[type]!(bytes, q, sc) ?? REPACK[type](bytes, q, sc);
         if (bad >= 0) throw fail(bad, (r0 * cols) / unit);
       }
       return;

@@ -19,7 +19,7 @@ import { Driver, type LayerCall } from "../driver.js";
 import { compileHost, featShapeOf, type CallCtx, type HostOp, type Resolved } from "../plan.js";
 import type { ForwardOptions, ForwardResult, GenerateOptions, GenerateResult, Row } from "../types.js";
 import type { Activation, ModelConfig, NormSpec } from "../config.js";
-import { isLazy, type EngineModel, type QuantType } from "../weights.js";
+import { isLazy, type EngineModel, type QuantReadIo, type QuantType } from "../weights.js";
 import { ropeInvFreq } from "../rope.js";
 import { scheduleOf, type Buf, type EmbedStep, type HeadStep, type Step } from "../schedule.js";
 import { trainableWeights, type JvpRequest, type JvpResult, type LinearName, type LossAndGradRequest, type LossAndGradResult } from "../grad.js";
@@ -42,7 +42,10 @@ export interface KernelRuntime {
   gemm(g: Gemm): void;
   qgemm(g: QGemm): void;
   dequantRows(type: QuantType, wq: number, ws: number, rows: number, K: number, dst: number): void;
-  allocBytes(bytes: number): number;
+  /** The loader's stage and Wasm repacks in this memory (runtime.ts); without it the loader repacks in JavaScript. */
+  quantReadIo?(): QuantReadIo;
+  /** prefault: the fresh part's page faults taken by every thread first (runtime.ts). */
+  allocBytes(bytes: number, prefault?: boolean): number;
   gemmBatch(list: Gemm[]): void;
   attention(list: AttentionTask[]): void;
   gatedRows(g: number, ldg: number, u: number, ldu: number, out: number, ldo: number, R: number, F: number, act: "silu" | "gelu_tanh"): void;
@@ -205,14 +208,15 @@ export class CpuEngine {
       if (type && lazy?.readQuantInto) {
         const rt = this.rt;
         const total = quantBytes(type, rows, cols);
-        const wq = rt.allocBytes(total.wq);
-        const ws = rt.allocBytes(total.ws);
+        // Page faults first, on every thread: then the read and repack write into present pages.
+        const wq = rt.allocBytes(total.wq, true);
+        const ws = rt.allocBytes(total.ws, true);
         let r = 0;
         names.forEach((n, i) => {
           const nr = rowsOf[i]!;
           const at = quantBytes(type, r, cols), size = quantBytes(type, nr, cols);
           const u8 = new Uint8Array(rt.memory.buffer);
-          lazy.readQuantInto!(n, u8.subarray(wq + at.wq, wq + at.wq + size.wq), u8.subarray(ws + at.ws, ws + at.ws + size.ws));
+          lazy.readQuantInto!(n, u8.subarray(wq + at.wq, wq + at.wq + size.wq), u8.subarray(ws + at.ws, ws + at.ws + size.ws), rt.quantReadIo?.());
           r += nr;
         });
         this.nQuantized++;

@@ -122,8 +122,11 @@ export const TASK_WORDS = 16;
  *   Q40GEMM    the same for Q4_0 rows (qkernels.ts q40gemm)
  *   F16GEMM    the same for F16 rows (qkernels.ts f16gemm; ws unused)
  *   Q5KGEMM    the same for Q5_K rows (qkernels.ts q5kgemm)
+ *   TOUCH      start, end: writes a zero byte into every 4 KiB page of [start, end), memory never
+ *              written since it was grown (so already zero): its first-touch page faults, taken
+ *              on every thread at once (runtime.ts allocBytes' prefault)
  */
-export const TASK = { GEMM: 0, GATED: 1, RMSNORM: 2, ATTENTION: 3, QGEMM: 4, Q4KGEMM: 5, BF16GEMM: 6, Q6KGEMM: 7, Q40GEMM: 8, F16GEMM: 9, Q5KGEMM: 10 } as const;
+export const TASK = { GEMM: 0, GATED: 1, RMSNORM: 2, ATTENTION: 3, QGEMM: 4, Q4KGEMM: 5, BF16GEMM: 6, Q6KGEMM: 7, Q40GEMM: 8, F16GEMM: 9, Q5KGEMM: 10, TOUCH: 11 } as const;
 /** The task kind of each quantized type's driver. */
 export const QUANT_TASK: Record<QuantType, number> = { q8_0: TASK.QGEMM, q4_0: TASK.Q40GEMM, q4_k: TASK.Q4KGEMM, q6_k: TASK.Q6KGEMM, bf16: TASK.BF16GEMM, f16: TASK.F16GEMM, q5_k: TASK.Q5KGEMM };
 /** gemm flags: add to Y instead of overwriting it. */
@@ -710,6 +713,18 @@ export function buildKernelModule(o: KernelOptions): Uint8Array<ArrayBuffer> {
             tl.call(fn);
           });
         }
+        tl.get(op).i32Const(TASK.TOUCH).i32Eq().if(() => {
+          arg(1).set(a);
+          arg(2).set(b);
+          tl.block(() =>
+            tl.loop(() => {
+              tl.get(a).get(b).i32GeU().brIf(1);
+              tl.get(a).i32Const(0).i32Store8();
+              tl.get(a).i32Const(4096).i32Add().set(a);
+              tl.br(0);
+            }),
+          );
+        });
         tl.get(op).i32Const(TASK.GATED).i32Eq().if(() => {
           arg(7).set(rows);
           arg(1).set(a);

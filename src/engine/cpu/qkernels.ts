@@ -1215,7 +1215,40 @@ export const QUANT_EXPORTS: Record<QuantType, { gemm: string; deq: string }> = {
 };
 
 /** Emits every type's rows and dequantization kernels and its driver (exported); `gemm` is the f32 driver. */
+/**
+ * splitq8 / splitq4(src, nb, dq, ds) -> i32: the loader's repack of nb Q8_0 / Q4_0 blocks at src
+ * (the file's layout: an f16 d, then 32 / 16 quant bytes) into this layout (quants at dq, d as f32
+ * at ds); returns the first block whose d is not finite (infinite or NaN), or -1. The f16 widens
+ * exactly as the F16 kernels' (bits & 0x7fff shifted into an f32's place, times 2^112, then the
+ * sign), subnormals included. 30x faster than the same loop in JavaScript, which took 4.6 s of a
+ * 1.3 GB Q8_0 file's 6 s load (2026-12-07).
+ */
+function emitSplitBlocks(mb: ModuleBuilder, name: string, qBytes: 16 | 32): void {
+  const f = mb.func(name, [I32, I32, I32, I32], [I32], true);
+  const [SRC, NB, DQ, DS] = [0, 1, 2, 3];
+  const i = f.local(I32), h = f.local(I32), bad = f.local(I32);
+  f.i32Const(-1).set(bad);
+  f.get(NB).if(() => {
+    f.loop(() => {
+      f.get(SRC).i32Load16U().set(h);
+      // |h| >= 0x7c00: an infinity or a NaN (the first one is reported).
+      f.get(h).i32Const(0x7fff).i32And().i32Const(0x7c00).i32GeU().get(bad).i32Const(0).i32LtS().i32And().if(() => void f.get(i).set(bad));
+      f.get(DS);
+      f.get(h).i32Const(0x7fff).i32And().i32Const(13).i32Shl().f32ReinterpretI32().f32Const(2 ** 112).f32Mul();
+      f.i32ReinterpretF32().get(h).i32Const(0x8000).i32And().i32Const(16).i32Shl().i32Or().f32ReinterpretI32().f32Store();
+      for (let k = 0; k < qBytes; k += 16) f.get(DQ).get(SRC).v128Load(2 + k).v128Store(k);
+      f.get(SRC).i32Const(qBytes + 2).i32Add().set(SRC);
+      f.get(DQ).i32Const(qBytes).i32Add().set(DQ);
+      f.get(DS).i32Const(4).i32Add().set(DS);
+      f.get(i).i32Const(1).i32Add().tee(i).get(NB).i32LtU().brIf(0);
+    });
+  });
+  f.get(bad);
+}
+
 export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn): Record<QuantType, Fn> {
+  emitSplitBlocks(mb, "splitq8", 32);
+  emitSplitBlocks(mb, "splitq4", 16);
   const rowsOf = (emit: (mb: ModuleBuilder, o: KernelOptions, a: number) => Fn, n = o.dmr) => Array.from({ length: n }, (_, i) => emit(mb, o, i + 1));
   /** The int8-activation rows: up to o.idmr rows of X per pass over W. */
   const irowsOf = (emit: (mb: ModuleBuilder, o: KernelOptions, a: number) => Fn) => rowsOf(emit, o.idmr);

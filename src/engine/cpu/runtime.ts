@@ -39,7 +39,7 @@ import os from "node:os";
 import { Worker } from "node:worker_threads";
 import { ACCUMULATE, buildKernelModule, DEFAULT_KERNEL, gemmScratchBytes, type KernelOptions, MAX_PAGES, PACKED_X, packedXBytes, QUANT_TASK, relaxedDotProbeBytes, relaxedProbeBytes, scratchBytes, TASK, TASK_WORDS } from "./kernels.js";
 import { DEQ_BYTES, deqRowsFor, INT8_ACT, MAX_Q8_K, q8actRowBytes, QUANT_BLOCK, QUANT_EXPORTS, quantBytes } from "./qkernels.js";
-import type { QuantType } from "../weights.js";
+import type { QuantReadIo, QuantType } from "../weights.js";
 
 export interface Gemm {
   x: number;
@@ -121,6 +121,9 @@ const MAX_BYTES = MAX_PAGES * PAGE;
 const PARALLEL_FLOPS = 1 << 18;
 /** Below this many values a row task (RMSNorm, gated activation) runs on the main thread alone. */
 const PARALLEL_ROW_WORK = 1 << 15;
+/** The OS page (the unit of first-touch faults) and the least a prefault shares out (smaller: the writes fault them as cheaply). */
+const PAGE_BYTES = 4096;
+const TOUCH_MIN_BYTES = 1 << 20;
 
 /**
  * Ends of the pieces of N rows for `threads` threads, largest first: each piece is the remaining
@@ -177,6 +180,8 @@ export function claimAndRun(ctrl: Int32Array, gen: number, taskList: TaskListFn,
 
 type QGemmFn = (x: number, ldx: number, wq: number, ws: number, y: number, ldy: number, M: number, N: number, K: number, flags: number, scratch: number, deq: number, deqRows: number) => void;
 type DeqFn = (wq: number, ws: number, rows: number, K: number, dst: number) => void;
+/** splitq8 / splitq4 (qkernels.ts emitSplitBlocks): (src, blocks, quants, scales) -> first non-finite block or -1. */
+type SplitFn = (src: number, nb: number, dq: number, ds: number) => number;
 type GemmFn = (x: number, ldx: number, w: number, ldw: number, y: number, ldy: number, M: number, N: number, K: number, acc: number, scratch: number) => void;
 export type TaskListFn = (ptr: number, count: number, scratch: number) => void;
 type PackxFn = (x: number, ldx: number, M: number, K: number, dst: number) => void;
@@ -238,6 +243,8 @@ export class CpuRuntime {
   private readonly heapStart: number; // bytes
   private readonly peakFn: (iters: number) => number;
   private readonly peakDotFn: (iters: number) => number;
+  private readonly splitQ8: SplitFn;
+  private readonly splitQ4: SplitFn;
   private readonly ctrl: Int32Array;
   private readonly workers: Worker[];
   private view: Float32Array;
@@ -274,6 +281,8 @@ export class CpuRuntime {
     this.hwm = heapStart;
     this.peakFn = ex.peak as (iters: number) => number;
     this.peakDotFn = ex.peakdot as (iters: number) => number;
+    this.splitQ8 = ex.splitq8 as SplitFn;
+    this.splitQ4 = ex.splitq4 as SplitFn;
     this.ctrl = ctrl;
     this.workers = workers;
     this.viewBuffer = memory.buffer;
@@ -539,6 +548,30 @@ export class CpuRuntime {
     }
   }
 
+  /**
+   * The loader's help for reading Q8_0 / Q4_0 matrices into this memory (LazyWeightStore.readQuantInto):
+   * the file's blocks are read into a stage here (the calling thread's dequantization area, idle
+   * while nothing is multiplied) and split by the Wasm kernels splitq8 / splitq4 instead of a
+   * JavaScript loop. Views over another buffer (or an old one of a grown memory) are declined.
+   * Make a fresh one per read: a growing memory replaces its buffer.
+   */
+  quantReadIo(): QuantReadIo {
+    this.assertLive();
+    const buf = this.memory.buffer;
+    const split = (fn: SplitFn, blockBytes: number) => (bytes: Uint8Array, wq: Uint8Array, ws: Uint8Array) => {
+      const nb = bytes.byteLength / blockBytes;
+      if (bytes.buffer !== buf || wq.buffer !== buf || ws.buffer !== buf || buf !== this.memory.buffer) return null;
+      if (!Number.isInteger(nb) || wq.byteLength !== nb * (blockBytes - 2) || ws.byteLength !== nb * 4 || ws.byteOffset % 4 !== 0) {
+        throw new Error(`CpuRuntime.quantReadIo: ${bytes.byteLength} bytes of blocks of ${blockBytes} do not match the destinations`);
+      }
+      return fn(bytes.byteOffset, nb, wq.byteOffset, ws.byteOffset);
+    };
+    return {
+      stage: new Uint8Array(buf, this.scratch + this.gemmScratch, DEQ_BYTES),
+      repack: { q8_0: split(this.splitQ8, 34), q4_0: split(this.splitQ4, 18) },
+    };
+  }
+
   /** Dequantize `rows` rows of K of a quantized matrix (wq, ws: BYTE offsets of its first row) to f32 at element offset `dst`. */
   dequantRows(type: QuantType, wq: number, ws: number, rows: number, K: number, dst: number): void {
     this.assertLive();
@@ -546,9 +579,40 @@ export class CpuRuntime {
     this.quant[type].deq(wq, ws, rows, K, dst * 4);
   }
 
-  /** Allocates `bytes` bytes (zero-filled, 64-byte aligned); returns their BYTE offset. */
-  allocBytes(bytes: number): number {
-    return this.alloc(Math.ceil(bytes / 4)) * 4;
+  /**
+   * Allocates `bytes` bytes (zero-filled, 64-byte aligned); returns their BYTE offset. prefault:
+   * the part never written since the memory grew takes its first-touch page faults on all threads
+   * at once before this returns (a load then writes weights into present pages). On this VM a page
+   * fault costs ~11 µs (most of a large model's load), and two threads take them 1.3-1.6x faster
+   * than one (throwaway touch loop on 1 GiB, 2026-12-07).
+   */
+  allocBytes(bytes: number, prefault = false): number {
+    const fresh = this.hwm;
+    const start = this.alloc(Math.ceil(bytes / 4)) * 4;
+    if (prefault) this.touchPages(Math.max(start, fresh), start + bytes);
+    return start;
+  }
+
+  /**
+   * TOUCH tasks over [from, to), memory nobody has written since it grew (zero, so writing a zero
+   * byte changes nothing): one write per 4 KiB page, at `from` and then at page starts, so every
+   * page of the range is hit and nothing below `from` is.
+   */
+  private touchPages(from: number, to: number): void {
+    if (this.threads === 1 || to - from < TOUCH_MIN_BYTES) return;
+    const pieces = Math.min(this.threads * 4, Math.ceil((to - from) / TOUCH_MIN_BYTES));
+    const step = Math.ceil((to - from) / pieces / PAGE_BYTES) * PAGE_BYTES;
+    const ints = this.ints();
+    let count = 0;
+    for (let a = from; a < to; count++) {
+      const e = Math.min(to, (Math.floor(a / PAGE_BYTES) + 1) * PAGE_BYTES + step);
+      const o = (LIST_BYTE >>> 2) + count * TASK_WORDS;
+      ints[o] = TASK.TOUCH;
+      ints[o + 1] = a;
+      ints[o + 2] = e;
+      a = e;
+    }
+    this.dispatch(LIST_BYTE, count, 1);
   }
 
   /** Many independent gemms in one dispatch, split across threads. */

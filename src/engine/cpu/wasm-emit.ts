@@ -170,8 +170,15 @@ export class Fn {
   i32Load8U(offset = 0): this {
     return this.op(0x2d).memarg(0, offset);
   }
+  i32Load16U(offset = 0): this {
+    return this.op(0x2f).memarg(1, offset);
+  }
   i32Store(offset = 0): this {
     return this.op(0x36).memarg(ALIGN.i32, offset);
+  }
+  /** i32.store8: the low 8 bits. */
+  i32Store8(offset = 0): this {
+    return this.op(0x3a).memarg(0, offset);
   }
   /** i32.store16: the low 16 bits. */
   i32Store16(offset = 0): this {
@@ -210,6 +217,8 @@ export class Fn {
     return this.op(0x38).memarg(ALIGN.f32, offset);
   }
   f32Add(): this { return this.op(0x92); }
+  f32ReinterpretI32(): this { return this.op(0xbe); }
+  i32ReinterpretF32(): this { return this.op(0xbc); }
   f32Div(): this { return this.op(0x95); }
   f32ConvertI32U(): this { return this.op(0xb3); }
   f32ConvertI32S(): this { return this.op(0xb2); }
