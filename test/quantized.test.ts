@@ -300,33 +300,42 @@ test("splitScaledBlocks: the 16-bit path and the byte path (odd offsets) give th
   }
 });
 
-test("the cpu runtime's Wasm block split (the loader's Q8_0/Q4_0 repack) equals splitScaledBlocks: subnormal, signed-zero and negative scales, the first non-finite one, and views it cannot take declined", async () => {
+test("the cpu runtime's Wasm repacks (the loader's, for Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) equal the JavaScript ones byte for byte: subnormal, signed-zero and negative scales, the first non-finite one, and views they cannot take declined", async () => {
   const rt = await CpuRuntime.create({ threads: 1 });
+  const f32 = (m: Uint8Array) => new Float32Array(m.buffer, m.byteOffset, m.byteLength / 4);
+  // Per type: block bytes, quant and meta bytes per block, the f16 scales' offsets, the JavaScript repack.
+  const types = [
+    { type: "q8_0", bb: 34, q: 32, m: 4, scales: [0], js: (b: Uint8Array, q: Uint8Array, m: Uint8Array) => splitScaledBlocks(b, 34, q, f32(m)) },
+    { type: "q4_0", bb: 18, q: 16, m: 4, scales: [0], js: (b: Uint8Array, q: Uint8Array, m: Uint8Array) => splitScaledBlocks(b, 18, q, f32(m)) },
+    { type: "q4_k", bb: 144, q: 128, m: 24, scales: [0, 2], js: repackQ4_K },
+    { type: "q5_k", bb: 176, q: 160, m: 24, scales: [0, 2], js: repackQ5_K },
+    { type: "q6_k", bb: 210, q: 192, m: 20, scales: [208], js: repackQ6_K },
+  ] as const;
   try {
     const r = rng(4);
-    for (const [type, bb] of [["q8_0", 34], ["q4_0", 18]] as const) {
-      const nb = 41, q = bb - 2;
+    for (const t of types) {
+      const nb = 41;
       const io = rt.quantReadIo();
-      const blocks = io.stage.subarray(0, nb * bb);
+      const blocks = io.stage.subarray(0, nb * t.bb);
       for (let i = 0; i < blocks.length; i++) blocks[i] = Math.floor((r() + 0.5) * 256) & 255;
       const dv = new DataView(blocks.buffer, blocks.byteOffset, blocks.byteLength);
-      const scales = [0x0001, 0x03ff, 0x8000, 0x0000, 0x8001, 0xbc00, 0x7bff, 0xfbff, 0x0400];
-      for (let b = 0; b < nb; b++) dv.setUint16(b * bb, b < scales.length ? scales[b]! : (b * 2654435761) & 0x7bff, true);
-      const wq = rt.allocBytes(nb * q), ws = rt.allocBytes(nb * 4);
+      const special = [0x0001, 0x03ff, 0x8000, 0x0000, 0x8001, 0xbc00, 0x7bff, 0xfbff, 0x0400];
+      for (let b = 0; b < nb; b++) for (const [k, o] of t.scales.entries()) dv.setUint16(b * t.bb + o, b < special.length ? special[(b + k) % special.length]! : (b * 2654435761 + k) & 0x7bff, true);
+      const wq = rt.allocBytes(nb * t.q), ws = rt.allocBytes(nb * t.m);
       const u8 = new Uint8Array(rt.memory.buffer);
-      const gotQ = u8.subarray(wq, wq + nb * q), gotS = u8.subarray(ws, ws + nb * 4);
-      const wantQ = new Uint8Array(nb * q), wantS = new Float32Array(nb);
-      assert.equal(io.repack[type]!(blocks, gotQ, gotS), -1);
-      assert.equal(splitScaledBlocks(blocks, bb, wantQ, wantS), -1);
-      assert.deepEqual([...gotQ], [...wantQ], type);
-      // Bit for bit (Object.is tells -0 from 0), subnormal f16 scales included.
-      const got = new Float32Array(rt.memory.buffer, ws, nb);
-      for (let b = 0; b < nb; b++) assert.ok(Object.is(got[b], wantS[b]), `${type} block ${b}: ${got[b]} vs ${wantS[b]}`);
-      dv.setUint16(33 * bb, 0xfc00, true); // -Inf in block 33
-      dv.setUint16(35 * bb, 0x7e01, true); // NaN in block 35
-      assert.equal(io.repack[type]!(blocks, gotQ, gotS), 33);
+      const gotQ = u8.subarray(wq, wq + nb * t.q), gotM = u8.subarray(ws, ws + nb * t.m);
+      const wantQ = new Uint8Array(nb * t.q), wantM = new Uint8Array(nb * t.m);
+      assert.equal(io.repack[t.type]!(blocks, gotQ, gotM), -1, t.type);
+      assert.equal(t.js(blocks, wantQ, wantM), -1, t.type);
+      // Bytes, not values: -0 and subnormal scales must come out bit for bit.
+      assert.deepEqual([...gotQ], [...wantQ], `${t.type} quants`);
+      assert.deepEqual([...gotM], [...wantM], `${t.type} scales`);
+      dv.setUint16(33 * t.bb + t.scales.at(-1)!, 0xfc00, true); // -Inf in block 33 (dmin for the K-quants)
+      dv.setUint16(35 * t.bb + t.scales[0]!, 0x7e01, true); // NaN in block 35
+      assert.equal(io.repack[t.type]!(blocks, gotQ, gotM), 33, t.type);
+      assert.equal(t.js(blocks, wantQ, wantM), 33, t.type);
       // A buffer outside the runtime's memory: declined, so the loader's JavaScript repack runs.
-      assert.equal(io.repack[type]!(new Uint8Array(nb * bb), gotQ, gotS), null);
+      assert.equal(io.repack[t.type]!(new Uint8Array(nb * t.bb), gotQ, gotM), null);
     }
   } finally {
     await rt.dispose();

@@ -1214,41 +1214,170 @@ export const QUANT_EXPORTS: Record<QuantType, { gemm: string; deq: string }> = {
   q5_k: { gemm: "q5kgemm", deq: "q5kdeq" },
 };
 
-/** Emits every type's rows and dequantization kernels and its driver (exported); `gemm` is the f32 driver. */
+/** Pushes the f32 of the f16 bits in local h, exactly (as the F16 kernels: bits & 0x7fff shifted into an f32's place, times 2^112, then the sign; subnormals included). */
+function f16Value(f: Fn, h: number): void {
+  f.get(h).i32Const(0x7fff).i32And().i32Const(13).i32Shl().f32ReinterpretI32().f32Const(2 ** 112).f32Mul();
+  f.i32ReinterpretF32().get(h).i32Const(0x8000).i32And().i32Const(16).i32Shl().i32Or().f32ReinterpretI32();
+}
+
 /**
- * splitq8 / splitq4(src, nb, dq, ds) -> i32: the loader's repack of nb Q8_0 / Q4_0 blocks at src
- * (the file's layout: an f16 d, then 32 / 16 quant bytes) into this layout (quants at dq, d as f32
- * at ds); returns the first block whose d is not finite (infinite or NaN), or -1. The f16 widens
- * exactly as the F16 kernels' (bits & 0x7fff shifted into an f32's place, times 2^112, then the
- * sign), subnormals included. 30x faster than the same loop in JavaScript, which took 4.6 s of a
- * 1.3 GB Q8_0 file's 6 s load (2026-12-07).
+ * The loader's repacks of file blocks into this file's layouts, run in Wasm on blocks read into the
+ * engine's memory (runtime.ts quantReadIo): `name`(src, nb, dq, dm) -> i32 repacks nb blocks at src
+ * (the file's layout) into quants at dq and scales/meta at dm and returns the first block with a
+ * non-finite f16 scale (infinity or NaN), or -1, as the JavaScript repacks in io/gguf-quants.ts do
+ * (their tests hold these to them bit for bit). `build` declares the kernel's locals and returns its
+ * constants' setup and one block's code, which reads and writes at the byte pointers (advanced here)
+ * and calls scale(offset, to) for each f16 scale it widens.
  */
-function emitSplitBlocks(mb: ModuleBuilder, name: string, qBytes: 16 | 32): void {
+function emitRepack(
+  mb: ModuleBuilder,
+  name: string,
+  sizes: { src: number; q: number; m: number },
+  build: (f: Fn, p: { SRC: number; DQ: number; DM: number }, scale: (offset: number, to: () => void) => void) => { init?(): void; block(): void },
+): void {
   const f = mb.func(name, [I32, I32, I32, I32], [I32], true);
-  const [SRC, NB, DQ, DS] = [0, 1, 2, 3];
+  const [SRC, NB, DQ, DM] = [0, 1, 2, 3];
   const i = f.local(I32), h = f.local(I32), bad = f.local(I32);
+  const scale = (offset: number, to: () => void) => {
+    f.get(SRC).i32Load16U(offset).set(h);
+    f.get(h).i32Const(0x7fff).i32And().i32Const(0x7c00).i32GeU().get(bad).i32Const(0).i32LtS().i32And().if(() => void f.get(i).set(bad));
+    to();
+    f16Value(f, h);
+    f.f32Store();
+  };
+  const k = build(f, { SRC, DQ, DM }, scale);
   f.i32Const(-1).set(bad);
+  k.init?.();
   f.get(NB).if(() => {
     f.loop(() => {
-      f.get(SRC).i32Load16U().set(h);
-      // |h| >= 0x7c00: an infinity or a NaN (the first one is reported).
-      f.get(h).i32Const(0x7fff).i32And().i32Const(0x7c00).i32GeU().get(bad).i32Const(0).i32LtS().i32And().if(() => void f.get(i).set(bad));
-      f.get(DS);
-      f.get(h).i32Const(0x7fff).i32And().i32Const(13).i32Shl().f32ReinterpretI32().f32Const(2 ** 112).f32Mul();
-      f.i32ReinterpretF32().get(h).i32Const(0x8000).i32And().i32Const(16).i32Shl().i32Or().f32ReinterpretI32().f32Store();
-      for (let k = 0; k < qBytes; k += 16) f.get(DQ).get(SRC).v128Load(2 + k).v128Store(k);
-      f.get(SRC).i32Const(qBytes + 2).i32Add().set(SRC);
-      f.get(DQ).i32Const(qBytes).i32Add().set(DQ);
-      f.get(DS).i32Const(4).i32Add().set(DS);
+      k.block();
+      f.get(SRC).i32Const(sizes.src).i32Add().set(SRC);
+      f.get(DQ).i32Const(sizes.q).i32Add().set(DQ);
+      f.get(DM).i32Const(sizes.m).i32Add().set(DM);
       f.get(i).i32Const(1).i32Add().tee(i).get(NB).i32LtU().brIf(0);
     });
   });
   f.get(bad);
 }
 
+/** Copies n bytes (a multiple of 16) from SRC + s to DQ + d. */
+function copy16(f: Fn, SRC: number, s: number, DQ: number, d: number, n: number): void {
+  for (let k = 0; k < n; k += 16) f.get(DQ).get(SRC).v128Load(s + k).v128Store(d + k);
+}
+
+/**
+ * The Q4_K/Q5_K meta (qkernels' 24 bytes: d and dmin as f32, then the eight 6-bit scales and the
+ * eight mins as bytes) from the file's d, dmin and 12 packed bytes b (ggml's get_scale_min_k4: for
+ * j < 4 sc = b[j] & 63, m = b[j+4] & 63; else sc = (b[j+4] & 15) | (b[j-4] >> 6) << 4,
+ * m = (b[j+4] >> 4) | (b[j] >> 6) << 4), all sixteen bytes by shuffles and masks at once.
+ */
+function kMeta(f: Fn, p: { SRC: number; DM: number }, scale: (offset: number, to: () => void) => void, l: { v: number; t: number; c1: number; c2: number; c3: number; zero: number }): void {
+  scale(0, () => void f.get(p.DM));
+  scale(2, () => void f.get(p.DM).i32Const(4).i32Add());
+  f.get(p.SRC).v128Load(4).set(l.v); // b0..b11 (and four quant bytes, unused)
+  f.get(p.DM);
+  // [b0..3, b8..11, b4..7, b8..11] masked to [sc0..3 | low nibbles | m0..3 | 0], plus the high nibbles of b8..11 in lanes 12..15.
+  f.get(l.v).get(l.v).shuffle8([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11]).tee(l.t).get(l.c1).v128And();
+  f.get(l.t).i32Const(4).i16x8ShrU().get(l.c2).v128And().v128Or();
+  // The top two bits of b0..7 (16-bit shift, then a mask: nothing crosses bytes), into lanes 4..7 and 12..15, times 16.
+  f.get(l.v).i32Const(6).i16x8ShrU().get(l.c3).v128And().get(l.zero).shuffle8([16, 16, 16, 16, 0, 1, 2, 3, 16, 16, 16, 16, 4, 5, 6, 7]).i32Const(4).i16x8Shl().v128Or();
+  f.v128Store(8);
+}
+
+/** The constants kMeta uses, in locals of f. */
+function kMetaLocals(f: Fn): { v: number; t: number; c1: number; c2: number; c3: number; zero: number; set(): void } {
+  const l = { v: f.local(V128), t: f.local(V128), c1: f.local(V128), c2: f.local(V128), c3: f.local(V128), zero: f.local(V128) };
+  return {
+    ...l,
+    set: () => {
+      f.v128ConstI32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0).set(l.c1);
+      f.v128ConstI32(0, 0, 0, 0x0f0f0f0f).set(l.c2);
+      f.v128ConstI32(0x03030303).set(l.c3);
+      f.v128ConstI32(0).set(l.zero);
+    },
+  };
+}
+
+/**
+ * splitq8 / splitq4: Q8_0 / Q4_0 blocks (an f16 d, then 32 / 16 quant bytes) into quants at dq
+ * and d as f32 at ds. repackq4k / repackq5k / repackq6k: the K-quants into the layouts above
+ * (Q6_K's rearranged steps as repackQ6_K in io/gguf-quants.ts computes them, 16 lanes at a time).
+ * In Wasm 5-8x faster than the JavaScript loops (Q8_0: 2.7 vs 20 ns per block), which took 4.6 s
+ * of a 1.3 GB Q8_0 file's 6 s load and 3.2 s of the 8B Q4_K_M file's 18 (2026-12-07; most of
+ * the rest is page faults).
+ */
+function emitRepackKernels(mb: ModuleBuilder): void {
+  for (const [name, qb] of [["splitq8", 32], ["splitq4", 16]] as const) {
+    emitRepack(mb, name, { src: qb + 2, q: qb, m: 4 }, (f, p, scale) => ({
+      block: () => {
+        scale(0, () => void f.get(p.DM));
+        copy16(f, p.SRC, 2, p.DQ, 0, qb);
+      },
+    }));
+  }
+  for (const five of [false, true]) {
+    emitRepack(mb, five ? "repackq5k" : "repackq4k", { src: five ? 176 : 144, q: five ? 160 : 128, m: 24 }, (f, p, scale) => {
+      const l = kMetaLocals(f);
+      return {
+        init: l.set,
+        block: () => {
+          kMeta(f, p, scale, l);
+          // Q4_K: the 128 nibble bytes; Q5_K: its 128 nibble bytes (file offset 48), then the 32 bytes of fifth bits (offset 16).
+          if (five) {
+            copy16(f, p.SRC, 48, p.DQ, 0, 128);
+            copy16(f, p.SRC, 16, p.DQ, 128, 32);
+          } else copy16(f, p.SRC, 16, p.DQ, 0, 128);
+        },
+      };
+    });
+  }
+  emitRepack(mb, "repackq6k", { src: 210, q: 192, m: 20 }, (f, p, scale) => {
+    const L = { hlo: f.local(V128), hhi: f.local(V128), q: [f.local(V128), f.local(V128), f.local(V128), f.local(V128)], m0f: f.local(V128), m03: f.local(V128) };
+    return {
+      init: () => {
+        f.v128ConstI32(0x0f0f0f0f).set(L.m0f);
+        f.v128ConstI32(0x03030303).set(L.m03);
+      },
+      block: () => q6Block(f, p, scale, L),
+    };
+  });
+}
+
+/** One Q6_K block of repackq6k (locals L). */
+function q6Block(f: Fn, p: { SRC: number; DQ: number; DM: number }, scale: (offset: number, to: () => void) => void, L: { hlo: number; hhi: number; q: number[]; m0f: number; m03: number }): void {
+  scale(208, () => void f.get(p.DM));
+  f.get(p.DM).get(p.SRC).v128Load(192).v128Store(4); // the 16 int8 scales
+  // Weight 128h + 32k + l has its low four bits in ql[64h + 32(k & 1) + l] (low nibble for k < 2,
+  // high for k >= 2) and its high two in qh[32h + l] at bit 2k; step s = 2h + e holds k = 2e (groups
+  // 0, 1: l < 16, l >= 16) and k = 2e + 1 (groups 2, 3). 16-bit shifts, each masked so that no bit
+  // crosses into another byte.
+  for (let s = 0; s < 4; s++) {
+    const h = s >> 1, sh = 4 * (s & 1);
+    const ql = 64 * h, qh = 128 + 32 * h;
+    f.get(p.SRC).v128Load(qh).set(L.hlo);
+    f.get(p.SRC).v128Load(qh + 16).set(L.hhi);
+    for (let g = 0; g < 4; g++) {
+      f.get(p.SRC).v128Load(ql + 16 * g);
+      if (sh) f.i32Const(sh).i16x8ShrU();
+      f.get(L.m0f).v128And();
+      f.get(g % 2 ? L.hhi : L.hlo);
+      const hs = sh + (g >= 2 ? 2 : 0);
+      if (hs) f.i32Const(hs).i16x8ShrU();
+      f.get(L.m03).v128And().i32Const(4).i16x8Shl().v128Or().set(L.q[g]!);
+    }
+    // A = q0 | (q3 & 3) << 6, B = q1 | (q3 >> 2 & 3) << 6, C = q2 | (q3 >> 4) << 6.
+    for (let v = 0; v < 3; v++) {
+      f.get(p.DQ);
+      f.get(L.q[v]!).get(L.q[3]!).v128ConstI32((0x03030303 << (2 * v)) | 0).v128And();
+      f.i32Const(6 - 2 * v).i16x8Shl().v128Or();
+      f.v128Store(48 * s + 16 * v);
+    }
+  }
+}
+
+/** Emits every type's rows and dequantization kernels and its driver (exported); `gemm` is the f32 driver. */
 export function emitQuantKernels(mb: ModuleBuilder, o: KernelOptions, gemm: Fn): Record<QuantType, Fn> {
-  emitSplitBlocks(mb, "splitq8", 32);
-  emitSplitBlocks(mb, "splitq4", 16);
+  emitRepackKernels(mb);
   const rowsOf = (emit: (mb: ModuleBuilder, o: KernelOptions, a: number) => Fn, n = o.dmr) => Array.from({ length: n }, (_, i) => emit(mb, o, i + 1));
   /** The int8-activation rows: up to o.idmr rows of X per pass over W. */
   const irowsOf = (emit: (mb: ModuleBuilder, o: KernelOptions, a: number) => Fn) => rowsOf(emit, o.idmr);

@@ -180,8 +180,8 @@ export function claimAndRun(ctrl: Int32Array, gen: number, taskList: TaskListFn,
 
 type QGemmFn = (x: number, ldx: number, wq: number, ws: number, y: number, ldy: number, M: number, N: number, K: number, flags: number, scratch: number, deq: number, deqRows: number) => void;
 type DeqFn = (wq: number, ws: number, rows: number, K: number, dst: number) => void;
-/** splitq8 / splitq4 (qkernels.ts emitSplitBlocks): (src, blocks, quants, scales) -> first non-finite block or -1. */
-type SplitFn = (src: number, nb: number, dq: number, ds: number) => number;
+/** The loader's repack kernels (qkernels.ts emitRepackKernels): (src, blocks, quants, scales) -> first non-finite block or -1. */
+type RepackFn = (src: number, nb: number, dq: number, ds: number) => number;
 type GemmFn = (x: number, ldx: number, w: number, ldw: number, y: number, ldy: number, M: number, N: number, K: number, acc: number, scratch: number) => void;
 export type TaskListFn = (ptr: number, count: number, scratch: number) => void;
 type PackxFn = (x: number, ldx: number, M: number, K: number, dst: number) => void;
@@ -243,8 +243,7 @@ export class CpuRuntime {
   private readonly heapStart: number; // bytes
   private readonly peakFn: (iters: number) => number;
   private readonly peakDotFn: (iters: number) => number;
-  private readonly splitQ8: SplitFn;
-  private readonly splitQ4: SplitFn;
+  private readonly repackFns: Record<"splitq8" | "splitq4" | "repackq4k" | "repackq5k" | "repackq6k", RepackFn>;
   private readonly ctrl: Int32Array;
   private readonly workers: Worker[];
   private view: Float32Array;
@@ -281,8 +280,7 @@ export class CpuRuntime {
     this.hwm = heapStart;
     this.peakFn = ex.peak as (iters: number) => number;
     this.peakDotFn = ex.peakdot as (iters: number) => number;
-    this.splitQ8 = ex.splitq8 as SplitFn;
-    this.splitQ4 = ex.splitq4 as SplitFn;
+    this.repackFns = { splitq8: ex.splitq8 as RepackFn, splitq4: ex.splitq4 as RepackFn, repackq4k: ex.repackq4k as RepackFn, repackq5k: ex.repackq5k as RepackFn, repackq6k: ex.repackq6k as RepackFn };
     this.ctrl = ctrl;
     this.workers = workers;
     this.viewBuffer = memory.buffer;
@@ -549,26 +547,33 @@ export class CpuRuntime {
   }
 
   /**
-   * The loader's help for reading Q8_0 / Q4_0 matrices into this memory (LazyWeightStore.readQuantInto):
-   * the file's blocks are read into a stage here (the calling thread's dequantization area, idle
-   * while nothing is multiplied) and split by the Wasm kernels splitq8 / splitq4 instead of a
-   * JavaScript loop. Views over another buffer (or an old one of a grown memory) are declined.
+   * The loader's help for reading Q8_0, Q4_0, Q4_K, Q5_K and Q6_K matrices into this memory
+   * (LazyWeightStore.readQuantInto): the file's blocks are read into a stage here (the calling
+   * thread's dequantization area, idle while nothing is multiplied) and repacked by Wasm kernels
+   * (qkernels.ts emitRepackKernels) instead of JavaScript loops. Views over another buffer (or an old one of a grown memory) are declined.
    * Make a fresh one per read: a growing memory replaces its buffer.
    */
   quantReadIo(): QuantReadIo {
     this.assertLive();
     const buf = this.memory.buffer;
-    const split = (fn: SplitFn, blockBytes: number) => (bytes: Uint8Array, wq: Uint8Array, ws: Uint8Array) => {
-      const nb = bytes.byteLength / blockBytes;
+    /** A repack kernel on blocks of `src` file bytes into `q` quant and `m` scale bytes each. */
+    const run = (name: keyof typeof this.repackFns, src: number, q: number, m: number) => (bytes: Uint8Array, wq: Uint8Array, ws: Uint8Array) => {
+      const nb = bytes.byteLength / src;
       if (bytes.buffer !== buf || wq.buffer !== buf || ws.buffer !== buf || buf !== this.memory.buffer) return null;
-      if (!Number.isInteger(nb) || wq.byteLength !== nb * (blockBytes - 2) || ws.byteLength !== nb * 4 || ws.byteOffset % 4 !== 0) {
-        throw new Error(`CpuRuntime.quantReadIo: ${bytes.byteLength} bytes of blocks of ${blockBytes} do not match the destinations`);
+      if (!Number.isInteger(nb) || wq.byteLength !== nb * q || ws.byteLength !== nb * m) {
+        throw new Error(`CpuRuntime.quantReadIo: ${bytes.byteLength} bytes of ${src}-byte blocks do not match the destinations (${wq.byteLength}, ${ws.byteLength} bytes)`);
       }
-      return fn(bytes.byteOffset, nb, wq.byteOffset, ws.byteOffset);
+      return this.repackFns[name](bytes.byteOffset, nb, wq.byteOffset, ws.byteOffset);
     };
     return {
       stage: new Uint8Array(buf, this.scratch + this.gemmScratch, DEQ_BYTES),
-      repack: { q8_0: split(this.splitQ8, 34), q4_0: split(this.splitQ4, 18) },
+      repack: {
+        q8_0: run("splitq8", 34, 32, 4),
+        q4_0: run("splitq4", 18, 16, 4),
+        q4_k: run("repackq4k", 144, 128, 24),
+        q5_k: run("repackq5k", 176, 160, 24),
+        q6_k: run("repackq6k", 210, 192, 20),
+      },
     };
   }
 
