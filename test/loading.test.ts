@@ -2,18 +2,20 @@
 // errors bad files must give (one line naming the file and the fix; CLI exit code 1, no stack).
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
+import { createHash } from "node:crypto";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
 import { ModelFileError, SelfscopeError, UnsupportedArchitectureError, WeightShapeError } from "../src/core/errors.js";
 import { f16BytesToF32, bf16BytesToF32 } from "../src/io/binary.js";
-import { GgmlType, GgufValueType, f32ToF16Bytes, ggufMetadataForWrite, readGguf, readGgufTensor, writeGguf } from "../src/io/gguf.js";
+import { GgmlType, GgufValueType, type GgufValue, f32ToF16Bytes, ggufMetadataForWrite, readGguf, readGgufTensor, writeGguf } from "../src/io/gguf.js";
 import { resolveModelPath } from "../src/io/hub-cache.js";
 import { readSafetensorsHeader, readStTensor, writeSafetensors } from "../src/io/safetensors.js";
 import { Engine } from "../src/engine/jax/engine.js";
 import { loadHostModel } from "../src/model/load.js";
 import { checkFits, estimateMemory } from "../src/model/memory.js";
+import { ggufTokenizerDigest } from "../src/model/model.js";
 import { fixture, repoDir } from "./support/paths.js";
 
 const GPT2 = fixture("tiny-random-gpt2");
@@ -136,6 +138,23 @@ test("GGUF strings: UTF-8 as written, a leading U+FEFF kept, invalid bytes as U+
   } finally {
     fs.rmSync(file, { force: true });
   }
+});
+
+test("a GGUF's tokenizer digest is sha256 over JSON.stringify([key, value]) of each tokenizer.* key, the bytes older caches were keyed by (merges, tokens, scores, types, a bigint)", () => {
+  const old = (meta: ReadonlyMap<string, GgufValue>) => {
+    const h = createHash("sha256");
+    for (const k of [...meta.keys()].filter((x) => x.startsWith("tokenizer.")).sort()) h.update(JSON.stringify([k, meta.get(k)], (_, v: unknown) => (typeof v === "bigint" ? `${v}n` : v)));
+    return h.digest("hex");
+  };
+  for (const file of [path.join(fixture("llamacpp-vocab"), "ggml-vocab-gpt-2.gguf"), STORIES]) {
+    const meta = readGguf(file).metadata;
+    assert.ok([...meta.values()].some((v) => Array.isArray(v) && v.length >= 512), file);
+    assert.equal(ggufTokenizerDigest(meta), old(meta), file);
+  }
+  const odd = new Map<string, GgufValue>([["tokenizer.b", [[1, 2n], ["\u{1F999}", "\uD800"], []]], ["tokenizer.a", 3n], ["general.x", "not hashed"], ["tokenizer.c", []]]);
+  assert.equal(ggufTokenizerDigest(odd), old(odd));
+  assert.notEqual(ggufTokenizerDigest(new Map([...odd, ["tokenizer.c", [0]]])), ggufTokenizerDigest(odd));
+  assert.equal(ggufTokenizerDigest(new Map([["general.x", 1]])), null);
 });
 
 test("HF hub cache names resolve offline; a missing one says where it looked and how to download", () => {

@@ -8,6 +8,7 @@ import { cacheRoot } from "../core/cache.js";
 import { UsageError } from "../core/errors.js";
 import { renderChat, chatTemplateFromTokenizerConfig, type ChatMessage } from "../io/chat-template.js";
 import { checkTokenizerFits, loadTokenizerJson, tokenizerFromGguf, type Tokenizer } from "../io/tokenizer.js";
+import type { GgufValue } from "../io/gguf.js";
 import type { Plan } from "../hooks/plan.js";
 import { initDevice, type DeviceInfo, type DeviceName } from "../engine/device.js";
 import type { JvpRequest, JvpResult, LossAndGradRequest, LossAndGradResult, TrainParam } from "../engine/grad.js";
@@ -376,17 +377,36 @@ function planDigest(base: string, plan: Plan): string {
 
 /** sha256 of what the tokenizer is built from (files, or GGUF tokenizer.* metadata), or null without one. */
 function tokenizerDigestOf(host: HostModel): string | null {
-  if (host.gguf) {
-    const keys = [...host.gguf.metadata.keys()].filter((k) => k.startsWith("tokenizer.")).sort();
-    if (keys.length === 0) return null;
-    const h = createHash("sha256");
-    for (const k of keys) h.update(JSON.stringify([k, host.gguf.metadata.get(k)], (_, v: unknown) => (typeof v === "bigint" ? `${v}n` : v)));
-    return h.digest("hex");
-  }
+  if (host.gguf) return ggufTokenizerDigest(host.gguf.metadata);
   const files = [host.files.tokenizerJson, host.files.tokenizerConfig].filter((f): f is string => f !== undefined);
   if (files.length === 0) return null;
   const h = createHash("sha256");
   for (const f of files) h.update(`${path.basename(f)}\0${sha256(fs.readFileSync(f))}\n`);
+  return h.digest("hex");
+}
+
+/**
+ * A GGUF's tokenizer digest: sha256 over JSON.stringify([key, value]) of each tokenizer.* key in
+ * order (bigints as "<n>n"), or null without one. Part of the model's identity (cache keys, run
+ * headers), so these bytes must not change.
+ */
+export function ggufTokenizerDigest(metadata: ReadonlyMap<string, GgufValue>): string | null {
+  const keys = [...metadata.keys()].filter((k) => k.startsWith("tokenizer.")).sort();
+  if (keys.length === 0) return null;
+  const h = createHash("sha256");
+  const json = (v: unknown) => JSON.stringify(v, (_, x: unknown) => (typeof x === "bigint" ? `${x}n` : x));
+  // An array's items are hashed one at a time, the same bytes: a 280k-merge array as one string
+  // was ~10 MiB of garbage made just as the weights reach their peak memory.
+  for (const k of keys) {
+    const v = metadata.get(k);
+    if (!Array.isArray(v)) {
+      h.update(json([k, v]));
+      continue;
+    }
+    h.update(`[${json(k)},[`);
+    for (let i = 0; i < v.length; i++) h.update(i ? `,${json(v[i])}` : json(v[i]));
+    h.update("]]");
+  }
   return h.digest("hex");
 }
 
