@@ -211,7 +211,8 @@ describe("a Q8_0 GGUF (stories260K with every 32-aligned matrix in Q8_0)", () =>
  * lack Q5_0, so it is widened to f32 beside a quantized q and k), Q4_K for every other matrix;
  * norms F32.
  */
-async function writeQ4KLlama(file: string, main: GgmlType = GgmlType.Q4_K): Promise<void> {
+/** every: all matrices in `main` (otherwise llama-quantize's Q4_K_M picks: Q6_K for the embedding, output and two more, one Q5_0). */
+async function writeQ4KLlama(file: string, main: GgmlType = GgmlType.Q4_K, every = false): Promise<void> {
   const ggml = await loadGgml();
   const g = readGguf(fixture("stories260K-gguf", "stories260K.gguf"));
   const D = 256, F = 512, V = 512, L = 2, H = 4, KV = 2, hd = 64;
@@ -227,7 +228,7 @@ async function writeQ4KLlama(file: string, main: GgmlType = GgmlType.Q4_K): Prom
   const tensors: { name: string; shape: number[]; type: GgmlType; data: Float32Array; raw?: Uint8Array }[] = [];
   const mat = (name: string, rows: number, cols: number) => {
     const data = Float32Array.from({ length: rows * cols }, () => (r() * 2 * Math.sqrt(3)) / Math.sqrt(cols));
-    const type = /^(token_embd|output|blk\.0\.ffn_down|blk\.0\.attn_v)\./.test(name) ? GgmlType.Q6_K : name === "blk.1.attn_v.weight" ? GgmlType.Q5_0 : main;
+    const type = every ? main : /^(token_embd|output|blk\.0\.ffn_down|blk\.0\.attn_v)\./.test(name) ? GgmlType.Q6_K : name === "blk.1.attn_v.weight" ? GgmlType.Q5_0 : main;
     tensors.push({ name, shape: [rows, cols], type, data, raw: ggml.quantize(type, data, rows, cols) });
   };
   const norm = (name: string) => tensors.push({ name, shape: [D], type: GgmlType.F32, data: Float32Array.from({ length: D }, () => 1 + r() * 0.2) });
@@ -267,6 +268,42 @@ function q8act(x: Float32Array): { q: Int16Array; d: Float32Array } {
   }
   return { q, d };
 }
+
+/** v rounded to the nearest binary16 (ties to even; subnormals; past the largest finite, Infinity), by scaling, not bit tricks. */
+function f16round(v: number): number {
+  const a = Math.abs(v);
+  if (!Number.isFinite(a) || a === 0) return v;
+  const ulp = a < 2 ** -14 ? 2 ** -24 : 2 ** (Math.floor(Math.log2(a)) - 10);
+  const r = rne(a / ulp) * ulp;
+  return Math.sign(v) * (r > 65504 ? Infinity : r);
+}
+
+/** q8act32 (the Q8_0 rows' activations, llama.cpp's quantize_row_q8_0 on x86): per 32, d = f16(max|x|/127) and q = nearest(f32(x · f32(127/max))). */
+function q8act32(x: Float32Array): { q: Int16Array; d: Float32Array } {
+  const K = x.length;
+  const q = new Int16Array(K), d = new Float32Array(K / 32);
+  for (let b = 0; b < K / 32; b++) {
+    let amax = 0;
+    for (let i = 0; i < 32; i++) amax = Math.max(amax, Math.abs(x[32 * b + i]!));
+    d[b] = f16round(Math.fround(amax / 127));
+    const inv = amax > 0 ? Math.fround(127 / amax) : 0;
+    for (let i = 0; i < 32; i++) q[32 * b + i] = rne(Math.fround(x[32 * b + i]! * inv));
+  }
+  return { q, d };
+}
+
+test("f16round, the tests' reference for q8act32's scales: binary16's values, ties to even, subnormals, overflow", () => {
+  const h = (bits: number) => { const e = (bits >> 10) & 31, m = bits & 1023; return (e ? 1 + m / 1024 : m / 1024) * 2 ** ((e || 1) - 15); };
+  for (const bits of [1, 2, 0x3ff, 0x400, 0x401, 0x3c00, 0x3c01, 0x7bfe, 0x7bff]) {
+    const lo = h(bits), hi = h(bits + 1), mid = (lo + hi) / 2;
+    assert.equal(f16round(lo), lo);
+    assert.equal(f16round(lo + (hi - lo) * 0.3), lo);
+    assert.equal(f16round(lo + (hi - lo) * 0.7), bits === 0x7bff ? Infinity : hi);
+    assert.equal(f16round(mid), bits % 2 ? (bits === 0x7bff ? Infinity : hi) : lo, `tie above ${bits.toString(16)}`);
+  }
+  assert.equal(f16round(2 ** -26), 0);
+  assert.equal(f16round(3 * 2 ** -26), 2 ** -24);
+});
 
 test("splitScaledBlocks: the 16-bit path and the byte path (odd offsets) give the blocks' quants and f16 scales exactly, and name the first non-finite scale", () => {
   const r = rng(3);
@@ -376,11 +413,13 @@ for (const threads of [1, 2]) {
         // Exactly the dot of ggml's dequantized weights with the dequantized activations q·d.
         for (let m = 0; m < M; m++) {
           const row = xs.subarray(m * K, (m + 1) * K);
-          const { q, d } = q8act(row);
+          // Q8_0: per 32 with f16 scales (as llama.cpp's q8_0); the K-quants per 256 (its q8_K).
+          const { q, d } = kq.type === "q8_0" ? q8act32(row) : q8act(row);
+          const shift = kq.type === "q8_0" ? 5 : 8;
           for (let n = 0; n < N; n++) {
             let s = 0, a = 0;
             for (let k = 0; k < K; k++) {
-              const p = ref[n * K + k]! * q[k]! * d[k >> 8]!;
+              const p = ref[n * K + k]! * q[k]! * d[k >> shift]!;
               s += p;
               a += Math.abs(p);
             }
@@ -816,6 +855,38 @@ test("a Q5_K_M-like GGUF (Q5_K and Q6_K by ggml): native equals the f32 path up 
   } finally {
     f32.dispose();
     q5.dispose();
+    i8.dispose();
+  }
+});
+
+for (const type of [GgmlType.Q8_0, GgmlType.Q4_K, GgmlType.Q5_K, GgmlType.Q6_K])
+test(`native-int8 decode rows are llama.cpp's arithmetic: a ${GgmlType[type]} GGUF (every matrix, by ggml's quantizer) gives llama.cpp's logits up to f32 rounding, where the f32 path's are ~0.1 away`, async (t) => {
+  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "selfscope-i8-")), `llama-${GgmlType[type]}.gguf`);
+  await writeQ4KLlama(file, type, true);
+  const f32 = await Model.load(file, { threads: 2, weights: "f32" });
+  const i8 = await Model.load(file, { threads: 2, weights: "native-int8" });
+  try {
+    // At most 8 rows per forward (packMinM is 9): every product takes the int8 rows (Q8_0 prefill
+    // stays in the f32 GEMM). Their activations are rounded as llama.cpp rounds them: per 256 as
+    // its q8_K for the K-quants, per 32 with f16 scales as its q8_0 for Q8_0.
+    const ids = [1, 403, 407, 261, 378, 285, 263, 499];
+    const lc = await llamaCppLogits(file, ids, { threads: 1 });
+    const V = 512;
+    const rowsOf = async (m: Model) => {
+      const out = new Float32Array(ids.length * V);
+      for (let i = 0; i < ids.length; i++) out.set((await m.forward([{ ids: ids.slice(0, i + 1) }], { logits: "last" })).logits[0]!, i * V);
+      return out;
+    };
+    const exact = await rowsOf(f32), mine = await rowsOf(i8);
+    const f32Lc = compareLogits(exact, lc.logits, ids.length, V, true), mineLc = compareLogits(mine, lc.logits, ids.length, V, true);
+    t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${f32Lc.maxAbs.toExponential(2)}, native-int8 ${mineLc.maxAbs.toExponential(2)}`);
+    // 1.0-1.8e-6 on the developers' host. The bound leaves room for another CPU's summation order,
+    // which can flip the rounding of an activation here and there. (Q8_0 with per-256
+    // activations, before 2026-12-07: 0.11.)
+    assert.ok(f32Lc.maxAbs > 0.02, `the f32 path is ${f32Lc.maxAbs} from llama.cpp: the activation rounding should show`);
+    assert.ok(mineLc.maxAbs < 1e-2, `native-int8 is ${mineLc.maxAbs} from llama.cpp, the f32 path ${f32Lc.maxAbs}`);
+  } finally {
+    f32.dispose();
     i8.dispose();
   }
 });

@@ -72,8 +72,10 @@ export function defaultVectorCache(): string {
  * 3: a `--weights native-int8` load now rounds the activations of Q6_K products at prefill sizes
  * too (2026-12-07), so vectors cached by such a load before then hold other values under the same
  * identity (arithmetic "int8-activations").
+ * 4: a `--weights native-int8` load quantizes the activations of its Q8_0 products per 32 with f16
+ * scales, as llama.cpp's q8_0 (2026-12-07; per 256 before).
  */
-export const VECTOR_CACHE_VERSION = 3;
+export const VECTOR_CACHE_VERSION = 4;
 
 /**
  * What a cached vector depends on: the model's weights, tokenizer, chat template and config, the

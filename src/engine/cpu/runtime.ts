@@ -239,6 +239,8 @@ export class CpuRuntime {
   private readonly packxFn: PackxFn;
   /** q8act(px, ldx, M, K, dst): X into the int8-activation layout (same signature as packx). */
   private readonly q8actFn: PackxFn;
+  /** q8act32: the same for the Q8_0 rows (per 32, as llama.cpp's q8_0). */
+  private readonly q8act32Fn: PackxFn;
   private readonly scratch: number; // the main thread's scratch (bytes)
   private readonly heapStart: number; // bytes
   private readonly peakFn: (iters: number) => number;
@@ -274,6 +276,7 @@ export class CpuRuntime {
     this.taskListFn = ex.task_list as TaskListFn;
     this.packxFn = ex.packx as PackxFn;
     this.q8actFn = ex.q8act as PackxFn;
+    this.q8act32Fn = ex.q8act32 as PackxFn;
     this.scratch = SCRATCH_BYTE;
     this.heapStart = heapStart;
     this.top = heapStart;
@@ -512,7 +515,7 @@ export class CpuRuntime {
     const mark = this.mark();
     try {
       const xp = !packed ? 0 : this.allocUninitialized((int8 ? M * q8actRowBytes(K) : packedXBytes(this.kernel, M, K)) / 4);
-      if (int8) this.q8actFn(g.x * 4, g.ldx * 4, M, K, xp * 4);
+      if (int8) (type === "q8_0" ? this.q8act32Fn : this.q8actFn)(g.x * 4, g.ldx * 4, M, K, xp * 4);
       else if (packed) this.packxFn(g.x * 4, g.ldx * 4, M, K, xp * 4);
       this.ints();
       // 8 pieces per thread with a shared X (packed, or quantized: the int8 rows at any M, as measured), 4 otherwise.

@@ -225,6 +225,9 @@ export class Fn {
   f32Sqrt(): this { return this.op(0x91); }
   f32Max(): this { return this.op(0x97); }
   f32Gt(): this { return this.op(0x5e); }
+  f32Lt(): this { return this.op(0x5d); }
+  /** Round to nearest, ties to even. */
+  f32Nearest(): this { return this.op(0x90); }
   f32Neg(): this { return this.op(0x8c); }
   f32Sub(): this { return this.op(0x93); }
   f32Mul(): this { return this.op(0x94); }
