@@ -48,8 +48,9 @@ export interface LoadOptions {
    * tensors are f32. The first gradient, derivative or weight delta gives every quantized matrix
    * an exact f32 copy (memory grows by the f32 size). "native-int8" (cpu): as "native", and the
    * products with Q4_K/Q5_K/Q6_K matrices (and at decode sizes Q8_0 ones) quantize their
-   * activations to int8 per 256 values as llama.cpp does (faster; logits then differ from the f32
-   * path's by the activation rounding).
+   * activations to int8 as llama.cpp does: per 256 (its q8_K) for the K-quants, per 32 with f16
+   * scales (its q8_0) for Q8_0 (faster; logits then differ from the f32 path's by the activation
+   * rounding, and at decode sizes equal llama.cpp's up to f32 rounding).
    */
   weights?: "f32" | "f16" | "native" | "native-int8";
   /**

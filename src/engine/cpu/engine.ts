@@ -78,8 +78,8 @@ interface Mat {
 /**
  * How the CPU engine stores matrix weights: all f32, or the tensors it can compute on natively
  * (qkernels.ts) kept in their format; "native-int8" also quantizes the activations of Q4_K, Q5_K
- * and Q6_K products (and of Q8_0 ones at decode sizes) to int8 per 256 values (llama.cpp's q8_K dot:
- * faster, no longer the f32 path's result).
+ * and Q6_K products per 256 values (llama.cpp's q8_K dot) and of Q8_0 ones at decode sizes per 32
+ * with f16 scales (its q8_0): faster, no longer the f32 path's result.
  */
 export type CpuWeights = "f32" | "native" | "native-int8";
 interface Block {
