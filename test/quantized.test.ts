@@ -249,22 +249,33 @@ async function writeQ4KLlama(file: string, main: GgmlType = GgmlType.Q4_K, every
   writeGguf(file, meta, tensors);
 }
 
+/** The logits after each prefix of ids, one forward per prefix (last row only): decode-size products for prefixes under packMinM rows. */
+async function decodeRows(m: Model, ids: number[], V: number): Promise<Float32Array> {
+  const out = new Float32Array(ids.length * V);
+  for (let i = 0; i < ids.length; i++) out.set((await m.forward([{ ids: ids.slice(0, i + 1) }], { logits: "last" })).logits[0]!, i * V);
+  return out;
+}
+
 /** Round half to even, as f32x4.nearest. */
 const rne = (v: number) => {
   const r = Math.round(v);
   return Math.abs(v - Math.trunc(v)) === 0.5 && r % 2 !== 0 ? r - 1 : r;
 };
 
-/** The int8-activation layout's quantization of one row (qkernels.ts q8act), in JS: per 256, d = max|x|/127 and q = nearest(f32(x · f32(127/max))). */
-function q8act(x: Float32Array): { q: Int16Array; d: Float32Array } {
+/**
+ * The int8-activation quantization of one row, in JS: per block of `block` values d = max|x|/127
+ * (through `scale`) and q = nearest(f32(x · f32(127/max))). qkernels.ts q8act: block 256, the f32
+ * scale; q8act32 (the Q8_0 rows, llama.cpp's quantize_row_q8_0 on x86): block 32, d as f16.
+ */
+function q8act(x: Float32Array, block = 256, scale = (d: number) => d): { q: Int16Array; d: Float32Array } {
   const K = x.length;
-  const q = new Int16Array(K), d = new Float32Array(K / 256);
-  for (let b = 0; b < K / 256; b++) {
+  const q = new Int16Array(K), d = new Float32Array(K / block);
+  for (let b = 0; b < K / block; b++) {
     let amax = 0;
-    for (let i = 0; i < 256; i++) amax = Math.max(amax, Math.abs(x[256 * b + i]!));
-    d[b] = Math.fround(amax / 127);
+    for (let i = 0; i < block; i++) amax = Math.max(amax, Math.abs(x[block * b + i]!));
+    d[b] = scale(Math.fround(amax / 127));
     const inv = amax > 0 ? Math.fround(127 / amax) : 0;
-    for (let i = 0; i < 256; i++) q[256 * b + i] = rne(Math.fround(x[256 * b + i]! * inv));
+    for (let i = 0; i < block; i++) q[block * b + i] = rne(Math.fround(x[block * b + i]! * inv));
   }
   return { q, d };
 }
@@ -276,20 +287,6 @@ function f16round(v: number): number {
   const ulp = a < 2 ** -14 ? 2 ** -24 : 2 ** (Math.floor(Math.log2(a)) - 10);
   const r = rne(a / ulp) * ulp;
   return Math.sign(v) * (r > 65504 ? Infinity : r);
-}
-
-/** q8act32 (the Q8_0 rows' activations, llama.cpp's quantize_row_q8_0 on x86): per 32, d = f16(max|x|/127) and q = nearest(f32(x · f32(127/max))). */
-function q8act32(x: Float32Array): { q: Int16Array; d: Float32Array } {
-  const K = x.length;
-  const q = new Int16Array(K), d = new Float32Array(K / 32);
-  for (let b = 0; b < K / 32; b++) {
-    let amax = 0;
-    for (let i = 0; i < 32; i++) amax = Math.max(amax, Math.abs(x[32 * b + i]!));
-    d[b] = f16round(Math.fround(amax / 127));
-    const inv = amax > 0 ? Math.fround(127 / amax) : 0;
-    for (let i = 0; i < 32; i++) q[32 * b + i] = rne(Math.fround(x[32 * b + i]! * inv));
-  }
-  return { q, d };
 }
 
 test("f16round, the tests' reference for q8act32's scales: binary16's values, ties to even, subnormals, overflow", () => {
@@ -414,7 +411,7 @@ for (const threads of [1, 2]) {
         for (let m = 0; m < M; m++) {
           const row = xs.subarray(m * K, (m + 1) * K);
           // Q8_0: per 32 with f16 scales (as llama.cpp's q8_0); the K-quants per 256 (its q8_K).
-          const { q, d } = kq.type === "q8_0" ? q8act32(row) : q8act(row);
+          const { q, d } = kq.type === "q8_0" ? q8act(row, 32, f16round) : q8act(row);
           const shift = kq.type === "q8_0" ? 5 : 8;
           for (let n = 0; n < N; n++) {
             let s = 0, a = 0;
@@ -607,12 +604,7 @@ describe("a Q4_K_M-like GGUF (a dModel-256 llama quantized by ggml: Q4_K and Q6_
       t.diagnostic(`prefill: max |Δ log p| native-int8 vs f32 path ${preSelf.maxAbs.toExponential(2)}; f32 path vs llama.cpp ${preLc.maxAbs.toExponential(2)}`);
       assert.ok(preSelf.maxAbs > 0 && preSelf.maxAbs <= 2 * Math.max(preLc.maxAbs, 1e-3), `prefill: native-int8 moves ${preSelf.maxAbs}; llama.cpp is ${preLc.maxAbs} away`);
       // One row at a time (decode-size products): activation rounding, as llama.cpp's q8_K dot.
-      const rowsOf = async (m: Model) => {
-        const out = new Float32Array(ids.length * V);
-        for (let i = 0; i < ids.length; i++) out.set((await m.forward([{ ids: ids.slice(0, i + 1) }], { logits: "last" })).logits[0]!, i * V);
-        return out;
-      };
-      const mine = await rowsOf(i8), exact = await rowsOf(f32);
+      const mine = await decodeRows(i8, ids, V), exact = await decodeRows(f32, ids, V);
       const a = compareLogits(exact, lc.logits, ids.length, V, true), b = compareLogits(mine, lc.logits, ids.length, V, true);
       const self = compareLogits(mine, exact, ids.length, V, true);
       t.diagnostic(`max |Δ log p|: native-int8 vs f32 path ${self.maxAbs.toExponential(2)}; vs llama.cpp: native-int8 ${b.maxAbs.toExponential(2)}, f32 path ${a.maxAbs.toExponential(2)}`);
@@ -841,12 +833,7 @@ test("a Q5_K_M-like GGUF (Q5_K and Q6_K by ggml): native equals the f32 path up 
     assert.deepEqual((await q5.generate([{ ids: ids.slice(0, 3) }], { maxTokens: 24 })).tokens, (await f32.generate([{ ids: ids.slice(0, 3) }], { maxTokens: 24 })).tokens);
     const lc = await llamaCppLogits(file, ids, { threads: 1 });
     const V = 512;
-    const rowsOf = async (m: Model) => {
-      const out = new Float32Array(ids.length * V);
-      for (let i = 0; i < ids.length; i++) out.set((await m.forward([{ ids: ids.slice(0, i + 1) }], { logits: "last" })).logits[0]!, i * V);
-      return out;
-    };
-    const exact = await rowsOf(f32), mine = await rowsOf(i8);
+    const exact = await decodeRows(f32, ids, V), mine = await decodeRows(i8, ids, V);
     const vsLc = compareLogits(b, lc.logits, ids.length, V, true), f32Lc = compareLogits(a, lc.logits, ids.length, V, true);
     const self = compareLogits(mine, exact, ids.length, V, true);
     t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${f32Lc.maxAbs.toExponential(2)}, native Q5_K/Q6_K ${vsLc.maxAbs.toExponential(2)}, native-int8 ${compareLogits(mine, lc.logits, ids.length, V, true).maxAbs.toExponential(2)}; native-int8 vs f32 path ${self.maxAbs.toExponential(2)}`);
@@ -872,12 +859,7 @@ test(`native-int8 decode rows are llama.cpp's arithmetic: a ${GgmlType[type]} GG
     const ids = [1, 403, 407, 261, 378, 285, 263, 499];
     const lc = await llamaCppLogits(file, ids, { threads: 1 });
     const V = 512;
-    const rowsOf = async (m: Model) => {
-      const out = new Float32Array(ids.length * V);
-      for (let i = 0; i < ids.length; i++) out.set((await m.forward([{ ids: ids.slice(0, i + 1) }], { logits: "last" })).logits[0]!, i * V);
-      return out;
-    };
-    const exact = await rowsOf(f32), mine = await rowsOf(i8);
+    const exact = await decodeRows(f32, ids, V), mine = await decodeRows(i8, ids, V);
     const f32Lc = compareLogits(exact, lc.logits, ids.length, V, true), mineLc = compareLogits(mine, lc.logits, ids.length, V, true);
     t.diagnostic(`max |Δ log p| vs llama.cpp: f32 path ${f32Lc.maxAbs.toExponential(2)}, native-int8 ${mineLc.maxAbs.toExponential(2)}`);
     // 1.0-1.8e-6 on the developers' host. The bound leaves room for another CPU's summation order,

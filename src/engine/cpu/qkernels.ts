@@ -453,6 +453,11 @@ const emitQ4KRows = (mb: ModuleBuilder, o: KernelOptions, a: number, five = fals
  */
 export const q8actRowBytes = (K: number) => K / 8 + K / 64 + 3 * K + K / 8;
 
+/** Pushes q8actRowBytes of the i32 in local K (the q8act layout's row stride, computed in Wasm). */
+function pushQ8actRowBytes(f: Fn, K: number): void {
+  f.get(K).i32Const(3).i32ShrU().i32Const(1).i32Shl().get(K).i32Const(6).i32ShrU().i32Add().get(K).i32Const(3).i32Mul().i32Add();
+}
+
 /** q8act(px, ldx, M, K, dst): M rows of f32 X into the int8-activation layout, q8actRowBytes(K) apart (exported: the runtime quantizes X once for all threads). */
 function emitQ8Act(mb: ModuleBuilder): Fn {
   const f = mb.func("q8act", [I32, I32, I32, I32, I32], [], true);
@@ -464,7 +469,9 @@ function emitQ8Act(mb: ModuleBuilder): Fn {
   f.get(M).i32Eqz().if(() => void f.return());
   f.loop(() => {
     // This row's area: xsums, then the scales, the quants (i16, then i8), the sums per 16.
-    f.get(DST).get(m).get(K).i32Const(3).i32ShrU().i32Const(1).i32Shl().get(K).i32Const(6).i32ShrU().i32Add().get(K).i32Const(3).i32Mul().i32Add().i32Mul().i32Add().set(row);
+    f.get(DST).get(m);
+    pushQ8actRowBytes(f, K);
+    f.i32Mul().i32Add().set(row);
     f.get(PX).get(m).get(LDX).i32Mul().i32Add().set(p);
     f.get(row).i32Const(0).i32Add().set(xs);
     f.get(row).get(K).i32Const(3).i32ShrU().i32Add().set(sd);
@@ -541,7 +548,9 @@ function emitQ8Act32(mb: ModuleBuilder): Fn {
   const amax = f.local(F32), d = f.local(F32);
   f.get(M).i32Eqz().if(() => void f.return());
   f.loop(() => {
-    f.get(DST).get(m).get(K).i32Const(3).i32ShrU().i32Const(1).i32Shl().get(K).i32Const(6).i32ShrU().i32Add().get(K).i32Const(3).i32Mul().i32Add().i32Mul().i32Add().set(sd);
+    f.get(DST).get(m);
+    pushQ8actRowBytes(f, K);
+    f.i32Mul().i32Add().set(sd);
     f.get(sd).get(K).i32Const(3).i32ShrU().i32Add().get(K).i32Const(6).i32ShrU().i32Add().set(qd);
     f.get(PX).get(m).get(LDX).i32Mul().i32Add().tee(p).get(K).i32Const(2).i32Shl().i32Add().set(end);
     f.loop(() => {
@@ -1587,7 +1596,8 @@ function emitDriver(
       // keeps M·q8actRowBytes(K) within the dequantization area): X quantized into that area, then
       // the int8 rows kernels.
       g.get(FLAGS).i32Const(INT8_ACT).i32And().if(() => {
-        g.get(K).i32Const(3).i32ShrU().i32Const(1).i32Shl().get(K).i32Const(6).i32ShrU().i32Add().get(K).i32Const(3).i32Mul().i32Add().set(stride); // q8actRowBytes(K)
+        pushQ8actRowBytes(g, K);
+        g.set(stride);
         // With PACKED_X, x already holds X in that layout (the runtime quantizes it once for all
         // threads); otherwise quantize it into the dequantization area here.
         g.get(FLAGS).i32Const(PACKED_X).i32And().if(

@@ -245,7 +245,8 @@ export class CpuRuntime {
   private readonly heapStart: number; // bytes
   private readonly peakFn: (iters: number) => number;
   private readonly peakDotFn: (iters: number) => number;
-  private readonly repackFns: Record<"splitq8" | "splitq4" | "repackq4k" | "repackq5k" | "repackq6k", RepackFn>;
+  /** The loader's repack kernel of each type it has one for, and the type's block size in the file (bytes). */
+  private readonly repackFns: Partial<Record<QuantType, { fn: RepackFn; fileBlock: number }>>;
   private readonly ctrl: Int32Array;
   private readonly workers: Worker[];
   private view: Float32Array;
@@ -283,7 +284,13 @@ export class CpuRuntime {
     this.hwm = heapStart;
     this.peakFn = ex.peak as (iters: number) => number;
     this.peakDotFn = ex.peakdot as (iters: number) => number;
-    this.repackFns = { splitq8: ex.splitq8 as RepackFn, splitq4: ex.splitq4 as RepackFn, repackq4k: ex.repackq4k as RepackFn, repackq5k: ex.repackq5k as RepackFn, repackq6k: ex.repackq6k as RepackFn };
+    this.repackFns = {
+      q8_0: { fn: ex.splitq8 as RepackFn, fileBlock: 34 },
+      q4_0: { fn: ex.splitq4 as RepackFn, fileBlock: 18 },
+      q4_k: { fn: ex.repackq4k as RepackFn, fileBlock: 144 },
+      q5_k: { fn: ex.repackq5k as RepackFn, fileBlock: 176 },
+      q6_k: { fn: ex.repackq6k as RepackFn, fileBlock: 210 },
+    };
     this.ctrl = ctrl;
     this.workers = workers;
     this.viewBuffer = memory.buffer;
@@ -559,25 +566,20 @@ export class CpuRuntime {
   quantReadIo(): QuantReadIo {
     this.assertLive();
     const buf = this.memory.buffer;
-    /** A repack kernel on blocks of `src` file bytes into `q` quant and `m` scale bytes each. */
-    const run = (name: keyof typeof this.repackFns, src: number, q: number, m: number) => (bytes: Uint8Array, wq: Uint8Array, ws: Uint8Array) => {
-      const nb = bytes.byteLength / src;
-      if (bytes.buffer !== buf || wq.buffer !== buf || ws.buffer !== buf || buf !== this.memory.buffer) return null;
-      if (!Number.isInteger(nb) || wq.byteLength !== nb * q || ws.byteLength !== nb * m) {
-        throw new Error(`CpuRuntime.quantReadIo: ${bytes.byteLength} bytes of ${src}-byte blocks do not match the destinations (${wq.byteLength}, ${ws.byteLength} bytes)`);
-      }
-      return this.repackFns[name](bytes.byteOffset, nb, wq.byteOffset, ws.byteOffset);
-    };
-    return {
-      stage: new Uint8Array(buf, this.scratch + this.gemmScratch, DEQ_BYTES),
-      repack: {
-        q8_0: run("splitq8", 34, 32, 4),
-        q4_0: run("splitq4", 18, 16, 4),
-        q4_k: run("repackq4k", 144, 128, 24),
-        q5_k: run("repackq5k", 176, 160, 24),
-        q6_k: run("repackq6k", 210, 192, 20),
-      },
-    };
+    const repack: QuantReadIo["repack"] = {};
+    for (const [type, { fn, fileBlock }] of Object.entries(this.repackFns) as [QuantType, { fn: RepackFn; fileBlock: number }][]) {
+      // Quant and scale bytes per block of the engine's layout.
+      const { wq: q, ws: m } = quantBytes(type, 1, QUANT_BLOCK[type]);
+      repack[type] = (bytes, wq, ws) => {
+        const nb = bytes.byteLength / fileBlock;
+        if (bytes.buffer !== buf || wq.buffer !== buf || ws.buffer !== buf || buf !== this.memory.buffer) return null;
+        if (!Number.isInteger(nb) || wq.byteLength !== nb * q || ws.byteLength !== nb * m || ws.byteOffset % 4 !== 0) {
+          throw new Error(`CpuRuntime.quantReadIo: ${bytes.byteLength} bytes of ${fileBlock}-byte blocks do not match the destinations (${wq.byteLength}, ${ws.byteLength} bytes at ${ws.byteOffset})`);
+        }
+        return fn(bytes.byteOffset, nb, wq.byteOffset, ws.byteOffset);
+      };
+    }
+    return { stage: new Uint8Array(buf, this.scratch + this.gemmScratch, DEQ_BYTES), repack };
   }
 
   /** Dequantize `rows` rows of K of a quantized matrix (wq, ws: BYTE offsets of its first row) to f32 at element offset `dst`. */
